@@ -1,0 +1,132 @@
+"""Fixtures shared by every test: real QEMU processes, images, a local sshd.
+
+Every fixture stops only the processes it started (by pid) and leaves nothing running when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+from vmsnap.lab.qemu import DriveSpec, QemuProcess, StorageDaemon
+from vmsnap.machine import QemuMachine
+from vmsnap.runner import SshRunner
+
+
+def make_image(path: Path, size: str = "64M", fmt: str = "qcow2", backing: Path | None = None) -> Path:
+    """Create a disk image with qemu-img."""
+    argv = ["qemu-img", "create", "-q", "-f", fmt]
+    if backing is not None:
+        argv += ["-b", str(backing), "-F", "qcow2"]
+    subprocess.run([*argv, str(path), size] if backing is None else [*argv, str(path)], check=True)
+    return path
+
+
+@attrs.define
+class RunningVm:
+    """A QEMU with no guest OS, its images and a connected QemuMachine."""
+
+    process: QemuProcess
+    machine: QemuMachine
+    images: dict[str, Path]
+    workdir: Path
+
+
+@pytest.fixture
+def two_disk_vm(tmp_path: Path) -> Iterator[RunningVm]:
+    """A running QEMU (no OS) with two 64 MiB qcow2 data disks: disk0 on virtio-blk, disk1 on scsi-hd."""
+    images = {
+        "disk0": make_image(tmp_path / "disk0.qcow2"),
+        "disk1": make_image(tmp_path / "disk1.qcow2"),
+    }
+    drives = [
+        DriveSpec(images["disk0"], "disk0", serial="d0"),
+        DriveSpec(images["disk1"], "disk1", bus="scsi", serial="d1"),
+    ]
+    process = QemuProcess(tmp_path, drives, name="testvm").start()
+    machine = QemuMachine(process.qmp_socket)
+    try:
+        yield RunningVm(process, machine, images, tmp_path)
+    finally:
+        machine.close()
+        process.stop()
+        process.kill()
+
+
+@pytest.fixture
+def storage_daemon(tmp_path: Path) -> Iterator[StorageDaemon]:
+    """A qemu-storage-daemon with one 64 MiB qcow2 image on node fmt-img0."""
+    image = make_image(tmp_path / "img0.qcow2")
+    daemon = StorageDaemon(tmp_path, [DriveSpec(image, "img0")]).start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshRunner]:
+    """A real OpenSSH server on 127.0.0.1 with a generated host key and client key; yields an SshRunner."""
+    sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not os.path.exists(sshd_bin):
+        pytest.fail("sshd is not installed: run `make test` (it installs openssh-server)")
+    d = tmp_path_factory.mktemp("sshd")
+    os.chmod(d, 0o700)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "client_key")], check=True)
+    shutil.copy(d / "client_key.pub", d / "authorized_keys")
+    os.chmod(d / "authorized_keys", 0o600)
+    port = _free_port()
+    user = os.environ.get("USER") or "root"
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'sshd.pid'}\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "UsePAM no\nStrictModes no\nSubsystem sftp internal-sftp\n"
+    )
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    host_pub = (d / "host_key.pub").read_text().split()
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+    proc = subprocess.Popen(
+        [sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")],
+        stdin=subprocess.DEVNULL,
+        stdout=open(d / "sshd.log", "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()}")
+            time.sleep(0.05)
+        yield SshRunner(
+            f"{user}@127.0.0.1",
+            port=port,
+            identity=d / "client_key",
+            known_hosts=d / "known_hosts",
+            options={"ConnectTimeout": "5"},
+        )
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,1 @@
+"""Guest-side helpers: the fsfreeze-hook dispatcher and the database lock holder."""

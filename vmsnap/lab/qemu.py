@@ -1,0 +1,351 @@
+"""Start and stop real QEMU processes for the demo, the tests and the benchmarks.
+
+:class:`QemuProcess` runs ``qemu-system-x86_64`` with ``-blockdev`` disks, a QMP socket and optionally a guest
+agent channel; :class:`StorageDaemon` runs ``qemu-storage-daemon``. Both stop only the process they started
+(by pid) and choose the accelerator by probing, never by assuming this host's quirks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import attrs
+
+from vmsnap.errors import VmsnapError
+from vmsnap.qmp import QMPMonitor
+
+Accel = Literal["kvm", "tcg"]
+
+
+def kvm_usable() -> bool:
+    """True when ``/dev/kvm`` opens read-write (KVM may still be slow: see :func:`kvm_is_hardware`)."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def kvm_is_hardware() -> bool:
+    """True when KVM is backed by VT-x/AMD-V (kvm_intel / kvm_amd), not a software nested module.
+
+    Software KVM modules (e.g. ``kvm_pvm``) run a guest with no OS fine but boot a stock Linux kernel very
+    slowly, so booting guests prefers TCG there.
+    """
+    modules = Path("/sys/module")
+    return kvm_usable() and ((modules / "kvm_intel").exists() or (modules / "kvm_amd").exists())
+
+
+def choose_accel(*, booting_guest: bool) -> Accel:
+    """The accelerator to use: ``VMSNAP_ACCEL`` if set, else KVM when it is usable (and, for a booting guest,
+    hardware-backed), else TCG."""
+    forced = os.environ.get("VMSNAP_ACCEL", "").strip().lower()
+    if forced in ("kvm", "tcg"):
+        return "kvm" if forced == "kvm" else "tcg"
+    if booting_guest:
+        return "kvm" if kvm_is_hardware() else "tcg"
+    return "kvm" if kvm_usable() else "tcg"
+
+
+@attrs.frozen
+class DriveSpec:
+    """One disk to attach.
+
+    :param path: image file
+    :param id: the guest device's qdev id (also the disk's name in vmsnap)
+    :param format: "qcow2" or "raw"
+    :param bus: "virtio" (virtio-blk) or "scsi" (scsi-hd on virtio-scsi)
+    :param serial: serial the guest sees (``/dev/disk/by-id/virtio-SERIAL``)
+    """
+
+    path: Path
+    id: str
+    format: str = "qcow2"
+    bus: Literal["virtio", "scsi"] = "virtio"
+    serial: str | None = None
+    cache_direct: bool = False
+
+    @property
+    def node_name(self) -> str:
+        return f"fmt-{self.id}"
+
+    @property
+    def file_node_name(self) -> str:
+        return f"file-{self.id}"
+
+
+class QemuStartError(VmsnapError):
+    """QEMU exited or did not open its QMP socket; the message carries the end of its log."""
+
+
+def _log_tail(log: Path, lines: int = 15) -> str:
+    try:
+        return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class QemuProcess:
+    """A ``qemu-system-x86_64`` this process started, with QMP (and maybe agent) unix sockets in ``workdir``.
+
+    :param workdir: where sockets and logs go (must exist)
+    :param drives: disks on ``-blockdev`` node names ``fmt-<id>`` over ``file-<id>``
+    :param kernel/initrd/append: direct kernel boot (the lab guest); without a kernel the VM has no OS
+    :param agent: add a virtio-serial guest agent channel on ``workdir/agent.sock``
+    :param accel: force an accelerator; default :func:`choose_accel`
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        drives: Sequence[DriveSpec] = (),
+        *,
+        name: str = "vm",
+        memory_mb: int = 256,
+        kernel: Path | None = None,
+        initrd: Path | None = None,
+        append: str | None = None,
+        agent: bool = False,
+        accel: Accel | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.drives = list(drives)
+        self.name = name
+        self.memory_mb = memory_mb
+        self.kernel = kernel
+        self.initrd = initrd
+        self.append = append
+        self.agent = agent
+        self.accel: Accel = accel or choose_accel(booting_guest=kernel is not None)
+        self.extra_args = list(extra_args)
+        self.qmp_socket = self.workdir / f"{name}.qmp"
+        self.agent_socket = self.workdir / f"{name}.qga"
+        self.log = self.workdir / f"{name}.log"
+        self.console = self.workdir / f"{name}.console"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        """The full command line (an argv list)."""
+        cpu = "qemu64"
+        argv = [
+            "qemu-system-x86_64",
+            "-name",
+            self.name,
+            "-machine",
+            f"q35,accel={self.accel}",
+            "-cpu",
+            cpu,
+            "-m",
+            str(self.memory_mb),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-qmp",
+            f"unix:{self.qmp_socket},server=on,wait=off",
+            "-serial",
+            f"file:{self.console}",
+        ]
+        if any(d.bus == "scsi" for d in self.drives):
+            argv += ["-device", "virtio-scsi-pci,id=scsi0"]
+        for drive in self.drives:
+            cache = ',"cache":{"direct":true}' if drive.cache_direct else ""
+            argv += [
+                "-blockdev",
+                f'{{"driver":"file","filename":"{drive.path}","node-name":"{drive.file_node_name}"{cache}}}',
+                "-blockdev",
+                f'{{"driver":"{drive.format}","file":"{drive.file_node_name}","node-name":"{drive.node_name}"}}',
+            ]
+            serial = f",serial={drive.serial}" if drive.serial else ""
+            if drive.bus == "scsi":
+                argv += ["-device", f"scsi-hd,drive={drive.node_name},id={drive.id}{serial}"]
+            else:
+                argv += ["-device", f"virtio-blk-pci,drive={drive.node_name},id={drive.id}{serial}"]
+        if self.agent:
+            argv += [
+                "-chardev",
+                f"socket,path={self.agent_socket},server=on,wait=off,id=qga0",
+                "-device",
+                "virtio-serial-pci,id=vser0",
+                "-device",
+                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            ]
+        if self.kernel is not None:
+            argv += ["-kernel", str(self.kernel)]
+            if self.initrd is not None:
+                argv += ["-initrd", str(self.initrd)]
+            if self.append:
+                argv += ["-append", self.append]
+            argv += ["-device", "virtio-rng-pci"]
+        return argv + self.extra_args
+
+    def start(self, *, timeout: float = 30.0) -> QemuProcess:
+        """Start QEMU and wait for its QMP socket.
+
+        :raise QemuStartError: QEMU exited early or never opened the socket (with its log's last lines)
+        """
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for path in (self.qmp_socket, self.agent_socket):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while not self.qmp_socket.exists():
+            if self.process.poll() is not None:
+                raise QemuStartError(
+                    f"QEMU exited with code {self.process.returncode}: {_log_tail(self.log)}"
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise QemuStartError(f"QEMU did not open {self.qmp_socket} within {timeout:g} s")
+            time.sleep(0.02)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def alive(self) -> bool:
+        """True while the QEMU process runs."""
+        return self.process is not None and self.process.poll() is None
+
+    def monitor(self) -> QMPMonitor:
+        """A new, connected QMP monitor (close it when done: QEMU serves one client at a time)."""
+        return QMPMonitor(self.qmp_socket).connect()
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        """Quit QEMU cleanly (QMP ``quit``, so persistent bitmaps are written), then kill it if it lingers."""
+        if not self.alive():
+            return
+        try:
+            with self.monitor() as qmp:
+                qmp.execute("quit")
+        except VmsnapError:
+            pass
+        assert self.process is not None
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the QEMU we started (by pid) and reap it."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(10)
+
+    def __enter__(self) -> QemuProcess:
+        if not self.alive():
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class StorageDaemon:
+    """A ``qemu-storage-daemon`` this process started, exporting nothing until told over QMP."""
+
+    def __init__(self, workdir: Path, drives: Sequence[DriveSpec] = (), *, name: str = "qsd") -> None:
+        self.workdir = Path(workdir)
+        self.drives = list(drives)
+        self.qmp_socket = self.workdir / f"{name}.qmp"
+        self.log = self.workdir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        argv = ["qemu-storage-daemon", "--chardev", f"socket,path={self.qmp_socket},server=on,wait=off,id=m0"]
+        argv += ["--monitor", "chardev=m0"]
+        for drive in self.drives:
+            argv += [
+                "--blockdev",
+                f'{{"driver":"file","filename":"{drive.path}","node-name":"{drive.file_node_name}"}}',
+                "--blockdev",
+                f'{{"driver":"{drive.format}","file":"{drive.file_node_name}","node-name":"{drive.node_name}"}}',
+            ]
+        return argv
+
+    def start(self, *, timeout: float = 15.0) -> StorageDaemon:
+        """Start the daemon and wait for its QMP socket."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.qmp_socket.unlink()
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while not self.qmp_socket.exists():
+            if self.process.poll() is not None:
+                raise QemuStartError(f"qemu-storage-daemon exited: {_log_tail(self.log)}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise QemuStartError(f"qemu-storage-daemon did not open {self.qmp_socket}")
+            time.sleep(0.02)
+        return self
+
+    def monitor(self) -> QMPMonitor:
+        """A new, connected QMP monitor."""
+        return QMPMonitor(self.qmp_socket).connect()
+
+    def stop(self) -> None:
+        """Stop the daemon we started (SIGTERM, then SIGKILL), by pid."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+    def __enter__(self) -> StorageDaemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def qemu_io(monitor: QMPMonitor, device: str, command: str) -> str:
+    """Run a ``qemu-io`` command (e.g. ``write -P 0x5a 0 1M``) on a guest device through HMP.
+
+    Writes land exactly as a guest's would (through the device's block backend), which is how tests
+    change a running VM's disk without a guest OS. ``device`` is a qdev id; virtio-blk devices are
+    addressed by their ``virtio-backend`` QOM path.
+
+    :raise VmsnapError: qemu-io reported an error
+    """
+    target = device
+    if not device.startswith("/"):
+        for block in monitor.query_block():
+            qdev = str(block.get("qdev", ""))
+            if qdev.rstrip("/").split("/")[-1] == device or f"/peripheral/{device}/" in qdev + "/":
+                target = qdev
+                break
+    out = monitor.hmp(f'qemu-io -d {target} "{command}"')
+    if any(word in out.lower() for word in ("error", "failed", "not found", "invalid")):
+        raise VmsnapError(f"qemu-io {command!r} on {device} failed: {out.strip()}")
+    return out

@@ -1,0 +1,227 @@
+"""Machines: what vmsnap backs up — a running QEMU (QMP + agent sockets), a libvirt domain, or bare images.
+
+A machine lists its disks and hands out the channels a strategy needs (QMP, the guest agent, a runner).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from vmsnap.agent import GuestAgent
+from vmsnap.errors import CommandError, NotFoundError, UnsupportedError, UsageError
+from vmsnap.model import Disk, validate_name
+from vmsnap.qmp import QMPMonitor
+from vmsnap.runner import LocalRunner, Runner
+
+
+@runtime_checkable
+class Machine(Protocol):
+    """A VM (running or not) whose disks can be snapshotted."""
+
+    name: str
+    runner: Runner
+
+    @property
+    def is_running(self) -> bool:
+        """True when a QEMU process serves the disks (QMP is available)."""
+        ...
+
+    def disks(self) -> list[Disk]:
+        """The machine's disks, in device order."""
+        ...
+
+    def qmp(self) -> QMPMonitor:
+        """The connected QMP monitor.
+
+        :raise UnsupportedError: the machine is not running
+        """
+        ...
+
+    def agent(self) -> GuestAgent | None:
+        """The guest agent, or None when the machine has no agent channel."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+def find_disk(disks: Sequence[Disk], name: str) -> Disk:
+    """The disk called ``name`` (disk name, node name or file path).
+
+    :raise NotFoundError: listing the names that exist
+    """
+    for disk in disks:
+        if name in (disk.name, disk.node_name, str(disk.file)):
+            return disk
+    names = ", ".join(d.name for d in disks) or "none"
+    raise NotFoundError(f"no disk {name!r}", hint=f"disks of this machine: {names}")
+
+
+class QemuMachine:
+    """A running QEMU reached through its QMP socket (and, optionally, its guest agent socket).
+
+    :param qmp_socket: ``-qmp unix:PATH,server=on,wait=off``
+    :param agent_socket: the chardev socket behind virtio-serial port ``org.qemu.guest_agent.0``
+    :param name: the VM's name in the repository; default: QEMU's ``-name``, else the socket's stem
+    :param runner: where host-side commands run (qemu-img, qemu-nbd, btrfs …)
+    """
+
+    def __init__(
+        self,
+        qmp_socket: str | os.PathLike[str],
+        agent_socket: str | os.PathLike[str] | None = None,
+        *,
+        name: str | None = None,
+        runner: Runner | None = None,
+        qmp_timeout: float = 30.0,
+    ) -> None:
+        self.qmp_socket = Path(qmp_socket)
+        self.agent_socket = Path(agent_socket) if agent_socket is not None else None
+        self.runner: Runner = runner if runner is not None else LocalRunner()
+        self._qmp_timeout = qmp_timeout
+        self._monitor: QMPMonitor | None = None
+        self._agent: GuestAgent | None = None
+        if name is None:
+            qemu_name = self.qmp().execute("query-name").get("name")
+            name = qemu_name or self.qmp_socket.stem
+        self.name = validate_name(name, "VM name")
+
+    @property
+    def is_running(self) -> bool:
+        return True
+
+    def qmp(self) -> QMPMonitor:
+        if self._monitor is None:
+            self._monitor = QMPMonitor(self.qmp_socket, timeout=self._qmp_timeout).connect()
+        return self._monitor
+
+    def agent(self) -> GuestAgent | None:
+        if self.agent_socket is None:
+            return None
+        if self._agent is None:
+            self._agent = GuestAgent.from_socket(self.agent_socket)
+        return self._agent
+
+    def disks(self) -> list[Disk]:
+        return self.qmp().disks()
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
+
+    def __enter__(self) -> QemuMachine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"QemuMachine(name={self.name!r}, qmp={str(self.qmp_socket)!r})"
+
+
+def image_info(runner: Runner, image: Path, *, force_share: bool = True) -> dict[str, Any]:
+    """``qemu-img info --output=json`` of one image (``-U`` reads an image a running QEMU holds).
+
+    :raise NotFoundError: the image does not exist
+    :raise CommandError: qemu-img could not read it (corrupt, locked without ``-U``)
+    """
+    argv = ["qemu-img", "info", "--output=json"]
+    if force_share:
+        argv.append("-U")
+    argv.append(str(image))
+    result = runner.run(argv, timeout=120)
+    return dict(json.loads(result.stdout))
+
+
+def image_chain(runner: Runner, image: Path, *, force_share: bool = True) -> list[dict[str, Any]]:
+    """``qemu-img info --backing-chain``: the image first, then its backing files."""
+    argv = ["qemu-img", "info", "--output=json", "--backing-chain"]
+    if force_share:
+        argv.append("-U")
+    argv.append(str(image))
+    result = runner.run(argv, timeout=120)
+    return list(json.loads(result.stdout))
+
+
+class OfflineMachine:
+    """Disk images of a VM that is not running (qemu-img and qemu-nbd do the work).
+
+    :param images: the images; each disk is named after its file's stem unless ``disk_names`` says otherwise
+    :param name: the VM's name in the repository (default: the first image's stem)
+    """
+
+    def __init__(
+        self,
+        images: Sequence[str | os.PathLike[str]],
+        *,
+        name: str | None = None,
+        disk_names: Sequence[str] | None = None,
+        runner: Runner | None = None,
+    ) -> None:
+        if not images:
+            raise UsageError("an offline machine needs at least one image", hint="pass --image FILE")
+        self.images = [Path(i) for i in images]
+        self.runner: Runner = runner if runner is not None else LocalRunner()
+        self.name = validate_name(name or self.images[0].stem, "VM name")
+        names = list(disk_names) if disk_names is not None else [p.stem for p in self.images]
+        if len(names) != len(self.images):
+            raise UsageError("disk_names must name every image")
+        if len(set(names)) != len(names):
+            raise UsageError(
+                f"two images would share a disk name: {names}", hint="give them distinct file names"
+            )
+        self.disk_names = [validate_name(n, "disk name") for n in names]
+
+    @property
+    def is_running(self) -> bool:
+        return False
+
+    def qmp(self) -> QMPMonitor:
+        raise UnsupportedError(f"{self.name} is not running: there is no QMP monitor for offline images")
+
+    def agent(self) -> GuestAgent | None:
+        return None
+
+    def disks(self) -> list[Disk]:
+        disks = []
+        for image, disk_name in zip(self.images, self.disk_names, strict=True):
+            if not image.exists():
+                raise NotFoundError(f"image {image} does not exist", hint="check the --image path")
+            try:
+                chain = image_chain(self.runner, image)
+            except CommandError as err:
+                raise CommandError(
+                    err.argv,
+                    err.returncode,
+                    err.stdout,
+                    err.stderr,
+                    host=err.host,
+                    hint=f"qemu-img cannot read {image}: is it a disk image, and not damaged?",
+                ) from err
+            top = chain[0]
+            disks.append(
+                Disk(
+                    name=disk_name,
+                    node_name="",
+                    file=image.resolve(),
+                    format=str(top.get("format", "raw")),
+                    virtual_size=int(top["virtual-size"]),
+                    backing_chain=tuple(Path(c["filename"]) for c in chain[1:]),
+                )
+            )
+        return disks
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"OfflineMachine(name={self.name!r}, images={[str(i) for i in self.images]!r})"

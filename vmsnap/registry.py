@@ -1,0 +1,68 @@
+"""Strategies and transports by name: entry points in groups ``vmsnap.strategies`` / ``vmsnap.transports``.
+
+Entry points are import strings loaded only when a name is asked for, so a plugin whose optional
+dependency is missing breaks nobody else; a typo gets the list of names that exist.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+from vmsnap.errors import PluginError
+
+STRATEGY_GROUP = "vmsnap.strategies"
+TRANSPORT_GROUP = "vmsnap.transports"
+
+
+def _entry_points(group: str) -> dict[str, EntryPoint]:
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=group):
+        previous = found.get(ep.name)
+        if previous is not None and previous.value != ep.value:
+            raise PluginError(
+                f"two plugins claim the name {ep.name!r} in {group}: {previous.value} and {ep.value}",
+                hint="uninstall one of the packages that provide them",
+            )
+        found[ep.name] = ep
+    return found
+
+
+def names(group: str) -> list[str]:
+    """Registered names in ``group``, sorted."""
+    return sorted(_entry_points(group))
+
+
+def load(group: str, name: str) -> Any:
+    """The class registered as ``name`` in ``group``.
+
+    :raise PluginError: unknown name (with close matches and the full list), or the module failed to import
+    """
+    eps = _entry_points(group)
+    ep = eps.get(name)
+    kind = group.rsplit(".", 1)[-1].rstrip("s")
+    if ep is None:
+        close = difflib.get_close_matches(name, eps, n=1)
+        guess = f"did you mean {close[0]!r}? " if close else ""
+        raise PluginError(
+            f"unknown {kind} {name!r}", hint=f"{guess}available: {', '.join(sorted(eps)) or 'none'}"
+        )
+    try:
+        return ep.load()
+    except ImportError as err:
+        missing = getattr(err, "name", None) or str(err)
+        raise PluginError(
+            f"{kind} {name!r} cannot be loaded: {err}",
+            hint=f"install the package that provides {missing!r} (see the README's optional extras)",
+        ) from err
+
+
+def strategy_class(name: str) -> Any:
+    """The strategy class registered as ``name``."""
+    return load(STRATEGY_GROUP, name)
+
+
+def transport_class(name: str) -> Any:
+    """The transport class registered as ``name``."""
+    return load(TRANSPORT_GROUP, name)

@@ -1,0 +1,277 @@
+"""Where external commands run: this host, another host over SSH, or (in tests) inside a guest.
+
+Strategies and transports get a :class:`Runner` and never call ``subprocess`` themselves. Every command is an
+argv list; the only place that quotes is :class:`SshRunner`, because ssh hands its command to a remote shell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import shutil
+import threading
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+import sh
+
+from vmsnap.errors import CommandError, CommandTimeoutError, UsageError
+
+DEFAULT_TIMEOUT = 3600.0
+
+
+@attrs.frozen
+class CommandResult:
+    """How a command ended.
+
+    :param argv: the command as run
+    :param exit_code: its exit status (one of the ``ok_codes`` it was run with)
+    :param stdout: standard output, decoded as UTF-8 (undecodable bytes replaced)
+    :param stderr: standard error, likewise
+    :param host: where it ran
+    """
+
+    argv: tuple[str, ...]
+    exit_code: int
+    stdout: str
+    stderr: str
+    host: str = "local"
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """Runs argv lists somewhere and says where (``host``)."""
+
+    @property
+    def host(self) -> str: ...
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        ok_codes: Collection[int] = (0,),
+        input: bytes | str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> CommandResult:
+        """Run ``argv`` to completion.
+
+        :param argv: program and arguments; never a shell string
+        :param ok_codes: exit codes that count as success
+        :param input: bytes or text fed to standard input
+        :param timeout: seconds before the command is killed (None: no limit)
+        :raise CommandError: when it exits with a code not in ``ok_codes`` (or cannot be started)
+        :raise CommandTimeoutError: when it runs past ``timeout``
+        """
+        ...
+
+    def which(self, name: str) -> str | None:
+        """The full path of program ``name`` where this runner runs, or None."""
+        ...
+
+
+def _check_argv(argv: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(argv, str) or not argv:
+        raise UsageError("a command must be a non-empty argv list, not a shell string")
+    return tuple(str(a) for a in argv)
+
+
+def _kill_on_timeout(command: Any, expired: threading.Event) -> None:
+    expired.set()
+    with contextlib.suppress(Exception):  # it may have exited just now
+        command.kill()
+
+
+def _decode(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, str):
+        return data
+    return data.decode("utf-8", errors="replace")
+
+
+@attrs.define
+class LocalRunner:
+    """Runs commands on this host (through the ``sh`` package, argv lists only)."""
+
+    env: Mapping[str, str] | None = None
+    cwd: Path | None = None
+
+    @property
+    def host(self) -> str:
+        return "local"
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        ok_codes: Collection[int] = (0,),
+        input: bytes | str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> CommandResult:
+        args = _check_argv(argv)
+        try:
+            program: Any = sh.Command(args[0])
+        except sh.CommandNotFound as err:
+            raise CommandError(
+                args,
+                127,
+                "",
+                f"{args[0]}: command not found",
+                hint=f"install the package that provides {args[0]}",
+            ) from err
+        kwargs: dict[str, object] = {
+            "_ok_code": list(ok_codes),
+            "_return_cmd": True,
+            "_tty_out": False,
+            "_tty_in": False,
+            "_decode_errors": "replace",
+        }
+        if input is not None:
+            kwargs["_in"] = input
+        if self.env is not None:
+            kwargs["_env"] = dict(self.env)
+        if self.cwd is not None:
+            kwargs["_cwd"] = str(self.cwd)
+        # sh's own timeouts poll every 0.1 s; a timer that kills the process costs nothing per command
+        expired = threading.Event()
+        try:
+            done = program(*args[1:], _bg=True, _bg_exc=False, **kwargs)
+            timer = (
+                threading.Timer(timeout, _kill_on_timeout, (done, expired)) if timeout is not None else None
+            )
+            if timer is not None:
+                timer.daemon = True
+                timer.start()
+            try:
+                done.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+        except sh.SignalException as err:  # killed: by our timer, or else reported as a shell would
+            if expired.is_set():
+                raise CommandTimeoutError(args, float(timeout or 0)) from err
+            raise CommandError(args, err.exit_code, _decode(err.stdout), _decode(err.stderr)) from err
+        except sh.ErrorReturnCode as err:
+            raise CommandError(args, err.exit_code, _decode(err.stdout), _decode(err.stderr)) from err
+        return CommandResult(args, int(done.exit_code), _decode(done.stdout), _decode(done.stderr), "local")
+
+    def which(self, name: str) -> str | None:
+        return shutil.which(name)
+
+
+@attrs.define
+class SshRunner:
+    """Runs commands on another host with OpenSSH in batch mode (no password prompts, ever).
+
+    The remote side gets one command line built with :func:`shlex.join`, so arguments with spaces or
+    quotes arrive intact. Keys and host-key checking come from ``identity``/``known_hosts`` or ssh's config.
+
+    :param destination: ``host`` or ``user@host``
+    :param port: SSH port
+    :param identity: private key file (``ssh -i``)
+    :param known_hosts: a known_hosts file to use instead of the user's
+    :param options: extra ``-o`` options, e.g. ``{"ConnectTimeout": "5"}``
+    """
+
+    destination: str
+    port: int = 22
+    identity: Path | None = None
+    known_hosts: Path | None = None
+    options: Mapping[str, str] = attrs.Factory(dict)
+    local: LocalRunner = attrs.Factory(LocalRunner)
+
+    @property
+    def host(self) -> str:
+        return f"ssh:{self.destination}"
+
+    def ssh_argv(self) -> list[str]:
+        """The ``ssh`` command up to (not including) the remote command; rsync's ``-e`` uses it too."""
+        if self.destination.startswith("-"):
+            raise UsageError(f"invalid SSH destination {self.destination!r}")
+        argv = ["ssh", "-o", "BatchMode=yes", "-p", str(self.port)]
+        if self.identity is not None:
+            argv += ["-i", str(self.identity), "-o", "IdentitiesOnly=yes"]
+        if self.known_hosts is not None:
+            argv += ["-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes"]
+        for key, value in self.options.items():
+            argv += ["-o", f"{key}={value}"]
+        return [*argv, self.destination]
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        ok_codes: Collection[int] = (0,),
+        input: bytes | str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> CommandResult:
+        args = _check_argv(argv)
+        full = [*self.ssh_argv(), "--", shlex.join(args)]
+        try:
+            result = self.local.run(full, ok_codes=(*ok_codes, 255), input=input, timeout=timeout)
+        except CommandError as err:
+            raise CommandError(args, err.returncode, err.stdout, err.stderr, host=self.host) from err
+        except CommandTimeoutError as err:
+            raise CommandTimeoutError(args, err.timeout, host=self.host) from err
+        if result.exit_code == 255 and 255 not in ok_codes:
+            raise CommandError(
+                args,
+                255,
+                result.stdout,
+                result.stderr,
+                host=self.host,
+                hint=f"ssh could not reach {self.destination}: check the host, the key and known_hosts",
+            )
+        return CommandResult(args, result.exit_code, result.stdout, result.stderr, self.host)
+
+    def which(self, name: str) -> str | None:
+        result = self.run(["sh", "-c", 'command -v -- "$1"', "sh", name], ok_codes=(0, 1, 127))
+        path = result.stdout.strip()
+        return path if result.exit_code == 0 and path else None
+
+
+@attrs.define
+class RecordingRunner:
+    """A fake for unit tests of argument building: records argv lists and returns scripted results.
+
+    Never use it as proof that a strategy works; it only shows which commands would run.
+
+    :param responses: maps an argv prefix (tuple) to (exit code, stdout); the longest matching prefix wins
+    """
+
+    responses: dict[tuple[str, ...], tuple[int, str]] = attrs.Factory(dict)
+    calls: list[tuple[str, ...]] = attrs.Factory(list)
+    inputs: list[bytes | str | None] = attrs.Factory(list)
+    programs: set[str] | None = None
+
+    @property
+    def host(self) -> str:
+        return "recording"
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        ok_codes: Collection[int] = (0,),
+        input: bytes | str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> CommandResult:
+        args = _check_argv(argv)
+        self.calls.append(args)
+        self.inputs.append(input)
+        code, out = 0, ""
+        best = -1
+        for prefix, response in self.responses.items():
+            if args[: len(prefix)] == prefix and len(prefix) > best:
+                best = len(prefix)
+                code, out = response
+        if code not in ok_codes:
+            raise CommandError(args, code, out, "", host=self.host)
+        return CommandResult(args, code, out, "", self.host)
+
+    def which(self, name: str) -> str | None:
+        if self.programs is None or name in self.programs:
+            return f"/usr/bin/{name}"
+        return None

@@ -1,0 +1,1 @@
+"""Snapshot strategies: internal, external, backup, lvm, btrfs (see :mod:`vmsnap.strategies.base`)."""

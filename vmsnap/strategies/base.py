@@ -1,0 +1,76 @@
+"""The Strategy interface: probe / create / export / delete / rollback, plus its row of the comparison table.
+
+Strategies that can join a QMP ``transaction`` expose their actions so all disks of a VM are snapshotted in
+one atomic step; the others are wrapped in ``stop``/``cont`` by the caller (see :func:`paused`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from vmsnap.machine import Machine
+from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """How a snapshot is taken, copied out, removed and rolled back to."""
+
+    name: ClassVar[str]
+    traits: ClassVar[Traits]
+
+    def probe(self, disk: Disk) -> bool:
+        """True when this strategy can snapshot ``disk`` here."""
+        ...
+
+    def create(self, machine: Machine, disks: Sequence[Disk], *, name: str) -> Sequence[SnapshotRef]:
+        """Snapshot all ``disks`` at one instant (one transaction, or inside stop/cont)."""
+        ...
+
+    def export(self, snap: SnapshotRef) -> AbstractContextManager[ExportSource]:
+        """Make the snapshot readable for a transport for the body of the ``with``."""
+        ...
+
+    def delete(self, snap: SnapshotRef) -> None:
+        """Remove the snapshot, leaving the disk on its original chain with all data."""
+        ...
+
+    def rollback(self, snap: SnapshotRef) -> None:
+        """Return the disk to exactly the snapshot's content."""
+        ...
+
+
+@runtime_checkable
+class TransactionalStrategy(Strategy, Protocol):
+    """A strategy whose create step is a list of QMP transaction actions."""
+
+    def transaction_actions(self, machine: Machine, disk: Disk, *, name: str) -> list[Mapping[str, Any]]:
+        """The ``transaction`` actions that snapshot ``disk``."""
+        ...
+
+
+@contextlib.contextmanager
+def paused(machine: Machine) -> Iterator[dict[str, float]]:
+    """Pause the VM's vCPUs for the body (``stop`` … ``cont``) and report the pause in ms.
+
+    A VM that was already paused is left paused. ``cont`` runs even if the body raised.
+    """
+    report = {"paused_ms": 0.0}
+    if not machine.is_running:
+        yield report
+        return
+    qmp = machine.qmp()
+    was_running = qmp.status() == "running"
+    started = time.monotonic()
+    if was_running:
+        qmp.stop()
+    try:
+        yield report
+    finally:
+        if was_running:
+            qmp.cont()
+        report["paused_ms"] = (time.monotonic() - started) * 1000.0
