@@ -18,16 +18,22 @@ from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits
 
 @runtime_checkable
 class Strategy(Protocol):
-    """How a snapshot is taken, copied out, removed and rolled back to."""
+    """How a snapshot is taken, copied out, removed and rolled back to.
+
+    A strategy is bound to one machine when it is made: ``cls(machine, **options)``; export, delete and
+    rollback need that machine's QMP monitor or runner, also in a later process (``vmsnap snapshot delete``,
+    ``vmsnap recover``), so a :class:`SnapshotRef` plus the machine is all any step needs.
+    """
 
     name: ClassVar[str]
     traits: ClassVar[Traits]
+    machine: Machine
 
     def probe(self, disk: Disk) -> bool:
         """True when this strategy can snapshot ``disk`` here."""
         ...
 
-    def create(self, machine: Machine, disks: Sequence[Disk], *, name: str) -> Sequence[SnapshotRef]:
+    def create(self, disks: Sequence[Disk], *, name: str) -> Sequence[SnapshotRef]:
         """Snapshot all ``disks`` at one instant (one transaction, or inside stop/cont)."""
         ...
 
@@ -43,12 +49,16 @@ class Strategy(Protocol):
         """Return the disk to exactly the snapshot's content."""
         ...
 
+    def list(self) -> Sequence[SnapshotRef]:
+        """The snapshots of this strategy that exist on the machine's disks now."""
+        ...
+
 
 @runtime_checkable
 class TransactionalStrategy(Strategy, Protocol):
     """A strategy whose create step is a list of QMP transaction actions."""
 
-    def transaction_actions(self, machine: Machine, disk: Disk, *, name: str) -> list[Mapping[str, Any]]:
+    def transaction_actions(self, disk: Disk, *, name: str) -> list[Mapping[str, Any]]:
         """The ``transaction`` actions that snapshot ``disk``."""
         ...
 
