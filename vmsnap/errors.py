@@ -18,6 +18,7 @@ The tree::
      │    ├── AgentCommandError        the agent answered a command with an error
      │    └── FreezeError              freeze or thaw failed (the guest is left thawed when we can)
      ├── SnapshotError               a strategy's create / delete / rollback failed
+     ├── TransferError               a transport could not copy a snapshot out (source unreadable, target full)
      └── RepositoryError             the backup repository is missing, of another format, or damaged
           ├── ChecksumMismatchError
           └── ChainError             an incremental chain is broken (missing parent, bad backing link)
@@ -69,6 +70,10 @@ class PluginError(VmsnapError):
 
 class SnapshotError(VmsnapError):
     """A strategy could not create, export, delete or roll back a snapshot."""
+
+
+class TransferError(VmsnapError):
+    """A transport could not copy a snapshot out: the source is unreadable or the target cannot be written."""
 
 
 class CommandError(VmsnapError):
