@@ -19,6 +19,7 @@ The tree::
      │    └── FreezeError              freeze or thaw failed (the guest is left thawed when we can)
      ├── SnapshotError               a strategy's create / delete / rollback failed
      ├── TransferError               a transport could not copy a snapshot out (source unreadable, target full)
+     ├── LibvirtError                libvirtd unreachable, or it refused an operation (snapshot, commit, backup)
      └── RepositoryError             the backup repository is missing, of another format, or damaged
           ├── ChecksumMismatchError
           └── ChainError             an incremental chain is broken (missing parent, bad backing link)
@@ -74,6 +75,12 @@ class SnapshotError(VmsnapError):
 
 class TransferError(VmsnapError):
     """A transport could not copy a snapshot out: the source is unreadable or the target cannot be written."""
+
+
+class LibvirtError(VmsnapError):
+    """libvirt refused a connection or an operation (snapshot, block commit, backup job); libvirt's text kept."""
+
+    default_hint = "check that libvirtd runs and that the --connect URI is right (virsh -c URI list --all)"
 
 
 class CommandError(VmsnapError):
