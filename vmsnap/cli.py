@@ -155,6 +155,22 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Measure each strategy's costs; write JSON, Markdown and PNG into --out."""
+    from vmsnap.benchmark import run_cost_bench
+
+    quiet = bool(args.json)
+    result, paths = run_cost_bench(
+        args.out,
+        quick=args.quick,
+        runs=args.runs,
+        progress=(lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True)),
+    )
+    human = paths["markdown"].read_text() + "\n" + "\n".join(f"wrote {p}" for p in paths.values())
+    emit(args, {"results": {k: str(v) for k, v in paths.items()}, "table": result.to_json()["table"]}, human)
+    return 0
+
+
 def _not_built_yet(what: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         raise VmsnapError(f"'vmsnap {what}' is not available in this version")
@@ -219,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("arguments", nargs="?", metavar="JSON-ARGS", help="its arguments as a JSON object")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer (default 30)")
 
+    p = command(
+        "bench",
+        "measure each strategy's write, delete and rollback costs on this machine",
+        "vmsnap bench --quick --out benchmarks/results",
+        cmd_bench,
+    )
+    p.add_argument("--quick", action="store_true", help="smaller images, fewer sizes (about 1-2 minutes)")
+    p.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported (default 3)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where results go")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
     for name, help in (
         ("backup", "back up a VM into a repository"),
         ("restore", "restore a backup into standalone images"),
@@ -228,7 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
         ("snapshot", "create, list, delete or roll back snapshots"),
         ("recover", "undo what a dead run left behind"),
         ("demo", "back up and restore the built-in tiny VM"),
-        ("bench", "measure each strategy's costs"),
     ):
         command(name, help, f"vmsnap {name} --help", _not_built_yet(name))
     return parser

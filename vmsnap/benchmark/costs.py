@@ -1,0 +1,455 @@
+"""Measure what each snapshot technique costs on this machine: writes while it exists, delete, rollback.
+
+Image-level, side by side in one run: ``qemu-img bench`` (O_DIRECT, native AIO) on the same image with and
+without the snapshot; ``qemu-img commit``/``rebase``/``snapshot`` and ``btrfs`` on a loop device for cleanup.
+Every figure is the median of several runs; bytes written come from the kernel's I/O accounting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import resource
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from vmsnap.errors import VmsnapError
+from vmsnap.runner import LocalRunner, Runner
+
+MiB = 1024 * 1024
+CLUSTER = 64 * 1024
+
+
+@attrs.frozen
+class Measurement:
+    """One measured figure: the median of ``runs``.
+
+    :param strategy: internal, external, backup, btrfs, lvm
+    :param metric: write_first, write_again, write_baseline, delete, rollback
+    :param variant: what distinguishes rows of the same metric (``lazy_refcounts=on``, ``commit``, ``64 MiB``)
+    :param value: the median
+    :param unit: ``MB/s``, ``s``, ``MiB``
+    """
+
+    strategy: str
+    metric: str
+    variant: str
+    value: float
+    unit: str
+    runs: tuple[float, ...]
+    bytes_written: float | None = None
+
+
+@attrs.define
+class CostBench:
+    """The strategy cost harness.
+
+    :param workdir: scratch directory (images are created and removed here)
+    :param quick: smaller images and fewer sizes (CI-friendly)
+    :param runs: repetitions per figure (the median is reported)
+    :param progress: called with a line describing each step
+    :param size_mib: override the image size (tests use a few MiB)
+    :param written_sizes_mib: override the amounts written before delete/rollback
+    """
+
+    workdir: Path
+    quick: bool = False
+    runs: int = 3
+    runner: Runner = attrs.Factory(LocalRunner)
+    progress: Callable[[str], None] = lambda line: None
+    size_mib: int | None = None
+    written_sizes_mib: Sequence[int] | None = None
+    measurements: list[Measurement] = attrs.Factory(list)
+    skipped: dict[str, str] = attrs.Factory(dict)
+
+    @property
+    def image_mib(self) -> int:
+        """Image size: 256 MiB quick, 1 GiB full, or ``size_mib``."""
+        return self.size_mib or (256 if self.quick else 1024)
+
+    @property
+    def written_mib(self) -> list[int]:
+        """Data written after the snapshot before deleting or rolling back."""
+        if self.written_sizes_mib is not None:
+            return list(self.written_sizes_mib)
+        return [16, 64] if self.quick else [64, 256, 512]
+
+    # -- primitives -----------------------------------------------------------------------------
+
+    def _qemu_img(self, *args: str, timeout: float = 600) -> str:
+        return self.runner.run(["qemu-img", *args], timeout=timeout).stdout
+
+    def _fill(self, image: Path, mib: int, pattern: int = 0xAB, offset_mib: int = 0) -> None:
+        self.runner.run(
+            ["qemu-io", "-f", "qcow2" if image.suffix == ".qcow2" else "raw", "-c",
+             f"write -P {pattern} {offset_mib}M {mib}M", str(image)],
+            timeout=600,
+        )  # fmt: skip
+
+    def _create(
+        self, image: Path, *, fmt: str = "qcow2", options: str = "", backing: Path | None = None
+    ) -> Path:
+        argv = ["create", "-q", "-f", fmt]
+        if options:
+            argv += ["-o", options]
+        if backing is not None:
+            argv += ["-b", str(backing), "-F", "qcow2", str(image)]
+        else:
+            argv += [str(image), f"{self.image_mib}M"]
+        self._qemu_img(*argv)
+        return image
+
+    def _bench_write(self, target: str, *, fmt: str | None = "qcow2", mib: int | None = None) -> float:
+        """MB/s of sequential 64 KiB O_DIRECT writes over ``mib`` (default: the whole image)."""
+        count = (mib or self.image_mib) * MiB // CLUSTER
+        argv = ["bench", "-w", "-t", "none", "-i", "native", "-c", str(count), "-s", str(CLUSTER), "-d", "16"]
+        if fmt is not None:
+            argv += ["-f", fmt]
+        out = self._qemu_img(*argv, target)
+        match = re.search(r"Run completed in ([0-9.]+) seconds", out)
+        if not match:
+            raise VmsnapError(f"qemu-img bench printed no timing: {out.strip()[-200:]}")
+        seconds = max(float(match.group(1)), 1e-6)
+        return count * CLUSTER / seconds / 1e6
+
+    @contextlib.contextmanager
+    def _io_meter(self) -> Iterator[dict[str, float]]:
+        """Seconds and bytes written (by finished child processes) for the body."""
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_oublock
+        started = time.perf_counter()
+        result = {"seconds": 0.0, "bytes": 0.0}
+        yield result
+        result["seconds"] = time.perf_counter() - started
+        result["bytes"] = (resource.getrusage(resource.RUSAGE_CHILDREN).ru_oublock - before) * 512.0
+
+    def _record(
+        self,
+        strategy: str,
+        metric: str,
+        variant: str,
+        unit: str,
+        one_run: Callable[[int], float | tuple[float, float]],
+    ) -> Measurement:
+        values: list[float] = []
+        written: list[float] = []
+        for i in range(self.runs):
+            got = one_run(i)
+            if isinstance(got, tuple):
+                values.append(got[0])
+                written.append(got[1])
+            else:
+                values.append(got)
+        m = Measurement(
+            strategy=strategy,
+            metric=metric,
+            variant=variant,
+            value=statistics.median(values),
+            unit=unit,
+            runs=tuple(round(v, 4) for v in values),
+            bytes_written=statistics.median(written) if written else None,
+        )
+        self.measurements.append(m)
+        self.progress(f"{strategy:9} {metric:15} {variant:22} {m.value:10.3f} {unit}")
+        return m
+
+    def _scratch(self, name: str) -> Path:
+        path = self.workdir / name
+        if path.exists():
+            self._remove_tree(path)
+        path.mkdir(parents=True)
+        return path
+
+    def _remove_tree(self, path: Path) -> None:
+        for child in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if child.is_dir() and not child.is_symlink():
+                child.rmdir()
+            else:
+                child.unlink()
+        path.rmdir()
+
+    # -- qcow2 strategies -----------------------------------------------------------------------
+
+    def internal(self) -> None:
+        """Internal snapshots, with lazy_refcounts off and on."""
+        for lazy in ("off", "on"):
+            variant = f"lazy_refcounts={lazy}"
+            d = self._scratch(f"internal-{lazy}")
+
+            def fresh(i: int, d: Path = d, lazy: str = lazy) -> Path:
+                image = self._create(d / f"i{i}.qcow2", options=f"lazy_refcounts={lazy}")
+                self._fill(image, self.image_mib)
+                return image
+
+            def baseline(i: int) -> float:
+                return self._bench_write(str(fresh(i)))
+
+            def first(i: int) -> float:
+                image = fresh(i)
+                self._qemu_img("snapshot", "-c", "s1", str(image))
+                return self._bench_write(str(image))
+
+            def again(i: int) -> float:
+                image = fresh(i)
+                self._qemu_img("snapshot", "-c", "s1", str(image))
+                self._bench_write(str(image))
+                return self._bench_write(str(image))
+
+            self._record("internal", "write_baseline", variant, "MB/s", baseline)
+            self._record("internal", "write_first", variant, "MB/s", first)
+            self._record("internal", "write_again", variant, "MB/s", again)
+        d = self._scratch("internal-cleanup")
+        for mib in self.written_mib:
+
+            def delete(i: int, mib: int = mib) -> tuple[float, float]:
+                image = self._create(d / f"del{i}.qcow2", options="lazy_refcounts=on")
+                self._fill(image, self.image_mib)
+                self._qemu_img("snapshot", "-c", "s1", str(image))
+                self._fill(image, mib, pattern=0xCD)
+                with self._io_meter() as io:
+                    self._qemu_img("snapshot", "-d", "s1", str(image))
+                return io["seconds"], io["bytes"]
+
+            def rollback(i: int, mib: int = mib) -> tuple[float, float]:
+                image = self._create(d / f"rb{i}.qcow2", options="lazy_refcounts=on")
+                self._fill(image, self.image_mib)
+                self._qemu_img("snapshot", "-c", "s1", str(image))
+                self._fill(image, mib, pattern=0xCD)
+                with self._io_meter() as io:
+                    self._qemu_img("snapshot", "-a", "s1", str(image))
+                return io["seconds"], io["bytes"]
+
+            self._record("internal", "delete", f"{mib} MiB written", "s", delete)
+            self._record("internal", "rollback", f"{mib} MiB written", "s", rollback)
+
+    def external(self) -> None:
+        """External overlays: writes into the overlay, commit and stream to delete, drop to roll back."""
+        d = self._scratch("external")
+
+        def base(i: int) -> Path:
+            image = self._create(d / f"b{i}.qcow2")
+            self._fill(image, self.image_mib)
+            return image
+
+        def overlay(i: int) -> Path:
+            return self._create(d / f"o{i}.qcow2", backing=base(i))
+
+        self._record("external", "write_baseline", "", "MB/s", lambda i: self._bench_write(str(base(i))))
+        self._record("external", "write_first", "", "MB/s", lambda i: self._bench_write(str(overlay(i))))
+
+        def again(i: int) -> float:
+            top = overlay(i)
+            self._bench_write(str(top))
+            return self._bench_write(str(top))
+
+        self._record("external", "write_again", "", "MB/s", again)
+        for mib in self.written_mib:
+
+            def commit(i: int, mib: int = mib) -> tuple[float, float]:
+                top = overlay(i)
+                self._fill(top, mib, pattern=0xCD)
+                with self._io_meter() as io:
+                    self._qemu_img("commit", "-q", str(top))
+                return io["seconds"], io["bytes"]
+
+            def stream(i: int, mib: int = mib) -> tuple[float, float]:
+                top = overlay(i)
+                self._fill(top, mib, pattern=0xCD)
+                with self._io_meter() as io:
+                    self._qemu_img("rebase", "-q", "-b", "", str(top))
+                return io["seconds"], io["bytes"]
+
+            def drop(i: int, mib: int = mib) -> tuple[float, float]:
+                top = overlay(i)
+                self._fill(top, mib, pattern=0xCD)
+                with self._io_meter() as io:
+                    top.unlink()
+                return io["seconds"], io["bytes"]
+
+            self._record("external", "delete", f"commit, {mib} MiB written", "s", commit)
+            self._record("external", "delete", f"stream, {mib} MiB written", "s", stream)
+            self._record("external", "rollback", f"{mib} MiB written", "s", drop)
+
+    def backup(self) -> None:
+        """blockdev-backup: copy-before-write costs guest writes while a backup runs; restore to roll back."""
+        d = self._scratch("backup")
+
+        def source(i: int) -> Path:
+            image = self._create(d / f"s{i}.qcow2")
+            self._fill(image, self.image_mib)
+            return image
+
+        def cbw(i: int) -> str:
+            src = source(i)
+            target = self._create(d / f"t{i}.qcow2")
+            return "json:" + _json(
+                {
+                    "driver": "copy-before-write",
+                    "file": {"driver": "qcow2", "file": {"driver": "file", "filename": str(src)}},
+                    "target": {"driver": "qcow2", "file": {"driver": "file", "filename": str(target)}},
+                }
+            )
+
+        self._record("backup", "write_baseline", "", "MB/s", lambda i: self._bench_write(str(source(i))))
+        self._record(
+            "backup",
+            "write_first",
+            "copy-before-write",
+            "MB/s",
+            lambda i: self._bench_write(cbw(i), fmt=None),
+        )
+
+        def delete(i: int) -> tuple[float, float]:
+            target = self._create(d / f"del{i}.qcow2")
+            self._fill(target, self.image_mib)
+            with self._io_meter() as io:
+                target.unlink()
+            return io["seconds"], io["bytes"]
+
+        def rollback(i: int) -> tuple[float, float]:
+            backup = source(i)
+            disk = d / f"restored{i}.qcow2"
+            with self._io_meter() as io:
+                self._qemu_img("convert", "-q", "-O", "qcow2", str(backup), str(disk))
+                fd = os.open(disk, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+            return io["seconds"], io["bytes"]
+
+        self._record("backup", "delete", "remove target", "s", delete)
+        self._record("backup", "rollback", f"restore {self.image_mib} MiB", "s", rollback)
+
+    # -- btrfs on a loop device ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _loop_btrfs(self) -> Iterator[Path]:
+        d = self._scratch("btrfs")
+        backing = d / "fs.img"
+        mnt = d / "mnt"
+        mnt.mkdir()
+        size = (self.image_mib * 4 + 512) * MiB
+        with open(backing, "wb") as f:
+            f.truncate(size)
+        device = self.runner.run(["losetup", "--find", "--show", str(backing)]).stdout.strip()
+        try:
+            self.runner.run(["mkfs.btrfs", "-q", device])
+            self.runner.run(["mount", device, str(mnt)])
+            try:
+                yield mnt
+            finally:
+                self.runner.run(["umount", str(mnt)], ok_codes=(0, 32))
+        finally:
+            self.runner.run(["losetup", "-d", device], ok_codes=(0, 1))
+
+    def btrfs(self) -> None:
+        """Btrfs subvolume snapshots of a raw image, with and without nodatacow."""
+        if os.geteuid() != 0 or not self.runner.which("mkfs.btrfs"):
+            self.skipped["btrfs"] = "needs root and btrfs-progs for a loop-mounted Btrfs"
+            return
+        with self._loop_btrfs() as mnt:
+            for cow in ("nodatacow", "datacow"):
+
+                def volume(i: int, cow: str = cow) -> Path:
+                    vol = mnt / f"vol-{cow}-{i}"
+                    snaps = [p for p in mnt.glob(f"snap-{cow}-{i}*")]
+                    for snap in snaps:
+                        self.runner.run(["btrfs", "-q", "subvolume", "delete", str(snap)])
+                    if vol.exists():
+                        self.runner.run(["btrfs", "-q", "subvolume", "delete", str(vol)])
+                    self.runner.run(["btrfs", "-q", "subvolume", "create", str(vol)])
+                    image = vol / "disk.raw"
+                    image.touch()
+                    if cow == "nodatacow":
+                        self.runner.run(["chattr", "+C", str(image)])
+                    with open(image, "r+b") as f:
+                        f.truncate(self.image_mib * MiB)
+                    self._fill(image, self.image_mib)
+                    self.runner.run(["btrfs", "filesystem", "sync", str(mnt)])
+                    return vol
+
+                def snapshot(vol: Path, i: int, cow: str = cow) -> Path:
+                    snap = mnt / f"snap-{cow}-{i}"
+                    self.runner.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(snap)])
+                    return snap
+
+                def baseline(i: int) -> float:
+                    return self._bench_write(str(volume(i) / "disk.raw"), fmt="raw")
+
+                def first(i: int) -> float:
+                    vol = volume(i)
+                    snapshot(vol, i)
+                    return self._bench_write(str(vol / "disk.raw"), fmt="raw")
+
+                def again(i: int) -> float:
+                    vol = volume(i)
+                    snapshot(vol, i)
+                    self._bench_write(str(vol / "disk.raw"), fmt="raw")
+                    return self._bench_write(str(vol / "disk.raw"), fmt="raw")
+
+                self._record("btrfs", "write_baseline", cow, "MB/s", baseline)
+                self._record("btrfs", "write_first", cow, "MB/s", first)
+                self._record("btrfs", "write_again", cow, "MB/s", again)
+            for mib in self.written_mib:
+
+                def prepared(i: int, mib: int = mib) -> tuple[Path, Path]:
+                    vol = mnt / "vol-nodatacow-0"
+                    for old in (mnt / "vol-nodatacow-0", mnt / "snap-nodatacow-0", mnt / "aside"):
+                        if old.exists():
+                            self.runner.run(["btrfs", "-q", "subvolume", "delete", str(old)])
+                    self.runner.run(["btrfs", "-q", "subvolume", "create", str(vol)])
+                    image = vol / "disk.raw"
+                    image.touch()
+                    self.runner.run(["chattr", "+C", str(image)])
+                    with open(image, "r+b") as f:
+                        f.truncate(self.image_mib * MiB)
+                    self._fill(image, self.image_mib)
+                    snap = mnt / "snap-nodatacow-0"
+                    self.runner.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(snap)])
+                    self._fill(image, mib, pattern=0xCD)
+                    self.runner.run(["btrfs", "filesystem", "sync", str(mnt)])
+                    return vol, snap
+
+                def delete(i: int, mib: int = mib) -> tuple[float, float]:
+                    _, snap = prepared(i, mib)
+                    with self._io_meter() as io:
+                        self.runner.run(["btrfs", "-q", "subvolume", "delete", "--commit-each", str(snap)])
+                    return io["seconds"], io["bytes"]
+
+                def rollback(i: int, mib: int = mib) -> tuple[float, float]:
+                    vol, snap = prepared(i, mib)
+                    aside = mnt / "aside"
+                    with self._io_meter() as io:
+                        vol.rename(aside)
+                        self.runner.run(["btrfs", "-q", "subvolume", "snapshot", str(snap), str(vol)])
+                        self.runner.run(["btrfs", "-q", "subvolume", "delete", "--commit-each", str(aside)])
+                    return io["seconds"], io["bytes"]
+
+                self._record("btrfs", "delete", f"{mib} MiB written", "s", delete)
+                self._record("btrfs", "rollback", f"{mib} MiB written", "s", rollback)
+
+    def lvm(self) -> None:
+        """LVM needs device-mapper; on a host without it the lab guest is required (not measured here)."""
+        if not Path("/sys/module/dm_mod").exists() and not Path("/dev/mapper/control").exists():
+            self.skipped["lvm"] = (
+                "this kernel has no device-mapper; LVM costs are measured inside the lab guest "
+                "(lab figures under TCG: first write 62-67 MB/s vs 614-723 MB/s without a snapshot)"
+            )
+            return
+        self.skipped["lvm"] = "LVM on the host is not benchmarked (it would snapshot the host's own volumes)"
+
+    def run(self, strategies: Sequence[str] = ("internal", "external", "backup", "btrfs", "lvm")) -> None:
+        """Run the named strategies' benchmarks in order."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for name in strategies:
+            getattr(self, name)()
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, separators=(",", ":"))

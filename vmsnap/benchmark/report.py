@@ -1,0 +1,264 @@
+"""Turn measurements into the comparison table with numbers: JSON, Markdown and a PNG chart.
+
+The JSON schema (``schema: 1``) is what later runs and tools read; the Markdown is what the README links.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from vmsnap.benchmark.costs import Measurement
+from vmsnap.runner import LocalRunner, Runner
+
+SCHEMA = 1
+COST_COLUMNS = ("write_cost", "delete_cost", "rollback_cost")
+
+
+def machine_info(runner: Runner | None = None) -> dict[str, Any]:
+    """What the figures were measured on."""
+    runner = runner or LocalRunner()
+    qemu = (
+        runner.run(["qemu-img", "--version"]).stdout.splitlines()[0] if runner.which("qemu-img") else "absent"
+    )
+    mem_kib = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    except OSError:
+        pass
+    return {
+        "hostname": platform.node(),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "qemu": qemu,
+        "python": platform.python_version(),
+    }
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "s":
+        return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+    return f"{value:.0f} {unit}"
+
+
+def _mib(bytes_written: float | None) -> str:
+    return "" if bytes_written is None else f", {bytes_written / 1024 / 1024:.0f} MiB written"
+
+
+def summarise(measurements: Sequence[Measurement]) -> dict[str, dict[str, str]]:
+    """Per strategy, the three cost cells as short human strings."""
+    cells: dict[str, dict[str, str]] = {}
+    by: dict[tuple[str, str, str], Measurement] = {(m.strategy, m.metric, m.variant): m for m in measurements}
+    for m in measurements:
+        row = cells.setdefault(m.strategy, {c: "" for c in COST_COLUMNS})
+        if m.metric == "write_first":
+            base = by.get((m.strategy, "write_baseline", m.variant)) or by.get(
+                (m.strategy, "write_baseline", "")
+            )
+            again = by.get((m.strategy, "write_again", m.variant))
+            text = f"first write {_fmt(m.value, m.unit)}"
+            if base is not None and m.value > 0:
+                text += f" ({base.value / m.value:.1f}x slower than {_fmt(base.value, base.unit)})"
+            if again is not None:
+                text += f", again {_fmt(again.value, again.unit)}"
+            if m.variant:
+                text = f"{m.variant}: {text}"
+            row["write_cost"] = "; ".join(filter(None, [row["write_cost"], text]))
+        elif m.metric in ("delete", "rollback"):
+            key = "delete_cost" if m.metric == "delete" else "rollback_cost"
+            text = f"{m.variant}: {_fmt(m.value, m.unit)}{_mib(m.bytes_written)}"
+            row[key] = "; ".join(filter(None, [row[key], text]))
+    return cells
+
+
+@attrs.frozen
+class BenchResult:
+    """Everything one ``vmsnap bench`` run produced."""
+
+    created: str
+    quick: bool
+    image_mib: int
+    runs: int
+    machine: Mapping[str, Any]
+    measurements: tuple[Measurement, ...]
+    skipped: Mapping[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        """The schema-1 JSON document."""
+        return {
+            "schema": SCHEMA,
+            "created": self.created,
+            "quick": self.quick,
+            "image_mib": self.image_mib,
+            "runs": self.runs,
+            "machine": dict(self.machine),
+            "measurements": [attrs.asdict(m) for m in self.measurements],
+            "skipped": dict(self.skipped),
+            "table": summarise(self.measurements),
+        }
+
+
+def make_result(
+    measurements: Sequence[Measurement], *, quick: bool, image_mib: int, runs: int, skipped: Mapping[str, str]
+) -> BenchResult:
+    """A result stamped with the time and the machine."""
+    return BenchResult(
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        quick=quick,
+        image_mib=image_mib,
+        runs=runs,
+        machine=machine_info(),
+        measurements=tuple(measurements),
+        skipped=dict(skipped),
+    )
+
+
+def validate(document: Mapping[str, Any]) -> None:
+    """Check a results document against schema 1.
+
+    :raise ValueError: naming the first problem
+    """
+    for key, kind in (
+        ("schema", int),
+        ("created", str),
+        ("quick", bool),
+        ("image_mib", int),
+        ("runs", int),
+        ("machine", dict),
+        ("measurements", list),
+        ("skipped", dict),
+        ("table", dict),
+    ):
+        if not isinstance(document.get(key), kind):
+            raise ValueError(f"results: {key!r} missing or not {kind.__name__}")
+    if document["schema"] != SCHEMA:
+        raise ValueError(f"results: schema {document['schema']} is not {SCHEMA}")
+    for m in document["measurements"]:
+        for key in ("strategy", "metric", "variant", "value", "unit", "runs"):
+            if key not in m:
+                raise ValueError(f"results: a measurement lacks {key!r}")
+        if len(m["runs"]) < 1:
+            raise ValueError("results: a measurement has no runs")
+
+
+def markdown(document: Mapping[str, Any], traits: Mapping[str, Mapping[str, str]]) -> str:
+    """The comparison table with measured cost cells, then the machine and the raw figures."""
+    from vmsnap.model import Traits
+
+    table = document["table"]
+    headings = ["strategy", *[h for _, h in Traits.columns()]]
+    rows = []
+    for name in sorted(set(traits) | set(table)):
+        row = [name]
+        for field, _ in Traits.columns():
+            measured = table.get(name, {}).get(field, "")
+            text = measured or str(traits.get(name, {}).get(field, ""))
+            if field in COST_COLUMNS and not measured and name in document["skipped"]:
+                text = f"not measured: {document['skipped'][name]}"
+            row.append(text.replace("|", "/"))
+        rows.append(row)
+    m = document["machine"]
+    lines = [
+        "# vmsnap strategy costs, measured",
+        "",
+        f"Measured {document['created']} on {m.get('cpus')} CPUs, {m.get('memory_gib')} GiB, kernel "
+        f"{m.get('kernel')}, {m.get('qemu')}; image {document['image_mib']} MiB; "
+        f"median of {document['runs']} runs"
+        f"{' (quick mode)' if document['quick'] else ''}. Writes: `qemu-img bench -w -t none -i native`, "
+        "64 KiB requests, queue depth 16. Bytes written: kernel I/O accounting of the cleanup command.",
+        "",
+        _md_table(headings, rows),
+        "",
+        "## All figures",
+        "",
+        _md_table(
+            ["strategy", "metric", "variant", "median", "runs", "MiB written"],
+            [
+                [
+                    x["strategy"],
+                    x["metric"],
+                    x["variant"],
+                    _fmt(x["value"], x["unit"]),
+                    ", ".join(f"{v:g}" for v in x["runs"]),
+                    "" if x.get("bytes_written") is None else f"{x['bytes_written'] / 1024 / 1024:.0f}",
+                ]
+                for x in document["measurements"]
+            ],
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _md_table(headings: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(headings) + " |", "|" + "|".join("---" for _ in headings) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def chart(document: Mapping[str, Any], path: Path) -> bool:
+    """A PNG with write slowdown and cleanup time by strategy; False when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    measurements = document["measurements"]
+    base = {
+        (m["strategy"], m["variant"]): m["value"] for m in measurements if m["metric"] == "write_baseline"
+    }
+    labels, slowdown = [], []
+    for m in measurements:
+        if m["metric"] != "write_first":
+            continue
+        b = base.get((m["strategy"], m["variant"])) or base.get((m["strategy"], ""))
+        if b and m["value"] > 0:
+            labels.append(f"{m['strategy']}\n{m['variant']}".strip())
+            slowdown.append(b / m["value"])
+    cleanup = [m for m in measurements if m["metric"] in ("delete", "rollback")]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
+    left.bar(range(len(labels)), slowdown, color="#4477aa")
+    left.set_xticks(range(len(labels)), labels, fontsize=7)
+    left.set_ylabel("first write: x slower than no snapshot")
+    left.set_yscale("log")
+    left.set_title("Write cost while the snapshot exists")
+    right.barh(
+        range(len(cleanup)),
+        [m["value"] for m in cleanup],
+        color=["#cc6677" if m["metric"] == "delete" else "#228833" for m in cleanup],
+    )
+    right.set_yticks(
+        range(len(cleanup)), [f"{m['strategy']} {m['metric']}: {m['variant']}" for m in cleanup], fontsize=6
+    )
+    right.set_xlabel("seconds (red: delete/commit, green: rollback)")
+    right.set_xscale("log")
+    right.set_title("Storage load on delete and rollback")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(result: BenchResult, out: Path, traits: Mapping[str, Mapping[str, str]]) -> dict[str, Path]:
+    """Write strategy-costs.json / .md / .png into ``out``; return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    document = result.to_json()
+    validate(document)
+    paths = {"json": out / "strategy-costs.json", "markdown": out / "strategy-costs.md"}
+    paths["json"].write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    paths["markdown"].write_text(markdown(document, traits))
+    png = out / "strategy-costs.png"
+    if chart(document, png):
+        paths["png"] = png
+    return paths
