@@ -6,18 +6,23 @@ argv list; the only place that quotes is :class:`SshRunner`, because ssh hands i
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import shlex
 import shutil
 import threading
+import time
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 import sh
 
-from vmsnap.errors import CommandError, CommandTimeoutError, UsageError
+from vmsnap.errors import AgentCommandError, CommandError, CommandTimeoutError, UsageError
+
+if TYPE_CHECKING:
+    from vmsnap.agent import GuestAgent
 
 DEFAULT_TIMEOUT = 3600.0
 
@@ -275,3 +280,80 @@ class RecordingRunner:
         if self.programs is None or name in self.programs:
             return f"/usr/bin/{name}"
         return None
+
+
+@attrs.define
+class AgentRunner:
+    """Runs commands inside a guest through the QEMU guest agent (``guest-exec`` / ``guest-exec-status``).
+
+    The guest needs nothing but qemu-ga: argv goes to ``guest-exec`` as path + args (the agent searches
+    ``PATH``), stdin as ``input-data``, and the captured output comes back base64-encoded. The agent refuses
+    ``guest-exec`` while the guest is frozen; that surfaces as a :class:`CommandError` saying so.
+
+    :param agent: a :class:`vmsnap.agent.GuestAgent` connected to the guest
+    :param name: the guest's name, for messages (``host`` is ``guest:<name>``)
+    :param poll: first delay between ``guest-exec-status`` polls (grows to 0.2 s)
+    """
+
+    agent: GuestAgent
+    name: str = "guest"
+    poll: float = 0.01
+
+    @property
+    def host(self) -> str:
+        return f"guest:{self.name}"
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        ok_codes: Collection[int] = (0,),
+        input: bytes | str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> CommandResult:
+        args = _check_argv(argv)
+        data = input.encode() if isinstance(input, str) else input
+        try:
+            pid = self.agent.exec(args[0], args[1:], input=data)
+        except AgentCommandError as err:
+            frozen = "frozen" in err.desc.lower()
+            raise CommandError(
+                args,
+                126 if frozen else 127,
+                "",
+                err.desc,
+                host=self.host,
+                hint=(
+                    "the guest's filesystems are frozen: the agent runs nothing until they are thawed"
+                    if frozen
+                    else f"check that {args[0]} exists in the guest"
+                ),
+            ) from err
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = self.poll
+        while True:
+            status = self.agent.exec_status(pid)
+            if status.get("exited"):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                self._kill(pid)
+                raise CommandTimeoutError(args, float(timeout or 0), host=self.host)
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.2)
+        stdout = _decode(base64.b64decode(status.get("out-data", "")))
+        stderr = _decode(base64.b64decode(status.get("err-data", "")))
+        # killed by a signal: no exit code; report it as a shell would
+        code = int(status["exitcode"]) if "exitcode" in status else 128 + int(status.get("signal", 0))
+        if code not in ok_codes:
+            raise CommandError(args, code, stdout, stderr, host=self.host)
+        return CommandResult(args, code, stdout, stderr, self.host)
+
+    def _kill(self, pid: int) -> None:
+        # guest-exec has no kill; a second guest-exec does it (best effort: it may have just exited)
+        with contextlib.suppress(Exception):
+            self.agent.exec("kill", ["-9", str(pid)], capture=False)
+
+    def which(self, name: str) -> str | None:
+        result = self.run(["sh", "-c", 'command -v -- "$1"', "sh", name], ok_codes=(0, 1, 127))
+        path = result.stdout.strip()
+        return path if result.exit_code == 0 and path else None
