@@ -1,0 +1,135 @@
+"""The copy transport: a full, sparse copy of a file or block-device source into a local target file.
+
+qcow2 (default) or raw output through ``qemu-img convert`` (holes stay holes); raw to raw through
+``cp --reflink=auto --sparse=always`` so a shared Btrfs/XFS filesystem clones extents instead of copying them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from vmsnap.errors import CommandError, TransferError, UnsupportedError, UsageError
+from vmsnap.imageio import (
+    ThrottledProgress,
+    allocated_bytes,
+    atomic_target,
+    check_source,
+    source_args,
+    write_failed,
+)
+from vmsnap.model import ExportSource, Progress, TransferStats
+from vmsnap.runner import CommandResult, LocalRunner, Runner
+
+OUTPUT_FORMATS = ("qcow2", "raw")
+
+
+def _output_format(value: str) -> str:
+    if value not in OUTPUT_FORMATS:
+        raise UsageError(f"unknown output format {value!r}", hint="use 'qcow2' or 'raw'")
+    return value
+
+
+class CopyTransport:
+    """Copies a whole "file" or "block" source into a new local image file (0600, fsync'd, atomic rename).
+
+    :param runner: runs qemu-img / cp; must be this host (the target is a local path)
+    :param output_format: "qcow2" (default) or "raw"
+    :param reflink: for raw → raw copies of files, let ``cp`` clone extents when the filesystem can
+    :param poll_interval: seconds between progress reports
+    :raise UsageError: unknown options or output format
+    """
+
+    name: ClassVar[str] = "copy"
+
+    def __init__(
+        self,
+        runner: Runner | None = None,
+        *,
+        output_format: str = "qcow2",
+        reflink: bool = True,
+        poll_interval: float = 0.25,
+        **unknown: Any,
+    ) -> None:
+        if unknown:
+            raise UsageError(
+                f"the copy transport has no option(s) {', '.join(sorted(unknown))}",
+                hint="it accepts output_format, reflink, poll_interval",
+            )
+        self.runner: Runner = runner or LocalRunner()
+        self.output_format = _output_format(output_format)
+        self.reflink = reflink
+        self.poll_interval = poll_interval
+
+    def accepts(self, source: ExportSource) -> bool:
+        """True for "file" and "block" sources (full copies; incrementals are the nbd transport's job)."""
+        return source.kind in ("file", "block")
+
+    def argv(self, source: ExportSource, target: Path) -> list[str]:
+        """The command that writes ``source`` into ``target``."""
+        if self._cloneable(source):
+            return ["cp", "--reflink=auto", "--sparse=always", "--", source.location, str(target)]
+        return ["qemu-img", "convert", "-O", self.output_format, *source_args(source), str(target)]
+
+    def _cloneable(self, source: ExportSource) -> bool:
+        return (
+            self.reflink
+            and source.kind == "file"
+            and source.format == "raw"
+            and self.output_format == "raw"
+            and not source.image_opts
+        )
+
+    def _estimate(self, source: ExportSource) -> int:
+        """Bytes the target will roughly occupy (``qemu-img measure``), for the progress total."""
+        try:
+            result = self.runner.run(
+                ["qemu-img", "measure", "--output=json", "-O", "qcow2", *source_args(source)], timeout=120
+            )
+            return max(int(json.loads(result.stdout)["required"]), 1)
+        except (CommandError, ValueError, KeyError):
+            return max(source.virtual_size, 1)
+
+    def send(self, source: ExportSource, target: Path | str, *, progress: Progress) -> TransferStats:
+        """Copy ``source`` into ``target`` (a local path).
+
+        :raise UnsupportedError: the source is an NBD export (use the nbd transport)
+        :raise NotFoundError: the source or the target's directory does not exist
+        :raise TransferError: the copy failed (full target, unreadable source); no partial target is left
+        """
+        if not self.accepts(source):
+            raise UnsupportedError(
+                f"the copy transport cannot read a {source.kind!r} source ({source.location})",
+                hint="use the nbd transport for NBD exports",
+            )
+        if isinstance(target, str) and ":" in target.split("/", 1)[0]:
+            raise UsageError(f"the copy transport writes local files only, not {target!r}", hint="use rsync")
+        check_source(source)
+        target = Path(target)
+        started = time.monotonic()
+        total = self._estimate(source)
+        report = ThrottledProgress(progress, total, interval=self.poll_interval)
+        report(0, final=True)
+        with atomic_target(target) as partial:
+            argv = self.argv(source, partial)
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vmsnap-copy") as pool:
+                future = pool.submit(self.runner.run, argv, timeout=None)
+                while True:
+                    try:
+                        result: CommandResult = future.result(timeout=self.poll_interval)
+                        break
+                    except concurrent.futures.TimeoutError:
+                        report(min(allocated_bytes(partial), total - 1))
+                    except CommandError as err:
+                        raise write_failed(
+                            f"copying {source.location}", target, err.stderr or err.stdout
+                        ) from err
+            del result
+            written = allocated_bytes(partial)
+        report(total, final=True)
+        if not target.exists():  # pragma: no cover - atomic_target renames or raises
+            raise TransferError(f"copy of {source.location} produced no {target}")
+        return TransferStats(written, time.monotonic() - started, str(target), self.output_format)
