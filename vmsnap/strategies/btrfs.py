@@ -348,7 +348,7 @@ class BtrfsSnapshotStrategy:
             self.warnings.append(f"rolled back, but the old {live} stays at {aside}: {err.message}")
 
     def list(self) -> Sequence[SnapshotRef]:
-        """The snapshot sets that hold a copy of one of the machine's disks, oldest first."""
+        """The snapshot sets that hold a copy of one of the machine's disks, oldest set first."""
         refs: list[SnapshotRef] = []
         for disk in self.machine.disks():
             try:
@@ -377,4 +377,4 @@ class BtrfsSnapshotStrategy:
                 for depth, location in enumerate(backing):
                     details[f"backing.{depth}"] = str(self._target(location, set_id) / location.relative)
                 refs.append(SnapshotRef(self.name, name_of_set(set_id), disk, str(images[set_id]), details))
-        return refs
+        return sorted(refs, key=lambda ref: ref.details["set"])  # stable: disks stay in device order
