@@ -1,0 +1,646 @@
+"""The backup orchestrator: resolve disks → quiesce → snapshot all disks at once → thaw → export and transfer
+→ delete the snapshots → checksum → manifest last; and :func:`recover`, which undoes what a dead run left.
+
+Every step is recorded in the VM's journal (:mod:`vmsnap.journal`) before it starts, under the VM's
+repository lock, so a ``kill -9`` at any point is undone by ``vmsnap recover`` or by the next backup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from vmsnap import agent as agent_module
+from vmsnap.errors import (
+    AgentError,
+    SnapshotError,
+    UnsupportedError,
+    UsageError,
+    VmsnapError,
+)
+from vmsnap.imageio import guest_sha256
+from vmsnap.journal import Journal, snapshot_to_json
+from vmsnap.machine import Machine, find_disk
+from vmsnap.model import Disk, SnapshotRef, validate_name
+from vmsnap.registry import strategy_class, transport_class
+from vmsnap.repository import (
+    DiskProgress,
+    DiskRecord,
+    Kind,
+    Manifest,
+    Repository,
+    fsync_file,
+    utc_now_iso,
+)
+
+Quiesce = Literal["auto", "on", "off"]
+CRASH_ENV = "VMSNAP_TEST_CRASH_AT"
+"""Test-only: a step name at which the backup process SIGKILLs itself (see :func:`crash_point`)."""
+
+CRASH_POINTS = (
+    "after-start",
+    "after-freeze",
+    "after-create",
+    "after-thaw",
+    "mid-export",
+    "after-export",
+    "after-delete",
+    "before-manifest",
+)
+PUSH = "none"
+"""The transport name recorded when QEMU wrote the backup itself (strategy backup, push mode)."""
+
+
+def crash_point(name: str) -> None:
+    """TEST ONLY: kill this process with SIGKILL when ``$VMSNAP_TEST_CRASH_AT`` is ``name``.
+
+    The crash-recovery tests use it to stop a ``vmsnap backup`` at an exact step; nothing else sets it.
+    """
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@attrs.frozen
+class BackupConfig:
+    """What to back up and how (the CLI builds it from its options).
+
+    :param repo: the repository directory (created when missing or empty)
+    :param strategy: a strategy name, or "auto" (backup for a running VM, internal for images)
+    :param transport: a transport name, or "auto" (copy when it accepts the source, else nbd); with strategy
+        backup "auto"/"none" means QEMU writes the backup itself (push) and "nbd" means pull mode
+    :param incremental: only what changed since the VM's latest backup (strategy backup); falls back to full
+        (and says why) when there is no usable parent
+    :param quiesce: "auto" freezes when a guest agent answers, "on" requires it, "off" never freezes
+    :param disks: back up only these disks (default: all)
+    :param bitmap: the persistent dirty bitmap incremental backups track changes with
+    :param freeze_timeout: seconds the guest agent gets to freeze
+    """
+
+    repo: Path
+    strategy: str = "auto"
+    transport: str = "auto"
+    incremental: bool = False
+    quiesce: Quiesce = "auto"
+    disks: tuple[str, ...] = ()
+    bitmap: str = "vmsnap"
+    freeze_timeout: float = 60.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.quiesce not in ("auto", "on", "off"):
+            raise UsageError(f"--quiesce {self.quiesce!r}", hint="use auto, on or off")
+        for disk in self.disks:
+            validate_name(disk, "disk name")
+        validate_name(self.bitmap, "bitmap name")
+
+
+@attrs.frozen
+class BackupResult:
+    """What a backup made (the CLI prints it; ``--json`` as in DESIGN.md)."""
+
+    vm: str
+    backup_id: str
+    kind: Kind
+    parent: str | None
+    strategy: str
+    transport: str
+    quiesced: bool
+    disks: tuple[DiskRecord, ...]
+    seconds: float
+    path: Path
+    notes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` object of ``vmsnap backup``."""
+        return {
+            "vm": self.vm,
+            "backup_id": self.backup_id,
+            "kind": self.kind,
+            "strategy": self.strategy,
+            "transport": self.transport,
+            "disks": [d.to_json() for d in self.disks],
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@attrs.frozen
+class RecoveryReport:
+    """What :func:`recover` undid (each action one line), and whether there was anything to do."""
+
+    vm: str
+    actions: tuple[str, ...]
+
+    @property
+    def clean(self) -> bool:
+        return not self.actions
+
+
+class RecoveryError(VmsnapError):
+    """Undoing a dead run failed part-way; the journal is kept so that ``vmsnap recover`` can try again."""
+
+
+def _no_disk_progress(disk: str, done: int, total: int) -> None:
+    pass
+
+
+def _no_note(message: str) -> None:
+    pass
+
+
+# -- strategy construction (also from a journal) ------------------------------------------------------------
+
+
+def _strategy_options(
+    name: str, *, staging: Path, incremental: bool, parents: Mapping[str, Path], bitmap: str, mode: str
+) -> dict[str, Any]:
+    if name != "backup":
+        return {}
+    return {
+        "target_dir": staging,
+        "incremental": incremental,
+        "parents": dict(parents) if parents else None,
+        "bitmap": bitmap,
+        "mode": mode,
+    }
+
+
+def _options_to_json(options: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, Path):
+            out[key] = {"path": str(value)}
+        elif isinstance(value, Mapping):
+            out[key] = {"paths": {k: str(v) for k, v in value.items()}}
+        else:
+            out[key] = value
+    return out
+
+
+def _options_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and set(value) == {"path"}:
+            out[key] = Path(value["path"])
+        elif isinstance(value, dict) and set(value) == {"paths"}:
+            out[key] = {k: Path(v) for k, v in value["paths"].items()}
+        else:
+            out[key] = value
+    return out
+
+
+def _make_strategy(name: str, machine: Machine, options: Mapping[str, Any]) -> Any:
+    cls = strategy_class(name)
+    return cls(machine, **options)
+
+
+# -- quiescing ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiesced(machine: Machine, mode: Quiesce, timeout: float, note: Callable[[str], None]) -> Iterator[bool]:
+    """Freeze the guest for the body when ``mode`` (and an answering agent) says so; yield whether it did."""
+    if mode == "off" or not machine.is_running:
+        if mode == "on":
+            raise UsageError(f"--quiesce on needs a running VM; {machine.name} is not running")
+        yield False
+        return
+    agent = machine.agent()
+    responding = agent is not None and agent.is_responding()
+    if not responding:
+        if mode == "on":
+            raise AgentError(
+                f"--quiesce on: no guest agent answers for {machine.name}",
+                hint="start qemu-ga in the guest and pass --agent SOCKET, or use --quiesce auto|off",
+            )
+        note("no guest agent answered: the backup is crash-consistent, not quiesced")
+        yield False
+        return
+    module_frozen = getattr(agent_module, "frozen", None)
+    if module_frozen is not None:  # the issue-3 freeze with its SIGKILL thaw guard
+        with module_frozen(machine, timeout=timeout):
+            yield True
+    else:
+        assert agent is not None
+        with agent.frozen(timeout=timeout):
+            yield True
+
+
+# -- the orchestrator ---------------------------------------------------------------------------------------
+
+
+class Backup:
+    """Runs one backup of ``machine`` into a repository, as :class:`BackupConfig` says.
+
+    :param machine: the VM (running or not)
+    :param config: what and how
+    :param progress: called with (disk, bytes done, bytes total) while disks are copied
+    :param note: called with one-line remarks (fallbacks, recovered leftovers); the CLI prints them
+    """
+
+    def __init__(
+        self,
+        machine: Machine,
+        config: BackupConfig,
+        *,
+        progress: DiskProgress = _no_disk_progress,
+        note: Callable[[str], None] = _no_note,
+    ) -> None:
+        self.machine = machine
+        self.config = config
+        self.progress = progress
+        self.note = note
+        self.notes: list[str] = []
+
+    def _note(self, message: str) -> None:
+        self.notes.append(message)
+        self.note(message)
+
+    def run(self) -> BackupResult:
+        """Take the backup.
+
+        :raise UsageError: bad options (unknown disk, incremental with a strategy that cannot)
+        :raise RepositoryError: the repository is missing, foreign, or locked by another run
+        :raise VmsnapError: any step failed; what it had done is undone and the error re-raised
+        """
+        started = time.monotonic()
+        vm = validate_name(self.machine.name, "VM name")
+        repo = Repository.open(self.config.repo, create=True, runner=self.machine.runner)
+        with repo.lock(vm):
+            report = recover_leftovers(repo, self.machine)
+            for action in report.actions:
+                self._note(f"recovered a dead run: {action}")
+            return self._run_locked(repo, vm, started)
+
+    def _resolve(self) -> tuple[str, str, str, list[Disk]]:
+        """(strategy, transport, mode, disks) after "auto" choices and checks."""
+        config = self.config
+        disks = self.machine.disks()
+        if config.disks:
+            disks = [find_disk(disks, name) for name in config.disks]
+        for disk in disks:
+            validate_name(disk.name, "disk name")
+        if not disks:
+            raise UsageError(f"{self.machine.name} has no disks to back up")
+        strategy = config.strategy
+        if strategy == "auto":
+            strategy = "backup" if self.machine.is_running else "internal"
+        transport = config.transport
+        mode = "push"
+        if strategy == "backup":
+            if transport in ("auto", PUSH):
+                transport = PUSH
+            elif transport == "nbd":
+                mode = "pull"
+            else:
+                raise UsageError(
+                    f"strategy backup cannot use transport {transport!r}",
+                    hint="leave --transport out (QEMU writes the backup) or use --transport nbd (pull mode)",
+                )
+        elif transport == PUSH:
+            raise UsageError(f"transport {PUSH!r} exists only for strategy backup")
+        if config.incremental and strategy != "backup":
+            raise UsageError(
+                f"--incremental needs --strategy backup (strategy {strategy} takes full backups only)"
+            )
+        if config.incremental and mode == "pull":
+            raise UsageError("incremental backups are taken in push mode", hint="leave --transport out")
+        return strategy, transport, mode, disks
+
+    def _parent(self, repo: Repository, vm: str, disks: Sequence[Disk]) -> tuple[Manifest | None, str | None]:
+        """The parent of an incremental backup, or (None, why the backup must be full)."""
+        latest = repo.latest(vm)
+        if latest is None:
+            return None, f"no earlier backup of {vm} in this repository"
+        forced = repo.full_required(vm)
+        if forced is not None:
+            return None, f"the dirty bitmap cannot be trusted ({forced})"
+        if latest.strategy != "backup" or latest.bitmap != self.config.bitmap:
+            return (
+                None,
+                f"the latest backup {latest.backup_id} was not taken with bitmap {self.config.bitmap}",
+            )
+        try:
+            repo.chain(latest)
+        except VmsnapError as err:
+            return None, f"the chain of {latest.backup_id} is broken ({err.message})"
+        recorded = {d.name: d for d in latest.disks}
+        for disk in disks:
+            record = recorded.get(disk.name)
+            if record is None or record.virtual_size != disk.virtual_size:
+                return None, f"disk {disk.name} is new or was resized since {latest.backup_id}"
+        return latest, None
+
+    def _run_locked(self, repo: Repository, vm: str, started: float) -> BackupResult:
+        config = self.config
+        strategy_name, transport_name, mode, disks = self._resolve()
+        parent: Manifest | None = None
+        if config.incremental:
+            parent, reason = self._parent(repo, vm, disks)
+            if reason is not None:
+                self._note(f"taking a full backup: {reason}")
+        parents = (
+            {d.name: repo.backup_dir(vm, parent.backup_id) / f"{d.name}.qcow2" for d in disks}
+            if parent
+            else {}
+        )
+        backup_id = repo.new_backup_id(vm)
+        staging = repo.stage(vm, backup_id)
+        options = _strategy_options(
+            strategy_name,
+            staging=staging,
+            incremental=parent is not None,
+            parents=parents,
+            bitmap=config.bitmap,
+            mode=mode,
+        )
+        journal = Journal.start(
+            repo.journal_path(vm),
+            vm=vm,
+            backup_id=backup_id,
+            repo=str(repo.root),
+            staging=str(staging),
+            strategy=strategy_name,
+            strategy_options=_options_to_json(options),
+            transport=transport_name,
+            machine=repr(self.machine),
+        )
+        try:
+            crash_point("after-start")
+            return self._take(
+                repo,
+                vm,
+                journal,
+                staging,
+                backup_id,
+                strategy_name,
+                transport_name,
+                options,
+                disks,
+                parent,
+                started,
+            )
+        except BaseException as err:
+            try:
+                undo_run(repo, self.machine, journal)
+            except VmsnapError as undo_err:
+                raise RecoveryError(
+                    f"{_one_line(err)}; undoing the run failed too: {undo_err.message}",
+                    hint=f"fix that, then run `vmsnap recover --repo {repo.root}` for {vm}",
+                ) from err
+            raise
+
+    def _take(
+        self,
+        repo: Repository,
+        vm: str,
+        journal: Journal,
+        staging: Path,
+        backup_id: str,
+        strategy_name: str,
+        transport_name: str,
+        options: Mapping[str, Any],
+        disks: Sequence[Disk],
+        parent: Manifest | None,
+        started: float,
+    ) -> BackupResult:
+        strategy = _make_strategy(strategy_name, self.machine, options)
+        for disk in disks:
+            if not strategy.probe(disk):
+                raise UnsupportedError(
+                    f"strategy {strategy_name} cannot snapshot disk {disk.name} ({disk.file}, {disk.format})",
+                    hint="`vmsnap strategies` shows what each one needs; choose another with --strategy",
+                )
+        snapshot_name = f"vmsnap-{backup_id}"
+        journal.record("freezing")
+        with _quiesced(self.machine, self.config.quiesce, self.config.freeze_timeout, self._note) as quiesced:
+            journal.record("frozen", quiesced=quiesced)
+            crash_point("after-freeze")
+            journal.record("creating", name=snapshot_name)
+            refs = list(strategy.create(disks, name=snapshot_name))
+            journal.record("created", snapshots=[snapshot_to_json(r) for r in refs])
+            crash_point("after-create")
+        journal.record("thawed")
+        crash_point("after-thaw")
+        by_disk = {r.disk.name: r for r in refs}
+        written: dict[str, int] = {}
+        transports_used: set[str] = set()
+        for index, disk in enumerate(disks):
+            ref = by_disk.get(disk.name)
+            if ref is None:
+                raise SnapshotError(f"strategy {strategy_name} returned no snapshot for disk {disk.name}")
+            target = staging / f"{disk.name}.qcow2"
+            journal.record("exporting", disk=disk.name)
+            if transport_name == PUSH:
+                written[disk.name] = self._adopt_push_target(ref, target)
+                transports_used.add(PUSH)
+            else:
+                with strategy.export(ref) as source:
+                    transport, used = self._transport_for(transport_name, source)
+                    stats = transport.send(
+                        source,
+                        target,
+                        progress=lambda done, total, d=disk.name: self.progress(d, done, total),
+                    )
+                    written[disk.name] = int(stats.bytes_written)
+                    transports_used.add(used)
+                    if index == 0:
+                        crash_point("mid-export")
+            journal.record("exported", disk=disk.name, bytes_written=written[disk.name])
+        crash_point("after-export")
+        for disk in disks:
+            journal.record("deleting", disk=disk.name)
+            strategy.delete(by_disk[disk.name])
+            journal.record("deleted", disk=disk.name)
+        crash_point("after-delete")
+        kind: Kind = "full"
+        if parent is not None:
+            if any(r.details.get("kind", "incremental") == "incremental" for r in refs):
+                kind = "incremental"
+                self._rebase_fallbacks(refs, staging, parent, repo)
+            else:
+                fallback = next((r.details.get("fallback") for r in refs if r.details.get("fallback")), None)
+                self._note(f"the strategy took a full backup: {fallback or 'no reason given'}")
+        records = []
+        for disk in disks:
+            target = staging / f"{disk.name}.qcow2"
+            os.chmod(target, 0o600)
+            fsync_file(target)
+            self.progress(disk.name, 0, disk.virtual_size)
+            digest = guest_sha256(target, "qcow2")
+            records.append(DiskRecord(disk.name, target.name, disk.virtual_size, written[disk.name], digest))
+        transport_used = ",".join(sorted(transports_used))
+        manifest = Manifest(
+            vm=vm,
+            backup_id=backup_id,
+            kind=kind,
+            parent=parent.backup_id if kind == "incremental" and parent is not None else None,
+            strategy=strategy_name,
+            transport=transport_used,
+            created=utc_now_iso(),
+            quiesced=bool(journal.data("frozen")[0].get("quiesced")),
+            bitmap=self.config.bitmap if strategy_name == "backup" else None,
+            disks=tuple(records),
+        )
+        journal.record("sealing")
+        crash_point("before-manifest")
+        final = repo.commit(staging, manifest)
+        journal.record("committed", path=str(final))
+        if strategy_name == "backup" and kind == "full":
+            repo.clear_full_required(vm)
+        journal.remove()
+        return BackupResult(
+            vm=vm,
+            backup_id=backup_id,
+            kind=kind,
+            parent=manifest.parent,
+            strategy=strategy_name,
+            transport=transport_used,
+            quiesced=manifest.quiesced,
+            disks=tuple(records),
+            seconds=time.monotonic() - started,
+            path=final,
+            notes=tuple(self.notes),
+        )
+
+    def _transport_for(self, name: str, source: Any) -> tuple[Any, str]:
+        """The transport instance for ``source`` and its name ("auto": copy if it accepts, else nbd)."""
+        candidates = ["copy", "nbd"] if name == "auto" else [name]
+        for candidate in candidates:
+            transport = transport_class(candidate)(runner=self.machine.runner)
+            if transport.accepts(source):
+                return transport, candidate
+        raise UnsupportedError(
+            f"transport {name} cannot read a {source.kind} source ({source.location})",
+            hint="choose another --transport (copy reads files and devices, nbd reads NBD exports)",
+        )
+
+    def _adopt_push_target(self, ref: SnapshotRef, target: Path) -> int:
+        """Strategy backup (push) wrote the image itself: check it is where the repository expects it."""
+        written = Path(ref.details.get("target") or ref.location)
+        if written.resolve() != target.resolve():
+            if not written.is_file():
+                raise SnapshotError(f"strategy backup reported target {written}, which does not exist")
+            os.replace(written, target)
+        if not target.is_file():
+            raise SnapshotError(f"strategy backup wrote no image {target}")
+        return target.stat().st_blocks * 512
+
+    def _rebase_fallbacks(
+        self, refs: Sequence[SnapshotRef], staging: Path, parent: Manifest, repo: Repository
+    ) -> None:
+        """Disks the strategy took in full within an incremental backup become overlays on the parent's
+        image (safe ``qemu-img rebase``: the guest-visible content does not change)."""
+        for ref in refs:
+            if ref.details.get("kind", "incremental") != "full":
+                continue
+            target = staging / f"{ref.disk.name}.qcow2"
+            backing = os.path.relpath(repo.backup_dir(parent.vm, parent.backup_id) / target.name, staging)
+            self.machine.runner.run(
+                ["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", str(target)],
+                timeout=None,
+            )
+            self._note(
+                f"disk {ref.disk.name}: {ref.details.get('fallback') or 'taken in full'}; kept as an overlay"
+            )
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, VmsnapError):
+        return str(err)
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(err).__name__}: {err}"
+
+
+# -- recovery -----------------------------------------------------------------------------------------------
+
+
+def undo_run(repo: Repository, machine: Machine, journal: Journal) -> list[str]:
+    """Undo what the run in ``journal`` did: thaw the guest, delete its snapshots (through the strategy),
+    remove its staging directory; then delete the journal. Returns one line per action taken.
+
+    :raise RecoveryError: a step failed; the journal is kept so that it can be tried again
+    """
+    actions: list[str] = []
+    header = journal.header
+    vm = str(header["vm"])
+    failures: list[str] = []
+    if journal.has("freezing") and not journal.has("thawed"):
+        agent = machine.agent() if machine.is_running else None
+        if agent is not None:
+            try:
+                if agent.fsfreeze_status() == "frozen":
+                    agent.fsfreeze_thaw()
+                    actions.append("thawed the guest's filesystems")
+            except AgentError as err:
+                failures.append(f"thawing the guest failed: {err.message}")
+    if journal.has("creating") and not journal.has("committed"):
+        strategy_name = str(header["strategy"])
+        try:
+            strategy = _make_strategy(strategy_name, machine, _options_from_json(header["strategy_options"]))
+            refs = journal.snapshots()
+            if not journal.has("created"):  # died inside create: ask the strategy what exists
+                name = str(journal.data("creating")[-1]["name"])
+                refs = [r for r in strategy.list() if r.name == name]
+            deleted = journal.deleted_disks()
+            for ref in refs:
+                if ref.disk.name in deleted:
+                    continue
+                strategy.delete(ref)
+                actions.append(f"deleted {strategy_name} snapshot {ref.name} of disk {ref.disk.name}")
+        except VmsnapError as err:
+            failures.append(f"deleting the snapshots failed: {err.message}")
+        if strategy_name == "backup":
+            repo.require_full(vm, f"backup {header['backup_id']} did not finish")
+            actions.append("the next backup will be full (the dirty bitmap moved on without a backup)")
+    staging = Path(str(header["staging"]))
+    if staging.exists() and not journal.has("committed"):
+        repo.discard(staging)
+        actions.append(f"removed staging directory {staging.name}")
+    if failures:
+        raise RecoveryError(
+            f"recovering the dead run of {vm}: {'; '.join(failures)}",
+            hint="fix that, then run `vmsnap recover` again (the journal is kept)",
+        )
+    journal.remove()
+    return actions
+
+
+def recover_leftovers(repo: Repository, machine: Machine) -> RecoveryReport:
+    """Undo what dead runs left for ``machine`` in ``repo`` (caller holds the VM's lock): the journal's run,
+    then any staging or half-pruned directory."""
+    vm = machine.name
+    actions: list[str] = []
+    journal = Journal.load(repo.journal_path(vm))
+    if journal is not None:
+        actions += undo_run(repo, machine, journal)
+    for leftover in repo.leftovers(vm):
+        repo.discard(leftover)
+        actions.append(f"removed leftover {leftover.name}")
+    return RecoveryReport(vm, tuple(actions))
+
+
+def recover(machine: Machine, repo_root: Path | None) -> RecoveryReport:
+    """``vmsnap recover``: undo what a dead backup of ``machine`` left (with its repository's journal), and
+    thaw the guest if it is frozen.
+
+    :raise RepositoryError: the repository is missing or a backup of the VM is running right now
+    :raise RecoveryError: something could not be undone (the journal is kept for another try)
+    """
+    actions: list[str] = []
+    if repo_root is not None:
+        repo = Repository.open(repo_root, runner=machine.runner)
+        with repo.lock(machine.name):
+            actions += recover_leftovers(repo, machine).actions
+    if machine.is_running:
+        agent = machine.agent()
+        if agent is not None and agent.is_responding() and agent.fsfreeze_status() == "frozen":
+            agent.fsfreeze_thaw()
+            actions.append("thawed the guest's filesystems")
+    return RecoveryReport(machine.name, tuple(actions))
