@@ -11,12 +11,14 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import attrs
 import pytest
 
+from vmsnap.lab.guest import LabGuest
+from vmsnap.lab.image import LabImage, build_lab_image
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, StorageDaemon
 from vmsnap.machine import QemuMachine
 from vmsnap.runner import SshRunner
@@ -130,3 +132,51 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshRunner]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- the lab guest (real Linux + qemu-ga under QEMU; see vmsnap/lab/guest.py) -------------------------
+
+
+@pytest.fixture(scope="session")
+def lab_image() -> LabImage:
+    """The lab guest's kernel and initramfs, built once and cached (``$VMSNAP_LAB_CACHE``)."""
+    return build_lab_image()
+
+
+@pytest.fixture(scope="session")
+def lab_guest(lab_image: LabImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabGuest]:
+    """One lab guest for the whole session, with a 64 MiB ext4 data disk mounted at /mnt/data.
+
+    Shared: a test must leave it thawed and remove what it put in /etc/qemu/fsfreeze-hook.d.
+    """
+    with LabGuest(tmp_path_factory.mktemp("lab-guest"), image=lab_image, name="labvm") as guest:
+        yield guest
+
+
+LabGuestFactory = Callable[..., LabGuest]
+
+
+@pytest.fixture
+def lab_guest_factory(lab_image: LabImage, tmp_path: Path) -> Iterator[LabGuestFactory]:
+    """Boot lab guests of your own: ``factory(extra_drives=[DriveSpec(img, "pv0", format="raw",
+    serial="pv0")], data_disk_size=None)``; every guest booted is stopped when the test ends."""
+    guests: list[LabGuest] = []
+
+    def boot(
+        *, extra_drives: Sequence[DriveSpec] = (), data_disk_size: str | None = "64M", name: str = "labvm"
+    ) -> LabGuest:
+        guest = LabGuest(
+            tmp_path / f"guest{len(guests)}",
+            extra_drives=extra_drives,
+            data_disk_size=data_disk_size,
+            name=name,
+            image=lab_image,
+        )
+        guests.append(guest)
+        return guest.start()
+
+    try:
+        yield boot
+    finally:
+        for guest in guests:
+            guest.stop()
