@@ -171,6 +171,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_guest_install_hooks(args: argparse.Namespace) -> int:
+    """Write the fsfreeze-hook dispatcher and vmsnap's hook scripts under --root."""
+    from vmsnap.guest.install import install_hooks
+
+    installed = install_hooks(args.root)
+    emit(
+        args,
+        {"installed": [{"path": str(f.path), "mode": f"{f.mode:04o}"} for f in installed]},
+        "\n".join(f"installed {f.path} (mode {f.mode:04o})" for f in installed),
+    )
+    return 0
+
+
 def _not_built_yet(what: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         raise VmsnapError(f"'vmsnap {what}' is not available in this version")
@@ -244,6 +257,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller images, fewer sizes (about 1-2 minutes)")
     p.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported (default 3)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where results go")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command(
+        "guest",
+        "guest-side set-up (run inside the guest, or on its mounted root)",
+        "vmsnap guest install-hooks --root /",
+        _not_built_yet("guest"),
+    )
+    guest_sub = p.add_subparsers(dest="guest_command", metavar="GUEST-COMMAND", required=True)
+    p = guest_sub.add_parser(
+        "install-hooks",
+        help="install the fsfreeze-hook dispatcher and the database lock hook",
+        description="Write /etc/qemu/fsfreeze-hook and /etc/qemu/fsfreeze-hook.d/50-vmsnap-dblock under "
+        "--root (mode 0755). The database hook does nothing until /etc/vmsnap/dblock.cnf exists.",
+        epilog="example:\n  vmsnap guest install-hooks --root /",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=cmd_guest_install_hooks)
+    p.add_argument("--root", type=Path, required=True, help="the guest's root directory (/ inside it)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     for name, help in (
