@@ -743,21 +743,7 @@ class Repository:
 
         :raise UsageError: ``keep_last`` below 1
         """
-        if keep_last < 1:
-            raise UsageError(f"--keep-last {keep_last}: keep at least one backup")
-        backups = self.backups(vm)
-        by_id = {m.backup_id: m for m in backups}
-        kept = [m.backup_id for m in backups[-keep_last:]]
-        needed: list[str] = []
-        for backup_id in kept:
-            parent = by_id[backup_id].parent
-            while parent is not None and parent in by_id:
-                if parent not in kept and parent not in needed:
-                    needed.append(parent)
-                parent = by_id[parent].parent
-        keep = set(kept) | set(needed)
-        removed = [m.backup_id for m in backups if m.backup_id not in keep]
-        return PruneResult(vm, tuple(removed), tuple(kept), tuple(sorted(needed)))
+        return plan_retention(vm, self.backups(vm), keep_last)
 
     def prune(self, vm: str, keep_last: int, *, dry_run: bool = False) -> PruneResult:
         """Remove all but the last ``keep_last`` backups of ``vm``, keeping every parent a kept one needs.
@@ -775,6 +761,27 @@ class Repository:
                 fsync_dir(vm_dir)
                 self.discard(doomed)
             return plan
+
+
+def plan_retention(vm: str, backups: Sequence[Manifest], keep_last: int) -> PruneResult:
+    """Keep the newest ``keep_last`` of ``backups`` (oldest first) and the ancestors they need; drop the rest.
+
+    :raise UsageError: ``keep_last`` below 1
+    """
+    if keep_last < 1:
+        raise UsageError(f"--keep-last {keep_last}: keep at least one backup")
+    by_id = {m.backup_id: m for m in backups}
+    kept = [m.backup_id for m in backups[-keep_last:]]
+    needed: list[str] = []
+    for backup_id in kept:
+        parent = by_id[backup_id].parent
+        while parent is not None and parent in by_id:
+            if parent not in kept and parent not in needed:
+                needed.append(parent)
+            parent = by_id[parent].parent
+    keep = set(kept) | set(needed)
+    removed = [m.backup_id for m in backups if m.backup_id not in keep]
+    return PruneResult(vm, tuple(removed), tuple(kept), tuple(sorted(needed)))
 
 
 # -- reading images --------------------------------------------------------------------------------
@@ -927,6 +934,8 @@ def libqcow_sha256(image: Path) -> tuple[str, int]:
             handle = pyqcow.file()
             handle.open(str(layer))
             files.append(handle)
+        for child, parent in zip(files, files[1:], strict=False):
+            child.set_parent(parent)  # libqcow refuses to read an overlay without its parent
         size = int(files[0].get_media_size())
         digest = hashlib.sha256()
         zeros = bytes(cluster)
