@@ -18,7 +18,7 @@ The tree::
      │    ├── AgentCommandError        the agent answered a command with an error
      │    └── FreezeError              freeze or thaw failed (the guest is left thawed when we can)
      ├── SnapshotError               a strategy's create / delete / rollback failed
-     ├── TransferError               a transport could not copy a snapshot out (source unreadable, target full)
+     ├── TransferError               a transport could not copy a snapshot out (bad source, full target)
      ├── LibvirtError                libvirtd unreachable, or it refused an operation (snapshot, commit, backup)
      └── RepositoryError             the backup repository is missing, of another format, or damaged
           ├── ChecksumMismatchError

@@ -17,6 +17,7 @@ import shutil
 import signal
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ def source_args(source: ExportSource) -> list[str]:
 def check_source(source: ExportSource) -> None:
     """Fail early and clearly when a "file"/"block" source is missing or an "nbd" URI is malformed.
 
-    :raise NotFoundError: the file or device does not exist
+    :raise NotFoundError: the file, device or NBD unix socket does not exist
     :raise UsageError: an unknown format, kind, or an NBD location that is not an nbd URI
     """
     if source.kind == "nbd":
@@ -135,6 +136,12 @@ def check_source(source: ExportSource) -> None:
             raise UsageError(
                 f"NBD source {source.location!r} is not an NBD URI",
                 hint="use nbd+unix:///EXPORT?socket=PATH (or nbd://HOST:PORT/EXPORT)",
+            )
+        socket = urllib.parse.parse_qs(urllib.parse.urlsplit(source.location).query).get("socket")
+        if socket and not Path(socket[0]).exists():
+            raise NotFoundError(
+                f"NBD socket {socket[0]} of {source.location} does not exist",
+                hint="check that the NBD server (QEMU's nbd-server-start, or qemu-nbd) is running",
             )
         return
     if source.kind not in ("file", "block"):

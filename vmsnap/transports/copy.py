@@ -1,4 +1,4 @@
-"""The copy transport: a full, sparse copy of a file or block-device source into a local target file.
+"""The copy transport: a full, sparse copy of a file, block-device or NBD source into a local target file.
 
 qcow2 (default) or raw output through ``qemu-img convert`` (holes stay holes); raw to raw through
 ``cp --reflink=auto --sparse=always`` so a shared Btrfs/XFS filesystem clones extents instead of copying them.
@@ -34,7 +34,7 @@ def _output_format(value: str) -> str:
 
 
 class CopyTransport:
-    """Copies a whole "file" or "block" source into a new local image file (0600, fsync'd, atomic rename).
+    """Copies a whole "file", "block" or "nbd" source into a new local image (0600, fsync'd, atomic rename).
 
     :param runner: runs qemu-img / cp; must be this host (the target is a local path)
     :param output_format: "qcow2" (default) or "raw"
@@ -65,8 +65,9 @@ class CopyTransport:
         self.poll_interval = poll_interval
 
     def accepts(self, source: ExportSource) -> bool:
-        """True for "file" and "block" sources (full copies; incrementals are the nbd transport's job)."""
-        return source.kind in ("file", "block")
+        """True for "file", "block" and "nbd" sources (always a full copy: incrementals are the nbd
+        transport's job, so a source's dirty bitmap is ignored)."""
+        return source.kind in ("file", "block", "nbd")
 
     def argv(self, source: ExportSource, target: Path) -> list[str]:
         """The command that writes ``source`` into ``target``."""
@@ -96,14 +97,14 @@ class CopyTransport:
     def send(self, source: ExportSource, target: Path | str, *, progress: Progress) -> TransferStats:
         """Copy ``source`` into ``target`` (a local path).
 
-        :raise UnsupportedError: the source is an NBD export (use the nbd transport)
+        :raise UnsupportedError: an unknown source kind
         :raise NotFoundError: the source or the target's directory does not exist
         :raise TransferError: the copy failed (full target, unreadable source); no partial target is left
         """
         if not self.accepts(source):
             raise UnsupportedError(
                 f"the copy transport cannot read a {source.kind!r} source ({source.location})",
-                hint="use the nbd transport for NBD exports",
+                hint="sources are 'file', 'block' or 'nbd'",
             )
         if isinstance(target, str) and ":" in target.split("/", 1)[0]:
             raise UsageError(f"the copy transport writes local files only, not {target!r}", hint="use rsync")

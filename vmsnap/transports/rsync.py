@@ -2,8 +2,8 @@
 algorithm, so a second backup into the same target sends only what changed.
 
 rsync reads the bytes of a file. A source that is not already a standalone image file in the output format
-(an internal snapshot, a backing chain, a raw source for qcow2 output) is first materialised with ``qemu-img
-convert`` into a private staging directory, then sent; block devices and NBD exports are refused.
+(an internal snapshot, a backing chain, a raw source for qcow2 output, a block device, an NBD export) is first
+materialised with ``qemu-img convert`` into a private staging directory, then sent.
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ class RsyncTransport:
         self.last_stats: RsyncStats | None = None
 
     def accepts(self, source: ExportSource) -> bool:
-        """True for "file" sources (rsync reads files; block devices and NBD exports are refused)."""
-        return source.kind == "file"
+        """True for "file", "block" and "nbd" sources (all but plain image files are staged first)."""
+        return source.kind in ("file", "block", "nbd")
 
     def parse_target(self, target: Path | str) -> RsyncTarget:
         """Split ``target`` into host and path: ``host:path`` or, with an SshRunner, a path on its host."""
@@ -143,7 +143,7 @@ class RsyncTransport:
 
     def needs_staging(self, source: ExportSource) -> bool:
         """True when rsync cannot send the source file as it is (snapshot options, chain, format)."""
-        if source.image_opts or source.format != self.output_format:
+        if source.kind != "file" or source.image_opts or source.format != self.output_format:
             return True
         if source.format == "qcow2":
             info = image_info(source.location, "qcow2", force_share=source.force_share, runner=self.local)
@@ -213,15 +213,15 @@ class RsyncTransport:
 
         ``bytes_written`` is rsync's "Literal data": the bytes that were not already in the target.
 
-        :raise UnsupportedError: the source is a block device or an NBD export
+        :raise UnsupportedError: an unknown source kind
         :raise NotFoundError: the source, or the target's directory, does not exist
         :raise TransferError: rsync failed (full target, ssh failure); a target this call created or
             half-updated is removed
         """
         if not self.accepts(source):
             raise UnsupportedError(
-                f"the rsync transport reads image files, not a {source.kind!r} source ({source.location})",
-                hint="use the copy transport for block devices and the nbd transport for NBD exports",
+                f"the rsync transport cannot read a {source.kind!r} source ({source.location})",
+                hint="sources are 'file', 'block' or 'nbd'",
             )
         check_source(source)
         where = self.parse_target(target)
