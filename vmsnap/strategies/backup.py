@@ -1,0 +1,978 @@
+"""The ``backup`` strategy: QEMU's ``blockdev-backup`` job copies every disk as of one instant into a qcow2
+target (push), or a copy-before-write filter serves that instant over NBD (pull); full or incremental.
+
+Incremental backups follow a persistent dirty bitmap per disk. How the bits are kept safe
+---------------------------------------------------------------------------------------
+
+QEMU 7.2 refuses ``completion-mode: grouped`` in a transaction that holds dirty-bitmap actions, so the
+bitmap cannot be handed to the jobs and left to QEMU's ``bitmap-mode: on-success``: with one job failing
+and another succeeding, one disk's bits would be gone although the backup as a whole failed. Instead, one
+transaction (all disks at once) does, per disk::
+
+    block-dirty-bitmap-add    BITMAP.pending (disabled, not persistent)   the bits up to this instant
+    block-dirty-bitmap-merge  BITMAP -> BITMAP.pending
+    block-dirty-bitmap-clear  BITMAP                                      counts from this instant on
+    blockdev-backup           sync=full | sync=bitmap bitmap=BITMAP.pending bitmap-mode=never
+
+(a full backup of a disk whose bitmap is missing, disabled or inconsistent removes the bad one first and
+adds a new persistent bitmap in the transaction instead). The pending bits are dropped only when every disk
+of the backup finished its job and its export ended without an error; otherwise :meth:`delete` merges them
+back (or removes a bitmap that a failed full backup created), and a pending bitmap left by a dead process is
+merged back by the next :meth:`create`. The next incremental backup therefore copies at least every cluster
+written since the last backup that succeeded — never less.
+
+External snapshots: the bitmap is looked up on the disk's active layer only. After an external snapshot
+without a bitmap on the new overlay, the next backup falls back to full (with a warning); a strategy that
+takes external snapshots keeps the chain by adding the bitmap on the overlay in the same transaction
+(:func:`overlay_bitmap_actions`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import attrs
+
+from vmsnap.errors import (
+    BlockJobError,
+    CommandError,
+    NotFoundError,
+    QMPCommandError,
+    SnapshotError,
+    UnsupportedError,
+    UsageError,
+    VmsnapError,
+)
+from vmsnap.machine import Machine, image_info
+from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
+from vmsnap.qmp import QMPMonitor
+from vmsnap.strategies.base import paused
+
+Mode = Literal["push", "pull"]
+BitmapState = Literal["ok", "missing", "broken"]
+
+PENDING_SUFFIX = ".pending"
+"""Suffix of the temporary bitmap that holds a backup's bits until the backup is known to have succeeded."""
+
+
+class IncrementalFallbackWarning(UserWarning):
+    """An incremental backup was asked for but a full one was taken (the reason is in the message)."""
+
+
+def _short_id(prefix: str, disk_name: str) -> str:
+    """A QEMU node / job id for ``disk_name`` (node names must stay under 32 characters)."""
+    digest = hashlib.sha1(disk_name.encode(), usedforsecurity=False).hexdigest()[:10]
+    return f"{prefix}-{digest}"
+
+
+def target_node(disk_name: str) -> str:
+    """The node name of the push target of ``disk_name`` (one backup per disk at a time)."""
+    return _short_id("vbk", disk_name)
+
+
+def fleece_nodes(disk_name: str) -> dict[str, str]:
+    """Pull-mode node names of ``disk_name``: fleecing file, copy-before-write filter, snapshot-access."""
+    base = _short_id("vfl", disk_name)
+    return {"fleece": f"{base}-tmp", "cbw": f"{base}-cbw", "access": f"{base}-acc"}
+
+
+def overlay_bitmap_actions(overlay_node: str, *, bitmap: str = "vmsnap") -> list[dict[str, Any]]:
+    """Transaction actions that give a new external overlay its own persistent bitmap ``bitmap``.
+
+    Put them in the same transaction as ``blockdev-snapshot`` so the incremental chain survives the
+    overlay; without them the next backup falls back to full.
+    """
+    return [
+        {
+            "type": "block-dirty-bitmap-add",
+            "data": {"node": overlay_node, "name": bitmap, "persistent": True},
+        }
+    ]
+
+
+@attrs.frozen
+class _Plan:
+    """What create does for one disk."""
+
+    disk: Disk
+    target: Path
+    parent: Path | None
+    bitmap_state: BitmapState
+
+
+def _bitmap_state(bitmaps: Sequence[Mapping[str, Any]], name: str) -> tuple[BitmapState, str]:
+    """("ok" | "missing" | "broken", why) for bitmap ``name`` among a node's dirty bitmaps."""
+    for info in bitmaps:
+        if info.get("name") != name:
+            continue
+        if info.get("inconsistent"):
+            return "broken", f"bitmap {name!r} is inconsistent (QEMU was not shut down cleanly)"
+        if not info.get("recording", True):
+            return "broken", f"bitmap {name!r} is disabled (it stopped recording writes)"
+        if info.get("busy"):
+            return "broken", f"bitmap {name!r} is in use by another job"
+        return "ok", ""
+    return "missing", f"bitmap {name!r} does not exist (new disk, or QEMU was killed before writing it)"
+
+
+class BlockdevBackupStrategy:
+    """Back up with QEMU's own backup job: pick it for real backups of a running VM, especially incremental.
+
+    The guest runs at full speed while the job copies; only the first write to each not-yet-copied cluster
+    pays a read and a write (copy-before-write). Push mode writes ``target_dir/<disk>.qcow2`` itself — the
+    target is the backup, on any mounted filesystem; pull mode leaves the copying to an NBD client
+    (``nbd`` transport) and exports only the changed blocks' map for incrementals. Incremental backups use a
+    persistent dirty bitmap and fall back to full (with :class:`IncrementalFallbackWarning`) whenever the
+    bitmap or a parent cannot be trusted. Offline images get a full ``qemu-img convert``.
+
+    :param machine: the VM
+    :param target_dir: where push-mode targets (and pull-mode fleecing files) go; made 0700 if missing
+    :param incremental: copy only what changed since the last backup (needs ``parents``)
+    :param parents: for incrementals, disk name → the previous backup's image of that disk
+    :param bitmap: the persistent dirty bitmap's name
+    :param mode: "push" (QEMU writes the target) or "pull" (fleecing + NBD export)
+    :raise UsageError: bad bitmap name or mode
+    """
+
+    name: ClassVar[str] = "backup"
+    traits: ClassVar[Traits] = Traits(
+        qemu_command="blockdev-backup (sync=full, or sync=bitmap with a persistent dirty bitmap); "
+        "copy-before-write + snapshot-access + NBD export for pull",
+        libvirt_command="virsh backup-begin (push or pull), virsh checkpoint-create",
+        os_command="qemu-img convert (VM off)",
+        snapshot_is="a separate image file: the backup itself (or a fleecing file behind an NBD export)",
+        scope="one VM",
+        technology="QEMU block job with copy-before-write; dirty bitmaps for changed blocks",
+        copy_out="QEMU writes the target (copy/rename), or an NBD client pulls",
+        write_cost="while the job runs: first write to each uncopied cluster also reads and writes it once",
+        delete_cost="none: close the target (pull: drop the fleecing file)",
+        rollback_cost="rewrite the whole disk image from the backup chain (VM off)",
+    )
+
+    def __init__(
+        self,
+        machine: Machine,
+        *,
+        target_dir: Path,
+        incremental: bool = False,
+        parents: Mapping[str, Path] | None = None,
+        bitmap: str = "vmsnap",
+        mode: Mode = "push",
+    ) -> None:
+        if mode not in ("push", "pull"):
+            raise UsageError(f"unknown backup mode {mode!r}", hint="use 'push' or 'pull'")
+        self.machine = machine
+        self.target_dir = Path(target_dir)
+        self.incremental = incremental
+        self.parents: dict[str, Path] = {k: Path(v) for k, v in (parents or {}).items()}
+        self.bitmap = validate_name(bitmap, "bitmap name")
+        self.mode: Mode = mode
+        # per backup (set id): disk name → "started" | "done" | "failed" | "confirmed"
+        self._outcomes: dict[str, dict[str, str]] = {}
+        # per backup: (node, pending bitmap, bitmap was new) of deleted disks whose siblings are still open
+        self._deferred: dict[str, list[tuple[str, str, bool]]] = {}
+
+    # -- probing and planning -----------------------------------------------------------------------
+
+    def probe(self, disk: Disk) -> bool:
+        """True for qcow2 and raw disks (a running VM's disk needs a node name)."""
+        if disk.format not in ("qcow2", "raw"):
+            return False
+        return bool(disk.node_name) or not self.machine.is_running
+
+    def _target(self, disk: Disk) -> Path:
+        return self.target_dir / f"{validate_name(disk.name, 'disk name')}.qcow2"
+
+    def _bitmaps(self, qmp: QMPMonitor, disk: Disk) -> list[dict[str, Any]]:
+        return qmp.dirty_bitmaps(disk.node_name)
+
+    def _parent_problem(self, disk: Disk) -> str:
+        parent = self.parents.get(disk.name)
+        if parent is None:
+            return f"no parent backup was given for disk {disk.name!r}"
+        if not parent.exists():
+            return f"the parent backup {parent} of disk {disk.name!r} does not exist"
+        try:
+            info = image_info(self.machine.runner, parent)
+        except CommandError as err:
+            return f"the parent backup {parent} cannot be read: {err.message}"
+        if info.get("format") != "qcow2":
+            return f"the parent backup {parent} is not qcow2"
+        if int(info.get("virtual-size", -1)) != disk.virtual_size:
+            return f"the parent backup {parent} has another size than disk {disk.name!r} (resized?)"
+        return ""
+
+    def _plan(self, qmp: QMPMonitor, disks: Sequence[Disk]) -> tuple[list[_Plan], str]:
+        """Per-disk plans and, when an incremental backup must become full, the reason ("" otherwise)."""
+        states: dict[str, tuple[BitmapState, str]] = {}
+        for disk in disks:
+            states[disk.name] = _bitmap_state(self._bitmaps(qmp, disk), self.bitmap)
+        reason = ""
+        if self.incremental:
+            for disk in disks:
+                state, why = states[disk.name]
+                if state != "ok":
+                    reason = f"{disk.name}: {why}"
+                    break
+                problem = self._parent_problem(disk)
+                if problem:
+                    reason = problem
+                    break
+        incremental = self.incremental and not reason
+        plans = [
+            _Plan(
+                disk=disk,
+                target=self._target(disk),
+                parent=self.parents[disk.name] if incremental else None,
+                bitmap_state=states[disk.name][0],
+            )
+            for disk in disks
+        ]
+        return plans, reason
+
+    # -- transaction ----------------------------------------------------------------------------------
+
+    def _actions(self, plan: _Plan, *, job_id: str, device: str | None, target: str | None) -> list[Any]:
+        """Bitmap actions (+ the backup job when ``target`` is given) for one disk."""
+        node = plan.disk.node_name
+        pending = self.bitmap + PENDING_SUFFIX
+        actions: list[dict[str, Any]] = []
+        if plan.bitmap_state == "ok":
+            actions += [
+                {
+                    "type": "block-dirty-bitmap-add",
+                    "data": {"node": node, "name": pending, "persistent": False, "disabled": True},
+                },
+                {
+                    "type": "block-dirty-bitmap-merge",
+                    "data": {"node": node, "target": pending, "bitmaps": [self.bitmap]},
+                },
+                {"type": "block-dirty-bitmap-clear", "data": {"node": node, "name": self.bitmap}},
+            ]
+        else:
+            actions.append(
+                {
+                    "type": "block-dirty-bitmap-add",
+                    # persistent bitmaps need qcow2; on raw the chain lasts as long as this QEMU
+                    "data": {"node": node, "name": self.bitmap, "persistent": plan.disk.format == "qcow2"},
+                }
+            )
+        if target is not None:
+            data: dict[str, Any] = {
+                "job-id": job_id,
+                "device": device or node,
+                "target": target,
+                "auto-dismiss": False,
+            }
+            if plan.parent is not None:
+                data.update({"sync": "bitmap", "bitmap": pending, "bitmap-mode": "never"})
+            else:
+                data["sync"] = "full"
+            actions.append({"type": "blockdev-backup", "data": data})
+        return actions
+
+    def transaction_actions(self, disk: Disk, *, name: str) -> list[Mapping[str, Any]]:
+        """The transaction actions that back up ``disk`` into its (already added) push target node.
+
+        :meth:`create` adds the target nodes and runs these for all disks in one transaction; this is for
+        callers that combine them with other actions. The kind follows this disk's bitmap alone.
+        """
+        validate_name(name, "snapshot name")
+        plans, _ = self._plan(self.machine.qmp(), [disk])
+        node = target_node(disk.name)
+        return list(self._actions(plans[0], job_id=node, device=None, target=node))
+
+    # -- create -----------------------------------------------------------------------------------------
+
+    def create(self, disks: Sequence[Disk], *, name: str) -> Sequence[SnapshotRef]:
+        """Start the backup of all ``disks`` at one instant.
+
+        Push mode returns as soon as the jobs run (so a frozen guest can be thawed at once); the targets are
+        complete when :meth:`finish` returns or :meth:`export` is entered. Pull mode sets up fleecing and
+        the NBD server; :meth:`export` adds the export.
+
+        :raise UsageError: bad names, or a target that exists already
+        :raise SnapshotError: QEMU refused (nothing is left behind: no node, job or bitmap change)
+        :raise UnsupportedError: an incremental backup of a powered-off VM
+        """
+        validate_name(name, "snapshot name")
+        if not disks:
+            raise UsageError("no disks to back up", hint="pass at least one disk")
+        for disk in disks:
+            validate_name(disk.name, "disk name")
+        if not self.machine.is_running:
+            return self._create_offline(disks, name=name)
+        qmp = self.machine.qmp()
+        for disk in disks:
+            if not disk.node_name:
+                raise UsageError(f"disk {disk.name!r} has no block node name", hint="list disks with QMP")
+        self._check_leftovers(qmp, disks)
+        self._recover_pending(qmp, disks)
+        plans, reason = self._plan(qmp, disks)
+        if reason:
+            warnings.warn(
+                f"incremental backup not possible ({reason}); taking a full backup of all disks",
+                IncrementalFallbackWarning,
+                stacklevel=2,
+            )
+        # a full backup restarts the chain: a broken bitmap goes now, a fresh one is added in the transaction
+        for plan in plans:
+            if plan.bitmap_state == "broken":
+                qmp.execute("block-dirty-bitmap-remove", {"node": plan.disk.node_name, "name": self.bitmap})
+        self.target_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        set_id = f"{name}-{uuid.uuid4().hex[:8]}"
+        if self.mode == "push":
+            refs = self._create_push(qmp, plans, name=name, set_id=set_id, fallback=reason)
+        else:
+            refs = self._create_pull(qmp, plans, name=name, set_id=set_id, fallback=reason)
+        self._outcomes[set_id] = {p.disk.name: "started" for p in plans}
+        return refs
+
+    def _check_leftovers(self, qmp: QMPMonitor, disks: Sequence[Disk]) -> None:
+        nodes = qmp.node_names()
+        for disk in disks:
+            ours = {target_node(disk.name), *fleece_nodes(disk.name).values()}
+            if nodes & ours:
+                left = ", ".join(sorted(nodes & ours))
+                raise SnapshotError(
+                    f"a backup of disk {disk.name!r} is still in QEMU (nodes {left})",
+                    hint="wait for it to end, or run `vmsnap recover` to remove what a dead run left",
+                )
+            if self.mode == "push" and self._target(disk).exists():
+                raise UsageError(
+                    f"backup target {self._target(disk)} exists already",
+                    hint="move it away or choose an empty target directory",
+                )
+
+    def _recover_pending(self, qmp: QMPMonitor, disks: Sequence[Disk]) -> None:
+        """Merge back the bits a dead run left in a pending bitmap, so no write is ever skipped."""
+        pending = self.bitmap + PENDING_SUFFIX
+        for disk in disks:
+            bitmaps = self._bitmaps(qmp, disk)
+            if not any(b.get("name") == pending for b in bitmaps):
+                continue
+            self._undo_bitmap(qmp, disk.node_name, new_bitmap=False)
+
+    def _undo_bitmap(self, qmp: QMPMonitor, node: str, *, new_bitmap: bool) -> None:
+        """After a failed or unconfirmed backup: restore the bits it took (or drop the bitmap it created)."""
+        pending = self.bitmap + PENDING_SUFFIX
+        names = {b.get("name"): b for b in qmp.dirty_bitmaps(node)}
+        if new_bitmap:
+            if self.bitmap in names:
+                qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": self.bitmap})
+        elif pending in names:
+            state, _ = _bitmap_state(list(names.values()), self.bitmap)
+            if state == "ok":
+                qmp.transaction(
+                    [
+                        {
+                            "type": "block-dirty-bitmap-merge",
+                            "data": {"node": node, "target": self.bitmap, "bitmaps": [pending]},
+                        },
+                        {"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": pending}},
+                    ]
+                )
+                return
+        if pending in names:
+            qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": pending})
+
+    def _details(self, plan: _Plan, *, set_id: str, fallback: str, disks: Sequence[str]) -> dict[str, str]:
+        return {
+            "kind": "incremental" if plan.parent is not None else "full",
+            "bitmap": self.bitmap,
+            "pending": self.bitmap + PENDING_SUFFIX if plan.bitmap_state == "ok" else "",
+            "bitmap_new": "" if plan.bitmap_state == "ok" else "1",
+            "target": str(plan.target) if self.mode == "push" else "",
+            "parent": str(plan.parent) if plan.parent is not None else "",
+            "fallback": fallback,
+            "mode": self.mode,
+            "set": set_id,
+            "disks": ",".join(disks),
+        }
+
+    def _create_push(
+        self, qmp: QMPMonitor, plans: Sequence[_Plan], *, name: str, set_id: str, fallback: str
+    ) -> list[SnapshotRef]:
+        runner = self.machine.runner
+        created: list[Path] = []
+        added: list[str] = []
+        try:
+            for plan in plans:
+                argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+                if plan.parent is not None:
+                    # relative, so the chain can be moved as a whole (repository directories)
+                    rel = os.path.relpath(plan.parent.resolve(), plan.target.parent.resolve())
+                    argv += ["-b", rel, "-F", "qcow2"]
+                created.append(plan.target)
+                runner.run([*argv, str(plan.target), str(plan.disk.virtual_size)], timeout=120)
+                os.chmod(plan.target, 0o600)
+                node = target_node(plan.disk.name)
+                qmp.blockdev_add(
+                    {
+                        "driver": "qcow2",
+                        "node-name": node,
+                        "file": {"driver": "file", "filename": str(plan.target)},
+                    }
+                )
+                added.append(node)
+            actions: list[Any] = []
+            for plan in plans:
+                node = target_node(plan.disk.name)
+                actions += self._actions(plan, job_id=node, device=None, target=node)
+            qmp.transaction(actions)
+        except VmsnapError as err:
+            for node in reversed(added):
+                with contextlib.suppress(VmsnapError):
+                    qmp.blockdev_del(node)
+            for path in created:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            raise SnapshotError(
+                f"backup of {', '.join(p.disk.name for p in plans)} could not start: {err.message}",
+                hint="nothing was changed on the disks; check the target directory and QEMU's log",
+            ) from err
+        names = [p.disk.name for p in plans]
+        return [
+            SnapshotRef(
+                strategy=self.name,
+                name=name,
+                disk=plan.disk,
+                location=str(plan.target),
+                details={
+                    **self._details(plan, set_id=set_id, fallback=fallback, disks=names),
+                    "job": target_node(plan.disk.name),
+                    "node": target_node(plan.disk.name),
+                },
+            )
+            for plan in plans
+        ]
+
+    # -- pull mode (fleecing) ---------------------------------------------------------------------------
+
+    def _create_pull(
+        self, qmp: QMPMonitor, plans: Sequence[_Plan], *, name: str, set_id: str, fallback: str
+    ) -> list[SnapshotRef]:
+        runner = self.machine.runner
+        blocks = {b.get("inserted", {}).get("node-name"): b for b in qmp.query_block() if b.get("inserted")}
+        for plan in plans:
+            block = blocks.get(plan.disk.node_name)
+            if block is None or not block.get("qdev"):
+                raise UnsupportedError(
+                    f"disk {plan.disk.name!r} is not the active node of a guest device",
+                    hint="pull mode inserts a filter above the device's node; use mode='push'",
+                )
+        socket_dir = Path(tempfile.mkdtemp(prefix="vmsnap-nbd-"))  # 0700
+        socket = socket_dir / "nbd.sock"
+        added: list[str] = []
+        files: list[Path] = []
+        swapped: list[tuple[str, str]] = []  # (qdev, original node)
+        server = False
+        try:
+            for plan in plans:
+                nodes = fleece_nodes(plan.disk.name)
+                fleece = self.target_dir / f"{plan.disk.name}.fleece"
+                files.append(fleece)
+                runner.run(
+                    ["qemu-img", "create", "-q", "-f", "raw", str(fleece), str(plan.disk.virtual_size)],
+                    timeout=120,
+                )
+                os.chmod(fleece, 0o600)
+                qmp.blockdev_add({"driver": "file", "node-name": nodes["fleece"], "filename": str(fleece)})
+                added.append(nodes["fleece"])
+                qmp.blockdev_add(
+                    {
+                        "driver": "copy-before-write",
+                        "node-name": nodes["cbw"],
+                        "file": plan.disk.node_name,
+                        "target": nodes["fleece"],
+                    }
+                )
+                added.append(nodes["cbw"])
+            actions: list[Any] = []
+            for plan in plans:
+                actions += self._actions(plan, job_id="", device=None, target=None)
+            # the filters and the bitmap operations must take effect at one instant for all disks
+            with paused(self.machine):
+                qmp.transaction(actions)
+                try:
+                    for plan in plans:
+                        qdev = str(blocks[plan.disk.node_name]["qdev"])
+                        self._set_drive(qmp, qdev, fleece_nodes(plan.disk.name)["cbw"])
+                        swapped.append((qdev, plan.disk.node_name))
+                except VmsnapError:
+                    for plan in plans:
+                        self._undo_bitmap(qmp, plan.disk.node_name, new_bitmap=plan.bitmap_state != "ok")
+                    raise
+            for plan in plans:
+                nodes = fleece_nodes(plan.disk.name)
+                qmp.blockdev_add(
+                    {"driver": "snapshot-access", "node-name": nodes["access"], "file": nodes["cbw"]}
+                )
+                added.append(nodes["access"])
+            qmp.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(socket)}}})
+            server = True
+        except VmsnapError as err:
+            if server:
+                with contextlib.suppress(VmsnapError):
+                    qmp.execute("nbd-server-stop")
+            for qdev, original in reversed(swapped):
+                with contextlib.suppress(VmsnapError):
+                    self._set_drive(qmp, qdev, original)
+            if swapped:  # the transaction ran: give the bits back
+                for plan in plans:
+                    with contextlib.suppress(VmsnapError):
+                        self._undo_bitmap(qmp, plan.disk.node_name, new_bitmap=plan.bitmap_state != "ok")
+            for node in reversed(added):
+                with contextlib.suppress(VmsnapError):
+                    qmp.blockdev_del(node)
+            for path in files:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            shutil.rmtree(socket_dir, ignore_errors=True)
+            raise SnapshotError(
+                f"pull backup of {', '.join(p.disk.name for p in plans)} could not start: {err.message}",
+                hint="the disks are back on their own nodes; check QEMU's log",
+            ) from err
+        names = [p.disk.name for p in plans]
+        refs = []
+        for plan in plans:
+            nodes = fleece_nodes(plan.disk.name)
+            refs.append(
+                SnapshotRef(
+                    strategy=self.name,
+                    name=name,
+                    disk=plan.disk,
+                    location=f"nbd+unix:///{plan.disk.name}?socket={socket}",
+                    details={
+                        **self._details(plan, set_id=set_id, fallback=fallback, disks=names),
+                        **nodes,
+                        "qdev": str(blocks[plan.disk.node_name]["qdev"]),
+                        "fleece_file": str(self.target_dir / f"{plan.disk.name}.fleece"),
+                        "socket": str(socket),
+                        "export": nodes["access"],
+                    },
+                )
+            )
+        return refs
+
+    @staticmethod
+    def _drive_of(qmp: QMPMonitor, qdev: str) -> str | None:
+        for block in qmp.query_block():
+            if block.get("qdev") == qdev and block.get("inserted"):
+                return str(block["inserted"].get("node-name"))
+        return None
+
+    def _set_drive(self, qmp: QMPMonitor, qdev: str, node: str) -> None:
+        # qom-set of a device's drive to the node it already has aborts QEMU 7.2: look first
+        if self._drive_of(qmp, qdev) == node:
+            return
+        qmp.execute("qom-set", {"path": qdev, "property": "drive", "value": node})
+
+    # -- offline ------------------------------------------------------------------------------------------
+
+    def _create_offline(self, disks: Sequence[Disk], *, name: str) -> list[SnapshotRef]:
+        if self.incremental:
+            raise UnsupportedError(
+                f"incremental backups of the powered-off VM {self.machine.name} are not supported",
+                hint="take a full backup (drop --incremental), or start the VM and back it up running",
+            )
+        if self.mode == "pull":
+            raise UnsupportedError(
+                "pull mode needs a running VM", hint="use mode='push', or the internal strategy with nbd"
+            )
+        runner = self.machine.runner
+        for disk in disks:
+            if self._target(disk).exists():
+                raise UsageError(
+                    f"backup target {self._target(disk)} exists already",
+                    hint="move it away or choose an empty target directory",
+                )
+        self.target_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        set_id = f"{name}-{uuid.uuid4().hex[:8]}"
+        refs: list[SnapshotRef] = []
+        done: list[Path] = []
+        try:
+            for disk in disks:
+                target = self._target(disk)
+                done.append(target)
+                runner.run(
+                    ["qemu-img", "convert", "-f", disk.format, "-O", "qcow2", str(disk.file), str(target)],
+                    timeout=None,
+                )
+                os.chmod(target, 0o600)
+        except VmsnapError as err:
+            for path in done:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            raise SnapshotError(
+                f"offline backup of {', '.join(d.name for d in disks)} failed: {err.message}",
+                hint="is an image in use by a running QEMU, or the target filesystem full?",
+            ) from err
+        # restart the chain: a fresh persistent bitmap from this point, for online incrementals later
+        for disk in disks:
+            if disk.format == "qcow2":
+                self._reset_offline_bitmap(disk)
+        names = [d.name for d in disks]
+        for disk in disks:
+            plan = _Plan(disk=disk, target=self._target(disk), parent=None, bitmap_state="missing")
+            refs.append(
+                SnapshotRef(
+                    strategy=self.name,
+                    name=name,
+                    disk=disk,
+                    location=str(plan.target),
+                    details={**self._details(plan, set_id=set_id, fallback="", disks=names), "pending": ""},
+                )
+            )
+        self._outcomes[set_id] = {d.name: "done" for d in disks}
+        return refs
+
+    def _reset_offline_bitmap(self, disk: Disk) -> None:
+        runner = self.machine.runner
+        info = image_info(runner, disk.file, force_share=False)
+        bitmaps = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+        for bitmap in bitmaps:
+            if bitmap.get("name") in (self.bitmap, self.bitmap + PENDING_SUFFIX):
+                runner.run(["qemu-img", "bitmap", "--remove", str(disk.file), bitmap["name"]], timeout=120)
+        runner.run(["qemu-img", "bitmap", "--add", str(disk.file), self.bitmap], timeout=120)
+
+    # -- finishing, exporting ---------------------------------------------------------------------------
+
+    def _mark(self, snap: SnapshotRef, state: str) -> None:
+        outcome = self._outcomes.get(snap.details.get("set", ""))
+        if outcome is not None and snap.disk.name in outcome:
+            if outcome[snap.disk.name] == "failed" and state != "failed":
+                return
+            outcome[snap.disk.name] = state
+
+    def _state(self, snap: SnapshotRef) -> str:
+        return self._outcomes.get(snap.details.get("set", ""), {}).get(snap.disk.name, "unknown")
+
+    def _set_confirmed(self, snap: SnapshotRef) -> bool:
+        outcome = self._outcomes.get(snap.details.get("set", ""))
+        return outcome is not None and all(s == "confirmed" for s in outcome.values())
+
+    def finish(self, snap: SnapshotRef, *, timeout: float = 24 * 3600.0) -> None:
+        """Wait for a push backup's job to end and close its target; the target file is then complete.
+
+        :raise SnapshotError: the job failed or was cancelled (the target is incomplete; :meth:`delete`
+            removes it and keeps the bitmap's bits for the next backup)
+        """
+        if snap.details.get("mode") != "push" or not self.machine.is_running:
+            return
+        if self._state(snap) in ("done", "confirmed"):
+            return
+        qmp = self.machine.qmp()
+        job = snap.details.get("job", "")
+        try:
+            if qmp.job(job) is not None:
+                qmp.wait_job(job, timeout=timeout)
+            elif snap.details.get("node", "") in qmp.node_names() and self._state(snap) == "unknown":
+                raise SnapshotError(
+                    f"backup job {job} of disk {snap.disk.name!r} is gone; its result is unknown",
+                    hint="delete this backup and take a new one",
+                )
+        except BlockJobError as err:
+            self._mark(snap, "failed")
+            raise SnapshotError(
+                f"backup of disk {snap.disk.name!r} failed: {err.message}",
+                hint="the target is incomplete; delete it, check free space and QEMU's log, and retry",
+            ) from err
+        node = snap.details.get("node", "")
+        if node in qmp.node_names():
+            qmp.blockdev_del(node)  # closes (and flushes) the target
+        self._mark(snap, "done")
+
+    def export(self, snap: SnapshotRef) -> AbstractContextManager[ExportSource]:
+        """The backup, readable for the body of the ``with``.
+
+        Push: waits for the job (:meth:`finish`), then yields the target qcow2 file (for incrementals its
+        backing file is the parent). Pull: adds an NBD export of the snapshot; for incrementals
+        ``dirty_bitmap`` names the ``qemu:dirty-bitmap:…`` context that marks the changed blocks.
+        A body that ends without an error confirms the backup of this disk.
+
+        :raise SnapshotError: the job failed, or the export could not be added
+        """
+        return self._export(snap)
+
+    @contextlib.contextmanager
+    def _export(self, snap: SnapshotRef) -> Iterator[ExportSource]:
+        if snap.details.get("mode") == "pull":
+            with self._nbd_export(snap) as source:
+                yield source
+            self._mark(snap, "confirmed")
+            return
+        self.finish(snap)
+        target = Path(snap.details["target"])
+        if not target.exists():
+            raise NotFoundError(f"backup target {target} does not exist", hint="was it moved or deleted?")
+        yield ExportSource(
+            kind="file",
+            location=str(target),
+            format="qcow2",
+            disk=snap.disk,
+            virtual_size=snap.disk.virtual_size,
+        )
+        self._mark(snap, "confirmed")
+
+    @contextlib.contextmanager
+    def _nbd_export(self, snap: SnapshotRef) -> Iterator[ExportSource]:
+        qmp = self.machine.qmp()
+        export_id = snap.details["export"]
+        arguments: dict[str, Any] = {
+            "type": "nbd",
+            "id": export_id,
+            "node-name": snap.details["access"],
+            "name": snap.disk.name,
+            "writable": False,
+        }
+        pending = snap.details.get("pending", "")
+        incremental = snap.details.get("kind") == "incremental"
+        if incremental:
+            arguments["bitmaps"] = [{"node": snap.disk.node_name, "name": pending}]
+        try:
+            qmp.execute("block-export-add", arguments)
+        except QMPCommandError as err:
+            raise SnapshotError(
+                f"cannot export the backup of disk {snap.disk.name!r} over NBD: {err.desc}",
+                hint="is another export of this disk still open?",
+            ) from err
+        try:
+            yield ExportSource(
+                kind="nbd",
+                location=f"nbd+unix:///{snap.disk.name}?socket={snap.details['socket']}",
+                format="raw",
+                disk=snap.disk,
+                virtual_size=snap.disk.virtual_size,
+                dirty_bitmap=f"qemu:dirty-bitmap:{pending}" if incremental else None,
+            )
+        except BaseException:
+            self._mark(snap, "failed")
+            raise
+        finally:
+            self._del_export(qmp, export_id)
+
+    @staticmethod
+    def _del_export(qmp: QMPMonitor, export_id: str) -> None:
+        exports = {e.get("id") for e in qmp.execute("query-block-exports")}
+        if export_id not in exports:
+            return
+        qmp.execute("block-export-del", {"id": export_id, "mode": "hard"})
+        with contextlib.suppress(VmsnapError):
+            qmp.wait_event("BLOCK_EXPORT_DELETED", match={"id": export_id}, timeout=30)
+
+    def abandon(self, snaps: Sequence[SnapshotRef]) -> None:
+        """Say that these backups were not kept (e.g. their manifest could not be written), so that
+        :meth:`delete` gives their bits back to the bitmap even though every job succeeded."""
+        for snap in snaps:
+            self._mark(snap, "failed")
+
+    # -- delete -------------------------------------------------------------------------------------------
+
+    def delete(self, snap: SnapshotRef) -> None:
+        """End the backup of one disk: cancel a job still running, remove the target and fleecing nodes,
+        settle the bitmap, and remove the target file when the backup is incomplete (a complete target is
+        the backup: it stays unless the caller moved it away already).
+
+        The bits of a backup are dropped only once every disk of it was confirmed (its export ended
+        without an error); if any disk failed they go back into the bitmap (a bitmap that a failed full
+        backup created is removed). While siblings are still open the decision waits for them.
+
+        :raise SnapshotError: QEMU refused to remove a node (the message names it)
+        """
+        if not self.machine.is_running:
+            if self._state(snap) not in ("done", "confirmed"):
+                self._remove_target(snap)
+            return
+        qmp = self.machine.qmp()
+        try:
+            if snap.details.get("mode") == "pull":
+                self._delete_pull(qmp, snap)
+                job_result = "unknown"
+            else:
+                job_result = self._delete_push(qmp, snap)
+        except QMPCommandError as err:
+            raise SnapshotError(
+                f"cleaning up the backup of disk {snap.disk.name!r} failed: {err.message}",
+                hint="run `vmsnap recover` once QEMU is idle",
+            ) from err
+        state = self._state(snap)
+        if job_result == "failed" or (state == "started" and job_result != "ok"):
+            self._mark(snap, "failed")
+            self._remove_target(snap)
+        elif state == "unknown" and job_result == "unknown":
+            pass  # another process ran this backup: its outcome is not known here
+        elif state != "confirmed":
+            self._mark(snap, "failed")  # never exported: its bits must not be dropped
+        self._settle(qmp, snap)
+
+    def _settle(self, qmp: QMPMonitor, snap: SnapshotRef) -> None:
+        """Drop or give back the bits of ``snap``'s backup once the outcome of all its disks is known."""
+        set_id = snap.details.get("set", "")
+        outcome = self._outcomes.get(set_id)
+        entry = (snap.disk.node_name, snap.details.get("pending", ""), snap.details.get("bitmap_new") == "1")
+        if outcome is None:  # unknown here (another process): never drop bits we cannot vouch for
+            self._undo_bitmap(qmp, entry[0], new_bitmap=entry[2] and self._state(snap) == "failed")
+            return
+        waiting = self._deferred.setdefault(set_id, [])
+        waiting.append(entry)
+        states = set(outcome.values())
+        if "failed" in states:
+            for node, _pending, new_bitmap in waiting:
+                self._undo_bitmap(qmp, node, new_bitmap=new_bitmap)
+            waiting.clear()
+        elif states == {"confirmed"}:
+            for node, pending, _new in waiting:
+                if pending and any(b.get("name") == pending for b in qmp.dirty_bitmaps(node)):
+                    qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": pending})
+            waiting.clear()
+
+    def _delete_push(self, qmp: QMPMonitor, snap: SnapshotRef) -> str:
+        """Cancel or reap the job and close the target node; the job's result: "ok", "failed", "unknown"."""
+        job = snap.details.get("job", "")
+        info = qmp.job(job) if job else None
+        result = "unknown"
+        if info is not None:
+            if info.status != "concluded":
+                with contextlib.suppress(QMPCommandError):
+                    qmp.execute("job-cancel", {"id": job})
+                result = "failed"
+            try:
+                qmp.wait_job(job, timeout=60)
+                if result == "unknown":
+                    result = "ok"
+            except BlockJobError:
+                result = "failed"
+        node = snap.details.get("node", "")
+        if node and node in qmp.node_names():
+            qmp.blockdev_del(node)
+        return result
+
+    def _delete_pull(self, qmp: QMPMonitor, snap: SnapshotRef) -> None:
+        self._del_export(qmp, snap.details.get("export", ""))
+        qdev = snap.details.get("qdev", "")
+        cbw = snap.details.get("cbw", "")
+        if qdev and self._drive_of(qmp, qdev) == cbw:
+            self._set_drive(qmp, qdev, snap.disk.node_name)
+        nodes = qmp.node_names()
+        for key in ("access", "cbw", "fleece"):
+            node = snap.details.get(key, "")
+            if node and node in nodes:
+                qmp.blockdev_del(node)
+        fleece_file = snap.details.get("fleece_file", "")
+        if fleece_file:
+            with contextlib.suppress(FileNotFoundError):
+                Path(fleece_file).unlink()
+        socket = snap.details.get("socket", "")
+        if socket and not any(
+            str(e.get("id", "")).startswith("vfl-") for e in qmp.execute("query-block-exports")
+        ):
+            still_fleecing = any(n.startswith("vfl-") for n in qmp.node_names())
+            if not still_fleecing:
+                with contextlib.suppress(QMPCommandError):
+                    qmp.execute("nbd-server-stop")
+                shutil.rmtree(Path(socket).parent, ignore_errors=True)
+
+    def _remove_target(self, snap: SnapshotRef) -> None:
+        target = snap.details.get("target", "")
+        if not target:
+            return
+        path = Path(target)
+        if path.parent.resolve() == self.target_dir.resolve():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    # -- rollback, list -----------------------------------------------------------------------------------
+
+    def rollback(self, snap: SnapshotRef) -> None:
+        """Replace the disk's image with the backup's content (the whole chain, made standalone).
+
+        :raise SnapshotError: the VM is running, or the image is in use
+        :raise NotFoundError: the backup file is gone
+        """
+        if self.machine.is_running:
+            raise SnapshotError(
+                f"cannot roll back disk {snap.disk.name!r} of {self.machine.name} while the VM runs",
+                hint="shut the VM down, then roll back on its image files (--image FILE)",
+            )
+        source = Path(snap.details.get("target") or snap.location)
+        if not source.exists():
+            raise NotFoundError(
+                f"backup {source} does not exist", hint="restore it from the repository first"
+            )
+        image = snap.disk.file
+        runner = self.machine.runner
+        try:
+            image_info(runner, image, force_share=False)  # fails while a QEMU holds the image
+        except CommandError as err:
+            raise SnapshotError(
+                f"image {image} is in use or unreadable: {err.message}", hint="stop the VM that uses it"
+            ) from err
+        partial = image.with_name(f".{image.name}.vmsnap-rollback")
+        try:
+            runner.run(
+                ["qemu-img", "convert", "-O", snap.disk.format, str(source), str(partial)], timeout=None
+            )
+            os.chmod(partial, image.stat().st_mode & 0o777)
+            os.replace(partial, image)
+        except (VmsnapError, OSError) as err:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+            raise SnapshotError(
+                f"rollback of {image} from {source} failed: {err}", hint="the image was not changed"
+            ) from err
+
+    def list(self) -> Sequence[SnapshotRef]:
+        """Backups of this machine's disks that exist now: target files in ``target_dir`` and backups
+        still in QEMU (running jobs, fleecing graphs). Their name is the target directory's name."""
+        refs: list[SnapshotRef] = []
+        nodes = self.machine.qmp().node_names() if self.machine.is_running else set()
+        for disk in self.machine.disks():
+            target = self.target_dir / f"{disk.name}.qcow2"
+            flee = fleece_nodes(disk.name)
+            in_qemu = target_node(disk.name) in nodes or flee["cbw"] in nodes
+            if not target.exists() and not in_qemu:
+                continue
+            pull = flee["cbw"] in nodes
+            details: dict[str, str] = {
+                "bitmap": self.bitmap,
+                "pending": self.bitmap + PENDING_SUFFIX,
+                "bitmap_new": "",
+                "mode": "pull" if pull else "push",
+                "target": "" if pull else str(target),
+                "fallback": "",
+                "set": "",
+            }
+            if pull:
+                details.update(flee)
+                details.update({"qdev": disk.qdev or "", "export": flee["access"]})
+                details["fleece_file"] = str(self.target_dir / f"{disk.name}.fleece")
+            else:
+                details.update({"job": target_node(disk.name), "node": target_node(disk.name)})
+            kind = "full"
+            if target.exists():
+                with contextlib.suppress(CommandError, json.JSONDecodeError):
+                    info = image_info(self.machine.runner, target)
+                    kind = "incremental" if info.get("backing-filename") else "full"
+            details["kind"] = kind
+            refs.append(
+                SnapshotRef(
+                    strategy=self.name,
+                    name=self.target_dir.name,
+                    disk=disk,
+                    location=str(target),
+                    details=details,
+                )
+            )
+        return refs
