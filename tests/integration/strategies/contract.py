@@ -1,0 +1,420 @@
+"""The contract every snapshot strategy meets, as a base test class each strategy's test module subclasses.
+
+Like fsspec's abstract test suite: a subclass names its strategy and, when its disks live elsewhere (a Btrfs
+loop mount, LVM inside the lab guest), overrides :meth:`StrategyContract.make_lab` to return its own
+:class:`Lab`. Every test writes known patterns, snapshots, writes more, and compares bytes with qemu-img.
+
+Usage::
+
+    class TestExternal(StrategyContract):
+        strategy_name = "external"
+
+The ``lab`` fixture is parametrised ``online`` (a running QEMU without guest OS, writes through ``qemu-io``
+over HMP) and ``offline`` (the same two qcow2 images, no QEMU, writes with the ``qemu-io`` program).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from tests.conftest import make_image
+from vmsnap.errors import UsageError, VmsnapError
+from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
+from vmsnap.machine import Machine, OfflineMachine, QemuMachine, find_disk
+from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits
+from vmsnap.registry import strategy_class
+from vmsnap.strategies.base import Strategy
+from vmsnap.strategies.qemu_common import convert_argv
+
+MiB = 1 << 20
+
+
+def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """Run a test-side command, failing the test with its output when it fails."""
+    result = subprocess.run(list(argv), capture_output=True, text=True)
+    assert result.returncode == 0, f"{argv} exited {result.returncode}: {result.stdout}{result.stderr}"
+    return result
+
+
+def compare_images(a: Path, b: Path) -> None:
+    """Assert two qcow2 images hold the same guest-visible bytes (``qemu-img compare``)."""
+    result = subprocess.run(
+        ["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2", str(a), str(b)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, f"{a} and {b} differ: {result.stdout}{result.stderr}"
+
+
+def images_differ(a: Path, b: Path) -> bool:
+    """True when the two images' guest-visible bytes differ."""
+    result = subprocess.run(
+        ["qemu-img", "compare", "-q", "-U", "-f", "qcow2", "-F", "qcow2", str(a), str(b)], capture_output=True
+    )
+    assert result.returncode in (0, 1), result
+    return result.returncode == 1
+
+
+def read_export(source: ExportSource, dest: Path) -> Path:
+    """Copy what an ExportSource serves into a standalone qcow2 ``dest`` (the copy transport's read path)."""
+    run(convert_argv(source, dest))
+    return dest
+
+
+def _nbd_socket(source: ExportSource) -> Path | None:
+    if source.kind != "nbd" or "socket=" not in source.location:
+        return None
+    return Path(source.location.split("socket=", 1)[1].split("&", 1)[0])
+
+
+class Lab:
+    """A machine with disks to snapshot, and test-side ways to write to them and capture their content.
+
+    Override it when the disks live elsewhere; the contract only uses these methods.
+    """
+
+    online: bool
+    machine: Machine
+    workdir: Path
+    disk_names: tuple[str, ...]
+
+    def disks(self) -> list[Disk]:
+        """The machine's disks in :attr:`disk_names` order."""
+        disks = self.machine.disks()
+        return [find_disk(disks, name) for name in self.disk_names]
+
+    def write(self, disk: str, offset: int, length: int, pattern: int) -> None:
+        """Write ``length`` bytes of ``pattern`` at ``offset`` as the guest would."""
+        raise NotImplementedError
+
+    def capture(self, disk: str, dest: Path) -> Path:
+        """Copy the disk's current guest-visible content into a standalone qcow2 ``dest``."""
+        raise NotImplementedError
+
+    def chain(self, disk: str) -> tuple[Path, ...]:
+        """The disk's active file and its backing files (what the VM runs on)."""
+        d = find_disk(self.machine.disks(), disk)
+        return (d.file, *d.backing_chain)
+
+    def check(self, disk: str) -> None:
+        """Assert the disk's image files are consistent (``qemu-img check``)."""
+        for image in self.chain(disk):
+            if image.suffix == ".qcow2":
+                run(["qemu-img", "check", "-U", str(image)])
+
+    def is_running(self) -> bool:
+        """True while the VM runs (always False offline)."""
+        return False
+
+    def power_off(self) -> Machine:
+        """Stop the VM (if any) cleanly and return an offline machine for the same disks."""
+        return self.machine
+
+    def close(self) -> None:
+        """Stop whatever the lab started (also after a failed test)."""
+
+
+class QemuImageLab(Lab):
+    """Two 64 MiB qcow2 images in ``workdir``; online behind a QEMU without guest OS, offline bare."""
+
+    def __init__(self, workdir: Path, *, online: bool, image_dir: Path | None = None) -> None:
+        self.workdir = workdir
+        self.online = online
+        self.disk_names = ("disk0", "disk1")
+        where = image_dir or workdir
+        self.images = {name: make_image(where / f"{name}.qcow2") for name in self.disk_names}
+        self.process: QemuProcess | None = None
+        self.machine = self._start() if online else self._offline()
+
+    def _offline(self) -> OfflineMachine:
+        return OfflineMachine(
+            [self.images[n] for n in self.disk_names], name="testvm", disk_names=self.disk_names
+        )
+
+    def _start(self) -> QemuMachine:
+        drives = [
+            DriveSpec(self.images["disk0"], "disk0", serial="d0"),
+            DriveSpec(self.images["disk1"], "disk1", bus="scsi", serial="d1"),
+        ]
+        self.process = QemuProcess(self.workdir, drives, name="testvm").start()
+        return QemuMachine(self.process.qmp_socket)
+
+    def write(self, disk: str, offset: int, length: int, pattern: int) -> None:
+        command = f"write -P {pattern:#x} {offset} {length}"
+        if self.is_running():
+            qemu_io(self.machine.qmp(), disk, command)
+        else:
+            image = find_disk(self.machine.disks(), disk).file
+            out = run(["qemu-io", "-f", "qcow2", "-c", command, str(image)])
+            assert "error" not in out.stdout.lower(), out.stdout
+
+    def capture(self, disk: str, dest: Path) -> Path:
+        d = find_disk(self.machine.disks(), disk)
+        if self.is_running():
+            # QEMU caches qcow2 metadata: flush so a reader of the files sees every write
+            qemu_io(self.machine.qmp(), disk, "flush")
+        run(["qemu-img", "convert", "-U", "-f", d.format, str(d.file), "-O", "qcow2", str(dest)])
+        return dest
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.alive()
+
+    def power_off(self) -> Machine:
+        if self.process is not None:
+            self.machine.close()
+            self.process.stop()
+            self.process.kill()
+            self.process = None
+            self.machine = self._offline()
+        return self.machine
+
+    def close(self) -> None:
+        self.machine.close()
+        if self.process is not None:
+            self.process.stop()
+            self.process.kill()
+
+
+def _data_of(lab: Lab, tag: str) -> dict[str, Path]:
+    return {d: lab.capture(d, lab.workdir / f"{tag}-{d}.qcow2") for d in lab.disk_names}
+
+
+class StrategyContract:
+    """Tests every strategy must pass. Subclasses set :attr:`strategy_name` and may override the hooks."""
+
+    strategy_name: ClassVar[str]
+    modes: ClassVar[tuple[str, ...]] = ("online", "offline")
+    online_rollback: ClassVar[bool] = False
+    """True when the strategy rolls back a running VM; else it must refuse clearly and work once it is off."""
+    several_snapshots: ClassVar[bool] = True
+    """True when a disk may carry more than one snapshot of this strategy at a time."""
+
+    # -- hooks ------------------------------------------------------------------------------------
+
+    def make_lab(self, mode: str, tmp_path: Path) -> Lab:
+        """The machine and disks to test on (``mode`` is "online" or "offline")."""
+        return QemuImageLab(tmp_path, online=mode == "online")
+
+    def strategy_options(self) -> Mapping[str, Any]:
+        """Keyword options for the strategy's constructor."""
+        return {}
+
+    def make_strategy(self, machine: Machine) -> Strategy:
+        """The strategy under test, bound to ``machine``."""
+        cls = strategy_class(self.strategy_name)
+        strategy: Strategy = cls(machine, **self.strategy_options())
+        return strategy
+
+    def failing_disks(self, lab: Lab) -> list[Disk]:
+        """Disks whose snapshot must fail as a whole: the lab's disks plus one that does not exist (last)."""
+        good = lab.disks()
+        bogus = Disk(
+            name="bogus",
+            node_name="no-such-node",
+            file=lab.workdir / "no-such-image.qcow2",
+            format="qcow2",
+            virtual_size=good[0].virtual_size,
+        )
+        return [*good, bogus]
+
+    def first_patterns(self, lab: Lab) -> None:
+        """Known data before the snapshot: different patterns per disk, some unaligned."""
+        lab.write(lab.disk_names[0], 0, 1 * MiB, 0x11)
+        lab.write(lab.disk_names[0], 5 * MiB + 4096, 300 * 1024, 0x12)
+        lab.write(lab.disk_names[1], 2 * MiB, 2 * MiB, 0x21)
+
+    def second_patterns(self, lab: Lab) -> None:
+        """Data after the snapshot: overwrites part of the first data and fills new regions."""
+        lab.write(lab.disk_names[0], 512 * 1024, 1 * MiB, 0x33)
+        lab.write(lab.disk_names[0], 40 * MiB, 64 * 1024, 0x34)
+        lab.write(lab.disk_names[1], 3 * MiB, 4 * MiB, 0x43)
+
+    # -- fixtures ---------------------------------------------------------------------------------
+
+    @pytest.fixture(params=["online", "offline"])
+    def lab(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lab]:
+        mode = str(request.param)
+        if mode not in self.modes:
+            pytest.skip(f"{self.strategy_name} does not run {mode}")
+        lab = self.make_lab(mode, tmp_path)
+        try:
+            yield lab
+        finally:
+            lab.close()
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def snapshot_names(self, strategy: Strategy) -> dict[str, set[str]]:
+        """Disk name → names of this strategy's snapshots on it, from ``list()``."""
+        names: dict[str, set[str]] = {}
+        for ref in strategy.list():
+            assert ref.strategy == self.strategy_name
+            names.setdefault(ref.disk.name, set()).add(ref.name)
+        return names
+
+    def assert_export_holds(self, strategy: Strategy, ref: SnapshotRef, expected: Path, tmp: Path) -> None:
+        with strategy.export(ref) as source:
+            assert isinstance(source, ExportSource)
+            assert source.virtual_size == ref.disk.virtual_size
+            copy = read_export(source, tmp / f"export-{ref.disk.name}-{ref.name}.qcow2")
+            socket = _nbd_socket(source)
+            if socket is not None:  # served from a private directory
+                assert socket.exists() and (socket.parent.stat().st_mode & 0o777) == 0o700
+        compare_images(copy, expected)
+        if socket is not None:
+            assert not socket.parent.exists(), "the NBD server's directory outlived the export"
+
+    # -- the contract -----------------------------------------------------------------------------
+
+    def test_declares_name_traits_and_when_to_pick_it(self) -> None:
+        cls = strategy_class(self.strategy_name)
+        assert cls.name == self.strategy_name
+        assert isinstance(cls.traits, Traits)
+        assert all(str(getattr(cls.traits, field)).strip() for field, _ in Traits.columns())
+        assert cls.__doc__ and len(cls.__doc__.split()) > 20, "a paragraph saying when to pick it"
+
+    def test_probe_accepts_the_lab_disks(self, lab: Lab) -> None:
+        strategy = self.make_strategy(lab.machine)
+        assert isinstance(strategy, Strategy)
+        assert all(strategy.probe(disk) for disk in lab.disks())
+
+    def test_export_holds_the_bytes_of_create_time(self, lab: Lab) -> None:
+        strategy = self.make_strategy(lab.machine)
+        self.first_patterns(lab)
+        at_create = _data_of(lab, "at-create")
+        refs = strategy.create(lab.disks(), name="snap1")
+        assert sorted(r.disk.name for r in refs) == sorted(lab.disk_names)
+        assert all(r.name == "snap1" and r.strategy == self.strategy_name for r in refs)
+        self.second_patterns(lab)
+        after = _data_of(lab, "after")
+        for disk in lab.disk_names:
+            assert images_differ(at_create[disk], after[disk]), "the test's second writes changed nothing"
+        for ref in refs:
+            self.assert_export_holds(strategy, ref, at_create[ref.disk.name], lab.workdir)
+        # exporting changed nothing the VM sees
+        for disk in lab.disk_names:
+            compare_images(lab.capture(disk, lab.workdir / f"now-{disk}.qcow2"), after[disk])
+        assert lab.is_running() == lab.online
+
+    def test_list_shows_what_exists(self, lab: Lab) -> None:
+        strategy = self.make_strategy(lab.machine)
+        assert self.snapshot_names(strategy) == {}
+        refs = strategy.create(lab.disks(), name="snap1")
+        assert self.snapshot_names(strategy) == {d: {"snap1"} for d in lab.disk_names}
+        for ref in refs:
+            strategy.delete(ref)
+        assert self.snapshot_names(strategy) == {}
+
+    def test_delete_keeps_the_original_chain_and_all_data(self, lab: Lab) -> None:
+        strategy = self.make_strategy(lab.machine)
+        chains = {d: lab.chain(d) for d in lab.disk_names}
+        self.first_patterns(lab)
+        refs = strategy.create(lab.disks(), name="snap1")
+        self.second_patterns(lab)
+        after = _data_of(lab, "after")
+        for ref in refs:
+            strategy.delete(ref)
+        for disk in lab.disk_names:
+            assert lab.chain(disk) == chains[disk]
+            lab.check(disk)
+            compare_images(lab.capture(disk, lab.workdir / f"now-{disk}.qcow2"), after[disk])
+        assert lab.is_running() == lab.online
+        # the disk still takes writes after the delete
+        lab.write(lab.disk_names[0], 60 * MiB, 4096, 0x55)
+        lab.check(lab.disk_names[0])
+
+    def test_rollback_returns_exactly_the_snapshot_bytes(self, lab: Lab) -> None:
+        strategy = self.make_strategy(lab.machine)
+        self.first_patterns(lab)
+        at_create = _data_of(lab, "at-create")
+        refs = strategy.create(lab.disks(), name="snap1")
+        self.second_patterns(lab)
+        if lab.online and not self.online_rollback:
+            after = _data_of(lab, "after")
+            with pytest.raises(VmsnapError) as info:
+                strategy.rollback(refs[0])
+            assert "\n" not in str(info.value)
+            assert lab.is_running()
+            for disk in lab.disk_names:  # refused: nothing changed
+                compare_images(lab.capture(disk, lab.workdir / f"now-{disk}.qcow2"), after[disk])
+            strategy = self.make_strategy(lab.power_off())
+            refs = [r for r in strategy.list() if r.name == "snap1"]
+            assert sorted(r.disk.name for r in refs) == sorted(lab.disk_names)
+        for ref in refs:
+            strategy.rollback(ref)
+        for disk in lab.disk_names:
+            compare_images(lab.capture(disk, lab.workdir / f"rolled-{disk}.qcow2"), at_create[disk])
+            lab.check(disk)
+
+    def test_a_failing_disk_leaves_no_snapshot_on_any_disk(self, lab: Lab) -> None:
+        strategy = self.make_strategy(lab.machine)
+        chains = {d: lab.chain(d) for d in lab.disk_names}
+        self.first_patterns(lab)
+        before = _data_of(lab, "before")
+        with pytest.raises(VmsnapError) as info:
+            strategy.create(self.failing_disks(lab), name="snap1")
+        assert "\n" not in str(info.value)
+        assert self.snapshot_names(strategy) == {}
+        assert lab.is_running() == lab.online
+        for disk in lab.disk_names:
+            assert lab.chain(disk) == chains[disk]
+            compare_images(lab.capture(disk, lab.workdir / f"now-{disk}.qcow2"), before[disk])
+        # and a later snapshot of the good disks works
+        refs = strategy.create(lab.disks(), name="snap1")
+        assert len(refs) == len(lab.disk_names)
+
+    def test_bad_names_are_refused_before_anything_happens(self, lab: Lab) -> None:
+        strategy = self.make_strategy(lab.machine)
+        for bad in ("../escape", "a/b", "", ".hidden", "-opt"):
+            with pytest.raises(UsageError):
+                strategy.create(lab.disks(), name=bad)
+        assert self.snapshot_names(strategy) == {}
+
+    def test_an_existing_name_is_refused_and_the_snapshot_kept(self, lab: Lab) -> None:
+        strategy = self.make_strategy(lab.machine)
+        self.first_patterns(lab)
+        at_create = _data_of(lab, "at-create")
+        refs = strategy.create(lab.disks(), name="snap1")
+        self.second_patterns(lab)
+        with pytest.raises(VmsnapError) as info:
+            strategy.create(lab.disks(), name="snap1")
+        assert "snap1" in str(info.value)
+        assert self.snapshot_names(strategy) == {d: {"snap1"} for d in lab.disk_names}
+        for ref in refs:
+            self.assert_export_holds(strategy, ref, at_create[ref.disk.name], lab.workdir)
+
+    def test_two_snapshots_export_and_delete_independently(self, lab: Lab) -> None:
+        if not self.several_snapshots:
+            pytest.skip(f"{self.strategy_name} keeps one snapshot per disk")
+        strategy = self.make_strategy(lab.machine)
+        chains = {d: lab.chain(d) for d in lab.disk_names}
+        self.first_patterns(lab)
+        first = _data_of(lab, "first")
+        refs1 = strategy.create(lab.disks(), name="snap1")
+        self.second_patterns(lab)
+        second = _data_of(lab, "second")
+        refs2 = strategy.create(lab.disks(), name="snap2")
+        lab.write(lab.disk_names[0], 0, 64 * 1024, 0x66)
+        lab.write(lab.disk_names[1], 30 * MiB, 64 * 1024, 0x77)
+        last = _data_of(lab, "last")
+        assert self.snapshot_names(strategy) == {d: {"snap1", "snap2"} for d in lab.disk_names}
+        for ref in refs1:
+            self.assert_export_holds(strategy, ref, first[ref.disk.name], lab.workdir)
+        for ref in refs2:
+            self.assert_export_holds(strategy, ref, second[ref.disk.name], lab.workdir)
+        for ref in refs1:  # the older one first: the newer must survive it
+            strategy.delete(ref)
+        assert self.snapshot_names(strategy) == {d: {"snap2"} for d in lab.disk_names}
+        refs2 = [r for r in strategy.list() if r.name == "snap2"]
+        for ref in refs2:
+            self.assert_export_holds(strategy, ref, second[ref.disk.name], lab.workdir)
+            strategy.delete(ref)
+        for disk in lab.disk_names:
+            assert lab.chain(disk) == chains[disk]
+            lab.check(disk)
+            compare_images(lab.capture(disk, lab.workdir / f"now-{disk}.qcow2"), last[disk])
