@@ -471,7 +471,6 @@ class Backup:
             target = staging / f"{disk.name}.qcow2"
             os.chmod(target, 0o600)
             fsync_file(target)
-            self.progress(disk.name, 0, disk.virtual_size)
             digest = guest_sha256(target, "qcow2")
             records.append(DiskRecord(disk.name, target.name, disk.virtual_size, written[disk.name], digest))
         transport_used = ",".join(sorted(transports_used))

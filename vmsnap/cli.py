@@ -184,6 +184,260 @@ def cmd_guest_install_hooks(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- backup, restore, list, verify, prune, recover (the repository commands) -------------------------------
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal (never with --json)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self._last = ""
+
+    def __call__(self, disk: str, done: int, total: int) -> None:
+        if not self.enabled or total <= 0:
+            return
+        fraction = min(max(done / total, 0.0), 1.0)
+        filled = int(fraction * 30)
+        line = (
+            f"\r{disk:<12.12} [{'#' * filled}{'.' * (30 - filled)}] {fraction * 100:5.1f}% "
+            f"{done / 2**20:,.1f}/{total / 2**20:,.1f} MiB"
+        )
+        if line != self._last:
+            print(line, end="" if done < total else "\n", file=sys.stderr, flush=True)
+            self._last = line
+
+
+def _note(message: str) -> None:
+    print(f"vmsnap: {message}", file=sys.stderr)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """Back up a VM into --repo and print what was written (``--json``: the object in DESIGN.md)."""
+    from vmsnap.backup import Backup, BackupConfig
+
+    config = BackupConfig(
+        repo=args.repo,
+        strategy=args.strategy,
+        transport=args.transport,
+        incremental=args.incremental,
+        quiesce=args.quiesce,
+        disks=tuple(args.disk),
+        bitmap=args.bitmap,
+    )
+    machine = vm_selector(args).open()
+    try:
+        result = Backup(machine, config, progress=ProgressBar(not args.json), note=_note).run()
+    finally:
+        machine.close()
+    lines = [
+        f"backed up {result.vm} as {result.backup_id}: {result.kind}"
+        + (f" on {result.parent}" if result.parent else "")
+        + f", strategy {result.strategy}, transport {result.transport}, "
+        + ("quiesced" if result.quiesced else "not quiesced")
+        + f", {result.seconds:.1f} s"
+    ]
+    rows = [[d.name, _mib(d.virtual_size), _mib(d.bytes_written), d.sha256[:16]] for d in result.disks]
+    lines.append(render_table(["disk", "size", "written", "sha256"], rows))
+    emit(args, result.to_json(), "\n".join(lines))
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Write standalone, verified ``--to/<disk>.qcow2`` images of a backup."""
+    from vmsnap.repository import Repository
+
+    repo = Repository.open(args.repo)
+    manifest, restored = repo.restore(
+        args.vm, args.backup, args.to, disks=tuple(args.disk), progress=ProgressBar(not args.json)
+    )
+    payload = {
+        "vm": manifest.vm,
+        "backup_id": manifest.backup_id,
+        "kind": manifest.kind,
+        "disks": [
+            {"name": d.name, "file": str(d.path), "virtual_size": d.virtual_size, "sha256": d.sha256}
+            for d in restored
+        ],
+    }
+    human = [
+        f"restored {manifest.vm}/{manifest.backup_id} ({manifest.kind}); every sha256 matches the manifest"
+    ]
+    human += [f"  {d.path}  {_mib(d.virtual_size)}" for d in restored]
+    emit(args, payload, "\n".join(human))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """List the backups in --repo (of one VM with --vm), oldest first."""
+    from vmsnap.repository import Repository
+
+    repo = Repository.open(args.repo)
+    backups = repo.backups(args.vm)
+    if args.vm is not None and not backups:
+        repo.get(args.vm)  # raises NotFoundError naming the VMs that exist
+    rows = [
+        [m.vm, m.backup_id, m.kind, m.parent or "-", m.strategy, m.transport, m.created[:19], _mib(m.size)]
+        for m in backups
+    ]
+    human = (
+        render_table(["vm", "backup", "kind", "parent", "strategy", "transport", "created", "written"], rows)
+        if rows
+        else f"no backups in {repo.root}"
+    )
+    emit(args, {"backups": [m.to_json() for m in backups]}, human)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Re-read backups, check every checksum and chain link; exit 1 naming the first problem."""
+    from vmsnap.errors import ChainError, ChecksumMismatchError
+    from vmsnap.repository import Repository
+
+    repo = Repository.open(args.repo)
+    report = repo.verify(args.vm, args.backup, reader=args.reader, progress=ProgressBar(not args.json))
+    payload = {
+        "ok": report.ok,
+        "reader": report.reader,
+        "checked": [{"vm": vm, "backup_id": backup_id} for vm, backup_id in report.checked],
+        "problems": [attrs.asdict(p) for p in report.problems],
+    }
+    human = [f"verified {len(report.checked)} backup(s) with the {report.reader} reader"]
+    human += [f"  PROBLEM {p}" for p in report.problems]
+    if report.ok:
+        human.append("  all checksums and chain links are good")
+    emit(args, payload, "\n".join(human))
+    if not report.ok:
+        first = report.problems[0]
+        error = ChecksumMismatchError if "sha256" in first.message else ChainError
+        raise error(
+            f"verify found {len(report.problems)} problem(s); first: {first}",
+            hint="restore from a backup that verifies, and take a new full backup",
+        )
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Remove all but the last --keep-last backups per VM, keeping the parents kept ones need."""
+    from vmsnap.repository import Repository
+
+    repo = Repository.open(args.repo)
+    vms = [args.vm] if args.vm else repo.vms()
+    results = [repo.prune(vm, args.keep_last, dry_run=args.dry_run) for vm in vms]
+    verb = "would remove" if args.dry_run else "removed"
+    human = [
+        f"{r.vm}: {verb} {len(r.removed)}, kept {len(r.kept)}"
+        + (f" (+{len(r.needed)} parent(s) they need)" if r.needed else "")
+        + "".join(f"\n  {verb} {b}" for b in r.removed)
+        for r in results
+    ]
+    payload = {"dry_run": args.dry_run, "pruned": [attrs.asdict(r) for r in results]}
+    emit(args, payload, "\n".join(human) or f"no backups in {repo.root}")
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    """Undo what a dead backup of a VM left: snapshots, overlays, staging; thaw the guest."""
+    from vmsnap.backup import recover
+
+    machine = vm_selector(args).open()
+    try:
+        report = recover(machine, args.repo)
+    finally:
+        machine.close()
+    human = "\n".join(report.actions) if report.actions else f"{report.vm}: nothing to recover"
+    if args.repo is None:
+        human += "\n(pass --repo DIR to undo a dead backup's snapshots from its journal)"
+    emit(args, {"vm": report.vm, "clean": report.clean, "actions": list(report.actions)}, human)
+    return 0
+
+
+def _add_repository_commands(
+    command: Callable[[str, str, str, Callable[[argparse.Namespace], int]], argparse.ArgumentParser],
+) -> None:
+    """Parser sections of backup, restore, list, verify, prune and recover."""
+    p = command(
+        "backup",
+        "back up a VM into a repository (made when the directory is new or empty)",
+        "vmsnap backup --repo /backups --qmp /run/vm1.qmp --agent /run/vm1.qga --incremental",
+        cmd_backup,
+    )
+    add_vm_arguments(p)
+    p.add_argument("--repo", type=Path, required=True, metavar="DIR", help="the backup repository")
+    p.add_argument(
+        "--strategy", default="auto", help="internal|external|backup|lvm|btrfs (default: backup when running)"
+    )
+    p.add_argument(
+        "--transport", default="auto", help="copy|nbd|rsync (default: copy; strategy backup: QEMU writes it)"
+    )
+    p.add_argument("--incremental", action="store_true", help="only what changed since the latest backup")
+    p.add_argument("--quiesce", choices=("auto", "on", "off"), default="auto", help="freeze the guest (auto)")
+    p.add_argument("--disk", action="append", default=[], metavar="NAME", help="only this disk (repeat)")
+    p.add_argument("--bitmap", default="vmsnap", help="dirty bitmap name for incrementals (default vmsnap)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command(
+        "restore",
+        "restore a backup into standalone, verified DIR/<disk>.qcow2 images",
+        "vmsnap restore --repo /backups --vm web1 --to /restore",
+        cmd_restore,
+    )
+    p.add_argument("--repo", type=Path, required=True, metavar="DIR", help="the backup repository")
+    p.add_argument("--vm", required=True, metavar="NAME", help="the VM's name in the repository")
+    p.add_argument("--backup", metavar="ID", help="the backup id (default: the latest)")
+    p.add_argument("--to", type=Path, required=True, metavar="DIR", help="where the images go")
+    p.add_argument("--disk", action="append", default=[], metavar="NAME", help="only this disk (repeat)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("list", "list the backups in a repository", "vmsnap list --repo /backups --vm web1", cmd_list)
+    p.add_argument("--repo", type=Path, required=True, metavar="DIR", help="the backup repository")
+    p.add_argument("--vm", metavar="NAME", help="only this VM")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command(
+        "verify",
+        "re-read backups and check every checksum and chain link",
+        "vmsnap verify --repo /backups --vm web1 --reader libqcow",
+        cmd_verify,
+    )
+    p.add_argument("--repo", type=Path, required=True, metavar="DIR", help="the backup repository")
+    p.add_argument("--vm", metavar="NAME", help="only this VM")
+    p.add_argument("--backup", metavar="ID", help="only this backup (with --vm)")
+    p.add_argument(
+        "--reader",
+        choices=("auto", "qemu", "libqcow"),
+        default="auto",
+        help="read images with qemu or with libqcow, independent of QEMU (auto: libqcow when installed)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command(
+        "prune",
+        "delete old backups, never breaking a chain a kept backup needs",
+        "vmsnap prune --repo /backups --vm web1 --keep-last 7",
+        cmd_prune,
+    )
+    p.add_argument("--repo", type=Path, required=True, metavar="DIR", help="the backup repository")
+    p.add_argument("--vm", metavar="NAME", help="only this VM (default: every VM)")
+    p.add_argument("--keep-last", type=int, required=True, metavar="N", help="backups to keep per VM (>= 1)")
+    p.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command(
+        "recover",
+        "undo what a dead backup left: snapshots, overlays, fleecing nodes, staging; thaw the guest",
+        "vmsnap recover --qmp /run/vm1.qmp --agent /run/vm1.qga --repo /backups",
+        cmd_recover,
+    )
+    add_vm_arguments(p)
+    p.add_argument("--repo", type=Path, metavar="DIR", help="the repository the dead backup wrote to")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def _not_built_yet(what: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         raise VmsnapError(f"'vmsnap {what}' is not available in this version")
@@ -278,14 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, required=True, help="the guest's root directory (/ inside it)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    _add_repository_commands(command)
+
     for name, help in (
-        ("backup", "back up a VM into a repository"),
-        ("restore", "restore a backup into standalone images"),
-        ("list", "list the backups in a repository"),
-        ("verify", "re-read backups and check every checksum and chain link"),
-        ("prune", "delete old backups, never breaking a chain a kept backup needs"),
         ("snapshot", "create, list, delete or roll back snapshots"),
-        ("recover", "undo what a dead run left behind"),
         ("demo", "back up and restore the built-in tiny VM"),
     ):
         command(name, help, f"vmsnap {name} --help", _not_built_yet(name))
