@@ -185,6 +185,7 @@ LVS_FIELDS = (
     "lv_kernel_major",
     "lv_kernel_minor",
     "lv_tags",
+    "lv_time",
 )
 
 
@@ -217,6 +218,7 @@ class LogicalVolume:
     pool: str = ""
     kernel_device: str = ""
     tags: tuple[str, ...] = ()
+    created: str = ""
 
     @property
     def full_name(self) -> str:
@@ -240,7 +242,12 @@ class LogicalVolume:
 
     @property
     def is_invalid(self) -> bool:
-        """A classic snapshot whose copy-on-write space ran full: its content is lost."""
+        """A classic snapshot whose copy-on-write space ran full: its content is lost.
+
+        (For thin volumes lvs reports the data fill as ``snap_percent``; that is not a snapshot's fill.)
+        """
+        if self.attr[:1] not in ("s", "S"):
+            return False
         return self.attr[4:5] == "I" or (self.snap_percent is not None and self.snap_percent >= 100.0)
 
     @property
@@ -287,6 +294,7 @@ def parse_lvs_json(text: str) -> list[LogicalVolume]:
                 pool=str(row.get("pool_lv", "")),
                 kernel_device=f"{major}:{minor}" if active else "",
                 tags=tuple(t for t in str(row.get("lv_tags", "")).split(",") if t),
+                created=str(row.get("lv_time", "")),
             )
         )
     return volumes
