@@ -127,7 +127,7 @@ def create_external_snapshot(
         overlay = folder / f"{disk.file.stem}.{name}.qcow2"
         if overlay.exists():
             raise SnapshotError(
-                f"overlay {overlay} exists already",
+                f"overlay {overlay} already exists",
                 hint="choose another snapshot name, or run vmsnap recover to clean up an earlier run",
             )
         overlays[disk.name] = str(overlay)

@@ -1,0 +1,190 @@
+"""libvirt-native operations on a real domain, checked on data: external snapshot + blockcommit, internal
+snapshots, push and pull backups with checkpoints (full + incremental, restored and compared), recover."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_image
+from tests.integration.libvirt.conftest import LibvirtTestDomain, images_identical, reference_image
+from vmsnap import libvirt_ops
+from vmsnap.errors import NotFoundError, SnapshotError
+from vmsnap.libvirt_machine import LibvirtMachine
+from vmsnap.model import no_progress
+from vmsnap.transports.nbd import NbdTransport
+
+pytestmark = pytest.mark.libvirt
+
+
+def _convert(source: str | Path, target: Path, *opts: str) -> Path:
+    """A standalone qcow2 copy of ``source`` (read shared, as a running QEMU holds it)."""
+    subprocess.run(["qemu-img", "convert", "-U", *opts, "-O", "qcow2", str(source), str(target)], check=True)
+    return target
+
+
+MiB = 1024 * 1024
+
+
+def _own_data(image: Path) -> int:
+    """Bytes of data stored in ``image`` itself (not in its backing files)."""
+    out = subprocess.run(
+        ["qemu-img", "map", "-U", "--output=json", str(image)], check=True, capture_output=True, text=True
+    ).stdout
+    return sum(e["length"] for e in json.loads(out) if e["data"] and e["depth"] == 0)
+
+
+def test_external_snapshot_freezes_the_base_and_blockcommit_pivots_back(
+    domain: LibvirtTestDomain, tmp_path: Path
+) -> None:
+    domain.write("vda", 0xA1, 0)
+    domain.write("sdb", 0xB1, 1)
+    original = domain.domblklist()
+    with LibvirtMachine(domain.name, uri=domain.uri) as machine:
+        snaps = libvirt_ops.create_external_snapshot(machine, "s1")
+        assert [s.disk.name for s in snaps] == ["vda", "sdb"]
+        assert domain.domblklist() == {s.disk.name: s.location for s in snaps}
+        assert libvirt_ops.snapshots(machine) == ["s1"]
+        # the guest keeps writing into the overlays; the bases hold the snapshot instant
+        domain.write("vda", 0xA2, 8)
+        copies = {
+            s.disk.name: _convert(libvirt_ops.external_snapshot_source(s).location, tmp_path / s.disk.name)
+            for s in snaps
+        }
+        with pytest.raises(SnapshotError, match="already exists"):
+            libvirt_ops.create_external_snapshot(machine, "s1")
+        in_the_way = Path(snaps[0].location).with_suffix(".s2.qcow2")
+        in_the_way.write_bytes(b"not ours")
+        with pytest.raises(SnapshotError, match=f"overlay {in_the_way} already exists"):
+            libvirt_ops.create_external_snapshot(machine, "s2")
+        assert in_the_way.read_bytes() == b"not ours" and libvirt_ops.snapshots(machine) == ["s1"]
+        libvirt_ops.commit_external_snapshot(machine, "s1")
+        assert libvirt_ops.snapshots(machine) == []
+        assert all(name.startswith("libvirt-") for name in machine.qmp().node_names())
+        assert all(d.backing_chain == () for d in machine.disks())
+    assert domain.domblklist() == original
+    assert not any(Path(s.location).exists() for s in snaps)
+    assert images_identical(copies["vda"], reference_image(tmp_path / "ref-vda0", [(0xA1, 0, 1)]))
+    assert images_identical(copies["sdb"], reference_image(tmp_path / "ref-sdb0", [(0xB1, 1, 1)]))
+    domain.qemu_io("vda", "flush")
+    after = reference_image(tmp_path / "ref-vda1", [(0xA1, 0, 1), (0xA2, 8, 1)])
+    assert images_identical(domain.images["vda"], after)  # the overlay's write was committed
+
+
+def test_internal_snapshot_export_revert_and_delete(domain: LibvirtTestDomain, tmp_path: Path) -> None:
+    domain.write("vda", 0xC1, 2)
+    with LibvirtMachine(domain.name, uri=domain.uri) as machine:
+        snaps = libvirt_ops.create_internal_snapshot(machine, "i1")
+        domain.write("vda", 0xC2, 2)
+        source = libvirt_ops.internal_snapshot_source(snaps[0])
+        exported = _convert(
+            source.location,
+            tmp_path / "exported.qcow2",
+            "-l",
+            f"snapshot.name={source.image_opts['snapshot.name']}",
+        )
+        before = reference_image(tmp_path / "ref-before", [(0xC1, 2, 1)])
+        assert images_identical(exported, before)
+        libvirt_ops.revert_snapshot(machine, "i1")
+        assert machine.is_running
+        domain.qemu_io("vda", "flush")
+        assert images_identical(domain.images["vda"], before)
+        libvirt_ops.delete_snapshot(machine, "i1")
+        assert libvirt_ops.snapshots(machine) == []
+        with pytest.raises(NotFoundError, match="i1"):
+            libvirt_ops.delete_snapshot(machine, "i1")
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", str(domain.images["vda"])],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    assert "snapshots" not in info or info["snapshots"] == []
+
+
+def test_push_backup_full_then_incremental_restores_byte_identical(
+    domain: LibvirtTestDomain, tmp_path: Path
+) -> None:
+    full_dir, inc_dir = tmp_path / "full", tmp_path / "inc"
+    full_dir.mkdir()
+    inc_dir.mkdir()
+    domain.write("vda", 0x31, 0, 2)
+    domain.write("sdb", 0x32, 4)
+    with LibvirtMachine(domain.name, uri=domain.uri) as machine:
+        with pytest.raises(NotFoundError, match="take a full backup first"):
+            libvirt_ops.backup_push(machine, inc_dir, checkpoint="c0", incremental="missing")
+        full = libvirt_ops.backup_push(machine, full_dir, checkpoint="c1")
+        domain.write("vda", 0x33, 16)
+        domain.write("sdb", 0x34, 32, 3)
+        inc = libvirt_ops.backup_push(machine, inc_dir, checkpoint="c2", incremental="c1")
+        assert libvirt_ops.checkpoints(machine) == ["c1", "c2"]
+        for name in ("vda", "sdb"):
+            libvirt_ops.link_incremental(machine, inc[name], full[name])
+        domain.write("vda", 0x35, 40)  # after the backup: must not be in it
+    changed = {"vda": 1 * MiB, "sdb": 3 * MiB}
+    for name in ("vda", "sdb"):
+        assert _own_data(inc[name]) == changed[name]  # the incremental holds exactly what changed
+        restored = _convert(inc[name], tmp_path / f"restored-{name}.qcow2")
+        expected = {
+            "vda": [(0x31, 0, 2), (0x33, 16, 1)],
+            "sdb": [(0x32, 4, 1), (0x34, 32, 3)],
+        }[name]
+        assert images_identical(restored, reference_image(tmp_path / f"ref-{name}", expected))
+        assert not images_identical(full[name], restored)
+
+
+def test_pull_backup_serves_nbd_with_a_dirty_bitmap_for_incrementals(
+    domain: LibvirtTestDomain, tmp_path: Path
+) -> None:
+    domain.write("vda", 0x41, 0)
+    transport = NbdTransport()
+    with LibvirtMachine(domain.name, uri=domain.uri) as machine:
+        with libvirt_ops.backup_pull(
+            machine, tmp_path / "nbd.sock", checkpoint="p1", disks=["vda"]
+        ) as sources:
+            assert list(sources) == ["vda"] and sources["vda"].dirty_bitmap is None
+            transport.send(sources["vda"], tmp_path / "full.qcow2", progress=no_progress)
+        assert machine.domain.jobInfo()[0] == 0  # the job ended with the with-block
+        domain.write("vda", 0x42, 20)
+        with libvirt_ops.backup_pull(
+            machine, tmp_path / "nbd.sock", checkpoint="p2", incremental="p1", disks=["vda"]
+        ) as sources:
+            assert sources["vda"].dirty_bitmap == "backup-vda"
+            transport.send(
+                sources["vda"], tmp_path / "inc.qcow2", progress=no_progress, backing=tmp_path / "full.qcow2"
+            )
+        domain.write("vda", 0x43, 30)
+    assert images_identical(tmp_path / "full.qcow2", reference_image(tmp_path / "ref1", [(0x41, 0, 1)]))
+    restored = _convert(tmp_path / "inc.qcow2", tmp_path / "restored.qcow2")
+    assert images_identical(restored, reference_image(tmp_path / "ref2", [(0x41, 0, 1), (0x42, 20, 1)]))
+    assert (tmp_path / "inc.qcow2").stat().st_size < 4 * 1024 * 1024
+
+
+def test_recover_commits_a_left_over_snapshot_and_aborts_a_stale_backup_job(
+    domain: LibvirtTestDomain, tmp_path: Path
+) -> None:
+    original = domain.domblklist()
+    domain.write("vda", 0x51, 0)
+    with LibvirtMachine(domain.name, uri=domain.uri) as machine:
+        libvirt_ops.create_external_snapshot(machine, "dead-run")
+        domain.write("vda", 0x52, 1)
+        # a run that died while serving a pull backup: the job is still there
+        pull = libvirt_ops.backup_pull(machine, tmp_path / "nbd.sock", checkpoint="k1")
+        pull.__enter__()
+        assert machine.domain.jobInfo()[0] != 0
+        done = libvirt_ops.recover(machine)
+        assert len(done) == 2, done
+        assert machine.domain.jobInfo()[0] == 0
+        assert libvirt_ops.snapshots(machine) == []
+        assert libvirt_ops.recover(machine) == []
+    assert domain.domblklist() == original
+    domain.qemu_io("vda", "flush")
+    assert images_identical(
+        domain.images["vda"], reference_image(tmp_path / "ref", [(0x51, 0, 1), (0x52, 1, 1)])
+    )
+    assert not images_identical(domain.images["vda"], make_image(tmp_path / "empty.qcow2"))
