@@ -65,6 +65,10 @@ def images_equal(a: Path, b: Path) -> bool:
     return done.returncode == 0
 
 
+CaseFactory = Callable[[str], "SourceCase"]
+"""What the ``case_factory`` fixture gives: kind → a fresh :class:`SourceCase`."""
+
+
 @attrs.frozen
 class SourceCase:
     """An ExportSource and the image (``reference``) holding what its guest sees."""
@@ -187,7 +191,7 @@ def source_case(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sour
 
 
 @pytest.fixture
-def case_factory(tmp_path: Path) -> Iterator[Callable[[str], SourceCase]]:
+def case_factory(tmp_path: Path) -> Iterator[CaseFactory]:
     """Makes sources of a given kind on demand (each in its own directory); cleans them all up."""
     with contextlib.ExitStack() as stack:
         count = iter(range(1000))

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import attrs
 import pytest
 
-from tests.integration.transports.conftest import SIZE, SourceCase, image_format, images_equal
+from tests.integration.transports.conftest import SIZE, CaseFactory, SourceCase, image_format, images_equal
 from vmsnap.errors import NotFoundError, TransferError, UsageError
 from vmsnap.imageio import allocated_bytes, guest_sha256
 from vmsnap.model import TransferStats
-
-CaseFactory = Callable[[str], SourceCase]
 
 
 class ProgressLog:
