@@ -1,0 +1,53 @@
+"""The CLI with ``--domain NAME --connect URI``: backup (full, then incremental) → restore → compare bytes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.libvirt.conftest import LibvirtTestDomain, images_identical, reference_image
+
+pytestmark = pytest.mark.libvirt
+
+ROOT = Path(__file__).parents[3]
+
+
+def vmsnap(*args: str) -> dict[str, Any]:
+    """Run the CLI with ``--json``; fail with its stderr when it does not exit 0."""
+    result = subprocess.run(
+        [str(ROOT / ".venv/bin/vmsnap"), *args, "--json"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def test_backup_incremental_restore_through_the_cli_with_domain(
+    domain: LibvirtTestDomain, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    vm = ["--domain", domain.name, "--connect", domain.uri]
+    domain.write("vda", 0x61, 0, 2)
+    domain.write("sdb", 0x62, 3)
+    full = vmsnap("backup", "--repo", str(repo), *vm)
+    assert full["vm"] == domain.name and full["kind"] == "full"
+    assert sorted(d["name"] for d in full["disks"]) == ["sdb", "vda"]
+    domain.write("vda", 0x63, 10)
+    inc = vmsnap("backup", "--repo", str(repo), *vm, "--incremental")
+    assert inc["kind"] == "incremental"
+    domain.write("vda", 0x64, 20)  # after the last backup: must not come back
+    # libvirt still sees the domain as it defined it
+    assert domain.domblklist() == {"vda": str(domain.images["vda"]), "sdb": str(domain.images["sdb"])}
+    out = tmp_path / "restored"
+    vmsnap("restore", "--repo", str(repo), "--vm", domain.name, "--to", str(out))
+    expected = {"vda": [(0x61, 0, 2), (0x63, 10, 1)], "sdb": [(0x62, 3, 1)]}
+    for name, writes in expected.items():
+        assert images_identical(out / f"{name}.qcow2", reference_image(tmp_path / f"ref-{name}", writes))
+    first = tmp_path / "first"
+    vmsnap(
+        "restore", "--repo", str(repo), "--vm", domain.name, "--backup", full["backup_id"], "--to", str(first)
+    )
+    assert images_identical(first / "vda.qcow2", reference_image(tmp_path / "ref-first", [(0x61, 0, 2)]))
