@@ -261,6 +261,11 @@ def write_failed(what: str, target: object, detail: str) -> TransferError:
             f"{what} into {target} failed: the target filesystem is full ({reason})",
             hint="free space there or choose another target; nothing partial was kept",
         )
+    if "Failed to get" in detail and "lock" in detail:
+        return TransferError(
+            f"{what} failed: the image is locked by another process ({reason})",
+            hint="a running QEMU holds it: export a snapshot through a strategy, or read it with force_share",
+        )
     return TransferError(
         f"{what} into {target} failed: {reason}", hint="run with --debug for the full output"
     )
