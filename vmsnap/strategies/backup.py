@@ -16,10 +16,13 @@ transaction (all disks at once) does, per disk::
 
 (a full backup of a disk whose bitmap is missing, disabled or inconsistent removes the bad one first and
 adds a new persistent bitmap in the transaction instead). The pending bits are dropped only when every disk
-of the backup finished its job and its export ended without an error; otherwise :meth:`delete` merges them
-back (or removes a bitmap that a failed full backup created), and a pending bitmap left by a dead process is
-merged back by the next :meth:`create`. The next incremental backup therefore copies at least every cluster
-written since the last backup that succeeded — never less.
+of the backup succeeded (push: its job completed; pull: its export ended without an error); otherwise they
+go back into the bitmap (a bitmap that a failed full backup created is removed), and a pending bitmap left
+by a dead process is merged back by the next :meth:`create`. The next incremental backup therefore copies
+at least every cluster written since the last backup that succeeded — never less.
+
+What exists is recorded next to each target in a small 0600 file ``.<disk>.vmsnap-backup.json`` (name and
+details), so :meth:`list`, :meth:`delete` and :meth:`rollback` work from another process; delete removes it.
 
 External snapshots: the bitmap is looked up on the disk's active layer only. After an external snapshot
 without a bitmap on the new overlay, the next backup falls back to full (with a warning); a strategy that
@@ -64,6 +67,9 @@ BitmapState = Literal["ok", "missing", "broken"]
 
 PENDING_SUFFIX = ".pending"
 """Suffix of the temporary bitmap that holds a backup's bits until the backup is known to have succeeded."""
+
+SIDECAR_SUFFIX = ".vmsnap-backup.json"
+"""``target_dir/.<disk>.vmsnap-backup.json`` records a backup's name and details until it is deleted."""
 
 
 class IncrementalFallbackWarning(UserWarning):
@@ -111,6 +117,23 @@ class _Plan:
     bitmap_state: BitmapState
 
 
+def _device_node(snap: SnapshotRef) -> str:
+    """The disk's own node (below any fleecing filter), where its bitmaps live."""
+    return snap.details.get("device_node") or snap.disk.node_name
+
+
+def _filter_child(qmp: QMPMonitor, node: str) -> str:
+    """The node under filter ``node`` (its "file" child), from QEMU's block graph; "" when unknown."""
+    with contextlib.suppress(VmsnapError):
+        graph = qmp.execute("x-debug-query-block-graph")
+        names = {n["id"]: n.get("name", "") for n in graph.get("nodes", [])}
+        ids = {name: node_id for node_id, name in names.items()}
+        for edge in graph.get("edges", []):
+            if edge.get("parent") == ids.get(node) and edge.get("name") == "file":
+                return str(names.get(edge.get("child"), ""))
+    return ""
+
+
 def _bitmap_state(bitmaps: Sequence[Mapping[str, Any]], name: str) -> tuple[BitmapState, str]:
     """("ok" | "missing" | "broken", why) for bitmap ``name`` among a node's dirty bitmaps."""
     for info in bitmaps:
@@ -142,6 +165,8 @@ class BlockdevBackupStrategy:
     :param parents: for incrementals, disk name → the previous backup's image of that disk
     :param bitmap: the persistent dirty bitmap's name
     :param mode: "push" (QEMU writes the target) or "pull" (fleecing + NBD export)
+    :param wait: push mode: :meth:`create` returns once the targets are complete (False: as soon as the jobs
+        run, so a frozen guest can be thawed at once; then :meth:`finish` or :meth:`export` waits)
     :raise UsageError: bad bitmap name or mode
     """
 
@@ -169,6 +194,7 @@ class BlockdevBackupStrategy:
         parents: Mapping[str, Path] | None = None,
         bitmap: str = "vmsnap",
         mode: Mode = "push",
+        wait: bool = True,
     ) -> None:
         if mode not in ("push", "pull"):
             raise UsageError(f"unknown backup mode {mode!r}", hint="use 'push' or 'pull'")
@@ -178,10 +204,11 @@ class BlockdevBackupStrategy:
         self.parents: dict[str, Path] = {k: Path(v) for k, v in (parents or {}).items()}
         self.bitmap = validate_name(bitmap, "bitmap name")
         self.mode: Mode = mode
+        self.wait = wait
         # per backup (set id): disk name → "started" | "done" | "failed" | "confirmed"
         self._outcomes: dict[str, dict[str, str]] = {}
-        # per backup: (node, pending bitmap, bitmap was new) of deleted disks whose siblings are still open
-        self._deferred: dict[str, list[tuple[str, str, bool]]] = {}
+        # per backup: disk → (node, pending bitmap, bitmap was new), settled once all disks' outcome is known
+        self._deferred: dict[str, dict[str, tuple[str, str, bool]]] = {}
 
     # -- probing and planning -----------------------------------------------------------------------
 
@@ -193,6 +220,22 @@ class BlockdevBackupStrategy:
 
     def _target(self, disk: Disk) -> Path:
         return self.target_dir / f"{validate_name(disk.name, 'disk name')}.qcow2"
+
+    def _sidecar(self, disk_name: str) -> Path:
+        return self.target_dir / f".{disk_name}{SIDECAR_SUFFIX}"
+
+    def _write_sidecar(self, ref: SnapshotRef) -> None:
+        path = self._sidecar(ref.disk.name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump({"name": ref.name, "details": dict(ref.details)}, out)
+
+    def _read_sidecar(self, disk_name: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self._sidecar(disk_name).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and isinstance(data.get("details"), dict) else None
 
     def _bitmaps(self, qmp: QMPMonitor, disk: Disk) -> list[dict[str, Any]]:
         return qmp.dirty_bitmaps(disk.node_name)
@@ -333,9 +376,10 @@ class BlockdevBackupStrategy:
         self.target_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         set_id = f"{name}-{uuid.uuid4().hex[:8]}"
         if self.mode == "push":
-            refs = self._create_push(qmp, plans, name=name, set_id=set_id, fallback=reason)
-        else:
-            refs = self._create_pull(qmp, plans, name=name, set_id=set_id, fallback=reason)
+            return self._create_push(qmp, plans, name=name, set_id=set_id, fallback=reason)
+        refs = self._create_pull(qmp, plans, name=name, set_id=set_id, fallback=reason)
+        for ref in refs:
+            self._write_sidecar(ref)
         self._outcomes[set_id] = {p.disk.name: "started" for p in plans}
         return refs
 
@@ -349,11 +393,16 @@ class BlockdevBackupStrategy:
                     f"a backup of disk {disk.name!r} is still in QEMU (nodes {left})",
                     hint="wait for it to end, or run `vmsnap recover` to remove what a dead run left",
                 )
-            if self.mode == "push" and self._target(disk).exists():
-                raise UsageError(
-                    f"backup target {self._target(disk)} exists already",
-                    hint="move it away or choose an empty target directory",
-                )
+            self._refuse_existing(disk)
+
+    def _refuse_existing(self, disk: Disk) -> None:
+        existing = self._read_sidecar(disk.name)
+        if existing is not None or (self.mode == "push" and self._target(disk).exists()):
+            what = f"backup {existing['name']!r}" if existing else "a backup"
+            raise UsageError(
+                f"{what} of disk {disk.name!r} exists already in {self.target_dir}",
+                hint="delete it, move it away, or choose an empty target directory",
+            )
 
     def _recover_pending(self, qmp: QMPMonitor, disks: Sequence[Disk]) -> None:
         """Merge back the bits a dead run left in a pending bitmap, so no write is ever skipped."""
@@ -397,6 +446,7 @@ class BlockdevBackupStrategy:
             "parent": str(plan.parent) if plan.parent is not None else "",
             "fallback": fallback,
             "mode": self.mode,
+            "device_node": plan.disk.node_name,
             "set": set_id,
             "disks": ",".join(disks),
         }
@@ -443,7 +493,7 @@ class BlockdevBackupStrategy:
                 hint="nothing was changed on the disks; check the target directory and QEMU's log",
             ) from err
         names = [p.disk.name for p in plans]
-        return [
+        refs = [
             SnapshotRef(
                 strategy=self.name,
                 name=name,
@@ -457,6 +507,30 @@ class BlockdevBackupStrategy:
             )
             for plan in plans
         ]
+        for ref in refs:
+            self._write_sidecar(ref)
+        self._outcomes[set_id] = {p.disk.name: "started" for p in plans}
+        if self.wait:
+            self._finish_all(qmp, refs)
+        return refs
+
+    def _finish_all(self, qmp: QMPMonitor, refs: Sequence[SnapshotRef]) -> None:
+        """Wait for every job of one backup; if one fails, undo the whole backup and raise."""
+        failure: SnapshotError | None = None
+        for ref in refs:
+            try:
+                self.finish(ref)
+            except SnapshotError as err:
+                failure = failure or err
+                break
+        if failure is None:
+            return
+        for ref in refs:
+            self._mark(ref, "failed")
+        for ref in refs:
+            with contextlib.suppress(VmsnapError):
+                self.delete(ref)
+        raise failure
 
     # -- pull mode (fleecing) ---------------------------------------------------------------------------
 
@@ -472,12 +546,9 @@ class BlockdevBackupStrategy:
                     f"disk {plan.disk.name!r} is not the active node of a guest device",
                     hint="pull mode inserts a filter above the device's node; use mode='push'",
                 )
-        socket_dir = Path(tempfile.mkdtemp(prefix="vmsnap-nbd-"))  # 0700
-        socket = socket_dir / "nbd.sock"
         added: list[str] = []
         files: list[Path] = []
         swapped: list[tuple[str, str]] = []  # (qdev, original node)
-        server = False
         try:
             for plan in plans:
                 nodes = fleece_nodes(plan.disk.name)
@@ -520,12 +591,7 @@ class BlockdevBackupStrategy:
                     {"driver": "snapshot-access", "node-name": nodes["access"], "file": nodes["cbw"]}
                 )
                 added.append(nodes["access"])
-            qmp.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(socket)}}})
-            server = True
         except VmsnapError as err:
-            if server:
-                with contextlib.suppress(VmsnapError):
-                    qmp.execute("nbd-server-stop")
             for qdev, original in reversed(swapped):
                 with contextlib.suppress(VmsnapError):
                     self._set_drive(qmp, qdev, original)
@@ -539,7 +605,6 @@ class BlockdevBackupStrategy:
             for path in files:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-            shutil.rmtree(socket_dir, ignore_errors=True)
             raise SnapshotError(
                 f"pull backup of {', '.join(p.disk.name for p in plans)} could not start: {err.message}",
                 hint="the disks are back on their own nodes; check QEMU's log",
@@ -553,13 +618,12 @@ class BlockdevBackupStrategy:
                     strategy=self.name,
                     name=name,
                     disk=plan.disk,
-                    location=f"nbd+unix:///{plan.disk.name}?socket={socket}",
+                    location=str(self.target_dir / f"{plan.disk.name}.fleece"),
                     details={
                         **self._details(plan, set_id=set_id, fallback=fallback, disks=names),
                         **nodes,
                         "qdev": str(blocks[plan.disk.node_name]["qdev"]),
                         "fleece_file": str(self.target_dir / f"{plan.disk.name}.fleece"),
-                        "socket": str(socket),
                         "export": nodes["access"],
                     },
                 )
@@ -593,11 +657,7 @@ class BlockdevBackupStrategy:
             )
         runner = self.machine.runner
         for disk in disks:
-            if self._target(disk).exists():
-                raise UsageError(
-                    f"backup target {self._target(disk)} exists already",
-                    hint="move it away or choose an empty target directory",
-                )
+            self._refuse_existing(disk)
         self.target_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         set_id = f"{name}-{uuid.uuid4().hex[:8]}"
         refs: list[SnapshotRef] = []
@@ -635,7 +695,9 @@ class BlockdevBackupStrategy:
                     details={**self._details(plan, set_id=set_id, fallback="", disks=names), "pending": ""},
                 )
             )
-        self._outcomes[set_id] = {d.name: "done" for d in disks}
+        for ref in refs:
+            self._write_sidecar(ref)
+        self._outcomes[set_id] = {d.name: "confirmed" for d in disks}
         return refs
 
     def _reset_offline_bitmap(self, disk: Disk) -> None:
@@ -659,26 +721,22 @@ class BlockdevBackupStrategy:
     def _state(self, snap: SnapshotRef) -> str:
         return self._outcomes.get(snap.details.get("set", ""), {}).get(snap.disk.name, "unknown")
 
-    def _set_confirmed(self, snap: SnapshotRef) -> bool:
-        outcome = self._outcomes.get(snap.details.get("set", ""))
-        return outcome is not None and all(s == "confirmed" for s in outcome.values())
-
     def finish(self, snap: SnapshotRef, *, timeout: float = 24 * 3600.0) -> None:
         """Wait for a push backup's job to end and close its target; the target file is then complete.
 
         :raise SnapshotError: the job failed or was cancelled (the target is incomplete; :meth:`delete`
-            removes it and keeps the bitmap's bits for the next backup)
+            removes it and gives the bits back to the bitmap)
         """
         if snap.details.get("mode") != "push" or not self.machine.is_running:
             return
-        if self._state(snap) in ("done", "confirmed"):
+        if self._state(snap) == "confirmed":
             return
         qmp = self.machine.qmp()
         job = snap.details.get("job", "")
         try:
             if qmp.job(job) is not None:
                 qmp.wait_job(job, timeout=timeout)
-            elif snap.details.get("node", "") in qmp.node_names() and self._state(snap) == "unknown":
+            else:
                 raise SnapshotError(
                     f"backup job {job} of disk {snap.disk.name!r} is gone; its result is unknown",
                     hint="delete this backup and take a new one",
@@ -692,15 +750,16 @@ class BlockdevBackupStrategy:
         node = snap.details.get("node", "")
         if node in qmp.node_names():
             qmp.blockdev_del(node)  # closes (and flushes) the target
-        self._mark(snap, "done")
+        self._mark(snap, "confirmed")
+        self._settle(qmp, snap)
 
     def export(self, snap: SnapshotRef) -> AbstractContextManager[ExportSource]:
         """The backup, readable for the body of the ``with``.
 
         Push: waits for the job (:meth:`finish`), then yields the target qcow2 file (for incrementals its
         backing file is the parent). Pull: adds an NBD export of the snapshot; for incrementals
-        ``dirty_bitmap`` names the ``qemu:dirty-bitmap:…`` context that marks the changed blocks.
-        A body that ends without an error confirms the backup of this disk.
+        ``dirty_bitmap`` names the ``qemu:dirty-bitmap:…`` context that marks the changed blocks; a body
+        that ends without an error confirms the pull backup of this disk.
 
         :raise SnapshotError: the job failed, or the export could not be added
         """
@@ -712,6 +771,8 @@ class BlockdevBackupStrategy:
             with self._nbd_export(snap) as source:
                 yield source
             self._mark(snap, "confirmed")
+            if self.machine.is_running:
+                self._settle(self.machine.qmp(), snap)
             return
         self.finish(snap)
         target = Path(snap.details["target"])
@@ -724,7 +785,6 @@ class BlockdevBackupStrategy:
             disk=snap.disk,
             virtual_size=snap.disk.virtual_size,
         )
-        self._mark(snap, "confirmed")
 
     @contextlib.contextmanager
     def _nbd_export(self, snap: SnapshotRef) -> Iterator[ExportSource]:
@@ -740,10 +800,21 @@ class BlockdevBackupStrategy:
         pending = snap.details.get("pending", "")
         incremental = snap.details.get("kind") == "incremental"
         if incremental:
-            arguments["bitmaps"] = [{"node": snap.disk.node_name, "name": pending}]
+            arguments["bitmaps"] = [{"node": _device_node(snap), "name": pending}]
+        socket_dir = Path(tempfile.mkdtemp(prefix="vmsnap-nbd-"))  # 0700: only we reach the socket
+        socket = socket_dir / "nbd.sock"
+        try:
+            qmp.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(socket)}}})
+        except QMPCommandError as err:
+            shutil.rmtree(socket_dir, ignore_errors=True)
+            raise SnapshotError(
+                f"cannot start QEMU's NBD server for disk {snap.disk.name!r}: {err.desc}",
+                hint="export one disk at a time (QEMU runs one NBD server), or stop the other NBD server",
+            ) from err
         try:
             qmp.execute("block-export-add", arguments)
         except QMPCommandError as err:
+            self._stop_server(qmp, socket_dir)
             raise SnapshotError(
                 f"cannot export the backup of disk {snap.disk.name!r} over NBD: {err.desc}",
                 hint="is another export of this disk still open?",
@@ -751,7 +822,7 @@ class BlockdevBackupStrategy:
         try:
             yield ExportSource(
                 kind="nbd",
-                location=f"nbd+unix:///{snap.disk.name}?socket={snap.details['socket']}",
+                location=f"nbd+unix:///{snap.disk.name}?socket={socket}",
                 format="raw",
                 disk=snap.disk,
                 virtual_size=snap.disk.virtual_size,
@@ -762,78 +833,78 @@ class BlockdevBackupStrategy:
             raise
         finally:
             self._del_export(qmp, export_id)
+            self._stop_server(qmp, socket_dir)
+
+    @staticmethod
+    def _stop_server(qmp: QMPMonitor, socket_dir: Path) -> None:
+        with contextlib.suppress(QMPCommandError):
+            qmp.execute("nbd-server-stop")
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
     @staticmethod
     def _del_export(qmp: QMPMonitor, export_id: str) -> None:
         exports = {e.get("id") for e in qmp.execute("query-block-exports")}
-        if export_id not in exports:
+        if not export_id or export_id not in exports:
             return
         qmp.execute("block-export-del", {"id": export_id, "mode": "hard"})
         with contextlib.suppress(VmsnapError):
             qmp.wait_event("BLOCK_EXPORT_DELETED", match={"id": export_id}, timeout=30)
 
     def abandon(self, snaps: Sequence[SnapshotRef]) -> None:
-        """Say that these backups were not kept (e.g. their manifest could not be written), so that
-        :meth:`delete` gives their bits back to the bitmap even though every job succeeded."""
+        """Say, before :meth:`delete`, that these backups were not kept (e.g. their manifest could not be
+        written), so the bits of those not yet settled go back to the bitmap."""
         for snap in snaps:
             self._mark(snap, "failed")
 
     # -- delete -------------------------------------------------------------------------------------------
 
     def delete(self, snap: SnapshotRef) -> None:
-        """End the backup of one disk: cancel a job still running, remove the target and fleecing nodes,
-        settle the bitmap, and remove the target file when the backup is incomplete (a complete target is
-        the backup: it stays unless the caller moved it away already).
-
-        The bits of a backup are dropped only once every disk of it was confirmed (its export ended
-        without an error); if any disk failed they go back into the bitmap (a bitmap that a failed full
-        backup created is removed). While siblings are still open the decision waits for them.
+        """End the backup of one disk: cancel a job still running, remove the target or fleecing nodes from
+        QEMU, settle the bitmap, and forget the backup (its record file). The target file is removed when
+        the backup is incomplete; a complete target is the backup and stays (the caller owns it).
 
         :raise SnapshotError: QEMU refused to remove a node (the message names it)
         """
-        if not self.machine.is_running:
-            if self._state(snap) not in ("done", "confirmed"):
-                self._remove_target(snap)
-            return
-        qmp = self.machine.qmp()
-        try:
-            if snap.details.get("mode") == "pull":
-                self._delete_pull(qmp, snap)
-                job_result = "unknown"
-            else:
-                job_result = self._delete_push(qmp, snap)
-        except QMPCommandError as err:
-            raise SnapshotError(
-                f"cleaning up the backup of disk {snap.disk.name!r} failed: {err.message}",
-                hint="run `vmsnap recover` once QEMU is idle",
-            ) from err
+        job_result = "unknown"
+        if self.machine.is_running:
+            qmp = self.machine.qmp()
+            try:
+                if snap.details.get("mode") == "pull":
+                    self._delete_pull(qmp, snap)
+                else:
+                    job_result = self._delete_push(qmp, snap)
+            except QMPCommandError as err:
+                raise SnapshotError(
+                    f"cleaning up the backup of disk {snap.disk.name!r} failed: {err.message}",
+                    hint="run `vmsnap recover` once QEMU is idle",
+                ) from err
         state = self._state(snap)
-        if job_result == "failed" or (state == "started" and job_result != "ok"):
+        if state not in ("confirmed", "unknown") or job_result == "failed":
             self._mark(snap, "failed")
-            self._remove_target(snap)
-        elif state == "unknown" and job_result == "unknown":
-            pass  # another process ran this backup: its outcome is not known here
-        elif state != "confirmed":
-            self._mark(snap, "failed")  # never exported: its bits must not be dropped
-        self._settle(qmp, snap)
+            if snap.details.get("mode") == "push" and (job_result != "ok" or state == "failed"):
+                self._remove_target(snap)
+        with contextlib.suppress(FileNotFoundError):
+            self._sidecar(snap.disk.name).unlink()
+        if self.machine.is_running:
+            self._settle(self.machine.qmp(), snap)
 
     def _settle(self, qmp: QMPMonitor, snap: SnapshotRef) -> None:
         """Drop or give back the bits of ``snap``'s backup once the outcome of all its disks is known."""
         set_id = snap.details.get("set", "")
+        entry = (_device_node(snap), snap.details.get("pending", ""), snap.details.get("bitmap_new") == "1")
         outcome = self._outcomes.get(set_id)
-        entry = (snap.disk.node_name, snap.details.get("pending", ""), snap.details.get("bitmap_new") == "1")
-        if outcome is None:  # unknown here (another process): never drop bits we cannot vouch for
-            self._undo_bitmap(qmp, entry[0], new_bitmap=entry[2] and self._state(snap) == "failed")
+        if outcome is None:  # a backup of another process: never drop bits we cannot vouch for
+            self._undo_bitmap(qmp, entry[0], new_bitmap=False)
             return
-        waiting = self._deferred.setdefault(set_id, [])
-        waiting.append(entry)
+        waiting = self._deferred.setdefault(set_id, {})
+        waiting[snap.disk.name] = entry
         states = set(outcome.values())
         if "failed" in states:
-            for node, _pending, new_bitmap in waiting:
+            for node, _pending, new_bitmap in waiting.values():
                 self._undo_bitmap(qmp, node, new_bitmap=new_bitmap)
             waiting.clear()
         elif states == {"confirmed"}:
-            for node, pending, _new in waiting:
+            for node, pending, _new in waiting.values():
                 if pending and any(b.get("name") == pending for b in qmp.dirty_bitmaps(node)):
                     qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": pending})
             waiting.clear()
@@ -864,7 +935,7 @@ class BlockdevBackupStrategy:
         qdev = snap.details.get("qdev", "")
         cbw = snap.details.get("cbw", "")
         if qdev and self._drive_of(qmp, qdev) == cbw:
-            self._set_drive(qmp, qdev, snap.disk.node_name)
+            self._set_drive(qmp, qdev, _device_node(snap))
         nodes = qmp.node_names()
         for key in ("access", "cbw", "fleece"):
             node = snap.details.get(key, "")
@@ -874,15 +945,6 @@ class BlockdevBackupStrategy:
         if fleece_file:
             with contextlib.suppress(FileNotFoundError):
                 Path(fleece_file).unlink()
-        socket = snap.details.get("socket", "")
-        if socket and not any(
-            str(e.get("id", "")).startswith("vfl-") for e in qmp.execute("query-block-exports")
-        ):
-            still_fleecing = any(n.startswith("vfl-") for n in qmp.node_names())
-            if not still_fleecing:
-                with contextlib.suppress(QMPCommandError):
-                    qmp.execute("nbd-server-stop")
-                shutil.rmtree(Path(socket).parent, ignore_errors=True)
 
     def _remove_target(self, snap: SnapshotRef) -> None:
         target = snap.details.get("target", "")
@@ -934,45 +996,37 @@ class BlockdevBackupStrategy:
             ) from err
 
     def list(self) -> Sequence[SnapshotRef]:
-        """Backups of this machine's disks that exist now: target files in ``target_dir`` and backups
-        still in QEMU (running jobs, fleecing graphs). Their name is the target directory's name."""
+        """The backups of this machine's disks that are recorded in ``target_dir`` or still in QEMU (running
+        jobs, fleecing graphs a dead run left; those are named after ``target_dir``)."""
         refs: list[SnapshotRef] = []
-        nodes = self.machine.qmp().node_names() if self.machine.is_running else set()
+        qmp = self.machine.qmp() if self.machine.is_running else None
+        nodes = qmp.node_names() if qmp is not None else set()
         for disk in self.machine.disks():
-            target = self.target_dir / f"{disk.name}.qcow2"
-            flee = fleece_nodes(disk.name)
-            in_qemu = target_node(disk.name) in nodes or flee["cbw"] in nodes
-            if not target.exists() and not in_qemu:
-                continue
-            pull = flee["cbw"] in nodes
-            details: dict[str, str] = {
-                "bitmap": self.bitmap,
-                "pending": self.bitmap + PENDING_SUFFIX,
-                "bitmap_new": "",
-                "mode": "pull" if pull else "push",
-                "target": "" if pull else str(target),
-                "fallback": "",
-                "set": "",
-            }
-            if pull:
-                details.update(flee)
-                details.update({"qdev": disk.qdev or "", "export": flee["access"]})
-                details["fleece_file"] = str(self.target_dir / f"{disk.name}.fleece")
-            else:
-                details.update({"job": target_node(disk.name), "node": target_node(disk.name)})
-            kind = "full"
-            if target.exists():
-                with contextlib.suppress(CommandError, json.JSONDecodeError):
-                    info = image_info(self.machine.runner, target)
-                    kind = "incremental" if info.get("backing-filename") else "full"
-            details["kind"] = kind
-            refs.append(
-                SnapshotRef(
-                    strategy=self.name,
-                    name=self.target_dir.name,
-                    disk=disk,
-                    location=str(target),
-                    details=details,
+            record = self._read_sidecar(disk.name)
+            if record is not None:
+                refs.append(
+                    SnapshotRef(
+                        strategy=self.name,
+                        name=str(record["name"]),
+                        disk=disk,
+                        location=str(record["details"].get("target", "")),
+                        details={str(k): str(v) for k, v in record["details"].items()},
+                    )
                 )
+                continue
+            flee = fleece_nodes(disk.name)
+            if flee["cbw"] in nodes or flee["fleece"] in nodes:
+                details = {**flee, "mode": "pull", "qdev": disk.qdev or "", "export": flee["access"]}
+                cbw_up = qmp is not None and flee["cbw"] in nodes
+                details["device_node"] = _filter_child(qmp, flee["cbw"]) if qmp is not None and cbw_up else ""
+                details["pending"] = self.bitmap + PENDING_SUFFIX
+            elif target_node(disk.name) in nodes:
+                details = {"mode": "push", "job": target_node(disk.name), "node": target_node(disk.name)}
+                details.update({"pending": self.bitmap + PENDING_SUFFIX, "target": str(self._target(disk))})
+            else:
+                continue
+            details.update({"bitmap": self.bitmap, "kind": "unknown", "fallback": "", "set": ""})
+            refs.append(
+                SnapshotRef(strategy=self.name, name=self.target_dir.name, disk=disk, details=details)
             )
         return refs
