@@ -1,0 +1,263 @@
+"""LvmSnapshotStrategy for real, inside the lab guest (this host's kernel has no device-mapper).
+
+A raw virtio disk becomes PV/VG ``vg0`` with an ext4 LV holding a data file (a "VM image") and an LV that is
+a raw disk itself; the strategy runs through the guest's AgentRunner and every check compares sha256 sums
+computed in the guest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+from vmsnap.agent import GuestAgent
+from vmsnap.errors import SnapshotError, UnsupportedError
+from vmsnap.lab.guest import LabGuest
+from vmsnap.lab.image import LabImage
+from vmsnap.lab.qemu import DriveSpec
+from vmsnap.model import Disk
+from vmsnap.qmp import QMPMonitor
+from vmsnap.registry import strategy_class
+from vmsnap.runner import Runner
+from vmsnap.storage import list_logical_volumes
+from vmsnap.strategies.lvm import SNAPSHOT_TAG, LvmSnapshotStrategy
+
+pytestmark = pytest.mark.guest
+
+MiB = 1 << 20
+FILES_MOUNT = "/mnt/lvfiles"
+IMAGE = f"{FILES_MOUNT}/vm.img"
+
+
+@attrs.define
+class GuestDisksMachine:
+    """A stopped "VM" whose disks are files or LVs inside the lab guest, reached through its AgentRunner."""
+
+    name: str
+    runner: Runner
+    disk_list: list[Disk]
+
+    @property
+    def is_running(self) -> bool:
+        return False
+
+    def disks(self) -> list[Disk]:
+        return list(self.disk_list)
+
+    def qmp(self) -> QMPMonitor:
+        raise UnsupportedError(f"{self.name} has no QMP monitor: its disks live inside the lab guest")
+
+    def agent(self) -> GuestAgent | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+@attrs.define
+class LvmLab:
+    guest: LabGuest
+    runner: Runner
+    image_disk: Disk  # a raw image file on ext4 on vg0/files
+    raw_disk: Disk  # the LV vg0/raw is the disk
+    big_disk: Disk  # vg0/big, larger than the VG's free space
+
+    def machine(self, *disks: Disk) -> GuestDisksMachine:
+        return GuestDisksMachine("lvmvm", self.runner, list(disks))
+
+    def sh(self, script: str) -> str:
+        return self.runner.run(["sh", "-c", script], timeout=300).stdout
+
+    def sha(self, path: str) -> str:
+        return self.runner.run(["sha256sum", path], timeout=300).stdout.split()[0]
+
+    def scribble(self, path: str, mib: int, *, seek: int = 0) -> None:
+        """Overwrite ``mib`` MiB at ``seek`` MiB with random bytes, on stable storage before returning."""
+        flags = ["oflag=direct"] if path.startswith("/dev/") else []
+        argv = ["dd", "if=/dev/urandom", f"of={path}", "bs=1M", f"count={mib}", f"seek={seek}"]
+        self.runner.run([*argv, "conv=notrunc,fsync", *flags, "status=none"], timeout=300)
+
+    def snapshot_lvs(self) -> list[str]:
+        return sorted(v.full_name for v in list_logical_volumes(self.runner, "vg0") if v.is_snapshot)
+
+
+SETUP = f"""set -e
+pv=/dev/disk/by-id/virtio-pv0
+lvm pvcreate -q $pv
+lvm vgcreate -q vg0 $pv
+lvm lvcreate -q -n files -L 16M vg0
+lvm lvcreate -q -n raw -L 8M vg0
+lvm lvcreate -q -n big -L 64M vg0
+mke2fs -q -t ext4 /dev/vg0/files
+mkdir -p {FILES_MOUNT}
+mount /dev/vg0/files {FILES_MOUNT}
+dd if=/dev/urandom of={IMAGE} bs=1M count=2 status=none
+echo other > {FILES_MOUNT}/other.txt
+dd if=/dev/urandom of=/dev/vg0/raw bs=1M count=8 oflag=direct status=none
+sync
+"""
+
+
+@pytest.fixture(scope="module")
+def lvm_lab(lab_image: LabImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LvmLab]:
+    """One lab guest for this module with a 128 MiB raw PV disk set up as vg0 (see SETUP)."""
+    workdir = tmp_path_factory.mktemp("lvm-guest")
+    pv = workdir / "pv0.raw"
+    with open(pv, "wb") as f:
+        f.truncate(128 * MiB)
+    drive = DriveSpec(pv, "pv0", format="raw", serial="pv0")
+    with LabGuest(
+        workdir, extra_drives=[drive], data_disk_size=None, image=lab_image, name="lvmlab"
+    ) as guest:
+        runner = guest.runner
+        runner.run(["sh", "-c", SETUP], timeout=300)
+        yield LvmLab(
+            guest,
+            runner,
+            Disk("vmimg", "", Path(IMAGE), "raw", 2 * MiB),
+            Disk("rawdisk", "", Path("/dev/vg0/raw"), "raw", 8 * MiB),
+            Disk("bigdisk", "", Path("/dev/vg0/big"), "raw", 64 * MiB),
+        )
+
+
+@pytest.fixture
+def lab(lvm_lab: LvmLab) -> Iterator[LvmLab]:
+    """The module's guest; snapshots a test leaves behind (also on failure) are removed after it."""
+    yield lvm_lab
+    lvm_lab.runner.run(
+        [
+            "sh",
+            "-c",
+            f"mountpoint -q {FILES_MOUNT} || mount /dev/vg0/files {FILES_MOUNT}; "
+            f"lvm lvremove -y @{SNAPSHOT_TAG} >/dev/null 2>&1; true",
+        ],
+        timeout=300,
+    )
+
+
+def test_registered_under_its_name() -> None:
+    assert strategy_class("lvm") is LvmSnapshotStrategy
+    assert LvmSnapshotStrategy.traits.scope == "all storage"
+
+
+def test_snapshots_export_the_bytes_of_that_instant_for_an_image_file_and_a_whole_lv(lab: LvmLab) -> None:
+    disks = [lab.image_disk, lab.raw_disk]
+    before = {d.name: lab.sha(str(d.file)) for d in disks}
+    machine = lab.machine(*disks)
+    strategy = LvmSnapshotStrategy(machine)
+    assert all(strategy.probe(d) for d in disks)
+    refs = strategy.create(disks, name="first")
+    assert [r.details["kind"] for r in refs] == ["file", "device"]
+    assert refs[0].details["snapshot_lv"] == "vg0/files.vmsnap.first"
+    assert refs[0].location == "/dev/vg0/files.vmsnap.first"
+    # the default rule asks for at least 64 MiB, capped at what an 8 MiB origin can ever need
+    assert int(refs[1].details["cow_size"]) == 8 * MiB + 8 * MiB // 64 + MiB
+    assert "all of /mnt/lvfiles" in refs[0].details["warning"]
+    lab.scribble(IMAGE, 1, seek=1)
+    lab.scribble("/dev/vg0/raw", 2, seek=3)
+    for disk in disks:
+        assert lab.sha(str(disk.file)) != before[disk.name]
+    for ref in refs:
+        with strategy.export(ref) as source:
+            assert source.kind == ("file" if ref.disk.name == "vmimg" else "block")
+            assert lab.sha(source.location) == before[ref.disk.name], ref.disk.name
+    assert "vmsnap-lvm" not in lab.sh("ls /tmp; grep vmsnap-lvm /proc/self/mountinfo || true")
+    fill = strategy.fill(refs[1])
+    assert fill is not None and 0.0 < fill < 100.0
+    listed = LvmSnapshotStrategy(machine).list()  # a new instance knows only the machine
+    assert [(r.name, r.disk.name, r.location) for r in listed] == [
+        (r.name, r.disk.name, r.location) for r in refs
+    ]
+    for ref in listed:
+        strategy.delete(ref)
+        strategy.delete(ref)  # gone already: a no-op
+    assert lab.snapshot_lvs() == []
+    assert LvmSnapshotStrategy(machine).list() == []
+
+
+def test_an_overflowing_snapshot_fails_the_export_loudly_and_breaks_nothing(lab: LvmLab) -> None:
+    strategy = LvmSnapshotStrategy(lab.machine(lab.raw_disk), snapshot_size="4M")
+    (ref,) = strategy.create([lab.raw_disk], name="tiny")
+    assert int(ref.details["cow_size"]) == 4 * MiB
+    # the snapshot overflows while a transport reads it: the export must not end quietly
+    overflow = r"is invalid: its copy-on-write area .* ran full"
+    with pytest.raises(SnapshotError, match=overflow), strategy.export(ref):
+        lab.scribble("/dev/vg0/raw", 6)
+    written = lab.sha("/dev/vg0/raw")
+    with pytest.raises(SnapshotError, match="invalid"), strategy.export(ref):
+        pytest.fail("an invalid snapshot must not be exported")
+    assert lab.sha("/dev/vg0/raw") == written  # the origin has every write
+    strategy.delete(ref)
+    assert lab.snapshot_lvs() == []
+
+
+def test_no_space_for_a_snapshot_is_refused_before_anything_is_created(lab: LvmLab) -> None:
+    strategy = LvmSnapshotStrategy(lab.machine(lab.raw_disk, lab.big_disk), snapshot_size=1.0)
+    with pytest.raises(SnapshotError, match=r"volume group vg0 has \d+ MiB free; the snapshot\(s\) need"):
+        strategy.create([lab.raw_disk, lab.big_disk], name="huge")
+    assert lab.snapshot_lvs() == []
+
+
+def test_rollback_merges_the_snapshot_back_now_or_on_next_activation(lab: LvmLab) -> None:
+    machine = lab.machine(lab.raw_disk, lab.image_disk)
+    strategy = LvmSnapshotStrategy(machine)
+    raw_before, image_before = lab.sha("/dev/vg0/raw"), lab.sha(IMAGE)
+    raw_ref, image_ref = strategy.create([lab.raw_disk, lab.image_disk], name="undo")
+    lab.scribble("/dev/vg0/raw", 4, seek=2)
+    lab.scribble(IMAGE, 2)
+    lab.sh(f"echo changed > {FILES_MOUNT}/other.txt; sync")
+    # nothing holds vg0/raw open: the merge runs to the end inside lvconvert
+    strategy.rollback(raw_ref)
+    assert not strategy.merge_pending(raw_ref)
+    assert lab.sha("/dev/vg0/raw") == raw_before
+    # vg0/files is mounted: LVM defers the merge, and the user is told how to finish it
+    strategy.rollback(image_ref)
+    assert strategy.merge_pending(image_ref)
+    assert any("next activation" in w and "lvchange -an vg0/files" in w for w in strategy.warnings)
+    lab.sh(f"umount {FILES_MOUNT} && lvm lvchange -an vg0/files && lvm lvchange -ay vg0/files")
+    deadline = time.monotonic() + 60
+    while strategy.merge_pending(image_ref) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not strategy.merge_pending(image_ref)
+    lab.sh(f"mount /dev/vg0/files {FILES_MOUNT}")
+    assert lab.sha(IMAGE) == image_before
+    assert lab.sh(f"cat {FILES_MOUNT}/other.txt") == "other\n"  # scope: the whole filesystem went back
+    assert lab.snapshot_lvs() == []
+
+
+def test_a_thin_volume_is_snapshotted_without_a_size_and_read_after_activation(lab: LvmLab) -> None:
+    lab.sh("lvm lvcreate -q -T vg0/pool -L 16M && lvm lvcreate -q -V 8M -T vg0/pool -n thin")
+    try:
+        lab.scribble("/dev/vg0/thin", 3)
+        disk = Disk("thindisk", "", Path("/dev/vg0/thin"), "raw", 8 * MiB)
+        before = lab.sha("/dev/vg0/thin")
+        strategy = LvmSnapshotStrategy(lab.machine(disk))
+        (ref,) = strategy.create([disk], name="thin1")
+        assert ref.details["thin"] == "1" and "cow_size" not in ref.details
+        lab.scribble("/dev/vg0/thin", 2, seek=1)
+        with strategy.export(ref) as source:
+            assert lab.sha(source.location) == before
+        (volume,) = [v for v in list_logical_volumes(lab.runner, "vg0") if v.name == "thin.vmsnap.thin1"]
+        assert volume.is_thin and not volume.is_active  # deactivated again after the export
+        strategy.delete(ref)
+        assert lab.snapshot_lvs() == []
+    finally:
+        lab.sh("lvm lvremove -y vg0/thin vg0/pool >/dev/null 2>&1 || true")
+
+
+def test_a_disk_not_on_lvm_is_refused_naming_what_it_is_on(lab: LvmLab) -> None:
+    lab.sh("dd if=/dev/zero of=/tmp/plain.img bs=1k count=64 status=none")
+    disk = Disk("plain", "", Path("/tmp/plain.img"), "raw", 64 << 10)
+    strategy = LvmSnapshotStrategy(lab.machine(disk))
+    assert not strategy.probe(disk)
+    with pytest.raises(
+        UnsupportedError,
+        match=r"disk plain: /tmp/plain.img is not on an LVM logical volume: "
+        r"it is on rootfs",
+    ):
+        strategy.create([disk], name="x")
+    assert lab.snapshot_lvs() == []
