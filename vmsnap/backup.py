@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -271,11 +272,18 @@ class Backup:
         started = time.monotonic()
         vm = validate_name(self.machine.name, "VM name")
         repo = Repository.open(self.config.repo, create=True, runner=self.machine.runner)
-        with repo.lock(vm):
-            report = recover_leftovers(repo, self.machine)
-            for action in report.actions:
-                self._note(f"recovered a dead run: {action}")
-            return self._run_locked(repo, vm, started)
+        with repo.lock(vm), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter(
+                "always"
+            )  # strategies warn (fallbacks, slow settings): pass them on as notes
+            try:
+                report = recover_leftovers(repo, self.machine)
+                for action in report.actions:
+                    self._note(f"recovered a dead run: {action}")
+                return self._run_locked(repo, vm, started)
+            finally:
+                for warning in caught:
+                    self._note(str(warning.message))
 
     def _resolve(self) -> tuple[str, str, str, list[Disk]]:
         """(strategy, transport, mode, disks) after "auto" choices and checks."""
@@ -436,11 +444,11 @@ class Backup:
                 raise SnapshotError(f"strategy {strategy_name} returned no snapshot for disk {disk.name}")
             target = staging / f"{disk.name}.qcow2"
             journal.record("exporting", disk=disk.name)
-            if transport_name == PUSH:
-                written[disk.name] = self._adopt_push_target(ref, target)
-                transports_used.add(PUSH)
-            else:
-                with strategy.export(ref) as source:
+            with strategy.export(ref) as source:
+                if transport_name == PUSH:  # QEMU wrote the backup; export waited for its job
+                    written[disk.name] = self._adopt_push_target(source.location, target)
+                    transports_used.add(PUSH)
+                else:
                     transport, used = self._transport_for(transport_name, source)
                     stats = transport.send(
                         source,
@@ -449,8 +457,8 @@ class Backup:
                     )
                     written[disk.name] = int(stats.bytes_written)
                     transports_used.add(used)
-                    if index == 0:
-                        crash_point("mid-export")
+                if index == 0:
+                    crash_point("mid-export")
             journal.record("exported", disk=disk.name, bytes_written=written[disk.name])
         crash_point("after-export")
         for disk in disks:
@@ -519,15 +527,11 @@ class Backup:
             hint="choose another --transport (copy reads files and devices, nbd reads NBD exports)",
         )
 
-    def _adopt_push_target(self, ref: SnapshotRef, target: Path) -> int:
+    @staticmethod
+    def _adopt_push_target(location: str, target: Path) -> int:
         """Strategy backup (push) wrote the image itself: check it is where the repository expects it."""
-        written = Path(ref.details.get("target") or ref.location)
-        if written.resolve() != target.resolve():
-            if not written.is_file():
-                raise SnapshotError(f"strategy backup reported target {written}, which does not exist")
-            os.replace(written, target)
-        if not target.is_file():
-            raise SnapshotError(f"strategy backup wrote no image {target}")
+        if not target.is_file() or Path(location).resolve() != target.resolve():
+            raise SnapshotError(f"strategy backup wrote {location}, not the staged image {target}")
         return target.stat().st_blocks * 512
 
     def _rebase_fallbacks(
@@ -586,8 +590,12 @@ def undo_run(repo: Repository, machine: Machine, journal: Journal) -> list[str]:
             refs = journal.snapshots()
             if not journal.has("created"):  # died inside create: ask the strategy what exists
                 name = str(journal.data("creating")[-1]["name"])
-                refs = [r for r in strategy.list() if r.name == name]
+                # internal/external name snapshots as asked; backup names them after its target directory
+                refs = [r for r in strategy.list() if r.name in (name, Path(str(header["staging"])).name)]
             deleted = journal.deleted_disks()
+            abandon = getattr(strategy, "abandon", None)
+            if abandon is not None:  # strategy backup: give the bits back to the dirty bitmap
+                abandon([r for r in refs if r.disk.name not in deleted])
             for ref in refs:
                 if ref.disk.name in deleted:
                     continue

@@ -1,0 +1,141 @@
+"""Helpers for the end-to-end CLI tests: run ``vmsnap`` in-process or as a process, write data into a running
+VM's disks, and capture what a disk holds at a given moment."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from tests.conftest import RunningVm
+from vmsnap.cli import main
+from vmsnap.lab.qemu import qemu_io
+
+VMSNAP = str(Path(sys.executable).with_name("vmsnap"))
+
+
+@attrs.frozen
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+    @property
+    def error_line(self) -> str:
+        lines = [line for line in self.err.splitlines() if line.strip()]
+        assert len(lines) == 1, f"expected one error line, got: {self.err!r}"
+        return lines[0]
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> CliResult:
+    """``vmsnap ARGV`` in this process (the VM's QMP socket must be free: close the fixture's connection)."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return CliResult(code, captured.out, captured.err)
+
+
+def cli_process(*argv: str | Path, env: Mapping[str, str] | None = None, timeout: float = 120) -> CliResult:
+    """``vmsnap ARGV`` as a separate process (what a user runs; needed to kill it mid-way)."""
+    full_env = {**os.environ, **(env or {})}
+    done = subprocess.run(
+        [VMSNAP, *[str(a) for a in argv]], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+    return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+def vm_args(vm: RunningVm) -> list[str]:
+    """The CLI's VM selector for ``vm``; frees its QMP socket (QEMU serves one client at a time)."""
+    vm.machine.close()
+    return ["--qmp", str(vm.process.qmp_socket)]
+
+
+def write(vm: RunningVm, disk: str, *commands: str) -> None:
+    """Run qemu-io commands on a guest disk (as guest writes), flush, and free the QMP socket again."""
+    qmp = vm.machine.qmp()
+    try:
+        for command in commands:
+            qemu_io(qmp, disk, command)
+        qemu_io(qmp, disk, "flush")
+    finally:
+        vm.machine.close()
+
+
+def block_state(vm: RunningVm) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """(device, node, file, backing files) per attached disk, plus the node names QEMU has (sorted)."""
+    qmp = vm.machine.qmp()
+    try:
+        disks = [
+            (d.name, d.node_name, str(d.file), tuple(str(p) for p in d.backing_chain)) for d in qmp.disks()
+        ]
+        nodes = tuple(sorted(qmp.node_names()))
+        jobs = tuple(j.id for j in qmp.query_jobs())
+    finally:
+        vm.machine.close()
+    return [*disks, ("nodes", "", "", nodes), ("jobs", "", "", jobs)]
+
+
+def capture(vm: RunningVm, disk: str, dest: Path) -> Path:
+    """What the guest sees on ``disk`` right now (after a flush), as a standalone qcow2 at ``dest``."""
+    qmp = vm.machine.qmp()
+    try:
+        qemu_io(qmp, disk, "flush")
+        current = next(d for d in qmp.disks() if d.name == disk)
+    finally:
+        vm.machine.close()
+    subprocess.run(
+        ["qemu-img", "convert", "-U", "-f", current.format, "-O", "qcow2", str(current.file), str(dest)],
+        check=True,
+    )
+    return dest
+
+
+def same_content(a: Path, b: Path) -> bool:
+    """True when two images hold the same guest-visible content (``qemu-img compare``)."""
+    return subprocess.run(["qemu-img", "compare", "-q", "-U", str(a), str(b)]).returncode == 0
+
+
+def restore_and_compare(
+    capsys: pytest.CaptureFixture[str], repo: Path, backup_id: str, out: Path, expected: Mapping[str, Path]
+) -> None:
+    """Restore ``backup_id`` into ``out`` through the CLI and compare each disk with ``expected``."""
+    result = cli(
+        capsys, "restore", "--repo", repo, "--vm", "testvm", "--backup", backup_id, "--to", out, "--json"
+    )
+    assert result.code == 0, result.err
+    data = result.json()
+    assert data["backup_id"] == backup_id
+    assert sorted(d["name"] for d in data["disks"]) == sorted(expected)
+    for disk, reference in expected.items():
+        restored = out / f"{disk}.qcow2"
+        assert same_content(restored, reference), f"{backup_id}/{disk} differs from what the disk held"
+
+
+def backup(capsys: pytest.CaptureFixture[str], vm: RunningVm, repo: Path, *extra: str) -> dict[str, Any]:
+    """``vmsnap backup --json`` through the CLI; returns the JSON object."""
+    result = cli(capsys, "backup", "--repo", repo, *vm_args(vm), *extra, "--json")
+    assert result.code == 0, result.err
+    data: dict[str, Any] = result.json()
+    return data
+
+
+def listed(capsys: pytest.CaptureFixture[str], repo: Path, *extra: str) -> list[str]:
+    result = cli(capsys, "list", "--repo", repo, "--json", *extra)
+    assert result.code == 0, result.err
+    return [b["backup_id"] for b in result.json()["backups"]]
+
+
+def no_leftovers(repo: Path, vm: str = "testvm") -> bool:
+    vm_dir = repo / vm
+    names: Sequence[str] = [p.name for p in vm_dir.iterdir()] if vm_dir.exists() else []
+    return not [n for n in names if n.startswith((".partial-", ".deleting-", ".journal"))]

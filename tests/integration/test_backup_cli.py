@@ -1,0 +1,160 @@
+"""End to end through the CLI on a running two-disk QEMU: backup → write more → incremental → restore →
+compare with what the disks held at each backup; every strategy and transport pair that makes sense here."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RunningVm
+from tests.integration.cli_helpers import (
+    backup,
+    block_state,
+    capture,
+    cli,
+    listed,
+    no_leftovers,
+    restore_and_compare,
+    write,
+)
+
+DISKS = ("disk0", "disk1")
+BACKUP_KEYS = {"vm", "backup_id", "kind", "strategy", "transport", "disks", "seconds"}
+DISK_KEYS = {"name", "file", "virtual_size", "bytes_written", "sha256"}
+
+
+def test_backup_strategy_full_then_incrementals_restore_each_moment(
+    two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    vm = two_disk_vm
+    repo = tmp_path / "repo"
+    before = block_state(vm)
+    write(vm, "disk0", "write -P 0x11 0 4M", "write -P 0x12 16M 1M")
+    write(vm, "disk1", "write -P 0x21 1M 2M")
+    expected = [{d: capture(vm, d, tmp_path / f"b1-{d}.qcow2") for d in DISKS}]
+    first = backup(capsys, vm, repo)
+    assert set(first) == BACKUP_KEYS
+    assert all(set(d) == DISK_KEYS for d in first["disks"])
+    assert (first["vm"], first["kind"], first["strategy"], first["transport"]) == (
+        "testvm",
+        "full",
+        "backup",
+        "none",
+    )
+
+    write(vm, "disk0", "write -P 0x31 2M 64k", "write -z 16M 64k")
+    write(vm, "disk1", "write -P 0x41 40M 1M", "discard 1M 64k")
+    expected.append({d: capture(vm, d, tmp_path / f"b2-{d}.qcow2") for d in DISKS})
+    second = backup(capsys, vm, repo, "--incremental")
+    assert second["kind"] == "incremental"
+
+    write(vm, "disk1", "write -P 0x51 0 64k")
+    expected.append({d: capture(vm, d, tmp_path / f"b3-{d}.qcow2") for d in DISKS})
+    third = backup(capsys, vm, repo, "--incremental")
+    assert third["kind"] == "incremental"
+
+    ids = [first["backup_id"], second["backup_id"], third["backup_id"]]
+    assert listed(capsys, repo) == ids == sorted(ids)
+    manifests = {b["backup_id"]: b for b in cli(capsys, "list", "--repo", repo, "--json").json()["backups"]}
+    assert manifests[ids[1]]["parent"] == ids[0] and manifests[ids[2]]["parent"] == ids[1]
+    # an incremental holds only the changed clusters: far less than the full backup
+    full_size = sum(d["bytes_written"] for d in first["disks"])
+    assert sum(d["bytes_written"] for d in third["disks"]) < full_size / 4
+    for backup_id, reference in zip(ids, expected, strict=True):
+        restore_and_compare(capsys, repo, backup_id, tmp_path / f"restore-{backup_id}", reference)
+    for reader in ("qemu", "libqcow"):
+        result = cli(capsys, "verify", "--repo", repo, "--reader", reader, "--json")
+        assert result.code == 0, result.err
+        assert result.json()["ok"] and len(result.json()["checked"]) == 3
+    # the VM runs on its original chain, nothing of vmsnap's left in QEMU or the repository
+    assert block_state(vm) == before
+    assert no_leftovers(repo)
+    for path in (repo / "testvm").rglob("*"):
+        assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
+
+
+@pytest.mark.parametrize(
+    ("strategy", "transport"),
+    [
+        ("external", "copy"),
+        ("external", "nbd"),
+        ("internal", "nbd"),
+        pytest.param(
+            "backup",
+            "nbd",
+            marks=pytest.mark.xfail(
+                reason="strategy backup, pull mode: delete's qom-set back to the disk node hits a permission "
+                "conflict with the copy-before-write filter (QEMU 7.2)",
+                strict=False,
+            ),
+        ),
+    ],
+)
+def test_strategy_and_transport_pairs_back_up_and_restore(
+    two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str], strategy: str, transport: str
+) -> None:
+    vm = two_disk_vm
+    repo = tmp_path / "repo"
+    before = block_state(vm)
+    write(vm, "disk0", "write -P 0x61 0 2M")
+    write(vm, "disk1", "write -P 0x62 8M 1M")
+    expected1 = {d: capture(vm, d, tmp_path / f"1-{d}.qcow2") for d in DISKS}
+    first = backup(capsys, vm, repo, "--strategy", strategy, "--transport", transport)
+    assert (first["strategy"], first["transport"], first["kind"]) == (strategy, transport, "full")
+    write(vm, "disk0", "write -P 0x63 1M 2M")
+    expected2 = {d: capture(vm, d, tmp_path / f"2-{d}.qcow2") for d in DISKS}
+    second = backup(capsys, vm, repo, "--strategy", strategy, "--transport", transport)
+    restore_and_compare(capsys, repo, first["backup_id"], tmp_path / "r1", expected1)
+    restore_and_compare(capsys, repo, second["backup_id"], tmp_path / "r2", expected2)
+    assert block_state(vm) == before
+    assert no_leftovers(repo)
+
+
+def test_help_has_an_example_for_each_command(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("backup", "restore", "list", "verify", "prune", "recover"):
+        result = cli(capsys, command, "--help")
+        assert result.code == 0
+        assert f"example:\n  vmsnap {command}" in result.out
+
+
+def test_prune_through_the_cli_keeps_what_the_last_backup_needs(
+    two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    vm = two_disk_vm
+    repo = tmp_path / "repo"
+    write(vm, "disk0", "write -P 0x71 0 1M")
+    full = backup(capsys, vm, repo, "--disk", "disk0")
+    write(vm, "disk0", "write -P 0x72 0 64k")
+    inc = backup(capsys, vm, repo, "--disk", "disk0", "--incremental")
+    expected = {"disk0": capture(vm, "disk0", tmp_path / "e.qcow2")}
+    result = cli(capsys, "prune", "--repo", repo, "--vm", "testvm", "--keep-last", "1", "--json")
+    assert result.code == 0, result.err
+    pruned = result.json()["pruned"][0]
+    assert pruned["removed"] == [] and pruned["needed"] == [full["backup_id"]]
+    assert listed(capsys, repo) == [full["backup_id"], inc["backup_id"]]
+    restore_and_compare(capsys, repo, inc["backup_id"], tmp_path / "r", expected)
+    third = backup(capsys, vm, repo, "--disk", "disk0")  # a new full: the old chain may go
+    result = cli(capsys, "prune", "--repo", repo, "--keep-last", "1", "--json")
+    assert result.json()["pruned"][0]["removed"] == [full["backup_id"], inc["backup_id"]]
+    assert listed(capsys, repo) == [third["backup_id"]]
+    bad = cli(capsys, "prune", "--repo", repo, "--keep-last", "0")
+    assert bad.code == 2 and "keep at least one" in bad.error_line
+
+
+def test_list_and_json_outputs_are_single_objects(
+    two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "repo"
+    made = backup(capsys, two_disk_vm, repo, "--quiesce", "auto")
+    for argv in (
+        ["list", "--repo", repo, "--json"],
+        ["verify", "--repo", repo, "--vm", "testvm", "--backup", made["backup_id"], "--json"],
+    ):
+        result = cli(capsys, *argv)
+        assert result.code == 0, result.err
+        json.loads(result.out)  # exactly one JSON document
+    human = cli(capsys, "list", "--repo", repo)
+    assert made["backup_id"] in human.out
