@@ -177,10 +177,11 @@ def read_option_file(path: Path) -> OptionFile:
         ) from None
     except OSError as err:
         raise DbLockError(f"cannot open option file {path}: {err.strerror}", hint="run as root") from err
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise DbLockError(f"option file {path} is not a regular file", hint="point --config at a file")
     with os.fdopen(fd, encoding="utf-8") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise DbLockError(f"option file {path} is not a regular file", hint="point --config at a file")
         mode = stat.S_IMODE(info.st_mode)
         if mode & 0o077:
             raise DbLockError(

@@ -306,3 +306,32 @@ def test_classic_hook_loses_the_lock_when_its_client_exits(mariadb: MariaDb, opt
     )
     assert classic.returncode == 0, classic.stderr
     assert_not_locked(mariadb, 1)  # the "frozen" database takes writes: the snapshot is not consistent
+
+
+def test_session_killed_by_the_server_is_reported_at_thaw(
+    mariadb: MariaDb, option_file: Path, run_dir: Path
+) -> None:
+    """A DBA's KILL (or the server's wait_timeout) ends the lock early: thaw must not report success."""
+    assert freeze(option_file, run_dir).returncode == 0
+    status = dblock("status", "--run-dir", str(run_dir))
+    connection_id = int(status.stdout.rsplit("connection ", 1)[1].rstrip(")\n"))
+    mariadb.query(f"KILL {connection_id}")
+    assert_not_locked(mariadb, 1)
+
+    thawed = thaw(run_dir)
+    assert thawed.returncode == 1
+    assert "the database session holding the lock was lost before thaw" in thawed.stderr
+    assert not (run_dir / "holder.sock").exists()
+
+
+def test_holder_stopped_with_sigterm_releases_the_lock_and_thaw_reports_it(
+    mariadb: MariaDb, option_file: Path, run_dir: Path
+) -> None:
+    assert freeze(option_file, run_dir).returncode == 0
+    pid = holder_pid(run_dir)
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(pid), "the holder to exit on SIGTERM")
+    assert_not_locked(mariadb, 1)
+    thawed = thaw(run_dir)
+    assert thawed.returncode == 1
+    assert "stopped (SIGTERM)" in thawed.stderr
