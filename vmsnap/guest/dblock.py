@@ -34,7 +34,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -462,6 +462,9 @@ def _serve(
             raise
     except DbLockError as err:
         _log(f"freeze failed: {err}")
+        # gone before freeze hears of it, so nothing looks like a live holder once freeze has failed
+        _remove(run_dir / SOCKET_NAME)
+        _remove(run_dir / PID_NAME)
         os.write(report, f"error {err.message}\x00{err.hint}\n".encode())
         return 1
     locked_at = time.monotonic()
@@ -632,9 +635,9 @@ def freeze(settings: HolderSettings, options: OptionFile | None = None) -> Holde
         if write_end >= 0:
             os.close(write_end)
     pid = _read_pid(settings.run_dir)
-    if answer.startswith("locked ") and pid is not None:
+    if answer is not None and answer.startswith("locked ") and pid is not None:
         return HolderInfo(pid=pid, connection_id=int(answer.split()[1]), socket=socket_path)
-    if answer.startswith("error "):
+    if answer is not None and answer.startswith("error "):
         # the holder closed its session and is exiting; it removes its own files
         message, _, hint = answer[len("error ") :].partition("\x00")
         raise DbLockError(message, hint=hint or None)
@@ -643,22 +646,28 @@ def freeze(settings: HolderSettings, options: OptionFile | None = None) -> Holde
             os.kill(pid, signal.SIGKILL)  # the server drops its session, and with it any lock
     _remove(socket_path)
     _remove(settings.run_dir / PID_NAME)
-    if not answer:
+    if answer is None:
         raise DbLockError(
             f"the lock holder gave no answer within {settings.connect_budget:g} s; it was killed and nothing "
             "is locked",
             hint=f"see {settings.run_dir / LOG_NAME}",
         )
+    if not answer:
+        raise DbLockError(
+            "the lock holder ended before it held the lock; nothing is locked",
+            hint=f"see {settings.run_dir / LOG_NAME}",
+        )
     raise DbLockError(f"the lock holder answered {answer!r}", hint=f"see {settings.run_dir / LOG_NAME}")
 
 
-def _await_report(read_end: int, budget: float) -> str:
+def _await_report(read_end: int, budget: float) -> str | None:
+    """The holder's one-line report; "" when it ended without one, None when ``budget`` ran out."""
     deadline = time.monotonic() + budget
     data = b""
     while not data.endswith(b"\n"):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return ""
+            return None
         readable, _, _ = select.select([read_end], [], [], remaining)
         if not readable:
             continue
@@ -834,19 +843,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vmsnap-dblock: error: {err}", file=sys.stderr)
         return err.exit_code
     return 0
-
-
-@contextlib.contextmanager
-def held(settings: HolderSettings) -> Iterator[HolderInfo]:
-    """Hold the lock for the ``with`` block: ``freeze`` on entry, ``thaw`` on exit (also on error).
-
-    :raise DbLockError: as :func:`freeze`; on exit, as :func:`thaw` when the lock had ended early
-    """
-    info = freeze(settings)
-    try:
-        yield info
-    finally:
-        thaw(settings.run_dir)
 
 
 if __name__ == "__main__":
