@@ -27,8 +27,6 @@ from tests.integration.guest_side.conftest import (
     write_option_file,
 )
 
-pymysql = pytest.importorskip("pymysql")
-
 
 def dblock(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``vmsnap-dblock`` as the hook would: a separate process."""
