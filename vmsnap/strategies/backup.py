@@ -334,7 +334,9 @@ class BlockdevBackupStrategy:
         validate_name(name, "snapshot name")
         plans, _ = self._plan(self.machine.qmp(), [disk])
         node = target_node(disk.name)
-        return list(self._actions(plans[0], job_id=node, device=None, target=node))
+        return list(
+            self._actions(plans[0], job_id=f"{node}-{uuid.uuid4().hex[:8]}", device=None, target=node)
+        )
 
     # -- create -----------------------------------------------------------------------------------------
 
@@ -386,6 +388,7 @@ class BlockdevBackupStrategy:
     def _check_leftovers(self, qmp: QMPMonitor, disks: Sequence[Disk]) -> None:
         nodes = qmp.node_names()
         for disk in disks:
+            self._refuse_existing(disk)
             ours = {target_node(disk.name), *fleece_nodes(disk.name).values()}
             if nodes & ours:
                 left = ", ".join(sorted(nodes & ours))
@@ -393,7 +396,6 @@ class BlockdevBackupStrategy:
                     f"a backup of disk {disk.name!r} is still in QEMU (nodes {left})",
                     hint="wait for it to end, or run `vmsnap recover` to remove what a dead run left",
                 )
-            self._refuse_existing(disk)
 
     def _refuse_existing(self, disk: Disk) -> None:
         existing = self._read_sidecar(disk.name)
@@ -479,7 +481,9 @@ class BlockdevBackupStrategy:
             actions: list[Any] = []
             for plan in plans:
                 node = target_node(plan.disk.name)
-                actions += self._actions(plan, job_id=node, device=None, target=node)
+                # a fresh job id per backup: events of an earlier job with the same id may still be queued
+                job_id = f"{node}-{set_id.rsplit('-', 1)[-1]}"
+                actions += self._actions(plan, job_id=job_id, device=None, target=node)
             qmp.transaction(actions)
         except VmsnapError as err:
             for node in reversed(added):
@@ -501,7 +505,7 @@ class BlockdevBackupStrategy:
                 location=str(plan.target),
                 details={
                     **self._details(plan, set_id=set_id, fallback=fallback, disks=names),
-                    "job": target_node(plan.disk.name),
+                    "job": f"{target_node(plan.disk.name)}-{set_id.rsplit('-', 1)[-1]}",
                     "node": target_node(plan.disk.name),
                 },
             )
@@ -592,6 +596,10 @@ class BlockdevBackupStrategy:
                 )
                 added.append(nodes["access"])
         except VmsnapError as err:
+            for node in [n for n in added if n.endswith("-acc")]:
+                with contextlib.suppress(VmsnapError):
+                    qmp.blockdev_del(node)
+                added.remove(node)
             for qdev, original in reversed(swapped):
                 with contextlib.suppress(VmsnapError):
                     self._set_drive(qmp, qdev, original)
@@ -932,12 +940,16 @@ class BlockdevBackupStrategy:
 
     def _delete_pull(self, qmp: QMPMonitor, snap: SnapshotRef) -> None:
         self._del_export(qmp, snap.details.get("export", ""))
+        # order matters: while snapshot-access sits on the filter, the filter forbids other writers
+        access = snap.details.get("access", "")
+        if access and access in qmp.node_names():
+            qmp.blockdev_del(access)
         qdev = snap.details.get("qdev", "")
         cbw = snap.details.get("cbw", "")
         if qdev and self._drive_of(qmp, qdev) == cbw:
             self._set_drive(qmp, qdev, _device_node(snap))
         nodes = qmp.node_names()
-        for key in ("access", "cbw", "fleece"):
+        for key in ("cbw", "fleece"):
             node = snap.details.get(key, "")
             if node and node in nodes:
                 qmp.blockdev_del(node)
@@ -1021,7 +1033,9 @@ class BlockdevBackupStrategy:
                 details["device_node"] = _filter_child(qmp, flee["cbw"]) if qmp is not None and cbw_up else ""
                 details["pending"] = self.bitmap + PENDING_SUFFIX
             elif target_node(disk.name) in nodes:
-                details = {"mode": "push", "job": target_node(disk.name), "node": target_node(disk.name)}
+                prefix = target_node(disk.name) + "-"
+                jobs = [j.id for j in qmp.query_jobs() if j.id.startswith(prefix)] if qmp is not None else []
+                details = {"mode": "push", "job": jobs[0] if jobs else "", "node": target_node(disk.name)}
                 details.update({"pending": self.bitmap + PENDING_SUFFIX, "target": str(self._target(disk))})
             else:
                 continue
