@@ -25,6 +25,7 @@ from vmsnap.errors import (
 )
 from vmsnap.machine import Machine
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
+from vmsnap.qmp import QMPMonitor
 from vmsnap.strategies.qemu_common import (
     distinct_names,
     file_source,
@@ -180,7 +181,13 @@ class InternalSnapshotStrategy:
         self.warnings = []
         for disk in disks:
             require_qcow2(disk, self.name)
-            info = self._image_info(disk)
+            try:
+                info = self._image_info(disk)
+            except CommandError as err:
+                raise SnapshotError(
+                    f"cannot open {disk.file} of disk {disk.name}: {_cause(err)}; no snapshot was kept",
+                    hint="if a running QEMU uses it, snapshot it through its QMP socket (--qmp) instead",
+                ) from err
             if info is None:
                 continue  # a missing disk fails in the transaction / qemu-img below, undoing the others
             if any(s.get("name") == name for s in info.get("snapshots", [])):
@@ -232,17 +239,19 @@ class InternalSnapshotStrategy:
     def _create_with_vm_state(self, disks: Sequence[Disk], name: str) -> builtins.list[SnapshotRef]:
         qmp = self.machine.qmp()
         job_id = f"vmsnap-save-{uuid.uuid4().hex[:8]}"
+        was_running = qmp.status() == "running"
         nodes = [d.node_name for d in disks]
         started = time.monotonic()
         try:
-            qmp.run_job(
+            _run_snapshot_job(
+                qmp,
                 "snapshot-save",
                 {"tag": name, "vmstate": nodes[0], "devices": nodes},
-                job_id=job_id,
+                job_id,
                 timeout=self.job_timeout,
             )
         except (QMPCommandError, BlockJobError) as err:
-            self._resume_if_paused()
+            self._resume_if_paused(was_running)
             raise SnapshotError(
                 f"snapshot-save {name!r} of {', '.join(d.name for d in disks)} failed: {err}",
                 hint="QEMU saves all disks or none; check the VM has no migration blocker",
@@ -255,10 +264,11 @@ class InternalSnapshotStrategy:
             for i, disk in enumerate(disks)
         ]
 
-    def _resume_if_paused(self) -> None:
+    def _resume_if_paused(self, was_running: bool) -> None:
+        """A failed snapshot job leaves the VM paused (``restore-vm``); resume it if it ran before."""
         qmp = self.machine.qmp()
         with contextlib.suppress(QMPCommandError):
-            if qmp.status() != "running":
+            if was_running and qmp.status() != "running":
                 qmp.cont()
 
     # -- export / delete / rollback ---------------------------------------------------------------
@@ -371,31 +381,45 @@ class InternalSnapshotStrategy:
 
     def _load_vm_state(self, disk: Disk, name: str) -> None:
         qmp = self.machine.qmp()
+        # every writable qcow2 disk: RAM from the snapshot with a disk left at today's data would corrupt
+        # the guest, so QEMU must refuse when a disk lacks the snapshot
         nodes: builtins.list[str] = []
         vmstate = disk.node_name
         for candidate in self.machine.disks():
+            if candidate.format != "qcow2" or candidate.read_only:
+                continue
+            nodes.append(candidate.node_name)
             for entry in self._snapshots(candidate):
-                if entry.get("name") == name:
-                    nodes.append(candidate.node_name)
-                    if int(entry.get("vm-state-size", 0)) > 0:
-                        vmstate = candidate.node_name
+                if entry.get("name") == name and int(entry.get("vm-state-size", 0)) > 0:
+                    vmstate = candidate.node_name
         job_id = f"vmsnap-load-{uuid.uuid4().hex[:8]}"
+        was_running = qmp.status() == "running"
         started = time.monotonic()
         try:
-            qmp.run_job(
+            _run_snapshot_job(
+                qmp,
                 "snapshot-load",
                 {"tag": name, "vmstate": vmstate, "devices": nodes},
-                job_id=job_id,
+                job_id,
                 timeout=self.job_timeout,
             )
         except (QMPCommandError, BlockJobError) as err:
-            self._resume_if_paused()
+            self._resume_if_paused(was_running)
             raise SnapshotError(
                 f"snapshot-load {name!r} failed: {err}",
                 hint="the VM was resumed; its disks may be partly reverted: check them before going on",
             ) from err
         finally:
             self.last_pause_ms = (time.monotonic() - started) * 1000.0
+
+
+def _run_snapshot_job(
+    qmp: QMPMonitor, command: str, arguments: Mapping[str, Any], job_id: str, *, timeout: float
+) -> None:
+    """Run a snapshot-save / snapshot-load job: they take no ``auto-dismiss`` and always wait for
+    ``job-dismiss``, which :meth:`QMPMonitor.wait_job` sends (raising the job's error, if any)."""
+    qmp.execute(command, {**arguments, "job-id": job_id})
+    qmp.wait_job(job_id, timeout=timeout)
 
 
 def _cause(err: CommandError) -> str:

@@ -381,10 +381,13 @@ class StrategyContract:
         at_create = _data_of(lab, "at-create")
         refs = strategy.create(lab.disks(), name="snap1")
         self.second_patterns(lab)
+        after = _data_of(lab, "after")
         with pytest.raises(VmsnapError) as info:
             strategy.create(lab.disks(), name="snap1")
         assert "snap1" in str(info.value)
         assert self.snapshot_names(strategy) == {d: {"snap1"} for d in lab.disk_names}
+        for disk in lab.disk_names:  # the refused create changed nothing the VM sees
+            compare_images(lab.capture(disk, lab.workdir / f"now-{disk}.qcow2"), after[disk])
         for ref in refs:
             self.assert_export_holds(strategy, ref, at_create[ref.disk.name], lab.workdir)
 
