@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -424,7 +425,7 @@ class Backup:
                     f"strategy {strategy_name} cannot snapshot disk {disk.name} ({disk.file}, {disk.format})",
                     hint="`vmsnap strategies` shows what each one needs; choose another with --strategy",
                 )
-        snapshot_name = f"vmsnap-{backup_id}"
+        snapshot_name = f"backup-{backup_id}"
         journal.record("freezing")
         with _quiesced(self.machine, self.config.quiesce, self.config.freeze_timeout, self._note) as quiesced:
             journal.record("frozen", quiesced=quiesced)
@@ -445,6 +446,7 @@ class Backup:
             target = staging / f"{disk.name}.qcow2"
             journal.record("exporting", disk=disk.name)
             with strategy.export(ref) as source:
+                journal.record("serving", disk=disk.name, kind=source.kind, location=source.location)
                 if transport_name == PUSH:  # QEMU wrote the backup; export waited for its job
                     written[disk.name] = self._adopt_push_target(source.location, target)
                     transports_used.add(PUSH)
@@ -574,6 +576,8 @@ def undo_run(repo: Repository, machine: Machine, journal: Journal) -> list[str]:
     header = journal.header
     vm = str(header["vm"])
     failures: list[str] = []
+    if machine.runner.host == "local":
+        actions += stop_orphans(_orphan_patterns(journal))
     if journal.has("freezing") and not journal.has("thawed"):
         agent = machine.agent() if machine.is_running else None
         if agent is not None:
@@ -617,6 +621,71 @@ def undo_run(repo: Repository, machine: Machine, journal: Journal) -> list[str]:
         )
     journal.remove()
     return actions
+
+
+ORPHAN_PROGRAMS = frozenset({"qemu-nbd", "qemu-img", "nbdcopy", "nbdkit", "rsync", "cp"})
+"""Programs a dead run may have left running (servers it forked, copies it started)."""
+
+
+def _orphan_patterns(journal: Journal) -> list[str]:
+    """Strings only the dead run's own processes have on their command lines: its staging directory, its
+    snapshot name, the sockets of its exports."""
+    patterns = [str(journal.header["staging"])]
+    patterns += [f"snapshot.name={d['name']}" for d in journal.data("creating")]
+    for data in journal.data("serving"):
+        location = str(data.get("location", ""))
+        if "socket=" in location:
+            patterns.append(location.split("socket=", 1)[1])
+    return patterns
+
+
+def stop_orphans(patterns: Sequence[str], *, timeout: float = 10.0) -> list[str]:
+    """Stop this host's processes left by a dead run: a program of :data:`ORPHAN_PROGRAMS` whose command line
+    contains one of ``patterns`` (SIGTERM, then SIGKILL). Returns one line per process stopped."""
+    stopped: list[str] = []
+    wanted = [p for p in patterns if p]
+    if not wanted:
+        return stopped
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
+        except OSError:
+            continue
+        if not argv or Path(argv[0]).name not in ORPHAN_PROGRAMS:
+            continue
+        command = " ".join(argv)
+        if not any(p in command for p in wanted):
+            continue
+        pid = int(entry.name)
+        _terminate(pid, timeout)
+        stopped.append(f"stopped {Path(argv[0]).name} (pid {pid}) left by the dead run")
+        for pattern in wanted:  # a private socket directory of a server we stopped
+            socket_dir = Path(pattern).parent
+            if pattern in command and socket_dir.name.startswith("vmsnap-nbd") and socket_dir.is_dir():
+                shutil.rmtree(socket_dir, ignore_errors=True)
+    return stopped
+
+
+def _terminate(pid: int, timeout: float) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline += timeout
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie waits for its parent to reap it: it holds nothing any more
 
 
 def recover_leftovers(repo: Repository, machine: Machine) -> RecoveryReport:

@@ -30,6 +30,7 @@ STEPS = (
     "created",  # data: snapshots
     "thawed",
     "exporting",  # data: disk
+    "serving",  # data: disk, kind, location (the ExportSource a transport reads)
     "exported",  # data: disk, bytes_written, transport
     "deleting",  # data: disk
     "deleted",  # data: disk

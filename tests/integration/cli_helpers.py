@@ -139,3 +139,22 @@ def no_leftovers(repo: Path, vm: str = "testvm") -> bool:
     vm_dir = repo / vm
     names: Sequence[str] = [p.name for p in vm_dir.iterdir()] if vm_dir.exists() else []
     return not [n for n in names if n.startswith((".partial-", ".deleting-", ".journal"))]
+
+
+def processes_matching(patterns: Sequence[str]) -> list[int]:
+    """Pids of qemu-nbd/qemu-img/... processes whose command line contains one of ``patterns``."""
+    from vmsnap.backup import ORPHAN_PROGRAMS
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        ours = any(p in " ".join(argv) for p in patterns)
+        if argv and state != "Z" and Path(argv[0]).name in ORPHAN_PROGRAMS and ours:
+            found.append(int(entry.name))
+    return found

@@ -1,0 +1,126 @@
+"""``kill -9`` of a ``vmsnap backup`` process at each step, then ``vmsnap recover`` (or the next backup): the
+VM runs on its original chain with every write kept, nothing partial is listed, the next backup succeeds."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RunningVm
+from tests.integration.cli_helpers import (
+    backup,
+    block_state,
+    capture,
+    cli,
+    cli_process,
+    listed,
+    no_leftovers,
+    processes_matching,
+    restore_and_compare,
+    vm_args,
+    write,
+)
+from vmsnap.backup import CRASH_ENV, _orphan_patterns, stop_orphans
+from vmsnap.journal import Journal
+from vmsnap.repository import Repository
+
+DISKS = ("disk0", "disk1")
+
+CASES = [
+    ("backup", "after-start"),
+    ("backup", "after-create"),  # the backup jobs still run in QEMU when the process dies
+    ("backup", "mid-export"),
+    ("backup", "after-delete"),
+    ("backup", "before-manifest"),
+    ("external", "after-create"),  # the guest now writes into an overlay that must be committed back
+    ("external", "mid-export"),
+    ("internal", "mid-export"),  # a qemu-nbd serves the snapshot
+]
+
+
+@pytest.mark.parametrize(("strategy", "point"), CASES)
+def test_kill_at_each_step_then_recover(
+    two_disk_vm: RunningVm,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+    strategy: str,
+    point: str,
+) -> None:
+    vm = two_disk_vm
+    repo = tmp_path / "repo"
+    original = block_state(vm)
+    write(vm, "disk0", "write -P 0x11 0 2M")
+    write(vm, "disk1", "write -P 0x12 4M 1M")
+    good = backup(capsys, vm, repo, "--strategy", strategy)
+    write(vm, "disk0", "write -P 0x21 1M 1M")
+    mode = ["--incremental"] if strategy == "backup" else []
+    dead = cli_process(
+        "backup", "--repo", repo, *vm_args(vm), "--strategy", strategy, *mode, env={CRASH_ENV: point}
+    )
+    assert dead.code == -signal.SIGKILL, dead.err
+    journal = Journal.load(repo / "testvm" / ".journal.json")
+    assert journal is not None
+    patterns = _orphan_patterns(journal)
+    request.addfinalizer(lambda: stop_orphans(patterns))  # also when an assertion below fails
+    orphans = processes_matching(patterns)
+    if strategy == "internal":
+        assert orphans, "the dead run's qemu-nbd should still be serving the snapshot"
+    assert listed(capsys, repo) == [good["backup_id"]]  # the dead run's backup is not listed
+    # the guest goes on writing while the dead run's snapshot is still in place
+    write(vm, "disk1", "write -P 0x5e 3M 1M")
+
+    result = cli(capsys, "recover", *vm_args(vm), "--repo", repo, "--json")
+    assert result.code == 0, result.err
+    report = result.json()
+    assert report["actions"] and not report["clean"]
+    assert block_state(vm) == original  # same files, nodes; no job left
+    assert no_leftovers(repo)
+    assert processes_matching(patterns) == []
+    again = cli(capsys, "recover", *vm_args(vm), "--repo", repo, "--json")
+    assert again.code == 0 and again.json()["clean"]
+
+    expected = {d: capture(vm, d, tmp_path / f"now-{d}.qcow2") for d in DISKS}
+    following = backup(capsys, vm, repo, "--strategy", strategy, *mode)
+    if strategy == "backup" and point != "after-start":
+        assert following["kind"] == "full"  # the dead run had moved the dirty bitmap on
+    restore_and_compare(capsys, repo, following["backup_id"], tmp_path / "restored", expected)
+    assert listed(capsys, repo) == [good["backup_id"], following["backup_id"]]
+    assert block_state(vm) == original
+
+
+def test_the_next_backup_recovers_by_itself(
+    two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    vm = two_disk_vm
+    repo = tmp_path / "repo"
+    original = block_state(vm)
+    write(vm, "disk0", "write -P 0x31 0 1M")
+    dead = cli_process(
+        "backup", "--repo", repo, *vm_args(vm), "--strategy", "external", env={CRASH_ENV: "mid-export"}
+    )
+    assert dead.code == -signal.SIGKILL
+    write(vm, "disk0", "write -P 0x32 512k 64k")  # lands in the dead run's overlay
+    expected = {d: capture(vm, d, tmp_path / f"e-{d}.qcow2") for d in DISKS}
+    result = cli(capsys, "backup", "--repo", repo, *vm_args(vm), "--strategy", "external", "--json")
+    assert result.code == 0, result.err
+    assert "recovered a dead run" in result.err
+    assert block_state(vm) == original
+    restore_and_compare(capsys, repo, result.json()["backup_id"], tmp_path / "r", expected)
+
+
+def test_a_run_meeting_the_lock_says_so(
+    two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = Repository.open(tmp_path / "repo", create=True)
+    before = block_state(two_disk_vm)
+    with repo.lock("testvm"):
+        result = cli(capsys, "backup", "--repo", repo.root, *vm_args(two_disk_vm))
+        assert result.code == 1
+        assert "another vmsnap run holds" in result.error_line
+        recover = cli(capsys, "recover", *vm_args(two_disk_vm), "--repo", repo.root)
+        assert recover.code == 1
+    assert block_state(two_disk_vm) == before
+    assert listed(capsys, repo.root) == []
