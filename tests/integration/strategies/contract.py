@@ -16,6 +16,7 @@ over HMP) and ``offline`` (the same two qcow2 images, no QEMU, writes with the `
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,7 +24,7 @@ from typing import Any, ClassVar
 import pytest
 
 from tests.conftest import make_image
-from vmsnap.errors import UsageError, VmsnapError
+from vmsnap.errors import QMPConnectionError, UsageError, VmsnapError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
 from vmsnap.machine import Machine, OfflineMachine, QemuMachine, find_disk
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits
@@ -64,6 +65,18 @@ def read_export(source: ExportSource, dest: Path) -> Path:
     """Copy what an ExportSource serves into a standalone qcow2 ``dest`` (the copy transport's read path)."""
     run(convert_argv(source, dest))
     return dest
+
+
+def connect_machine(qmp_socket: Path, *, timeout: float = 10.0) -> QemuMachine:
+    """A QemuMachine on a QEMU just started: its socket file can exist a moment before QEMU listens."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return QemuMachine(qmp_socket)
+        except QMPConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _nbd_socket(source: ExportSource) -> Path | None:
@@ -142,7 +155,11 @@ class QemuImageLab(Lab):
             DriveSpec(self.images["disk1"], "disk1", bus="scsi", serial="d1"),
         ]
         self.process = QemuProcess(self.workdir, drives, name="testvm").start()
-        return QemuMachine(self.process.qmp_socket)
+        try:
+            return connect_machine(self.process.qmp_socket)
+        except BaseException:
+            self.process.kill()
+            raise
 
     def write(self, disk: str, offset: int, length: int, pattern: int) -> None:
         command = f"write -P {pattern:#x} {offset} {length}"

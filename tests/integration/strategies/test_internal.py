@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_image
-from tests.integration.strategies.contract import StrategyContract, compare_images, images_differ, run
+from tests.integration.strategies.contract import (
+    StrategyContract,
+    compare_images,
+    connect_machine,
+    images_differ,
+    run,
+)
 from vmsnap.errors import NotFoundError, SnapshotError, UnsupportedError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
 from vmsnap.machine import OfflineMachine, QemuMachine
@@ -48,7 +54,11 @@ def _vm(
         subprocess.run([*argv, str(image), "64M"], check=True)
     drives = [DriveSpec(images[0], "disk0"), DriveSpec(images[1], "disk1", bus="scsi")]
     process = QemuProcess(tmp_path, drives, name="testvm", extra_args=extra_args).start()
-    return process, QemuMachine(process.qmp_socket)
+    try:
+        return process, connect_machine(process.qmp_socket)
+    except BaseException:
+        process.kill()
+        raise
 
 
 @pytest.fixture
