@@ -18,7 +18,7 @@ from freeze to thaw:
 Run directory (default ``/run/vmsnap-dblock``, mode 0700): ``holder.sock`` (0600), ``holder.pid``,
 ``holder.log``, and ``outcome`` when the holder ended without a thaw. Protocol: one line per request
 (``thaw`` or ``status``), one line back (``released SECONDS``, ``locked SECONDS PID CONNECTION-ID``,
-``error MESSAGE``).
+``error MESSAGE``, the hint after a NUL byte).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ DEFAULT_RUN_DIR = Path("/run/vmsnap-dblock")
 DEFAULT_SERVER_SOCKET = "/run/mysqld/mysqld.sock"
 DEFAULT_SAFETY_TIMEOUT = 60.0
 DEFAULT_LOCK_WAIT = 10.0
+CONNECT_TIMEOUT = 10.0
 OPTION_GROUP = "vmsnap-dblock"
 
 SOCKET_NAME = "holder.sock"
@@ -126,7 +127,7 @@ class HolderSettings:
     @property
     def connect_budget(self) -> float:
         """How long ``freeze`` waits for the holder: connecting, the server's own lock wait, slack."""
-        return 2 * self.lock_wait + 10
+        return CONNECT_TIMEOUT + self.lock_wait + 10
 
 
 @attrs.frozen
@@ -360,7 +361,7 @@ def _connect(options: ConnectionOptions, option_file: Path, lock_wait: float, sa
         connection = pymysql.connect(
             **address,
             **kwargs,
-            connect_timeout=lock_wait,
+            connect_timeout=CONNECT_TIMEOUT,
             read_timeout=lock_wait + 10,
             write_timeout=lock_wait + 10,
             autocommit=True,
