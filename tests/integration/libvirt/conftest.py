@@ -114,12 +114,13 @@ def _destroy_test_domains(uri: str) -> None:
         try:
             for dom in conn.listAllDomains(0):
                 if dom.name().startswith(DOMAIN_PREFIX):
-                    _remove_domain(dom)
+                    remove_domain(dom)
         finally:
             conn.close()
 
 
-def _remove_domain(dom: Any) -> None:
+def remove_domain(dom: Any) -> None:
+    """Destroy (if running) and undefine a domain with its snapshot and checkpoint metadata."""
     with contextlib.suppress(libvirt.libvirtError):
         if dom.isActive():
             dom.destroy()
@@ -251,7 +252,7 @@ def domain(libvirtd: Libvirtd, tmp_path: Path) -> Iterator[LibvirtTestDomain]:
         yield LibvirtTestDomain(name, libvirtd.uri, images, tmp_path, conn, dom)
     finally:
         if dom is not None:
-            _remove_domain(dom)
+            remove_domain(dom)
         conn.close()
 
 

@@ -51,3 +51,28 @@ def test_backup_incremental_restore_through_the_cli_with_domain(
         "restore", "--repo", str(repo), "--vm", domain.name, "--backup", full["backup_id"], "--to", str(first)
     )
     assert images_identical(first / "vda.qcow2", reference_image(tmp_path / "ref-first", [(0x61, 0, 2)]))
+
+
+@pytest.mark.parametrize("strategy", ["internal", "external"])
+def test_full_backup_with_snapshot_strategies_through_the_cli(
+    domain: LibvirtTestDomain, tmp_path: Path, strategy: str
+) -> None:
+    repo = tmp_path / "repo"
+    domain.write("vda", 0x71, 5)
+    vmsnap(
+        "backup",
+        "--repo",
+        str(repo),
+        "--domain",
+        domain.name,
+        "--connect",
+        domain.uri,
+        "--strategy",
+        strategy,
+    )
+    domain.write("vda", 0x72, 6)
+    assert domain.domblklist() == {"vda": str(domain.images["vda"]), "sdb": str(domain.images["sdb"])}
+    out = tmp_path / "restored"
+    vmsnap("restore", "--repo", str(repo), "--vm", domain.name, "--to", str(out))
+    assert images_identical(out / "vda.qcow2", reference_image(tmp_path / "ref", [(0x71, 5, 1)]))
+    assert images_identical(out / "sdb.qcow2", reference_image(tmp_path / "empty", []))
