@@ -157,9 +157,7 @@ class BtrfsSnapshotStrategy:
                 if location.subvolume not in plans:
                     target = self._target(location, set_id)
                     plans[location.subvolume] = _SubvolumePlan(location.subvolume, target, location)
-        clash = self._existing([p.target for p in plans.values()])
-        if clash:
-            raise SnapshotError(f"snapshot {sorted(clash)[0]} exists already", hint="use another name")
+        self._refuse_existing_name(name, list(plans.values()))
         for plan in plans.values():
             root = self._snapshot_root(plan.location)
             self._run(["mkdir", "-p", "-m", "0700", "--", str(root)], f"cannot create {root}", "check space")
@@ -193,6 +191,11 @@ class BtrfsSnapshotStrategy:
                 "same Btrfs filesystem; nothing was left behind",
             ) from failure
         paused_ms = f"{pause['paused_ms']:.1f}"
+        for live, plan in plans.items():
+            users = sorted(
+                {d.name for d, top, backing in where if live in {loc.subvolume for loc in (top, *backing)}}
+            )
+            self._write_users(plan.target, users)
         images = {str(loc.file) for _, top, backing in where for loc in (top, *backing)}
         others = self._other_files(plans, images) if self.report_other_files else {}
         refs = []
@@ -207,6 +210,7 @@ class BtrfsSnapshotStrategy:
             }
             for depth, location in enumerate(backing):
                 details[f"backing.{depth}"] = str(plans[location.subvolume].target / location.relative)
+                details[f"backing_subvolume.{depth}"] = str(plans[location.subvolume].target)
             captured = others.get(top.subvolume, [])
             if captured:
                 details["other_files"] = str(len(captured))
@@ -216,6 +220,25 @@ class BtrfsSnapshotStrategy:
                 )
             refs.append(SnapshotRef(self.name, name, disk, str(plan.target / top.relative), details))
         return refs
+
+    def _set_ids(self, root: PurePosixPath) -> list[str]:
+        """The snapshot sets in ``root``, oldest first (empty when it does not exist)."""
+        listing = self.runner.run(["ls", "-1", "--", str(root)], ok_codes=(0, 1, 2), timeout=60)
+        return sorted(s for s in listing.stdout.splitlines() if s) if listing.exit_code == 0 else []
+
+    def _refuse_existing_name(self, name: str, plans: Sequence[_SubvolumePlan]) -> None:
+        """Refuse a name that a snapshot of one of these subvolumes carries already."""
+        candidates = []
+        for plan in plans:
+            for set_id in self._set_ids(self._snapshot_root(plan.location)):
+                if name_of_set(set_id) == name:
+                    candidates.append(self._target(plan.location, set_id))
+        clash = self._existing(candidates)
+        if clash:
+            raise SnapshotError(
+                f"a snapshot named {name} of this storage exists already ({sorted(clash)[0]})",
+                hint="use another name, or delete the old snapshot first",
+            )
 
     def _other_files(
         self, plans: Mapping[PurePosixPath, _SubvolumePlan], images: set[str]
@@ -279,24 +302,50 @@ class BtrfsSnapshotStrategy:
                 return
             directory = directory.parent
 
+    @staticmethod
+    def _users_file(target: PurePosixPath) -> PurePosixPath:
+        """Next to each snapshot subvolume: the names of the disks that still use it, one a line."""
+        return target.parent / f"{target.name}.disks"
+
+    def _write_users(self, target: PurePosixPath, users: Sequence[str]) -> None:
+        path = str(self._users_file(target))
+        self.runner.run(["tee", "--", path], input="".join(f"{u}\n" for u in users), timeout=60)
+        self.runner.run(["chmod", "0600", "--", path], timeout=60)
+
+    def _release(self, target: PurePosixPath, disk: str, set_id: str) -> None:
+        """Drop ``disk`` from the users of one snapshot subvolume; delete the subvolume with its last user."""
+        users_file = self._users_file(target)
+        listing = self.runner.run(["cat", "--", str(users_file)], ok_codes=(0, 1), timeout=60)
+        if listing.exit_code == 0:
+            users = [u for u in listing.stdout.splitlines() if u]
+            remaining = [u for u in users if u != disk]
+            if remaining:
+                if remaining != users:
+                    self._write_users(target, remaining)
+                return
+        if is_btrfs_subvolume(self.runner, target):
+            argv = ["btrfs", "subvolume", "delete", *(["-c"] if self.commit_on_delete else []), "--"]
+            self._run(
+                [*argv, str(target)],
+                f"cannot delete snapshot {target}",
+                "check that nothing has it mounted or open; `btrfs subvolume delete` it by hand",
+            )
+        self.runner.run(["rm", "-f", "--", str(users_file)], timeout=60)
+        if set_id and set_id in target.parts:
+            self._remove_empty_dirs(target.parent, set_id)
+
     def delete(self, snap: SnapshotRef) -> None:
-        """Delete the snapshot's subvolume (every disk of the same subvolume shares it); a no-op when gone.
+        """Delete this disk's share of the snapshot: a subvolume snapshot that holds several disks of the
+        machine is deleted with the last of them. A no-op when it is gone already.
 
         :raise SnapshotError: ``btrfs subvolume delete`` failed
         """
-        subvolume = PurePosixPath(snap.details.get("snapshot_subvolume", ""))
         if not snap.details.get("snapshot_subvolume"):
             raise SnapshotError(f"snapshot {snap.name} has no subvolume recorded", hint="is it a btrfs one?")
-        if is_btrfs_subvolume(self.runner, subvolume):
-            argv = ["btrfs", "subvolume", "delete", *(["-c"] if self.commit_on_delete else []), "--"]
-            self._run(
-                [*argv, str(subvolume)],
-                f"cannot delete snapshot {subvolume}",
-                "check that nothing has it mounted or open; `btrfs subvolume delete` it by hand",
-            )
-        set_id = snap.details.get("set", "")
-        if set_id and set_id in subvolume.parts:
-            self._remove_empty_dirs(subvolume.parent, set_id)
+        targets = [snap.details["snapshot_subvolume"]]
+        targets += [v for k, v in sorted(snap.details.items()) if k.startswith("backing_subvolume.")]
+        for target in dict.fromkeys(targets):
+            self._release(PurePosixPath(target), snap.disk.name, snap.details.get("set", ""))
 
     def rollback(self, snap: SnapshotRef) -> None:
         """Put the snapshot's content back: rename the live subvolume aside, snapshot the read-only snapshot
@@ -359,9 +408,7 @@ class BtrfsSnapshotStrategy:
                 backing = [btrfs_location(self.runner, b) for b in disk.backing_chain]
             except (UnsupportedError, NotFoundError):
                 backing = []
-            root = self._snapshot_root(top)
-            listing = self.runner.run(["ls", "-1", "--", str(root)], ok_codes=(0, 1, 2), timeout=60)
-            set_ids = sorted(s for s in listing.stdout.splitlines() if s and listing.exit_code == 0)
+            set_ids = self._set_ids(self._snapshot_root(top))
             candidates = {s: self._target(top, s) for s in set_ids}
             images = {s: t / top.relative for s, t in candidates.items()}
             present = self._existing(list(images.values()))
@@ -376,5 +423,6 @@ class BtrfsSnapshotStrategy:
                 }
                 for depth, location in enumerate(backing):
                     details[f"backing.{depth}"] = str(self._target(location, set_id) / location.relative)
+                    details[f"backing_subvolume.{depth}"] = str(self._target(location, set_id))
                 refs.append(SnapshotRef(self.name, name_of_set(set_id), disk, str(images[set_id]), details))
         return sorted(refs, key=lambda ref: ref.details["set"])  # stable: disks stay in device order

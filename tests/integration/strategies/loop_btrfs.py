@@ -6,10 +6,10 @@ Teardown unmounts and detaches exactly the device the fixture attached, also whe
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,8 +35,16 @@ class LoopBtrfs:
 
 
 def _detach(device: str, mount: Path) -> None:
-    with contextlib.suppress(subprocess.CalledProcessError):
-        subprocess.run(["umount", str(mount)], check=True, capture_output=True)
+    """Unmount (retrying while a process that is exiting still holds a file) and detach the device."""
+    for _ in range(5):
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode == 0:
+            break
+        if subprocess.run(["mountpoint", "-q", str(mount)]).returncode != 0:
+            break
+        time.sleep(1)
+    else:
+        # something this session started still holds it: never leave a mount behind in /tmp
+        subprocess.run(["umount", "--lazy", str(mount)], capture_output=True)
     subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
 
 

@@ -6,6 +6,7 @@ Every check compares bytes: the snapshot's image against a reference image given
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import attrs
 import pytest
 
 from tests.conftest import make_image
+from tests.integration.strategies.contract import Lab, QemuImageLab, StrategyContract
 from tests.integration.strategies.loop_btrfs import LoopBtrfs, loop_btrfs
-from vmsnap.errors import CommandError, SnapshotError, UnsupportedError
+from vmsnap.errors import CommandError, QMPConnectionError, SnapshotError, UnsupportedError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
 from vmsnap.machine import OfflineMachine, QemuMachine
 from vmsnap.model import ExportSource
@@ -45,14 +47,49 @@ def btrfs_vm(loop_btrfs: LoopBtrfs, tmp_path: Path) -> Iterator[BtrfsVm]:
     (a / "other.txt").write_text("before\n")
     images = {"disk0": make_image(a / "disk0.qcow2", SIZE), "disk1": make_image(b / "disk1.qcow2", SIZE)}
     drives = [DriveSpec(images["disk0"], "disk0"), DriveSpec(images["disk1"], "disk1", bus="scsi")]
-    process = QemuProcess(tmp_path, drives, name="btrfsvm").start()
-    machine = QemuMachine(process.qmp_socket)
+    process, machine = start_vm(tmp_path, drives, "btrfsvm")
     try:
         yield BtrfsVm(process, machine, images, {"disk0": a, "disk1": b}, loop_btrfs, tmp_path)
     finally:
-        machine.close()
-        process.stop()
-        process.kill()
+        try:
+            machine.close()
+            process.stop()
+        finally:
+            process.kill()  # also when a clean stop failed: nothing may keep the loop mount busy
+
+
+def start_vm(workdir: Path, drives: Sequence[DriveSpec], name: str) -> tuple[QemuProcess, QemuMachine]:
+    """Start QEMU and connect, killing it when the connection fails (and trying again, twice).
+
+    QemuProcess.start returns once the QMP socket file exists, which under load can be before QEMU
+    listens on it (ECONNREFUSED); a QEMU left running would keep the loop mount busy.
+    """
+    for attempt in range(3):
+        process = QemuProcess(workdir, drives, name=name).start()
+        try:
+            return process, QemuMachine(process.qmp_socket)
+        except QMPConnectionError:
+            process.kill()
+            if attempt == 2:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
+
+
+class BtrfsImageLab(QemuImageLab):
+    """The contract's lab, with the same connection guard as :func:`start_vm`."""
+
+    def _start(self) -> QemuMachine:
+        for attempt in range(3):
+            try:
+                return super()._start()
+            except QMPConnectionError:
+                if self.process is not None:
+                    self.process.kill()
+                if attempt == 2:
+                    raise
+                time.sleep(0.2)
+        raise AssertionError("unreachable")
 
 
 def reference(tmp_path: Path, name: str, writes: Sequence[str]) -> Path:
@@ -276,3 +313,16 @@ def test_a_backing_chain_is_read_from_the_snapshot(loop_btrfs: LoopBtrfs, tmp_pa
         assert same_content(
             source, reference(tmp_path, "chain", ["write -P 0x71 0 1M", "write -P 0x72 1M 1M"])
         )
+
+
+class TestBtrfsContract(StrategyContract):
+    """The shared strategy contract, with both disks' images in one subvolume of the loop-backed Btrfs."""
+
+    strategy_name = "btrfs"
+
+    @pytest.fixture(autouse=True)
+    def _on_btrfs(self, loop_btrfs: LoopBtrfs) -> None:
+        self.fs = loop_btrfs
+
+    def make_lab(self, mode: str, tmp_path: Path) -> Lab:
+        return BtrfsImageLab(tmp_path, online=mode == "online", image_dir=self.fs.subvolume())
