@@ -50,8 +50,7 @@ class VmSelector:
         if self.domain is not None:
             from vmsnap.libvirt_machine import LibvirtMachine  # needs the optional libvirt extra
 
-            machine: Machine = LibvirtMachine(self.domain, uri=self.connect)  # type: ignore[assignment]
-            return machine
+            return LibvirtMachine(self.domain, uri=self.connect)
         return OfflineMachine(list(self.images), name=self.name)
 
 
