@@ -115,9 +115,7 @@ class HolderSettings:
     @safety_timeout.validator
     def _check_safety_timeout(self, attribute: Any, value: float) -> None:
         if not 0 < value <= 86400:
-            raise UsageError(
-                f"safety timeout {value:g} s is out of range", hint="give between 0 and 86400 seconds"
-            )
+            raise UsageError(f"safety timeout {value:g} s is out of range", hint="give 0 < seconds <= 86400")
 
     @lock_wait.validator
     def _check_lock_wait(self, attribute: Any, value: float) -> None:

@@ -94,6 +94,25 @@ def test_dispatcher_freeze_fails_when_the_lock_cannot_be_taken(
     assert_not_locked(mariadb, 1)
 
 
+def test_a_later_hook_failing_on_freeze_releases_the_lock(
+    guest_root: Path, mariadb: MariaDb, option_file: Path, run_dir: Path, tmp_path: Path
+) -> None:
+    """The dispatcher thaws the hooks already run when a later one fails: the lock must not linger."""
+    failing = guest_root / "etc/qemu/fsfreeze-hook.d/90-fails"
+    failing.write_text('#!/bin/sh\n[ "$1" = freeze ] && exit 3\nexit 0\n')
+    failing.chmod(0o755)
+    log = tmp_path / "hook.log"
+
+    frozen = dispatch(guest_root, "freeze", hook_env(guest_root, option_file, run_dir, log))
+
+    assert frozen.returncode != 0
+    assert "90-fails failed on freeze" in frozen.stderr
+    text = log.read_text()
+    assert "global read lock held" in text and "lock released after" in text
+    assert not (run_dir / "holder.sock").exists()
+    assert_not_locked(mariadb, 1)
+
+
 def test_hook_does_nothing_without_its_option_file(
     guest_root: Path, mariadb: MariaDb, run_dir: Path, tmp_path: Path
 ) -> None:
