@@ -213,6 +213,9 @@ def _quiesced(machine: Machine, mode: Quiesce, timeout: float, note: Callable[[s
         yield False
         return
     agent = machine.agent()
+    if agent is None and mode == "auto":  # no agent channel at all: nothing to ask, nothing to say
+        yield False
+        return
     responding = agent is not None and agent.is_responding()
     if not responding:
         if mode == "on":
@@ -272,6 +275,7 @@ class Backup:
         """
         started = time.monotonic()
         vm = validate_name(self.machine.name, "VM name")
+        self._resolve()  # bad options and unreadable disks fail here, before anything is written
         repo = Repository.open(self.config.repo, create=True, runner=self.machine.runner)
         with repo.lock(vm), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter(
@@ -431,7 +435,11 @@ class Backup:
             journal.record("frozen", quiesced=quiesced)
             crash_point("after-freeze")
             journal.record("creating", name=snapshot_name)
-            refs = list(strategy.create(disks, name=snapshot_name))
+            try:
+                refs = list(strategy.create(disks, name=snapshot_name))
+            except VmsnapError:
+                journal.record("create-failed")
+                raise
             journal.record("created", snapshots=[snapshot_to_json(r) for r in refs])
             crash_point("after-create")
         journal.record("thawed")
@@ -587,7 +595,7 @@ def undo_run(repo: Repository, machine: Machine, journal: Journal) -> list[str]:
                     actions.append("thawed the guest's filesystems")
             except AgentError as err:
                 failures.append(f"thawing the guest failed: {err.message}")
-    if journal.has("creating") and not journal.has("committed"):
+    if journal.has("creating") and not journal.has("committed") and not journal.has("create-failed"):
         strategy_name = str(header["strategy"])
         try:
             strategy = _make_strategy(strategy_name, machine, _options_from_json(header["strategy_options"]))

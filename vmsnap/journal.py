@@ -28,6 +28,7 @@ STEPS = (
     "frozen",
     "creating",  # about to create snapshots (data: name)
     "created",  # data: snapshots
+    "create-failed",  # the strategy raised: it promises to have left nothing behind
     "thawed",
     "exporting",  # data: disk
     "serving",  # data: disk, kind, location (the ExportSource a transport reads)

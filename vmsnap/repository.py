@@ -25,6 +25,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import secrets
@@ -409,6 +410,8 @@ class Repository:
 
         :raise NotFoundError: no such VM or backup (with the ids that exist)
         """
+        if backup_id is not None:
+            validate_name(backup_id, "backup id")
         backups = self.backups(vm)
         if not backups:
             raise NotFoundError(
@@ -417,7 +420,6 @@ class Repository:
             )
         if backup_id is None:
             return backups[-1]
-        validate_name(backup_id, "backup id")
         for manifest in backups:
             if manifest.backup_id == backup_id:
                 return manifest
@@ -934,7 +936,7 @@ def libqcow_sha256(image: Path) -> tuple[str, int]:
             handle = pyqcow.file()
             handle.open(str(layer))
             files.append(handle)
-        for child, parent in zip(files, files[1:], strict=False):
+        for child, parent in itertools.pairwise(files):
             child.set_parent(parent)  # libqcow refuses to read an overlay without its parent
         size = int(files[0].get_media_size())
         digest = hashlib.sha256()

@@ -32,8 +32,10 @@ class CliResult:
 
     @property
     def error_line(self) -> str:
-        lines = [line for line in self.err.splitlines() if line.strip()]
+        """The one ``vmsnap: error:`` line (notes before it are separate remarks, not the error)."""
+        lines = [line for line in self.err.splitlines() if line.startswith("vmsnap: error:")]
         assert len(lines) == 1, f"expected one error line, got: {self.err!r}"
+        assert self.err.rstrip("\n").endswith(lines[0]), "the error line comes last"
         return lines[0]
 
 

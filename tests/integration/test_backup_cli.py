@@ -82,15 +82,7 @@ def test_backup_strategy_full_then_incrementals_restore_each_moment(
         ("external", "copy"),
         ("external", "nbd"),
         ("internal", "nbd"),
-        pytest.param(
-            "backup",
-            "nbd",
-            marks=pytest.mark.xfail(
-                reason="strategy backup, pull mode: delete's qom-set back to the disk node hits a permission "
-                "conflict with the copy-before-write filter (QEMU 7.2)",
-                strict=False,
-            ),
-        ),
+        ("backup", "nbd"),  # pull mode: fleecing + NBD export, read by the nbd transport
     ],
 )
 def test_strategy_and_transport_pairs_back_up_and_restore(
