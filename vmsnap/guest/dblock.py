@@ -539,6 +539,12 @@ def _become_holder(
         os.dup2(log_fd, 2)
         os.close(null_fd)
         os.close(log_fd)
+        # whoever ran freeze may wait for EOF on a pipe we inherited (a hook runner capturing output)
+        keep = {listener.fileno(), report}
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) > 2 and int(name) not in keep:
+                with contextlib.suppress(OSError):
+                    os.close(int(name))
         code = _serve(settings, listener, report, options)
     except BaseException as err:  # the holder must never unwind into the code that forked it
         with contextlib.suppress(Exception):

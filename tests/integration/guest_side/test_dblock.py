@@ -7,6 +7,7 @@ lock were still held; every check of "writers are blocked" waits for the server 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import stat
 import subprocess
@@ -131,6 +132,38 @@ def test_freeze_blocks_writers_not_readers_and_thaw_releases(
     wait_until(lambda: not pid_alive(pid), "the holder to exit after thaw")
     assert not (run_dir / "holder.sock").exists()
     assert thaw(run_dir).stdout.strip() == "vmsnap-dblock: nothing to thaw"
+
+
+def test_holder_keeps_no_descriptor_of_whoever_ran_freeze(
+    mariadb: MariaDb, option_file: Path, run_dir: Path
+) -> None:
+    """A hook runner reading the hook's output until EOF must not wait for the holder (until thaw)."""
+    read_end, write_end = os.pipe()
+    try:
+        frozen = subprocess.run(
+            [*DBLOCK, "freeze", "--config", str(option_file), "--run-dir", str(run_dir)],
+            pass_fds=(write_end,),
+            stdout=write_end,
+            stderr=subprocess.DEVNULL,
+            timeout=120,
+        )
+        os.close(write_end)
+        write_end = -1
+        assert frozen.returncode == 0
+        output = b""
+        while True:
+            ready, _, _ = select.select([read_end], [], [], 10)
+            assert ready, "no EOF: the holder kept the freeze command's descriptor open"
+            chunk = os.read(read_end, 4096)
+            if not chunk:
+                break
+            output += chunk
+        assert b"global read lock held" in output
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    assert thaw(run_dir).returncode == 0
 
 
 def test_snapshot_taken_while_locked_starts_as_a_consistent_database(
