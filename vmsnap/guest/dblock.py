@@ -468,7 +468,14 @@ def _serve(
         return 1
     locked_at = time.monotonic()
     _log(f"global read lock held by connection {connection_id} on {options.where}")
-    os.write(report, f"locked {connection_id}\n".encode())
+    try:
+        os.write(report, f"locked {connection_id}\n".encode())
+    except BrokenPipeError:
+        # freeze gave up (or was killed, e.g. by the hook runner's timeout): nobody will ever thaw us
+        _log("freeze is gone before it heard that the lock is held; releasing the lock")
+        with contextlib.suppress(DbLockError):
+            _unlock(connection)
+        return 1
     os.close(report)
 
     outcome = "released"

@@ -314,6 +314,38 @@ def test_lock_not_granted_in_time_fails_the_freeze_and_locks_nothing(
     assert_not_locked(mariadb, 1)
 
 
+def test_lock_granted_after_freeze_was_killed_is_released_at_once(
+    mariadb: MariaDb, option_file: Path, run_dir: Path
+) -> None:
+    """The hook runner's timeout killed freeze while it waited: a lock granted later must not linger."""
+    blocker = mariadb.connect()
+    try:
+        with blocker.cursor() as cursor:
+            cursor.execute("LOCK TABLES shop.orders WRITE")
+        waiting = subprocess.Popen(
+            [*DBLOCK, "freeze", "--config", str(option_file), "--run-dir", str(run_dir), "--lock-wait", "20"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_until(lambda: (run_dir / "holder.pid").exists(), "the holder to start")
+            pid = holder_pid(run_dir)
+            flush_waits = (
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'FLUSH TABLES%'"
+            )
+            wait_until(lambda: mariadb.query(flush_waits)[0][0] == 1, "FLUSH TABLES WITH READ LOCK to wait")
+        finally:
+            waiting.kill()
+            waiting.wait()
+        with blocker.cursor() as cursor:
+            cursor.execute("UNLOCK TABLES")
+    finally:
+        blocker.close()
+    wait_until(lambda: not pid_alive(pid), "the orphaned holder to give up its lock and exit")
+    assert_not_locked(mariadb, 1)
+    assert "freeze is gone before it heard that the lock is held" in (run_dir / "holder.log").read_text()
+
+
 def test_second_freeze_while_locked_is_refused_and_keeps_the_first_lock(
     mariadb: MariaDb, option_file: Path, run_dir: Path
 ) -> None:
