@@ -165,8 +165,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
         runs=args.runs,
         progress=(lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True)),
     )
-    human = paths["markdown"].read_text() + "\n" + "\n".join(f"wrote {p}" for p in paths.values())
-    emit(args, {"results": {k: str(v) for k, v in paths.items()}, "table": result.to_json()["table"]}, human)
+    payload: dict[str, Any] = {
+        "results": {k: str(v) for k, v in paths.items()},
+        "table": result.to_json()["table"],
+    }
+    human = paths["markdown"].read_text()
+    if args.throughput or args.peers:
+        from vmsnap.benchmark.report import write_throughput
+        from vmsnap.benchmark.throughput import run_throughput
+
+        document = run_throughput(
+            quick=args.quick,
+            runs=args.runs,
+            peers=args.peers,
+            progress=(lambda line: None)
+            if quiet
+            else (lambda line: print(line, file=sys.stderr, flush=True)),
+        )
+        for kind, path in write_throughput(document, args.out).items():
+            paths[f"throughput_{kind}"] = path
+        payload["throughput"] = document["ratios"]
+        human += "\n" + paths["throughput_markdown"].read_text()
+    payload["results"] = {k: str(v) for k, v in paths.items()}
+    emit(args, payload, human + "\n" + "\n".join(f"wrote {p}" for p in paths.values()))
     return 0
 
 
@@ -526,6 +547,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller images, fewer sizes (about 1-2 minutes)")
     p.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported (default 3)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where results go")
+    p.add_argument(
+        "--throughput",
+        action="store_true",
+        help="also measure backup/incremental/restore throughput against qemu-img convert and cp",
+    )
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="also measure virtnbdbackup (needs libvirt; implies --throughput)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command(

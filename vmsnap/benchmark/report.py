@@ -262,3 +262,41 @@ def write_outputs(result: BenchResult, out: Path, traits: Mapping[str, Mapping[s
     if chart(document, png):
         paths["png"] = png
     return paths
+
+
+def throughput_markdown(document: Mapping[str, Any]) -> str:
+    """The throughput figures and ratios as Markdown."""
+    rows = [
+        [
+            f["name"],
+            f"{f['seconds']:.3f} s",
+            f"{f['mb_per_s']:.0f} MB/s",
+            ", ".join(f"{v:g}" for v in f["runs"]),
+        ]
+        for f in document["figures"]
+    ]
+    ratios = document["ratios"]
+    targets = document.get("targets", {})
+    ratio_rows = [[k, f"{v:g}", str(targets.get(k, ""))] for k, v in ratios.items()]
+    return "\n".join(
+        [
+            "# vmsnap backup throughput, measured side by side",
+            "",
+            f"Image: {document['size_mib']} MiB qcow2 with {document['data_mib']} MiB of random data at "
+            f"scattered offsets; median of {document['runs']} runs; MB/s counts the image's data.",
+            "",
+            _md_table(["operation", "median", "throughput", "runs (s)"], rows),
+            "",
+            _md_table(["ratio", "measured", "target"], ratio_rows),
+            "",
+        ]
+    )
+
+
+def write_throughput(document: Mapping[str, Any], out: Path) -> dict[str, Path]:
+    """Write throughput.json and throughput.md into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "throughput.json", "markdown": out / "throughput.md"}
+    paths["json"].write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    paths["markdown"].write_text(throughput_markdown(document))
+    return paths
