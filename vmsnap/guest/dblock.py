@@ -580,14 +580,6 @@ class HolderInfo:
     socket: Path
 
 
-def _stale_holder_message(run_dir: Path, pid: int | None) -> str:
-    who = f"the lock holder (pid {pid})" if pid else "the lock holder"
-    return (
-        f"{who} died before thaw; the database server released its lock at that moment, so a snapshot "
-        "taken after that may not be consistent"
-    )
-
-
 def _clear_stale(run_dir: Path) -> None:
     """Remove what a dead holder left: refuse when a live one answers."""
     try:
@@ -728,7 +720,12 @@ def thaw(run_dir: Path = DEFAULT_RUN_DIR, *, timeout: float = 30.0) -> ThawResul
         pid = _read_pid(run_dir)
         _remove(run_dir / SOCKET_NAME)
         _remove(run_dir / PID_NAME)
-        raise DbLockError(_stale_holder_message(run_dir, pid), hint="take the backup again") from None
+        who = f"the lock holder (pid {pid})" if pid else "the lock holder"
+        raise DbLockError(
+            f"{who} died before thaw; the database server released its lock at that moment, so a snapshot "
+            "taken after that may not be consistent",
+            hint="take the backup again",
+        ) from None
     if answer.startswith("released "):
         return ThawResult(released=True, held_seconds=float(answer.split()[1]))
     if answer.startswith("error "):
