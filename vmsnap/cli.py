@@ -592,9 +592,139 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    for name, help in (("snapshot", "create, list, delete or roll back snapshots"),):
-        command(name, help, f"vmsnap {name} --help", _not_built_yet(name))
+    _add_snapshot_command(command)
     return parser
+
+
+# -- vmsnap snapshot ------------------------------------------------------------------------------------
+
+
+def _snapshot_options(args: argparse.Namespace, cls: Any) -> dict[str, Any]:
+    """The strategy options the user set, checked against what the strategy's constructor takes."""
+    import inspect
+
+    given = {
+        "vm_state": (args.vm_state, "--vm-state"),
+        "drop_bitmaps": (args.drop_bitmaps, "--drop-bitmaps"),
+        "merge": (args.merge, "--merge"),
+    }
+    accepted = inspect.signature(cls).parameters
+    options: dict[str, Any] = {}
+    for key, (value, flag) in given.items():
+        if value in (None, False):
+            continue
+        if key not in accepted:
+            raise UsageError(f"strategy {cls.name!r} does not take {flag}", hint="see docs/strategies.md")
+        options[key] = value
+    return options
+
+
+def _snapshot_json(ref: Any) -> dict[str, Any]:
+    return {
+        "disk": ref.disk.name,
+        "name": ref.name,
+        "file": str(ref.disk.file),
+        "location": ref.location,
+        "details": dict(ref.details),
+    }
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    """create | list | delete | rollback snapshots of one VM with one strategy."""
+    import time
+    import warnings
+
+    from vmsnap.machine import find_disk
+    from vmsnap.model import validate_name
+    from vmsnap.registry import strategy_class
+
+    cls = strategy_class(args.strategy)
+    options = _snapshot_options(args, cls)
+    if args.action in ("delete", "rollback") and not args.snapshot_name:
+        raise UsageError(f"snapshot {args.action} needs --snapshot NAME", hint="see `vmsnap snapshot list`")
+    name = args.snapshot_name or time.strftime("snap-%Y%m%dT%H%M%SZ", time.gmtime())
+    validate_name(name, "snapshot name")
+    machine = vm_selector(args).open()
+    try:
+        strategy = cls(machine, **options)
+        payload: dict[str, Any] = {"vm": machine.name, "strategy": cls.name, "action": args.action}
+        if args.action == "list":
+            refs = [r for r in strategy.list() if not args.disk or r.disk.name in args.disk]
+            payload["snapshots"] = [_snapshot_json(r) for r in refs]
+            rows = [[r.disk.name, r.name, r.location] for r in refs]
+            human = render_table(["disk", "snapshot", "location"], rows) if rows else "no snapshots"
+            emit(args, payload, human)
+            return 0
+        if args.action == "create":
+            disks = machine.disks()
+            if args.disk:
+                disks = [find_disk(disks, d) for d in args.disk]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                refs = list(strategy.create(disks, name=name))
+            for warning in caught:
+                _note(f"warning: {warning.message}")
+            payload["warnings"] = [str(w.message) for w in caught]
+            paused = getattr(strategy, "last_pause_ms", None)
+            if paused is not None:
+                payload["paused_ms"] = round(float(paused), 3)
+            payload["snapshots"] = [_snapshot_json(r) for r in refs]
+            human = f"created {cls.name} snapshot {name!r} of " + ", ".join(r.disk.name for r in refs)
+            if paused is not None:
+                human += f" (VM paused {paused:.0f} ms)"
+            emit(args, payload, human)
+            return 0
+        refs = [r for r in strategy.list() if r.name == name and (not args.disk or r.disk.name in args.disk)]
+        if not refs:
+            from vmsnap.errors import NotFoundError
+
+            raise NotFoundError(
+                f"{machine.name} has no {cls.name} snapshot {name!r}",
+                hint=f"list them with `vmsnap snapshot list --strategy {cls.name}`",
+            )
+        for ref in refs:
+            if args.action == "delete":
+                strategy.delete(ref)
+            else:
+                strategy.rollback(ref)
+        payload["snapshots"] = [_snapshot_json(r) for r in refs]
+        verb = "deleted" if args.action == "delete" else "rolled back to"
+        emit(args, payload, f"{verb} {cls.name} snapshot {name!r} on " + ", ".join(r.disk.name for r in refs))
+        return 0
+    finally:
+        machine.close()
+
+
+def _add_snapshot_command(
+    command: Callable[[str, str, str, Callable[[argparse.Namespace], int]], argparse.ArgumentParser],
+) -> None:
+    """Parser section of ``vmsnap snapshot``."""
+    p = command(
+        "snapshot",
+        "create, list, delete or roll back snapshots of a VM with one strategy",
+        "vmsnap snapshot create --image disk0.qcow2 --strategy internal --snapshot before-upgrade",
+        cmd_snapshot,
+    )
+    p.add_argument("action", choices=("create", "list", "delete", "rollback"), help="what to do")
+    add_vm_arguments(p)
+    p.add_argument("--strategy", required=True, help="internal|external|backup|lvm|btrfs (vmsnap strategies)")
+    p.add_argument(
+        "--snapshot",
+        dest="snapshot_name",
+        metavar="SNAP",
+        help="the snapshot's name (create: default snap-<UTC time>)",
+    )
+    p.add_argument("--disk", action="append", default=[], metavar="NAME", help="only this disk (repeat)")
+    p.add_argument("--vm-state", action="store_true", help="internal: also save the VM's RAM (VM pauses)")
+    p.add_argument(
+        "--drop-bitmaps",
+        action="store_true",
+        help="internal rollback: remove dirty bitmaps first (the next backup is full)",
+    )
+    p.add_argument(
+        "--merge", choices=("auto", "commit", "stream"), help="external delete: how to merge (default auto)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

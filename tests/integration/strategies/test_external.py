@@ -31,15 +31,6 @@ class TestExternalContract(StrategyContract):
     strategy_name = "external"
 
 
-class TestExternalContractCommitAlways(StrategyContract):
-    """The contract with ``merge="commit"`` forced (the default picks it too for these small overlays)."""
-
-    strategy_name = "external"
-
-    def strategy_options(self) -> dict[str, str]:
-        return {"merge": "commit"}
-
-
 # -- beyond the contract ---------------------------------------------------------------------------
 
 
