@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import os
 import secrets
 import socket
@@ -18,11 +19,17 @@ import stat
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
 from vmsnap.errors import AgentCommandError, AgentError, AgentNotRespondingError, FreezeError
+
+if TYPE_CHECKING:
+    from vmsnap.machine import Machine
+    from vmsnap.thawguard import ThawGuard
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 10.0
 FREEZE_TIMEOUT = 60.0
@@ -186,11 +193,22 @@ class ExecResult:
 
 @attrs.frozen
 class FreezeReport:
-    """What a freeze did: how many filesystems were frozen and for how long (filled in on thaw)."""
+    """What a freeze did, filled in on thaw.
+
+    :param frozen_count: filesystems frozen
+    :param window_ms: from the freeze's answer to the thaw's answer: how long writes were blocked (at least)
+    :param thawed_count: filesystems thawed
+    :param freeze_ms: how long ``guest-fsfreeze-freeze`` took (hooks + sync + freeze)
+    :param thaw_error: the agent's error when a thaw hook failed (the filesystems are thawed all the same)
+    :param guard_pid: the thaw guard watching this freeze, if any
+    """
 
     frozen_count: int = 0
     window_ms: float = 0.0
     thawed_count: int = 0
+    freeze_ms: float = 0.0
+    thaw_error: str | None = None
+    guard_pid: int | None = None
 
 
 class GuestAgent:
@@ -299,40 +317,55 @@ class GuestAgent:
 
         A freeze that fails (a hook said no, a filesystem refused) is thawed before :class:`FreezeError`
         is raised, so the guest is never left frozen by us. The report's ``window_ms`` is filled on thaw.
+        Unlike the module-level :func:`frozen`, no thaw guard covers the death of this process.
         """
-        try:
-            if mountpoints:
-                count = self.fsfreeze_freeze_list(mountpoints, timeout=timeout)
-            else:
-                count = self.fsfreeze_freeze(timeout=timeout)
-        except AgentCommandError as err:
-            self._thaw_quietly()
-            raise FreezeError(f"freezing the guest failed: {err.desc}") from err
-        except AgentNotRespondingError as err:
-            self._thaw_quietly()
-            raise FreezeError(f"freezing the guest failed: {err.message}") from err
-        started = time.monotonic()
-        holder = _ReportHolder(FreezeReport(frozen_count=count))
-        try:
-            yield holder.report
-        finally:
-            thawed = self._thaw_with_retry()
-            holder.finish(thawed, (time.monotonic() - started) * 1000.0)
+        with _freeze(self, mountpoints, timeout=timeout, guard=None) as report:
+            yield report
+
+    def ensure_thawed(self, *, attempts: int = 3) -> bool:
+        """Thaw the guest if it is frozen (``vmsnap recover`` uses this).
+
+        :return: True when it was frozen and is thawed now, False when it was not frozen
+        :raise FreezeError: it stays frozen after ``attempts`` thaws
+        """
+        if self.fsfreeze_status() != "frozen":
+            return False
+        self._thaw_with_retry(attempts)
+        return True
 
     def _thaw_quietly(self) -> None:
         with contextlib.suppress(AgentError):
             if self.fsfreeze_status() == "frozen":
                 self.fsfreeze_thaw()
 
-    def _thaw_with_retry(self, attempts: int = 3) -> int:
+    def _thaw_with_retry(
+        self, attempts: int = 3, *, timeout: float = FREEZE_TIMEOUT
+    ) -> tuple[int, str | None]:
+        """Thaw, and check with ``guest-fsfreeze-status`` that it worked.
+
+        :return: (filesystems thawed, the thaw hook's failure or None). A hook that fails on thaw makes the
+            agent answer with an error although the filesystems are thawed: that is reported, not retried
+            (retrying would run every thaw hook again).
+        :raise FreezeError: the guest is still frozen (or unreachable) after ``attempts`` tries
+        """
         last: AgentError | None = None
-        for _ in range(attempts):
-            try:
-                return self.fsfreeze_thaw()
-            except AgentError as err:
-                last = err
+        for attempt in range(attempts):
+            if attempt:
                 self.close()
                 time.sleep(0.5)
+            try:
+                try:
+                    count = self.fsfreeze_thaw(timeout=timeout)
+                    hook_error = None
+                except AgentCommandError as err:
+                    count, hook_error = 0, err.desc
+                status = self.fsfreeze_status()
+            except AgentError as err:
+                last = err
+                continue
+            if status == "thawed":
+                return count, hook_error
+            last = FreezeError(f"the guest still reports {status} after guest-fsfreeze-thaw")
         raise FreezeError(f"thawing the guest failed after {attempts} attempts: {last}") from last
 
     # -- files and processes (refused by the agent while frozen) --------------------------------
@@ -448,7 +481,104 @@ class _ReportHolder:
     def __init__(self, report: FreezeReport) -> None:
         self.report = report
 
-    def finish(self, thawed: int, window_ms: float) -> None:
+    def finish(self, thawed: int, window_ms: float, thaw_error: str | None = None) -> None:
         # FreezeReport is frozen for callers; the context manager is the one place that completes it
         object.__setattr__(self.report, "thawed_count", thawed)
         object.__setattr__(self.report, "window_ms", window_ms)
+        object.__setattr__(self.report, "thaw_error", thaw_error)
+
+
+@contextlib.contextmanager
+def frozen(
+    machine: Machine,
+    mountpoints: Sequence[str] | None = None,
+    *,
+    timeout: float = FREEZE_TIMEOUT,
+    guard: bool = True,
+    guard_log: Path | None = None,
+) -> Iterator[FreezeReport]:
+    """Freeze ``machine``'s guest filesystems for the body of the ``with``; thaw in every case.
+
+    Before freezing, a detached thaw guard (:mod:`vmsnap.thawguard`) is started when the agent is on a unix
+    socket: if this process dies while the guest is frozen, even by SIGKILL, the guard thaws the guest
+    within seconds. After thawing, ``guest-fsfreeze-status`` must say "thawed".
+
+    :param mountpoints: freeze only these (``guest-fsfreeze-freeze-list``); default: every filesystem
+    :param timeout: seconds for the freeze (hooks included) and for the thaw
+    :param guard: start the thaw guard (only possible for a socket agent)
+    :param guard_log: a file where the guard notes what it did
+    :raise FreezeError: no agent, the agent does not answer, or it refused the freeze (the guest is thawed;
+        when the agent stopped answering mid-freeze, the guard thaws it as soon as the agent answers)
+    """
+    agent = machine.agent()
+    if agent is None:
+        raise FreezeError(
+            f"{machine.name} has no guest agent channel, so its filesystems cannot be frozen",
+            hint="give the VM a qemu-ga channel, or back up without freezing (--quiesce off)",
+        )
+    thaw_guard = None
+    channel = agent.channel
+    if guard and isinstance(channel, SocketAgentChannel):
+        from vmsnap.thawguard import ThawGuard
+
+        thaw_guard = ThawGuard(channel.socket_path, log=guard_log)
+    with _freeze(agent, mountpoints, timeout=timeout, guard=thaw_guard) as report:
+        yield report
+
+
+@contextlib.contextmanager
+def _freeze(
+    agent: GuestAgent, mountpoints: Sequence[str] | None, *, timeout: float, guard: ThawGuard | None
+) -> Iterator[FreezeReport]:
+    try:
+        agent.ping(timeout=min(timeout, DEFAULT_TIMEOUT))
+    except AgentError as err:  # nothing was sent that could freeze: a plain error
+        agent.close()
+        raise FreezeError(f"cannot freeze: {err.message}", hint=err.hint) from err
+    if guard is not None:
+        guard.start()
+    try:
+        started = time.monotonic()
+        try:
+            if mountpoints:
+                count = agent.fsfreeze_freeze_list(mountpoints, timeout=timeout)
+            else:
+                count = agent.fsfreeze_freeze(timeout=timeout)
+        except AgentCommandError as err:
+            agent._thaw_quietly()
+            raise FreezeError(f"freezing the guest failed: {err.desc}") from err
+        except AgentNotRespondingError as err:
+            # the freeze was sent and may still complete: whoever can reach the agent later must thaw
+            agent.close()
+            if guard is not None:
+                guard.hand_over()
+                raise FreezeError(
+                    f"freezing the guest failed: {err.message}",
+                    hint=f"the thaw guard (pid {guard.pid}) thaws the guest as soon as its agent answers",
+                ) from err
+            agent._thaw_quietly()
+            raise FreezeError(f"freezing the guest failed: {err.message}") from err
+        frozen_at = time.monotonic()
+        holder = _ReportHolder(
+            FreezeReport(
+                frozen_count=count,
+                freeze_ms=(frozen_at - started) * 1000.0,
+                guard_pid=guard.pid if guard is not None else None,
+            )
+        )
+        try:
+            yield holder.report
+        finally:
+            try:
+                thawed, hook_error = agent._thaw_with_retry(timeout=timeout)
+            except FreezeError:
+                agent.close()
+                if guard is not None:
+                    guard.hand_over()
+                raise
+            holder.finish(thawed, (time.monotonic() - frozen_at) * 1000.0, hook_error)
+            if hook_error is not None:
+                _log.warning("the guest is thawed but a thaw hook failed: %s", hook_error)
+    finally:
+        if guard is not None:
+            guard.done()  # no-op after a hand-over
