@@ -397,8 +397,12 @@ def _device_numbers(runner: Runner, path: PurePosixPath) -> str | None:
     return f"{int(major, 16)}:{int(minor, 16)}"
 
 
-def lvm_location(runner: Runner, path: PurePath | str) -> LvmLocation:
+def lvm_location(
+    runner: Runner, path: PurePath | str, volumes: Sequence[LogicalVolume] | None = None
+) -> LvmLocation:
     """Find the LV under ``path``: the LV's own device node, or the LV whose filesystem holds the file.
+
+    :param volumes: the output of :func:`list_logical_volumes` when the caller has it already
 
     :raise NotFoundError: the path does not exist
     :raise UnsupportedError: it is neither an LV nor on one (the message names what it is on)
@@ -408,7 +412,8 @@ def lvm_location(runner: Runner, path: PurePath | str) -> LvmLocation:
     is_device = device is not None
     if device is None:
         device = mount.device
-    volumes = list_logical_volumes(runner)
+    if volumes is None:
+        volumes = list_logical_volumes(runner)
     for volume in volumes:
         if volume.kernel_device and volume.kernel_device == device:
             return LvmLocation(volume, resolved, None if is_device else mount)

@@ -62,6 +62,8 @@ LVS = lvs_json(
     lv_row("files.vmsnap.a", "swi-I-s---", origin="files", snap_percent="100.00", lv_tags="vmsnap",
            lv_size="4194304", lv_kernel_major="253", lv_kernel_minor="3"),
     lv_row("thin.vmsnap.b", "Vwi---tz-k", origin="thin", pool_lv="pool", lv_tags="vmsnap,other"),
+    lv_row("files.vmsnap.shared", "swi-a-s---", origin="files", snap_percent="3.00", lv_size="4194304",
+           lv_tags="vmsnap,vmsnap.disk=vmimg,vmsnap.disk=second", lv_kernel_major="253", lv_kernel_minor="6"),
 )  # fmt: skip
 
 VGS = json.dumps(
@@ -250,9 +252,22 @@ def test_lvcreate_argv_classic_with_size_and_thin_without() -> None:
             f"{4 * MiB}b",
             "--addtag",
             "vmsnap",
+            "--addtag",
+            "vmsnap.disk=rawdisk",
             "vg0/raw",
         ),
-        ("lvm", "lvcreate", "-s", "-n", "thin.vmsnap.n1", "--addtag", "vmsnap", "vg0/thin"),
+        (
+            "lvm",
+            "lvcreate",
+            "-s",
+            "-n",
+            "thin.vmsnap.n1",
+            "--addtag",
+            "vmsnap",
+            "--addtag",
+            "vmsnap.disk=thindisk",
+            "vg0/thin",
+        ),
     ]
     assert [r.details["thin"] for r in refs] == ["0", "1"]
     assert refs[0].location == "/dev/vg0/raw.vmsnap.n1"
@@ -347,3 +362,18 @@ def test_btrfs_location_finds_the_nearest_subvolume_root() -> None:
         UnsupportedError, match=r"is on ext4 \(/dev/mapper/vg0-files mounted at /mnt/lvfiles\)"
     ):
         btrfs_location(runner, "/mnt/lvfiles/vm.img")
+
+
+def test_a_snapshot_shared_by_two_disks_is_removed_with_its_last_user() -> None:
+    runner = lvm_runner()
+    strategy = LvmSnapshotStrategy(FakeMachine(runner, [IMAGE]))
+    (ref,) = strategy.create([IMAGE], name="n6")
+    shared = attrs.evolve(ref, details={**ref.details, "snapshot_lv": "vg0/files.vmsnap.shared"})
+    runner.calls.clear()
+    strategy.delete(shared)
+    assert commands(runner, "lvm") == [
+        ("lvm", "lvchange", "--deltag", "vmsnap.disk=vmimg", "vg0/files.vmsnap.shared")
+    ]
+    runner.calls.clear()
+    strategy.delete(attrs.evolve(shared, disk=attrs.evolve(IMAGE, name="third")))  # not a user: no-op
+    assert commands(runner, "lvm") == []

@@ -90,6 +90,18 @@ def cow_size(rule: SizeRule, origin_size: int) -> int:
     return min(wanted, cap)
 
 
+#: the tag that marks a disk as a user of a snapshot LV (one LV may hold several disks' images)
+USER_TAG_PREFIX = "vmsnap.disk="
+_TAG_RE = re.compile(r"^[A-Za-z0-9_+.\-/=!:&#]{1,100}$")
+
+
+def user_tag(disk_name: str) -> str | None:
+    """The LV tag that says ``disk_name`` uses a snapshot, or None when the name has characters LVM tags
+    cannot hold (then the first delete of any of its disks removes the snapshot)."""
+    tag = f"{USER_TAG_PREFIX}{disk_name}"
+    return tag if _TAG_RE.match(tag) else None
+
+
 def snapshot_lv_name(origin: str, name: str) -> str:
     """The snapshot LV's name: ``<origin>.vmsnap.<name>`` (LVM allows at most 127 characters).
 
@@ -110,6 +122,7 @@ class _Plan:
     origin: LogicalVolume
     lv_name: str
     size: int | None  # None: thin
+    users: tuple[str, ...] = ()  # the disks that use this snapshot
 
 
 class LvmSnapshotStrategy:
@@ -165,9 +178,9 @@ class LvmSnapshotStrategy:
     def _lvm(self, *args: str, timeout: float = 600) -> str:
         return self.runner.run(["lvm", *args], timeout=timeout).stdout
 
-    def _locate(self, disk: Disk) -> LvmLocation:
+    def _locate(self, disk: Disk, volumes: Sequence[LogicalVolume]) -> LvmLocation:
         try:
-            return lvm_location(self.runner, disk.file)
+            return lvm_location(self.runner, disk.file, volumes)
         except UnsupportedError as err:
             raise UnsupportedError(f"disk {disk.name}: {err.message}", hint=err.hint) from err
 
@@ -196,7 +209,12 @@ class LvmSnapshotStrategy:
         argv = ["lvm", "lvcreate", "-s", "-n", plan.lv_name]
         if plan.size is not None:
             argv += ["-L", f"{plan.size}b"]
-        return [*argv, "--addtag", SNAPSHOT_TAG, plan.origin.full_name]
+        argv += ["--addtag", SNAPSHOT_TAG]
+        for user in plan.users:
+            tag = user_tag(user)
+            if tag is not None:
+                argv += ["--addtag", tag]
+        return [*argv, plan.origin.full_name]
 
     def create(self, disks: Sequence[Disk], *, name: str) -> Sequence[SnapshotRef]:
         """Snapshot the LV under every disk (each LV once), inside ``stop``/``cont`` when the VM runs.
@@ -208,7 +226,8 @@ class LvmSnapshotStrategy:
             raise SnapshotError("no disks to snapshot", hint="pass at least one disk")
         validate_name(name, "snapshot name")
         self.warnings = []
-        where = [(disk, self._locate(disk)) for disk in disks]
+        volumes = list_logical_volumes(self.runner)
+        where = [(disk, self._locate(disk, volumes)) for disk in disks]
         plans: dict[str, _Plan] = {}
         for _disk, location in where:
             origin = location.volume
@@ -219,15 +238,15 @@ class LvmSnapshotStrategy:
             if origin.full_name not in plans:
                 size = None if origin.is_thin else cow_size(self.snapshot_size, origin.size)
                 plans[origin.full_name] = _Plan(origin, snapshot_lv_name(origin.name, name), size)
-        self._check_space(list(plans.values()))
-        existing = {
-            v.full_name for v in list_logical_volumes(self.runner, *{p.origin.vg for p in plans.values()})
-        }
+            plan = plans[origin.full_name]
+            plans[origin.full_name] = attrs.evolve(plan, users=(*plan.users, _disk.name))
+        existing = {v.full_name for v in volumes}
         for plan in plans.values():
             if f"{plan.origin.vg}/{plan.lv_name}" in existing:
                 raise SnapshotError(
                     f"snapshot {plan.origin.vg}/{plan.lv_name} exists already", hint="use another name"
                 )
+        self._check_space(list(plans.values()))
         made: list[str] = []
         failure: CommandError | None = None
         with paused(self.machine) as pause:
@@ -354,12 +373,23 @@ class LvmSnapshotStrategy:
         return self._export(snap)
 
     def delete(self, snap: SnapshotRef) -> None:
-        """``lvremove -y`` the snapshot LV (shared by every disk on the same LV); a no-op when gone."""
+        """Drop this disk's use of the snapshot LV; ``lvremove -y`` it with its last user (several disks'
+        images on one LV share one snapshot). A no-op when it is gone.
+
+        :raise SnapshotError: lvremove failed (e.g. the snapshot is mounted)
+        """
         full = self._snapshot_lv(snap)
         try:
-            logical_volume(self.runner, full)
+            volume = logical_volume(self.runner, full)
         except NotFoundError:
             return
+        users = [t for t in volume.tags if t.startswith(USER_TAG_PREFIX)]
+        mine = user_tag(snap.disk.name)
+        if mine is not None and mine in users and len(users) > 1:
+            self.runner.run(["lvm", "lvchange", "--deltag", mine, full], timeout=600)
+            return
+        if users and mine is not None and mine not in users:
+            return  # this disk let go of it already; others still use it
         try:
             self.runner.run(["lvm", "lvremove", "-y", full], timeout=600)
         except CommandError as err:
@@ -414,14 +444,13 @@ class LvmSnapshotStrategy:
     def list(self) -> Sequence[SnapshotRef]:
         """The snapshots this strategy made of the machine's disks' LVs, oldest first (LV creation time)."""
         refs: list[tuple[str, SnapshotRef]] = []
-        volumes: list[LogicalVolume] | None = None
-        for disk in self.machine.disks():
+        disks = self.machine.disks()
+        volumes = list_logical_volumes(self.runner) if disks else []
+        for disk in disks:
             try:
-                location = lvm_location(self.runner, disk.file)
+                location = lvm_location(self.runner, disk.file, volumes)
             except (UnsupportedError, NotFoundError):
                 continue
-            if volumes is None:
-                volumes = list_logical_volumes(self.runner)
             origin = location.volume
             prefix = f"{origin.name}{NAME_MARKER}"
             for volume in volumes:

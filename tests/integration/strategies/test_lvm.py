@@ -15,7 +15,7 @@ import attrs
 import pytest
 
 from vmsnap.agent import GuestAgent
-from vmsnap.errors import SnapshotError, UnsupportedError
+from vmsnap.errors import NotFoundError, SnapshotError, UnsupportedError, UsageError
 from vmsnap.lab.guest import LabGuest
 from vmsnap.lab.image import LabImage
 from vmsnap.lab.qemu import DriveSpec
@@ -65,6 +65,7 @@ class LvmLab:
     image_disk: Disk  # a raw image file on ext4 on vg0/files
     raw_disk: Disk  # the LV vg0/raw is the disk
     big_disk: Disk  # vg0/big, larger than the VG's free space
+    image2_disk: Disk  # a second image file on vg0/files
 
     def machine(self, *disks: Disk) -> GuestDisksMachine:
         return GuestDisksMachine("lvmvm", self.runner, list(disks))
@@ -96,6 +97,7 @@ mke2fs -q -t ext4 /dev/vg0/files
 mkdir -p {FILES_MOUNT}
 mount /dev/vg0/files {FILES_MOUNT}
 dd if=/dev/urandom of={IMAGE} bs=1M count=2 status=none
+dd if=/dev/urandom of={FILES_MOUNT}/vm2.img bs=1M count=1 status=none
 echo other > {FILES_MOUNT}/other.txt
 dd if=/dev/urandom of=/dev/vg0/raw bs=1M count=8 oflag=direct status=none
 sync
@@ -121,6 +123,7 @@ def lvm_lab(lab_image: LabImage, tmp_path_factory: pytest.TempPathFactory) -> It
             Disk("vmimg", "", Path(IMAGE), "raw", 2 * MiB),
             Disk("rawdisk", "", Path("/dev/vg0/raw"), "raw", 8 * MiB),
             Disk("bigdisk", "", Path("/dev/vg0/big"), "raw", 64 * MiB),
+            Disk("vmimg2", "", Path(f"{FILES_MOUNT}/vm2.img"), "raw", 1 * MiB),
         )
 
 
@@ -260,4 +263,27 @@ def test_a_disk_not_on_lvm_is_refused_naming_what_it_is_on(lab: LvmLab) -> None:
         r"it is on rootfs",
     ):
         strategy.create([disk], name="x")
+    assert lab.snapshot_lvs() == []
+
+
+def test_two_images_on_one_lv_share_one_snapshot_until_both_let_go(lab: LvmLab) -> None:
+    disks = [lab.image_disk, lab.image2_disk]
+    strategy = LvmSnapshotStrategy(lab.machine(*disks))
+    for bad in ("../escape", "a/b", "", ".hidden", "-opt"):
+        with pytest.raises(UsageError):
+            strategy.create(disks, name=bad)
+    with pytest.raises(NotFoundError, match="does not exist"):  # one bad disk: nothing is created
+        strategy.create([lab.raw_disk, Disk("bogus", "", Path("/nonexistent.img"), "raw", MiB)], name="x")
+    assert lab.snapshot_lvs() == []
+    second_before = lab.sha(str(lab.image2_disk.file))
+    first, second = strategy.create(disks, name="pair")
+    assert first.details["snapshot_lv"] == second.details["snapshot_lv"] == "vg0/files.vmsnap.pair"
+    with pytest.raises(SnapshotError, match=r"files\.vmsnap\.pair exists already"):
+        strategy.create(disks, name="pair")
+    lab.scribble(str(lab.image2_disk.file), 1)
+    strategy.delete(first)  # the second image still needs the snapshot
+    with strategy.export(second) as source:
+        assert lab.sha(source.location) == second_before
+    assert lab.snapshot_lvs() == ["vg0/files.vmsnap.pair"]
+    strategy.delete(second)
     assert lab.snapshot_lvs() == []
