@@ -64,7 +64,8 @@ case "$action" in
                 done_list="$script
 $done_list"
             else
-                status=$?
+                # $status was set by run_one (sh functions share variables with their caller)
+                failed_status=$status
                 log "freeze: aborted by $script; thawing the scripts already run"
                 IFS='
 '
@@ -74,7 +75,7 @@ $done_list"
                 done
                 IFS=$old_ifs
                 log "freeze: failed"
-                echo "vmsnap-fsfreeze-hook: $script failed on freeze (exit $status)" >&2
+                echo "vmsnap-fsfreeze-hook: $script failed on freeze (exit $failed_status)" >&2
                 exit 1
             fi
         done

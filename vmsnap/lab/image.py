@@ -19,12 +19,12 @@ import stat
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from importlib import resources
 from pathlib import Path
 
 import attrs
 
 from vmsnap.errors import CommandError, VmsnapError
+from vmsnap.guest.hook import dispatcher_script
 from vmsnap.runner import LocalRunner, Runner
 
 #: bump when the layout of the initramfs or /init changes in a way the inputs below do not capture
@@ -144,11 +144,6 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "vmsnap" / "lab"
 
 
-def hook_script_text() -> str:
-    """The fsfreeze-hook dispatcher (a POSIX sh script shipped as package data)."""
-    return resources.files("vmsnap.guest").joinpath("fsfreeze-hook.sh").read_text()
-
-
 # -- the generated files of the guest ---------------------------------------------------------------
 
 INIT_SCRIPT = r"""#!/bin/sh
@@ -256,7 +251,7 @@ def generated_files() -> dict[str, tuple[str, int]]:
         "sbin/shutdown": (SHUTDOWN_SCRIPT, 0o755),
         "etc/inittab": (INITTAB, 0o644),
         "etc/lvm/lvm.conf": (LVM_CONF, 0o644),
-        "etc/qemu/fsfreeze-hook": (hook_script_text(), 0o755),
+        "etc/qemu/fsfreeze-hook": (dispatcher_script(), 0o755),
         "etc/passwd": ("root:x:0:0:root:/root:/bin/sh\n", 0o644),
         "etc/group": ("root:x:0:\n", 0o644),
         "etc/hostname": ("vmsnap-lab\n", 0o644),
