@@ -117,6 +117,18 @@ class _Plan:
     bitmap_state: BitmapState
 
 
+def qcow2_virtual_size(path: Path) -> int:
+    """The virtual size in a qcow2 header (cheaper than ``qemu-img info`` for a sanity check).
+
+    :raise ValueError: not a qcow2 image
+    """
+    with open(path, "rb") as image:
+        header = image.read(32)
+    if len(header) < 32 or header[:4] != b"QFI\xfb":
+        raise ValueError("not a qcow2 image")
+    return int.from_bytes(header[24:32], "big")
+
+
 def _device_node(snap: SnapshotRef) -> str:
     """The disk's own node (below any fleecing filter), where its bitmaps live."""
     return snap.details.get("device_node") or snap.disk.node_name
@@ -237,8 +249,13 @@ class BlockdevBackupStrategy:
             return None
         return data if isinstance(data, dict) and isinstance(data.get("details"), dict) else None
 
-    def _bitmaps(self, qmp: QMPMonitor, disk: Disk) -> list[dict[str, Any]]:
-        return qmp.dirty_bitmaps(disk.node_name)
+    @staticmethod
+    def _node_state(qmp: QMPMonitor) -> tuple[set[str], dict[str, list[dict[str, Any]]]]:
+        """Every node name, and each node's dirty bitmaps (one ``query-named-block-nodes``)."""
+        nodes = [n for n in qmp.query_named_block_nodes() if n.get("node-name")]
+        return {n["node-name"] for n in nodes}, {
+            n["node-name"]: list(n.get("dirty-bitmaps", [])) for n in nodes
+        }
 
     def _parent_problem(self, disk: Disk) -> str:
         parent = self.parents.get(disk.name)
@@ -247,20 +264,20 @@ class BlockdevBackupStrategy:
         if not parent.exists():
             return f"the parent backup {parent} of disk {disk.name!r} does not exist"
         try:
-            info = image_info(self.machine.runner, parent)
-        except CommandError as err:
-            return f"the parent backup {parent} cannot be read: {err.message}"
-        if info.get("format") != "qcow2":
-            return f"the parent backup {parent} is not qcow2"
-        if int(info.get("virtual-size", -1)) != disk.virtual_size:
+            size = qcow2_virtual_size(parent)
+        except (OSError, ValueError) as err:
+            return f"the parent backup {parent} of disk {disk.name!r} cannot be used: {err}"
+        if size != disk.virtual_size:
             return f"the parent backup {parent} has another size than disk {disk.name!r} (resized?)"
         return ""
 
-    def _plan(self, qmp: QMPMonitor, disks: Sequence[Disk]) -> tuple[list[_Plan], str]:
+    def _plan(
+        self, bitmaps: Mapping[str, Sequence[Mapping[str, Any]]], disks: Sequence[Disk]
+    ) -> tuple[list[_Plan], str]:
         """Per-disk plans and, when an incremental backup must become full, the reason ("" otherwise)."""
         states: dict[str, tuple[BitmapState, str]] = {}
         for disk in disks:
-            states[disk.name] = _bitmap_state(self._bitmaps(qmp, disk), self.bitmap)
+            states[disk.name] = _bitmap_state(bitmaps.get(disk.node_name, []), self.bitmap)
         reason = ""
         if self.incremental:
             for disk in disks:
@@ -332,7 +349,7 @@ class BlockdevBackupStrategy:
         callers that combine them with other actions. The kind follows this disk's bitmap alone.
         """
         validate_name(name, "snapshot name")
-        plans, _ = self._plan(self.machine.qmp(), [disk])
+        plans, _ = self._plan(self._node_state(self.machine.qmp())[1], [disk])
         node = target_node(disk.name)
         return list(
             self._actions(plans[0], job_id=f"{node}-{uuid.uuid4().hex[:8]}", device=None, target=node)
@@ -343,9 +360,9 @@ class BlockdevBackupStrategy:
     def create(self, disks: Sequence[Disk], *, name: str) -> Sequence[SnapshotRef]:
         """Start the backup of all ``disks`` at one instant.
 
-        Push mode returns as soon as the jobs run (so a frozen guest can be thawed at once); the targets are
-        complete when :meth:`finish` returns or :meth:`export` is entered. Pull mode sets up fleecing and
-        the NBD server; :meth:`export` adds the export.
+        Push mode returns once every target is complete (with ``wait=False``: as soon as the jobs run, so a
+        frozen guest can be thawed at once; the targets are complete when :meth:`finish` returns or
+        :meth:`export` is entered). Pull mode sets up fleecing; :meth:`export` serves it over NBD.
 
         :raise UsageError: bad names, or a target that exists already
         :raise SnapshotError: QEMU refused (nothing is left behind: no node, job or bitmap change)
@@ -362,9 +379,11 @@ class BlockdevBackupStrategy:
         for disk in disks:
             if not disk.node_name:
                 raise UsageError(f"disk {disk.name!r} has no block node name", hint="list disks with QMP")
-        self._check_leftovers(qmp, disks)
-        self._recover_pending(qmp, disks)
-        plans, reason = self._plan(qmp, disks)
+        nodes, bitmaps = self._node_state(qmp)
+        self._check_leftovers(nodes, disks)
+        if self._recover_pending(qmp, disks, bitmaps):
+            nodes, bitmaps = self._node_state(qmp)
+        plans, reason = self._plan(bitmaps, disks)
         if reason:
             warnings.warn(
                 f"incremental backup not possible ({reason}); taking a full backup of all disks",
@@ -385,8 +404,7 @@ class BlockdevBackupStrategy:
         self._outcomes[set_id] = {p.disk.name: "started" for p in plans}
         return refs
 
-    def _check_leftovers(self, qmp: QMPMonitor, disks: Sequence[Disk]) -> None:
-        nodes = qmp.node_names()
+    def _check_leftovers(self, nodes: set[str], disks: Sequence[Disk]) -> None:
         for disk in disks:
             self._refuse_existing(disk)
             ours = {target_node(disk.name), *fleece_nodes(disk.name).values()}
@@ -406,14 +424,17 @@ class BlockdevBackupStrategy:
                 hint="delete it, move it away, or choose an empty target directory",
             )
 
-    def _recover_pending(self, qmp: QMPMonitor, disks: Sequence[Disk]) -> None:
+    def _recover_pending(
+        self, qmp: QMPMonitor, disks: Sequence[Disk], bitmaps: Mapping[str, Sequence[Mapping[str, Any]]]
+    ) -> bool:
         """Merge back the bits a dead run left in a pending bitmap, so no write is ever skipped."""
         pending = self.bitmap + PENDING_SUFFIX
+        found = False
         for disk in disks:
-            bitmaps = self._bitmaps(qmp, disk)
-            if not any(b.get("name") == pending for b in bitmaps):
-                continue
-            self._undo_bitmap(qmp, disk.node_name, new_bitmap=False)
+            if any(b.get("name") == pending for b in bitmaps.get(disk.node_name, [])):
+                self._undo_bitmap(qmp, disk.node_name, new_bitmap=False)
+                found = True
+        return found
 
     def _undo_bitmap(self, qmp: QMPMonitor, node: str, *, new_bitmap: bool) -> None:
         """After a failed or unconfirmed backup: restore the bits it took (or drop the bitmap it created)."""
