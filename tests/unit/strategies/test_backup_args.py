@@ -1,0 +1,140 @@
+"""The backup strategy's QMP arguments and small rules, without QEMU (the integration tests run them)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from vmsnap.errors import UnsupportedError, UsageError
+from vmsnap.machine import OfflineMachine
+from vmsnap.model import Disk
+from vmsnap.runner import RecordingRunner
+from vmsnap.strategies.backup import (
+    PENDING_SUFFIX,
+    BlockdevBackupStrategy,
+    _bitmap_state,
+    _Plan,
+    fleece_nodes,
+    overlay_bitmap_actions,
+    qcow2_virtual_size,
+    target_node,
+)
+
+NODE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")  # QEMU: a letter first, under 32 characters
+
+
+def _strategy(tmp_path: Path, **options: object) -> BlockdevBackupStrategy:
+    machine = OfflineMachine([tmp_path / "disk0.qcow2"], runner=RecordingRunner())
+    return BlockdevBackupStrategy(machine, target_dir=tmp_path / "out", **options)  # type: ignore[arg-type]
+
+
+def _disk(fmt: str = "qcow2") -> Disk:
+    return Disk("disk0", "fmt-disk0", Path("/images/disk0.qcow2"), fmt, 64 << 20)
+
+
+def test_node_names_are_valid_for_the_longest_disk_names() -> None:
+    for name in ("d", "disk0", "a" * 128, "x.y+z-1_2"):
+        names = [target_node(name), *fleece_nodes(name).values()]
+        assert all(NODE_NAME.match(n) for n in names), names
+        assert len(set(names)) == len(names)
+    assert target_node("disk0") != target_node("disk1")
+
+
+@pytest.mark.parametrize(
+    ("info", "state", "why"),
+    [
+        ([], "missing", "does not exist"),
+        ([{"name": "other", "recording": True}], "missing", "does not exist"),
+        ([{"name": "vmsnap", "recording": True, "busy": False}], "ok", ""),
+        ([{"name": "vmsnap", "recording": True, "inconsistent": True}], "broken", "inconsistent"),
+        ([{"name": "vmsnap", "recording": False}], "broken", "disabled"),
+        ([{"name": "vmsnap", "recording": True, "busy": True}], "broken", "in use"),
+    ],
+)
+def test_bitmap_state(info: list[dict[str, object]], state: str, why: str) -> None:
+    got, reason = _bitmap_state(info, "vmsnap")
+    assert got == state
+    assert why in reason
+
+
+def test_full_backup_with_a_good_bitmap_parks_its_bits_and_clears_it(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path)
+    plan = _Plan(disk=_disk(), target=tmp_path / "out/disk0.qcow2", parent=None, bitmap_state="ok")
+    actions = strategy._actions(plan, job_id="job1", device=None, target="tgt")
+    pending = "vmsnap" + PENDING_SUFFIX
+    assert [a["type"] for a in actions] == [
+        "block-dirty-bitmap-add",
+        "block-dirty-bitmap-merge",
+        "block-dirty-bitmap-clear",
+        "blockdev-backup",
+    ]
+    assert actions[0]["data"] == {"node": "fmt-disk0", "name": pending, "persistent": False, "disabled": True}
+    assert actions[1]["data"] == {"node": "fmt-disk0", "target": pending, "bitmaps": ["vmsnap"]}
+    assert actions[2]["data"] == {"node": "fmt-disk0", "name": "vmsnap"}
+    assert actions[3]["data"] == {
+        "job-id": "job1",
+        "device": "fmt-disk0",
+        "target": "tgt",
+        "sync": "full",
+        "auto-dismiss": False,
+    }
+
+
+def test_incremental_copies_the_parked_bits_and_leaves_them_to_us(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path, bitmap="chain1")
+    plan = _Plan(disk=_disk(), target=tmp_path / "t.qcow2", parent=tmp_path / "p.qcow2", bitmap_state="ok")
+    backup = strategy._actions(plan, job_id="j", device=None, target="tgt")[-1]["data"]
+    assert backup["sync"] == "bitmap"
+    assert backup["bitmap"] == "chain1" + PENDING_SUFFIX
+    assert backup["bitmap-mode"] == "never"  # the job never touches the bits: delete settles them
+
+
+@pytest.mark.parametrize(("fmt", "persistent"), [("qcow2", True), ("raw", False)])
+def test_a_missing_bitmap_is_created_in_the_transaction(tmp_path: Path, fmt: str, persistent: bool) -> None:
+    strategy = _strategy(tmp_path)
+    plan = _Plan(disk=_disk(fmt), target=tmp_path / "t.qcow2", parent=None, bitmap_state="missing")
+    actions = strategy._actions(plan, job_id="j", device=None, target=None)
+    assert actions == [
+        {
+            "type": "block-dirty-bitmap-add",
+            "data": {"node": "fmt-disk0", "name": "vmsnap", "persistent": persistent},
+        }
+    ]
+
+
+def test_overlay_bitmap_actions_name_the_overlay() -> None:
+    (action,) = overlay_bitmap_actions("overlay-node", bitmap="b")
+    assert action == {
+        "type": "block-dirty-bitmap-add",
+        "data": {"node": "overlay-node", "name": "b", "persistent": True},
+    }
+
+
+def test_bad_options_are_usage_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError):
+        _strategy(tmp_path, mode="both")
+    for bad in ("", "../x", "a/b", ".hidden"):
+        with pytest.raises(UsageError):
+            _strategy(tmp_path, bitmap=bad)
+
+
+def test_qcow2_virtual_size_reads_the_header(tmp_path: Path) -> None:
+    image = tmp_path / "x.qcow2"
+    image.write_bytes(b"QFI\xfb" + bytes(20) + (123456789).to_bytes(8, "big") + bytes(64))
+    assert qcow2_virtual_size(image) == 123456789
+    raw = tmp_path / "x.raw"
+    raw.write_bytes(bytes(512))
+    with pytest.raises(ValueError, match="not a qcow2"):
+        qcow2_virtual_size(raw)
+
+
+def test_offline_incremental_refuses_before_running_anything(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path, incremental=True, parents={"disk0": tmp_path / "p.qcow2"})
+    runner = strategy.machine.runner
+    assert isinstance(runner, RecordingRunner)
+    with pytest.raises(UnsupportedError, match="not supported"):
+        strategy.create([_disk()], name="b1")
+    assert runner.calls == []
+    assert not (tmp_path / "out").exists()
