@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vmsnap.errors import CommandError, SnapshotError, UnsupportedError, VmsnapError
+from vmsnap.imageio import source_args
 from vmsnap.model import Disk, ExportSource, validate_name
 from vmsnap.runner import Runner
 
@@ -51,24 +52,10 @@ def parse_overlay_path(path: Path) -> tuple[Path, str] | None:
 def qemu_img_source_args(source: ExportSource) -> list[str]:
     """The input-side ``qemu-img convert`` arguments that read ``source`` (ending with its filename).
 
-    A ``snapshot.name`` (or ``snapshot.id``) key in ``image_opts`` becomes ``-l``, because qemu-img takes
-    internal snapshots that way; other keys become ``--image-opts``.
+    Same rules as the transports (:func:`vmsnap.imageio.source_args`): ``snapshot.*`` keys in ``image_opts``
+    become ``-l``, other keys ``--image-opts``; NBD sources are raw URIs.
     """
-    args: list[str] = []
-    if source.force_share:
-        args.append("-U")
-    if source.kind == "nbd":
-        return [*args, "-f", "raw", source.location]
-    opts = dict(source.image_opts)
-    snapshot_opts = {k: v for k, v in opts.items() if k.startswith("snapshot.")}
-    other = {k: v for k, v in opts.items() if not k.startswith("snapshot.")}
-    if snapshot_opts:
-        args += ["-l", ",".join(f"{k}={image_opts_escape(v)}" for k, v in sorted(snapshot_opts.items()))]
-    if other:
-        pairs = {"driver": source.format, "file.filename": source.location, **other}
-        args += ["--image-opts", ",".join(f"{k}={image_opts_escape(v)}" for k, v in pairs.items())]
-        return args
-    return [*args, "-f", source.format, source.location]
+    return source_args(source)
 
 
 def convert_argv(source: ExportSource, target: Path, *, target_format: str = "qcow2") -> list[str]:

@@ -38,7 +38,7 @@ def test_other_image_opts_become_escaped_image_opts() -> None:
     source = ExportSource("file", "/img/a,b.qcow2", "qcow2", DISK, DISK.virtual_size, {"cache.direct": "on"})
     assert qemu_img_source_args(source) == [
         "--image-opts",
-        "driver=qcow2,file.filename=/img/a,,b.qcow2,cache.direct=on",
+        "driver=qcow2,file.driver=file,file.filename=/img/a,,b.qcow2,cache.direct=on",
     ]
 
 
