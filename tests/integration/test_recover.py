@@ -3,6 +3,7 @@ VM runs on its original chain with every write kept, nothing partial is listed, 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from tests.integration.cli_helpers import (
 )
 from vmsnap.backup import CRASH_ENV, _orphan_patterns, stop_orphans
 from vmsnap.journal import Journal
+from vmsnap.lab.guest import LabGuest, fsck_image, read_image_file
+from vmsnap.lab.qemu import qemu_io
 from vmsnap.repository import Repository
 
 DISKS = ("disk0", "disk1")
@@ -124,3 +127,64 @@ def test_a_run_meeting_the_lock_says_so(
         assert recover.code == 1
     assert block_state(two_disk_vm) == before
     assert listed(capsys, repo.root) == []
+
+
+@pytest.mark.guest
+def test_killed_while_the_guest_is_frozen_then_recovered(
+    lab_guest: LabGuest, tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
+) -> None:
+    guest = lab_guest
+    request.addfinalizer(lambda: _leave_thawed(guest))  # the lab guest is shared by the session
+    guest.write_file("/mnt/data/before.txt", b"before\n")
+    _sync(guest)
+    selector = ["--qmp", str(guest.qmp_socket), "--agent", str(guest.agent_socket)]
+    repo = tmp_path / "repo"
+    first = cli(capsys, "backup", "--repo", repo, *selector, "--quiesce", "on", "--json")
+    assert first.code == 0, first.err
+    manifests = cli(capsys, "list", "--repo", repo, "--json").json()["backups"]
+    assert manifests[0]["quiesced"] is True
+    # dies with the guest frozen and the backup jobs running
+    dead = cli_process(
+        "backup",
+        "--repo",
+        repo,
+        *selector,
+        "--quiesce",
+        "on",
+        "--incremental",
+        env={CRASH_ENV: "after-create"},
+    )
+    assert dead.code == -signal.SIGKILL, dead.err
+    result = cli(capsys, "recover", *selector, "--repo", repo, "--json")
+    assert result.code == 0, result.err
+    assert guest.is_thawed()
+    guest.write_file("/mnt/data/after.txt", b"after\n")
+    _sync(guest)
+    following = cli(capsys, "backup", "--repo", repo, *selector, "--quiesce", "on", "--incremental", "--json")
+    assert following.code == 0, following.err
+    made = following.json()
+    assert made["kind"] == "full"  # the dead run had moved the dirty bitmap on
+    out = tmp_path / "restored"
+    restored = cli(capsys, "restore", "--repo", repo, "--vm", made["vm"], "--to", out)
+    assert restored.code == 0, restored.err
+    image = out / "data.qcow2"
+    assert fsck_image(image).clean
+    assert read_image_file(image, "/after.txt") == b"after\n"
+    assert read_image_file(image, "/before.txt") == b"before\n"
+    assert no_leftovers(repo, made["vm"])
+
+
+def _sync(guest: LabGuest) -> None:
+    """sync in the guest and flush QEMU's cache, through the machine's current agent (LabGuest.sync's runner
+    keeps the agent of before a ``machine.close()``, which then waits for the socket); free both sockets."""
+    assert guest.agent.run("sync").exit_code == 0
+    for drive in guest.drives:
+        qemu_io(guest.machine.qmp(), drive.id, "flush")
+    guest.machine.close()
+
+
+def _leave_thawed(guest: LabGuest) -> None:
+    with contextlib.suppress(Exception):
+        if not guest.is_thawed():
+            guest.agent.fsfreeze_thaw()
+    guest.machine.close()
