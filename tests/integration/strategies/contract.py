@@ -239,17 +239,39 @@ class StrategyContract:
         )
         return [*good, bogus]
 
+    first_writes: ClassVar[tuple[tuple[int, int, int, int], ...]] = (
+        (0, 0, 1 * MiB, 0x11),
+        (0, 5 * MiB + 4096, 300 * 1024, 0x12),
+        (1, 2 * MiB, 2 * MiB, 0x21),
+    )
+    """(disk index, offset, length, pattern) written before the snapshot; some unaligned."""
+    second_writes: ClassVar[tuple[tuple[int, int, int, int], ...]] = (
+        (0, 512 * 1024, 1 * MiB, 0x33),
+        (0, 40 * MiB, 64 * 1024, 0x34),
+        (1, 3 * MiB, 4 * MiB, 0x43),
+    )
+    """Written after the snapshot: overwrites part of the first data and fills new regions."""
+    disks_start_zeroed: ClassVar[bool] = True
+    """True when the lab's disks read as zeros before the first writes (fresh images)."""
+
     def first_patterns(self, lab: Lab) -> None:
-        """Known data before the snapshot: different patterns per disk, some unaligned."""
-        lab.write(lab.disk_names[0], 0, 1 * MiB, 0x11)
-        lab.write(lab.disk_names[0], 5 * MiB + 4096, 300 * 1024, 0x12)
-        lab.write(lab.disk_names[1], 2 * MiB, 2 * MiB, 0x21)
+        """Known data before the snapshot: different patterns per disk."""
+        for index, offset, length, pattern in self.first_writes:
+            lab.write(lab.disk_names[index], offset, length, pattern)
 
     def second_patterns(self, lab: Lab) -> None:
-        """Data after the snapshot: overwrites part of the first data and fills new regions."""
-        lab.write(lab.disk_names[0], 512 * 1024, 1 * MiB, 0x33)
-        lab.write(lab.disk_names[0], 40 * MiB, 64 * 1024, 0x34)
-        lab.write(lab.disk_names[1], 3 * MiB, 4 * MiB, 0x43)
+        """Data after the snapshot."""
+        for index, offset, length, pattern in self.second_writes:
+            lab.write(lab.disk_names[index], offset, length, pattern)
+
+    def expected_after_first(self, lab: Lab, disk: Disk, dest: Path) -> Path:
+        """What ``disk`` holds after :meth:`first_patterns`, built on a fresh image without asking the VM."""
+        run(["qemu-img", "create", "-q", "-f", "qcow2", str(dest), str(disk.virtual_size)])
+        index = lab.disk_names.index(disk.name)
+        for i, offset, length, pattern in self.first_writes:
+            if i == index:
+                run(["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} {offset} {length}", str(dest)])
+        return dest
 
     # -- fixtures ---------------------------------------------------------------------------------
 
@@ -317,6 +339,21 @@ class StrategyContract:
         for disk in lab.disk_names:
             compare_images(lab.capture(disk, lab.workdir / f"now-{disk}.qcow2"), after[disk])
         assert lab.is_running() == lab.online
+
+    def test_export_holds_writes_the_vm_had_not_flushed(self, lab: Lab) -> None:
+        """No capture (which flushes) between the writes and create: the strategy itself must make QEMU's
+        cached metadata part of the snapshot."""
+        if not self.disks_start_zeroed:
+            pytest.skip("the lab's disks do not start zeroed")
+        strategy = self.make_strategy(lab.machine)
+        self.first_patterns(lab)
+        refs = strategy.create(lab.disks(), name="snap1")
+        self.second_patterns(lab)
+        for ref in refs:
+            expected = self.expected_after_first(
+                lab, ref.disk, lab.workdir / f"expected-{ref.disk.name}.qcow2"
+            )
+            self.assert_export_holds(strategy, ref, expected, lab.workdir)
 
     def test_list_shows_what_exists(self, lab: Lab) -> None:
         strategy = self.make_strategy(lab.machine)
