@@ -37,7 +37,7 @@ def _dispatch(tmp_path: Path, hooks: Path, action: str) -> subprocess.CompletedP
         "VMSNAP_HOOK_DIR": str(hooks),
         "VMSNAP_HOOK_LOG": str(tmp_path / "hook.log"),
         "ORDER": str(tmp_path / "order"),
-        "VMSNAP_HOOK_TIMEOUT": "5",
+        "VMSNAP_HOOK_TIMEOUT": "1",
     }
     return subprocess.run(["dash", str(script), action], env=env, capture_output=True, text=True)
 
