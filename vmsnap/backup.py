@@ -321,8 +321,6 @@ class Backup:
             raise UsageError(
                 f"--incremental needs --strategy backup (strategy {strategy} takes full backups only)"
             )
-        if config.incremental and mode == "pull":
-            raise UsageError("incremental backups are taken in push mode", hint="leave --transport out")
         return strategy, transport, mode, disks
 
     def _parent(self, repo: Repository, vm: str, disks: Sequence[Disk]) -> tuple[Manifest | None, str | None]:
@@ -460,10 +458,17 @@ class Backup:
                     transports_used.add(PUSH)
                 else:
                     transport, used = self._transport_for(transport_name, source)
+                    extra: dict[str, Any] = {}
+                    if source.dirty_bitmap and ref.details.get("kind") == "incremental":
+                        extra["backing"] = Path(ref.details["parent"])  # pull: only the dirty extents
+                        # the strategy names the NBD context (model.py), the nbd transport wants the bitmap
+                        bitmap = source.dirty_bitmap.removeprefix("qemu:dirty-bitmap:")
+                        source = attrs.evolve(source, dirty_bitmap=bitmap)
                     stats = transport.send(
                         source,
                         target,
                         progress=lambda done, total, d=disk.name: self.progress(d, done, total),
+                        **extra,
                     )
                     written[disk.name] = int(stats.bytes_written)
                     transports_used.add(used)

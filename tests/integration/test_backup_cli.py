@@ -105,6 +105,26 @@ def test_strategy_and_transport_pairs_back_up_and_restore(
     assert no_leftovers(repo)
 
 
+def test_pull_mode_incremental_reads_only_dirty_extents_over_nbd(
+    two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    vm = two_disk_vm
+    repo = tmp_path / "repo"
+    before = block_state(vm)
+    write(vm, "disk0", "write -P 0x81 0 8M")
+    write(vm, "disk1", "write -P 0x82 0 8M")
+    full = backup(capsys, vm, repo, "--transport", "nbd")
+    write(vm, "disk0", "write -P 0x83 1M 64k", "write -z 4M 64k")
+    expected = {d: capture(vm, d, tmp_path / f"e-{d}.qcow2") for d in DISKS}
+    inc = backup(capsys, vm, repo, "--transport", "nbd", "--incremental")
+    assert (inc["kind"], inc["transport"]) == ("incremental", "nbd")
+    assert sum(d["bytes_written"] for d in inc["disks"]) < sum(d["bytes_written"] for d in full["disks"]) / 4
+    restore_and_compare(capsys, repo, inc["backup_id"], tmp_path / "r", expected)
+    assert cli(capsys, "verify", "--repo", repo, "--reader", "libqcow").code == 0
+    assert block_state(vm) == before
+    assert no_leftovers(repo)
+
+
 def test_help_has_an_example_for_each_command(capsys: pytest.CaptureFixture[str]) -> None:
     for command in ("backup", "restore", "list", "verify", "prune", "recover"):
         result = cli(capsys, command, "--help")
