@@ -91,6 +91,7 @@ def test_raw_disk_online_exports_raw_and_commits_back(tmp_path: Path) -> None:
             assert (source.kind, source.format, source.location) == ("file", "raw", str(image))
             compare_images(read_export(source, tmp_path / "export.qcow2"), expected)
         strategy.delete(ref)
+        assert not any(n.startswith("vmsnap-") for n in qmp.node_names())
         (disk,) = machine.disks()
         assert (disk.file, disk.format, disk.backing_chain) == (image, "raw", ())
         qemu_io(qmp, "data", "flush")
@@ -137,11 +138,13 @@ def test_a_failure_after_the_overlays_exist_merges_them_back(online: QemuImageLa
     online.write("disk1", 0, MiB, 0x12)
     before = {d: online.capture(d, online.workdir / f"before-{d}.qcow2") for d in online.disk_names}
     chains = {d: online.chain(d) for d in online.disk_names}
+    nodes = online.machine.qmp().node_names()
     strategy = ExternalOverlayStrategy(online.machine)
     strategy.runner = FailingRunner()
     with pytest.raises(SnapshotError, match="merged back"):
         strategy.create(online.disks(), name="s1")
     assert online.is_running()
+    assert online.machine.qmp().node_names() == nodes  # the overlay nodes are gone too
     for disk in online.disk_names:
         assert online.chain(disk) == chains[disk]  # not left on a growing overlay
         assert not overlay_path(online.images[disk], "s1").exists()
