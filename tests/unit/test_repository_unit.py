@@ -386,3 +386,45 @@ def _descends(by_id: dict[str, Manifest], child: str, ancestor: str) -> bool:
             return True
         parent = by_id[parent].parent
     return False
+
+
+# -- the journal ----------------------------------------------------------------------------------------
+
+
+def test_journal_round_trips_snapshot_refs_and_survives_a_reload(tmp_path: Path) -> None:
+    from vmsnap.backup import _options_from_json, _options_to_json
+    from vmsnap.journal import Journal, snapshot_to_json
+    from vmsnap.model import Disk, SnapshotRef
+
+    disk = Disk(
+        "disk0", "fmt-disk0", Path("/images/d0.qcow2"), "qcow2", 1 << 26, (Path("/images/base.qcow2"),)
+    )
+    ref = SnapshotRef(
+        "external", "backup-x", disk, "/images/d0.qcow2.vmsnap-x.qcow2", {"overlay_node": "ov-1"}
+    )
+    options = {
+        "target_dir": tmp_path / "staging",
+        "parents": {"disk0": tmp_path / "p" / "disk0.qcow2"},
+        "n": 3,
+    }
+    path = tmp_path / ".journal.json"
+    journal = Journal.start(
+        path, vm="vm1", staging=str(tmp_path / "staging"), options=_options_to_json(options)
+    )
+    journal.record("creating", name="backup-x")
+    journal.record("created", snapshots=[snapshot_to_json(ref)])
+    journal.record("deleted", disk="disk9")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    loaded = Journal.load(path)
+    assert loaded is not None
+    assert loaded.snapshots() == [ref]
+    assert loaded.deleted_disks() == {"disk9"}
+    assert loaded.last_step == "deleted"
+    assert _options_from_json(loaded.header["options"]) == options
+    with pytest.raises(RepositoryError, match="not been recovered"):
+        Journal.start(path, vm="vm1")
+    loaded.remove()
+    assert Journal.load(path) is None
+    path.write_text('{"header": {"format": 9}, "steps": []}')
+    with pytest.raises(RepositoryError, match="damaged"):
+        Journal.load(path)
