@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from tests.conftest import make_image
 from vmsnap.errors import QMPConnectionError, SnapshotError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
-from vmsnap.machine import QemuMachine
+from vmsnap.machine import OfflineMachine, QemuMachine
+from vmsnap.model import SnapshotRef
 from vmsnap.strategies.backup import BlockdevBackupStrategy, IncrementalFallbackWarning
 
 MiB = 1 << 20
@@ -215,6 +216,7 @@ def test_bitmap_survives_a_clean_restart_but_not_kill_9(vm: Vm, tmp_path: Path) 
     b1 = backup(vm, tmp_path / "b1", b0)
     assert backing_of(b1["disk0"]) == "../b0/disk0.qcow2"
     assert read_chain(b1["disk0"]) == bytes(vm.model["disk0"])
+    at_b1 = bytes(vm.model["disk0"])
     vm.write("disk1", 30 * MiB, 64 * 1024, 0x31)
     vm.kill9()  # the bitmap stays marked in use in the image: inconsistent on the next start
     vm.start()
@@ -230,6 +232,14 @@ def test_bitmap_survives_a_clean_restart_but_not_kill_9(vm: Vm, tmp_path: Path) 
     assert backing_of(b3["disk0"]) == "../b2/disk0.qcow2"
     for disk in DISKS:
         assert read_chain(b3[disk]) == bytes(vm.model[disk])
+    # rollback (VM off) to the incremental b1: the disk becomes its whole chain, standalone
+    vm.stop()
+    offline = OfflineMachine([vm.images["disk0"]])
+    (disk0,) = offline.disks()
+    strategy = BlockdevBackupStrategy(offline, target_dir=tmp_path / "b1")
+    strategy.rollback(SnapshotRef("backup", "b1", disk0, details={"target": str(b1["disk0"])}))
+    assert read_chain(vm.images["disk0"]) == at_b1
+    assert backing_of(vm.images["disk0"]) is None
 
 
 def test_bitmap_never_written_before_kill_9_means_a_full_backup(vm: Vm, tmp_path: Path) -> None:
