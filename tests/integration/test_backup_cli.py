@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningVm
+from tests.conftest import RunningVm, make_image
 from tests.integration.cli_helpers import (
     backup,
     block_state,
@@ -20,6 +20,9 @@ from tests.integration.cli_helpers import (
     restore_and_compare,
     write,
 )
+from tests.integration.strategies.loop_btrfs import LoopBtrfs, loop_btrfs  # noqa: F401 (fixture)
+from vmsnap.lab.qemu import DriveSpec, QemuProcess
+from vmsnap.machine import QemuMachine
 
 DISKS = ("disk0", "disk1")
 BACKUP_KEYS = {"vm", "backup_id", "kind", "strategy", "transport", "disks", "seconds"}
@@ -81,6 +84,7 @@ def test_backup_strategy_full_then_incrementals_restore_each_moment(
     [
         ("external", "copy"),
         ("external", "nbd"),
+        ("external", "rsync"),
         ("internal", "nbd"),
         ("backup", "nbd"),  # pull mode: fleecing + NBD export, read by the nbd transport
     ],
@@ -170,3 +174,33 @@ def test_list_and_json_outputs_are_single_objects(
         json.loads(result.out)  # exactly one JSON document
     human = cli(capsys, "list", "--repo", repo)
     assert made["backup_id"] in human.out
+
+
+def test_btrfs_strategy_backs_up_a_vm_on_a_btrfs_subvolume(
+    loop_btrfs: LoopBtrfs,  # noqa: F811 (the imported fixture)
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    subvolume = loop_btrfs.subvolume()
+    images = {"disk0": make_image(subvolume / "disk0.qcow2"), "disk1": make_image(subvolume / "disk1.qcow2")}
+    drives = [DriveSpec(images["disk0"], "disk0"), DriveSpec(images["disk1"], "disk1", bus="scsi")]
+    process = QemuProcess(tmp_path, drives, name="testvm").start()
+    try:
+        vm = RunningVm(process, QemuMachine(process.qmp_socket, name="testvm"), images, tmp_path)
+        repo = tmp_path / "repo"
+        before = block_state(vm)
+        write(vm, "disk0", "write -P 0x91 0 3M")
+        write(vm, "disk1", "write -P 0x92 5M 1M")
+        expected = {d: capture(vm, d, tmp_path / f"e-{d}.qcow2") for d in DISKS}
+        made = backup(capsys, vm, repo, "--strategy", "btrfs", "--transport", "copy")
+        assert (made["strategy"], made["transport"]) == ("btrfs", "copy")
+        write(vm, "disk0", "write -P 0x93 0 1M")  # after the backup: must not show in the restore
+        restore_and_compare(capsys, repo, made["backup_id"], tmp_path / "r", expected)
+        assert block_state(vm) == before
+        assert no_leftovers(repo)
+        snapshots = loop_btrfs.mount / ".vmsnap"  # the strategy's snapshot sets: the backup's is deleted
+        assert not snapshots.exists() or list(snapshots.iterdir()) == []
+    finally:
+        vm.machine.close()
+        process.stop()
+        process.kill()
