@@ -415,10 +415,15 @@ class QemuNbdServer:
         """Stop the server this object started (by pid) and remove its private directory."""
         pid, self._pid = self._pid, None
         if pid is not None and _pid_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+            # a SIGTERM that lands while qemu-nbd is still entering its main loop can be lost (seen with
+            # QEMU 7.2), so it is repeated until the process is gone
             deadline = time.monotonic() + self.stop_timeout
+            next_term = 0.0
             while _pid_alive(pid) and time.monotonic() < deadline:
+                if time.monotonic() >= next_term:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+                    next_term = time.monotonic() + 0.5
                 time.sleep(0.01)
             if _pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):

@@ -115,10 +115,15 @@ def served(image: Path, fmt: str, workdir: Path, *extra: str) -> Iterator[str]:
             time.sleep(0.01)
         yield f"nbd+unix:///exp?socket={sock}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
+        # qemu-nbd 7.2 can miss a SIGTERM sent right after it opened its socket: repeat it
+        for _ in range(20):
+            proc.terminate()
+            try:
+                proc.wait(0.5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
             proc.kill()
             proc.wait()
 
