@@ -475,3 +475,26 @@ class StrategyContract:
             assert lab.chain(disk) == chains[disk]
             lab.check(disk)
             compare_images(lab.capture(disk, lab.workdir / f"now-{disk}.qcow2"), last[disk])
+
+    def test_rollback_to_the_older_of_two_snapshots(self, lab: Lab) -> None:
+        """Bytes of the older snapshot come back; whatever snapshots survive still export their own bytes."""
+        if not self.several_snapshots:
+            pytest.skip(f"{self.strategy_name} keeps one snapshot per disk")
+        strategy = self.make_strategy(lab.machine)
+        self.first_patterns(lab)
+        first = _data_of(lab, "first")
+        strategy.create(lab.disks(), name="snap1")
+        self.second_patterns(lab)
+        second = _data_of(lab, "second")
+        strategy.create(lab.disks(), name="snap2")
+        lab.write(lab.disk_names[0], 0, 64 * 1024, 0x66)
+        if lab.online and not self.online_rollback:
+            strategy = self.make_strategy(lab.power_off())
+        for ref in [r for r in strategy.list() if r.name == "snap1"]:
+            strategy.rollback(ref)
+        for disk in lab.disk_names:
+            compare_images(lab.capture(disk, lab.workdir / f"rolled-{disk}.qcow2"), first[disk])
+            lab.check(disk)
+        expected = {"snap1": first, "snap2": second}
+        for ref in strategy.list():
+            self.assert_export_holds(strategy, ref, expected[ref.name][ref.disk.name], lab.workdir)

@@ -48,6 +48,7 @@ class TestInternalContractFileExport(StrategyContract):
     test_a_failing_disk_leaves_no_snapshot_on_any_disk = None  # type: ignore[assignment]
     test_bad_names_are_refused_before_anything_happens = None  # type: ignore[assignment]
     test_two_snapshots_export_and_delete_independently = None  # type: ignore[assignment]
+    test_rollback_to_the_older_of_two_snapshots = None  # type: ignore[assignment]
 
 
 # -- beyond the contract ---------------------------------------------------------------------------
