@@ -79,6 +79,7 @@ def test_frozen_external_snapshot_is_clean_and_complete(
         fsck = fsck_image(base, scratch=tmp_path)
         assert fsck.clean, fsck.output
         assert "Fix? no" not in fsck.output  # not even a stale free-blocks count: the freeze wrote it all
+        assert "skipping journal recovery" not in fsck.output  # and left the journal empty
         in_snapshot = complete_lines(read_image_file(base, "/log.txt", scratch=tmp_path))
         assert in_snapshot >= before  # everything written before the freeze was asked for
         time.sleep(0.3)
@@ -106,6 +107,7 @@ def test_frozen_internal_snapshot_is_clean_and_complete(
         fsck = fsck_image(base, snapshot="consistent", scratch=tmp_path)
         assert fsck.clean, fsck.output
         assert "Fix? no" not in fsck.output
+        assert "skipping journal recovery" not in fsck.output
         in_snapshot = complete_lines(
             read_image_file(base, "/log.txt", snapshot="consistent", scratch=tmp_path)
         )
