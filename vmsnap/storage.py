@@ -17,6 +17,15 @@ import attrs
 from vmsnap.errors import CommandError, NotFoundError, UnsupportedError
 from vmsnap.runner import Runner
 
+
+class StorageScopeWarning(UserWarning):
+    """A storage snapshot holds (and a rollback turns back) more than this VM's disks: other files, VMs."""
+
+
+class StorageNoteWarning(UserWarning):
+    """Something about a storage snapshot the user should act on (a deferred merge, a leftover to remove)."""
+
+
 #: the inode number of every Btrfs subvolume's root directory (BTRFS_FIRST_FREE_OBJECTID)
 BTRFS_SUBVOLUME_ROOT_INODE = 256
 

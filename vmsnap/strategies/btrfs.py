@@ -7,6 +7,7 @@ resumed; the snapshots live in a hidden ``.vmsnap`` directory at the top of the 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -18,7 +19,13 @@ from vmsnap.errors import CommandError, NotFoundError, SnapshotError, Unsupporte
 from vmsnap.machine import Machine
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
 from vmsnap.runner import Runner
-from vmsnap.storage import BtrfsLocation, btrfs_location, is_btrfs_subvolume
+from vmsnap.storage import (
+    BtrfsLocation,
+    StorageNoteWarning,
+    StorageScopeWarning,
+    btrfs_location,
+    is_btrfs_subvolume,
+)
 from vmsnap.strategies.base import paused
 
 SNAPSHOT_DIR_NAME = ".vmsnap"
@@ -93,8 +100,15 @@ class BtrfsSnapshotStrategy:
         self.report_other_files = report_other_files
         #: human-readable notes from the last calls (other files captured, leftovers); never raised
         self.warnings: list[str] = []
+        #: how long the VM was paused by the last create, in ms (None: it was not running)
+        self.last_pause_ms: float | None = None
 
     # -- helpers ------------------------------------------------------------------------------------
+
+    def _warn(self, message: str, category: type[UserWarning] = StorageNoteWarning) -> None:
+        """Keep ``message`` in :attr:`warnings` and issue it with :func:`warnings.warn` for callers."""
+        self.warnings.append(message)
+        warnings.warn(message, category, stacklevel=3)
 
     def _run(self, argv: Sequence[str], what: str, hint: str) -> None:
         try:
@@ -190,6 +204,7 @@ class BtrfsSnapshotStrategy:
                 hint="check free space (btrfs filesystem usage) and that the snapshot directory is on the "
                 "same Btrfs filesystem; nothing was left behind",
             ) from failure
+        self.last_pause_ms = pause["paused_ms"] if self.machine.is_running else None
         paused_ms = f"{pause['paused_ms']:.1f}"
         for live, plan in plans.items():
             users = sorted(
@@ -256,9 +271,10 @@ class BtrfsSnapshotStrategy:
                     others.append(str(original))
             if others:
                 found[live] = sorted(others)
-                self.warnings.append(
+                self._warn(
                     f"{live} holds {len(others)} file(s) besides this VM's disks (e.g. {others[0]}); "
-                    "they are in the snapshot too"
+                    "they are in the snapshot too, and a rollback turns them back",
+                    StorageScopeWarning,
                 )
         return found
 
@@ -394,7 +410,7 @@ class BtrfsSnapshotStrategy:
         try:
             self.runner.run(["btrfs", "subvolume", "delete", "--", str(aside)], timeout=600)
         except CommandError as err:
-            self.warnings.append(f"rolled back, but the old {live} stays at {aside}: {err.message}")
+            self._warn(f"rolled back, but the old {live} stays at {aside} (delete it by hand): {err.message}")
 
     def list(self) -> Sequence[SnapshotRef]:
         """The snapshot sets that hold a copy of one of the machine's disks, oldest set first."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import PurePosixPath
 from typing import ClassVar
@@ -29,6 +30,8 @@ from vmsnap.runner import Runner
 from vmsnap.storage import (
     LogicalVolume,
     LvmLocation,
+    StorageNoteWarning,
+    StorageScopeWarning,
     list_logical_volumes,
     logical_volume,
     lvm_location,
@@ -172,8 +175,16 @@ class LvmSnapshotStrategy:
         self.mount_base = mount_base
         #: human-readable notes from the last calls (a deferred merge, …); never raised
         self.warnings: list[str] = []
+        #: how long the VM was paused by the last create, in ms (None: it was not running)
+        self.last_pause_ms: float | None = None
+        self._merged: set[str] = set()  # snapshot LVs this instance merged (disks sharing one LV)
 
     # -- helpers ------------------------------------------------------------------------------------
+
+    def _warn(self, message: str, category: type[UserWarning] = StorageNoteWarning) -> None:
+        """Keep ``message`` in :attr:`warnings` and issue it with :func:`warnings.warn` for callers."""
+        self.warnings.append(message)
+        warnings.warn(message, category, stacklevel=3)
 
     def _lvm(self, *args: str, timeout: float = 600) -> str:
         return self.runner.run(["lvm", *args], timeout=timeout).stdout
@@ -264,6 +275,14 @@ class LvmSnapshotStrategy:
                 f"lvcreate of a snapshot of {failure.argv[-1]} failed: {failure.message}",
                 hint="check free space in the volume group (vgs); nothing was left behind",
             ) from failure
+        self.last_pause_ms = pause["paused_ms"] if self.machine.is_running else None
+        on_filesystems = {loc.mount.mount_point: loc.volume for _, loc in where if loc.mount is not None}
+        for mount_point, volume in on_filesystems.items():
+            self._warn(
+                f"the snapshot of {volume.full_name} holds every file under {mount_point}, not only this "
+                "VM's disks, and a rollback turns all of them back",
+                StorageScopeWarning,
+            )
         refs = []
         for disk, location in where:
             plan = plans[location.volume.full_name]
@@ -413,8 +432,16 @@ class LvmSnapshotStrategy:
                 hint="shut the VM down, then roll back",
             )
         full = self._snapshot_lv(snap)
-        volume = logical_volume(self.runner, full)
+        try:
+            volume = logical_volume(self.runner, full)
+        except NotFoundError:
+            if full in self._merged:
+                return  # another disk on the same LV rolled it back already
+            raise
+        if full in self._merged or volume.attr[:1] == "S":
+            return  # its merge is under way (or waits for the origin's next activation)
         self._check_valid(snap, volume)
+        self._merged.add(full)
         try:
             result = self.runner.run(["lvm", "lvconvert", "--merge", "-i", "1", full], timeout=3600)
         except CommandError as err:
@@ -427,7 +454,7 @@ class LvmSnapshotStrategy:
         except NotFoundError:
             return  # merged
         origin = snap.details.get("origin", "the origin")
-        self.warnings.append(
+        self._warn(
             f"the merge of {still.full_name} into {origin} starts on its next activation because {origin} "
             f"is open now ({result.stdout.strip() or 'in use'}): unmount it / stop its users, then "
             f"`lvchange -an {origin}` and `lvchange -ay {origin}`"

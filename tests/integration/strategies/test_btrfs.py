@@ -22,6 +22,7 @@ from vmsnap.machine import OfflineMachine, QemuMachine
 from vmsnap.model import ExportSource
 from vmsnap.registry import strategy_class
 from vmsnap.runner import DEFAULT_TIMEOUT, CommandResult, LocalRunner
+from vmsnap.storage import StorageScopeWarning
 from vmsnap.strategies.btrfs import SNAPSHOT_DIR_NAME, BtrfsSnapshotStrategy
 
 __all__ = ["loop_btrfs"]  # the fixture, imported so pytest finds it here
@@ -133,8 +134,10 @@ def test_snapshot_of_a_running_vm_holds_the_data_of_that_instant(btrfs_vm: Btrfs
     qemu_io(qmp, "disk1", "write -P 0x22 1M 1M")
     strategy = BtrfsSnapshotStrategy(btrfs_vm.machine)
     assert all(strategy.probe(d) for d in btrfs_vm.machine.disks())
-    refs = strategy.create(btrfs_vm.machine.disks(), name="first")
+    with pytest.warns(StorageScopeWarning, match="other.txt"):
+        refs = strategy.create(btrfs_vm.machine.disks(), name="first")
     assert qmp.status() == "running"
+    assert strategy.last_pause_ms is not None and strategy.last_pause_ms >= 0.0
     qemu_io(qmp, "disk0", "write -P 0x33 0 2M")  # after the snapshot: must not show in it
     assert [r.disk.name for r in refs] == ["disk0", "disk1"]
     assert float(refs[0].details["paused_ms"]) >= 0.0
