@@ -393,7 +393,15 @@ class BlockdevBackupStrategy:
         # a full backup restarts the chain: a broken bitmap goes now, a fresh one is added in the transaction
         for plan in plans:
             if plan.bitmap_state == "broken":
-                qmp.execute("block-dirty-bitmap-remove", {"node": plan.disk.node_name, "name": self.bitmap})
+                try:
+                    qmp.execute(
+                        "block-dirty-bitmap-remove", {"node": plan.disk.node_name, "name": self.bitmap}
+                    )
+                except QMPCommandError as err:
+                    raise SnapshotError(
+                        f"the bitmap {self.bitmap!r} of disk {plan.disk.name!r} cannot be reset: {err.desc}",
+                        hint="another block job may be using it: wait for it, or run `vmsnap recover`",
+                    ) from err
         self.target_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         set_id = f"{name}-{uuid.uuid4().hex[:8]}"
         if self.mode == "push":
