@@ -25,5 +25,29 @@ bench: bootstrap
 bench-quick: bootstrap
 	$(BIN)/vmsnap bench --quick --out benchmarks/results
 
+# the peers (virtnbdbackup on a libvirt domain) are not part of `make test`: installed here, only if missing,
+# with a policy-rc.d that keeps every service from starting (vmsnap starts libvirtd by hand)
+PEER_PACKAGES := virtnbdbackup libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients python3-libvirt
+
+bench-peers: bootstrap
+	@missing=""; \
+	for pkg in $(PEER_PACKAGES); do \
+	  dpkg-query -W -f='$${db:Status-Status}' $$pkg 2>/dev/null | grep -qx installed || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "bench-peers: installing$$missing"; \
+	  created=""; \
+	  if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && created=1; \
+	  fi; \
+	  status=0; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -q </dev/null >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing </dev/null >/dev/null \
+	    || status=$$?; \
+	  if [ -n "$$created" ]; then rm -f /usr/sbin/policy-rc.d; fi; \
+	  exit $$status; \
+	fi
+	$(BIN)/vmsnap bench --peers --out benchmarks/results
+
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,22 +1,335 @@
-"""The peers, measured on the same image in the same run: virtnbdbackup on a libvirt domain.
+"""The peers, measured on the same kind of image in the same run: virtnbdbackup on a libvirt domain.
 
-virtnbdbackup needs libvirt; ``make bench-peers`` installs it and starts libvirtd by hand.
+virtnbdbackup needs libvirt; ``make bench-peers`` installs both, and :class:`vmsnap.lab.libvirtd.Libvirtd`
+starts libvirtd by hand. The document :func:`run_peers` returns goes under ``"peers"`` in throughput.json.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+import secrets
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vmsnap.errors import UnsupportedError
+import attrs
+
+from vmsnap.errors import UnsupportedError, VmsnapError
+from vmsnap.runner import LocalRunner, Runner
+
+MiB = 1024 * 1024
+CHUNK = 4 * MiB
+TIMEOUT = 3600.0
+# the QOM path of libvirt's first virtio-blk disk, as HMP's qemu-io -d wants it
+QDEV_VDA = "/machine/peripheral/virtio-disk0/virtio-backend"
+
+FULL = "virtnbdbackup full"
+RESTORE = "virtnbdrestore (full + {n} incrementals)"
+PUSH = "libvirt backup-begin push full"
+DOMAIN_PREFIX = "vmsnap-bench-"
+
+
+class PeerError(VmsnapError):
+    """A peer tool failed or produced a wrong result, so its figure would be meaningless."""
+
+
+def backup_argv(uri: str, domain: str, level: str, output: Path, *, scratch: Path) -> list[str]:
+    """virtnbdbackup's command line for one backup (``level`` full or inc) of every disk of ``domain``."""
+    return [
+        "virtnbdbackup",
+        "-U",
+        uri,
+        "-d",
+        domain,
+        "-l",
+        level,
+        "-o",
+        str(output),
+        "-S",
+        str(scratch),
+        "-n",  # no progress bar
+    ]
+
+
+def restore_argv(uri: str, backup: Path, output: Path, *, logfile: Path) -> list[str]:
+    """virtnbdrestore's command line: the whole chain in ``backup`` into images in ``output``."""
+    return ["virtnbdrestore", "-U", uri, "-i", str(backup), "-o", str(output), "-n", "-L", str(logfile)]
+
+
+@attrs.frozen
+class BackupLog:
+    """What virtnbdbackup's log says it did.
+
+    :param data_bytes: disk → bytes of data extents it read
+    :param checkpoint: the checkpoint it created (``virtnbdbackup.N``)
+    :param finished: it logged ``Finished successfully``
+    """
+
+    data_bytes: Mapping[str, int]
+    checkpoint: str | None
+    finished: bool
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.data_bytes.values())
+
+
+def parse_backup_log(text: str) -> BackupLog:
+    """Read virtnbdbackup's log lines (it logs to stderr) into a :class:`BackupLog`."""
+    data = {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"backupDisk \[([^\]]+)\]: (\d+) bytes of data extents to backup", text)
+    }
+    checkpoint = re.search(r"Using checkpoint name: \[([^\]]+)\]", text)
+    return BackupLog(data, checkpoint.group(1) if checkpoint else None, "Finished successfully" in text)
+
+
+def parse_version(text: str) -> str:
+    """The version ``virtnbdbackup -V`` printed (``1.9.15``), or ``unknown``."""
+    found = re.search(r"\d+(?:\.\d+)+", text)
+    return found.group(0) if found else "unknown"
+
+
+def figure(name: str, runs: Sequence[float], data_bytes: int, **extra: Any) -> dict[str, Any]:
+    """One timed peer operation as a JSON object: median seconds, MB/s of ``data_bytes``, every run."""
+    seconds = statistics.median(runs)
+    return {
+        "name": name,
+        "seconds": round(seconds, 4),
+        "mb_per_s": round(data_bytes / seconds / 1e6, 1) if seconds > 0 else 0.0,
+        "runs": [round(v, 4) for v in runs],
+        "data_bytes": data_bytes,
+        **extra,
+    }
+
+
+def peer_ratios(ours: Iterable[Any], peers: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """vmsnap's speed relative to each peer (peer seconds / vmsnap seconds: above 1, vmsnap is faster).
+
+    :param ours: the ThroughputBench figures (objects with ``name`` and ``seconds``)
+    :param peers: name → figure, as :func:`figure` makes them
+    """
+    by = {f.name: f.seconds for f in ours}
+    full = by.get("vmsnap full backup (backup, push)")
+    incremental = next((s for n, s in by.items() if n.startswith("vmsnap incremental")), None)
+    restore = next((s for n, s in by.items() if n.startswith("vmsnap restore")), None)
+    limit = by.get("qemu-img convert (limit)")
+    peer_full = peers.get(FULL, {}).get("seconds")
+    peer_incremental = next(
+        (f["seconds"] for n, f in peers.items() if n.startswith("virtnbdbackup inc")), None
+    )
+    peer_restore = next((f["seconds"] for n, f in peers.items() if n.startswith("virtnbdrestore")), None)
+    push = peers.get(PUSH, {}).get("seconds")
+    pairs = {
+        "full_backup_vs_virtnbdbackup": (peer_full, full),
+        "incremental_vs_virtnbdbackup": (peer_incremental, incremental),
+        "restore_vs_virtnbdrestore": (peer_restore, restore),
+        "full_backup_vs_backup_begin_push": (push, full),
+        "virtnbdbackup_full_vs_convert": (limit, peer_full),
+        "backup_begin_push_vs_convert": (limit, push),
+    }
+    return {k: round(a / b, 3) for k, (a, b) in pairs.items() if a and b}
+
+
+def _restored_image(directory: Path) -> Path:
+    images = sorted(p for p in directory.iterdir() if p.suffix in (".qcow2", ".img", ".raw"))
+    if len(images) != 1:
+        raise PeerError(f"virtnbdrestore left {[p.name for p in images]} in {directory}, expected one image")
+    return images[0]
+
+
+@attrs.define
+class PeerBench:
+    """virtnbdbackup full / incremental / restore and libvirt's push backup on one running domain.
+
+    :param workdir: scratch (needs about 4x the data size free)
+    :param uri: the libvirtd to use
+    :param size_mib / data_mib / incremental_mib / runs: as :class:`ThroughputBench`
+    """
+
+    workdir: Path
+    uri: str
+    size_mib: int
+    data_mib: int
+    incremental_mib: int = 100
+    runs: int = 3
+    runner: Runner = attrs.Factory(LocalRunner)
+    progress: Callable[[str], None] = lambda line: None
+    figures: dict[str, dict[str, Any]] = attrs.Factory(dict)
+    versions: dict[str, str] = attrs.Factory(dict)
+
+    def _record(self, fig: dict[str, Any]) -> None:
+        self.figures[fig["name"]] = fig
+        self.progress(f"{fig['name']:38} {fig['seconds']:8.3f} s  {fig['mb_per_s']:8.0f} MB/s")
+
+    def _timed(self, argv: Sequence[str]) -> tuple[float, str]:
+        started = time.perf_counter()
+        result = self.runner.run(argv, timeout=TIMEOUT)
+        return time.perf_counter() - started, result.stdout + result.stderr
+
+    def _backup(self, domain: str, level: str, output: Path) -> tuple[float, BackupLog]:
+        seconds, text = self._timed(backup_argv(self.uri, domain, level, output, scratch=self.workdir))
+        log = parse_backup_log(text)
+        if not log.finished:
+            raise PeerError(f"virtnbdbackup -l {level} did not finish: {text[-1500:]}")
+        return seconds, log
+
+    def _identical(self, a: Path, b: Path) -> bool:
+        result = self.runner.run(
+            ["qemu-img", "compare", "-U", str(a), str(b)], ok_codes=(0, 1), timeout=TIMEOUT
+        )
+        return result.exit_code == 0
+
+    def run(self) -> None:
+        """Measure every peer figure on a fresh image of the bench's kind (see the module docstring)."""
+        from vmsnap.benchmark.throughput import make_test_image
+        from vmsnap.lab.libvirtd import define_domain, remove_domain
+
+        for tool in ("virtnbdbackup", "virtnbdrestore"):
+            if self.runner.which(tool) is None:
+                raise UnsupportedError(f"{tool} is not installed", hint="make bench-peers installs it")
+        self.versions["virtnbdbackup"] = parse_version(self.runner.run(["virtnbdbackup", "-V"]).stdout)
+        image = self.workdir / "peer-disk.qcow2"
+        self.progress(f"making a {self.size_mib} MiB image with {self.data_mib} MiB for the peers …")
+        data = make_test_image(image, size_mib=self.size_mib, data_mib=self.data_mib, seed=1)
+        import libvirt
+
+        conn = libvirt.open(self.uri)
+        name = f"{DOMAIN_PREFIX}{secrets.token_hex(3)}"
+        dom = None
+        try:
+            self.versions["libvirt"] = _libvirt_version(conn.getLibVersion())
+            for old in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE):
+                if old.name().startswith(DOMAIN_PREFIX):  # left defined by a run whose libvirtd died
+                    remove_domain(old)
+            dom = define_domain(conn, name, {"vda": image})
+            dom.create()
+            self._push(dom, image, data)
+            chain = self._full(name, data)
+            rounds = self._incrementals(dom, name, chain)
+            remove_domain(dom)  # QEMU has written everything to the image; the restores compare against it
+            dom = None
+            self._restores(chain, image, data, rounds)
+        finally:
+            if dom is not None:
+                remove_domain(dom, name=name)
+            conn.close()
+
+    def _push(self, dom: Any, image: Path, data: int) -> None:
+        import libvirt
+
+        def one(i: int) -> float:
+            target = self.workdir / f"push{i}.qcow2"
+            xml = (
+                "<domainbackup mode='push'><disks><disk name='vda' backup='yes' type='file'>"
+                f"<target file='{target}'/><driver type='qcow2'/></disk></disks></domainbackup>"
+            )
+            started = time.perf_counter()
+            dom.backupBegin(xml, None, 0)
+            while dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+                time.sleep(0.01)
+            seconds = time.perf_counter() - started
+            stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+            if not stats.get("success", False):
+                raise PeerError(f"libvirt's push backup failed: {stats}")
+            if i == 0 and not self._identical(target, image):
+                raise PeerError(f"libvirt's push backup {target} differs from the disk {image}")
+            target.unlink()
+            return seconds
+
+        self._record(figure(PUSH, [one(i) for i in range(self.runs)], data, verified=True))
+
+    def _full(self, domain: str, data: int) -> Path:
+        runs = []
+        for i in range(self.runs):
+            output = self.workdir / f"vnb-full{i}"
+            seconds, log = self._backup(domain, "full", output)
+            runs.append(seconds)
+            if i < self.runs - 1:
+                shutil.rmtree(output)
+        self._record(figure(FULL, runs, data, read_bytes=log.total_bytes))
+        return output  # the last full backup starts the incremental chain
+
+    def _incrementals(self, dom: Any, domain: str, chain: Path) -> int:
+        import random
+
+        import libvirt_qemu
+
+        def hmp(command: str) -> None:
+            reply = libvirt_qemu.qemuMonitorCommand(
+                dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+            ).strip()
+            if reply:  # qemu-io prints nothing on success
+                raise PeerError(f"HMP {command!r} answered {reply!r}")
+
+        rng = random.Random(7)  # noqa: S311 - test data, the same offsets vmsnap's incrementals used
+        slots = self.size_mib * MiB // CHUNK
+        rounds = max(3, self.runs)
+        runs, read = [], []
+        for round_ in range(rounds):
+            for _ in range(self.incremental_mib * MiB // CHUNK):
+                offset = rng.randrange(slots) * CHUNK
+                hmp(f'qemu-io -d {QDEV_VDA} "write -P {0x40 + round_} {offset} {CHUNK}"')
+            hmp(f'qemu-io -d {QDEV_VDA} "flush"')
+            seconds, log = self._backup(domain, "inc", chain)
+            runs.append(seconds)
+            read.append(log.total_bytes)
+        name = f"virtnbdbackup incremental ({self.incremental_mib} MiB changed)"
+        self._record(figure(name, runs, self.incremental_mib * MiB, read_bytes=read))
+        return rounds
+
+    def _restores(self, chain: Path, image: Path, data: int, rounds: int) -> None:
+        runs = []
+        for i in range(self.runs):
+            output = self.workdir / f"vnb-restore{i}"
+            seconds, _ = self._timed(
+                restore_argv(self.uri, chain, output, logfile=self.workdir / "restore.log")
+            )
+            restored = _restored_image(output)
+            if not self._identical(restored, image):
+                raise PeerError(f"virtnbdrestore's {restored} differs from the disk {image}")
+            runs.append(seconds)
+            shutil.rmtree(output)
+        self._record(figure(RESTORE.format(n=rounds), runs, data, verified=True))
+
+
+def _libvirt_version(number: int) -> str:
+    return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
 
 
 def run_peers(
     scratch: Path, bench: Any, *, progress: Callable[[str], None] = lambda line: None
 ) -> dict[str, Any]:
-    """Measure virtnbdbackup full, incremental and restore on ``bench``'s image.
+    """Measure virtnbdbackup full, incremental and restore (and libvirt's push backup) beside ``bench``.
 
-    :raise UnsupportedError: virtnbdbackup or libvirt is not available here
+    :param scratch: the throughput run's scratch directory
+    :param bench: the :class:`~vmsnap.benchmark.throughput.ThroughputBench` after its run
+    :return: ``{"versions", "figures": {name: figure}, "ratios"}`` for throughput.json's ``"peers"``
+    :raise UnsupportedError: virtnbdbackup, libvirtd or libvirt-python is not available here
+    :raise PeerError: a peer failed, or restored an image that differs from the disk
     """
-    raise UnsupportedError("the virtnbdbackup comparison is not wired yet", hint="run without --peers")
+    from vmsnap.lab.libvirtd import Libvirtd
+
+    if shutil.which("virtnbdbackup") is None:
+        raise UnsupportedError("virtnbdbackup is not installed", hint="make bench-peers installs it")
+    workdir = scratch / "peers"
+    workdir.mkdir(exist_ok=True)
+    with Libvirtd() as libvirtd:
+        peers = PeerBench(
+            workdir,
+            libvirtd.uri,
+            size_mib=bench.size_mib,
+            data_mib=bench.data_mib,
+            incremental_mib=bench.incremental_mib,
+            runs=bench.runs,
+            progress=progress,
+        )
+        peers.run()
+    return {
+        "versions": peers.versions,
+        "figures": peers.figures,
+        "ratios": peer_ratios(bench.figures, peers.figures),
+    }

@@ -289,8 +289,40 @@ def throughput_markdown(document: Mapping[str, Any]) -> str:
             "",
             _md_table(["ratio", "measured", "target"], ratio_rows),
             "",
+            *_peers_markdown(document.get("peers") or {}),
         ]
     )
+
+
+def _peers_markdown(peers: Mapping[str, Any]) -> list[str]:
+    """The peers section of throughput.md (nothing when no peer was measured)."""
+    figures = peers.get("figures") or {}
+    if not figures:
+        return []
+    versions = ", ".join(f"{k} {v}" for k, v in sorted((peers.get("versions") or {}).items()))
+    rows = [
+        [
+            name,
+            f"{f['seconds']:.3f} s",
+            f"{f['mb_per_s']:.0f} MB/s",
+            ", ".join(f"{v:g}" for v in f["runs"]),
+            "yes" if f.get("verified") else "",
+        ]
+        for name, f in figures.items()
+    ]
+    ratio_rows = [[k, f"{v:g}"] for k, v in (peers.get("ratios") or {}).items()]
+    return [
+        "## Peers",
+        "",
+        f"Measured in the same run on a fresh image of the same kind, attached to a libvirt domain "
+        f"({versions}). Ratios are speed ratios: above 1, the first-named is faster. "
+        "Restores are verified with `qemu-img compare` against the disk.",
+        "",
+        _md_table(["operation", "median", "throughput", "runs (s)", "verified"], rows),
+        "",
+        _md_table(["ratio", "measured"], ratio_rows),
+        "",
+    ]
 
 
 def write_throughput(document: Mapping[str, Any], out: Path) -> dict[str, Path]:

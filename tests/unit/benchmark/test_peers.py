@@ -1,0 +1,172 @@
+"""The peer comparison's cheap parts: virtnbdbackup's command lines, reading its log, figures and ratios."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vmsnap.benchmark.peers import (
+    FULL,
+    PUSH,
+    PeerBench,
+    PeerError,
+    _restored_image,
+    backup_argv,
+    figure,
+    parse_backup_log,
+    parse_version,
+    peer_ratios,
+    restore_argv,
+)
+from vmsnap.benchmark.report import throughput_markdown
+from vmsnap.benchmark.throughput import ThroughputFigure
+from vmsnap.runner import RecordingRunner
+
+URI = "qemu:///system?socket=/tmp/vmsnap-lv.x/libvirt-sock"
+
+# what virtnbdbackup 1.9.15 logged for a full backup here (trimmed, timestamps cut)
+FULL_LOG = """\
+INFO root virtnbdbackup - main [MainThread]: Backup level: [full]
+INFO root virtnbdbackup - handleCheckpoints [MainThread]: Using checkpoint name: [virtnbdbackup.0].
+INFO root virtnbdbackup - backupDisk [vda]: Got 35 extents to backup.
+INFO root virtnbdbackup - backupDisk [vda]: 268435456 bytes disk size
+INFO root virtnbdbackup - backupDisk [vda]: 134217728 bytes of data extents to backup
+INFO root virtnbdbackup - backupDisk [sdb]: 4194304 bytes of data extents to backup
+INFO root virtnbdbackup - backupDisk [vda]: Backup of disk [vda] finished, file: [/b/vda.full.data]
+INFO root virtnbdbackup - main [MainThread]: Finished successfully
+"""
+
+
+def test_backup_argv_names_uri_domain_level_output_and_scratch() -> None:
+    argv = backup_argv(URI, "vm1", "inc", Path("/b/chain"), scratch=Path("/s"))
+    assert argv == ["virtnbdbackup", "-U", URI, "-d", "vm1", "-l", "inc", "-o", "/b/chain", "-S", "/s", "-n"]
+
+
+def test_restore_argv_restores_the_whole_chain_with_its_own_log() -> None:
+    argv = restore_argv(URI, Path("/b/chain"), Path("/r"), logfile=Path("/s/restore.log"))
+    assert argv == ["virtnbdrestore", "-U", URI, "-i", "/b/chain", "-o", "/r", "-n", "-L", "/s/restore.log"]
+
+
+def test_backup_log_gives_bytes_per_disk_checkpoint_and_success() -> None:
+    log = parse_backup_log(FULL_LOG)
+    assert dict(log.data_bytes) == {"vda": 134217728, "sdb": 4194304}
+    assert log.total_bytes == 138412032
+    assert log.checkpoint == "virtnbdbackup.0"
+    assert log.finished
+
+
+def test_backup_log_of_a_failed_run_is_not_finished() -> None:
+    log = parse_backup_log("ERROR root virtnbdbackup - main [MainThread]: Cant connect libvirt daemon")
+    assert (dict(log.data_bytes), log.checkpoint, log.finished) == ({}, None, False)
+
+
+def test_version() -> None:
+    assert parse_version("1.9.15\n") == "1.9.15"
+    assert parse_version("") == "unknown"
+
+
+def test_backup_through_the_runner_reads_its_log_and_refuses_an_unfinished_run(tmp_path: Path) -> None:
+    runner = RecordingRunner({("virtnbdbackup",): (0, FULL_LOG)})
+    bench = PeerBench(tmp_path, URI, size_mib=64, data_mib=32, runner=runner)
+    seconds, log = bench._backup("vm1", "full", tmp_path / "full")
+    assert seconds >= 0 and log.total_bytes == 138412032
+    assert runner.calls == [tuple(backup_argv(URI, "vm1", "full", tmp_path / "full", scratch=tmp_path))]
+    runner.responses[("virtnbdbackup",)] = (0, "nothing useful")
+    with pytest.raises(PeerError, match="did not finish"):
+        bench._backup("vm1", "inc", tmp_path / "full")
+
+
+def test_compare_counts_exit_one_as_different(tmp_path: Path) -> None:
+    runner = RecordingRunner({("qemu-img", "compare"): (1, "Content mismatch at offset 0!")})
+    bench = PeerBench(tmp_path, URI, size_mib=64, data_mib=32, runner=runner)
+    assert not bench._identical(tmp_path / "a", tmp_path / "b")
+    assert runner.calls == [("qemu-img", "compare", "-U", str(tmp_path / "a"), str(tmp_path / "b"))]
+
+
+def test_restored_image_is_the_one_image_in_the_directory(tmp_path: Path) -> None:
+    (tmp_path / "vmconfig.virtnbdbackup.3.xml").write_text("<domain/>")
+    with pytest.raises(PeerError, match="expected one image"):
+        _restored_image(tmp_path)
+    (tmp_path / "disk.qcow2").write_bytes(b"")
+    assert _restored_image(tmp_path) == tmp_path / "disk.qcow2"
+
+
+def test_figure_is_the_median_with_every_run() -> None:
+    fig = figure(FULL, [3.0, 1.0, 2.0], 200_000_000, verified=True)
+    assert fig == {
+        "name": FULL,
+        "seconds": 2.0,
+        "mb_per_s": 100.0,
+        "runs": [3.0, 1.0, 2.0],
+        "data_bytes": 200_000_000,
+        "verified": True,
+    }
+
+
+def _ours() -> list[ThroughputFigure]:
+    return [
+        ThroughputFigure("qemu-img convert (limit)", 1.0, (1.0,), 1000),
+        ThroughputFigure("vmsnap full backup (backup, push)", 2.0, (2.0,), 1000),
+        ThroughputFigure("vmsnap incremental (100 MiB changed)", 0.5, (0.5,), 100),
+        ThroughputFigure("vmsnap restore (full + 3 incrementals)", 4.0, (4.0,), 1000),
+    ]
+
+
+def _peers() -> dict[str, dict[str, object]]:
+    return {
+        fig["name"]: fig
+        for fig in (
+            figure(PUSH, [1.5], 1000, verified=True),
+            figure(FULL, [6.0], 1000),
+            figure("virtnbdbackup incremental (100 MiB changed)", [2.0], 100),
+            figure("virtnbdrestore (full + 3 incrementals)", [8.0], 1000, verified=True),
+        )
+    }
+
+
+def test_ratios_are_speed_ratios_of_vmsnap_against_each_peer() -> None:
+    assert peer_ratios(_ours(), _peers()) == {
+        "full_backup_vs_virtnbdbackup": 3.0,
+        "incremental_vs_virtnbdbackup": 4.0,
+        "restore_vs_virtnbdrestore": 2.0,
+        "full_backup_vs_backup_begin_push": 0.75,
+        "virtnbdbackup_full_vs_convert": 0.167,
+        "backup_begin_push_vs_convert": 0.667,
+    }
+
+
+def test_ratios_leave_out_what_was_not_measured() -> None:
+    assert peer_ratios(_ours(), {FULL: figure(FULL, [6.0], 1000)}) == {
+        "full_backup_vs_virtnbdbackup": 3.0,
+        "virtnbdbackup_full_vs_convert": 0.167,
+    }
+
+
+def _document(peers: dict[str, object]) -> dict[str, object]:
+    return {
+        "size_mib": 512,
+        "data_mib": 384,
+        "runs": 1,
+        "figures": [{"name": "qemu-img convert (limit)", "seconds": 1.0, "mb_per_s": 400.0, "runs": [1.0]}],
+        "ratios": {"cp_vs_convert": 0.9},
+        "peers": peers,
+    }
+
+
+def test_markdown_shows_a_peers_table_with_versions_and_ratios() -> None:
+    peers = {
+        "versions": {"virtnbdbackup": "1.9.15", "libvirt": "9.0.0"},
+        "figures": _peers(),
+        "ratios": peer_ratios(_ours(), _peers()),
+    }
+    text = throughput_markdown(_document(peers))
+    assert "## Peers" in text
+    assert "libvirt 9.0.0, virtnbdbackup 1.9.15" in text
+    assert "| virtnbdbackup full | 6.000 s | 0 MB/s | 6 |  |" in text
+    assert "| virtnbdrestore (full + 3 incrementals) | 8.000 s | 0 MB/s | 8 | yes |" in text
+    assert "| full_backup_vs_virtnbdbackup | 3 |" in text
+
+
+def test_markdown_has_no_peers_section_without_peers() -> None:
+    assert "Peers" not in throughput_markdown(_document({}))

@@ -1,0 +1,356 @@
+"""A libvirtd for the lab, the libvirt tests and the peer benchmark, started by hand (no systemd needed).
+
+:class:`Libvirtd` uses a libvirtd that already runs, or starts ``virtlogd`` and ``libvirtd`` itself on a
+private socket with pid files in a temp dir and stops exactly those pids; :func:`define_domain` defines a
+q35 domain with no guest OS over qcow2 data disks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+from vmsnap.errors import LibvirtError, UnsupportedError
+from vmsnap.lab.qemu import kvm_usable
+
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+# QEMU runs as root on images in private 0700 temp dirs; there is no SELinux/AppArmor to label for
+QEMU_SETTINGS: Mapping[str, str] = {
+    "user": '"root"',
+    "group": '"root"',
+    "dynamic_ownership": "0",
+    "remember_owner": "0",
+    "security_driver": '"none"',
+}
+DRIVER_PID = Path("/run/libvirt/qemu/driver.pid")
+PUBLIC_SOCKET = Path("/run/libvirt/libvirt-sock")
+VIRTLOGD_SOCKET = Path("/run/libvirt/virtlogd-sock")
+
+
+def ensure_qemu_conf(conf: Path = QEMU_CONF, settings: Mapping[str, str] = QEMU_SETTINGS) -> list[str]:
+    """Append the ``settings`` that ``conf`` lacks; return the lines added.
+
+    :raise LibvirtError: ``conf`` sets one of them to another value (vmsnap never overrides a host's choice)
+    """
+    text = conf.read_text() if conf.exists() else ""
+    missing = []
+    for key, value in settings.items():
+        match = re.search(rf"^\s*{re.escape(key)}\s*=\s*(\S+)", text, re.MULTILINE)
+        if match is None:
+            missing.append(f"{key} = {value}")
+        elif match.group(1) != value:
+            raise LibvirtError(
+                f"{conf} sets {key} = {match.group(1)}; a lab libvirtd needs {key} = {value}",
+                hint=f"change it in {conf}, or use a host libvirtd that already runs",
+            )
+    if missing:
+        with conf.open("a") as out:
+            out.write("\n# vmsnap lab libvirtd (vmsnap/lab/libvirtd.py)\n" + "\n".join(missing) + "\n")
+    return missing
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _read_pid(path: Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(path.read_text().strip())
+    return None
+
+
+def _socket_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def running_libvirtd_uri() -> str | None:
+    """The URI of a libvirtd already running here (the host's, or another lab's on a private socket), or None.
+
+    Only one libvirtd may own ``/run/libvirt/qemu``, so a second one must not be started beside it.
+    """
+    pid = _read_pid(DRIVER_PID)
+    if pid is None or not alive(pid):
+        return None
+    if PUBLIC_SOCKET.exists():
+        return "qemu:///system"
+    # a lab libvirtd: its socket directory is in the config file named on its command line
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for flag, value in itertools.pairwise(argv):
+        if flag in (b"-f", b"--config"):
+            with contextlib.suppress(OSError):
+                found = re.search(
+                    r'^\s*unix_sock_dir\s*=\s*"([^"]+)"', Path(value.decode()).read_text(), re.M
+                )
+                if found and Path(found.group(1), "libvirt-sock").exists():
+                    return f"qemu:///system?socket={found.group(1)}/libvirt-sock"
+    return None
+
+
+class Libvirtd:
+    """A libvirtd to use in a ``with`` block: the one already running, or one started here and stopped after.
+
+    The daemons this object starts run in the foreground as its children (``Popen``), with pid files in
+    ``workdir``; leaving the block stops exactly those pids. Domains are the caller's to remove: QEMU
+    processes outlive libvirtd.
+
+    :param parent: where the temp dir goes (short: unix socket paths are limited to 108 bytes)
+    :param timeout: seconds to wait for libvirtd to answer
+    """
+
+    def __init__(self, *, parent: Path = Path("/tmp"), timeout: float = 30.0) -> None:
+        self.parent = parent
+        self.timeout = timeout
+        self.uri = ""
+        self.workdir: Path | None = None
+        self.log: Path | None = None
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def ours(self) -> bool:
+        """True when this object started libvirtd (and will stop it)."""
+        return bool(self.started)
+
+    def start(self) -> Libvirtd:
+        """Find or start libvirtd and wait until it answers.
+
+        :raise UnsupportedError: libvirtd or libvirt-python is not installed, or not running as root
+        :raise LibvirtError: the daemon did not start or answer (with the end of its log)
+        """
+        binary = shutil.which("libvirtd") or "/usr/sbin/libvirtd"
+        if not os.path.exists(binary) or shutil.which("virtlogd") is None:
+            raise UnsupportedError(
+                "libvirtd is not installed",
+                hint="apt-get install libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients",
+            )
+        libvirt = _libvirt()
+        existing = running_libvirtd_uri()
+        if existing is not None:
+            self.uri = existing
+            return self
+        if os.geteuid() != 0:
+            raise UnsupportedError("a lab libvirtd runs in system mode, as root", hint="run as root")
+        ensure_qemu_conf()
+        self.workdir = Path(tempfile.mkdtemp(prefix="vmsnap-lv.", dir=self.parent))
+        self.log = self.workdir / "libvirtd.log"
+        conf = self.workdir / "libvirtd.conf"
+        conf.write_text(
+            f'unix_sock_dir = "{self.workdir}"\nunix_sock_rw_perms = "0700"\nunix_sock_ro_perms = "0700"\n'
+            f'auth_unix_ro = "none"\nauth_unix_rw = "none"\nlog_outputs = "3:file:{self.log}"\n'
+        )
+        Path("/run/libvirt").mkdir(mode=0o755, exist_ok=True)
+        try:
+            if not _socket_answers(VIRTLOGD_SOCKET):
+                with contextlib.suppress(FileNotFoundError):
+                    VIRTLOGD_SOCKET.unlink()  # left by a virtlogd that is gone
+                self._spawn(["virtlogd", "-p", str(self.workdir / "virtlogd.pid")], "virtlogd")
+                self._wait_for(lambda: _socket_answers(VIRTLOGD_SOCKET), "virtlogd", VIRTLOGD_SOCKET)
+            self._spawn([binary, "-f", str(conf), "-p", str(self.workdir / "libvirtd.pid")], "libvirtd")
+            self.uri = f"qemu:///system?socket={self.workdir}/libvirt-sock"
+            self._wait_for(lambda: _answers(libvirt, self.uri), "libvirtd", self.log)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, argv: list[str], name: str) -> None:
+        assert self.workdir is not None
+        with open(self.workdir / f"{name}.out", "wb") as out:
+            self.started.append(
+                subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+
+    def _wait_for(self, ready: Any, name: str, log: Path) -> None:
+        deadline = time.monotonic() + self.timeout
+        process = self.started[-1]
+        while not ready():
+            if process.poll() is not None or time.monotonic() > deadline:
+                assert self.workdir is not None
+                tail = ""
+                for path in (log, self.workdir / f"{name}.out"):
+                    with contextlib.suppress(OSError):
+                        tail += path.read_text(errors="replace")[-1500:]
+                state = (
+                    f"exited with {process.returncode}" if process.poll() is not None else "did not answer"
+                )
+                raise LibvirtError(f"{name} {state}: {tail.strip()}", hint="see the log above")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop the daemons this object started (by pid, newest first) and remove its temp dir."""
+        for process in reversed(self.started):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(10)
+        self.started.clear()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def open(self) -> Any:
+        """A new ``virConnect`` to this libvirtd (close it when done)."""
+        libvirt = _libvirt()
+        try:
+            return libvirt.open(self.uri)
+        except libvirt.libvirtError as err:
+            raise LibvirtError(f"cannot connect to {self.uri}: {err}") from err
+
+    def __enter__(self) -> Libvirtd:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _libvirt() -> Any:
+    try:
+        import libvirt
+    except ImportError as err:
+        raise UnsupportedError(
+            "libvirt-python is not installed", hint="apt-get install python3-libvirt"
+        ) from err
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    return libvirt
+
+
+def _answers(libvirt: Any, uri: str) -> bool:
+    try:
+        libvirt.open(uri).close()
+    except libvirt.libvirtError:
+        return False
+    return True
+
+
+def domain_xml(name: str, disks: Mapping[str, Path], *, agent_socket: Path | None = None) -> str:
+    """A q35 domain with no OS and qcow2 data disks (``vd*`` on virtio-blk, ``sd*`` on virtio-scsi).
+
+    :param disks: target device name (``vda``, ``sdb`` …) → image path
+    :param agent_socket: add a guest agent channel bound to this unix socket
+    """
+    parts = []
+    for dev, path in disks.items():
+        bus = "virtio" if dev.startswith("vd") else "scsi"
+        parts.append(
+            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+            f"<source file={quoteattr(str(path))}/><target dev={quoteattr(dev)} bus='{bus}'/></disk>"
+        )
+    if agent_socket is not None:
+        parts.append(
+            f"<channel type='unix'><source mode='bind' path={quoteattr(str(agent_socket))}/>"
+            "<target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+        )
+    return (
+        f"<domain type='{'kvm' if kvm_usable() else 'qemu'}'><name>{name}</name>"
+        "<memory unit='MiB'>128</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='q35'>hvm</type></os>"
+        "<cpu mode='custom' match='exact' check='none'><model fallback='allow'>qemu64</model></cpu>"
+        "<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>"
+        f"{''.join(parts)}<controller type='scsi' model='virtio-scsi'/>"
+        "<video><model type='none'/></video><memballoon model='none'/></devices></domain>"
+    )
+
+
+def define_domain(
+    conn: Any, name: str, disks: Mapping[str, Path], *, agent_socket: Path | None = None
+) -> Any:
+    """Define (not start) a q35 domain with no guest OS over ``disks``; return its ``virDomain``.
+
+    :param conn: a ``virConnect``
+    :param disks: target device name → qcow2 image path (see :func:`domain_xml`)
+    :raise LibvirtError: libvirt refused the definition
+    """
+    libvirt = _libvirt()
+    try:
+        return conn.defineXML(domain_xml(name, disks, agent_socket=agent_socket))
+    except libvirt.libvirtError as err:
+        raise LibvirtError(f"cannot define domain {name}: {err}") from err
+
+
+def remove_domain(dom: Any, *, name: str | None = None) -> None:
+    """Destroy (if running) and undefine ``dom`` with its snapshot and checkpoint metadata; never raises.
+
+    When libvirtd is gone, the domain's QEMU (found by libvirt's pid file and checked by its command line)
+    is stopped by pid instead, so no QEMU outlives the caller.
+
+    :param name: the domain's name, for the fallback when libvirtd no longer answers
+    """
+    libvirt = _libvirt()
+    with contextlib.suppress(libvirt.libvirtError):
+        name = name or dom.name()
+    try:
+        if dom.isActive():
+            dom.destroy()
+    except libvirt.libvirtError:
+        if name is not None:
+            stop_domain_qemu(name)
+    flags = (
+        libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+        | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    )
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.undefineFlags(flags)
+
+
+def stop_domain_qemu(name: str, run_dir: Path = Path("/run/libvirt/qemu")) -> bool:
+    """Stop the QEMU that libvirt ran for domain ``name`` (SIGTERM, then SIGKILL); True if one was running.
+
+    For a domain whose libvirtd is gone: the pid comes from libvirt's pid file and must belong to a
+    ``qemu-system`` process started with ``-name guest=NAME``, so nothing else is ever signalled.
+    """
+    pid = _read_pid(run_dir / f"{name}.pid")
+    if pid is None or not alive(pid):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    names = [value.split(b",")[0] for flag, value in itertools.pairwise(argv) if flag == b"-name"]
+    if not argv[0].endswith(b"qemu-system-x86_64") or names != [f"guest={name}".encode()]:
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    return True
