@@ -14,6 +14,7 @@ import attrs
 import pytest
 
 from tests.conftest import make_image
+from tests.integration.cli_helpers import cli
 from tests.integration.strategies.contract import Lab, QemuImageLab, StrategyContract
 from tests.integration.strategies.loop_btrfs import LoopBtrfs, loop_btrfs
 from vmsnap.errors import CommandError, QMPConnectionError, SnapshotError, UnsupportedError
@@ -329,3 +330,27 @@ class TestBtrfsContract(StrategyContract):
 
     def make_lab(self, mode: str, tmp_path: Path) -> Lab:
         return BtrfsImageLab(tmp_path, online=mode == "online", image_dir=self.fs.subvolume())
+
+
+def test_cli_backup_of_a_running_vm_on_btrfs_restores_the_bytes_of_that_instant(
+    btrfs_vm: BtrfsVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    qmp = btrfs_vm.machine.qmp()
+    qemu_io(qmp, "disk0", "write -P 0x5c 0 2M")  # unflushed: the backup's pause must flush it
+    qemu_io(qmp, "disk1", "write -P 0x5d 4M 1M")
+    btrfs_vm.machine.close()  # QEMU serves one QMP client at a time: the CLI's turn
+    repo, out = tmp_path / "repo", tmp_path / "restored"
+    argv = ["backup", "--repo", repo, "--strategy", "btrfs", "--transport", "copy"]
+    result = cli(capsys, *argv, "--qmp", btrfs_vm.process.qmp_socket, "--quiesce", "off", "--json")
+    assert result.code == 0, result.err
+    assert result.json()["strategy"] == "btrfs"
+    assert cli(capsys, "restore", "--repo", repo, "--vm", "btrfsvm", "--to", out).code == 0
+    expected = {
+        "disk0": reference(tmp_path, "d0", ["write -P 0x5c 0 2M"]),
+        "disk1": reference(tmp_path, "d1", ["write -P 0x5d 4M 1M"]),
+    }
+    for disk, ref in expected.items():
+        assert subprocess.run(["qemu-img", "compare", str(ref), str(out / f"{disk}.qcow2")]).returncode == 0
+    for subvolume in btrfs_vm.subvolumes.values():  # the backup deleted its snapshots
+        assert not list((btrfs_vm.fs.mount / SNAPSHOT_DIR_NAME).glob(f"*/{subvolume.name}"))
+    assert btrfs_vm.machine.qmp().status() == "running"
