@@ -194,11 +194,7 @@ class BtrfsSnapshotStrategy:
                     break
                 made.append(plan.target)
         if failure is not None:
-            for target in made:
-                with contextlib.suppress(VmsnapError):
-                    self.runner.run(["btrfs", "subvolume", "delete", "--", str(target)], timeout=600)
-            for plan in plans.values():
-                self._remove_empty_dirs(plan.target.parent, set_id)
+            self._undo(made, plans, set_id)
             raise SnapshotError(
                 f"btrfs snapshot of {failure.argv[-2]} failed: {failure.message}",
                 hint="check free space (btrfs filesystem usage) and that the snapshot directory is on the "
@@ -206,13 +202,22 @@ class BtrfsSnapshotStrategy:
             ) from failure
         self.last_pause_ms = pause["paused_ms"] if self.machine.is_running else None
         paused_ms = f"{pause['paused_ms']:.1f}"
-        for live, plan in plans.items():
-            users = sorted(
-                {d.name for d, top, backing in where if live in {loc.subvolume for loc in (top, *backing)}}
-            )
-            self._write_users(plan.target, users)
+        try:
+            for live, plan in plans.items():
+                users = {d.name for d, t, b in where if live in {loc.subvolume for loc in (t, *b)}}
+                self._write_users(plan.target, sorted(users))
+        except VmsnapError as err:
+            self._undo(made, plans, set_id)
+            raise SnapshotError(
+                f"cannot record which disks use snapshot {set_id}: {err.message}",
+                hint="check the snapshot directory's permissions and free space; nothing was left behind",
+            ) from err
         images = {str(loc.file) for _, top, backing in where for loc in (top, *backing)}
-        others = self._other_files(plans, images) if self.report_other_files else {}
+        try:
+            others = self._other_files(plans, images) if self.report_other_files else {}
+        except VmsnapError as err:  # only a report: the snapshots are good
+            self._warn(f"could not list the other files captured with this VM's disks: {err.message}")
+            others = {}
         refs = []
         for disk, top, backing in where:
             plan = plans[top.subvolume]
@@ -235,6 +240,19 @@ class BtrfsSnapshotStrategy:
                 )
             refs.append(SnapshotRef(self.name, name, disk, str(plan.target / top.relative), details))
         return refs
+
+    def _undo(
+        self, made: Sequence[PurePosixPath], plans: Mapping[PurePosixPath, _SubvolumePlan], set_id: str
+    ) -> None:
+        """Delete the snapshots a failed create made, and the directories it made for them."""
+        for target in made:
+            with contextlib.suppress(VmsnapError):
+                self.runner.run(["btrfs", "subvolume", "delete", "--", str(target)], timeout=600)
+            with contextlib.suppress(VmsnapError):
+                self.runner.run(["rm", "-f", "--", str(self._users_file(target))], timeout=60)
+        for plan in plans.values():
+            with contextlib.suppress(VmsnapError):
+                self._remove_empty_dirs(plan.target.parent, set_id)
 
     def _set_ids(self, root: PurePosixPath) -> list[str]:
         """The snapshot sets in ``root``, oldest first (empty when it does not exist)."""

@@ -245,9 +245,13 @@ def test_rollback_swaps_the_subvolume_back_with_every_file_in_it(btrfs_vm: Btrfs
     assert Path(refs[0].location).exists()
 
 
-class FailSecondSnapshot(LocalRunner):
-    """Runs everything for real, except that the 2nd ``btrfs subvolume snapshot`` fails (fault injection)."""
+@attrs.define
+class FailingRunner(LocalRunner):
+    """Runs everything for real, except that the ``nth`` command starting with ``prefix`` fails (fault
+    injection)."""
 
+    prefix: tuple[str, ...] = ("btrfs", "subvolume", "snapshot")
+    nth: int = 2
     seen: int = 0
 
     def run(
@@ -258,9 +262,9 @@ class FailSecondSnapshot(LocalRunner):
         input: bytes | str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> CommandResult:
-        if list(argv[:3]) == ["btrfs", "subvolume", "snapshot"]:
+        if tuple(argv[: len(self.prefix)]) == self.prefix:
             self.seen += 1
-            if self.seen == 2:
+            if self.seen == self.nth:
                 raise CommandError(argv, 1, "", "ERROR: cannot snapshot: No space left on device")
         return super().run(argv, ok_codes=ok_codes, input=input, timeout=timeout)
 
@@ -270,14 +274,16 @@ def test_a_failed_snapshot_leaves_nothing_behind_and_the_vm_running(
 ) -> None:
     qmp = btrfs_vm.machine.qmp()
     before = subvolumes_below(btrfs_vm.fs.mount)
-    strategy = BtrfsSnapshotStrategy(btrfs_vm.machine, runner=FailSecondSnapshot())
-    with pytest.raises(SnapshotError, match="No space left") as info:
-        strategy.create(btrfs_vm.machine.disks(), name="doomed")
-    assert "nothing was left behind" in str(info.value)
-    assert qmp.status() == "running"
-    assert subvolumes_below(btrfs_vm.fs.mount) == before
     snapshot_root = btrfs_vm.fs.mount / SNAPSHOT_DIR_NAME
-    assert not [p for p in snapshot_root.iterdir() if "doomed" in p.name] if snapshot_root.exists() else True
+    # the second snapshot fails; then, both made, recording their users fails
+    for runner in (FailingRunner(), FailingRunner(prefix=("tee",), nth=1)):
+        strategy = BtrfsSnapshotStrategy(btrfs_vm.machine, runner=runner)
+        with pytest.raises(SnapshotError, match="No space left") as info:
+            strategy.create(btrfs_vm.machine.disks(), name="doomed")
+        assert "nothing was left behind" in str(info.value)
+        assert qmp.status() == "running"
+        assert subvolumes_below(btrfs_vm.fs.mount) == before
+        assert not list(snapshot_root.glob("*-doomed"))
     # a snapshot directory on another filesystem fails for real, with the same outcome
     elsewhere = BtrfsSnapshotStrategy(btrfs_vm.machine, snapshot_dir=tmp_path / "not-btrfs")
     with pytest.raises(SnapshotError, match="btrfs snapshot of"):
