@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,16 +39,56 @@ QEMU_SETTINGS = {
     "security_driver": '"none"',
 }
 DOMAIN_PREFIX = "vmsnap-t-"
+SYSTEM_SOCKET = Path("/run/libvirt/libvirt-sock")
 MiB = 1024 * 1024
 
 
 @attrs.frozen
 class Libvirtd:
-    """A libvirtd the tests can use: its URI and where its files are."""
+    """A libvirtd the tests can use: its URI, where its files are, and who removes finished domains."""
 
     uri: str
     workdir: Path
     log: Path
+    reaper: DomainReaper = attrs.Factory(lambda: DomainReaper())
+    names: set[str] = attrs.Factory(set)
+
+    def new_domain_name(self) -> str:
+        """A fresh test domain name, remembered so the session removes the domain whatever happens."""
+        name = f"{DOMAIN_PREFIX}{secrets.token_hex(4)}"
+        self.names.add(name)
+        return name
+
+
+class DomainReaper:
+    """Destroys and undefines finished test domains on background threads.
+
+    libvirt takes over a second to destroy a domain (it polls QEMU's exit); the next test need not wait
+    for that. The session fixture joins every thread before it stops libvirtd.
+    """
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+
+    def remove(self, conn: Any, dom: Any) -> None:
+        """Destroy and undefine ``dom``, then close ``conn`` (which nothing else may use afterwards)."""
+
+        def work() -> None:
+            try:
+                remove_domain(dom)
+            finally:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.close()
+
+        thread = threading.Thread(target=work, name=f"remove-{dom.name()}", daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def join(self) -> None:
+        """Wait for every removal started so far."""
+        for thread in self.threads:
+            thread.join(60)
+        self.threads.clear()
 
 
 def _ensure_qemu_conf() -> None:
@@ -108,12 +149,27 @@ def _open_when_ready(uri: str, log: Path, timeout: float = 30.0) -> Any:
             time.sleep(0.05)
 
 
-def _destroy_test_domains(uri: str) -> None:
+def _socket_of(pid: int) -> Path | None:
+    """A running libvirtd's read-write socket: from its ``-f`` config's unix_sock_dir, else the default."""
+    with contextlib.suppress(OSError):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        for flag in ("-f", "--config"):
+            if flag in argv[:-1]:
+                text = Path(argv[argv.index(flag) + 1]).read_text()
+                found = re.search(r'^\s*unix_sock_dir\s*=\s*"([^"]+)"', text, re.MULTILINE)
+                if found:
+                    socket = Path(found.group(1)) / "libvirt-sock"
+                    return socket if socket.exists() else None
+    return SYSTEM_SOCKET if SYSTEM_SOCKET.exists() else None
+
+
+def _destroy_test_domains(uri: str, names: set[str]) -> None:
+    """Remove the domains this session defined that are still there (a failed set-up leaves them)."""
     with contextlib.suppress(libvirt.libvirtError):
         conn = libvirt.open(uri)
         try:
             for dom in conn.listAllDomains(0):
-                if dom.name().startswith(DOMAIN_PREFIX):
+                if dom.name() in names:
                     remove_domain(dom)
         finally:
             conn.close()
@@ -146,11 +202,15 @@ def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Libvirtd]:
     with contextlib.suppress(OSError, ValueError):
         running = int(Path("/run/libvirt/qemu/driver.pid").read_text().strip())
     if running is not None and _alive(running):
-        # another libvirtd owns /run/libvirt/qemu; only one may: use the host's, start and stop nothing
-        if not Path("/run/libvirt/libvirt-sock").exists():
-            pytest.fail(f"a libvirtd (pid {running}) runs on a private socket; stop it before the tests")
-        yield Libvirtd("qemu:///system", tmp_path_factory.mktemp("libvirtd"), Path("/var/log/libvirt"))
-        _destroy_test_domains("qemu:///system")
+        # another libvirtd owns /run/libvirt/qemu and only one may: use it, start and stop nothing
+        socket = _socket_of(running)
+        if socket is None:
+            pytest.fail(f"a libvirtd (pid {running}) runs and its socket cannot be found; stop it first")
+        uri = "qemu:///system" if socket == SYSTEM_SOCKET else f"qemu:///system?socket={socket}"
+        shared = Libvirtd(uri, tmp_path_factory.mktemp("libvirtd"), Path("/var/log/libvirt"))
+        yield shared
+        shared.reaper.join()
+        _destroy_test_domains(uri, shared.names)
         return
     _ensure_qemu_conf()
     # a short path: unix socket paths are limited to 108 bytes
@@ -174,8 +234,10 @@ def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Libvirtd]:
         pids.append(_read_pid(workdir / "libvirtd.pid"))
         uri = f"qemu:///system?socket={workdir}/libvirt-sock"
         _open_when_ready(uri, log).close()
-        yield Libvirtd(uri, workdir, log)
-        _destroy_test_domains(uri)
+        ours = Libvirtd(uri, workdir, log)
+        yield ours
+        ours.reaper.join()
+        _destroy_test_domains(uri, ours.names)
     finally:
         for pid in reversed(pids):
             _stop(pid)
@@ -242,7 +304,7 @@ class LibvirtTestDomain:
 @pytest.fixture
 def domain(libvirtd: Libvirtd, tmp_path: Path) -> Iterator[LibvirtTestDomain]:
     """A running domain with two empty 64 MiB qcow2 disks, vda (virtio-blk) and sdb (virtio-scsi)."""
-    name = f"{DOMAIN_PREFIX}{secrets.token_hex(3)}"
+    name = libvirtd.new_domain_name()
     images = {"vda": make_image(tmp_path / "vda.qcow2"), "sdb": make_image(tmp_path / "sdb.qcow2")}
     conn = libvirt.open(libvirtd.uri)
     dom = None
@@ -252,8 +314,9 @@ def domain(libvirtd: Libvirtd, tmp_path: Path) -> Iterator[LibvirtTestDomain]:
         yield LibvirtTestDomain(name, libvirtd.uri, images, tmp_path, conn, dom)
     finally:
         if dom is not None:
-            remove_domain(dom)
-        conn.close()
+            libvirtd.reaper.remove(conn, dom)
+        else:
+            conn.close()
 
 
 def reference_image(path: Path, writes: list[tuple[int, int, int]], size: str = "64M") -> Path:
@@ -274,3 +337,9 @@ def images_identical(a: Path | str, b: Path | str) -> bool:
     if result.returncode not in (0, 1):
         raise AssertionError(f"qemu-img compare failed: {result.stderr}")
     return result.returncode == 0
+
+
+def assert_identical(a: Path | str, b: Path | str) -> None:
+    """Assert two images hold the same guest-visible bytes; the failure names the first difference."""
+    result = subprocess.run(["qemu-img", "compare", "-U", str(a), str(b)], capture_output=True, text=True)
+    assert result.returncode == 0, f"{a} and {b} differ: {result.stdout.strip()} {result.stderr.strip()}"

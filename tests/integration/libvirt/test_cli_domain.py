@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.libvirt.conftest import LibvirtTestDomain, images_identical, reference_image
+from tests.integration.libvirt.conftest import LibvirtTestDomain, assert_identical, reference_image
 
 pytestmark = pytest.mark.libvirt
 
@@ -45,12 +45,12 @@ def test_backup_incremental_restore_through_the_cli_with_domain(
     vmsnap("restore", "--repo", str(repo), "--vm", domain.name, "--to", str(out))
     expected = {"vda": [(0x61, 0, 2), (0x63, 10, 1)], "sdb": [(0x62, 3, 1)]}
     for name, writes in expected.items():
-        assert images_identical(out / f"{name}.qcow2", reference_image(tmp_path / f"ref-{name}", writes))
+        assert_identical(out / f"{name}.qcow2", reference_image(tmp_path / f"ref-{name}", writes))
     first = tmp_path / "first"
     vmsnap(
         "restore", "--repo", str(repo), "--vm", domain.name, "--backup", full["backup_id"], "--to", str(first)
     )
-    assert images_identical(first / "vda.qcow2", reference_image(tmp_path / "ref-first", [(0x61, 0, 2)]))
+    assert_identical(first / "vda.qcow2", reference_image(tmp_path / "ref-first", [(0x61, 0, 2)]))
 
 
 @pytest.mark.parametrize("strategy", ["internal", "external"])
@@ -74,5 +74,5 @@ def test_full_backup_with_snapshot_strategies_through_the_cli(
     assert domain.domblklist() == {"vda": str(domain.images["vda"]), "sdb": str(domain.images["sdb"])}
     out = tmp_path / "restored"
     vmsnap("restore", "--repo", str(repo), "--vm", domain.name, "--to", str(out))
-    assert images_identical(out / "vda.qcow2", reference_image(tmp_path / "ref", [(0x71, 5, 1)]))
-    assert images_identical(out / "sdb.qcow2", reference_image(tmp_path / "empty", []))
+    assert_identical(out / "vda.qcow2", reference_image(tmp_path / "ref", [(0x71, 5, 1)]))
+    assert_identical(out / "sdb.qcow2", reference_image(tmp_path / "empty", []))

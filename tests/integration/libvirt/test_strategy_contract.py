@@ -3,7 +3,6 @@ passthrough when running, the domain's images when shut off) and must leave libv
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import make_image
-from tests.integration.libvirt.conftest import DOMAIN_PREFIX, Libvirtd, domain_xml, remove_domain
+from tests.integration.libvirt.conftest import Libvirtd, domain_xml
 from tests.integration.strategies.contract import Lab, StrategyContract, run
 from vmsnap.libvirt_machine import LibvirtMachine
 from vmsnap.machine import Machine, find_disk
@@ -29,12 +28,13 @@ class LibvirtLab(Lab):
     def __init__(self, libvirtd: Libvirtd, workdir: Path, *, online: bool) -> None:
         import libvirt
 
+        self.libvirtd = libvirtd
         self.workdir = workdir
         self.online = online
         self.disk_names = ("vda", "sdb")
         self.images = {name: make_image(workdir / f"{name}.qcow2") for name in self.disk_names}
         self.uri = libvirtd.uri
-        self.name = f"{DOMAIN_PREFIX}{secrets.token_hex(3)}"
+        self.name = libvirtd.new_domain_name()
         self.conn = libvirt.open(self.uri)
         self.dom: Any = None
         self.dom = self.conn.defineXML(domain_xml(self.name, self.images))
@@ -77,8 +77,9 @@ class LibvirtLab(Lab):
     def close(self) -> None:
         self.machine.close()
         if self.dom is not None:
-            remove_domain(self.dom)
-        self.conn.close()
+            self.libvirtd.reaper.remove(self.conn, self.dom)
+        else:
+            self.conn.close()
 
 
 class LibvirtContract(StrategyContract):
@@ -129,3 +130,7 @@ def test_the_lab_writes_what_it_is_told(libvirtd: Libvirtd, tmp_path: Path) -> N
         assert "Pattern verification failed" not in check.stdout and "read 8192/8192" in check.stdout
     finally:
         lab.close()
+
+
+class TestExternalOnLibvirt(LibvirtContract):
+    strategy_name = "external"
