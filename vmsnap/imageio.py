@@ -39,6 +39,11 @@ STATE_ZERO = 2
 DIRTY = 1
 
 
+def bitmap_name(value: str) -> str:
+    """The dirty bitmap's name, given either the name or its NBD context ``qemu:dirty-bitmap:NAME``."""
+    return value.removeprefix("qemu:dirty-bitmap:")
+
+
 def _nbd() -> Any:
     """The libnbd Python binding (Debian: python3-libnbd), imported lazily with a hint when missing."""
     try:
@@ -331,7 +336,7 @@ class QemuNbdServer:
             read_only=True,
             image_opts=dict(source.image_opts),
             force_share=source.force_share,
-            bitmap=source.dirty_bitmap,
+            bitmap=bitmap_name(source.dirty_bitmap) if source.dirty_bitmap else None,
             block_device=source.kind == "block",
             runner=runner or LocalRunner(),
         )

@@ -65,9 +65,9 @@ class CopyTransport:
         self.poll_interval = poll_interval
 
     def accepts(self, source: ExportSource) -> bool:
-        """True for "file", "block" and "nbd" sources (always a full copy: incrementals are the nbd
-        transport's job, so a source's dirty bitmap is ignored)."""
-        return source.kind in ("file", "block", "nbd")
+        """True for "file", "block" and "nbd" sources without a dirty bitmap (a source with one is an
+        incremental: the nbd transport's job)."""
+        return source.kind in ("file", "block", "nbd") and not source.dirty_bitmap
 
     def argv(self, source: ExportSource, target: Path) -> list[str]:
         """The command that writes ``source`` into ``target``."""
@@ -94,17 +94,30 @@ class CopyTransport:
         except (CommandError, ValueError, KeyError):
             return max(source.virtual_size, 1)
 
-    def send(self, source: ExportSource, target: Path | str, *, progress: Progress) -> TransferStats:
+    def send(
+        self,
+        source: ExportSource,
+        target: Path | str,
+        *,
+        progress: Progress,
+        backing: Path | str | None = None,
+    ) -> TransferStats:
         """Copy ``source`` into ``target`` (a local path).
 
         :raise UnsupportedError: an unknown source kind
         :raise NotFoundError: the source or the target's directory does not exist
         :raise TransferError: the copy failed (full target, unreadable source); no partial target is left
         """
+        if backing is not None:
+            raise UnsupportedError(
+                "the copy transport makes full copies only, not incrementals on a backing file",
+                hint="use the nbd transport for incremental backups",
+            )
         if not self.accepts(source):
             raise UnsupportedError(
-                f"the copy transport cannot read a {source.kind!r} source ({source.location})",
-                hint="sources are 'file', 'block' or 'nbd'",
+                f"the copy transport cannot read this {source.kind!r} source ({source.location})"
+                + (" with a dirty bitmap" if source.dirty_bitmap else ""),
+                hint="sources are 'file', 'block' or 'nbd'; incrementals need the nbd transport",
             )
         if isinstance(target, str) and ":" in target.split("/", 1)[0]:
             raise UsageError(f"the copy transport writes local files only, not {target!r}", hint="use rsync")

@@ -23,6 +23,7 @@ from vmsnap.imageio import (
     ThrottledProgress,
     _nbd,
     atomic_target,
+    bitmap_name,
     check_source,
     extents,
     nbd_connection,
@@ -161,7 +162,7 @@ class NbdTransport:
                     hint="make a full backup first",
                 )
         fmt = "qcow2" if incremental else self.output_format
-        context = dirty_context(source.dirty_bitmap or "") if incremental else "base:allocation"
+        context = dirty_context(bitmap_name(source.dirty_bitmap or "")) if incremental else "base:allocation"
         started = time.monotonic()
         with self._source_uri(source) as uri, atomic_target(target) as partial:
             self._create(partial, fmt, source.virtual_size, parent)

@@ -117,8 +117,9 @@ class RsyncTransport:
         self.last_stats: RsyncStats | None = None
 
     def accepts(self, source: ExportSource) -> bool:
-        """True for "file", "block" and "nbd" sources (all but plain image files are staged first)."""
-        return source.kind in ("file", "block", "nbd")
+        """True for "file", "block" and "nbd" sources without a dirty bitmap (all but plain image files are
+        staged first; incrementals are the nbd transport's job)."""
+        return source.kind in ("file", "block", "nbd") and not source.dirty_bitmap
 
     def parse_target(self, target: Path | str) -> RsyncTarget:
         """Split ``target`` into host and path: ``host:path`` or, with an SshRunner, a path on its host."""
@@ -208,7 +209,14 @@ class RsyncTransport:
             else:
                 os.unlink(target.path)
 
-    def send(self, source: ExportSource, target: Path | str, *, progress: Progress) -> TransferStats:
+    def send(
+        self,
+        source: ExportSource,
+        target: Path | str,
+        *,
+        progress: Progress,
+        backing: Path | str | None = None,
+    ) -> TransferStats:
         """rsync ``source`` into ``target`` (a local path, ``host:path``, or a path on the SshRunner's host).
 
         ``bytes_written`` is rsync's "Literal data": the bytes that were not already in the target.
@@ -218,10 +226,16 @@ class RsyncTransport:
         :raise TransferError: rsync failed (full target, ssh failure); a target this call created or
             half-updated is removed
         """
+        if backing is not None:
+            raise UnsupportedError(
+                "the rsync transport makes full copies only, not incrementals on a backing file",
+                hint="use the nbd transport for incremental backups",
+            )
         if not self.accepts(source):
             raise UnsupportedError(
-                f"the rsync transport cannot read a {source.kind!r} source ({source.location})",
-                hint="sources are 'file', 'block' or 'nbd'",
+                f"the rsync transport cannot read this {source.kind!r} source ({source.location})"
+                + (" with a dirty bitmap" if source.dirty_bitmap else ""),
+                hint="sources are 'file', 'block' or 'nbd'; incrementals need the nbd transport",
             )
         check_source(source)
         where = self.parse_target(target)

@@ -16,7 +16,7 @@ import attrs
 import pytest
 
 from tests.integration.transports.conftest import SIZE, CaseFactory, SourceCase, image_format, images_equal
-from vmsnap.errors import NotFoundError, TransferError, UsageError
+from vmsnap.errors import NotFoundError, TransferError, UnsupportedError, UsageError
 from vmsnap.imageio import allocated_bytes, guest_sha256
 from vmsnap.model import TransferStats
 
@@ -113,6 +113,19 @@ class TransportContract:
             self.make().send(source, self.target(full_dir / "out.qcow2"), progress=ProgressLog())
         assert "\n" not in str(info.value)
         assert os.listdir(full_dir) == [], "a partial target was left behind"
+
+    def test_incrementals_are_for_nbd_only(self, case_factory: CaseFactory, tmp_path: Path) -> None:
+        source = attrs.evolve(case_factory("qcow2").source, dirty_bitmap="qemu:dirty-bitmap:b0")
+        transport = self.make()
+        if self.transport_name == "nbd":
+            assert transport.accepts(source)
+            return
+        assert not transport.accepts(source)
+        with pytest.raises(UnsupportedError, match="nbd transport"):
+            transport.send(source, self.target(tmp_path / "x.qcow2"), progress=ProgressLog())
+        with pytest.raises(UnsupportedError, match="full copies only"):
+            transport.send(source, tmp_path / "x.qcow2", progress=ProgressLog(), backing=tmp_path / "p.qcow2")
+        assert not (tmp_path / "x.qcow2").exists()
 
     def test_unknown_option(self) -> None:
         with pytest.raises(UsageError, match="no option"):
