@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -89,3 +90,15 @@ def test_cpio_archives_are_byte_for_byte_reproducible(tmp_path: Path) -> None:
     )
     assert (extracted / "etc" / "a").read_text() == "alpha\n"
     assert (extracted / "bin" / "sh").readlink() == Path("/usr/bin/dash")
+
+
+def test_prune_keeps_the_newest_builds_and_the_debs(tmp_path: Path) -> None:
+    for age, key in enumerate(["newest", "middle", "oldest"]):
+        build = tmp_path / key
+        build.mkdir()
+        (build / "manifest.json").write_text("{}")
+        os.utime(build / "manifest.json", (1_000_000 - age, 1_000_000 - age))
+    (tmp_path / "debs").mkdir()
+    removed = LabImageBuilder(cache_dir=tmp_path).prune(keep=2)
+    assert removed == [tmp_path / "oldest"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["debs", "middle", "newest"]

@@ -109,6 +109,9 @@ HOOK_DIR = "/etc/qemu/fsfreeze-hook.d"
 HOOK_LOG = "/var/log/vmsnap-fsfreeze-hook.log"
 KERNEL_APPEND = "console=ttyS0 loglevel=4 panic=-1 rdinit=/init"
 
+KEEP_BUILDS = 3
+"""Builds kept in the cache (older ones are removed after a new build; each is about 90 MB)."""
+
 Progress = Callable[[str], None]
 
 
@@ -411,7 +414,23 @@ class LabImageBuilder:
                     shutil.rmtree(target)
                 staged.rename(target)
             self._say(f"lab guest cached in {target}")
+            self.prune(keep=KEEP_BUILDS)
         return image
+
+    def prune(self, *, keep: int) -> list[Path]:
+        """Remove all but the ``keep`` newest builds from the cache (downloaded .debs stay).
+
+        :return: the build directories removed
+        """
+        builds = sorted(
+            (d for d in self.cache_dir.iterdir() if (d / "manifest.json").is_file()),
+            key=lambda d: (d / "manifest.json").stat().st_mtime,
+            reverse=True,
+        )
+        removed = builds[keep:]
+        for old in removed:
+            shutil.rmtree(old, ignore_errors=True)
+        return removed
 
     def _download(self, package: str, version: str) -> Path:
         debs = self.cache_dir / "debs"
