@@ -271,6 +271,10 @@ def test_pull_incremental_exports_exactly_the_changed_blocks(two_disk_vm: Runnin
         vm.machine, target_dir=tmp_path / "pull", incremental=True, parents=parents, mode="pull"
     )
     refs = pull.create(disks, name="inc")
+    qdev, cbw = refs[0].details["qdev"], refs[0].details["cbw"]
+    assert qmp.query_block()[0]["inserted"]["node-name"] == cbw
+    pull._set_drive(qmp, qdev, cbw)  # qom-set to the node a device already has aborts QEMU: must be skipped
+    assert vm.process.alive()
     qemu_io(qmp, "disk0", "write -P 0x99 0 8M")  # after the backup point: invisible through the export
     with pull.export(refs[0]) as source:
         assert source.kind == "nbd" and source.dirty_bitmap
