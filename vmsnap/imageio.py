@@ -398,6 +398,7 @@ class QemuNbdServer:
         """
         if not self.path.exists():
             raise NotFoundError(f"image {self.path} does not exist", hint="check the path")
+        self.path = self.path.absolute()  # qemu-nbd --fork may change directory
         self._dir = Path(tempfile.mkdtemp(prefix="vmsnap-nbd-"))
         os.chmod(self._dir, 0o700)
         if self.tcp:

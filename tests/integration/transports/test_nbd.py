@@ -132,7 +132,9 @@ def test_pull_mode_from_a_running_vm(two_disk_vm: RunningVm, tmp_path: Path) -> 
         # incremental: freeze the bitmap (QEMU exports only disabled bitmaps read-only) and export it
         qmp.execute("block-dirty-bitmap-disable", {"node": disk.node_name, "name": "b0"})
         qmp.execute("block-export-add", {**export, "id": "e1", "bitmaps": ["b0"]})
-        source = ExportSource("nbd", uri, "raw", disk, disk.virtual_size, dirty_bitmap="b0")
+        source = ExportSource(
+            "nbd", uri, "raw", disk, disk.virtual_size, dirty_bitmap="qemu:dirty-bitmap:b0"
+        )  # as strategies name it
         transport = NbdTransport(backing=full)
         transport.send(source, out / "inc.qcow2", progress=ProgressLog())
         qmp.execute("block-export-del", {"id": "e1"})
