@@ -16,7 +16,7 @@ from pathlib import Path
 import attrs
 
 from vmsnap.agent import GuestAgent
-from vmsnap.errors import AgentError, CommandError, VmsnapError
+from vmsnap.errors import AgentError, CommandError, UsageError, VmsnapError
 from vmsnap.lab.image import GUEST_DATA_PREFIX, LabImage, build_lab_image
 from vmsnap.lab.qemu import Accel, DriveSpec, QemuProcess, qemu_io
 from vmsnap.machine import QemuMachine
@@ -319,8 +319,14 @@ def read_image_file(
 ) -> bytes:
     """The content of ``path`` inside the ext4 filesystem of a disk image, read on the host with debugfs.
 
+    :param path: absolute path inside the filesystem (debugfs takes it in a command string: no spaces)
+    :raise UsageError: a path debugfs could misread
     :raise CommandError: the image or the file cannot be read
     """
+    if not path.startswith("/") or any(c.isspace() or c in "\"'\\" for c in path):
+        raise UsageError(
+            f"cannot read {path!r} from an image", hint="give an absolute path without spaces or quotes"
+        )
     run = runner if runner is not None else LocalRunner()
     directory = scratch if scratch is not None else image.parent
     with tempfile.TemporaryDirectory(prefix=".read-", dir=directory) as tmp:

@@ -20,7 +20,7 @@ from tests.integration.guest.conftest import (
     wait_process_gone,
     wait_until_thawed,
 )
-from vmsnap.agent import frozen
+from vmsnap.agent import GuestAgent, frozen
 from vmsnap.errors import CommandError, FreezeError
 from vmsnap.lab.guest import DATA_MOUNT, LabGuest
 from vmsnap.machine import QemuMachine
@@ -99,7 +99,7 @@ HOLDER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from vmsnap.agent import frozen
+    from vmsnap.agent import GuestAgent, frozen
     from vmsnap.machine import QemuMachine
     machine = QemuMachine(sys.argv[1], sys.argv[2], name="labvm")
     with frozen(machine, guard_log=Path(sys.argv[3])) as report:
@@ -135,15 +135,22 @@ def test_a_sigkilled_freezer_is_thawed_by_the_guard_within_10_s(lab_guest: LabGu
 
 
 def test_an_agent_that_stops_answering_gives_a_bounded_clear_error(lab_guest: LabGuest) -> None:
-    # stop qemu-ga itself for a few seconds, from a process of its own (it runs on while the agent sleeps)
-    pause = "sleep 0.5; kill -STOP $(pidof qemu-ga); sleep 4; kill -CONT $(pidof qemu-ga)"
+    # stop qemu-ga itself for a while, from a process of its own (it runs on while the agent sleeps)
+    pause = "sleep 0.3; kill -STOP $(pidof qemu-ga); sleep 8; kill -CONT $(pidof qemu-ga)"
     lab_guest.agent.exec("/bin/sh", ["-c", pause], capture=False)
     lab_guest.agent.close()
-    time.sleep(1.0)  # let the pause begin
+    probe = GuestAgent.from_socket(lab_guest.agent_socket, timeout=0.5)
+    deadline = time.monotonic() + 8
+    while probe.is_responding(timeout=0.5):  # wait until the pause has begun
+        probe.close()
+        assert time.monotonic() < deadline, "qemu-ga was never paused"
+        time.sleep(0.1)
+    probe.close()
     with pytest.raises(FreezeError, match="did not answer") as info, frozen(lab_guest.machine, timeout=2):
         pass
+    assert "cannot freeze" in str(info.value)  # nothing was sent that could freeze the guest later
     assert "qemu-ga" in str(info.value)  # the hint says what to check
-    wait_until_thawed(lab_guest, 30)  # nothing was frozen, and the agent answers again
+    wait_until_thawed(lab_guest, 30)  # and once the agent is back, it reports the guest thawed
 
 
 def test_a_freeze_slower_than_the_timeout_is_handed_to_the_guard(
