@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -160,3 +161,19 @@ def processes_matching(patterns: Sequence[str]) -> list[int]:
         if argv and state != "Z" and Path(argv[0]).name in ORPHAN_PROGRAMS and ours:
             found.append(int(entry.name))
     return found
+
+
+def wait_until_qmp_listens(socket_path: Path, timeout: float = 15.0) -> None:
+    """QemuProcess.start returns once the socket file exists, which under load is before QEMU listens."""
+    from vmsnap.errors import QMPConnectionError
+    from vmsnap.qmp import QMPMonitor
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            QMPMonitor(socket_path, timeout=5).connect().close()
+            return
+        except QMPConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

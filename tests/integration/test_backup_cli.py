@@ -18,6 +18,7 @@ from tests.integration.cli_helpers import (
     listed,
     no_leftovers,
     restore_and_compare,
+    wait_until_qmp_listens,
     write,
 )
 from tests.integration.strategies.loop_btrfs import LoopBtrfs, loop_btrfs  # noqa: F401 (fixture)
@@ -185,8 +186,9 @@ def test_btrfs_strategy_backs_up_a_vm_on_a_btrfs_subvolume(
     images = {"disk0": make_image(subvolume / "disk0.qcow2"), "disk1": make_image(subvolume / "disk1.qcow2")}
     drives = [DriveSpec(images["disk0"], "disk0"), DriveSpec(images["disk1"], "disk1", bus="scsi")]
     process = QemuProcess(tmp_path, drives, name="testvm").start()
+    vm = RunningVm(process, QemuMachine(process.qmp_socket, name="testvm"), images, tmp_path)  # no I/O yet
     try:
-        vm = RunningVm(process, QemuMachine(process.qmp_socket, name="testvm"), images, tmp_path)
+        wait_until_qmp_listens(process.qmp_socket)
         repo = tmp_path / "repo"
         before = block_state(vm)
         write(vm, "disk0", "write -P 0x91 0 3M")
