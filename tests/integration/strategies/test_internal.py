@@ -49,6 +49,7 @@ class TestInternalContractFileExport(StrategyContract):
     test_bad_names_are_refused_before_anything_happens = None  # type: ignore[assignment]
     test_two_snapshots_export_and_delete_independently = None  # type: ignore[assignment]
     test_rollback_to_the_older_of_two_snapshots = None  # type: ignore[assignment]
+    test_an_existing_name_is_refused_and_the_snapshot_kept = None  # type: ignore[assignment]
 
 
 # -- beyond the contract ---------------------------------------------------------------------------
