@@ -342,6 +342,8 @@ class AgentRunner:
             delay = min(delay * 1.5, 0.2)
         stdout = _decode(base64.b64decode(status.get("out-data", "")))
         stderr = _decode(base64.b64decode(status.get("err-data", "")))
+        if status.get("out-truncated") or status.get("err-truncated"):
+            stderr += "\n(vmsnap: the agent truncated this command's output at its 16 MiB limit)"
         # killed by a signal: no exit code; report it as a shell would
         code = int(status["exitcode"]) if "exitcode" in status else 128 + int(status.get("signal", 0))
         if code not in ok_codes:

@@ -654,3 +654,27 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vmsnap.lab.image [--force] [--cache DIR]``: build (or find) the lab guest; print paths."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m vmsnap.lab.image", description=main.__doc__)
+    parser.add_argument("--force", action="store_true", help="rebuild even if the cache has this build")
+    parser.add_argument("--cache", type=Path, help="cache directory (default: $VMSNAP_LAB_CACHE or ~/.cache)")
+    args = parser.parse_args(argv)
+    try:
+        image = build_lab_image(
+            cache_dir=args.cache, force=args.force, progress=lambda line: print(line, file=sys.stderr)
+        )
+    except VmsnapError as err:
+        print(f"vmsnap.lab.image: {err}", file=sys.stderr)
+        return err.exit_code
+    print(json.dumps({k: str(v) for k, v in attrs.asdict(image).items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
