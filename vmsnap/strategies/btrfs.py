@@ -172,16 +172,21 @@ class BtrfsSnapshotStrategy:
                     target = self._target(location, set_id)
                     plans[location.subvolume] = _SubvolumePlan(location.subvolume, target, location)
         self._refuse_existing_name(name, list(plans.values()))
-        for plan in plans.values():
-            root = self._snapshot_root(plan.location)
-            self._run(["mkdir", "-p", "-m", "0700", "--", str(root)], f"cannot create {root}", "check space")
-            self._run(
-                ["mkdir", "-p", "-m", "0700", "--", str(plan.target.parent)],
-                f"cannot create {plan.target.parent}",
-                "check permissions and free space on the Btrfs filesystem",
-            )
+        try:
+            for plan in plans.values():
+                root = self._snapshot_root(plan.location)
+                mkdir_root = ["mkdir", "-p", "-m", "0700", "--", str(root)]
+                self._run(mkdir_root, f"cannot create {root}", "check permissions and free space")
+                self._run(
+                    ["mkdir", "-p", "-m", "0700", "--", str(plan.target.parent)],
+                    f"cannot create {plan.target.parent}",
+                    "check permissions and free space on the Btrfs filesystem",
+                )
+        except SnapshotError:
+            self._undo([], plans, set_id)
+            raise
         made: list[PurePosixPath] = []
-        failure: CommandError | None = None
+        failure: tuple[PurePosixPath, VmsnapError] | None = None
         with paused(self.machine) as pause:
             for plan in plans.values():
                 try:
@@ -189,17 +194,17 @@ class BtrfsSnapshotStrategy:
                         ["btrfs", "subvolume", "snapshot", "-r", "--", str(plan.live), str(plan.target)],
                         timeout=600,
                     )
-                except CommandError as err:
-                    failure = err
+                except VmsnapError as err:  # also a timeout: never leave a half-made set behind
+                    failure = (plan.live, err)
                     break
                 made.append(plan.target)
         if failure is not None:
             self._undo(made, plans, set_id)
             raise SnapshotError(
-                f"btrfs snapshot of {failure.argv[-2]} failed: {failure.message}",
+                f"btrfs snapshot of {failure[0]} failed: {failure[1].message}",
                 hint="check free space (btrfs filesystem usage) and that the snapshot directory is on the "
                 "same Btrfs filesystem; nothing was left behind",
-            ) from failure
+            ) from failure[1]
         self.last_pause_ms = pause["paused_ms"] if self.machine.is_running else None
         paused_ms = f"{pause['paused_ms']:.1f}"
         try:

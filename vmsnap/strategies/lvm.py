@@ -201,8 +201,13 @@ class LvmSnapshotStrategy:
             raise SnapshotError(f"snapshot {snap.name} has no LV recorded", hint="is it an lvm one?")
         return full
 
-    def _remove_quietly(self, full_name: str) -> None:
+    def _remove_quietly(self, full_name: str, *, if_exists: bool = False) -> None:
         with contextlib.suppress(VmsnapError):
+            if if_exists:
+                try:
+                    logical_volume(self.runner, full_name)
+                except NotFoundError:
+                    return
             self.runner.run(["lvm", "lvremove", "-y", full_name], timeout=600)
 
     # -- the contract -------------------------------------------------------------------------------
@@ -259,22 +264,24 @@ class LvmSnapshotStrategy:
                 )
         self._check_space(list(plans.values()))
         made: list[str] = []
-        failure: CommandError | None = None
+        failure: tuple[str, VmsnapError] | None = None
         with paused(self.machine) as pause:
             for plan in plans.values():
                 try:
                     self.runner.run(self.create_argv(plan), timeout=600)
-                except CommandError as err:
-                    failure = err
+                except VmsnapError as err:  # also a timeout: never leave some snapshots behind
+                    failure = (plan.origin.full_name, err)
                     break
                 made.append(f"{plan.origin.vg}/{plan.lv_name}")
         if failure is not None:
             for full_name in made:
                 self._remove_quietly(full_name)
+            # a timed-out lvcreate may still have made its LV
+            self._remove_quietly(f"{plans[failure[0]].origin.vg}/{plans[failure[0]].lv_name}", if_exists=True)
             raise SnapshotError(
-                f"lvcreate of a snapshot of {failure.argv[-1]} failed: {failure.message}",
+                f"lvcreate of a snapshot of {failure[0]} failed: {failure[1].message}",
                 hint="check free space in the volume group (vgs); nothing was left behind",
-            ) from failure
+            ) from failure[1]
         self.last_pause_ms = pause["paused_ms"] if self.machine.is_running else None
         on_filesystems = {loc.mount.mount_point: loc.volume for _, loc in where if loc.mount is not None}
         for mount_point, volume in on_filesystems.items():
