@@ -682,11 +682,15 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                 f"{machine.name} has no {cls.name} snapshot {name!r}",
                 hint=f"list them with `vmsnap snapshot list --strategy {cls.name}`",
             )
-        for ref in refs:
-            if args.action == "delete":
-                strategy.delete(ref)
-            else:
-                strategy.rollback(ref)
+        with_ram = [r for r in refs if r.details.get("vm_state_size", "0") not in ("", "0")]
+        if args.action == "rollback" and machine.is_running and with_ram:
+            strategy.rollback(with_ram[0])  # loading a snapshot with VM state reverts every disk at once
+        else:
+            for ref in refs:
+                if args.action == "delete":
+                    strategy.delete(ref)
+                else:
+                    strategy.rollback(ref)
         payload["snapshots"] = [_snapshot_json(r) for r in refs]
         verb = "deleted" if args.action == "delete" else "rolled back to"
         emit(args, payload, f"{verb} {cls.name} snapshot {name!r} on " + ", ".join(r.disk.name for r in refs))

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import make_image
 from tests.integration.strategies.contract import MiB, compare_images, run
 from vmsnap.cli import main
-from vmsnap.lab.qemu import DriveSpec, QemuProcess
+from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
 from vmsnap.qmp import QMPMonitor
 from vmsnap.strategies.qemu_common import overlay_path
 
@@ -126,3 +126,30 @@ def test_lazy_refcounts_warning_reaches_stderr(tmp_path: Path, capsys: pytest.Ca
     assert code == 0
     assert "lazy_refcounts" in err
     assert "lazy_refcounts" in json.loads(out)["warnings"][0]
+
+
+def test_online_internal_with_vm_state_rolls_back_both_disks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = [make_image(tmp_path / "disk0.qcow2"), make_image(tmp_path / "disk1.qcow2")]
+    drives = [DriveSpec(images[0], "disk0"), DriveSpec(images[1], "disk1", bus="scsi")]
+    process = QemuProcess(tmp_path, drives, name="clivm").start()
+    try:
+        vm = ["--qmp", str(process.qmp_socket), "--strategy", "internal"]
+        code, out, err = vmsnap(
+            capsys, "snapshot", "create", *vm, "--snapshot", "ram", "--vm-state", "--json"
+        )
+        assert code == 0, err
+        assert json.loads(out)["paused_ms"] >= 0
+        with QMPMonitor(process.qmp_socket).connect() as qmp:
+            for disk in ("disk0", "disk1"):
+                qemu_io(qmp, disk, "write -P 0x5a 0 1M")
+        code, out, err = vmsnap(capsys, "snapshot", "rollback", *vm, "--snapshot", "ram")
+        assert code == 0, err
+        with QMPMonitor(process.qmp_socket).connect() as qmp:
+            assert qmp.status() == "running"
+            for disk in ("disk0", "disk1"):  # both disks read zeros again
+                assert "Pattern verification failed" not in qemu_io(qmp, disk, "read -P 0 0 1M")
+    finally:
+        process.stop()
+        process.kill()
