@@ -129,11 +129,19 @@ def served(image: Path, fmt: str, workdir: Path, *extra: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def loop_device(image: Path) -> Iterator[str]:
-    """A read-only loop device over ``image`` (detached afterwards)."""
-    device = subprocess.run(
-        ["losetup", "--find", "--show", "--read-only", str(image)], check=True, capture_output=True, text=True
-    ).stdout.strip()
+def loop_device(image: Path, *, read_only: bool = True) -> Iterator[str]:
+    """A loop device over ``image`` (detached afterwards)."""
+    for attempt in range(5):  # --find races with other processes taking loop devices at the same moment
+        done = subprocess.run(
+            ["losetup", "--find", "--show", *(["--read-only"] if read_only else []), str(image)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode == 0:
+            break
+        time.sleep(0.2 * (attempt + 1))
+    assert done.returncode == 0, f"losetup failed: {done.stderr}"
+    device = done.stdout.strip()
     try:
         yield device
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import RunningVm, make_image
-from tests.integration.transports.conftest import SIZE, images_equal, write_pattern
+from tests.integration.transports.conftest import SIZE, images_equal, loop_device, write_pattern
 from tests.integration.transports.contract import ProgressLog, TransportContract
 from vmsnap.errors import TransferError
 from vmsnap.imageio import guest_sha256
@@ -62,20 +62,15 @@ def btrfs_on_loop(workdir: Path) -> Iterator[Path]:
     backing = workdir / "btrfs.img"
     with open(backing, "wb") as f:
         f.truncate(256 * 1024 * 1024)
-    device = subprocess.run(
-        ["losetup", "--find", "--show", str(backing)], check=True, capture_output=True, text=True
-    ).stdout.strip()
     mnt = workdir / "mnt"
     mnt.mkdir()
-    try:
+    with loop_device(backing, read_only=False) as device:
         subprocess.run(["mkfs.btrfs", "-q", device], check=True, capture_output=True)
         subprocess.run(["mount", device, str(mnt)], check=True)
         try:
             yield mnt
         finally:
             subprocess.run(["umount", str(mnt)], check=False)
-    finally:
-        subprocess.run(["losetup", "--detach", device], check=False)
 
 
 def test_raw_to_raw_on_btrfs_is_a_reflink(tmp_path: Path) -> None:
