@@ -47,6 +47,14 @@ def test_frozen_blocks_the_guest_reports_the_window_and_thaws(lab_guest: LabGues
     lab_guest.run(["touch", f"{DATA_MOUNT}/after-freeze"])
 
 
+def test_an_error_inside_the_freeze_still_thaws_and_propagates(lab_guest: LabGuest) -> None:
+    with pytest.raises(RuntimeError, match="snapshot broke"), frozen(lab_guest.machine) as report:
+        raise RuntimeError("snapshot broke")
+    assert lab_guest.agent.fsfreeze_status() == "thawed"
+    assert report.thawed_count == 1
+    wait_process_gone(report.guard_pid or 0, 10)
+
+
 def test_freezing_only_named_mountpoints(lab_guest: LabGuest) -> None:
     with frozen(lab_guest.machine, [DATA_MOUNT]) as report:
         assert lab_guest.agent.fsfreeze_status() == "frozen"
