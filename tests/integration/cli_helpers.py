@@ -75,7 +75,8 @@ def write(vm: RunningVm, disk: str, *commands: str) -> None:
 
 
 def block_state(vm: RunningVm) -> list[tuple[str, str, str, tuple[str, ...]]]:
-    """(device, node, file, backing files) per attached disk, plus the node names QEMU has (sorted)."""
+    """(device, node, file, backing files) per attached disk, then QEMU's node names, block jobs, NBD exports
+    and run state: equal before and after a backup (or a recovered crash) when nothing was left behind."""
     qmp = vm.machine.qmp()
     try:
         disks = [
@@ -83,9 +84,11 @@ def block_state(vm: RunningVm) -> list[tuple[str, str, str, tuple[str, ...]]]:
         ]
         nodes = tuple(sorted(qmp.node_names()))
         jobs = tuple(j.id for j in qmp.query_jobs())
+        exports = tuple(str(e.get("id")) for e in qmp.execute("query-block-exports"))
+        status = qmp.status()
     finally:
         vm.machine.close()
-    return [*disks, ("nodes", "", "", nodes), ("jobs", "", "", jobs)]
+    return [*disks, ("nodes", "", "", nodes), ("jobs", "", "", jobs), ("exports", status, "", exports)]
 
 
 def capture(vm: RunningVm, disk: str, dest: Path) -> Path:

@@ -40,6 +40,7 @@ CASES = [
     ("external", "after-create"),  # the guest now writes into an overlay that must be committed back
     ("external", "mid-export"),
     ("internal", "mid-export"),  # a qemu-nbd serves the snapshot
+    ("backup+nbd", "mid-export"),  # pull mode: fleecing nodes, a filter above the disk, an NBD export
 ]
 
 
@@ -57,12 +58,12 @@ def test_kill_at_each_step_then_recover(
     original = block_state(vm)
     write(vm, "disk0", "write -P 0x11 0 2M")
     write(vm, "disk1", "write -P 0x12 4M 1M")
-    good = backup(capsys, vm, repo, "--strategy", strategy)
+    strategy, _, transport = strategy.partition("+")
+    choice = ["--strategy", strategy, *(["--transport", transport] if transport else [])]
+    good = backup(capsys, vm, repo, *choice)
     write(vm, "disk0", "write -P 0x21 1M 1M")
     mode = ["--incremental"] if strategy == "backup" else []
-    dead = cli_process(
-        "backup", "--repo", repo, *vm_args(vm), "--strategy", strategy, *mode, env={CRASH_ENV: point}
-    )
+    dead = cli_process("backup", "--repo", repo, *vm_args(vm), *choice, *mode, env={CRASH_ENV: point})
     assert dead.code == -signal.SIGKILL, dead.err
     journal = Journal.load(repo / "testvm" / ".journal.json")
     assert journal is not None
@@ -86,7 +87,7 @@ def test_kill_at_each_step_then_recover(
     assert again.code == 0 and again.json()["clean"]
 
     expected = {d: capture(vm, d, tmp_path / f"now-{d}.qcow2") for d in DISKS}
-    following = backup(capsys, vm, repo, "--strategy", strategy, *mode)
+    following = backup(capsys, vm, repo, *choice, *mode)
     if strategy == "backup" and point != "after-start":
         assert following["kind"] == "full"  # the dead run had moved the dirty bitmap on
     restore_and_compare(capsys, repo, following["backup_id"], tmp_path / "restored", expected)
