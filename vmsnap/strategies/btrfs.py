@@ -391,7 +391,8 @@ class BtrfsSnapshotStrategy:
         (writable) into its place, and delete the old one only after that worked. Every file of the
         subvolume goes back, not only this disk.
 
-        :raise SnapshotError: the VM runs, or a step failed (the live subvolume is put back)
+        :raise SnapshotError: the VM runs, a process has files open in the subvolume, or a step failed (the
+            live subvolume is put back)
         :raise UnsupportedError: the live subvolume is a mount point or holds nested subvolumes
         """
         if self.machine.is_running:
@@ -418,6 +419,13 @@ class BtrfsSnapshotStrategy:
                 f"{live} holds nested subvolumes (e.g. {first}) that a rollback would orphan",
                 hint="move them out of the VM's subvolume first",
             )
+        holders = self._processes_using(live)
+        if holders:
+            raise SnapshotError(
+                f"{len(holders)} process(es) have files open in {live} (pid {', '.join(holders[:5])}): "
+                "another VM on the same subvolume, or this one not yet stopped",
+                hint="stop them first; a rollback would pull the files out from under them",
+            )
         stamp = datetime.now(UTC).strftime(_STAMP_FORMAT)
         aside = live.parent / f".{live.name}.vmsnap-rollback-{stamp}"
         self._run(["mv", "-T", "--", str(live), str(aside)], f"cannot move {live} aside", "check permissions")
@@ -434,6 +442,17 @@ class BtrfsSnapshotStrategy:
             self.runner.run(["btrfs", "subvolume", "delete", "--", str(aside)], timeout=600)
         except CommandError as err:
             self._warn(f"rolled back, but the old {live} stays at {aside} (delete it by hand): {err.message}")
+
+    def _processes_using(self, directory: PurePosixPath) -> list[str]:
+        """Pids with a file descriptor open below ``directory`` (from /proc, so no lsof/fuser needed)."""
+        walk = ["find", "/proc", "-mindepth", "3", "-maxdepth", "3", "-path", "/proc/*/fd/*"]
+        result = self.runner.run(
+            [*walk, "-lname", f"{directory}/*", "-print"],
+            ok_codes=(0, 1),  # processes come and go while find walks /proc
+            timeout=120,
+        )
+        pids = {line.split("/")[2] for line in result.stdout.splitlines() if line.count("/") >= 4}
+        return sorted(pids, key=int)
 
     def list(self) -> Sequence[SnapshotRef]:
         """The snapshot sets that hold a copy of one of the machine's disks, oldest set first."""

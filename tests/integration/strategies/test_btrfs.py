@@ -230,10 +230,13 @@ def test_rollback_swaps_the_subvolume_back_with_every_file_in_it(btrfs_vm: Btrfs
     (live / "other.txt").write_text("after\n")
     with pytest.raises(SnapshotError, match="running"):
         strategy.rollback(refs[0])
+    # the machine says "off", but a QEMU still has the images open (another VM on the subvolume, say)
+    offline = OfflineMachine([btrfs_vm.images["disk0"], btrfs_vm.images["disk1"]], name="btrfsvm")
+    with pytest.raises(SnapshotError, match=f"have files open in {live} .pid {btrfs_vm.process.pid}"):
+        BtrfsSnapshotStrategy(offline).rollback(refs[0])
     assert (live / "other.txt").read_text() == "after\n"
     btrfs_vm.machine.close()
     btrfs_vm.process.stop()
-    offline = OfflineMachine([btrfs_vm.images["disk0"], btrfs_vm.images["disk1"]], name="btrfsvm")
     BtrfsSnapshotStrategy(offline).rollback(refs[0])
     expected = reference(tmp_path, "d0", ["write -P 0x61 0 1M"])
     result = subprocess.run(["qemu-img", "compare", str(expected), str(btrfs_vm.images["disk0"])])
