@@ -245,7 +245,7 @@ class LvmSnapshotStrategy:
         volumes = list_logical_volumes(self.runner)
         where = [(disk, self._locate(disk, volumes)) for disk in disks]
         plans: dict[str, _Plan] = {}
-        for _disk, location in where:
+        for disk, location in where:
             origin = location.volume
             if origin.is_snapshot and not origin.is_thin:
                 raise UnsupportedError(
@@ -255,7 +255,7 @@ class LvmSnapshotStrategy:
                 size = None if origin.is_thin else cow_size(self.snapshot_size, origin.size)
                 plans[origin.full_name] = _Plan(origin, snapshot_lv_name(origin.name, name), size)
             plan = plans[origin.full_name]
-            plans[origin.full_name] = attrs.evolve(plan, users=(*plan.users, _disk.name))
+            plans[origin.full_name] = attrs.evolve(plan, users=(*plan.users, disk.name))
         existing = {v.full_name for v in volumes}
         for plan in plans.values():
             if f"{plan.origin.vg}/{plan.lv_name}" in existing:
