@@ -240,6 +240,20 @@ def _quiesced(machine: Machine, mode: Quiesce, timeout: float, note: Callable[[s
 # -- the orchestrator ---------------------------------------------------------------------------------------
 
 
+@attrs.frozen
+class _RunPlan:
+    """What one run does, decided before its first step (the journal's header records the same)."""
+
+    vm: str
+    backup_id: str
+    staging: Path
+    strategy: str
+    transport: str
+    options: Mapping[str, Any]
+    disks: tuple[Disk, ...]
+    parent: Manifest | None
+
+
 class Backup:
     """Runs one backup of ``machine`` into a repository, as :class:`BackupConfig` says.
 
@@ -279,9 +293,8 @@ class Backup:
         self._resolve()  # bad options and unreadable disks fail here, before anything is written
         repo = Repository.open(self.config.repo, create=True, runner=self.machine.runner)
         with repo.lock(vm), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter(
-                "always"
-            )  # strategies warn (fallbacks, slow settings): pass them on as notes
+            # strategies warn (fallbacks, slow settings): pass the warnings on as notes
+            warnings.simplefilter("always")
             try:
                 report = recover_leftovers(repo, self.machine)
                 for action in report.actions:
@@ -382,21 +395,10 @@ class Backup:
             transport=transport_name,
             machine=repr(self.machine),
         )
+        plan = _RunPlan(vm, backup_id, staging, strategy_name, transport_name, options, tuple(disks), parent)
         try:
             crash_point("after-start")
-            return self._take(
-                repo,
-                vm,
-                journal,
-                staging,
-                backup_id,
-                strategy_name,
-                transport_name,
-                options,
-                disks,
-                parent,
-                started,
-            )
+            return self._take(repo, journal, plan, started)
         except BaseException as err:
             try:
                 undo_run(repo, self.machine, journal)
@@ -407,20 +409,14 @@ class Backup:
                 ) from err
             raise
 
-    def _take(
-        self,
-        repo: Repository,
-        vm: str,
-        journal: Journal,
-        staging: Path,
-        backup_id: str,
-        strategy_name: str,
-        transport_name: str,
-        options: Mapping[str, Any],
-        disks: Sequence[Disk],
-        parent: Manifest | None,
-        started: float,
-    ) -> BackupResult:
+    def _take(self, repo: Repository, journal: Journal, plan: _RunPlan, started: float) -> BackupResult:
+        vm, backup_id, staging, parent = plan.vm, plan.backup_id, plan.staging, plan.parent
+        strategy_name, transport_name, options, disks = (
+            plan.strategy,
+            plan.transport,
+            plan.options,
+            plan.disks,
+        )
         strategy = _make_strategy(strategy_name, self.machine, options)
         for disk in disks:
             if not strategy.probe(disk):
