@@ -75,7 +75,7 @@ class BackupConfig:
     """What to back up and how (the CLI builds it from its options).
 
     :param repo: the repository directory (created when missing or empty)
-    :param strategy: a strategy name, or "auto" (backup for a running VM, internal for images)
+    :param strategy: a strategy name, or "auto" (backup: QEMU's backup job, or qemu-img for images)
     :param transport: a transport name, or "auto" (copy when it accepts the source, else nbd); with strategy
         backup "auto"/"none" means QEMU writes the backup itself (push) and "nbd" means pull mode
     :param incremental: only what changed since the VM's latest backup (strategy backup); falls back to full
@@ -316,7 +316,7 @@ class Backup:
             raise UsageError(f"{self.machine.name} has no disks to back up")
         strategy = config.strategy
         if strategy == "auto":
-            strategy = "backup" if self.machine.is_running else "internal"
+            strategy = "backup"  # running: QEMU's backup job; powered off: qemu-img convert (raw too)
         transport = config.transport
         mode = "push"
         if strategy == "backup":

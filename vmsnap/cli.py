@@ -388,9 +388,7 @@ def _add_repository_commands(
     )
     add_vm_arguments(p)
     p.add_argument("--repo", type=Path, required=True, metavar="DIR", help="the backup repository")
-    p.add_argument(
-        "--strategy", default="auto", help="internal|external|backup|lvm|btrfs (default: backup when running)"
-    )
+    p.add_argument("--strategy", default="auto", help="backup|external|internal|lvm|btrfs (default: backup)")
     p.add_argument(
         "--transport", default="auto", help="copy|nbd|rsync (default: copy; strategy backup: QEMU writes it)"
     )

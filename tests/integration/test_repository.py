@@ -267,11 +267,21 @@ def test_restore_of_an_offline_image_backup(tmp_path: Path, capsys: pytest.Captu
     result = cli(capsys, "backup", "--repo", repo, "--image", image, "--json")
     assert result.code == 0, result.err
     made = result.json()
-    assert made["vm"] == "data" and made["strategy"] == "internal"
+    assert (made["vm"], made["strategy"], made["transport"]) == ("data", "backup", "none")
     result = cli(capsys, "restore", "--repo", repo, "--vm", "data", "--to", tmp_path / "out", "--json")
     assert result.code == 0, result.err
     assert same_content(tmp_path / "out" / "data.qcow2", reference)
     info = json.loads(
         subprocess.run(["qemu-img", "info", "--output=json", str(image)], capture_output=True).stdout
     )
-    assert "snapshots" not in info or not info["snapshots"]  # the temporary snapshot was deleted
+    assert "snapshots" not in info or not info["snapshots"]
+    # and the internal strategy on the same image: its temporary snapshot is deleted again
+    result = cli(capsys, "backup", "--repo", repo, "--image", image, "--strategy", "internal", "--json")
+    assert result.code == 0, result.err
+    result = cli(capsys, "restore", "--repo", repo, "--vm", "data", "--to", tmp_path / "out2")
+    assert result.code == 0, result.err
+    assert same_content(tmp_path / "out2" / "data.qcow2", reference)
+    info = json.loads(
+        subprocess.run(["qemu-img", "info", "--output=json", str(image)], capture_output=True).stdout
+    )
+    assert "snapshots" not in info or not info["snapshots"]
