@@ -468,6 +468,8 @@ class ExternalOverlayStrategy:
             if layer.vmsnap_file == layer.lower:
                 chain = [disk.file, *disk.backing_chain]
                 newer = [p for p in chain[1 : chain.index(layer.lower)] if parse_overlay_path(p) is not None]
+                # overlays a shut-down VM left on top of the image were made later still: they go too
+                newer += [o.upper for o in self._orphans(chain[0])]
                 self.runner.run(["mv", "-f", "--", str(layer.lower), str(chain[0])], timeout=30)
                 for path in newer:
                     self.runner.run(["rm", "-f", "--", str(path)], timeout=30)

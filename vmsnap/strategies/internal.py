@@ -203,6 +203,11 @@ class InternalSnapshotStrategy:
                     "`qemu-img amend -o lazy_refcounts=on` with the VM off"
                 )
         if not self.machine.is_running:
+            if self.vm_state:
+                raise UnsupportedError(
+                    f"{self.machine.name} is not running: there is no VM state to save",
+                    hint="drop --vm-state for a disk-only snapshot, or start the VM",
+                )
             return self._create_offline(disks, name)
         if self.vm_state:
             return self._create_with_vm_state(disks, name)

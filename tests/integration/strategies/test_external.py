@@ -218,3 +218,30 @@ def test_a_leftover_overlay_file_blocks_create_with_a_hint(online: QemuImageLab)
     assert {d: online.chain(d) for d in online.disk_names} == chains
     assert stray.read_bytes() == b"not an overlay"
     assert not overlay_path(online.images["disk0"], "s1").exists()
+
+
+def test_rollback_to_an_offline_snapshot_drops_the_overlays_a_shut_down_vm_left(tmp_path: Path) -> None:
+    lab = QemuImageLab(tmp_path, online=False)
+    strategy = ExternalOverlayStrategy(lab.machine)
+    lab.write("disk0", 0, MiB, 0x11)
+    at_a = lab.capture("disk0", tmp_path / "at-a.qcow2")
+    strategy.create(lab.disks(), name="a")  # offline: the image path stays on top
+    lab.write("disk0", MiB, MiB, 0x22)
+    drives = [DriveSpec(lab.images["disk0"], "disk0"), DriveSpec(lab.images["disk1"], "disk1", bus="scsi")]
+    process = QemuProcess(tmp_path, drives, name="vm3").start()
+    try:
+        machine = connect_machine(process.qmp_socket)
+        ExternalOverlayStrategy(machine).create(machine.disks(), name="b")  # online: an overlay on top
+        qemu_io(machine.qmp(), "disk0", "write -P 0x33 0 2M")
+        machine.close()
+    finally:
+        process.stop()
+        process.kill()
+    names = sorted((r.disk.name, r.name) for r in strategy.list())
+    assert names == [("disk0", "a"), ("disk0", "b"), ("disk1", "a"), ("disk1", "b")]
+    for ref in [r for r in strategy.list() if r.name == "a"]:
+        strategy.rollback(ref)
+    compare_images(lab.capture("disk0", tmp_path / "now.qcow2"), at_a)
+    assert strategy.list() == []
+    assert sorted(p.name for p in tmp_path.glob("*.vmsnap-*")) == []
+    run(["qemu-img", "check", str(lab.images["disk0"])])

@@ -212,3 +212,10 @@ def test_missing_snapshot_is_not_found(tmp_path: Path) -> None:
 def run_copy(image: Path, dest: Path) -> Path:
     run(["qemu-img", "convert", "-U", "-f", "qcow2", str(image), "-O", "qcow2", str(dest)])
     return dest
+
+
+def test_vm_state_needs_a_running_vm(tmp_path: Path) -> None:
+    machine = OfflineMachine([make_image(tmp_path / "disk0.qcow2")])
+    with pytest.raises(UnsupportedError, match="not running"):
+        InternalSnapshotStrategy(machine, vm_state=True).create(machine.disks(), name="s1")
+    assert InternalSnapshotStrategy(machine).list() == []
