@@ -63,6 +63,7 @@ from vmsnap.qmp import QMPMonitor
 from vmsnap.strategies.base import paused
 
 Mode = Literal["push", "pull"]
+Fleecing = Literal["auto", "filter", "job"]
 BitmapState = Literal["ok", "missing", "broken"]
 
 PENDING_SUFFIX = ".pending"
@@ -70,6 +71,10 @@ PENDING_SUFFIX = ".pending"
 
 SIDECAR_SUFFIX = ".vmsnap-backup.json"
 """``target_dir/.<disk>.vmsnap-backup.json`` records a backup's name and details until it is deleted."""
+
+
+class _DriveSwapRefused(SnapshotError):
+    """QEMU refused to put the copy-before-write filter above a device's node (the job method may work)."""
 
 
 class IncrementalFallbackWarning(UserWarning):
@@ -179,7 +184,10 @@ class BlockdevBackupStrategy:
     :param mode: "push" (QEMU writes the target) or "pull" (fleecing + NBD export)
     :param wait: push mode: :meth:`create` returns once the targets are complete (False: as soon as the jobs
         run, so a frozen guest can be thawed at once; then :meth:`finish` or :meth:`export` waits)
-    :raise UsageError: bad bitmap name or mode
+    :param fleecing: pull mode: "filter" (copy-before-write + snapshot-access, QEMU >= 7.0), "job" (a
+        ``blockdev-backup sync=none`` job into a temporary overlay, which needs no change of the device's
+        node), or "auto": the filter, and the job where the device's node cannot be swapped
+    :raise UsageError: bad bitmap name, mode or fleecing method
     """
 
     name: ClassVar[str] = "backup"
@@ -207,9 +215,12 @@ class BlockdevBackupStrategy:
         bitmap: str = "vmsnap",
         mode: Mode = "push",
         wait: bool = True,
+        fleecing: Fleecing = "auto",
     ) -> None:
         if mode not in ("push", "pull"):
             raise UsageError(f"unknown backup mode {mode!r}", hint="use 'push' or 'pull'")
+        if fleecing not in ("auto", "filter", "job"):
+            raise UsageError(f"unknown fleecing method {fleecing!r}", hint="use 'auto', 'filter' or 'job'")
         self.machine = machine
         self.target_dir = Path(target_dir)
         self.incremental = incremental
@@ -217,6 +228,7 @@ class BlockdevBackupStrategy:
         self.bitmap = validate_name(bitmap, "bitmap name")
         self.mode: Mode = mode
         self.wait = wait
+        self.fleecing: Fleecing = fleecing
         # per backup (set id): disk name → "started" | "done" | "failed" | "confirmed"
         self._outcomes: dict[str, dict[str, str]] = {}
         # per backup: disk → (node, pending bitmap, bitmap was new), settled once all disks' outcome is known
@@ -570,18 +582,123 @@ class BlockdevBackupStrategy:
     def _create_pull(
         self, qmp: QMPMonitor, plans: Sequence[_Plan], *, name: str, set_id: str, fallback: str
     ) -> list[SnapshotRef]:
+        if self.fleecing == "job":
+            return self._pull_by_job(qmp, plans, name=name, set_id=set_id, fallback=fallback)
+        try:
+            return self._pull_by_filter(qmp, plans, name=name, set_id=set_id, fallback=fallback)
+        except _DriveSwapRefused:
+            if self.fleecing == "filter":
+                raise
+        return self._pull_by_job(qmp, plans, name=name, set_id=set_id, fallback=fallback)
+
+    def _pull_refs(
+        self,
+        plans: Sequence[_Plan],
+        *,
+        name: str,
+        set_id: str,
+        fallback: str,
+        extra: Mapping[str, dict[str, str]],
+    ) -> list[SnapshotRef]:
+        names = [p.disk.name for p in plans]
+        return [
+            SnapshotRef(
+                strategy=self.name,
+                name=name,
+                disk=plan.disk,
+                location=str(self.target_dir / f"{plan.disk.name}.fleece"),
+                details={
+                    **self._details(plan, set_id=set_id, fallback=fallback, disks=names),
+                    "fleece_file": str(self.target_dir / f"{plan.disk.name}.fleece"),
+                    **extra[plan.disk.name],
+                },
+            )
+            for plan in plans
+        ]
+
+    def _pull_by_job(
+        self, qmp: QMPMonitor, plans: Sequence[_Plan], *, name: str, set_id: str, fallback: str
+    ) -> list[SnapshotRef]:
+        """Fleecing with ``blockdev-backup sync=none`` into an overlay on the disk's node: old data is
+        copied into the overlay before the guest overwrites it; the overlay reads as the backup point."""
+        added: list[str] = []
+        files: list[Path] = []
+        suffix = set_id.rsplit("-", 1)[-1]
+        try:
+            actions: list[Any] = []
+            for plan in plans:
+                node = fleece_nodes(plan.disk.name)["fleece"]
+                fleece = self.target_dir / f"{plan.disk.name}.fleece"
+                files.append(fleece)
+                self.machine.runner.run(
+                    ["qemu-img", "create", "-q", "-f", "qcow2", str(fleece), str(plan.disk.virtual_size)],
+                    timeout=120,
+                )
+                os.chmod(fleece, 0o600)
+                qmp.blockdev_add(
+                    {
+                        "driver": "qcow2",
+                        "node-name": node,
+                        "file": {"driver": "file", "filename": str(fleece)},
+                        "backing": plan.disk.node_name,
+                    }
+                )
+                added.append(node)
+                actions += self._actions(plan, job_id="", device=None, target=None)
+                actions.append(
+                    {
+                        "type": "blockdev-backup",
+                        "data": {
+                            "job-id": f"{node}-{suffix}",
+                            "device": plan.disk.node_name,
+                            "target": node,
+                            "sync": "none",
+                            "auto-dismiss": False,
+                        },
+                    }
+                )
+            qmp.transaction(actions)  # jobs and bitmaps: one instant for all disks, no pause needed
+        except VmsnapError as err:
+            for node in reversed(added):
+                with contextlib.suppress(VmsnapError):
+                    qmp.blockdev_del(node)
+            for path in files:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            raise SnapshotError(
+                f"pull backup of {', '.join(p.disk.name for p in plans)} could not start: {err.message}",
+                hint="nothing was changed on the disks; check QEMU's log",
+            ) from err
+        extra = {}
+        for plan in plans:
+            nodes = fleece_nodes(plan.disk.name)
+            extra[plan.disk.name] = {
+                "fleecing": "job",
+                "fleece": nodes["fleece"],
+                "job": f"{nodes['fleece']}-{suffix}",
+                "export": nodes["access"],
+                "export_node": nodes["fleece"],
+            }
+        return self._pull_refs(plans, name=name, set_id=set_id, fallback=fallback, extra=extra)
+
+    def _pull_by_filter(
+        self, qmp: QMPMonitor, plans: Sequence[_Plan], *, name: str, set_id: str, fallback: str
+    ) -> list[SnapshotRef]:
+        """Fleecing with a copy-before-write filter put above each device's node and a snapshot-access node
+        on it; the vCPUs are paused while the filters go in, so all disks hold one instant."""
         runner = self.machine.runner
         blocks = {b.get("inserted", {}).get("node-name"): b for b in qmp.query_block() if b.get("inserted")}
         for plan in plans:
             block = blocks.get(plan.disk.node_name)
             if block is None or not block.get("qdev"):
-                raise UnsupportedError(
+                raise _DriveSwapRefused(
                     f"disk {plan.disk.name!r} is not the active node of a guest device",
-                    hint="pull mode inserts a filter above the device's node; use mode='push'",
+                    hint="the copy-before-write filter goes above a device's node; use fleecing='job'",
                 )
         added: list[str] = []
         files: list[Path] = []
         swapped: list[tuple[str, str]] = []  # (qdev, original node)
+        transacted = False
         try:
             for plan in plans:
                 nodes = fleece_nodes(plan.disk.name)
@@ -609,15 +726,17 @@ class BlockdevBackupStrategy:
             # the filters and the bitmap operations must take effect at one instant for all disks
             with paused(self.machine):
                 qmp.transaction(actions)
-                try:
-                    for plan in plans:
-                        qdev = str(blocks[plan.disk.node_name]["qdev"])
+                transacted = True
+                for plan in plans:
+                    qdev = str(blocks[plan.disk.node_name]["qdev"])
+                    try:
                         self._set_drive(qmp, qdev, fleece_nodes(plan.disk.name)["cbw"])
-                        swapped.append((qdev, plan.disk.node_name))
-                except VmsnapError:
-                    for plan in plans:
-                        self._undo_bitmap(qmp, plan.disk.node_name, new_bitmap=plan.bitmap_state != "ok")
-                    raise
+                    except QMPCommandError as err:
+                        raise _DriveSwapRefused(
+                            f"QEMU refused a copy-before-write filter on disk {plan.disk.name!r}: {err.desc}",
+                            hint="use fleecing='job' (a backup job with sync=none) for this VM",
+                        ) from err
+                    swapped.append((qdev, plan.disk.node_name))
             for plan in plans:
                 nodes = fleece_nodes(plan.disk.name)
                 qmp.blockdev_add(
@@ -625,6 +744,7 @@ class BlockdevBackupStrategy:
                 )
                 added.append(nodes["access"])
         except VmsnapError as err:
+            # order matters: snapshot-access first, then the devices back on their nodes, then the filters
             for node in [n for n in added if n.endswith("-acc")]:
                 with contextlib.suppress(VmsnapError):
                     qmp.blockdev_del(node)
@@ -632,7 +752,7 @@ class BlockdevBackupStrategy:
             for qdev, original in reversed(swapped):
                 with contextlib.suppress(VmsnapError):
                     self._set_drive(qmp, qdev, original)
-            if swapped:  # the transaction ran: give the bits back
+            if transacted:  # give the bits back
                 for plan in plans:
                     with contextlib.suppress(VmsnapError):
                         self._undo_bitmap(qmp, plan.disk.node_name, new_bitmap=plan.bitmap_state != "ok")
@@ -642,30 +762,23 @@ class BlockdevBackupStrategy:
             for path in files:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+            if isinstance(err, _DriveSwapRefused):
+                raise
             raise SnapshotError(
                 f"pull backup of {', '.join(p.disk.name for p in plans)} could not start: {err.message}",
                 hint="the disks are back on their own nodes; check QEMU's log",
             ) from err
-        names = [p.disk.name for p in plans]
-        refs = []
+        extra = {}
         for plan in plans:
             nodes = fleece_nodes(plan.disk.name)
-            refs.append(
-                SnapshotRef(
-                    strategy=self.name,
-                    name=name,
-                    disk=plan.disk,
-                    location=str(self.target_dir / f"{plan.disk.name}.fleece"),
-                    details={
-                        **self._details(plan, set_id=set_id, fallback=fallback, disks=names),
-                        **nodes,
-                        "qdev": str(blocks[plan.disk.node_name]["qdev"]),
-                        "fleece_file": str(self.target_dir / f"{plan.disk.name}.fleece"),
-                        "export": nodes["access"],
-                    },
-                )
-            )
-        return refs
+            extra[plan.disk.name] = {
+                **nodes,
+                "fleecing": "filter",
+                "qdev": str(blocks[plan.disk.node_name]["qdev"]),
+                "export": nodes["access"],
+                "export_node": nodes["access"],
+            }
+        return self._pull_refs(plans, name=name, set_id=set_id, fallback=fallback, extra=extra)
 
     @staticmethod
     def _drive_of(qmp: QMPMonitor, qdev: str) -> str | None:
@@ -830,7 +943,7 @@ class BlockdevBackupStrategy:
         arguments: dict[str, Any] = {
             "type": "nbd",
             "id": export_id,
-            "node-name": snap.details["access"],
+            "node-name": snap.details.get("export_node") or snap.details["access"],
             "name": snap.disk.name,
             "writable": False,
         }
@@ -977,6 +1090,12 @@ class BlockdevBackupStrategy:
         cbw = snap.details.get("cbw", "")
         if qdev and self._drive_of(qmp, qdev) == cbw:
             self._set_drive(qmp, qdev, _device_node(snap))
+        job = snap.details.get("job", "")
+        if job and qmp.job(job) is not None:  # the sync=none job runs until cancelled
+            with contextlib.suppress(QMPCommandError):
+                qmp.execute("job-cancel", {"id": job})
+            with contextlib.suppress(BlockJobError):
+                qmp.wait_job(job, timeout=60)
         nodes = qmp.node_names()
         for key in ("cbw", "fleece"):
             node = snap.details.get(key, "")
@@ -1060,6 +1179,12 @@ class BlockdevBackupStrategy:
                 details = {**flee, "mode": "pull", "qdev": disk.qdev or "", "export": flee["access"]}
                 cbw_up = qmp is not None and flee["cbw"] in nodes
                 details["device_node"] = _filter_child(qmp, flee["cbw"]) if qmp is not None and cbw_up else ""
+                if not cbw_up:  # fleecing by a sync=none job: the job and its overlay
+                    prefix = flee["fleece"] + "-"
+                    jobs = (
+                        [j.id for j in qmp.query_jobs() if j.id.startswith(prefix)] if qmp is not None else []
+                    )
+                    details.update({"job": jobs[0] if jobs else "", "export_node": flee["fleece"]})
                 details["pending"] = self.bitmap + PENDING_SUFFIX
             elif target_node(disk.name) in nodes:
                 prefix = target_node(disk.name) + "-"

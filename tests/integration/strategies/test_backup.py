@@ -28,6 +28,7 @@ from vmsnap.machine import Machine, OfflineMachine, QemuMachine
 from vmsnap.model import Disk
 from vmsnap.strategies.backup import (
     BlockdevBackupStrategy,
+    Fleecing,
     IncrementalFallbackWarning,
     fleece_nodes,
     target_node,
@@ -77,6 +78,14 @@ class TestBackupPullContract(StrategyContract):
 
     def test_rollback_returns_exactly_the_snapshot_bytes(self, lab: Lab) -> None:
         pytest.skip("a pull backup is read by the NBD client; there is no target to roll back to")
+
+
+class TestBackupPullByJobContract(TestBackupPullContract):
+    """Pull mode with the older fleecing: a blockdev-backup sync=none job into an overlay on the disk."""
+
+    def make_strategy(self, machine: Machine) -> Strategy:
+        mode = "pull" if machine.is_running else "push"
+        return BlockdevBackupStrategy(machine, target_dir=backup_dir(machine), mode=mode, fleecing="job")
 
 
 # -- push: what the target is -------------------------------------------------------------------------------
@@ -255,7 +264,10 @@ def _raw(path: Path, fmt: str = "qcow2") -> bytes:
     return data
 
 
-def test_pull_incremental_exports_exactly_the_changed_blocks(two_disk_vm: RunningVm, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fleecing", ["filter", "job"])
+def test_pull_incremental_exports_exactly_the_changed_blocks(
+    two_disk_vm: RunningVm, tmp_path: Path, fleecing: Fleecing
+) -> None:
     vm = two_disk_vm
     qmp = vm.machine.qmp()
     disks = vm.machine.disks()
@@ -268,13 +280,20 @@ def test_pull_incremental_exports_exactly_the_changed_blocks(two_disk_vm: Runnin
     expected = _raw(_capture(vm, "disk0", tmp_path / "expected.qcow2"))
     parents = {d.name: tmp_path / "full" / f"{d.name}.qcow2" for d in disks}
     pull = BlockdevBackupStrategy(
-        vm.machine, target_dir=tmp_path / "pull", incremental=True, parents=parents, mode="pull"
+        vm.machine,
+        target_dir=tmp_path / "pull",
+        incremental=True,
+        parents=parents,
+        mode="pull",
+        fleecing=fleecing,
     )
     refs = pull.create(disks, name="inc")
-    qdev, cbw = refs[0].details["qdev"], refs[0].details["cbw"]
-    assert qmp.query_block()[0]["inserted"]["node-name"] == cbw
-    pull._set_drive(qmp, qdev, cbw)  # qom-set to the node a device already has aborts QEMU: must be skipped
-    assert vm.process.alive()
+    assert refs[0].details["fleecing"] == fleecing
+    if fleecing == "filter":
+        qdev, cbw = refs[0].details["qdev"], refs[0].details["cbw"]
+        assert qmp.query_block()[0]["inserted"]["node-name"] == cbw
+        pull._set_drive(qmp, qdev, cbw)  # qom-set to the node a device already has aborts QEMU: skipped
+        assert vm.process.alive()
     qemu_io(qmp, "disk0", "write -P 0x99 0 8M")  # after the backup point: invisible through the export
     with pull.export(refs[0]) as source:
         assert source.kind == "nbd" and source.dirty_bitmap
@@ -299,7 +318,10 @@ def test_pull_incremental_exports_exactly_the_changed_blocks(two_disk_vm: Runnin
     assert set(_bitmaps(vm, "disk0")) == {"vmsnap"}
 
 
-def test_pull_not_read_gives_the_bits_back(two_disk_vm: RunningVm, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fleecing", ["filter", "job"])
+def test_pull_not_read_gives_the_bits_back(
+    two_disk_vm: RunningVm, tmp_path: Path, fleecing: Fleecing
+) -> None:
     vm = two_disk_vm
     qmp = vm.machine.qmp()
     disks = vm.machine.disks()
@@ -307,7 +329,12 @@ def test_pull_not_read_gives_the_bits_back(two_disk_vm: RunningVm, tmp_path: Pat
     qemu_io(qmp, "disk0", "write -P 0x22 1M 1M")
     parents = {d.name: tmp_path / "full" / f"{d.name}.qcow2" for d in disks}
     pull = BlockdevBackupStrategy(
-        vm.machine, target_dir=tmp_path / "pull", incremental=True, parents=parents, mode="pull"
+        vm.machine,
+        target_dir=tmp_path / "pull",
+        incremental=True,
+        parents=parents,
+        mode="pull",
+        fleecing=fleecing,
     )
     refs = pull.create(disks, name="inc")
     qemu_io(qmp, "disk0", "write -P 0x33 10M 1M")
@@ -367,3 +394,36 @@ def test_rollback_refuses_a_running_vm_and_a_missing_backup(two_disk_vm: Running
     vm.process.stop()
     with pytest.raises(VmsnapError, match="does not exist"):
         offline.rollback(refs[0])
+
+
+def test_auto_fleecing_falls_back_to_the_job_where_no_device_can_be_swapped(
+    two_disk_vm: RunningVm, tmp_path: Path
+) -> None:
+    """A node that no guest device uses (an export, a qemu-storage-daemon image) gets no filter put
+    above it: fleecing='auto' takes the sync=none job there, for all disks of the backup."""
+    vm = two_disk_vm
+    qmp = vm.machine.qmp()
+    image = tmp_path / "loose.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x4c 0 1M", str(image)], check=True, capture_output=True
+    )
+    qmp.blockdev_add(
+        {"driver": "qcow2", "node-name": "loose", "file": {"driver": "file", "filename": str(image)}}
+    )
+    loose = Disk("loose", "loose", image, "qcow2", 64 * MiB)
+    disks = [vm.machine.disks()[0], loose]
+    pull = BlockdevBackupStrategy(vm.machine, target_dir=tmp_path / "pull", mode="pull")
+    refs = pull.create(disks, name="p1")
+    assert {r.details["fleecing"] for r in refs} == {"job"}
+    assert not (qmp.node_names() & set(fleece_nodes("disk0").values()) - {fleece_nodes("disk0")["fleece"]})
+    with pull.export(refs[1]) as source:
+        pulled = tmp_path / "pulled.raw"
+        subprocess.run(
+            ["qemu-img", "convert", "-f", "raw", "-O", "raw", source.location, str(pulled)], check=True
+        )
+    assert pulled.read_bytes()[: 1 * MiB] == b"\x4c" * MiB
+    for ref in refs:
+        pull.delete(ref)
+    _no_leftovers(vm, vm.machine.disks())
+    assert not (tmp_path / "pull" / "loose.fleece").exists()

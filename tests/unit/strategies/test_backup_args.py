@@ -115,6 +115,8 @@ def test_overlay_bitmap_actions_name_the_overlay() -> None:
 def test_bad_options_are_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError):
         _strategy(tmp_path, mode="both")
+    with pytest.raises(UsageError, match="fleecing"):
+        _strategy(tmp_path, mode="pull", fleecing="magic")
     for bad in ("", "../x", "a/b", ".hidden"):
         with pytest.raises(UsageError):
             _strategy(tmp_path, bitmap=bad)
