@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -84,6 +85,21 @@ class DriveSpec:
 
 class QemuStartError(VmsnapError):
     """QEMU exited or did not open its QMP socket; the message carries the end of its log."""
+
+
+def _listening(path: Path) -> bool:
+    """True once a unix socket accepts connections (the file appears at bind(), before listen())."""
+    if not path.exists():
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _log_tail(log: Path, lines: int = 15) -> str:
@@ -206,7 +222,7 @@ class QemuProcess:
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
-        while not self.qmp_socket.exists():
+        while not _listening(self.qmp_socket):
             if self.process.poll() is not None:
                 raise QemuStartError(
                     f"QEMU exited with code {self.process.returncode}: {_log_tail(self.log)}"
@@ -298,7 +314,7 @@ class StorageDaemon:
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
-        while not self.qmp_socket.exists():
+        while not _listening(self.qmp_socket):
             if self.process.poll() is not None:
                 raise QemuStartError(f"qemu-storage-daemon exited: {_log_tail(self.log)}")
             if time.monotonic() > deadline:
