@@ -292,8 +292,30 @@ class LabImageBuilder:
 
     def kernel_package(self) -> tuple[str, str]:
         """(package, version) of the kernel to use: ``VMSNAP_LAB_KERNEL_PACKAGE`` or what the meta-package
-        depends on."""
-        package = os.environ.get("VMSNAP_LAB_KERNEL_PACKAGE", "").strip()
+        depends on.
+
+        apt-cache takes seconds on a loaded host, so the answer is remembered in the cache until apt's
+        package lists change (``apt-get update``).
+        """
+        wanted = os.environ.get("VMSNAP_LAB_KERNEL_PACKAGE", "").strip()
+        memo = self.cache_dir / "apt-kernel.json"
+        lists = _apt_lists_stamp()
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            known = json.loads(memo.read_text())
+            if known["lists"] == lists and known["wanted"] == wanted:
+                return str(known["package"]), str(known["version"])
+        package, version = self._ask_apt(wanted)
+        with contextlib.suppress(OSError):
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+            tmp.write_text(
+                json.dumps({"lists": lists, "wanted": wanted, "package": package, "version": version})
+            )
+            tmp.replace(memo)
+        return package, version
+
+    def _ask_apt(self, wanted: str) -> tuple[str, str]:
+        package = wanted
         if not package:
             out = self._run(
                 ["apt-cache", "show", "--no-all-versions", KERNEL_META_PACKAGE],
@@ -595,6 +617,20 @@ def write_cpio(
     for name, (mode, major, minor) in sorted((extra_devices or {}).items()):
         entry(name, mode, b"", rdev=(major, minor))
     entry("TRAILER!!!", 0, b"")
+
+
+def _apt_lists_stamp() -> str:
+    """Changes whenever apt's view of the archive does (its package lists and their cache)."""
+    parts = []
+    for path in (
+        Path("/var/lib/apt/lists"),
+        Path("/var/cache/apt/pkgcache.bin"),
+        Path("/etc/apt/sources.list"),
+    ):
+        with contextlib.suppress(OSError):
+            info = path.stat()
+            parts.append(f"{path}:{info.st_mtime_ns}:{info.st_size}")
+    return "|".join(parts)
 
 
 def _find_program(name: str) -> Path | None:
