@@ -236,8 +236,11 @@ class LabGuest:
     @property
     def runner(self) -> AgentRunner:
         """Runs argv lists inside the guest (``host`` is ``guest:<name>``)."""
-        if self._runner is None:
-            self._runner = AgentRunner(self.agent, self.name)
+        agent = self.agent
+        # machine.close() drops its agent; a runner kept on the old one would open a second connection,
+        # and QEMU serves the agent socket to one client at a time
+        if self._runner is None or self._runner.agent is not agent:
+            self._runner = AgentRunner(agent, self.name)
         return self._runner
 
     def run(
