@@ -32,6 +32,7 @@ CHUNK = 4 * 1024 * 1024
 """Bytes per NBD read: large enough to amortise round trips, far below libnbd's 64 MiB limit."""
 
 _ZEROS = bytes(CHUNK)
+LOCKED_HINT = "a running QEMU holds it: export a snapshot through a strategy, or read it with force_share"
 _STATUS_SPAN = 1 << 30  # block-status requests stay below the 4 GiB some servers reject
 
 STATE_HOLE = 1
@@ -269,7 +270,7 @@ def write_failed(what: str, target: object, detail: str) -> TransferError:
     if "Failed to get" in detail and "lock" in detail:
         return TransferError(
             f"{what} failed: the image is locked by another process ({reason})",
-            hint="a running QEMU holds it: export a snapshot through a strategy, or read it with force_share",
+            hint=LOCKED_HINT,
         )
     return TransferError(
         f"{what} into {target} failed: {reason}", hint="run with --debug for the full output"
@@ -408,9 +409,13 @@ class QemuNbdServer:
             self._pid = int((self._dir / "nbd.pid").read_text().strip())
         except VmsnapError as err:
             self.stop()
+            detail = " ".join(str(getattr(err, "stderr", "") or err.message).split())
+            locked = "Failed to get" in detail and "lock" in detail
             raise TransferError(
-                f"qemu-nbd could not serve {self.path}: {getattr(err, 'stderr', '') or err}".strip(),
-                hint="check that the image exists, is not locked by a writer, and the snapshot name is right",
+                f"qemu-nbd could not serve {self.path}: {detail}",
+                hint=LOCKED_HINT
+                if locked
+                else "check that the image is readable and the snapshot name is right",
             ) from err
         except (OSError, ValueError) as err:
             self.stop()

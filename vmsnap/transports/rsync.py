@@ -143,13 +143,20 @@ class RsyncTransport:
         return "ssh -o BatchMode=yes"
 
     def needs_staging(self, source: ExportSource) -> bool:
-        """True when rsync cannot send the source file as it is (snapshot options, chain, format)."""
+        """True when rsync cannot send the source file as it is (snapshot options, chain, format).
+
+        :raise TransferError: the image is locked by a running QEMU (and not marked ``force_share``) or
+            qemu-img cannot open it
+        """
         if source.kind != "file" or source.image_opts or source.format != self.output_format:
             return True
-        if source.format == "qcow2":
-            info = image_info(source.location, "qcow2", force_share=source.force_share, runner=self.local)
-            return bool(info.get("backing-filename"))
-        return False
+        try:  # without -U this also fails when a running QEMU holds the image for writing
+            info = image_info(
+                source.location, source.format, force_share=source.force_share, runner=self.local
+            )
+        except CommandError as err:
+            raise write_failed(f"reading {source.location}", "rsync", err.stderr) from err
+        return bool(info.get("backing-filename"))
 
     def argv(self, source_file: str, target: RsyncTarget, block_size: int) -> list[str]:
         """The rsync command line."""
@@ -244,7 +251,10 @@ class RsyncTransport:
         report = ThrottledProgress(progress, max(source.virtual_size, 1))
         report(0, final=True)
         with self._staged(source) as source_file:
-            block = min(cluster_size(source_file, self.output_format, runner=self.local), MAX_BLOCK_SIZE)
+            block = min(
+                cluster_size(source_file, self.output_format, force_share=True, runner=self.local),
+                MAX_BLOCK_SIZE,
+            )
             argv = self.argv(source_file, where, block)
             try:
                 result = self.local.run(argv, timeout=None)

@@ -17,7 +17,10 @@ from pathlib import Path
 import attrs
 import pytest
 
-from tests.conftest import make_image
+from tests.conftest import RunningVm, make_image
+from vmsnap.errors import QMPConnectionError
+from vmsnap.lab.qemu import DriveSpec, QemuProcess
+from vmsnap.machine import QemuMachine
 from vmsnap.model import Disk, ExportSource
 
 SIZE = 64 * 1024 * 1024
@@ -229,3 +232,37 @@ def full_dir(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(mnt)], check=False)
         with contextlib.suppress(OSError):
             os.rmdir(mnt)
+
+
+def _connect(process: QemuProcess, attempts: int = 50) -> QemuMachine:
+    """A QemuMachine on the process's QMP socket, retried: the socket file can exist a moment before QEMU
+    listens on it (ECONNREFUSED), and a connection that races QEMU's start can fail once."""
+    for _ in range(attempts - 1):
+        try:
+            return QemuMachine(process.qmp_socket)
+        except QMPConnectionError:
+            if not process.alive():
+                raise
+            time.sleep(0.1)
+    return QemuMachine(process.qmp_socket)
+
+
+@pytest.fixture
+def two_disk_vm(tmp_path: Path) -> Iterator[RunningVm]:
+    """tests/conftest.py's two-disk VM, made robust for this directory: waits until QEMU listens on its QMP
+    socket before connecting, and stops QEMU also when connecting fails."""
+    images = {"disk0": make_image(tmp_path / "disk0.qcow2"), "disk1": make_image(tmp_path / "disk1.qcow2")}
+    drives = [
+        DriveSpec(images["disk0"], "disk0", serial="d0"),
+        DriveSpec(images["disk1"], "disk1", bus="scsi", serial="d1"),
+    ]
+    process = QemuProcess(tmp_path, drives, name="testvm").start()
+    machine: QemuMachine | None = None
+    try:
+        machine = _connect(process)
+        yield RunningVm(process, machine, images, tmp_path)
+    finally:
+        if machine is not None:
+            machine.close()
+        process.stop()
+        process.kill()

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any, ClassVar
 
 import attrs
 import pytest
 
+from tests.conftest import RunningVm
 from tests.integration.transports.conftest import SIZE, CaseFactory, SourceCase, image_format, images_equal
 from vmsnap.errors import NotFoundError, TransferError, UnsupportedError, UsageError
 from vmsnap.imageio import allocated_bytes, guest_sha256
-from vmsnap.model import TransferStats
+from vmsnap.lab.qemu import qemu_io
+from vmsnap.model import Disk, ExportSource, TransferStats
 
 
 class ProgressLog:
@@ -126,6 +129,34 @@ class TransportContract:
         with pytest.raises(UnsupportedError, match="full copies only"):
             transport.send(source, tmp_path / "x.qcow2", progress=ProgressLog(), backing=tmp_path / "p.qcow2")
         assert not (tmp_path / "x.qcow2").exists()
+
+    def test_image_held_by_a_running_vm(self, two_disk_vm: RunningVm, tmp_path: Path) -> None:
+        """Without force_share a clear lock error and nothing written; with it, the flushed guest data."""
+        vm = two_disk_vm
+        qmp = vm.machine.qmp()
+        qemu_io(qmp, "disk1", "write -P 0x5a 1M 2M")
+        qemu_io(qmp, "disk1", "flush")  # a reader of the file sees guest writes only after a flush
+        image = vm.images["disk1"]
+        disk = Disk("disk1", "fmt-disk1", image, "qcow2", SIZE)
+        out = tmp_path / "out"
+        out.mkdir()
+        locked = ExportSource("file", str(image), "qcow2", disk, SIZE)
+        with pytest.raises(TransferError, match="lock") as info:
+            self.make().send(locked, self.target(out / "locked.qcow2"), progress=ProgressLog())
+        assert "\n" not in str(info.value)
+        assert os.listdir(out) == []
+
+        shared = attrs.evolve(locked, force_share=True)
+        target = out / "disk1.qcow2"
+        self.make().send(shared, self.target(target), progress=ProgressLog())
+        assert guest_sha256(target, "qcow2") == guest_sha256(image, "qcow2", force_share=True)
+        read = subprocess.run(
+            ["qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0x5a 1M 2M", "-c", "read -P 0 0 1M", str(target)],
+            capture_output=True,
+            text=True,
+        ).stdout
+        assert "verification failed" not in read and read.count("read ") == 2, read
+        assert vm.process.alive()
 
     def test_unknown_option(self) -> None:
         with pytest.raises(UsageError, match="no option"):

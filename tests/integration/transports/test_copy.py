@@ -1,10 +1,8 @@
-"""The copy transport: the contract suite, plus reading an image a running VM holds (force_share) and
-reflinks on Btrfs."""
+"""The copy transport: the contract suite, plus reflinks on Btrfs."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -12,46 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningVm, make_image
+from tests.conftest import make_image
 from tests.integration.transports.conftest import SIZE, images_equal, loop_device, write_pattern
 from tests.integration.transports.contract import ProgressLog, TransportContract
-from vmsnap.errors import TransferError
-from vmsnap.imageio import guest_sha256
-from vmsnap.lab.qemu import qemu_io
 from vmsnap.model import Disk, ExportSource
 from vmsnap.transports.copy import CopyTransport
 
 
 class TestCopyContract(TransportContract):
     transport_name = "copy"
-
-
-def test_image_held_by_a_running_vm_needs_force_share(two_disk_vm: RunningVm, tmp_path: Path) -> None:
-    vm = two_disk_vm
-    qmp = vm.machine.qmp()
-    qemu_io(qmp, "disk1", "write -P 0x5a 1M 2M")
-    qemu_io(qmp, "disk1", "flush")  # a reader of the file sees guest writes only after a flush
-    image = vm.images["disk1"]
-    disk = Disk("disk1", "fmt-disk1", image, "qcow2", 64 * 1024 * 1024)
-    locked = ExportSource("file", str(image), "qcow2", disk, disk.virtual_size)
-    out = tmp_path / "out"
-    out.mkdir()
-    with pytest.raises(TransferError, match="locked by another process"):
-        CopyTransport().send(locked, out / "locked.qcow2", progress=ProgressLog())
-    assert os.listdir(out) == []
-
-    shared = ExportSource("file", str(image), "qcow2", disk, disk.virtual_size, force_share=True)
-    target = out / "disk1.qcow2"
-    CopyTransport().send(shared, target, progress=ProgressLog())
-    out = subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0x5a 1M 2M", "-c", "read -P 0 0 1M", str(target)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    assert "Pattern verification failed" not in out and out.count("read ") == 2, out
-    assert guest_sha256(target, "qcow2") == guest_sha256(image, "qcow2", force_share=True)
-    assert vm.process.alive()
 
 
 @contextlib.contextmanager
