@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vmsnap.errors import UsageError
 from vmsnap.imageio import QemuNbdServer, ThrottledProgress, qemu_img_source_args
@@ -124,3 +126,14 @@ def test_progress_is_throttled_and_monotonic() -> None:
     report(50, final=True)  # never backwards
     report(100, final=True)
     assert calls == [(0, 100), (70, 100), (70, 100), (100, 100)]
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 3 * 64 * 1024)), max_size=6))
+def test_zero_runs_cover_the_data_exactly(pieces: list[tuple[bool, int]]) -> None:
+    data = b"".join(bytes(n) if zero else b"\x07" * n for zero, n in pieces)
+    runs = list(_runs(data))
+    assert b"".join(data[start : start + length] for start, length, _ in runs) == data
+    for (start, length, zero), following in zip(runs, [*runs[1:], None], strict=True):
+        assert zero == (data[start : start + length] == bytes(length))
+        if following is not None:
+            assert following[0] == start + length and following[2] != zero
