@@ -62,12 +62,16 @@ PUSH = "none"
 
 
 def crash_point(name: str) -> None:
-    """TEST ONLY: kill this process with SIGKILL when ``$VMSNAP_TEST_CRASH_AT`` is ``name``.
+    """TEST ONLY: kill this process with SIGKILL when ``$VMSNAP_TEST_CRASH_AT`` is ``name`` (SIGTERM when it
+    is ``term:name``).
 
     The crash-recovery tests use it to stop a ``vmsnap backup`` at an exact step; nothing else sets it.
     """
-    if os.environ.get(CRASH_ENV) == name:
+    wanted = os.environ.get(CRASH_ENV)
+    if wanted == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif wanted == f"term:{name}":
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @attrs.frozen

@@ -7,10 +7,12 @@ line saying what failed and what to do (``--debug`` adds the traceback). ``--jso
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +230,24 @@ class ProgressBar:
             self._last = line
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt for the body, so a terminated backup undoes what it did."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _note(message: str) -> None:
     print(f"vmsnap: {message}", file=sys.stderr)
 
@@ -251,7 +271,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     )
     machine = vm_selector(args).open()
     try:
-        result = Backup(machine, config, progress=ProgressBar(not args.json), note=_note).run()
+        with _sigterm_interrupts():  # `kill PID` undoes the run like Ctrl-C does
+            result = Backup(machine, config, progress=ProgressBar(not args.json), note=_note).run()
     finally:
         machine.close()
     lines = [

@@ -95,6 +95,24 @@ def test_kill_at_each_step_then_recover(
     assert block_state(vm) == original
 
 
+@pytest.mark.parametrize("strategy", ["external", "backup"])
+def test_sigterm_undoes_the_run_at_once(
+    two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str], strategy: str
+) -> None:
+    vm = two_disk_vm
+    repo = tmp_path / "repo"
+    original = block_state(vm)
+    write(vm, "disk0", "write -P 0x41 0 1M")
+    stopped = cli_process(
+        "backup", "--repo", repo, *vm_args(vm), "--strategy", strategy, env={CRASH_ENV: "term:after-create"}
+    )
+    assert stopped.code == 130, stopped.err
+    assert stopped.err.strip().endswith("vmsnap: interrupted")
+    assert block_state(vm) == original  # undone by the process itself: no recover needed
+    assert no_leftovers(repo)
+    assert listed(capsys, repo) == []
+
+
 def test_the_next_backup_recovers_by_itself(
     two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
