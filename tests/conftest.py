@@ -55,7 +55,11 @@ def two_disk_vm(tmp_path: Path) -> Iterator[RunningVm]:
         DriveSpec(images["disk1"], "disk1", bus="scsi", serial="d1"),
     ]
     process = QemuProcess(tmp_path, drives, name="testvm").start()
-    machine = QemuMachine(process.qmp_socket)
+    try:
+        machine = QemuMachine(process.qmp_socket)
+    except BaseException:
+        process.kill()
+        raise
     try:
         yield RunningVm(process, machine, images, tmp_path)
     finally:
