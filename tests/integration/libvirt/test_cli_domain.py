@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.integration.libvirt.conftest import LibvirtTestDomain, assert_identical, reference_image
+from vmsnap.libvirt_machine import LibvirtMachine
 
 pytestmark = pytest.mark.libvirt
 
@@ -76,3 +78,42 @@ def test_full_backup_with_snapshot_strategies_through_the_cli(
     vmsnap("restore", "--repo", str(repo), "--vm", domain.name, "--to", str(out))
     assert_identical(out / "vda.qcow2", reference_image(tmp_path / "ref", [(0x71, 5, 1)]))
     assert_identical(out / "sdb.qcow2", reference_image(tmp_path / "empty", []))
+
+
+@pytest.mark.parametrize(("strategy", "transport"), [("external", "copy"), ("backup", "nbd")])
+def test_recover_after_a_killed_backup_leaves_nothing_libvirt_does_not_know(
+    domain: LibvirtTestDomain, tmp_path: Path, strategy: str, transport: str
+) -> None:
+    repo = tmp_path / "repo"
+    vm = ["--domain", domain.name, "--connect", domain.uri]
+    domain.write("vda", 0x81, 0)
+    killed = subprocess.run(
+        [
+            str(ROOT / ".venv/bin/vmsnap"),
+            "backup",
+            "--repo",
+            str(repo),
+            *vm,
+            "--strategy",
+            strategy,
+            "--transport",
+            transport,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "VMSNAP_TEST_CRASH_AT": "after-create"},
+    )
+    assert killed.returncode == -9, killed.stderr
+    domain.write("vda", 0x82, 1)
+    vmsnap("recover", "--repo", str(repo), *vm)
+    with LibvirtMachine(domain.name, uri=domain.uri) as machine:
+        qmp = machine.qmp()
+        assert all(name.startswith("libvirt-") for name in qmp.node_names()), qmp.node_names()
+        assert qmp.query_jobs() == []
+        assert all(d.backing_chain == () for d in machine.disks())
+    assert domain.domblklist() == {"vda": str(domain.images["vda"]), "sdb": str(domain.images["sdb"])}
+    domain.qemu_io("vda", "flush")
+    assert_identical(domain.images["vda"], reference_image(tmp_path / "ref", [(0x81, 0, 1), (0x82, 1, 1)]))
+    # and the next backup works
+    vmsnap("backup", "--repo", str(repo), *vm, "--strategy", strategy, "--transport", transport)
