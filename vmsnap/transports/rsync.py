@@ -86,6 +86,9 @@ class RsyncTransport:
     :param staging_dir: where sources are materialised (default: a private directory in the system temp)
     :param sparse: pass ``--sparse`` (holes stay holes on the receiver)
     :param fsync: pass ``--fsync`` (the receiver fsyncs the file before rsync returns)
+    :param inplace: update the target in place (``--inplace``, the default: no second copy on the receiver,
+        but a failed update leaves a damaged target, which is then removed); False writes a temporary file
+        that rsync renames over the target when complete, so an existing target survives a failure
     :raise UsageError: unknown options or output format
     """
 
@@ -99,12 +102,13 @@ class RsyncTransport:
         staging_dir: Path | str | None = None,
         sparse: bool = True,
         fsync: bool = True,
+        inplace: bool = True,
         **unknown: Any,
     ) -> None:
         if unknown:
             raise UsageError(
                 f"the rsync transport has no option(s) {', '.join(sorted(unknown))}",
-                hint="it accepts output_format, staging_dir, sparse, fsync",
+                hint="it accepts output_format, staging_dir, sparse, fsync, inplace",
             )
         if output_format not in ("qcow2", "raw"):
             raise UsageError(f"unknown output format {output_format!r}", hint="use 'qcow2' or 'raw'")
@@ -114,6 +118,7 @@ class RsyncTransport:
         self.staging_dir = Path(staging_dir) if staging_dir is not None else None
         self.sparse = sparse
         self.fsync = fsync
+        self.inplace = inplace
         self.last_stats: RsyncStats | None = None
 
     def accepts(self, source: ExportSource) -> bool:
@@ -160,7 +165,8 @@ class RsyncTransport:
 
     def argv(self, source_file: str, target: RsyncTarget, block_size: int) -> list[str]:
         """The rsync command line."""
-        argv = ["rsync", "--inplace", "--no-whole-file", f"--block-size={block_size}", "--stats"]
+        argv = ["rsync", *(["--inplace"] if self.inplace else []), "--no-whole-file"]
+        argv += [f"--block-size={block_size}", "--stats"]
         argv += ["--perms", "--chmod=F600", "--times"]
         if self.sparse:
             argv.append("--sparse")
@@ -231,7 +237,7 @@ class RsyncTransport:
         :raise UnsupportedError: an unknown source kind
         :raise NotFoundError: the source, or the target's directory, does not exist
         :raise TransferError: rsync failed (full target, ssh failure); a target this call created or
-            half-updated is removed
+            half-updated in place is removed (with ``inplace=False`` an existing target is left as it was)
         """
         if backing is not None:
             raise UnsupportedError(
@@ -247,6 +253,7 @@ class RsyncTransport:
         check_source(source)
         where = self.parse_target(target)
         self._check_dir(where)
+        existed = self._exists(where)
         started = time.monotonic()
         report = ThrottledProgress(progress, max(source.virtual_size, 1))
         report(0, final=True)
@@ -259,7 +266,8 @@ class RsyncTransport:
             try:
                 result = self.local.run(argv, timeout=None)
             except CommandError as err:
-                self._remove(where)
+                if self.inplace or not existed:  # a half-updated file is worse than none
+                    self._remove(where)
                 raise write_failed(f"rsync of {source.location}", where.spec, err.stderr) from err
         if not where.remote:
             fsync_path(Path(where.path))

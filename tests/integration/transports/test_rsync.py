@@ -3,6 +3,7 @@ transfer: a second send of a slightly changed image into the same target sends o
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -13,9 +14,18 @@ from typing import Any
 import attrs
 import pytest
 
-from tests.integration.transports.conftest import CaseFactory, SourceCase, images_equal, make_case, qemu_io
+from tests.integration.transports.conftest import (
+    SIZE,
+    CaseFactory,
+    SourceCase,
+    images_equal,
+    make_case,
+    qemu_io,
+)
 from tests.integration.transports.contract import ProgressLog, TransportContract
-from vmsnap.errors import NotFoundError
+from vmsnap.errors import NotFoundError, TransferError
+from vmsnap.imageio import guest_sha256
+from vmsnap.model import ExportSource
 from vmsnap.runner import SshRunner
 from vmsnap.transports.rsync import RsyncTransport
 
@@ -110,3 +120,22 @@ def test_argv_is_what_runs(case_factory: CaseFactory, fast_ssh: SshRunner, tmp_p
     argv = transport.argv(str(image), transport.parse_target(f"x:{tmp_path}/y.qcow2"), 65536)
     subprocess.run(argv, check=True, capture_output=True)
     assert images_equal(tmp_path / "y.qcow2", image)
+
+
+def test_without_inplace_a_failed_update_keeps_the_old_target(
+    case_factory: CaseFactory, full_dir: Path, tmp_path: Path
+) -> None:
+    """inplace=False: rsync writes a temporary copy, so running out of space leaves the old target intact."""
+    small = tmp_path / "small.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(small), "64M"], check=True)
+    qemu_io(small, "qcow2", "write -P 0x42 0 64K")
+    disk = case_factory("qcow2").source.disk
+    target = full_dir / "disk0.qcow2"
+    transport = RsyncTransport(inplace=False)
+    transport.send(ExportSource("file", str(small), "qcow2", disk, SIZE), target, progress=ProgressLog())
+    before = guest_sha256(target, "qcow2")
+    assert "--inplace" not in transport.argv(str(small), transport.parse_target(target), 65536)
+    with pytest.raises(TransferError, match="full"):
+        transport.send(case_factory("qcow2").source, target, progress=ProgressLog())  # 4.5 MiB > 2 MiB
+    assert sorted(os.listdir(full_dir)) == ["disk0.qcow2"]
+    assert guest_sha256(target, "qcow2") == before
