@@ -23,6 +23,7 @@ import attrs
 from vmsnap import agent as agent_module
 from vmsnap.errors import (
     AgentError,
+    RepositoryError,
     SnapshotError,
     UnsupportedError,
     UsageError,
@@ -343,7 +344,10 @@ class Backup:
 
     def _parent(self, repo: Repository, vm: str, disks: Sequence[Disk]) -> tuple[Manifest | None, str | None]:
         """The parent of an incremental backup, or (None, why the backup must be full)."""
-        latest = repo.latest(vm)
+        try:
+            latest = repo.latest(vm)
+        except RepositoryError as err:
+            return None, f"the latest backup cannot be used as a parent ({err.message})"
         if latest is None:
             return None, f"no earlier backup of {vm} in this repository"
         forced = repo.full_required(vm)

@@ -314,12 +314,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """List the backups in --repo (of one VM with --vm), oldest first."""
-    from vmsnap.repository import Repository
+    """List the backups in --repo (of one VM with --vm), oldest first; exit 1 if a manifest is damaged."""
+    from vmsnap.errors import RepositoryError
+    from vmsnap.repository import Damaged, Repository
 
     repo = Repository.open(args.repo)
-    backups = repo.backups(args.vm)
-    if args.vm is not None and not backups:
+    damaged: list[Damaged] = []
+    backups = repo.backups(args.vm, damaged=damaged)
+    if args.vm is not None and not backups and not damaged:
         repo.get(args.vm)  # raises NotFoundError naming the VMs that exist
     rows = [
         [m.vm, m.backup_id, m.kind, m.parent or "-", m.strategy, m.transport, m.created[:19], _mib(m.size)]
@@ -330,7 +332,17 @@ def cmd_list(args: argparse.Namespace) -> int:
         if rows
         else f"no backups in {repo.root}"
     )
-    emit(args, {"backups": [m.to_json() for m in backups]}, human)
+    payload = {
+        "backups": [m.to_json() for m in backups],
+        "damaged": [{"vm": d.vm, "backup_id": d.backup_id, "error": d.error.message} for d in damaged],
+    }
+    emit(args, payload, human)
+    if damaged:
+        raise RepositoryError(
+            f"{len(damaged)} backup(s) have a damaged manifest; first: "
+            f"{damaged[0].vm}/{damaged[0].backup_id}: {damaged[0].error.message}",
+            hint="run `vmsnap verify`; the other backups are listed and usable",
+        )
     return 0
 
 

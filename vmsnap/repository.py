@@ -269,6 +269,15 @@ class VerifyProblem:
 
 
 @attrs.frozen
+class Damaged:
+    """A backup directory whose manifest cannot be used, and why."""
+
+    vm: str
+    backup_id: str
+    error: RepositoryError
+
+
+@attrs.frozen
 class VerifyReport:
     """What ``verify`` checked (``(vm, backup id)`` pairs), with which reader, and what it found."""
 
@@ -373,10 +382,11 @@ class Repository:
             if p.is_dir() and not p.name.startswith(".") and _valid(p.name)
         )
 
-    def backups(self, vm: str | None = None) -> list[Manifest]:
+    def backups(self, vm: str | None = None, *, damaged: list[Damaged] | None = None) -> list[Manifest]:
         """Complete backups (those with a manifest) of ``vm``, or of every VM; oldest first per VM.
 
-        :raise RepositoryError: a manifest is damaged
+        :param damaged: collect backups whose manifest is damaged here instead of raising
+        :raise RepositoryError: a manifest is damaged (without ``damaged``)
         """
         vms = [validate_name(vm, "VM name")] if vm is not None else self.vms()
         found: list[Manifest] = []
@@ -387,7 +397,12 @@ class Repository:
             for entry in sorted(vm_dir.iterdir()):
                 if entry.name.startswith(".") or not (entry / MANIFEST).is_file():
                     continue
-                found.append(self._read_manifest(entry / MANIFEST, name, entry.name))
+                try:
+                    found.append(self._read_manifest(entry / MANIFEST, name, entry.name))
+                except RepositoryError as err:
+                    if damaged is None:
+                        raise
+                    damaged.append(Damaged(name, entry.name, err))
         return found
 
     def _read_manifest(self, path: Path, vm: str, backup_id: str) -> Manifest:
@@ -412,7 +427,13 @@ class Repository:
         """
         if backup_id is not None:
             validate_name(backup_id, "backup id")
-        backups = self.backups(vm)
+        damaged: list[Damaged] = []
+        backups = self.backups(vm, damaged=damaged)
+        for bad in damaged:  # the one asked for, or a newer one than the latest good
+            if bad.backup_id == backup_id or (
+                backup_id is None and (not backups or bad.backup_id > backups[-1].backup_id)
+            ):
+                raise bad.error
         if not backups:
             raise NotFoundError(
                 f"no backups of VM {vm!r} in {self.root}",
@@ -429,9 +450,14 @@ class Repository:
         )
 
     def latest(self, vm: str) -> Manifest | None:
-        """The newest backup of ``vm``, or None."""
-        backups = self.backups(vm)
-        return backups[-1] if backups else None
+        """The newest backup of ``vm``, or None.
+
+        :raise RepositoryError: the newest backup's manifest is damaged
+        """
+        try:
+            return self.get(vm)
+        except NotFoundError:
+            return None
 
     def chain(self, manifest: Manifest) -> list[Manifest]:
         """``manifest`` and its ancestors, oldest (the full backup) first.
@@ -640,15 +666,18 @@ class Repository:
         :raise UsageError: reader "libqcow" without pyqcow installed
         """
         chosen = _choose_reader(reader)
+        damaged: list[Damaged] = []
         if backup_id is not None:
             if vm is None:
                 raise UsageError("--backup needs --vm", hint="name the VM the backup belongs to")
             targets = [self.get(vm, backup_id)]
         else:
-            if vm is not None:
-                self.get(vm)  # raises NotFoundError for a VM without backups
-            targets = self.backups(vm)
-        problems: list[VerifyProblem] = []
+            if vm is not None and not self.vm_dir(vm).is_dir():
+                self.get(vm)  # raises NotFoundError naming the VMs there are
+            targets = self.backups(vm, damaged=damaged)
+        problems: list[VerifyProblem] = [
+            VerifyProblem(d.vm, d.backup_id, "", d.error.message) for d in damaged
+        ]
         checked: list[tuple[str, str]] = []
         for manifest in targets:
             checked.append((manifest.vm, manifest.backup_id))
@@ -695,7 +724,8 @@ class Repository:
                             f"sha256 {digest[:16]}… does not match the manifest's {record.sha256[:16]}…",
                         )
                     )
-        return VerifyReport(chosen, tuple(checked), tuple(problems))
+        checked += [(d.vm, d.backup_id) for d in damaged]
+        return VerifyReport(chosen, tuple(sorted(checked)), tuple(problems))
 
     def _check_links(self, chain: Sequence[Manifest], disk: str, *, raise_first: bool) -> list[str]:
         """Check that every image of ``disk`` along ``chain`` exists and links to its parent's image."""

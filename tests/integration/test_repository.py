@@ -254,6 +254,14 @@ def test_checksum_mismatch_missing_parent_and_unknown_backup_id(
     shutil.move(parked, repo / "testvm" / full["backup_id"])
     assert cli(capsys, "verify", "--repo", repo, "--reader", "libqcow").code == 0
     restore_and_compare(capsys, repo, inc["backup_id"], tmp_path / "ok", expected)
+    # a damaged manifest: list shows the rest, names the damaged one, and exits 1
+    (repo / "testvm" / full["backup_id"] / "manifest.json").write_text("{")
+    result = cli(capsys, "list", "--repo", repo, "--json")
+    assert result.code == 1
+    data = json.loads(result.out)
+    assert [b["backup_id"] for b in data["backups"]] == [inc["backup_id"]]
+    assert [d["backup_id"] for d in data["damaged"]] == [full["backup_id"]]
+    assert "damaged manifest" in result.error_line
 
 
 def test_restore_of_an_offline_image_backup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

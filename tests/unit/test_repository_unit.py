@@ -304,6 +304,28 @@ def test_verify_finds_a_backing_link_that_points_elsewhere(repo: Repository, tmp
         repo.restore("vm1", b.backup_id, tmp_path / "out")
 
 
+def test_one_damaged_manifest_does_not_hide_the_other_backups(repo: Repository, tmp_path: Path) -> None:
+    a = add_backup(repo, "vm1", W1)
+    b = add_backup(repo, "vm1", W2)
+    (repo.backup_dir("vm1", a.backup_id) / "manifest.json").write_text("{truncated")
+    damaged: list = []
+    assert [m.backup_id for m in repo.backups("vm1", damaged=damaged)] == [b.backup_id]
+    assert [d.backup_id for d in damaged] == [a.backup_id]
+    assert repo.get("vm1").backup_id == b.backup_id  # the latest is fine
+    repo.restore("vm1", b.backup_id, tmp_path / "out")
+    with pytest.raises(RepositoryError, match="unreadable"):
+        repo.restore("vm1", a.backup_id, tmp_path / "out-a")
+    report = repo.verify("vm1", reader="qemu")
+    assert report.checked == tuple(sorted([("vm1", a.backup_id), ("vm1", b.backup_id)]))
+    assert [(p.backup_id, p.disk) for p in report.problems] == [(a.backup_id, "")]
+    with pytest.raises(RepositoryError):  # never prune around a damaged backup
+        repo.prune("vm1", 1)
+    # a damaged newest backup is not skipped silently: "latest" names it
+    (repo.backup_dir("vm1", b.backup_id) / "manifest.json").write_text("[]")
+    with pytest.raises(RepositoryError, match="damaged"):
+        repo.get("vm1")
+
+
 def test_damaged_or_foreign_manifests_are_refused(repo: Repository) -> None:
     a = add_backup(repo, "vm1", W1)
     path = repo.backup_dir("vm1", a.backup_id) / "manifest.json"
