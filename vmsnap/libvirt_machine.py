@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover - exercised only where libvirt-python is
 
 DEFAULT_URI = "qemu:///system"
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
+IMAGE_FORMATS = frozenset({"qcow2", "raw", "qed", "vmdk", "vdi", "vpc", "vhdx", "luks", "parallels"})
 
 _silenced = False
 
@@ -346,7 +347,8 @@ class LibvirtMachine:
                     name=entry["target"],
                     node_name=found.node_name,
                     file=found.file,
-                    format=found.format,
+                    # a filter on top (copy-before-write while a pull backup runs) is no image format
+                    format=found.format if found.format in IMAGE_FORMATS else entry["format"],
                     virtual_size=found.virtual_size,
                     backing_chain=found.backing_chain,
                     qdev=found.qdev,

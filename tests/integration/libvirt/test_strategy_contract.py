@@ -153,7 +153,7 @@ def test_the_lab_writes_what_it_is_told(libvirtd: Libvirtd, tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     ("strategy_name", "options"),
-    [("internal", {}), ("external", {}), ("backup", {"mode": "push"})],
+    [("internal", {}), ("external", {}), ("backup", {"mode": "push"}), ("backup", {"mode": "pull"})],
 )
 def test_each_strategy_snapshots_exports_and_deletes_on_a_running_domain(
     libvirtd: Libvirtd, tmp_path: Path, strategy_name: str, options: dict[str, Any]
