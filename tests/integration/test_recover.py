@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,32 @@ def _leave_thawed(guest: LabGuest) -> None:
         if not guest.is_thawed():
             guest.agent.fsfreeze_thaw()
     guest.machine.close()
+
+
+def test_qemu_died_too_recover_offline_with_the_images(
+    two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    vm = two_disk_vm
+    repo = tmp_path / "repo"
+    dead = cli_process(
+        "backup", "--repo", repo, *vm_args(vm), "--strategy", "external", env={CRASH_ENV: "after-create"}
+    )
+    assert dead.code == -signal.SIGKILL
+    write(vm, "disk0", "write -P 0x77 0 1M")  # goes into the dead run's overlay
+    assert [Path(f).name for _, _, f, _ in block_state(vm)[:2]] != ["disk0.qcow2", "disk1.qcow2"]
+    vm.process.kill()  # and now the VM dies as well
+    images = [vm.images["disk0"], vm.images["disk1"]]
+    argv = ["recover", "--repo", repo, "--name", "testvm", "--json"]
+    result = cli(capsys, *argv, *[a for image in images for a in ("--image", image)])
+    assert result.code == 0, result.err
+    assert not list(tmp_path.glob("*.vmsnap-*"))  # overlays committed back and removed
+    assert no_leftovers(repo)
+    read = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "read -P 0x77 0 1M", str(images[0])], capture_output=True, text=True
+    )
+    assert read.returncode == 0 and "Pattern verification failed" not in read.stdout  # the write was kept
+    for image in images:  # standalone again, nothing hanging off them
+        info = subprocess.run(
+            ["qemu-img", "info", "--output=json", str(image)], capture_output=True, text=True
+        )
+        assert "backing-filename" not in info.stdout
