@@ -32,7 +32,7 @@ from vmsnap.errors import (
 from vmsnap.imageio import guest_sha256
 from vmsnap.journal import Journal, snapshot_to_json
 from vmsnap.machine import Machine, find_disk
-from vmsnap.model import Disk, SnapshotRef, validate_name
+from vmsnap.model import Disk, validate_name
 from vmsnap.registry import strategy_class, transport_class
 from vmsnap.repository import (
     DiskProgress,
@@ -488,12 +488,16 @@ class Backup:
         crash_point("after-delete")
         kind: Kind = "full"
         if parent is not None:
-            if any(r.details.get("kind", "incremental") == "incremental" for r in refs):
+            kinds = {r.details.get("kind", "incremental") for r in refs}
+            if kinds == {"incremental"}:
                 kind = "incremental"
-                self._rebase_fallbacks(refs, staging, parent, repo)
-            else:
+            elif kinds == {"full"}:
                 fallback = next((r.details.get("fallback") for r in refs if r.details.get("fallback")), None)
                 self._note(f"the strategy took a full backup: {fallback or 'no reason given'}")
+            else:  # one manifest kind per backup: a chain must not mix them per disk
+                raise SnapshotError(
+                    f"strategy {strategy_name} returned full and incremental disks in one backup"
+                )
         records = []
         for disk in disks:
             target = staging / f"{disk.name}.qcow2"
@@ -553,24 +557,6 @@ class Backup:
         if not target.is_file() or Path(location).resolve() != target.resolve():
             raise SnapshotError(f"strategy backup wrote {location}, not the staged image {target}")
         return target.stat().st_blocks * 512
-
-    def _rebase_fallbacks(
-        self, refs: Sequence[SnapshotRef], staging: Path, parent: Manifest, repo: Repository
-    ) -> None:
-        """Disks the strategy took in full within an incremental backup become overlays on the parent's
-        image (safe ``qemu-img rebase``: the guest-visible content does not change)."""
-        for ref in refs:
-            if ref.details.get("kind", "incremental") != "full":
-                continue
-            target = staging / f"{ref.disk.name}.qcow2"
-            backing = os.path.relpath(repo.backup_dir(parent.vm, parent.backup_id) / target.name, staging)
-            self.machine.runner.run(
-                ["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", str(target)],
-                timeout=None,
-            )
-            self._note(
-                f"disk {ref.disk.name}: {ref.details.get('fallback') or 'taken in full'}; kept as an overlay"
-            )
 
 
 def _one_line(err: BaseException) -> str:

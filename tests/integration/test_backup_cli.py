@@ -18,6 +18,7 @@ from tests.integration.cli_helpers import (
     listed,
     no_leftovers,
     restore_and_compare,
+    vm_args,
     wait_until_qmp_listens,
     write,
 )
@@ -128,6 +129,32 @@ def test_pull_mode_incremental_reads_only_dirty_extents_over_nbd(
     assert cli(capsys, "verify", "--repo", repo, "--reader", "libqcow").code == 0
     assert block_state(vm) == before
     assert no_leftovers(repo)
+
+
+def test_an_incremental_without_a_usable_bitmap_falls_back_to_full_and_says_why(
+    two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    vm = two_disk_vm
+    repo = tmp_path / "repo"
+    write(vm, "disk0", "write -P 0x95 0 1M")
+    backup(capsys, vm, repo)
+    qmp = vm.machine.qmp()
+    try:  # as if QEMU had been restarted without writing its persistent bitmaps
+        qmp.execute("block-dirty-bitmap-remove", {"node": "fmt-disk1", "name": "vmsnap"})
+    finally:
+        vm.machine.close()
+    write(vm, "disk1", "write -P 0x96 0 1M")
+    expected = {d: capture(vm, d, tmp_path / f"e-{d}.qcow2") for d in DISKS}
+    result = cli(capsys, "backup", "--repo", repo, *vm_args(vm), "--incremental", "--json")
+    assert result.code == 0, result.err
+    made = result.json()
+    assert made["kind"] == "full"
+    assert "full backup" in result.err and "bitmap" in result.err
+    manifest = cli(capsys, "list", "--repo", repo, "--json").json()["backups"][-1]
+    assert manifest["parent"] is None
+    restore_and_compare(capsys, repo, made["backup_id"], tmp_path / "r", expected)
+    following = backup(capsys, vm, repo, "--incremental")  # the chain goes on from the new full
+    assert following["kind"] == "incremental"
 
 
 def test_help_has_an_example_for_each_command(capsys: pytest.CaptureFixture[str]) -> None:
