@@ -309,6 +309,8 @@ class QemuNbdServer:
     :param bitmap: a persistent dirty bitmap to expose as ``qemu:dirty-bitmap:NAME``
     :param block_device: ``path`` is a block device
     :param tcp: listen on 127.0.0.1 on a free port instead of a unix socket (only on request)
+    :param persistent: keep serving after the last client disconnects; by default qemu-nbd exits then, so a
+        vmsnap that is killed mid-copy leaves no server behind
     :param runner: where qemu-nbd runs; must be this host (the socket is local)
     """
 
@@ -322,6 +324,7 @@ class QemuNbdServer:
     tcp: bool = False
     runner: Runner = attrs.Factory(LocalRunner)
     stop_timeout: float = 10.0
+    persistent: bool = False
     _dir: Path | None = attrs.field(default=None, init=False)
     _pid: int | None = attrs.field(default=None, init=False)
     _port: int | None = attrs.field(default=None, init=False)
@@ -362,7 +365,9 @@ class QemuNbdServer:
     def argv(self) -> list[str]:
         """The qemu-nbd command line (needs the private directory to exist, i.e. inside ``start``)."""
         assert self._dir is not None
-        argv = ["qemu-nbd", "--fork", f"--pid-file={self._dir / 'nbd.pid'}", "--persistent", "--shared=8"]
+        argv = ["qemu-nbd", "--fork", f"--pid-file={self._dir / 'nbd.pid'}", "--shared=8"]
+        if self.persistent:
+            argv.append("--persistent")
         if self._port is not None:
             argv += ["--bind=127.0.0.1", f"--port={self._port}"]
         else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,32 @@ def test_unknown_snapshot_is_a_clear_error(case_factory: CaseFactory) -> None:
         server.start()
     assert "\n" not in str(info.value)
     assert server.pid is None
+
+
+def test_server_exits_when_a_killed_client_goes_away(case_factory: CaseFactory) -> None:
+    """A vmsnap killed mid-copy must not leave qemu-nbd behind: the server exits with its last client."""
+    image = case_factory("qcow2").reference
+    server = QemuNbdServer(image, "qcow2").start()
+    try:
+        pid = server.pid
+        assert pid is not None
+        client = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import nbd, sys, time; h = nbd.NBD(); h.connect_uri(sys.argv[1]); "
+                "print('connected', flush=True); time.sleep(600)",
+                server.uri,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert client.stdout is not None and client.stdout.readline().strip() == "connected"
+        client.kill()
+        client.wait()
+        deadline = time.monotonic() + 30  # generous: only "never exits" fails
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _pid_alive(pid)
+    finally:
+        server.stop()
