@@ -71,7 +71,8 @@ def test_libvirtd_starts_runs_a_domain_and_stops_exactly_its_pids(tmp_path: Path
     image = make_image(tmp_path / "vda.qcow2")
     name = f"vmsnap-t-lv-{secrets.token_hex(3)}"
     with Libvirtd() as daemon:
-        pids = [p.pid for p in daemon.started]
+        assert daemon.ours
+        pids = daemon.pids
         workdir = daemon.workdir
         conn = daemon.open()
         try:
@@ -79,13 +80,15 @@ def test_libvirtd_starts_runs_a_domain_and_stops_exactly_its_pids(tmp_path: Path
             try:
                 dom.create()
                 assert dom.isActive()
+                # its state lives in the private /run/libvirt, not the host's
+                assert (daemon.qemu_run_dir / f"{name}.pid").exists()
+                assert not Path(f"/run/libvirt/qemu/{name}.pid").exists()
             finally:
                 remove_domain(dom)
             assert name not in [d.name() for d in conn.listAllDomains(0)]
         finally:
             conn.close()
-    if pids:  # we started it: exactly those daemons are gone, and so is their temp dir
-        assert not any(alive(pid) for pid in pids)
-        assert workdir is not None and not workdir.exists()
-    else:  # another libvirtd ran (the host's or another lab's): it was used, and left running
-        assert daemon.uri.startswith("qemu:///system")
+    # exactly the daemons it started (virtlogd, libvirtd, the namespace holder) are gone, and its temp dir
+    assert len(pids) == 3 and daemon.pids == []
+    assert not any(alive(pid) for pid in pids)
+    assert workdir is not None and not workdir.exists()

@@ -147,6 +147,7 @@ class PeerBench:
 
     :param workdir: scratch (needs about 4x the data size free)
     :param uri: the libvirtd to use
+    :param run_dir: that libvirtd's ``qemu_run_dir`` (to stop the domain's QEMU if libvirtd dies)
     :param size_mib / data_mib / incremental_mib / runs: as :class:`ThroughputBench`
     """
 
@@ -156,6 +157,7 @@ class PeerBench:
     data_mib: int
     incremental_mib: int = 100
     runs: int = 3
+    run_dir: Path = Path("/run/libvirt/qemu")
     runner: Runner = attrs.Factory(LocalRunner)
     progress: Callable[[str], None] = lambda line: None
     figures: dict[str, dict[str, Any]] = attrs.Factory(dict)
@@ -215,7 +217,7 @@ class PeerBench:
             self._restores(chain, image, data, rounds)
         finally:
             if dom is not None:
-                remove_domain(dom, name=name)
+                remove_domain(dom, name=name, run_dir=self.run_dir)
             conn.close()
 
     def _push(self, dom: Any, image: Path, data: int) -> None:
@@ -325,6 +327,7 @@ def run_peers(
             data_mib=bench.data_mib,
             incremental_mib=bench.incremental_mib,
             runs=bench.runs,
+            run_dir=libvirtd.qemu_run_dir,
             progress=progress,
         )
         peers.run()

@@ -1,8 +1,8 @@
 """A libvirtd for the lab, the libvirt tests and the peer benchmark, started by hand (no systemd needed).
 
-:class:`Libvirtd` uses a libvirtd that already runs, or starts ``virtlogd`` and ``libvirtd`` itself on a
-private socket with pid files in a temp dir and stops exactly those pids; :func:`define_domain` defines a
-q35 domain with no guest OS over qcow2 data disks.
+:class:`Libvirtd` starts ``virtlogd`` and ``libvirtd`` on a private socket (by default in a mount namespace
+of their own, so it coexists with any other libvirtd) and stops exactly those pids; :func:`define_domain`
+defines a q35 domain with no guest OS over qcow2 data disks.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from xml.sax.saxutils import quoteattr
 
 from vmsnap.errors import LibvirtError, UnsupportedError
 from vmsnap.lab.qemu import kvm_usable
+from vmsnap.runner import LocalRunner
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 # QEMU runs as root on images in private 0700 temp dirs; there is no SELinux/AppArmor to label for
@@ -114,28 +115,51 @@ def running_libvirtd_uri() -> str | None:
 
 
 class Libvirtd:
-    """A libvirtd to use in a ``with`` block: the one already running, or one started here and stopped after.
+    """A libvirtd to use in a ``with`` block, started here and stopped after (or, if asked, the running one).
 
     The daemons this object starts run in the foreground as its children (``Popen``), with pid files in
     ``workdir``; leaving the block stops exactly those pids. Domains are the caller's to remove: QEMU
     processes outlive libvirtd.
 
+    By default (``private``) virtlogd and libvirtd run in a mount namespace of their own in which
+    ``/run/libvirt`` is a directory under ``workdir``: only one system libvirtd may own ``/run/libvirt``,
+    so a private one neither meets nor disturbs another libvirtd on the host (the host's, or another test
+    session's). Disks, ``/etc/libvirt`` and ``/var/lib/libvirt`` stay shared; use unique domain names.
+
     :param parent: where the temp dir goes (short: unix socket paths are limited to 108 bytes)
     :param timeout: seconds to wait for libvirtd to answer
+    :param private: run in a private mount namespace; when False, use a libvirtd that already runs here
+        (see :func:`running_libvirtd_uri`) or start one in the host's namespace
     """
 
-    def __init__(self, *, parent: Path = Path("/tmp"), timeout: float = 30.0) -> None:
+    def __init__(self, *, parent: Path = Path("/tmp"), timeout: float = 30.0, private: bool = True) -> None:
         self.parent = parent
         self.timeout = timeout
+        self.private = private
         self.uri = ""
         self.workdir: Path | None = None
         self.log: Path | None = None
         self.started: list[subprocess.Popen[bytes]] = []
+        self._daemon: subprocess.Popen[bytes] | None = None
+        self._namespace: subprocess.Popen[bytes] | None = None
+
+    @property
+    def qemu_run_dir(self) -> Path:
+        """Where this libvirtd keeps running domains' pid and status files (see :func:`stop_domain_qemu`)."""
+        if self.private and self.workdir is not None:
+            return self.workdir / "run" / "qemu"
+        return Path("/run/libvirt/qemu")
+
+    @property
+    def pids(self) -> list[int]:
+        """The pids of the processes this object started and will stop."""
+        holder = [self._namespace.pid] if self._namespace is not None else []
+        return [p.pid for p in self.started] + holder
 
     @property
     def ours(self) -> bool:
         """True when this object started libvirtd (and will stop it)."""
-        return bool(self.started)
+        return self._daemon is not None
 
     def start(self) -> Libvirtd:
         """Find or start libvirtd and wait until it answers.
@@ -150,14 +174,42 @@ class Libvirtd:
                 hint="apt-get install libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients",
             )
         libvirt = _libvirt()
-        existing = running_libvirtd_uri()
-        if existing is not None:
-            self.uri = existing
-            return self
         if os.geteuid() != 0:
             raise UnsupportedError("a lab libvirtd runs in system mode, as root", hint="run as root")
+        if self.private:
+            try:
+                self._start_own(libvirt, binary)
+            except BaseException:
+                self.stop()
+                raise
+            return self
+        for _attempt in range(3):
+            existing = running_libvirtd_uri()
+            if existing is not None:
+                self.uri = existing
+                return self
+            try:
+                self._start_own(libvirt, binary)
+                return self
+            except LibvirtError:
+                if running_libvirtd_uri() is None:
+                    self.stop()
+                    raise
+                # another libvirtd took /run/libvirt/qemu first: use that one (keep our virtlogd, it may
+                # already log for it)
+                if self._daemon is not None:
+                    self._stop_process(self._daemon)
+                    self.started.remove(self._daemon)
+                    self._daemon = None
+            except BaseException:
+                self.stop()
+                raise
+        raise LibvirtError("libvirtd could not be started or found", hint="see /run/libvirt and retry")
+
+    def _start_own(self, libvirt: Any, binary: str) -> None:
         ensure_qemu_conf()
-        self.workdir = Path(tempfile.mkdtemp(prefix="vmsnap-lv.", dir=self.parent))
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="vmsnap-lv.", dir=self.parent))
         self.log = self.workdir / "libvirtd.log"
         conf = self.workdir / "libvirtd.conf"
         conf.write_text(
@@ -165,32 +217,62 @@ class Libvirtd:
             f'auth_unix_ro = "none"\nauth_unix_rw = "none"\nlog_outputs = "3:file:{self.log}"\n'
         )
         Path("/run/libvirt").mkdir(mode=0o755, exist_ok=True)
-        try:
-            if not _socket_answers(VIRTLOGD_SOCKET):
-                with contextlib.suppress(FileNotFoundError):
-                    VIRTLOGD_SOCKET.unlink()  # left by a virtlogd that is gone
-                self._spawn(["virtlogd", "-p", str(self.workdir / "virtlogd.pid")], "virtlogd")
-                self._wait_for(lambda: _socket_answers(VIRTLOGD_SOCKET), "virtlogd", VIRTLOGD_SOCKET)
-            self._spawn([binary, "-f", str(conf), "-p", str(self.workdir / "libvirtd.pid")], "libvirtd")
-            self.uri = f"qemu:///system?socket={self.workdir}/libvirt-sock"
-            self._wait_for(lambda: _answers(libvirt, self.uri), "libvirtd", self.log)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        enter: list[str] = []
+        virtlogd_socket = VIRTLOGD_SOCKET
+        if self.private:
+            run = self.workdir / "run"
+            run.mkdir(mode=0o755, exist_ok=True)
+            enter = self._enter_namespace(run)
+            virtlogd_socket = run / VIRTLOGD_SOCKET.name
+        if self.private or not _socket_answers(virtlogd_socket):
+            with contextlib.suppress(FileNotFoundError):
+                virtlogd_socket.unlink()  # left by a virtlogd that is gone
+            self._spawn([*enter, "virtlogd", "-p", str(self.workdir / "virtlogd.pid")], "virtlogd")
+            self._wait_for(lambda: _socket_answers(virtlogd_socket), "virtlogd", virtlogd_socket)
+        self._daemon = self._spawn(
+            [*enter, binary, "-f", str(conf), "-p", str(self.workdir / "libvirtd.pid")], "libvirtd"
+        )
+        self.uri = f"qemu:///system?socket={self.workdir}/libvirt-sock"
+        self._wait_for(lambda: _answers(libvirt, self.uri), "libvirtd", self.log)
 
-    def _spawn(self, argv: list[str], name: str) -> None:
+    def _enter_namespace(self, run: Path) -> list[str]:
+        """Make a mount namespace (held by a ``sleep`` we start) with ``run`` bound on /run/libvirt.
+
+        :return: the argv prefix that runs a program in it (nsenter execs the program: same pid)
+        """
+        if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+            raise UnsupportedError(
+                "a private libvirtd needs unshare and nsenter", hint="apt-get install util-linux"
+            )
+        self._namespace = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "--", "sleep", "infinity"],
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        holder = self._namespace.pid
+        ours = os.readlink("/proc/self/ns/mnt")
+        deadline = time.monotonic() + self.timeout
+        while True:  # until unshare has made the namespace and exec'd sleep in it
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{holder}/ns/mnt") != ours:
+                    break
+            if self._namespace.poll() is not None or time.monotonic() > deadline:
+                raise LibvirtError(
+                    f"unshare --mount did not make a namespace (exit {self._namespace.poll()})"
+                )
+            time.sleep(0.01)
+        enter = ["nsenter", "-t", str(holder), "-m", "--"]
+        LocalRunner().run([*enter, "mount", "--bind", str(run), "/run/libvirt"], timeout=30)
+        return enter
+
+    def _spawn(self, argv: list[str], name: str) -> subprocess.Popen[bytes]:
         assert self.workdir is not None
         with open(self.workdir / f"{name}.out", "wb") as out:
-            self.started.append(
-                subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
+        self.started.append(process)
+        return process
 
     def _wait_for(self, ready: Any, name: str, log: Path) -> None:
         deadline = time.monotonic() + self.timeout
@@ -211,17 +293,25 @@ class Libvirtd:
     def stop(self) -> None:
         """Stop the daemons this object started (by pid, newest first) and remove its temp dir."""
         for process in reversed(self.started):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(10)
+            self._stop_process(process)
         self.started.clear()
+        self._daemon = None
+        if self._namespace is not None:  # the namespace (and its bind mount) ends with its last process
+            self._stop_process(self._namespace)
+            self._namespace = None
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+
+    @staticmethod
+    def _stop_process(process: subprocess.Popen[bytes]) -> None:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
 
     def open(self) -> Any:
         """A new ``virConnect`` to this libvirtd (close it when done)."""
@@ -304,13 +394,14 @@ def define_domain(
         raise LibvirtError(f"cannot define domain {name}: {err}") from err
 
 
-def remove_domain(dom: Any, *, name: str | None = None) -> None:
+def remove_domain(dom: Any, *, name: str | None = None, run_dir: Path = Path("/run/libvirt/qemu")) -> None:
     """Destroy (if running) and undefine ``dom`` with its snapshot and checkpoint metadata; never raises.
 
     When libvirtd is gone, the domain's QEMU (found by libvirt's pid file and checked by its command line)
     is stopped by pid instead, so no QEMU outlives the caller.
 
     :param name: the domain's name, for the fallback when libvirtd no longer answers
+    :param run_dir: its libvirtd's ``qemu_run_dir``, for that fallback
     """
     libvirt = _libvirt()
     with contextlib.suppress(libvirt.libvirtError):
@@ -320,7 +411,7 @@ def remove_domain(dom: Any, *, name: str | None = None) -> None:
             dom.destroy()
     except libvirt.libvirtError:
         if name is not None:
-            stop_domain_qemu(name)
+            stop_domain_qemu(name, run_dir)
     flags = (
         libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
         | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
