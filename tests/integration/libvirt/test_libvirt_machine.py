@@ -9,8 +9,21 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_image
-from tests.integration.libvirt.conftest import Libvirtd, LibvirtTestDomain, images_identical, reference_image
-from vmsnap.errors import LibvirtError, NotFoundError, QMPCommandError, UnsupportedError, VmsnapError
+from tests.integration.libvirt.conftest import (
+    Libvirtd,
+    LibvirtTestDomain,
+    domain_xml,
+    images_identical,
+    reference_image,
+)
+from vmsnap.errors import (
+    AgentNotRespondingError,
+    LibvirtError,
+    NotFoundError,
+    QMPCommandError,
+    UnsupportedError,
+    VmsnapError,
+)
 from vmsnap.libvirt_machine import LibvirtMachine
 from vmsnap.machine import Machine
 
@@ -123,3 +136,33 @@ def test_cli_reports_an_unknown_domain_in_one_line(libvirtd: Libvirtd) -> None:
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "vmsnap-missing" in lines[0], result.stderr
+
+
+def test_an_agent_channel_without_an_agent_is_a_clear_not_responding_error(
+    libvirtd: Libvirtd, tmp_path: Path
+) -> None:
+    import libvirt
+
+    name = libvirtd.new_domain_name()
+    images = {"vda": make_image(tmp_path / "vda.qcow2")}
+    conn = libvirt.open(libvirtd.uri)
+    dom = conn.defineXML(domain_xml(name, images, agent_socket=tmp_path / "qga.sock"))
+    try:
+        dom.create()
+        with LibvirtMachine(name, uri=libvirtd.uri) as machine:
+            assert machine.has_agent_channel()
+            agent = machine.agent()
+            assert agent is not None
+            with pytest.raises(AgentNotRespondingError) as caught:
+                agent.ping(timeout=2)
+            assert "not connected" in str(caught.value) and "\n" not in str(caught.value)
+            assert not agent.is_responding(timeout=2)
+        result = subprocess.run(
+            [".venv/bin/vmsnap", "agent", "--domain", name, "--connect", libvirtd.uri, "guest-ping"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parents[3],
+        )
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    finally:
+        libvirtd.reaper.remove(conn, dom)
