@@ -1,13 +1,15 @@
 """The copy transport: a full, sparse copy of a file, block-device or NBD source into a local target file.
 
-qcow2 (default) or raw output through ``qemu-img convert`` (holes stay holes); raw to raw through
-``cp --reflink=auto --sparse=always`` so a shared Btrfs/XFS filesystem clones extents instead of copying them.
+qcow2 (default) or raw output through ``qemu-img convert`` (holes stay holes). A raw file to raw, or a
+standalone qcow2 file (no backing file, no internal snapshots) to qcow2 on the same filesystem, goes through
+``cp --reflink=auto --sparse=always`` instead, so Btrfs/XFS clone its extents rather than copying them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,6 +20,7 @@ from vmsnap.imageio import (
     allocated_bytes,
     atomic_target,
     check_source,
+    image_info,
     source_args,
     write_failed,
 )
@@ -38,7 +41,8 @@ class CopyTransport:
 
     :param runner: runs qemu-img / cp; must be this host (the target is a local path)
     :param output_format: "qcow2" (default) or "raw"
-    :param reflink: for raw → raw copies of files, let ``cp`` clone extents when the filesystem can
+    :param reflink: copy plain image files with ``cp --reflink=auto`` when that gives the wanted image
+        (raw → raw; a standalone qcow2 → qcow2 on the same filesystem), so Btrfs/XFS clone extents
     :param poll_interval: seconds between progress reports
     :raise UsageError: unknown options or output format
     """
@@ -71,18 +75,30 @@ class CopyTransport:
 
     def argv(self, source: ExportSource, target: Path) -> list[str]:
         """The command that writes ``source`` into ``target``."""
-        if self._cloneable(source):
+        if self._cloneable(source, target):
             return ["cp", "--reflink=auto", "--sparse=always", "--", source.location, str(target)]
         return ["qemu-img", "convert", "-O", self.output_format, *source_args(source), str(target)]
 
-    def _cloneable(self, source: ExportSource) -> bool:
-        return (
-            self.reflink
-            and source.kind == "file"
-            and source.format == "raw"
-            and self.output_format == "raw"
-            and not source.image_opts
-        )
+    def _cloneable(self, source: ExportSource, target: Path) -> bool:
+        """True when copying the source file byte for byte gives the wanted image, cheaply.
+
+        Raw to raw always (cp keeps holes). qcow2 to qcow2 only when nothing but the guest data would come
+        along (no backing file, no internal snapshots), nothing writes the file (not ``force_share``), and
+        the target shares the source's filesystem (a clone is free there; elsewhere convert compacts).
+        """
+        if not self.reflink or source.kind != "file" or source.image_opts or source.force_share:
+            return False
+        if source.format != self.output_format:
+            return False
+        if source.format == "raw":
+            return True
+        try:
+            if os.stat(source.location).st_dev != os.stat(target.parent).st_dev:
+                return False
+            info = image_info(source.location, "qcow2", runner=self.runner)  # fails if QEMU holds it
+        except (OSError, CommandError, ValueError):
+            return False
+        return not info.get("backing-filename") and not info.get("snapshots")
 
     def _estimate(self, source: ExportSource) -> int:
         """Bytes the target will roughly occupy (``qemu-img measure``), for the progress total."""

@@ -40,22 +40,38 @@ def btrfs_on_loop(workdir: Path) -> Iterator[Path]:
             subprocess.run(["umount", str(mnt)], check=False)
 
 
-def test_raw_to_raw_on_btrfs_is_a_reflink(tmp_path: Path) -> None:
+def exclusive_bytes(path: Path) -> tuple[int, int]:
+    """(total, exclusive) bytes of a file on Btrfs: a reflinked copy has no exclusive bytes."""
+    subprocess.run(["sync", "-f", str(path)], check=True)
+    du = subprocess.run(
+        ["btrfs", "filesystem", "du", "--raw", str(path)], check=True, capture_output=True, text=True
+    ).stdout
+    total, exclusive = du.splitlines()[1].split()[:2]  # columns: Total, Exclusive, Set shared, Filename
+    return int(total), int(exclusive)
+
+
+def test_plain_images_on_btrfs_are_reflinked(tmp_path: Path) -> None:
+    """raw → raw and a standalone qcow2 → qcow2 clone extents; a qcow2 with an internal snapshot (which a
+    clone would drag along) and a copy to another filesystem go through qemu-img convert."""
     with btrfs_on_loop(tmp_path) as mnt:
-        image = make_image(mnt / "disk.raw", "64M", fmt="raw")
-        write_pattern(image, "raw")
-        subprocess.run(["sync", "-f", str(image)], check=True)
-        source = ExportSource("file", str(image), "raw", Disk("d", "", image, "raw", SIZE), SIZE)
-        target = mnt / "copy.raw"
-        CopyTransport(output_format="raw").send(source, target, progress=ProgressLog())
+        for fmt in ("raw", "qcow2"):
+            image = make_image(mnt / f"disk.{fmt}", "64M", fmt=fmt)
+            write_pattern(image, fmt)
+            source = ExportSource("file", str(image), fmt, Disk("d", "", image, fmt, SIZE), SIZE)
+            target = mnt / f"copy.{fmt}"
+            CopyTransport(output_format=fmt).send(source, target, progress=ProgressLog())
+            assert images_equal(target, image)
+            total, exclusive = exclusive_bytes(target)
+            assert total > 0 and exclusive == 0, (fmt, total, exclusive)
+
+        elsewhere = tmp_path / "elsewhere.qcow2"  # not on the Btrfs: converted (compact), not cloned
+        CopyTransport().send(source, elsewhere, progress=ProgressLog())
+        assert images_equal(elsewhere, image)
+
+        subprocess.run(["qemu-img", "snapshot", "-c", "old", str(image)], check=True)
+        target = mnt / "with-snapshot.qcow2"
+        CopyTransport().send(source, target, progress=ProgressLog())
         assert images_equal(target, image)
-        subprocess.run(["sync", "-f", str(target)], check=True)
-        du = subprocess.run(
-            ["btrfs", "filesystem", "du", "--raw", str(image), str(target)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        # columns: Total, Exclusive, Set shared, Filename — a reflinked copy has no exclusive bytes
-        rows = {line.split()[-1]: [int(v) for v in line.split()[:2]] for line in du.splitlines()[1:3]}
-        assert rows[str(target)][0] > 0 and rows[str(target)][1] == 0, du
+        info = subprocess.run(["qemu-img", "info", str(target)], check=True, capture_output=True, text=True)
+        assert "old" not in info.stdout  # the internal snapshot stayed behind
+        assert exclusive_bytes(target)[1] > 0
