@@ -1,0 +1,154 @@
+"""The lab guest (real Linux + qemu-ga) as a libvirt domain: the agent through libvirt, a quiesced
+``snapshot-create-as --disk-only --atomic --quiesce``, and a quiesced CLI backup with ``--domain``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from tests.conftest import make_image
+from tests.integration.libvirt.conftest import Libvirtd
+from vmsnap import libvirt_ops
+from vmsnap.errors import CommandError
+from vmsnap.lab.guest import DATA_MOUNT, DATA_SERIAL, fsck_image, read_image_file
+from vmsnap.lab.image import build_lab_image
+from vmsnap.lab.qemu import choose_accel
+from vmsnap.libvirt_machine import LibvirtMachine
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.guest]
+
+ROOT = Path(__file__).parents[3]
+BOOT_TIMEOUT = 180.0
+
+
+@attrs.define
+class GuestDomain:
+    """The lab guest running as a libvirt domain, with one ext4 data disk mounted at /mnt/data."""
+
+    name: str
+    uri: str
+    data_image: Path
+    console: Path
+    machine: LibvirtMachine
+
+
+def _guest_xml(name: str, data_image: Path, agent_socket: Path, console: Path) -> str:
+    image = build_lab_image()
+    kind = "kvm" if choose_accel(booting_guest=True) == "kvm" else "qemu"
+    return (
+        f"<domain type='{kind}'><name>{name}</name><memory unit='MiB'>512</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='q35'>hvm</type>"
+        f"<kernel>{image.kernel}</kernel><initrd>{image.initrd}</initrd><cmdline>{image.append}</cmdline></os>"
+        "<cpu mode='custom' match='exact' check='none'><model fallback='allow'>qemu64</model></cpu>"
+        "<on_reboot>destroy</on_reboot>"
+        "<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>"
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{data_image}'/>"
+        f"<target dev='vda' bus='virtio'/><serial>{DATA_SERIAL}</serial></disk>"
+        f"<channel type='unix'><source mode='bind' path='{agent_socket}'/>"
+        "<target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+        f"<serial type='file'><source path='{console}'/><target port='0'/></serial>"
+        "<rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>"
+        "<video><model type='none'/></video><memballoon model='none'/></devices></domain>"
+    )
+
+
+@pytest.fixture
+def guest_domain(libvirtd: Libvirtd, tmp_path: Path) -> Iterator[GuestDomain]:
+    """Boot the lab guest under libvirt and wait until its agent answers through libvirt."""
+    import libvirt
+
+    name = libvirtd.new_domain_name()
+    data_image = make_image(tmp_path / "data.qcow2")
+    console = tmp_path / "console.log"
+    conn = libvirt.open(libvirtd.uri)
+    dom = conn.defineXML(_guest_xml(name, data_image, tmp_path / "qga.sock", console))
+    machine: LibvirtMachine | None = None
+    try:
+        dom.create()
+        machine = LibvirtMachine(name, uri=libvirtd.uri)
+        agent = machine.agent()
+        assert agent is not None
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not agent.is_responding(timeout=2):
+            if time.monotonic() > deadline or not dom.isActive():
+                tail = console.read_text(errors="replace")[-1500:] if console.exists() else ""
+                pytest.fail(f"the lab guest's agent did not answer through libvirt: {tail}")
+            time.sleep(0.5)
+        # the guest mounts the data disk after its agent starts: wait for the mount
+        while b"/mnt/data" not in agent.read_file("/proc/mounts"):
+            if time.monotonic() > deadline:
+                pytest.fail("the lab guest did not mount its data disk")
+            time.sleep(0.5)
+        yield GuestDomain(name, libvirtd.uri, data_image, console, machine)
+    finally:
+        if machine is not None:
+            machine.close()
+        libvirtd.reaper.remove(conn, dom)
+
+
+def _guest_sh(machine: LibvirtMachine, script: str) -> str:
+    agent = machine.agent()
+    assert agent is not None
+    result = agent.run("/bin/sh", ["-c", script], timeout=60)
+    assert result.exit_code == 0, result.stderr
+    return result.stdout.decode()
+
+
+def test_quiesced_libvirt_snapshot_of_the_lab_guest_is_clean_and_thawed(
+    guest_domain: GuestDomain, tmp_path: Path
+) -> None:
+    machine = guest_domain.machine
+    agent = machine.agent()
+    assert agent is not None
+    assert agent.fsfreeze_status() == "thawed"
+    # written but not synced: only the freeze (which flushes the filesystem) puts it on the disk
+    agent.write_file(f"{DATA_MOUNT}/before.txt", b"written before the snapshot\n")
+    snaps = libvirt_ops.create_external_snapshot(machine, "q1", quiesce=True)
+    assert agent.fsfreeze_status() == "thawed"
+    agent.write_file(f"{DATA_MOUNT}/after.txt", b"written after the snapshot\n")
+    _guest_sh(machine, "sync")
+    base = Path(libvirt_ops.external_snapshot_source(snaps[0]).location)
+    assert base == guest_domain.data_image
+    assert fsck_image(base, scratch=tmp_path).clean
+    assert read_image_file(base, "/before.txt", scratch=tmp_path) == b"written before the snapshot\n"
+    with pytest.raises(CommandError, match=r"after\.txt"):
+        read_image_file(base, "/after.txt", scratch=tmp_path)
+    libvirt_ops.commit_external_snapshot(machine, "q1")
+    assert machine.block_targets() == {"vda": str(guest_domain.data_image)}
+    assert _guest_sh(machine, f"cat {DATA_MOUNT}/after.txt") == "written after the snapshot\n"
+
+
+def test_quiesced_cli_backup_of_a_domain_restores_a_clean_filesystem(
+    guest_domain: GuestDomain, tmp_path: Path
+) -> None:
+    agent = guest_domain.machine.agent()
+    assert agent is not None
+    agent.write_file(f"{DATA_MOUNT}/hello.txt", b"hello from the guest\n")
+    repo, out = tmp_path / "repo", tmp_path / "restored"
+    vm = ["--domain", guest_domain.name, "--connect", guest_domain.uri]
+    backup = _cli("backup", "--repo", str(repo), *vm, "--quiesce", "on")
+    assert agent.fsfreeze_status() == "thawed"
+    _cli("restore", "--repo", str(repo), "--vm", guest_domain.name, "--to", str(out))
+    restored = out / "vda.qcow2"
+    assert fsck_image(restored, scratch=tmp_path).clean
+    assert read_image_file(restored, "/hello.txt", scratch=tmp_path) == b"hello from the guest\n"
+    manifest = json.loads((repo / guest_domain.name / backup["backup_id"] / "manifest.json").read_text())
+    assert manifest["quiesced"] is True
+
+
+def _cli(*args: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [str(ROOT / ".venv/bin/vmsnap"), *args, "--json"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    with contextlib.suppress(json.JSONDecodeError):
+        return dict(json.loads(result.stdout))
+    raise AssertionError(f"not JSON: {result.stdout!r}")
