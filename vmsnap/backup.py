@@ -123,6 +123,7 @@ class BackupResult:
     seconds: float
     path: Path
     notes: tuple[str, ...] = ()
+    freeze_ms: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` object of ``vmsnap backup``."""
@@ -134,6 +135,7 @@ class BackupResult:
             "transport": self.transport,
             "disks": [d.to_json() for d in self.disks],
             "seconds": round(self.seconds, 3),
+            "freeze_ms": None if self.freeze_ms is None else round(self.freeze_ms, 1),
         }
 
 
@@ -175,6 +177,8 @@ def _strategy_options(
         "parents": dict(parents) if parents else None,
         "bitmap": bitmap,
         "mode": mode,
+        # create returns once the jobs run, so the guest is thawed at once; export waits for the copy
+        "wait": False,
     }
 
 
@@ -211,8 +215,17 @@ def _make_strategy(name: str, machine: Machine, options: Mapping[str, Any]) -> A
 
 
 @contextlib.contextmanager
-def _quiesced(machine: Machine, mode: Quiesce, timeout: float, note: Callable[[str], None]) -> Iterator[bool]:
-    """Freeze the guest for the body when ``mode`` (and an answering agent) says so; yield whether it did."""
+def _quiesced(
+    machine: Machine,
+    mode: Quiesce,
+    timeout: float,
+    note: Callable[[str], None],
+    windows: list[float] | None = None,
+) -> Iterator[bool]:
+    """Freeze the guest for the body when ``mode`` (and an answering agent) says so; yield whether it did.
+
+    :param windows: receives the freeze window in ms (freeze's answer to thaw's answer) when it froze
+    """
     if mode == "off" or not machine.is_running:
         if mode == "on":
             raise UsageError(f"--quiesce on needs a running VM; {machine.name} is not running")
@@ -234,12 +247,14 @@ def _quiesced(machine: Machine, mode: Quiesce, timeout: float, note: Callable[[s
         return
     module_frozen = getattr(agent_module, "frozen", None)
     if module_frozen is not None:  # the issue-3 freeze with its SIGKILL thaw guard
-        with module_frozen(machine, timeout=timeout):
+        with module_frozen(machine, timeout=timeout) as report:
             yield True
     else:
         assert agent is not None
-        with agent.frozen(timeout=timeout):
+        with agent.frozen(timeout=timeout) as report:
             yield True
+    if windows is not None:
+        windows.append(float(report.window_ms))
 
 
 # -- the orchestrator ---------------------------------------------------------------------------------------
@@ -434,7 +449,10 @@ class Backup:
                 )
         snapshot_name = f"backup-{backup_id}"
         journal.record("freezing")
-        with _quiesced(self.machine, self.config.quiesce, self.config.freeze_timeout, self._note) as quiesced:
+        windows: list[float] = []
+        with _quiesced(
+            self.machine, self.config.quiesce, self.config.freeze_timeout, self._note, windows
+        ) as quiesced:
             journal.record("frozen", quiesced=quiesced)
             crash_point("after-freeze")
             journal.record("creating", name=snapshot_name)
@@ -537,6 +555,7 @@ class Backup:
             seconds=time.monotonic() - started,
             path=final,
             notes=tuple(self.notes),
+            freeze_ms=windows[0] if windows else None,
         )
 
     def _transport_for(self, name: str, source: Any) -> tuple[Any, str]:

@@ -96,7 +96,7 @@ def _run(root: Path, started: float, say: Callable[[str], None]) -> DemoReport:
         written = sum(d.bytes_written for d in full.disks) / 1e6
         say(
             f"full backup {full.backup_id}: strategy {full.strategy}, transport {full.transport}, "
-            f"quiesced={full.quiesced}, {written:.1f} MB in {full.seconds:.2f} s"
+            f"guest frozen for {full.freeze_ms or 0:.0f} ms, {written:.1f} MB in {full.seconds:.2f} s"
         )
 
         guest.write_file(f"{data}/file00.txt", b"changed after the backup\n")

@@ -27,7 +27,8 @@ from vmsnap.lab.qemu import DriveSpec, QemuProcess
 from vmsnap.machine import QemuMachine
 
 DISKS = ("disk0", "disk1")
-BACKUP_KEYS = {"vm", "backup_id", "kind", "strategy", "transport", "disks", "seconds"}
+# DESIGN.md's shape, plus freeze_ms (how long the guest was frozen; null when it was not)
+BACKUP_KEYS = {"vm", "backup_id", "kind", "strategy", "transport", "disks", "seconds", "freeze_ms"}
 DISK_KEYS = {"name", "file", "virtual_size", "bytes_written", "sha256"}
 
 
