@@ -326,13 +326,28 @@ def revert_snapshot(machine: LibvirtMachine, name: str) -> None:
 
 def snapshots(machine: LibvirtMachine) -> list[str]:
     """Names of the domain's libvirt snapshots, oldest first."""
-    found = [(s.getXMLDesc(0), s.getName()) for s in machine.domain.listAllSnapshots(0)]
-    return [name for _xml, name in sorted(found, key=lambda item: _creation_time(item[0]))]
+    return _oldest_first([s.getXMLDesc(0) for s in machine.domain.listAllSnapshots(0)])
 
 
-def _creation_time(xml: str) -> int:
-    node = ET.fromstring(xml).find("creationTime")  # noqa: S314 - libvirt's own XML
-    return int(node.text or 0) if node is not None else 0
+def _oldest_first(xmls: Sequence[str]) -> list[str]:
+    """Names of libvirt snapshots or checkpoints, parents before children (creation times tie within
+    a second, so the ``<parent>`` links decide), then by creation time and name."""
+    parent: dict[str, str] = {}
+    created: dict[str, int] = {}
+    for xml in xmls:
+        root = ET.fromstring(xml)  # noqa: S314 - libvirt's own XML
+        name = root.findtext("name") or ""
+        parent[name] = root.findtext("parent/name") or ""
+        created[name] = int(root.findtext("creationTime") or 0)
+
+    def depth(name: str) -> int:
+        seen: set[str] = set()
+        while parent.get(name) in parent and name not in seen:
+            seen.add(name)
+            name = parent[name]
+        return len(seen)
+
+    return sorted(parent, key=lambda n: (depth(n), created[n], n))
 
 
 # -- backups with checkpoints ---------------------------------------------------------------------
@@ -340,8 +355,7 @@ def _creation_time(xml: str) -> int:
 
 def checkpoints(machine: LibvirtMachine) -> list[str]:
     """Names of the domain's checkpoints, oldest first (the last is where the next incremental starts)."""
-    found = [(c.getXMLDesc(0), c.getName()) for c in machine.domain.listAllCheckpoints(0)]
-    return [name for _xml, name in sorted(found, key=lambda item: _creation_time(item[0]))]
+    return _oldest_first([c.getXMLDesc(0) for c in machine.domain.listAllCheckpoints(0)])
 
 
 def delete_checkpoint(machine: LibvirtMachine, name: str) -> None:
