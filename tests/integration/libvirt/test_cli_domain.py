@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.integration.libvirt.conftest import LibvirtTestDomain, assert_identical, reference_image
+from tests.integration.libvirt.conftest import Libvirtd, LibvirtTestDomain, assert_identical, reference_image
+from vmsnap import libvirt_ops
+from vmsnap.errors import UsageError
 from vmsnap.libvirt_machine import LibvirtMachine
 
 pytestmark = pytest.mark.libvirt
@@ -117,3 +119,40 @@ def test_recover_after_a_killed_backup_leaves_nothing_libvirt_does_not_know(
     assert_identical(domain.images["vda"], reference_image(tmp_path / "ref", [(0x81, 0, 1), (0x82, 1, 1)]))
     # and the next backup works
     vmsnap("backup", "--repo", str(repo), *vm, "--strategy", strategy, "--transport", transport)
+
+
+def test_a_restored_backup_can_be_defined_as_a_new_domain_from_the_saved_xml(
+    domain: LibvirtTestDomain, libvirtd: Libvirtd, tmp_path: Path
+) -> None:
+    import libvirt
+
+    repo, out = tmp_path / "repo", tmp_path / "restored"
+    domain.write("vda", 0x91, 7)
+    domain.write("sdb", 0x92, 9)
+    with LibvirtMachine(domain.name, uri=domain.uri) as machine:
+        saved = libvirt_ops.saved_domain_xml(machine)
+    vmsnap("backup", "--repo", str(repo), "--domain", domain.name, "--connect", domain.uri)
+    vmsnap("restore", "--repo", str(repo), "--vm", domain.name, "--to", str(out))
+    images = {"vda": out / "vda.qcow2", "sdb": out / "sdb.qcow2"}
+    with pytest.raises(UsageError, match="sdb"):
+        libvirt_ops.define_restored_domain(
+            domain.uri, saved, name="vmsnap-t-never", images={"vda": images["vda"]}
+        )
+    with pytest.raises(UsageError, match="exists already"):
+        libvirt_ops.define_restored_domain(domain.uri, saved, name=domain.name, images=images)
+    clone = libvirtd.new_domain_name()
+    libvirt_ops.define_restored_domain(domain.uri, saved, name=clone, images=images)
+    conn = libvirt.open(domain.uri)
+    dom = conn.lookupByName(clone)
+    try:
+        assert dom.UUIDString() != domain.dom.UUIDString()
+        dom.create()  # runs beside the original: nothing shared
+        with LibvirtMachine(clone, uri=domain.uri) as restored:
+            assert restored.block_targets() == {name: str(path) for name, path in images.items()}
+            for disk in restored.disks():
+                restored.qmp().hmp(f'qemu-io -d {disk.qdev} "flush"')
+        assert domain.dom.isActive()
+        assert_identical(images["vda"], reference_image(tmp_path / "ref-vda", [(0x91, 7, 1)]))
+        assert_identical(images["sdb"], reference_image(tmp_path / "ref-sdb", [(0x92, 9, 1)]))
+    finally:
+        libvirtd.reaper.remove(conn, dom)
