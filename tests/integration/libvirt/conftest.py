@@ -1,22 +1,19 @@
 """A real libvirtd for the libvirt tests, started by hand (no systemd) on a private socket, and test domains.
 
-The session fixture starts ``virtlogd`` and ``libvirtd`` with pid files in a temp dir and stops exactly those
-pids at the end; each test gets its own domain (q35, no guest OS, two qcow2 data disks: vda on virtio-blk,
-sdb on virtio-scsi), destroyed and undefined afterwards, also when the test fails.
+The session fixture starts ``virtlogd`` and ``libvirtd`` in a private mount namespace (see
+:mod:`vmsnap.lab.libvirtd`) and stops exactly those pids at the end; each test gets its own domain (q35,
+no guest OS, two qcow2 data disks: vda on virtio-blk, sdb on virtio-scsi), destroyed and undefined
+afterwards, also when the test fails.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import secrets
 import shutil
-import signal
 import subprocess
-import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,21 +22,12 @@ import attrs
 import pytest
 
 from tests.conftest import make_image
+from vmsnap.lab.libvirtd import Libvirtd as LabLibvirtd
 from vmsnap.lab.qemu import kvm_usable
 
 libvirt = pytest.importorskip("libvirt", reason="python3-libvirt is not installed: make test installs it")
 
-QEMU_CONF = Path("/etc/libvirt/qemu.conf")
-# QEMU runs as root on test images in pytest's 0700 temp dirs; there is no SELinux/AppArmor to label for
-QEMU_SETTINGS = {
-    "user": '"root"',
-    "group": '"root"',
-    "dynamic_ownership": "0",
-    "remember_owner": "0",
-    "security_driver": '"none"',
-}
 DOMAIN_PREFIX = "vmsnap-t-"
-SYSTEM_SOCKET = Path("/run/libvirt/libvirt-sock")
 MiB = 1024 * 1024
 
 
@@ -91,78 +79,6 @@ class DomainReaper:
         self.threads.clear()
 
 
-def _ensure_qemu_conf() -> None:
-    text = QEMU_CONF.read_text()
-    missing = []
-    for key, value in QEMU_SETTINGS.items():
-        match = re.search(rf"^\s*{key}\s*=\s*(\S+)", text, re.MULTILINE)
-        if match is None:
-            missing.append(f"{key} = {value}")
-        elif match.group(1) != value:
-            pytest.fail(f"{QEMU_CONF} sets {key} = {match.group(1)}; the libvirt tests need {key} = {value}")
-    if missing:
-        with QEMU_CONF.open("a") as conf:
-            conf.write(
-                "\n# vmsnap tests (tests/integration/libvirt/conftest.py)\n" + "\n".join(missing) + "\n"
-            )
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie, left by a daemon whose parent cannot reap it, counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
-def _read_pid(path: Path, timeout: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError, ValueError):
-            return int(path.read_text().strip())
-        if time.monotonic() > deadline:
-            pytest.fail(f"{path} did not appear")
-        time.sleep(0.05)
-
-
-def _stop(pid: int) -> None:
-    if not _alive(pid):
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _alive(pid):
-        os.kill(pid, signal.SIGKILL)
-
-
-def _open_when_ready(uri: str, log: Path, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return libvirt.open(uri)
-        except libvirt.libvirtError:
-            if time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-                pytest.fail(f"libvirtd did not answer on {uri}: {tail}")
-            time.sleep(0.05)
-
-
-def _socket_of(pid: int) -> Path | None:
-    """A running libvirtd's read-write socket: from its ``-f`` config's unix_sock_dir, else the default."""
-    with contextlib.suppress(OSError):
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        for flag in ("-f", "--config"):
-            if flag in argv[:-1]:
-                text = Path(argv[argv.index(flag) + 1]).read_text()
-                found = re.search(r'^\s*unix_sock_dir\s*=\s*"([^"]+)"', text, re.MULTILINE)
-                if found:
-                    socket = Path(found.group(1)) / "libvirt-sock"
-                    return socket if socket.exists() else None
-    return SYSTEM_SOCKET if SYSTEM_SOCKET.exists() else None
-
-
 def _destroy_test_domains(uri: str, names: set[str]) -> None:
     """Remove the domains this session defined that are still there (a failed set-up leaves them)."""
     with contextlib.suppress(libvirt.libvirtError):
@@ -190,58 +106,28 @@ def remove_domain(dom: Any) -> None:
 
 
 @pytest.fixture(scope="session")
-def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Libvirtd]:
-    """A running libvirtd: ours on a private socket (stopped by pid at the end), or the host's if it runs."""
+def libvirtd() -> Iterator[Libvirtd]:
+    """Our own libvirtd (and virtlogd) in a private mount namespace, stopped by pid at the end.
+
+    :class:`vmsnap.lab.libvirtd.Libvirtd` binds a private directory on ``/run/libvirt`` for them, so this
+    session neither meets nor disturbs another libvirtd on the host; its socket is in a temp dir.
+    """
     binary = shutil.which("libvirtd") or "/usr/sbin/libvirtd"
-    if not os.path.exists(binary):
+    if not os.path.exists(binary) or shutil.which("virtlogd") is None:
         pytest.skip("libvirt-daemon-system is not installed: make test installs it (scripts/packages.d)")
-    if os.geteuid() != 0:
-        pytest.skip("the libvirt tests run libvirtd as root (system mode)")
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    running = None
-    with contextlib.suppress(OSError, ValueError):
-        running = int(Path("/run/libvirt/qemu/driver.pid").read_text().strip())
-    if running is not None and _alive(running):
-        # another libvirtd owns /run/libvirt/qemu and only one may: use it, start and stop nothing
-        socket = _socket_of(running)
-        if socket is None:
-            pytest.fail(f"a libvirtd (pid {running}) runs and its socket cannot be found; stop it first")
-        uri = "qemu:///system" if socket == SYSTEM_SOCKET else f"qemu:///system?socket={socket}"
-        shared = Libvirtd(uri, tmp_path_factory.mktemp("libvirtd"), Path("/var/log/libvirt"))
-        yield shared
-        shared.reaper.join()
-        _destroy_test_domains(uri, shared.names)
-        return
-    _ensure_qemu_conf()
-    # a short path: unix socket paths are limited to 108 bytes
-    workdir = Path(tempfile.mkdtemp(prefix="vmsnap-lv.", dir="/tmp"))
-    log = workdir / "libvirtd.log"
-    (workdir / "libvirtd.conf").write_text(
-        f'unix_sock_dir = "{workdir}"\nunix_sock_rw_perms = "0700"\nunix_sock_ro_perms = "0700"\n'
-        'auth_unix_ro = "none"\nauth_unix_rw = "none"\n'
-        f'log_outputs = "3:file:{log}"\n'
-    )
-    Path("/run/libvirt").mkdir(mode=0o755, exist_ok=True)
-    pids: list[int] = []
+    daemon = LabLibvirtd(private=True)
     try:
-        if not Path("/run/libvirt/virtlogd-sock").exists():
-            subprocess.run(["virtlogd", "-d", "-p", str(workdir / "virtlogd.pid")], check=True)
-            pids.append(_read_pid(workdir / "virtlogd.pid"))
-        subprocess.run(
-            [binary, "-d", "-f", str(workdir / "libvirtd.conf"), "-p", str(workdir / "libvirtd.pid")],
-            check=True,
-        )
-        pids.append(_read_pid(workdir / "libvirtd.pid"))
-        uri = f"qemu:///system?socket={workdir}/libvirt-sock"
-        _open_when_ready(uri, log).close()
-        ours = Libvirtd(uri, workdir, log)
-        yield ours
-        ours.reaper.join()
-        _destroy_test_domains(uri, ours.names)
+        daemon.start()
+        assert daemon.workdir is not None and daemon.log is not None
+        ours = Libvirtd(daemon.uri, daemon.workdir, daemon.log)
+        try:
+            yield ours
+        finally:
+            ours.reaper.join()
+            _destroy_test_domains(daemon.uri, ours.names)  # QEMU outlives libvirtd: domains go first
     finally:
-        for pid in reversed(pids):
-            _stop(pid)
-        shutil.rmtree(workdir, ignore_errors=True)
+        daemon.stop()
 
 
 def domain_xml(name: str, images: dict[str, Path], *, agent_socket: Path | None = None) -> str:
