@@ -179,11 +179,10 @@ class PeerBench:
             raise PeerError(f"virtnbdbackup -l {level} did not finish: {text[-1500:]}")
         return seconds, log
 
-    def _identical(self, a: Path, b: Path) -> bool:
-        result = self.runner.run(
-            ["qemu-img", "compare", "-U", str(a), str(b)], ok_codes=(0, 1), timeout=TIMEOUT
-        )
-        return result.exit_code == 0
+    def _identical(self, a: Path, b: Path, *, shared: bool = False) -> bool:
+        """``qemu-img compare``; ``shared`` (-U) reads an image a running QEMU holds."""
+        argv = ["qemu-img", "compare", *(["-U"] if shared else []), str(a), str(b)]
+        return self.runner.run(argv, ok_codes=(0, 1), timeout=TIMEOUT).exit_code == 0
 
     def run(self) -> None:
         """Measure every peer figure on a fresh image of the bench's kind (see the module docstring)."""
@@ -237,7 +236,7 @@ class PeerBench:
             stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
             if not stats.get("success", False):
                 raise PeerError(f"libvirt's push backup failed: {stats}")
-            if i == 0 and not self._identical(target, image):
+            if i == 0 and not self._identical(target, image, shared=True):
                 raise PeerError(f"libvirt's push backup {target} differs from the disk {image}")
             target.unlink()
             return seconds
@@ -287,15 +286,47 @@ class PeerBench:
         runs = []
         for i in range(self.runs):
             output = self.workdir / f"vnb-restore{i}"
-            seconds, _ = self._timed(
-                restore_argv(self.uri, chain, output, logfile=self.workdir / "restore.log")
+            started = time.perf_counter()
+            self.runner.run(
+                restore_argv(self.uri, chain, output, logfile=self.workdir / "restore.log"), timeout=TIMEOUT
             )
+            # virtnbdrestore exits after sending SIGTERM to its qemu-nbd, which then still flushes the
+            # image: the restore is done when that qemu-nbd is gone
+            wait_for_qemu_nbd(output)
+            runs.append(time.perf_counter() - started)
             restored = _restored_image(output)
             if not self._identical(restored, image):
                 raise PeerError(f"virtnbdrestore's {restored} differs from the disk {image}")
-            runs.append(seconds)
             shutil.rmtree(output)
         self._record(figure(RESTORE.format(n=rounds), runs, data, verified=True))
+
+
+def qemu_nbd_pids(under: Path, proc: Path = Path("/proc")) -> list[int]:
+    """Pids of ``qemu-nbd`` processes serving a file under ``under`` (as named on their command line)."""
+    prefix = str(under).rstrip("/").encode() + b"/"
+    pids = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].rsplit(b"/", 1)[-1] == b"qemu-nbd" and any(a.startswith(prefix) for a in argv[1:]):
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_for_qemu_nbd(under: Path, *, timeout: float = 600.0, proc: Path = Path("/proc")) -> None:
+    """Wait until no qemu-nbd serves a file under ``under`` (only waits: the process is not ours).
+
+    :raise PeerError: one still runs after ``timeout`` seconds
+    """
+    deadline = time.monotonic() + timeout
+    while pids := qemu_nbd_pids(under, proc):
+        if time.monotonic() > deadline:
+            raise PeerError(f"qemu-nbd {pids} still serves {under} after {timeout:g} s")
+        time.sleep(0.01)
 
 
 def _libvirt_version(number: int) -> str:

@@ -17,7 +17,9 @@ from vmsnap.benchmark.peers import (
     parse_backup_log,
     parse_version,
     peer_ratios,
+    qemu_nbd_pids,
     restore_argv,
+    wait_for_qemu_nbd,
 )
 from vmsnap.benchmark.report import throughput_markdown
 from vmsnap.benchmark.throughput import ThroughputFigure
@@ -81,7 +83,44 @@ def test_compare_counts_exit_one_as_different(tmp_path: Path) -> None:
     runner = RecordingRunner({("qemu-img", "compare"): (1, "Content mismatch at offset 0!")})
     bench = PeerBench(tmp_path, URI, size_mib=64, data_mib=32, runner=runner)
     assert not bench._identical(tmp_path / "a", tmp_path / "b")
-    assert runner.calls == [("qemu-img", "compare", "-U", str(tmp_path / "a"), str(tmp_path / "b"))]
+    assert bench._identical(tmp_path / "a", tmp_path / "b", shared=True) is False
+    assert runner.calls == [
+        ("qemu-img", "compare", str(tmp_path / "a"), str(tmp_path / "b")),
+        ("qemu-img", "compare", "-U", str(tmp_path / "a"), str(tmp_path / "b")),
+    ]
+
+
+def _fake_proc(root: Path, processes: dict[int, list[str]]) -> Path:
+    for pid, argv in processes.items():
+        (root / str(pid)).mkdir(parents=True)
+        (root / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    (root / "self").mkdir()
+    return root
+
+
+def test_qemu_nbd_serving_a_restore_is_found_by_its_command_line(tmp_path: Path) -> None:
+    proc = _fake_proc(
+        tmp_path / "proc",
+        {
+            10: [
+                "qemu-nbd",
+                "--discard=unmap",
+                "--format=qcow2",
+                "-x",
+                "sda",
+                "/r/out1/disk.qcow2",
+                "--fork",
+            ],
+            11: ["/usr/bin/qemu-nbd", "-k", "/s", "/r/out10/disk.qcow2"],  # another directory
+            12: ["qemu-img", "convert", "/r/out1/disk.qcow2", "/x"],  # not qemu-nbd
+            13: [""],  # a zombie has an empty command line
+        },
+    )
+    assert qemu_nbd_pids(Path("/r/out1"), proc) == [10]
+    assert qemu_nbd_pids(Path("/r/out2"), proc) == []
+    with pytest.raises(PeerError, match=r"qemu-nbd \[10\] still serves"):
+        wait_for_qemu_nbd(Path("/r/out1"), timeout=0, proc=proc)
+    wait_for_qemu_nbd(Path("/r/out2"), timeout=0, proc=proc)
 
 
 def test_restored_image_is_the_one_image_in_the_directory(tmp_path: Path) -> None:
