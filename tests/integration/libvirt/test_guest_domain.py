@@ -136,6 +136,13 @@ def test_quiesced_cli_backup_of_a_domain_restores_a_clean_filesystem(
     vm = ["--domain", guest_domain.name, "--connect", guest_domain.uri]
     backup = _cli("backup", "--repo", str(repo), *vm, "--quiesce", "on")
     assert agent.fsfreeze_status() == "thawed"
+    status = subprocess.run(
+        [str(ROOT / ".venv/bin/vmsnap"), "agent", *vm, "guest-fsfreeze-status"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert json.loads(status.stdout) == {"return": "thawed"}, status.stderr
     _cli("restore", "--repo", str(repo), "--vm", guest_domain.name, "--to", str(out))
     restored = out / "vda.qcow2"
     assert fsck_image(restored, scratch=tmp_path).clean
