@@ -26,6 +26,7 @@ from vmsnap.errors import (
     UsageError,
 )
 from vmsnap.libvirt_machine import LibvirtMachine, libvirt_message
+from vmsnap.machine import image_chain
 
 try:
     import libvirt
@@ -204,6 +205,55 @@ def commit_external_snapshot(
     if remove_overlays:
         for overlay in overlays.values():
             machine.runner.run(["rm", "-f", "--", overlay], timeout=60)
+
+
+def rollback_external_snapshot(machine: LibvirtMachine, name: str) -> None:
+    """Return a shut-off domain to external snapshot ``name``: drop the overlays, run on the images below.
+
+    libvirt 9.0 cannot revert external snapshots, so vmsnap points each disk's ``<source>`` in the
+    persistent definition back at the overlay's backing image, then forgets the snapshot and removes the
+    overlays (their writes are discarded: that is the rollback).
+
+    :raise UnsupportedError: the domain is running (shut it down first)
+    :raise SnapshotError: a newer snapshot is stacked on this one (roll that back or delete it first)
+    """
+    snapshot = _lookup_snapshot(machine, name)
+    if machine.is_running:
+        raise UnsupportedError(
+            f"rolling back to external snapshot {name!r} needs domain {machine.name} shut off",
+            hint=f"virsh shutdown {machine.name} (or destroy), then roll back",
+        )
+    if snapshot.numChildren(0):
+        raise SnapshotError(
+            f"snapshot {name!r} of domain {machine.name} has newer snapshots on top of it",
+            hint="roll back to or delete the newest snapshot first",
+        )
+    overlays = external_overlays(snapshot)
+    root = machine.xml_tree(inactive=True)
+    changed = []
+    for disk in root.iterfind("./devices/disk"):
+        target, source = disk.find("target"), disk.find("source")
+        dev = target.get("dev", "") if target is not None else ""
+        if source is None or dev not in overlays or source.get("file") != overlays[dev]:
+            continue
+        chain = image_chain(machine.runner, Path(overlays[dev]), force_share=False)
+        if len(chain) < 2:
+            raise SnapshotError(f"overlay {overlays[dev]} of disk {dev} has no backing image to return to")
+        source.set("file", str(chain[1]["filename"]))
+        driver = disk.find("driver")
+        if driver is not None:
+            driver.set("type", str(chain[1].get("format", "qcow2")))
+        for backing in disk.findall("backingStore"):
+            disk.remove(backing)
+        changed.append(dev)
+    try:
+        if changed:
+            machine.connection.defineXML(ET.tostring(root, encoding="unicode"))
+        snapshot.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+    except libvirt.libvirtError as err:
+        raise SnapshotError(f"rolling back to snapshot {name!r} failed: {libvirt_message(err)}") from err
+    for dev in changed:
+        machine.runner.run(["rm", "-f", "--", overlays[dev]], timeout=60)
 
 
 def external_overlays(snapshot: Any) -> dict[str, str]:

@@ -10,9 +10,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_image
-from tests.integration.libvirt.conftest import LibvirtTestDomain, images_identical, reference_image
+from tests.integration.libvirt.conftest import (
+    LibvirtTestDomain,
+    assert_identical,
+    images_identical,
+    reference_image,
+)
 from vmsnap import libvirt_ops
-from vmsnap.errors import NotFoundError, SnapshotError
+from vmsnap.errors import NotFoundError, SnapshotError, UnsupportedError
 from vmsnap.libvirt_machine import LibvirtMachine
 from vmsnap.model import no_progress
 from vmsnap.transports.nbd import NbdTransport
@@ -188,3 +193,36 @@ def test_recover_commits_a_left_over_snapshot_and_aborts_a_stale_backup_job(
         domain.images["vda"], reference_image(tmp_path / "ref", [(0x51, 0, 1), (0x52, 1, 1)])
     )
     assert not images_identical(domain.images["vda"], make_image(tmp_path / "empty.qcow2"))
+
+
+def test_rollback_of_an_external_snapshot_drops_the_overlay_of_a_shut_off_domain(
+    domain: LibvirtTestDomain, tmp_path: Path
+) -> None:
+    original = domain.domblklist()
+    domain.write("vda", 0x61, 0)
+    with LibvirtMachine(domain.name, uri=domain.uri) as machine:
+        snaps = libvirt_ops.create_external_snapshot(machine, "r1")
+        domain.write("vda", 0x62, 0)  # overwrites the snapshot's data in the overlay
+        domain.write("sdb", 0x63, 5)
+        with pytest.raises(UnsupportedError, match="shut off"):
+            libvirt_ops.rollback_external_snapshot(machine, "r1")
+        newer = libvirt_ops.create_external_snapshot(machine, "r2")
+        domain.write("vda", 0x64, 2)
+        domain.dom.destroy()
+        assert machine.block_targets() == {s.disk.name: s.location for s in newer}  # the definition too
+        with pytest.raises(SnapshotError, match="newer snapshots"):
+            libvirt_ops.rollback_external_snapshot(machine, "r1")
+        libvirt_ops.rollback_external_snapshot(machine, "r2")
+        assert machine.block_targets() == {s.disk.name: s.location for s in snaps}
+        vda_at_r2 = _convert(snaps[0].location, tmp_path / "at-r2.qcow2")
+        assert_identical(vda_at_r2, reference_image(tmp_path / "ref-r2", [(0x62, 0, 1)]))
+        libvirt_ops.rollback_external_snapshot(machine, "r1")
+        assert machine.block_targets() == original
+        assert libvirt_ops.snapshots(machine) == []
+        assert not any(Path(s.location).exists() for s in snaps)
+        with pytest.raises(NotFoundError):
+            libvirt_ops.rollback_external_snapshot(machine, "r1")
+    assert_identical(domain.images["vda"], reference_image(tmp_path / "ref-vda", [(0x61, 0, 1)]))
+    assert_identical(domain.images["sdb"], reference_image(tmp_path / "ref-sdb", []))
+    domain.dom.create()  # and the domain runs on its own images again
+    assert domain.domblklist() == original
