@@ -21,8 +21,10 @@ from tests.integration.strategies.contract import (
     run,
 )
 from vmsnap.libvirt_machine import LibvirtMachine
+from vmsnap.libvirt_ops import LibvirtExternalSnapshotStrategy
 from vmsnap.machine import Machine, find_disk
 from vmsnap.registry import strategy_class
+from vmsnap.strategies.base import Strategy
 
 pytestmark = [
     pytest.mark.libvirt,
@@ -93,6 +95,10 @@ class LibvirtLab(Lab):
 class LibvirtContract(StrategyContract):
     """The contract on a libvirt domain; afterwards libvirt must still see the domain's own images."""
 
+    def check_libvirt_view(self, lab: LibvirtLab) -> None:
+        """After a test: libvirt still sees the domain's own images (passthrough strategies)."""
+        assert lab.domblklist() == {n: str(p) for n, p in lab.images.items()}, "libvirt's view changed"
+
     @pytest.fixture(params=["online", "offline"])
     def lab(self, request: pytest.FixtureRequest, tmp_path: Path, libvirtd: Libvirtd) -> Iterator[Lab]:
         mode = str(request.param)
@@ -101,7 +107,7 @@ class LibvirtContract(StrategyContract):
         lab = LibvirtLab(libvirtd, tmp_path, online=mode == "online")
         try:
             yield lab
-            assert lab.domblklist() == {n: str(p) for n, p in lab.images.items()}, "libvirt's view changed"
+            self.check_libvirt_view(lab)
         finally:
             lab.close()
 
@@ -151,9 +157,31 @@ def test_the_lab_writes_what_it_is_told(libvirtd: Libvirtd, tmp_path: Path) -> N
         lab.close()
 
 
+@pytest.mark.slow
+class TestLibvirtNativeExternal(LibvirtContract):
+    """The external strategy through libvirt's snapshot API: libvirt knows every overlay at every moment.
+    It commits only in a running domain, so the contract runs online (rollback powers off)."""
+
+    strategy_name = "external"
+    modes = ("online",)
+
+    def make_strategy(self, machine: Machine) -> Strategy:
+        return LibvirtExternalSnapshotStrategy(machine)
+
+    def check_libvirt_view(self, lab: LibvirtLab) -> None:
+        """After a test: libvirt's view is QEMU's (snapshots left in place show up in domblklist)."""
+        assert lab.domblklist() == {d.name: str(d.file) for d in lab.machine.disks()}
+
+
 @pytest.mark.parametrize(
     ("strategy_name", "options"),
-    [("internal", {}), ("external", {}), ("backup", {"mode": "push"}), ("backup", {"mode": "pull"})],
+    [
+        ("internal", {}),
+        ("external", {}),
+        ("backup", {"mode": "push"}),
+        ("backup", {"mode": "pull"}),
+        ("libvirt-external", {}),
+    ],
 )
 def test_each_strategy_snapshots_exports_and_deletes_on_a_running_domain(
     libvirtd: Libvirtd, tmp_path: Path, strategy_name: str, options: dict[str, Any]
@@ -162,7 +190,10 @@ def test_each_strategy_snapshots_exports_and_deletes_on_a_running_domain(
     try:
         if strategy_name == "backup":
             options = {**options, "target_dir": tmp_path / "targets"}
-        strategy = strategy_class(strategy_name)(lab.machine, **options)
+        if strategy_name == "libvirt-external":
+            strategy: Strategy = LibvirtExternalSnapshotStrategy(lab.machine)
+        else:
+            strategy = strategy_class(strategy_name)(lab.machine, **options)
         contract = StrategyContract()
         contract.first_patterns(lab)
         at_create = {d: lab.capture(d, tmp_path / f"at-create-{d}.qcow2") for d in lab.disk_names}
