@@ -198,6 +198,13 @@ def test_each_strategy_snapshots_exports_and_deletes_on_a_running_domain(
         contract.first_patterns(lab)
         at_create = {d: lab.capture(d, tmp_path / f"at-create-{d}.qcow2") for d in lab.disk_names}
         refs = strategy.create(lab.disks(), name="snap1")
+        if strategy_name == "libvirt-external":  # libvirt knows the overlays while they exist
+            during = lab.domblklist()
+            assert (
+                during
+                == {d.name: str(d.file) for d in lab.machine.disks()}
+                == {r.disk.name: r.location for r in refs}
+            )
         contract.second_patterns(lab)
         after = {d: lab.capture(d, tmp_path / f"after-{d}.qcow2") for d in lab.disk_names}
         for ref in refs:
