@@ -6,6 +6,7 @@ starts libvirtd by hand. The document :func:`run_peers` returns goes under ``"pe
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import shutil
@@ -17,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from vmsnap.errors import UnsupportedError, VmsnapError
+from vmsnap.errors import LibvirtError, UnsupportedError, VmsnapError
 from vmsnap.runner import LocalRunner, Runner
 
 MiB = 1024 * 1024
@@ -134,6 +135,20 @@ def peer_ratios(ours: Iterable[Any], peers: Mapping[str, Mapping[str, Any]]) -> 
     return {k: round(a / b, 3) for k, (a, b) in pairs.items() if a and b}
 
 
+def fsync_tree(path: Path) -> None:
+    """fsync every file under ``path`` (or ``path`` itself) and its directories: what vmsnap's figures and
+    ``qemu-img convert``'s include, so that each figure ends with the data on disk."""
+    paths = [path] if path.is_file() else [path, *path.rglob("*")]
+    for item in paths:
+        if item.is_symlink() or not (item.is_file() or item.is_dir()):
+            continue
+        fd = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _restored_image(directory: Path) -> Path:
     images = sorted(p for p in directory.iterdir() if p.suffix in (".qcow2", ".img", ".raw"))
     if len(images) != 1:
@@ -167,13 +182,15 @@ class PeerBench:
         self.figures[fig["name"]] = fig
         self.progress(f"{fig['name']:38} {fig['seconds']:8.3f} s  {fig['mb_per_s']:8.0f} MB/s")
 
-    def _timed(self, argv: Sequence[str]) -> tuple[float, str]:
-        started = time.perf_counter()
-        result = self.runner.run(argv, timeout=TIMEOUT)
-        return time.perf_counter() - started, result.stdout + result.stderr
-
     def _backup(self, domain: str, level: str, output: Path) -> tuple[float, BackupLog]:
-        seconds, text = self._timed(backup_argv(self.uri, domain, level, output, scratch=self.workdir))
+        started = time.perf_counter()
+        result = self.runner.run(
+            backup_argv(self.uri, domain, level, output, scratch=self.workdir), timeout=TIMEOUT
+        )
+        if output.exists():
+            fsync_tree(output)
+        seconds = time.perf_counter() - started
+        text = result.stdout + result.stderr
         log = parse_backup_log(text)
         if not log.finished:
             raise PeerError(f"virtnbdbackup -l {level} did not finish: {text[-1500:]}")
@@ -198,7 +215,10 @@ class PeerBench:
         data = make_test_image(image, size_mib=self.size_mib, data_mib=self.data_mib, seed=1)
         import libvirt
 
-        conn = libvirt.open(self.uri)
+        try:
+            conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as err:
+            raise LibvirtError(f"cannot connect to {self.uri}: {err}") from err
         name = f"{DOMAIN_PREFIX}{secrets.token_hex(3)}"
         dom = None
         try:
@@ -214,6 +234,8 @@ class PeerBench:
             remove_domain(dom)  # QEMU has written everything to the image; the restores compare against it
             dom = None
             self._restores(chain, image, data, rounds)
+        except libvirt.libvirtError as err:
+            raise LibvirtError(f"the peer benchmark's domain {name}: {err}") from err
         finally:
             if dom is not None:
                 remove_domain(dom, name=name, run_dir=self.run_dir)
@@ -232,6 +254,7 @@ class PeerBench:
             dom.backupBegin(xml, None, 0)
             while dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
                 time.sleep(0.01)
+            fsync_tree(target)
             seconds = time.perf_counter() - started
             stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
             if not stats.get("success", False):
@@ -293,6 +316,7 @@ class PeerBench:
             # virtnbdrestore exits after sending SIGTERM to its qemu-nbd, which then still flushes the
             # image: the restore is done when that qemu-nbd is gone
             wait_for_qemu_nbd(output)
+            fsync_tree(output)
             runs.append(time.perf_counter() - started)
             restored = _restored_image(output)
             if not self._identical(restored, image):

@@ -316,7 +316,8 @@ def _peers_markdown(peers: Mapping[str, Any]) -> list[str]:
         "",
         f"Measured in the same run on a fresh image of the same kind, attached to a libvirt domain "
         f"({versions}). Ratios are speed ratios: above 1, the first-named is faster. "
-        "Restores are verified with `qemu-img compare` against the disk.",
+        "Each figure ends with what it wrote fsync'd (as vmsnap's and qemu-img convert's do); restores "
+        "are verified with `qemu-img compare` against the disk.",
         "",
         _md_table(["operation", "median", "throughput", "runs (s)", "verified"], rows),
         "",

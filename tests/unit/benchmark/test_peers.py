@@ -14,6 +14,7 @@ from vmsnap.benchmark.peers import (
     _restored_image,
     backup_argv,
     figure,
+    fsync_tree,
     parse_backup_log,
     parse_version,
     peer_ratios,
@@ -209,3 +210,11 @@ def test_markdown_shows_a_peers_table_with_versions_and_ratios() -> None:
 
 def test_markdown_has_no_peers_section_without_peers() -> None:
     assert "Peers" not in throughput_markdown(_document({}))
+
+
+def test_fsync_tree_takes_a_file_or_a_directory_tree(tmp_path: Path) -> None:
+    (tmp_path / "chain" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "chain" / "vda.full.data").write_bytes(b"x")
+    (tmp_path / "chain" / "checkpoints" / "virtnbdbackup.0.xml").write_text("<c/>")
+    fsync_tree(tmp_path / "chain")
+    fsync_tree(tmp_path / "chain" / "vda.full.data")
