@@ -126,16 +126,27 @@ def test_libvirtd_down_and_a_refused_uri_are_one_line_libvirt_errors(tmp_path: P
         LibvirtMachine("any", uri="no-such-driver:///x")
 
 
-def test_cli_reports_an_unknown_domain_in_one_line(libvirtd: Libvirtd) -> None:
-    result = subprocess.run(
-        [".venv/bin/vmsnap", "agent", "--domain", "vmsnap-missing", "--connect", libvirtd.uri, "guest-ping"],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).parents[3],
-    )
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "vmsnap-missing" in lines[0], result.stderr
+@pytest.mark.parametrize(
+    ("connect", "expected"),
+    [
+        (None, "no libvirt domain 'vmsnap-missing'"),
+        ("qemu+tcp://127.0.0.1:1/system", "cannot connect to libvirt at qemu+tcp://127.0.0.1:1/system"),
+        ("qemu:///system?socket=/nonexistent/libvirt-sock", "cannot connect to libvirt"),
+    ],
+)
+def test_cli_reports_bad_domains_and_connections_in_one_line(
+    libvirtd: Libvirtd, connect: str | None, expected: str
+) -> None:
+    uri = connect or libvirtd.uri
+    for argv in (
+        ["agent", "--domain", "vmsnap-missing", "--connect", uri, "guest-ping"],
+        ["backup", "--repo", "/nonexistent/repo", "--domain", "vmsnap-missing", "--connect", uri],
+    ):
+        result = subprocess.run(
+            [".venv/bin/vmsnap", *argv], capture_output=True, text=True, cwd=Path(__file__).parents[3]
+        )
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and expected in lines[0], result.stderr
 
 
 def test_an_agent_channel_without_an_agent_is_a_clear_not_responding_error(
