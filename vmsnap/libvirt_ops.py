@@ -10,7 +10,7 @@ import contextlib
 import os
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 from xml.sax.saxutils import quoteattr
@@ -464,6 +464,7 @@ def backup_push(
     all_disks = machine.disks()
     chosen = _select(machine, disks)
     targets = {d.name: target_dir / f"{d.name}.qcow2" for d in chosen}
+    _refuse_existing(targets.values())
     parts = ["<domainbackup mode='push'>"]
     if incremental is not None:
         parts.append(f"<incremental>{_text(incremental)}</incremental>")
@@ -485,6 +486,16 @@ def backup_push(
             machine.runner.run(["rm", "-f", "--", str(path)], timeout=60)
         raise
     return targets
+
+
+def _refuse_existing(paths: Iterable[Path]) -> None:
+    """Files vmsnap would make (and remove after a failure) must not be somebody else's."""
+    taken = [str(p) for p in paths if p.exists()]
+    if taken:
+        raise UsageError(
+            f"{', '.join(taken)} already exist(s)",
+            hint="choose an empty target directory; nothing was started",
+        )
 
 
 def _begin(machine: LibvirtMachine, backup_xml: str, checkpoint_xml: str) -> None:
@@ -555,6 +566,7 @@ def backup_pull(
     chosen = _select(machine, disks)
     scratch = scratch_dir if scratch_dir is not None else socket.parent
     scratch_files = {d.name: scratch / f"{d.name}.{checkpoint}.scratch.qcow2" for d in chosen}
+    _refuse_existing(scratch_files.values())
     parts = ["<domainbackup mode='pull'>"]
     if incremental is not None:
         parts.append(f"<incremental>{_text(incremental)}</incremental>")

@@ -17,7 +17,7 @@ from tests.integration.libvirt.conftest import (
     reference_image,
 )
 from vmsnap import libvirt_ops
-from vmsnap.errors import NotFoundError, SnapshotError, UnsupportedError
+from vmsnap.errors import NotFoundError, SnapshotError, UnsupportedError, UsageError
 from vmsnap.libvirt_machine import LibvirtMachine
 from vmsnap.model import no_progress
 from vmsnap.transports.nbd import NbdTransport
@@ -123,6 +123,12 @@ def test_push_backup_full_then_incremental_restores_byte_identical(
     with LibvirtMachine(domain.name, uri=domain.uri) as machine:
         with pytest.raises(NotFoundError, match="take a full backup first"):
             libvirt_ops.backup_push(machine, inc_dir, checkpoint="c0", incremental="missing")
+        (full_dir / "sdb.qcow2").write_bytes(b"somebody else's")
+        with pytest.raises(UsageError, match="already exist"):
+            libvirt_ops.backup_push(machine, full_dir, checkpoint="c1")
+        assert (full_dir / "sdb.qcow2").read_bytes() == b"somebody else's"
+        assert libvirt_ops.checkpoints(machine) == []
+        (full_dir / "sdb.qcow2").unlink()
         full = libvirt_ops.backup_push(machine, full_dir, checkpoint="c1")
         domain.write("vda", 0x33, 16)
         domain.write("sdb", 0x34, 32, 3)
