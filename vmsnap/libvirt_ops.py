@@ -190,6 +190,13 @@ def commit_external_snapshot(
     overlays = external_overlays(snapshot)
     active = machine.block_targets()
     pending = [t for t, overlay in overlays.items() if active.get(t) == overlay]
+    below = {Path(p) for d in machine.disks() for p in d.backing_chain}
+    buried = [o for t, o in overlays.items() if t not in pending and Path(o) in below]
+    if buried:
+        raise SnapshotError(
+            f"snapshot {name!r} has newer snapshots on top of it ({', '.join(buried)})",
+            hint="delete the newest first (or per disk with the strategy); nothing was changed",
+        )
     flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
     for target in pending:
         try:

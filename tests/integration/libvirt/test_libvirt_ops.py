@@ -218,6 +218,11 @@ def test_rollback_of_an_external_snapshot_drops_the_overlay_of_a_shut_off_domain
         assert machine.block_targets() == {s.disk.name: s.location for s in newer}  # the definition too
         with pytest.raises(SnapshotError, match="newer snapshots"):
             libvirt_ops.rollback_external_snapshot(machine, "r1")
+        domain.dom.create()
+        with pytest.raises(SnapshotError, match="newer snapshots"):
+            libvirt_ops.commit_external_snapshot(machine, "r1")
+        assert all(Path(s.location).exists() for s in snaps)
+        domain.dom.destroy()
         libvirt_ops.rollback_external_snapshot(machine, "r2")
         assert machine.block_targets() == {s.disk.name: s.location for s in snaps}
         vda_at_r2 = _convert(snaps[0].location, tmp_path / "at-r2.qcow2")
