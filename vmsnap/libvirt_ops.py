@@ -626,15 +626,16 @@ def recover(machine: LibvirtMachine) -> list[str]:
         with contextlib.suppress(libvirt.libvirtError):
             machine.domain.abortJob()
             done.append(f"aborted the running job of domain {machine.name}")
-    active = machine.block_targets()
-    for snapshot in machine.domain.listAllSnapshots(0):
+    for name in reversed(snapshots(machine)):  # newest first: each is on top once the newer are gone
+        snapshot = _lookup_snapshot(machine, name)
         root = ET.fromstring(snapshot.getXMLDesc(0))  # noqa: S314 - libvirt's own XML
         if (root.findtext("description") or "") != MARK:
             continue
         overlays = external_overlays(snapshot)
+        active = machine.block_targets()
         if overlays and any(active.get(t) == o for t, o in overlays.items()):
-            commit_external_snapshot(machine, snapshot.getName())
-            done.append(f"committed and removed external snapshot {snapshot.getName()}")
+            commit_external_snapshot(machine, name)
+            done.append(f"committed and removed external snapshot {name}")
     return done
 
 

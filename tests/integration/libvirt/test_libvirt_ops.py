@@ -184,19 +184,21 @@ def test_recover_commits_a_left_over_snapshot_and_aborts_a_stale_backup_job(
     with LibvirtMachine(domain.name, uri=domain.uri) as machine:
         libvirt_ops.create_external_snapshot(machine, "dead-run")
         domain.write("vda", 0x52, 1)
+        libvirt_ops.create_external_snapshot(machine, "dead-run-2", disks=["vda"])
+        domain.write("vda", 0x53, 2)
         # a run that died while serving a pull backup: the job is still there
         pull = libvirt_ops.backup_pull(machine, tmp_path / "nbd.sock", checkpoint="k1")
         pull.__enter__()
         assert machine.domain.jobInfo()[0] != 0
         done = libvirt_ops.recover(machine)
-        assert len(done) == 2, done
+        assert len(done) == 3, done
         assert machine.domain.jobInfo()[0] == 0
         assert libvirt_ops.snapshots(machine) == []
         assert libvirt_ops.recover(machine) == []
     assert domain.domblklist() == original
     domain.qemu_io("vda", "flush")
     assert images_identical(
-        domain.images["vda"], reference_image(tmp_path / "ref", [(0x51, 0, 1), (0x52, 1, 1)])
+        domain.images["vda"], reference_image(tmp_path / "ref", [(0x51, 0, 1), (0x52, 1, 1), (0x53, 2, 1)])
     )
     assert not images_identical(domain.images["vda"], make_image(tmp_path / "empty.qcow2"))
 
