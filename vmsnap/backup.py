@@ -1,5 +1,6 @@
 """The backup orchestrator: resolve disks → quiesce → snapshot all disks at once → thaw → export and transfer
-→ delete the snapshots → checksum → manifest last; and :func:`recover`, which undoes what a dead run left.
+→ delete the snapshots → chunk digests (an incremental reads only its own clusters) → manifest last; and
+:func:`recover`, which undoes what a dead run left.
 
 Every step is recorded in the VM's journal (:mod:`vmsnap.journal`) before it starts, under the VM's
 repository lock, so a ``kill -9`` at any point is undone by ``vmsnap recover`` or by the next backup.
@@ -29,7 +30,6 @@ from vmsnap.errors import (
     UsageError,
     VmsnapError,
 )
-from vmsnap.imageio import guest_sha256
 from vmsnap.journal import Journal, snapshot_to_json
 from vmsnap.machine import Machine, find_disk
 from vmsnap.model import Disk, validate_name
@@ -521,7 +521,9 @@ class Backup:
             target = staging / f"{disk.name}.qcow2"
             os.chmod(target, 0o600)
             fsync_file(target)
-            digest = guest_sha256(target, "qcow2")
+            digest = repo.digest_staged(
+                staging, disk.name, disk.virtual_size, parent=parent if kind == "incremental" else None
+            )
             records.append(DiskRecord(disk.name, target.name, disk.virtual_size, written[disk.name], digest))
         transport_used = ",".join(sorted(transports_used))
         manifest = Manifest(

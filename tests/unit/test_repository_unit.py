@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vmsnap.digest import image_chunks
 from vmsnap.errors import (
     ChainError,
     ChecksumMismatchError,
@@ -24,12 +25,11 @@ from vmsnap.errors import (
     UsageError,
     VmsnapError,
 )
-from vmsnap.imageio import guest_sha256
 from vmsnap.repository import (
     DiskRecord,
     Manifest,
     Repository,
-    libqcow_sha256,
+    libqcow_chunks,
     new_backup_id,
     plan_retention,
     qcow2_backing_file,
@@ -65,7 +65,8 @@ def add_backup(
                 check=True,
             )
         qemu_io(image, *writes.get(disk, []))
-        records.append(DiskRecord(disk, image.name, SIZE, image.stat().st_size, guest_sha256(image, "qcow2")))
+        digest = repo.digest_staged(staging, disk, SIZE, parent=repo.get(vm, parent) if parent else None)
+        records.append(DiskRecord(disk, image.name, SIZE, image.stat().st_size, digest))
     manifest = Manifest(
         vm=vm,
         backup_id=backup_id,
@@ -171,8 +172,9 @@ def test_commit_seals_a_backup_private_with_the_manifest_last(repo: Repository, 
     data = json.loads((directory / "manifest.json").read_text())
     assert set(data) == {
         *("format", "vm", "backup_id", "kind", "parent", "strategy", "transport", "created", "quiesced"),
-        *("bitmap", "disks"),
+        *("bitmap", "disks", "digest"),
     }
+    assert data["digest"] == "sha256-4MiB-chunks"
     assert set(data["disks"][0]) == {"name", "file", "virtual_size", "bytes_written", "sha256"}
     assert [m.backup_id for m in repo.backups("vm1")] == [full.backup_id]
     # a staging directory (a run in progress or dead) is never listed
@@ -286,9 +288,9 @@ def test_libqcow_reader_agrees_with_qemu_on_zero_clusters_over_data(repo: Reposi
         repo, "vm1", {"disk0": ["write -z 0 64k", "write -z 1M 128k", "write -P 0x78 1536k 4k"]}, a.backup_id
     )
     image = repo.backup_dir("vm1", b.backup_id) / "disk0.qcow2"
-    digest, size = libqcow_sha256(image)
-    assert size == SIZE
-    assert digest == guest_sha256(image, "qcow2")
+    chunks = libqcow_chunks(image)
+    assert chunks.size == SIZE
+    assert chunks == image_chunks(image, "qcow2")
 
 
 def test_verify_finds_a_backing_link_that_points_elsewhere(repo: Repository, tmp_path: Path) -> None:
