@@ -275,11 +275,23 @@ class StrategyContract:
 
     # -- fixtures ---------------------------------------------------------------------------------
 
-    @pytest.fixture(params=["online", "offline"])
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Tests that cannot apply to a strategy are not generated for it (rather than skipped)."""
+        super().__init_subclass__(**kwargs)
+        if not cls.several_snapshots:
+            cls.test_two_snapshots_export_and_delete_independently = None  # type: ignore[assignment]
+            cls.test_rollback_to_the_older_of_two_snapshots = None  # type: ignore[assignment]
+        if not cls.disks_start_zeroed:
+            cls.test_export_holds_writes_the_vm_had_not_flushed = None  # type: ignore[assignment]
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        """Run each test in the modes the strategy supports (``modes``), and only those."""
+        if "lab" in metafunc.fixturenames:
+            metafunc.parametrize("lab", list(self.modes), indirect=True)
+
+    @pytest.fixture
     def lab(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lab]:
         mode = str(request.param)
-        if mode not in self.modes:
-            pytest.skip(f"{self.strategy_name} does not run {mode}")
         lab = self.make_lab(mode, tmp_path)
         try:
             yield lab
@@ -343,8 +355,6 @@ class StrategyContract:
     def test_export_holds_writes_the_vm_had_not_flushed(self, lab: Lab) -> None:
         """No capture (which flushes) between the writes and create: the strategy itself must make QEMU's
         cached metadata part of the snapshot."""
-        if not self.disks_start_zeroed:
-            pytest.skip("the lab's disks do not start zeroed")
         strategy = self.make_strategy(lab.machine)
         self.first_patterns(lab)
         refs = strategy.create(lab.disks(), name="snap1")
@@ -446,8 +456,6 @@ class StrategyContract:
             self.assert_export_holds(strategy, ref, at_create[ref.disk.name], lab.workdir)
 
     def test_two_snapshots_export_and_delete_independently(self, lab: Lab) -> None:
-        if not self.several_snapshots:
-            pytest.skip(f"{self.strategy_name} keeps one snapshot per disk")
         strategy = self.make_strategy(lab.machine)
         chains = {d: lab.chain(d) for d in lab.disk_names}
         self.first_patterns(lab)
@@ -478,8 +486,6 @@ class StrategyContract:
 
     def test_rollback_to_the_older_of_two_snapshots(self, lab: Lab) -> None:
         """Bytes of the older snapshot come back; whatever snapshots survive still export their own bytes."""
-        if not self.several_snapshots:
-            pytest.skip(f"{self.strategy_name} keeps one snapshot per disk")
         strategy = self.make_strategy(lab.machine)
         self.first_patterns(lab)
         first = _data_of(lab, "first")

@@ -76,8 +76,8 @@ class TestBackupPullContract(StrategyContract):
         mode = "pull" if machine.is_running else "push"
         return BlockdevBackupStrategy(machine, target_dir=backup_dir(machine), mode=mode)
 
-    def test_rollback_returns_exactly_the_snapshot_bytes(self, lab: Lab) -> None:
-        pytest.skip("a pull backup is read by the NBD client; there is no target to roll back to")
+    # a pull backup is read by the NBD client: there is no target to roll back to
+    test_rollback_returns_exactly_the_snapshot_bytes = None  # type: ignore[assignment]
 
 
 class TestBackupPullByJobContract(TestBackupPullContract):
