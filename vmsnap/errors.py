@@ -19,7 +19,7 @@ The tree::
      │    └── FreezeError              freeze or thaw failed (the guest is left thawed when we can)
      ├── SnapshotError               a strategy's create / delete / rollback failed
      ├── TransferError               a transport could not copy a snapshot out (bad source, full target)
-     ├── LibvirtError                libvirtd unreachable, or it refused an operation (snapshot, commit, backup)
+     ├── LibvirtError                libvirtd unreachable, or it refused an operation (snapshot, commit…)
      └── RepositoryError             the backup repository is missing, of another format, or damaged
           ├── ChecksumMismatchError
           └── ChainError             an incremental chain is broken (missing parent, bad backing link)
@@ -78,7 +78,7 @@ class TransferError(VmsnapError):
 
 
 class LibvirtError(VmsnapError):
-    """libvirt refused a connection or an operation (snapshot, block commit, backup job); libvirt's text kept."""
+    """libvirt refused a connection or an operation (snapshot, block commit, backup job); its text is kept."""
 
     default_hint = "check that libvirtd runs and that the --connect URI is right (virsh -c URI list --all)"
 
