@@ -80,9 +80,10 @@ def test_libvirtd_starts_runs_a_domain_and_stops_exactly_its_pids(tmp_path: Path
             try:
                 dom.create()
                 assert dom.isActive()
-                # its state lives in the private /run/libvirt, not the host's
+                # its state and definition live in private directories, not the host's
                 assert (daemon.qemu_run_dir / f"{name}.pid").exists()
                 assert not Path(f"/run/libvirt/qemu/{name}.pid").exists()
+                assert not Path(f"/etc/libvirt/qemu/{name}.xml").exists()
             finally:
                 remove_domain(dom)
             assert name not in [d.name() for d in conn.listAllDomains(0)]

@@ -39,6 +39,9 @@ QEMU_SETTINGS: Mapping[str, str] = {
 DRIVER_PID = Path("/run/libvirt/qemu/driver.pid")
 PUBLIC_SOCKET = Path("/run/libvirt/libvirt-sock")
 VIRTLOGD_SOCKET = Path("/run/libvirt/virtlogd-sock")
+# persistent domain XML, and per-domain state (checkpoint/snapshot metadata, domain-N-name dirs)
+PRIVATE_CONFIG = Path("/etc/libvirt/qemu")
+PRIVATE_STATE = Path("/var/lib/libvirt/qemu")
 
 
 def ensure_qemu_conf(conf: Path = QEMU_CONF, settings: Mapping[str, str] = QEMU_SETTINGS) -> list[str]:
@@ -122,9 +125,10 @@ class Libvirtd:
     processes outlive libvirtd.
 
     By default (``private``) virtlogd and libvirtd run in a mount namespace of their own in which
-    ``/run/libvirt`` is a directory under ``workdir``: only one system libvirtd may own ``/run/libvirt``,
-    so a private one neither meets nor disturbs another libvirtd on the host (the host's, or another test
-    session's). Disks, ``/etc/libvirt`` and ``/var/lib/libvirt`` stay shared; use unique domain names.
+    ``/run/libvirt``, ``/etc/libvirt/qemu`` (domain definitions) and ``/var/lib/libvirt/qemu`` (domain
+    state) are directories under ``workdir``: only one system libvirtd may own ``/run/libvirt``, so a
+    private one neither meets nor disturbs another libvirtd on the host (the host's, or another test
+    session's), and each sees only its own domains. ``qemu.conf``, logs and disk images stay shared.
 
     :param parent: where the temp dir goes (short: unix socket paths are limited to 108 bytes)
     :param timeout: seconds to wait for libvirtd to answer
@@ -236,7 +240,9 @@ class Libvirtd:
         self._wait_for(lambda: _answers(libvirt, self.uri), "libvirtd", self.log)
 
     def _enter_namespace(self, run: Path) -> list[str]:
-        """Make a mount namespace (held by a ``sleep`` we start) with ``run`` bound on /run/libvirt.
+        """Make a mount namespace (held by a ``sleep`` we start) with ``run`` bound on /run/libvirt and
+        private directories on the QEMU driver's domain definitions and state (``PRIVATE_CONFIG``,
+        ``PRIVATE_STATE``), so that no other libvirtd sees this one's domains, nor this one theirs.
 
         :return: the argv prefix that runs a program in it (nsenter execs the program: same pid)
         """
@@ -262,7 +268,15 @@ class Libvirtd:
                 )
             time.sleep(0.01)
         enter = ["nsenter", "-t", str(holder), "-m", "--"]
-        LocalRunner().run([*enter, "mount", "--bind", str(run), "/run/libvirt"], timeout=30)
+        assert self.workdir is not None
+        for source, target in (
+            (run, Path("/run/libvirt")),
+            (self.workdir / "etc-qemu", PRIVATE_CONFIG),
+            (self.workdir / "lib-qemu", PRIVATE_STATE),
+        ):
+            source.mkdir(mode=0o755, exist_ok=True)
+            target.mkdir(mode=0o755, parents=True, exist_ok=True)
+            LocalRunner().run([*enter, "mount", "--bind", str(source), str(target)], timeout=30)
         return enter
 
     def _spawn(self, argv: list[str], name: str) -> subprocess.Popen[bytes]:
