@@ -44,6 +44,7 @@ from vmsnap.imageio import (
     image_info,
     nbd_connection,
 )
+from vmsnap.qcow2 import ChainMap, read_chain
 from vmsnap.runner import LocalRunner, Runner
 
 ALGORITHM = "sha256-4MiB-chunks"
@@ -262,6 +263,51 @@ def qemu_img_map(
     return ImageMap(size, tuple(found), tuple(files), via_nbd=False)
 
 
+def overlay_map(path: Path) -> ImageMap | None:
+    """The map of only the chunks an overlay's own clusters touch, from the qcow2 tables of its chain (no
+    QEMU, O(changed data)), or None when the chain is not plain enough for :mod:`vmsnap.qcow2`."""
+    layers = read_chain(path)
+    if layers is None or len(layers) < 2:
+        return None
+    size = layers[0].size
+    try:
+        chain = ChainMap(layers)
+    except OSError:
+        return None
+    with chain:
+        allocated = chain.allocated(0)
+        if allocated is None:
+            return None
+        touched = sorted(
+            {
+                i
+                for start, length in allocated
+                for i in range(start // CHUNK_SIZE, (start + length - 1) // CHUNK_SIZE + 1)
+            }
+        )
+        found: list[Extent] = []
+        for first, last in _runs_of(touched):
+            placed = chain.place(first * CHUNK_SIZE, min((last + 1) * CHUNK_SIZE, size))
+            if placed is None:
+                return None
+            found += [Extent(p.start, p.length, p.zero, p.layer, p.host_offset, top=True) for p in placed]
+    return ImageMap(size, tuple(found), tuple(layer.path for layer in layers), via_nbd=False)
+
+
+def _runs_of(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """(first, last) of each run of consecutive numbers in sorted ``indices``."""
+    start = previous = None
+    for index in indices:
+        if previous is not None and index == previous + 1:
+            previous = index
+            continue
+        if start is not None and previous is not None:
+            yield start, previous
+        start = previous = index
+    if start is not None and previous is not None:
+        yield start, previous
+
+
 def _gaps(found: Sequence[Extent], size: int) -> bool:
     position = 0
     for extent in found:
@@ -476,6 +522,10 @@ def image_chunks(
     path = Path(path).absolute()
     if not path.exists():
         raise NotFoundError(f"image {path} does not exist", hint="check the path")
+    if parent is not None and not image_opts and not force_share and format == "qcow2":
+        changes = overlay_map(path)
+        if changes is not None and changes.size == parent.size:
+            return hash_chunks(changes, parent=parent, workers=workers)
     if not image_opts:
         image_map = qemu_img_map(
             path, format, force_share=force_share, block_device=block_device, runner=runner

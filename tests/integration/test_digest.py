@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import make_image
 from vmsnap.backup import Backup, BackupConfig
-from vmsnap.digest import ChunkDigests, image_chunks
+from vmsnap.digest import ChunkDigests, image_chunks, overlay_map
 from vmsnap.errors import ChecksumMismatchError, RepositoryError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
 from vmsnap.machine import QemuMachine
@@ -327,3 +327,56 @@ def test_an_incremental_on_a_parent_with_damaged_digests_reads_everything(tmp_pa
     subprocess.run(["qemu-io", "-c", "write -P 0x44 0 64k", str(image)], check=True, capture_output=True)
     digest = repo.digest_staged(staging, "disk0", ODD_SIZE, parent=repo.get("vm1", ids[1]))
     assert digest == independent_root(independent_chunks(image, tmp_path))
+
+
+def _qemu_io(image: Path, *commands: str, fmt: str = "qcow2") -> None:
+    argv = ["qemu-io", "-f", fmt]
+    for command in commands:
+        argv += ["-c", command]
+    subprocess.run([*argv, str(image)], check=True, capture_output=True)
+
+
+def _create(
+    image: Path, size: int | None, *options: str, backing: Path | None = None, backing_fmt: str = "qcow2"
+) -> Path:
+    argv = ["qemu-img", "create", "-q", "-f", "raw" if image.suffix == ".raw" else "qcow2", *options]
+    if backing is not None:
+        argv += ["-b", backing.name, "-F", backing_fmt]
+    subprocess.run([*argv, str(image), *([str(size)] if size is not None else [])], check=True)
+    return image
+
+
+@pytest.mark.parametrize(
+    "chain", ["qcow2", "three-deep-mixed-clusters", "raw-base", "short-base", "v2-base", "compressed-base"]
+)
+def test_the_overlay_fast_path_agrees_with_an_independent_digest(tmp_path: Path, chain: str) -> None:
+    """An incremental's digests from its own qcow2 tables (vmsnap.qcow2) equal the independent ones; a chain
+    it does not understand (a compressed cluster where the overlay changed) is read through QEMU instead."""
+    size = ODD_SIZE // 2 if chain == "short-base" else ODD_SIZE
+    if chain == "raw-base":
+        base = _create(tmp_path / "base.raw", size)
+    elif chain == "v2-base":
+        base = _create(tmp_path / "base.qcow2", size, "-o", "compat=0.10")
+    else:
+        cluster = "4k" if chain == "three-deep-mixed-clusters" else "64k"
+        base = _create(tmp_path / "base.qcow2", size, "-o", f"cluster_size={cluster}")
+    _qemu_io(base, "write -P 0x61 0 3M", f"write -P 0x62 {size - 8192} 8192", fmt=base.suffix[1:])
+    if chain == "compressed-base":
+        compressed = tmp_path / "base-c.qcow2"
+        subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", str(base), str(compressed)], check=True)
+        base = compressed
+    below = base
+    if chain == "three-deep-mixed-clusters":
+        below = _create(tmp_path / "middle.qcow2", None, "-o", "cluster_size=1M", backing=base)
+        _qemu_io(below, "write -P 0x63 2M 2M", "write -z 5M 1M")
+    backing_fmt = "raw" if below.suffix == ".raw" else "qcow2"
+    # the parent's digests: what the backing reads like at the overlay's size (zeros past a shorter base)
+    parent = image_chunks(_create(tmp_path / "empty.qcow2", ODD_SIZE, backing=below, backing_fmt=backing_fmt))
+    top = _create(tmp_path / "top.qcow2", ODD_SIZE, backing=below, backing_fmt=backing_fmt)
+    _qemu_io(
+        top, f"write -P 0x64 {PIECE - 4096} 12k", "write -z 1M 64k", f"write -P 0x65 {ODD_SIZE - 4096} 4k"
+    )
+    assert (overlay_map(top) is None) == (chain == "compressed-base")
+    expected = b"".join(independent_chunks(top, tmp_path))
+    assert image_chunks(top, parent=parent).digests == expected
+    assert image_chunks(top).digests == expected
