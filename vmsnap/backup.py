@@ -9,6 +9,7 @@ repository lock, so a ``kill -9`` at any point is undone by ``vmsnap recover`` o
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -429,6 +430,16 @@ class Backup:
                 raise RecoveryError(
                     f"{_one_line(err)}; undoing the run failed too: {undo_err.message}",
                     hint=f"fix that, then run `vmsnap recover --repo {repo.root}` for {vm}",
+                ) from err
+            if isinstance(err, OSError):  # e.g. the journal could not be written: QEMU filled the disk
+                full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+                raise RepositoryError(
+                    f"writing into the repository {repo.root} failed: "
+                    + ("the filesystem is full " if full else "")
+                    + f"({err.strerror or err})",
+                    hint="free space there (nothing partial was kept) and run the backup again"
+                    if full
+                    else "check the repository's filesystem and permissions",
                 ) from err
             raise
 
