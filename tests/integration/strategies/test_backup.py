@@ -427,3 +427,20 @@ def test_auto_fleecing_falls_back_to_the_job_where_no_device_can_be_swapped(
         pull.delete(ref)
     _no_leftovers(vm, vm.machine.disks())
     assert not (tmp_path / "pull" / "loose.fleece").exists()
+
+
+def test_push_targets_bypass_the_page_cache(two_disk_vm: RunningVm, tmp_path: Path) -> None:
+    vm = two_disk_vm
+    qmp = vm.machine.qmp()
+    qemu_io(qmp, "disk0", "write -P 0x3c 1M 2M")
+    expected = _capture(vm, "disk0", tmp_path / "expected.qcow2")
+    target_dir = tmp_path / "b"
+    strategy = BlockdevBackupStrategy(vm.machine, target_dir=target_dir, wait=False)
+    refs = strategy.create(vm.machine.disks(), name="b1")
+    files = {n["file"]: n["cache"]["direct"] for n in qmp.query_named_block_nodes() if n.get("drv") == "file"}
+    assert files[str(target_dir / "disk0.qcow2")] is True  # O_DIRECT (a filesystem without it: default)
+    with strategy.export(refs[0]) as source:
+        compare_images(Path(source.location), expected)
+    for ref in refs:
+        strategy.delete(ref)
+    _no_leftovers(vm, vm.machine.disks())
