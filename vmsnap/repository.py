@@ -780,6 +780,9 @@ class Repository:
             VerifyProblem(d.vm, d.backup_id, "", d.error.message) for d in damaged
         ]
         checked: list[tuple[str, str]] = []
+        # (vm, backup id, disk) → digests of content verified in this run: an incremental on top of one is
+        # read only where its own image holds clusters (elsewhere it reads as its parent, just verified)
+        verified: dict[tuple[str, str, str], ChunkDigests] = {}
         for manifest in targets:
             checked.append((manifest.vm, manifest.backup_id))
             try:
@@ -795,10 +798,11 @@ class Repository:
                 if link_problems:
                     continue
                 image = self.backup_dir(manifest.vm, manifest.backup_id) / record.file
-                problems += [
-                    VerifyProblem(manifest.vm, manifest.backup_id, record.name, message)
-                    for message in self._verify_disk(manifest, record, image, chosen, progress)
-                ]
+                parent = verified.get((manifest.vm, manifest.parent or "", record.name))
+                messages, content = self._verify_disk(manifest, record, image, chosen, progress, parent)
+                problems += [VerifyProblem(manifest.vm, manifest.backup_id, record.name, m) for m in messages]
+                if not messages and content is not None:
+                    verified[(manifest.vm, manifest.backup_id, record.name)] = content
         checked += [(d.vm, d.backup_id) for d in damaged]
         return VerifyReport(chosen, tuple(sorted(checked)), tuple(problems))
 
@@ -809,8 +813,14 @@ class Repository:
         image: Path,
         reader: Literal["qemu", "libqcow"],
         progress: DiskProgress,
-    ) -> list[str]:
-        """What is wrong with one disk of a backup: its chunk digests file, its size, its content."""
+        parent: ChunkDigests | None = None,
+    ) -> tuple[list[str], ChunkDigests | None]:
+        """What is wrong with one disk of a backup (its chunk digests file, its size, its content), and the
+        digests of its content as read.
+
+        :param parent: the verified digests of the parent backup's content (incrementals): then only the
+            chunks the image's own layer touches are read
+        """
         problems: list[str] = []
         stored: ChunkDigests | None = None
         try:
@@ -819,12 +829,14 @@ class Repository:
             problems.append(err.message)
         progress(record.name, 0, record.virtual_size)
         try:
+            if parent is not None and parent.size != record.virtual_size:
+                parent = None
             if reader == "libqcow":
-                content = libqcow_chunks(image)
+                content = libqcow_chunks(image, parent=parent)
             else:
-                content = image_chunks(image, "qcow2", runner=self.runner)
+                content = image_chunks(image, "qcow2", parent=parent, runner=self.runner)
         except (VmsnapError, OSError) as err:
-            return [*problems, f"unreadable: {err}"]
+            return [*problems, f"unreadable: {err}"], None
         progress(record.name, record.virtual_size, record.virtual_size)
         if content.size != record.virtual_size:
             problems.append(f"virtual size {content.size}, the manifest says {record.virtual_size}")
@@ -833,7 +845,7 @@ class Repository:
             problems.append(
                 f"sha256 {content.root[:16]}… does not match the manifest's {record.sha256[:16]}…{where}"
             )
-        return problems
+        return problems, content
 
     def _check_links(self, chain: Sequence[Manifest], disk: str, *, raise_first: bool) -> list[str]:
         """Check that every image of ``disk`` along ``chain`` exists and links to its parent's image."""
@@ -1044,9 +1056,11 @@ def _qcow2_map(image: Path) -> _Qcow2Map:
     return _Qcow2Map(cluster_size, states)
 
 
-def libqcow_chunks(image: Path) -> ChunkDigests:
+def libqcow_chunks(image: Path, *, parent: ChunkDigests | None = None) -> ChunkDigests:
     """The chunk digests (:mod:`vmsnap.digest`) of a qcow2 chain's guest-visible content, read with libqcow
-    (pyqcow): an independent reader for ``verify``. Chunks without a data cluster in any layer are not read.
+    (pyqcow): an independent reader for ``verify``. Chunks without a data cluster in any layer are not read;
+    with ``parent`` (the digests of the backing file's content, of the same size) only the chunks the image's
+    own layer holds clusters of are read, the others are the parent's.
 
     libqcow reads each file's data; which file serves each cluster comes from vmsnap's own L2-table parse,
     because libqcow (as of 20260703) reads a zero-flagged cluster of an overlay from its backing file.
@@ -1082,14 +1096,20 @@ def libqcow_chunks(image: Path) -> ChunkDigests:
             handle = pyqcow.file()
             handle.open(str(layer))
             files.append(handle)
-        for child, parent in itertools.pairwise(files):
-            child.set_parent(parent)  # libqcow refuses to read an overlay without its parent
+        for child, below in itertools.pairwise(files):
+            child.set_parent(below)  # libqcow refuses to read an overlay without its parent
         size = int(files[0].get_media_size())
-        digests = bytearray(ChunkDigests.zeros(size).digests)
-        with_data = sorted(
-            {index // per_chunk for m in maps for index, state in m.states.items() if state == "data"}
-        )
-        for chunk in with_data:
+        zeros = ChunkDigests.zeros(size)
+        if parent is not None and (parent.size != size or len(layers) < 2):
+            parent = None
+        digests = bytearray((parent or zeros).digests)
+        with_data = {index // per_chunk for m in maps for index, state in m.states.items() if state == "data"}
+        if parent is not None:
+            touched = {index // per_chunk for index in maps[0].states}
+            for chunk in touched & set(range(len(zeros))):  # zeros unless data is found below
+                digests[chunk * DIGEST_SIZE : (chunk + 1) * DIGEST_SIZE] = zeros.chunk(chunk)
+            with_data &= touched
+        for chunk in sorted(with_data):
             start = chunk * CHUNK_SIZE
             if start >= size:
                 continue

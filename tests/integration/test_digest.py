@@ -220,11 +220,16 @@ def test_every_way_of_reading_gives_the_same_digest(tmp_path: Path, kind: str) -
 # -- damage is caught ------------------------------------------------------------------------------------
 
 
-def _chain(tmp_path: Path) -> tuple[Repository, list[str]]:
-    """A repository with a full backup and an incremental of one odd-sized disk (no VM: qemu-io writes)."""
+CHAIN_WRITES = (["write -P 0x41 0 6M"], [f"write -P 0x42 {PIECE - 512} 1k", "write -P 0x43 10M 64k"])
+
+
+def _chain(
+    tmp_path: Path, writes_per_backup: tuple[list[str], ...] = CHAIN_WRITES
+) -> tuple[Repository, list[str]]:
+    """A repository with a full backup and incrementals of one odd-sized disk (no VM: qemu-io writes)."""
     repo = Repository.open(tmp_path / "repo", create=True)
     ids: list[str] = []
-    for writes in (["write -P 0x41 0 6M"], [f"write -P 0x42 {PIECE - 512} 1k", "write -P 0x43 10M 64k"]):
+    for writes in writes_per_backup:
         backup_id = repo.new_backup_id("vm1")
         staging = repo.stage("vm1", backup_id)
         image = staging / "disk0.qcow2"
@@ -380,3 +385,30 @@ def test_the_overlay_fast_path_agrees_with_an_independent_digest(tmp_path: Path,
     expected = b"".join(independent_chunks(top, tmp_path))
     assert image_chunks(top, parent=parent).digests == expected
     assert image_chunks(top).digests == expected
+
+
+@pytest.mark.parametrize("reader", ["qemu", "libqcow"])
+def test_verify_trusts_a_parent_only_once_it_verified(tmp_path: Path, reader: str) -> None:
+    """verify reads an incremental only where its own layer has clusters when its parent verified in the
+    same run; damage in a chunk only the parent holds must still fail the incremental too."""
+    writes = (["write -P 0x51 0 10M"], ["write -P 0x52 9M 64k"], ["write -P 0x53 9M 4k"])
+    repo, ids = _chain(tmp_path, writes)
+    report = repo.verify("vm1", reader=reader)  # type: ignore[arg-type]
+    assert report.ok, report.problems
+    image = repo.backup_dir("vm1", ids[0]) / "disk0.qcow2"
+    extents = subprocess.run(
+        ["qemu-img", "map", "--output=json", str(image)], check=True, capture_output=True, text=True
+    ).stdout
+    entry = next(
+        e for e in json.loads(extents) if e["data"] and e["start"] <= 5 * MiB < e["start"] + e["length"]
+    )
+    offset = entry["offset"] + 5 * MiB - entry["start"]  # chunk 1: no incremental touches it
+    with open(image, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+    report = repo.verify("vm1", reader=reader)  # type: ignore[arg-type]
+    assert [p.backup_id for p in report.problems] == ids, report.problems
+    assert all("chunk 1 (offset 4 MiB)" in p.message for p in report.problems)
+    assert repo.verify("vm1", ids[2], reader=reader).problems  # type: ignore[arg-type]
