@@ -499,6 +499,7 @@ def image_chunks(
     block_device: bool = False,
     workers: int = WORKERS,
     runner: Runner | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ChunkDigests:
     """The chunk digests of an image's GUEST-VISIBLE content (backing files resolved, holes as zeros).
 
@@ -510,6 +511,7 @@ def image_chunks(
         chunk is read) when the image must be read through qemu-nbd.
     :param image_opts: e.g. ``{"snapshot.name": "s1"}`` (read through qemu-nbd)
     :param force_share: read an image a running QEMU holds
+    :param progress: called with (chunks hashed, chunks to hash) as the work goes on
     :raise NotFoundError: the image does not exist
     :raise UsageError: an unsupported format, or a ``parent`` of another size or for an image without a
         backing file
@@ -525,13 +527,13 @@ def image_chunks(
     if parent is not None and not image_opts and not force_share and format == "qcow2":
         changes = overlay_map(path)
         if changes is not None and changes.size == parent.size:
-            return hash_chunks(changes, parent=parent, workers=workers)
+            return hash_chunks(changes, parent=parent, workers=workers, progress=progress)
     if not image_opts:
         image_map = qemu_img_map(
             path, format, force_share=force_share, block_device=block_device, runner=runner
         )
         if image_map is not None:
-            return hash_chunks(image_map, parent=parent, workers=workers)
+            return hash_chunks(image_map, parent=parent, workers=workers, progress=progress)
     server = QemuNbdServer(
         path,
         format,
@@ -541,15 +543,18 @@ def image_chunks(
         runner=runner,
     )
     with server:
-        return uri_chunks(server.uri, workers=workers)
+        return uri_chunks(server.uri, workers=workers, progress=progress)
 
 
-def uri_chunks(uri: str, *, workers: int = WORKERS) -> ChunkDigests:
+def uri_chunks(
+    uri: str, *, workers: int = WORKERS, progress: Callable[[int, int], None] | None = None
+) -> ChunkDigests:
     """The chunk digests of an NBD export's content (one connection per worker)."""
     # the first connection stays open while the workers read: a private qemu-nbd exits with its last client
     with nbd_connection(uri, contexts=["base:allocation"]) as handle:
         image_map = nbd_map(handle)
-        return hash_chunks(image_map, nbd_uri=uri, workers=min(workers, 7))  # qemu-nbd --shared=8
+        # qemu-nbd --shared=8
+        return hash_chunks(image_map, nbd_uri=uri, workers=min(workers, 7), progress=progress)
 
 
 def guest_digest(path: str | Path, format: str = "qcow2", **options: Any) -> str:

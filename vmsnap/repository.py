@@ -729,7 +729,9 @@ class Repository:
                 # the image goes to disk while it is read back from the page cache and hashed
                 with concurrent.futures.ThreadPoolExecutor(max_workers=1) as syncer:
                     synced = syncer.submit(fsync_file, partial)
-                    got = image_chunks(partial, "qcow2", runner=self.runner)
+                    got = image_chunks(
+                        partial, "qcow2", runner=self.runner, progress=_scaled(progress, record)
+                    )
                     synced.result()
                 digest = got.root
                 if digest != record.sha256:
@@ -834,7 +836,9 @@ class Repository:
             if reader == "libqcow":
                 content = libqcow_chunks(image, parent=parent)
             else:
-                content = image_chunks(image, "qcow2", parent=parent, runner=self.runner)
+                content = image_chunks(
+                    image, "qcow2", parent=parent, runner=self.runner, progress=_scaled(progress, record)
+                )
         except (VmsnapError, OSError) as err:
             return [*problems, f"unreadable: {err}"], None
         progress(record.name, record.virtual_size, record.virtual_size)
@@ -952,6 +956,16 @@ def _id_time(backup_id: str) -> dt.datetime:
         return dt.datetime.strptime(backup_id.split("Z", 1)[0], "%Y%m%dT%H%M%S.%f").replace(tzinfo=dt.UTC)
     except ValueError:
         return dt.datetime.now(dt.UTC)
+
+
+def _scaled(progress: DiskProgress, record: DiskRecord) -> Callable[[int, int], None]:
+    """A hashing progress callback (chunks done, chunks to do) reported as bytes of the disk."""
+
+    def report(done: int, total: int) -> None:
+        if total and done < total:  # the caller reports the end itself
+            progress(record.name, record.virtual_size * done // total, record.virtual_size)
+
+    return report
 
 
 def _first_difference(expected: ChunkDigests, got: ChunkDigests) -> str:

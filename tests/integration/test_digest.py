@@ -412,3 +412,22 @@ def test_verify_trusts_a_parent_only_once_it_verified(tmp_path: Path, reader: st
     assert [p.backup_id for p in report.problems] == ids, report.problems
     assert all("chunk 1 (offset 4 MiB)" in p.message for p in report.problems)
     assert repo.verify("vm1", ids[2], reader=reader).problems  # type: ignore[arg-type]
+
+
+def test_verify_and_restore_report_hashing_progress(tmp_path: Path) -> None:
+    repo, ids = _chain(tmp_path)
+    seen: list[tuple[str, int, int]] = []
+    assert repo.verify("vm1", ids[0], reader="qemu", progress=lambda *a: seen.append(a)).ok
+    repo.restore("vm1", ids[0], tmp_path / "out", progress=lambda *a: seen.append(a))
+    runs: list[list[int]] = []
+    current: list[int] = []
+    for disk, done, total in seen:
+        assert (disk, total) == ("disk0", ODD_SIZE)
+        current.append(done)
+        if done == total:
+            runs.append(current)
+            current = []
+    assert len(runs) == 2 and not current  # one for verify, one for restore
+    for run in runs:
+        assert run[0] == 0 and run == sorted(run)
+        assert any(0 < done < ODD_SIZE for done in run), run  # the hashing moved it on
