@@ -187,6 +187,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for kind, path in write_throughput(document, args.out).items():
             paths[f"throughput_{kind}"] = path
         payload["throughput"] = document["ratios"]
+        if document.get("peers"):
+            payload["peers"] = document["peers"].get("ratios", {})
         human += "\n" + paths["throughput_markdown"].read_text()
     payload["results"] = {k: str(v) for k, v in paths.items()}
     emit(args, payload, human + "\n" + "\n".join(f"wrote {p}" for p in paths.values()))

@@ -346,6 +346,13 @@ class CostBench:
         finally:
             self.runner.run(["losetup", "-d", device], ok_codes=(0, 1))
 
+    def _clear(self, mnt: Path) -> None:
+        """Delete every subvolume the Btrfs benchmark made (snapshots first) and wait for the space."""
+        for pattern in ("snap-*", "aside", "vol-*"):
+            for sub in sorted(mnt.glob(pattern)):
+                self.runner.run(["btrfs", "-q", "subvolume", "delete", str(sub)])
+        self.runner.run(["btrfs", "subvolume", "sync", str(mnt)], timeout=600)
+
     def btrfs(self) -> None:
         """Btrfs subvolume snapshots of a raw image, with and without nodatacow."""
         if os.geteuid() != 0 or not self.runner.which("mkfs.btrfs"):
@@ -356,11 +363,7 @@ class CostBench:
 
                 def volume(i: int, cow: str = cow) -> Path:
                     vol = mnt / f"vol-{cow}-{i}"
-                    snaps = [p for p in mnt.glob(f"snap-{cow}-{i}*")]
-                    for snap in snaps:
-                        self.runner.run(["btrfs", "-q", "subvolume", "delete", str(snap)])
-                    if vol.exists():
-                        self.runner.run(["btrfs", "-q", "subvolume", "delete", str(vol)])
+                    self._clear(mnt)  # one run's volume at a time: the loop filesystem stays small
                     self.runner.run(["btrfs", "-q", "subvolume", "create", str(vol)])
                     image = vol / "disk.raw"
                     image.touch()
@@ -398,9 +401,7 @@ class CostBench:
 
                 def prepared(i: int, mib: int = mib) -> tuple[Path, Path]:
                     vol = mnt / "vol-nodatacow-0"
-                    for old in (mnt / "vol-nodatacow-0", mnt / "snap-nodatacow-0", mnt / "aside"):
-                        if old.exists():
-                            self.runner.run(["btrfs", "-q", "subvolume", "delete", str(old)])
+                    self._clear(mnt)
                     self.runner.run(["btrfs", "-q", "subvolume", "create", str(vol)])
                     image = vol / "disk.raw"
                     image.touch()
