@@ -398,12 +398,12 @@ class _Hasher:
             if extent.zero:
                 piece[:] = _ZEROS[: hi - lo]
             elif extent.layer >= 0:
-                self._pread(extent.layer, piece, extent.host_offset + (lo - extent.start))
+                self.pread_into(extent.layer, piece, extent.host_offset + (lo - extent.start))
             else:
                 piece[:] = self._nbd_read(hi - lo, lo)
         return hashlib.sha256(view).digest()
 
-    def _pread(self, layer: int, piece: memoryview, offset: int) -> None:
+    def pread_into(self, layer: int, piece: memoryview, offset: int) -> None:
         fd = self.fds[layer]
         while piece:
             got = os.preadv(fd, [piece], offset)
@@ -560,3 +560,39 @@ def uri_chunks(
 def guest_digest(path: str | Path, format: str = "qcow2", **options: Any) -> str:
     """The ``sha256-4MiB-chunks`` root of an image's guest-visible content (see :func:`image_chunks`)."""
     return image_chunks(path, format, **options).root
+
+
+def plain_sha256(
+    path: str | Path,
+    format: str = "qcow2",
+    *,
+    force_share: bool = False,
+    block_device: bool = False,
+    runner: Runner | None = None,
+) -> str | None:
+    """The plain sha256 of an image's guest-visible content read straight from its files (holes hashed from
+    a zero buffer, never read), or None when qemu-img map cannot place every data extent in a file.
+
+    :raise CommandError: qemu-img cannot open the image
+    :raise TransferError: a read failed
+    """
+    image_map = qemu_img_map(
+        Path(path).absolute(), format, force_share=force_share, block_device=block_device, runner=runner
+    )
+    if image_map is None:
+        return None
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(CHUNK_SIZE))
+    with _Hasher(image_map, None) as reader:
+        for extent in image_map.extents:
+            position = extent.start
+            while position < extent.end:
+                step = min(CHUNK_SIZE, extent.end - position)
+                if extent.zero:
+                    digest.update(_ZEROS[:step])
+                else:
+                    host = extent.host_offset + position - extent.start
+                    reader.pread_into(extent.layer, buffer[:step], host)
+                    digest.update(buffer[:step])
+                position += step
+    return digest.hexdigest()

@@ -572,7 +572,8 @@ def guest_sha256(
 ) -> str:
     """sha256 of an image's GUEST-VISIBLE content: its whole virtual size, backing files resolved, holes read
     as zeros (hashed from a shared zero buffer, never read). A qcow2 and its raw conversion, or a chain and
-    its flattened copy, give the same digest.
+    its flattened copy, give the same digest. Read straight from the image's files where ``qemu-img map``
+    places every data extent (see :mod:`vmsnap.digest`), else through a private qemu-nbd.
 
     :param path: image file (or block device)
     :param format: "qcow2" or "raw"
@@ -583,6 +584,12 @@ def guest_sha256(
     """
     if format not in ("qcow2", "raw"):
         raise UsageError(f"unsupported image format {format!r}", hint="use 'qcow2' or 'raw'")
+    if not image_opts and Path(path).exists():
+        from vmsnap.digest import plain_sha256  # vmsnap.digest builds on this module
+
+        direct = plain_sha256(path, format, force_share=force_share, block_device=block_device, runner=runner)
+        if direct is not None:
+            return direct
     server = QemuNbdServer(
         Path(path),
         format,
