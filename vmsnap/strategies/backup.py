@@ -517,39 +517,6 @@ class BlockdevBackupStrategy:
         self, qmp: QMPMonitor, plans: Sequence[_Plan], *, name: str, set_id: str, fallback: str
     ) -> list[SnapshotRef]:
         runner = self.machine.runner
-        created: list[Path] = []
-        added: list[str] = []
-        try:
-            for plan in plans:
-                argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
-                if plan.parent is not None:
-                    # relative, so the chain can be moved as a whole (repository directories)
-                    rel = os.path.relpath(plan.parent.resolve(), plan.target.parent.resolve())
-                    argv += ["-b", rel, "-F", "qcow2"]
-                created.append(plan.target)
-                runner.run([*argv, str(plan.target), str(plan.disk.virtual_size)], timeout=120)
-                os.chmod(plan.target, 0o600)
-                node = target_node(plan.disk.name)
-                _add_push_target(qmp, node, plan.target)
-                added.append(node)
-            actions: list[Any] = []
-            for plan in plans:
-                node = target_node(plan.disk.name)
-                # a fresh job id per backup: events of an earlier job with the same id may still be queued
-                job_id = f"{node}-{set_id.rsplit('-', 1)[-1]}"
-                actions += self._actions(plan, job_id=job_id, device=None, target=node)
-            qmp.transaction(actions)
-        except VmsnapError as err:
-            for node in reversed(added):
-                with contextlib.suppress(VmsnapError):
-                    qmp.blockdev_del(node)
-            for path in created:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-            raise SnapshotError(
-                f"backup of {', '.join(p.disk.name for p in plans)} could not start: {err.message}",
-                hint="nothing was changed on the disks; check the target directory and QEMU's log",
-            ) from err
         names = [p.disk.name for p in plans]
         refs = [
             SnapshotRef(
@@ -565,8 +532,46 @@ class BlockdevBackupStrategy:
             )
             for plan in plans
         ]
-        for ref in refs:
-            self._write_sidecar(ref)
+        created: list[Path] = []
+        added: list[str] = []
+        try:
+            for plan in plans:
+                argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+                if plan.parent is not None:
+                    # relative, so the chain can be moved as a whole (repository directories)
+                    rel = os.path.relpath(plan.parent.resolve(), plan.target.parent.resolve())
+                    argv += ["-b", rel, "-F", "qcow2"]
+                created.append(plan.target)
+                runner.run([*argv, str(plan.target), str(plan.disk.virtual_size)], timeout=120)
+                os.chmod(plan.target, 0o600)
+                node = target_node(plan.disk.name)
+                _add_push_target(qmp, node, plan.target)
+                added.append(node)
+            # the records go first: once the jobs run they may fill the target filesystem
+            for ref in refs:
+                created.append(self._sidecar(ref.disk.name))
+                self._write_sidecar(ref)
+            actions: list[Any] = []
+            for plan, ref in zip(plans, refs, strict=True):
+                # a fresh job id per backup: events of an earlier job with the same id may still be queued
+                actions += self._actions(
+                    plan, job_id=ref.details["job"], device=None, target=ref.details["node"]
+                )
+            qmp.transaction(actions)
+        except (VmsnapError, OSError) as err:
+            for node in reversed(added):
+                with contextlib.suppress(VmsnapError):
+                    qmp.blockdev_del(node)
+            for path in created:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            reason = (
+                err.message if isinstance(err, VmsnapError) else f"{err.strerror or err} ({err.filename})"
+            )
+            raise SnapshotError(
+                f"backup of {', '.join(names)} could not start: {reason}",
+                hint="nothing was changed on the disks; check the target directory and QEMU's log",
+            ) from err
         self._outcomes[set_id] = {p.disk.name: "started" for p in plans}
         if self.wait:
             self._finish_all(qmp, refs)
