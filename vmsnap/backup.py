@@ -549,6 +549,7 @@ class Backup:
             bitmap=self.config.bitmap if strategy_name == "backup" else None,
             disks=tuple(records),
         )
+        _save_domain_definition(self.machine, staging)
         journal.record("sealing")
         crash_point("before-manifest")
         final = repo.commit(staging, manifest)
@@ -759,6 +760,37 @@ def _listening(path: Path) -> bool:
     return True
 
 
+DOMAIN_XML = "domain.xml"
+"""Beside a backup of a libvirt domain: its persistent definition, for ``vmsnap restore --define``."""
+
+
+def _save_domain_definition(machine: Machine, staging: Path) -> None:
+    """Keep a libvirt domain's definition with its backup (0600), so a restore can redefine the domain."""
+    if type(machine).__name__ != "LibvirtMachine":  # no libvirt import for everybody else
+        return
+    from vmsnap.libvirt_machine import LibvirtMachine
+    from vmsnap.libvirt_ops import saved_domain_xml
+
+    assert isinstance(machine, LibvirtMachine)
+    path = staging / DOMAIN_XML
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(saved_domain_xml(machine))
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _libvirt_leftovers(machine: Machine) -> list[str]:
+    """For a libvirt domain: abort a backup job and commit external snapshots a dead run left in libvirt."""
+    if type(machine).__name__ != "LibvirtMachine":
+        return []
+    from vmsnap.libvirt_machine import LibvirtMachine
+    from vmsnap.libvirt_ops import recover as libvirt_recover
+
+    assert isinstance(machine, LibvirtMachine)
+    return libvirt_recover(machine)
+
+
 def recover_leftovers(repo: Repository, machine: Machine) -> RecoveryReport:
     """Undo what dead runs left for ``machine`` in ``repo`` (caller holds the VM's lock): the journal's run,
     then any staging or half-pruned directory."""
@@ -785,6 +817,7 @@ def recover(machine: Machine, repo_root: Path | None) -> RecoveryReport:
         repo = Repository.open(repo_root, runner=machine.runner)
         with repo.lock(machine.name):
             actions += recover_leftovers(repo, machine).actions
+    actions += _libvirt_leftovers(machine)
     if machine.is_running:
         agent = machine.agent()
         if agent is not None and agent.is_responding() and agent.fsfreeze_status() == "frozen":

@@ -156,3 +156,42 @@ def test_a_restored_backup_can_be_defined_as_a_new_domain_from_the_saved_xml(
         assert_identical(images["sdb"], reference_image(tmp_path / "ref-sdb", [(0x92, 9, 1)]))
     finally:
         libvirtd.reaper.remove(conn, dom)
+
+
+def test_restore_define_redefines_the_domain_through_the_cli(
+    domain: LibvirtTestDomain, libvirtd: Libvirtd, tmp_path: Path
+) -> None:
+    import libvirt
+
+    repo, out = tmp_path / "repo", tmp_path / "restored"
+    domain.write("vda", 0x95, 5)
+    full = vmsnap("backup", "--repo", str(repo), "--domain", domain.name, "--connect", domain.uri)
+    saved = repo / domain.name / full["backup_id"] / "domain.xml"
+    assert saved.stat().st_mode & 0o777 == 0o600
+    clone = libvirtd.new_domain_name()
+    restored = vmsnap(
+        "restore", "--repo", str(repo), "--vm", domain.name, "--to", str(out), "--define", clone,
+        "--connect", domain.uri,
+    )  # fmt: skip
+    assert restored["defined"] == clone
+    conn = libvirt.open(domain.uri)
+    dom = conn.lookupByName(clone)
+    try:
+        assert not dom.isActive()  # defined, not started
+        with LibvirtMachine(clone, uri=domain.uri) as machine:
+            assert {d.name: str(d.file) for d in machine.disks()} == {
+                "vda": str(out / "vda.qcow2"),
+                "sdb": str(out / "sdb.qcow2"),
+            }
+        assert_identical(out / "vda.qcow2", reference_image(tmp_path / "ref-vda", [(0x95, 5, 1)]))
+    finally:
+        libvirtd.reaper.remove(conn, dom)
+    # the original's name is taken: one clear line, exit 2, refused before anything is written
+    again = tmp_path / "again"
+    argv = [str(ROOT / ".venv/bin/vmsnap"), "restore", "--repo", str(repo), "--vm", domain.name]
+    argv += ["--to", str(again), "--define", domain.name, "--connect", domain.uri]
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert "exists already" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not again.exists()
