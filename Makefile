@@ -20,10 +20,10 @@ demo: bootstrap
 	$(BIN)/vmsnap demo
 
 bench: bootstrap
-	$(BIN)/vmsnap bench --out benchmarks/results
+	$(BIN)/vmsnap bench --throughput --out benchmarks/results
 
 bench-quick: bootstrap
-	$(BIN)/vmsnap bench --quick --out benchmarks/results
+	$(BIN)/vmsnap bench --quick --throughput --out benchmarks/results
 
 # the peers (virtnbdbackup on a libvirt domain) are not part of `make test`: installed here, only if missing,
 # with a policy-rc.d that keeps every service from starting (vmsnap starts libvirtd by hand)
