@@ -444,8 +444,8 @@ class CostBench:
         """LVM needs device-mapper; on a host without it the lab guest is required (not measured here)."""
         if not Path("/sys/module/dm_mod").exists() and not Path("/dev/mapper/control").exists():
             self.skipped["lvm"] = (
-                "this kernel has no device-mapper; LVM costs are measured inside the lab guest "
-                "(lab figures under TCG: first write 62-67 MB/s vs 614-723 MB/s without a snapshot)"
+                "this host kernel has no device-mapper (by hand in the lab guest under TCG, as reported in "
+                "the LVM issue: first write 62-67 MB/s vs 614-723 MB/s without a snapshot)"
             )
             return
         self.skipped["lvm"] = "LVM on the host is not benchmarked (it would snapshot the host's own volumes)"

@@ -68,7 +68,9 @@ def summarise(measurements: Sequence[Measurement]) -> dict[str, dict[str, str]]:
             again = by.get((m.strategy, "write_again", m.variant))
             text = f"first write {_fmt(m.value, m.unit)}"
             if base is not None and m.value > 0:
-                text += f" ({base.value / m.value:.1f}x slower than {_fmt(base.value, base.unit)})"
+                ratio = base.value / m.value
+                relation = f"{ratio:.1f}x slower" if ratio >= 1 else f"{1 / ratio:.1f}x faster"
+                text += f" ({relation} than {_fmt(base.value, base.unit)})"
             if again is not None:
                 text += f", again {_fmt(again.value, again.unit)}"
             if m.variant:
