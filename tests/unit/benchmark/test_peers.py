@@ -72,8 +72,8 @@ def test_version() -> None:
 def test_backup_through_the_runner_reads_its_log_and_refuses_an_unfinished_run(tmp_path: Path) -> None:
     runner = RecordingRunner({("virtnbdbackup",): (0, FULL_LOG)})
     bench = PeerBench(tmp_path, URI, size_mib=64, data_mib=32, runner=runner)
-    seconds, log = bench._backup("vm1", "full", tmp_path / "full")
-    assert seconds >= 0 and log.total_bytes == 138412032
+    _, log = bench._backup("vm1", "full", tmp_path / "full")  # the time it took is the benchmark's business
+    assert log.total_bytes == 138412032
     assert runner.calls == [tuple(backup_argv(URI, "vm1", "full", tmp_path / "full", scratch=tmp_path))]
     runner.responses[("virtnbdbackup",)] = (0, "nothing useful")
     with pytest.raises(PeerError, match="did not finish"):
