@@ -19,7 +19,6 @@ from vmsnap.agent import GuestAgent
 from vmsnap.errors import (
     AgentCommandError,
     AgentNotRespondingError,
-    CommandError,
     LibvirtError,
     NotFoundError,
     QMPCommandError,
@@ -27,7 +26,7 @@ from vmsnap.errors import (
     UnsupportedError,
     UsageError,
 )
-from vmsnap.machine import image_chain
+from vmsnap.machine import offline_disk
 from vmsnap.model import Disk, validate_name
 from vmsnap.qmp import JobInfo, QMPMonitor, _qdev_name
 from vmsnap.runner import LocalRunner, Runner
@@ -425,23 +424,4 @@ class LibvirtMachine:
                 f"image {image} of disk {entry['target']} of domain {self.name} does not exist",
                 hint="fix the domain's <source> (virsh edit) or restore the image",
             )
-        try:
-            chain = image_chain(self.runner, image)
-        except CommandError as err:
-            raise CommandError(
-                err.argv,
-                err.returncode,
-                err.stdout,
-                err.stderr,
-                host=err.host,
-                hint=f"qemu-img cannot read {image}: is it a disk image, and not damaged?",
-            ) from err
-        top = chain[0]
-        return Disk(
-            name=entry["target"],
-            node_name="",
-            file=image,
-            format=str(top.get("format", entry["format"])),
-            virtual_size=int(top["virtual-size"]),
-            backing_chain=tuple(Path(c["filename"]) for c in chain[1:]),
-        )
+        return offline_disk(self.runner, image, entry["target"], default_format=entry["format"])

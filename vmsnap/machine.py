@@ -152,6 +152,33 @@ def image_chain(runner: Runner, image: Path, *, force_share: bool = True) -> lis
     return list(json.loads(result.stdout))
 
 
+def offline_disk(runner: Runner, image: Path, name: str, *, default_format: str = "raw") -> Disk:
+    """The :class:`Disk` of an image no QEMU holds open, from ``qemu-img info --backing-chain``.
+
+    :raise CommandError: qemu-img cannot read it (not an image, damaged), with a hint saying so
+    """
+    try:
+        chain = image_chain(runner, image)
+    except CommandError as err:
+        raise CommandError(
+            err.argv,
+            err.returncode,
+            err.stdout,
+            err.stderr,
+            host=err.host,
+            hint=f"qemu-img cannot read {image}: is it a disk image, and not damaged?",
+        ) from err
+    top = chain[0]
+    return Disk(
+        name=name,
+        node_name="",
+        file=image,
+        format=str(top.get("format", default_format)),
+        virtual_size=int(top["virtual-size"]),
+        backing_chain=tuple(Path(c["filename"]) for c in chain[1:]),
+    )
+
+
 class OfflineMachine:
     """Disk images of a VM that is not running (qemu-img and qemu-nbd do the work).
 
@@ -196,28 +223,7 @@ class OfflineMachine:
         for image, disk_name in zip(self.images, self.disk_names, strict=True):
             if not image.exists():
                 raise NotFoundError(f"image {image} does not exist", hint="check the --image path")
-            try:
-                chain = image_chain(self.runner, image)
-            except CommandError as err:
-                raise CommandError(
-                    err.argv,
-                    err.returncode,
-                    err.stdout,
-                    err.stderr,
-                    host=err.host,
-                    hint=f"qemu-img cannot read {image}: is it a disk image, and not damaged?",
-                ) from err
-            top = chain[0]
-            disks.append(
-                Disk(
-                    name=disk_name,
-                    node_name="",
-                    file=image.resolve(),
-                    format=str(top.get("format", "raw")),
-                    virtual_size=int(top["virtual-size"]),
-                    backing_chain=tuple(Path(c["filename"]) for c in chain[1:]),
-                )
-            )
+            disks.append(offline_disk(self.runner, image.resolve(), disk_name))
         return disks
 
     def close(self) -> None:

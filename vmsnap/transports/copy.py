@@ -26,14 +26,7 @@ from vmsnap.imageio import (
 )
 from vmsnap.model import ExportSource, Progress, TransferStats
 from vmsnap.runner import CommandResult, LocalRunner, Runner
-
-OUTPUT_FORMATS = ("qcow2", "raw")
-
-
-def _output_format(value: str) -> str:
-    if value not in OUTPUT_FORMATS:
-        raise UsageError(f"unknown output format {value!r}", hint="use 'qcow2' or 'raw'")
-    return value
+from vmsnap.transports.base import check_options
 
 
 class CopyTransport:
@@ -58,13 +51,11 @@ class CopyTransport:
         poll_interval: float = 0.25,
         **unknown: Any,
     ) -> None:
-        if unknown:
-            raise UsageError(
-                f"the copy transport has no option(s) {', '.join(sorted(unknown))}",
-                hint="it accepts output_format, reflink, poll_interval",
-            )
+        output_format = check_options(
+            "copy", unknown, ("output_format", "reflink", "poll_interval"), output_format
+        )
         self.runner: Runner = runner or LocalRunner()
-        self.output_format = _output_format(output_format)
+        self.output_format = output_format
         self.reflink = reflink
         self.poll_interval = poll_interval
 

@@ -33,6 +33,7 @@ from vmsnap.imageio import (
 )
 from vmsnap.model import ExportSource, Progress, TransferStats
 from vmsnap.runner import LocalRunner, Runner
+from vmsnap.transports.base import check_options
 
 GRANULE = 64 * 1024
 """Zero detection works on runs of this many bytes (the default qcow2 cluster size)."""
@@ -95,13 +96,9 @@ class NbdTransport:
         poll_interval: float = 0.25,
         **unknown: Any,
     ) -> None:
-        if unknown:
-            raise UsageError(
-                f"the nbd transport has no option(s) {', '.join(sorted(unknown))}",
-                hint="it accepts output_format, backing, tcp, poll_interval",
-            )
-        if output_format not in ("qcow2", "raw"):
-            raise UsageError(f"unknown output format {output_format!r}", hint="use 'qcow2' or 'raw'")
+        output_format = check_options(
+            "nbd", unknown, ("output_format", "backing", "tcp", "poll_interval"), output_format
+        )
         self.runner: Runner = runner or LocalRunner()
         self.output_format = output_format
         self.backing = Path(backing) if backing is not None else None

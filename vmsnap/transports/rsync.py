@@ -34,6 +34,7 @@ from vmsnap.imageio import (
 )
 from vmsnap.model import ExportSource, Progress, TransferStats
 from vmsnap.runner import LocalRunner, Runner, SshRunner
+from vmsnap.transports.base import check_options
 
 MAX_BLOCK_SIZE = 131072
 """rsync (protocol 30 and later) refuses checksum block sizes above 128 KiB."""
@@ -105,13 +106,9 @@ class RsyncTransport:
         inplace: bool = True,
         **unknown: Any,
     ) -> None:
-        if unknown:
-            raise UsageError(
-                f"the rsync transport has no option(s) {', '.join(sorted(unknown))}",
-                hint="it accepts output_format, staging_dir, sparse, fsync, inplace",
-            )
-        if output_format not in ("qcow2", "raw"):
-            raise UsageError(f"unknown output format {output_format!r}", hint="use 'qcow2' or 'raw'")
+        output_format = check_options(
+            "rsync", unknown, ("output_format", "staging_dir", "sparse", "fsync", "inplace"), output_format
+        )
         self.runner: Runner = runner or LocalRunner()
         self.local: Runner = self.runner.local if isinstance(self.runner, SshRunner) else self.runner
         self.output_format = output_format
