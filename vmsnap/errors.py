@@ -22,7 +22,11 @@ The tree::
      ├── LibvirtError                libvirtd unreachable, or it refused an operation (snapshot, commit…)
      └── RepositoryError             the backup repository is missing, of another format, or damaged
           ├── ChecksumMismatchError
-          └── ChainError             an incremental chain is broken (missing parent, bad backing link)
+          │    └── DamagedChunkError  a stored chunk is missing, truncated or altered (names who uses it)
+          ├── ChainError             an incremental chain is broken (missing parent, bad backing link)
+          ├── StoreError             the store (directory, S3 bucket) failed: unreachable, refused, full
+          ├── KeyFileError           an encrypted repository's key file is missing, unreadable or wrong
+          └── LeaseError             another writer or a gc holds the lease this operation needs
 
 Messages are templates in the class (``message``) filled with the keyword arguments, plus a ``hint``
 that tells the user what to do; both are available as attributes for callers that need them.
@@ -204,6 +208,23 @@ class ChecksumMismatchError(RepositoryError):
 
 class ChainError(RepositoryError):
     """An incremental chain is broken: a parent is missing or a backing link points elsewhere."""
+
+
+class DamagedChunkError(ChecksumMismatchError):
+    """A stored chunk is missing, truncated or does not match its id (the message names its users)."""
+
+
+class StoreError(RepositoryError):
+    """The store behind a repository failed: unreachable endpoint, refused credentials, missing bucket,
+    a full filesystem. The message never carries a secret."""
+
+
+class KeyFileError(RepositoryError):
+    """An encrypted repository's key file is missing, unreadable, not private, or not this repository's."""
+
+
+class LeaseError(RepositoryError):
+    """Another process holds what this operation needs (a VM's writer lease, or the gc lock)."""
 
 
 def _last_line(text: str) -> str:
