@@ -20,8 +20,8 @@ import pytest
 from vmsnap.lab.guest import LabGuest
 from vmsnap.lab.image import LabImage, build_lab_image
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, StorageDaemon
-from vmsnap.machine import QemuMachine
 from vmsnap.runner import SshRunner
+from vmsnap.vm.machine import QemuMachine
 
 
 def make_image(path: Path, size: str = "64M", fmt: str = "qcow2", backing: Path | None = None) -> Path:

@@ -20,7 +20,7 @@ import attrs
 
 from vmsnap import __version__
 from vmsnap.errors import UsageError, VmsnapError
-from vmsnap.machine import Machine, OfflineMachine, QemuMachine
+from vmsnap.vm.machine import Machine, OfflineMachine, QemuMachine
 
 # -- the VM selector shared by every command that takes a VM ---------------------------------------
 
@@ -50,7 +50,7 @@ class VmSelector:
         if self.qmp is not None:
             return QemuMachine(self.qmp, self.agent, name=self.name)
         if self.domain is not None:
-            from vmsnap.libvirt_machine import LibvirtMachine  # needs the optional libvirt extra
+            from vmsnap.vm.libvirt.machine import LibvirtMachine  # needs the optional libvirt extra
 
             return LibvirtMachine(self.domain, uri=self.connect)
         return OfflineMachine(list(self.images), name=self.name)
@@ -260,7 +260,7 @@ def _mib(size: int) -> str:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     """Back up a VM into --repo and print what was written (``--json``: the object in DESIGN.md)."""
-    from vmsnap.backup import Backup, BackupConfig
+    from vmsnap.backup.run import Backup, BackupConfig
 
     config = BackupConfig(
         repo=args.repo,
@@ -292,7 +292,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     """Write standalone, verified ``--to/<disk>.qcow2`` images of a backup."""
-    from vmsnap.repository import Repository
+    from vmsnap.repo.repository import Repository
 
     repo = Repository.open(args.repo)
     if args.define:  # before anything is written: the definition must exist and the name be free
@@ -322,7 +322,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _saved_definition(repo: Any, manifest: Any) -> Path:
-    from vmsnap.backup import DOMAIN_XML
+    from vmsnap.backup.run import DOMAIN_XML
     from vmsnap.errors import NotFoundError
 
     saved = Path(repo.backup_dir(manifest.vm, manifest.backup_id)) / DOMAIN_XML
@@ -336,8 +336,8 @@ def _saved_definition(repo: Any, manifest: Any) -> Path:
 
 def _check_define(args: argparse.Namespace, repo: Any) -> None:
     """``restore --define NAME`` pre-flight: a saved definition, a valid name no domain has yet."""
-    from vmsnap.libvirt_machine import open_connection
     from vmsnap.model import validate_name
+    from vmsnap.vm.libvirt.machine import open_connection
 
     validate_name(args.define, "domain name")
     _saved_definition(repo, repo.get(args.vm, args.backup))
@@ -356,7 +356,7 @@ def _define_restored_domain(
     args: argparse.Namespace, repo: Any, manifest: Any, images: dict[str, Path]
 ) -> str:
     """``restore --define NAME``: a new libvirt domain from the definition saved with the backup."""
-    from vmsnap.libvirt_ops import define_restored_domain
+    from vmsnap.vm.libvirt.definition import define_restored_domain
 
     saved = _saved_definition(repo, manifest)
     return define_restored_domain(args.connect, saved.read_text(), name=args.define, images=images)
@@ -365,7 +365,7 @@ def _define_restored_domain(
 def cmd_list(args: argparse.Namespace) -> int:
     """List the backups in --repo (of one VM with --vm), oldest first; exit 1 if a manifest is damaged."""
     from vmsnap.errors import RepositoryError
-    from vmsnap.repository import Damaged, Repository
+    from vmsnap.repo.repository import Damaged, Repository
 
     repo = Repository.open(args.repo)
     damaged: list[Damaged] = []
@@ -398,7 +398,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Re-read backups, check every checksum and chain link; exit 1 naming the first problem."""
     from vmsnap.errors import ChainError, ChecksumMismatchError
-    from vmsnap.repository import Repository
+    from vmsnap.repo.repository import Repository
 
     repo = Repository.open(args.repo)
     report = repo.verify(args.vm, args.backup, reader=args.reader, progress=ProgressBar(not args.json))
@@ -425,7 +425,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Remove all but the last --keep-last backups per VM, keeping the parents kept ones need."""
-    from vmsnap.repository import Repository
+    from vmsnap.repo.repository import Repository
 
     repo = Repository.open(args.repo)
     vms = [args.vm] if args.vm else repo.vms()
@@ -444,7 +444,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     """Undo what a dead backup of a VM left: snapshots, overlays, staging; thaw the guest."""
-    from vmsnap.backup import recover
+    from vmsnap.backup.run import recover
 
     machine = vm_selector(args).open()
     try:
@@ -720,9 +720,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     import time
     import warnings
 
-    from vmsnap.machine import find_disk
     from vmsnap.model import validate_name
     from vmsnap.registry import strategy_class
+    from vmsnap.vm.machine import find_disk
 
     cls = strategy_class(args.strategy)
     options = _snapshot_options(args, cls)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import attrs
 
-from vmsnap.backup import Backup, BackupConfig, BackupResult
+from vmsnap.backup.run import Backup, BackupConfig, BackupResult
 from vmsnap.errors import VmsnapError
 from vmsnap.lab.guest import DATA_MOUNT, LabGuest
-from vmsnap.repository import Repository
+from vmsnap.repo.repository import Repository
 from vmsnap.runner import LocalRunner
 
 DEMO_DIR = "demo"

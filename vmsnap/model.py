@@ -6,6 +6,7 @@ Nothing here does I/O; these are the nouns the rest of vmsnap passes around.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
@@ -156,3 +157,25 @@ Progress = Callable[[int, int], None]
 
 def no_progress(done: int, total: int) -> None:
     """A Progress that ignores its calls."""
+
+
+class ThrottledProgress:
+    """Wraps a :data:`~vmsnap.model.Progress` callback so it is called at most every ``interval`` seconds
+    (and always for the first and the final call), with ``done`` never going backwards."""
+
+    def __init__(self, progress: Progress, total: int, *, interval: float = 0.25) -> None:
+        self._progress = progress
+        self.total = total
+        self._interval = interval
+        self._last_call = -interval
+        self._done = -1
+
+    def __call__(self, done: int, *, final: bool = False) -> None:
+        """Report ``done`` bytes (clamped to the total); ``final`` forces the call."""
+        done = max(min(done, self.total), self._done, 0)
+        now = time.monotonic()
+        if final or now - self._last_call >= self._interval:
+            if done != self._done or final:
+                self._progress(done, self.total)
+            self._last_call = now
+            self._done = done

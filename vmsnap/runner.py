@@ -1,4 +1,4 @@
-"""Where external commands run: this host, another host over SSH, or (in tests) inside a guest.
+"""Where external commands run: this host or another host over SSH (inside a guest: :mod:`vmsnap.vm.agent_runner`).
 
 Strategies and transports get a :class:`Runner` and never call ``subprocess`` themselves. Every command is an
 argv list; the only place that quotes is :class:`SshRunner`, because ssh hands its command to a remote shell.
@@ -6,23 +6,18 @@ argv list; the only place that quotes is :class:`SshRunner`, because ssh hands i
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import shlex
 import shutil
 import threading
-import time
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 import sh
 
-from vmsnap.errors import AgentCommandError, CommandError, CommandTimeoutError, UsageError
-
-if TYPE_CHECKING:
-    from vmsnap.agent import GuestAgent
+from vmsnap.errors import CommandError, CommandTimeoutError, UsageError
 
 DEFAULT_TIMEOUT = 3600.0
 
@@ -76,7 +71,7 @@ class Runner(Protocol):
         ...
 
 
-def _check_argv(argv: Sequence[str]) -> tuple[str, ...]:
+def check_argv(argv: Sequence[str]) -> tuple[str, ...]:
     if isinstance(argv, str) or not argv:
         raise UsageError("a command must be a non-empty argv list, not a shell string")
     return tuple(str(a) for a in argv)
@@ -88,7 +83,7 @@ def _kill_on_timeout(command: Any, expired: threading.Event) -> None:
         command.kill()
 
 
-def _decode(data: bytes | str | None) -> str:
+def decode_output(data: bytes | str | None) -> str:
     if data is None:
         return ""
     if isinstance(data, str):
@@ -115,7 +110,7 @@ class LocalRunner:
         input: bytes | str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> CommandResult:
-        args = _check_argv(argv)
+        args = check_argv(argv)
         try:
             program: Any = sh.Command(args[0])
         except sh.CommandNotFound as err:
@@ -157,10 +152,10 @@ class LocalRunner:
         except sh.SignalException as err:  # killed: by our timer, or else reported as a shell would
             if expired.is_set():
                 raise CommandTimeoutError(args, float(timeout or 0)) from err
-            raise CommandError(args, err.exit_code, _decode(err.stdout), _decode(err.stderr)) from err
+            raise CommandError(args, err.exit_code, decode_output(err.stdout), decode_output(err.stderr)) from err
         except sh.ErrorReturnCode as err:
-            raise CommandError(args, err.exit_code, _decode(err.stdout), _decode(err.stderr)) from err
-        return CommandResult(args, int(done.exit_code), _decode(done.stdout), _decode(done.stderr), "local")
+            raise CommandError(args, err.exit_code, decode_output(err.stdout), decode_output(err.stderr)) from err
+        return CommandResult(args, int(done.exit_code), decode_output(done.stdout), decode_output(done.stderr), "local")
 
     def which(self, name: str) -> str | None:
         return shutil.which(name)
@@ -212,7 +207,7 @@ class SshRunner:
         input: bytes | str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> CommandResult:
-        args = _check_argv(argv)
+        args = check_argv(argv)
         full = [*self.ssh_argv(), "--", shlex.join(args)]
         try:
             result = self.local.run(full, ok_codes=(*ok_codes, 255), input=input, timeout=timeout)
@@ -230,130 +225,6 @@ class SshRunner:
                 hint=f"ssh could not reach {self.destination}: check the host, the key and known_hosts",
             )
         return CommandResult(args, result.exit_code, result.stdout, result.stderr, self.host)
-
-    def which(self, name: str) -> str | None:
-        result = self.run(["sh", "-c", 'command -v -- "$1"', "sh", name], ok_codes=(0, 1, 127))
-        path = result.stdout.strip()
-        return path if result.exit_code == 0 and path else None
-
-
-@attrs.define
-class RecordingRunner:
-    """A fake for unit tests of argument building: records argv lists and returns scripted results.
-
-    Never use it as proof that a strategy works; it only shows which commands would run.
-
-    :param responses: maps an argv prefix (tuple) to (exit code, stdout); the longest matching prefix wins
-    """
-
-    responses: dict[tuple[str, ...], tuple[int, str]] = attrs.Factory(dict)
-    calls: list[tuple[str, ...]] = attrs.Factory(list)
-    inputs: list[bytes | str | None] = attrs.Factory(list)
-    programs: set[str] | None = None
-
-    @property
-    def host(self) -> str:
-        return "recording"
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        ok_codes: Collection[int] = (0,),
-        input: bytes | str | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-    ) -> CommandResult:
-        args = _check_argv(argv)
-        self.calls.append(args)
-        self.inputs.append(input)
-        code, out = 0, ""
-        best = -1
-        for prefix, response in self.responses.items():
-            if args[: len(prefix)] == prefix and len(prefix) > best:
-                best = len(prefix)
-                code, out = response
-        if code not in ok_codes:
-            raise CommandError(args, code, out, "", host=self.host)
-        return CommandResult(args, code, out, "", self.host)
-
-    def which(self, name: str) -> str | None:
-        if self.programs is None or name in self.programs:
-            return f"/usr/bin/{name}"
-        return None
-
-
-@attrs.define
-class AgentRunner:
-    """Runs commands inside a guest through the QEMU guest agent (``guest-exec`` / ``guest-exec-status``).
-
-    The guest needs nothing but qemu-ga: argv goes to ``guest-exec`` as path + args (the agent searches
-    ``PATH``), stdin as ``input-data``, and the captured output comes back base64-encoded. The agent refuses
-    ``guest-exec`` while the guest is frozen; that surfaces as a :class:`CommandError` saying so.
-
-    :param agent: a :class:`vmsnap.agent.GuestAgent` connected to the guest
-    :param name: the guest's name, for messages (``host`` is ``guest:<name>``)
-    :param poll: first delay between ``guest-exec-status`` polls (grows to 0.2 s)
-    """
-
-    agent: GuestAgent
-    name: str = "guest"
-    poll: float = 0.01
-
-    @property
-    def host(self) -> str:
-        return f"guest:{self.name}"
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        ok_codes: Collection[int] = (0,),
-        input: bytes | str | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-    ) -> CommandResult:
-        args = _check_argv(argv)
-        data = input.encode() if isinstance(input, str) else input
-        try:
-            pid = self.agent.exec(args[0], args[1:], input=data)
-        except AgentCommandError as err:
-            frozen = "frozen" in err.desc.lower()
-            raise CommandError(
-                args,
-                126 if frozen else 127,
-                "",
-                err.desc,
-                host=self.host,
-                hint=(
-                    "the guest's filesystems are frozen: the agent runs nothing until they are thawed"
-                    if frozen
-                    else f"check that {args[0]} exists in the guest"
-                ),
-            ) from err
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = self.poll
-        while True:
-            status = self.agent.exec_status(pid)
-            if status.get("exited"):
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                self._kill(pid)
-                raise CommandTimeoutError(args, float(timeout or 0), host=self.host)
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.2)
-        stdout = _decode(base64.b64decode(status.get("out-data", "")))
-        stderr = _decode(base64.b64decode(status.get("err-data", "")))
-        if status.get("out-truncated") or status.get("err-truncated"):
-            stderr += "\n(vmsnap: the agent truncated this command's output at its 16 MiB limit)"
-        # killed by a signal: no exit code; report it as a shell would
-        code = int(status["exitcode"]) if "exitcode" in status else 128 + int(status.get("signal", 0))
-        if code not in ok_codes:
-            raise CommandError(args, code, stdout, stderr, host=self.host)
-        return CommandResult(args, code, stdout, stderr, self.host)
-
-    def _kill(self, pid: int) -> None:
-        # guest-exec has no kill; a second guest-exec does it (best effort: it may have just exited)
-        with contextlib.suppress(Exception):
-            self.agent.exec("kill", ["-9", str(pid)], capture=False)
 
     def which(self, name: str) -> str | None:
         result = self.run(["sh", "-c", 'command -v -- "$1"', "sh", name], ok_codes=(0, 1, 127))

@@ -149,7 +149,7 @@ def no_leftovers(repo: Path, vm: str = "testvm") -> bool:
 
 def processes_matching(patterns: Sequence[str]) -> list[int]:
     """Pids of qemu-nbd/qemu-img/... processes whose command line contains one of ``patterns``."""
-    from vmsnap.backup import ORPHAN_PROGRAMS
+    from vmsnap.backup.run import ORPHAN_PROGRAMS
 
     found = []
     for entry in Path("/proc").iterdir():
@@ -169,7 +169,7 @@ def processes_matching(patterns: Sequence[str]) -> list[int]:
 def wait_until_qmp_listens(socket_path: Path, timeout: float = 15.0) -> None:
     """QemuProcess.start returns once the socket file exists, which under load is before QEMU listens."""
     from vmsnap.errors import QMPConnectionError
-    from vmsnap.qmp import QMPMonitor
+    from vmsnap.vm.qmp import QMPMonitor
 
     deadline = time.monotonic() + timeout
     while True:

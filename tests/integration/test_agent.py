@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_image
-from vmsnap.agent import GuestAgent
 from vmsnap.errors import AgentNotRespondingError, FreezeError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess
+from vmsnap.vm.agent import GuestAgent
+from vmsnap.vm.freeze import frozen_agent
 
 
 def test_missing_agent_socket(tmp_path: Path) -> None:
@@ -29,6 +30,6 @@ def test_agent_socket_with_no_agent_behind_it(tmp_path: Path) -> None:
         assert "did not answer" in str(info.value)
         assert "qemu-ga" in str(info.value)  # the hint says what to check
         # frozen() on a dead agent fails as a FreezeError, never hangs
-        with pytest.raises(FreezeError), agent.frozen(timeout=1.5):
+        with pytest.raises(FreezeError), frozen_agent(agent, timeout=1.5):
             pass
         agent.close()

@@ -24,7 +24,7 @@ from tests.integration.cli_helpers import (
 )
 from tests.integration.strategies.loop_btrfs import LoopBtrfs, loop_btrfs  # noqa: F401 (fixture)
 from vmsnap.lab.qemu import DriveSpec, QemuProcess
-from vmsnap.machine import QemuMachine
+from vmsnap.vm.machine import QemuMachine
 
 DISKS = ("disk0", "disk1")
 # DESIGN.md's shape, plus freeze_ms (how long the guest was frozen; null when it was not)

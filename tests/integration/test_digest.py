@@ -16,12 +16,12 @@ import attrs
 import pytest
 
 from tests.conftest import make_image
-from vmsnap.backup import Backup, BackupConfig
-from vmsnap.digest import ChunkDigests, image_chunks, overlay_map
+from vmsnap.backup.run import Backup, BackupConfig
 from vmsnap.errors import ChecksumMismatchError, RepositoryError
+from vmsnap.image.digest import ChunkDigests, image_chunks, overlay_map
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
-from vmsnap.machine import QemuMachine
-from vmsnap.repository import DiskRecord, Manifest, Repository, utc_now_iso
+from vmsnap.repo.repository import DiskRecord, Manifest, Repository, utc_now_iso
+from vmsnap.vm.machine import QemuMachine
 
 MiB = 1024 * 1024
 PIECE = 4 * MiB
@@ -355,7 +355,7 @@ def _create(
     "chain", ["qcow2", "three-deep-mixed-clusters", "raw-base", "short-base", "v2-base", "compressed-base"]
 )
 def test_the_overlay_fast_path_agrees_with_an_independent_digest(tmp_path: Path, chain: str) -> None:
-    """An incremental's digests from its own qcow2 tables (vmsnap.qcow2) equal the independent ones; a chain
+    """An incremental's digests from its own qcow2 tables (vmsnap.image.qcow2) equal the independent ones; a chain
     it does not understand (a compressed cluster where the overlay changed) is read through QEMU instead."""
     size = ODD_SIZE // 2 if chain == "short-base" else ODD_SIZE
     if chain == "raw-base":

@@ -12,8 +12,8 @@ import pytest
 from tests.conftest import RunningVm, make_image
 from vmsnap.errors import BlockJobError, QMPCommandError, QMPConnectionError
 from vmsnap.lab.qemu import StorageDaemon, qemu_io
-from vmsnap.machine import QemuMachine, find_disk
-from vmsnap.qmp import QMPMonitor
+from vmsnap.vm.machine import QemuMachine, find_disk
+from vmsnap.vm.qmp import QMPMonitor
 
 
 def test_lists_disks_of_a_running_vm(two_disk_vm: RunningVm) -> None:

@@ -24,11 +24,11 @@ from tests.integration.cli_helpers import (
     vm_args,
     write,
 )
-from vmsnap.backup import CRASH_ENV, _orphan_patterns, stop_orphans
-from vmsnap.journal import Journal
+from vmsnap.backup.run import CRASH_ENV, _orphan_patterns, stop_orphans
 from vmsnap.lab.guest import LabGuest, fsck_image, read_image_file
 from vmsnap.lab.qemu import qemu_io
-from vmsnap.repository import Repository
+from vmsnap.repo.journal import Journal
+from vmsnap.repo.repository import Repository
 
 DISKS = ("disk0", "disk1")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vmsnap.libvirt_ops import _oldest_first
+from vmsnap.vm.libvirt.snapshots import _oldest_first
 
 
 def _xml(name: str, parent: str | None, created: int) -> str:

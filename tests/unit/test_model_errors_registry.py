@@ -7,8 +7,8 @@ import pytest
 import vmsnap
 from vmsnap import errors
 from vmsnap.model import validate_name
-from vmsnap.qmp import disks_from_query_block
 from vmsnap.registry import STRATEGY_GROUP, TRANSPORT_GROUP, load, names
+from vmsnap.vm.qmp import disks_from_query_block
 
 
 @pytest.mark.parametrize("name", ["vm1", "web-01.example", "a_b+c"])

@@ -16,7 +16,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmsnap.digest import image_chunks
 from vmsnap.errors import (
     ChainError,
     ChecksumMismatchError,
@@ -25,11 +24,12 @@ from vmsnap.errors import (
     UsageError,
     VmsnapError,
 )
-from vmsnap.repository import (
+from vmsnap.image.digest import image_chunks
+from vmsnap.image.libqcow import libqcow_chunks
+from vmsnap.repo.repository import (
     DiskRecord,
     Manifest,
     Repository,
-    libqcow_chunks,
     new_backup_id,
     plan_retention,
     qcow2_backing_file,
@@ -416,9 +416,9 @@ def _descends(by_id: dict[str, Manifest], child: str, ancestor: str) -> bool:
 
 
 def test_journal_round_trips_snapshot_refs_and_survives_a_reload(tmp_path: Path) -> None:
-    from vmsnap.backup import _options_from_json, _options_to_json
-    from vmsnap.journal import Journal, snapshot_to_json
+    from vmsnap.backup.run import _options_from_json, _options_to_json
     from vmsnap.model import Disk, SnapshotRef
+    from vmsnap.repo.journal import Journal, snapshot_to_json
 
     disk = Disk(
         "disk0", "fmt-disk0", Path("/images/d0.qcow2"), "qcow2", 1 << 26, (Path("/images/base.qcow2"),)

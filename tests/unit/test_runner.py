@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.fakes import RecordingRunner
 from vmsnap.errors import CommandError, CommandTimeoutError, UsageError
-from vmsnap.runner import LocalRunner, RecordingRunner, Runner, SshRunner
+from vmsnap.runner import LocalRunner, Runner, SshRunner
 
 
 def test_local_runner_runs_argv_without_a_shell() -> None:

@@ -1,4 +1,4 @@
-"""Parsing and argument building of vmsnap.storage and the lvm/btrfs strategies (RecordingRunner only).
+"""Parsing and argument building of vmsnap.strategies.storage and the lvm/btrfs strategies (RecordingRunner only).
 
 These show which commands would run and how outputs are read; the integration tests prove they work.
 """
@@ -13,12 +13,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmsnap.agent import GuestAgent
+from tests.fakes import RecordingRunner
 from vmsnap.errors import NotFoundError, SnapshotError, UnsupportedError, UsageError
 from vmsnap.model import Disk
-from vmsnap.qmp import QMPMonitor
-from vmsnap.runner import RecordingRunner, Runner
-from vmsnap.storage import (
+from vmsnap.runner import Runner
+from vmsnap.strategies.btrfs import name_of_set, snapshot_set_id
+from vmsnap.strategies.lvm import LvmSnapshotStrategy, cow_size, snapshot_lv_name
+from vmsnap.strategies.storage import (
     LVS_FIELDS,
     btrfs_location,
     lvm_location,
@@ -27,8 +28,8 @@ from vmsnap.storage import (
     parse_mountinfo,
     parse_vgs_json,
 )
-from vmsnap.strategies.btrfs import name_of_set, snapshot_set_id
-from vmsnap.strategies.lvm import LvmSnapshotStrategy, cow_size, snapshot_lv_name
+from vmsnap.vm.agent import GuestAgent
+from vmsnap.vm.qmp import QMPMonitor
 
 MiB = 1 << 20
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import attrs
 
-from vmsnap.backup import Backup, BackupConfig
+from vmsnap.backup.run import Backup, BackupConfig
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
-from vmsnap.machine import QemuMachine
-from vmsnap.repository import Repository
+from vmsnap.repo.repository import Repository
 from vmsnap.runner import LocalRunner, Runner
+from vmsnap.vm.machine import QemuMachine
 
 MiB = 1024 * 1024
 CHUNK = 4 * MiB

@@ -1,7 +1,7 @@
 """The built-in tiny VM: the lab guest booted under QEMU with a guest agent, ready for real backups.
 
 :class:`LabGuest` boots the image from :mod:`vmsnap.lab.image` with data disks, waits for qemu-ga, and hands
-out a :class:`~vmsnap.machine.QemuMachine`, the agent and an :class:`~vmsnap.runner.AgentRunner`.
+out a :class:`~vmsnap.vm.machine.QemuMachine`, the agent and an :class:`~vmsnap.runner.AgentRunner`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from pathlib import Path
 
 import attrs
 
-from vmsnap.agent import GuestAgent
 from vmsnap.errors import AgentError, CommandError, UsageError, VmsnapError
 from vmsnap.lab.image import GUEST_DATA_PREFIX, LabImage, build_lab_image
 from vmsnap.lab.qemu import Accel, DriveSpec, QemuProcess, qemu_io
-from vmsnap.machine import QemuMachine
 from vmsnap.model import validate_name
-from vmsnap.runner import AgentRunner, CommandResult, LocalRunner, Runner
+from vmsnap.runner import CommandResult, LocalRunner, Runner
+from vmsnap.vm.agent import GuestAgent
+from vmsnap.vm.agent_runner import AgentRunner
+from vmsnap.vm.machine import QemuMachine
 
 DATA_SERIAL = GUEST_DATA_PREFIX
 """Serial of the default data disk; the guest formats it (when blank) and mounts it at :data:`DATA_MOUNT`."""

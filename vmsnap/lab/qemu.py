@@ -20,7 +20,7 @@ from typing import Literal
 import attrs
 
 from vmsnap.errors import VmsnapError
-from vmsnap.qmp import QMPMonitor
+from vmsnap.vm.qmp import QMPMonitor
 
 Accel = Literal["kvm", "tcg"]
 

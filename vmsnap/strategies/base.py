@@ -10,10 +10,12 @@ import contextlib
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from vmsnap.machine import Machine
+from vmsnap.errors import UnsupportedError, VmsnapError
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits
+from vmsnap.vm.machine import Machine
 
 
 @runtime_checkable
@@ -84,3 +86,37 @@ def paused(machine: Machine) -> Iterator[dict[str, float]]:
         if was_running:
             qmp.cont()
         report["paused_ms"] = (time.monotonic() - started) * 1000.0
+
+
+def file_source(
+    image: Path, *, disk: Disk, fmt: str = "qcow2", snapshot: str | None = None, force_share: bool = True
+) -> ExportSource:
+    """A file :class:`ExportSource` for ``image`` (optionally its internal ``snapshot``)."""
+    return ExportSource(
+        kind="file",
+        location=str(image),
+        format=fmt,
+        disk=disk,
+        virtual_size=disk.virtual_size,
+        image_opts={"snapshot.name": snapshot} if snapshot is not None else {},
+        force_share=force_share,
+    )
+
+
+def require_qcow2(disk: Disk, strategy: str) -> None:
+    """:raise UnsupportedError: ``disk`` is not a qcow2 image."""
+    if disk.format != "qcow2":
+        raise UnsupportedError(
+            f"{strategy} snapshots need a qcow2 image, but disk {disk.name} ({disk.file}) is {disk.format}",
+            hint="convert it with `qemu-img convert -O qcow2`, or pick another strategy (vmsnap strategies)",
+        )
+
+
+def distinct_names(disks: Sequence[Disk]) -> None:
+    """:raise VmsnapError: two of ``disks`` are the same disk."""
+    seen: set[str] = set()
+    for disk in disks:
+        key = str(disk.file)
+        if key in seen:
+            raise VmsnapError(f"disk {disk.name} ({disk.file}) is listed twice", hint="name each disk once")
+        seen.add(key)

@@ -16,17 +16,17 @@ from typing import ClassVar
 import attrs
 
 from vmsnap.errors import CommandError, NotFoundError, SnapshotError, UnsupportedError, VmsnapError
-from vmsnap.machine import Machine
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
 from vmsnap.runner import Runner
-from vmsnap.storage import (
+from vmsnap.strategies.base import paused
+from vmsnap.strategies.storage import (
     BtrfsLocation,
     StorageNoteWarning,
     StorageScopeWarning,
     btrfs_location,
     is_btrfs_subvolume,
 )
-from vmsnap.strategies.base import paused
+from vmsnap.vm.machine import Machine
 
 SNAPSHOT_DIR_NAME = ".vmsnap"
 #: the name, inside a snapshot set, of the snapshot of the subvolume mounted at the mount point itself

@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import hashlib
+import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -26,17 +27,38 @@ from vmsnap.errors import (
     UsageError,
     VmsnapError,
 )
-from vmsnap.machine import Machine
+from vmsnap.image import qemu_img
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
-from vmsnap.strategies.qemu_common import (
-    OVERLAY_MARK,
-    allocated_fraction,
-    distinct_names,
-    file_source,
-    overlay_path,
-    parse_overlay_path,
-    qemu_img_info,
-)
+from vmsnap.strategies.base import distinct_names, file_source
+from vmsnap.vm.machine import Machine
+
+OVERLAY_MARK = ".vmsnap-"
+"""Overlay files are ``<image>.vmsnap-<snapshot>.qcow2`` next to the image they cover."""
+
+_OVERLAY_RE = re.compile(r"^(?P<base>.+)\.vmsnap-(?P<name>[A-Za-z0-9][A-Za-z0-9_.+-]*)\.qcow2$")
+
+
+def image_opts_escape(value: str) -> str:
+    """Escape a value for ``--image-opts`` / ``-blockdev`` dotted syntax (a comma is written twice)."""
+    return value.replace(",", ",,")
+
+
+def overlay_path(image: Path, snapshot: str) -> Path:
+    """The overlay file of ``snapshot`` on ``image``: ``<image>.vmsnap-<snapshot>.qcow2``, next to it.
+
+    :raise UsageError: the snapshot name cannot be part of a file name
+    """
+    validate_name(snapshot, "snapshot name")
+    return image.with_name(f"{image.name}{OVERLAY_MARK}{snapshot}.qcow2")
+
+
+def parse_overlay_path(path: Path) -> tuple[Path, str] | None:
+    """``(image, snapshot)`` for a path made by :func:`overlay_path`, else None."""
+    match = _OVERLAY_RE.match(path.name)
+    if match is None:
+        return None
+    return path.with_name(match["base"]), match["name"]
+
 
 Merge = Literal["auto", "commit", "stream"]
 
@@ -147,7 +169,7 @@ class ExternalOverlayStrategy:
             if not line.strip():
                 continue
             path = Path(line.strip())
-            parent = qemu_img_info(self.runner, path).get("full-backing-filename")
+            parent = qemu_img.info(self.runner, path).get("full-backing-filename")
             if parent:
                 backing[path] = Path(str(parent))
         layers: list[_Layer] = []
@@ -338,7 +360,7 @@ class ExternalOverlayStrategy:
 
     def _info_unshared(self, image: Path) -> dict[str, Any]:
         """qemu-img info without -U: fails when a running QEMU holds the image (which offline must not)."""
-        return qemu_img_info(self.runner, image, force_share=False)
+        return qemu_img.info(self.runner, image, force_share=False)
 
     # -- export -----------------------------------------------------------------------------------
 
@@ -354,7 +376,7 @@ class ExternalOverlayStrategy:
         yield file_source(layer.lower, disk=disk, fmt=fmt, force_share=True)
 
     def _chain_info(self, image: Path) -> dict[str, Any]:
-        return qemu_img_info(self.runner, image)
+        return qemu_img.info(self.runner, image)
 
     # -- delete -----------------------------------------------------------------------------------
 
@@ -396,7 +418,7 @@ class ExternalOverlayStrategy:
         elif layer.upper != disk.file:
             merge = "commit"  # an older overlay: commit it into its backing
         elif merge == "auto":
-            merge = "commit" if allocated_fraction(self.runner, layer.upper) < 0.5 else "stream"
+            merge = "commit" if qemu_img.allocated_fraction(self.runner, layer.upper) < 0.5 else "stream"
         try:
             if merge == "stream":
                 args: dict[str, Any] = {"device": upper_node}

@@ -20,19 +20,16 @@ from vmsnap.errors import (
     NotFoundError,
     QMPCommandError,
     SnapshotError,
+    TransferError,
     UnsupportedError,
     UsageError,
 )
-from vmsnap.machine import Machine
+from vmsnap.image import qemu_img
+from vmsnap.image.nbd import QemuNbdServer
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
-from vmsnap.qmp import QMPMonitor
-from vmsnap.strategies.qemu_common import (
-    distinct_names,
-    file_source,
-    qemu_img_info,
-    qemu_nbd_export,
-    require_qcow2,
-)
+from vmsnap.strategies.base import distinct_names, file_source, require_qcow2
+from vmsnap.vm.machine import Machine
+from vmsnap.vm.qmp import QMPMonitor
 
 
 class LazyRefcountsWarning(UserWarning):
@@ -112,7 +109,7 @@ class InternalSnapshotStrategy:
             return None if node is None else dict(node.get("image", {}))
         if not disk.file.exists():
             return None
-        return qemu_img_info(self.runner, disk.file, force_share=False)
+        return qemu_img.info(self.runner, disk.file, force_share=False)
 
     def _snapshots(self, disk: Disk) -> builtins.list[Mapping[str, Any]]:
         info = self._image_info(disk)
@@ -291,15 +288,28 @@ class InternalSnapshotStrategy:
         if self.export_via == "file":
             yield file_source(disk.file, disk=disk, snapshot=snap.name, force_share=running)
             return
-        with qemu_nbd_export(
-            self.runner,
+        server = QemuNbdServer(
             disk.file,
-            disk=disk,
-            snapshot=snap.name,
+            "qcow2",
+            image_opts={"snapshot.name": snap.name},
             force_share=running,
+            persistent=True,
             export_name=disk.name,
-        ) as source:
-            yield source
+            runner=self.runner,
+        )
+        try:
+            server.start()
+        except TransferError as err:
+            raise SnapshotError(
+                f"qemu-nbd could not export snapshot {snap.name!r} of {disk.file}: {err.message}",
+                hint="check that the image and snapshot exist and that qemu-nbd is installed",
+            ) from err
+        try:
+            yield ExportSource(
+                kind="nbd", location=server.uri, format="raw", disk=disk, virtual_size=disk.virtual_size
+            )
+        finally:
+            server.stop()
 
     def delete(self, snap: SnapshotRef) -> None:
         """Remove the snapshot from the image (``blockdev-snapshot-delete-internal-sync`` / ``qemu-img
@@ -361,7 +371,7 @@ class InternalSnapshotStrategy:
     def _bitmap_names(self, disk: Disk) -> builtins.list[str]:
         if self.machine.is_running:
             return [str(b["name"]) for b in self.machine.qmp().dirty_bitmaps(disk.node_name)]
-        info = qemu_img_info(self.runner, disk.file, force_share=False)
+        info = qemu_img.info(self.runner, disk.file, force_share=False)
         data = info.get("format-specific", {}).get("data", {})
         return [str(b["name"]) for b in data.get("bitmaps", [])]
 

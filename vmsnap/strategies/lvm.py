@@ -24,10 +24,10 @@ from vmsnap.errors import (
     UsageError,
     VmsnapError,
 )
-from vmsnap.machine import Machine
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
 from vmsnap.runner import Runner
-from vmsnap.storage import (
+from vmsnap.strategies.base import paused
+from vmsnap.strategies.storage import (
     LogicalVolume,
     LvmLocation,
     StorageNoteWarning,
@@ -37,7 +37,7 @@ from vmsnap.storage import (
     lvm_location,
     volume_group_space,
 )
-from vmsnap.strategies.base import paused
+from vmsnap.vm.machine import Machine
 
 #: every LV this strategy creates carries this tag (``lvs @vmsnap`` lists them)
 SNAPSHOT_TAG = "vmsnap"

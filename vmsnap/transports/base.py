@@ -6,10 +6,35 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from vmsnap.errors import UsageError
+from vmsnap.errors import TransferError, UsageError
+from vmsnap.image.qemu_img import LOCKED_HINT
 from vmsnap.model import ExportSource, Progress, TransferStats
 
 OUTPUT_FORMATS = ("qcow2", "raw")
+
+
+def no_space(text: str) -> bool:
+    """True when an error text says a filesystem is full."""
+    return "No space left on device" in text or "ENOSPC" in text or "Disk quota exceeded" in text
+
+
+def write_failed(what: str, target: object, detail: str) -> TransferError:
+    """A TransferError for a failed write into ``target``, with a hint that fits the cause."""
+    last = [line.strip() for line in detail.strip().splitlines() if line.strip()]
+    reason = last[-1] if last else "unknown error"
+    if no_space(detail):
+        return TransferError(
+            f"{what} into {target} failed: the target filesystem is full ({reason})",
+            hint="free space there or choose another target; nothing partial was kept",
+        )
+    if "Failed to get" in detail and "lock" in detail:
+        return TransferError(
+            f"{what} failed: the image is locked by another process ({reason})",
+            hint=LOCKED_HINT,
+        )
+    return TransferError(
+        f"{what} into {target} failed: {reason}", hint="run with --debug for the full output"
+    )
 
 
 def check_options(

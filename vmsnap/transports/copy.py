@@ -15,18 +15,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from vmsnap.errors import CommandError, TransferError, UnsupportedError, UsageError
-from vmsnap.imageio import (
-    ThrottledProgress,
-    allocated_bytes,
-    atomic_target,
-    check_source,
-    image_info,
-    source_args,
-    write_failed,
-)
-from vmsnap.model import ExportSource, Progress, TransferStats
+from vmsnap.files import allocated_bytes, atomic_target
+from vmsnap.image import qemu_img
+from vmsnap.image.qemu_img import check_source, source_args
+from vmsnap.model import ExportSource, Progress, ThrottledProgress, TransferStats
 from vmsnap.runner import CommandResult, LocalRunner, Runner
-from vmsnap.transports.base import check_options
+from vmsnap.transports.base import check_options, write_failed
 
 
 class CopyTransport:
@@ -86,7 +80,7 @@ class CopyTransport:
         try:
             if os.stat(source.location).st_dev != os.stat(target.parent).st_dev:
                 return False
-            info = image_info(source.location, "qcow2", runner=self.runner)  # fails if QEMU holds it
+            info = qemu_img.info(self.runner, source.location, fmt="qcow2", force_share=False)  # fails if QEMU holds it
         except (OSError, CommandError, ValueError):
             return False
         return not info.get("backing-filename") and not info.get("snapshots")

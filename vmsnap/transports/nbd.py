@@ -15,35 +15,27 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from vmsnap.errors import CommandError, TransferError, UnsupportedError, UsageError
-from vmsnap.imageio import (
+from vmsnap.files import atomic_target, is_full
+from vmsnap.image.nbd import (
     CHUNK,
     DIRTY,
     STATE_ZERO,
     QemuNbdServer,
-    ThrottledProgress,
-    _nbd,
-    atomic_target,
-    bitmap_name,
-    check_source,
+    dirty_context,
     extents,
+    libnbd,
     nbd_connection,
-    oserror_is_full,
     pread,
-    write_failed,
 )
-from vmsnap.model import ExportSource, Progress, TransferStats
+from vmsnap.image.qemu_img import check_source
+from vmsnap.model import ExportSource, Progress, ThrottledProgress, TransferStats
 from vmsnap.runner import LocalRunner, Runner
-from vmsnap.transports.base import check_options
+from vmsnap.transports.base import check_options, write_failed
 
 GRANULE = 64 * 1024
 """Zero detection works on runs of this many bytes (the default qcow2 cluster size)."""
 
 _ZEROS = bytes(GRANULE)
-
-
-def dirty_context(bitmap: str) -> str:
-    """The NBD metadata context QEMU exposes for dirty bitmap ``bitmap``."""
-    return f"qemu:dirty-bitmap:{bitmap}"
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -159,7 +151,7 @@ class NbdTransport:
                     hint="make a full backup first",
                 )
         fmt = "qcow2" if incremental else self.output_format
-        context = dirty_context(bitmap_name(source.dirty_bitmap or "")) if incremental else "base:allocation"
+        context = dirty_context(source.dirty_bitmap or "") if incremental else "base:allocation"
         started = time.monotonic()
         with self._source_uri(source) as uri, atomic_target(target) as partial:
             self._create(partial, fmt, source.virtual_size, parent)
@@ -186,7 +178,7 @@ class NbdTransport:
         progress: Progress,
         target: Path,
     ) -> int:
-        nbd = _nbd()
+        nbd = libnbd()
         with nbd_connection(source_uri, contexts=[context]) as src, nbd_connection(sink_uri) as dst:
             size = int(src.get_size())
             if dst.get_size() < size:
@@ -223,7 +215,7 @@ class NbdTransport:
                         report(done)
                 dst.flush()
             except nbd.Error as err:
-                if err.errno is not None and oserror_is_full(OSError(err.errno, err.string)):
+                if err.errno is not None and is_full(OSError(err.errno, err.string)):
                     raise write_failed("NBD copy", target, "No space left on device") from err
                 raise write_failed("NBD copy", target, str(err.string)) from err
             report(max(total, 1), final=True)

@@ -22,19 +22,12 @@ from typing import Any, ClassVar
 import attrs
 
 from vmsnap.errors import CommandError, NotFoundError, UnsupportedError, UsageError
-from vmsnap.imageio import (
-    ThrottledProgress,
-    check_source,
-    check_target_dir,
-    cluster_size,
-    fsync_path,
-    image_info,
-    source_args,
-    write_failed,
-)
-from vmsnap.model import ExportSource, Progress, TransferStats
+from vmsnap.files import check_target_dir, fsync_file
+from vmsnap.image import qemu_img
+from vmsnap.image.qemu_img import check_source, source_args
+from vmsnap.model import ExportSource, Progress, ThrottledProgress, TransferStats
 from vmsnap.runner import LocalRunner, Runner, SshRunner
-from vmsnap.transports.base import check_options
+from vmsnap.transports.base import check_options, write_failed
 
 MAX_BLOCK_SIZE = 131072
 """rsync (protocol 30 and later) refuses checksum block sizes above 128 KiB."""
@@ -153,8 +146,8 @@ class RsyncTransport:
         if source.kind != "file" or source.image_opts or source.format != self.output_format:
             return True
         try:  # without -U this also fails when a running QEMU holds the image for writing
-            info = image_info(
-                source.location, source.format, force_share=source.force_share, runner=self.local
+            info = qemu_img.info(
+                self.local, source.location, fmt=source.format, force_share=source.force_share
             )
         except CommandError as err:
             raise write_failed(f"reading {source.location}", "rsync", err.stderr) from err
@@ -256,7 +249,7 @@ class RsyncTransport:
         report(0, final=True)
         with self._staged(source) as source_file:
             block = min(
-                cluster_size(source_file, self.output_format, force_share=True, runner=self.local),
+                qemu_img.cluster_size(self.local, source_file, self.output_format),
                 MAX_BLOCK_SIZE,
             )
             argv = self.argv(source_file, where, block)
@@ -267,7 +260,7 @@ class RsyncTransport:
                     self._remove(where)
                 raise write_failed(f"rsync of {source.location}", where.spec, err.stderr) from err
         if not where.remote:
-            fsync_path(Path(where.path))
+            fsync_file(Path(where.path))
         self.last_stats = parse_stats(result.stdout)
         report(max(source.virtual_size, 1), final=True)
         return TransferStats(

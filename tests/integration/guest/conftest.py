@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from vmsnap.agent import GuestAgent
 from vmsnap.errors import AgentError
 from vmsnap.lab.guest import LabGuest
 from vmsnap.lab.image import HOOK_DIR, HOOK_LOG
+from vmsnap.vm.agent import GuestAgent
 
 HookInstaller = Callable[[str, str], None]
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from vmsnap.agent import frozen
 from vmsnap.errors import CommandError
 from vmsnap.lab.guest import DATA_MOUNT, LabGuest, fsck_image, read_image_file
+from vmsnap.vm.freeze import frozen
 
 pytestmark = pytest.mark.guest
 

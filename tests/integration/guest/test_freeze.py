@@ -1,4 +1,4 @@
-"""agent.frozen() on the real lab guest: freeze window, hooks under qemu-ga, the thaw guard, bad agents."""
+"""freeze.frozen() on the real lab guest: freeze window, hooks under qemu-ga, the thaw guard, bad agents."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ from tests.integration.guest.conftest import (
     wait_process_gone,
     wait_until_thawed,
 )
-from vmsnap.agent import GuestAgent, frozen
 from vmsnap.errors import CommandError, FreezeError
 from vmsnap.lab.guest import DATA_MOUNT, LabGuest
-from vmsnap.machine import QemuMachine
+from vmsnap.vm.agent import GuestAgent
+from vmsnap.vm.freeze import frozen
+from vmsnap.vm.machine import QemuMachine
 
 pytestmark = pytest.mark.guest
 
@@ -107,8 +108,9 @@ HOLDER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from vmsnap.agent import GuestAgent, frozen
-    from vmsnap.machine import QemuMachine
+    from vmsnap.vm.agent import GuestAgent
+from vmsnap.vm.freeze import frozen
+    from vmsnap.vm.machine import QemuMachine
     machine = QemuMachine(sys.argv[1], sys.argv[2], name="labvm")
     with frozen(machine, guard_log=Path(sys.argv[3])) as report:
         print("frozen", report.guard_pid, flush=True)

@@ -168,7 +168,7 @@ class LibvirtTestDomain:
 
     def qemu_io(self, target: str, command: str) -> None:
         """Run a qemu-io command on the running disk ``target`` (HMP; its output goes to the domain log)."""
-        from vmsnap.libvirt_machine import LibvirtMachine
+        from vmsnap.vm.libvirt.machine import LibvirtMachine
 
         with LibvirtMachine(self.name, uri=self.uri) as machine:
             disk = next(d for d in machine.disks() if d.name == target)
@@ -181,7 +181,7 @@ class LibvirtTestDomain:
 
     def domblklist(self) -> dict[str, str]:
         """target → source, as ``virsh domblklist`` shows."""
-        from vmsnap.libvirt_machine import LibvirtMachine
+        from vmsnap.vm.libvirt.machine import LibvirtMachine
 
         with LibvirtMachine(self.name, uri=self.uri) as machine:
             return machine.block_targets()

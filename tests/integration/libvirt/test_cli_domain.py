@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from tests.integration.libvirt.conftest import Libvirtd, LibvirtTestDomain, assert_identical, reference_image
-from vmsnap import libvirt_ops
 from vmsnap.errors import UsageError
-from vmsnap.libvirt_machine import LibvirtMachine
+from vmsnap.vm.libvirt.definition import define_restored_domain, saved_domain_xml
+from vmsnap.vm.libvirt.machine import LibvirtMachine
 
 pytestmark = pytest.mark.libvirt
 
@@ -130,18 +130,18 @@ def test_a_restored_backup_can_be_defined_as_a_new_domain_from_the_saved_xml(
     domain.write("vda", 0x91, 7)
     domain.write("sdb", 0x92, 9)
     with LibvirtMachine(domain.name, uri=domain.uri) as machine:
-        saved = libvirt_ops.saved_domain_xml(machine)
+        saved = saved_domain_xml(machine)
     vmsnap("backup", "--repo", str(repo), "--domain", domain.name, "--connect", domain.uri)
     vmsnap("restore", "--repo", str(repo), "--vm", domain.name, "--to", str(out))
     images = {"vda": out / "vda.qcow2", "sdb": out / "sdb.qcow2"}
     with pytest.raises(UsageError, match="sdb"):
-        libvirt_ops.define_restored_domain(
+        define_restored_domain(
             domain.uri, saved, name="vmsnap-t-never", images={"vda": images["vda"]}
         )
     with pytest.raises(UsageError, match="exists already"):
-        libvirt_ops.define_restored_domain(domain.uri, saved, name=domain.name, images=images)
+        define_restored_domain(domain.uri, saved, name=domain.name, images=images)
     clone = libvirtd.new_domain_name()
-    libvirt_ops.define_restored_domain(domain.uri, saved, name=clone, images=images)
+    define_restored_domain(domain.uri, saved, name=clone, images=images)
     conn = libvirt.open(domain.uri)
     dom = conn.lookupByName(clone)
     try:

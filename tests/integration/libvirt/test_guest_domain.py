@@ -16,12 +16,16 @@ import pytest
 
 from tests.conftest import make_image
 from tests.integration.libvirt.conftest import Libvirtd
-from vmsnap import libvirt_ops
 from vmsnap.errors import CommandError
 from vmsnap.lab.guest import DATA_MOUNT, DATA_SERIAL, fsck_image, read_image_file
 from vmsnap.lab.image import build_lab_image
 from vmsnap.lab.qemu import choose_accel
-from vmsnap.libvirt_machine import LibvirtMachine
+from vmsnap.vm.libvirt.machine import LibvirtMachine
+from vmsnap.vm.libvirt.snapshots import (
+    commit_external_snapshot,
+    create_external_snapshot,
+    external_snapshot_source,
+)
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.guest]
 
@@ -111,17 +115,17 @@ def test_quiesced_libvirt_snapshot_of_the_lab_guest_is_clean_and_thawed(
     assert agent.fsfreeze_status() == "thawed"
     # written but not synced: only the freeze (which flushes the filesystem) puts it on the disk
     agent.write_file(f"{DATA_MOUNT}/before.txt", b"written before the snapshot\n")
-    snaps = libvirt_ops.create_external_snapshot(machine, "q1", quiesce=True)
+    snaps = create_external_snapshot(machine, "q1", quiesce=True)
     assert agent.fsfreeze_status() == "thawed"
     agent.write_file(f"{DATA_MOUNT}/after.txt", b"written after the snapshot\n")
     _guest_sh(machine, "sync")
-    base = Path(libvirt_ops.external_snapshot_source(snaps[0]).location)
+    base = Path(external_snapshot_source(snaps[0]).location)
     assert base == guest_domain.data_image
     assert fsck_image(base, scratch=tmp_path).clean
     assert read_image_file(base, "/before.txt", scratch=tmp_path) == b"written before the snapshot\n"
     with pytest.raises(CommandError, match=r"after\.txt"):
         read_image_file(base, "/after.txt", scratch=tmp_path)
-    libvirt_ops.commit_external_snapshot(machine, "q1")
+    commit_external_snapshot(machine, "q1")
     assert machine.block_targets() == {"vda": str(guest_domain.data_image)}
     assert _guest_sh(machine, f"cat {DATA_MOUNT}/after.txt") == "written after the snapshot\n"
 

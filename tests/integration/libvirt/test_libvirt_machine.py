@@ -24,8 +24,8 @@ from vmsnap.errors import (
     UnsupportedError,
     VmsnapError,
 )
-from vmsnap.libvirt_machine import LibvirtMachine
-from vmsnap.machine import Machine
+from vmsnap.vm.libvirt.machine import LibvirtMachine
+from vmsnap.vm.machine import Machine
 
 pytestmark = pytest.mark.libvirt
 

@@ -20,11 +20,11 @@ from tests.integration.strategies.contract import (
     read_export,
     run,
 )
-from vmsnap.libvirt_machine import LibvirtMachine
-from vmsnap.libvirt_ops import LibvirtExternalSnapshotStrategy
-from vmsnap.machine import Machine, find_disk
 from vmsnap.registry import strategy_class
 from vmsnap.strategies.base import Strategy
+from vmsnap.strategies.libvirt_external import LibvirtExternalSnapshotStrategy
+from vmsnap.vm.libvirt.machine import LibvirtMachine
+from vmsnap.vm.machine import Machine, find_disk
 
 pytestmark = [
     pytest.mark.libvirt,

@@ -25,12 +25,12 @@ import pytest
 
 from tests.conftest import make_image
 from vmsnap.errors import QMPConnectionError, UsageError, VmsnapError
+from vmsnap.image.qemu_img import convert_argv
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
-from vmsnap.machine import Machine, OfflineMachine, QemuMachine, find_disk
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits
 from vmsnap.registry import strategy_class
 from vmsnap.strategies.base import Strategy
-from vmsnap.strategies.qemu_common import convert_argv
+from vmsnap.vm.machine import Machine, OfflineMachine, QemuMachine, find_disk
 
 MiB = 1 << 20
 

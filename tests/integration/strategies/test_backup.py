@@ -24,16 +24,16 @@ from tests.integration.strategies.contract import (
 )
 from vmsnap.errors import SnapshotError, UnsupportedError, UsageError, VmsnapError
 from vmsnap.lab.qemu import qemu_io
-from vmsnap.machine import Machine, OfflineMachine, QemuMachine
 from vmsnap.model import Disk
-from vmsnap.strategies.backup import (
+from vmsnap.strategies.base import Strategy
+from vmsnap.strategies.blockdev_backup.strategy import (
     BlockdevBackupStrategy,
     Fleecing,
     IncrementalFallbackWarning,
     fleece_nodes,
     target_node,
 )
-from vmsnap.strategies.base import Strategy
+from vmsnap.vm.machine import Machine, OfflineMachine, QemuMachine
 
 
 def backup_dir(machine: Machine) -> Path:

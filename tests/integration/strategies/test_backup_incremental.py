@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from tests.conftest import make_image
 from vmsnap.errors import QMPConnectionError, SnapshotError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
-from vmsnap.machine import OfflineMachine, QemuMachine
 from vmsnap.model import SnapshotRef
-from vmsnap.strategies.backup import BlockdevBackupStrategy, IncrementalFallbackWarning
+from vmsnap.strategies.blockdev_backup.strategy import BlockdevBackupStrategy, IncrementalFallbackWarning
+from vmsnap.vm.machine import OfflineMachine, QemuMachine
 
 MiB = 1 << 20
 SIZE = 64 * MiB

@@ -19,12 +19,12 @@ from tests.integration.strategies.contract import Lab, QemuImageLab, StrategyCon
 from tests.integration.strategies.loop_btrfs import LoopBtrfs, loop_btrfs
 from vmsnap.errors import CommandError, QMPConnectionError, SnapshotError, UnsupportedError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
-from vmsnap.machine import OfflineMachine, QemuMachine
 from vmsnap.model import ExportSource
 from vmsnap.registry import strategy_class
 from vmsnap.runner import DEFAULT_TIMEOUT, CommandResult, LocalRunner
-from vmsnap.storage import StorageScopeWarning
 from vmsnap.strategies.btrfs import SNAPSHOT_DIR_NAME, BtrfsSnapshotStrategy
+from vmsnap.strategies.storage import StorageScopeWarning
+from vmsnap.vm.machine import OfflineMachine, QemuMachine
 
 __all__ = ["loop_btrfs"]  # the fixture, imported so pytest finds it here
 

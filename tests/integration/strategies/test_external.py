@@ -21,10 +21,9 @@ from tests.integration.strategies.contract import (
 )
 from vmsnap.errors import CommandError, SnapshotError, UnsupportedError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
-from vmsnap.machine import OfflineMachine
 from vmsnap.runner import DEFAULT_TIMEOUT, CommandResult, LocalRunner
-from vmsnap.strategies.external import ExternalOverlayStrategy
-from vmsnap.strategies.qemu_common import overlay_path
+from vmsnap.strategies.external import ExternalOverlayStrategy, overlay_path
+from vmsnap.vm.machine import OfflineMachine
 
 
 class TestExternalContract(StrategyContract):

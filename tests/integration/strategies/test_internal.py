@@ -20,9 +20,9 @@ from tests.integration.strategies.contract import (
 )
 from vmsnap.errors import NotFoundError, SnapshotError, UnsupportedError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
-from vmsnap.machine import OfflineMachine, QemuMachine
 from vmsnap.model import Disk, SnapshotRef
 from vmsnap.strategies.internal import InternalSnapshotStrategy, LazyRefcountsWarning
+from vmsnap.vm.machine import OfflineMachine, QemuMachine
 
 pytestmark = pytest.mark.filterwarnings("ignore::vmsnap.strategies.internal.LazyRefcountsWarning")
 

@@ -14,17 +14,17 @@ from pathlib import Path
 import attrs
 import pytest
 
-from vmsnap.agent import GuestAgent
 from vmsnap.errors import NotFoundError, SnapshotError, UnsupportedError, UsageError
 from vmsnap.lab.guest import LabGuest
 from vmsnap.lab.image import LabImage
 from vmsnap.lab.qemu import DriveSpec
 from vmsnap.model import Disk
-from vmsnap.qmp import QMPMonitor
 from vmsnap.registry import strategy_class
 from vmsnap.runner import Runner
-from vmsnap.storage import StorageNoteWarning, list_logical_volumes
 from vmsnap.strategies.lvm import SNAPSHOT_TAG, LvmSnapshotStrategy
+from vmsnap.strategies.storage import StorageNoteWarning, list_logical_volumes
+from vmsnap.vm.agent import GuestAgent
+from vmsnap.vm.qmp import QMPMonitor
 
 pytestmark = pytest.mark.guest
 

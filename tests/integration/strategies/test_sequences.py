@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 
 from tests.conftest import make_image
 from tests.integration.strategies.contract import run
-from vmsnap.machine import OfflineMachine
+from vmsnap.image.qemu_img import convert_argv
 from vmsnap.model import ExportSource
 from vmsnap.registry import strategy_class
 from vmsnap.strategies.base import Strategy
-from vmsnap.strategies.qemu_common import convert_argv
+from vmsnap.vm.machine import OfflineMachine
 
 pytestmark = pytest.mark.filterwarnings("ignore::vmsnap.strategies.internal.LazyRefcountsWarning")
 

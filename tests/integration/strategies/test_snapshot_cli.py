@@ -12,8 +12,8 @@ from tests.conftest import make_image
 from tests.integration.strategies.contract import MiB, compare_images, run
 from vmsnap.cli import main
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
-from vmsnap.qmp import QMPMonitor
-from vmsnap.strategies.qemu_common import overlay_path
+from vmsnap.strategies.external import overlay_path
+from vmsnap.vm.qmp import QMPMonitor
 
 
 def vmsnap(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -20,8 +20,8 @@ import pytest
 from tests.conftest import RunningVm, make_image
 from vmsnap.errors import QMPConnectionError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess
-from vmsnap.machine import QemuMachine
 from vmsnap.model import Disk, ExportSource
+from vmsnap.vm.machine import QemuMachine
 
 SIZE = 64 * 1024 * 1024
 PATTERN: tuple[tuple[int, int, int], ...] = (

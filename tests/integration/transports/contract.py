@@ -19,7 +19,8 @@ import pytest
 from tests.conftest import RunningVm
 from tests.integration.transports.conftest import SIZE, CaseFactory, SourceCase, image_format, images_equal
 from vmsnap.errors import NotFoundError, TransferError, UnsupportedError, UsageError
-from vmsnap.imageio import allocated_bytes, guest_sha256
+from vmsnap.files import allocated_bytes
+from vmsnap.image.digest import guest_sha256
 from vmsnap.lab.qemu import qemu_io
 from vmsnap.model import Disk, ExportSource, TransferStats
 

@@ -1,4 +1,4 @@
-"""vmsnap.imageio on real images: the guest-visible sha256 (qcow2 = raw = plain bytes, chain = flattened,
+"""vmsnap.image.io on real images: the guest-visible sha256 (qcow2 = raw = plain bytes, chain = flattened,
 internal snapshots) and the qemu-nbd server's lifetime."""
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import pytest
 
 from tests.integration.transports.conftest import CaseFactory, qemu_io
 from vmsnap.errors import NotFoundError, TransferError
-from vmsnap.imageio import QemuNbdServer, _pid_alive, guest_sha256, source_sha256
+from vmsnap.image.digest import guest_sha256, source_sha256
+from vmsnap.image.nbd import QemuNbdServer
+from vmsnap.processes import alive
 
 
 def test_qcow2_raw_and_plain_bytes_hash_alike(case_factory: CaseFactory, tmp_path: Path) -> None:
@@ -57,10 +59,10 @@ def test_server_is_stopped_by_pid_also_when_the_body_raises(case_factory: CaseFa
     with pytest.raises(RuntimeError), server:
         pid = server.pid
         private = server.socket.parent
-        assert pid is not None and _pid_alive(pid)
+        assert pid is not None and alive(pid)
         assert private.stat().st_mode & 0o777 == 0o700
         raise RuntimeError("body failed")
-    assert not _pid_alive(pid)
+    assert not alive(pid)
     assert not private.exists()
 
 
@@ -95,8 +97,8 @@ def test_server_exits_when_a_killed_client_goes_away(case_factory: CaseFactory) 
         client.kill()
         client.wait()
         deadline = time.monotonic() + 30  # generous: only "never exits" fails
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _pid_alive(pid)
+        assert not alive(pid)
     finally:
         server.stop()

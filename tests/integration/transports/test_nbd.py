@@ -21,7 +21,7 @@ from tests.integration.transports.conftest import (
 )
 from tests.integration.transports.contract import ProgressLog, TransportContract
 from vmsnap.errors import TransferError, UsageError
-from vmsnap.imageio import guest_sha256
+from vmsnap.image.digest import guest_sha256
 from vmsnap.lab.qemu import qemu_io as vm_qemu_io
 from vmsnap.model import Disk, ExportSource
 from vmsnap.transports.nbd import NbdTransport

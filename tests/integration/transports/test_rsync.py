@@ -24,7 +24,7 @@ from tests.integration.transports.conftest import (
 )
 from tests.integration.transports.contract import ProgressLog, TransportContract
 from vmsnap.errors import NotFoundError, TransferError
-from vmsnap.imageio import guest_sha256
+from vmsnap.image.digest import guest_sha256
 from vmsnap.model import ExportSource
 from vmsnap.runner import SshRunner
 from vmsnap.transports.rsync import RsyncTransport

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes import RecordingRunner
 from vmsnap.benchmark.peers import (
     FULL,
     PUSH,
@@ -24,7 +25,6 @@ from vmsnap.benchmark.peers import (
 )
 from vmsnap.benchmark.report import throughput_markdown
 from vmsnap.benchmark.throughput import ThroughputFigure
-from vmsnap.runner import RecordingRunner
 
 URI = "qemu:///system?socket=/tmp/vmsnap-lv.x/libvirt-sock"
 

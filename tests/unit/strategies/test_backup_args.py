@@ -7,20 +7,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes import RecordingRunner
 from vmsnap.errors import UnsupportedError, UsageError
-from vmsnap.machine import OfflineMachine
+from vmsnap.image.qcow2 import read_header
 from vmsnap.model import Disk
-from vmsnap.runner import RecordingRunner
-from vmsnap.strategies.backup import (
+from vmsnap.strategies.blockdev_backup.strategy import (
     PENDING_SUFFIX,
     BlockdevBackupStrategy,
     _bitmap_state,
     _Plan,
     fleece_nodes,
     overlay_bitmap_actions,
-    qcow2_virtual_size,
     target_node,
 )
+from vmsnap.vm.machine import OfflineMachine
 
 NODE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")  # QEMU: a letter first, under 32 characters
 
@@ -122,14 +122,14 @@ def test_bad_options_are_usage_errors(tmp_path: Path) -> None:
             _strategy(tmp_path, bitmap=bad)
 
 
-def test_qcow2_virtual_size_reads_the_header(tmp_path: Path) -> None:
+def test_the_qcow2_reader_takes_the_virtual_size_from_the_header(tmp_path: Path) -> None:
     image = tmp_path / "x.qcow2"
     image.write_bytes(b"QFI\xfb" + bytes(20) + (123456789).to_bytes(8, "big") + bytes(64))
-    assert qcow2_virtual_size(image) == 123456789
+    assert read_header(image).virtual_size == 123456789
     raw = tmp_path / "x.raw"
     raw.write_bytes(bytes(512))
     with pytest.raises(ValueError, match="not a qcow2"):
-        qcow2_virtual_size(raw)
+        read_header(raw)
 
 
 def test_offline_incremental_refuses_before_running_anything(tmp_path: Path) -> None:

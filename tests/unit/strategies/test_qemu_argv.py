@@ -10,19 +10,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.fakes import RecordingRunner
 from vmsnap.errors import SnapshotError, UsageError
-from vmsnap.machine import OfflineMachine
+from vmsnap.image.qemu_img import convert_argv, source_args
 from vmsnap.model import Disk, ExportSource
-from vmsnap.runner import RecordingRunner
-from vmsnap.strategies.external import ExternalOverlayStrategy, _node_name, root_image
-from vmsnap.strategies.internal import InternalSnapshotStrategy
-from vmsnap.strategies.qemu_common import (
-    convert_argv,
+from vmsnap.processes import stop as stop_process
+from vmsnap.strategies.external import (
+    ExternalOverlayStrategy,
+    _node_name,
     overlay_path,
     parse_overlay_path,
-    qemu_img_source_args,
-    stop_process,
+    root_image,
 )
+from vmsnap.strategies.internal import InternalSnapshotStrategy
+from vmsnap.vm.machine import OfflineMachine
 
 DISK = Disk("disk0", "", Path("/img/disk0.qcow2"), "qcow2", 64 << 20)
 
@@ -31,12 +32,12 @@ def test_file_source_with_internal_snapshot_reads_with_dash_l() -> None:
     source = ExportSource(
         "file", "/img/a,b.qcow2", "qcow2", DISK, DISK.virtual_size, {"snapshot.name": "s,1"}, force_share=True
     )
-    assert qemu_img_source_args(source) == ["-U", "-l", "snapshot.name=s,,1", "-f", "qcow2", "/img/a,b.qcow2"]
+    assert source_args(source) == ["-U", "-l", "snapshot.name=s,,1", "-f", "qcow2", "/img/a,b.qcow2"]
 
 
 def test_other_image_opts_become_escaped_image_opts() -> None:
     source = ExportSource("file", "/img/a,b.qcow2", "qcow2", DISK, DISK.virtual_size, {"cache.direct": "on"})
-    assert qemu_img_source_args(source) == [
+    assert source_args(source) == [
         "--image-opts",
         "driver=qcow2,file.driver=file,file.filename=/img/a,,b.qcow2,cache.direct=on",
     ]

@@ -1,4 +1,4 @@
-"""Argument building and parsing of the transports and vmsnap.imageio, checked without running anything.
+"""Argument building and parsing of the transports and vmsnap.image.io, checked without running anything.
 
 These only show which commands would run; the integration tests prove that they work.
 """
@@ -11,10 +11,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.fakes import RecordingRunner
 from vmsnap.errors import UsageError
-from vmsnap.imageio import QemuNbdServer, ThrottledProgress, qemu_img_source_args
-from vmsnap.model import Disk, ExportSource
-from vmsnap.runner import RecordingRunner, SshRunner
+from vmsnap.image.nbd import QemuNbdServer
+from vmsnap.image.qemu_img import image_args
+from vmsnap.model import Disk, ExportSource, ThrottledProgress
+from vmsnap.runner import SshRunner
 from vmsnap.transports.copy import CopyTransport
 from vmsnap.transports.nbd import _merge, _runs
 from vmsnap.transports.rsync import RsyncTarget, RsyncTransport, parse_stats
@@ -29,8 +31,8 @@ def source(**kw: object) -> ExportSource:
 
 
 def test_snapshot_options_become_dash_l_and_others_image_opts() -> None:
-    assert qemu_img_source_args("/img/a.qcow2", "qcow2") == ["-f", "qcow2", "/img/a.qcow2"]
-    assert qemu_img_source_args("/i/a", "qcow2", image_opts={"snapshot.name": "s,1"}, force_share=True) == [
+    assert image_args("/img/a.qcow2", "qcow2") == ["-f", "qcow2", "/img/a.qcow2"]
+    assert image_args("/i/a", "qcow2", image_opts={"snapshot.name": "s,1"}, force_share=True) == [
         "-U",
         "-l",
         "snapshot.name=s,,1",
@@ -38,12 +40,12 @@ def test_snapshot_options_become_dash_l_and_others_image_opts() -> None:
         "qcow2",
         "/i/a",
     ]
-    args = qemu_img_source_args("/img/a,b.qcow2", "qcow2", image_opts={"cache.direct": "on"})
+    args = image_args("/img/a,b.qcow2", "qcow2", image_opts={"cache.direct": "on"})
     assert args == [
         "--image-opts",
         "driver=qcow2,file.driver=file,file.filename=/img/a,,b.qcow2,cache.direct=on",
     ]
-    assert qemu_img_source_args("/dev/loop3", "raw", image_opts={"x": "1"}, block_device=True)[1] == (
+    assert image_args("/dev/loop3", "raw", image_opts={"x": "1"}, block_device=True)[1] == (
         "driver=raw,file.driver=host_device,file.filename=/dev/loop3,x=1"
     )
 

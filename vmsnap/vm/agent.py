@@ -1,7 +1,8 @@
-"""QEMU guest agent client: a typed method per guest-* command, and ``frozen()`` that always thaws.
+"""QEMU guest agent client: a typed method per guest-* command (freezing with a guaranteed thaw is
+:mod:`vmsnap.vm.freeze`).
 
 The agent is reached through an :class:`AgentChannel`: a unix socket (bare QEMU's virtio-serial chardev) here,
-libvirt's ``qemuAgentCommand`` passthrough in :mod:`vmsnap.machine`. The socket protocol: connect, send 0xFF
+libvirt's ``qemuAgentCommand`` passthrough in :mod:`vmsnap.vm.machine`. The socket protocol: connect, send 0xFF
 and ``guest-sync-delimited`` with a random id, discard everything up to the 0xFF the agent sends back, then
 read JSON answers until the one carrying our id; only then is the channel in step.
 """
@@ -17,17 +18,13 @@ import secrets
 import socket
 import stat
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import attrs
 
 from vmsnap.errors import AgentCommandError, AgentError, AgentNotRespondingError, FreezeError
-
-if TYPE_CHECKING:
-    from vmsnap.machine import Machine
-    from vmsnap.thawguard import ThawGuard
 
 _log = logging.getLogger(__name__)
 
@@ -309,19 +306,6 @@ class GuestAgent:
         """``guest-fstrim``: discard unused blocks (makes backups smaller)."""
         return dict(self.execute("guest-fstrim", {"minimum": minimum} if minimum else None, timeout=300))
 
-    @contextlib.contextmanager
-    def frozen(
-        self, mountpoints: Sequence[str] | None = None, *, timeout: float = FREEZE_TIMEOUT
-    ) -> Iterator[FreezeReport]:
-        """Freeze the guest's filesystems for the body of the ``with``; always thaw afterwards.
-
-        A freeze that fails (a hook said no, a filesystem refused) is thawed before :class:`FreezeError`
-        is raised, so the guest is never left frozen by us. The report's ``window_ms`` is filled on thaw.
-        Unlike the module-level :func:`frozen`, no thaw guard covers the death of this process.
-        """
-        with _freeze(self, mountpoints, timeout=timeout, guard=None) as report:
-            yield report
-
     def ensure_thawed(self, *, attempts: int = 3) -> bool:
         """Thaw the guest if it is frozen (``vmsnap recover`` uses this).
 
@@ -330,15 +314,15 @@ class GuestAgent:
         """
         if self.fsfreeze_status() != "frozen":
             return False
-        self._thaw_with_retry(attempts)
+        self.thaw_and_check(attempts)
         return True
 
-    def _thaw_quietly(self) -> None:
+    def thaw_quietly(self) -> None:
         with contextlib.suppress(AgentError):
             if self.fsfreeze_status() == "frozen":
                 self.fsfreeze_thaw()
 
-    def _thaw_with_retry(
+    def thaw_and_check(
         self, attempts: int = 3, *, timeout: float = FREEZE_TIMEOUT
     ) -> tuple[int, str | None]:
         """Thaw, and check with ``guest-fsfreeze-status`` that it worked.
@@ -475,110 +459,3 @@ class GuestAgent:
         self.execute("guest-shutdown", {"mode": mode})
 
 
-class _ReportHolder:
-    """Lets ``frozen()`` hand out a report before the window is known and complete it on thaw."""
-
-    def __init__(self, report: FreezeReport) -> None:
-        self.report = report
-
-    def finish(self, thawed: int, window_ms: float, thaw_error: str | None = None) -> None:
-        # FreezeReport is frozen for callers; the context manager is the one place that completes it
-        object.__setattr__(self.report, "thawed_count", thawed)
-        object.__setattr__(self.report, "window_ms", window_ms)
-        object.__setattr__(self.report, "thaw_error", thaw_error)
-
-
-@contextlib.contextmanager
-def frozen(
-    machine: Machine,
-    mountpoints: Sequence[str] | None = None,
-    *,
-    timeout: float = FREEZE_TIMEOUT,
-    guard: bool = True,
-    guard_log: Path | None = None,
-) -> Iterator[FreezeReport]:
-    """Freeze ``machine``'s guest filesystems for the body of the ``with``; thaw in every case.
-
-    Before freezing, a detached thaw guard (:mod:`vmsnap.thawguard`) is started when the agent is on a unix
-    socket: if this process dies while the guest is frozen, even by SIGKILL, the guard thaws the guest
-    within seconds. After thawing, ``guest-fsfreeze-status`` must say "thawed".
-
-    :param mountpoints: freeze only these (``guest-fsfreeze-freeze-list``); default: every filesystem
-    :param timeout: seconds for the freeze (hooks included) and for the thaw
-    :param guard: start the thaw guard (only possible for a socket agent)
-    :param guard_log: a file where the guard notes what it did
-    :raise FreezeError: no agent, the agent does not answer, or it refused the freeze (the guest is thawed;
-        when the agent stopped answering mid-freeze, the guard thaws it as soon as the agent answers)
-    """
-    agent = machine.agent()
-    if agent is None:
-        raise FreezeError(
-            f"{machine.name} has no guest agent channel, so its filesystems cannot be frozen",
-            hint="give the VM a qemu-ga channel, or back up without freezing (--quiesce off)",
-        )
-    thaw_guard = None
-    channel = agent.channel
-    if guard and isinstance(channel, SocketAgentChannel):
-        from vmsnap.thawguard import ThawGuard
-
-        thaw_guard = ThawGuard(channel.socket_path, log=guard_log)
-    with _freeze(agent, mountpoints, timeout=timeout, guard=thaw_guard) as report:
-        yield report
-
-
-@contextlib.contextmanager
-def _freeze(
-    agent: GuestAgent, mountpoints: Sequence[str] | None, *, timeout: float, guard: ThawGuard | None
-) -> Iterator[FreezeReport]:
-    try:
-        agent.ping(timeout=min(timeout, DEFAULT_TIMEOUT))
-    except AgentError as err:  # nothing was sent that could freeze: a plain error
-        agent.close()
-        raise FreezeError(f"cannot freeze: {err.message}", hint=err.hint) from err
-    if guard is not None:
-        guard.start()
-    try:
-        started = time.monotonic()
-        try:
-            if mountpoints:
-                count = agent.fsfreeze_freeze_list(mountpoints, timeout=timeout)
-            else:
-                count = agent.fsfreeze_freeze(timeout=timeout)
-        except AgentCommandError as err:
-            agent._thaw_quietly()
-            raise FreezeError(f"freezing the guest failed: {err.desc}") from err
-        except AgentNotRespondingError as err:
-            # the freeze was sent and may still complete: whoever can reach the agent later must thaw
-            agent.close()
-            if guard is not None:
-                guard.hand_over()
-                raise FreezeError(
-                    f"freezing the guest failed: {err.message}",
-                    hint=f"the thaw guard (pid {guard.pid}) thaws the guest as soon as its agent answers",
-                ) from err
-            agent._thaw_quietly()
-            raise FreezeError(f"freezing the guest failed: {err.message}") from err
-        frozen_at = time.monotonic()
-        holder = _ReportHolder(
-            FreezeReport(
-                frozen_count=count,
-                freeze_ms=(frozen_at - started) * 1000.0,
-                guard_pid=guard.pid if guard is not None else None,
-            )
-        )
-        try:
-            yield holder.report
-        finally:
-            try:
-                thawed, hook_error = agent._thaw_with_retry(timeout=timeout)
-            except FreezeError:
-                agent.close()
-                if guard is not None:
-                    guard.hand_over()
-                raise
-            holder.finish(thawed, (time.monotonic() - frozen_at) * 1000.0, hook_error)
-            if hook_error is not None:
-                _log.warning("the guest is thawed but a thaw hook failed: %s", hook_error)
-    finally:
-        if guard is not None:
-            guard.done()  # no-op after a hand-over

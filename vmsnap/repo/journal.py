@@ -17,8 +17,9 @@ from typing import Any
 import attrs
 
 from vmsnap.errors import RepositoryError
+from vmsnap.files import write_json_atomic
 from vmsnap.model import Disk, SnapshotRef
-from vmsnap.repository import utc_now_iso, write_json_atomic
+from vmsnap.repo.repository import utc_now_iso
 
 JOURNAL_FORMAT = 1
 

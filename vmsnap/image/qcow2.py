@@ -1,5 +1,6 @@
-"""Read-only qcow2 metadata for the content digest: header, backing link and L1/L2 lookups of plain images, so
-that an incremental backup's changed chunks are found and placed in its chain's files without QEMU.
+"""The one qcow2 reader: header facts (virtual size, backing link), and L1/L2 lookups of plain images, so that
+an incremental backup's changed chunks are found and placed in its chain's files without QEMU, and an
+independent reader (:mod:`vmsnap.image.libqcow`) knows which file serves each cluster.
 
 Only what QEMU writes for vmsnap's own backups is understood: qcow2 v2/v3 with standard L2 entries, no
 encryption, no external data file, no extended L2, not marked dirty or corrupt; backing files that are
@@ -52,6 +53,80 @@ class Placed:
     zero: bool
     layer: int = -1
     host_offset: int = 0
+
+
+@attrs.frozen
+class Header:
+    """The facts of a qcow2 header every caller may want, read without QEMU.
+
+    :param backing_file: the backing file name exactly as written (relative or absolute), or None
+    """
+
+    version: int
+    virtual_size: int
+    cluster_bits: int
+    backing_file: str | None
+    incompatible_features: int
+
+
+def read_header(path: Path) -> Header:
+    """The header of qcow2 image ``path``.
+
+    :raise ValueError: not a qcow2 image, or a malformed header (the message says which)
+    :raise OSError: the file cannot be read
+    """
+    with open(path, "rb") as f:
+        header = f.read(112)
+        if len(header) < 72 or header[:4] != MAGIC:
+            raise ValueError(f"{path} is not a qcow2 image")
+        version, backing_offset, backing_size, cluster_bits, size = struct.unpack(">IQIIQ", header[4:32])
+        incompatible = struct.unpack(">Q", header[72:80])[0] if version >= 3 and len(header) >= 80 else 0
+        backing: str | None = None
+        if backing_offset and backing_size:
+            if backing_size > 1023:
+                raise ValueError(f"{path} has a malformed backing file name")
+            f.seek(backing_offset)
+            backing = f.read(backing_size).decode("utf-8", errors="replace")
+    return Header(version, size, cluster_bits, backing, incompatible)
+
+
+def cluster_states(path: Path) -> tuple[int, dict[int, str]]:
+    """(cluster size, cluster index → "data" | "zero") of one qcow2 file's own L2 tables; clusters not in the
+    map fall through to the backing file. Compressed clusters count as "data".
+
+    :raise ValueError: not a qcow2, or it uses features this reader does not know (external data, extended
+        L2 entries …)
+    :raise OSError: a read failed
+    """
+    header = read_header(path)
+    if header.incompatible_features & ~0b11:  # anything beyond "dirty" and "corrupt"
+        raise ValueError(f"{path} uses qcow2 features vmsnap's reader does not know")
+    with open(path, "rb") as f:
+        raw = f.read(48)
+        l1_size, l1_offset = struct.unpack(">IQ", raw[36:48])
+        cluster_size = 1 << header.cluster_bits
+        l2_entries = cluster_size // 8
+        f.seek(l1_offset)
+        l1 = struct.unpack(f">{l1_size}Q", f.read(8 * l1_size))
+        states: dict[int, str] = {}
+        for l1_index, l1_entry in enumerate(l1):
+            l2_offset = l1_entry & _OFFSET_MASK
+            if not l2_offset:
+                continue
+            f.seek(l2_offset)
+            l2 = struct.unpack(f">{l2_entries}Q", f.read(cluster_size))
+            for l2_index, entry in enumerate(l2):
+                if not entry:
+                    continue
+                compressed = bool(entry & _COMPRESSED)
+                if not compressed and header.version >= 3 and entry & _ZERO_FLAG:
+                    state = "zero"
+                elif compressed or entry & _OFFSET_MASK:
+                    state = "data"
+                else:
+                    continue
+                states[l1_index * l2_entries + l2_index] = state
+    return cluster_size, states
 
 
 def _pread_exact(fd: int, length: int, offset: int) -> bytes | None:

@@ -1,7 +1,7 @@
 """LibvirtMachine: a libvirt domain as a vmsnap Machine, with QMP and the guest agent through libvirt.
 
 libvirt owns the QMP socket and the agent channel, so commands go through its ``qemuMonitorCommand`` and
-``qemuAgentCommand`` passthrough. Kept out of :mod:`vmsnap.machine`: importing vmsnap never needs libvirt.
+``qemuAgentCommand`` passthrough. Kept out of :mod:`vmsnap.vm.machine`: importing vmsnap never needs libvirt.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from vmsnap.agent import GuestAgent
 from vmsnap.errors import (
     AgentCommandError,
     AgentNotRespondingError,
@@ -26,10 +25,11 @@ from vmsnap.errors import (
     UnsupportedError,
     UsageError,
 )
-from vmsnap.machine import offline_disk
 from vmsnap.model import Disk, validate_name
-from vmsnap.qmp import JobInfo, QMPMonitor, _qdev_name
 from vmsnap.runner import LocalRunner, Runner
+from vmsnap.vm.agent import GuestAgent
+from vmsnap.vm.machine import offline_disk
+from vmsnap.vm.qmp import JobInfo, QMPMonitor, _qdev_name
 
 try:
     import libvirt
@@ -247,7 +247,7 @@ class LibvirtMachine:
     Running: disks come from the live domain XML (target dev as the disk's name) joined with QMP
     ``query-block`` through passthrough (node names, backing chains); QMP and the agent go through libvirt.
     Shut off: disks come from the persistent XML and ``qemu-img info`` of their images, like
-    :class:`~vmsnap.machine.OfflineMachine`.
+    :class:`~vmsnap.vm.machine.OfflineMachine`.
 
     :param domain: the domain's name (or UUID)
     :param uri: libvirt connection URI (default ``qemu:///system``)

@@ -1,30 +1,160 @@
-"""The thaw guard: a detached watchdog that thaws a frozen guest when the vmsnap process holding it dies.
+"""Freezing a guest's filesystems for a snapshot, with a thaw that always happens — also when vmsnap dies.
 
-:func:`vmsnap.agent.frozen` starts one before freezing (``python -m vmsnap.thawguard PARENT_PID SOCKET``).
-The guard waits on a pipe from its parent: "done" → it exits; "thaw", end of file (the parent died, even by
-SIGKILL) or the parent's pid vanishing → it connects to the agent socket, which QEMU serves to one client at
-a time and which the kernel closed with the dead parent, and thaws the guest if it is frozen.
+:func:`frozen` freezes through the guest agent for the body of a ``with`` and thaws afterwards, whatever
+happened. Before freezing it starts a detached *thaw guard* (``python -m vmsnap.vm.freeze PARENT_PID
+SOCKET``): the guard waits on a pipe from its parent: "done" → it exits; "thaw", end of file (the parent
+died, even by SIGKILL) or the parent's pid vanishing → it connects to the agent socket, which QEMU serves
+to one client at a time and which the kernel closed with the dead parent, and thaws the guest if it is
+frozen.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import select
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from vmsnap.errors import AgentError, FreezeError
+from vmsnap import processes
+from vmsnap.errors import AgentCommandError, AgentError, AgentNotRespondingError, FreezeError
+from vmsnap.vm.agent import DEFAULT_TIMEOUT, FREEZE_TIMEOUT, FreezeReport, GuestAgent, SocketAgentChannel
+from vmsnap.vm.machine import Machine
+
+_log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 15.0
 """Seconds to wait for a new guard to say it runs (a Python start on a loaded host)."""
 
 DEFAULT_GIVE_UP = 300.0
 """Seconds a guard keeps trying to reach the agent before it gives up."""
+
+
+class _ReportHolder:
+    """Lets ``frozen()`` hand out a report before the window is known and complete it on thaw."""
+
+    def __init__(self, report: FreezeReport) -> None:
+        self.report = report
+
+    def finish(self, thawed: int, window_ms: float, thaw_error: str | None = None) -> None:
+        # FreezeReport is frozen for callers; the context manager is the one place that completes it
+        object.__setattr__(self.report, "thawed_count", thawed)
+        object.__setattr__(self.report, "window_ms", window_ms)
+        object.__setattr__(self.report, "thaw_error", thaw_error)
+
+
+@contextlib.contextmanager
+def frozen(
+    machine: Machine,
+    mountpoints: Sequence[str] | None = None,
+    *,
+    timeout: float = FREEZE_TIMEOUT,
+    guard: bool = True,
+    guard_log: Path | None = None,
+) -> Iterator[FreezeReport]:
+    """Freeze ``machine``'s guest filesystems for the body of the ``with``; thaw in every case.
+
+    Before freezing, a detached thaw guard (:mod:`vmsnap.vm.thawguard`) is started when the agent is on a unix
+    socket: if this process dies while the guest is frozen, even by SIGKILL, the guard thaws the guest
+    within seconds. After thawing, ``guest-fsfreeze-status`` must say "thawed".
+
+    :param mountpoints: freeze only these (``guest-fsfreeze-freeze-list``); default: every filesystem
+    :param timeout: seconds for the freeze (hooks included) and for the thaw
+    :param guard: start the thaw guard (only possible for a socket agent)
+    :param guard_log: a file where the guard notes what it did
+    :raise FreezeError: no agent, the agent does not answer, or it refused the freeze (the guest is thawed;
+        when the agent stopped answering mid-freeze, the guard thaws it as soon as the agent answers)
+    """
+    agent = machine.agent()
+    if agent is None:
+        raise FreezeError(
+            f"{machine.name} has no guest agent channel, so its filesystems cannot be frozen",
+            hint="give the VM a qemu-ga channel, or back up without freezing (--quiesce off)",
+        )
+    thaw_guard = None
+    channel = agent.channel
+    if guard and isinstance(channel, SocketAgentChannel):
+        thaw_guard = ThawGuard(channel.socket_path, log=guard_log)
+    with _freeze(agent, mountpoints, timeout=timeout, guard=thaw_guard) as report:
+        yield report
+
+
+@contextlib.contextmanager
+def _freeze(
+    agent: GuestAgent, mountpoints: Sequence[str] | None, *, timeout: float, guard: ThawGuard | None
+) -> Iterator[FreezeReport]:
+    try:
+        agent.ping(timeout=min(timeout, DEFAULT_TIMEOUT))
+    except AgentError as err:  # nothing was sent that could freeze: a plain error
+        agent.close()
+        raise FreezeError(f"cannot freeze: {err.message}", hint=err.hint) from err
+    if guard is not None:
+        guard.start()
+    try:
+        started = time.monotonic()
+        try:
+            if mountpoints:
+                count = agent.fsfreeze_freeze_list(mountpoints, timeout=timeout)
+            else:
+                count = agent.fsfreeze_freeze(timeout=timeout)
+        except AgentCommandError as err:
+            agent.thaw_quietly()
+            raise FreezeError(f"freezing the guest failed: {err.desc}") from err
+        except AgentNotRespondingError as err:
+            # the freeze was sent and may still complete: whoever can reach the agent later must thaw
+            agent.close()
+            if guard is not None:
+                guard.hand_over()
+                raise FreezeError(
+                    f"freezing the guest failed: {err.message}",
+                    hint=f"the thaw guard (pid {guard.pid}) thaws the guest as soon as its agent answers",
+                ) from err
+            agent.thaw_quietly()
+            raise FreezeError(f"freezing the guest failed: {err.message}") from err
+        frozen_at = time.monotonic()
+        holder = _ReportHolder(
+            FreezeReport(
+                frozen_count=count,
+                freeze_ms=(frozen_at - started) * 1000.0,
+                guard_pid=guard.pid if guard is not None else None,
+            )
+        )
+        try:
+            yield holder.report
+        finally:
+            try:
+                thawed, hook_error = agent.thaw_and_check(timeout=timeout)
+            except FreezeError:
+                agent.close()
+                if guard is not None:
+                    guard.hand_over()
+                raise
+            holder.finish(thawed, (time.monotonic() - frozen_at) * 1000.0, hook_error)
+            if hook_error is not None:
+                _log.warning("the guest is thawed but a thaw hook failed: %s", hook_error)
+    finally:
+        if guard is not None:
+            guard.done()  # no-op after a hand-over
+
+
+@contextlib.contextmanager
+def frozen_agent(
+    agent: GuestAgent, mountpoints: Sequence[str] | None = None, *, timeout: float = FREEZE_TIMEOUT
+) -> Iterator[FreezeReport]:
+    """Freeze through ``agent`` for the body of the ``with``; always thaw afterwards.
+
+    A freeze that fails (a hook said no, a filesystem refused) is thawed before :class:`FreezeError`
+    is raised, so the guest is never left frozen by us. The report's ``window_ms`` is filled on thaw.
+    Unlike :func:`frozen`, no thaw guard covers the death of this process (the agent may be reached through
+    a channel a guard cannot open, such as libvirt's passthrough).
+    """
+    with _freeze(agent, mountpoints, timeout=timeout, guard=None) as report:
+        yield report
 
 
 class ThawGuard:
@@ -57,7 +187,7 @@ class ThawGuard:
         argv = [
             sys.executable,
             "-m",
-            "vmsnap.thawguard",
+            "vmsnap.vm.freeze",
             str(os.getpid()),
             str(self.agent_socket),
             "--control-fd",
@@ -109,7 +239,7 @@ class ThawGuard:
             os.close(control_write)
             raise FreezeError(
                 "the thaw guard did not start; refusing to freeze without it",
-                hint="run `python -m vmsnap.thawguard --help` to see why, or pass guard=False",
+                hint="run `python -m vmsnap.vm.freeze --help` to see why, or pass guard=False",
             )
         self.pid = int(line.split()[1])
         self._control = control_write
@@ -180,16 +310,6 @@ class _Log:
             f.write(f"{stamp} thawguard[{os.getpid()}]: {message}\n")
 
 
-def _parent_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def wait_for_parent(control_fd: int, parent_pid: int, log: _Log) -> bool:
     """Block until the parent says something or disappears; True when the guest must be thawed."""
     while True:
@@ -204,7 +324,7 @@ def wait_for_parent(control_fd: int, parent_pid: int, log: _Log) -> bool:
                 return True
             log("parent is gone (its end of the pipe closed)")
             return True
-        if not _parent_alive(parent_pid):
+        if not processes.alive(parent_pid):
             log(f"parent {parent_pid} is gone")
             return True
 
@@ -214,8 +334,6 @@ def thaw_when_possible(agent_socket: Path, give_up: float, log: _Log) -> int:
 
     :return: 0 when the guest is thawed or its QEMU is gone, 1 when the agent never answered
     """
-    from vmsnap.agent import GuestAgent  # imported late: the watch loop above needs nothing of it
-
     deadline = time.monotonic() + give_up
     attempt = 0
     last_error = ""
@@ -246,9 +364,9 @@ def thaw_when_possible(agent_socket: Path, give_up: float, log: _Log) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vmsnap.thawguard PARENT_PID SOCKET --control-fd N --ready-fd M``."""
+    """``python -m vmsnap.vm.freeze PARENT_PID SOCKET --control-fd N --ready-fd M``."""
     parser = argparse.ArgumentParser(
-        prog="python -m vmsnap.thawguard",
+        prog="python -m vmsnap.vm.freeze",
         description="Thaw a guest when the vmsnap process freezing it dies.",
     )
     parser.add_argument("parent_pid", type=int)

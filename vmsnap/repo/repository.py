@@ -10,7 +10,7 @@ Layout::
     REPO/<vm>/.partial-<backup-id>/         staging; renamed into place when complete
     REPO/<vm>/.deleting-<backup-id>/        a backup being pruned (renamed first, so it is never half listed)
     REPO/<vm>/.lock                         flock held by a backup, prune or recover of that VM
-    REPO/<vm>/.journal.json                 what a running backup has done (see :mod:`vmsnap.journal`)
+    REPO/<vm>/.journal.json                 what a running backup has done (see :mod:`vmsnap.repo.journal`)
     REPO/<vm>/.needs-full                   the next backup must be full (a dead run touched the bitmap)
 
 A backup exists once ``<backup-id>/manifest.json`` does; anything whose name starts with a dot is not a
@@ -18,7 +18,7 @@ backup. Backup ids are ``YYYYMMDDTHHMMSS.ffffffZ-xxxx`` (UTC, microseconds, rand
 Files are 0600 and directories 0700. ``manifest.json`` holds format, vm, backup_id, kind (full|incremental),
 parent, strategy, transport, created (UTC ISO 8601), quiesced, bitmap, digest (``sha256-4MiB-chunks``), and
 disks[] with name, file, virtual_size, bytes_written and sha256: the digest of the guest-visible content (the
-whole chain read through) as :mod:`vmsnap.digest` defines it — the sha256 of ``<disk>.chunks``, so the
+whole chain read through) as :mod:`vmsnap.image.digest` defines it — the sha256 of ``<disk>.chunks``, so the
 manifest covers that file too. An incremental backup reads only the chunks its own image holds clusters of;
 the other chunk digests are its parent's.
 """
@@ -29,29 +29,16 @@ import concurrent.futures
 import contextlib
 import datetime as dt
 import fcntl
-import hashlib
-import itertools
 import json
 import os
 import secrets
 import shutil
-import struct
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import attrs
 
-from vmsnap.digest import (
-    ALGORITHM,
-    CHUNK_SIZE,
-    DIGEST_SIZE,
-    ChunkDigests,
-    chunk_offset_text,
-    image_chunks,
-    read_chunks_file,
-    write_chunks_file,
-)
 from vmsnap.errors import (
     ChainError,
     ChecksumMismatchError,
@@ -60,6 +47,17 @@ from vmsnap.errors import (
     UsageError,
     VmsnapError,
 )
+from vmsnap.files import DIR_MODE, FILE_MODE, fsync_dir, fsync_file, make_private_dir, write_json_atomic
+from vmsnap.image.digest import (
+    ALGORITHM,
+    ChunkDigests,
+    chunk_offset_text,
+    image_chunks,
+    read_chunks_file,
+    write_chunks_file,
+)
+from vmsnap.image.libqcow import libqcow_chunks
+from vmsnap.image.qcow2 import read_header
 from vmsnap.model import validate_name
 from vmsnap.runner import LocalRunner, Runner
 
@@ -70,9 +68,7 @@ PARTIAL_PREFIX = ".partial-"
 DELETING_PREFIX = ".deleting-"
 NEEDS_FULL = ".needs-full"
 LOCK = ".lock"
-FILE_MODE = 0o600
 CHUNKS_SUFFIX = ".chunks"
-DIR_MODE = 0o700
 
 Kind = Literal["full", "incremental"]
 Reader = Literal["auto", "qemu", "libqcow"]
@@ -82,51 +78,6 @@ DiskProgress = Callable[[str, int, int], None]
 
 def _no_progress(disk: str, done: int, total: int) -> None:
     pass
-
-
-# -- small durable-file helpers ------------------------------------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so that renames and creations in it survive a power cut."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    """fsync one file's data and metadata."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` atomically: temp file (0600), fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(data, out, indent=2, sort_keys=True)
-            out.write("\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
-
-
-def make_private_dir(path: Path) -> Path:
-    """Create ``path`` (0700) if missing, parents too; an existing one is left as it is."""
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    return path
 
 
 def new_backup_id(now: dt.datetime | None = None) -> str:
@@ -993,164 +944,14 @@ def _choose_reader(reader: Reader) -> Literal["qemu", "libqcow"]:
     return "libqcow"
 
 
-_QCOW2_MAGIC = b"QFI\xfb"
-
-
 def qcow2_backing_file(image: Path) -> str | None:
     """The backing file name stored in a qcow2 header (as written, relative or not), or None.
-
-    Read straight from the header so that a backing link is checked without QEMU.
 
     :raise RepositoryError: not a qcow2 image, or unreadable
     """
     try:
-        with open(image, "rb") as f:
-            header = f.read(104)
-            if len(header) < 72 or header[:4] != _QCOW2_MAGIC:
-                raise RepositoryError(f"{image} is not a qcow2 image", hint="the backup is damaged")
-            offset, size = struct.unpack(">QI", header[8:20])
-            if offset == 0 or size == 0:
-                return None
-            if size > 1023:
-                raise RepositoryError(
-                    f"{image} has a malformed backing file name", hint="the backup is damaged"
-                )
-            f.seek(offset)
-            name = f.read(size)
+        return read_header(image).backing_file
+    except ValueError as err:
+        raise RepositoryError(str(err), hint="the backup is damaged") from err
     except OSError as err:
         raise RepositoryError(f"cannot read {image}: {err.strerror or err}") from err
-    return name.decode("utf-8", errors="replace")
-
-
-@attrs.frozen
-class _Qcow2Map:
-    """Which clusters of one qcow2 file hold data, read as zeros, or fall through to the backing file."""
-
-    cluster_size: int
-    states: dict[int, str]  # cluster index → "data" | "zero"; missing: unallocated
-
-
-def _qcow2_map(image: Path) -> _Qcow2Map:
-    """Parse a qcow2's L1/L2 tables (standard, no subclusters) into per-cluster allocation states."""
-    with open(image, "rb") as f:
-        header = f.read(112)
-        version = struct.unpack(">I", header[4:8])[0]
-        cluster_bits = struct.unpack(">I", header[20:24])[0]
-        l1_size = struct.unpack(">I", header[36:40])[0]
-        l1_offset = struct.unpack(">Q", header[40:48])[0]
-        if version >= 3:
-            incompatible = struct.unpack(">Q", header[72:80])[0]
-            if incompatible & ~0b11:  # anything beyond "dirty" and "corrupt": external data, subclusters …
-                raise RepositoryError(
-                    f"{image} uses qcow2 features vmsnap's independent reader does not know",
-                    hint="use --reader qemu",
-                )
-        cluster_size = 1 << cluster_bits
-        l2_entries = cluster_size // 8
-        f.seek(l1_offset)
-        l1 = struct.unpack(f">{l1_size}Q", f.read(8 * l1_size))
-        states: dict[int, str] = {}
-        for l1_index, l1_entry in enumerate(l1):
-            l2_offset = l1_entry & 0x00FFFFFFFFFFFE00
-            if not l2_offset:
-                continue
-            f.seek(l2_offset)
-            l2 = struct.unpack(f">{l2_entries}Q", f.read(cluster_size))
-            for l2_index, entry in enumerate(l2):
-                if not entry:
-                    continue
-                compressed = bool(entry & (1 << 62))
-                if not compressed and version >= 3 and entry & 1:
-                    state = "zero"
-                elif compressed or entry & 0x00FFFFFFFFFFFE00:
-                    state = "data"
-                else:
-                    continue
-                states[l1_index * l2_entries + l2_index] = state
-    return _Qcow2Map(cluster_size, states)
-
-
-def libqcow_chunks(image: Path, *, parent: ChunkDigests | None = None) -> ChunkDigests:
-    """The chunk digests (:mod:`vmsnap.digest`) of a qcow2 chain's guest-visible content, read with libqcow
-    (pyqcow): an independent reader for ``verify``. Chunks without a data cluster in any layer are not read;
-    with ``parent`` (the digests of the backing file's content, of the same size) only the chunks the image's
-    own layer holds clusters of are read, the others are the parent's.
-
-    libqcow reads each file's data; which file serves each cluster comes from vmsnap's own L2-table parse,
-    because libqcow (as of 20260703) reads a zero-flagged cluster of an overlay from its backing file.
-
-    :raise RepositoryError: a backing file is missing, a file is not qcow2, or a read fell short
-    :raise UsageError: pyqcow is not installed
-    """
-    try:
-        import pyqcow
-    except ImportError as err:
-        raise UsageError("reading with libqcow needs pyqcow", hint="pip install 'vmsnap[qcow]'") from err
-    layers: list[Path] = []
-    current: Path | None = image
-    while current is not None:
-        if not current.is_file():
-            raise RepositoryError(f"backing file {current} is missing", hint="the chain is broken")
-        if len(layers) > 256 or current in layers:
-            raise RepositoryError(f"the backing chain of {image} loops or is too long")
-        layers.append(current)
-        backing = qcow2_backing_file(current)
-        current = (current.parent / backing) if backing is not None else None
-    maps = [_qcow2_map(layer) for layer in layers]
-    cluster = maps[0].cluster_size
-    if any(m.cluster_size != cluster for m in maps) or CHUNK_SIZE % cluster:
-        raise RepositoryError(
-            f"{image}: the libqcow reader needs one cluster size (at most 4 MiB) along a chain",
-            hint="use --reader qemu",
-        )
-    per_chunk = CHUNK_SIZE // cluster
-    files = []
-    try:
-        for layer in layers:
-            handle = pyqcow.file()
-            handle.open(str(layer))
-            files.append(handle)
-        for child, below in itertools.pairwise(files):
-            child.set_parent(below)  # libqcow refuses to read an overlay without its parent
-        size = int(files[0].get_media_size())
-        zeros = ChunkDigests.zeros(size)
-        if parent is not None and (parent.size != size or len(layers) < 2):
-            parent = None
-        digests = bytearray((parent or zeros).digests)
-        with_data = {index // per_chunk for m in maps for index, state in m.states.items() if state == "data"}
-        if parent is not None:
-            touched = {index // per_chunk for index in maps[0].states}
-            for chunk in touched & set(range(len(zeros))):  # zeros unless data is found below
-                digests[chunk * DIGEST_SIZE : (chunk + 1) * DIGEST_SIZE] = zeros.chunk(chunk)
-            with_data &= touched
-        for chunk in sorted(with_data):
-            start = chunk * CHUNK_SIZE
-            if start >= size:
-                continue
-            content = bytearray()
-            for index in range(chunk * per_chunk, (chunk + 1) * per_chunk):
-                offset = index * cluster
-                if offset >= size:
-                    break
-                length = min(cluster, size - offset)
-                data = bytes(length)
-                for handle, layer_map in zip(files, maps, strict=True):
-                    state = layer_map.states.get(index)
-                    if state == "zero":
-                        break
-                    if state == "data":
-                        data = handle.read_buffer_at_offset(length, offset)
-                        if len(data) != length:
-                            raise RepositoryError(
-                                f"libqcow read {len(data)} of {length} bytes at {offset} of {image}"
-                            )
-                        break
-                content += data
-            digests[chunk * DIGEST_SIZE : (chunk + 1) * DIGEST_SIZE] = hashlib.sha256(content).digest()
-        return ChunkDigests(size, bytes(digests))
-    except OSError as err:
-        raise RepositoryError(f"libqcow cannot read {image}: {err}", hint="the backup is damaged") from err
-    finally:
-        for handle in files:
-            with contextlib.suppress(Exception):
-                handle.close()

@@ -2,7 +2,7 @@
 → delete the snapshots → chunk digests (an incremental reads only its own clusters) → manifest last; and
 :func:`recover`, which undoes what a dead run left.
 
-Every step is recorded in the VM's journal (:mod:`vmsnap.journal`) before it starts, under the VM's
+Every step is recorded in the VM's journal (:mod:`vmsnap.repo.journal`) before it starts, under the VM's
 repository lock, so a ``kill -9`` at any point is undone by ``vmsnap recover`` or by the next backup.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import attrs
 
-from vmsnap import agent as agent_module
+from vmsnap import processes
 from vmsnap.errors import (
     AgentError,
     RepositoryError,
@@ -31,19 +31,20 @@ from vmsnap.errors import (
     UsageError,
     VmsnapError,
 )
-from vmsnap.journal import Journal, snapshot_to_json
-from vmsnap.machine import Machine, find_disk
+from vmsnap.files import fsync_file
 from vmsnap.model import Disk, validate_name
 from vmsnap.registry import strategy_class, transport_class
-from vmsnap.repository import (
+from vmsnap.repo.journal import Journal, snapshot_to_json
+from vmsnap.repo.repository import (
     DiskProgress,
     DiskRecord,
     Kind,
     Manifest,
     Repository,
-    fsync_file,
     utc_now_iso,
 )
+from vmsnap.vm.freeze import frozen
+from vmsnap.vm.machine import Machine, find_disk
 
 Quiesce = Literal["auto", "on", "off"]
 CRASH_ENV = "VMSNAP_TEST_CRASH_AT"
@@ -246,14 +247,8 @@ def _quiesced(
         note("no guest agent answered: the backup is crash-consistent, not quiesced")
         yield False
         return
-    module_frozen = getattr(agent_module, "frozen", None)
-    if module_frozen is not None:  # the issue-3 freeze with its SIGKILL thaw guard
-        with module_frozen(machine, timeout=timeout) as report:
-            yield True
-    else:
-        assert agent is not None
-        with agent.frozen(timeout=timeout) as report:
-            yield True
+    with frozen(machine, timeout=timeout) as report:
+        yield True
     if windows is not None:
         windows.append(float(report.window_ms))
 
@@ -685,49 +680,15 @@ def stop_orphans(patterns: Sequence[str], *, timeout: float = 10.0) -> list[str]
     """Stop this host's processes left by a dead run: a program of :data:`ORPHAN_PROGRAMS` whose command line
     contains one of ``patterns`` (SIGTERM, then SIGKILL). Returns one line per process stopped."""
     stopped: list[str] = []
-    wanted = [p for p in patterns if p]
-    if not wanted:
-        return stopped
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            argv = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
-        except OSError:
-            continue
-        if not argv or Path(argv[0]).name not in ORPHAN_PROGRAMS:
-            continue
-        command = " ".join(argv)
-        if not any(p in command for p in wanted):
-            continue
-        pid = int(entry.name)
-        _terminate(pid, timeout)
+    for pid, argv in processes.find(ORPHAN_PROGRAMS, patterns):
+        processes.terminate(pid, timeout=timeout)
         stopped.append(f"stopped {Path(argv[0]).name} (pid {pid}) left by the dead run")
-        for pattern in wanted:  # a private socket directory of a server we stopped
+        command = " ".join(argv)
+        for pattern in patterns:  # a private socket directory of a server we stopped
             socket_dir = Path(pattern).parent
-            if pattern in command and socket_dir.name.startswith("vmsnap-nbd") and socket_dir.is_dir():
+            if pattern and pattern in command and socket_dir.name.startswith("vmsnap-nbd") and socket_dir.is_dir():
                 shutil.rmtree(socket_dir, ignore_errors=True)
     return stopped
-
-
-def _terminate(pid: int, timeout: float) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            deadline += timeout
-        time.sleep(0.02)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # a zombie waits for its parent to reap it: it holds nothing any more
 
 
 def _stop_dead_runs_nbd_server(machine: Machine, journal: Journal) -> list[str]:
@@ -768,8 +729,8 @@ def _save_domain_definition(machine: Machine, staging: Path) -> None:
     """Keep a libvirt domain's definition with its backup (0600), so a restore can redefine the domain."""
     if type(machine).__name__ != "LibvirtMachine":  # no libvirt import for everybody else
         return
-    from vmsnap.libvirt_machine import LibvirtMachine
-    from vmsnap.libvirt_ops import saved_domain_xml
+    from vmsnap.vm.libvirt.definition import saved_domain_xml
+    from vmsnap.vm.libvirt.machine import LibvirtMachine
 
     assert isinstance(machine, LibvirtMachine)
     path = staging / DOMAIN_XML
@@ -784,8 +745,8 @@ def _libvirt_leftovers(machine: Machine) -> list[str]:
     """For a libvirt domain: abort a backup job and commit external snapshots a dead run left in libvirt."""
     if type(machine).__name__ != "LibvirtMachine":
         return []
-    from vmsnap.libvirt_machine import LibvirtMachine
-    from vmsnap.libvirt_ops import recover as libvirt_recover
+    from vmsnap.vm.libvirt.backups import recover as libvirt_recover
+    from vmsnap.vm.libvirt.machine import LibvirtMachine
 
     assert isinstance(machine, LibvirtMachine)
     return libvirt_recover(machine)

@@ -25,7 +25,6 @@ import concurrent.futures
 import contextlib
 import functools
 import hashlib
-import json
 import os
 import stat
 import threading
@@ -36,15 +35,11 @@ from typing import Any
 import attrs
 
 from vmsnap.errors import NotFoundError, RepositoryError, TransferError, UsageError
-from vmsnap.imageio import (
-    STATE_ZERO,
-    QemuNbdServer,
-    _nbd,
-    extents,
-    image_info,
-    nbd_connection,
-)
-from vmsnap.qcow2 import ChainMap, read_chain
+from vmsnap.image import qemu_img
+from vmsnap.image.nbd import STATE_ZERO, QemuNbdServer, extents, libnbd, nbd_connection, nbd_sha256
+from vmsnap.image.qcow2 import ChainMap, read_chain
+from vmsnap.image.qemu_img import check_source
+from vmsnap.model import ExportSource
 from vmsnap.runner import LocalRunner, Runner
 
 ALGORITHM = "sha256-4MiB-chunks"
@@ -226,7 +221,7 @@ def qemu_img_map(
     :raise CommandError: qemu-img could not open the image or its backing files
     """
     runner = runner or LocalRunner()
-    chain = image_info(path, fmt, force_share=force_share, backing_chain=True, runner=runner)
+    chain = qemu_img.chain_info(runner, path, fmt=fmt, force_share=force_share)
     files: list[Path] = []
     for entry in chain:
         specific = (entry.get("format-specific") or {}).get("data") or {}
@@ -243,13 +238,9 @@ def qemu_img_map(
         if not (stat.S_ISREG(mode) or (block_device and stat.S_ISBLK(mode))):
             return None
         files.append(file)
-    argv = ["qemu-img", "map", "--output=json", "-f", fmt]
-    if force_share:
-        argv.append("-U")
-    result = runner.run([*argv, str(path)], timeout=None)
     size = int(chain[0]["virtual-size"])
     found: list[Extent] = []
-    for entry in json.loads(result.stdout):
+    for entry in qemu_img.map_entries(runner, path, fmt=fmt, force_share=force_share):
         start, length, depth = int(entry["start"]), int(entry["length"]), int(entry.get("depth", 0))
         top = depth == 0 and bool(entry.get("present", True))
         if entry.get("zero"):
@@ -265,7 +256,7 @@ def qemu_img_map(
 
 def overlay_map(path: Path) -> ImageMap | None:
     """The map of only the chunks an overlay's own clusters touch, from the qcow2 tables of its chain (no
-    QEMU, O(changed data)), or None when the chain is not plain enough for :mod:`vmsnap.qcow2`."""
+    QEMU, O(changed data)), or None when the chain is not plain enough for :mod:`vmsnap.image.qcow2`."""
     layers = read_chain(path)
     if layers is None or len(layers) < 2:
         return None
@@ -415,7 +406,7 @@ class _Hasher:
             piece, offset = piece[got:], offset + got
 
     def _nbd_read(self, length: int, offset: int) -> bytes:
-        nbd = _nbd()
+        nbd = libnbd()
         try:
             return bytes(self._nbd_handle().pread(length, offset))
         except nbd.Error as err:
@@ -557,11 +548,6 @@ def uri_chunks(
         return hash_chunks(image_map, nbd_uri=uri, workers=min(workers, 7), progress=progress)
 
 
-def guest_digest(path: str | Path, format: str = "qcow2", **options: Any) -> str:
-    """The ``sha256-4MiB-chunks`` root of an image's guest-visible content (see :func:`image_chunks`)."""
-    return image_chunks(path, format, **options).root
-
-
 def plain_sha256(
     path: str | Path,
     format: str = "qcow2",
@@ -596,3 +582,51 @@ def plain_sha256(
                     digest.update(buffer[:step])
                 position += step
     return digest.hexdigest()
+
+
+def guest_sha256(
+    path: str | Path,
+    format: str,
+    *,
+    image_opts: Mapping[str, str] | None = None,
+    force_share: bool = False,
+    block_device: bool = False,
+    runner: Runner | None = None,
+) -> str:
+    """sha256 of an image's GUEST-VISIBLE content: its whole virtual size, backing files resolved, holes read
+    as zeros (hashed from a shared zero buffer, never read). A qcow2 and its raw conversion, or a chain and
+    its flattened copy, give the same digest. Read straight from the image's files where ``qemu-img map``
+    places every data extent (see :mod:`vmsnap.image.digest`), else through a private qemu-nbd.
+
+    :param path: image file (or block device)
+    :param format: "qcow2" or "raw"
+    :param image_opts: e.g. ``{"snapshot.name": "s1"}`` to hash an internal snapshot
+    :param force_share: read an image a running QEMU holds
+    :raise NotFoundError: the image does not exist
+    :raise TransferError: qemu-nbd could not open it, or a read failed
+    """
+    if format not in ("qcow2", "raw"):
+        raise UsageError(f"unsupported image format {format!r}", hint="use 'qcow2' or 'raw'")
+    if not image_opts and Path(path).exists():
+        direct = plain_sha256(path, format, force_share=force_share, block_device=block_device, runner=runner)
+        if direct is not None:
+            return direct
+    server = QemuNbdServer(
+        Path(path),
+        format,
+        image_opts=dict(image_opts or {}),
+        force_share=force_share,
+        block_device=block_device,
+        runner=runner or LocalRunner(),
+    )
+    with server:
+        return nbd_sha256(server.uri)
+
+
+def source_sha256(source: ExportSource, *, runner: Runner | None = None) -> str:
+    """:func:`guest_sha256` of any :class:`ExportSource` ("nbd" ones are read directly)."""
+    check_source(source)
+    if source.kind == "nbd":
+        return nbd_sha256(source.location)
+    with QemuNbdServer.for_source(attrs.evolve(source, dirty_bitmap=None), runner=runner) as server:
+        return nbd_sha256(server.uri)

@@ -5,17 +5,17 @@ A machine lists its disks and hands out the channels a strategy needs (QMP, the 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-from vmsnap.agent import GuestAgent
-from vmsnap.errors import CommandError, NotFoundError, UnsupportedError, UsageError
+from vmsnap.errors import NotFoundError, UnsupportedError, UsageError
+from vmsnap.image import qemu_img
 from vmsnap.model import Disk, validate_name
-from vmsnap.qmp import QMPMonitor
 from vmsnap.runner import LocalRunner, Runner
+from vmsnap.vm.agent import GuestAgent
+from vmsnap.vm.qmp import QMPMonitor
 
 
 @runtime_checkable
@@ -128,46 +128,12 @@ class QemuMachine:
         return f"QemuMachine(name={self.name!r}, qmp={str(self.qmp_socket)!r})"
 
 
-def image_info(runner: Runner, image: Path, *, force_share: bool = True) -> dict[str, Any]:
-    """``qemu-img info --output=json`` of one image (``-U`` reads an image a running QEMU holds).
-
-    :raise NotFoundError: the image does not exist
-    :raise CommandError: qemu-img could not read it (corrupt, locked without ``-U``)
-    """
-    argv = ["qemu-img", "info", "--output=json"]
-    if force_share:
-        argv.append("-U")
-    argv.append(str(image))
-    result = runner.run(argv, timeout=120)
-    return dict(json.loads(result.stdout))
-
-
-def image_chain(runner: Runner, image: Path, *, force_share: bool = True) -> list[dict[str, Any]]:
-    """``qemu-img info --backing-chain``: the image first, then its backing files."""
-    argv = ["qemu-img", "info", "--output=json", "--backing-chain"]
-    if force_share:
-        argv.append("-U")
-    argv.append(str(image))
-    result = runner.run(argv, timeout=120)
-    return list(json.loads(result.stdout))
-
-
 def offline_disk(runner: Runner, image: Path, name: str, *, default_format: str = "raw") -> Disk:
     """The :class:`Disk` of an image no QEMU holds open, from ``qemu-img info --backing-chain``.
 
     :raise CommandError: qemu-img cannot read it (not an image, damaged), with a hint saying so
     """
-    try:
-        chain = image_chain(runner, image)
-    except CommandError as err:
-        raise CommandError(
-            err.argv,
-            err.returncode,
-            err.stdout,
-            err.stderr,
-            host=err.host,
-            hint=f"qemu-img cannot read {image}: is it a disk image, and not damaged?",
-        ) from err
+    chain = qemu_img.readable_chain(runner, image)
     top = chain[0]
     return Disk(
         name=name,

@@ -57,10 +57,12 @@ from vmsnap.errors import (
     UsageError,
     VmsnapError,
 )
-from vmsnap.machine import Machine, image_info
+from vmsnap.image import qemu_img
+from vmsnap.image.qcow2 import read_header
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
-from vmsnap.qmp import QMPMonitor
 from vmsnap.strategies.base import paused
+from vmsnap.vm.machine import Machine
+from vmsnap.vm.qmp import QMPMonitor
 
 Mode = Literal["push", "pull"]
 Fleecing = Literal["auto", "filter", "job"]
@@ -139,18 +141,6 @@ def _add_push_target(qmp: QMPMonitor, node: str, target: Path) -> None:
     except QMPCommandError:
         del options["file"]["cache"]
         qmp.blockdev_add(options)
-
-
-def qcow2_virtual_size(path: Path) -> int:
-    """The virtual size in a qcow2 header (cheaper than ``qemu-img info`` for a sanity check).
-
-    :raise ValueError: not a qcow2 image
-    """
-    with open(path, "rb") as image:
-        header = image.read(32)
-    if len(header) < 32 or header[:4] != b"QFI\xfb":
-        raise ValueError("not a qcow2 image")
-    return int.from_bytes(header[24:32], "big")
 
 
 def _device_node(snap: SnapshotRef) -> str:
@@ -295,7 +285,7 @@ class BlockdevBackupStrategy:
         if not parent.exists():
             return f"the parent backup {parent} of disk {disk.name!r} does not exist"
         try:
-            size = qcow2_virtual_size(parent)
+            size = read_header(parent).virtual_size
         except (OSError, ValueError) as err:
             return f"the parent backup {parent} of disk {disk.name!r} cannot be used: {err}"
         if size != disk.virtual_size:
@@ -870,7 +860,7 @@ class BlockdevBackupStrategy:
 
     def _reset_offline_bitmap(self, disk: Disk) -> None:
         runner = self.machine.runner
-        info = image_info(runner, disk.file, force_share=False)
+        info = qemu_img.info(runner, disk.file, force_share=False)
         bitmaps = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
         for bitmap in bitmaps:
             if bitmap.get("name") in (self.bitmap, self.bitmap + PENDING_SUFFIX):
@@ -1154,7 +1144,7 @@ class BlockdevBackupStrategy:
         image = snap.disk.file
         runner = self.machine.runner
         try:
-            image_info(runner, image, force_share=False)  # fails while a QEMU holds the image
+            qemu_img.info(runner, image, force_share=False)  # fails while a QEMU holds the image
         except CommandError as err:
             raise SnapshotError(
                 f"image {image} is in use or unreadable: {err.message}", hint="stop the VM that uses it"
