@@ -108,8 +108,7 @@ HOLDER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from vmsnap.vm.agent import GuestAgent
-from vmsnap.vm.freeze import frozen
+    from vmsnap.vm.freeze import frozen
     from vmsnap.vm.machine import QemuMachine
     machine = QemuMachine(sys.argv[1], sys.argv[2], name="labvm")
     with frozen(machine, guard_log=Path(sys.argv[3])) as report:
