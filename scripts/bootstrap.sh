@@ -36,12 +36,14 @@ if ((${#missing[@]})); then
 fi
 
 stamp=.venv/.vmsnap-stamp
-want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml tests/plugin/pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
 if [[ ! -x .venv/bin/python || ! -f $stamp || "$(cat $stamp)" != "$want" ]]; then
   echo "bootstrap: creating .venv (Debian python3 with system site-packages)"
   rm -rf .venv
   /usr/bin/python3 -m venv --system-site-packages .venv
   .venv/bin/python -m pip install -q --upgrade pip </dev/null
-  .venv/bin/python -m pip install -q -e '.[test,dev,guest,qcow,bench]' </dev/null
+  .venv/bin/python -m pip install -q -e '.[test,dev,guest,qcow,bench,s3]' </dev/null
+  # a strategy from another distribution, registered through the entry point (tests/test_plugin_strategy.py)
+  .venv/bin/python -m pip install -q -e tests/plugin </dev/null
   echo "$want" > $stamp
 fi
