@@ -6,24 +6,30 @@ Byte format (all integers big-endian)::
     offset      size        field
     0           8           magic  b"VMSNAPIX"
     8           2           version  1
-    10          2           flags  bit 0: authenticated (a MAC trailer follows); other bits 0
+    10          2           flags  bit 0: authenticated (the trailer is a MAC); other bits 0
     12          4           chunk size  4194304
     16          8           virtual size (bytes)
     24          8           chunk count = ceil(virtual size / chunk size)
     32          32 * count  chunk ids in disk order; 32 zero bytes: a hole (the chunk reads as zeros,
                             nothing is stored)
-    32+32*count 32          only with flag bit 0: HMAC-SHA256(mac_key, every byte before it)
+    32+32*count 32          trailer over every byte before it: HMAC-SHA256(mac_key, …) with flag bit 0,
+                            else SHA-256(…)
 
-Chunk ``i`` covers ``[i * 4 MiB, min((i + 1) * 4 MiB, virtual size))``. An encrypted repository writes and
-accepts only authenticated indexes (a missing trailer is refused, not ignored), so an index cannot be altered,
-truncated or stripped of its MAC without the key. Decoding checks the length against the count, the count
-against the size, and the flags against the repository before anything is used.
+Chunk ``i`` covers ``[i * 4 MiB, min((i + 1) * 4 MiB, virtual size))``. The trailer catches any damaged
+byte; an encrypted repository writes and accepts only authenticated indexes (a plain checksum in its place is
+refused, not ignored), so an index cannot be altered, truncated or downgraded without the key. Decoding checks
+the length against the count, the count against the size, the flags against the repository and the trailer
+before anything is used.
 
-By hand: ``tail -c +33 DISK.index | head -c $((32 * COUNT)) | xxd -p -c 32`` lists the ids (hex).
+By hand: ``head -c -32 DISK.index | sha256sum`` equals the last 32 bytes (``tail -c 32 DISK.index | xxd -p
+-c 32``) of an unencrypted repository's index; ``tail -c +33 DISK.index | head -c $((32 * COUNT)) | xxd -p
+-c 32`` lists the ids (hex).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 from collections.abc import Iterator
 
@@ -37,7 +43,7 @@ MAGIC = b"VMSNAPIX"
 VERSION = 1
 FLAG_AUTHENTICATED = 0x0001
 HEADER_SIZE = 32
-MAC_SIZE = 32
+TRAILER_SIZE = 32
 HOLE = ChunkId(bytes(ID_SIZE))
 """The id an index records for a chunk that reads as zeros (never stored)."""
 
@@ -123,25 +129,25 @@ class ChunkIndex:
 
 
 def encode_index(index: ChunkIndex, key: RepositoryKey | None = None) -> bytes:
-    """The bytes of ``index``; authenticated (MAC trailer) when ``key`` is given.
+    """The bytes of ``index``, with a SHA-256 trailer, or a MAC when ``key`` is given (authenticated).
 
     :param index: the index
     :param key: the repository key of an encrypted repository
     """
     flags = FLAG_AUTHENTICATED if key is not None else 0
     body = _HEADER.pack(MAGIC, VERSION, flags, CHUNK_SIZE, index.virtual_size, len(index)) + index.ids
-    return body + key.mac(body) if key is not None else body
+    return body + (key.mac(body) if key is not None else hashlib.sha256(body).digest())
 
 
 def decode_index(data: bytes, key: RepositoryKey | None = None, *, name: str = "index") -> ChunkIndex:
-    """The index in ``data``, after checking its format and (with ``key``) its MAC.
+    """The index in ``data``, after checking its format and its trailer (with ``key``: its MAC).
 
     :param data: what the store returned
     :param key: the repository key of an encrypted repository (its indexes must be authenticated)
     :param name: what to call it in messages (its store key)
     :raise RepositoryError: not an index, a version or chunk size this vmsnap does not know, inconsistent
         lengths, or an unauthenticated index in an encrypted repository (and the reverse)
-    :raise ChecksumMismatchError: the MAC does not match (altered, or another repository's key)
+    :raise ChecksumMismatchError: the trailer does not match (damaged, altered, or another repository's key)
     """
     if len(data) < HEADER_SIZE:
         raise _damaged(name, f"truncated to {len(data)} bytes")
@@ -166,14 +172,17 @@ def decode_index(data: bytes, key: RepositoryKey | None = None, *, name: str = "
     if key is not None and not authenticated:
         raise _damaged(name, "not authenticated, in an encrypted repository (its MAC was stripped?)")
     body_end = HEADER_SIZE + ID_SIZE * count
-    expected = body_end + (MAC_SIZE if authenticated else 0)
+    expected = body_end + TRAILER_SIZE
     if len(data) != expected:
         raise _damaged(name, f"{len(data)} bytes, expected {expected}")
-    if key is not None and not key.check_mac(memoryview(data)[:body_end], memoryview(data)[body_end:]):
+    body, trailer = memoryview(data)[:body_end], memoryview(data)[body_end:]
+    if key is not None and not key.check_mac(body, trailer):
         raise ChecksumMismatchError(
             f"index {name} fails its authentication check: altered, or written with another key",
             hint=_DAMAGED_HINT,
         )
+    if key is None and not hmac.compare_digest(hashlib.sha256(body).digest(), trailer):
+        raise ChecksumMismatchError(f"index {name} fails its checksum: damaged", hint=_DAMAGED_HINT)
     return ChunkIndex(virtual_size, bytes(data[HEADER_SIZE:body_end]))
 
 
