@@ -14,6 +14,7 @@ import os
 import shutil
 import sysconfig
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ class NbdkitServer:
     :param threads: nbdkit's worker threads (parallel requests)
     :param syspath: directories for the plugin's ``sys.path`` (default :func:`default_syspath`)
     :param stop_timeout: seconds between SIGTERM and SIGKILL
+    :param start_timeout: seconds the forked server gets to become ready (it writes its pid file then)
     :param runner: runs nbdkit; must be this host
     """
 
@@ -70,6 +72,7 @@ class NbdkitServer:
     threads: int = 8
     syspath: Sequence[Path] = attrs.Factory(default_syspath)
     stop_timeout: float = 10.0
+    start_timeout: float = 60.0
     runner: Runner = attrs.Factory(LocalRunner)
     _directory: Path | None = attrs.field(default=None, init=False)
     _record: DaemonRecord | None = attrs.field(default=None, init=False)
@@ -132,8 +135,8 @@ class NbdkitServer:
         return argv
 
     def start(self) -> NbdkitServer:
-        """Start nbdkit; returns once it accepts connections (it forks then; the reader is already open, so a
-        reader that cannot open its backup fails here, with its error).
+        """Start nbdkit; returns once it accepts connections (its pid file appears then). The reader is
+        opened before nbdkit forks, so a reader that cannot open its backup fails here, with its error.
 
         :raise NotFoundError: the parent directory does not exist
         :raise TransferError: nbdkit (or the reader) refused to start
@@ -164,10 +167,12 @@ class NbdkitServer:
                 f"nbdkit could not serve reader {self.reader}: {detail}",
                 hint="check the backup named in the reader's options; nbdkit-plugin-python must be installed",
             ) from err
-        try:
-            pid = int((directory / "nbdkit.pid").read_text().strip())
-        except (OSError, ValueError) as err:
-            raise TransferError(f"nbdkit wrote no pid file in {directory}: {err}") from err
+        pid = _wait_for_pid(directory / "nbdkit.pid", self.start_timeout)
+        if pid is None:
+            raise TransferError(
+                f"nbdkit did not become ready within {self.start_timeout:g} s (no pid file in {directory})",
+                hint=f"see {self.log} and the system log for nbdkit's error",
+            )
         self._record = DaemonRecord(
             program=PROGRAM,
             pid=pid,
@@ -201,3 +206,17 @@ class NbdkitServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _wait_for_pid(path: Path, timeout: float) -> int | None:
+    """The pid nbdkit writes once it accepts connections (its parent exits at the fork, before that)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            text = path.read_text()
+            if text.endswith("\n"):  # written whole ("PID\n")
+                return int(text)
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.005)
+    return None
