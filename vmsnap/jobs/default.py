@@ -26,8 +26,8 @@ from typing import Any, cast
 from vmsnap.backup import Backup, BackupConfig, Quiesce
 from vmsnap.errors import NotFoundError, RepositoryError, UnsupportedError
 from vmsnap.jobs.hosts import HostSpec
-from vmsnap.jobs.jobfile import VmSpec
-from vmsnap.jobs.run import BackupInfo, Prediction, VmBackup, apply_retention
+from vmsnap.jobs.jobfile import ListDomains, VmSpec, expand_vms, load_job
+from vmsnap.jobs.run import BackupInfo, JobReport, Prediction, VmBackup, apply_retention, run_job
 from vmsnap.machine import Machine, OfflineMachine, QemuMachine
 from vmsnap.repo.retention import RetentionPlan, RetentionPolicy, backup_time
 from vmsnap.repository import DELETING_PREFIX, Repository, fsync_dir
@@ -245,6 +245,34 @@ class LegacyJobFunctions:
         if forced is not None:
             return Prediction("full", forced)
         return Prediction("incremental", f"after {latest.backup_id} (full if QEMU lost its dirty bitmap)")
+
+
+def run_job_file(
+    path: Path,
+    *,
+    dry_run: bool = False,
+    list_domains: ListDomains = list_libvirt_domains,
+    connect_host: ConnectHost = connect_with_openssh,
+    lock_dir: Path | None = None,
+) -> JobReport:
+    """``vmsnap run JOBFILE [--dry-run]``: load, expand and run a job file on today's orchestrator.
+
+    :raise UsageError: the job file is wrong (one line naming the key and its line): exit status 2
+    :raise VmsnapError: another run of the job holds its lock
+    """
+    job = load_job(path)
+    specs, failures = expand_vms(job, list_domains)
+    with LegacyJobFunctions(HostPool(connect_host)) as functions:
+        return run_job(
+            job,
+            specs,
+            backup=functions.backup,
+            retention=functions.retention,
+            predict=functions.predict,
+            entry_failures=failures,
+            dry_run=dry_run,
+            lock_dir=lock_dir,
+        )
 
 
 def _infos(repo: Repository, vm: str) -> list[BackupInfo]:
