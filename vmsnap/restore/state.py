@@ -122,24 +122,28 @@ def stop_daemons_under(parent: Path, *, runner: Runner, timeout: float = 10.0) -
     daemons before nbdkit (a storage daemon may read from an nbdkit). Returns what was stopped.
     """
     stopped = []
-    directories = (
-        sorted(parent.iterdir(), key=lambda d: not d.name.startswith("qsd-")) if parent.is_dir() else []
-    )
-    for directory in directories:
-        if not directory.is_dir():
-            continue
-        record: DaemonRecord | None = None
-        with contextlib.suppress(VmsnapError):
-            record = read_record(directory / RECORD)
-        if record is not None:
-            if record.alive():
-                stopped.append(f"{record.program} (pid {record.pid})")
-            stop_recorded(record, timeout=timeout, runner=runner)
-            continue
-        for prefix, (program, pidfile) in _PROGRAMS.items():
-            if directory.name.startswith(prefix):
-                with contextlib.suppress(OSError, ValueError):
-                    pid = int((directory / pidfile).read_text().strip())
-                    if stop_process(pid, program, str(directory), timeout=timeout):
-                        stopped.append(f"{program} (pid {pid})")
+    children = list(parent.iterdir()) if parent.is_dir() else []
+    for directory in sorted(children, key=lambda d: not d.name.startswith("qsd-")):
+        if directory.is_dir() and not directory.is_symlink():
+            stopped += stop_daemon_dir(directory, runner=runner, timeout=timeout)
+    return stopped
+
+
+def stop_daemon_dir(directory: Path, *, runner: Runner, timeout: float = 10.0) -> list[str]:
+    """Stop the daemon of one private directory (by its record, else by its pid file); a recorded one's
+    directory is removed too. Returns what was stopped."""
+    record: DaemonRecord | None = None
+    with contextlib.suppress(VmsnapError):
+        record = read_record(directory / RECORD)
+    if record is not None:
+        alive = record.alive()
+        stop_recorded(record, timeout=timeout, runner=runner)
+        return [f"{record.program} (pid {record.pid})"] if alive else []
+    stopped = []
+    for prefix, (program, pidfile) in _PROGRAMS.items():
+        if directory.name.startswith(prefix):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int((directory / pidfile).read_text().strip())
+                if stop_process(pid, program, str(directory), timeout=timeout):
+                    stopped.append(f"{program} (pid {pid})")
     return stopped
