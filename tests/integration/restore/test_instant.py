@@ -1,6 +1,6 @@
-"""Instant restore against real QEMU: images backed by a backup served over NBD, ``block-stream`` in the running
-VM, a vmsnap killed mid-copy and resumed, a server that died and was restarted — and at the end standalone
-images identical to the backup, with no server left."""
+"""Instant restore against real QEMU: images backed by a backup served over NBD, ``block-stream`` in the
+running VM, a vmsnap killed mid-copy and resumed, a server that died and was restarted — and at the end
+standalone images identical to the backup, with no server left."""
 
 from __future__ import annotations
 
