@@ -19,6 +19,7 @@ import contextlib
 import datetime as dt
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -35,6 +36,8 @@ from vmsnap.runner import Runner
 from vmsnap.vm.remote import RemoteHost
 
 ConnectHost = Callable[[HostSpec], RemoteHost]
+LOCK_WAIT = 30.0
+"""Seconds retention waits for a VM's repository lock (see :meth:`LegacyJobFunctions.retention`)."""
 
 
 def connect_with_openssh(spec: HostSpec) -> RemoteHost:
@@ -209,13 +212,24 @@ class LegacyJobFunctions:
             backups = _infos(repo, spec.name) if repo is not None else []
             return apply_retention(backups, policy, None, upcoming=dt.datetime.now(dt.UTC), chains=True)
         assert repo is not None
-        with repo.lock(spec.name):
-            return apply_retention(
-                _infos(repo, spec.name),
-                policy,
-                lambda backup_id: _remove(repo, spec.name, backup_id),
-                chains=True,
-            )
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            acquired = False
+            try:
+                with repo.lock(spec.name):
+                    acquired = True
+                    return apply_retention(
+                        _infos(repo, spec.name),
+                        policy,
+                        lambda backup_id: _remove(repo, spec.name, backup_id),
+                        chains=True,
+                    )
+            except RepositoryError:
+                # the VM's lock is an flock on an fd that a child forked by another worker thread holds until
+                # it execs: right after this VM's own backup released it, wait a moment instead of failing
+                if acquired or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     # -- dry run -------------------------------------------------------------------------------------
 
