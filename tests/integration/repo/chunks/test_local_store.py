@@ -4,7 +4,6 @@ tmpfs (StoreError, nothing half-visible) and a read-only one. Mounting needs roo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -12,11 +11,11 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.integration.repo.chunks.mounts import tmpfs
 from vmsnap.errors import NotFoundError, StoreError, UsageError
 from vmsnap.repo.chunks.blob import ChunkCodec
 from vmsnap.repo.chunks.pipeline import backup_disk
@@ -137,21 +136,6 @@ def test_if_absent_race_between_processes_has_exactly_one_winner(tmp_path: Path)
     plain = store.get("race/plain")
     assert len(plain) == 1 << 20 and plain == bytes([plain[0]]) * (1 << 20)  # one writer's whole object
     assert not [name for name in all_names(store.root) if "/." in name or name.startswith(".")]
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, options: str) -> Iterator[Path]:
-    """A tmpfs this test mounts at ``path`` and unmounts afterwards (root only; skips otherwise)."""
-    path.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 def test_a_full_filesystem_is_a_store_error_and_leaves_nothing(tmp_path: Path) -> None:

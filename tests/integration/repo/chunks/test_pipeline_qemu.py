@@ -2,25 +2,27 @@
 data, zeroed ranges, a short last chunk) are backed up over qemu-nbd into a LocalStore and restored to raw,
 qcow2 and a loop block device, each checked with ``qemu-img compare``; an incremental from a persistent
 dirty bitmap reads only the changed chunks; identical images share their chunks; an encrypted store holds no
-plaintext; a 64 GiB sparse disk is backed up within a bounded memory."""
+plaintext; a 64 GiB sparse disk is backed up within a bounded memory; a full target leaves nothing behind."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.integration.repo.chunks.mounts import loop_device, tmpfs
+from vmsnap.errors import CommandError, TransferError
+from vmsnap.imageio import QemuNbdServer
+from vmsnap.model import Disk, ExportSource
 from vmsnap.repo.chunks.blob import CHUNK_SIZE, ChunkCodec
 from vmsnap.repo.chunks.index import ChunkIndex, decode_index, encode_index
 from vmsnap.repo.chunks.keys import create_key_file
 from vmsnap.repo.chunks.pipeline import DiskBackup, backup_disk, list_known_chunks
-from vmsnap.repo.chunks.readers import FileReader, NbdReader, open_image
+from vmsnap.repo.chunks.readers import FileReader, NbdReader, open_image, open_source
 from vmsnap.repo.chunks.restore import restore_disk
 from vmsnap.repo.stores.local import LocalStore
 
@@ -186,19 +188,6 @@ def test_a_raw_file_is_read_without_its_holes(tmp_path: Path, image: Path) -> No
     compare(image, target, "qcow2")
 
 
-@contextlib.contextmanager
-def loop_device(backing: Path) -> Iterator[Path]:
-    """A loop device this test attaches to ``backing`` and detaches afterwards (skips without losetup)."""
-    result = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"no loop device here: {result.stderr.strip()}")
-    device = Path(result.stdout.strip())
-    try:
-        yield device
-    finally:
-        subprocess.run(["losetup", "--detach", str(device)], check=True)
-
-
 def test_restore_onto_a_block_device_zeroes_its_holes(tmp_path: Path, image: Path) -> None:
     codec = ChunkCodec()
     store = LocalStore(tmp_path / "store", create=True)
@@ -220,7 +209,7 @@ def test_restore_onto_a_block_device_zeroes_its_holes(tmp_path: Path, image: Pat
 
 
 MEMORY_PROBE = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from vmsnap.repo.chunks.blob import ChunkCodec
 from vmsnap.repo.chunks.pipeline import backup_disk
@@ -229,7 +218,8 @@ from vmsnap.repo.stores.local import LocalStore
 image, store = Path(sys.argv[1]), LocalStore(Path(sys.argv[2]), create=True)
 with open_image(image, "qcow2", connections=4) as reader:
     result = backup_disk(reader, store, ChunkCodec(), workers=4)
-print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+hwm = [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:")]
+print(json.dumps({"maxrss_kib": int(hwm[0].split()[1]),  # unlike ru_maxrss, not inherited from pytest
                   "bytes_read": result.stats.bytes_read, "chunks": len(result.index),
                   "new": result.stats.new_chunks}))
 """
@@ -262,3 +252,37 @@ def test_index_round_trip_keeps_every_id(tmp_path: Path, image: Path) -> None:
     index = back_up(image, store, ChunkCodec()).index
     assert decode_index(encode_index(index)) == index
     assert ChunkIndex.holes(SIZE).referenced() == set()
+
+
+def test_a_full_restore_target_fails_cleanly(tmp_path: Path, image: Path) -> None:
+    codec = ChunkCodec()
+    store = LocalStore(tmp_path / "store", create=True)
+    result = back_up(image, store, codec)
+    with tmpfs(tmp_path / "small", "size=4m,mode=0700") as small:
+        for fmt in ("raw", "qcow2"):
+            with pytest.raises((TransferError, CommandError)) as info:
+                restore_disk(result.index, store, codec, small / f"disk.{fmt}", format=fmt)
+            assert "No space left" in str(info.value) or "full" in str(info.value), str(info.value)
+            assert list(small.iterdir()) == []  # nothing partial, not even a temporary file
+
+
+def test_readers_for_export_sources_and_a_missing_bitmap(tmp_path: Path, image: Path) -> None:
+    disk = Disk("disk0", "", image, "qcow2", SIZE)
+    raw = tmp_path / "src.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw)], check=True)
+    store = LocalStore(tmp_path / "store", create=True)
+    indexes = []
+    with open_source(ExportSource("file", str(image), "qcow2", disk, SIZE)) as reader:
+        assert isinstance(reader, NbdReader)
+        indexes.append(backup_disk(reader, store, ChunkCodec()).index)
+    with open_source(ExportSource("file", str(raw), "raw", disk, SIZE)) as reader:
+        assert isinstance(reader, FileReader)
+        indexes.append(backup_disk(reader, store, ChunkCodec()).index)
+    with QemuNbdServer(image, "qcow2") as server:
+        source = ExportSource("nbd", server.uri, "raw", disk, SIZE, dirty_bitmap="b0")
+        with open_source(source) as reader:
+            assert isinstance(reader, NbdReader)
+            indexes.append(backup_disk(reader, store, ChunkCodec()).index)
+            with pytest.raises(TransferError, match="does not offer qemu:dirty-bitmap:b0"):
+                reader.dirty_chunks(CHUNK_SIZE)  # never "nothing changed"
+    assert indexes[0] == indexes[1] == indexes[2]
