@@ -27,6 +27,8 @@ from vmsnap.runner import LocalRunner, Runner
 STATE_ZERO = 2  # base:allocation: the extent reads as zeros (the hole bit alone does not say that)
 DIRTY = 1  # qemu:dirty-bitmap:NAME: the extent changed since the bitmap was created
 DEFAULT_CONNECTIONS = 4
+QEMU_NBD_CLIENTS = 8
+"""Clients a :class:`~vmsnap.imageio.QemuNbdServer` accepts (``--shared=8``); more are never opened."""
 
 
 @attrs.frozen
@@ -316,6 +318,7 @@ def open_image(
         runner=runner or LocalRunner(),
     )
     context = f"qemu:dirty-bitmap:{bitmap}" if bitmap else None
+    connections = min(connections, QEMU_NBD_CLIENTS)
     with server, NbdReader(server.uri, connections=connections, dirty_bitmap_context=context) as nbd_reader:
         yield nbd_reader
 
@@ -347,6 +350,8 @@ def open_source(
         return
     with (
         QemuNbdServer.for_source(source, runner=runner) as server,
-        NbdReader(server.uri, connections=connections, dirty_bitmap_context=bitmap) as nbd_reader,
+        NbdReader(
+            server.uri, connections=min(connections, QEMU_NBD_CLIENTS), dirty_bitmap_context=bitmap
+        ) as nbd_reader,
     ):
         yield nbd_reader

@@ -34,6 +34,7 @@ from vmsnap.imageio import QemuNbdServer, nbd_connection
 from vmsnap.repo.chunks.blob import CHUNK_SIZE, ChunkCodec, ChunkId, chunk_key, is_zero
 from vmsnap.repo.chunks.index import ChunkIndex
 from vmsnap.repo.chunks.parallel import BoundedPool
+from vmsnap.repo.chunks.readers import QEMU_NBD_CLIENTS
 from vmsnap.repo.stores.base import Store
 from vmsnap.runner import LocalRunner, Runner
 
@@ -109,6 +110,11 @@ def _write_error(target: object, err: OSError) -> TransferError:
     )
 
 
+def _nbd_error(target: Path, err: Any) -> TransferError:
+    """A TransferError for a failed NBD write (libnbd's ``nbd.Error``: ``string``, ``errnum``)."""
+    return _write_error(target, OSError(err.errnum or errno.EIO, err.string))
+
+
 class _FileWriter:
     """pwrite into a file (sparse: zero runs skipped) or a device (whole chunks, holes zeroed)."""
 
@@ -163,7 +169,7 @@ class _NbdWriter:
                 handle.pwrite(data[start:end], offset + start)
                 written += end - start
         except nbd.Error as err:
-            raise TransferError(f"restore into {self.target} failed: {err.string}") from err
+            raise _nbd_error(self.target, err) from err
         finally:
             self.handles.put(handle)
         return written
@@ -228,9 +234,11 @@ def restore_disk(
     temp = target.parent / f".{target.name}.partial-{secrets.token_hex(4)}"
     try:
         if format == "raw":
-            stats = _restore_raw(index, store, codec, temp, workers, progress, name)
+            stats = _restore_raw(index, store, codec, temp, target, workers, progress, name)
         else:
-            stats = _restore_qcow2(index, store, codec, temp, workers, connections, progress, name, runner)
+            stats = _restore_qcow2(
+                index, store, codec, temp, target, workers, connections, progress, name, runner
+            )
         os.replace(temp, target)
         _fsync_dir(target.parent)
     except OSError as err:
@@ -254,6 +262,7 @@ def _restore_raw(
     store: Store,
     codec: ChunkCodec,
     temp: Path,
+    target: Path,
     workers: int,
     progress: RestoreProgressCallback | None,
     name: str,
@@ -261,7 +270,9 @@ def _restore_raw(
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, index.virtual_size)
-        stats = _run(index, store, codec, _FileWriter(fd, temp, device=False), workers, progress, name, False)
+        stats = _run(
+            index, store, codec, _FileWriter(fd, target, device=False), workers, progress, name, False
+        )
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -273,6 +284,7 @@ def _restore_qcow2(
     store: Store,
     codec: ChunkCodec,
     temp: Path,
+    target: Path,
     workers: int,
     connections: int,
     progress: RestoreProgressCallback | None,
@@ -284,15 +296,16 @@ def _restore_qcow2(
     os.chmod(temp, 0o600)
     server = QemuNbdServer(temp, "qcow2", read_only=False, runner=runner)
     with server, contextlib.ExitStack() as stack:
-        handles = [stack.enter_context(nbd_connection(server.uri)) for _ in range(connections)]
-        stats = _run(index, store, codec, _NbdWriter(handles, temp), workers, progress, name, False)
+        count = min(connections, QEMU_NBD_CLIENTS)
+        handles = [stack.enter_context(nbd_connection(server.uri)) for _ in range(count)]
+        stats = _run(index, store, codec, _NbdWriter(handles, target), workers, progress, name, False)
         import nbd
 
         try:
             for handle in handles:
                 handle.flush()
         except nbd.Error as err:
-            raise TransferError(f"restore into {temp} failed at the final flush: {err.string}") from err
+            raise _nbd_error(target, err) from err
     fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)  # qemu-nbd flushed on exit; make it durable here too
     try:
         os.fsync(fd)
