@@ -69,6 +69,11 @@ def _zombie(pid: int) -> bool:
     return not fields or fields[0] in ("Z", "X")
 
 
+def _exists(pid: int, start_time: int | None) -> bool:
+    started = process_start_time(pid)
+    return started is not None and started == start_time and not _zombie(pid)
+
+
 def process_matches(pid: int, program: str, marker: str, start_time: int | None = None) -> bool:
     """True when ``pid`` is alive (not a zombie) and still the daemon a record describes.
 
@@ -103,19 +108,22 @@ def stop_process(
     """
     if not process_matches(pid, program, marker, start_time):
         return False
+    # identified once; from here on "still there" is the same start time, because an exiting process's
+    # cmdline reads empty before it is gone
+    start = start_time if start_time is not None else process_start_time(pid)
     deadline = time.monotonic() + timeout
     next_term = 0.0
-    while process_matches(pid, program, marker, start_time) and time.monotonic() < deadline:
+    while _exists(pid, start) and time.monotonic() < deadline:
         if time.monotonic() >= next_term:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             next_term = time.monotonic() + 0.5
         time.sleep(0.01)
-    if process_matches(pid, program, marker, start_time):
+    if _exists(pid, start):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         killed_by = time.monotonic() + 5.0
-        while process_matches(pid, program, marker, start_time):
+        while _exists(pid, start):
             if time.monotonic() > killed_by:
                 raise VmsnapError(
                     f"{program} (pid {pid}) survived SIGKILL",
