@@ -28,18 +28,37 @@ SESSION_STOP_GRACE = 3.0
 StoreFactory = Callable[..., S3Store]
 
 
+_shared: dict[str, SeaweedServer] = {}
+_users: list[int] = [0]
+
+
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
-    """The run's SeaweedFS (stopped by pid at the end of the session), with the bucket :data:`BUCKET`."""
-    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
+    """The run's SeaweedFS (stopped by pid at the end of the session), with the bucket :data:`BUCKET`.
+
+    Each conftest that imports this fixture makes pytest see a fixture of its own; the server is shared
+    among them all the same (started by the first, stopped after the last).
+    """
+    server = _shared.get("server")
+    if server is None:
+        server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
+        try:
+            server.start()
+            with pytest.MonkeyPatch.context() as patch:
+                server.apply_env(patch.setenv, patch.delenv)
+                _create_bucket()
+        except BaseException:
+            server.stop(SESSION_STOP_GRACE)
+            raise
+        _shared["server"] = server
+    _users[0] += 1
     try:
-        server.start()
-        with pytest.MonkeyPatch.context() as patch:
-            server.apply_env(patch.setenv, patch.delenv)
-            S3Store(BUCKET).create_bucket()
         yield server
     finally:
-        server.stop(SESSION_STOP_GRACE)
+        _users[0] -= 1
+        if _users[0] == 0:
+            _shared.clear()
+            server.stop(SESSION_STOP_GRACE)
 
 
 @pytest.fixture
@@ -83,7 +102,15 @@ def own_seaweed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sea
     try:
         server.start()
         server.apply_env(monkeypatch.setenv, monkeypatch.delenv)
-        S3Store(BUCKET).create_bucket()
+        _create_bucket()
         yield server
     finally:
         server.stop(SESSION_STOP_GRACE)
+
+
+def _create_bucket() -> None:
+    store = S3Store(BUCKET)
+    try:
+        store.create_bucket()
+    finally:
+        store.close()

@@ -169,10 +169,6 @@ class _Process:
                 start_new_session=True,  # a ^C to pytest reaches pytest, which then stops us in order
             )
 
-    def secret_keys(self) -> set[str]:
-        """Every secret key this server's profiles hold: none may appear in a message, a repr or a log."""
-        return {secret for _, secret in self.profile_keys.values()}
-
     @property
     def pid(self) -> int | None:
         return self.popen.pid if self.popen is not None else None

@@ -35,6 +35,7 @@ store checks that the bucket exists (see :meth:`S3Store.check`).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 import time
@@ -158,7 +159,11 @@ class S3Store:
         bucket, prefix = parse_s3_url(url)
         store = cls(bucket, prefix, options=options)
         if check:
-            store.check()
+            try:
+                store.check()
+            except StoreError:
+                store.close()
+                raise
         return store
 
     @property
@@ -188,7 +193,7 @@ class S3Store:
         try:
             self._client.list_objects_v2(Bucket=self._bucket, Prefix=self._root, MaxKeys=1)
         except (ClientError, BotoCoreError) as err:
-            raise self._store_error("check", err) from err
+            raise self._store_error("a listing", err) from err
 
     def get(self, key: str) -> bytes:
         """The object's bytes (a body cut short is fetched again, up to ``max_attempts`` times).
@@ -349,8 +354,9 @@ class S3Store:
             session = boto3.session.Session(profile_name=options.profile, region_name=options.region)
             return session.client("s3", endpoint_url=options.endpoint_url, config=config)
         except ProfileNotFound as err:
+            profile = options.profile or os.environ.get("AWS_PROFILE", "")
             raise StoreError(
-                f"AWS profile {options.profile or '(from AWS_PROFILE)'} not found for {self._url}",
+                f"AWS profile {profile!r} not found for {self._url}",
                 hint="name a profile of ~/.aws/config (or AWS_CONFIG_FILE), or unset AWS_PROFILE",
             ) from err
         except (BotoCoreError, ValueError) as err:
@@ -374,6 +380,11 @@ class S3Store:
             raise self._store_error(f"read-back of {name!r}", err) from err
         except BotoCoreError as err:
             raise self._store_error(f"read-back of {name!r}", err) from err
+
+    @property
+    def _attempts(self) -> str:
+        count = self._options.max_attempts
+        return f"{count} attempt{'s' if count > 1 else ''}"
 
     def _store_error(self, action: str, err: ClientError | BotoCoreError) -> StoreError:
         """One line saying what failed, and what to do."""
@@ -411,14 +422,14 @@ class S3Store:
         if isinstance(err, (EndpointConnectionError, ConnectTimeoutError)):
             return StoreError(
                 f"cannot reach the S3 endpoint {self._endpoint} for {action} in {self._url} "
-                f"(after {self._options.max_attempts} attempts)",
+                f"(after {self._attempts})",
                 hint="check AWS_ENDPOINT_URL (or endpoint_url in ~/.aws/config), the network, and that the "
                 "server runs",
             )
         if isinstance(err, ReadTimeoutError):
             return StoreError(
                 f"the S3 endpoint {self._endpoint} did not answer within {self._options.read_timeout:g} s "
-                f"for {action} in {self._url} (after {self._options.max_attempts} attempts)",
+                f"for {action} in {self._url} (after {self._attempts})",
                 hint="check that the server is healthy, or raise read_timeout",
             )
         return StoreError(
