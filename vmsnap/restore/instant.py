@@ -324,9 +324,7 @@ def stream(
     if speed < 0:
         raise UsageError(f"speed {speed} is negative")
     to = Path(os.path.realpath(to))
-    state = read_state(to / STATE)
-    if state is None:
-        raise NotFoundError(f"{to} holds no instant restore", hint="run the instant restore (prepare) first")
+    state = read_restore(to)
     started = time.monotonic()
     own = not isinstance(qmp, QMPMonitor)
     monitor = QMPMonitor(qmp).connect() if not isinstance(qmp, QMPMonitor) else qmp
@@ -335,7 +333,7 @@ def stream(
     finally:
         if own:
             monitor.close()
-    _finish(to, state)
+    finish(to)
     return StreamResult(tuple(streamed), tuple(done), time.monotonic() - started)
 
 
@@ -389,13 +387,46 @@ def _stream_all(
     return list(waiting), done
 
 
-def _finish(to: Path, state: dict[str, Any]) -> None:
-    """Every image is standalone: stop the servers and remove the state (the images stay)."""
+def read_restore(to: Path) -> dict[str, Any]:
+    """The state of the instant restore in ``to``.
+
+    :raise NotFoundError: there is none
+    """
+    state = read_state(Path(os.path.realpath(to)) / STATE)
+    if state is None:
+        raise NotFoundError(f"{to} holds no instant restore", hint="run the instant restore (prepare) first")
+    return state
+
+
+def backing_of(image: Path, runner: Runner | None = None) -> str | None:
+    """The backing file an image's header names (``qemu-img info -U``: a running QEMU may hold it)."""
+    result = (runner or LocalRunner()).run(
+        ["qemu-img", "info", "--output=json", "-U", "-f", "qcow2", str(image)], timeout=120
+    )
+    backing = json.loads(result.stdout).get("backing-filename")
+    return str(backing) if backing else None
+
+
+def finish(to: Path, *, runner: Runner | None = None) -> None:
+    """Once no image needs the backup any more: stop the servers and remove the state (the images stay).
+
+    :raise NotFoundError: ``to`` holds no instant restore
+    :raise BlockJobError: an image still has its backup as backing file (nothing is stopped)
+    """
+    to = Path(os.path.realpath(to))
+    state = read_restore(to)
+    for name, disk in state["disks"].items():
+        if Path(disk["image"]).exists() and backing_of(Path(disk["image"]), runner) is not None:
+            raise BlockJobError(
+                JOB_PREFIX + name,
+                f"{disk['image']} still reads from the backup",
+                hint="run the instant restore again to copy the rest; its servers keep running",
+            )
     with locked(to):
         servers = Path(state["run_dir"])
-        stop_daemons_under(servers, runner=LocalRunner())
+        stop_daemons_under(servers, runner=runner or LocalRunner())
         shutil.rmtree(servers, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             (to / STATE).unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (to / ".lock").unlink()
+    with contextlib.suppress(FileNotFoundError):
+        (to / ".lock").unlink()

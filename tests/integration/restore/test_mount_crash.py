@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,8 @@ def test_recover_keeps_healthy_mounts_and_cleans_one_whose_server_died(
     mount(ImageSource(backed_up_disk.inc), broken, run_dir=run_dir)
     broken_pids = [pid for pid in daemon_pids(run_dir) if pid not in healthy_pids]
     os.kill(broken_pids[0], signal.SIGKILL)  # its files now read as errors
+    while leftovers(run_dir, [], broken_pids).processes:  # SIGKILL lands asynchronously
+        time.sleep(0.01)
     recover(run_dir=run_dir)
     assert (healthy / "p1/etc/hostname").read_bytes() == b"lab-t1\n"
     assert list(broken.iterdir()) == []
