@@ -404,7 +404,7 @@ class SeaweedServer:
             "-master.telemetry=false",
             "-master.resumeState=false",  # else a restart waits ~10 s for a raft election with itself
             "-master.volumeSizeLimitMB=256",
-            "-volume.max=16",
+            "-volume.max=100",  # each bucket (a collection) grows ~7 volumes at its first write
             "-volume.preStopSeconds=0",
         ]
         if self.replicated:
@@ -424,7 +424,7 @@ class SeaweedServer:
             f"-port={p.volume2}",
             f"-port.grpc={p.volume2_grpc}",
             f"-master=127.0.0.1:{p.master}.{p.master_grpc}",
-            "-max=16",
+            "-max=100",
             "-preStopSeconds=0",
         ]
 

@@ -48,6 +48,13 @@ def test_kill_then_restart_on_the_same_data_and_ports(
     assert own_seaweed.ports == ports and own_seaweed.pid not in (None, pid)
     again = S3Store.from_url(f"s3://{BUCKET}/restart")
     assert again.get("obj") == data
+    # the master starts without its old state (-master.resumeState=false): new writes must not reuse the
+    # file ids of the old objects
+    news = {f"new/{i}": os.urandom(100_000 + i) for i in range(24)}
+    for key, value in news.items():
+        again.put(key, value)
+    assert again.get("obj") == data
+    assert all(again.get(key) == value for key, value in news.items())
     own_seaweed.stop(SESSION_STOP_GRACE)
     assert not listening(ports.s3)
     assert not [p for p in ports_sockets(ports.grpc_ports()) if p.exists()], "gRPC sockets left in /tmp"
