@@ -24,7 +24,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -617,15 +617,3 @@ def nbd_client_node(socket: Path, export: str, node: str) -> dict[str, Any]:
         "node-name": node,
         "file": {"driver": "nbd", "server": {"type": "unix", "path": str(socket)}, "export": export},
     }
-
-
-def recorded_daemons(parent: Path) -> Iterator[tuple[Path, DaemonRecord | None]]:
-    """Every private directory under ``parent`` with its record (None when it has none or it is damaged),
-    for callers that clean up after a dead process."""
-    if not parent.is_dir():
-        return
-    for directory in sorted(parent.glob(f"{PRIVATE_PREFIX}*")):
-        try:
-            yield directory, read_record(directory / RECORD)
-        except VmsnapError:
-            yield directory, None

@@ -138,17 +138,6 @@ def _key(to: Path) -> str:
     return hashlib.sha256(str(to).encode()).hexdigest()[:16]
 
 
-def _size(source: BackupSource, runner: Runner) -> int:
-    from vmsnap.restore.source import ImageSource
-
-    if isinstance(source, ImageSource):
-        result = runner.run(
-            ["qemu-img", "info", "--output=json", "-U", "-f", source.format, str(source.path)], timeout=120
-        )
-        return int(json.loads(result.stdout)["virtual-size"])
-    raise UsageError("the size of a reader source comes from its server", hint="internal: ask the server")
-
-
 def _nbd_size(uri: str) -> int:
     from vmsnap.imageio import nbd_connection
 

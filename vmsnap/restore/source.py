@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -135,14 +135,13 @@ def serve(
     stack: contextlib.ExitStack,
     nbd: bool = False,
     fuse: bool = False,
-    started: Callable[[DaemonRecord], None] = lambda record: None,
     runner: Runner | None = None,
 ) -> Served:
     """Start read-only servers for ``sources`` (disk name → source) under ``parent``.
 
     Each server's ``stop`` goes on ``stack``; ``stack.pop_all()`` keeps them running past this process.
-    ``started`` is called with each daemon's record as soon as it runs, so the caller can write it down
-    before anything else can fail.
+    Every server's private directory (with its record) is made in ``parent``, so whoever owns ``parent``
+    finds them again after a crash.
 
     :param nbd: serve each disk over NBD (a unix socket)
     :param fuse: expose each disk as a FUSE file
@@ -166,7 +165,6 @@ def serve(
             server.start()
             stack.callback(server.stop)
             records.append(server.record)
-            started(server.record)
             if nbd:
                 uris[name] = server.uri
             if fuse:
@@ -186,7 +184,6 @@ def serve(
         daemon.start()
         stack.callback(daemon.stop)
         records.append(daemon.record)
-        started(daemon.record)
         for nbd_export in nbd_exports:
             uris[nbd_export.name] = daemon.uri(nbd_export.name)
         for fuse_export in fuse_exports:
