@@ -612,10 +612,12 @@ def expand_vms(
         matched = [d for d in domains if fnmatch.fnmatchcase(d, entry.domain)]
         kept = [d for d in matched if not any(fnmatch.fnmatchcase(d, x) for x in entry.exclude)]
         if not kept:
-            what = "no libvirt domain" if not _has_magic(entry.domain) else "nothing"
-            after = " after exclude" if matched else ""
+            if matched:
+                what = f"only domains that exclude takes out ({', '.join(matched[:5])})"
+            else:
+                what = "no libvirt domain" if not _has_magic(entry.domain) else "nothing"
             raise UsageError(
-                f"{job.where(entry.line)}: domain {entry.domain!r} matches {what}{after} at "
+                f"{job.where(entry.line)}: domain {entry.domain!r} matches {what} at "
                 f"{entry.connect or 'qemu:///system'}",
                 hint=f"domains there: {', '.join(sorted(domains)[:10]) or 'none'}",
             )
