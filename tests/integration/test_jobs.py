@@ -17,8 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import make_image
 from vmsnap.errors import VmsnapError
 from vmsnap.jobs.default import run_job_file
+from vmsnap.jobs.expand import expand_vms
 from vmsnap.jobs.hosts import HostSpec
-from vmsnap.jobs.jobfile import JobConfig, expand_vms, load_job
+from vmsnap.jobs.jobfile import JobConfig, load_job
 from vmsnap.jobs.run import JobReport, job_lock
 from vmsnap.lab.qemu import DriveSpec, QemuProcess
 from vmsnap.runner import SshRunner

@@ -26,8 +26,9 @@ from typing import Any, cast
 
 from vmsnap.backup import Backup, BackupConfig, Quiesce
 from vmsnap.errors import NotFoundError, RepositoryError, UnsupportedError
+from vmsnap.jobs.expand import expand_vms
 from vmsnap.jobs.hosts import HostSpec
-from vmsnap.jobs.jobfile import ListDomains, VmSpec, expand_vms, load_job
+from vmsnap.jobs.jobfile import ListDomains, VmSpec, load_job
 from vmsnap.jobs.run import BackupInfo, JobReport, Prediction, VmBackup, apply_retention, run_job
 from vmsnap.machine import Machine, OfflineMachine, QemuMachine
 from vmsnap.repo.retention import RetentionPlan, RetentionPolicy, backup_time

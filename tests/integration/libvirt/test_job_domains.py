@@ -15,7 +15,8 @@ from tests.conftest import make_image
 from tests.integration.libvirt.conftest import DOMAIN_PREFIX, Libvirtd, domain_xml, libvirt
 from vmsnap.errors import UsageError
 from vmsnap.jobs.default import list_libvirt_domains
-from vmsnap.jobs.jobfile import expand_vms, parse_job
+from vmsnap.jobs.expand import expand_vms
+from vmsnap.jobs.jobfile import parse_job
 from vmsnap.runner import SshRunner
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from vmsnap.errors import QMPConnectionError
-from vmsnap.jobs.jobfile import EntryFailure, JobConfig, VmSpec, expand_vms, parse_job
+from vmsnap.jobs.expand import expand_vms
+from vmsnap.jobs.jobfile import EntryFailure, JobConfig, VmSpec, parse_job
 from vmsnap.jobs.run import (
     NEXT_BACKUP,
     BackupInfo,
