@@ -1,0 +1,5 @@
+"""The S3 test server's fixtures (tests/integration/s3/fixtures.py) for the store tests."""
+
+from tests.integration.s3.fixtures import own_seaweed, s3_env, s3_prefix, s3_store_factory, seaweed
+
+__all__ = ["own_seaweed", "s3_env", "s3_prefix", "s3_store_factory", "seaweed"]

@@ -1,0 +1,517 @@
+"""Run a backup job: every VM backed up by ``concurrency`` worker threads (one VM failing stops no other),
+retention applied to each VM after its successful backup, one report, the ``on_failure`` hook, the metrics.
+
+The work on one VM goes through small injected functions, so the orchestrator behind them can change:
+
+- :data:`BackupFn` ``(VmSpec) -> VmBackup`` takes one backup or raises;
+- :class:`RetentionFn` ``(VmSpec, RetentionPolicy, *, dry_run) -> RetentionPlan`` prunes one VM (the usual
+  one is :func:`apply_retention` over a listing and a removal function);
+- :data:`PredictFn` ``(VmSpec) -> Prediction`` says, for ``--dry-run``, whether the backup would be full or
+  incremental (and may raise when the VM cannot be reached).
+
+:mod:`vmsnap.jobs.default` provides them on today's orchestrator. Exit status for the CLI: 0 when every VM
+succeeded (and the metrics were written), 1 otherwise.
+
+Runs of one job never overlap: systemd does not start a oneshot service that is still running (a timer that
+fires meanwhile is merged into the running start job), and a manual ``vmsnap run`` takes the job's lock
+(``flock`` on a file in :func:`default_lock_dir`), failing at once with the holder's pid while another run
+holds it. Backups of one VM are serialised by the repository's own per-VM lock as well.
+
+The ``on_failure`` hook is an argv list (never a shell), run once per run when anything failed, with the
+report as JSON on stdin and a summary in ``VMSNAP_*`` variables. Its environment is clean: ``PATH``,
+``HOME``, ``LANG``/``LC_*``, ``TZ``, ``USER``, ``LOGNAME`` and the ``VMSNAP_*`` summary — no credential from
+vmsnap's environment (S3 keys, a key file's path) reaches it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import attrs
+
+from vmsnap.errors import VmsnapError
+from vmsnap.jobs import metrics
+from vmsnap.jobs.jobfile import EntryFailure, JobConfig, VmSpec
+from vmsnap.repo.retention import RetentionPlan, RetentionPolicy, keep_ancestors, plan
+from vmsnap.runner import LocalRunner
+
+Kind = Literal["full", "incremental"]
+NEXT_BACKUP = "(next backup)"
+"""The id a ``--dry-run`` retention plan gives the backup the run would take."""
+HOOK_TIMEOUT = 300.0
+HOOK_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ", "USER", "LOGNAME")
+
+
+@attrs.frozen
+class VmBackup:
+    """What a :data:`BackupFn` made.
+
+    :param backup_id: the new backup's id
+    :param kind: "full" or "incremental"
+    :param bytes_written: bytes written to the repository
+    :param seconds: how long the backup took
+    :param freeze_ms: the guest's freeze window, None when it was not frozen
+    :param notes: one-line remarks (fallbacks, recovered leftovers)
+    """
+
+    backup_id: str
+    kind: Kind
+    bytes_written: int
+    seconds: float
+    freeze_ms: float | None = None
+    notes: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class Prediction:
+    """What ``--dry-run`` expects a VM's backup to be, and why."""
+
+    kind: Kind
+    reason: str = ""
+
+
+BackupFn = Callable[[VmSpec], VmBackup]
+"""Back up one VM; raise (a :class:`~vmsnap.errors.VmsnapError`, ideally) when it fails."""
+PredictFn = Callable[[VmSpec], Prediction]
+"""For ``--dry-run``: the kind of backup a VM would get; raise when it cannot be reached."""
+
+
+class RetentionFn(Protocol):
+    """Apply (or, with ``dry_run``, only plan) a retention policy to one VM's backups."""
+
+    def __call__(self, spec: VmSpec, policy: RetentionPolicy, *, dry_run: bool) -> RetentionPlan: ...
+
+
+@attrs.frozen
+class BackupInfo:
+    """One existing backup, as retention needs it: id, start time (aware), parent (None: not chained)."""
+
+    backup_id: str
+    created: dt.datetime
+    parent: str | None = None
+
+
+def apply_retention(
+    backups: Sequence[BackupInfo],
+    policy: RetentionPolicy,
+    remove: Callable[[str], None] | None,
+    *,
+    upcoming: dt.datetime | None = None,
+    chains: bool = False,
+    tz: dt.tzinfo | None = None,
+) -> RetentionPlan:
+    """Plan with :func:`vmsnap.repo.retention.plan` and remove what it drops, newest first (an incremental
+    goes before its parent, so a run that dies half-way never leaves a broken chain behind).
+
+    :param remove: removes one backup by id; None removes nothing (a dry run)
+    :param upcoming: plan as if a backup started at this time existed (``--dry-run`` before a backup): it
+        appears as :data:`NEXT_BACKUP`
+    :param chains: keep the parents of kept backups (layouts with incremental chains)
+    :raise VmsnapError: from ``remove``; what was removed before stays removed
+    """
+    pairs = [(b.backup_id, b.created) for b in backups]
+    if upcoming is not None:
+        pairs.append((NEXT_BACKUP, upcoming))
+    result = plan(pairs, policy, tz=tz)
+    if chains:
+        result = keep_ancestors(result, {b.backup_id: b.parent for b in backups})
+    if remove is not None:
+        for backup_id in result.removed:
+            remove(backup_id)
+    return result
+
+
+@attrs.frozen
+class VmOutcome:
+    """One VM's part of the report.
+
+    :param ok: backed up (and, with a policy, pruned) without error
+    :param backed_up: the backup was committed (True even when only the retention after it failed)
+    :param kind: "full"/"incremental" (in a dry run: what it would be)
+    :param error: one line: what failed and what to do
+    :param retention: what the policy kept and removed (would remove, in a dry run)
+    """
+
+    vm: str
+    line: int
+    ok: bool
+    backed_up: bool
+    started: float
+    finished: float
+    kind: Kind | None = None
+    backup_id: str | None = None
+    bytes_written: int = 0
+    seconds: float = 0.0
+    freeze_ms: float | None = None
+    error: str | None = None
+    notes: tuple[str, ...] = ()
+    retention: RetentionPlan | None = None
+    retention_error: str | None = None
+    spec: VmSpec | None = attrs.field(default=None, eq=False, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "vm": self.vm,
+            "line": self.line,
+            "ok": self.ok,
+            "kind": self.kind,
+            "backup_id": self.backup_id,
+            "bytes": self.bytes_written,
+            "seconds": round(self.seconds, 3),
+            "freeze_ms": None if self.freeze_ms is None else round(self.freeze_ms, 1),
+            "error": self.error,
+            "notes": list(self.notes),
+            "retention": None if self.retention is None else self.retention.to_json(),
+            "retention_error": self.retention_error,
+            "target": None if self.spec is None else self.spec.to_json(),
+        }
+
+
+@attrs.frozen
+class HookResult:
+    """How the ``on_failure`` hook ended: its exit code, or why it could not run."""
+
+    argv: tuple[str, ...]
+    exit_code: int | None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"argv": list(self.argv), "exit_code": self.exit_code, "error": self.error}
+
+
+@attrs.frozen
+class JobReport:
+    """Everything a run did; ``to_json()`` for ``--json``, ``summary()`` for people."""
+
+    job: str
+    dry_run: bool
+    started: float
+    finished: float
+    outcomes: tuple[VmOutcome, ...]
+    entry_failures: tuple[EntryFailure, ...] = ()
+    hook: HookResult | None = None
+    metrics_path: Path | None = None
+    metrics_error: str | None = None
+
+    @property
+    def failed(self) -> tuple[VmOutcome, ...]:
+        return tuple(o for o in self.outcomes if not o.ok)
+
+    @property
+    def ok(self) -> bool:
+        """Every VM succeeded, every entry expanded, the metrics were written."""
+        return not self.failed and not self.entry_failures and self.metrics_error is None
+
+    @property
+    def exit_status(self) -> int:
+        """0 when :attr:`ok`, else 1."""
+        return 0 if self.ok else 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "ok": self.ok,
+            "dry_run": self.dry_run,
+            "started": _iso(self.started),
+            "seconds": round(self.finished - self.started, 3),
+            "vms": [o.to_json() for o in self.outcomes],
+            "entry_failures": [
+                {"line": f.line, "selects": f.label, "error": f.error} for f in self.entry_failures
+            ],
+            "on_failure": None if self.hook is None else self.hook.to_json(),
+            "metrics": None if self.metrics_path is None else str(self.metrics_path),
+            "metrics_error": self.metrics_error,
+        }
+
+    def headline(self) -> str:
+        """One line: how many VMs succeeded, in how long."""
+        total = len(self.outcomes) + len(self.entry_failures)
+        good = total - len(self.failed) - len(self.entry_failures)
+        verb = "would back up" if self.dry_run else "backed up"
+        failed = total - good
+        tail = f"; {failed} failed" if failed else ""
+        return f"job {self.job}: {verb} {good} of {total} VMs in {self.finished - self.started:.1f} s{tail}"
+
+    def summary(self) -> str:
+        """The headline, then one line per VM (kind, bytes, duration, freeze window, retention or error)."""
+        lines = [self.headline()]
+        width = max((len(o.vm) for o in self.outcomes), default=0)
+        for outcome in self.outcomes:
+            lines.append(f"  {outcome.vm:<{width}}  {_describe(outcome, self.dry_run)}")
+        for failure in self.entry_failures:
+            lines.append(f"  line {failure.line} ({failure.label}): FAILED {failure.error}")
+        if self.hook is not None:
+            state = self.hook.error or f"exit code {self.hook.exit_code}"
+            lines.append(f"  on_failure {self.hook.argv[0]}: {state}")
+        if self.metrics_error:
+            lines.append(f"  metrics: {self.metrics_error}")
+        return "\n".join(lines)
+
+
+def _iso(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
+def _describe(outcome: VmOutcome, dry_run: bool) -> str:
+    if not outcome.backed_up and outcome.error:
+        return f"FAILED (job file line {outcome.line}): {outcome.error}"
+    parts: list[str] = [outcome.kind or "?"]
+    if not dry_run:
+        parts.append(_size(outcome.bytes_written))
+        parts.append(f"{outcome.seconds:.1f} s")
+        parts.append(f"frozen {outcome.freeze_ms:.0f} ms" if outcome.freeze_ms is not None else "not frozen")
+    if outcome.retention is not None:
+        verb = "would remove" if dry_run else "removed"
+        parts.append(f"kept {len(outcome.retention.kept)}, {verb} {len(outcome.retention.removed)}")
+    text = ", ".join(parts)
+    if outcome.retention_error:
+        text += f"; retention FAILED (job file line {outcome.line}): {outcome.retention_error}"
+    for note in outcome.notes:
+        text += f"; {note}"
+    return text
+
+
+def error_line(err: BaseException) -> str:
+    """One line for an error: vmsnap's own text (with its hint), else the exception's type and text."""
+    text = str(err) if isinstance(err, VmsnapError) else f"{type(err).__name__}: {err}"
+    return " ".join(text.split())
+
+
+# -- one VM ---------------------------------------------------------------------------------------------
+
+
+def _backup_one(
+    spec: VmSpec,
+    backup: BackupFn,
+    retention: RetentionFn | None,
+    policy: RetentionPolicy | None,
+    clock: Callable[[], float],
+) -> VmOutcome:
+    started = clock()
+    try:
+        made = backup(spec)
+    except Exception as err:  # one VM's failure is its own line; the others go on
+        return VmOutcome(
+            spec.name, spec.line, False, False, started, clock(), error=error_line(err), spec=spec
+        )
+    outcome = VmOutcome(
+        spec.name,
+        spec.line,
+        True,
+        True,
+        started,
+        clock(),
+        kind=made.kind,
+        backup_id=made.backup_id,
+        bytes_written=made.bytes_written,
+        seconds=made.seconds,
+        freeze_ms=made.freeze_ms,
+        notes=made.notes,
+        spec=spec,
+    )
+    if retention is None or policy is None:
+        return outcome
+    try:
+        kept = retention(spec, policy, dry_run=False)
+    except Exception as err:
+        message = error_line(err)
+        return attrs.evolve(
+            outcome, ok=False, finished=clock(), error=f"retention: {message}", retention_error=message
+        )
+    return attrs.evolve(outcome, finished=clock(), retention=kept)
+
+
+def _predict_one(
+    spec: VmSpec,
+    predict: PredictFn | None,
+    retention: RetentionFn | None,
+    policy: RetentionPolicy | None,
+    clock: Callable[[], float],
+) -> VmOutcome:
+    started = clock()
+    try:
+        guess = predict(spec) if predict is not None else Prediction("full", "not predicted")
+        kept = retention(spec, policy, dry_run=True) if retention is not None and policy is not None else None
+    except Exception as err:
+        return VmOutcome(
+            spec.name, spec.line, False, False, started, clock(), error=error_line(err), spec=spec
+        )
+    notes = (guess.reason,) if guess.reason else ()
+    return VmOutcome(
+        spec.name,
+        spec.line,
+        True,
+        False,
+        started,
+        clock(),
+        kind=guess.kind,
+        notes=notes,
+        retention=kept,
+        spec=spec,
+    )
+
+
+# -- the job --------------------------------------------------------------------------------------------
+
+
+def default_lock_dir() -> Path:
+    """``/run/lock/vmsnap`` for root, else ``$TMPDIR/vmsnap-<uid>``."""
+    if os.geteuid() == 0 and Path("/run/lock").is_dir():
+        return Path("/run/lock/vmsnap")
+    return Path(tempfile.gettempdir()) / f"vmsnap-{os.geteuid()}"
+
+
+@contextlib.contextmanager
+def job_lock(job: JobConfig, lock_dir: Path | None = None) -> Iterator[Path]:
+    """Hold the job's lock for the body (``flock``; released by the kernel when the holder dies).
+
+    :raise VmsnapError: another run of this job holds it (the message names its pid)
+    """
+    directory = lock_dir or default_lock_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = hashlib.sha256(str(job.path or job.name).encode()).hexdigest()[:12]
+    path = directory / f"job-{job.name}-{key}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise VmsnapError(
+                f"job {job.name} is running already (pid {holder} holds {path})",
+                hint="wait for that run to end; runs of one job never overlap",
+            ) from err
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)
+
+
+def hook_environment(report: JobReport, job: JobConfig) -> dict[str, str]:
+    """The ``on_failure`` hook's environment: a few of ours (no credentials) and the ``VMSNAP_*`` summary."""
+    env = {key: os.environ[key] for key in HOOK_ENV if key in os.environ}
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    failed = [o.vm for o in report.failed] + [f"line {f.line}" for f in report.entry_failures]
+    env.update(
+        VMSNAP_JOB=job.name,
+        VMSNAP_JOB_FILE=str(job.path or ""),
+        VMSNAP_STATUS="ok" if report.ok else "failed",
+        VMSNAP_FAILED=str(len(failed)),
+        VMSNAP_FAILED_VMS=",".join(failed),
+        VMSNAP_SUCCEEDED=str(len(report.outcomes) - len(report.failed)),
+        VMSNAP_SUMMARY=report.headline(),
+    )
+    return env
+
+
+def run_hook(job: JobConfig, report: JobReport) -> HookResult:
+    """Run ``on_failure`` with the report as JSON on stdin (never through a shell); never raises."""
+    argv = tuple(job.on_failure)
+    runner = LocalRunner(env=hook_environment(report, job))
+    payload = json.dumps(report.to_json(), indent=2, sort_keys=True)
+    try:
+        result = runner.run(argv, input=payload, ok_codes=range(256), timeout=HOOK_TIMEOUT)
+    except VmsnapError as err:
+        return HookResult(argv, None, error_line(err))
+    code = result.exit_code
+    return HookResult(argv, code, None if code == 0 else f"exited with code {code}")
+
+
+def run_job(
+    job: JobConfig,
+    specs: Sequence[VmSpec],
+    *,
+    backup: BackupFn,
+    retention: RetentionFn | None = None,
+    predict: PredictFn | None = None,
+    entry_failures: Sequence[EntryFailure] = (),
+    dry_run: bool = False,
+    lock_dir: Path | None = None,
+    clock: Callable[[], float] = time.time,
+) -> JobReport:
+    """Back up ``specs`` (from :func:`~vmsnap.jobs.jobfile.expand_vms`) as ``job`` says.
+
+    With ``dry_run`` nothing is touched: no lock, no backup, no removal, no hook, no metrics; each VM gets
+    the predicted kind and the retention plan as it would be after this run's backup.
+
+    :param backup: takes one VM's backup (see :data:`BackupFn`)
+    :param retention: applies the job's policy to one VM (None: no retention, even with a policy)
+    :param predict: the dry run's guess of each VM's kind
+    :param entry_failures: ``[[vm]]`` entries that could not be expanded (reported, and failing the run)
+    :param lock_dir: where the job's lock lives (default :func:`default_lock_dir`)
+    :raise VmsnapError: another run of this job holds its lock (nothing was done)
+    """
+    policy = job.retention
+    with contextlib.ExitStack() as stack:
+        if not dry_run:
+            stack.enter_context(job_lock(job, lock_dir))
+        started = clock()
+        workers = max(1, min(job.concurrency, len(specs)))
+        with concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="vmsnap-job"
+        ) as pool:
+            if dry_run:
+                futures = [pool.submit(_predict_one, s, predict, retention, policy, clock) for s in specs]
+            else:
+                futures = [pool.submit(_backup_one, s, backup, retention, policy, clock) for s in specs]
+            outcomes = tuple(f.result() for f in futures)
+        report = JobReport(
+            job=job.name,
+            dry_run=dry_run,
+            started=started,
+            finished=clock(),
+            outcomes=outcomes,
+            entry_failures=tuple(entry_failures),
+            metrics_path=None if dry_run else job.metrics,
+        )
+        if dry_run:
+            return report
+        if job.metrics is not None:
+            samples = [
+                metrics.VmSample(
+                    vm=o.vm,
+                    ok=o.ok,
+                    finished=o.finished,
+                    duration=o.finished - o.started,
+                    bytes_written=o.bytes_written,
+                    freeze_seconds=None if o.freeze_ms is None else o.freeze_ms / 1000,
+                    incremental=o.kind == "incremental",
+                    backed_up=o.backed_up,
+                )
+                for o in outcomes
+            ]
+            try:
+                metrics.update(
+                    job.metrics,
+                    job.name,
+                    samples,
+                    job_finished=report.finished,
+                    job_duration=report.finished - report.started,
+                    failed_entries=len(entry_failures),
+                )
+            except VmsnapError as err:
+                report = attrs.evolve(report, metrics_error=error_line(err))
+        if not report.ok and job.on_failure:
+            report = attrs.evolve(report, hook=run_hook(job, report))
+        return report

@@ -1,0 +1,431 @@
+"""Restore one disk from its chunk index: to a sparse raw file, a block device, or a qcow2 image; chunks are
+fetched, checked against their id and written on parallel workers.
+
+Nothing is written for a chunk that fails its check, and the error names the chunk id, its number and offset.
+Files appear only when complete: they are written under a temporary name in the target's directory (0600)
+and renamed into place after an fsync. A raw file stays sparse: holes and all-zero 64 KiB blocks inside
+chunks are never written (the file is truncated to the virtual size first). A qcow2 is written through a
+writable qemu-nbd on a fresh image, so each byte is written once (writing raw and then running
+``qemu-img convert`` would write and read everything a second time; see ``benchmarks/chunks_pipeline.py``).
+A block device gets every data chunk, and its holes are zeroed (``BLKZEROOUT``, which thin devices do
+without writing) unless the caller knows the device reads as zeros already.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import queue
+import secrets
+import stat
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import attrs
+
+from vmsnap.errors import DamagedChunkError, NotFoundError, TransferError, UsageError
+from vmsnap.imageio import QemuNbdServer, nbd_connection
+from vmsnap.repo.chunks.blob import CHUNK_SIZE, ChunkCodec, ChunkId, chunk_key, is_zero
+from vmsnap.repo.chunks.index import ChunkIndex
+from vmsnap.repo.chunks.parallel import BoundedPool
+from vmsnap.repo.chunks.readers import QEMU_NBD_CLIENTS
+from vmsnap.repo.stores.base import Store
+from vmsnap.runner import LocalRunner, Runner
+
+DEFAULT_WORKERS = 4
+DEFAULT_CONNECTIONS = 2
+SPARSE_BLOCK = 64 * 1024
+"""Granularity at which zero runs inside a chunk are skipped (raw files, qcow2)."""
+_BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range of a block device
+_ZERO_SPAN = 1 << 30
+_ZEROS = bytes(CHUNK_SIZE)
+
+
+@attrs.frozen
+class RestoreProgress:
+    """Where a restore stands: guest-visible bytes settled, blob bytes fetched, bytes written."""
+
+    total: int
+    done: int
+    fetched: int
+    written: int
+
+
+RestoreProgressCallback = Callable[[RestoreProgress], None]
+
+
+@attrs.frozen
+class RestoreStats:
+    """What one disk's restore did.
+
+    :param virtual_size: the disk's size
+    :param data_chunks: chunks fetched, checked and written
+    :param hole_chunks: chunks that read as zeros (not fetched)
+    :param fetched_bytes: blob bytes read from the store
+    :param written_bytes: bytes written to the target (zero runs skipped where the target allows)
+    :param seconds: wall time
+    """
+
+    virtual_size: int
+    data_chunks: int
+    hole_chunks: int
+    fetched_bytes: int
+    written_bytes: int
+    seconds: float
+
+
+class _Writer(Protocol):
+    def write(self, offset: int, data: bytes) -> int: ...
+
+    def zero(self, offset: int, length: int) -> None: ...
+
+
+def data_runs(data: bytes, block: int = SPARSE_BLOCK) -> Iterator[tuple[int, int]]:
+    """(start, end) of the runs of ``data`` that are not all-zero ``block``-sized pieces."""
+    start: int | None = None
+    for pos in range(0, len(data), block):
+        zero = is_zero(data[pos : pos + block])
+        if zero and start is not None:
+            yield start, pos
+            start = None
+        elif not zero and start is None:
+            start = pos
+    if start is not None:
+        yield start, len(data)
+
+
+def _write_error(target: object, err: OSError) -> TransferError:
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return TransferError(
+        f"restore into {target} failed: {err.strerror or err}",
+        hint="free space there or choose another target; nothing partial was kept"
+        if full
+        else "check the target's permissions and health",
+    )
+
+
+def _nbd_error(target: Path, err: Any) -> TransferError:
+    """A TransferError for a failed NBD write (libnbd's ``nbd.Error``: ``string``, ``errnum``)."""
+    return _write_error(target, OSError(err.errnum or errno.EIO, err.string))
+
+
+class _FileWriter:
+    """pwrite into a file (sparse: zero runs skipped) or a device (whole chunks, holes zeroed)."""
+
+    def __init__(self, fd: int, target: Path, *, device: bool) -> None:
+        self.fd, self.target, self.device = fd, target, device
+
+    def write(self, offset: int, data: bytes) -> int:
+        runs = [(0, len(data))] if self.device else data_runs(data)
+        written = 0
+        try:
+            for start, end in runs:
+                view = memoryview(data)[start:end]
+                pos = offset + start
+                while view:
+                    done = os.pwrite(self.fd, view, pos)
+                    view, pos, written = view[done:], pos + done, written + done
+        except OSError as err:
+            raise _write_error(self.target, err) from err
+        return written
+
+    def zero(self, offset: int, length: int) -> None:
+        try:
+            fcntl.ioctl(self.fd, _BLKZEROOUT, struct.pack("=QQ", offset, length))
+            return
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                raise _write_error(self.target, err) from err
+        try:  # no BLKZEROOUT (or unaligned): write the zeros
+            end = offset + length
+            while offset < end:
+                offset += os.pwrite(self.fd, memoryview(_ZEROS)[: min(CHUNK_SIZE, end - offset)], offset)
+        except OSError as err:
+            raise _write_error(self.target, err) from err
+
+
+class _NbdWriter:
+    """pwrite over a pool of NBD connections to a fresh image (zero runs skipped: it reads as zeros)."""
+
+    def __init__(self, handles: list[Any], target: Path) -> None:
+        self.target = target
+        self.handles: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for handle in handles:
+            self.handles.put(handle)
+
+    def write(self, offset: int, data: bytes) -> int:
+        import nbd
+
+        handle = self.handles.get()
+        written = 0
+        try:
+            for start, end in data_runs(data):
+                handle.pwrite(data[start:end], offset + start)
+                written += end - start
+        except nbd.Error as err:
+            raise _nbd_error(self.target, err) from err
+        finally:
+            self.handles.put(handle)
+        return written
+
+    def zero(self, offset: int, length: int) -> None:
+        pass  # a fresh image reads as zeros
+
+
+def restore_disk(
+    index: ChunkIndex,
+    store: Store,
+    codec: ChunkCodec,
+    target: Path,
+    *,
+    format: Literal["raw", "qcow2"] = "raw",
+    workers: int = DEFAULT_WORKERS,
+    connections: int = DEFAULT_CONNECTIONS,
+    overwrite: bool = False,
+    zero_holes: bool = True,
+    progress: RestoreProgressCallback | None = None,
+    name: str = "disk",
+    runner: Runner | None = None,
+) -> RestoreStats:
+    """Write the disk ``index`` describes to ``target``.
+
+    :param index: the disk's index (decoded and authenticated by the caller)
+    :param store: where the chunk blobs are
+    :param codec: the repository's codec (its key, for an encrypted repository)
+    :param target: a file path (created; see ``overwrite``) or an existing block device (written in place)
+    :param format: "raw" or "qcow2" for a file; a block device takes "raw"
+    :param workers: threads fetching, checking and writing chunks
+    :param connections: NBD connections to the qcow2 target's qemu-nbd
+    :param overwrite: replace an existing target file (atomically, once the new one is complete)
+    :param zero_holes: a block device: zero the holes (False when it is known to read as zeros)
+    :param progress: called on the calling thread about every 0.25 s and at the end
+    :param name: the disk, for messages
+    :raise UsageError: a bad format, an existing file without ``overwrite``, a device too small or in use
+    :raise DamagedChunkError: a chunk is missing or fails its check (id, chunk number and offset named);
+        a target file is then not created, a device may hold the chunks written before
+    :raise TransferError: the target cannot be written (full, refused)
+    :raise StoreError: the store failed
+    """
+    if format not in ("raw", "qcow2"):
+        raise UsageError(f"unsupported target format {format!r}", hint="use 'raw' or 'qcow2'")
+    if workers < 1 or connections < 1:
+        raise UsageError("workers and connections must be at least 1")
+    target = Path(target).absolute()
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = 0
+    if stat.S_ISBLK(mode):
+        if format != "raw":
+            raise UsageError(f"{target} is a block device: it takes raw content", hint="use format 'raw'")
+        return _restore_device(index, store, codec, target, workers, zero_holes, progress, name)
+    if mode and not overwrite:
+        raise UsageError(f"restore target {target} exists", hint="choose a new path, or remove it first")
+    if mode and not stat.S_ISREG(mode):
+        raise UsageError(f"restore target {target} is neither a file nor a block device")
+    if not target.parent.is_dir():
+        raise NotFoundError(f"target directory {target.parent} does not exist", hint="create it first")
+    temp = target.parent / f".{target.name}.partial-{secrets.token_hex(4)}"
+    try:
+        if format == "raw":
+            stats = _restore_raw(index, store, codec, temp, target, workers, progress, name)
+        else:
+            stats = _restore_qcow2(
+                index, store, codec, temp, target, workers, connections, progress, name, runner
+            )
+        os.replace(temp, target)
+        _fsync_dir(target.parent)
+    except OSError as err:
+        raise _write_error(target, err) from err
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+    return stats
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _restore_raw(
+    index: ChunkIndex,
+    store: Store,
+    codec: ChunkCodec,
+    temp: Path,
+    target: Path,
+    workers: int,
+    progress: RestoreProgressCallback | None,
+    name: str,
+) -> RestoreStats:
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, index.virtual_size)
+        stats = _run(
+            index, store, codec, _FileWriter(fd, target, device=False), workers, progress, name, False
+        )
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return stats
+
+
+def _restore_qcow2(
+    index: ChunkIndex,
+    store: Store,
+    codec: ChunkCodec,
+    temp: Path,
+    target: Path,
+    workers: int,
+    connections: int,
+    progress: RestoreProgressCallback | None,
+    name: str,
+    runner: Runner | None,
+) -> RestoreStats:
+    runner = runner or LocalRunner()
+    runner.run(["qemu-img", "create", "-q", "-f", "qcow2", str(temp), str(index.virtual_size)], timeout=120)
+    os.chmod(temp, 0o600)
+    server = QemuNbdServer(temp, "qcow2", read_only=False, runner=runner)
+    with server, contextlib.ExitStack() as stack:
+        count = min(connections, QEMU_NBD_CLIENTS)
+        handles = [stack.enter_context(nbd_connection(server.uri)) for _ in range(count)]
+        stats = _run(index, store, codec, _NbdWriter(handles, target), workers, progress, name, False)
+        import nbd
+
+        try:
+            for handle in handles:
+                handle.flush()
+        except nbd.Error as err:
+            raise _nbd_error(target, err) from err
+    fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)  # qemu-nbd flushed on exit; make it durable here too
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return stats
+
+
+def _restore_device(
+    index: ChunkIndex,
+    store: Store,
+    codec: ChunkCodec,
+    device: Path,
+    workers: int,
+    zero_holes: bool,
+    progress: RestoreProgressCallback | None,
+    name: str,
+) -> RestoreStats:
+    try:  # O_EXCL on a block device: refuse one that is mounted or otherwise claimed
+        fd = os.open(device, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.EBUSY:
+            raise UsageError(f"block device {device} is in use (mounted?)", hint="unmount it first") from err
+        raise _write_error(device, err) from err
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size < index.virtual_size:
+            raise UsageError(
+                f"block device {device} has {size} bytes; the disk needs {index.virtual_size}",
+                hint="use a device at least as large as the disk",
+            )
+        writer = _FileWriter(fd, device, device=True)
+        stats = _run(index, store, codec, writer, workers, progress, name, zero_holes)
+        os.fsync(fd)
+    except OSError as err:
+        raise _write_error(device, err) from err
+    finally:
+        os.close(fd)
+    return stats
+
+
+_Task = tuple[int, int, int, ChunkId | None]  # (chunk number, offset, length, id; None: a range to zero)
+
+
+def _run(
+    index: ChunkIndex,
+    store: Store,
+    codec: ChunkCodec,
+    writer: _Writer,
+    workers: int,
+    progress: RestoreProgressCallback | None,
+    name: str,
+    zero_holes: bool,
+) -> RestoreStats:
+    started = time.monotonic()
+    lock = threading.Lock()
+    totals = {"done": 0, "fetched": 0, "written": 0, "data": 0, "holes": 0}
+
+    def tasks() -> Iterator[_Task]:
+        hole_start: int | None = None  # a run of holes to zero, coalesced up to 1 GiB
+        for number in range(len(index)):
+            offset, length = index.offset(number), index.length(number)
+            if index.is_hole(number):
+                with lock:
+                    totals["holes"] += 1
+                    totals["done"] += 0 if zero_holes else length
+                if zero_holes:
+                    hole_start = offset if hole_start is None else hole_start
+                    if offset + length - hole_start >= _ZERO_SPAN:
+                        yield number, hole_start, offset + length - hole_start, None
+                        hole_start = None
+                continue
+            if hole_start is not None:
+                yield number, hole_start, offset - hole_start, None
+                hole_start = None
+            yield number, offset, length, index.chunk_id(number)
+        if hole_start is not None:
+            yield len(index), hole_start, index.virtual_size - hole_start, None
+
+    def work(task: _Task) -> None:
+        number, offset, length, chunk_id = task
+        if chunk_id is None:
+            writer.zero(offset, length)
+            with lock:
+                totals["done"] += length
+            return
+        where = f"chunk {number} at offset {offset} of {name}"
+        try:
+            blob = store.get(chunk_key(chunk_id))
+        except NotFoundError as err:
+            raise DamagedChunkError(
+                f"chunk {chunk_id.hex()} ({where}) is missing from the store {store.url}",
+                hint="run `vmsnap verify` to find the backups that use it; restore another backup",
+            ) from err
+        try:
+            data = codec.decode(blob, chunk_id, length=length)
+        except DamagedChunkError as err:
+            raise DamagedChunkError(f"{err.message} ({where})", hint=err.hint) from err
+        written = writer.write(offset, data)
+        with lock:
+            totals["done"] += length
+            totals["fetched"] += len(blob)
+            totals["written"] += written
+            totals["data"] += 1
+
+    def tick() -> None:
+        if progress is not None:
+            with lock:
+                report = RestoreProgress(
+                    index.virtual_size, totals["done"], totals["fetched"], totals["written"]
+                )
+            progress(report)
+
+    tick()
+    BoundedPool(work, workers=workers, depth=2 * workers, tick=tick).run(tasks())
+    return RestoreStats(
+        virtual_size=index.virtual_size,
+        data_chunks=totals["data"],
+        hole_chunks=totals["holes"],
+        fetched_bytes=totals["fetched"],
+        written_bytes=totals["written"],
+        seconds=time.monotonic() - started,
+    )

@@ -1,0 +1,149 @@
+"""State files of mounts and instant restores: private run directories, records written before each step so a
+killed process's leftovers can be found and undone, a lock around changes, and the test-only crash points.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vmsnap.errors import UsageError, VmsnapError
+from vmsnap.image.storage_daemon import (
+    RECORD,
+    DaemonRecord,
+    process_start_time,
+    read_record,
+    stop_process,
+    stop_recorded,
+    write_private_json,
+)
+from vmsnap.runner import Runner
+
+CRASH_ENV = "VMSNAP_TEST_CRASH_AT"
+"""Test-only: a step name at which a mount or instant restore SIGKILLs itself (see :func:`crash_point`)."""
+
+DIR_MODE = 0o700
+
+
+def crash_point(name: str) -> None:
+    """TEST ONLY: kill this process with SIGKILL when ``$VMSNAP_TEST_CRASH_AT`` is ``name``.
+
+    The crash tests use it to stop a mount or an instant restore at an exact step; nothing else sets it.
+    """
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def make_private_dir(path: Path) -> Path:
+    """Create ``path`` (and missing parents) 0700; an existing directory is made 0700 too.
+
+    :raise UsageError: it exists and is not a directory, or is a symlink
+    """
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise UsageError(
+            f"{path} exists and is not a directory", hint="remove it or choose another run directory"
+        )
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    os.chmod(path, DIR_MODE)
+    return path
+
+
+@contextlib.contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``directory/.lock`` (released when the process dies, too)."""
+    make_private_dir(directory)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_state(path: Path, data: dict[str, Any]) -> None:
+    """Write a state file atomically (0600, fsync'd)."""
+    write_private_json(path, data)
+
+
+def read_state(path: Path) -> dict[str, Any] | None:
+    """A state file's content, None when it does not exist.
+
+    :raise VmsnapError: it exists but is not JSON
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise VmsnapError(
+            f"state file {path} is damaged ({err})", hint="run `vmsnap recover`; it cleans what it can find"
+        ) from err
+    if not isinstance(data, dict):
+        raise VmsnapError(f"state file {path} is damaged (not an object)")
+    return data
+
+
+def owner() -> dict[str, Any]:
+    """This process, as a state file records it (pid and start time: a reused pid is not mistaken for it)."""
+    return {"pid": os.getpid(), "start_time": process_start_time(os.getpid())}
+
+
+def owner_alive(data: dict[str, Any]) -> bool:
+    """True while the process a state file names as its owner still runs."""
+    try:
+        pid, start = int(data["pid"]), data.get("start_time")
+    except (KeyError, TypeError, ValueError):
+        return False
+    return pid > 0 and process_start_time(pid) is not None and process_start_time(pid) == start
+
+
+_PROGRAMS = {"qsd-": ("qemu-storage-daemon", "qsd.pid"), "nbdkit-": ("nbdkit", "nbdkit.pid")}
+
+
+def daemons_under(parent: Path) -> list[DaemonRecord]:
+    """Records of the daemons whose private directories are in ``parent`` (skips damaged ones)."""
+    found = []
+    for directory in sorted(parent.iterdir()) if parent.is_dir() else []:
+        with contextlib.suppress(VmsnapError):
+            if (directory / RECORD).is_file():
+                found.append(read_record(directory / RECORD))
+    return found
+
+
+def stop_daemons_under(parent: Path, *, runner: Runner, timeout: float = 10.0) -> list[str]:
+    """Stop every daemon whose private directory is in ``parent``: recorded ones by their record, and those
+    that started but were not recorded yet (the process died in between) by their pid file; storage
+    daemons before nbdkit (a storage daemon may read from an nbdkit). Returns what was stopped.
+    """
+    stopped = []
+    children = list(parent.iterdir()) if parent.is_dir() else []
+    for directory in sorted(children, key=lambda d: not d.name.startswith("qsd-")):
+        if directory.is_dir() and not directory.is_symlink():
+            stopped += stop_daemon_dir(directory, runner=runner, timeout=timeout)
+    return stopped
+
+
+def stop_daemon_dir(directory: Path, *, runner: Runner, timeout: float = 10.0) -> list[str]:
+    """Stop the daemon of one private directory (by its record, else by its pid file); a recorded one's
+    directory is removed too. Returns what was stopped."""
+    record: DaemonRecord | None = None
+    with contextlib.suppress(VmsnapError):
+        record = read_record(directory / RECORD)
+    if record is not None:
+        alive = record.alive()
+        stop_recorded(record, timeout=timeout, runner=runner)
+        return [f"{record.program} (pid {record.pid})"] if alive else []
+    stopped = []
+    for prefix, (program, pidfile) in _PROGRAMS.items():
+        if directory.name.startswith(prefix):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int((directory / pidfile).read_text().strip())
+                if stop_process(pid, program, str(directory), timeout=timeout):
+                    stopped.append(f"{program} (pid {pid})")
+    return stopped
