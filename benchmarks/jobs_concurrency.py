@@ -68,7 +68,7 @@ def _instrument() -> None:
 
     backup_module.Backup._run_locked = run_locked_timed  # type: ignore[method-assign]
     _timed(repository_module.Repository, "digest_staged", "digest")
-    from vmsnap.strategies.backup import BlockdevBackupStrategy
+    from vmsnap.strategies.blockdev_backup.strategy import BlockdevBackupStrategy
 
     _timed(BlockdevBackupStrategy, "create", "snapshot")
     _timed(BlockdevBackupStrategy, "finish", "copy")

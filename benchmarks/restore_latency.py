@@ -35,16 +35,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vmsnap.backup import Backup, BackupConfig
+from vmsnap.backup.run import Backup, BackupConfig
 from vmsnap.lab.guest import LabGuest
 from vmsnap.lab.image import build_lab_image
 from vmsnap.lab.qemu import DriveSpec
-from vmsnap.machine import OfflineMachine
-from vmsnap.repository import Repository
+from vmsnap.repo.repository import Repository
 from vmsnap.restore.backups import resolve
 from vmsnap.restore.instant import prepare, stream
 from vmsnap.restore.mount import mount, umount
 from vmsnap.restore.source import ImageSource
+from vmsnap.vm.machine import OfflineMachine
 
 MiB = 1024 * 1024
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes import RecordingRunner
 from vmsnap.errors import NotFoundError, UsageError, VmsnapError
 from vmsnap.jobs.schedule import activate, install, remove, systemd_quote, validate_calendar, verify
-from vmsnap.runner import RecordingRunner
 
 pytestmark = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (scripts/packages.d/jobs.txt)"

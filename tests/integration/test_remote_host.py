@@ -15,9 +15,9 @@ import pytest
 from tests.conftest import make_image
 from vmsnap.errors import CommandError, NotFoundError, QMPConnectionError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess
-from vmsnap.machine import QemuMachine
-from vmsnap.qmp import QMPMonitor
 from vmsnap.runner import SshRunner
+from vmsnap.vm.machine import QemuMachine
+from vmsnap.vm.qmp import QMPMonitor
 from vmsnap.vm.remote import RemoteHost
 
 

@@ -32,8 +32,8 @@ import attrs
 
 from vmsnap.errors import NotFoundError, TransferError, UsageError, VmsnapError
 from vmsnap.model import validate_name
-from vmsnap.qmp import QMPMonitor
 from vmsnap.runner import LocalRunner, Runner
+from vmsnap.vm.qmp import QMPMonitor
 
 PROGRAM = "qemu-storage-daemon"
 RECORD = "daemon.json"

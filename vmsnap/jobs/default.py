@@ -1,4 +1,4 @@
-"""The job's functions on today's orchestrator: :class:`vmsnap.backup.Backup` with ``QemuMachine`` /
+"""The job's functions on today's orchestrator: :class:`vmsnap.backup.run.Backup` with ``QemuMachine`` /
 ``LibvirtMachine`` / ``OfflineMachine``, and retention on today's (qcow2-chain) ``Repository``.
 
 This is the only module of :mod:`vmsnap.jobs` that imports the orchestrator, the machines and the repository;
@@ -24,16 +24,18 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from vmsnap.backup import Backup, BackupConfig, Quiesce
+from vmsnap.backup import Backup, BackupConfig
+from vmsnap.backup.config import Quiesce
 from vmsnap.errors import NotFoundError, RepositoryError, UnsupportedError
+from vmsnap.files import fsync_dir
 from vmsnap.jobs.expand import expand_vms
 from vmsnap.jobs.hosts import HostSpec
 from vmsnap.jobs.jobfile import ListDomains, VmSpec, load_job
 from vmsnap.jobs.run import BackupInfo, JobReport, Prediction, VmBackup, apply_retention, run_job
-from vmsnap.machine import Machine, OfflineMachine, QemuMachine
+from vmsnap.repo.repository import DELETING_PREFIX, Repository
 from vmsnap.repo.retention import RetentionPlan, RetentionPolicy, backup_time
-from vmsnap.repository import DELETING_PREFIX, Repository, fsync_dir
 from vmsnap.runner import Runner
+from vmsnap.vm.machine import Machine, OfflineMachine, QemuMachine
 from vmsnap.vm.remote import RemoteHost
 
 ConnectHost = Callable[[HostSpec], RemoteHost]
@@ -52,7 +54,7 @@ def list_libvirt_domains(uri: str | None) -> Sequence[str]:
     :raise LibvirtError: libvirtd cannot be reached
     :raise UnsupportedError: libvirt-python is missing
     """
-    from vmsnap.libvirt_machine import open_connection
+    from vmsnap.vm.libvirt.machine import open_connection
 
     connection = open_connection(uri)
     try:
@@ -136,7 +138,7 @@ class LegacyJobFunctions:
         return Path(spec.repository)
 
     def backup(self, spec: VmSpec) -> VmBackup:
-        """Back up one VM with today's :class:`~vmsnap.backup.Backup`.
+        """Back up one VM with today's :class:`~vmsnap.backup.run.Backup`.
 
         :raise VmsnapError: anything that stops the backup (its message names what and what to do)
         """
@@ -187,7 +189,7 @@ class LegacyJobFunctions:
             elif spec.kind == "image":
                 machine = OfflineMachine(list(spec.images), name=spec.name, runner=runner)
             else:
-                from vmsnap.libvirt_machine import LibvirtMachine
+                from vmsnap.vm.libvirt.machine import LibvirtMachine
 
                 assert spec.domain is not None
                 machine = LibvirtMachine(spec.domain, uri=spec.connect, runner=runner)

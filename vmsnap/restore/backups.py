@@ -17,7 +17,7 @@ import attrs
 
 from vmsnap.errors import NotFoundError
 from vmsnap.model import validate_name
-from vmsnap.repository import Repository
+from vmsnap.repo.repository import Repository
 from vmsnap.restore.source import BackupSource, ImageSource
 
 DOMAIN_XML = "domain.xml"

@@ -36,7 +36,6 @@ import attrs
 
 from vmsnap.errors import BlockJobError, NotFoundError, UsageError
 from vmsnap.model import validate_name
-from vmsnap.qmp import QMPMonitor
 from vmsnap.restore.source import BackupSource, serve, source_from_json
 from vmsnap.restore.state import (
     crash_point,
@@ -50,6 +49,7 @@ from vmsnap.restore.state import (
     write_state,
 )
 from vmsnap.runner import LocalRunner, Runner
+from vmsnap.vm.qmp import QMPMonitor
 
 DEFAULT_RUN_DIR = Path("/run/vmsnap/instant")
 STATE = ".vmsnap-instant.json"
@@ -139,7 +139,7 @@ def _key(to: Path) -> str:
 
 
 def _nbd_size(uri: str) -> int:
-    from vmsnap.imageio import nbd_connection
+    from vmsnap.image.nbd import nbd_connection
 
     with nbd_connection(uri) as handle:
         return int(handle.get_size())

@@ -47,8 +47,8 @@ def start_domain(restore: InstantRestore, xml: str, *, name: str, uri: str | Non
     :raise UsageError: a domain ``name`` exists already, or a disk of the definition has no image
     :raise LibvirtError: libvirt refused to define or start it (the definition is removed again)
     """
-    from vmsnap.libvirt_machine import libvirt_message, open_connection
-    from vmsnap.libvirt_ops import define_restored_domain
+    from vmsnap.vm.libvirt.definition import define_restored_domain
+    from vmsnap.vm.libvirt.machine import libvirt_message, open_connection
 
     libvirt = _libvirt()
     conn = open_connection(uri)
@@ -97,7 +97,7 @@ def stream_domain(
     :raise NotFoundError: no such restore, no such running domain, or it does not run on the images
     :raise BlockJobError: a pull failed or did not finish within ``timeout`` (run again to retry)
     """
-    from vmsnap.libvirt_machine import libvirt_message, open_connection
+    from vmsnap.vm.libvirt.machine import libvirt_message, open_connection
 
     if speed < 0:
         raise UsageError(f"speed {speed} is negative")

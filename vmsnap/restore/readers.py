@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from vmsnap.digest import CHUNK_SIZE, ChunkDigests, chunk_offset_text, read_chunks_file, zero_digest
 from vmsnap.errors import DamagedChunkError, NotFoundError, UsageError, VmsnapError
+from vmsnap.image.digest import CHUNK_SIZE, ChunkDigests, chunk_offset_text, read_chunks_file, zero_digest
 
 
 @runtime_checkable

@@ -23,7 +23,7 @@ from tests.integration.restore.images import (
     run,
     write_v2,
 )
-from vmsnap.digest import image_chunks, write_chunks_file
+from vmsnap.image.digest import image_chunks, write_chunks_file
 from vmsnap.restore.mount import mounted, recover, umount
 
 

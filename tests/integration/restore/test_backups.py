@@ -10,11 +10,11 @@ import pytest
 
 from tests.integration.restore.conftest import BackedUpDisk, daemon_pids
 from tests.integration.restore.test_mount import assert_nothing_left, check_mounted
-from vmsnap.backup import Backup, BackupConfig
+from vmsnap.backup.run import Backup, BackupConfig
 from vmsnap.errors import NotFoundError, RepositoryError, UsageError
-from vmsnap.machine import OfflineMachine
 from vmsnap.restore.backups import resolve
 from vmsnap.restore.mount import mount, umount
+from vmsnap.vm.machine import OfflineMachine
 
 
 def test_mount_a_backup_from_a_repository(

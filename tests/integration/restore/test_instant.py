@@ -20,9 +20,9 @@ from tests.integration.restore.conftest import BackedUpDisk, daemon_pids
 from vmsnap.lab.guest import LabGuest
 from vmsnap.lab.image import LabImage
 from vmsnap.lab.qemu import DriveSpec, QemuProcess
-from vmsnap.qmp import QMPMonitor
 from vmsnap.restore.instant import JOB_PREFIX, STATE, prepare, stream
 from vmsnap.restore.source import ImageSource, ReaderSource
+from vmsnap.vm.qmp import QMPMonitor
 
 
 @pytest.fixture

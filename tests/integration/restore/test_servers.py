@@ -16,7 +16,7 @@ import pytest
 
 from tests.integration.restore.conftest import BackedUpDisk
 from tests.integration.restore.images import MiB, pattern
-from vmsnap.digest import image_chunks, write_chunks_file
+from vmsnap.image.digest import image_chunks, write_chunks_file
 from vmsnap.image.storage_daemon import (
     FuseExport,
     NbdExport,

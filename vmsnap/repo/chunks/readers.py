@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 
 from vmsnap.errors import NotFoundError, TransferError, UsageError
-from vmsnap.imageio import QemuNbdServer, extents, nbd_connection, pread
+from vmsnap.image.nbd import QemuNbdServer, extents, nbd_connection, pread
 from vmsnap.model import ExportSource
 from vmsnap.runner import LocalRunner, Runner
 
@@ -28,7 +28,7 @@ STATE_ZERO = 2  # base:allocation: the extent reads as zeros (the hole bit alone
 DIRTY = 1  # qemu:dirty-bitmap:NAME: the extent changed since the bitmap was created
 DEFAULT_CONNECTIONS = 4
 QEMU_NBD_CLIENTS = 8
-"""Clients a :class:`~vmsnap.imageio.QemuNbdServer` accepts (``--shared=8``); more are never opened."""
+"""Clients a :class:`~vmsnap.image.io.QemuNbdServer` accepts (``--shared=8``); more are never opened."""
 
 
 @attrs.frozen

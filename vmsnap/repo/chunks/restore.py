@@ -30,7 +30,7 @@ from typing import Any, Literal, Protocol
 import attrs
 
 from vmsnap.errors import DamagedChunkError, NotFoundError, TransferError, UsageError
-from vmsnap.imageio import QemuNbdServer, nbd_connection
+from vmsnap.image.nbd import QemuNbdServer, nbd_connection
 from vmsnap.repo.chunks.blob import CHUNK_SIZE, ChunkCodec, ChunkId, chunk_key, is_zero
 from vmsnap.repo.chunks.index import ChunkIndex
 from vmsnap.repo.chunks.parallel import BoundedPool

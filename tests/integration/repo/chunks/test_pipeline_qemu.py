@@ -16,7 +16,7 @@ import pytest
 
 from tests.integration.repo.chunks.mounts import loop_device, tmpfs
 from vmsnap.errors import TransferError
-from vmsnap.imageio import QemuNbdServer
+from vmsnap.image.nbd import QemuNbdServer
 from vmsnap.model import Disk, ExportSource
 from vmsnap.repo.chunks.blob import CHUNK_SIZE, ChunkCodec
 from vmsnap.repo.chunks.index import ChunkIndex, decode_index, encode_index
