@@ -26,15 +26,10 @@ from vmsnap.errors import (
 )
 from vmsnap.image.digest import image_chunks
 from vmsnap.image.libqcow import libqcow_chunks
-from vmsnap.repo.repository import (
-    DiskRecord,
-    Manifest,
-    Repository,
-    new_backup_id,
-    plan_retention,
-    qcow2_backing_file,
-    utc_now_iso,
-)
+from vmsnap.repo.manifest import DiskRecord, Manifest, new_backup_id, utc_now_iso
+from vmsnap.repo.prune import plan_retention
+from vmsnap.repo.qcow2_layout import qcow2_backing_file
+from vmsnap.repo.repository import Repository
 
 DISKS = ("disk0", "disk1")
 SIZE = 4 * 1024 * 1024
