@@ -114,15 +114,15 @@ def render_table(headings: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def cmd_strategies(args: argparse.Namespace) -> int:
     """Print the comparison table from each strategy's Traits."""
     from vmsnap.model import Traits
-    from vmsnap.registry import STRATEGY_GROUP, load, names
+    from vmsnap.strategies import strategy_class, strategy_names
 
     columns = Traits.columns()
     rows: list[list[str]] = []
     data: dict[str, Any] = {}
-    for name in names(STRATEGY_GROUP):
+    for name in strategy_names():
         try:
-            traits = load(STRATEGY_GROUP, name).traits
-        except (VmsnapError, AttributeError) as err:
+            traits = strategy_class(name).traits
+        except VmsnapError as err:
             data[name] = {"error": str(err)}
             continue
         values = attrs.asdict(traits)
@@ -721,7 +721,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     import warnings
 
     from vmsnap.model import validate_name
-    from vmsnap.registry import strategy_class
+    from vmsnap.strategies import strategy_class
     from vmsnap.vm.machine import find_disk
 
     cls = strategy_class(args.strategy)

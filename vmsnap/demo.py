@@ -15,7 +15,7 @@ from pathlib import Path
 
 import attrs
 
-from vmsnap.backup.run import Backup, BackupConfig, BackupResult
+from vmsnap.backup import Backup, BackupConfig, BackupResult
 from vmsnap.errors import VmsnapError
 from vmsnap.lab.guest import DATA_MOUNT, LabGuest
 from vmsnap.repo.repository import Repository

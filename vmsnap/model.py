@@ -97,6 +97,8 @@ class ExportSource:
     :param image_opts: extra ``qemu-img --image-opts`` keys (e.g. ``snapshot.name``) for file sources
     :param force_share: read with ``-U`` because a running QEMU holds the image
     :param dirty_bitmap: for incremental NBD reads, the ``qemu:dirty-bitmap:NAME`` context to use
+    :param since: the backup id whose content this source's changes are relative to (an incremental: only
+        the extents ``dirty_bitmap`` marks differ from that backup), or None: the source is complete
     """
 
     kind: ExportKind
@@ -107,6 +109,7 @@ class ExportSource:
     image_opts: Mapping[str, str] = attrs.field(factory=dict, converter=_as_dict)
     force_share: bool = False
     dirty_bitmap: str | None = None
+    since: str | None = None
 
 
 @attrs.frozen

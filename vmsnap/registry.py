@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any
 
 from vmsnap.errors import PluginError
 
@@ -34,7 +33,7 @@ def names(group: str) -> list[str]:
     return sorted(_entry_points(group))
 
 
-def load(group: str, name: str) -> Any:
+def load(group: str, name: str) -> object:
     """The class registered as ``name`` in ``group``.
 
     :raise PluginError: unknown name (with close matches and the full list), or the module failed to import
@@ -49,20 +48,11 @@ def load(group: str, name: str) -> Any:
             f"unknown {kind} {name!r}", hint=f"{guess}available: {', '.join(sorted(eps)) or 'none'}"
         )
     try:
-        return ep.load()
+        loaded: object = ep.load()
+        return loaded
     except ImportError as err:
         missing = getattr(err, "name", None) or str(err)
         raise PluginError(
             f"{kind} {name!r} cannot be loaded: {err}",
             hint=f"install the package that provides {missing!r} (see the README's optional extras)",
         ) from err
-
-
-def strategy_class(name: str) -> Any:
-    """The strategy class registered as ``name``."""
-    return load(STRATEGY_GROUP, name)
-
-
-def transport_class(name: str) -> Any:
-    """The transport class registered as ``name``."""
-    return load(TRANSPORT_GROUP, name)

@@ -1,4 +1,4 @@
-"""Where external commands run: this host or another host over SSH (inside a guest: :mod:`vmsnap.vm.agent_runner`).
+"""Where external commands run: this host, or another host over SSH (:mod:`vmsnap.vm.agent_runner`: a guest).
 
 Strategies and transports get a :class:`Runner` and never call ``subprocess`` themselves. Every command is an
 argv list; the only place that quotes is :class:`SshRunner`, because ssh hands its command to a remote shell.
@@ -91,6 +91,10 @@ def decode_output(data: bytes | str | None) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def _failed(args: tuple[str, ...], err: Any) -> CommandError:
+    return CommandError(args, err.exit_code, decode_output(err.stdout), decode_output(err.stderr))
+
+
 @attrs.define
 class LocalRunner:
     """Runs commands on this host (through the ``sh`` package, argv lists only)."""
@@ -152,10 +156,16 @@ class LocalRunner:
         except sh.SignalException as err:  # killed: by our timer, or else reported as a shell would
             if expired.is_set():
                 raise CommandTimeoutError(args, float(timeout or 0)) from err
-            raise CommandError(args, err.exit_code, decode_output(err.stdout), decode_output(err.stderr)) from err
+            raise CommandError(
+                args, err.exit_code, decode_output(err.stdout), decode_output(err.stderr)
+            ) from err
         except sh.ErrorReturnCode as err:
-            raise CommandError(args, err.exit_code, decode_output(err.stdout), decode_output(err.stderr)) from err
-        return CommandResult(args, int(done.exit_code), decode_output(done.stdout), decode_output(done.stderr), "local")
+            raise CommandError(
+                args, err.exit_code, decode_output(err.stdout), decode_output(err.stderr)
+            ) from err
+        return CommandResult(
+            args, int(done.exit_code), decode_output(done.stdout), decode_output(done.stderr), "local"
+        )
 
     def which(self, name: str) -> str | None:
         return shutil.which(name)

@@ -355,8 +355,8 @@ def _create(
     "chain", ["qcow2", "three-deep-mixed-clusters", "raw-base", "short-base", "v2-base", "compressed-base"]
 )
 def test_the_overlay_fast_path_agrees_with_an_independent_digest(tmp_path: Path, chain: str) -> None:
-    """An incremental's digests from its own qcow2 tables (vmsnap.image.qcow2) equal the independent ones; a chain
-    it does not understand (a compressed cluster where the overlay changed) is read through QEMU instead."""
+    """An incremental's digests from its own qcow2 tables (vmsnap.image.qcow2) equal the independent ones;
+    a chain it does not understand (a compressed cluster where the overlay changed) is read through QEMU."""
     size = ODD_SIZE // 2 if chain == "short-base" else ODD_SIZE
     if chain == "raw-base":
         base = _create(tmp_path / "base.raw", size)

@@ -24,7 +24,8 @@ from tests.integration.cli_helpers import (
     vm_args,
     write,
 )
-from vmsnap.backup.run import CRASH_ENV, _orphan_patterns, stop_orphans
+from vmsnap.backup.config import CRASH_ENV
+from vmsnap.backup.recover import _orphan_patterns, stop_orphans
 from vmsnap.lab.guest import LabGuest, fsck_image, read_image_file
 from vmsnap.lab.qemu import qemu_io
 from vmsnap.repo.journal import Journal

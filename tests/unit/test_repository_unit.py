@@ -30,6 +30,7 @@ from vmsnap.repo.manifest import DiskRecord, Manifest, new_backup_id, utc_now_is
 from vmsnap.repo.prune import plan_retention
 from vmsnap.repo.qcow2_layout import qcow2_backing_file
 from vmsnap.repo.repository import Repository
+from vmsnap.strategies.base import BackupContext, Checkpoint
 
 DISKS = ("disk0", "disk1")
 SIZE = 4 * 1024 * 1024
@@ -411,7 +412,6 @@ def _descends(by_id: dict[str, Manifest], child: str, ancestor: str) -> bool:
 
 
 def test_journal_round_trips_snapshot_refs_and_survives_a_reload(tmp_path: Path) -> None:
-    from vmsnap.backup.run import _options_from_json, _options_to_json
     from vmsnap.model import Disk, SnapshotRef
     from vmsnap.repo.journal import Journal, snapshot_to_json
 
@@ -421,15 +421,14 @@ def test_journal_round_trips_snapshot_refs_and_survives_a_reload(tmp_path: Path)
     ref = SnapshotRef(
         "external", "backup-x", disk, "/images/d0.qcow2.vmsnap-x.qcow2", {"overlay_node": "ov-1"}
     )
-    options = {
-        "target_dir": tmp_path / "staging",
-        "parents": {"disk0": tmp_path / "p" / "disk0.qcow2"},
-        "n": 3,
-    }
-    path = tmp_path / ".journal.json"
-    journal = Journal.start(
-        path, vm="vm1", staging=str(tmp_path / "staging"), options=_options_to_json(options)
+    context = BackupContext(
+        tmp_path / "staging",
+        "bm1",
+        Checkpoint("20260101T000000.000000Z-abcd", {"disk0": tmp_path / "p"}),
+        True,
     )
+    path = tmp_path / ".journal.json"
+    journal = Journal.start(path, vm="vm1", staging=str(tmp_path / "staging"), context=context.to_json())
     journal.record("creating", name="backup-x")
     journal.record("created", snapshots=[snapshot_to_json(ref)])
     journal.record("deleted", disk="disk9")
@@ -439,7 +438,7 @@ def test_journal_round_trips_snapshot_refs_and_survives_a_reload(tmp_path: Path)
     assert loaded.snapshots() == [ref]
     assert loaded.deleted_disks() == {"disk9"}
     assert loaded.last_step == "deleted"
-    assert _options_from_json(loaded.header["options"]) == options
+    assert BackupContext.from_json(loaded.header["context"]) == context
     with pytest.raises(RepositoryError, match="not been recovered"):
         Journal.start(path, vm="vm1")
     loaded.remove()

@@ -1,4 +1,4 @@
-"""Parsing and argument building of vmsnap.strategies.storage and the lvm/btrfs strategies (RecordingRunner only).
+"""Parsing and argument building of vmsnap.strategies.storage and the lvm/btrfs strategies (fakes only).
 
 These show which commands would run and how outputs are read; the integration tests prove they work.
 """

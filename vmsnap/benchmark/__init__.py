@@ -20,13 +20,13 @@ __all__ = ["BenchResult", "CostBench", "Measurement", "run_cost_bench", "strateg
 def strategy_traits() -> dict[str, dict[str, str]]:
     """Each registered strategy's Traits row as a dict (strategies that fail to load are left out)."""
     from vmsnap.errors import VmsnapError
-    from vmsnap.registry import STRATEGY_GROUP, load, names
+    from vmsnap.strategies import strategy_class, strategy_names
 
     rows: dict[str, dict[str, str]] = {}
-    for name in names(STRATEGY_GROUP):
+    for name in strategy_names():
         try:
-            rows[name] = {k: str(v) for k, v in attrs.asdict(load(STRATEGY_GROUP, name).traits).items()}
-        except (VmsnapError, AttributeError):
+            rows[name] = {k: str(v) for k, v in attrs.asdict(strategy_class(name).traits).items()}
+        except VmsnapError:
             continue
     return rows
 

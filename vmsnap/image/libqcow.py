@@ -37,10 +37,10 @@ def _states(image: Path) -> tuple[int, dict[int, str]]:
 
 
 def libqcow_chunks(image: Path, *, parent: ChunkDigests | None = None) -> ChunkDigests:
-    """The chunk digests (:mod:`vmsnap.image.digest`) of a qcow2 chain's guest-visible content, read with libqcow
-    (pyqcow): an independent reader for ``verify``. Chunks without a data cluster in any layer are not read;
-    with ``parent`` (the digests of the backing file's content, of the same size) only the chunks the image's
-    own layer holds clusters of are read, the others are the parent's.
+    """The chunk digests (:mod:`vmsnap.image.digest`) of a qcow2 chain's guest-visible content, read with
+    libqcow (pyqcow): an independent reader for ``verify``. Chunks without a data cluster in any layer are
+    not read; with ``parent`` (the digests of the backing file's content, of the same size) only the chunks
+    the image's own layer holds clusters of are read, the others are the parent's.
 
     libqcow reads each file's data; which file serves each cluster comes from vmsnap's own L2-table parse,
     because libqcow (as of 20260703) reads a zero-flagged cluster of an overlay from its backing file.

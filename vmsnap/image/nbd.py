@@ -130,7 +130,7 @@ class QemuNbdServer:
 
     @property
     def uri(self) -> str:
-        """The export's NBD URI (``nbd+unix:///NAME?socket=…``, or ``nbd://127.0.0.1:PORT/NAME`` with ``tcp``)."""
+        """The export's NBD URI: ``nbd+unix:///NAME?socket=…``, or ``nbd://127.0.0.1:PORT/NAME`` (``tcp``)."""
         if self._port is not None:
             return f"nbd://127.0.0.1:{self._port}/{self.export_name}"
         return f"nbd+unix:///{self.export_name}?socket={self.socket}"
@@ -164,7 +164,11 @@ class QemuNbdServer:
             argv += [
                 "--image-opts",
                 options_string(
-                    self.path, self.format, other, block_device=self.block_device, force_share=self.force_share
+                    self.path,
+                    self.format,
+                    other,
+                    block_device=self.block_device,
+                    force_share=self.force_share,
                 ),
             ]
         else:
@@ -180,7 +184,11 @@ class QemuNbdServer:
     def _read_pid(self) -> int:
         assert self._dir is not None
         pid_file = self._dir / "nbd.pid"
-        text = pid_file.read_text() if self._local else self.runner.run(["cat", str(pid_file)], timeout=30).stdout
+        text = (
+            pid_file.read_text()
+            if self._local
+            else self.runner.run(["cat", str(pid_file)], timeout=30).stdout
+        )
         return int(text.strip())
 
     def start(self) -> QemuNbdServer:
@@ -338,5 +346,3 @@ def nbd_sha256(uri: str) -> str:
                 digest.update(_ZEROS[:step] if flags & STATE_ZERO else pread(handle, step, pos))
                 pos += step
     return digest.hexdigest()
-
-

@@ -1,7 +1,11 @@
-"""The Strategy interface: probe / create / export / delete / rollback, plus its row of the comparison table.
+"""The Strategy interface — probe / create / export / delete / rollback / list — and what the orchestrator may
+ask of a strategy (:class:`Capabilities`), as data.
 
-Strategies that can join a QMP ``transaction`` expose their actions so all disks of a VM are snapshotted in
-one atomic step; the others are wrapped in ``stop``/``cont`` by the caller (see :func:`paused`).
+The backup orchestrator never names a strategy: it reads :attr:`Strategy.capabilities` and builds the
+strategy for a backup with :meth:`Strategy.for_backup`, handing it a :class:`BackupContext` (where it may
+write files, which change-tracking name to keep, and the :class:`Checkpoint` an incremental starts from). A
+strategy from another distribution, registered under the ``vmsnap.strategies`` entry point, gets every
+feature its capabilities allow — incrementals included.
 """
 
 from __future__ import annotations
@@ -11,25 +15,138 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, Self, runtime_checkable
 
-from vmsnap.errors import UnsupportedError, VmsnapError
-from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits
+import attrs
+
+from vmsnap.errors import UnsupportedError, UsageError, VmsnapError
+from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
 from vmsnap.vm.machine import Machine
+
+Instant = Literal["transaction", "pause"]
+
+
+@attrs.frozen
+class Capabilities:
+    """What the orchestrator may ask of a strategy.
+
+    :param instant: how all disks of a running VM are caught at one instant: one QMP ``transaction``, or
+        a short ``stop``/``cont`` pause around the snapshot (the strategy does either inside ``create``)
+    :param online: works on a running VM
+    :param offline: works on powered-off images
+    :param incremental: a backup made with a :class:`Checkpoint` exports only what changed since it: its
+        :class:`~vmsnap.model.ExportSource` has ``since`` set and names the changed extents
+        (``dirty_bitmap``, an NBD metadata context); when the changes cannot be trusted it exports everything
+        (``since`` None) and says why in an :class:`IncrementalFallbackWarning`
+    :param writes_images: with ``BackupContext.push`` it writes ``<disk>.qcow2`` into
+        ``BackupContext.workdir`` itself (for incrementals backed by the checkpoint's image), and
+        ``export`` yields that file
+    :param tracks_changes: keeps change-tracking state in the VM (a dirty bitmap) that a backup which dies or
+        is not kept leaves behind: the next backup of the VM must then be a full one
+    """
+
+    instant: Instant
+    online: bool = True
+    offline: bool = False
+    incremental: bool = False
+    writes_images: bool = False
+    tracks_changes: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The capabilities as a JSON object (``vmsnap strategies --json``)."""
+        return attrs.asdict(self)
+
+
+class IncrementalFallbackWarning(UserWarning):
+    """An incremental backup was asked for but a full one was taken (the reason is in the message)."""
+
+
+def _paths(images: Mapping[str, Path]) -> dict[str, Path]:
+    return {str(k): Path(v) for k, v in images.items()}
+
+
+@attrs.frozen
+class Checkpoint:
+    """Where an incremental backup starts: the backup ``backup_id`` (its change tracking ended there).
+
+    :param images: disk name → that backup's image of the disk, for strategies that write incremental images
+        on top of it (empty when the repository layout keeps no such images)
+    """
+
+    backup_id: str
+    images: Mapping[str, Path] = attrs.field(factory=dict, converter=_paths)
+
+
+@attrs.frozen
+class BackupContext:
+    """What a strategy is told when it is made for one backup (see :meth:`Strategy.for_backup`).
+
+    :param workdir: a private directory on the repository's filesystem for the strategy's files of this
+        backup (fleecing files; with ``push`` the images themselves); it goes away with the backup's staging
+    :param tracking: the name the strategy tracks changes under (a persistent dirty bitmap)
+    :param since: for an incremental backup, the checkpoint it starts from
+    :param push: the strategy writes the images itself (only asked of strategies that can)
+    """
+
+    workdir: Path
+    tracking: str = "vmsnap"
+    since: Checkpoint | None = None
+    push: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        validate_name(self.tracking, "bitmap name")
+
+    def to_json(self) -> dict[str, Any]:
+        """The context as JSON (the journal keeps it so that ``recover`` can rebuild the strategy)."""
+        since = None
+        if self.since is not None:
+            images = {k: str(v) for k, v in self.since.images.items()}
+            since = {"backup_id": self.since.backup_id, "images": images}
+        return {"workdir": str(self.workdir), "tracking": self.tracking, "since": since, "push": self.push}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BackupContext:
+        """The context :meth:`to_json` wrote.
+
+        :raise UsageError: malformed
+        """
+        try:
+            since_data = data.get("since")
+            since = (
+                Checkpoint(
+                    str(since_data["backup_id"]), {k: Path(v) for k, v in since_data["images"].items()}
+                )
+                if since_data
+                else None
+            )
+            return cls(Path(data["workdir"]), str(data["tracking"]), since, bool(data["push"]))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise UsageError(f"a malformed backup context in the journal: {err}") from err
 
 
 @runtime_checkable
 class Strategy(Protocol):
     """How a snapshot is taken, copied out, removed and rolled back to.
 
-    A strategy is bound to one machine when it is made: ``cls(machine, **options)``; export, delete and
-    rollback need that machine's QMP monitor or runner, also in a later process (``vmsnap snapshot delete``,
-    ``vmsnap recover``), so a :class:`SnapshotRef` plus the machine is all any step needs.
+    A strategy is bound to one machine when it is made: ``cls(machine, **options)`` (its own options), or
+    ``cls.for_backup(machine, context)`` for a backup; export, delete and rollback need that machine's QMP
+    monitor or runner, also in a later process (``vmsnap snapshot delete``, ``vmsnap recover``), so a
+    :class:`SnapshotRef` plus the machine is all any step needs.
     """
 
     name: ClassVar[str]
     traits: ClassVar[Traits]
+    capabilities: ClassVar[Capabilities]
     machine: Machine
+
+    def __init__(self, machine: Machine, **options: Any) -> None:
+        """Bind the strategy to ``machine`` with its own ``options`` (``UsageError`` for unknown ones)."""
+        ...
+
+    @classmethod
+    def for_backup(cls, machine: Machine, context: BackupContext) -> Strategy:
+        """The strategy for one backup of ``machine`` (see :class:`BackupContext`)."""
+        ...
 
     def probe(self, disk: Disk) -> bool:
         """True when this strategy can snapshot ``disk`` here."""
@@ -40,11 +157,17 @@ class Strategy(Protocol):
         ...
 
     def export(self, snap: SnapshotRef) -> AbstractContextManager[ExportSource]:
-        """Make the snapshot readable for a transport for the body of the ``with``."""
+        """Make the snapshot readable for the body of the ``with`` (a body that ends without an error says
+        the data was copied)."""
         ...
 
     def delete(self, snap: SnapshotRef) -> None:
         """Remove the snapshot, leaving the disk on its original chain with all data."""
+        ...
+
+    def abandon(self, snaps: Sequence[SnapshotRef]) -> None:
+        """Say, before :meth:`delete`, that the backup of these snapshots will not be kept (a strategy that
+        tracks changes gives the changes back to its tracking)."""
         ...
 
     def rollback(self, snap: SnapshotRef) -> None:
@@ -56,13 +179,21 @@ class Strategy(Protocol):
         ...
 
 
-@runtime_checkable
-class TransactionalStrategy(Strategy, Protocol):
-    """A strategy whose create step is a list of QMP transaction actions."""
+class StrategyBase:
+    """Defaults a strategy may inherit: made for a backup with its default options, nothing to abandon."""
 
-    def transaction_actions(self, disk: Disk, *, name: str) -> list[Mapping[str, Any]]:
-        """The ``transaction`` actions that snapshot ``disk``."""
-        ...
+    machine: Machine
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+
+    @classmethod
+    def for_backup(cls, machine: Machine, context: BackupContext) -> Self:
+        """The strategy with its default options (it needs nothing of the context)."""
+        return cls(machine)
+
+    def abandon(self, snaps: Sequence[SnapshotRef]) -> None:
+        """Nothing to give back."""
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import attrs
 from vmsnap.errors import CommandError, NotFoundError, SnapshotError, UnsupportedError, VmsnapError
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
 from vmsnap.runner import Runner
-from vmsnap.strategies.base import paused
+from vmsnap.strategies.base import Capabilities, StrategyBase, paused
 from vmsnap.strategies.storage import (
     BtrfsLocation,
     StorageNoteWarning,
@@ -54,7 +54,7 @@ class _SubvolumePlan:
     location: BtrfsLocation
 
 
-class BtrfsSnapshotStrategy:
+class BtrfsSnapshotStrategy(StrategyBase):
     """Snapshot the Btrfs subvolumes under a VM's images: instant, any image format, any number of VMs.
 
     Pick it when the images live on Btrfs and you want near-zero pause and zero write amplification in QEMU
@@ -83,6 +83,7 @@ class BtrfsSnapshotStrategy:
         delete_cost="background cleaner frees unshared extents",
         rollback_cost="instant subvolume swap (VM off)",
     )
+    capabilities: ClassVar[Capabilities] = Capabilities(instant="pause", online=True, offline=True)
 
     def __init__(
         self,

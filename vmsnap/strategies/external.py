@@ -29,7 +29,7 @@ from vmsnap.errors import (
 )
 from vmsnap.image import qemu_img
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
-from vmsnap.strategies.base import distinct_names, file_source
+from vmsnap.strategies.base import Capabilities, StrategyBase, distinct_names, file_source
 from vmsnap.vm.machine import Machine
 
 OVERLAY_MARK = ".vmsnap-"
@@ -93,7 +93,7 @@ def _node_name(disk: Disk, snapshot: str) -> str:
     return f"vmsnap-{digest}"  # node names are limited to 31 characters
 
 
-class ExternalOverlayStrategy:
+class ExternalOverlayStrategy(StrategyBase):
     """Snapshots as qcow2 overlay files: the disk's current image turns read-only and an overlay next to it
     (``<image>.vmsnap-<name>.qcow2``) takes the writes until the snapshot is deleted (merged back).
 
@@ -123,6 +123,7 @@ class ExternalOverlayStrategy:
         delete_cost="merge: block-commit copies the overlay's data into the image",
         rollback_cost="none: drop the overlay (VM off)",
     )
+    capabilities: ClassVar[Capabilities] = Capabilities(instant="transaction", online=True, offline=True)
 
     def __init__(self, machine: Machine, *, merge: Merge = "auto", job_timeout: float = 3600.0) -> None:
         if merge not in ("auto", "commit", "stream"):

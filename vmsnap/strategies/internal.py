@@ -27,7 +27,7 @@ from vmsnap.errors import (
 from vmsnap.image import qemu_img
 from vmsnap.image.nbd import QemuNbdServer
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
-from vmsnap.strategies.base import distinct_names, file_source, require_qcow2
+from vmsnap.strategies.base import Capabilities, StrategyBase, distinct_names, file_source, require_qcow2
 from vmsnap.vm.machine import Machine
 from vmsnap.vm.qmp import QMPMonitor
 
@@ -36,7 +36,7 @@ class LazyRefcountsWarning(UserWarning):
     """A qcow2 image without ``lazy_refcounts``: first writes after an internal snapshot are very slow."""
 
 
-class InternalSnapshotStrategy:
+class InternalSnapshotStrategy(StrategyBase):
     """Snapshots stored inside each qcow2 image (``savevm``-style), no extra files.
 
     Pick it for qcow2 disks when you want snapshots that travel with the image, cost nothing to delete
@@ -67,6 +67,7 @@ class InternalSnapshotStrategy:
         delete_cost="refcount updates only; no data moves",
         rollback_cost="metadata only (VM off; or loadvm of a snapshot with VM state)",
     )
+    capabilities: ClassVar[Capabilities] = Capabilities(instant="transaction", online=True, offline=True)
 
     def __init__(
         self,

@@ -18,6 +18,7 @@ from vmsnap.errors import (
     UsageError,
 )
 from vmsnap.image import qemu_img
+from vmsnap.strategies.base import Capabilities, StrategyBase
 from vmsnap.vm.libvirt.machine import LibvirtMachine, libvirt_message
 from vmsnap.vm.machine import Machine
 
@@ -38,7 +39,7 @@ from vmsnap.vm.libvirt.snapshots import (
 # -- the external strategy, the libvirt way -------------------------------------------------------
 
 
-class LibvirtExternalSnapshotStrategy:
+class LibvirtExternalSnapshotStrategy(StrategyBase):
     """The ``external`` strategy for libvirt domains through libvirt's own snapshot API, so libvirt knows
     every overlay at every moment (``virsh domblklist`` and ``snapshot-list`` are always true).
 
@@ -57,6 +58,7 @@ class LibvirtExternalSnapshotStrategy:
 
     name: ClassVar[str] = "external"
     traits: ClassVar[Traits] = ExternalOverlayStrategy.traits  # the same technique, the same costs
+    capabilities: ClassVar[Capabilities] = Capabilities(instant="transaction", online=True, offline=True)
 
     def __init__(
         self,
@@ -196,7 +198,9 @@ class LibvirtExternalSnapshotStrategy:
             source.set("file", str(below))
             driver = node.find("driver")
             if driver is not None:
-                driver.set("type", str(qemu_img.chain_info(self.machine.runner, below)[0].get("format", "qcow2")))
+                driver.set(
+                    "type", str(qemu_img.chain_info(self.machine.runner, below)[0].get("format", "qcow2"))
+                )
             for backing in node.findall("backingStore"):
                 node.remove(backing)
         try:

@@ -26,7 +26,7 @@ from vmsnap.errors import (
 )
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
 from vmsnap.runner import Runner
-from vmsnap.strategies.base import paused
+from vmsnap.strategies.base import Capabilities, StrategyBase, paused
 from vmsnap.strategies.storage import (
     LogicalVolume,
     LvmLocation,
@@ -128,7 +128,7 @@ class _Plan:
     users: tuple[str, ...] = ()  # the disks that use this snapshot
 
 
-class LvmSnapshotStrategy:
+class LvmSnapshotStrategy(StrategyBase):
     """Snapshot the LVM logical volume under each disk: works for raw or qcow2 on an LV and for image files
     on a filesystem on an LV.
 
@@ -159,6 +159,7 @@ class LvmSnapshotStrategy:
         delete_cost="none (lvremove drops the CoW area)",
         rollback_cost="merge copies every changed block back",
     )
+    capabilities: ClassVar[Capabilities] = Capabilities(instant="pause", online=True, offline=True)
 
     def __init__(
         self,

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 from vmsnap.errors import TransferError, UsageError
 from vmsnap.image.qemu_img import LOCKED_HINT
 from vmsnap.model import ExportSource, Progress, TransferStats
+from vmsnap.runner import Runner
 
 OUTPUT_FORMATS = ("qcow2", "raw")
 
@@ -56,14 +57,40 @@ def check_options(
 
 @runtime_checkable
 class Transport(Protocol):
-    """Copies an exported snapshot to a target file (or ``host:path`` for remote transports)."""
+    """Copies an exported snapshot to a target file (or ``host:path`` for remote transports).
+
+    :cvar preference: transports are tried in this order (lowest first) when the user leaves the choice to
+        vmsnap: the first that accepts the source is used
+    :cvar incremental: ``send`` with ``backing`` writes only the changed extents of a source that names them
+        (``ExportSource.dirty_bitmap``) into an overlay on ``backing``
+    """
 
     name: ClassVar[str]
+    preference: ClassVar[int]
+    incremental: ClassVar[bool]
+
+    def __init__(self, runner: Runner | None = None, **options: Any) -> None:
+        """A transport whose commands run through ``runner`` (this host by default), with its options.
+
+        :raise UsageError: an option it does not have
+        """
+        ...
 
     def accepts(self, source: ExportSource) -> bool:
         """True when this transport can read ``source``."""
         ...
 
-    def send(self, source: ExportSource, target: Path | str, *, progress: Progress) -> TransferStats:
-        """Write the source's guest-visible content to ``target``; fsync it before returning."""
+    def send(
+        self,
+        source: ExportSource,
+        target: Path | str,
+        *,
+        progress: Progress,
+        backing: Path | str | None = None,
+    ) -> TransferStats:
+        """Write the source's guest-visible content to ``target``; fsync it before returning.
+
+        :param backing: make ``target`` an overlay on this image holding only the changed extents (only
+            transports whose ``incremental`` is true; the others refuse it)
+        """
         ...

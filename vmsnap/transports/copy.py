@@ -35,6 +35,8 @@ class CopyTransport:
     """
 
     name: ClassVar[str] = "copy"
+    preference: ClassVar[int] = 10
+    incremental: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -80,7 +82,9 @@ class CopyTransport:
         try:
             if os.stat(source.location).st_dev != os.stat(target.parent).st_dev:
                 return False
-            info = qemu_img.info(self.runner, source.location, fmt="qcow2", force_share=False)  # fails if QEMU holds it
+            info = qemu_img.info(
+                self.runner, source.location, fmt="qcow2", force_share=False
+            )  # fails if QEMU holds it
         except (OSError, CommandError, ValueError):
             return False
         return not info.get("backing-filename") and not info.get("snapshots")

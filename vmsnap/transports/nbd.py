@@ -77,6 +77,8 @@ class NbdTransport:
     """
 
     name: ClassVar[str] = "nbd"
+    preference: ClassVar[int] = 20
+    incremental: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -87,6 +87,8 @@ class RsyncTransport:
     """
 
     name: ClassVar[str] = "rsync"
+    preference: ClassVar[int] = 100
+    incremental: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -1,10 +1,10 @@
 """QEMU guest agent client: a typed method per guest-* command (freezing with a guaranteed thaw is
 :mod:`vmsnap.vm.freeze`).
 
-The agent is reached through an :class:`AgentChannel`: a unix socket (bare QEMU's virtio-serial chardev) here,
-libvirt's ``qemuAgentCommand`` passthrough in :mod:`vmsnap.vm.machine`. The socket protocol: connect, send 0xFF
-and ``guest-sync-delimited`` with a random id, discard everything up to the 0xFF the agent sends back, then
-read JSON answers until the one carrying our id; only then is the channel in step.
+The agent is reached through an :class:`AgentChannel`: a unix socket (bare QEMU's virtio-serial chardev)
+here, libvirt's ``qemuAgentCommand`` passthrough in :mod:`vmsnap.vm.libvirt.domain`. The socket protocol:
+connect, send 0xFF and ``guest-sync-delimited`` with a random id, discard everything up to the 0xFF the
+agent sends back, then read JSON answers until the one carrying our id; only then is the channel in step.
 """
 
 from __future__ import annotations
@@ -322,9 +322,7 @@ class GuestAgent:
             if self.fsfreeze_status() == "frozen":
                 self.fsfreeze_thaw()
 
-    def thaw_and_check(
-        self, attempts: int = 3, *, timeout: float = FREEZE_TIMEOUT
-    ) -> tuple[int, str | None]:
+    def thaw_and_check(self, attempts: int = 3, *, timeout: float = FREEZE_TIMEOUT) -> tuple[int, str | None]:
         """Thaw, and check with ``guest-fsfreeze-status`` that it worked.
 
         :return: (filesystems thawed, the thaw hook's failure or None). A hook that fails on thaw makes the
@@ -457,5 +455,3 @@ class GuestAgent:
     def shutdown(self, mode: str = "powerdown") -> None:
         """``guest-shutdown`` (no answer comes back on success)."""
         self.execute("guest-shutdown", {"mode": mode})
-
-

@@ -45,6 +45,16 @@ class Machine(Protocol):
         """The guest agent, or None when the machine has no agent channel."""
         ...
 
+    def definition(self) -> str | None:
+        """A definition to keep with each backup so that a restore can recreate the VM (a libvirt
+        domain's XML), or None when the machine has none."""
+        ...
+
+    def recover(self) -> list[str]:
+        """Undo what a dead vmsnap run left in the machine's manager (libvirt: a backup job, external
+        snapshots); one line per action. Machines without a manager have nothing to undo."""
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...
@@ -109,6 +119,12 @@ class QemuMachine:
 
     def disks(self) -> list[Disk]:
         return self.qmp().disks()
+
+    def definition(self) -> str | None:
+        return None
+
+    def recover(self) -> list[str]:
+        return []
 
     def close(self) -> None:
         if self._monitor is not None:
@@ -191,6 +207,12 @@ class OfflineMachine:
                 raise NotFoundError(f"image {image} does not exist", hint="check the --image path")
             disks.append(offline_disk(self.runner, image.resolve(), disk_name))
         return disks
+
+    def definition(self) -> str | None:
+        return None
+
+    def recover(self) -> list[str]:
+        return []
 
     def close(self) -> None:
         pass

@@ -135,9 +135,7 @@ def test_a_restored_backup_can_be_defined_as_a_new_domain_from_the_saved_xml(
     vmsnap("restore", "--repo", str(repo), "--vm", domain.name, "--to", str(out))
     images = {"vda": out / "vda.qcow2", "sdb": out / "sdb.qcow2"}
     with pytest.raises(UsageError, match="sdb"):
-        define_restored_domain(
-            domain.uri, saved, name="vmsnap-t-never", images={"vda": images["vda"]}
-        )
+        define_restored_domain(domain.uri, saved, name="vmsnap-t-never", images={"vda": images["vda"]})
     with pytest.raises(UsageError, match="exists already"):
         define_restored_domain(domain.uri, saved, name=domain.name, images=images)
     clone = libvirtd.new_domain_name()

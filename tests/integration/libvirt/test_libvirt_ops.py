@@ -67,8 +67,7 @@ def test_external_snapshot_freezes_the_base_and_blockcommit_pivots_back(
         # the guest keeps writing into the overlays; the bases hold the snapshot instant
         domain.write("vda", 0xA2, 8)
         copies = {
-            s.disk.name: _convert(external_snapshot_source(s).location, tmp_path / s.disk.name)
-            for s in snaps
+            s.disk.name: _convert(external_snapshot_source(s).location, tmp_path / s.disk.name) for s in snaps
         }
         with pytest.raises(SnapshotError, match="already exists"):
             create_external_snapshot(machine, "s1")
@@ -166,9 +165,7 @@ def test_pull_backup_serves_nbd_with_a_dirty_bitmap_for_incrementals(
     domain.write("vda", 0x41, 0)
     transport = NbdTransport()
     with LibvirtMachine(domain.name, uri=domain.uri) as machine:
-        with backup_pull(
-            machine, tmp_path / "nbd.sock", checkpoint="p1", disks=["vda"]
-        ) as sources:
+        with backup_pull(machine, tmp_path / "nbd.sock", checkpoint="p1", disks=["vda"]) as sources:
             assert list(sources) == ["vda"] and sources["vda"].dirty_bitmap is None
             transport.send(sources["vda"], tmp_path / "full.qcow2", progress=no_progress)
         assert machine.domain.jobInfo()[0] == 0  # the job ended with the with-block

@@ -20,7 +20,7 @@ from tests.integration.strategies.contract import (
     read_export,
     run,
 )
-from vmsnap.registry import strategy_class
+from vmsnap.strategies import strategy_class
 from vmsnap.strategies.base import Strategy
 from vmsnap.strategies.libvirt_external import LibvirtExternalSnapshotStrategy
 from vmsnap.vm.libvirt.machine import LibvirtMachine

@@ -28,7 +28,7 @@ from vmsnap.errors import QMPConnectionError, UsageError, VmsnapError
 from vmsnap.image.qemu_img import convert_argv
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits
-from vmsnap.registry import strategy_class
+from vmsnap.strategies import strategy_class
 from vmsnap.strategies.base import Strategy
 from vmsnap.vm.machine import Machine, OfflineMachine, QemuMachine, find_disk
 

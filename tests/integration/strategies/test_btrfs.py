@@ -20,8 +20,8 @@ from tests.integration.strategies.loop_btrfs import LoopBtrfs, loop_btrfs
 from vmsnap.errors import CommandError, QMPConnectionError, SnapshotError, UnsupportedError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
 from vmsnap.model import ExportSource
-from vmsnap.registry import strategy_class
 from vmsnap.runner import DEFAULT_TIMEOUT, CommandResult, LocalRunner
+from vmsnap.strategies import strategy_class
 from vmsnap.strategies.btrfs import SNAPSHOT_DIR_NAME, BtrfsSnapshotStrategy
 from vmsnap.strategies.storage import StorageScopeWarning
 from vmsnap.vm.machine import OfflineMachine, QemuMachine

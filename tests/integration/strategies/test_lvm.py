@@ -19,8 +19,8 @@ from vmsnap.lab.guest import LabGuest
 from vmsnap.lab.image import LabImage
 from vmsnap.lab.qemu import DriveSpec
 from vmsnap.model import Disk
-from vmsnap.registry import strategy_class
 from vmsnap.runner import Runner
+from vmsnap.strategies import strategy_class
 from vmsnap.strategies.lvm import SNAPSHOT_TAG, LvmSnapshotStrategy
 from vmsnap.strategies.storage import StorageNoteWarning, list_logical_volumes
 from vmsnap.vm.agent import GuestAgent

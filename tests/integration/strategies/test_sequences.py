@@ -17,7 +17,7 @@ from tests.conftest import make_image
 from tests.integration.strategies.contract import run
 from vmsnap.image.qemu_img import convert_argv
 from vmsnap.model import ExportSource
-from vmsnap.registry import strategy_class
+from vmsnap.strategies import strategy_class
 from vmsnap.strategies.base import Strategy
 from vmsnap.vm.machine import OfflineMachine
 

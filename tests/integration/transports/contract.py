@@ -49,7 +49,7 @@ class TransportContract:
 
     def make(self, **options: Any) -> Any:
         """A transport instance (through the registry, as the orchestrator makes them)."""
-        from vmsnap.registry import transport_class
+        from vmsnap.transports import transport_class
 
         return transport_class(self.transport_name)(**options)
 

@@ -84,7 +84,13 @@ def test_full_backup_with_a_good_bitmap_parks_its_bits_and_clears_it(tmp_path: P
 
 def test_incremental_copies_the_parked_bits_and_leaves_them_to_us(tmp_path: Path) -> None:
     strategy = _strategy(tmp_path, bitmap="chain1")
-    plan = _Plan(disk=_disk(), target=tmp_path / "t.qcow2", parent=tmp_path / "p.qcow2", bitmap_state="ok")
+    plan = _Plan(
+        disk=_disk(),
+        target=tmp_path / "t.qcow2",
+        parent=tmp_path / "p.qcow2",
+        bitmap_state="ok",
+        incremental=True,
+    )
     backup = strategy._actions(plan, job_id="j", device=None, target="tgt")[-1]["data"]
     assert backup["sync"] == "bitmap"
     assert backup["bitmap"] == "chain1" + PENDING_SUFFIX

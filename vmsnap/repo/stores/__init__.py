@@ -30,7 +30,9 @@ def open_store(location: str | Path, *, create: bool = False) -> Store:
     if "://" in text:
         from vmsnap.errors import UsageError
 
-        raise UsageError(f"unknown repository URL {text!r}", hint="use a directory path or s3://BUCKET/PREFIX")
+        raise UsageError(
+            f"unknown repository URL {text!r}", hint="use a directory path or s3://BUCKET/PREFIX"
+        )
     from vmsnap.repo.stores.local import LocalStore
 
     return LocalStore(Path(text), create=create)

@@ -60,7 +60,13 @@ from vmsnap.errors import (
 from vmsnap.image import qemu_img
 from vmsnap.image.qcow2 import read_header
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
-from vmsnap.strategies.base import paused
+from vmsnap.strategies.base import (
+    BackupContext,
+    Capabilities,
+    IncrementalFallbackWarning,
+    StrategyBase,
+    paused,
+)
 from vmsnap.vm.machine import Machine
 from vmsnap.vm.qmp import QMPMonitor
 
@@ -77,10 +83,6 @@ SIDECAR_SUFFIX = ".vmsnap-backup.json"
 
 class _DriveSwapRefused(SnapshotError):
     """QEMU refused to put the copy-before-write filter above a device's node (the job method may work)."""
-
-
-class IncrementalFallbackWarning(UserWarning):
-    """An incremental backup was asked for but a full one was taken (the reason is in the message)."""
 
 
 def _short_id(prefix: str, disk_name: str) -> str:
@@ -122,6 +124,7 @@ class _Plan:
     target: Path
     parent: Path | None
     bitmap_state: BitmapState
+    incremental: bool = False
 
 
 def _add_push_target(qmp: QMPMonitor, node: str, target: Path) -> None:
@@ -175,7 +178,7 @@ def _bitmap_state(bitmaps: Sequence[Mapping[str, Any]], name: str) -> tuple[Bitm
     return "missing", f"bitmap {name!r} does not exist (new disk, or QEMU was killed before writing it)"
 
 
-class BlockdevBackupStrategy:
+class BlockdevBackupStrategy(StrategyBase):
     """Back up with QEMU's own backup job: pick it for real backups of a running VM, especially incremental.
 
     The guest runs at full speed while the job copies; only the first write to each not-yet-copied cluster
@@ -213,6 +216,14 @@ class BlockdevBackupStrategy:
         delete_cost="none: close the target (pull: drop the fleecing file)",
         rollback_cost="rewrite the whole disk image from the backup chain (VM off)",
     )
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        instant="transaction",
+        online=True,
+        offline=True,
+        incremental=True,
+        writes_images=True,
+        tracks_changes=True,
+    )
 
     def __init__(
         self,
@@ -221,6 +232,7 @@ class BlockdevBackupStrategy:
         target_dir: Path,
         incremental: bool = False,
         parents: Mapping[str, Path] | None = None,
+        parent_id: str | None = None,
         bitmap: str = "vmsnap",
         mode: Mode = "push",
         wait: bool = True,
@@ -234,6 +246,7 @@ class BlockdevBackupStrategy:
         self.target_dir = Path(target_dir)
         self.incremental = incremental
         self.parents: dict[str, Path] = {k: Path(v) for k, v in (parents or {}).items()}
+        self.parent_id = parent_id
         self.bitmap = validate_name(bitmap, "bitmap name")
         self.mode: Mode = mode
         self.wait = wait
@@ -242,6 +255,23 @@ class BlockdevBackupStrategy:
         self._outcomes: dict[str, dict[str, str]] = {}
         # per backup: disk → (node, pending bitmap, bitmap was new), settled once all disks' outcome is known
         self._deferred: dict[str, dict[str, tuple[str, str, bool]]] = {}
+
+    @classmethod
+    def for_backup(cls, machine: Machine, context: BackupContext) -> BlockdevBackupStrategy:
+        """Push (QEMU writes ``workdir/<disk>.qcow2``) when ``context.push``, else pull (fleecing + NBD);
+        incremental from ``context.since`` with the bitmap ``context.tracking``. ``create`` returns as soon
+        as the jobs run, so a frozen guest is thawed at once; ``export`` waits for the copy."""
+        since = context.since
+        return cls(
+            machine,
+            target_dir=context.workdir,
+            incremental=since is not None,
+            parents=dict(since.images) if since is not None else None,
+            parent_id=since.backup_id if since is not None else None,
+            bitmap=context.tracking,
+            mode="push" if context.push else "pull",
+            wait=False,
+        )
 
     # -- probing and planning -----------------------------------------------------------------------
 
@@ -306,7 +336,7 @@ class BlockdevBackupStrategy:
                 if state != "ok":
                     reason = f"{disk.name}: {why}"
                     break
-                problem = self._parent_problem(disk)
+                problem = self._parent_problem(disk) if self.mode == "push" or self.parents else ""
                 if problem:
                     reason = problem
                     break
@@ -315,8 +345,9 @@ class BlockdevBackupStrategy:
             _Plan(
                 disk=disk,
                 target=self._target(disk),
-                parent=self.parents[disk.name] if incremental else None,
+                parent=self.parents.get(disk.name) if incremental else None,
                 bitmap_state=states[disk.name][0],
+                incremental=incremental,
             )
             for disk in disks
         ]
@@ -356,7 +387,7 @@ class BlockdevBackupStrategy:
                 "target": target,
                 "auto-dismiss": False,
             }
-            if plan.parent is not None:
+            if plan.incremental:
                 data.update({"sync": "bitmap", "bitmap": pending, "bitmap-mode": "never"})
             else:
                 data["sync"] = "full"
@@ -490,12 +521,13 @@ class BlockdevBackupStrategy:
 
     def _details(self, plan: _Plan, *, set_id: str, fallback: str, disks: Sequence[str]) -> dict[str, str]:
         return {
-            "kind": "incremental" if plan.parent is not None else "full",
+            "kind": "incremental" if plan.incremental else "full",
             "bitmap": self.bitmap,
             "pending": self.bitmap + PENDING_SUFFIX if plan.bitmap_state == "ok" else "",
             "bitmap_new": "" if plan.bitmap_state == "ok" else "1",
             "target": str(plan.target) if self.mode == "push" else "",
             "parent": str(plan.parent) if plan.parent is not None else "",
+            "since": (self.parent_id or "") if plan.incremental else "",
             "fallback": fallback,
             "mode": self.mode,
             "device_node": plan.disk.node_name,
@@ -942,6 +974,7 @@ class BlockdevBackupStrategy:
             format="qcow2",
             disk=snap.disk,
             virtual_size=snap.disk.virtual_size,
+            since=snap.details.get("since") or None if snap.details.get("kind") == "incremental" else None,
         )
 
     @contextlib.contextmanager
@@ -985,6 +1018,7 @@ class BlockdevBackupStrategy:
                 disk=snap.disk,
                 virtual_size=snap.disk.virtual_size,
                 dirty_bitmap=f"qemu:dirty-bitmap:{pending}" if incremental else None,
+                since=snap.details.get("since") or None if incremental else None,
             )
         except BaseException:
             self._mark(snap, "failed")

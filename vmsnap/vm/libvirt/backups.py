@@ -17,11 +17,11 @@ from vmsnap.errors import (
     NotFoundError,
     UsageError,
 )
-from vmsnap.vm.libvirt.machine import LibvirtMachine, libvirt_message
+from vmsnap.vm.libvirt.domain import LibvirtDomain, libvirt_message
 
 try:
     import libvirt
-except ImportError:  # pragma: no cover - LibvirtMachine() reports the missing package
+except ImportError:  # pragma: no cover - LibvirtDomain() reports the missing package
     libvirt = None
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
 from vmsnap.vm.libvirt.snapshots import (
@@ -38,12 +38,12 @@ from vmsnap.vm.libvirt.snapshots import (
 # -- backups with checkpoints ---------------------------------------------------------------------
 
 
-def checkpoints(machine: LibvirtMachine) -> list[str]:
+def checkpoints(machine: LibvirtDomain) -> list[str]:
     """Names of the domain's checkpoints, oldest first (the last is where the next incremental starts)."""
     return _oldest_first([c.getXMLDesc(0) for c in machine.domain.listAllCheckpoints(0)])
 
 
-def delete_checkpoint(machine: LibvirtMachine, name: str) -> None:
+def delete_checkpoint(machine: LibvirtDomain, name: str) -> None:
     """``virsh checkpoint-delete NAME`` (its bitmap is merged into its parent's, so chains stay valid)."""
     try:
         machine.domain.checkpointLookupByName(name, 0).delete(0)
@@ -63,7 +63,7 @@ def _checkpoint_xml(name: str, all_disks: Sequence[Disk], chosen: Sequence[Disk]
     return "".join(parts)
 
 
-def _check_incremental(machine: LibvirtMachine, incremental: str | None) -> None:
+def _check_incremental(machine: LibvirtDomain, incremental: str | None) -> None:
     if incremental is not None and incremental not in checkpoints(machine):
         raise NotFoundError(
             f"domain {machine.name} has no checkpoint {incremental!r} to start an incremental backup from",
@@ -72,7 +72,7 @@ def _check_incremental(machine: LibvirtMachine, incremental: str | None) -> None
 
 
 def backup_push(
-    machine: LibvirtMachine,
+    machine: LibvirtDomain,
     target_dir: Path,
     *,
     checkpoint: str,
@@ -131,7 +131,7 @@ def _refuse_existing(paths: Iterable[Path]) -> None:
         )
 
 
-def _begin(machine: LibvirtMachine, backup_xml: str, checkpoint_xml: str) -> None:
+def _begin(machine: LibvirtDomain, backup_xml: str, checkpoint_xml: str) -> None:
     try:
         machine.domain.backupBegin(backup_xml, checkpoint_xml, 0)
     except libvirt.libvirtError as err:
@@ -141,7 +141,7 @@ def _begin(machine: LibvirtMachine, backup_xml: str, checkpoint_xml: str) -> Non
         ) from err
 
 
-def _wait_backup(machine: LibvirtMachine, timeout: float, progress: Progress | None) -> None:
+def _wait_backup(machine: LibvirtDomain, timeout: float, progress: Progress | None) -> None:
     deadline = time.monotonic() + timeout
     interval = 0.01
     while True:
@@ -167,7 +167,7 @@ def _wait_backup(machine: LibvirtMachine, timeout: float, progress: Progress | N
         progress(total, total)
 
 
-def link_incremental(machine: LibvirtMachine, image: Path, parent: Path) -> None:
+def link_incremental(machine: LibvirtDomain, image: Path, parent: Path) -> None:
     """Make a push-mode incremental target a qcow2 layer on ``parent`` (relative link, no data copied)."""
     relative = os.path.relpath(parent, image.parent)
     machine.runner.run(
@@ -177,7 +177,7 @@ def link_incremental(machine: LibvirtMachine, image: Path, parent: Path) -> None
 
 @contextlib.contextmanager
 def backup_pull(
-    machine: LibvirtMachine,
+    machine: LibvirtDomain,
     socket: Path,
     *,
     checkpoint: str,
@@ -236,7 +236,7 @@ def backup_pull(
 # -- recovery -------------------------------------------------------------------------------------
 
 
-def recover(machine: LibvirtMachine) -> list[str]:
+def recover(machine: LibvirtDomain) -> list[str]:
     """Undo what a dead vmsnap run left in libvirt: a backup job, external snapshots still active.
 
     External snapshots vmsnap made whose overlays are still the active layer are committed back and
@@ -263,5 +263,3 @@ def recover(machine: LibvirtMachine) -> list[str]:
             commit_external_snapshot(machine, name)
             done.append(f"committed and removed external snapshot {name}")
     return done
-
-

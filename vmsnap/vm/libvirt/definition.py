@@ -11,18 +11,18 @@ from vmsnap.errors import (
     LibvirtError,
     UsageError,
 )
-from vmsnap.vm.libvirt.machine import LibvirtMachine, libvirt_message
+from vmsnap.vm.libvirt.domain import LibvirtDomain, libvirt_message
 
 try:
     import libvirt
-except ImportError:  # pragma: no cover - LibvirtMachine() reports the missing package
+except ImportError:  # pragma: no cover - LibvirtDomain() reports the missing package
     libvirt = None
 from vmsnap.model import validate_name
 
 # -- restoring a domain ---------------------------------------------------------------------------
 
 
-def saved_domain_xml(machine: LibvirtMachine) -> str:
+def saved_domain_xml(machine: LibvirtDomain) -> str:
     """The domain's persistent definition, to store beside a backup so a restore can redefine it."""
     return machine.xml(inactive=True)
 
@@ -79,7 +79,7 @@ def restored_domain_xml(xml: str, *, name: str, images: Mapping[str, Path]) -> s
 
 
 def define_restored_domain(
-    machine_or_uri: LibvirtMachine | str | None, xml: str, *, name: str, images: Mapping[str, Path]
+    machine_or_uri: LibvirtDomain | str | None, xml: str, *, name: str, images: Mapping[str, Path]
 ) -> str:
     """Define (not start) a new domain ``name`` from a saved definition over restored images.
 
@@ -88,10 +88,10 @@ def define_restored_domain(
     :raise UsageError: a domain called ``name`` exists already, or a disk has no restored image
     :raise LibvirtError: libvirt refused the definition
     """
-    from vmsnap.vm.libvirt.machine import open_connection
+    from vmsnap.vm.libvirt.domain import open_connection
 
     definition = restored_domain_xml(xml, name=name, images=images)
-    if isinstance(machine_or_uri, LibvirtMachine):
+    if isinstance(machine_or_uri, LibvirtDomain):
         own, conn = False, machine_or_uri.connection
     else:
         own, conn = True, open_connection(machine_or_uri)
@@ -107,5 +107,3 @@ def define_restored_domain(
         if own:
             conn.close()
     return name
-
-

@@ -1,4 +1,4 @@
-"""libvirt-native snapshots of a :class:`LibvirtMachine`, keeping libvirt's metadata right: external
+"""libvirt-native snapshots of a :class:`LibvirtDomain`, keeping libvirt's metadata right: external
 (``snapshot-create-as --disk-only --atomic``, deleted by ``blockcommit --active --pivot``) and internal.
 """
 
@@ -23,11 +23,11 @@ from vmsnap.errors import (
 )
 from vmsnap.image import qemu_img
 from vmsnap.vm.freeze import frozen_agent
-from vmsnap.vm.libvirt.machine import LibvirtMachine, libvirt_message
+from vmsnap.vm.libvirt.domain import LibvirtDomain, libvirt_message
 
 try:
     import libvirt
-except ImportError:  # pragma: no cover - LibvirtMachine() reports the missing package
+except ImportError:  # pragma: no cover - LibvirtDomain() reports the missing package
     libvirt = None
 from vmsnap.model import Disk, ExportSource, SnapshotRef, validate_name
 
@@ -38,7 +38,7 @@ STRATEGY_EXTERNAL = "external"
 STRATEGY_INTERNAL = "internal"
 
 
-def _select(machine: LibvirtMachine, names: Sequence[str] | None) -> list[Disk]:
+def _select(machine: LibvirtDomain, names: Sequence[str] | None) -> list[Disk]:
     disks = machine.disks()
     if names is None:
         return disks
@@ -74,7 +74,7 @@ def _text(value: str) -> str:
     return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _lookup_snapshot(machine: LibvirtMachine, name: str) -> Any:
+def _lookup_snapshot(machine: LibvirtDomain, name: str) -> Any:
     try:
         return machine.domain.snapshotLookupByName(name, 0)
     except libvirt.libvirtError as err:
@@ -86,7 +86,7 @@ def _lookup_snapshot(machine: LibvirtMachine, name: str) -> Any:
         raise LibvirtError(f"looking up snapshot {name!r} failed: {libvirt_message(err)}") from err
 
 
-def _snapshot_error(machine: LibvirtMachine, action: str, err: Exception, *, quiesce: bool) -> Exception:
+def _snapshot_error(machine: LibvirtDomain, action: str, err: Exception, *, quiesce: bool) -> Exception:
     text = libvirt_message(err)
     if quiesce and "agent" in text.lower():
         return FreezeError(
@@ -100,7 +100,7 @@ def _snapshot_error(machine: LibvirtMachine, action: str, err: Exception, *, qui
 
 
 def create_external_snapshot(
-    machine: LibvirtMachine,
+    machine: LibvirtDomain,
     name: str,
     *,
     disks: Sequence[str] | None = None,
@@ -165,7 +165,7 @@ def external_snapshot_source(snap: SnapshotRef) -> ExportSource:
 
 
 def commit_external_snapshot(
-    machine: LibvirtMachine, name: str, *, timeout: float = 3600.0, remove_overlays: bool = True
+    machine: LibvirtDomain, name: str, *, timeout: float = 3600.0, remove_overlays: bool = True
 ) -> None:
     """``virsh blockcommit DISK --active --pivot`` for every disk of snapshot ``name``, then forget it.
 
@@ -211,7 +211,7 @@ def commit_external_snapshot(
             machine.runner.run(["rm", "-f", "--", overlay], timeout=60)
 
 
-def rollback_external_snapshot(machine: LibvirtMachine, name: str) -> None:
+def rollback_external_snapshot(machine: LibvirtDomain, name: str) -> None:
     """Return a shut-off domain to external snapshot ``name``: drop the overlays, run on the images below.
 
     libvirt 9.0 cannot revert external snapshots, so vmsnap points each disk's ``<source>`` in the
@@ -271,7 +271,7 @@ def external_overlays(snapshot: Any) -> dict[str, str]:
     return found
 
 
-def _pivot_when_ready(machine: LibvirtMachine, target: str, deadline: float, timeout: float) -> None:
+def _pivot_when_ready(machine: LibvirtDomain, target: str, deadline: float, timeout: float) -> None:
     interval = 0.01
     while True:
         try:
@@ -301,7 +301,7 @@ def _pivot_when_ready(machine: LibvirtMachine, target: str, deadline: float, tim
 
 
 def create_internal_snapshot(
-    machine: LibvirtMachine, name: str, *, quiesce: bool = False
+    machine: LibvirtDomain, name: str, *, quiesce: bool = False
 ) -> list[SnapshotRef]:
     """``virsh snapshot-create-as NAME``: internal qcow2 snapshots of every disk (with RAM when running).
 
@@ -350,7 +350,7 @@ def internal_snapshot_source(snap: SnapshotRef) -> ExportSource:
     )
 
 
-def delete_snapshot(machine: LibvirtMachine, name: str) -> None:
+def delete_snapshot(machine: LibvirtDomain, name: str) -> None:
     """``virsh snapshot-delete NAME``; an external one is committed (:func:`commit_external_snapshot`)."""
     snapshot = _lookup_snapshot(machine, name)
     if external_overlays(snapshot):
@@ -362,7 +362,7 @@ def delete_snapshot(machine: LibvirtMachine, name: str) -> None:
         raise SnapshotError(f"deleting snapshot {name!r} failed: {libvirt_message(err)}") from err
 
 
-def revert_snapshot(machine: LibvirtMachine, name: str) -> None:
+def revert_snapshot(machine: LibvirtDomain, name: str) -> None:
     """``virsh snapshot-revert NAME``: disks (and RAM, for a running snapshot) return to the snapshot.
 
     A guest that was frozen for a quiesced snapshot is thawed after the revert.
@@ -379,7 +379,7 @@ def revert_snapshot(machine: LibvirtMachine, name: str) -> None:
                 agent.fsfreeze_thaw()
 
 
-def snapshots(machine: LibvirtMachine) -> list[str]:
+def snapshots(machine: LibvirtDomain) -> list[str]:
     """Names of the domain's libvirt snapshots, oldest first."""
     return _oldest_first([s.getXMLDesc(0) for s in machine.domain.listAllSnapshots(0)])
 
@@ -403,5 +403,3 @@ def _oldest_first(xmls: Sequence[str]) -> list[str]:
         return len(seen)
 
     return sorted(parent, key=lambda n: (depth(n), created[n], n))
-
-

@@ -1,0 +1,128 @@
+"""What a backup run is asked (:class:`BackupConfig`) and what it reports (:class:`BackupResult`,
+:class:`RecoveryReport`), plus the test-only crash points that stop a run at an exact step."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from vmsnap.errors import UsageError, VmsnapError
+from vmsnap.model import validate_name
+from vmsnap.repo.repository import DiskRecord, Kind
+
+Quiesce = Literal["auto", "on", "off"]
+PUSH = "none"
+"""The transport name recorded when the strategy wrote the backup itself (push)."""
+
+CRASH_ENV = "VMSNAP_TEST_CRASH_AT"
+"""Test-only: a step name at which the backup process SIGKILLs itself (see :func:`crash_point`)."""
+
+CRASH_POINTS = (
+    "after-start",
+    "after-freeze",
+    "after-create",
+    "after-thaw",
+    "mid-export",
+    "after-export",
+    "after-delete",
+    "before-manifest",
+)
+
+
+def crash_point(name: str) -> None:
+    """TEST ONLY: kill this process with SIGKILL when ``$VMSNAP_TEST_CRASH_AT`` is ``name`` (SIGTERM when it
+    is ``term:name``).
+
+    The crash-recovery tests use it to stop a ``vmsnap backup`` at an exact step; nothing else sets it.
+    """
+    wanted = os.environ.get(CRASH_ENV)
+    if wanted == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif wanted == f"term:{name}":
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@attrs.frozen
+class BackupConfig:
+    """What to back up and how (the CLI builds it from its options).
+
+    :param repo: the repository directory (created when missing or empty)
+    :param strategy: a strategy name, or "auto": the registered strategy that can take incremental backups
+        of this machine (running or not) — QEMU's backup job, or qemu-img for images
+    :param transport: a transport name, "none" (a strategy that writes the images itself does: push), or
+        "auto": push when the strategy can, else the first transport (by preference) that reads the source;
+        naming a transport with a strategy that can push makes it export instead (pull mode)
+    :param incremental: only what changed since the VM's latest backup (strategies that track changes);
+        falls back to full (and says why) when there is no usable parent
+    :param quiesce: "auto" freezes when a guest agent answers, "on" requires it, "off" never freezes
+    :param disks: back up only these disks (default: all)
+    :param bitmap: the name changes are tracked under (a persistent dirty bitmap)
+    :param freeze_timeout: seconds the guest agent gets to freeze
+    """
+
+    repo: Path
+    strategy: str = "auto"
+    transport: str = "auto"
+    incremental: bool = False
+    quiesce: Quiesce = "auto"
+    disks: tuple[str, ...] = ()
+    bitmap: str = "vmsnap"
+    freeze_timeout: float = 60.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.quiesce not in ("auto", "on", "off"):
+            raise UsageError(f"--quiesce {self.quiesce!r}", hint="use auto, on or off")
+        for disk in self.disks:
+            validate_name(disk, "disk name")
+        validate_name(self.bitmap, "bitmap name")
+
+
+@attrs.frozen
+class BackupResult:
+    """What a backup made (the CLI prints it; ``--json`` as in DESIGN.md)."""
+
+    vm: str
+    backup_id: str
+    kind: Kind
+    parent: str | None
+    strategy: str
+    transport: str
+    quiesced: bool
+    disks: tuple[DiskRecord, ...]
+    seconds: float
+    path: Path
+    notes: tuple[str, ...] = ()
+    freeze_ms: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` object of ``vmsnap backup``."""
+        return {
+            "vm": self.vm,
+            "backup_id": self.backup_id,
+            "kind": self.kind,
+            "strategy": self.strategy,
+            "transport": self.transport,
+            "disks": [d.to_json() for d in self.disks],
+            "seconds": round(self.seconds, 3),
+            "freeze_ms": None if self.freeze_ms is None else round(self.freeze_ms, 1),
+        }
+
+
+@attrs.frozen
+class RecoveryReport:
+    """What :func:`recover` undid (each action one line), and whether there was anything to do."""
+
+    vm: str
+    actions: tuple[str, ...]
+
+    @property
+    def clean(self) -> bool:
+        return not self.actions
+
+
+class RecoveryError(VmsnapError):
+    """Undoing a dead run failed part-way; the journal is kept so that ``vmsnap recover`` can try again."""
