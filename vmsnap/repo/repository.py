@@ -24,8 +24,8 @@ from vmsnap.files import DIR_MODE, FILE_MODE, fsync_dir, make_private_dir, write
 from vmsnap.image.digest import ChunkDigests
 from vmsnap.model import validate_name
 
-# Damaged, DiskProgress, DiskRecord, Kind and utc_now_iso are imported here only for the modules that still
-# import them from vmsnap.repo.repository (backup/, cli.py); see __all__.
+# __all__ re-exports the names backup/ and cli.py still import from here (DiskRecord and Kind are here only
+# for them); new code imports them from their homes: vmsnap.repo.manifest, vmsnap.repo.progress.
 from vmsnap.repo.manifest import (
     MANIFEST,
     REPO_FORMAT,

@@ -142,8 +142,15 @@ def _verify_disk(
     except RepositoryError as err:
         problems.append(err.message)
     progress(record.name, 0, record.virtual_size)
+    image = layout.image(manifest, record)
     try:
-        content = _read_content(layout, manifest, record, reader, progress, parent)
+        if parent is not None and parent.size != record.virtual_size:
+            parent = None
+        if reader == "libqcow":
+            content = libqcow.libqcow_chunks(image, parent=parent)
+        else:
+            on_chunks = scaled(progress, record.name, record.virtual_size)
+            content = image_chunks(image, "qcow2", parent=parent, runner=layout.runner, progress=on_chunks)
     except (VmsnapError, OSError) as err:
         return [*problems, f"unreadable: {err}"], None
     progress(record.name, record.virtual_size, record.virtual_size)
@@ -155,30 +162,3 @@ def _verify_disk(
             f"sha256 {content.root[:16]}… does not match the manifest's {record.sha256[:16]}…{where}"
         )
     return problems, content
-
-
-def _read_content(
-    layout: Qcow2Layout,
-    manifest: Manifest,
-    record: DiskRecord,
-    reader: ChosenReader,
-    progress: DiskProgress,
-    parent: ChunkDigests | None,
-) -> ChunkDigests:
-    """The chunk digests of one disk's guest-visible content, read with ``reader`` (a ``parent`` of another
-    size is not used).
-
-    :raise VmsnapError: the image cannot be read
-    """
-    image = layout.image(manifest, record)
-    if parent is not None and parent.size != record.virtual_size:
-        parent = None
-    if reader == "libqcow":
-        return libqcow.libqcow_chunks(image, parent=parent)
-    return image_chunks(
-        image,
-        "qcow2",
-        parent=parent,
-        runner=layout.runner,
-        progress=scaled(progress, record.name, record.virtual_size),
-    )
