@@ -24,8 +24,8 @@ from vmsnap.files import DIR_MODE, FILE_MODE, fsync_dir, make_private_dir, write
 from vmsnap.image.digest import ChunkDigests
 from vmsnap.model import validate_name
 
-# __all__ re-exports the names backup/ and cli.py still import from here (DiskRecord and Kind are here only
-# for them); new code imports them from their homes: vmsnap.repo.manifest, vmsnap.repo.progress.
+# __all__ re-exports the names backup/, cli.py and jobs/ still import from here (DiskRecord and Kind are here
+# only for them); new code imports them from their homes: repo.manifest, repo.progress, repo.qcow2_layout.
 from vmsnap.repo.manifest import (
     MANIFEST,
     REPO_FORMAT,
@@ -44,6 +44,7 @@ from vmsnap.repo.verify import Reader, VerifyReport, choose_reader, verify_backu
 from vmsnap.runner import LocalRunner, Runner
 
 __all__ = [
+    "DELETING_PREFIX",
     "Damaged",
     "DiskProgress",
     "DiskRecord",
