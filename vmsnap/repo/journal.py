@@ -19,7 +19,7 @@ import attrs
 from vmsnap.errors import RepositoryError
 from vmsnap.files import write_json_atomic
 from vmsnap.model import Disk, SnapshotRef
-from vmsnap.repo.repository import utc_now_iso
+from vmsnap.repo.manifest import utc_now_iso
 
 JOURNAL_FORMAT = 1
 

@@ -1,8 +1,7 @@
-"""The repository's chunked content digest (``sha256-4MiB-chunks``) against an independent computation:
-raw bytes from ``qemu-img convert -O raw``, split in 4 MiB pieces, each hashed, the digests hashed again —
-for full and incremental backups (push and pull) of a running VM whose disk ends in a short chunk, with
-writes that straddle chunk boundaries; the documented shell recipe; reuse of a parent's digests; damage
-to a ``.chunks`` file or an image caught by verify (both readers) and restore."""
+"""The repository's digests against an independent computation (:mod:`tests.integration.digests`): for
+full and incremental backups (push and pull) of a running VM whose disk ends in a short chunk, with writes
+that straddle chunk boundaries, and for chains built by hand; damage to a ``.chunks`` file or an image caught
+by verify (both readers) and restore."""
 
 from __future__ import annotations
 
@@ -11,39 +10,21 @@ import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
 
 from tests.conftest import make_image
+from tests.integration.digests import ODD_SIZE, PIECE, MiB, independent_chunks, independent_root
 from vmsnap.backup.run import Backup, BackupConfig
 from vmsnap.errors import ChecksumMismatchError, RepositoryError
-from vmsnap.image.digest import ChunkDigests, image_chunks, overlay_map
+from vmsnap.image import libqcow
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
-from vmsnap.repo.repository import DiskRecord, Manifest, Repository, utc_now_iso
+from vmsnap.repo import verify
+from vmsnap.repo.manifest import DiskRecord, Manifest, utc_now_iso
+from vmsnap.repo.repository import Repository
 from vmsnap.vm.machine import QemuMachine
-
-MiB = 1024 * 1024
-PIECE = 4 * MiB
-ODD_SIZE = 10 * MiB + 192 * 1024  # three chunks, the last 2.1875 MiB
-
-
-def independent_chunks(image: Path, workdir: Path, fmt: str = "qcow2") -> list[bytes]:
-    """sha256 of each 4 MiB piece of the image's raw content, computed the obvious way."""
-    raw = workdir / f"{image.name}.independent.raw"
-    subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", str(image), str(raw)], check=True)
-    try:
-        digests = []
-        with open(raw, "rb") as f:
-            while piece := f.read(PIECE):
-                digests.append(hashlib.sha256(piece).digest())
-        return digests
-    finally:
-        raw.unlink()
-
-
-def independent_root(digests: list[bytes]) -> str:
-    return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
 def check_backup_digests(repo: Repository, vm: str, backup_id: str, captured: Path, workdir: Path) -> None:
@@ -138,86 +119,6 @@ def test_full_and_incremental_digests_equal_an_independent_computation(
     assert repo.verify("oddvm", reader="libqcow").ok
     _, restored = repo.restore("oddvm", results[-1].backup_id, tmp_path / "out")
     assert independent_chunks(restored[0].path, tmp_path) == independent_chunks(moments[-1], tmp_path)
-
-
-def test_the_documented_shell_recipe_gives_the_manifest_digest(tmp_path: Path) -> None:
-    image = make_image(tmp_path / "disk.qcow2", size=str(ODD_SIZE))
-    subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 3M 2M", "-c", "write -P 0x5b 10M 64k", str(image)],
-        check=True,
-        capture_output=True,
-    )
-    raw = tmp_path / "disk.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
-    pieces = tmp_path / "pieces"
-    pieces.mkdir()
-    subprocess.run(["split", "-b", "4M", "-d", "-a", "8", str(raw), str(pieces / "c.")], check=True)
-    names = sorted(str(p) for p in pieces.iterdir())
-    listing = subprocess.run(["sha256sum", *names], check=True, capture_output=True, text=True).stdout
-    digests = b"".join(bytes.fromhex(line.split()[0]) for line in listing.splitlines())
-    assert len(names) == 3
-    assert hashlib.sha256(digests).hexdigest() == image_chunks(image).root
-
-
-def test_an_overlay_reuses_the_parents_digests_except_where_its_own_clusters_are(tmp_path: Path) -> None:
-    base = make_image(tmp_path / "base.qcow2", size=str(ODD_SIZE))
-    subprocess.run(["qemu-io", "-c", "write -P 0x01 0 10M", str(base)], check=True, capture_output=True)
-    top = make_image(tmp_path / "top.qcow2", backing=base)
-    subprocess.run(
-        ["qemu-io", "-c", f"write -P 0x02 {PIECE + 100} 10", "-c", "write -z 8M 2M", str(top)],
-        check=True,
-        capture_output=True,
-    )
-    parent = image_chunks(base)
-    # poison the parent's digest of chunk 0, which the overlay does not touch: it must be taken as it is
-    poisoned = ChunkDigests(parent.size, b"\xee" * 32 + parent.digests[32:])
-    reused = image_chunks(top, parent=poisoned)
-    truth = independent_chunks(top, tmp_path)
-    assert reused.chunk(0) == b"\xee" * 32
-    assert [reused.chunk(1), reused.chunk(2)] == truth[1:]
-    assert truth[2] == hashlib.sha256(bytes(ODD_SIZE - 8 * MiB)).digest()  # zeroed: not the parent's
-    assert image_chunks(top).digests == b"".join(truth)  # without a parent: everything read
-
-
-@pytest.mark.parametrize(
-    "kind", ["compressed", "raw", "internal-snapshot", "chain-with-compressed-base", "empty"]
-)
-def test_every_way_of_reading_gives_the_same_digest(tmp_path: Path, kind: str) -> None:
-    plain = make_image(tmp_path / "plain.qcow2", size=str(ODD_SIZE))
-    subprocess.run(
-        ["qemu-io", "-c", "write -P 0x33 1M 3M", "-c", "write -P 0x34 9M 1M", str(plain)],
-        check=True,
-        capture_output=True,
-    )
-    options: dict[str, object] = {}
-    fmt = "qcow2"
-    if kind == "compressed":
-        image = tmp_path / "c.qcow2"
-        subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", str(plain), str(image)], check=True)
-    elif kind == "raw":
-        image, fmt = tmp_path / "r.raw", "raw"
-        subprocess.run(["qemu-img", "convert", "-O", "raw", str(plain), str(image)], check=True)
-    elif kind == "internal-snapshot":
-        image = tmp_path / "s.qcow2"
-        subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(plain), str(image)], check=True)
-        subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(image)], check=True)
-        subprocess.run(["qemu-io", "-c", "write -P 0x99 0 8M", str(image)], check=True, capture_output=True)
-        options["image_opts"] = {"snapshot.name": "s1"}
-    elif kind == "chain-with-compressed-base":
-        base = tmp_path / "cb.qcow2"
-        subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", str(plain), str(base)], check=True)
-        image = make_image(tmp_path / "ct.qcow2", backing=base)
-        subprocess.run(["qemu-io", "-c", "write -P 0x35 2M 64k", str(image)], check=True, capture_output=True)
-        subprocess.run(["qemu-io", "-c", "write -P 0x35 2M 64k", str(plain)], check=True, capture_output=True)
-    else:
-        image = plain = make_image(tmp_path / "e.qcow2", size=str(ODD_SIZE))
-    expected = independent_chunks(plain, tmp_path)
-    assert image_chunks(image, fmt, **options).digests == b"".join(expected)  # type: ignore[arg-type]
-    if kind == "empty":
-        assert image_chunks(image).digests == ChunkDigests.zeros(ODD_SIZE).digests
-
-
-# -- damage is caught ------------------------------------------------------------------------------------
 
 
 CHAIN_WRITES = (["write -P 0x41 0 6M"], [f"write -P 0x42 {PIECE - 512} 1k", "write -P 0x43 10M 64k"])
@@ -334,67 +235,27 @@ def test_an_incremental_on_a_parent_with_damaged_digests_reads_everything(tmp_pa
     assert digest == independent_root(independent_chunks(image, tmp_path))
 
 
-def _qemu_io(image: Path, *commands: str, fmt: str = "qcow2") -> None:
-    argv = ["qemu-io", "-f", fmt]
-    for command in commands:
-        argv += ["-c", command]
-    subprocess.run([*argv, str(image)], check=True, capture_output=True)
-
-
-def _create(
-    image: Path, size: int | None, *options: str, backing: Path | None = None, backing_fmt: str = "qcow2"
-) -> Path:
-    argv = ["qemu-img", "create", "-q", "-f", "raw" if image.suffix == ".raw" else "qcow2", *options]
-    if backing is not None:
-        argv += ["-b", backing.name, "-F", backing_fmt]
-    subprocess.run([*argv, str(image), *([str(size)] if size is not None else [])], check=True)
-    return image
-
-
-@pytest.mark.parametrize(
-    "chain", ["qcow2", "three-deep-mixed-clusters", "raw-base", "short-base", "v2-base", "compressed-base"]
-)
-def test_the_overlay_fast_path_agrees_with_an_independent_digest(tmp_path: Path, chain: str) -> None:
-    """An incremental's digests from its own qcow2 tables (vmsnap.image.qcow2) equal the independent ones;
-    a chain it does not understand (a compressed cluster where the overlay changed) is read through QEMU."""
-    size = ODD_SIZE // 2 if chain == "short-base" else ODD_SIZE
-    if chain == "raw-base":
-        base = _create(tmp_path / "base.raw", size)
-    elif chain == "v2-base":
-        base = _create(tmp_path / "base.qcow2", size, "-o", "compat=0.10")
-    else:
-        cluster = "4k" if chain == "three-deep-mixed-clusters" else "64k"
-        base = _create(tmp_path / "base.qcow2", size, "-o", f"cluster_size={cluster}")
-    _qemu_io(base, "write -P 0x61 0 3M", f"write -P 0x62 {size - 8192} 8192", fmt=base.suffix[1:])
-    if chain == "compressed-base":
-        compressed = tmp_path / "base-c.qcow2"
-        subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", str(base), str(compressed)], check=True)
-        base = compressed
-    below = base
-    if chain == "three-deep-mixed-clusters":
-        below = _create(tmp_path / "middle.qcow2", None, "-o", "cluster_size=1M", backing=base)
-        _qemu_io(below, "write -P 0x63 2M 2M", "write -z 5M 1M")
-    backing_fmt = "raw" if below.suffix == ".raw" else "qcow2"
-    # the parent's digests: what the backing reads like at the overlay's size (zeros past a shorter base)
-    parent = image_chunks(_create(tmp_path / "empty.qcow2", ODD_SIZE, backing=below, backing_fmt=backing_fmt))
-    top = _create(tmp_path / "top.qcow2", ODD_SIZE, backing=below, backing_fmt=backing_fmt)
-    _qemu_io(
-        top, f"write -P 0x64 {PIECE - 4096} 12k", "write -z 1M 64k", f"write -P 0x65 {ODD_SIZE - 4096} 4k"
-    )
-    assert (overlay_map(top) is None) == (chain == "compressed-base")
-    expected = b"".join(independent_chunks(top, tmp_path))
-    assert image_chunks(top, parent=parent).digests == expected
-    assert image_chunks(top).digests == expected
-
-
 @pytest.mark.parametrize("reader", ["qemu", "libqcow"])
-def test_verify_trusts_a_parent_only_once_it_verified(tmp_path: Path, reader: str) -> None:
+def test_verify_trusts_a_parent_only_once_it_verified(
+    tmp_path: Path, reader: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """verify reads an incremental only where its own layer has clusters when its parent verified in the
     same run; damage in a chunk only the parent holds must still fail the incremental too."""
+    on_parent: dict[str, bool] = {}  # backup id → its image was read on top of its parent's digests
+    for module, name in ((verify, "image_chunks"), (libqcow, "libqcow_chunks")):
+        real = getattr(module, name)
+
+        def spy(image: Path, *args: Any, real: Any = real, **kwargs: Any) -> Any:
+            on_parent[Path(image).parent.name] = kwargs.get("parent") is not None
+            return real(image, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
     writes = (["write -P 0x51 0 10M"], ["write -P 0x52 9M 64k"], ["write -P 0x53 9M 4k"])
     repo, ids = _chain(tmp_path, writes)
+    on_parent.clear()
     report = repo.verify("vm1", reader=reader)  # type: ignore[arg-type]
     assert report.ok, report.problems
+    assert on_parent == {ids[0]: False, ids[1]: True, ids[2]: True}
     image = repo.backup_dir("vm1", ids[0]) / "disk0.qcow2"
     extents = subprocess.run(
         ["qemu-img", "map", "--output=json", str(image)], check=True, capture_output=True, text=True
@@ -408,7 +269,9 @@ def test_verify_trusts_a_parent_only_once_it_verified(tmp_path: Path, reader: st
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0x01]))
+    on_parent.clear()
     report = repo.verify("vm1", reader=reader)  # type: ignore[arg-type]
+    assert on_parent == dict.fromkeys(ids, False)  # no parent verified: each is read in full
     assert [p.backup_id for p in report.problems] == ids, report.problems
     assert all("chunk 1 (offset 4 MiB)" in p.message for p in report.problems)
     assert repo.verify("vm1", ids[2], reader=reader).problems  # type: ignore[arg-type]

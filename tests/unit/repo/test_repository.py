@@ -1,0 +1,85 @@
+"""The repository itself: its marker, names that never become paths, listing around damaged manifests, the
+per-VM lock."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.unit.repo.backups import W1, W2, add_backup
+from vmsnap.errors import RepositoryError, UsageError
+from vmsnap.repo.repository import Repository
+
+
+def test_open_needs_a_repository_and_create_makes_one_private(tmp_path: Path) -> None:
+    with pytest.raises(RepositoryError, match="no vmsnap repository"):
+        Repository.open(tmp_path / "nothing")
+    repo = Repository.open(tmp_path / "new", create=True)
+    assert json.loads((repo.root / "vmsnap-repo.json").read_text()) == {"format": 1}
+    assert stat.S_IMODE(repo.root.stat().st_mode) == 0o700
+    assert stat.S_IMODE((repo.root / "vmsnap-repo.json").stat().st_mode) == 0o600
+    Repository.open(tmp_path / "new")  # opens again
+
+
+def test_a_non_empty_directory_is_not_made_a_repository(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "precious.txt").write_text("keep me")
+    with pytest.raises(RepositoryError, match="not empty"):
+        Repository.open(tmp_path / "data", create=True)
+    assert (tmp_path / "data" / "precious.txt").read_text() == "keep me"
+    assert not (tmp_path / "data" / "vmsnap-repo.json").exists()
+
+
+def test_another_format_version_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "vmsnap-repo.json").write_text('{"format": 2}')
+    with pytest.raises(RepositoryError, match="format 2") as info:
+        Repository.open(root)
+    assert "\n" not in str(info.value)
+    (root / "vmsnap-repo.json").write_text("{not json")
+    with pytest.raises(RepositoryError, match="damaged"):
+        Repository.open(root)
+
+
+@pytest.mark.parametrize("bad", ["../etc", "a/b", "..", ".hidden", "", "x" * 200])
+def test_names_with_slash_or_dots_never_become_paths(repo: Repository, bad: str) -> None:
+    with pytest.raises(UsageError):
+        repo.vm_dir(bad)
+    with pytest.raises(UsageError):
+        repo.backup_dir("vm1", bad)
+
+
+def test_one_damaged_manifest_does_not_hide_the_other_backups(repo: Repository, tmp_path: Path) -> None:
+    a = add_backup(repo, "vm1", W1)
+    b = add_backup(repo, "vm1", W2)
+    (repo.backup_dir("vm1", a.backup_id) / "manifest.json").write_text("{truncated")
+    damaged: list = []
+    assert [m.backup_id for m in repo.backups("vm1", damaged=damaged)] == [b.backup_id]
+    assert [d.backup_id for d in damaged] == [a.backup_id]
+    assert repo.get("vm1").backup_id == b.backup_id  # the latest is fine
+    repo.restore("vm1", b.backup_id, tmp_path / "out")
+    with pytest.raises(RepositoryError, match="unreadable"):
+        repo.restore("vm1", a.backup_id, tmp_path / "out-a")
+    report = repo.verify("vm1", reader="qemu")
+    assert report.checked == tuple(sorted([("vm1", a.backup_id), ("vm1", b.backup_id)]))
+    assert [(p.backup_id, p.disk) for p in report.problems] == [(a.backup_id, "")]
+    with pytest.raises(RepositoryError):  # never prune around a damaged backup
+        repo.prune("vm1", 1)
+    # a damaged newest backup is not skipped silently: "latest" names it
+    (repo.backup_dir("vm1", b.backup_id) / "manifest.json").write_text("[]")
+    with pytest.raises(RepositoryError, match="damaged"):
+        repo.get("vm1")
+
+
+def test_one_run_per_vm_holds_the_lock(repo: Repository) -> None:
+    with repo.lock("vm1"):
+        with pytest.raises(RepositoryError, match="another vmsnap run"), repo.lock("vm1"):
+            pass
+        with repo.lock("vm2"):
+            pass
+    with repo.lock("vm1"):
+        pass

@@ -1,0 +1,29 @@
+"""Progress of repository work (restore, verify) reported per disk, in bytes.
+
+The callers (the CLI's progress bar, tests) get ``(disk, bytes done, bytes total)``; hashing reports chunks,
+which :func:`scaled` turns into bytes of the disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+DiskProgress = Callable[[str, int, int], None]
+"""Progress of a repository operation: (disk name, bytes done, bytes total)."""
+
+
+def no_progress(disk: str, done: int, total: int) -> None:
+    """The default :data:`DiskProgress`: report nothing."""
+
+
+def scaled(progress: DiskProgress, disk: str, virtual_size: int) -> Callable[[int, int], None]:
+    """A hashing progress callback (chunks done, chunks to do) reported as bytes of ``disk``.
+
+    The end (``done == total``) is not reported: the caller reports it once the disk is checked.
+    """
+
+    def report(done: int, total: int) -> None:
+        if total and done < total:
+            progress(disk, virtual_size * done // total, virtual_size)
+
+    return report
