@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vmsnap.errors import NotFoundError, TransferError
+from vmsnap.errors import NotFoundError, TransferError, UsageError
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -62,9 +62,17 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
-def make_private_dir(path: Path) -> Path:
-    """Create ``path`` (0700) if missing, parents too; an existing one is left as it is."""
+def make_private_dir(path: Path, *, tighten: bool = False) -> Path:
+    """Create ``path`` (0700) if missing, parents too. An existing directory keeps its mode unless
+    ``tighten`` (run directories vmsnap owns: made 0700 again).
+
+    :raise UsageError: ``path`` exists and is not a directory, or is a symlink
+    """
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise UsageError(f"{path} exists and is not a directory", hint="remove it or choose another path")
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    if tighten:
+        os.chmod(path, DIR_MODE)
     return path
 
 

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from vmsnap.runner import Runner
 
+CRASH_ENV = "VMSNAP_TEST_CRASH_AT"
+"""Test-only: a step name at which a vmsnap process SIGKILLs itself (see :func:`crash_point`)."""
+
 
 def alive(pid: int) -> bool:
     """True when ``pid`` exists on this host and is not a zombie (a zombie holds no files any more: it only
@@ -103,3 +106,17 @@ def find(programs: frozenset[str], patterns: Sequence[str]) -> Iterator[tuple[in
         command = " ".join(argv)
         if any(p in command for p in wanted):
             yield int(entry.name), argv
+
+
+def crash_point(name: str) -> None:
+    """TEST ONLY: kill this process with SIGKILL when ``$VMSNAP_TEST_CRASH_AT`` is ``name`` (SIGTERM when it
+    is ``term:name``).
+
+    The crash-recovery tests use it to stop a backup, a mount or an instant restore at an exact step;
+    nothing else sets it.
+    """
+    wanted = os.environ.get(CRASH_ENV)
+    if wanted == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif wanted == f"term:{name}":
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,14 +10,13 @@ import attrs
 
 from vmsnap.errors import UsageError, VmsnapError
 from vmsnap.model import validate_name
+from vmsnap.processes import CRASH_ENV as CRASH_ENV
+from vmsnap.processes import crash_point as crash_point
 from vmsnap.repo.repository import DiskRecord, Kind
 
 Quiesce = Literal["auto", "on", "off"]
 PUSH = "none"
 """The transport name recorded when the strategy wrote the backup itself (push)."""
-
-CRASH_ENV = "VMSNAP_TEST_CRASH_AT"
-"""Test-only: a step name at which the backup process SIGKILLs itself (see :func:`crash_point`)."""
 
 CRASH_POINTS = (
     "after-start",
@@ -31,19 +28,6 @@ CRASH_POINTS = (
     "after-delete",
     "before-manifest",
 )
-
-
-def crash_point(name: str) -> None:
-    """TEST ONLY: kill this process with SIGKILL when ``$VMSNAP_TEST_CRASH_AT`` is ``name`` (SIGTERM when it
-    is ``term:name``).
-
-    The crash-recovery tests use it to stop a ``vmsnap backup`` at an exact step; nothing else sets it.
-    """
-    wanted = os.environ.get(CRASH_ENV)
-    if wanted == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif wanted == f"term:{name}":
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @attrs.frozen

@@ -175,8 +175,8 @@ def prepare(
     for name in sources:
         validate_name(name, "disk name")
     run = runner or LocalRunner()
-    to = Path(os.path.realpath(make_private_dir(to)))
-    make_private_dir(run_dir)
+    to = Path(os.path.realpath(make_private_dir(to, tighten=True)))
+    make_private_dir(run_dir, tighten=True)
     state_path = to / STATE
     with locked(to):
         state = read_state(state_path)
@@ -195,7 +195,7 @@ def prepare(
                         f"{to / f'{name}.qcow2'} exists already",
                         hint="instant restore never overwrites an image: choose an empty directory",
                     )
-        servers = make_private_dir(run_dir / _key(to))
+        servers = make_private_dir(run_dir / _key(to), tighten=True)
         if state is None:
             state = {
                 "format": STATE_FORMAT,

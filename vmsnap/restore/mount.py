@@ -248,7 +248,7 @@ def mount(
     :raise TransferError: the servers refused to start (e.g. a damaged image header)
     """
     run = runner or LocalRunner()
-    make_private_dir(run_dir)
+    make_private_dir(run_dir, tighten=True)
     with locked(run_dir):
         recover(run_dir=run_dir, runner=run, _locked=True)  # a dead mount's leftovers first
         target = _check_mountpoint(mountpoint, run_dir)
@@ -261,7 +261,7 @@ def mount(
         entry = run_dir / _key(target)
         if entry.exists():
             raise UsageError(f"{mountpoint} has a vmsnap mount already", hint=f"`vmsnap umount {mountpoint}`")
-        make_private_dir(entry)
+        make_private_dir(entry, tighten=True)
         state: dict[str, Any] = {
             "format": STATE_FORMAT,
             "mountpoint": str(target),

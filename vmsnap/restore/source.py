@@ -24,6 +24,8 @@ from typing import Any
 import attrs
 
 from vmsnap.errors import NotFoundError, UsageError
+from vmsnap.image.nbdkit import NbdkitServer
+from vmsnap.image.readers import reader_options
 from vmsnap.image.storage_daemon import (
     DaemonRecord,
     FuseExport,
@@ -33,8 +35,6 @@ from vmsnap.image.storage_daemon import (
     qcow2_chain_node,
 )
 from vmsnap.model import validate_name
-from vmsnap.restore.nbdkit import NbdkitServer
-from vmsnap.restore.readers import reader_options
 from vmsnap.runner import LocalRunner, Runner
 
 
@@ -71,9 +71,9 @@ class ImageSource:
 
 @attrs.frozen
 class ReaderSource:
-    """A backup disk read by a :class:`~vmsnap.restore.readers.BlockReader` built in nbdkit's Python plugin.
+    """A backup disk read by a :class:`~vmsnap.image.readers.BlockReader` built in nbdkit's Python plugin.
 
-    :param reader: the factory's import string, e.g. ``vmsnap.restore.readers:VerifiedRawReader``
+    :param reader: the factory's import string, e.g. ``vmsnap.image.readers:VerifiedRawReader``
     :param options: its keyword arguments (strings; visible in ``ps``, so never a secret)
     :param identity: what makes two mounts "the same backup disk", e.g. ``chunks:REPO/vm/ID/disk``
         (default: the reader and its options)

@@ -8,12 +8,12 @@ import contextlib
 import fcntl
 import json
 import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vmsnap.errors import UsageError, VmsnapError
+from vmsnap.errors import VmsnapError
+from vmsnap.files import make_private_dir
 from vmsnap.image.storage_daemon import (
     RECORD,
     DaemonRecord,
@@ -23,41 +23,19 @@ from vmsnap.image.storage_daemon import (
     stop_recorded,
     write_private_json,
 )
+from vmsnap.processes import CRASH_ENV, crash_point
 from vmsnap.runner import Runner
 
-CRASH_ENV = "VMSNAP_TEST_CRASH_AT"
-"""Test-only: a step name at which a mount or instant restore SIGKILLs itself (see :func:`crash_point`)."""
+__all__ = ["CRASH_ENV", "crash_point", "make_private_dir"]
+
 
 DIR_MODE = 0o700
-
-
-def crash_point(name: str) -> None:
-    """TEST ONLY: kill this process with SIGKILL when ``$VMSNAP_TEST_CRASH_AT`` is ``name``.
-
-    The crash tests use it to stop a mount or an instant restore at an exact step; nothing else sets it.
-    """
-    if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def make_private_dir(path: Path) -> Path:
-    """Create ``path`` (and missing parents) 0700; an existing directory is made 0700 too.
-
-    :raise UsageError: it exists and is not a directory, or is a symlink
-    """
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise UsageError(
-            f"{path} exists and is not a directory", hint="remove it or choose another run directory"
-        )
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    os.chmod(path, DIR_MODE)
-    return path
 
 
 @contextlib.contextmanager
 def locked(directory: Path) -> Iterator[None]:
     """Hold an exclusive flock on ``directory/.lock`` (released when the process dies, too)."""
-    make_private_dir(directory)
+    make_private_dir(directory, tighten=True)
     fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

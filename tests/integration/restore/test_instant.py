@@ -96,7 +96,7 @@ def test_a_dead_server_is_restarted_and_qemu_reconnects(
         ImageSource(backed_up_disk.inc)
         if kind == "qcow2-chain"
         else ReaderSource(
-            "vmsnap.restore.readers:VerifiedRawReader",
+            "vmsnap.image.readers:VerifiedRawReader",
             {"path": str(backed_up_disk.raw_v2), "chunks": str(backed_up_disk.chunks_v2)},
         )
     )

@@ -274,7 +274,7 @@ def test_a_reader_source_through_nbdkit_and_a_damaged_chunk(
     """The chunk-layout path with a stand-in reader: nbdkit's Python plugin serves a raw image whose 4 MiB
     chunks are checked against sha256 digests. Intact, every file matches v2; with one chunk altered, the
     files in that chunk give EIO (the plugin logs why), all others read fine, and nothing hangs."""
-    reader = "vmsnap.restore.readers:VerifiedRawReader"
+    reader = "vmsnap.image.readers:VerifiedRawReader"
     target = tmp_path / "m"
     target.mkdir()
     intact = ReaderSource(

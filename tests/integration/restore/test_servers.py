@@ -17,6 +17,7 @@ import pytest
 from tests.integration.restore.conftest import BackedUpDisk
 from tests.integration.restore.images import MiB, pattern
 from vmsnap.image.digest import image_chunks, write_chunks_file
+from vmsnap.image.nbdkit import NbdkitServer
 from vmsnap.image.storage_daemon import (
     FuseExport,
     NbdExport,
@@ -26,7 +27,6 @@ from vmsnap.image.storage_daemon import (
     read_record,
     stop_recorded,
 )
-from vmsnap.restore.nbdkit import NbdkitServer
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_nbdkit_plugin_serves_a_verified_reader(backed_up_disk: BackedUpDisk, sh
     chunks = short_dir / "disk.chunks"
     write_chunks_file(chunks, image_chunks(raw, "raw"))
     options = {"path": str(raw), "chunks": str(chunks)}
-    with NbdkitServer("vmsnap.restore.readers:VerifiedRawReader", options, parent=short_dir) as server:
+    with NbdkitServer("vmsnap.image.readers:VerifiedRawReader", options, parent=short_dir) as server:
         first, second = connect(server.uri), connect(server.uri)
         assert first.get_size() == 16 * MiB
         assert first.can_multi_conn() and first.is_read_only()
@@ -143,7 +143,5 @@ def test_nbdkit_reports_a_reader_that_cannot_open(short_dir: Path) -> None:
     from vmsnap.errors import TransferError
 
     with pytest.raises(TransferError, match="does not exist"):
-        NbdkitServer(
-            "vmsnap.restore.readers:RawFileReader", {"path": "/no/such.raw"}, parent=short_dir
-        ).start()
+        NbdkitServer("vmsnap.image.readers:RawFileReader", {"path": "/no/such.raw"}, parent=short_dir).start()
     assert list(short_dir.iterdir()) == []

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from vmsnap.errors import UsageError, VmsnapError
+from vmsnap.image.readers import load_factory, reader_options
 from vmsnap.image.storage_daemon import DaemonRecord, FuseExport, NbdExport, QemuStorageDaemon
 from vmsnap.restore.host import parse_losetup, parse_mounts, under
 from vmsnap.restore.partitions import (
@@ -18,7 +19,6 @@ from vmsnap.restore.partitions import (
     parse_sfdisk,
     whole_disk,
 )
-from vmsnap.restore.readers import load_factory, reader_options
 
 GPT = {
     "partitiontable": {
@@ -177,8 +177,8 @@ def test_storage_daemon_nodes_are_read_only_unless_asked(tmp_path: Path) -> None
 
 
 def test_reader_factories_and_options() -> None:
-    assert load_factory("vmsnap.restore.readers:RawFileReader").__name__ == "RawFileReader"
-    for bad in ("vmsnap.restore.readers", "no.such.module:x", "vmsnap.restore.readers:nothing"):
+    assert load_factory("vmsnap.image.readers:RawFileReader").__name__ == "RawFileReader"
+    for bad in ("vmsnap.image.readers", "no.such.module:x", "vmsnap.image.readers:nothing"):
         with pytest.raises(UsageError):
             load_factory(bad)
     assert reader_options({"path": Path("/a"), "n": 3}) == {"path": "/a", "n": "3"}

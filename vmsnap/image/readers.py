@@ -1,8 +1,8 @@
 """Block readers: "something with a size and ``pread(offset, length)`` that raises on damage", the interface
-the nbdkit plugin (:mod:`vmsnap.restore.nbdkit_plugin`) serves over NBD for backups that are not qcow2 chains.
+the nbdkit plugin (:mod:`vmsnap.image.nbdkit_plugin`) serves over NBD for backups that are not qcow2 chains.
 
 A reader is built inside nbdkit's embedded Python from an import string and string options, e.g.
-``reader=vmsnap.restore.readers:RawFileReader path=/backups/disk.raw``; the chunk layout's reader plugs in the
+``reader=vmsnap.image.readers:RawFileReader path=/backups/disk.raw``; the chunk layout's reader plugs in the
 same way (``reader=vmsnap.repo.chunks.restore:open_reader repo=… vm=… backup=… disk=…``). Options land on
 nbdkit's command line, visible in ``/proc/PID/cmdline``: never pass a secret as an option (a key *file*'s
 path is fine).
@@ -57,14 +57,14 @@ ReaderFactory = Callable[..., BlockReader]
 
 
 def load_factory(spec: str) -> ReaderFactory:
-    """The callable named by ``module:attribute`` (e.g. ``vmsnap.restore.readers:RawFileReader``).
+    """The callable named by ``module:attribute`` (e.g. ``vmsnap.image.readers:RawFileReader``).
 
     :raise UsageError: the import string is malformed, the module or attribute does not exist
     """
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute.isidentifier():
         raise UsageError(
-            f"reader {spec!r} is not module:callable", hint="e.g. vmsnap.restore.readers:RawFileReader"
+            f"reader {spec!r} is not module:callable", hint="e.g. vmsnap.image.readers:RawFileReader"
         )
     try:
         module = importlib.import_module(module_name)

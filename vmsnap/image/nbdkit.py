@@ -1,5 +1,5 @@
-"""The one wrapper of ``nbdkit``: a :class:`~vmsnap.restore.readers.BlockReader` served read-only over NBD by
-nbdkit's Python plugin (:mod:`vmsnap.restore.nbdkit_plugin`), forked into the background so that it outlives
+"""The one wrapper of ``nbdkit``: a :class:`~vmsnap.image.readers.BlockReader` served read-only over NBD by
+nbdkit's Python plugin (:mod:`vmsnap.image.nbdkit_plugin`), forked into the background so that it outlives
 the process that started it, and recorded like a storage daemon (``daemon.json``, 0600) so that any later
 process can stop it by pid (:func:`vmsnap.image.storage_daemon.stop_recorded`).
 
@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 
 from vmsnap.errors import NotFoundError, TransferError, UsageError, VmsnapError
+from vmsnap.image.readers import reader_options
 from vmsnap.image.storage_daemon import (
     RECORD,
     DaemonRecord,
@@ -29,7 +30,6 @@ from vmsnap.image.storage_daemon import (
     stop_process,
     stop_recorded,
 )
-from vmsnap.restore.readers import reader_options
 from vmsnap.runner import LocalRunner, Runner
 
 PROGRAM = "nbdkit"

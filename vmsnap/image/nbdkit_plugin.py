@@ -1,11 +1,11 @@
-"""nbdkit Python plugin: serves a :class:`~vmsnap.restore.readers.BlockReader` read-only over NBD.
+"""nbdkit Python plugin: serves a :class:`~vmsnap.image.readers.BlockReader` read-only over NBD.
 
 Not imported by vmsnap; nbdkit's embedded Python runs it (``nbdkit python nbdkit_plugin.py …``), usually
-through :class:`vmsnap.restore.nbdkit.NbdkitServer`. Parameters::
+through :class:`vmsnap.image.nbdkit.NbdkitServer`. Parameters::
 
     syspath=DIR          prepended to sys.path (repeatable): the project or the venv's site-packages, so
                          that nbdkit's interpreter (Debian's python3, the venv's base) imports vmsnap
-    reader=MOD:CALLABLE  the reader factory, e.g. vmsnap.restore.readers:RawFileReader
+    reader=MOD:CALLABLE  the reader factory, e.g. vmsnap.image.readers:RawFileReader
     log=FILE             where read errors are appended (one line each; nbdkit runs detached)
     KEY=VALUE            anything else: keyword arguments of the factory (strings)
 
@@ -62,7 +62,7 @@ def config_complete() -> None:
     for path in reversed(_paths):
         if path not in sys.path:
             sys.path.insert(0, path)
-    from vmsnap.restore.readers import open_reader
+    from vmsnap.image.readers import open_reader
 
     _reader = open_reader(_spec, dict(_options))
 
