@@ -23,10 +23,10 @@ from tests.integration.guest_side.conftest import (
     DBLOCK,
     DbLab,
     MariaDb,
-    pid_alive,
     start_mariadb,
     write_option_file,
 )
+from vmsnap.processes import alive
 
 
 def dblock(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -110,7 +110,7 @@ def test_freeze_blocks_writers_not_readers_and_thaw_releases(
     assert frozen.returncode == 0, frozen.stderr
     assert "global read lock held" in frozen.stdout
     pid = holder_pid(run_dir)
-    assert pid_alive(pid)
+    assert alive(pid)
     # the credentials are in the option file only: not in the holder's argv or environment
     assert BACKUP_PASSWORD.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
     assert BACKUP_PASSWORD.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
@@ -129,7 +129,7 @@ def test_freeze_blocks_writers_not_readers_and_thaw_releases(
     assert "lock released after" in thawed.stdout
     writer.finish()
     assert mariadb.query("SELECT id FROM shop.orders ORDER BY id") == [(1,), (2,)]
-    wait_until(lambda: not pid_alive(pid), "the holder to exit after thaw")
+    wait_until(lambda: not alive(pid), "the holder to exit after thaw")
     assert not (run_dir / "holder.sock").exists()
     assert thaw(run_dir).stdout.strip() == "vmsnap-dblock: nothing to thaw"
 
@@ -247,7 +247,7 @@ def test_lock_released_by_the_safety_timeout_when_thaw_never_comes(
     writer = BlockedWriter(mariadb, "shop.orders", 1)
     wait_until(lambda: "lock" in writer.state(mariadb).lower(), "the writer to wait for the read lock")
     writer.finish()  # waits for the holder to give up the lock by itself
-    wait_until(lambda: not pid_alive(pid), "the holder to exit after its safety timeout")
+    wait_until(lambda: not alive(pid), "the holder to exit after its safety timeout")
     assert_not_locked(mariadb, 2)
 
     thawed = thaw(run_dir)
@@ -341,7 +341,7 @@ def test_lock_granted_after_freeze_was_killed_is_released_at_once(
             cursor.execute("UNLOCK TABLES")
     finally:
         blocker.close()
-    wait_until(lambda: not pid_alive(pid), "the orphaned holder to give up its lock and exit")
+    wait_until(lambda: not alive(pid), "the orphaned holder to give up its lock and exit")
     assert_not_locked(mariadb, 1)
     assert "freeze is gone before it heard that the lock is held" in (run_dir / "holder.log").read_text()
 
@@ -354,7 +354,7 @@ def test_second_freeze_while_locked_is_refused_and_keeps_the_first_lock(
     again = freeze(option_file, run_dir)
     assert again.returncode == 1
     assert "a lock holder already runs" in again.stderr
-    assert pid_alive(pid)
+    assert alive(pid)
     assert thaw(run_dir).returncode == 0
     assert_not_locked(mariadb, 1)
 
@@ -393,7 +393,7 @@ def test_holder_stopped_with_sigterm_releases_the_lock_and_thaw_reports_it(
     assert freeze(option_file, run_dir).returncode == 0
     pid = holder_pid(run_dir)
     os.kill(pid, signal.SIGTERM)
-    wait_until(lambda: not pid_alive(pid), "the holder to exit on SIGTERM")
+    wait_until(lambda: not alive(pid), "the holder to exit on SIGTERM")
     assert_not_locked(mariadb, 1)
     thawed = thaw(run_dir)
     assert thawed.returncode == 1
