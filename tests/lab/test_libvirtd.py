@@ -14,13 +14,13 @@ from tests.conftest import make_image
 from vmsnap.errors import LibvirtError
 from vmsnap.lab.libvirtd import (
     Libvirtd,
-    alive,
     define_domain,
     domain_xml,
     ensure_qemu_conf,
     remove_domain,
     stop_domain_qemu,
 )
+from vmsnap.processes import alive
 
 
 def test_qemu_conf_gets_only_the_missing_settings(tmp_path: Path) -> None:

@@ -188,7 +188,6 @@ class LabGuest:
         self._runner = None
         if self.process is not None:
             self.process.stop()
-            self.process.kill()
         if self._rundir is not None:
             shutil.rmtree(self._rundir, ignore_errors=True)
             self._rundir = None

@@ -2,14 +2,14 @@
 
 :class:`QemuProcess` runs ``qemu-system-x86_64`` with ``-blockdev`` disks, a QMP socket and optionally a guest
 agent channel; :class:`StorageDaemon` runs ``qemu-storage-daemon``. Both stop only the process they started
-(by pid) and choose the accelerator by probing, never by assuming this host's quirks.
+(by pid, through :mod:`vmsnap.processes`) and choose the accelerator by probing, never by assuming this host's
+quirks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -19,7 +19,9 @@ from typing import Literal
 
 import attrs
 
+from vmsnap import processes
 from vmsnap.errors import VmsnapError
+from vmsnap.lab.image.contents import AGENT_PORT
 from vmsnap.vm.qmp import QMPMonitor
 
 Accel = Literal["kvm", "tcg"]
@@ -87,18 +89,16 @@ class QemuStartError(VmsnapError):
     """QEMU exited or did not open its QMP socket; the message carries the end of its log."""
 
 
-def _listening(path: Path) -> bool:
+def listening(path: Path, *, timeout: float = 1.0) -> bool:
     """True once a unix socket accepts connections (the file appears at bind(), before listen())."""
     if not path.exists():
         return False
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(timeout)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
     return True
 
 
@@ -107,6 +107,33 @@ def _log_tail(log: Path, lines: int = 15) -> str:
         return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def _launch(
+    argv: Sequence[str], *, log: Path, qmp_socket: Path, what: str, timeout: float, stop_timeout: float
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (output to ``log``, its own session) and wait until it listens on ``qmp_socket``.
+
+    :param stop_timeout: when it never listens, SIGTERM it and SIGKILL it after this long (0: SIGKILL at once)
+    :raise QemuStartError: it exited early, or did not listen within ``timeout`` (it is stopped then)
+    """
+    with contextlib.suppress(FileNotFoundError):
+        qmp_socket.unlink()
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.monotonic() + timeout
+    while not listening(qmp_socket):
+        if process.poll() is not None:
+            raise QemuStartError(
+                f"{what} exited with code {process.returncode}: {_log_tail(log)}", hint=f"see {log}"
+            )
+        if time.monotonic() > deadline:
+            processes.stop_child(process, timeout=stop_timeout)
+            raise QemuStartError(f"{what} did not open {qmp_socket} within {timeout:g} s", hint=f"see {log}")
+        time.sleep(0.02)
+    return process
 
 
 class QemuProcess:
@@ -193,7 +220,7 @@ class QemuProcess:
                 "-device",
                 "virtio-serial-pci,id=vser0",
                 "-device",
-                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+                f"virtserialport,chardev=qga0,name={AGENT_PORT}",
             ]
         if self.kernel is not None:
             argv += ["-kernel", str(self.kernel)]
@@ -210,27 +237,16 @@ class QemuProcess:
         :raise QemuStartError: QEMU exited early or never opened the socket (with its log's last lines)
         """
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for path in (self.qmp_socket, self.agent_socket):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                self.argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while not _listening(self.qmp_socket):
-            if self.process.poll() is not None:
-                raise QemuStartError(
-                    f"QEMU exited with code {self.process.returncode}: {_log_tail(self.log)}"
-                )
-            if time.monotonic() > deadline:
-                self.kill()
-                raise QemuStartError(f"QEMU did not open {self.qmp_socket} within {timeout:g} s")
-            time.sleep(0.02)
+        with contextlib.suppress(FileNotFoundError):
+            self.agent_socket.unlink()
+        self.process = _launch(
+            self.argv(),
+            log=self.log,
+            qmp_socket=self.qmp_socket,
+            what="QEMU",
+            timeout=timeout,
+            stop_timeout=0,  # SIGKILL: nothing of a VM that never got going needs a clean quit
+        )
         return self
 
     @property
@@ -260,14 +276,10 @@ class QemuProcess:
         except subprocess.TimeoutExpired:
             self.kill()
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to the QEMU we started (by pid) and reap it."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.process.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(10)
+    def kill(self) -> None:
+        """SIGKILL the QEMU we started (by pid) and reap it."""
+        if self.process is not None:
+            processes.stop_child(self.process, timeout=0)
 
     def __enter__(self) -> QemuProcess:
         if not self.alive():
@@ -301,26 +313,19 @@ class StorageDaemon:
         return argv
 
     def start(self, *, timeout: float = 15.0) -> StorageDaemon:
-        """Start the daemon and wait for its QMP socket."""
+        """Start the daemon and wait for its QMP socket.
+
+        :raise QemuStartError: it exited early or never opened the socket (with its log's last lines)
+        """
         self.workdir.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.qmp_socket.unlink()
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                self.argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while not _listening(self.qmp_socket):
-            if self.process.poll() is not None:
-                raise QemuStartError(f"qemu-storage-daemon exited: {_log_tail(self.log)}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise QemuStartError(f"qemu-storage-daemon did not open {self.qmp_socket}")
-            time.sleep(0.02)
+        self.process = _launch(
+            self.argv(),
+            log=self.log,
+            qmp_socket=self.qmp_socket,
+            what="qemu-storage-daemon",
+            timeout=timeout,
+            stop_timeout=10,
+        )
         return self
 
     def monitor(self) -> QMPMonitor:
@@ -328,15 +333,9 @@ class StorageDaemon:
         return QMPMonitor(self.qmp_socket).connect()
 
     def stop(self) -> None:
-        """Stop the daemon we started (SIGTERM, then SIGKILL), by pid."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+        """Stop the daemon we started (SIGTERM, then SIGKILL after 10 s), by pid."""
+        if self.process is not None:
+            processes.stop_child(self.process, timeout=10)
 
     def __enter__(self) -> StorageDaemon:
         return self.start()
