@@ -9,13 +9,14 @@ quirks.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import attrs
 
@@ -84,6 +85,22 @@ class DriveSpec:
     def file_node_name(self) -> str:
         return f"file-{self.id}"
 
+    def blockdev_args(self, flag: str = "-blockdev") -> list[str]:
+        """The two block nodes of this disk (``file-ID`` under ``fmt-ID``) as QEMU options, ``flag`` each."""
+        protocol: dict[str, object] = {
+            "driver": "file",
+            "filename": str(self.path),
+            "node-name": self.file_node_name,
+        }
+        if self.cache_direct:
+            protocol["cache"] = {"direct": True}
+        fmt = {"driver": self.format, "file": self.file_node_name, "node-name": self.node_name}
+        return [flag, _json(protocol), flag, _json(fmt)]
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
 
 class QemuStartError(VmsnapError):
     """QEMU exited or did not open its QMP socket; the message carries the end of its log."""
@@ -109,34 +126,80 @@ def _log_tail(log: Path, lines: int = 15) -> str:
         return ""
 
 
-def _launch(
-    argv: Sequence[str], *, log: Path, qmp_socket: Path, what: str, timeout: float, stop_timeout: float
-) -> subprocess.Popen[bytes]:
-    """Start ``argv`` (output to ``log``, its own session) and wait until it listens on ``qmp_socket``.
+class _Launched:
+    """What :class:`QemuProcess` and :class:`StorageDaemon` share: a QEMU program this process started (in
+    its own session, output to ``NAME.log``) that serves QMP on ``workdir/NAME.qmp``, stopped only by its pid.
 
-    :param stop_timeout: when it never listens, SIGTERM it and SIGKILL it after this long (0: SIGKILL at once)
-    :raise QemuStartError: it exited early, or did not listen within ``timeout`` (it is stopped then)
+    :param workdir: where the socket and the log go (created when missing)
+    :param drives: the disks given on the command line
+    :param name: the base name of the socket and the log
     """
-    with contextlib.suppress(FileNotFoundError):
-        qmp_socket.unlink()
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    deadline = time.monotonic() + timeout
-    while not listening(qmp_socket):
-        if process.poll() is not None:
-            raise QemuStartError(
-                f"{what} exited with code {process.returncode}: {_log_tail(log)}", hint=f"see {log}"
+
+    what: ClassVar[str]
+    """The program, for messages."""
+
+    def __init__(self, workdir: Path, drives: Sequence[DriveSpec], name: str) -> None:
+        self.workdir = Path(workdir)
+        self.drives = list(drives)
+        self.qmp_socket = self.workdir / f"{name}.qmp"
+        self.log = self.workdir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        """The full command line (an argv list)."""
+        raise NotImplementedError
+
+    def _launch(self, *, timeout: float, stop_timeout: float) -> None:
+        """Start :meth:`argv` and wait until it listens on its QMP socket.
+
+        :param stop_timeout: when it never listens, SIGTERM it and SIGKILL it after this long (0: SIGKILL now)
+        :raise QemuStartError: it exited early, or did not listen within ``timeout`` (it is stopped then)
+        """
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.qmp_socket.unlink()
+        with open(self.log, "wb") as out:
+            process = subprocess.Popen(
+                self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
-        if time.monotonic() > deadline:
-            processes.stop_child(process, timeout=stop_timeout)
-            raise QemuStartError(f"{what} did not open {qmp_socket} within {timeout:g} s", hint=f"see {log}")
-        time.sleep(0.02)
-    return process
+        self.process = process
+        deadline = time.monotonic() + timeout
+        while not listening(self.qmp_socket):
+            if process.poll() is not None:
+                raise QemuStartError(
+                    f"{self.what} exited with code {process.returncode}: {_log_tail(self.log)}",
+                    hint=f"see {self.log}",
+                )
+            if time.monotonic() > deadline:
+                processes.stop_child(process, timeout=stop_timeout)
+                raise QemuStartError(
+                    f"{self.what} did not open {self.qmp_socket} within {timeout:g} s", hint=f"see {self.log}"
+                )
+            time.sleep(0.02)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.process is not None and self.process.poll() is None
+
+    def monitor(self) -> QMPMonitor:
+        """A new, connected QMP monitor (close it when done: QEMU serves one client at a time)."""
+        return QMPMonitor(self.qmp_socket).connect()
+
+    def _stop_process(self, *, timeout: float) -> None:
+        """SIGTERM, SIGKILL after ``timeout`` (0: at once), by pid; then reap it."""
+        if self.process is not None:
+            processes.stop_child(self.process, timeout=timeout)
 
 
-class QemuProcess:
+class QemuProcess(_Launched):
     """A ``qemu-system-x86_64`` this process started, with QMP (and maybe agent) unix sockets in ``workdir``.
 
     :param workdir: where sockets and logs go (must exist)
@@ -145,6 +208,8 @@ class QemuProcess:
     :param agent: add a virtio-serial guest agent channel on ``workdir/agent.sock``
     :param accel: force an accelerator; default :func:`choose_accel`
     """
+
+    what = "QEMU"
 
     def __init__(
         self,
@@ -160,8 +225,7 @@ class QemuProcess:
         accel: Accel | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
-        self.workdir = Path(workdir)
-        self.drives = list(drives)
+        super().__init__(workdir, drives, name)
         self.name = name
         self.memory_mb = memory_mb
         self.kernel = kernel
@@ -170,14 +234,10 @@ class QemuProcess:
         self.agent = agent
         self.accel: Accel = accel or choose_accel(booting_guest=kernel is not None)
         self.extra_args = list(extra_args)
-        self.qmp_socket = self.workdir / f"{name}.qmp"
         self.agent_socket = self.workdir / f"{name}.qga"
-        self.log = self.workdir / f"{name}.log"
         self.console = self.workdir / f"{name}.console"
-        self.process: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
-        """The full command line (an argv list)."""
         cpu = "qemu64"
         argv = [
             "qemu-system-x86_64",
@@ -201,13 +261,7 @@ class QemuProcess:
         if any(d.bus == "scsi" for d in self.drives):
             argv += ["-device", "virtio-scsi-pci,id=scsi0"]
         for drive in self.drives:
-            cache = ',"cache":{"direct":true}' if drive.cache_direct else ""
-            argv += [
-                "-blockdev",
-                f'{{"driver":"file","filename":"{drive.path}","node-name":"{drive.file_node_name}"{cache}}}',
-                "-blockdev",
-                f'{{"driver":"{drive.format}","file":"{drive.file_node_name}","node-name":"{drive.node_name}"}}',
-            ]
+            argv += drive.blockdev_args()
             serial = f",serial={drive.serial}" if drive.serial else ""
             if drive.bus == "scsi":
                 argv += ["-device", f"scsi-hd,drive={drive.node_name},id={drive.id}{serial}"]
@@ -236,30 +290,11 @@ class QemuProcess:
 
         :raise QemuStartError: QEMU exited early or never opened the socket (with its log's last lines)
         """
-        self.workdir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.agent_socket.unlink()
-        self.process = _launch(
-            self.argv(),
-            log=self.log,
-            qmp_socket=self.qmp_socket,
-            what="QEMU",
-            timeout=timeout,
-            stop_timeout=0,  # SIGKILL: nothing of a VM that never got going needs a clean quit
-        )
+        # SIGKILL when it never listens: nothing of a VM that never got going needs a clean quit
+        self._launch(timeout=timeout, stop_timeout=0)
         return self
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    def alive(self) -> bool:
-        """True while the QEMU process runs."""
-        return self.process is not None and self.process.poll() is None
-
-    def monitor(self) -> QMPMonitor:
-        """A new, connected QMP monitor (close it when done: QEMU serves one client at a time)."""
-        return QMPMonitor(self.qmp_socket).connect()
 
     def stop(self, *, timeout: float = 10.0) -> None:
         """Quit QEMU cleanly (QMP ``quit``, so persistent bitmaps are written), then kill it if it lingers."""
@@ -278,8 +313,7 @@ class QemuProcess:
 
     def kill(self) -> None:
         """SIGKILL the QEMU we started (by pid) and reap it."""
-        if self.process is not None:
-            processes.stop_child(self.process, timeout=0)
+        self._stop_process(timeout=0)
 
     def __enter__(self) -> QemuProcess:
         if not self.alive():
@@ -290,26 +324,19 @@ class QemuProcess:
         self.stop()
 
 
-class StorageDaemon:
+class StorageDaemon(_Launched):
     """A ``qemu-storage-daemon`` this process started, exporting nothing until told over QMP."""
 
+    what = "qemu-storage-daemon"
+
     def __init__(self, workdir: Path, drives: Sequence[DriveSpec] = (), *, name: str = "qsd") -> None:
-        self.workdir = Path(workdir)
-        self.drives = list(drives)
-        self.qmp_socket = self.workdir / f"{name}.qmp"
-        self.log = self.workdir / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(workdir, drives, name)
 
     def argv(self) -> list[str]:
         argv = ["qemu-storage-daemon", "--chardev", f"socket,path={self.qmp_socket},server=on,wait=off,id=m0"]
         argv += ["--monitor", "chardev=m0"]
         for drive in self.drives:
-            argv += [
-                "--blockdev",
-                f'{{"driver":"file","filename":"{drive.path}","node-name":"{drive.file_node_name}"}}',
-                "--blockdev",
-                f'{{"driver":"{drive.format}","file":"{drive.file_node_name}","node-name":"{drive.node_name}"}}',
-            ]
+            argv += drive.blockdev_args("--blockdev")
         return argv
 
     def start(self, *, timeout: float = 15.0) -> StorageDaemon:
@@ -317,25 +344,12 @@ class StorageDaemon:
 
         :raise QemuStartError: it exited early or never opened the socket (with its log's last lines)
         """
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.process = _launch(
-            self.argv(),
-            log=self.log,
-            qmp_socket=self.qmp_socket,
-            what="qemu-storage-daemon",
-            timeout=timeout,
-            stop_timeout=10,
-        )
+        self._launch(timeout=timeout, stop_timeout=10)
         return self
-
-    def monitor(self) -> QMPMonitor:
-        """A new, connected QMP monitor."""
-        return QMPMonitor(self.qmp_socket).connect()
 
     def stop(self) -> None:
         """Stop the daemon we started (SIGTERM, then SIGKILL after 10 s), by pid."""
-        if self.process is not None:
-            processes.stop_child(self.process, timeout=10)
+        self._stop_process(timeout=10)
 
     def __enter__(self) -> StorageDaemon:
         return self.start()
