@@ -6,6 +6,7 @@ lock were still held; every check of "writers are blocked" waits for the server 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -13,6 +14,7 @@ import stat
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from tests.integration.guest_side.conftest import (
     start_mariadb,
     write_option_file,
 )
+from vmsnap import processes
 from vmsnap.processes import alive
 
 
@@ -66,6 +69,21 @@ def assert_not_locked(server: MariaDb, row_id: int) -> None:
     finally:
         connection.close()
     assert server.query("SELECT id FROM shop.orders WHERE id = %s", (row_id,)) == [(row_id,)]
+
+
+@contextlib.contextmanager
+def orders_locked_for_write(server: MariaDb) -> Iterator[None]:
+    """Another session holds ``LOCK TABLES shop.orders WRITE`` for the body (FLUSH TABLES WITH READ LOCK
+    waits for it), then ``UNLOCK TABLES``."""
+    blocker = server.connect()
+    try:
+        with blocker.cursor() as cursor:
+            cursor.execute("LOCK TABLES shop.orders WRITE")
+        yield
+        with blocker.cursor() as cursor:
+            cursor.execute("UNLOCK TABLES")
+    finally:
+        blocker.close()
 
 
 class BlockedWriter:
@@ -299,15 +317,8 @@ def test_lock_not_granted_in_time_fails_the_freeze_and_locks_nothing(
     mariadb: MariaDb, option_file: Path, run_dir: Path
 ) -> None:
     """A session in LOCK TABLES ... WRITE keeps FLUSH TABLES WITH READ LOCK waiting: lock-wait bounds it."""
-    blocker = mariadb.connect()
-    try:
-        with blocker.cursor() as cursor:
-            cursor.execute("LOCK TABLES shop.orders WRITE")
+    with orders_locked_for_write(mariadb):
         frozen = freeze(option_file, run_dir, "--lock-wait", "1")
-        with blocker.cursor() as cursor:
-            cursor.execute("UNLOCK TABLES")
-    finally:
-        blocker.close()
     assert frozen.returncode == 1
     assert "did not grant the global read lock within 1 s" in frozen.stderr
     assert not (run_dir / "holder.pid").exists()
@@ -318,10 +329,7 @@ def test_lock_granted_after_freeze_was_killed_is_released_at_once(
     mariadb: MariaDb, option_file: Path, run_dir: Path
 ) -> None:
     """The hook runner's timeout killed freeze while it waited: a lock granted later must not linger."""
-    blocker = mariadb.connect()
-    try:
-        with blocker.cursor() as cursor:
-            cursor.execute("LOCK TABLES shop.orders WRITE")
+    with orders_locked_for_write(mariadb):
         waiting = subprocess.Popen(
             [*DBLOCK, "freeze", "--config", str(option_file), "--run-dir", str(run_dir), "--lock-wait", "20"],
             stdout=subprocess.DEVNULL,
@@ -335,12 +343,7 @@ def test_lock_granted_after_freeze_was_killed_is_released_at_once(
             )
             wait_until(lambda: mariadb.query(flush_waits)[0][0] == 1, "FLUSH TABLES WITH READ LOCK to wait")
         finally:
-            waiting.kill()
-            waiting.wait()
-        with blocker.cursor() as cursor:
-            cursor.execute("UNLOCK TABLES")
-    finally:
-        blocker.close()
+            processes.stop_child(waiting, timeout=0)  # SIGKILL: what a hook runner's timeout does
     wait_until(lambda: not alive(pid), "the orphaned holder to give up its lock and exit")
     assert_not_locked(mariadb, 1)
     assert "freeze is gone before it heard that the lock is held" in (run_dir / "holder.log").read_text()
