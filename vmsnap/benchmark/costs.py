@@ -360,77 +360,78 @@ class CostBench:
             self.skipped["btrfs"] = "needs root and btrfs-progs for a loop-mounted Btrfs"
             return
         with self._loop_btrfs() as mnt:
-            for cow in ("nodatacow", "datacow"):
+            self._btrfs_write_costs(mnt)
+            self._btrfs_cleanup_costs(mnt)
 
-                def volume(i: int, cow: str = cow) -> Path:
-                    vol = mnt / f"vol-{cow}-{i}"
-                    self._clear(mnt)  # one run's volume at a time: the loop filesystem stays small
-                    self.runner.run(["btrfs", "-q", "subvolume", "create", str(vol)])
-                    image = vol / "disk.raw"
-                    image.touch()
-                    if cow == "nodatacow":
-                        self.runner.run(["chattr", "+C", str(image)])
-                    with open(image, "r+b") as f:
-                        f.truncate(self.btrfs_write_mib * MiB)
-                    self._fill(image, self.btrfs_write_mib)
-                    self.runner.run(["btrfs", "filesystem", "sync", str(mnt)])
-                    return vol
+    def _btrfs_image(self, mnt: Path, vol: Path, *, mib: int, nodatacow: bool) -> Path:
+        """A new subvolume ``vol`` (the only one: earlier runs' are deleted) holding a ``mib`` raw image."""
+        self._clear(mnt)  # one run's volume at a time: the loop filesystem stays small
+        self.runner.run(["btrfs", "-q", "subvolume", "create", str(vol)])
+        image = vol / "disk.raw"
+        image.touch()
+        if nodatacow:
+            self.runner.run(["chattr", "+C", str(image)])
+        with open(image, "r+b") as f:
+            f.truncate(mib * MiB)
+        return image
 
-                def snapshot(vol: Path, i: int, cow: str = cow) -> Path:
-                    snap = mnt / f"snap-{cow}-{i}"
-                    self.runner.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(snap)])
-                    return snap
+    def _btrfs_write_costs(self, mnt: Path) -> None:
+        mib = self.btrfs_write_mib
+        for cow in ("nodatacow", "datacow"):
 
-                def baseline(i: int) -> float:
-                    return self._bench_write(str(volume(i) / "disk.raw"), fmt="raw", mib=self.btrfs_write_mib)
+            def volume(i: int, cow: str = cow) -> Path:
+                vol = mnt / f"vol-{cow}-{i}"
+                self._fill(self._btrfs_image(mnt, vol, mib=mib, nodatacow=cow == "nodatacow"), mib)
+                self.runner.run(["btrfs", "filesystem", "sync", str(mnt)])
+                return vol
 
-                def first(i: int) -> float:
-                    vol = volume(i)
-                    snapshot(vol, i)
-                    return self._bench_write(str(vol / "disk.raw"), fmt="raw", mib=self.btrfs_write_mib)
+            def snapshotted(i: int, cow: str = cow) -> Path:
+                vol = volume(i)
+                snap = mnt / f"snap-{cow}-{i}"
+                self.runner.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(snap)])
+                return vol
 
-                def again(i: int) -> float:
-                    vol = volume(i)
-                    snapshot(vol, i)
-                    self._bench_write(str(vol / "disk.raw"), fmt="raw", mib=self.btrfs_write_mib)
-                    return self._bench_write(str(vol / "disk.raw"), fmt="raw", mib=self.btrfs_write_mib)
+            def baseline(i: int) -> float:
+                return self._bench_write(str(volume(i) / "disk.raw"), fmt="raw", mib=mib)
 
-                self._record("btrfs", "write_baseline", cow, "MB/s", baseline)
-                self._record("btrfs", "write_first", cow, "MB/s", first)
-                self._record("btrfs", "write_again", cow, "MB/s", again)
-            # the cleanup figures: one volume with a snapshot, written to after it
-            vol, snap, aside = mnt / "vol-nodatacow-0", mnt / "snap-nodatacow-0", mnt / "aside"
+            def first(i: int) -> float:
+                return self._bench_write(str(snapshotted(i) / "disk.raw"), fmt="raw", mib=mib)
 
-            def delete(snap: Path) -> None:
-                self.runner.run(["btrfs", "-q", "subvolume", "delete", "--commit-each", str(snap)])
+            def again(i: int) -> float:
+                image = str(snapshotted(i) / "disk.raw")
+                self._bench_write(image, fmt="raw", mib=mib)
+                return self._bench_write(image, fmt="raw", mib=mib)
 
-            def rollback(snap: Path) -> None:
-                vol.rename(aside)
-                self.runner.run(["btrfs", "-q", "subvolume", "snapshot", str(snap), str(vol)])
-                self.runner.run(["btrfs", "-q", "subvolume", "delete", "--commit-each", str(aside)])
+            self._record("btrfs", "write_baseline", cow, "MB/s", baseline)
+            self._record("btrfs", "write_first", cow, "MB/s", first)
+            self._record("btrfs", "write_again", cow, "MB/s", again)
 
-            for mib in self.written_mib:
+    def _btrfs_cleanup_costs(self, mnt: Path) -> None:
+        """Delete and roll back one nodatacow volume's snapshot after writing to the volume."""
+        vol, snap, aside = mnt / "vol-nodatacow-0", mnt / "snap-nodatacow-0", mnt / "aside"
 
-                def prepared(i: int, mib: int = mib) -> Path:
-                    self._clear(mnt)
-                    self.runner.run(["btrfs", "-q", "subvolume", "create", str(vol)])
-                    image = vol / "disk.raw"
-                    image.touch()
-                    self.runner.run(["chattr", "+C", str(image)])
-                    with open(image, "r+b") as f:
-                        f.truncate(self.image_mib * MiB)
-                    # the cleanup cost depends on what was written since the snapshot, so the base only needs
-                    # data where those writes go (filling all of it per run made this stage take minutes)
-                    self._fill(image, mib)
-                    self.runner.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(snap)])
-                    self._fill(image, mib, pattern=0xCD)
-                    self.runner.run(["btrfs", "filesystem", "sync", str(mnt)])
-                    return snap
+        def delete(snap: Path) -> None:
+            self.runner.run(["btrfs", "-q", "subvolume", "delete", "--commit-each", str(snap)])
 
-                for metric, cleanup in (("delete", delete), ("rollback", rollback)):
-                    self._record(
-                        "btrfs", metric, f"{mib} MiB written", "s", self._cleanup_run(prepared, cleanup)
-                    )
+        def rollback(snap: Path) -> None:
+            vol.rename(aside)
+            self.runner.run(["btrfs", "-q", "subvolume", "snapshot", str(snap), str(vol)])
+            self.runner.run(["btrfs", "-q", "subvolume", "delete", "--commit-each", str(aside)])
+
+        for mib in self.written_mib:
+
+            def prepared(i: int, mib: int = mib) -> Path:
+                image = self._btrfs_image(mnt, vol, mib=self.image_mib, nodatacow=True)
+                # the cleanup cost depends on what was written since the snapshot, so the base only needs
+                # data where those writes go (filling all of it per run made this stage take minutes)
+                self._fill(image, mib)
+                self.runner.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(snap)])
+                self._fill(image, mib, pattern=0xCD)
+                self.runner.run(["btrfs", "filesystem", "sync", str(mnt)])
+                return snap
+
+            for metric, cleanup in (("delete", delete), ("rollback", rollback)):
+                self._record("btrfs", metric, f"{mib} MiB written", "s", self._cleanup_run(prepared, cleanup))
 
     def lvm(self) -> None:
         """LVM needs device-mapper; on a host without it the lab guest is required (not measured here)."""
