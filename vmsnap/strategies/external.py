@@ -31,6 +31,7 @@ from vmsnap.image import qemu_img
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
 from vmsnap.strategies.base import Capabilities, StrategyBase, distinct_names, file_source
 from vmsnap.vm.machine import Machine
+from vmsnap.vm.qmp_actions import blockdev_snapshot_sync_action
 
 OVERLAY_MARK = ".vmsnap-"
 """Overlay files are ``<image>.vmsnap-<snapshot>.qcow2`` next to the image they cover."""
@@ -220,17 +221,11 @@ class ExternalOverlayStrategy(StrategyBase):
 
     def transaction_actions(self, disk: Disk, *, name: str) -> builtins.list[Mapping[str, Any]]:
         """One ``blockdev-snapshot-sync`` action: QEMU creates the overlay file and switches the disk."""
+        overlay = overlay_path(root_image(disk.file), name)
         return [
-            {
-                "type": "blockdev-snapshot-sync",
-                "data": {
-                    "node-name": disk.node_name,
-                    "snapshot-file": str(overlay_path(root_image(disk.file), name)),
-                    "snapshot-node-name": _node_name(disk, name),
-                    "format": "qcow2",
-                    "mode": "absolute-paths",
-                },
-            }
+            blockdev_snapshot_sync_action(
+                disk.node_name, snapshot_file=overlay, snapshot_node=_node_name(disk, name)
+            )
         ]
 
     def create(self, disks: Sequence[Disk], *, name: str) -> builtins.list[SnapshotRef]:
@@ -318,26 +313,10 @@ class ExternalOverlayStrategy(StrategyBase):
                     )
                 info = self._info_unshared(image)
                 fresh = image.with_name(f".{image.name}.vmsnap-new-{uuid.uuid4().hex[:8]}")
-                size = str(int(info["virtual-size"]))
+                size = int(info["virtual-size"])
                 # the image's path never disappears: a new top is made aside, the old image gets a second
                 # name (hard link), and the new top replaces the path in one rename
-                self.runner.run(
-                    [
-                        "qemu-img",
-                        "create",
-                        "-q",
-                        "-f",
-                        "qcow2",
-                        "-u",
-                        "-b",
-                        str(frozen),
-                        "-F",
-                        "qcow2",
-                        str(fresh),
-                        size,
-                    ],
-                    timeout=120,
-                )
+                qemu_img.create(self.runner, fresh, "qcow2", size, backing=frozen, unsafe=True)
                 try:
                     self.runner.run(["chmod", f"--reference={image}", "--", str(fresh)], timeout=30)
                     self.runner.run(["ln", "--", str(image), str(frozen)], timeout=30)
@@ -422,18 +401,16 @@ class ExternalOverlayStrategy(StrategyBase):
             merge = "commit" if qemu_img.allocated_fraction(self.runner, layer.upper) < 0.5 else "stream"
         try:
             if merge == "stream":
-                args: dict[str, Any] = {"device": upper_node}
-                if below is not None:
-                    args["base-node"] = nodes[below]
-                qmp.run_job("block-stream", args, job_id=job_id, timeout=self.job_timeout)
+                base = nodes[below] if below is not None else None
+                qmp.block_stream(job_id, node=upper_node, base_node=base, timeout=self.job_timeout)
                 if layer.vmsnap_file == layer.upper:
                     return  # the VM now runs on the overlay file, which holds everything; the image stays
             else:
-                args = {"device": active_node, "top-node": upper_node, "base-node": lower_node}
-                qmp.run_job(
-                    "block-commit",
-                    args,
-                    job_id=job_id,
+                qmp.block_commit(
+                    job_id,
+                    device=active_node,
+                    top_node=upper_node,
+                    base_node=lower_node,
                     timeout=self.job_timeout,
                     complete_on_ready=layer.upper == disk.file,
                 )

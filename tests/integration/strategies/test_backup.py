@@ -26,12 +26,11 @@ from vmsnap.errors import SnapshotError, UnsupportedError, UsageError, VmsnapErr
 from vmsnap.lab.qemu import qemu_io
 from vmsnap.model import Disk
 from vmsnap.strategies.base import Strategy
+from vmsnap.strategies.blockdev_backup.plan import fleece_nodes, target_node
 from vmsnap.strategies.blockdev_backup.strategy import (
     BlockdevBackupStrategy,
     Fleecing,
     IncrementalFallbackWarning,
-    fleece_nodes,
-    target_node,
 )
 from vmsnap.vm.machine import Machine, OfflineMachine, QemuMachine
 
@@ -292,7 +291,7 @@ def test_pull_incremental_exports_exactly_the_changed_blocks(
     if fleecing == "filter":
         qdev, cbw = refs[0].details["qdev"], refs[0].details["cbw"]
         assert qmp.query_block()[0]["inserted"]["node-name"] == cbw
-        pull._set_drive(qmp, qdev, cbw)  # qom-set to the node a device already has aborts QEMU: skipped
+        qmp.set_device_node(qdev, cbw)  # qom-set to the node a device already has aborts QEMU: skipped
         assert vm.process.alive()
     qemu_io(qmp, "disk0", "write -P 0x99 0 8M")  # after the backup point: invisible through the export
     with pull.export(refs[0]) as source:
