@@ -171,6 +171,8 @@ class Backup:
                 report = recover_leftovers(repo, self.machine)
                 for action in report.actions:
                     self._note(f"recovered a dead run: {action}")
+                if report.actions:  # the disks may have changed (an overlay committed back): look again
+                    resolved = resolve(self.machine, self.config)
                 return self._run_locked(repo, vm, resolved, started)
             finally:
                 for warning in caught:
