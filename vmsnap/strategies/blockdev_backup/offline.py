@@ -164,6 +164,7 @@ def serve_image(runner: Runner, snap: SnapshotRef) -> Iterator[ExportSource]:
         Path(snap.disk.file),
         snap.disk.format,
         bitmap=pending if incremental else None,
+        persistent=True,  # several clients may read one after the other (a dead reader's is stopped by pid)
         export_name=snap.disk.name,
         runner=runner,
     )
