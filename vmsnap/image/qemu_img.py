@@ -245,6 +245,24 @@ def create(
     (runner or LocalRunner()).run([*argv, str(path), str(size)], timeout=120)
 
 
+SNAPSHOT_FLAGS = {"create": "-c", "apply": "-a", "delete": "-d"}
+"""``qemu-img snapshot``'s flag for each action."""
+
+
+def snapshot(runner: Runner | None, path: str | Path, name: str, *, action: str) -> None:
+    """``qemu-img snapshot``: create, apply (revert the image to) or delete internal snapshot ``name`` of a
+    qcow2 image that no QEMU holds.
+
+    :param action: "create", "apply" or "delete"
+    :raise UsageError: an unknown action
+    :raise CommandError: qemu-img refused (no such snapshot, the image is in use)
+    """
+    flag = SNAPSHOT_FLAGS.get(action)
+    if flag is None:
+        raise UsageError(f"unknown qemu-img snapshot action {action!r}", hint="create, apply or delete")
+    (runner or LocalRunner()).run(["qemu-img", "snapshot", flag, name, str(path)], timeout=600)
+
+
 # -- persistent dirty bitmaps of a qcow2 image --------------------------------------------------------
 
 

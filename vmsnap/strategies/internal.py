@@ -28,6 +28,7 @@ from vmsnap.image import qemu_img
 from vmsnap.image.nbd import QemuNbdServer
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
 from vmsnap.strategies.base import Capabilities, StrategyBase, distinct_names, file_source, require_qcow2
+from vmsnap.strategies.undo import undo_later
 from vmsnap.vm.machine import Machine
 from vmsnap.vm.qmp_actions import blockdev_snapshot_internal_action
 
@@ -224,20 +225,27 @@ class InternalSnapshotStrategy(StrategyBase):
         warnings.warn(message, LazyRefcountsWarning, stacklevel=3)
 
     def _create_offline(self, disks: Sequence[Disk], name: str) -> builtins.list[SnapshotRef]:
-        done: builtins.list[Disk] = []
-        for disk in disks:
-            try:
-                self.runner.run(["qemu-img", "snapshot", "-c", name, str(disk.file)], timeout=600)
-            except CommandError as err:
-                for made in reversed(done):
-                    with contextlib.suppress(CommandError):  # best effort; the error below names the cause
-                        self.runner.run(["qemu-img", "snapshot", "-d", name, str(made.file)], timeout=600)
-                raise SnapshotError(
-                    f"qemu-img snapshot -c {name} {disk.file} failed: {_cause(err)}",
+        with contextlib.ExitStack() as undo:
+            for disk in disks:
+                self._qemu_img_snapshot(
+                    "create",
+                    name,
+                    disk,
                     hint="no snapshot was kept on any disk; check that the image exists and no QEMU uses it",
-                ) from err
-            done.append(disk)
+                )
+                undo_later(undo, qemu_img.snapshot, self.runner, disk.file, name, action="delete")
+            undo.pop_all()
         return [self._ref(disk, {"name": name}) for disk in disks]
+
+    def _qemu_img_snapshot(self, action: str, name: str, disk: Disk, *, hint: str) -> None:
+        """:raise SnapshotError: qemu-img snapshot ``action`` of ``name`` on ``disk`` failed"""
+        try:
+            qemu_img.snapshot(self.runner, disk.file, name, action=action)
+        except CommandError as err:
+            flag = qemu_img.SNAPSHOT_FLAGS[action]
+            raise SnapshotError(
+                f"qemu-img snapshot {flag} {name} {disk.file} failed: {_cause(err)}", hint=hint
+            ) from err
 
     def _create_with_vm_state(self, disks: Sequence[Disk], name: str) -> builtins.list[SnapshotRef]:
         qmp = self.machine.qmp()
@@ -320,13 +328,7 @@ class InternalSnapshotStrategy(StrategyBase):
             except QMPCommandError as err:
                 raise SnapshotError(f"deleting {snap.name!r} on {disk.name} failed: {err.desc}") from err
             return
-        try:
-            self.runner.run(["qemu-img", "snapshot", "-d", snap.name, str(disk.file)], timeout=600)
-        except CommandError as err:
-            raise SnapshotError(
-                f"qemu-img snapshot -d {snap.name} {disk.file} failed: {_cause(err)}",
-                hint="check that no QEMU uses the image",
-            ) from err
+        self._qemu_img_snapshot("delete", snap.name, disk, hint="check that no QEMU uses the image")
 
     def rollback(self, snap: SnapshotRef) -> None:
         """Return the disk to the snapshot's content.
@@ -353,13 +355,7 @@ class InternalSnapshotStrategy(StrategyBase):
         if running:
             self._load_vm_state(disk, snap.name)
             return
-        try:
-            self.runner.run(["qemu-img", "snapshot", "-a", snap.name, str(disk.file)], timeout=600)
-        except CommandError as err:
-            raise SnapshotError(
-                f"qemu-img snapshot -a {snap.name} {disk.file} failed: {_cause(err)}",
-                hint="check that no QEMU uses the image",
-            ) from err
+        self._qemu_img_snapshot("apply", snap.name, disk, hint="check that no QEMU uses the image")
 
     def _bitmap_names(self, disk: Disk) -> builtins.list[str]:
         if self.machine.is_running:

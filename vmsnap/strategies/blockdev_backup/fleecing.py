@@ -25,9 +25,9 @@ from vmsnap.strategies.blockdev_backup.plan import (
     backup_failed,
     device_node,
     fleece_nodes,
-    undo_later,
 )
 from vmsnap.strategies.blockdev_backup.push import end_job
+from vmsnap.strategies.undo import undo_later
 from vmsnap.vm.machine import Machine
 from vmsnap.vm.qmp import QMPMonitor
 from vmsnap.vm.qmp_actions import Action, blockdev_backup_action

@@ -38,8 +38,8 @@ from vmsnap.strategies.blockdev_backup.plan import (
     backup_failed,
     create_target,
     since_of,
-    undo_later,
 )
+from vmsnap.strategies.undo import undo_later
 
 
 def image_bitmaps(runner: Runner, disk: Disk) -> ImageBitmaps | None:

@@ -4,11 +4,10 @@ the small record file that lets another process find it again."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -273,17 +272,6 @@ class Records:
 
 
 # -- failing cleanly ----------------------------------------------------------------------------------------
-
-
-def undo_later(undo: contextlib.ExitStack, action: Callable[..., object], *args: Any, **kwargs: Any) -> None:
-    """Put ``action(*args, **kwargs)`` on the ``undo`` stack (run, last first, when the ``with`` body fails).
-    Undo is best effort: its own errors are ignored, the error that made it run is the one raised."""
-
-    def run() -> None:
-        with contextlib.suppress(VmsnapError, OSError):
-            action(*args, **kwargs)
-
-    undo.callback(run)
 
 
 def backup_failed(

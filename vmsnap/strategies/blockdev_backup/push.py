@@ -19,8 +19,8 @@ from vmsnap.strategies.blockdev_backup.plan import (
     backup_failed,
     create_target,
     target_node,
-    undo_later,
 )
+from vmsnap.strategies.undo import undo_later
 from vmsnap.vm.qmp import QMPMonitor
 from vmsnap.vm.qmp_actions import Action, blockdev_backup_action
 
