@@ -276,12 +276,7 @@ class QMPMonitor:
         self.execute("nbd-server-stop")
 
     def block_export_add_nbd(
-        self,
-        export_id: str,
-        node_name: str,
-        *,
-        name: str,
-        bitmaps: Sequence[tuple[str, str]] = (),
+        self, export_id: str, node_name: str, *, name: str, bitmaps: Sequence[tuple[str, str]] = ()
     ) -> None:
         """Export node ``node_name`` read-only on QEMU's NBD server as export ``name``.
 
@@ -289,13 +284,8 @@ class QMPMonitor:
         :param bitmaps: (node, bitmap) pairs exposed as ``qemu:dirty-bitmap:BITMAP`` metadata contexts
         :raise QMPCommandError: no NBD server runs, the id or name is taken, or a bitmap is missing
         """
-        arguments: dict[str, Any] = {
-            "type": "nbd",
-            "id": export_id,
-            "node-name": node_name,
-            "name": name,
-            "writable": False,
-        }
+        arguments: dict[str, Any] = {"type": "nbd", "id": export_id, "node-name": node_name, "name": name}
+        arguments["writable"] = False
         if bitmaps:
             arguments["bitmaps"] = [{"node": node, "name": bitmap} for node, bitmap in bitmaps]
         self.execute("block-export-add", arguments)

@@ -20,9 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vmsnap.errors import QMPCommandError, SnapshotError, VmsnapError
-from vmsnap.image.nbd import dirty_context
 from vmsnap.model import ExportSource, SnapshotRef
-from vmsnap.strategies.blockdev_backup.plan import device_node, since_of
+from vmsnap.strategies.blockdev_backup.plan import device_node, nbd_source
 from vmsnap.vm.qmp import QMPMonitor
 
 SOCKET = "nbd.sock"
@@ -120,15 +119,7 @@ def nbd_export(qmp: QMPMonitor, snap: SnapshotRef, target_dir: Path) -> Iterator
                 f"cannot export the backup of disk {snap.disk.name!r} over NBD: {err.desc}",
                 hint="is another export of this disk still open?",
             ) from err
-        yield ExportSource(
-            kind="nbd",
-            location=f"nbd+unix:///{snap.disk.name}?socket={path}",
-            format="raw",
-            disk=snap.disk,
-            virtual_size=snap.disk.virtual_size,
-            dirty_bitmap=dirty_context(pending) if incremental else None,
-            since=since_of(snap),
-        )
+        yield nbd_source(snap, f"nbd+unix:///{snap.disk.name}?socket={path}")
     finally:
         del_export(qmp, export_id)
         _stop_server(qmp, directory)

@@ -37,7 +37,7 @@ from vmsnap.strategies.blockdev_backup.plan import (
     Records,
     backup_failed,
     create_target,
-    since_of,
+    nbd_source,
 )
 from vmsnap.strategies.undo import undo_later
 
@@ -176,14 +176,6 @@ def serve_image(runner: Runner, snap: SnapshotRef) -> Iterator[ExportSource]:
             hint="is the VM running again? Back it up through its QMP socket then",
         ) from err
     try:
-        yield ExportSource(
-            kind="nbd",
-            location=server.uri,
-            format="raw",
-            disk=snap.disk,
-            virtual_size=snap.disk.virtual_size,
-            dirty_bitmap=dirty_context(pending) if incremental else None,
-            since=since_of(snap),
-        )
+        yield nbd_source(snap, server.uri)
     finally:
         server.stop()

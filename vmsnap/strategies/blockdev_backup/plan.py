@@ -15,8 +15,9 @@ import attrs
 
 from vmsnap.errors import SnapshotError, UsageError, VmsnapError
 from vmsnap.image import qemu_img
+from vmsnap.image.nbd import dirty_context
 from vmsnap.image.qcow2 import read_header
-from vmsnap.model import Disk, SnapshotRef, validate_name
+from vmsnap.model import Disk, ExportSource, SnapshotRef, validate_name
 from vmsnap.runner import Runner
 from vmsnap.strategies.blockdev_backup.bitmaps import BitmapState, bitmap_state, pending_name
 
@@ -219,6 +220,21 @@ def since_of(snap: SnapshotRef) -> str | None:
     if snap.details.get("kind") != "incremental":
         return None
     return snap.details.get("since") or None
+
+
+def nbd_source(snap: SnapshotRef, uri: str) -> ExportSource:
+    """The NBD :class:`ExportSource` of ``snap`` served at ``uri``: for an incremental, with the pending
+    bitmap's ``qemu:dirty-bitmap:`` context that marks what changed since the parent."""
+    incremental = snap.details.get("kind") == "incremental"
+    return ExportSource(
+        kind="nbd",
+        location=uri,
+        format="raw",
+        disk=snap.disk,
+        virtual_size=snap.disk.virtual_size,
+        dirty_bitmap=dirty_context(snap.details.get("pending", "")) if incremental else None,
+        since=since_of(snap),
+    )
 
 
 @attrs.frozen

@@ -38,6 +38,7 @@ from vmsnap.strategies.blockdev_backup.bitmaps import (
     BitmapHome,
     NodeBitmaps,
     Outcomes,
+    overlay_bitmap_actions,
     pending_name,
     recover_pending,
 )
@@ -55,7 +56,13 @@ from vmsnap.strategies.blockdev_backup.plan import (
 from vmsnap.vm.machine import Machine
 from vmsnap.vm.qmp import QMPMonitor
 
-__all__ = ["BlockdevBackupStrategy", "Fleecing", "IncrementalFallbackWarning", "Mode"]
+__all__ = [
+    "BlockdevBackupStrategy",
+    "Fleecing",
+    "IncrementalFallbackWarning",
+    "Mode",
+    "overlay_bitmap_actions",
+]
 
 
 class BlockdevBackupStrategy(StrategyBase):
@@ -224,6 +231,7 @@ class BlockdevBackupStrategy(StrategyBase):
                 raise UsageError(f"disk {disk.name!r} has no block node name", hint="list disks with QMP")
         nodes, bitmaps = self._node_bitmaps(qmp, disks)
         self._check_leftovers(nodes, disks)
+        # every disk's leftover is merged back (a list, not a short-circuiting generator)
         if any([recover_pending(NodeBitmaps(qmp, d.node_name), self.bitmap) for d in disks]):
             nodes, bitmaps = self._node_bitmaps(qmp, disks)
         plans, reason = self.planner.plan(bitmaps, disks)
@@ -251,7 +259,7 @@ class BlockdevBackupStrategy(StrategyBase):
             warnings.warn(
                 f"incremental backup not possible ({reason}); taking a full backup of all disks",
                 IncrementalFallbackWarning,
-                stacklevel=4,
+                stacklevel=3,
             )
 
     def _remove_broken_bitmap(self, qmp: QMPMonitor, disk: Disk) -> None:
@@ -263,9 +271,13 @@ class BlockdevBackupStrategy(StrategyBase):
                 hint="another block job may be using it: wait for it, or run `vmsnap recover`",
             ) from err
 
-    def _check_leftovers(self, nodes: set[str], disks: Sequence[Disk]) -> None:
+    def _refuse_existing(self, disks: Sequence[Disk]) -> None:
         for disk in disks:
             self.records.refuse_existing(disk, self.planner.target(disk) if self.mode == "push" else None)
+
+    def _check_leftovers(self, nodes: set[str], disks: Sequence[Disk]) -> None:
+        self._refuse_existing(disks)
+        for disk in disks:
             ours = {target_node(disk.name), *fleece_nodes(disk.name).values()}
             if nodes & ours:
                 left = ", ".join(sorted(nodes & ours))
@@ -275,8 +287,7 @@ class BlockdevBackupStrategy(StrategyBase):
                 )
 
     def _create_offline(self, disks: Sequence[Disk], *, name: str) -> list[SnapshotRef]:
-        for disk in disks:
-            self.records.refuse_existing(disk, self.planner.target(disk) if self.mode == "push" else None)
+        self._refuse_existing(disks)
         runner = self.machine.runner
         plans, reason = offline.plan_offline(runner, self.planner, self.bitmap, disks)
         self._warn_fallback(reason)
