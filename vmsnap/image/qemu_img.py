@@ -245,6 +245,25 @@ def create(
     (runner or LocalRunner()).run([*argv, str(path), str(size)], timeout=120)
 
 
+def commit(runner: Runner | None, path: str | Path, *, timeout: float | None) -> None:
+    """``qemu-img commit -d``: write ``path``'s own data into its backing file; ``path`` stays as it is
+    (the caller removes it). No QEMU may hold either image.
+
+    :raise CommandError: qemu-img failed (an image is in use, the backing file's filesystem is full)
+    """
+    (runner or LocalRunner()).run(["qemu-img", "commit", "-q", "-d", str(path)], timeout=timeout)
+
+
+def rebase_unsafe(runner: Runner | None, path: str | Path, backing: str | Path, backing_format: str) -> None:
+    """``qemu-img rebase -u``: only rewrite ``path``'s backing file name (and format); no data is compared
+    or copied, so the new backing file must hold what the old one held.
+
+    :raise CommandError: qemu-img failed
+    """
+    argv = ["qemu-img", "rebase", "-u", "-b", str(backing), "-F", backing_format, str(path)]
+    (runner or LocalRunner()).run(argv, timeout=120)
+
+
 SNAPSHOT_FLAGS = {"create": "-c", "apply": "-a", "delete": "-d"}
 """``qemu-img snapshot``'s flag for each action."""
 

@@ -436,17 +436,14 @@ class ExternalOverlayStrategy(StrategyBase):
         try:
             self._info_unshared(layer.upper)
             children = self._orphan_children(layer) if layer.orphan else []
-            self.runner.run(["qemu-img", "commit", "-q", "-d", str(layer.upper)], timeout=self.job_timeout)
+            qemu_img.commit(self.runner, layer.upper, timeout=self.job_timeout)
             if layer.vmsnap_file == layer.lower:
                 # the image's path is the upper file: the merged lower file takes its place
                 self.runner.run(["mv", "-f", "--", str(layer.lower), str(layer.upper)], timeout=30)
                 return
             lower_fmt = str(self._chain_info(layer.lower).get("format", "qcow2"))
             for child in children:
-                self.runner.run(
-                    ["qemu-img", "rebase", "-u", "-b", str(layer.lower), "-F", lower_fmt, str(child)],
-                    timeout=120,
-                )
+                qemu_img.rebase_unsafe(self.runner, child, layer.lower, lower_fmt)
             self._rm(layer.upper)
         except CommandError as err:
             raise SnapshotError(
