@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -9,11 +10,14 @@ import pytest
 
 from tests.fakes import RecordingRunner
 from vmsnap.errors import UsageError
+from vmsnap.image import qemu_img
 from vmsnap.image.qcow2 import read_header
 from vmsnap.model import Disk
 from vmsnap.strategies.blockdev_backup import BlockdevBackupStrategy
 from vmsnap.strategies.blockdev_backup.bitmaps import (
     PENDING_SUFFIX,
+    BitmapState,
+    ImageBitmaps,
     bitmap_state,
     overlay_bitmap_actions,
     park_actions,
@@ -132,3 +136,55 @@ def test_the_qcow2_reader_takes_the_virtual_size_from_the_header(tmp_path: Path)
     raw.write_bytes(bytes(512))
     with pytest.raises(ValueError, match="not a qcow2"):
         read_header(raw)
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        (
+            "ok",  # the bits move to a disabled pending bitmap first, so a crash leaves them in both
+            [
+                ("--add", "--merge", "vmsnap", "--disable", "-f", "qcow2", "/img/d.qcow2", "vmsnap.pending"),
+                ("--clear", "-f", "qcow2", "/img/d.qcow2", "vmsnap"),
+            ],
+        ),
+        ("missing", [("--add", "-f", "qcow2", "/img/d.qcow2", "vmsnap")]),
+        (
+            "broken",
+            [
+                ("--remove", "-f", "qcow2", "/img/d.qcow2", "vmsnap"),
+                ("--add", "-f", "qcow2", "/img/d.qcow2", "vmsnap"),
+            ],
+        ),
+    ],
+)
+def test_an_offline_image_parks_its_bits_with_qemu_img_bitmap(
+    state: BitmapState, expected: list[tuple[str, ...]]
+) -> None:
+    runner = RecordingRunner()
+    ImageBitmaps(runner, Path("/img/d.qcow2")).park("vmsnap", state)
+    assert runner.calls == [("qemu-img", "bitmap", *argv) for argv in expected]
+
+
+def test_offline_bitmaps_read_as_qmp_reports_them() -> None:
+    bitmaps = [
+        {"name": "vmsnap", "flags": ["auto"]},
+        {"name": "off", "flags": []},
+        {"name": "torn", "flags": ["in-use", "auto"]},
+    ]
+    runner = RecordingRunner()
+    info = {"format-specific": {"type": "qcow2", "data": {"bitmaps": bitmaps}}}
+    runner.responses[("qemu-img", "info")] = (0, json.dumps(info))
+    infos = ImageBitmaps(runner, Path("/img/d.qcow2")).infos()
+    assert runner.calls == [("qemu-img", "info", "--output=json", "-f", "qcow2", "/img/d.qcow2")]  # no -U
+    assert [bitmap_state(infos, name)[0] for name in ("vmsnap", "off", "torn", "gone")] == [
+        "ok",
+        "broken",
+        "broken",
+        "missing",
+    ]
+
+
+def test_qemu_img_bitmap_needs_an_operation() -> None:
+    with pytest.raises(UsageError):
+        qemu_img.bitmap(RecordingRunner(), Path("/img/d.qcow2"), "vmsnap")
