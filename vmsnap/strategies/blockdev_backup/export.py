@@ -1,10 +1,10 @@
 """QEMU's own NBD server for a pull backup: one read-only export of the fleecing node (for an incremental
 with the pending bitmap as ``qemu:dirty-bitmap:`` context), on a unix socket in a private directory.
 
-The directory's path follows from the backup's target directory and disk (:func:`server_dir`), so that
-``delete`` — also in another process, ``vmsnap recover`` after a run was killed mid-export — finds the
-socket again and stops the server the run started: QEMU runs one NBD server, and something listening on
-our own private socket can only be the one we started there.
+The directory's path follows from the backup's target directory and disk (:func:`server_dir`) and is
+recorded in the backup's details, so that ``delete`` — also in another process, ``vmsnap recover`` after a
+run was killed mid-export — finds the socket again and stops the server the run started: QEMU runs one NBD
+server, and something listening on our own private socket can only be the one we started there.
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ def server_dir(target_dir: Path, disk_name: str) -> Path:
     key = f"{os.getuid()}\0{os.path.abspath(target_dir)}\0{disk_name}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"vmsnap-nbd-{digest}"
+
+
+def socket_dir(snap: SnapshotRef, target_dir: Path) -> Path:
+    """The directory of ``snap``'s NBD socket: as its details recorded it when the backup was created (the
+    temporary directory may differ in a later process), else derived again."""
+    recorded = snap.details.get("nbd_dir")
+    return Path(recorded) if recorded else server_dir(target_dir, snap.disk.name)
 
 
 def _ours(directory: Path) -> bool:
@@ -92,7 +99,7 @@ def nbd_export(qmp: QMPMonitor, snap: SnapshotRef, target_dir: Path) -> Iterator
 
     :raise SnapshotError: the server could not start (another one runs), or the export could not be added
     """
-    directory = server_dir(target_dir, snap.disk.name)
+    directory = socket_dir(snap, target_dir)
     _make_server_dir(directory)
     path = directory / SOCKET
     try:
@@ -132,7 +139,7 @@ def end_export(qmp: QMPMonitor, snap: SnapshotRef, target_dir: Path) -> bool:
     :raise QMPCommandError: QEMU refused to remove the export
     """
     del_export(qmp, snap.details.get("export", ""))
-    directory = server_dir(target_dir, snap.disk.name)
+    directory = socket_dir(snap, target_dir)
     if not _ours(directory):
         return False
     stopped = _listening(directory / SOCKET)

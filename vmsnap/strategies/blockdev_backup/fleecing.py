@@ -19,6 +19,7 @@ from vmsnap.model import Disk, SnapshotRef
 from vmsnap.runner import Runner
 from vmsnap.strategies.base import paused
 from vmsnap.strategies.blockdev_backup.bitmaps import NodeBitmaps, give_back, park_actions
+from vmsnap.strategies.blockdev_backup.export import server_dir
 from vmsnap.strategies.blockdev_backup.plan import (
     BackupSet,
     DiskPlan,
@@ -59,7 +60,9 @@ def _pull_refs(
     refs = []
     for plan in plans:
         fleece = fleece_file(target_dir, plan.disk)
-        refs.append(backup.ref(plan, fleece, {"fleece_file": str(fleece), **extra[plan.disk.name]}))
+        nbd_dir = str(server_dir(target_dir, plan.disk.name))
+        details = {"fleece_file": str(fleece), "nbd_dir": nbd_dir, **extra[plan.disk.name]}
+        refs.append(backup.ref(plan, fleece, details))
     return refs
 
 
