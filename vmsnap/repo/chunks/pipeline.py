@@ -34,6 +34,7 @@ from vmsnap.repo.chunks.readers import Extent, SourceReader
 from vmsnap.repo.stores.base import Store
 
 DEFAULT_WORKERS = 4
+_ZEROS = memoryview(bytes(CHUNK_SIZE))
 """Hashing/compressing/storing threads: the two cores here plus overlap for reads and store writes."""
 
 
@@ -231,16 +232,23 @@ def backup_disk(
             else:
                 yield index, ranges
 
+    local = threading.local()  # each worker's chunk buffer, reused: no 4 MiB allocation per read
+
     def work(task: tuple[int, list[tuple[int, int]]]) -> None:
         index, ranges = task
         start, length = index * CHUNK_SIZE, length_of(index)
-        data: bytes | bytearray
-        if len(ranges) == 1 and ranges[0] == (start, length):
-            data = reader.read(start, length)
-        else:
-            data = bytearray(length)
-            for offset, span in ranges:
-                data[offset - start : offset - start + span] = reader.read(offset, span)
+        buffer: bytearray | None = getattr(local, "buffer", None)
+        if buffer is None:
+            buffer = local.buffer = bytearray(CHUNK_SIZE)
+        view = memoryview(buffer)
+        pos = 0  # from the chunk's start: fill the gaps between ranges with zeros, read the ranges
+        for offset, span in [*ranges, (start + length, 0)]:
+            if offset - start > pos:
+                view[pos : offset - start] = _ZEROS[: offset - start - pos]
+            if span:
+                reader.read_into(offset, view[offset - start : offset - start + span])
+            pos = offset - start + span
+        data: bytearray | memoryview = buffer if length == CHUNK_SIZE else view[:length]
         read = sum(span for _, span in ranges)
         if is_zero(data):
             with tally.lock:
