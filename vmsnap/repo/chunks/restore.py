@@ -9,7 +9,7 @@ with O_DIRECT where the filesystem allows (no page cache churn). A qcow2 is writ
 qemu-nbd on a fresh image, so each byte is written once (writing raw and then running ``qemu-img convert``
 would write and read everything a second time; see ``benchmarks/chunks_pipeline.py``). A block device gets
 every data chunk, and its holes are zeroed (``BLKZEROOUT``, which thin devices do without writing) unless the
-caller knows the device reads as zeros already.
+caller knows the device reads as zeros already. The qcow2's qemu-nbd uses O_DIRECT too where it can.
 """
 
 from __future__ import annotations
@@ -323,8 +323,9 @@ def _restore_qcow2(
     runner = runner or LocalRunner()
     runner.run(["qemu-img", "create", "-q", "-f", "qcow2", str(temp), str(index.virtual_size)], timeout=120)
     os.chmod(temp, 0o600)
-    server = QemuNbdServer(temp, "qcow2", read_only=False, runner=runner)
-    with server, contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
+        server = _start_writable_server(temp, runner)
+        stack.callback(server.stop)  # after the connections below close (callbacks run in reverse)
         count = min(connections, QEMU_NBD_CLIENTS)
         handles = [stack.enter_context(nbd_connection(server.uri)) for _ in range(count)]
         stats = _run(index, store, codec, _NbdWriter(handles, target), workers, progress, name, False)
@@ -341,6 +342,27 @@ def _restore_qcow2(
     finally:
         os.close(fd)
     return stats
+
+
+_DIRECT_OPTIONS: tuple[dict[str, str], ...] = (
+    {"cache.direct": "on", "file.aio": "native"},
+    {"cache.direct": "on"},
+    {},
+)
+
+
+def _start_writable_server(path: Path, runner: Runner) -> QemuNbdServer:
+    """A writable qemu-nbd on ``path`` that bypasses the page cache (O_DIRECT, Linux AIO) where the
+    filesystem allows, buffered otherwise: measured here, 1.6 GiB written in 0.9 s of qemu-nbd CPU instead of
+    2.4-4.2 s, in half the time."""
+    for options in _DIRECT_OPTIONS:
+        server = QemuNbdServer(path, "qcow2", read_only=False, image_opts=options, runner=runner)
+        try:
+            return server.start()
+        except TransferError:
+            if not options:
+                raise
+    raise AssertionError("unreachable: the last options are the plain ones")
 
 
 def _restore_device(
