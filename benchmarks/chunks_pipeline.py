@@ -6,7 +6,9 @@ The image: a qcow2 of ``--size-gib`` GiB holding ``--random-gib`` GiB of random 
 then 128 MiB of zeros written as data (read, then found to be zero), 128 MiB of zero clusters (``write -z``:
 never read) and holes. Every measured run happens in a child process (its own peak RSS); the image is in the
 page cache after the first run, so all methods read warm. Reported: the median of ``--runs`` runs, in MiB of
-virtual size per second and MiB of data read per second.
+virtual size per second and MiB of data read per second, and the CPU time each run cost (the child, its
+commands and the qemu-nbd it started, which it reaps as a subreaper) per GiB of data: on a shared machine the
+wall times move with the load, the CPU cost much less; ``cores / (CPU s per GiB)`` bounds the throughput.
 
 Measured:
 - ``qemu-img convert -O raw`` to ``null-co`` (reads only) and to a file (reads and writes), the baselines;
@@ -106,8 +108,33 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of every child it reaped."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def become_subreaper() -> None:
+    """Adopt orphaned descendants (qemu-nbd --fork), so their CPU time is counted once they are reaped."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.01)
+
+
 def child(spec: dict[str, object]) -> dict[str, object]:
     """One measured run (in a child process)."""
+    become_subreaper()
+    cpu_before = cpu_seconds()
     kind = spec["kind"]
     workdir = Path(str(spec["workdir"]))
     image = workdir / "source.qcow2"
@@ -169,6 +196,8 @@ def child(spec: dict[str, object]) -> dict[str, object]:
             (workdir / "convert.raw").unlink()
         result = {"size": size, "read": int(str(spec["data"]))}
     result["seconds"] = time.monotonic() - started
+    reap()
+    result["cpu"] = cpu_seconds() - cpu_before
     result["maxrss_mib"] = peak_rss() / MiB
     return result
 
@@ -184,6 +213,7 @@ def measure(spec: dict[str, object], runs: int) -> dict[str, object]:
         )
         samples.append(json.loads(out.stdout))
     seconds = statistics.median(float(s["seconds"]) for s in samples)
+    cpu = statistics.median(float(s["cpu"]) for s in samples)
     size, read = float(samples[0]["size"]), float(samples[0]["read"])
     return {
         **spec,
@@ -191,6 +221,7 @@ def measure(spec: dict[str, object], runs: int) -> dict[str, object]:
         "runs": [round(float(s["seconds"]), 3) for s in samples],
         "virtual_mib_s": round(size / MiB / seconds),
         "data_mib_s": round(read / MiB / seconds),
+        "cpu_s_per_gib": round(cpu / (read / GiB), 2),
         "maxrss_mib": round(max(float(s["maxrss_mib"]) for s in samples)),
     }
 
@@ -225,6 +256,7 @@ def main() -> int:
     configs = [(2, 4)] if args.quick else [(c, w) for c in (1, 2, 4) for w in (2, 4)]
     plan += [{**base, "kind": "backup", "store": "null", "connections": c, "workers": w} for c, w in configs]
     plan += [{**base, "kind": "backup", "store": "null", "connections": 2, "workers": 4, "encrypted": True}]
+    load_before = os.getloadavg()[0]
     results = [measure(spec, args.runs) for spec in plan]
     for encrypted in (False, True):
         shutil.rmtree(workdir / "store", ignore_errors=True)
@@ -243,13 +275,15 @@ def main() -> int:
             results.append(measure({**base, "kind": "restore", "format": fmt, "workers": 4}, args.runs))
     shutil.rmtree(workdir / "store", ignore_errors=True)
     width = max(len(_label(r)) for r in results)
-    print(f"{'run':<{width}}  median s  virtual MiB/s  data MiB/s  peak RSS MiB  runs")
+    print(f"{'run':<{width}}  median s  virtual MiB/s  data MiB/s  CPU s/GiB  peak RSS MiB  runs")
     for r in results:
         print(
             f"{_label(r):<{width}}  {r['seconds']:8.2f}  {r['virtual_mib_s']:13}  {r['data_mib_s']:10}  "
-            f"{r['maxrss_mib']:12}  {r['runs']}"
+            f"{r['cpu_s_per_gib']:9}  {r['maxrss_mib']:12}  {r['runs']}"
         )
-    (workdir / "results.json").write_text(json.dumps(results, indent=1))
+    load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs"
+    print(load)
+    (workdir / "results.json").write_text(json.dumps({"load": load, "results": results}, indent=1))
     print(f"results: {workdir / 'results.json'}")
     return 0
 

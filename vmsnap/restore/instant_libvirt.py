@@ -39,13 +39,15 @@ def _libvirt() -> Any:
 
 
 def start_domain(restore: InstantRestore, xml: str, *, name: str, uri: str | None = None) -> str:
-    """Define domain ``name`` from a saved definition on the prepared images and start it.
+    """Define domain ``name`` from a saved definition on the prepared images and start it. Repeating it is
+    the resume: a domain ``name`` that already runs on exactly these images is left as it is (started if
+    it is shut off).
 
     The disks are matched by target (``vda``, ``sdb`` …): name the instant restore's disks after them.
 
     :param xml: the domain definition saved with the backup
-    :raise UsageError: a domain ``name`` exists already, or a disk of the definition has no image
-    :raise LibvirtError: libvirt refused to define or start it (the definition is removed again)
+    :raise UsageError: another domain called ``name`` exists, or a disk of the definition has no image
+    :raise LibvirtError: libvirt refused to define or start it (a definition made here is removed again)
     """
     from vmsnap.vm.libvirt.definition import define_restored_domain
     from vmsnap.vm.libvirt.machine import libvirt_message, open_connection
@@ -53,7 +55,15 @@ def start_domain(restore: InstantRestore, xml: str, *, name: str, uri: str | Non
     libvirt = _libvirt()
     conn = open_connection(uri)
     try:
-        define_restored_domain(uri, xml, name=name, images=restore.images)
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            dom = None
+        if dom is not None and _runs_on(dom, restore.images):
+            if not dom.isActive():
+                dom.create()
+            return name
+        define_restored_domain(uri, xml, name=name, images=restore.images)  # refuses an existing name
         dom = conn.lookupByName(name)
         try:
             dom.create()
@@ -63,6 +73,17 @@ def start_domain(restore: InstantRestore, xml: str, *, name: str, uri: str | Non
     finally:
         conn.close()
     return name
+
+
+def _runs_on(dom: Any, images: dict[str, Path]) -> bool:
+    """True when the domain's disks are exactly ``images`` (target → image)."""
+    root = ET.fromstring(dom.XMLDesc(0))  # noqa: S314 - libvirtd's own XML
+    found = {}
+    for disk in root.findall("devices/disk"):
+        target, source = disk.find("target"), disk.find("source")
+        if target is not None and source is not None and source.get("file"):
+            found[target.get("dev", "")] = os.path.realpath(source.get("file", ""))
+    return found == {name: os.path.realpath(path) for name, path in images.items()}
 
 
 def _disk_element(dom: Any, target: str) -> ET.Element | None:

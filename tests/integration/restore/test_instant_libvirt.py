@@ -16,7 +16,8 @@ from tests.conftest import make_image
 from tests.integration.libvirt.conftest import Libvirtd, domain_xml, libvirtd  # noqa: F401 - the fixture
 from tests.integration.restore.conftest import daemon_pids
 from tests.integration.restore.test_instant import alive, identical, instant_run_dir, qemu_img_info  # noqa: F401
-from vmsnap.restore.instant import STATE, prepare
+from vmsnap.errors import UsageError
+from vmsnap.restore.instant import STATE, InstantDisk, InstantRestore, prepare
 from vmsnap.restore.instant_libvirt import start_domain, stream_domain
 from vmsnap.restore.source import ImageSource
 
@@ -51,11 +52,17 @@ def test_instant_restore_of_a_libvirt_domain(
     [server] = daemon_pids(instant_run_dir)
     name = libvirtd.new_domain_name()
     start_domain(restore, saved, name=name, uri=libvirtd.uri)
+    start_domain(restore, saved, name=name, uri=libvirtd.uri)  # the resume: it runs already, left alone
     conn = libvirt.open(libvirtd.uri)
     dom = conn.lookupByName(name)
     try:
         assert dom.isActive()
         assert "<backingStore type='network'" in dom.XMLDesc(0)
+        other = InstantRestore(
+            tmp_path, (InstantDisk("vda", tmp_path / "other.qcow2", tmp_path / "s", 1),), tmp_path
+        )
+        with pytest.raises(UsageError, match="exists already"):  # a domain of that name on other images
+            start_domain(other, saved, name=name, uri=libvirtd.uri)
         child = subprocess.Popen(
             [sys.executable, "-c", PULL_IN_A_CHILD, str(to), name, libvirtd.uri, str(1024 * 1024)],
             stderr=subprocess.PIPE,

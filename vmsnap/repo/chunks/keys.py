@@ -116,13 +116,14 @@ def generate_master_key() -> bytes:
     return secrets.token_bytes(MASTER_KEY_SIZE)
 
 
-def create_key_file(path: Path) -> RepositoryKey:
+def create_key_file(path: Path | str) -> RepositoryKey:
     """Create a new key file at ``path`` (0600, fsync'd; never overwrites) with a fresh random master key.
 
     :param path: where the key file goes; its directory must exist
     :return: the new key
     :raise KeyFileError: ``path`` exists already, or cannot be written
     """
+    path = Path(path)
     master = generate_master_key()
     text = json.dumps({"vmsnap-key": KEY_FILE_VERSION, "key": base64.b64encode(master).decode("ascii")})
     try:
@@ -159,7 +160,7 @@ def create_key_file(path: Path) -> RepositoryKey:
     return RepositoryKey.from_master(master)
 
 
-def read_key_file(path: Path, *, expected_key_id: str | None = None) -> RepositoryKey:
+def read_key_file(path: Path | str, *, expected_key_id: str | None = None) -> RepositoryKey:
     """Read a key file, refusing one that group or others may read.
 
     :param path: the key file
@@ -167,6 +168,7 @@ def read_key_file(path: Path, *, expected_key_id: str | None = None) -> Reposito
     :raise KeyFileError: missing, unreadable, not a regular file, readable by others, malformed, or another
         repository's key
     """
+    path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError as err:

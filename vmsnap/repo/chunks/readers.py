@@ -70,6 +70,13 @@ class SourceReader(Protocol):
         """
         ...
 
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` (writable, contiguous) with the bytes at ``offset``: no allocation per read.
+
+        :raise TransferError: the read failed
+        """
+        ...
+
 
 class _Counter:
     def __init__(self) -> None:
@@ -181,6 +188,20 @@ class NbdReader:
         self._counter.add(len(data))
         return data
 
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        import nbd  # present: nbd_connection imported it
+
+        with self._handle() as handle:
+            try:  # aio_pread into the caller's buffer, waited for on this thread's own connection
+                cookie = handle.aio_pread(nbd.Buffer.from_buffer(buffer), offset)
+                while not handle.aio_command_completed(cookie):
+                    handle.poll(-1)
+            except nbd.Error as err:
+                raise TransferError(
+                    f"NBD read of {len(buffer)} bytes at offset {offset} failed: {err.string}"
+                ) from err
+        self._counter.add(len(buffer))
+
     def close(self) -> None:
         """Close every connection."""
         self._stack.close()
@@ -267,6 +288,20 @@ class FileReader:
             raise TransferError(f"read of {length} bytes at {offset} of {self.path} failed: {err}") from err
         self._counter.add(len(data))
         return data
+
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        done = 0
+        try:
+            while done < len(buffer):
+                got = os.preadv(self._fd, [buffer[done:]], offset + done)
+                if not got:
+                    raise TransferError(f"{self.path} ended at {offset + done}, inside its size")
+                done += got
+        except OSError as err:
+            raise TransferError(
+                f"read of {len(buffer)} bytes at {offset} of {self.path} failed: {err}"
+            ) from err
+        self._counter.add(done)
 
     def close(self) -> None:
         """Close the file."""

@@ -4,11 +4,12 @@ fetched, checked against their id and written on parallel workers.
 Nothing is written for a chunk that fails its check, and the error names the chunk id, its number and offset.
 Files appear only when complete: they are written under a temporary name in the target's directory (0600)
 and renamed into place after an fsync. A raw file stays sparse: holes and all-zero 64 KiB blocks inside
-chunks are never written (the file is truncated to the virtual size first). A qcow2 is written through a
-writable qemu-nbd on a fresh image, so each byte is written once (writing raw and then running
-``qemu-img convert`` would write and read everything a second time; see ``benchmarks/chunks_pipeline.py``).
-A block device gets every data chunk, and its holes are zeroed (``BLKZEROOUT``, which thin devices do
-without writing) unless the caller knows the device reads as zeros already.
+chunks are never written (the file is truncated to the virtual size first). Raw files and devices are written
+with O_DIRECT where the filesystem allows (no page cache churn). A qcow2 is written through a writable
+qemu-nbd on a fresh image, so each byte is written once (writing raw and then running ``qemu-img convert``
+would write and read everything a second time; see ``benchmarks/chunks_pipeline.py``). A block device gets
+every data chunk, and its holes are zeroed (``BLKZEROOUT``, which thin devices do without writing) unless the
+caller knows the device reads as zeros already. The qcow2's qemu-nbd uses O_DIRECT too where it can.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import mmap
 import os
 import queue
 import secrets
@@ -44,6 +46,7 @@ SPARSE_BLOCK = 64 * 1024
 """Granularity at which zero runs inside a chunk are skipped (raw files, qcow2)."""
 _BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range of a block device
 _ZERO_SPAN = 1 << 30
+_ALIGN = 4096  # O_DIRECT: offsets, lengths and memory aligned to the largest logical block size
 _ZEROS = bytes(CHUNK_SIZE)
 
 
@@ -115,11 +118,33 @@ def _nbd_error(target: Path, err: Any) -> TransferError:
     return _write_error(target, OSError(err.errnum or errno.EIO, err.string))
 
 
-class _FileWriter:
-    """pwrite into a file (sparse: zero runs skipped) or a device (whole chunks, holes zeroed)."""
+def _open_direct(path: Path) -> int | None:
+    """A second, O_DIRECT descriptor for ``path``, or None where the filesystem refuses (tmpfs)."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return None
 
-    def __init__(self, fd: int, target: Path, *, device: bool) -> None:
-        self.fd, self.target, self.device = fd, target, device
+
+class _FileWriter:
+    """pwrite into a file (sparse: zero runs skipped) or a device (whole chunks, holes zeroed).
+
+    Aligned runs go through an O_DIRECT descriptor when there is one (from a page-aligned per-thread copy):
+    restoring a disk then neither costs the page cache's CPU nor evicts the host's cache (measured: 1.6 GiB
+    in 0.25 s of CPU instead of 2-3 s); an unaligned tail goes through the buffered descriptor.
+    """
+
+    def __init__(self, fd: int, target: Path, *, device: bool, direct_fd: int | None = None) -> None:
+        self.fd, self.target, self.device, self.direct_fd = fd, target, device, direct_fd
+        self._local = threading.local()
+
+    def _aligned(self, data: memoryview) -> memoryview:
+        buffer: mmap.mmap | None = getattr(self._local, "buffer", None)
+        if buffer is None:
+            buffer = self._local.buffer = mmap.mmap(-1, CHUNK_SIZE)  # page-aligned
+        view = memoryview(buffer)[: len(data)]
+        view[:] = data
+        return view
 
     def write(self, offset: int, data: bytes) -> int:
         runs = [(0, len(data))] if self.device else data_runs(data)
@@ -127,9 +152,11 @@ class _FileWriter:
         try:
             for start, end in runs:
                 view = memoryview(data)[start:end]
-                pos = offset + start
+                pos, fd = offset + start, self.fd
+                if self.direct_fd is not None and not (pos % _ALIGN or len(view) % _ALIGN):
+                    view, fd = self._aligned(view), self.direct_fd
                 while view:
-                    done = os.pwrite(self.fd, view, pos)
+                    done = os.pwrite(fd, view, pos)
                     view, pos, written = view[done:], pos + done, written + done
         except OSError as err:
             raise _write_error(self.target, err) from err
@@ -268,14 +295,16 @@ def _restore_raw(
     name: str,
 ) -> RestoreStats:
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    direct_fd = _open_direct(temp)
     try:
         os.ftruncate(fd, index.virtual_size)
-        stats = _run(
-            index, store, codec, _FileWriter(fd, target, device=False), workers, progress, name, False
-        )
+        writer = _FileWriter(fd, target, device=False, direct_fd=direct_fd)
+        stats = _run(index, store, codec, writer, workers, progress, name, False)
         os.fsync(fd)
     finally:
         os.close(fd)
+        if direct_fd is not None:
+            os.close(direct_fd)
     return stats
 
 
@@ -294,8 +323,9 @@ def _restore_qcow2(
     runner = runner or LocalRunner()
     runner.run(["qemu-img", "create", "-q", "-f", "qcow2", str(temp), str(index.virtual_size)], timeout=120)
     os.chmod(temp, 0o600)
-    server = QemuNbdServer(temp, "qcow2", read_only=False, runner=runner)
-    with server, contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
+        server = _start_writable_server(temp, runner)
+        stack.callback(server.stop)  # after the connections below close (callbacks run in reverse)
         count = min(connections, QEMU_NBD_CLIENTS)
         handles = [stack.enter_context(nbd_connection(server.uri)) for _ in range(count)]
         stats = _run(index, store, codec, _NbdWriter(handles, target), workers, progress, name, False)
@@ -312,6 +342,27 @@ def _restore_qcow2(
     finally:
         os.close(fd)
     return stats
+
+
+_DIRECT_OPTIONS: tuple[dict[str, str], ...] = (
+    {"cache.direct": "on", "file.aio": "native"},
+    {"cache.direct": "on"},
+    {},
+)
+
+
+def _start_writable_server(path: Path, runner: Runner) -> QemuNbdServer:
+    """A writable qemu-nbd on ``path`` that bypasses the page cache (O_DIRECT, Linux AIO) where the
+    filesystem allows, buffered otherwise: measured here, 1.6 GiB written in 0.9 s of qemu-nbd CPU instead of
+    2.4-4.2 s, in half the time."""
+    for options in _DIRECT_OPTIONS:
+        server = QemuNbdServer(path, "qcow2", read_only=False, image_opts=options, runner=runner)
+        try:
+            return server.start()
+        except TransferError:
+            if not options:
+                raise
+    raise AssertionError("unreachable: the last options are the plain ones")
 
 
 def _restore_device(
@@ -337,8 +388,13 @@ def _restore_device(
                 f"block device {device} has {size} bytes; the disk needs {index.virtual_size}",
                 hint="use a device at least as large as the disk",
             )
-        writer = _FileWriter(fd, device, device=True)
-        stats = _run(index, store, codec, writer, workers, progress, name, zero_holes)
+        direct_fd = _open_direct(device)
+        try:
+            writer = _FileWriter(fd, device, device=True, direct_fd=direct_fd)
+            stats = _run(index, store, codec, writer, workers, progress, name, zero_holes)
+        finally:
+            if direct_fd is not None:
+                os.close(direct_fd)
         os.fsync(fd)
     except OSError as err:
         raise _write_error(device, err) from err

@@ -220,3 +220,18 @@ def test_chunk_keys() -> None:
         assert parse_chunk_key(bad) is None, bad
     with pytest.raises(UsageError):
         chunk_key(b"short")
+
+
+def test_the_compression_probe_samples_four_places() -> None:
+    rnd = random.Random(9)
+    half = rnd.randbytes(CHUNK_SIZE // 2) + bytes(CHUNK_SIZE // 2)  # two samples compress: zstd tries it
+    chunk_id, blob = encode(PLAIN, half)
+    assert blob[5] & FLAG_ZSTD and len(blob) < CHUNK_SIZE * 0.51
+    assert PLAIN.decode(blob, chunk_id) == half
+    # compressible only between the samples (at 0, 1, 2 and 3 MiB): stored raw, the documented trade-off
+    hidden = bytearray(rnd.randbytes(CHUNK_SIZE))
+    hidden[64 * 1024 : 1024 * 1024 - 64 * 1024] = bytes(1024 * 1024 - 128 * 1024)
+    chunk_id, blob = encode(PLAIN, bytes(hidden))
+    assert not blob[5] & FLAG_ZSTD and PLAIN.decode(blob, chunk_id) == hidden
+    small = rnd.randbytes(1000) + bytes(100000)  # below 256 KiB: always tried
+    assert encode(PLAIN, small)[1][5] & FLAG_ZSTD

@@ -75,6 +75,9 @@ class MemoryReader:
             self.reads.append((offset, length))
         return self.data[offset : offset + length]
 
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        buffer[:] = self.read(offset, len(buffer))
+
 
 def disk(size: int, data_chunks: dict[int, bytes | int]) -> bytes:
     """A disk of zeros with chunk i filled by a byte value or given bytes."""
