@@ -1,0 +1,179 @@
+"""What every command module shares: the :class:`Command` a module registers, the VM options and the
+frozen :class:`~vmsnap.vm.select.MachineSpec` they make, and output (``--json``, tables, notes, SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from vmsnap.vm.machine import Machine
+from vmsnap.vm.select import MachineSpec, open_machine
+
+Run = Callable[[argparse.Namespace], int]
+"""A command function: parse → frozen config → one library call → print; returns the exit status."""
+
+
+# -- commands -----------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Command:
+    """One ``vmsnap`` command as a command module registers it (see :data:`vmsnap.cli.COMMANDS`).
+
+    :param name: the word after ``vmsnap``
+    :param help: one line for ``vmsnap --help`` (also the command's description unless ``description``)
+    :param example: a full command line, shown under ``example:`` in the command's ``--help``
+    :param run: the command function; None for a group of ``subcommands``
+    :param arguments: adds the command's own options (``--json`` and ``--debug`` are added for it)
+    :param json_option: add ``--json`` after the command's options
+    :param subcommands: the commands of a group (``vmsnap guest install-hooks``)
+    """
+
+    name: str
+    help: str
+    example: str
+    run: Run | None
+    arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+    description: str | None = None
+    json_option: bool = True
+    subcommands: tuple[Command, ...] = ()
+
+    def add_to(self, commands: Any) -> argparse.ArgumentParser:
+        """Add this command's parser to ``commands`` (what ``add_subparsers`` returned)."""
+        parser: argparse.ArgumentParser = commands.add_parser(
+            self.name,
+            help=self.help,
+            description=self.description or self.help,
+            epilog=f"example:\n  {self.example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if self.run is not None:
+            parser.set_defaults(func=self.run)
+        parser.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
+        )
+        self.arguments(parser)
+        if self.json_option:
+            add_json_option(parser)
+        if self.subcommands:
+            sub = parser.add_subparsers(
+                dest=f"{self.name}_command", metavar=f"{self.name.upper()}-COMMAND", required=True
+            )
+            for command in self.subcommands:
+                command.add_to(sub)
+        return parser
+
+
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_repo_option(parser: argparse.ArgumentParser, *, required: bool = True, help: str = "") -> None:
+    parser.add_argument(
+        "--repo", type=Path, required=required, metavar="DIR", help=help or "the backup repository"
+    )
+
+
+def add_disk_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--disk", action="append", default=[], metavar="NAME", help="only this disk (repeat)")
+
+
+# -- the VM a command acts on -------------------------------------------------------------------------------
+
+
+def add_vm_arguments(parser: argparse.ArgumentParser) -> None:
+    """--qmp/--agent/--name | --domain/--connect | --image ..."""
+    group = parser.add_argument_group("VM (one of)")
+    group.add_argument("--qmp", type=Path, metavar="SOCKET", help="QMP unix socket of a running QEMU")
+    group.add_argument("--agent", type=Path, metavar="SOCKET", help="guest agent socket of that QEMU")
+    group.add_argument(
+        "--name", help="the VM's name in the repository (default: QEMU's -name, or the image stem)"
+    )
+    group.add_argument("--domain", metavar="NAME", help="a libvirt domain")
+    group.add_argument("--connect", metavar="URI", help="libvirt connection URI (default: qemu:///system)")
+    group.add_argument(
+        "--image",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a powered-off disk image (repeat)",
+    )
+
+
+def machine_spec(args: argparse.Namespace) -> MachineSpec:
+    """The frozen VM selector from parsed arguments.
+
+    :raise UsageError: no VM, or more than one way of naming it
+    """
+    return MachineSpec(
+        qmp=args.qmp,
+        agent=args.agent,
+        name=args.name,
+        domain=args.domain,
+        connect=args.connect,
+        images=tuple(args.image),
+    )
+
+
+@contextlib.contextmanager
+def opened_machine(spec: MachineSpec) -> Iterator[Machine]:
+    """The machine ``spec`` names, closed after the body."""
+    with contextlib.closing(open_machine(spec)) as machine:
+        yield machine
+
+
+# -- output -------------------------------------------------------------------------------------------------
+
+
+def emit(args: argparse.Namespace, payload: dict[str, Any], human: str) -> None:
+    """Print ``payload`` as one JSON object with --json, else the human text."""
+    if getattr(args, "json", False):
+        print(json.dumps(payload, sort_keys=True, default=str))
+    else:
+        print(human)
+
+
+def render_table(headings: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table (readable on a terminal, pasteable into docs)."""
+    cells = [list(headings), *[list(r) for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headings))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def note(message: str) -> None:
+    """A one-line remark on stderr (fallbacks, warnings); never part of the ``--json`` output."""
+    print(f"vmsnap: {message}", file=sys.stderr)
+
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt for the body, so a terminated backup undoes what it did."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

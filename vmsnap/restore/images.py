@@ -1,0 +1,115 @@
+"""Whole-image restore: a backup's disks as standalone, verified qcow2 images in a directory, and, for a
+backup of a libvirt domain, a new domain defined on them from the definition saved with the backup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from vmsnap.backup.run import DOMAIN_XML
+from vmsnap.errors import NotFoundError, UsageError
+from vmsnap.model import validate_name
+from vmsnap.repo.repository import DiskProgress, Manifest, Repository, RestoredDisk
+
+
+def _no_progress(disk: str, done: int, total: int) -> None:
+    pass
+
+
+@attrs.frozen
+class RestoreResult:
+    """What :func:`restore_images` wrote: one checked image per disk, and the domain it defined, if any."""
+
+    vm: str
+    backup_id: str
+    kind: str
+    disks: tuple[RestoredDisk, ...]
+    defined: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` object of ``vmsnap restore`` (``defined`` only when a domain was defined)."""
+        payload: dict[str, Any] = {
+            "vm": self.vm,
+            "backup_id": self.backup_id,
+            "kind": self.kind,
+            "disks": [
+                {"name": d.name, "file": str(d.path), "virtual_size": d.virtual_size, "sha256": d.sha256}
+                for d in self.disks
+            ],
+        }
+        if self.defined is not None:
+            payload["defined"] = self.defined
+        return payload
+
+
+def restore_images(
+    repo_path: Path,
+    vm: str,
+    backup_id: str | None,
+    to: Path,
+    *,
+    disks: Sequence[str] = (),
+    define: str | None = None,
+    connect: str | None = None,
+    progress: DiskProgress = _no_progress,
+) -> RestoreResult:
+    """Write standalone, verified ``to/<disk>.qcow2`` images of a backup; with ``define``, also define (not
+    start) a libvirt domain of that name on them.
+
+    Everything that can be checked is checked before anything is written: the backup exists and, with
+    ``define``, it holds a saved domain definition and no libvirt domain has that name yet.
+
+    :param repo_path: the repository directory
+    :param backup_id: the backup (default: the VM's latest)
+    :param disks: restore only these disks (default: all; ``define`` needs all of them)
+    :param define: the new domain's name
+    :param connect: the libvirt URI for ``define`` (default ``qemu:///system``)
+    :param progress: called with (disk, bytes done, bytes total)
+    :raise NotFoundError: no such VM, backup or disk, or ``define`` and the backup has no saved definition
+    :raise UsageError: ``define`` is not a valid name, a domain of that name exists, or a disk is left out
+    :raise ChainError: a parent of the backup is missing or a backing link points elsewhere
+    :raise ChecksumMismatchError: a restored image differs from what was backed up
+    :raise LibvirtError: libvirtd cannot be reached, or it refused the definition
+    :raise VmsnapError: an image exists already in ``to`` (restore never overwrites)
+    """
+    repo = Repository.open(repo_path)
+    manifest = repo.get(vm, backup_id)
+    definition = _definition_to_redefine(repo, manifest, define, connect) if define is not None else None
+    manifest, restored = repo.restore(vm, manifest.backup_id, to, disks=disks, progress=progress)
+    defined = None
+    if define is not None and definition is not None:
+        from vmsnap.vm.libvirt.definition import define_restored_domain
+
+        images = {d.name: d.path for d in restored}
+        defined = define_restored_domain(connect, definition, name=define, images=images)
+    return RestoreResult(manifest.vm, manifest.backup_id, manifest.kind, tuple(restored), defined)
+
+
+def _definition_to_redefine(repo: Repository, manifest: Manifest, name: str, connect: str | None) -> str:
+    """The libvirt definition saved with ``manifest``'s backup, once ``name`` is known to be a valid name
+    that no domain has.
+
+    :raise NotFoundError: the backup was not taken of a libvirt domain
+    :raise UsageError: ``name`` is invalid or taken
+    """
+    validate_name(name, "domain name")
+    saved = repo.backup_dir(manifest.vm, manifest.backup_id) / DOMAIN_XML
+    if not saved.is_file():
+        raise NotFoundError(
+            f"backup {manifest.backup_id} of {manifest.vm} has no saved libvirt definition",
+            hint="--define needs a backup taken with --domain; restore without it and define the VM yourself",
+        )
+    from vmsnap.vm.libvirt.machine import open_connection  # only a restore that defines needs libvirt
+
+    conn = open_connection(connect)
+    try:
+        taken = name in {d.name() for d in conn.listAllDomains()}
+    finally:
+        conn.close()
+    if taken:
+        raise UsageError(f"a libvirt domain {name!r} exists already", hint="choose another --define name")
+    return saved.read_text()
