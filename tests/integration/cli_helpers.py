@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -55,6 +57,39 @@ def cli_process(*argv: str | Path, env: Mapping[str, str] | None = None, timeout
         [VMSNAP, *[str(a) for a in argv]], capture_output=True, text=True, env=full_env, timeout=timeout
     )
     return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+def cli_on_a_terminal(*argv: str | Path, timeout: float = 120) -> CliResult:
+    """``vmsnap ARGV`` as a process whose stderr is a (pseudo-)terminal, 120 columns wide: what a user sees.
+    ``err`` is what the terminal received, escape sequences included."""
+    leader, follower = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
+    try:
+        process = subprocess.Popen(
+            [VMSNAP, *[str(a) for a in argv]], stdout=subprocess.PIPE, stderr=follower, text=True, env=env
+        )
+    finally:
+        os.close(follower)
+    received: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the process closed its end of the terminal
+                return
+            if not data:
+                return
+            received.append(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    finally:
+        reader.join(timeout=10)
+        os.close(leader)
+    return CliResult(process.returncode, out, b"".join(received).decode(errors="replace"))
 
 
 def vm_args(vm: RunningVm) -> list[str]:

@@ -4,6 +4,7 @@ compare with what the disks held at each backup; every strategy and transport pa
 from __future__ import annotations
 
 import json
+import re
 import stat
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tests.integration.cli_helpers import (
     block_state,
     capture,
     cli,
+    cli_on_a_terminal,
     listed,
     no_leftovers,
     restore_and_compare,
@@ -234,3 +236,35 @@ def test_btrfs_strategy_backs_up_a_vm_on_a_btrfs_subvolume(
         vm.machine.close()
         process.stop()
         process.kill()
+
+
+def test_progress_shows_a_bar_per_disk_with_rate_on_a_terminal_and_nothing_with_json(
+    two_disk_vm: RunningVm, tmp_path: Path
+) -> None:
+    vm = two_disk_vm
+    repo = tmp_path / "repo"
+    write(vm, "disk0", "write -P 0x31 0 16M")
+    write(vm, "disk1", "write -P 0x32 0 16M")
+    shown = cli_on_a_terminal("backup", "--repo", repo, *vm_args(vm), "--transport", "nbd")
+    assert shown.code == 0, shown.err
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.err)  # without colours and cursor moves
+    for disk in DISKS:  # each disk's bar ends complete: 100 %, bytes done of all, a rate, no time left
+        assert re.search(rf"{disk}\s+━+\s+100%\s+([\d.]+)/\1 MiB\s+[\d.,]+ MiB/s\s+0:00:00", screen), screen
+    assert "backed up testvm" in shown.out
+    quiet = cli_on_a_terminal("backup", "--repo", repo, *vm_args(vm), "--transport", "nbd", "--json")
+    assert quiet.code == 0, quiet.err
+    assert quiet.err == ""
+    assert json.loads(quiet.out)["kind"] == "full"
+
+
+def test_restore_define_checks_the_backup_before_writing_anything(
+    two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo, out = tmp_path / "repo", tmp_path / "restored"
+    backup(capsys, two_disk_vm, repo)  # of a bare QEMU: no libvirt definition is kept with it
+    restore = ["restore", "--repo", repo, "--vm", "testvm", "--to", out]
+    result = cli(capsys, *restore, "--define", "testvm-copy")
+    assert result.code == 1 and "has no saved libvirt definition" in result.error_line
+    result = cli(capsys, *restore, "--define", "../x")
+    assert result.code == 2 and "domain name" in result.error_line
+    assert not out.exists()

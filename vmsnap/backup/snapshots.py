@@ -18,7 +18,7 @@ import attrs
 
 from vmsnap.errors import NotFoundError, UsageError
 from vmsnap.model import SnapshotRef, validate_name
-from vmsnap.registry import strategy_class
+from vmsnap.strategies import strategy_class
 from vmsnap.strategies.base import Strategy
 from vmsnap.vm.machine import Machine, find_disk
 from vmsnap.vm.select import MachineSpec, open_machine
@@ -59,7 +59,7 @@ class SnapshotRequest:
         if self.name is not None:
             validate_name(self.name, "snapshot name")
 
-    def strategy_options(self, cls: Any) -> dict[str, Any]:
+    def strategy_options(self, cls: type[Strategy]) -> dict[str, Any]:
         """The options set here, checked against what ``cls``'s constructor takes.
 
         :raise UsageError: an option the strategy does not take

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from rich.console import Console
 from rich.progress import (
@@ -25,7 +25,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-DiskProgress = Callable[[str, int, int], None]
+from vmsnap.repo.repository import DiskProgress
 
 
 def _no_progress(disk: str, done: int, total: int) -> None:
@@ -33,10 +33,13 @@ def _no_progress(disk: str, done: int, total: int) -> None:
 
 
 class _RateColumn(ProgressColumn):
-    """The transfer rate in MiB/s (rich's own column counts in MB/s, the rest of vmsnap in MiB)."""
+    """The transfer rate in MiB/s (rich's own column counts in MB/s, the rest of vmsnap in MiB); the
+    average so far where rich has too few samples for its estimate (a disk done in a second)."""
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
+        if speed is None and task.completed and task.elapsed:
+            speed = task.completed / task.elapsed
         if speed is None:
             return Text("", style="progress.data.speed")
         return Text(f"{speed / 2**20:,.1f} MiB/s", style="progress.data.speed")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import attrs
 
-from vmsnap.backup.run import Backup, BackupConfig, recover
+from vmsnap.backup import Backup, BackupConfig, recover
 from vmsnap.cli.common import (
     Command,
     add_disk_option,
@@ -151,6 +151,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list_arguments(parser: argparse.ArgumentParser) -> None:
+    add_repo_option(parser)
+    parser.add_argument("--vm", metavar="NAME", help="only this VM")
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Re-read backups, check every checksum and chain link; exit 1 naming the first problem."""
     repo = Repository.open(args.repo)
@@ -232,11 +237,6 @@ def cmd_recover(args: argparse.Namespace) -> int:
 def _recover_arguments(parser: argparse.ArgumentParser) -> None:
     add_vm_arguments(parser)
     add_repo_option(parser, required=False, help="the repository the dead backup wrote to")
-
-
-def _list_arguments(parser: argparse.ArgumentParser) -> None:
-    add_repo_option(parser)
-    parser.add_argument("--vm", metavar="NAME", help="only this VM")
 
 
 COMMANDS = (

@@ -21,7 +21,7 @@ from vmsnap.cli.common import (
 )
 from vmsnap.errors import UsageError, VmsnapError
 from vmsnap.model import Traits
-from vmsnap.registry import STRATEGY_GROUP, load, names
+from vmsnap.strategies import strategy_class, strategy_names
 
 # -- vmsnap snapshot ----------------------------------------------------------------------------------------
 
@@ -93,10 +93,10 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     columns = Traits.columns()
     rows: list[list[str]] = []
     data: dict[str, Any] = {}
-    for name in names(STRATEGY_GROUP):
+    for name in strategy_names():
         try:
-            traits = load(STRATEGY_GROUP, name).traits
-        except (VmsnapError, AttributeError) as err:
+            traits = strategy_class(name).traits
+        except VmsnapError as err:
             data[name] = {"error": str(err)}
             continue
         values = attrs.asdict(traits)

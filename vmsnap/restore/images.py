@@ -10,7 +10,7 @@ from typing import Any
 
 import attrs
 
-from vmsnap.backup.run import DOMAIN_XML
+from vmsnap.backup import DOMAIN_XML
 from vmsnap.errors import NotFoundError, UsageError
 from vmsnap.model import validate_name
 from vmsnap.repo.repository import DiskProgress, Manifest, Repository, RestoredDisk
