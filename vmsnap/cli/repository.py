@@ -183,8 +183,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _verify_arguments(parser: argparse.ArgumentParser) -> None:
-    add_repo_option(parser)
-    parser.add_argument("--vm", metavar="NAME", help="only this VM")
+    _list_arguments(parser)
     parser.add_argument("--backup", metavar="ID", help="only this backup (with --vm)")
     parser.add_argument(
         "--reader",
