@@ -25,11 +25,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from vmsnap.repo.repository import DiskProgress
-
-
-def _no_progress(disk: str, done: int, total: int) -> None:
-    pass
+from vmsnap.repo.progress import DiskProgress, no_progress
 
 
 class _RateColumn(ProgressColumn):
@@ -77,7 +73,7 @@ def disk_progress(enabled: bool) -> Iterator[DiskProgress]:
     :param enabled: False with ``--json``
     """
     if not enabled or not sys.stderr.isatty():
-        yield _no_progress
+        yield no_progress
         return
     progress = Progress(
         TextColumn("{task.description:<12.12}"),

@@ -23,7 +23,8 @@ from vmsnap.cli.common import (
 )
 from vmsnap.cli.progress import disk_progress
 from vmsnap.errors import ChainError, ChecksumMismatchError, RepositoryError
-from vmsnap.repo.repository import Damaged, Repository
+from vmsnap.repo.manifest import Damaged
+from vmsnap.repo.repository import Repository
 from vmsnap.restore.images import restore_images
 
 # -- backup -------------------------------------------------------------------------------------------------

@@ -13,11 +13,10 @@ import attrs
 from vmsnap.backup import DOMAIN_XML
 from vmsnap.errors import NotFoundError, UsageError
 from vmsnap.model import validate_name
-from vmsnap.repo.repository import DiskProgress, Manifest, Repository, RestoredDisk
-
-
-def _no_progress(disk: str, done: int, total: int) -> None:
-    pass
+from vmsnap.repo.manifest import Manifest
+from vmsnap.repo.progress import DiskProgress, no_progress
+from vmsnap.repo.qcow2_layout import RestoredDisk
+from vmsnap.repo.repository import Repository
 
 
 @attrs.frozen
@@ -55,7 +54,7 @@ def restore_images(
     disks: Sequence[str] = (),
     define: str | None = None,
     connect: str | None = None,
-    progress: DiskProgress = _no_progress,
+    progress: DiskProgress = no_progress,
 ) -> RestoreResult:
     """Write standalone, verified ``to/<disk>.qcow2`` images of a backup; with ``define``, also define (not
     start) a libvirt domain of that name on them.
