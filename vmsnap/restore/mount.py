@@ -41,6 +41,8 @@ from typing import Any
 import attrs
 
 from vmsnap.errors import CommandError, NotFoundError, UnsupportedError, UsageError, VmsnapError
+from vmsnap.files import DIR_MODE
+from vmsnap.mounts import local_mounts
 from vmsnap.restore import host
 from vmsnap.restore.partitions import (
     Partition,
@@ -208,7 +210,7 @@ def _mount_one(
     fstype = probe["TYPE"]
     options = mount_options(fstype)
     target = mountpoint / part.name
-    target.mkdir(mode=0o700, exist_ok=True)
+    target.mkdir(mode=DIR_MODE, exist_ok=True)
     try:
         host.mount_filesystem(runner, device, target, fstype, options)
     except CommandError as err:
@@ -359,26 +361,27 @@ def _clean_entry(entry: Path, state: dict[str, Any], runner: Runner, *, lazy: bo
     mountpoint = Path(str(state.get("mountpoint", "")))
     loops = [d for d in host.loop_devices(runner) if host.under(d.back_file, entry)]
     devices = {d.name for d in loops}
-    for mount_entry in reversed(host.mounts()):
-        if mount_entry.source in devices:
+    for mounted_fs in reversed(local_mounts()):
+        if mounted_fs.source in devices:
+            target = Path(mounted_fs.mount_point)
             try:
-                host.unmount(runner, mount_entry.target, lazy=lazy)
+                host.unmount(runner, target, lazy=lazy)
             except CommandError as err:
                 if "busy" not in err.stderr:
                     raise
                 raise VmsnapError(
-                    f"{mount_entry.target} is busy: a process has files open there",
-                    hint=f"close them (`fuser -vm {mount_entry.target}`), then umount again (or --lazy)",
+                    f"{target} is busy: a process has files open there",
+                    hint=f"close them (`fuser -vm {target}`), then umount again (or --lazy)",
                 ) from err
-            done.append(f"unmounted {mount_entry.target}")
+            done.append(f"unmounted {target}")
     for device in loops:
         host.detach_loop(runner, device.name)
         done.append(f"detached {device.name}")
     done += [f"stopped {what}" for what in stop_daemons_under(entry, runner=runner)]
-    for mount_entry in reversed(host.mounts()):  # FUSE files of daemons that died with SIGKILL
-        if mount_entry.fstype.startswith("fuse") and host.under(mount_entry.target, entry):
-            host.unmount(runner, mount_entry.target, lazy=True)
-            done.append(f"unmounted {mount_entry.target}")
+    for mounted_fs in reversed(local_mounts()):  # FUSE files of daemons that died with SIGKILL
+        if mounted_fs.fstype.startswith("fuse") and host.under(mounted_fs.mount_point, entry):
+            host.unmount(runner, Path(mounted_fs.mount_point), lazy=True)
+            done.append(f"unmounted {mounted_fs.mount_point}")
     _remove_partition_dirs(mountpoint, state.get("partitions", []))
     shutil.rmtree(entry, ignore_errors=True)
     return done
