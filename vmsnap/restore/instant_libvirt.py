@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from vmsnap.errors import BlockJobError, LibvirtError, NotFoundError, UsageError
+from vmsnap.files import write_json_atomic
+from vmsnap.processes import crash_point
 from vmsnap.restore.instant import (
+    STATE,
     InstantRestore,
     StreamProgress,
     StreamResult,
@@ -25,7 +28,6 @@ from vmsnap.restore.instant import (
     finish,
     read_restore,
 )
-from vmsnap.restore.state import crash_point, write_state
 
 
 def _libvirt() -> Any:
@@ -134,7 +136,7 @@ def stream_domain(
             else:
                 done.append(target)
         state["status"] = "streaming"
-        write_state(to / ".vmsnap-instant.json", state)
+        write_json_atomic(to / STATE, state)
         crash_point("instant-mid-stream")
         deadline = time.monotonic() + timeout
         for target in waiting:

@@ -31,7 +31,6 @@ that is mounted already is refused (the first mount serves it: use it).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 from collections.abc import Sequence
@@ -41,8 +40,9 @@ from typing import Any
 import attrs
 
 from vmsnap.errors import CommandError, NotFoundError, UnsupportedError, UsageError, VmsnapError
-from vmsnap.files import DIR_MODE
+from vmsnap.files import DIR_MODE, make_private_dir, write_json_atomic
 from vmsnap.mounts import local_mounts
+from vmsnap.processes import crash_point
 from vmsnap.restore import host
 from vmsnap.restore.partitions import (
     Partition,
@@ -55,15 +55,13 @@ from vmsnap.restore.partitions import (
 )
 from vmsnap.restore.source import BackupSource, serve
 from vmsnap.restore.state import (
-    crash_point,
     daemons_under,
     locked,
-    make_private_dir,
     owner,
     owner_alive,
     read_state,
+    run_key,
     stop_daemons_under,
-    write_state,
 )
 from vmsnap.runner import LocalRunner, Runner
 
@@ -137,10 +135,6 @@ class MountResult:
             ],
             "skipped": [{"name": s.name, "reason": s.reason} for s in self.skipped],
         }
-
-
-def _key(mountpoint: Path) -> str:
-    return hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
 
 
 def _check_mountpoint(mountpoint: Path, run_dir: Path) -> Path:
@@ -260,7 +254,7 @@ def mount(
                     f"this backup disk is mounted already at {other.get('mountpoint')}",
                     hint=f"read it there, or `vmsnap umount {other.get('mountpoint')}` first",
                 )
-        entry = run_dir / _key(target)
+        entry = run_dir / run_key(target)
         if entry.exists():
             raise UsageError(f"{mountpoint} has a vmsnap mount already", hint=f"`vmsnap umount {mountpoint}`")
         make_private_dir(entry, tighten=True)
@@ -273,7 +267,7 @@ def mount(
             "partitions": [],
             "skipped": [],
         }
-        write_state(entry / STATE, state)
+        write_json_atomic(entry / STATE, state)
         crash_point("mount-after-state")
         with contextlib.ExitStack() as undo:
             undo.callback(_clean_entry, entry, state, run, lazy=True)
@@ -303,7 +297,7 @@ def _mount_in(
         else:
             mounted.append(outcome)
             state["partitions"].append({"name": outcome.name, "device": device, "path": str(outcome.path)})
-            write_state(entry / STATE, state)
+            write_json_atomic(entry / STATE, state)
             crash_point("mount-after-first-mount")
     if not mounted:
         found = "; ".join(s.reason for s in skipped) or "an empty partition table"
@@ -314,7 +308,7 @@ def _mount_in(
         )
     state["skipped"] = [{"name": s.name, "reason": s.reason} for s in skipped]
     state["status"] = "mounted"
-    write_state(entry / STATE, state)
+    write_json_atomic(entry / STATE, state)
     return MountResult(mountpoint, table.label, tuple(mounted), tuple(skipped), entry)
 
 
@@ -340,7 +334,7 @@ def umount(
     """
     run = runner or LocalRunner()
     target = Path(os.path.realpath(mountpoint))
-    entry = run_dir / _key(target)
+    entry = run_dir / run_key(target)
     with locked(run_dir):
         state = read_state(entry / STATE) if entry.is_dir() else None
         if state is None or state.get("mountpoint") != str(target):
@@ -351,7 +345,7 @@ def umount(
                 f"vmsnap has nothing mounted at {mountpoint}", hint="see `vmsnap mount --list`"
             )
         state["status"] = "unmounting"
-        write_state(entry / STATE, state)
+        write_json_atomic(entry / STATE, state)
         _clean_entry(entry, state, run, lazy=lazy)
 
 

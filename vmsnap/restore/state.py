@@ -1,11 +1,13 @@
-"""State files of mounts and instant restores: private run directories, records written before each step so a
-killed process's leftovers can be found and undone, a lock around changes, and the test-only crash points.
+"""State of mounts and instant restores: run directories (named by :func:`run_key`), state files written
+before each step (:func:`vmsnap.files.write_json_atomic`) so that a killed process's leftovers can be found
+and undone, a lock around changes, and the daemons a run directory holds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ from typing import Any
 
 from vmsnap import processes
 from vmsnap.errors import VmsnapError
-from vmsnap.files import FILE_MODE, make_private_dir, write_json_atomic
+from vmsnap.files import FILE_MODE, make_private_dir
 from vmsnap.image.daemon import (
     RECORD,
     DaemonRecord,
@@ -25,10 +27,7 @@ from vmsnap.image.daemon import (
 )
 from vmsnap.image.nbdkit import NbdkitServer
 from vmsnap.image.storage_daemon import QemuStorageDaemon
-from vmsnap.processes import CRASH_ENV, crash_point
 from vmsnap.runner import Runner
-
-__all__ = ["CRASH_ENV", "crash_point", "make_private_dir"]
 
 
 @contextlib.contextmanager
@@ -43,9 +42,9 @@ def locked(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def write_state(path: Path, data: dict[str, Any]) -> None:
-    """Write a state file atomically (0600, fsync'd)."""
-    write_json_atomic(path, data)
+def run_key(path: Path) -> str:
+    """The name of the run directory of a mount or an instant restore: a hash of its (real) path."""
+    return hashlib.sha256(str(path).encode()).hexdigest()[:16]
 
 
 def read_state(path: Path) -> dict[str, Any] | None:

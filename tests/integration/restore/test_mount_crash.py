@@ -14,9 +14,9 @@ import pytest
 
 from tests.integration.restore.conftest import BackedUpDisk, daemon_pids, leftovers
 from tests.integration.restore.test_mount import assert_nothing_left, check_mounted
+from vmsnap.processes import CRASH_ENV
 from vmsnap.restore.mount import CRASH_POINTS, mount, recover, umount
 from vmsnap.restore.source import ImageSource
-from vmsnap.restore.state import CRASH_ENV
 
 MOUNT_IN_A_CHILD = """
 import sys

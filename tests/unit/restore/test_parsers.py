@@ -8,8 +8,8 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from vmsnap.errors import UsageError, VmsnapError
-from vmsnap.image.readers import load_factory, reader_options
 from vmsnap.image.daemon import DaemonRecord
+from vmsnap.image.readers import load_factory, reader_options
 from vmsnap.image.storage_daemon import FuseExport, NbdExport, QemuStorageDaemon
 from vmsnap.mounts import parse_mountinfo
 from vmsnap.restore.host import parse_losetup, under
@@ -120,7 +120,11 @@ def test_mount_options_never_replay_a_journal() -> None:
 def test_mountinfo_escapes_and_losetup_json() -> None:
     line = "120 28 7:7 / /tmp/a\\040b/p1 ro,nosuid,nodev,noexec,relatime - ext4 /dev/loop7 ro,noload\n"
     [entry] = parse_mountinfo(line)
-    assert entry.mount_point == PurePosixPath("/tmp/a b/p1") and entry.fstype == "ext4" and entry.source == "/dev/loop7"
+    assert (
+        entry.mount_point == PurePosixPath("/tmp/a b/p1")
+        and entry.fstype == "ext4"
+        and entry.source == "/dev/loop7"
+    )
     assert "nosuid" in entry.options.split(",")
     loops = parse_losetup(
         json.dumps(
