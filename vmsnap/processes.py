@@ -25,17 +25,22 @@ CRASH_ENV = "VMSNAP_TEST_CRASH_AT"
 """Test-only: a step name at which a vmsnap process SIGKILLs itself (see :func:`crash_point`)."""
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of ``/proc/PID/stat`` from field 3 (state) on ([] when it is gone): the command name
+    before them is in parentheses and may hold spaces and parentheses itself."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return []
+
+
 def start_time(pid: int) -> int | None:
     """The start time of ``pid`` on this host in clock ticks since boot (``/proc/PID/stat`` field 22), None
     when it is gone. With the pid it names one process for good: a pid is reused, (pid, start time) is not.
     """
+    fields = _stat(pid)
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[-1].split()
-    try:
-        return int(fields[19])  # field 22 overall; fields[0] is field 3 (state)
+        return int(fields[19])  # field 22 overall; fields[0] is field 3
     except (IndexError, ValueError):
         return None
 
@@ -49,11 +54,8 @@ def alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process: it exists
         return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    fields = _stat(pid)
+    return bool(fields) and fields[0] not in ("Z", "X")
 
 
 def same_process(pid: int, started: int | None) -> bool:
