@@ -357,9 +357,7 @@ def _stream_all(
             waiting[name] = job_id
         else:
             done.append(name)
-    state["status"] = "streaming"
-    write_json_atomic(to / STATE, state)
-    crash_point("instant-mid-stream")
+    mark_streaming(to, state)
     deadline = time.monotonic() + timeout
     for name, job_id in waiting.items():
         left = max(deadline - time.monotonic(), 1.0)
@@ -370,6 +368,13 @@ def _stream_all(
         if found is None or found[1]:
             raise BlockJobError(job_id, "finished, but the image still has a backing file", hint="run again")
     return list(waiting), done
+
+
+def mark_streaming(to: Path, state: dict[str, Any]) -> None:
+    """Record in the state that the copies run (started, or found running), before waiting for them."""
+    state["status"] = "streaming"
+    write_json_atomic(to / STATE, state)
+    crash_point("instant-mid-stream")
 
 
 def read_restore(to: Path) -> dict[str, Any]:

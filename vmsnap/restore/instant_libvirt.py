@@ -17,15 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from vmsnap.errors import BlockJobError, LibvirtError, NotFoundError, UsageError
-from vmsnap.files import write_json_atomic
-from vmsnap.processes import crash_point
 from vmsnap.restore.instant import (
-    STATE,
     InstantRestore,
     StreamProgress,
     StreamResult,
     _no_progress,
     finish,
+    mark_streaming,
     read_restore,
 )
 
@@ -135,9 +133,7 @@ def stream_domain(
                 waiting.append(target)
             else:
                 done.append(target)
-        state["status"] = "streaming"
-        write_json_atomic(to / STATE, state)
-        crash_point("instant-mid-stream")
+        mark_streaming(to, state)
         deadline = time.monotonic() + timeout
         for target in waiting:
             while info := dom.blockJobInfo(target, 0):
