@@ -148,6 +148,22 @@ def read_pid(path: Path) -> int | None:
         return None
 
 
+def _stop(pid: int, identity: processes.Identity, timeout: float) -> bool:
+    """Stop a daemon by pid while it is the process ``identity`` names; True when it was signalled.
+
+    :raise VmsnapError: it survived SIGKILL (stuck in the kernel, e.g. on a FUSE mount it serves)
+    """
+    started = identity.start_time if identity.start_time is not None else processes.start_time(pid)
+    if not processes.terminate(pid, timeout=timeout, identity=identity):
+        return False
+    if processes.same_process(pid, started):
+        raise VmsnapError(
+            f"{identity.program} (pid {pid}) survived SIGKILL",
+            hint=f"it is stuck in the kernel: see /proc/{pid}/stack and the FUSE mounts it served",
+        )
+    return True
+
+
 def _unmount_fuse_files(paths: Sequence[Path], runner: Runner) -> None:
     # a daemon killed with SIGKILL cannot unmount its FUSE exports: the kernel keeps them, dead
     for path in paths:
@@ -162,7 +178,7 @@ def stop_recorded(record: DaemonRecord, *, timeout: float = 10.0, runner: Runner
     :raise VmsnapError: the daemon survived SIGKILL
     :raise CommandError: a dead FUSE mount could not be detached
     """
-    processes.terminate(record.pid, timeout=timeout, identity=record.identity)
+    _stop(record.pid, record.identity, timeout)
     _unmount_fuse_files(record.fuse_files, runner or LocalRunner())
     if (record.directory / RECORD).is_file():  # only a directory a wrapper made (it holds the record)
         shutil.rmtree(record.directory, ignore_errors=True)
@@ -186,7 +202,7 @@ def stop_unrecorded(
     """
     pid = read_pid(directory / pid_file)
     identity = processes.Identity(program, str(directory))
-    stopped = pid is not None and processes.terminate(pid, timeout=timeout, identity=identity)
+    stopped = pid is not None and _stop(pid, identity, timeout)
     _unmount_fuse_files(fuse_files, runner or LocalRunner())
     return pid if stopped else None
 
