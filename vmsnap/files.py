@@ -45,6 +45,7 @@ def write_atomic(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
+        os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()

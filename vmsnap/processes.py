@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -143,6 +145,18 @@ def terminate(pid: int, *, timeout: float = 10.0, identity: Identity | None = No
         while there() and time.monotonic() < give_up:
             time.sleep(0.01)
     return True
+
+
+def stop_child(process: subprocess.Popen[Any], *, timeout: float = 10.0) -> None:
+    """Stop a child this process started (:func:`terminate`, by its pid) and reap it; one that has already
+    exited is only reaped.
+
+    :param timeout: seconds between the first SIGTERM and SIGKILL (0: SIGKILL at once)
+    """
+    if process.poll() is None:
+        terminate(process.pid, timeout=timeout)
+    with contextlib.suppress(subprocess.TimeoutExpired):  # only one stuck in the kernel outlives SIGKILL
+        process.wait(10)
 
 
 _REMOTE_STOP = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import threading
@@ -14,6 +15,7 @@ from vmsnap.errors import BlockJobError, QMPCommandError, QMPConnectionError
 from vmsnap.lab.qemu import StorageDaemon, qemu_io
 from vmsnap.vm.machine import QemuMachine, find_disk
 from vmsnap.vm.qmp import QMPMonitor
+from vmsnap.vm.qmp_actions import bitmap_add_action
 
 
 def test_lists_disks_of_a_running_vm(two_disk_vm: RunningVm) -> None:
@@ -190,3 +192,69 @@ def test_storage_daemon_runs_jobs_over_qmp(storage_daemon: StorageDaemon, tmp_pa
         )
         qmp.blockdev_del("t")
         qmp.blockdev_del("t-file")
+
+
+def test_nbd_server_and_export_methods(two_disk_vm: RunningVm, tmp_path: Path) -> None:
+    qmp = two_disk_vm.machine.qmp()
+    qemu_io(qmp, "disk0", "write -P 0x44 1M 64k")
+    qmp.transaction([bitmap_add_action("fmt-disk0", "b0", persistent=False)])
+    qemu_io(qmp, "disk0", "write -P 0x45 2M 64k")
+    sock = tmp_path / "nbd.sock"
+    qmp.nbd_server_start(sock)
+    with pytest.raises(QMPCommandError):
+        qmp.nbd_server_start(tmp_path / "second.sock")  # one NBD server per QEMU
+    qmp.block_export_add_nbd("e0", "fmt-disk0", name="disk0", bitmaps=[("fmt-disk0", "b0")])
+    assert [e["id"] for e in qmp.query_block_exports()] == ["e0"]
+    uri = f"nbd+unix:///disk0?socket={sock}"
+    out = subprocess.run(
+        ["nbdinfo", "--map=qemu:dirty-bitmap:b0", "--json", uri], capture_output=True, check=True, text=True
+    )
+    assert [(e["offset"], e["length"]) for e in json.loads(out.stdout) if e["type"] & 1] == [
+        (2 << 20, 64 << 10)
+    ]
+    qmp.block_export_del("e0")
+    qmp.wait_event("BLOCK_EXPORT_DELETED", match={"id": "e0"}, timeout=30)
+    assert qmp.query_block_exports() == []
+    qmp.nbd_server_stop()
+    with pytest.raises(QMPCommandError):
+        qmp.nbd_server_stop()
+    qmp.block_dirty_bitmap_remove("fmt-disk0", "b0")
+    assert qmp.dirty_bitmaps("fmt-disk0") == []
+
+
+def test_filter_child_and_device_nodes(two_disk_vm: RunningVm) -> None:
+    qmp = two_disk_vm.machine.qmp()
+    assert qmp.filter_child("fmt-disk0") == "file-disk0"  # QEMU 7.2: from x-debug-query-block-graph
+    assert qmp.filter_child("fmt-disk0", "backing") == ""
+    assert qmp.filter_child("no-such-node") == ""
+    qdev = "/machine/peripheral/disk0/virtio-backend"
+    assert qmp.device_node(qdev) == "fmt-disk0"
+    qmp.set_device_node(qdev, "fmt-disk0")  # the node it has: nothing is sent (qom-set would abort QEMU 7.2)
+    assert two_disk_vm.process.alive() and qmp.device_node(qdev) == "fmt-disk0"
+    with pytest.raises(QMPCommandError):
+        qmp.qom_set(qdev, "drive", "no-such-node")
+
+
+class _AnsweringMonitor(QMPMonitor):
+    """A monitor that answers from a table instead of a QEMU (for answers this QEMU cannot give)."""
+
+    def __init__(self, answers: dict[str, object]) -> None:
+        super().__init__("/nonexistent")
+        self.answers = answers
+        self.sent: list[str] = []
+
+    def execute(self, command: str, arguments: object = None, *, timeout: float | None = None) -> object:
+        self.sent.append(command)
+        return self.answers[command]
+
+
+def test_filter_child_reads_the_stable_children_of_qemu_10_1_first() -> None:
+    node = {
+        "node-name": "cbw",
+        "children": [{"child": "target", "node-name": "t"}, {"child": "file", "node-name": "d"}],
+    }
+    monitor = _AnsweringMonitor({"query-named-block-nodes": [node]})
+    assert monitor.filter_child("cbw") == "d"
+    assert monitor.filter_child("cbw", "backing") == ""
+    assert monitor.sent == ["query-named-block-nodes", "query-named-block-nodes"]  # never the x-debug command
+    monitor.close()

@@ -6,7 +6,6 @@ cleaned by the machine itself."""
 from __future__ import annotations
 
 import shutil
-import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,11 +77,6 @@ def undo_run(repo: Repository, machine: Machine, journal: Journal) -> list[str]:
         if tracks_changes:
             repo.require_full(vm, f"backup {header['backup_id']} did not finish")
             actions.append("the next backup will be full (the dirty bitmap moved on without a backup)")
-    if machine.is_running and machine.runner.host == "local":
-        try:
-            actions += _stop_dead_runs_nbd_server(machine, journal)
-        except VmsnapError as err:
-            failures.append(f"stopping QEMU's NBD server failed: {err.message}")
     staging = Path(str(header["staging"]))
     if staging.exists() and not journal.has("committed"):
         repo.discard(staging)
@@ -130,36 +124,6 @@ def stop_orphans(patterns: Sequence[str], *, timeout: float = 10.0) -> list[str]
             ):
                 shutil.rmtree(socket_dir, ignore_errors=True)
     return stopped
-
-
-def _stop_dead_runs_nbd_server(machine: Machine, journal: Journal) -> list[str]:
-    """Stop QEMU's NBD server when it still listens on a socket the dead run exported through (pull mode).
-
-    QEMU runs one NBD server; something listening on the dead run's own private socket can only be it
-    (the run's qemu-nbd processes were stopped before this).
-    """
-    actions: list[str] = []
-    for data in journal.data("serving"):
-        location = str(data.get("location", ""))
-        if data.get("kind") != "nbd" or "socket=" not in location:
-            continue
-        path = Path(location.split("socket=", 1)[1])
-        if not path.parent.name.startswith("vmsnap-nbd") or not _listening(path):
-            continue
-        machine.qmp().execute("nbd-server-stop")
-        shutil.rmtree(path.parent, ignore_errors=True)
-        actions.append(f"stopped QEMU's NBD server on {path}")
-    return actions
-
-
-def _listening(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(2)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 def recover_leftovers(repo: Repository, machine: Machine) -> RecoveryReport:

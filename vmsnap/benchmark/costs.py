@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 
 from vmsnap.errors import VmsnapError
+from vmsnap.files import fsync_file
 from vmsnap.runner import LocalRunner, Runner
 
 MiB = 1024 * 1024
@@ -128,6 +129,20 @@ class CostBench:
         result["seconds"] = time.perf_counter() - started
         result["bytes"] = (resource.getrusage(resource.RUSAGE_CHILDREN).ru_oublock - before) * 512.0
 
+    def _cleanup_run(
+        self, prepare: Callable[[int], Path], cleanup: Callable[[Path], object]
+    ) -> Callable[[int], tuple[float, float]]:
+        """One run of a delete or rollback figure: ``prepare(i)`` untimed, then ``cleanup`` of what it made,
+        timed, with the bytes it wrote."""
+
+        def one(i: int) -> tuple[float, float]:
+            prepared = prepare(i)
+            with self._io_meter() as io:
+                cleanup(prepared)
+            return io["seconds"], io["bytes"]
+
+        return one
+
     def _record(
         self,
         strategy: str,
@@ -205,27 +220,19 @@ class CostBench:
             self._record("internal", "write_again", variant, "MB/s", again)
         d = self._scratch("internal-cleanup")
         for mib in self.written_mib:
+            for metric, prefix, flag in (("delete", "del", "-d"), ("rollback", "rb", "-a")):
 
-            def delete(i: int, mib: int = mib) -> tuple[float, float]:
-                image = self._create(d / f"del{i}.qcow2", options="lazy_refcounts=on")
-                self._fill(image, self.image_mib)
-                self._qemu_img("snapshot", "-c", "s1", str(image))
-                self._fill(image, mib, pattern=0xCD)
-                with self._io_meter() as io:
-                    self._qemu_img("snapshot", "-d", "s1", str(image))
-                return io["seconds"], io["bytes"]
+                def written(i: int, prefix: str = prefix, mib: int = mib) -> Path:
+                    image = self._create(d / f"{prefix}{i}.qcow2", options="lazy_refcounts=on")
+                    self._fill(image, self.image_mib)
+                    self._qemu_img("snapshot", "-c", "s1", str(image))
+                    self._fill(image, mib, pattern=0xCD)
+                    return image
 
-            def rollback(i: int, mib: int = mib) -> tuple[float, float]:
-                image = self._create(d / f"rb{i}.qcow2", options="lazy_refcounts=on")
-                self._fill(image, self.image_mib)
-                self._qemu_img("snapshot", "-c", "s1", str(image))
-                self._fill(image, mib, pattern=0xCD)
-                with self._io_meter() as io:
-                    self._qemu_img("snapshot", "-a", "s1", str(image))
-                return io["seconds"], io["bytes"]
+                def apply(image: Path, flag: str = flag) -> None:
+                    self._qemu_img("snapshot", flag, "s1", str(image))
 
-            self._record("internal", "delete", f"{mib} MiB written", "s", delete)
-            self._record("internal", "rollback", f"{mib} MiB written", "s", rollback)
+                self._record("internal", metric, f"{mib} MiB written", "s", self._cleanup_run(written, apply))
 
     def external(self) -> None:
         """External overlays: writes into the overlay, commit and stream to delete, drop to roll back."""
@@ -250,30 +257,24 @@ class CostBench:
         self._record("external", "write_again", "", "MB/s", again)
         for mib in self.written_mib:
 
-            def commit(i: int, mib: int = mib) -> tuple[float, float]:
+            def written(i: int, mib: int = mib) -> Path:
                 top = overlay(i)
                 self._fill(top, mib, pattern=0xCD)
-                with self._io_meter() as io:
-                    self._qemu_img("commit", "-q", str(top))
-                return io["seconds"], io["bytes"]
+                return top
 
-            def stream(i: int, mib: int = mib) -> tuple[float, float]:
-                top = overlay(i)
-                self._fill(top, mib, pattern=0xCD)
-                with self._io_meter() as io:
-                    self._qemu_img("rebase", "-q", "-b", "", str(top))
-                return io["seconds"], io["bytes"]
+            def commit(top: Path) -> None:
+                self._qemu_img("commit", "-q", str(top))
 
-            def drop(i: int, mib: int = mib) -> tuple[float, float]:
-                top = overlay(i)
-                self._fill(top, mib, pattern=0xCD)
-                with self._io_meter() as io:
-                    top.unlink()
-                return io["seconds"], io["bytes"]
+            def stream(top: Path) -> None:
+                self._qemu_img("rebase", "-q", "-b", "", str(top))
 
-            self._record("external", "delete", f"commit, {mib} MiB written", "s", commit)
-            self._record("external", "delete", f"stream, {mib} MiB written", "s", stream)
-            self._record("external", "rollback", f"{mib} MiB written", "s", drop)
+            cleanups = (
+                ("delete", f"commit, {mib} MiB written", commit),
+                ("delete", f"stream, {mib} MiB written", stream),
+                ("rollback", f"{mib} MiB written", Path.unlink),
+            )
+            for metric, variant, cleanup in cleanups:
+                self._record("external", metric, variant, "s", self._cleanup_run(written, cleanup))
 
     def backup(self) -> None:
         """blockdev-backup: copy-before-write costs guest writes while a backup runs; restore to roll back."""
@@ -304,25 +305,20 @@ class CostBench:
             lambda i: self._bench_write(cbw(i), fmt=None),
         )
 
-        def delete(i: int) -> tuple[float, float]:
-            target = self._create(d / f"del{i}.qcow2")
-            self._fill(target, self.image_mib)
-            with self._io_meter() as io:
-                target.unlink()
-            return io["seconds"], io["bytes"]
+        def target(i: int) -> Path:
+            image = self._create(d / f"del{i}.qcow2")
+            self._fill(image, self.image_mib)
+            return image
 
-        def rollback(i: int) -> tuple[float, float]:
-            backup = source(i)
-            disk = d / f"restored{i}.qcow2"
-            with self._io_meter() as io:
-                self._qemu_img("convert", "-q", "-O", "qcow2", str(backup), str(disk))
-                fd = os.open(disk, os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
-            return io["seconds"], io["bytes"]
+        def restore(backup: Path) -> None:
+            disk = backup.with_name(f"restored-{backup.name}")
+            self._qemu_img("convert", "-q", "-O", "qcow2", str(backup), str(disk))
+            fsync_file(disk)
 
-        self._record("backup", "delete", "remove target", "s", delete)
-        self._record("backup", "rollback", f"restore {self.image_mib} MiB", "s", rollback)
+        self._record("backup", "delete", "remove target", "s", self._cleanup_run(target, Path.unlink))
+        self._record(
+            "backup", "rollback", f"restore {self.image_mib} MiB", "s", self._cleanup_run(source, restore)
+        )
 
     # -- btrfs on a loop device ---------------------------------------------------------------
 
@@ -364,81 +360,78 @@ class CostBench:
             self.skipped["btrfs"] = "needs root and btrfs-progs for a loop-mounted Btrfs"
             return
         with self._loop_btrfs() as mnt:
-            for cow in ("nodatacow", "datacow"):
+            self._btrfs_write_costs(mnt)
+            self._btrfs_cleanup_costs(mnt)
 
-                def volume(i: int, cow: str = cow) -> Path:
-                    vol = mnt / f"vol-{cow}-{i}"
-                    self._clear(mnt)  # one run's volume at a time: the loop filesystem stays small
-                    self.runner.run(["btrfs", "-q", "subvolume", "create", str(vol)])
-                    image = vol / "disk.raw"
-                    image.touch()
-                    if cow == "nodatacow":
-                        self.runner.run(["chattr", "+C", str(image)])
-                    with open(image, "r+b") as f:
-                        f.truncate(self.btrfs_write_mib * MiB)
-                    self._fill(image, self.btrfs_write_mib)
-                    self.runner.run(["btrfs", "filesystem", "sync", str(mnt)])
-                    return vol
+    def _btrfs_image(self, mnt: Path, vol: Path, *, mib: int, nodatacow: bool) -> Path:
+        """A new subvolume ``vol`` (the only one: earlier runs' are deleted) holding a ``mib`` raw image."""
+        self._clear(mnt)  # one run's volume at a time: the loop filesystem stays small
+        self.runner.run(["btrfs", "-q", "subvolume", "create", str(vol)])
+        image = vol / "disk.raw"
+        image.touch()
+        if nodatacow:
+            self.runner.run(["chattr", "+C", str(image)])
+        with open(image, "r+b") as f:
+            f.truncate(mib * MiB)
+        return image
 
-                def snapshot(vol: Path, i: int, cow: str = cow) -> Path:
-                    snap = mnt / f"snap-{cow}-{i}"
-                    self.runner.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(snap)])
-                    return snap
+    def _btrfs_write_costs(self, mnt: Path) -> None:
+        mib = self.btrfs_write_mib
+        for cow in ("nodatacow", "datacow"):
 
-                def baseline(i: int) -> float:
-                    return self._bench_write(str(volume(i) / "disk.raw"), fmt="raw", mib=self.btrfs_write_mib)
+            def volume(i: int, cow: str = cow) -> Path:
+                vol = mnt / f"vol-{cow}-{i}"
+                self._fill(self._btrfs_image(mnt, vol, mib=mib, nodatacow=cow == "nodatacow"), mib)
+                self.runner.run(["btrfs", "filesystem", "sync", str(mnt)])
+                return vol
 
-                def first(i: int) -> float:
-                    vol = volume(i)
-                    snapshot(vol, i)
-                    return self._bench_write(str(vol / "disk.raw"), fmt="raw", mib=self.btrfs_write_mib)
+            def snapshotted(i: int, cow: str = cow) -> Path:
+                vol = volume(i)
+                snap = mnt / f"snap-{cow}-{i}"
+                self.runner.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(snap)])
+                return vol
 
-                def again(i: int) -> float:
-                    vol = volume(i)
-                    snapshot(vol, i)
-                    self._bench_write(str(vol / "disk.raw"), fmt="raw", mib=self.btrfs_write_mib)
-                    return self._bench_write(str(vol / "disk.raw"), fmt="raw", mib=self.btrfs_write_mib)
+            def baseline(i: int) -> float:
+                return self._bench_write(str(volume(i) / "disk.raw"), fmt="raw", mib=mib)
 
-                self._record("btrfs", "write_baseline", cow, "MB/s", baseline)
-                self._record("btrfs", "write_first", cow, "MB/s", first)
-                self._record("btrfs", "write_again", cow, "MB/s", again)
-            for mib in self.written_mib:
+            def first(i: int) -> float:
+                return self._bench_write(str(snapshotted(i) / "disk.raw"), fmt="raw", mib=mib)
 
-                def prepared(i: int, mib: int = mib) -> tuple[Path, Path]:
-                    vol = mnt / "vol-nodatacow-0"
-                    self._clear(mnt)
-                    self.runner.run(["btrfs", "-q", "subvolume", "create", str(vol)])
-                    image = vol / "disk.raw"
-                    image.touch()
-                    self.runner.run(["chattr", "+C", str(image)])
-                    with open(image, "r+b") as f:
-                        f.truncate(self.image_mib * MiB)
-                    # the cleanup cost depends on what was written since the snapshot, so the base only needs
-                    # data where those writes go (filling all of it per run made this stage take minutes)
-                    self._fill(image, mib)
-                    snap = mnt / "snap-nodatacow-0"
-                    self.runner.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(snap)])
-                    self._fill(image, mib, pattern=0xCD)
-                    self.runner.run(["btrfs", "filesystem", "sync", str(mnt)])
-                    return vol, snap
+            def again(i: int) -> float:
+                image = str(snapshotted(i) / "disk.raw")
+                self._bench_write(image, fmt="raw", mib=mib)
+                return self._bench_write(image, fmt="raw", mib=mib)
 
-                def delete(i: int, mib: int = mib) -> tuple[float, float]:
-                    _, snap = prepared(i, mib)
-                    with self._io_meter() as io:
-                        self.runner.run(["btrfs", "-q", "subvolume", "delete", "--commit-each", str(snap)])
-                    return io["seconds"], io["bytes"]
+            self._record("btrfs", "write_baseline", cow, "MB/s", baseline)
+            self._record("btrfs", "write_first", cow, "MB/s", first)
+            self._record("btrfs", "write_again", cow, "MB/s", again)
 
-                def rollback(i: int, mib: int = mib) -> tuple[float, float]:
-                    vol, snap = prepared(i, mib)
-                    aside = mnt / "aside"
-                    with self._io_meter() as io:
-                        vol.rename(aside)
-                        self.runner.run(["btrfs", "-q", "subvolume", "snapshot", str(snap), str(vol)])
-                        self.runner.run(["btrfs", "-q", "subvolume", "delete", "--commit-each", str(aside)])
-                    return io["seconds"], io["bytes"]
+    def _btrfs_cleanup_costs(self, mnt: Path) -> None:
+        """Delete and roll back one nodatacow volume's snapshot after writing to the volume."""
+        vol, snap, aside = mnt / "vol-nodatacow-0", mnt / "snap-nodatacow-0", mnt / "aside"
 
-                self._record("btrfs", "delete", f"{mib} MiB written", "s", delete)
-                self._record("btrfs", "rollback", f"{mib} MiB written", "s", rollback)
+        def delete(snap: Path) -> None:
+            self.runner.run(["btrfs", "-q", "subvolume", "delete", "--commit-each", str(snap)])
+
+        def rollback(snap: Path) -> None:
+            vol.rename(aside)
+            self.runner.run(["btrfs", "-q", "subvolume", "snapshot", str(snap), str(vol)])
+            self.runner.run(["btrfs", "-q", "subvolume", "delete", "--commit-each", str(aside)])
+
+        for mib in self.written_mib:
+
+            def prepared(i: int, mib: int = mib) -> Path:
+                image = self._btrfs_image(mnt, vol, mib=self.image_mib, nodatacow=True)
+                # the cleanup cost depends on what was written since the snapshot, so the base only needs
+                # data where those writes go (filling all of it per run made this stage take minutes)
+                self._fill(image, mib)
+                self.runner.run(["btrfs", "-q", "subvolume", "snapshot", "-r", str(vol), str(snap)])
+                self._fill(image, mib, pattern=0xCD)
+                self.runner.run(["btrfs", "filesystem", "sync", str(mnt)])
+                return snap
+
+            for metric, cleanup in (("delete", delete), ("rollback", rollback)):
+                self._record("btrfs", metric, f"{mib} MiB written", "s", self._cleanup_run(prepared, cleanup))
 
     def lvm(self) -> None:
         """LVM needs device-mapper; on a host without it the lab guest is required (not measured here)."""

@@ -6,7 +6,6 @@ starts libvirtd by hand. The document :func:`run_peers` returns goes under ``"pe
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import shutil
@@ -18,11 +17,17 @@ from typing import Any
 
 import attrs
 
+from vmsnap.benchmark.workload import (
+    MiB,
+    ThroughputFigure,
+    fsync_tree,
+    incremental_rounds,
+    incremental_writes,
+    make_test_image,
+)
 from vmsnap.errors import LibvirtError, UnsupportedError, VmsnapError
 from vmsnap.runner import LocalRunner, Runner
 
-MiB = 1024 * 1024
-CHUNK = 4 * MiB
 TIMEOUT = 3600.0
 # the QOM path of libvirt's first virtio-blk disk, as HMP's qemu-io -d wants it
 QDEV_VDA = "/machine/peripheral/virtio-disk0/virtio-backend"
@@ -107,10 +112,10 @@ def figure(name: str, runs: Sequence[float], data_bytes: int, **extra: Any) -> d
     }
 
 
-def peer_ratios(ours: Iterable[Any], peers: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+def peer_ratios(ours: Iterable[ThroughputFigure], peers: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """vmsnap's speed relative to each peer (peer seconds / vmsnap seconds: above 1, vmsnap is faster).
 
-    :param ours: the ThroughputBench figures (objects with ``name`` and ``seconds``)
+    :param ours: the ThroughputBench figures
     :param peers: name → figure, as :func:`figure` makes them
     """
     by = {f.name: f.seconds for f in ours}
@@ -133,20 +138,6 @@ def peer_ratios(ours: Iterable[Any], peers: Mapping[str, Mapping[str, Any]]) -> 
         "backup_begin_push_vs_convert": (limit, push),
     }
     return {k: round(a / b, 3) for k, (a, b) in pairs.items() if a and b}
-
-
-def fsync_tree(path: Path) -> None:
-    """fsync every file under ``path`` (or ``path`` itself) and its directories: what vmsnap's figures and
-    ``qemu-img convert``'s include, so that each figure ends with the data on disk."""
-    paths = [path] if path.is_file() else [path, *path.rglob("*")]
-    for item in paths:
-        if item.is_symlink() or not (item.is_file() or item.is_dir()):
-            continue
-        fd = os.open(item, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _restored_image(directory: Path) -> Path:
@@ -203,7 +194,6 @@ class PeerBench:
 
     def run(self) -> None:
         """Measure every peer figure on a fresh image of the bench's kind (see the module docstring)."""
-        from vmsnap.benchmark.throughput import make_test_image
         from vmsnap.lab.libvirtd import define_domain, remove_domain
 
         for tool in ("virtnbdbackup", "virtnbdrestore"):
@@ -212,7 +202,7 @@ class PeerBench:
         self.versions["virtnbdbackup"] = parse_version(self.runner.run(["virtnbdbackup", "-V"]).stdout)
         image = self.workdir / "peer-disk.qcow2"
         self.progress(f"making a {self.size_mib} MiB image with {self.data_mib} MiB for the peers …")
-        data = make_test_image(image, size_mib=self.size_mib, data_mib=self.data_mib, seed=1)
+        data = make_test_image(image, size_mib=self.size_mib, data_mib=self.data_mib)  # vmsnap's image
         import libvirt
 
         try:
@@ -278,8 +268,6 @@ class PeerBench:
         return output  # the last full backup starts the incremental chain
 
     def _incrementals(self, dom: Any, domain: str, chain: Path) -> int:
-        import random
-
         import libvirt_qemu
 
         def hmp(command: str) -> None:
@@ -289,21 +277,20 @@ class PeerBench:
             if reply:  # qemu-io prints nothing on success
                 raise PeerError(f"HMP {command!r} answered {reply!r}")
 
-        rng = random.Random(7)  # noqa: S311 - test data, the same offsets vmsnap's incrementals used
-        slots = self.size_mib * MiB // CHUNK
-        rounds = max(3, self.runs)
         runs, read = [], []
-        for round_ in range(rounds):
-            for _ in range(self.incremental_mib * MiB // CHUNK):
-                offset = rng.randrange(slots) * CHUNK
-                hmp(f'qemu-io -d {QDEV_VDA} "write -P {0x40 + round_} {offset} {CHUNK}"')
+        # the same writes at the same offsets as vmsnap's incrementals
+        for writes in incremental_writes(
+            size_mib=self.size_mib, incremental_mib=self.incremental_mib, runs=self.runs
+        ):
+            for write in writes:
+                hmp(f'qemu-io -d {QDEV_VDA} "{write}"')
             hmp(f'qemu-io -d {QDEV_VDA} "flush"')
             seconds, log = self._backup(domain, "inc", chain)
             runs.append(seconds)
             read.append(log.total_bytes)
         name = f"virtnbdbackup incremental ({self.incremental_mib} MiB changed)"
         self._record(figure(name, runs, self.incremental_mib * MiB, read_bytes=read))
-        return rounds
+        return incremental_rounds(self.runs)
 
     def _restores(self, chain: Path, image: Path, data: int, rounds: int) -> None:
         runs = []
@@ -358,12 +345,21 @@ def _libvirt_version(number: int) -> str:
 
 
 def run_peers(
-    scratch: Path, bench: Any, *, progress: Callable[[str], None] = lambda line: None
+    scratch: Path,
+    *,
+    size_mib: int,
+    data_mib: int,
+    incremental_mib: int,
+    runs: int,
+    ours: Sequence[ThroughputFigure],
+    progress: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
-    """Measure virtnbdbackup full, incremental and restore (and libvirt's push backup) beside ``bench``.
+    """Measure virtnbdbackup full, incremental and restore (and libvirt's push backup) on the workload that
+    vmsnap's throughput run measured (see :mod:`vmsnap.benchmark.workload`).
 
     :param scratch: the throughput run's scratch directory
-    :param bench: the :class:`~vmsnap.benchmark.throughput.ThroughputBench` after its run
+    :param size_mib / data_mib / incremental_mib / runs: that run's workload
+    :param ours: that run's figures, for the ratios
     :return: ``{"versions", "figures": {name: figure}, "ratios"}`` for throughput.json's ``"peers"``
     :raise UnsupportedError: virtnbdbackup, libvirtd or libvirt-python is not available here
     :raise PeerError: a peer failed, or restored an image that differs from the disk
@@ -378,10 +374,10 @@ def run_peers(
         peers = PeerBench(
             workdir,
             libvirtd.uri,
-            size_mib=bench.size_mib,
-            data_mib=bench.data_mib,
-            incremental_mib=bench.incremental_mib,
-            runs=bench.runs,
+            size_mib=size_mib,
+            data_mib=data_mib,
+            incremental_mib=incremental_mib,
+            runs=runs,
             run_dir=libvirtd.qemu_run_dir,
             progress=progress,
         )
@@ -389,5 +385,5 @@ def run_peers(
     return {
         "versions": peers.versions,
         "figures": peers.figures,
-        "ratios": peer_ratios(bench.figures, peers.figures),
+        "ratios": peer_ratios(ours, peers.figures),
     }

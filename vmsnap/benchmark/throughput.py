@@ -6,8 +6,6 @@ data at scattered offsets (holes left between), attached to a real QEMU. Results
 
 from __future__ import annotations
 
-import os
-import random
 import statistics
 import tempfile
 import time
@@ -19,53 +17,21 @@ from typing import Any
 import attrs
 
 from vmsnap.backup.run import Backup, BackupConfig
+from vmsnap.benchmark.peers import run_peers
+from vmsnap.benchmark.workload import (
+    MiB,
+    ThroughputFigure,
+    incremental_writes,
+    make_test_image,
+)
+from vmsnap.errors import VmsnapError
+from vmsnap.files import fsync_file
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
 from vmsnap.repo.repository import Repository
 from vmsnap.runner import LocalRunner, Runner
 from vmsnap.vm.machine import QemuMachine
 
-MiB = 1024 * 1024
-CHUNK = 4 * MiB
-
-
-@attrs.frozen
-class ThroughputFigure:
-    """One timed operation: median seconds over ``runs`` and the data it moved."""
-
-    name: str
-    seconds: float
-    runs: tuple[float, ...]
-    data_bytes: int
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.data_bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
-
-
-def make_test_image(path: Path, *, size_mib: int, data_mib: int, seed: int = 1) -> int:
-    """A qcow2 of ``size_mib`` with ``data_mib`` of random data in 4 MiB chunks at scattered offsets.
-
-    :return: bytes of data written
-    """
-    rng = random.Random(seed)  # noqa: S311 - test data, not secrets
-    slots = sorted(rng.sample(range(size_mib * MiB // CHUNK), data_mib * MiB // CHUNK))
-    raw = path.with_suffix(".raw")
-    with open(raw, "wb") as f:
-        f.truncate(size_mib * MiB)
-        for slot in slots:
-            f.seek(slot * CHUNK)
-            f.write(os.urandom(CHUNK))
-    LocalRunner().run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)], timeout=1200)
-    raw.unlink()
-    return len(slots) * CHUNK
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+__all__ = ["ThroughputBench", "ThroughputFigure", "make_test_image", "run_throughput"]
 
 
 @attrs.define
@@ -116,68 +82,16 @@ class ThroughputBench:
         source = self.workdir / "source.qcow2"
         self.progress(f"making a {self.size_mib} MiB image with {self.data_mib} MiB of random data …")
         data = make_test_image(source, size_mib=self.size_mib, data_mib=self.data_mib)
-
-        def convert(i: int) -> float:
-            target = self.workdir / f"convert{i}.qcow2"
-
-            def go() -> None:
-                self.runner.run(
-                    ["qemu-img", "convert", "-O", "qcow2", str(source), str(target)], timeout=1200
-                )
-                _fsync(target)
-
-            seconds = self._timed(go)
-            target.unlink()
-            return seconds
-
-        def copy(i: int) -> float:
-            target = self.workdir / f"cp{i}.qcow2"
-
-            def go() -> None:
-                self.runner.run(["cp", "--sparse=always", str(source), str(target)], timeout=1200)
-                _fsync(target)
-
-            seconds = self._timed(go)
-            target.unlink()
-            return seconds
-
-        self._time("qemu-img convert (limit)", data, convert)
-        self._time("cp --sparse=always", data, copy)
-
+        self._time(
+            "qemu-img convert (limit)",
+            data,
+            self._copy_run(source, "convert", ["qemu-img", "convert", "-O", "qcow2"]),
+        )
+        self._time("cp --sparse=always", data, self._copy_run(source, "cp", ["cp", "--sparse=always"]))
         with self._vm(source) as machine:
-
-            def full(i: int) -> float:
-                repo = self.workdir / f"repo-full{i}"
-                config = BackupConfig(repo=repo, strategy="backup", quiesce="off")
-                seconds = self._timed(lambda: Backup(machine, config).run())
-                return seconds
-
-            self._time("vmsnap full backup (backup, push)", data, full)
-
-            repo = self.workdir / "repo-chain"
-            config = BackupConfig(repo=repo, strategy="backup", quiesce="off")
-            Backup(machine, config).run()
-            rng = random.Random(7)  # noqa: S311 - test data
-            slots = self.size_mib * MiB // CHUNK
-            incremental_seconds: list[float] = []
-            for round_ in range(max(3, self.runs)):
-                for _ in range(self.incremental_mib * MiB // CHUNK):
-                    offset = rng.randrange(slots) * CHUNK
-                    qemu_io(machine.qmp(), "disk0", f"write -P {0x40 + round_} {offset} {CHUNK}")
-                started = time.perf_counter()
-                result = Backup(machine, attrs.evolve(config, incremental=True)).run()
-                incremental_seconds.append(time.perf_counter() - started)
-                assert result.kind == "incremental", result.notes
-            figure = ThroughputFigure(
-                f"vmsnap incremental ({self.incremental_mib} MiB changed)",
-                statistics.median(incremental_seconds),
-                tuple(round(v, 4) for v in incremental_seconds),
-                self.incremental_mib * MiB,
-            )
-            self.figures.append(figure)
-            self.progress(f"{figure.name:38} {figure.seconds:8.3f} s")
-
-        repository = Repository.open(repo, runner=self.runner)
+            self._time("vmsnap full backup (backup, push)", data, lambda i: self._full_backup(machine, i))
+            chain = self._backup_chain(machine)
+        repository = Repository.open(chain, runner=self.runner)
         vm = repository.vms()[0]
 
         def restore(i: int) -> float:
@@ -189,6 +103,58 @@ class ThroughputBench:
             return seconds
 
         self._time("vmsnap restore (full + 3 incrementals)", data, restore)
+
+    def _copy_run(self, source: Path, name: str, argv: list[str]) -> Callable[[int], float]:
+        """One timed run of ``argv SOURCE TARGET`` (a copy tool), the target fsync'd and removed after."""
+
+        def one(i: int) -> float:
+            target = self.workdir / f"{name}{i}.qcow2"
+
+            def go() -> None:
+                self.runner.run([*argv, str(source), str(target)], timeout=1200)
+                fsync_file(target)
+
+            seconds = self._timed(go)
+            target.unlink()
+            return seconds
+
+        return one
+
+    def _full_backup(self, machine: QemuMachine, i: int) -> float:
+        config = BackupConfig(repo=self.workdir / f"repo-full{i}", strategy="backup", quiesce="off")
+        return self._timed(lambda: Backup(machine, config).run())
+
+    def _backup_chain(self, machine: QemuMachine) -> Path:
+        """A full backup, then the incrementals of :func:`incremental_writes`, timed; returns the repository.
+
+        :raise VmsnapError: a backup that should be incremental was not
+        """
+        repo = self.workdir / "repo-chain"
+        config = BackupConfig(repo=repo, strategy="backup", quiesce="off")
+        Backup(machine, config).run()
+        incremental_seconds: list[float] = []
+        for writes in incremental_writes(
+            size_mib=self.size_mib, incremental_mib=self.incremental_mib, runs=self.runs
+        ):
+            for write in writes:
+                qemu_io(machine.qmp(), "disk0", write)
+            started = time.perf_counter()
+            result = Backup(machine, attrs.evolve(config, incremental=True)).run()
+            incremental_seconds.append(time.perf_counter() - started)
+            if result.kind != "incremental":
+                raise VmsnapError(
+                    f"the benchmark's incremental backup was a {result.kind} one: {result.notes}",
+                    hint="an incremental figure needs the backup strategy's dirty bitmap; see the notes",
+                )
+        figure = ThroughputFigure(
+            f"vmsnap incremental ({self.incremental_mib} MiB changed)",
+            statistics.median(incremental_seconds),
+            tuple(round(v, 4) for v in incremental_seconds),
+            self.incremental_mib * MiB,
+        )
+        self.figures.append(figure)
+        self.progress(f"{figure.name:38} {figure.seconds:8.3f} s")
+        return repo
 
     def ratios(self) -> dict[str, float]:
         """The figures the issue asks for, as ratios against qemu-img convert."""
@@ -228,9 +194,15 @@ def run_throughput(
         bench.run()
         peer_figures: dict[str, Any] = {}
         if peers:
-            from vmsnap.benchmark.peers import run_peers
-
-            peer_figures = run_peers(Path(scratch), bench, progress=progress)
+            peer_figures = run_peers(
+                Path(scratch),
+                size_mib=bench.size_mib,
+                data_mib=bench.data_mib,
+                incremental_mib=bench.incremental_mib,
+                runs=bench.runs,
+                ours=bench.figures,
+                progress=progress,
+            )
         return {
             "schema": 1,
             "size_mib": bench.size_mib,

@@ -34,6 +34,25 @@ def dispatcher_script() -> str:
     return resources.files("vmsnap.guest").joinpath("fsfreeze-hook.sh").read_text()
 
 
+def write_atomically(target: Path, data: bytes, mode: int) -> None:
+    """Replace ``target`` with ``data`` at once, with exactly ``mode`` (whatever the umask): a temporary file
+    beside it, fsync'd, chmod'ed, renamed over it. A freeze that runs meanwhile sees the old or the new file.
+
+    :raise OSError: the directory is missing or not writable (the temporary file is removed)
+    """
+    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp, mode)
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
 def install_hooks(root: Path = Path("/")) -> Path:
     """Install the dispatcher at ``ROOT/etc/qemu/fsfreeze-hook`` (mode 0755) and create the hook directory.
 
@@ -55,15 +74,7 @@ def install_hooks(root: Path = Path("/")) -> Path:
         original = hook.with_name(hook.name + ORIGINAL_SUFFIX)
         if not original.exists():
             hook.rename(original)
-    fd, tmp = tempfile.mkstemp(prefix=".fsfreeze-hook.", dir=hook.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o755)  # noqa: S103 -- qemu-ga must be able to execute its hook
-        os.replace(tmp, hook)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(hook, text.encode(), 0o755)  # qemu-ga must be able to execute its hook
     return hook
 
 

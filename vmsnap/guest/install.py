@@ -6,18 +6,17 @@ Writes the dispatcher that qemu-ga runs (``/etc/qemu/fsfreeze-hook``) and vmsnap
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import attrs
 
 from vmsnap.errors import UsageError, VmsnapError
+from vmsnap.guest import hook
+from vmsnap.guest.hook import write_atomically
 
-HOOK_DIR = Path("etc/qemu/fsfreeze-hook.d")
-DISPATCHER = Path("etc/qemu/fsfreeze-hook")
+HOOK_DIR = Path(hook.HOOK_DIR)
+DISPATCHER = Path(hook.HOOK_PATH)
 
 
 @attrs.frozen
@@ -39,21 +38,6 @@ _FILES: tuple[tuple[str, Path, int], ...] = (
     ("fsfreeze-hook.sh", DISPATCHER, 0o755),
     ("hooks/50-vmsnap-dblock", HOOK_DIR / "50-vmsnap-dblock", 0o755),
 )
-
-
-def _write_atomically(target: Path, data: bytes, mode: int) -> None:
-    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, mode)
-        os.replace(temp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
 
 
 def install_hooks(root: Path) -> tuple[InstalledFile, ...]:
@@ -81,7 +65,7 @@ def install_hooks(root: Path) -> tuple[InstalledFile, ...]:
         target = root / relative
         try:
             target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            _write_atomically(target, source.read_bytes(), mode)
+            write_atomically(target, source.read_bytes(), mode)
         except OSError as err:
             raise VmsnapError(
                 f"cannot write {target}: {err.strerror}", hint="run as root, or choose another --root"

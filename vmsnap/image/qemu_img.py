@@ -217,3 +217,110 @@ def allocated_fraction(runner: Runner | None, path: Path) -> float:
     size = sum(int(e["length"]) for e in extents) or 1
     allocated = sum(int(e["length"]) for e in extents if e.get("depth") == 0 and e.get("present", True))
     return allocated / size
+
+
+# -- making images ------------------------------------------------------------------------------------
+
+
+def create(
+    runner: Runner | None,
+    path: str | Path,
+    fmt: str,
+    size: int,
+    *,
+    backing: str | Path | None = None,
+    unsafe: bool = False,
+) -> None:
+    """``qemu-img create``: a new ``fmt`` image of ``size`` bytes, empty or (``backing``) an overlay on a
+    qcow2 image; ``backing`` is written as given (a relative path is relative to ``path``'s directory).
+
+    :param unsafe: ``-u``: do not open the backing file (it need not exist yet)
+    :raise CommandError: qemu-img failed (the directory is missing or full, the backing file unreadable)
+    """
+    argv = ["qemu-img", "create", "-q", "-f", fmt]
+    if unsafe:
+        argv.append("-u")
+    if backing is not None:
+        argv += ["-b", str(backing), "-F", "qcow2"]
+    (runner or LocalRunner()).run([*argv, str(path), str(size)], timeout=120)
+
+
+def commit(runner: Runner | None, path: str | Path, *, timeout: float | None) -> None:
+    """``qemu-img commit -d``: write ``path``'s own data into its backing file; ``path`` stays as it is
+    (the caller removes it). No QEMU may hold either image.
+
+    :raise CommandError: qemu-img failed (an image is in use, the backing file's filesystem is full)
+    """
+    (runner or LocalRunner()).run(["qemu-img", "commit", "-q", "-d", str(path)], timeout=timeout)
+
+
+def rebase_unsafe(runner: Runner | None, path: str | Path, backing: str | Path, backing_format: str) -> None:
+    """``qemu-img rebase -u``: only rewrite ``path``'s backing file name (and format); no data is compared
+    or copied, so the new backing file must hold what the old one held.
+
+    :raise CommandError: qemu-img failed
+    """
+    argv = ["qemu-img", "rebase", "-u", "-b", str(backing), "-F", backing_format, str(path)]
+    (runner or LocalRunner()).run(argv, timeout=120)
+
+
+SNAPSHOT_FLAGS = {"create": "-c", "apply": "-a", "delete": "-d"}
+"""``qemu-img snapshot``'s flag for each action."""
+
+
+def snapshot(runner: Runner | None, path: str | Path, name: str, *, action: str) -> None:
+    """``qemu-img snapshot``: create, apply (revert the image to) or delete internal snapshot ``name`` of a
+    qcow2 image that no QEMU holds.
+
+    :param action: "create", "apply" or "delete"
+    :raise UsageError: an unknown action
+    :raise CommandError: qemu-img refused (no such snapshot, the image is in use)
+    """
+    flag = SNAPSHOT_FLAGS.get(action)
+    if flag is None:
+        raise UsageError(f"unknown qemu-img snapshot action {action!r}", hint="create, apply or delete")
+    (runner or LocalRunner()).run(["qemu-img", "snapshot", flag, name, str(path)], timeout=600)
+
+
+# -- persistent dirty bitmaps of a qcow2 image --------------------------------------------------------
+
+
+def bitmaps(runner: Runner | None, path: str | Path) -> list[dict[str, Any]]:
+    """The persistent dirty bitmaps of a qcow2 image that no QEMU holds (``qemu-img info``, without ``-U``):
+    each ``{"name", "granularity", "flags"}``; flag "auto" means enabled, "in-use" inconsistent.
+
+    :raise CommandError: the image is missing, damaged, or a running QEMU holds it
+    """
+    data = info(runner, path, fmt="qcow2", force_share=False).get("format-specific", {}).get("data", {})
+    return [dict(b) for b in data.get("bitmaps", [])]
+
+
+def bitmap(
+    runner: Runner | None,
+    path: str | Path,
+    name: str,
+    *,
+    add: bool = False,
+    merge_from: str | None = None,
+    disable: bool = False,
+    clear: bool = False,
+    remove: bool = False,
+) -> None:
+    """``qemu-img bitmap``: change persistent dirty bitmap ``name`` of a qcow2 image that no QEMU holds.
+
+    The operations asked for run in this order, in one qemu-img run: add (an empty, enabled bitmap),
+    merge the bits of bitmap ``merge_from`` into it, disable it (it stops recording writes), clear its
+    bits, remove it.
+
+    :raise UsageError: no operation asked for
+    :raise CommandError: qemu-img refused (no such bitmap, it exists already, the image is in use)
+    """
+    operations = ["--add"] if add else []
+    operations += ["--merge", merge_from] if merge_from is not None else []
+    operations += ["--disable"] if disable else []
+    operations += ["--clear"] if clear else []
+    operations += ["--remove"] if remove else []
+    if not operations:
+        raise UsageError(f"no operation on bitmap {name!r} of {path}")
+    argv = ["qemu-img", "bitmap", *operations, "-f", "qcow2", str(path), name]
+    (runner or LocalRunner()).run(argv, timeout=120)

@@ -10,12 +10,13 @@ import contextlib
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import attrs
 
 from vmsnap.errors import AgentError, CommandError, UsageError, VmsnapError
+from vmsnap.image import qemu_img
 from vmsnap.lab.image import GUEST_DATA_PREFIX, LabImage, build_lab_image
 from vmsnap.lab.qemu import Accel, DriveSpec, QemuProcess, qemu_io
 from vmsnap.model import validate_name
@@ -188,7 +189,6 @@ class LabGuest:
         self._runner = None
         if self.process is not None:
             self.process.stop()
-            self.process.kill()
         if self._rundir is not None:
             shutil.rmtree(self._rundir, ignore_errors=True)
             self._rundir = None
@@ -283,6 +283,23 @@ class LabGuest:
             return False
 
 
+@contextlib.contextmanager
+def _raw_copy(
+    image: Path, *, snapshot: str | None, fmt: str, scratch: Path | None, runner: Runner
+) -> Iterator[Path]:
+    """A raw copy of ``image`` (or of its internal snapshot ``snapshot``) in a temporary directory under
+    ``scratch`` (default: beside the image), read with ``-U`` so that a running QEMU may hold the image.
+
+    :raise CommandError: qemu-img could not read it
+    """
+    opts = {"snapshot.name": snapshot} if snapshot is not None else None
+    source = qemu_img.image_args(image, fmt, image_opts=opts, force_share=True)
+    with tempfile.TemporaryDirectory(prefix=".raw-", dir=scratch or image.parent) as tmp:
+        raw = Path(tmp) / "fs.raw"
+        runner.run(["qemu-img", "convert", *source, "-O", "raw", str(raw)], timeout=600)
+        yield raw
+
+
 def fsck_image(
     image: Path,
     *,
@@ -301,13 +318,7 @@ def fsck_image(
     :raise CommandError: qemu-img could not read the image, or e2fsck failed to run at all (exit ≥ 8)
     """
     run = runner if runner is not None else LocalRunner()
-    directory = scratch if scratch is not None else image.parent
-    with tempfile.TemporaryDirectory(prefix=".fsck-", dir=directory) as tmp:
-        raw = Path(tmp) / "fs.raw"
-        argv = ["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw"]
-        if snapshot is not None:
-            argv += ["-l", f"snapshot.name={snapshot}"]
-        run.run([*argv, str(image), str(raw)], timeout=600)
+    with _raw_copy(image, snapshot=snapshot, fmt=fmt, scratch=scratch, runner=run) as raw:
         result = run.run(["e2fsck", "-fn", str(raw)], ok_codes=(0, 1, 2, 4), timeout=600)
         return FsckResult(result.exit_code == 0, result.exit_code, result.stdout + result.stderr)
 
@@ -332,14 +343,8 @@ def read_image_file(
             f"cannot read {path!r} from an image", hint="give an absolute path without spaces or quotes"
         )
     run = runner if runner is not None else LocalRunner()
-    directory = scratch if scratch is not None else image.parent
-    with tempfile.TemporaryDirectory(prefix=".read-", dir=directory) as tmp:
-        raw = Path(tmp) / "fs.raw"
-        argv = ["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw"]
-        if snapshot is not None:
-            argv += ["-l", f"snapshot.name={snapshot}"]
-        run.run([*argv, str(image), str(raw)], timeout=600)
-        out = Path(tmp) / "out"
+    with _raw_copy(image, snapshot=snapshot, fmt=fmt, scratch=scratch, runner=run) as raw:
+        out = raw.with_name("out")
         run.run(["debugfs", "-R", f"dump -p {path} {out}", str(raw)], timeout=600)
         if not out.exists():
             raise CommandError(["debugfs", "dump", path], 1, "", f"{path} not found in {image}")

@@ -12,8 +12,6 @@ import itertools
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,8 +21,10 @@ from types import TracebackType
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
+from vmsnap import processes
 from vmsnap.errors import LibvirtError, UnsupportedError
-from vmsnap.lab.qemu import kvm_usable
+from vmsnap.lab.image.contents import AGENT_PORT
+from vmsnap.lab.qemu import kvm_usable, listening
 from vmsnap.runner import LocalRunner
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
@@ -66,29 +66,10 @@ def ensure_qemu_conf(conf: Path = QEMU_CONF, settings: Mapping[str, str] = QEMU_
     return missing
 
 
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
 def _read_pid(path: Path) -> int | None:
     with contextlib.suppress(OSError, ValueError):
         return int(path.read_text().strip())
     return None
-
-
-def _socket_answers(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(2)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 def running_libvirtd_uri() -> str | None:
@@ -97,21 +78,15 @@ def running_libvirtd_uri() -> str | None:
     Only one libvirtd may own ``/run/libvirt/qemu``, so a second one must not be started beside it.
     """
     pid = _read_pid(DRIVER_PID)
-    if pid is None or not alive(pid):
+    if pid is None or not processes.alive(pid):
         return None
     if PUBLIC_SOCKET.exists():
         return "qemu:///system"
     # a lab libvirtd: its socket directory is in the config file named on its command line
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    for flag, value in itertools.pairwise(argv):
-        if flag in (b"-f", b"--config"):
+    for flag, value in itertools.pairwise(processes.cmdline(pid) or []):
+        if flag in ("-f", "--config"):
             with contextlib.suppress(OSError):
-                found = re.search(
-                    r'^\s*unix_sock_dir\s*=\s*"([^"]+)"', Path(value.decode()).read_text(), re.M
-                )
+                found = re.search(r'^\s*unix_sock_dir\s*=\s*"([^"]+)"', Path(value).read_text(), re.M)
                 if found and Path(found.group(1), "libvirt-sock").exists():
                     return f"qemu:///system?socket={found.group(1)}/libvirt-sock"
     return None
@@ -202,7 +177,7 @@ class Libvirtd:
                 # another libvirtd took /run/libvirt/qemu first: use that one (keep our virtlogd, it may
                 # already log for it)
                 if self._daemon is not None:
-                    self._stop_process(self._daemon)
+                    processes.stop_child(self._daemon)
                     self.started.remove(self._daemon)
                     self._daemon = None
             except BaseException:
@@ -228,11 +203,11 @@ class Libvirtd:
             run.mkdir(mode=0o755, exist_ok=True)
             enter = self._enter_namespace(run)
             virtlogd_socket = run / VIRTLOGD_SOCKET.name
-        if self.private or not _socket_answers(virtlogd_socket):
+        if self.private or not listening(virtlogd_socket, timeout=2):
             with contextlib.suppress(FileNotFoundError):
                 virtlogd_socket.unlink()  # left by a virtlogd that is gone
             self._spawn([*enter, "virtlogd", "-p", str(self.workdir / "virtlogd.pid")], "virtlogd")
-            self._wait_for(lambda: _socket_answers(virtlogd_socket), "virtlogd", virtlogd_socket)
+            self._wait_for(lambda: listening(virtlogd_socket, timeout=2), "virtlogd", virtlogd_socket)
         self._daemon = self._spawn(
             [*enter, binary, "-f", str(conf), "-p", str(self.workdir / "libvirtd.pid")], "libvirtd"
         )
@@ -307,25 +282,15 @@ class Libvirtd:
     def stop(self) -> None:
         """Stop the daemons this object started (by pid, newest first) and remove its temp dir."""
         for process in reversed(self.started):
-            self._stop_process(process)
+            processes.stop_child(process)
         self.started.clear()
         self._daemon = None
         if self._namespace is not None:  # the namespace (and its bind mount) ends with its last process
-            self._stop_process(self._namespace)
+            processes.stop_child(self._namespace)
             self._namespace = None
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
-
-    @staticmethod
-    def _stop_process(process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
 
     def open(self) -> Any:
         """A new ``virConnect`` to this libvirtd (close it when done)."""
@@ -379,7 +344,7 @@ def domain_xml(name: str, disks: Mapping[str, Path], *, agent_socket: Path | Non
     if agent_socket is not None:
         parts.append(
             f"<channel type='unix'><source mode='bind' path={quoteattr(str(agent_socket))}/>"
-            "<target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+            f"<target type='virtio' name='{AGENT_PORT}'/></channel>"
         )
     return (
         f"<domain type='{'kvm' if kvm_usable() else 'qemu'}'><name>{name}</name>"
@@ -442,20 +407,13 @@ def stop_domain_qemu(name: str, run_dir: Path = Path("/run/libvirt/qemu")) -> bo
     ``qemu-system`` process started with ``-name guest=NAME``, so nothing else is ever signalled.
     """
     pid = _read_pid(run_dir / f"{name}.pid")
-    if pid is None or not alive(pid):
+    if pid is None or not processes.alive(pid):
         return False
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
+    argv = processes.cmdline(pid)
+    if not argv:
         return False
-    names = [value.split(b",")[0] for flag, value in itertools.pairwise(argv) if flag == b"-name"]
-    if not argv[0].endswith(b"qemu-system-x86_64") or names != [f"guest={name}".encode()]:
+    names = [value.split(",")[0] for flag, value in itertools.pairwise(argv) if flag == "-name"]
+    if not argv[0].endswith("qemu-system-x86_64") or names != [f"guest={name}"]:
         return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
+    processes.terminate(pid, timeout=10)
     return True

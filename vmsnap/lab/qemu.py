@@ -2,24 +2,27 @@
 
 :class:`QemuProcess` runs ``qemu-system-x86_64`` with ``-blockdev`` disks, a QMP socket and optionally a guest
 agent channel; :class:`StorageDaemon` runs ``qemu-storage-daemon``. Both stop only the process they started
-(by pid) and choose the accelerator by probing, never by assuming this host's quirks.
+(by pid, through :mod:`vmsnap.processes`) and choose the accelerator by probing, never by assuming this host's
+quirks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import signal
 import socket
 import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import attrs
 
+from vmsnap import processes
 from vmsnap.errors import VmsnapError
+from vmsnap.lab.image.contents import AGENT_PORT
 from vmsnap.vm.qmp import QMPMonitor
 
 Accel = Literal["kvm", "tcg"]
@@ -82,23 +85,37 @@ class DriveSpec:
     def file_node_name(self) -> str:
         return f"file-{self.id}"
 
+    def blockdev_args(self, flag: str = "-blockdev") -> list[str]:
+        """The two block nodes of this disk (``file-ID`` under ``fmt-ID``) as QEMU options, ``flag`` each."""
+        protocol: dict[str, object] = {
+            "driver": "file",
+            "filename": str(self.path),
+            "node-name": self.file_node_name,
+        }
+        if self.cache_direct:
+            protocol["cache"] = {"direct": True}
+        fmt = {"driver": self.format, "file": self.file_node_name, "node-name": self.node_name}
+        return [flag, _json(protocol), flag, _json(fmt)]
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
 
 class QemuStartError(VmsnapError):
     """QEMU exited or did not open its QMP socket; the message carries the end of its log."""
 
 
-def _listening(path: Path) -> bool:
+def listening(path: Path, *, timeout: float = 1.0) -> bool:
     """True once a unix socket accepts connections (the file appears at bind(), before listen())."""
     if not path.exists():
         return False
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(timeout)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
     return True
 
 
@@ -109,7 +126,80 @@ def _log_tail(log: Path, lines: int = 15) -> str:
         return ""
 
 
-class QemuProcess:
+class _Launched:
+    """What :class:`QemuProcess` and :class:`StorageDaemon` share: a QEMU program this process started (in
+    its own session, output to ``NAME.log``) that serves QMP on ``workdir/NAME.qmp``, stopped only by its pid.
+
+    :param workdir: where the socket and the log go (created when missing)
+    :param drives: the disks given on the command line
+    :param name: the base name of the socket and the log
+    """
+
+    what: ClassVar[str]
+    """The program, for messages."""
+
+    def __init__(self, workdir: Path, drives: Sequence[DriveSpec], name: str) -> None:
+        self.workdir = Path(workdir)
+        self.drives = list(drives)
+        self.qmp_socket = self.workdir / f"{name}.qmp"
+        self.log = self.workdir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        """The full command line (an argv list)."""
+        raise NotImplementedError
+
+    def _launch(self, *, timeout: float, stop_timeout: float) -> None:
+        """Start :meth:`argv` and wait until it listens on its QMP socket.
+
+        :param stop_timeout: when it never listens, SIGTERM it and SIGKILL it after this long (0: SIGKILL now)
+        :raise QemuStartError: it exited early, or did not listen within ``timeout`` (it is stopped then)
+        """
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.qmp_socket.unlink()
+        with open(self.log, "wb") as out:
+            process = subprocess.Popen(
+                self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.process = process
+        deadline = time.monotonic() + timeout
+        while not listening(self.qmp_socket):
+            if process.poll() is not None:
+                raise QemuStartError(
+                    f"{self.what} exited with code {process.returncode}: {_log_tail(self.log)}",
+                    hint=f"see {self.log}",
+                )
+            if time.monotonic() > deadline:
+                processes.stop_child(process, timeout=stop_timeout)
+                raise QemuStartError(
+                    f"{self.what} did not open {self.qmp_socket} within {timeout:g} s", hint=f"see {self.log}"
+                )
+            time.sleep(0.02)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.process is not None and self.process.poll() is None
+
+    def monitor(self) -> QMPMonitor:
+        """A new, connected QMP monitor (close it when done: QEMU serves one client at a time)."""
+        return QMPMonitor(self.qmp_socket).connect()
+
+    def _stop_process(self, *, timeout: float) -> None:
+        """SIGTERM, SIGKILL after ``timeout`` (0: at once), by pid; then reap it."""
+        if self.process is not None:
+            processes.stop_child(self.process, timeout=timeout)
+
+
+class QemuProcess(_Launched):
     """A ``qemu-system-x86_64`` this process started, with QMP (and maybe agent) unix sockets in ``workdir``.
 
     :param workdir: where sockets and logs go (must exist)
@@ -118,6 +208,8 @@ class QemuProcess:
     :param agent: add a virtio-serial guest agent channel on ``workdir/agent.sock``
     :param accel: force an accelerator; default :func:`choose_accel`
     """
+
+    what = "QEMU"
 
     def __init__(
         self,
@@ -133,8 +225,7 @@ class QemuProcess:
         accel: Accel | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
-        self.workdir = Path(workdir)
-        self.drives = list(drives)
+        super().__init__(workdir, drives, name)
         self.name = name
         self.memory_mb = memory_mb
         self.kernel = kernel
@@ -143,14 +234,10 @@ class QemuProcess:
         self.agent = agent
         self.accel: Accel = accel or choose_accel(booting_guest=kernel is not None)
         self.extra_args = list(extra_args)
-        self.qmp_socket = self.workdir / f"{name}.qmp"
         self.agent_socket = self.workdir / f"{name}.qga"
-        self.log = self.workdir / f"{name}.log"
         self.console = self.workdir / f"{name}.console"
-        self.process: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
-        """The full command line (an argv list)."""
         cpu = "qemu64"
         argv = [
             "qemu-system-x86_64",
@@ -174,13 +261,7 @@ class QemuProcess:
         if any(d.bus == "scsi" for d in self.drives):
             argv += ["-device", "virtio-scsi-pci,id=scsi0"]
         for drive in self.drives:
-            cache = ',"cache":{"direct":true}' if drive.cache_direct else ""
-            argv += [
-                "-blockdev",
-                f'{{"driver":"file","filename":"{drive.path}","node-name":"{drive.file_node_name}"{cache}}}',
-                "-blockdev",
-                f'{{"driver":"{drive.format}","file":"{drive.file_node_name}","node-name":"{drive.node_name}"}}',
-            ]
+            argv += drive.blockdev_args()
             serial = f",serial={drive.serial}" if drive.serial else ""
             if drive.bus == "scsi":
                 argv += ["-device", f"scsi-hd,drive={drive.node_name},id={drive.id}{serial}"]
@@ -193,7 +274,7 @@ class QemuProcess:
                 "-device",
                 "virtio-serial-pci,id=vser0",
                 "-device",
-                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+                f"virtserialport,chardev=qga0,name={AGENT_PORT}",
             ]
         if self.kernel is not None:
             argv += ["-kernel", str(self.kernel)]
@@ -209,41 +290,11 @@ class QemuProcess:
 
         :raise QemuStartError: QEMU exited early or never opened the socket (with its log's last lines)
         """
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        for path in (self.qmp_socket, self.agent_socket):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                self.argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while not _listening(self.qmp_socket):
-            if self.process.poll() is not None:
-                raise QemuStartError(
-                    f"QEMU exited with code {self.process.returncode}: {_log_tail(self.log)}"
-                )
-            if time.monotonic() > deadline:
-                self.kill()
-                raise QemuStartError(f"QEMU did not open {self.qmp_socket} within {timeout:g} s")
-            time.sleep(0.02)
+        with contextlib.suppress(FileNotFoundError):
+            self.agent_socket.unlink()
+        # SIGKILL when it never listens: nothing of a VM that never got going needs a clean quit
+        self._launch(timeout=timeout, stop_timeout=0)
         return self
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    def alive(self) -> bool:
-        """True while the QEMU process runs."""
-        return self.process is not None and self.process.poll() is None
-
-    def monitor(self) -> QMPMonitor:
-        """A new, connected QMP monitor (close it when done: QEMU serves one client at a time)."""
-        return QMPMonitor(self.qmp_socket).connect()
 
     def stop(self, *, timeout: float = 10.0) -> None:
         """Quit QEMU cleanly (QMP ``quit``, so persistent bitmaps are written), then kill it if it lingers."""
@@ -260,14 +311,9 @@ class QemuProcess:
         except subprocess.TimeoutExpired:
             self.kill()
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to the QEMU we started (by pid) and reap it."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.process.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(10)
+    def kill(self) -> None:
+        """SIGKILL the QEMU we started (by pid) and reap it."""
+        self._stop_process(timeout=0)
 
     def __enter__(self) -> QemuProcess:
         if not self.alive():
@@ -278,65 +324,32 @@ class QemuProcess:
         self.stop()
 
 
-class StorageDaemon:
+class StorageDaemon(_Launched):
     """A ``qemu-storage-daemon`` this process started, exporting nothing until told over QMP."""
 
+    what = "qemu-storage-daemon"
+
     def __init__(self, workdir: Path, drives: Sequence[DriveSpec] = (), *, name: str = "qsd") -> None:
-        self.workdir = Path(workdir)
-        self.drives = list(drives)
-        self.qmp_socket = self.workdir / f"{name}.qmp"
-        self.log = self.workdir / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(workdir, drives, name)
 
     def argv(self) -> list[str]:
         argv = ["qemu-storage-daemon", "--chardev", f"socket,path={self.qmp_socket},server=on,wait=off,id=m0"]
         argv += ["--monitor", "chardev=m0"]
         for drive in self.drives:
-            argv += [
-                "--blockdev",
-                f'{{"driver":"file","filename":"{drive.path}","node-name":"{drive.file_node_name}"}}',
-                "--blockdev",
-                f'{{"driver":"{drive.format}","file":"{drive.file_node_name}","node-name":"{drive.node_name}"}}',
-            ]
+            argv += drive.blockdev_args("--blockdev")
         return argv
 
     def start(self, *, timeout: float = 15.0) -> StorageDaemon:
-        """Start the daemon and wait for its QMP socket."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.qmp_socket.unlink()
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                self.argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while not _listening(self.qmp_socket):
-            if self.process.poll() is not None:
-                raise QemuStartError(f"qemu-storage-daemon exited: {_log_tail(self.log)}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise QemuStartError(f"qemu-storage-daemon did not open {self.qmp_socket}")
-            time.sleep(0.02)
+        """Start the daemon and wait for its QMP socket.
+
+        :raise QemuStartError: it exited early or never opened the socket (with its log's last lines)
+        """
+        self._launch(timeout=timeout, stop_timeout=10)
         return self
 
-    def monitor(self) -> QMPMonitor:
-        """A new, connected QMP monitor."""
-        return QMPMonitor(self.qmp_socket).connect()
-
     def stop(self) -> None:
-        """Stop the daemon we started (SIGTERM, then SIGKILL), by pid."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+        """Stop the daemon we started (SIGTERM, then SIGKILL after 10 s), by pid."""
+        self._stop_process(timeout=10)
 
     def __enter__(self) -> StorageDaemon:
         return self.start()

@@ -30,7 +30,9 @@ from vmsnap.errors import (
 from vmsnap.image import qemu_img
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
 from vmsnap.strategies.base import Capabilities, StrategyBase, distinct_names, file_source
+from vmsnap.strategies.undo import undo_later
 from vmsnap.vm.machine import Machine
+from vmsnap.vm.qmp_actions import blockdev_snapshot_sync_action
 
 OVERLAY_MARK = ".vmsnap-"
 """Overlay files are ``<image>.vmsnap-<snapshot>.qcow2`` next to the image they cover."""
@@ -220,17 +222,11 @@ class ExternalOverlayStrategy(StrategyBase):
 
     def transaction_actions(self, disk: Disk, *, name: str) -> builtins.list[Mapping[str, Any]]:
         """One ``blockdev-snapshot-sync`` action: QEMU creates the overlay file and switches the disk."""
+        overlay = overlay_path(root_image(disk.file), name)
         return [
-            {
-                "type": "blockdev-snapshot-sync",
-                "data": {
-                    "node-name": disk.node_name,
-                    "snapshot-file": str(overlay_path(root_image(disk.file), name)),
-                    "snapshot-node-name": _node_name(disk, name),
-                    "format": "qcow2",
-                    "mode": "absolute-paths",
-                },
-            }
+            blockdev_snapshot_sync_action(
+                disk.node_name, snapshot_file=overlay, snapshot_node=_node_name(disk, name)
+            )
         ]
 
     def create(self, disks: Sequence[Disk], *, name: str) -> builtins.list[SnapshotRef]:
@@ -273,6 +269,9 @@ class ExternalOverlayStrategy(StrategyBase):
     def _exists(self, path: Path) -> bool:
         return self.runner.run(["test", "-e", str(path)], ok_codes=(0, 1), timeout=30).exit_code == 0
 
+    def _rm(self, path: Path) -> None:
+        self.runner.run(["rm", "-f", "--", str(path)], timeout=60)
+
     def _create_online(self, disks: Sequence[Disk], name: str) -> builtins.list[SnapshotRef]:
         actions = [a for disk in disks for a in self.transaction_actions(disk, name=name)]
         targets = [overlay_path(root_image(d.file), name) for d in disks]
@@ -280,84 +279,75 @@ class ExternalOverlayStrategy(StrategyBase):
             self.machine.qmp().transaction(actions)
         except QMPCommandError as err:
             for target in targets:  # QEMU created the files before an action failed; nothing uses them
-                self.runner.run(["rm", "-f", "--", str(target)], timeout=60)
+                self._rm(target)
             raise SnapshotError(
                 f"external snapshot {name!r} of {', '.join(d.name for d in disks)} failed: {err.desc}",
                 hint="no disk was changed (the transaction is atomic); fix the cause and retry",
             ) from err
         refs: list[SnapshotRef] = []
-        try:
+        with contextlib.ExitStack() as undo:
+            # never leave the VM on a growing overlay: every new overlay is merged back before raising
             for disk, target in zip(disks, targets, strict=True):
-                self.runner.run(["chmod", f"--reference={disk.file}", "--", str(target)], timeout=30)
-                layer = _Layer(name, target, upper=target, lower=disk.file)
-                refs.append(self._ref(disk, layer))
-        except VmsnapError as err:
-            # never leave the VM on a growing overlay: merge every new overlay back before raising
-            for disk, target in zip(disks, targets, strict=True):
-                with contextlib.suppress(VmsnapError):
-                    current, layer = self._find(SnapshotRef(self.name, name, disk, location=str(target)))
-                    self._delete_online(current, layer, "commit")
-            raise SnapshotError(
-                f"external snapshot {name!r} failed after the overlays were made: {err}",
-                hint="the overlays were merged back; fix the cause and retry",
-            ) from err
+                undo_later(undo, self._merge_back, disk, name, target)
+            try:
+                for disk, target in zip(disks, targets, strict=True):
+                    self.runner.run(["chmod", f"--reference={disk.file}", "--", str(target)], timeout=30)
+                    refs.append(self._ref(disk, _Layer(name, target, upper=target, lower=disk.file)))
+            except VmsnapError as err:
+                raise SnapshotError(
+                    f"external snapshot {name!r} failed after the overlays were made: {err}",
+                    hint="the overlays were merged back; fix the cause and retry",
+                ) from err
+            undo.pop_all()
         return refs
 
+    def _merge_back(self, disk: Disk, name: str, overlay: Path) -> None:
+        current, layer = self._find(SnapshotRef(self.name, name, disk, location=str(overlay)))
+        self._delete_online(current, layer, "commit")
+
     def _create_offline(self, disks: Sequence[Disk], name: str) -> builtins.list[SnapshotRef]:
-        done: list[tuple[Path, Path]] = []
-        refs: list[SnapshotRef] = []
         try:
-            for disk in disks:
-                image = disk.file
-                frozen = overlay_path(root_image(image), name)
-                if disk.format != "qcow2":
-                    raise UnsupportedError(
-                        f"offline external snapshots keep the image's path on top, so {image} would change "
-                        f"from {disk.format} to qcow2",
-                        hint="convert it to qcow2, or snapshot while the VM runs",
-                    )
-                info = self._info_unshared(image)
-                fresh = image.with_name(f".{image.name}.vmsnap-new-{uuid.uuid4().hex[:8]}")
-                size = str(int(info["virtual-size"]))
-                # the image's path never disappears: a new top is made aside, the old image gets a second
-                # name (hard link), and the new top replaces the path in one rename
-                self.runner.run(
-                    [
-                        "qemu-img",
-                        "create",
-                        "-q",
-                        "-f",
-                        "qcow2",
-                        "-u",
-                        "-b",
-                        str(frozen),
-                        "-F",
-                        "qcow2",
-                        str(fresh),
-                        size,
-                    ],
-                    timeout=120,
-                )
-                try:
-                    self.runner.run(["chmod", f"--reference={image}", "--", str(fresh)], timeout=30)
-                    self.runner.run(["ln", "--", str(image), str(frozen)], timeout=30)
-                except VmsnapError:
-                    self.runner.run(["rm", "-f", "--", str(fresh)], timeout=30)
-                    raise
-                self.runner.run(["mv", "-f", "--", str(fresh), str(image)], timeout=30)
-                done.append((frozen, image))
-                refs.append(self._ref(disk, _Layer(name, frozen, upper=image, lower=frozen)))
+            with contextlib.ExitStack() as undo:
+                refs = [self._freeze_offline(disk, name, undo) for disk in disks]
+                undo.pop_all()
+        except UnsupportedError:
+            raise
         except VmsnapError as err:
-            for frozen, image in reversed(done):
-                with contextlib.suppress(VmsnapError):  # best effort; the error below names the cause
-                    self.runner.run(["mv", "-f", "--", str(frozen), str(image)], timeout=30)
-            if isinstance(err, UnsupportedError):
-                raise
             raise SnapshotError(
                 f"offline external snapshot {name!r} failed: {err}",
                 hint="no snapshot was kept on any disk; check that the images exist and no QEMU uses them",
             ) from err
         return refs
+
+    def _freeze_offline(self, disk: Disk, name: str, undo: contextlib.ExitStack) -> SnapshotRef:
+        """Freeze ``disk``'s image under its snapshot name and put a new top at its path; on ``undo`` the
+        frozen image goes back to its path.
+
+        :raise UnsupportedError: the image is not qcow2
+        :raise VmsnapError: a step failed (what this disk's steps made is removed)
+        """
+        image = disk.file
+        frozen = overlay_path(root_image(image), name)
+        if disk.format != "qcow2":
+            raise UnsupportedError(
+                f"offline external snapshots keep the image's path on top, so {image} would change "
+                f"from {disk.format} to qcow2",
+                hint="convert it to qcow2, or snapshot while the VM runs",
+            )
+        size = int(self._info_unshared(image)["virtual-size"])
+        fresh = image.with_name(f".{image.name}.vmsnap-new-{uuid.uuid4().hex[:8]}")
+        # the image's path never disappears: a new top is made aside, the old image gets a second name
+        # (hard link), and the new top replaces the path in one rename
+        with contextlib.ExitStack() as steps:
+            undo_later(steps, self._rm, fresh)
+            qemu_img.create(self.runner, fresh, "qcow2", size, backing=frozen, unsafe=True)
+            self.runner.run(["chmod", f"--reference={image}", "--", str(fresh)], timeout=30)
+            self.runner.run(["ln", "--", str(image), str(frozen)], timeout=30)
+            undo_later(steps, self._rm, frozen)  # a second name only, until the rename below
+            self.runner.run(["mv", "-f", "--", str(fresh), str(image)], timeout=30)
+            steps.pop_all()
+        undo_later(undo, self.runner.run, ["mv", "-f", "--", str(frozen), str(image)], timeout=30)
+        return self._ref(disk, _Layer(name, frozen, upper=image, lower=frozen))
 
     def _info_unshared(self, image: Path) -> dict[str, Any]:
         """qemu-img info without -U: fails when a running QEMU holds the image (which offline must not)."""
@@ -422,18 +412,16 @@ class ExternalOverlayStrategy(StrategyBase):
             merge = "commit" if qemu_img.allocated_fraction(self.runner, layer.upper) < 0.5 else "stream"
         try:
             if merge == "stream":
-                args: dict[str, Any] = {"device": upper_node}
-                if below is not None:
-                    args["base-node"] = nodes[below]
-                qmp.run_job("block-stream", args, job_id=job_id, timeout=self.job_timeout)
+                base = nodes[below] if below is not None else None
+                qmp.block_stream(job_id, node=upper_node, base_node=base, timeout=self.job_timeout)
                 if layer.vmsnap_file == layer.upper:
                     return  # the VM now runs on the overlay file, which holds everything; the image stays
             else:
-                args = {"device": active_node, "top-node": upper_node, "base-node": lower_node}
-                qmp.run_job(
-                    "block-commit",
-                    args,
-                    job_id=job_id,
+                qmp.block_commit(
+                    job_id,
+                    device=active_node,
+                    top_node=upper_node,
+                    base_node=lower_node,
                     timeout=self.job_timeout,
                     complete_on_ready=layer.upper == disk.file,
                 )
@@ -442,24 +430,21 @@ class ExternalOverlayStrategy(StrategyBase):
                 f"merging snapshot {layer.name!r} of {disk.name} failed: {err}",
                 hint=f"the VM keeps running on {disk.file}; retry the delete, or run `vmsnap recover`",
             ) from err
-        self.runner.run(["rm", "-f", "--", str(layer.vmsnap_file)], timeout=60)
+        self._rm(layer.vmsnap_file)
 
     def _delete_offline(self, layer: _Layer) -> None:
         try:
             self._info_unshared(layer.upper)
             children = self._orphan_children(layer) if layer.orphan else []
-            self.runner.run(["qemu-img", "commit", "-q", "-d", str(layer.upper)], timeout=self.job_timeout)
+            qemu_img.commit(self.runner, layer.upper, timeout=self.job_timeout)
             if layer.vmsnap_file == layer.lower:
                 # the image's path is the upper file: the merged lower file takes its place
                 self.runner.run(["mv", "-f", "--", str(layer.lower), str(layer.upper)], timeout=30)
                 return
             lower_fmt = str(self._chain_info(layer.lower).get("format", "qcow2"))
             for child in children:
-                self.runner.run(
-                    ["qemu-img", "rebase", "-u", "-b", str(layer.lower), "-F", lower_fmt, str(child)],
-                    timeout=120,
-                )
-            self.runner.run(["rm", "-f", "--", str(layer.upper)], timeout=60)
+                qemu_img.rebase_unsafe(self.runner, child, layer.lower, lower_fmt)
+            self._rm(layer.upper)
         except CommandError as err:
             raise SnapshotError(
                 f"merging snapshot {layer.name!r} ({layer.vmsnap_file}) failed: {err}",
@@ -495,7 +480,7 @@ class ExternalOverlayStrategy(StrategyBase):
                 newer += [o.upper for o in self._orphans(chain[0])]
                 self.runner.run(["mv", "-f", "--", str(layer.lower), str(chain[0])], timeout=30)
                 for path in newer:
-                    self.runner.run(["rm", "-f", "--", str(path)], timeout=30)
+                    self._rm(path)
                 return
             if not layer.orphan and layer.upper == disk.file:
                 raise UnsupportedError(
@@ -505,7 +490,7 @@ class ExternalOverlayStrategy(StrategyBase):
             newer_orphans = [o.upper for o in self._orphans(root_image(layer.upper))]
             drop = newer_orphans[: newer_orphans.index(layer.upper) + 1] if layer.orphan else [layer.upper]
             for path in drop:
-                self.runner.run(["rm", "-f", "--", str(path)], timeout=30)
+                self._rm(path)
         except CommandError as err:
             raise SnapshotError(f"rolling back {snap.name!r} on {disk.name} failed: {err}") from err
 

@@ -28,8 +28,9 @@ from vmsnap.image import qemu_img
 from vmsnap.image.nbd import QemuNbdServer
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
 from vmsnap.strategies.base import Capabilities, StrategyBase, distinct_names, file_source, require_qcow2
+from vmsnap.strategies.undo import undo_later
 from vmsnap.vm.machine import Machine
-from vmsnap.vm.qmp import QMPMonitor
+from vmsnap.vm.qmp_actions import blockdev_snapshot_internal_action
 
 
 class LazyRefcountsWarning(UserWarning):
@@ -162,7 +163,7 @@ class InternalSnapshotStrategy(StrategyBase):
 
     def transaction_actions(self, disk: Disk, *, name: str) -> builtins.list[Mapping[str, Any]]:
         """One ``blockdev-snapshot-internal-sync`` action (``device`` takes the format node's name)."""
-        return [{"type": "blockdev-snapshot-internal-sync", "data": {"device": disk.node_name, "name": name}}]
+        return [blockdev_snapshot_internal_action(disk.node_name, name)]
 
     def create(self, disks: Sequence[Disk], *, name: str) -> builtins.list[SnapshotRef]:
         """Snapshot all ``disks`` at one instant: one QMP transaction (or one snapshot-save job) online,
@@ -224,20 +225,27 @@ class InternalSnapshotStrategy(StrategyBase):
         warnings.warn(message, LazyRefcountsWarning, stacklevel=3)
 
     def _create_offline(self, disks: Sequence[Disk], name: str) -> builtins.list[SnapshotRef]:
-        done: builtins.list[Disk] = []
-        for disk in disks:
-            try:
-                self.runner.run(["qemu-img", "snapshot", "-c", name, str(disk.file)], timeout=600)
-            except CommandError as err:
-                for made in reversed(done):
-                    with contextlib.suppress(CommandError):  # best effort; the error below names the cause
-                        self.runner.run(["qemu-img", "snapshot", "-d", name, str(made.file)], timeout=600)
-                raise SnapshotError(
-                    f"qemu-img snapshot -c {name} {disk.file} failed: {_cause(err)}",
+        with contextlib.ExitStack() as undo:
+            for disk in disks:
+                self._qemu_img_snapshot(
+                    "create",
+                    name,
+                    disk,
                     hint="no snapshot was kept on any disk; check that the image exists and no QEMU uses it",
-                ) from err
-            done.append(disk)
+                )
+                undo_later(undo, qemu_img.snapshot, self.runner, disk.file, name, action="delete")
+            undo.pop_all()
         return [self._ref(disk, {"name": name}) for disk in disks]
+
+    def _qemu_img_snapshot(self, action: str, name: str, disk: Disk, *, hint: str) -> None:
+        """:raise SnapshotError: qemu-img snapshot ``action`` of ``name`` on ``disk`` failed"""
+        try:
+            qemu_img.snapshot(self.runner, disk.file, name, action=action)
+        except CommandError as err:
+            flag = qemu_img.SNAPSHOT_FLAGS[action]
+            raise SnapshotError(
+                f"qemu-img snapshot {flag} {name} {disk.file} failed: {_cause(err)}", hint=hint
+            ) from err
 
     def _create_with_vm_state(self, disks: Sequence[Disk], name: str) -> builtins.list[SnapshotRef]:
         qmp = self.machine.qmp()
@@ -246,13 +254,7 @@ class InternalSnapshotStrategy(StrategyBase):
         nodes = [d.node_name for d in disks]
         started = time.monotonic()
         try:
-            _run_snapshot_job(
-                qmp,
-                "snapshot-save",
-                {"tag": name, "vmstate": nodes[0], "devices": nodes},
-                job_id,
-                timeout=self.job_timeout,
-            )
+            qmp.snapshot_save(job_id, tag=name, vmstate=nodes[0], devices=nodes, timeout=self.job_timeout)
         except (QMPCommandError, BlockJobError) as err:
             self._resume_if_paused(was_running)
             raise SnapshotError(
@@ -322,19 +324,11 @@ class InternalSnapshotStrategy(StrategyBase):
         disk, _ = self._require(snap)
         if self.machine.is_running:
             try:
-                self.machine.qmp().execute(
-                    "blockdev-snapshot-delete-internal-sync", {"device": disk.node_name, "name": snap.name}
-                )
+                self.machine.qmp().blockdev_snapshot_delete_internal_sync(disk.node_name, snap.name)
             except QMPCommandError as err:
                 raise SnapshotError(f"deleting {snap.name!r} on {disk.name} failed: {err.desc}") from err
             return
-        try:
-            self.runner.run(["qemu-img", "snapshot", "-d", snap.name, str(disk.file)], timeout=600)
-        except CommandError as err:
-            raise SnapshotError(
-                f"qemu-img snapshot -d {snap.name} {disk.file} failed: {_cause(err)}",
-                hint="check that no QEMU uses the image",
-            ) from err
+        self._qemu_img_snapshot("delete", snap.name, disk, hint="check that no QEMU uses the image")
 
     def rollback(self, snap: SnapshotRef) -> None:
         """Return the disk to the snapshot's content.
@@ -361,20 +355,12 @@ class InternalSnapshotStrategy(StrategyBase):
         if running:
             self._load_vm_state(disk, snap.name)
             return
-        try:
-            self.runner.run(["qemu-img", "snapshot", "-a", snap.name, str(disk.file)], timeout=600)
-        except CommandError as err:
-            raise SnapshotError(
-                f"qemu-img snapshot -a {snap.name} {disk.file} failed: {_cause(err)}",
-                hint="check that no QEMU uses the image",
-            ) from err
+        self._qemu_img_snapshot("apply", snap.name, disk, hint="check that no QEMU uses the image")
 
     def _bitmap_names(self, disk: Disk) -> builtins.list[str]:
         if self.machine.is_running:
             return [str(b["name"]) for b in self.machine.qmp().dirty_bitmaps(disk.node_name)]
-        info = qemu_img.info(self.runner, disk.file, force_share=False)
-        data = info.get("format-specific", {}).get("data", {})
-        return [str(b["name"]) for b in data.get("bitmaps", [])]
+        return [str(b["name"]) for b in qemu_img.bitmaps(self.runner, disk.file)]
 
     def _handle_bitmaps(self, disk: Disk) -> None:
         names = self._bitmap_names(disk)
@@ -389,11 +375,9 @@ class InternalSnapshotStrategy(StrategyBase):
             )
         for bitmap in names:
             if self.machine.is_running:
-                self.machine.qmp().execute(
-                    "block-dirty-bitmap-remove", {"node": disk.node_name, "name": bitmap}
-                )
+                self.machine.qmp().block_dirty_bitmap_remove(disk.node_name, bitmap)
             else:
-                self.runner.run(["qemu-img", "bitmap", "--remove", str(disk.file), bitmap], timeout=600)
+                qemu_img.bitmap(self.runner, disk.file, bitmap, remove=True)
 
     def _load_vm_state(self, disk: Disk, name: str) -> None:
         qmp = self.machine.qmp()
@@ -412,13 +396,7 @@ class InternalSnapshotStrategy(StrategyBase):
         was_running = qmp.status() == "running"
         started = time.monotonic()
         try:
-            _run_snapshot_job(
-                qmp,
-                "snapshot-load",
-                {"tag": name, "vmstate": vmstate, "devices": nodes},
-                job_id,
-                timeout=self.job_timeout,
-            )
+            qmp.snapshot_load(job_id, tag=name, vmstate=vmstate, devices=nodes, timeout=self.job_timeout)
         except (QMPCommandError, BlockJobError) as err:
             self._resume_if_paused(was_running)
             raise SnapshotError(
@@ -427,15 +405,6 @@ class InternalSnapshotStrategy(StrategyBase):
             ) from err
         finally:
             self.last_pause_ms = (time.monotonic() - started) * 1000.0
-
-
-def _run_snapshot_job(
-    qmp: QMPMonitor, command: str, arguments: Mapping[str, Any], job_id: str, *, timeout: float
-) -> None:
-    """Run a snapshot-save / snapshot-load job: they take no ``auto-dismiss`` and always wait for
-    ``job-dismiss``, which :meth:`QMPMonitor.wait_job` sends (raising the job's error, if any)."""
-    qmp.execute(command, {**arguments, "job-id": job_id})
-    qmp.wait_job(job_id, timeout=timeout)
 
 
 def _cause(err: CommandError) -> str:

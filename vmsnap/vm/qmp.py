@@ -1,7 +1,8 @@
-"""Synchronous QMP client on ``qemu.qmp``: typed methods for what strategies need, jobs awaited on events.
+"""Synchronous QMP client on ``qemu.qmp``: one typed method per command vmsnap sends, jobs awaited on events.
 
 One :class:`QMPMonitor` owns one connection and a private event loop; events are buffered from the moment
-of connecting, so a job that finishes before we start waiting is never missed.
+of connecting, so a job that finishes before we start waiting is never missed. Actions for a
+:meth:`QMPMonitor.transaction` are data, built by the typed functions of :mod:`vmsnap.vm.qmp_actions`.
 """
 
 from __future__ import annotations
@@ -199,6 +200,109 @@ class QMPMonitor:
                 return list(node.get("dirty-bitmaps", []))
         return []
 
+    def block_dirty_bitmap_remove(self, node_name: str, name: str) -> None:
+        """Remove dirty bitmap ``name`` of ``node_name`` (a persistent one also from the image).
+
+        :raise QMPCommandError: no such bitmap or node, or a job uses the bitmap
+        """
+        self.execute("block-dirty-bitmap-remove", {"node": node_name, "name": name})
+
+    def filter_child(self, node_name: str, child: str = "file") -> str:
+        """The node name of child ``child`` of node ``node_name`` (e.g. what a filter sits on); "" if unknown.
+
+        QEMU 10.1 lists each node's children in ``query-named-block-nodes`` (``children``), which is read
+        first. Older QEMUs (7.2 here) report children nowhere in a stable command, so the unstable
+        ``x-debug-query-block-graph`` answers there; it is asked in this method only, and its answer is
+        only used to name a node that is then removed, never to decide what data is kept.
+
+        :raise QMPConnectionError: the connection broke
+        """
+        for node in self.query_named_block_nodes():
+            if node.get("node-name") == node_name and "children" in node:
+                found = (str(c.get("node-name", "")) for c in node["children"] if c.get("child") == child)
+                return next(found, "")
+        try:
+            graph = self.execute("x-debug-query-block-graph")
+        except QMPCommandError:
+            return ""
+        names = {n["id"]: n.get("name", "") for n in graph.get("nodes", [])}
+        ids = {name: node_id for node_id, name in names.items()}
+        for edge in graph.get("edges", []):
+            if edge.get("parent") == ids.get(node_name) and edge.get("name") == child:
+                return str(names.get(edge.get("child"), ""))
+        return ""
+
+    # -- devices ----------------------------------------------------------------------------------
+
+    def device_node(self, qdev: str) -> str | None:
+        """The node a guest device (``qdev``, its QOM path or id) reads and writes; None if it has none."""
+        for block in self.query_block():
+            if block.get("qdev") == qdev and block.get("inserted"):
+                return str(block["inserted"].get("node-name"))
+        return None
+
+    def qom_set(self, path: str, prop: str, value: Any) -> None:
+        """Set QOM property ``prop`` of object ``path`` (``qom-set``).
+
+        :raise QMPCommandError: no such object or property, or the value is refused
+        """
+        self.execute("qom-set", {"path": path, "property": prop, "value": value})
+
+    def set_device_node(self, qdev: str, node_name: str) -> None:
+        """Make guest device ``qdev`` use block node ``node_name`` (its ``drive`` property), live.
+
+        Setting the node a device already has aborts QEMU 7.2, so nothing is sent then.
+
+        :raise QMPCommandError: QEMU refused the swap (the node's permissions conflict with the device's)
+        """
+        if self.device_node(qdev) == node_name:
+            return
+        self.qom_set(qdev, "drive", node_name)
+
+    # -- NBD server and exports -------------------------------------------------------------------
+
+    def nbd_server_start(self, socket_path: str | os.PathLike[str]) -> None:
+        """Start QEMU's NBD server on a unix socket (QEMU runs one NBD server at a time).
+
+        :raise QMPCommandError: a server runs already, or the socket cannot be bound
+        """
+        self.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(socket_path)}}})
+
+    def nbd_server_stop(self) -> None:
+        """Stop QEMU's NBD server (and with it every NBD export).
+
+        :raise QMPCommandError: no NBD server runs
+        """
+        self.execute("nbd-server-stop")
+
+    def block_export_add_nbd(
+        self, export_id: str, node_name: str, *, name: str, bitmaps: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """Export node ``node_name`` read-only on QEMU's NBD server as export ``name``.
+
+        :param export_id: the export's id (for :meth:`block_export_del`)
+        :param bitmaps: (node, bitmap) pairs exposed as ``qemu:dirty-bitmap:BITMAP`` metadata contexts
+        :raise QMPCommandError: no NBD server runs, the id or name is taken, or a bitmap is missing
+        """
+        arguments: dict[str, Any] = {"type": "nbd", "id": export_id, "node-name": node_name, "name": name}
+        arguments["writable"] = False
+        if bitmaps:
+            arguments["bitmaps"] = [{"node": node, "name": bitmap} for node, bitmap in bitmaps]
+        self.execute("block-export-add", arguments)
+
+    def block_export_del(self, export_id: str, *, hard: bool = True) -> None:
+        """Remove a block export; ``hard`` disconnects its clients instead of waiting for them.
+
+        The export is gone once QEMU sends ``BLOCK_EXPORT_DELETED`` (see :meth:`wait_event`).
+
+        :raise QMPCommandError: no such export
+        """
+        self.execute("block-export-del", {"id": export_id, "mode": "hard" if hard else "safe"})
+
+    def query_block_exports(self) -> list[dict[str, Any]]:
+        """Raw ``query-block-exports``: the block exports (id, type, node-name, shutting-down)."""
+        return list(self.execute("query-block-exports"))
+
     # -- events and jobs --------------------------------------------------------------------------
 
     def events(self, *, wait: float = 0.0) -> list[dict[str, Any]]:
@@ -266,6 +370,27 @@ class QMPMonitor:
         """The job with this id, or None."""
         return next((j for j in self.query_jobs() if j.id == job_id), None)
 
+    def job_cancel(self, job_id: str) -> None:
+        """Ask a job to stop (``job-cancel``); it concludes a moment later (see :meth:`wait_job`).
+
+        :raise QMPCommandError: no such job, or it cannot be cancelled in its state
+        """
+        self.execute("job-cancel", {"id": job_id})
+
+    def job_complete(self, job_id: str) -> None:
+        """Tell a job that is ready (mirror, active commit) to finish (``job-complete``).
+
+        :raise QMPCommandError: no such job, or it is not ready
+        """
+        self.execute("job-complete", {"id": job_id})
+
+    def job_dismiss(self, job_id: str) -> None:
+        """Remove a concluded job from ``query-jobs`` (``job-dismiss``).
+
+        :raise QMPCommandError: no such job, or it has not concluded
+        """
+        self.execute("job-dismiss", {"id": job_id})
+
     def start_job(self, command: str, arguments: Mapping[str, Any], *, job_id: str) -> None:
         """Start a block job with an explicit id and ``auto-dismiss`` off, so its error can be read."""
         self.execute(command, {**arguments, "job-id": job_id, "auto-dismiss": False})
@@ -295,7 +420,7 @@ class QMPMonitor:
         status = info.status
         while True:
             if status == "ready" and complete_on_ready:
-                self.execute("job-complete", {"id": job_id})
+                self.job_complete(job_id)
                 complete_on_ready = False
             elif status in wanted and status != "concluded":
                 return self.job(job_id)
@@ -322,13 +447,13 @@ class QMPMonitor:
     def _conclude(self, job_id: str) -> None:
         info = self.job(job_id)
         if info is not None:
-            self.execute("job-dismiss", {"id": job_id})
+            self.job_dismiss(job_id)
         if info is not None and info.error:
             raise BlockJobError(job_id, f"failed: {info.error}")
 
     def _cancel_after_timeout(self, job_id: str, timeout: float) -> None:
         with contextlib.suppress(BlockJobError, QMPCommandError):
-            self.execute("job-cancel", {"id": job_id})
+            self.job_cancel(job_id)
             self.wait_job(job_id, timeout=30)
         raise BlockJobError(job_id, f"did not finish within {timeout:g} s; it was cancelled")
 
@@ -345,6 +470,74 @@ class QMPMonitor:
         """Start a job and wait until it has concluded (and is dismissed); raise if it failed."""
         self.start_job(command, arguments, job_id=job_id)
         self.wait_job(job_id, timeout=timeout, complete_on_ready=complete_on_ready, progress=progress)
+
+    def block_commit(
+        self,
+        job_id: str,
+        *,
+        device: str,
+        top_node: str,
+        base_node: str,
+        timeout: float,
+        complete_on_ready: bool,
+    ) -> None:
+        """Merge ``top_node`` into ``base_node`` below it in ``device``'s chain and wait for the job.
+
+        :param complete_on_ready: ``top_node`` is the active layer: the job is completed when ready, which
+            moves the device onto ``base_node``
+        :raise QMPCommandError: QEMU refused to start the job
+        :raise BlockJobError: the job failed or ran past ``timeout`` (it was cancelled)
+        """
+        arguments = {"device": device, "top-node": top_node, "base-node": base_node}
+        self.run_job(
+            "block-commit", arguments, job_id=job_id, timeout=timeout, complete_on_ready=complete_on_ready
+        )
+
+    def block_stream(self, job_id: str, *, node: str, base_node: str | None, timeout: float) -> None:
+        """Copy what lies below ``node`` down to ``base_node`` (None: the whole chain) into ``node``; wait.
+
+        :raise QMPCommandError: QEMU refused to start the job
+        :raise BlockJobError: the job failed or ran past ``timeout`` (it was cancelled)
+        """
+        arguments = {"device": node} if base_node is None else {"device": node, "base-node": base_node}
+        self.run_job("block-stream", arguments, job_id=job_id, timeout=timeout)
+
+    def snapshot_save(
+        self, job_id: str, *, tag: str, vmstate: str, devices: Sequence[str], timeout: float
+    ) -> None:
+        """Save the VM's RAM into node ``vmstate`` and an internal snapshot ``tag`` of every node in
+        ``devices``; wait for the job (the VM pauses while it runs).
+
+        The snapshot jobs take no ``auto-dismiss``: :meth:`wait_job` dismisses them and raises their error.
+
+        :raise QMPCommandError: QEMU refused to start the job
+        :raise BlockJobError: the job failed (no disk keeps the snapshot) or ran past ``timeout``
+        """
+        self.execute(
+            "snapshot-save", {"job-id": job_id, "tag": tag, "vmstate": vmstate, "devices": list(devices)}
+        )
+        self.wait_job(job_id, timeout=timeout)
+
+    def snapshot_load(
+        self, job_id: str, *, tag: str, vmstate: str, devices: Sequence[str], timeout: float
+    ) -> None:
+        """Revert every node in ``devices`` to internal snapshot ``tag`` and load the RAM from node
+        ``vmstate``; wait for the job. A failed load leaves the VM paused.
+
+        :raise QMPCommandError: QEMU refused to start the job
+        :raise BlockJobError: the job failed or ran past ``timeout``
+        """
+        self.execute(
+            "snapshot-load", {"job-id": job_id, "tag": tag, "vmstate": vmstate, "devices": list(devices)}
+        )
+        self.wait_job(job_id, timeout=timeout)
+
+    def blockdev_snapshot_delete_internal_sync(self, node_name: str, name: str) -> None:
+        """Delete internal snapshot ``name`` from the qcow2 image of ``node_name``.
+
+        :raise QMPCommandError: no such snapshot or node
+        """
+        self.execute("blockdev-snapshot-delete-internal-sync", {"device": node_name, "name": name})
 
 
 def _matches(data: Mapping[str, Any], match: Mapping[str, Any]) -> bool:

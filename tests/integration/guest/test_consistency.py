@@ -48,6 +48,7 @@ def lines_now(guest: LabGuest) -> int:
 def writer(lab_guest: LabGuest) -> Iterator[int]:
     """The writer's pid in the guest; it runs until the test ends."""
     lab_guest.run(["rm", "-f", LOG])
+    lab_guest.run(["sync"])  # an earlier test's log must not linger on disk under the same name
     pid = lab_guest.agent.exec("/bin/sh", ["-c", WRITER], capture=False)
     deadline = time.monotonic() + 30
     while lab_guest.sh(f"[ -s {LOG} ] && wc -l < {LOG} || echo 0").stdout.strip() in ("0", "1", "2"):
@@ -118,19 +119,27 @@ def test_frozen_internal_snapshot_is_clean_and_complete(
 
 
 def test_unfrozen_snapshot_is_observed_and_reported(lab_guest: LabGuest, writer: int, tmp_path: Path) -> None:
-    """No freeze: what the snapshot holds depends on what the page cache had written; report it."""
+    """No freeze: what the snapshot holds depends on what the page cache had written; report it.
+
+    What does not depend on it: e2fsck only looked (``-n``: exit 0 or 4, never "corrected"), and the snapshot
+    holds no line the guest wrote after it was taken.
+    """
     base = lab_guest.data_image
     assert base is not None
     qmp = lab_guest.machine.qmp()
     before = lines_now(lab_guest)
     qmp.execute("blockdev-snapshot-internal-sync", {"device": NODE, "name": "crash"})
+    after = lines_now(lab_guest)
     try:
         fsck = fsck_image(base, snapshot="crash", scratch=tmp_path)
+        assert fsck.exit_code in (0, 4), fsck.output
+        assert fsck.clean == (fsck.exit_code == 0)
         try:
             data = read_image_file(base, "/log.txt", snapshot="crash", scratch=tmp_path)
         except CommandError as err:
             data, note = b"", f"log unreadable: {err.message}"
         else:
+            assert data.count(b"\n") <= after, "the snapshot holds lines written after it was taken"
             lines = data.count(b"\n")
             complete = data.endswith(b"\n")
             zeros = b"\0" in data

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from typing import Any
 
 import attrs
 import pytest
+
+from vmsnap import processes
 
 try:
     import pymysql
@@ -67,14 +68,9 @@ class MariaDb:
             connection.close()
 
     def stop(self) -> None:
-        """SIGTERM by pid, then SIGKILL if it does not exit."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        """SIGTERM by pid, then SIGKILL if it does not exit within 30 s; reaped."""
+        processes.terminate(self.process.pid, timeout=30)
+        self.process.wait()
 
 
 def start_mariadb(datadir: Path, rundir: Path) -> MariaDb:
@@ -212,15 +208,6 @@ def option_file(tmp_path: Path, mariadb: MariaDb) -> Path:
     return write_option_file(tmp_path / "dblock.cnf", mariadb)
 
 
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie counts as gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return fields[0] != "Z"
-
-
 @pytest.fixture
 def run_dir() -> Iterator[Path]:
     """A short private run directory for one holder; kills a holder a failed test left behind."""
@@ -228,8 +215,6 @@ def run_dir() -> Iterator[Path]:
     try:
         yield path
     finally:
-        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
-            pid = int((path / "holder.pid").read_text())
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            processes.terminate(int((path / "holder.pid").read_text()), timeout=0)  # SIGKILL, by pid
         shutil.rmtree(path, ignore_errors=True)

@@ -6,6 +6,7 @@ lock were still held; every check of "writers are blocked" waits for the server 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -13,6 +14,7 @@ import stat
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,11 @@ from tests.integration.guest_side.conftest import (
     DBLOCK,
     DbLab,
     MariaDb,
-    pid_alive,
     start_mariadb,
     write_option_file,
 )
+from vmsnap import processes
+from vmsnap.processes import alive
 
 
 def dblock(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -66,6 +69,21 @@ def assert_not_locked(server: MariaDb, row_id: int) -> None:
     finally:
         connection.close()
     assert server.query("SELECT id FROM shop.orders WHERE id = %s", (row_id,)) == [(row_id,)]
+
+
+@contextlib.contextmanager
+def orders_locked_for_write(server: MariaDb) -> Iterator[None]:
+    """Another session holds ``LOCK TABLES shop.orders WRITE`` for the body (FLUSH TABLES WITH READ LOCK
+    waits for it), then ``UNLOCK TABLES``."""
+    blocker = server.connect()
+    try:
+        with blocker.cursor() as cursor:
+            cursor.execute("LOCK TABLES shop.orders WRITE")
+        yield
+        with blocker.cursor() as cursor:
+            cursor.execute("UNLOCK TABLES")
+    finally:
+        blocker.close()
 
 
 class BlockedWriter:
@@ -110,7 +128,7 @@ def test_freeze_blocks_writers_not_readers_and_thaw_releases(
     assert frozen.returncode == 0, frozen.stderr
     assert "global read lock held" in frozen.stdout
     pid = holder_pid(run_dir)
-    assert pid_alive(pid)
+    assert alive(pid)
     # the credentials are in the option file only: not in the holder's argv or environment
     assert BACKUP_PASSWORD.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
     assert BACKUP_PASSWORD.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
@@ -129,7 +147,7 @@ def test_freeze_blocks_writers_not_readers_and_thaw_releases(
     assert "lock released after" in thawed.stdout
     writer.finish()
     assert mariadb.query("SELECT id FROM shop.orders ORDER BY id") == [(1,), (2,)]
-    wait_until(lambda: not pid_alive(pid), "the holder to exit after thaw")
+    wait_until(lambda: not alive(pid), "the holder to exit after thaw")
     assert not (run_dir / "holder.sock").exists()
     assert thaw(run_dir).stdout.strip() == "vmsnap-dblock: nothing to thaw"
 
@@ -247,7 +265,7 @@ def test_lock_released_by_the_safety_timeout_when_thaw_never_comes(
     writer = BlockedWriter(mariadb, "shop.orders", 1)
     wait_until(lambda: "lock" in writer.state(mariadb).lower(), "the writer to wait for the read lock")
     writer.finish()  # waits for the holder to give up the lock by itself
-    wait_until(lambda: not pid_alive(pid), "the holder to exit after its safety timeout")
+    wait_until(lambda: not alive(pid), "the holder to exit after its safety timeout")
     assert_not_locked(mariadb, 2)
 
     thawed = thaw(run_dir)
@@ -299,15 +317,8 @@ def test_lock_not_granted_in_time_fails_the_freeze_and_locks_nothing(
     mariadb: MariaDb, option_file: Path, run_dir: Path
 ) -> None:
     """A session in LOCK TABLES ... WRITE keeps FLUSH TABLES WITH READ LOCK waiting: lock-wait bounds it."""
-    blocker = mariadb.connect()
-    try:
-        with blocker.cursor() as cursor:
-            cursor.execute("LOCK TABLES shop.orders WRITE")
+    with orders_locked_for_write(mariadb):
         frozen = freeze(option_file, run_dir, "--lock-wait", "1")
-        with blocker.cursor() as cursor:
-            cursor.execute("UNLOCK TABLES")
-    finally:
-        blocker.close()
     assert frozen.returncode == 1
     assert "did not grant the global read lock within 1 s" in frozen.stderr
     assert not (run_dir / "holder.pid").exists()
@@ -318,10 +329,7 @@ def test_lock_granted_after_freeze_was_killed_is_released_at_once(
     mariadb: MariaDb, option_file: Path, run_dir: Path
 ) -> None:
     """The hook runner's timeout killed freeze while it waited: a lock granted later must not linger."""
-    blocker = mariadb.connect()
-    try:
-        with blocker.cursor() as cursor:
-            cursor.execute("LOCK TABLES shop.orders WRITE")
+    with orders_locked_for_write(mariadb):
         waiting = subprocess.Popen(
             [*DBLOCK, "freeze", "--config", str(option_file), "--run-dir", str(run_dir), "--lock-wait", "20"],
             stdout=subprocess.DEVNULL,
@@ -335,13 +343,8 @@ def test_lock_granted_after_freeze_was_killed_is_released_at_once(
             )
             wait_until(lambda: mariadb.query(flush_waits)[0][0] == 1, "FLUSH TABLES WITH READ LOCK to wait")
         finally:
-            waiting.kill()
-            waiting.wait()
-        with blocker.cursor() as cursor:
-            cursor.execute("UNLOCK TABLES")
-    finally:
-        blocker.close()
-    wait_until(lambda: not pid_alive(pid), "the orphaned holder to give up its lock and exit")
+            processes.stop_child(waiting, timeout=0)  # SIGKILL: what a hook runner's timeout does
+    wait_until(lambda: not alive(pid), "the orphaned holder to give up its lock and exit")
     assert_not_locked(mariadb, 1)
     assert "freeze is gone before it heard that the lock is held" in (run_dir / "holder.log").read_text()
 
@@ -354,7 +357,7 @@ def test_second_freeze_while_locked_is_refused_and_keeps_the_first_lock(
     again = freeze(option_file, run_dir)
     assert again.returncode == 1
     assert "a lock holder already runs" in again.stderr
-    assert pid_alive(pid)
+    assert alive(pid)
     assert thaw(run_dir).returncode == 0
     assert_not_locked(mariadb, 1)
 
@@ -393,7 +396,7 @@ def test_holder_stopped_with_sigterm_releases_the_lock_and_thaw_reports_it(
     assert freeze(option_file, run_dir).returncode == 0
     pid = holder_pid(run_dir)
     os.kill(pid, signal.SIGTERM)
-    wait_until(lambda: not pid_alive(pid), "the holder to exit on SIGTERM")
+    wait_until(lambda: not alive(pid), "the holder to exit on SIGTERM")
     assert_not_locked(mariadb, 1)
     thawed = thaw(run_dir)
     assert thawed.returncode == 1

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.guest_side.conftest import MariaDb, pid_alive, write_option_file
+from tests.integration.guest_side.conftest import MariaDb, write_option_file
 from tests.integration.guest_side.test_dblock import BlockedWriter, assert_not_locked, wait_until
 from vmsnap.cli import main as vmsnap_main
 from vmsnap.errors import UsageError
 from vmsnap.guest.install import install_hooks
+from vmsnap.processes import alive
 
 DASH = shutil.which("dash") or "/bin/sh"
 
@@ -72,7 +73,7 @@ def test_dispatcher_freeze_holds_the_lock_until_dispatcher_thaw(
     thawed = dispatch(guest_root, "thaw", env)
     assert thawed.returncode == 0, thawed.stderr + log.read_text()
     writer.finish()
-    wait_until(lambda: not pid_alive(pid), "the holder to exit")
+    wait_until(lambda: not alive(pid), "the holder to exit")
     text = log.read_text()
     assert "global read lock held" in text
     assert "50-vmsnap-dblock: ok" in text

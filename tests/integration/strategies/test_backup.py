@@ -22,16 +22,15 @@ from tests.integration.strategies.contract import (
     images_differ,
     run,
 )
-from vmsnap.errors import SnapshotError, UnsupportedError, UsageError, VmsnapError
+from vmsnap.errors import SnapshotError, UsageError, VmsnapError
 from vmsnap.lab.qemu import qemu_io
 from vmsnap.model import Disk
 from vmsnap.strategies.base import Strategy
+from vmsnap.strategies.blockdev_backup.plan import fleece_nodes, target_node
 from vmsnap.strategies.blockdev_backup.strategy import (
     BlockdevBackupStrategy,
     Fleecing,
     IncrementalFallbackWarning,
-    fleece_nodes,
-    target_node,
 )
 from vmsnap.vm.machine import Machine, OfflineMachine, QemuMachine
 
@@ -67,7 +66,7 @@ class TestBackupPullContract(StrategyContract):
 
     strategy_name = "backup"
     several_snapshots = False
-    modes = ("online",)  # pull needs a running QEMU; offline pull is refused (tested below)
+    modes = ("online",)  # offline pull (qemu-nbd serves the image) is tested in test_backup_offline.py
 
     def make_lab(self, mode: str, tmp_path: Path) -> Lab:
         return FleecingLab(tmp_path, online=mode == "online")
@@ -218,19 +217,6 @@ def test_existing_target_and_bad_options_are_refused(two_disk_vm: RunningVm, tmp
     assert _bitmaps(vm, "disk0") == {}
 
 
-def test_offline_incremental_and_offline_pull_are_refused_clearly(tmp_path: Path) -> None:
-    image = tmp_path / "disk0.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
-    machine = OfflineMachine([image])
-    disks = machine.disks()
-    for options in ({"incremental": True, "parents": {"disk0": image}}, {"mode": "pull"}):
-        strategy = BlockdevBackupStrategy(machine, target_dir=tmp_path / "b", **options)  # type: ignore[arg-type]
-        with pytest.raises(UnsupportedError) as info:
-            strategy.create(disks, name="b1")
-        assert "\n" not in str(info.value)
-    assert not (tmp_path / "b").exists()
-
-
 def test_offline_full_backup_resets_the_bitmap_for_later_online_incrementals(tmp_path: Path) -> None:
     image = tmp_path / "disk0.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
@@ -292,7 +278,7 @@ def test_pull_incremental_exports_exactly_the_changed_blocks(
     if fleecing == "filter":
         qdev, cbw = refs[0].details["qdev"], refs[0].details["cbw"]
         assert qmp.query_block()[0]["inserted"]["node-name"] == cbw
-        pull._set_drive(qmp, qdev, cbw)  # qom-set to the node a device already has aborts QEMU: skipped
+        qmp.set_device_node(qdev, cbw)  # qom-set to the node a device already has aborts QEMU: skipped
         assert vm.process.alive()
     qemu_io(qmp, "disk0", "write -P 0x99 0 8M")  # after the backup point: invisible through the export
     with pull.export(refs[0]) as source:
@@ -444,3 +430,54 @@ def test_push_targets_bypass_the_page_cache(two_disk_vm: RunningVm, tmp_path: Pa
     for ref in refs:
         strategy.delete(ref)
     _no_leftovers(vm, vm.machine.disks())
+
+
+def test_a_dead_pull_runs_filters_are_found_by_list_and_removed_by_delete(
+    two_disk_vm: RunningVm, tmp_path: Path
+) -> None:
+    """A run that died after the filters went in but before it recorded its backups: list() finds the
+    fleecing graph in QEMU (the disk's node under the filter from the block graph) and delete() puts every
+    device back on its own node and gives the bits back."""
+    vm = two_disk_vm
+    qmp = vm.machine.qmp()
+    disks = vm.machine.disks()
+    BlockdevBackupStrategy(vm.machine, target_dir=tmp_path / "full").create(disks, name="full")
+    qemu_io(qmp, "disk0", "write -P 0x21 0 1M")
+    pull = BlockdevBackupStrategy(vm.machine, target_dir=tmp_path / "dead", mode="pull", fleecing="filter")
+    refs = pull.create(disks, name="dead")
+    for ref in refs:
+        (tmp_path / "dead" / f".{ref.disk.name}.vmsnap-backup.json").unlink()  # as if it died before
+    assert qmp.filter_child(refs[0].details["cbw"]) == "fmt-disk0"
+    recover = BlockdevBackupStrategy(vm.machine, target_dir=tmp_path / "dead")
+    found = recover.list()
+    assert sorted(r.disk.name for r in found) == ["disk0", "disk1"]
+    assert {r.details["device_node"] for r in found} == {"fmt-disk0", "fmt-disk1"}
+    for ref in found:
+        recover.delete(ref)
+    _no_leftovers(vm, disks)
+    assert _bitmaps(vm, "disk0")["vmsnap"]["count"] == 1 * MiB
+    assert set(_bitmaps(vm, "disk0")) == {"vmsnap"}
+
+
+def test_delete_stops_the_nbd_server_a_dead_export_left(two_disk_vm: RunningVm, tmp_path: Path) -> None:
+    """An export that was never left (the process died while a client read it): delete, from another
+    strategy object as `vmsnap recover` makes it, removes the export and stops QEMU's NBD server."""
+    vm = two_disk_vm
+    qmp = vm.machine.qmp()
+    pull = BlockdevBackupStrategy(vm.machine, target_dir=tmp_path / "pull", mode="pull")
+    refs = pull.create(vm.machine.disks(), name="p1")
+    serving = pull.export(refs[0])
+    source = serving.__enter__()  # never left: the export and the server stay
+    socket = Path(source.location.split("socket=", 1)[1])
+    assert socket.is_socket() and (socket.parent.stat().st_mode & 0o777) == 0o700
+    assert [e["id"] for e in qmp.query_block_exports()] == [refs[0].details["export"]]
+    recover = BlockdevBackupStrategy(vm.machine, target_dir=tmp_path / "pull")
+    for ref in recover.list():
+        recover.delete(ref)
+    assert qmp.query_block_exports() == []
+    assert not socket.parent.exists()
+    _no_leftovers(vm, vm.machine.disks())
+    other = tmp_path / "other.sock"
+    qmp.nbd_server_start(other)  # QEMU runs one NBD server: ours is gone
+    qmp.nbd_server_stop()
+    del serving

@@ -138,10 +138,13 @@ def test_snapshot_of_a_running_vm_holds_the_data_of_that_instant(btrfs_vm: Btrfs
     with pytest.warns(StorageScopeWarning, match="other.txt"):
         refs = strategy.create(btrfs_vm.machine.disks(), name="first")
     assert qmp.status() == "running"
-    assert strategy.last_pause_ms is not None and strategy.last_pause_ms >= 0.0
+    # the VM was paused around the snapshots (stop, btrfs subvolume snapshot, cont: milliseconds at least),
+    # and every ref reports the pause that was measured
+    assert strategy.last_pause_ms is not None and strategy.last_pause_ms > 0.0
     qemu_io(qmp, "disk0", "write -P 0x33 0 2M")  # after the snapshot: must not show in it
     assert [r.disk.name for r in refs] == ["disk0", "disk1"]
-    assert float(refs[0].details["paused_ms"]) >= 0.0
+    assert [r.details["paused_ms"] for r in refs] == [f"{strategy.last_pause_ms:.1f}"] * 2
+    assert float(refs[0].details["paused_ms"]) > 0.0
     top = btrfs_vm.fs.mount / SNAPSHOT_DIR_NAME
     assert all(Path(r.location).is_relative_to(top) for r in refs)
     assert refs[0].details["snapshot_subvolume"] != refs[1].details["snapshot_subvolume"]
@@ -321,6 +324,9 @@ def test_a_backing_chain_is_read_from_the_snapshot(loop_btrfs: LoopBtrfs, tmp_pa
     strategy = BtrfsSnapshotStrategy(machine)
     (ref,) = strategy.create(machine.disks(), name="chain")
     assert strategy.traits.scope == "all storage"
+    # no VM runs, so nothing was paused: no pause is reported
+    assert strategy.last_pause_ms is None
+    assert ref.details["paused_ms"] == "0.0"
     subprocess.run(["qemu-io", "-c", "write -P 0x73 0 1M", str(base)], check=True, capture_output=True)
     with strategy.export(ref) as source:
         assert same_content(

@@ -101,13 +101,17 @@ def test_vm_state_snapshot_rolls_a_running_vm_back(
     disks = machine.disks()
     expected = [_capture(machine, d, tmp_path / f"exp-{d.name}.qcow2") for d in disks]
     refs = strategy.create(disks, name="withram")
-    assert strategy.last_pause_ms is not None  # the VM was paused while its state was saved
+    # the VM was paused while its state was saved: a measured pause, not a default
+    assert strategy.last_pause_ms is not None and strategy.last_pause_ms > 0
+    pause_of_create = strategy.last_pause_ms
     assert qmp.status() == "running"
     assert int(refs[0].details["vm_state_size"]) > 0
     qemu_io(qmp, "disk0", "write -P 0x71 512k 1M")
     qemu_io(qmp, "disk1", "write -P 0x72 0 4M")
     strategy.rollback(refs[0])  # loads RAM and every disk of the snapshot
     assert qmp.status() == "running"
+    assert strategy.last_pause_ms is not None and strategy.last_pause_ms > 0
+    assert strategy.last_pause_ms != pause_of_create  # the rollback's own pause was measured
     for disk, exp in zip(machine.disks(), expected, strict=True):
         compare_images(_capture(machine, disk, tmp_path / f"now-{disk.name}.qcow2"), exp)
     assert process.alive()

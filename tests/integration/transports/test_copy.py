@@ -25,7 +25,7 @@ class TestCopyContract(TransportContract):
 def btrfs_on_loop(workdir: Path) -> Iterator[Path]:
     """A 256 MiB Btrfs on a loop device made here, mounted at ``workdir/mnt``; removed afterwards."""
     if not shutil.which("mkfs.btrfs"):
-        pytest.skip("mkfs.btrfs is not installed (btrfs-progs)")
+        pytest.fail("mkfs.btrfs is missing: install btrfs-progs (scripts/packages.d/storage.txt)")
     backing = workdir / "btrfs.img"
     with open(backing, "wb") as f:
         f.truncate(256 * 1024 * 1024)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -212,9 +213,25 @@ def test_markdown_has_no_peers_section_without_peers() -> None:
     assert "Peers" not in throughput_markdown(_document({}))
 
 
-def test_fsync_tree_takes_a_file_or_a_directory_tree(tmp_path: Path) -> None:
-    (tmp_path / "chain" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "chain" / "vda.full.data").write_bytes(b"x")
-    (tmp_path / "chain" / "checkpoints" / "virtnbdbackup.0.xml").write_text("<c/>")
-    fsync_tree(tmp_path / "chain")
-    fsync_tree(tmp_path / "chain" / "vda.full.data")
+def test_fsync_tree_takes_a_file_or_a_directory_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    chain = tmp_path.resolve() / "chain"  # /proc/self/fd names the real path
+    (chain / "checkpoints").mkdir(parents=True)
+    (chain / "vda.full.data").write_bytes(b"x")
+    (chain / "checkpoints" / "virtnbdbackup.0.xml").write_text("<c/>")
+    (chain / "latest").symlink_to("vda.full.data")  # a link is not synced twice (its target is)
+    synced: list[Path] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    fsync_tree(chain)
+    # every file and every directory, the top one included, each once
+    assert sorted(synced) == sorted(
+        [chain, chain / "checkpoints", chain / "vda.full.data", chain / "checkpoints" / "virtnbdbackup.0.xml"]
+    )
+    synced.clear()
+    fsync_tree(chain / "vda.full.data")
+    assert synced == [chain / "vda.full.data"]

@@ -76,3 +76,21 @@ def test_a_tiny_real_run_writes_valid_outputs(tmp_path: Path) -> None:
     document = json.loads(paths["json"].read_text())
     validate(document)
     assert "external" in paths["markdown"].read_text()
+
+
+def test_tiny_real_runs_of_the_qcow2_strategies_record_every_cleanup_row(tmp_path: Path) -> None:
+    """Internal snapshots and blockdev-backup on 8 MiB images: each delete and rollback row is measured once
+    per amount written, with the bytes the cleanup wrote."""
+    bench = CostBench(tmp_path / "work", runs=1, size_mib=8, written_sizes_mib=[2])
+    bench.run(["internal", "backup"])
+    cleanup = [(m.strategy, m.metric, m.variant) for m in bench.measurements if m.unit == "s"]
+    assert cleanup == [
+        ("internal", "delete", "2 MiB written"),
+        ("internal", "rollback", "2 MiB written"),
+        ("backup", "delete", "remove target"),
+        ("backup", "rollback", "restore 8 MiB"),
+    ]
+    assert all(m.value > 0 and m.bytes_written is not None for m in bench.measurements if m.unit == "s")
+    # a restore writes the whole image: the kernel's accounting sees at least the 8 MiB of data
+    restore = next(m for m in bench.measurements if m.variant == "restore 8 MiB")
+    assert restore.bytes_written is not None and restore.bytes_written >= 8 * 1024 * 1024

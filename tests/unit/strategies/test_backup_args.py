@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
 from tests.fakes import RecordingRunner
-from vmsnap.errors import UnsupportedError, UsageError
+from vmsnap.errors import UsageError
+from vmsnap.image import qemu_img
 from vmsnap.image.qcow2 import read_header
 from vmsnap.model import Disk
-from vmsnap.strategies.blockdev_backup.strategy import (
+from vmsnap.strategies.blockdev_backup import BlockdevBackupStrategy
+from vmsnap.strategies.blockdev_backup.bitmaps import (
     PENDING_SUFFIX,
-    BlockdevBackupStrategy,
-    _bitmap_state,
-    _Plan,
-    fleece_nodes,
+    BitmapState,
+    ImageBitmaps,
+    bitmap_state,
     overlay_bitmap_actions,
-    target_node,
+    park_actions,
 )
+from vmsnap.strategies.blockdev_backup.plan import DiskPlan, fleece_nodes, target_node
+from vmsnap.strategies.blockdev_backup.push import backup_actions
 from vmsnap.vm.machine import OfflineMachine
 
 NODE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")  # QEMU: a letter first, under 32 characters
@@ -54,15 +58,14 @@ def test_node_names_are_valid_for_the_longest_disk_names() -> None:
     ],
 )
 def test_bitmap_state(info: list[dict[str, object]], state: str, why: str) -> None:
-    got, reason = _bitmap_state(info, "vmsnap")
+    got, reason = bitmap_state(info, "vmsnap")
     assert got == state
     assert why in reason
 
 
 def test_full_backup_with_a_good_bitmap_parks_its_bits_and_clears_it(tmp_path: Path) -> None:
-    strategy = _strategy(tmp_path)
-    plan = _Plan(disk=_disk(), target=tmp_path / "out/disk0.qcow2", parent=None, bitmap_state="ok")
-    actions = strategy._actions(plan, job_id="job1", device=None, target="tgt")
+    plan = DiskPlan(disk=_disk(), target=tmp_path / "out/disk0.qcow2", parent=None, bitmap_state="ok")
+    actions = backup_actions(plan, "vmsnap", job_id="job1", target="tgt")
     pending = "vmsnap" + PENDING_SUFFIX
     assert [a["type"] for a in actions] == [
         "block-dirty-bitmap-add",
@@ -83,15 +86,14 @@ def test_full_backup_with_a_good_bitmap_parks_its_bits_and_clears_it(tmp_path: P
 
 
 def test_incremental_copies_the_parked_bits_and_leaves_them_to_us(tmp_path: Path) -> None:
-    strategy = _strategy(tmp_path, bitmap="chain1")
-    plan = _Plan(
+    plan = DiskPlan(
         disk=_disk(),
         target=tmp_path / "t.qcow2",
         parent=tmp_path / "p.qcow2",
         bitmap_state="ok",
         incremental=True,
     )
-    backup = strategy._actions(plan, job_id="j", device=None, target="tgt")[-1]["data"]
+    backup = backup_actions(plan, "chain1", job_id="j", target="tgt")[-1]["data"]
     assert backup["sync"] == "bitmap"
     assert backup["bitmap"] == "chain1" + PENDING_SUFFIX
     assert backup["bitmap-mode"] == "never"  # the job never touches the bits: delete settles them
@@ -99,9 +101,7 @@ def test_incremental_copies_the_parked_bits_and_leaves_them_to_us(tmp_path: Path
 
 @pytest.mark.parametrize(("fmt", "persistent"), [("qcow2", True), ("raw", False)])
 def test_a_missing_bitmap_is_created_in_the_transaction(tmp_path: Path, fmt: str, persistent: bool) -> None:
-    strategy = _strategy(tmp_path)
-    plan = _Plan(disk=_disk(fmt), target=tmp_path / "t.qcow2", parent=None, bitmap_state="missing")
-    actions = strategy._actions(plan, job_id="j", device=None, target=None)
+    actions = park_actions(_disk(fmt), "vmsnap", "missing")
     assert actions == [
         {
             "type": "block-dirty-bitmap-add",
@@ -138,11 +138,53 @@ def test_the_qcow2_reader_takes_the_virtual_size_from_the_header(tmp_path: Path)
         read_header(raw)
 
 
-def test_offline_incremental_refuses_before_running_anything(tmp_path: Path) -> None:
-    strategy = _strategy(tmp_path, incremental=True, parents={"disk0": tmp_path / "p.qcow2"})
-    runner = strategy.machine.runner
-    assert isinstance(runner, RecordingRunner)
-    with pytest.raises(UnsupportedError, match="not supported"):
-        strategy.create([_disk()], name="b1")
-    assert runner.calls == []
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        (
+            "ok",  # the bits move to a disabled pending bitmap first, so a crash leaves them in both
+            [
+                ("--add", "--merge", "vmsnap", "--disable", "-f", "qcow2", "/img/d.qcow2", "vmsnap.pending"),
+                ("--clear", "-f", "qcow2", "/img/d.qcow2", "vmsnap"),
+            ],
+        ),
+        ("missing", [("--add", "-f", "qcow2", "/img/d.qcow2", "vmsnap")]),
+        (
+            "broken",
+            [
+                ("--remove", "-f", "qcow2", "/img/d.qcow2", "vmsnap"),
+                ("--add", "-f", "qcow2", "/img/d.qcow2", "vmsnap"),
+            ],
+        ),
+    ],
+)
+def test_an_offline_image_parks_its_bits_with_qemu_img_bitmap(
+    state: BitmapState, expected: list[tuple[str, ...]]
+) -> None:
+    runner = RecordingRunner()
+    ImageBitmaps(runner, Path("/img/d.qcow2")).park("vmsnap", state)
+    assert runner.calls == [("qemu-img", "bitmap", *argv) for argv in expected]
+
+
+def test_offline_bitmaps_read_as_qmp_reports_them() -> None:
+    bitmaps = [
+        {"name": "vmsnap", "flags": ["auto"]},
+        {"name": "off", "flags": []},
+        {"name": "torn", "flags": ["in-use", "auto"]},
+    ]
+    runner = RecordingRunner()
+    info = {"format-specific": {"type": "qcow2", "data": {"bitmaps": bitmaps}}}
+    runner.responses[("qemu-img", "info")] = (0, json.dumps(info))
+    infos = ImageBitmaps(runner, Path("/img/d.qcow2")).infos()
+    assert runner.calls == [("qemu-img", "info", "--output=json", "-f", "qcow2", "/img/d.qcow2")]  # no -U
+    assert [bitmap_state(infos, name)[0] for name in ("vmsnap", "off", "torn", "gone")] == [
+        "ok",
+        "broken",
+        "broken",
+        "missing",
+    ]
+
+
+def test_qemu_img_bitmap_needs_an_operation() -> None:
+    with pytest.raises(UsageError):
+        qemu_img.bitmap(RecordingRunner(), Path("/img/d.qcow2"), "vmsnap")

@@ -1,0 +1,93 @@
+"""The throughput workload that vmsnap's run and the peers' run share, so both measure the same thing.
+
+A qcow2 holding incompressible data in 4 MiB chunks at scattered offsets (holes left between), and the same
+rounds of 4 MiB writes at the same pseudo-random offsets before each incremental backup. A timed operation
+is a :class:`ThroughputFigure` (median seconds over its runs, and the data it moved).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import attrs
+
+from vmsnap.files import fsync_dir, fsync_file
+from vmsnap.runner import LocalRunner
+
+MiB = 1024 * 1024
+CHUNK = 4 * MiB
+
+IMAGE_SEED = 1
+"""Seed of the data chunks' offsets in the test image."""
+
+WRITES_SEED = 7
+"""Seed of the offsets written between incremental backups (the same for vmsnap and the peers)."""
+
+
+@attrs.frozen
+class ThroughputFigure:
+    """One timed operation: median seconds over ``runs`` and the data it moved."""
+
+    name: str
+    seconds: float
+    runs: tuple[float, ...]
+    data_bytes: int
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.data_bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+
+def make_test_image(path: Path, *, size_mib: int, data_mib: int, seed: int = IMAGE_SEED) -> int:
+    """A qcow2 of ``size_mib`` with ``data_mib`` of random data in 4 MiB chunks at scattered offsets.
+
+    :return: bytes of data written
+    :raise CommandError: qemu-img could not convert the raw image
+    """
+    rng = random.Random(seed)  # noqa: S311 - test data, not secrets
+    slots = sorted(rng.sample(range(size_mib * MiB // CHUNK), data_mib * MiB // CHUNK))
+    raw = path.with_suffix(".raw")
+    with open(raw, "wb") as f:
+        f.truncate(size_mib * MiB)
+        for slot in slots:
+            f.seek(slot * CHUNK)
+            f.write(os.urandom(CHUNK))
+    LocalRunner().run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)], timeout=1200)
+    raw.unlink()
+    return len(slots) * CHUNK
+
+
+def incremental_rounds(runs: int) -> int:
+    """How many incremental backups a run takes (at least three, so that a restore walks a chain)."""
+    return max(3, runs)
+
+
+def incremental_writes(*, size_mib: int, incremental_mib: int, runs: int) -> Iterator[Sequence[str]]:
+    """Per incremental round, the ``qemu-io`` commands that change ``incremental_mib`` of the disk first:
+    ``write -P PATTERN OFFSET 4194304``, each round its own pattern, offsets from :data:`WRITES_SEED`.
+
+    Draw the rounds in order (the offsets of a round depend on the ones drawn before).
+    """
+    rng = random.Random(WRITES_SEED)  # noqa: S311 - test data
+    slots = size_mib * MiB // CHUNK
+    for round_ in range(incremental_rounds(runs)):
+        yield [
+            f"write -P {0x40 + round_} {rng.randrange(slots) * CHUNK} {CHUNK}"
+            for _ in range(incremental_mib * MiB // CHUNK)
+        ]
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under ``path`` (or ``path`` itself) and its directories: what vmsnap's figures and
+    ``qemu-img convert``'s include, so that each figure ends with the data on disk."""
+    paths = [path] if path.is_file() else [path, *path.rglob("*")]
+    for item in paths:
+        if item.is_symlink():
+            continue
+        if item.is_dir():
+            fsync_dir(item)
+        elif item.is_file():
+            fsync_file(item)
