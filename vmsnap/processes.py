@@ -1,6 +1,9 @@
-"""Processes vmsnap started and must stop: is a pid alive, what is its command line, stop it for sure.
+"""Processes vmsnap started and must stop: is a pid alive and still the same process, what is its command
+line, stop it for sure.
 
-The one place that signals processes. Local processes are stopped with ``os.kill``; on another host (an
+The one place that signals processes. A process is named by its pid and its start time (a pid is reused, the
+pair is not); a recorded daemon is signalled only while it still matches its :class:`Identity` (program,
+a marker in its arguments, start time). Local processes are stopped with ``os.kill``; on another host (an
 :class:`~vmsnap.runner.SshRunner`) the same steps run as a small POSIX ``sh`` script, argv-passed.
 """
 
@@ -15,10 +18,33 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
+
+from vmsnap.errors import UsageError
 from vmsnap.runner import Runner
 
 CRASH_ENV = "VMSNAP_TEST_CRASH_AT"
 """Test-only: a step name at which a vmsnap process SIGKILLs itself (see :func:`crash_point`)."""
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of ``/proc/PID/stat`` from field 3 (state) on ([] when it is gone): the command name
+    before them is in parentheses and may hold spaces and parentheses itself."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return []
+
+
+def start_time(pid: int) -> int | None:
+    """The start time of ``pid`` on this host in clock ticks since boot (``/proc/PID/stat`` field 22), None
+    when it is gone. With the pid it names one process for good: a pid is reused, (pid, start time) is not.
+    """
+    fields = _stat(pid)
+    try:
+        return int(fields[19])  # field 22 overall; fields[0] is field 3
+    except (IndexError, ValueError):
+        return None
 
 
 def alive(pid: int) -> bool:
@@ -30,11 +56,14 @@ def alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process: it exists
         return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    fields = _stat(pid)
+    return bool(fields) and fields[0] not in ("Z", "X")
+
+
+def same_process(pid: int, started: int | None) -> bool:
+    """True while ``pid`` is alive and is still the process that started at ``started``
+    (:func:`start_time`); an unknown start time (None) matches no process."""
+    return started is not None and start_time(pid) == started and alive(pid)
 
 
 def cmdline(pid: int) -> list[str] | None:
@@ -46,28 +75,76 @@ def cmdline(pid: int) -> list[str] | None:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
-def terminate(pid: int, *, timeout: float = 10.0) -> None:
-    """Stop local process ``pid``: SIGTERM (repeated every 0.5 s: a SIGTERM that lands while QEMU tools are
-    still setting up their signal handlers can be lost), SIGKILL after ``timeout``, and wait until it is gone.
+@attrs.frozen
+class Identity:
+    """What a recorded pid must still be before vmsnap signals it, so that a reused pid is never killed.
 
-    A pid that is already gone is no error.
+    :param program: the executable's base name (``argv[0]``), e.g. ``qemu-storage-daemon``
+    :param marker: a string only that process's arguments hold (e.g. its private directory)
+    :param start_time: its :func:`start_time`; None skips that check
+    """
+
+    program: str
+    marker: str
+    start_time: int | None = None
+
+
+def matches(pid: int, identity: Identity) -> bool:
+    """True when ``pid`` runs on this host (not a zombie) and is the process ``identity`` describes."""
+    if pid <= 1:
+        return False
+    argv = cmdline(pid)
+    if not argv or Path(argv[0]).name != identity.program:
+        return False
+    if not any(identity.marker in arg for arg in argv[1:]):
+        return False
+    if identity.start_time is not None and start_time(pid) != identity.start_time:
+        return False
+    return alive(pid)
+
+
+def terminate(pid: int, *, timeout: float = 10.0, identity: Identity | None = None) -> bool:
+    """Stop local process ``pid``: SIGTERM (repeated every 0.5 s: a SIGTERM that lands while QEMU tools are
+    still setting up their signal handlers can be lost), SIGKILL after ``timeout``, and wait until it is gone
+    (10 s at most after SIGKILL: only a process stuck in the kernel outlives it; :func:`same_process` tells).
+
+    The process is told apart from a later one that got its pid by its start time, read once here (or
+    taken from ``identity``): a reused pid is never signalled. A pid that is already gone (or, given
+    ``identity``, is no longer that process) is no error.
+
+    :param identity: signal ``pid`` only while it is this process (:func:`matches`)
+    :return: True when a process was signalled
     """
     if pid <= 1 or pid == os.getpid():
-        return
+        return False
+    if identity is not None and not matches(pid, identity):
+        return False
+    # from here on "still there" is the same start time: an exiting process's cmdline reads empty before
+    # it is gone, and a pid freed meanwhile may be someone else's at once
+    started = (
+        identity.start_time if identity is not None and identity.start_time is not None else start_time(pid)
+    )
+
+    def there() -> bool:
+        return alive(pid) and (started is None or start_time(pid) == started)
+
+    if not there():
+        return False
     deadline = time.monotonic() + timeout
     next_term = 0.0
-    while alive(pid) and time.monotonic() < deadline:
+    while there() and time.monotonic() < deadline:
         if time.monotonic() >= next_term:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             next_term = time.monotonic() + 0.5
         time.sleep(0.01)
-    if alive(pid):
+    if there():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         give_up = time.monotonic() + 10.0
-        while alive(pid) and time.monotonic() < give_up:
+        while there() and time.monotonic() < give_up:
             time.sleep(0.01)
+    return True
 
 
 def stop_child(process: subprocess.Popen[Any], *, timeout: float = 10.0) -> None:
@@ -90,19 +167,24 @@ _REMOTE_STOP = (
 )
 
 
-def stop(runner: Runner, pid: int | str, *, timeout: float = 10.0) -> None:
+def stop(runner: Runner, pid: int | str, *, timeout: float = 10.0, identity: Identity | None = None) -> bool:
     """Stop process ``pid`` where ``runner`` runs (see :func:`terminate`).
 
     :param pid: as read from a pid file; anything but a positive number is ignored
+    :param identity: signal it only while it is this process (on this host only)
+    :return: True when a process was signalled (always True on another host, where it is not known)
+    :raise UsageError: an identity for a process on another host
     """
     text = str(pid).strip()
     if not text.isdigit() or int(text) <= 1:
-        return
+        return False
     if runner.host == "local":
-        terminate(int(text), timeout=timeout)
-        return
+        return terminate(int(text), timeout=timeout, identity=identity)
+    if identity is not None:
+        raise UsageError(f"cannot check the identity of pid {text} on {runner.host}: only on this host")
     steps = str(max(1, int(timeout / 0.02)))
     runner.run(["sh", "-c", _REMOTE_STOP, "sh", text, steps], timeout=timeout + 30)
+    return True
 
 
 def find(programs: frozenset[str], patterns: Sequence[str]) -> Iterator[tuple[int, list[str]]]:

@@ -1,7 +1,7 @@
 """The one wrapper of ``nbdkit``: a :class:`~vmsnap.image.readers.BlockReader` served read-only over NBD by
 nbdkit's Python plugin (:mod:`vmsnap.image.nbdkit_plugin`), forked into the background so that it outlives
 the process that started it, and recorded like a storage daemon (``daemon.json``, 0600) so that any later
-process can stop it by pid (:func:`vmsnap.image.storage_daemon.stop_recorded`).
+process can stop it by pid (:mod:`vmsnap.image.daemon`).
 
 Its private directory (``<parent>/nbdkit-XXXXXXXX/``, 0700) holds ``daemon.json``, ``nbd.sock``,
 ``nbdkit.pid`` and ``plugin.log`` (one line per failed read). It serves the default export:
@@ -10,10 +10,7 @@ Its private directory (``<parent>/nbdkit-XXXXXXXX/``, 0700) holds ``daemon.json`
 
 from __future__ import annotations
 
-import os
-import shutil
 import sysconfig
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,19 +18,13 @@ from typing import Any
 
 import attrs
 
-from vmsnap.errors import NotFoundError, TransferError, UsageError, VmsnapError
+from vmsnap.errors import TransferError, UsageError, VmsnapError
+from vmsnap.image.daemon import DaemonRecord, RecordedDaemon, read_pid
 from vmsnap.image.readers import reader_options
-from vmsnap.image.storage_daemon import (
-    RECORD,
-    DaemonRecord,
-    process_start_time,
-    stop_process,
-    stop_recorded,
-)
-from vmsnap.runner import LocalRunner, Runner
 
 PROGRAM = "nbdkit"
 PRIVATE_PREFIX = "nbdkit-"
+PID_FILE = "nbdkit.pid"
 PLUGIN = Path(__file__).with_name("nbdkit_plugin.py")
 """The plugin script nbdkit's Python runs."""
 
@@ -52,30 +43,30 @@ def default_syspath() -> list[Path]:
 
 
 @attrs.define
-class NbdkitServer:
+class NbdkitServer(RecordedDaemon):
     """``nbdkit python`` serving a reader; a context manager that stops it on exit (register :meth:`stop` on
     an ExitStack and ``pop_all()`` to keep it running past this process).
 
     :param reader: the reader factory's import string (``module:callable``)
     :param options: the factory's keyword arguments (strings; visible in ``ps``: no secrets)
-    :param parent: where the private directory is made (default: the system's temp directory)
     :param threads: nbdkit's worker threads (parallel requests)
     :param syspath: directories for the plugin's ``sys.path`` (default :func:`default_syspath`)
-    :param stop_timeout: seconds between SIGTERM and SIGKILL
     :param start_timeout: seconds the forked server gets to become ready (it writes its pid file then)
+    :param parent: where the private directory is made (default: the system's temp directory)
+    :param stop_timeout: seconds between SIGTERM and SIGKILL
     :param runner: runs nbdkit; must be this host
     """
 
+    program = PROGRAM
+    private_prefix = PRIVATE_PREFIX
+    pid_file = PID_FILE
+    title = "nbdkit"
+
     reader: str
     options: Mapping[str, Any] = attrs.Factory(dict)
-    parent: Path | None = None
     threads: int = 8
     syspath: Sequence[Path] = attrs.Factory(default_syspath)
-    stop_timeout: float = 10.0
     start_timeout: float = 60.0
-    runner: Runner = attrs.Factory(LocalRunner)
-    _directory: Path | None = attrs.field(default=None, init=False)
-    _record: DaemonRecord | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         if ":" not in self.reader or self.reader.startswith("-"):
@@ -83,12 +74,6 @@ class NbdkitServer:
         reader_options(dict(self.options))  # fail before starting anything
         if not 1 <= self.threads <= 64:
             raise UsageError(f"nbdkit threads {self.threads} out of range 1..64")
-
-    @property
-    def directory(self) -> Path:
-        if self._directory is None:
-            raise UsageError("nbdkit is not running", hint="call start() first")
-        return self._directory
 
     @property
     def socket(self) -> Path:
@@ -104,16 +89,6 @@ class NbdkitServer:
         """The plugin's log of failed reads."""
         return self.directory / "plugin.log"
 
-    @property
-    def record(self) -> DaemonRecord:
-        if self._record is None:
-            raise UsageError("nbdkit is not running", hint="call start() first")
-        return self._record
-
-    @property
-    def record_path(self) -> Path:
-        return self.directory / RECORD
-
     def argv(self) -> list[str]:
         """nbdkit's command line (inside :meth:`start`)."""
         directory = self.directory
@@ -122,7 +97,7 @@ class NbdkitServer:
             "--unix",
             str(self.socket),
             "--pidfile",
-            str(directory / "nbdkit.pid"),
+            str(directory / PID_FILE),
             "--readonly",
             "--threads",
             str(self.threads),
@@ -134,29 +109,12 @@ class NbdkitServer:
         argv += [f"{key}={value}" for key, value in reader_options(dict(self.options)).items()]
         return argv
 
-    def start(self) -> NbdkitServer:
-        """Start nbdkit; returns once it accepts connections (its pid file appears then). The reader is
-        opened before nbdkit forks, so a reader that cannot open its backup fails here, with its error.
+    def _launch(self, directory: Path) -> DaemonRecord:
+        """Run nbdkit; ready once it accepts connections (its pid file appears then). The reader is opened
+        before nbdkit forks, so a reader that cannot open its backup fails here, with its error.
 
-        :raise NotFoundError: the parent directory does not exist
         :raise TransferError: nbdkit (or the reader) refused to start
         """
-        if self._record is not None:
-            raise UsageError("this nbdkit runs already")
-        parent = self.parent if self.parent is not None else Path(tempfile.gettempdir())
-        if not parent.is_dir():
-            raise NotFoundError(f"directory {parent} for nbdkit does not exist")
-        self._directory = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX, dir=parent)).absolute()
-        os.chmod(self._directory, 0o700)
-        try:
-            self._run()
-        except BaseException:
-            self._discard()
-            raise
-        return self
-
-    def _run(self) -> None:
-        directory = self.directory
         try:
             self.runner.run(self.argv(), timeout=120)
         except VmsnapError as err:
@@ -167,56 +125,21 @@ class NbdkitServer:
                 f"nbdkit could not serve reader {self.reader}: {detail}",
                 hint="check the backup named in the reader's options; nbdkit-plugin-python must be installed",
             ) from err
-        pid = _wait_for_pid(directory / "nbdkit.pid", self.start_timeout)
+        pid = _wait_for_pid(directory / PID_FILE, self.start_timeout)
         if pid is None:
             raise TransferError(
                 f"nbdkit did not become ready within {self.start_timeout:g} s (no pid file in {directory})",
                 hint=f"see {self.log} and the system log for nbdkit's error",
             )
-        self._record = DaemonRecord(
-            program=PROGRAM,
-            pid=pid,
-            start_time=process_start_time(pid),
-            directory=directory,
-            nbd_socket=self.socket,
-            exports=("",),
-        )
-        self._record.write(self.record_path)
-
-    def _discard(self) -> None:
-        record, self._record = self._record, None
-        directory, self._directory = self._directory, None
-        if record is not None:
-            stop_recorded(record, timeout=self.stop_timeout, runner=self.runner)
-        elif directory is not None:
-            try:
-                pid = int((directory / "nbdkit.pid").read_text().strip())
-            except (OSError, ValueError):
-                pid = None
-            if pid is not None:
-                stop_process(pid, PROGRAM, str(directory), timeout=self.stop_timeout)
-            shutil.rmtree(directory, ignore_errors=True)
-
-    def stop(self) -> None:
-        """Stop the nbdkit this object started (by pid) and remove its directory."""
-        self._discard()
-
-    def __enter__(self) -> NbdkitServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return self._recorded(directory, pid, nbd_socket=self.socket, exports=[""])
 
 
 def _wait_for_pid(path: Path, timeout: float) -> int | None:
     """The pid nbdkit writes once it accepts connections (its parent exits at the fork, before that)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            text = path.read_text()
-            if text.endswith("\n"):  # written whole ("PID\n")
-                return int(text)
-        except (OSError, ValueError):
-            pass
+        pid = read_pid(path)
+        if pid is not None:
+            return pid
         time.sleep(0.005)
     return None

@@ -1,6 +1,6 @@
 """This host's side of a mount: loop devices (``losetup``), filesystem mounts (``mount``/``umount``) and the
-tables that show what exists (``/proc/self/mounts``, ``losetup -J``), found again by what backs them so that a
-killed process's leftovers are recognised without its records.
+loop device table (``losetup -J``; the mount table is :mod:`vmsnap.mounts`), found again by what backs them
+so that a killed process's leftovers are recognised without its records.
 
 Every command is an argv list through a :class:`~vmsnap.runner.Runner`; it must run on this host.
 """
@@ -10,23 +10,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import attrs
 
 from vmsnap.errors import CommandError, UsageError, VmsnapError
 from vmsnap.runner import Runner
-
-
-@attrs.frozen
-class MountEntry:
-    """One line of ``/proc/self/mounts``."""
-
-    source: str
-    target: Path
-    fstype: str
-    options: tuple[str, ...]
 
 
 @attrs.frozen
@@ -38,37 +28,6 @@ class LoopDevice:
     offset: int
     size_limit: int
     read_only: bool
-
-
-def _unescape(field: str) -> str:
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def parse_mounts(text: str) -> list[MountEntry]:
-    """Parse ``/proc/self/mounts`` (octal escapes of spaces and backslashes undone)."""
-    entries = []
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 4:
-            entries.append(
-                MountEntry(
-                    _unescape(parts[0]), Path(_unescape(parts[1])), parts[2], tuple(parts[3].split(","))
-                )
-            )
-    return entries
-
-
-def mounts() -> list[MountEntry]:
-    """Every mount this process sees."""
-    return parse_mounts(Path("/proc/self/mounts").read_text())
 
 
 def parse_losetup(text: str) -> list[LoopDevice]:
@@ -99,7 +58,7 @@ def loop_devices(runner: Runner) -> list[LoopDevice]:
     return parse_losetup(runner.run(["losetup", "--json", "--list"], timeout=60).stdout)
 
 
-def under(path: str | Path, directory: Path) -> bool:
+def under(path: str | PurePath, directory: Path) -> bool:
     """True when ``path`` is ``directory`` or inside it (by name, no symlinks followed)."""
     text, root = os.path.normpath(str(path)), os.path.normpath(str(directory))
     return text == root or text.startswith(root.rstrip("/") + "/")

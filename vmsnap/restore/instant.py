@@ -23,7 +23,6 @@ and QEMU reconnects to it (``reconnect-delay``) without the images changing. :fu
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -35,18 +34,19 @@ from typing import Any
 import attrs
 
 from vmsnap.errors import BlockJobError, NotFoundError, UsageError
+from vmsnap.files import make_private_dir, write_json_atomic
+from vmsnap.image import qemu_img
 from vmsnap.model import validate_name
+from vmsnap.processes import crash_point
 from vmsnap.restore.source import BackupSource, serve, source_from_json
 from vmsnap.restore.state import (
-    crash_point,
     daemons_under,
     locked,
-    make_private_dir,
     owner,
     read_state,
+    run_key,
     stop_daemon_dir,
     stop_daemons_under,
-    write_state,
 )
 from vmsnap.runner import LocalRunner, Runner
 from vmsnap.vm.qmp import QMPMonitor
@@ -134,10 +134,6 @@ class StreamResult:
     seconds: float
 
 
-def _key(to: Path) -> str:
-    return hashlib.sha256(str(to).encode()).hexdigest()[:16]
-
-
 def _nbd_size(uri: str) -> int:
     from vmsnap.image.nbd import nbd_connection
 
@@ -195,7 +191,7 @@ def prepare(
                         f"{to / f'{name}.qcow2'} exists already",
                         hint="instant restore never overwrites an image: choose an empty directory",
                     )
-        servers = make_private_dir(run_dir / _key(to), tighten=True)
+        servers = make_private_dir(run_dir / run_key(to), tighten=True)
         if state is None:
             state = {
                 "format": STATE_FORMAT,
@@ -208,7 +204,7 @@ def prepare(
                     for name, source in sources.items()
                 },
             }
-            write_state(state_path, state)
+            write_json_atomic(state_path, state)
         resumed = state["status"] != "preparing"
         _ensure_servers(state, servers, run)
         crash_point("instant-after-serve")
@@ -222,7 +218,7 @@ def prepare(
         crash_point("instant-after-images")
         if state["status"] == "preparing":
             state["status"] = "prepared"
-            write_state(state_path, state)
+            write_json_atomic(state_path, state)
         return InstantRestore(to, tuple(disks), servers, resumed)
 
 
@@ -248,7 +244,7 @@ def _ensure_servers(state: dict[str, Any], servers: Path, runner: Runner) -> Non
             _link(socket=servers / f"{name}.sock", target=socket)
             if "size" not in state["disks"][name]:
                 state["disks"][name]["size"] = _nbd_size(uri)
-        write_state(Path(state["to"]) / STATE, state)
+        write_json_atomic(Path(state["to"]) / STATE, state)
         undo.pop_all()  # the servers outlive this process from here on
 
 
@@ -361,9 +357,7 @@ def _stream_all(
             waiting[name] = job_id
         else:
             done.append(name)
-    state["status"] = "streaming"
-    write_state(to / STATE, state)
-    crash_point("instant-mid-stream")
+    mark_streaming(to, state)
     deadline = time.monotonic() + timeout
     for name, job_id in waiting.items():
         left = max(deadline - time.monotonic(), 1.0)
@@ -374,6 +368,13 @@ def _stream_all(
         if found is None or found[1]:
             raise BlockJobError(job_id, "finished, but the image still has a backing file", hint="run again")
     return list(waiting), done
+
+
+def mark_streaming(to: Path, state: dict[str, Any]) -> None:
+    """Record in the state that the copies run (started, or found running), before waiting for them."""
+    state["status"] = "streaming"
+    write_json_atomic(to / STATE, state)
+    crash_point("instant-mid-stream")
 
 
 def read_restore(to: Path) -> dict[str, Any]:
@@ -389,10 +390,7 @@ def read_restore(to: Path) -> dict[str, Any]:
 
 def backing_of(image: Path, runner: Runner | None = None) -> str | None:
     """The backing file an image's header names (``qemu-img info -U``: a running QEMU may hold it)."""
-    result = (runner or LocalRunner()).run(
-        ["qemu-img", "info", "--output=json", "-U", "-f", "qcow2", str(image)], timeout=120
-    )
-    backing = json.loads(result.stdout).get("backing-filename")
+    backing = qemu_img.info(runner, image, fmt="qcow2", force_share=True).get("backing-filename")
     return str(backing) if backing else None
 
 

@@ -23,9 +23,9 @@ from vmsnap.restore.instant import (
     StreamResult,
     _no_progress,
     finish,
+    mark_streaming,
     read_restore,
 )
-from vmsnap.restore.state import crash_point, write_state
 
 
 def _libvirt() -> Any:
@@ -154,9 +154,7 @@ def stream_domain(
                 waiting.append(target)
             else:
                 done.append(target)
-        state["status"] = "streaming"
-        write_state(to / ".vmsnap-instant.json", state)
-        crash_point("instant-mid-stream")
+        mark_streaming(to, state)
         deadline = time.monotonic() + timeout
         for target in waiting:
             while info := dom.blockJobInfo(target, 0):

@@ -31,7 +31,6 @@ that is mounted already is refused (the first mount serves it: use it).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 from collections.abc import Sequence
@@ -41,6 +40,9 @@ from typing import Any
 import attrs
 
 from vmsnap.errors import CommandError, NotFoundError, UnsupportedError, UsageError, VmsnapError
+from vmsnap.files import DIR_MODE, make_private_dir, write_json_atomic
+from vmsnap.mounts import local_mounts
+from vmsnap.processes import crash_point
 from vmsnap.restore import host
 from vmsnap.restore.partitions import (
     Partition,
@@ -53,15 +55,13 @@ from vmsnap.restore.partitions import (
 )
 from vmsnap.restore.source import BackupSource, serve
 from vmsnap.restore.state import (
-    crash_point,
     daemons_under,
     locked,
-    make_private_dir,
     owner,
     owner_alive,
     read_state,
+    run_key,
     stop_daemons_under,
-    write_state,
 )
 from vmsnap.runner import LocalRunner, Runner
 
@@ -137,10 +137,6 @@ class MountResult:
         }
 
 
-def _key(mountpoint: Path) -> str:
-    return hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
-
-
 def _check_mountpoint(mountpoint: Path, run_dir: Path) -> Path:
     path = Path(os.path.realpath(mountpoint))
     if not path.exists():
@@ -208,7 +204,7 @@ def _mount_one(
     fstype = probe["TYPE"]
     options = mount_options(fstype)
     target = mountpoint / part.name
-    target.mkdir(mode=0o700, exist_ok=True)
+    target.mkdir(mode=DIR_MODE, exist_ok=True)
     try:
         host.mount_filesystem(runner, device, target, fstype, options)
     except CommandError as err:
@@ -258,7 +254,7 @@ def mount(
                     f"this backup disk is mounted already at {other.get('mountpoint')}",
                     hint=f"read it there, or `vmsnap umount {other.get('mountpoint')}` first",
                 )
-        entry = run_dir / _key(target)
+        entry = run_dir / run_key(target)
         if entry.exists():
             raise UsageError(f"{mountpoint} has a vmsnap mount already", hint=f"`vmsnap umount {mountpoint}`")
         make_private_dir(entry, tighten=True)
@@ -271,7 +267,7 @@ def mount(
             "partitions": [],
             "skipped": [],
         }
-        write_state(entry / STATE, state)
+        write_json_atomic(entry / STATE, state)
         crash_point("mount-after-state")
         with contextlib.ExitStack() as undo:
             undo.callback(_clean_entry, entry, state, run, lazy=True)
@@ -301,7 +297,7 @@ def _mount_in(
         else:
             mounted.append(outcome)
             state["partitions"].append({"name": outcome.name, "device": device, "path": str(outcome.path)})
-            write_state(entry / STATE, state)
+            write_json_atomic(entry / STATE, state)
             crash_point("mount-after-first-mount")
     if not mounted:
         found = "; ".join(s.reason for s in skipped) or "an empty partition table"
@@ -312,7 +308,7 @@ def _mount_in(
         )
     state["skipped"] = [{"name": s.name, "reason": s.reason} for s in skipped]
     state["status"] = "mounted"
-    write_state(entry / STATE, state)
+    write_json_atomic(entry / STATE, state)
     return MountResult(mountpoint, table.label, tuple(mounted), tuple(skipped), entry)
 
 
@@ -338,7 +334,7 @@ def umount(
     """
     run = runner or LocalRunner()
     target = Path(os.path.realpath(mountpoint))
-    entry = run_dir / _key(target)
+    entry = run_dir / run_key(target)
     with locked(run_dir):
         state = read_state(entry / STATE) if entry.is_dir() else None
         if state is None or state.get("mountpoint") != str(target):
@@ -349,7 +345,7 @@ def umount(
                 f"vmsnap has nothing mounted at {mountpoint}", hint="see `vmsnap mount --list`"
             )
         state["status"] = "unmounting"
-        write_state(entry / STATE, state)
+        write_json_atomic(entry / STATE, state)
         _clean_entry(entry, state, run, lazy=lazy)
 
 
@@ -359,26 +355,27 @@ def _clean_entry(entry: Path, state: dict[str, Any], runner: Runner, *, lazy: bo
     mountpoint = Path(str(state.get("mountpoint", "")))
     loops = [d for d in host.loop_devices(runner) if host.under(d.back_file, entry)]
     devices = {d.name for d in loops}
-    for mount_entry in reversed(host.mounts()):
-        if mount_entry.source in devices:
+    for mounted_fs in reversed(local_mounts()):
+        if mounted_fs.source in devices:
+            target = Path(mounted_fs.mount_point)
             try:
-                host.unmount(runner, mount_entry.target, lazy=lazy)
+                host.unmount(runner, target, lazy=lazy)
             except CommandError as err:
                 if "busy" not in err.stderr:
                     raise
                 raise VmsnapError(
-                    f"{mount_entry.target} is busy: a process has files open there",
-                    hint=f"close them (`fuser -vm {mount_entry.target}`), then umount again (or --lazy)",
+                    f"{target} is busy: a process has files open there",
+                    hint=f"close them (`fuser -vm {target}`), then umount again (or --lazy)",
                 ) from err
-            done.append(f"unmounted {mount_entry.target}")
+            done.append(f"unmounted {target}")
     for device in loops:
         host.detach_loop(runner, device.name)
         done.append(f"detached {device.name}")
     done += [f"stopped {what}" for what in stop_daemons_under(entry, runner=runner)]
-    for mount_entry in reversed(host.mounts()):  # FUSE files of daemons that died with SIGKILL
-        if mount_entry.fstype.startswith("fuse") and host.under(mount_entry.target, entry):
-            host.unmount(runner, mount_entry.target, lazy=True)
-            done.append(f"unmounted {mount_entry.target}")
+    for mounted_fs in reversed(local_mounts()):  # FUSE files of daemons that died with SIGKILL
+        if mounted_fs.fstype.startswith("fuse") and host.under(mounted_fs.mount_point, entry):
+            host.unmount(runner, Path(mounted_fs.mount_point), lazy=True)
+            done.append(f"unmounted {mounted_fs.mount_point}")
     _remove_partition_dirs(mountpoint, state.get("partitions", []))
     shutil.rmtree(entry, ignore_errors=True)
     return done

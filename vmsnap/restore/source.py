@@ -24,10 +24,10 @@ from typing import Any
 import attrs
 
 from vmsnap.errors import NotFoundError, UsageError
+from vmsnap.image.daemon import DaemonRecord
 from vmsnap.image.nbdkit import NbdkitServer
 from vmsnap.image.readers import reader_options
 from vmsnap.image.storage_daemon import (
-    DaemonRecord,
     FuseExport,
     NbdExport,
     QemuStorageDaemon,

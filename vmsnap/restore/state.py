@@ -1,42 +1,40 @@
-"""State files of mounts and instant restores: private run directories, records written before each step so a
-killed process's leftovers can be found and undone, a lock around changes, and the test-only crash points.
+"""State of mounts and instant restores: run directories (named by :func:`run_key`), state files written
+before each step (:func:`vmsnap.files.write_json_atomic`) so that a killed process's leftovers can be found
+and undone, a lock around changes, and the daemons a run directory holds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vmsnap import processes
 from vmsnap.errors import VmsnapError
-from vmsnap.files import make_private_dir
-from vmsnap.image.storage_daemon import (
+from vmsnap.files import FILE_MODE, make_private_dir
+from vmsnap.image.daemon import (
     RECORD,
     DaemonRecord,
-    process_start_time,
+    RecordedDaemon,
     read_record,
-    stop_process,
     stop_recorded,
-    write_private_json,
+    stop_unrecorded,
 )
-from vmsnap.processes import CRASH_ENV, crash_point
+from vmsnap.image.nbdkit import NbdkitServer
+from vmsnap.image.storage_daemon import QemuStorageDaemon
 from vmsnap.runner import Runner
-
-__all__ = ["CRASH_ENV", "crash_point", "make_private_dir"]
-
-
-DIR_MODE = 0o700
 
 
 @contextlib.contextmanager
 def locked(directory: Path) -> Iterator[None]:
     """Hold an exclusive flock on ``directory/.lock`` (released when the process dies, too)."""
     make_private_dir(directory, tighten=True)
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -44,9 +42,9 @@ def locked(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def write_state(path: Path, data: dict[str, Any]) -> None:
-    """Write a state file atomically (0600, fsync'd)."""
-    write_private_json(path, data)
+def run_key(path: Path) -> str:
+    """The name of the run directory of a mount or an instant restore: a hash of its (real) path."""
+    return hashlib.sha256(str(path).encode()).hexdigest()[:16]
 
 
 def read_state(path: Path) -> dict[str, Any] | None:
@@ -69,7 +67,7 @@ def read_state(path: Path) -> dict[str, Any] | None:
 
 def owner() -> dict[str, Any]:
     """This process, as a state file records it (pid and start time: a reused pid is not mistaken for it)."""
-    return {"pid": os.getpid(), "start_time": process_start_time(os.getpid())}
+    return {"pid": os.getpid(), "start_time": processes.start_time(os.getpid())}
 
 
 def owner_alive(data: dict[str, Any]) -> bool:
@@ -78,10 +76,12 @@ def owner_alive(data: dict[str, Any]) -> bool:
         pid, start = int(data["pid"]), data.get("start_time")
     except (KeyError, TypeError, ValueError):
         return False
-    return pid > 0 and process_start_time(pid) is not None and process_start_time(pid) == start
+    return pid > 0 and processes.same_process(pid, start)
 
 
-_PROGRAMS = {"qsd-": ("qemu-storage-daemon", "qsd.pid"), "nbdkit-": ("nbdkit", "nbdkit.pid")}
+_SERVERS: tuple[type[RecordedDaemon], ...] = (QemuStorageDaemon, NbdkitServer)
+"""The daemons a mount or an instant restore starts, in the order they are stopped (a storage daemon may
+read from an nbdkit)."""
 
 
 def daemons_under(parent: Path) -> list[DaemonRecord]:
@@ -101,7 +101,7 @@ def stop_daemons_under(parent: Path, *, runner: Runner, timeout: float = 10.0) -
     """
     stopped = []
     children = list(parent.iterdir()) if parent.is_dir() else []
-    for directory in sorted(children, key=lambda d: not d.name.startswith("qsd-")):
+    for directory in sorted(children, key=_stop_order):
         if directory.is_dir() and not directory.is_symlink():
             stopped += stop_daemon_dir(directory, runner=runner, timeout=timeout)
     return stopped
@@ -118,10 +118,16 @@ def stop_daemon_dir(directory: Path, *, runner: Runner, timeout: float = 10.0) -
         stop_recorded(record, timeout=timeout, runner=runner)
         return [f"{record.program} (pid {record.pid})"] if alive else []
     stopped = []
-    for prefix, (program, pidfile) in _PROGRAMS.items():
-        if directory.name.startswith(prefix):
-            with contextlib.suppress(OSError, ValueError):
-                pid = int((directory / pidfile).read_text().strip())
-                if stop_process(pid, program, str(directory), timeout=timeout):
-                    stopped.append(f"{program} (pid {pid})")
+    for server in _SERVERS:
+        if directory.name.startswith(server.private_prefix):
+            pid = stop_unrecorded(directory, server.program, server.pid_file, timeout=timeout, runner=runner)
+            if pid is not None:
+                stopped.append(f"{server.program} (pid {pid})")
     return stopped
+
+
+def _stop_order(directory: Path) -> int:
+    for index, server in enumerate(_SERVERS):
+        if directory.name.startswith(server.private_prefix):
+            return index
+    return len(_SERVERS)

@@ -65,6 +65,14 @@ def backed_up_disk(tmp_path_factory: pytest.TempPathFactory) -> BackedUpDisk:
     return BackedUpDisk(d, raw, base, inc, raw_v2, chunks, table, v1, v2)
 
 
+def empty_dirs(parent: Path, *names: str) -> list[Path]:
+    """Empty directories ``parent/NAME`` (mountpoints), made now."""
+    made = [parent / name for name in names]
+    for path in made:
+        path.mkdir()
+    return made
+
+
 def copy_chain(disk: BackedUpDisk, target: Path) -> Path:
     """A private copy of the chain (to damage); returns the copy's top image."""
     target.mkdir(parents=True, exist_ok=True)

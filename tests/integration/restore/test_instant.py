@@ -104,6 +104,10 @@ def test_a_dead_server_is_restarted_and_qemu_reconnects(
     restore = prepare({"disk0": source}, to, run_dir=instant_run_dir)
     vm = QemuProcess(tmp_path / "vm", [DriveSpec(restore.images["disk0"], "disk0")], name="r").start()
     try:
+        # QEMU listens on QMP before it opens its disks, and answers a command only after: kill the server
+        # under a VM that runs on it, not under one still starting (which would fail to open its backing)
+        with vm.monitor() as qmp:
+            assert [b for b in qmp.query_block() if b.get("inserted")]
         [old] = daemon_pids(instant_run_dir)
         os.kill(old, signal.SIGKILL)
         while alive(old):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.restore.conftest import BackedUpDisk, copy_chain, daemon_pids, leftovers
+from tests.integration.restore.conftest import BackedUpDisk, copy_chain, daemon_pids, empty_dirs, leftovers
 from tests.integration.restore.images import (
     Layout,
     MiB,
@@ -63,9 +63,7 @@ def test_mount_incremental_and_full_at_once(
 ) -> None:
     """The chain's top shows v2, its base v1, both mounted at the same time — so ext4, xfs and btrfs
     filesystems whose UUIDs are mounted already on this host mount again (xfs nouuid, btrfs temp-fsid)."""
-    inc_at, base_at = tmp_path / "inc", tmp_path / "base"
-    inc_at.mkdir()
-    base_at.mkdir()
+    inc_at, base_at = empty_dirs(tmp_path, "inc", "base")
     inc = mount(ImageSource(backed_up_disk.inc), inc_at, run_dir=run_dir)
     base = mount(ImageSource(backed_up_disk.base), base_at, run_dir=run_dir)
     pids = daemon_pids(run_dir)
@@ -92,9 +90,7 @@ def test_mount_incremental_and_full_at_once(
 def test_a_second_mount_of_the_same_backup_is_refused(
     backed_up_disk: BackedUpDisk, run_dir: Path, tmp_path: Path
 ) -> None:
-    first, second = tmp_path / "a", tmp_path / "b"
-    first.mkdir()
-    second.mkdir()
+    first, second = empty_dirs(tmp_path, "a", "b")
     mount(ImageSource(backed_up_disk.inc), first, run_dir=run_dir)
     pids = daemon_pids(run_dir)
     with pytest.raises(UsageError, match=f"mounted already at {first}"):
@@ -147,9 +143,7 @@ def test_plain_filesystem_and_mbr_with_logical_partitions(run_dir: Path, tmp_pat
             with mounted(device) as root:
                 write_v1(root, f"mbr{number}")
                 want[f"p{number}"] = snapshot(root)
-    plain_at, mbr_at = tmp_path / "plain", tmp_path / "mbr"
-    plain_at.mkdir()
-    mbr_at.mkdir()
+    plain_at, mbr_at = empty_dirs(tmp_path, "plain", "mbr")
     result = mount(ImageSource(plain, "raw"), plain_at, run_dir=run_dir)
     assert result.table == ""
     check_mounted(result, {"disk": want_plain})

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.restore.conftest import BackedUpDisk, daemon_pids, leftovers
+from tests.integration.restore.conftest import BackedUpDisk, daemon_pids, empty_dirs, leftovers
 from tests.integration.restore.test_mount import assert_nothing_left, check_mounted
+from vmsnap.processes import CRASH_ENV
 from vmsnap.restore.mount import CRASH_POINTS, mount, recover, umount
 from vmsnap.restore.source import ImageSource
-from vmsnap.restore.state import CRASH_ENV
 
 MOUNT_IN_A_CHILD = """
 import sys
@@ -62,9 +62,7 @@ def test_a_killed_mount_is_recovered(
 def test_recover_keeps_healthy_mounts_and_cleans_one_whose_server_died(
     backed_up_disk: BackedUpDisk, run_dir: Path, tmp_path: Path
 ) -> None:
-    healthy, broken = tmp_path / "healthy", tmp_path / "broken"
-    healthy.mkdir()
-    broken.mkdir()
+    healthy, broken = empty_dirs(tmp_path, "healthy", "broken")
     mount(ImageSource(backed_up_disk.base), healthy, run_dir=run_dir)
     healthy_pids = daemon_pids(run_dir)
     mount(ImageSource(backed_up_disk.inc), broken, run_dir=run_dir)

@@ -16,17 +16,11 @@ import pytest
 
 from tests.integration.restore.conftest import BackedUpDisk
 from tests.integration.restore.images import MiB, pattern
+from vmsnap import processes
+from vmsnap.image.daemon import read_record, stop_recorded
 from vmsnap.image.digest import image_chunks, write_chunks_file
 from vmsnap.image.nbdkit import NbdkitServer
-from vmsnap.image.storage_daemon import (
-    FuseExport,
-    NbdExport,
-    QemuStorageDaemon,
-    process_matches,
-    qcow2_chain_node,
-    read_record,
-    stop_recorded,
-)
+from vmsnap.image.storage_daemon import FuseExport, NbdExport, QemuStorageDaemon, qcow2_chain_node
 
 
 @pytest.fixture
@@ -45,7 +39,7 @@ def connect(uri: str) -> nbd.NBD:
 STOP_FROM_ANOTHER_PROCESS = """
 import sys
 from pathlib import Path
-from vmsnap.image.storage_daemon import read_record, stop_recorded
+from vmsnap.image.daemon import read_record, stop_recorded
 stop_recorded(read_record(Path(sys.argv[1])))
 """
 
@@ -66,8 +60,11 @@ def test_storage_daemon_outlives_its_object_and_another_process_stops_it(
     assert record.alive() and record.pid == daemon.pid
     assert os.stat(record.directory).st_mode & 0o777 == 0o700
     assert os.stat(record_path).st_mode & 0o777 == 0o600
-    assert not process_matches(record.pid, "qemu-storage-daemon", "/some/other/dir")
-    assert not process_matches(record.pid, "qemu-storage-daemon", record.marker, (record.start_time or 0) + 1)
+    assert processes.matches(record.pid, record.identity)
+    assert not processes.matches(record.pid, processes.Identity("qemu-storage-daemon", "/some/other/dir"))
+    assert not processes.matches(
+        record.pid, processes.Identity("qemu-storage-daemon", record.marker, (record.start_time or 0) + 1)
+    )
     raw = record.fuse_files[0]
     with open(backed_up_disk.raw_v2, "rb") as want, open(raw, "rb") as got:
         assert got.read(4 * MiB) == want.read(4 * MiB)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
 from vmsnap.errors import UsageError, VmsnapError
+from vmsnap.image.daemon import DaemonRecord
 from vmsnap.image.readers import load_factory, reader_options
-from vmsnap.image.storage_daemon import DaemonRecord, FuseExport, NbdExport, QemuStorageDaemon
-from vmsnap.restore.host import parse_losetup, parse_mounts, under
+from vmsnap.image.storage_daemon import FuseExport, NbdExport, QemuStorageDaemon
+from vmsnap.mounts import parse_mountinfo
+from vmsnap.restore.host import parse_losetup, under
 from vmsnap.restore.partitions import (
     WHOLE_DISK,
     mount_options,
@@ -115,9 +117,15 @@ def test_mount_options_never_replay_a_journal() -> None:
         mount_options("ntfs")
 
 
-def test_proc_mounts_escapes_and_losetup_json() -> None:
-    [entry] = parse_mounts("/dev/loop7 /tmp/a\\040b/p1 ext4 ro,nosuid,noload 0 0\n")
-    assert entry.target == Path("/tmp/a b/p1") and entry.fstype == "ext4" and "noload" in entry.options
+def test_mountinfo_escapes_and_losetup_json() -> None:
+    line = "120 28 7:7 / /tmp/a\\040b/p1 ro,nosuid,nodev,noexec,relatime - ext4 /dev/loop7 ro,noload\n"
+    [entry] = parse_mountinfo(line)
+    assert (
+        entry.mount_point == PurePosixPath("/tmp/a b/p1")
+        and entry.fstype == "ext4"
+        and entry.source == "/dev/loop7"
+    )
+    assert "nosuid" in entry.options.split(",")
     loops = parse_losetup(
         json.dumps(
             {
