@@ -17,6 +17,7 @@ import attrs
 
 from vmsnap.backup import Backup, BackupConfig, BackupResult
 from vmsnap.errors import VmsnapError
+from vmsnap.image.qemu_img import image_args
 from vmsnap.lab.guest import DATA_MOUNT, LabGuest
 from vmsnap.repo.repository import Repository
 from vmsnap.runner import LocalRunner
@@ -75,9 +76,19 @@ def run_demo(
             tmp.cleanup()
 
 
-def _run(root: Path, started: float, say: Callable[[str], None]) -> DemoReport:
-    runner = LocalRunner()
-    repo_dir = root / "repo"
+@attrs.frozen
+class _Taken:
+    """What the guest part of the demo did: the files' digests at backup time and the two backups."""
+
+    expected: dict[str, str]
+    full: BackupResult
+    incremental: BackupResult
+    changed: int
+    boot_seconds: float
+
+
+def _back_up_in_guest(root: Path, repo_dir: Path, say: Callable[[str], None]) -> _Taken:
+    """Boot the lab guest, write files, take a frozen full backup, change files, take an incremental."""
     say("building (or reusing) the lab guest and booting it under QEMU …")
     with LabGuest(root / "vm", name="demo-vm") as guest:
         say(f"guest up in {guest.boot_seconds:.1f} s; qemu-ga answers")
@@ -114,25 +125,22 @@ def _run(root: Path, started: float, say: Callable[[str], None]) -> DemoReport:
             f"incremental backup {incremental.backup_id} ({incremental.kind}): "
             f"{sum(d.bytes_written for d in incremental.disks) / 1e6:.2f} MB in {incremental.seconds:.2f} s"
         )
-        boot_seconds = guest.boot_seconds
+        return _Taken(expected, full, incremental, changed, guest.boot_seconds)
 
-    repo = Repository.open(repo_dir, runner=runner)
-    report = repo.verify("demo-vm")
-    if not report.ok:
-        raise DemoFailed(f"verify found problems: {'; '.join(str(p) for p in report.problems)}")
-    say(f"verify: {len(repo.backups('demo-vm'))} backups, every checksum and chain link good")
 
-    restore_dir = root / "restored"
-    repo.restore("demo-vm", full.backup_id, restore_dir)
-    image = restore_dir / "data.qcow2"
-    say(f"restored the full backup into {restore_dir} (sha256 checked against the manifest)")
+def _check_restored(
+    root: Path, image: Path, expected: dict[str, str], say: Callable[[str], None]
+) -> tuple[bool, int]:
+    """e2fsck the restored filesystem and compare its files with the guest's: (clean, files matching).
 
+    :raise DemoFailed: the restored data differs
+    """
+    runner = LocalRunner()
     raw = root / "restored-data.raw"
-    runner.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw)], timeout=600)
+    runner.run(["qemu-img", "convert", *image_args(image, "qcow2"), "-O", "raw", str(raw)], timeout=600)
     fsck = runner.run(["e2fsck", "-fn", str(raw)], ok_codes=(0, 1, 2, 4), timeout=600)
     fsck_clean = fsck.exit_code == 0
     say(f"e2fsck -fn on the restored filesystem: {'clean' if fsck_clean else 'NOT CLEAN'}")
-
     dump = root / "dump"
     dump.mkdir()
     runner.run(["debugfs", "-R", f"rdump /{DEMO_DIR} {dump}", str(raw)], timeout=600)
@@ -147,16 +155,32 @@ def _run(root: Path, started: float, say: Callable[[str], None]) -> DemoReport:
             f"restored data differs: fsck clean={fsck_clean}, {matching}/{len(expected)} files match, "
             f"unexpected files: {extra or 'none'}"
         )
+    return fsck_clean, matching
+
+
+def _run(root: Path, started: float, say: Callable[[str], None]) -> DemoReport:
+    repo_dir = root / "repo"
+    taken = _back_up_in_guest(root, repo_dir, say)
+    repo = Repository.open(repo_dir, runner=LocalRunner())
+    report = repo.verify("demo-vm")
+    if not report.ok:
+        raise DemoFailed(f"verify found problems: {'; '.join(str(p) for p in report.problems)}")
+    say(f"verify: {len(repo.backups('demo-vm'))} backups, every checksum and chain link good")
+    restore_dir = root / "restored"
+    repo.restore("demo-vm", taken.full.backup_id, restore_dir)
+    image = restore_dir / "data.qcow2"
+    say(f"restored the full backup into {restore_dir} (sha256 checked against the manifest)")
+    fsck_clean, matching = _check_restored(root, image, taken.expected, say)
     return DemoReport(
         workdir=str(root),
-        boot_seconds=round(boot_seconds, 2),
-        full=full.to_json(),
-        incremental=incremental.to_json(),
-        freeze_quiesced=full.quiesced,
+        boot_seconds=round(taken.boot_seconds, 2),
+        full=taken.full.to_json(),
+        incremental=taken.incremental.to_json(),
+        freeze_quiesced=taken.full.quiesced,
         restored_image=str(image),
         fsck_clean=fsck_clean,
-        files_compared=len(expected),
+        files_compared=len(taken.expected),
         files_matching=matching,
-        changed_after_backup=changed,
+        changed_after_backup=taken.changed,
         seconds=round(time.monotonic() - started, 2),
     )

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import itertools
 from pathlib import Path
+from typing import Any
 
 from vmsnap.errors import RepositoryError, UsageError
 from vmsnap.image.digest import CHUNK_SIZE, DIGEST_SIZE, ChunkDigests
@@ -93,25 +94,7 @@ def libqcow_chunks(image: Path, *, parent: ChunkDigests | None = None) -> ChunkD
             start = chunk * CHUNK_SIZE
             if start >= size:
                 continue
-            content = bytearray()
-            for index in range(chunk * per_chunk, (chunk + 1) * per_chunk):
-                offset = index * cluster
-                if offset >= size:
-                    break
-                length = min(cluster, size - offset)
-                data = bytes(length)
-                for handle, layer_map in zip(files, maps, strict=True):
-                    state = layer_map[1].get(index)
-                    if state == "zero":
-                        break
-                    if state == "data":
-                        data = handle.read_buffer_at_offset(length, offset)
-                        if len(data) != length:
-                            raise RepositoryError(
-                                f"libqcow read {len(data)} of {length} bytes at {offset} of {image}"
-                            )
-                        break
-                content += data
+            content = _read_chunk(files, maps, chunk, per_chunk, cluster, size, image)
             digests[chunk * DIGEST_SIZE : (chunk + 1) * DIGEST_SIZE] = hashlib.sha256(content).digest()
         return ChunkDigests(size, bytes(digests))
     except OSError as err:
@@ -120,3 +103,39 @@ def libqcow_chunks(image: Path, *, parent: ChunkDigests | None = None) -> ChunkD
         for handle in files:
             with contextlib.suppress(Exception):
                 handle.close()
+
+
+def _read_chunk(
+    files: list[Any],
+    maps: list[tuple[int, dict[int, str]]],
+    chunk: int,
+    per_chunk: int,
+    cluster: int,
+    size: int,
+    image: Path,
+) -> bytes:
+    """The guest content of chunk ``chunk``: each cluster from the first layer that holds it (zeros when a
+    layer marks it zero or none holds it).
+
+    :raise RepositoryError: libqcow read short
+    """
+    content = bytearray()
+    for index in range(chunk * per_chunk, (chunk + 1) * per_chunk):
+        offset = index * cluster
+        if offset >= size:
+            break
+        length = min(cluster, size - offset)
+        data = bytes(length)
+        for handle, layer_map in zip(files, maps, strict=True):
+            state = layer_map[1].get(index)
+            if state == "zero":
+                break
+            if state == "data":
+                data = handle.read_buffer_at_offset(length, offset)
+                if len(data) != length:
+                    raise RepositoryError(
+                        f"libqcow read {len(data)} of {length} bytes at {offset} of {image}"
+                    )
+                break
+        content += data
+    return bytes(content)

@@ -229,19 +229,21 @@ def create(
     size: int,
     *,
     backing: str | Path | None = None,
+    backing_format: str = "qcow2",
     unsafe: bool = False,
 ) -> None:
-    """``qemu-img create``: a new ``fmt`` image of ``size`` bytes, empty or (``backing``) an overlay on a
-    qcow2 image; ``backing`` is written as given (a relative path is relative to ``path``'s directory).
+    """``qemu-img create``: a new ``fmt`` image of ``size`` bytes, empty or (``backing``) an overlay on an
+    image of ``backing_format``; ``backing`` is written as given (a relative path is relative to ``path``'s
+    directory; a ``json:`` pseudo-filename such as an NBD export is fine).
 
-    :param unsafe: ``-u``: do not open the backing file (it need not exist yet)
+    :param unsafe: ``-u``: do not open the backing file (it need not exist yet, or only a VM reaches it)
     :raise CommandError: qemu-img failed (the directory is missing or full, the backing file unreadable)
     """
     argv = ["qemu-img", "create", "-q", "-f", fmt]
     if unsafe:
         argv.append("-u")
     if backing is not None:
-        argv += ["-b", str(backing), "-F", "qcow2"]
+        argv += ["-b", str(backing), "-F", backing_format]
     (runner or LocalRunner()).run([*argv, str(path), str(size)], timeout=120)
 
 

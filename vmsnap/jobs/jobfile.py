@@ -402,42 +402,20 @@ class _Parser:
         except UsageError as err:
             raise self.fail(table, None, f"[retention]: {err.message}", err.hint) from err
 
-    def vm(self, index: int, data: Mapping[str, Any]) -> VmEntry:
-        table: TablePath = ("vm", index)
-        self.unknown(table, data, VM_KEYS, "[[vm]]")
-        selectors = [k for k in ("qmp", "domain", "image") if k in data]
-        if len(selectors) != 1:
-            what = "none" if not selectors else " and ".join(selectors)
-            raise self.fail(
-                table,
-                selectors[1] if len(selectors) > 1 else None,
-                f"[[vm]] needs exactly one of qmp, domain, image (found {what})",
-                'e.g. qmp = "/run/vm1.qmp", domain = "web-*" or image = ["/images/db.qcow2"]',
-            )
-        selector = selectors[0]
-        kind = _KINDS[selector]
-        allowed = {"qemu": {"agent", "name"}, "libvirt": {"connect", "exclude"}, "image": {"name"}}[kind]
-        for key in ("agent", "name", "connect", "exclude"):
-            if key in data and key not in allowed:
-                raise self.fail(table, key, f"{key} does not go with {selector}", _MISPLACED[key])
+    def host(self, table: TablePath, data: Mapping[str, Any]) -> HostSpec | None:
+        """The entry's ``host = "user@host[:port]"``, or None."""
         host_text = data.get("host")
-        host: HostSpec | None = None
-        if host_text is not None:
-            if not isinstance(host_text, str):
-                raise self.fail(
-                    table, "host", f'host must be a string like "root@hv2", not {_show(host_text)}'
-                )
-            try:
-                host = HostSpec.parse(host_text)
-            except UsageError as err:
-                raise self.fail(table, "host", err.message, err.hint) from err
-        if kind == "libvirt" and host is not None and "connect" in data:
-            raise self.fail(
-                table,
-                "connect",
-                "give either connect or host for a libvirt domain, not both",
-                'host = "root@hv2" means connect = "qemu+ssh://root@hv2/system"',
-            )
+        if host_text is None:
+            return None
+        if not isinstance(host_text, str):
+            raise self.fail(table, "host", f'host must be a string like "root@hv2", not {_show(host_text)}')
+        try:
+            return HostSpec.parse(host_text)
+        except UsageError as err:
+            raise self.fail(table, "host", err.message, err.hint) from err
+
+    def backup_options(self, table: TablePath, data: Mapping[str, Any]) -> dict[str, Any]:
+        """The entry's strategy, transport, quiesce, disks and name, checked."""
         quiesce = self.string(table, data, "quiesce") or "auto"
         if quiesce not in ("auto", "on", "off"):
             raise self.fail(table, "quiesce", f"quiesce must be auto, on or off, not {quiesce!r}")
@@ -456,16 +434,46 @@ class _Parser:
                     validate_name(value, "disk name" if key == "disks" else "VM name")
                 except UsageError as err:
                     raise self.fail(table, key, err.message, err.hint) from err
-        common: dict[str, Any] = {
-            "index": index,
-            "line": self.lines.line(table, selector),
-            "kind": kind,
+        return {
             "strategy": strategy,
             "transport": transport,
             "quiesce": quiesce,
             "disks": disks,
-            "host": host,
             "name": name,
+        }
+
+    def vm(self, index: int, data: Mapping[str, Any]) -> VmEntry:
+        table: TablePath = ("vm", index)
+        self.unknown(table, data, VM_KEYS, "[[vm]]")
+        selectors = [k for k in ("qmp", "domain", "image") if k in data]
+        if len(selectors) != 1:
+            what = "none" if not selectors else " and ".join(selectors)
+            raise self.fail(
+                table,
+                selectors[1] if len(selectors) > 1 else None,
+                f"[[vm]] needs exactly one of qmp, domain, image (found {what})",
+                'e.g. qmp = "/run/vm1.qmp", domain = "web-*" or image = ["/images/db.qcow2"]',
+            )
+        selector = selectors[0]
+        kind = _KINDS[selector]
+        allowed = {"qemu": {"agent", "name"}, "libvirt": {"connect", "exclude"}, "image": {"name"}}[kind]
+        for key in ("agent", "name", "connect", "exclude"):
+            if key in data and key not in allowed:
+                raise self.fail(table, key, f"{key} does not go with {selector}", _MISPLACED[key])
+        host = self.host(table, data)
+        if kind == "libvirt" and host is not None and "connect" in data:
+            raise self.fail(
+                table,
+                "connect",
+                "give either connect or host for a libvirt domain, not both",
+                'host = "root@hv2" means connect = "qemu+ssh://root@hv2/system"',
+            )
+        common: dict[str, Any] = {
+            "index": index,
+            "line": self.lines.line(table, selector),
+            "kind": kind,
+            "host": host,
+            **self.backup_options(table, data),
         }
         if kind == "qemu":
             qmp = self.string(table, data, "qmp")

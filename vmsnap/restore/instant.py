@@ -252,22 +252,9 @@ def _create_image(disk: InstantDisk, runner: Runner) -> None:
     partial = disk.image.with_name(f".{disk.image.name}.partial")
     with contextlib.suppress(FileNotFoundError):
         partial.unlink()
-    runner.run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",  # the backing file is checked by the VM that opens it; its size is known
-            "-b",
-            disk.backing,
-            "-F",
-            "raw",
-            str(partial),
-            str(disk.virtual_size),
-        ],
-        timeout=120,
+    # -u: the backing file is checked by the VM that opens it; its size is known
+    qemu_img.create(
+        runner, partial, "qcow2", disk.virtual_size, backing=disk.backing, backing_format="raw", unsafe=True
     )
     os.chmod(partial, 0o600)
     os.replace(partial, disk.image)
