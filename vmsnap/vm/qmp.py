@@ -448,6 +448,13 @@ class QMPMonitor:
         info = self.job(job_id)
         if info is not None:
             self.job_dismiss(job_id)
+        # a state read by query (no event within a second) leaves the job's later events buffered: drop them
+        self._pump(0)
+        self._backlog = [
+            e
+            for e in self._backlog
+            if not (e.get("event") == "JOB_STATUS_CHANGE" and e.get("data", {}).get("id") == job_id)
+        ]
         if info is not None and info.error:
             raise BlockJobError(job_id, f"failed: {info.error}")
 
