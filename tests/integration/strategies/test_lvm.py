@@ -22,7 +22,8 @@ from vmsnap.model import Disk
 from vmsnap.runner import Runner
 from vmsnap.strategies import strategy_class
 from vmsnap.strategies.lvm import SNAPSHOT_TAG, LvmSnapshotStrategy
-from vmsnap.strategies.storage import StorageNoteWarning, list_logical_volumes
+from vmsnap.strategies.lvm_tool import Lvm
+from vmsnap.strategies.storage import StorageNoteWarning
 from vmsnap.vm.agent import GuestAgent
 from vmsnap.vm.qmp import QMPMonitor
 
@@ -83,7 +84,7 @@ class LvmLab:
         self.runner.run([*argv, "conv=notrunc,fsync", *flags, "status=none"], timeout=300)
 
     def snapshot_lvs(self) -> list[str]:
-        return sorted(v.full_name for v in list_logical_volumes(self.runner, "vg0") if v.is_snapshot)
+        return sorted(v.full_name for v in Lvm(self.runner).volumes("vg0") if v.is_snapshot)
 
 
 SETUP = f"""set -e
@@ -246,7 +247,7 @@ def test_a_thin_volume_is_snapshotted_without_a_size_and_read_after_activation(l
         lab.scribble("/dev/vg0/thin", 2, seek=1)
         with strategy.export(ref) as source:
             assert lab.sha(source.location) == before
-        (volume,) = [v for v in list_logical_volumes(lab.runner, "vg0") if v.name == "thin.vmsnap.thin1"]
+        (volume,) = [v for v in Lvm(lab.runner).volumes("vg0") if v.name == "thin.vmsnap.thin1"]
         assert volume.is_thin and not volume.is_active  # deactivated again after the export
         strategy.delete(ref)
         assert lab.snapshot_lvs() == []
