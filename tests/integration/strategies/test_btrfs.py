@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -119,6 +120,20 @@ def same_content(source: ExportSource, expected: Path) -> bool:
     return result.returncode == 0
 
 
+def assert_paused_once(events: Sequence[Mapping[str, Any]], paused_ms: float | None) -> None:
+    """The VM stopped and resumed once (QEMU's STOP and RESUME events), and ``paused_ms`` measured a pause
+    that covers the one QEMU saw."""
+    runstate = [e for e in events if e["event"] in ("STOP", "RESUME")]
+    assert [e["event"] for e in runstate] == ["STOP", "RESUME"], runstate
+
+    def seconds(event: Mapping[str, Any]) -> float:
+        return float(event["timestamp"]["seconds"]) + float(event["timestamp"]["microseconds"]) / 1e6
+
+    stopped_ms = (seconds(runstate[1]) - seconds(runstate[0])) * 1000.0
+    assert paused_ms is not None and paused_ms > 0.0
+    assert 0.0 < stopped_ms <= paused_ms + 1.0  # QEMU's clock and ours may disagree by a tick
+
+
 def subvolumes_below(path: Path) -> list[str]:
     out = subprocess.run(["btrfs", "subvolume", "list", "-o", str(path)], capture_output=True, text=True)
     return sorted(line.split()[-1] for line in out.stdout.splitlines())
@@ -135,13 +150,16 @@ def test_snapshot_of_a_running_vm_holds_the_data_of_that_instant(btrfs_vm: Btrfs
     qemu_io(qmp, "disk1", "write -P 0x22 1M 1M")
     strategy = BtrfsSnapshotStrategy(btrfs_vm.machine)
     assert all(strategy.probe(d) for d in btrfs_vm.machine.disks())
+    qmp.events()  # drop what came before
     with pytest.warns(StorageScopeWarning, match="other.txt"):
         refs = strategy.create(btrfs_vm.machine.disks(), name="first")
     assert qmp.status() == "running"
-    assert strategy.last_pause_ms is not None and strategy.last_pause_ms >= 0.0
+    assert_paused_once(qmp.events(), strategy.last_pause_ms)
     qemu_io(qmp, "disk0", "write -P 0x33 0 2M")  # after the snapshot: must not show in it
     assert [r.disk.name for r in refs] == ["disk0", "disk1"]
-    assert float(refs[0].details["paused_ms"]) >= 0.0
+    assert strategy.last_pause_ms is not None
+    for ref in refs:
+        assert float(ref.details["paused_ms"]) == pytest.approx(strategy.last_pause_ms, abs=0.051)
     top = btrfs_vm.fs.mount / SNAPSHOT_DIR_NAME
     assert all(Path(r.location).is_relative_to(top) for r in refs)
     assert refs[0].details["snapshot_subvolume"] != refs[1].details["snapshot_subvolume"]
@@ -320,6 +338,7 @@ def test_a_backing_chain_is_read_from_the_snapshot(loop_btrfs: LoopBtrfs, tmp_pa
     machine = OfflineMachine([top])
     strategy = BtrfsSnapshotStrategy(machine)
     (ref,) = strategy.create(machine.disks(), name="chain")
+    assert strategy.last_pause_ms is None and ref.details["paused_ms"] == "0.0"  # nothing to pause
     assert strategy.traits.scope == "all storage"
     subprocess.run(["qemu-io", "-c", "write -P 0x73 0 1M", str(base)], check=True, capture_output=True)
     with strategy.export(ref) as source:
