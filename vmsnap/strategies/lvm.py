@@ -379,9 +379,8 @@ class LvmSnapshotStrategy(VolumeSnapshotStrategy[_LvSnapshot, LvmLocation]):
         :raise SnapshotError: lvremove failed (e.g. the snapshot is mounted)
         """
         full = self._snapshot_lv(snap)
-        try:
-            volume = self.lvm.volume(full)
-        except NotFoundError:
+        volume = self.lvm.find(full)
+        if volume is None:
             return
         users = [t for t in volume.tags if t.startswith(USER_TAG_PREFIX)]
         mine = user_tag(snap.disk.name)

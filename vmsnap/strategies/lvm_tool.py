@@ -218,13 +218,16 @@ class Lvm:
                 return volume
         raise NotFoundError(f"no logical volume {full_name}", hint="check `lvs`")
 
+    def find(self, full_name: str) -> LogicalVolume | None:
+        """The LV called ``vg/lv``, or None when there is none."""
+        try:
+            return self.volume(full_name)
+        except NotFoundError:
+            return None
+
     def exists(self, full_name: str) -> bool:
         """True when the LV ``vg/lv`` exists."""
-        try:
-            self.volume(full_name)
-        except NotFoundError:
-            return False
-        return True
+        return self.find(full_name) is not None
 
     def group_space(self, vg: str) -> VolumeGroupSpace:
         """Size and free space of volume group ``vg``.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,11 @@ import pytest
 from tests.conftest import make_image
 from tests.integration.cli_helpers import cli
 from tests.integration.strategies.contract import Lab, QemuImageLab, StrategyContract
+from tests.integration.strategies.faults import FaultyRunner
 from tests.integration.strategies.loop_btrfs import LoopBtrfs, loop_btrfs
-from vmsnap.errors import CommandError, QMPConnectionError, SnapshotError, UnsupportedError
+from vmsnap.errors import QMPConnectionError, SnapshotError, UnsupportedError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
 from vmsnap.model import ExportSource
-from vmsnap.runner import DEFAULT_TIMEOUT, CommandResult, LocalRunner
 from vmsnap.strategies import strategy_class
 from vmsnap.strategies.btrfs import SNAPSHOT_DIR_NAME, BtrfsSnapshotStrategy
 from vmsnap.strategies.storage import StorageScopeWarning
@@ -266,30 +266,6 @@ def test_rollback_swaps_the_subvolume_back_with_every_file_in_it(btrfs_vm: Btrfs
     assert Path(refs[0].location).exists()
 
 
-@attrs.define
-class FailingRunner(LocalRunner):
-    """Runs everything for real, except that the ``nth`` command starting with ``prefix`` fails (fault
-    injection)."""
-
-    prefix: tuple[str, ...] = ("btrfs", "subvolume", "snapshot")
-    nth: int = 2
-    seen: int = 0
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        ok_codes: Collection[int] = (0,),
-        input: bytes | str | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-    ) -> CommandResult:
-        if tuple(argv[: len(self.prefix)]) == self.prefix:
-            self.seen += 1
-            if self.seen == self.nth:
-                raise CommandError(argv, 1, "", "ERROR: cannot snapshot: No space left on device")
-        return super().run(argv, ok_codes=ok_codes, input=input, timeout=timeout)
-
-
 def test_a_failed_snapshot_leaves_nothing_behind_and_the_vm_running(
     btrfs_vm: BtrfsVm, tmp_path: Path
 ) -> None:
@@ -297,7 +273,7 @@ def test_a_failed_snapshot_leaves_nothing_behind_and_the_vm_running(
     before = subvolumes_below(btrfs_vm.fs.mount)
     snapshot_root = btrfs_vm.fs.mount / SNAPSHOT_DIR_NAME
     # the second snapshot fails; then, both made, recording their users fails
-    for runner in (FailingRunner(), FailingRunner(prefix=("tee",), nth=1)):
+    for runner in (FaultyRunner(("btrfs", "subvolume", "snapshot"), nth=2), FaultyRunner(("tee",))):
         strategy = BtrfsSnapshotStrategy(btrfs_vm.machine, runner=runner)
         with pytest.raises(SnapshotError, match="No space left") as info:
             strategy.create(btrfs_vm.machine.disks(), name="doomed")

@@ -15,19 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import attrs
 import pytest
 
 from tests.integration.strategies.contract import Lab, StrategyContract, Write
+from tests.integration.strategies.faults import FaultyRunner
 from vmsnap.errors import CommandTimeoutError, NotFoundError, SnapshotError, UnsupportedError, UsageError
 from vmsnap.lab.guest import LabGuest
 from vmsnap.lab.image import LabImage
 from vmsnap.lab.qemu import DriveSpec
 from vmsnap.model import Disk, ExportSource
-from vmsnap.runner import DEFAULT_TIMEOUT, CommandResult, Runner
+from vmsnap.runner import Runner
 from vmsnap.strategies import strategy_class
 from vmsnap.strategies.lvm import SNAPSHOT_TAG, LvmSnapshotStrategy
 from vmsnap.strategies.lvm_tool import Lvm
@@ -459,40 +460,12 @@ def test_two_images_on_one_lv_share_one_snapshot_until_both_let_go(lab: LvmLab) 
     assert lab.snapshot_lvs() == []
 
 
-@attrs.define
-class TimingOutRunner:
-    """Runs everything in the guest, but reports the ``nth`` ``lvcreate`` as timed out after it ran: the
-    snapshot exists although the command "failed" (fault injection)."""
-
-    runner: Runner
-    nth: int = 2
-    seen: int = 0
-
-    @property
-    def host(self) -> str:
-        return self.runner.host
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        ok_codes: Collection[int] = (0,),
-        input: bytes | str | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-    ) -> CommandResult:
-        result = self.runner.run(argv, ok_codes=ok_codes, input=input, timeout=timeout)
-        if tuple(argv[:2]) == ("lvm", "lvcreate"):
-            self.seen += 1
-            if self.seen == self.nth:
-                raise CommandTimeoutError(argv, float(timeout or 0), host=self.host)
-        return result
-
-    def which(self, name: str) -> str | None:
-        return self.runner.which(name)
-
-
 def test_a_timed_out_lvcreate_that_made_its_snapshot_leaves_nothing_behind(lab: LvmLab) -> None:
-    runner = TimingOutRunner(lab.runner)
+    def timed_out(argv: tuple[str, ...], host: str) -> CommandTimeoutError:
+        return CommandTimeoutError(argv, 600, host=host)
+
+    # the second lvcreate made its snapshot, and then "timed out"
+    runner = FaultyRunner(("lvm", "lvcreate"), nth=2, error=timed_out, ran_first=True, runner=lab.runner)
     disks = [lab.raw_disk, lab.image_disk]
     strategy = LvmSnapshotStrategy(GuestDisksMachine("lvmvm", runner, disks))
     with pytest.raises(
