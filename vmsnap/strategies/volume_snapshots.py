@@ -49,8 +49,8 @@ _PACKAGE_DIR = str(Path(__file__).parent)
 
 
 def _caller_level() -> int:
-    """The ``stacklevel`` of the first frame outside this package, for a warning issued one call below here
-    (``skip_file_prefixes`` does this from Python 3.12 on)."""
+    """The ``stacklevel`` that attributes a warning issued by this function's caller to the first frame
+    outside this package, whoever called whom inside it (``skip_file_prefixes`` does it from Python 3.12)."""
     level, frame = 2, sys._getframe(2)
     while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         level, frame = level + 1, frame.f_back
