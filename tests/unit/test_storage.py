@@ -1,4 +1,5 @@
-"""Parsing and argument building of vmsnap.strategies.storage and the lvm/btrfs strategies (fakes only).
+"""Parsing and argument building of vmsnap.strategies.storage, its btrfs/lvm tool wrappers and the lvm/btrfs
+strategies (fakes only).
 
 These show which commands would run and how outputs are read; the integration tests prove they work.
 """
@@ -18,16 +19,10 @@ from vmsnap.errors import NotFoundError, SnapshotError, UnsupportedError, UsageE
 from vmsnap.model import Disk
 from vmsnap.runner import Runner
 from vmsnap.strategies.btrfs import name_of_set, snapshot_set_id
+from vmsnap.strategies.btrfs_tool import btrfs_location
 from vmsnap.strategies.lvm import LvmSnapshotStrategy, cow_size, snapshot_lv_name
-from vmsnap.strategies.storage import (
-    LVS_FIELDS,
-    btrfs_location,
-    lvm_location,
-    mount_of_path,
-    parse_lvs_json,
-    parse_mountinfo,
-    parse_vgs_json,
-)
+from vmsnap.strategies.lvm_tool import LVS_FIELDS, lvm_location, parse_lvs_json, parse_vgs_json
+from vmsnap.strategies.storage import mount_of_path, parse_mountinfo
 from vmsnap.vm.agent import GuestAgent
 from vmsnap.vm.qmp import QMPMonitor
 

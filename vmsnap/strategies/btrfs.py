@@ -7,8 +7,7 @@ resumed; the snapshots live in a hidden ``.vmsnap`` directory at the top of the 
 from __future__ import annotations
 
 import contextlib
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import ClassVar
@@ -18,13 +17,14 @@ import attrs
 from vmsnap.errors import CommandError, NotFoundError, SnapshotError, UnsupportedError, VmsnapError
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
 from vmsnap.runner import Runner
-from vmsnap.strategies.base import Capabilities, StrategyBase, paused
-from vmsnap.strategies.storage import (
-    BtrfsLocation,
-    StorageNoteWarning,
-    StorageScopeWarning,
-    btrfs_location,
-    is_btrfs_subvolume,
+from vmsnap.strategies.base import Capabilities
+from vmsnap.strategies.btrfs_tool import Btrfs, BtrfsLocation, btrfs_location, is_btrfs_subvolume
+from vmsnap.strategies.storage import StorageScopeWarning, existing_paths, quietly
+from vmsnap.strategies.volume_snapshots import (
+    VolumePlan,
+    VolumeSnapshotStrategy,
+    naming_disk,
+    users_by_volume,
 )
 from vmsnap.vm.machine import Machine
 
@@ -46,15 +46,29 @@ def name_of_set(set_id: str) -> str:
 
 
 @attrs.frozen
-class _SubvolumePlan:
-    """One live subvolume and where its read-only snapshot goes."""
+class _Placement:
+    """Where one disk lives: the subvolume of its image, and those of its backing files (outermost first)."""
+
+    top: BtrfsLocation
+    backing: tuple[BtrfsLocation, ...] = ()
+
+    @property
+    def locations(self) -> tuple[BtrfsLocation, ...]:
+        return (self.top, *self.backing)
+
+
+@attrs.frozen
+class _SubvolumeSnapshot:
+    """One live subvolume, where its read-only snapshot goes, and the disks that use it."""
 
     live: PurePosixPath
     target: PurePosixPath
     location: BtrfsLocation
+    set_id: str
+    users: tuple[str, ...]
 
 
-class BtrfsSnapshotStrategy(StrategyBase):
+class BtrfsSnapshotStrategy(VolumeSnapshotStrategy[_SubvolumeSnapshot, _Placement]):
     """Snapshot the Btrfs subvolumes under a VM's images: instant, any image format, any number of VMs.
 
     Pick it when the images live on Btrfs and you want near-zero pause and zero write amplification in QEMU
@@ -94,22 +108,13 @@ class BtrfsSnapshotStrategy(StrategyBase):
         commit_on_delete: bool = False,
         report_other_files: bool = True,
     ) -> None:
-        self.machine = machine
-        self.runner: Runner = runner if runner is not None else machine.runner
+        super().__init__(machine, runner)
+        self.btrfs = Btrfs(self.runner)
         self.snapshot_dir = PurePosixPath(snapshot_dir) if snapshot_dir is not None else None
         self.commit_on_delete = commit_on_delete
         self.report_other_files = report_other_files
-        #: human-readable notes from the last calls (other files captured, leftovers); never raised
-        self.warnings: list[str] = []
-        #: how long the VM was paused by the last create, in ms (None: it was not running)
-        self.last_pause_ms: float | None = None
 
     # -- helpers ------------------------------------------------------------------------------------
-
-    def _warn(self, message: str, category: type[UserWarning] = StorageNoteWarning) -> None:
-        """Keep ``message`` in :attr:`warnings` and issue it with :func:`warnings.warn` for callers."""
-        self.warnings.append(message)
-        warnings.warn(message, category, stacklevel=3)
 
     def _run(self, argv: Sequence[str], what: str, hint: str) -> None:
         try:
@@ -127,18 +132,26 @@ class BtrfsSnapshotStrategy(StrategyBase):
         tag = MOUNTED_SUBVOLUME_TAG if inside == PurePosixPath(".") else inside
         return self._snapshot_root(location) / set_id / tag
 
-    def _locate(self, disk: Disk) -> BtrfsLocation:
-        try:
-            return btrfs_location(self.runner, disk.file)
-        except UnsupportedError as err:
-            raise UnsupportedError(f"disk {disk.name}: {err.message}", hint=err.hint) from err
+    def _place(self, disk: Disk) -> _Placement:
+        with naming_disk(disk):
+            top = btrfs_location(self.runner, disk.file)
+            return _Placement(top, tuple(btrfs_location(self.runner, b) for b in disk.backing_chain))
 
-    def _existing(self, paths: Sequence[PurePosixPath]) -> set[str]:
-        """Which of ``paths`` exist (one ``stat`` call)."""
-        if not paths:
-            return set()
-        result = self.runner.run(["stat", "-c", "%n", "--", *map(str, paths)], ok_codes=(0, 1), timeout=120)
-        return set(result.stdout.splitlines())
+    def _details(self, set_id: str, place: _Placement, paused_ms: float | None = None) -> dict[str, str]:
+        """What a ref of this disk in snapshot set ``set_id`` records (create adds the pause)."""
+        details = {
+            "set": set_id,
+            "snapshot_subvolume": str(self._target(place.top, set_id)),
+            "live_subvolume": str(place.top.subvolume),
+            "relative": str(place.top.relative),
+        }
+        if paused_ms is not None:
+            details["paused_ms"] = f"{paused_ms:.1f}"
+        for depth, location in enumerate(place.backing):
+            target = self._target(location, set_id)
+            details[f"backing.{depth}"] = str(target / location.relative)
+            details[f"backing_subvolume.{depth}"] = str(target)
+        return details
 
     # -- the contract -------------------------------------------------------------------------------
 
@@ -153,126 +166,108 @@ class BtrfsSnapshotStrategy(StrategyBase):
 
     def create(self, disks: Sequence[Disk], *, name: str) -> Sequence[SnapshotRef]:
         """Snapshot, read-only, every subvolume holding one of ``disks`` (or their backing files), while
-        the VM is paused.
+        the VM is paused (:meth:`VolumeSnapshotStrategy.create`).
 
         :raise UnsupportedError: a disk is not on Btrfs (naming the filesystem found)
         :raise SnapshotError: a snapshot failed; those already made are deleted again, the VM runs
         """
-        if not disks:
-            raise SnapshotError("no disks to snapshot", hint="pass at least one disk")
+        return super().create(disks, name=name)
+
+    def _plan(self, disks: Sequence[Disk], name: str) -> VolumePlan[_SubvolumeSnapshot, _Placement]:
         set_id = snapshot_set_id(name)
-        self.warnings = []
-        plans: dict[PurePosixPath, _SubvolumePlan] = {}
-        where: list[tuple[Disk, BtrfsLocation, list[BtrfsLocation]]] = []
-        for disk in disks:
-            top = self._locate(disk)
-            backing = [self._locate(attrs.evolve(disk, file=Path(b))) for b in disk.backing_chain]
-            where.append((disk, top, backing))
-            for location in (top, *backing):
-                if location.subvolume not in plans:
-                    target = self._target(location, set_id)
-                    plans[location.subvolume] = _SubvolumePlan(location.subvolume, target, location)
-        self._refuse_existing_name(name, list(plans.values()))
+        placements = tuple((disk, self._place(disk)) for disk in disks)
+        first: dict[PurePosixPath, BtrfsLocation] = {}
+        for _, place in placements:
+            for location in place.locations:
+                first.setdefault(location.subvolume, location)
+        users = users_by_volume(
+            (disk.name, location.subvolume) for disk, place in placements for location in place.locations
+        )
+        targets = tuple(
+            _SubvolumeSnapshot(live, self._target(first[live], set_id), first[live], set_id, disk_names)
+            for live, disk_names in users.items()
+        )
+        self._refuse_existing_name(name, targets)
+        return VolumePlan(name, targets, placements)
+
+    def _prepare(self, plan: VolumePlan[_SubvolumeSnapshot, _Placement], undo: contextlib.ExitStack) -> None:
+        for target in plan.targets:
+            undo.callback(self._tidy_set_directories, target.target.parent, target.set_id)
+            root = self._snapshot_root(target.location)
+            self._run(
+                ["mkdir", "-p", "-m", "0700", "--", str(root)],
+                f"cannot create {root}",
+                "check permissions and free space",
+            )
+            self._run(
+                ["mkdir", "-p", "-m", "0700", "--", str(target.target.parent)],
+                f"cannot create {target.target.parent}",
+                "check permissions and free space on the Btrfs filesystem",
+            )
+
+    def _snapshot(self, target: _SubvolumeSnapshot) -> None:
+        self.btrfs.snapshot(target.live, target.target, read_only=True)
+
+    def _discard(self, target: _SubvolumeSnapshot) -> None:
+        with contextlib.suppress(VmsnapError):
+            self.btrfs.delete(target.target)
+        quietly(self.runner, ["rm", "-f", "--", str(self._users_file(target.target))], timeout=60)
+
+    def _tidy_set_directories(self, start: PurePosixPath, set_id: str) -> None:
+        with contextlib.suppress(VmsnapError):
+            self._remove_empty_dirs(start, set_id)
+
+    def _snapshot_failed(self, target: _SubvolumeSnapshot, err: VmsnapError) -> SnapshotError:
+        return SnapshotError(
+            f"btrfs snapshot of {target.live} failed: {err.message}",
+            hint="check free space (btrfs filesystem usage) and that the snapshot directory is on the "
+            "same Btrfs filesystem; nothing was left behind",
+        )
+
+    def _record_users(self, plan: VolumePlan[_SubvolumeSnapshot, _Placement]) -> None:
         try:
-            for plan in plans.values():
-                root = self._snapshot_root(plan.location)
-                mkdir_root = ["mkdir", "-p", "-m", "0700", "--", str(root)]
-                self._run(mkdir_root, f"cannot create {root}", "check permissions and free space")
-                self._run(
-                    ["mkdir", "-p", "-m", "0700", "--", str(plan.target.parent)],
-                    f"cannot create {plan.target.parent}",
-                    "check permissions and free space on the Btrfs filesystem",
-                )
-        except SnapshotError:
-            self._undo([], plans, set_id)
-            raise
-        made: list[PurePosixPath] = []
-        failure: tuple[PurePosixPath, VmsnapError] | None = None
-        with paused(self.machine) as pause:
-            for plan in plans.values():
-                try:
-                    self.runner.run(
-                        ["btrfs", "subvolume", "snapshot", "-r", "--", str(plan.live), str(plan.target)],
-                        timeout=600,
-                    )
-                except VmsnapError as err:  # also a timeout: never leave a half-made set behind
-                    failure = (plan.live, err)
-                    break
-                made.append(plan.target)
-        if failure is not None:
-            self._undo(made, plans, set_id)
-            raise SnapshotError(
-                f"btrfs snapshot of {failure[0]} failed: {failure[1].message}",
-                hint="check free space (btrfs filesystem usage) and that the snapshot directory is on the "
-                "same Btrfs filesystem; nothing was left behind",
-            ) from failure[1]
-        self.last_pause_ms = pause["paused_ms"] if self.machine.is_running else None
-        paused_ms = f"{pause['paused_ms']:.1f}"
-        try:
-            for live, plan in plans.items():
-                users = {d.name for d, t, b in where if live in {loc.subvolume for loc in (t, *b)}}
-                self._write_users(plan.target, sorted(users))
+            for target in plan.targets:
+                self._write_users(target.target, sorted(target.users))
         except VmsnapError as err:
-            self._undo(made, plans, set_id)
             raise SnapshotError(
-                f"cannot record which disks use snapshot {set_id}: {err.message}",
+                f"cannot record which disks use snapshot {plan.targets[0].set_id}: {err.message}",
                 hint="check the snapshot directory's permissions and free space; nothing was left behind",
             ) from err
-        images = {str(loc.file) for _, top, backing in where for loc in (top, *backing)}
+
+    def _refs(self, plan: VolumePlan[_SubvolumeSnapshot, _Placement], paused_ms: float) -> list[SnapshotRef]:
+        images = {str(loc.file) for _, place in plan.placements for loc in place.locations}
         try:
-            others = self._other_files(plans, images) if self.report_other_files else {}
+            others = self._other_files(plan.targets, images) if self.report_other_files else {}
         except VmsnapError as err:  # only a report: the snapshots are good
             self._warn(f"could not list the other files captured with this VM's disks: {err.message}")
             others = {}
         refs = []
-        for disk, top, backing in where:
-            plan = plans[top.subvolume]
-            details = {
-                "set": set_id,
-                "snapshot_subvolume": str(plan.target),
-                "live_subvolume": str(top.subvolume),
-                "relative": str(top.relative),
-                "paused_ms": paused_ms,
-            }
-            for depth, location in enumerate(backing):
-                details[f"backing.{depth}"] = str(plans[location.subvolume].target / location.relative)
-                details[f"backing_subvolume.{depth}"] = str(plans[location.subvolume].target)
-            captured = others.get(top.subvolume, [])
+        for disk, place in plan.placements:
+            details = self._details(plan.targets[0].set_id, place, paused_ms)
+            captured = others.get(place.top.subvolume, [])
             if captured:
                 details["other_files"] = str(len(captured))
                 details["warning"] = (
-                    f"the snapshot of {top.subvolume} also holds {len(captured)} other file(s), e.g. "
+                    f"the snapshot of {place.top.subvolume} also holds {len(captured)} other file(s), e.g. "
                     f"{', '.join(captured[:3])}; rollback turns them back too (scope: all storage)"
                 )
-            refs.append(SnapshotRef(self.name, name, disk, str(plan.target / top.relative), details))
+            location = PurePosixPath(details["snapshot_subvolume"]) / place.top.relative
+            refs.append(SnapshotRef(self.name, plan.name, disk, str(location), details))
         return refs
-
-    def _undo(
-        self, made: Sequence[PurePosixPath], plans: Mapping[PurePosixPath, _SubvolumePlan], set_id: str
-    ) -> None:
-        """Delete the snapshots a failed create made, and the directories it made for them."""
-        for target in made:
-            with contextlib.suppress(VmsnapError):
-                self.runner.run(["btrfs", "subvolume", "delete", "--", str(target)], timeout=600)
-            with contextlib.suppress(VmsnapError):
-                self.runner.run(["rm", "-f", "--", str(self._users_file(target))], timeout=60)
-        for plan in plans.values():
-            with contextlib.suppress(VmsnapError):
-                self._remove_empty_dirs(plan.target.parent, set_id)
 
     def _set_ids(self, root: PurePosixPath) -> list[str]:
         """The snapshot sets in ``root``, oldest first (empty when it does not exist)."""
         listing = self.runner.run(["ls", "-1", "--", str(root)], ok_codes=(0, 1, 2), timeout=60)
         return sorted(s for s in listing.stdout.splitlines() if s) if listing.exit_code == 0 else []
 
-    def _refuse_existing_name(self, name: str, plans: Sequence[_SubvolumePlan]) -> None:
+    def _refuse_existing_name(self, name: str, targets: Sequence[_SubvolumeSnapshot]) -> None:
         """Refuse a name that a snapshot of one of these subvolumes carries already."""
         candidates = []
-        for plan in plans:
-            for set_id in self._set_ids(self._snapshot_root(plan.location)):
+        for target in targets:
+            for set_id in self._set_ids(self._snapshot_root(target.location)):
                 if name_of_set(set_id) == name:
-                    candidates.append(self._target(plan.location, set_id))
-        clash = self._existing(candidates)
+                    candidates.append(self._target(target.location, set_id))
+        clash = existing_paths(self.runner, candidates)
         if clash:
             raise SnapshotError(
                 f"a snapshot named {name} of this storage exists already ({sorted(clash)[0]})",
@@ -280,17 +275,18 @@ class BtrfsSnapshotStrategy(StrategyBase):
             )
 
     def _other_files(
-        self, plans: Mapping[PurePosixPath, _SubvolumePlan], images: set[str]
+        self, targets: Sequence[_SubvolumeSnapshot], images: set[str]
     ) -> dict[PurePosixPath, list[str]]:
         """Files in each snapshot that are not the VM's images (``find -xdev`` stays inside one subvolume)."""
         found: dict[PurePosixPath, list[str]] = {}
-        for live, plan in plans.items():
+        for target in targets:
+            live = target.live
             result = self.runner.run(
-                ["find", str(plan.target), "-xdev", "-type", "f"], ok_codes=(0, 1), timeout=600
+                ["find", str(target.target), "-xdev", "-type", "f"], ok_codes=(0, 1), timeout=600
             )
             others = []
             for line in result.stdout.splitlines():
-                original = live / PurePosixPath(line).relative_to(plan.target)
+                original = live / PurePosixPath(line).relative_to(target.target)
                 if str(original) not in images:
                     others.append(str(original))
             if others:
@@ -306,9 +302,8 @@ class BtrfsSnapshotStrategy(StrategyBase):
     def _export(self, snap: SnapshotRef) -> Iterator[ExportSource]:
         image = PurePosixPath(snap.location)
         backing = [snap.details[f"backing.{i}"] for i in range(len(snap.disk.backing_chain))]
-        missing = set(map(str, [image, *map(PurePosixPath, backing)])) - self._existing(
-            [image, *map(PurePosixPath, backing)]
-        )
+        paths = [image, *map(PurePosixPath, backing)]
+        missing = set(map(str, paths)) - existing_paths(self.runner, paths)
         if missing:
             raise NotFoundError(
                 f"snapshot {snap.name} of disk {snap.disk.name}: {sorted(missing)[0]} does not exist",
@@ -364,12 +359,13 @@ class BtrfsSnapshotStrategy(StrategyBase):
                     self._write_users(target, remaining)
                 return
         if is_btrfs_subvolume(self.runner, target):
-            argv = ["btrfs", "subvolume", "delete", *(["-c"] if self.commit_on_delete else []), "--"]
-            self._run(
-                [*argv, str(target)],
-                f"cannot delete snapshot {target}",
-                "check that nothing has it mounted or open; `btrfs subvolume delete` it by hand",
-            )
+            try:
+                self.btrfs.delete(target, commit=self.commit_on_delete)
+            except CommandError as err:
+                raise SnapshotError(
+                    f"cannot delete snapshot {target}: {err.message}",
+                    hint="check that nothing has it mounted or open; `btrfs subvolume delete` it by hand",
+                ) from err
         self.runner.run(["rm", "-f", "--", str(users_file)], timeout=60)
         if set_id and set_id in target.parts:
             self._remove_empty_dirs(target.parent, set_id)
@@ -396,11 +392,7 @@ class BtrfsSnapshotStrategy(StrategyBase):
             live subvolume is put back)
         :raise UnsupportedError: the live subvolume is a mount point or holds nested subvolumes
         """
-        if self.machine.is_running:
-            raise SnapshotError(
-                f"{self.machine.name} is running: a btrfs rollback replaces the files under it",
-                hint="shut the VM down, then roll back",
-            )
+        self._refuse_while_running("a btrfs rollback replaces the files under it")
         source = PurePosixPath(snap.details.get("snapshot_subvolume", ""))
         live = PurePosixPath(snap.details.get("live_subvolume", ""))
         if not is_btrfs_subvolume(self.runner, source):
@@ -413,11 +405,10 @@ class BtrfsSnapshotStrategy(StrategyBase):
                 f"{live} is a mount point, which cannot be swapped for a snapshot",
                 hint="keep VM images in a subvolume below the mount point (btrfs subvolume create)",
             )
-        nested = self.runner.run(["btrfs", "subvolume", "list", "-o", "--", str(live)], timeout=120)
-        if nested.stdout.strip():
-            first = nested.stdout.strip().splitlines()[0].split()[-1]
+        nested = self.btrfs.nested(live)
+        if nested:
             raise UnsupportedError(
-                f"{live} holds nested subvolumes (e.g. {first}) that a rollback would orphan",
+                f"{live} holds nested subvolumes (e.g. {nested[0]}) that a rollback would orphan",
                 hint="move them out of the VM's subvolume first",
             )
         holders = self._processes_using(live)
@@ -431,16 +422,15 @@ class BtrfsSnapshotStrategy(StrategyBase):
         aside = live.parent / f".{live.name}.vmsnap-rollback-{stamp}"
         self._run(["mv", "-T", "--", str(live), str(aside)], f"cannot move {live} aside", "check permissions")
         try:
-            self.runner.run(["btrfs", "subvolume", "snapshot", "--", str(source), str(live)], timeout=600)
-        except CommandError as err:
-            with contextlib.suppress(VmsnapError):
-                self.runner.run(["mv", "-T", "--", str(aside), str(live)], timeout=60)
+            self.btrfs.snapshot(source, live, read_only=False)
+        except VmsnapError as err:
+            quietly(self.runner, ["mv", "-T", "--", str(aside), str(live)], timeout=60)
             raise SnapshotError(
                 f"cannot restore {live} from {source}: {err.message}",
                 hint="the live subvolume was put back unchanged; check free space",
             ) from err
         try:
-            self.runner.run(["btrfs", "subvolume", "delete", "--", str(aside)], timeout=600)
+            self.btrfs.delete(aside)
         except CommandError as err:
             self._warn(f"rolled back, but the old {live} stays at {aside} (delete it by hand): {err.message}")
 
@@ -460,28 +450,19 @@ class BtrfsSnapshotStrategy(StrategyBase):
         refs: list[SnapshotRef] = []
         for disk in self.machine.disks():
             try:
-                top = btrfs_location(self.runner, disk.file)
+                place = self._place(disk)
             except (UnsupportedError, NotFoundError):
-                continue
-            try:
-                backing = [btrfs_location(self.runner, b) for b in disk.backing_chain]
-            except (UnsupportedError, NotFoundError):
-                backing = []
-            set_ids = self._set_ids(self._snapshot_root(top))
-            candidates = {s: self._target(top, s) for s in set_ids}
-            images = {s: t / top.relative for s, t in candidates.items()}
-            present = self._existing(list(images.values()))
-            for set_id in set_ids:
-                if str(images[set_id]) not in present:
+                try:  # its backing files are elsewhere: its own image may still have snapshots
+                    place = _Placement(btrfs_location(self.runner, disk.file))
+                except (UnsupportedError, NotFoundError):
                     continue
-                details = {
-                    "set": set_id,
-                    "snapshot_subvolume": str(candidates[set_id]),
-                    "live_subvolume": str(top.subvolume),
-                    "relative": str(top.relative),
-                }
-                for depth, location in enumerate(backing):
-                    details[f"backing.{depth}"] = str(self._target(location, set_id) / location.relative)
-                    details[f"backing_subvolume.{depth}"] = str(self._target(location, set_id))
-                refs.append(SnapshotRef(self.name, name_of_set(set_id), disk, str(images[set_id]), details))
+            top = place.top
+            set_ids = self._set_ids(self._snapshot_root(top))
+            images = {s: self._target(top, s) / top.relative for s in set_ids}
+            present = existing_paths(self.runner, list(images.values()))
+            for set_id in set_ids:
+                if str(images[set_id]) in present:
+                    details = self._details(set_id, place)
+                    name = name_of_set(set_id)
+                    refs.append(SnapshotRef(self.name, name, disk, str(images[set_id]), details))
         return sorted(refs, key=lambda ref: ref.details["set"])  # stable: disks stay in device order

@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import PurePosixPath
 from typing import ClassVar
 
 import attrs
@@ -26,16 +24,14 @@ from vmsnap.errors import (
 )
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
 from vmsnap.runner import Runner
-from vmsnap.strategies.base import Capabilities, StrategyBase, paused
-from vmsnap.strategies.storage import (
-    LogicalVolume,
-    LvmLocation,
-    StorageNoteWarning,
-    StorageScopeWarning,
-    list_logical_volumes,
-    logical_volume,
-    lvm_location,
-    volume_group_space,
+from vmsnap.strategies.base import Capabilities
+from vmsnap.strategies.lvm_tool import LogicalVolume, Lvm, LvmLocation, lvm_location
+from vmsnap.strategies.storage import StorageScopeWarning, mounted_read_only
+from vmsnap.strategies.volume_snapshots import (
+    VolumePlan,
+    VolumeSnapshotStrategy,
+    naming_disk,
+    users_by_volume,
 )
 from vmsnap.vm.machine import Machine
 
@@ -119,16 +115,26 @@ def snapshot_lv_name(origin: str, name: str) -> str:
 
 
 @attrs.frozen
-class _Plan:
-    """One origin LV and the snapshot to make of it."""
+class _LvSnapshot:
+    """One origin LV, the snapshot to make of it, and the disks that use it."""
 
     origin: LogicalVolume
     lv_name: str
     size: int | None  # None: thin
-    users: tuple[str, ...] = ()  # the disks that use this snapshot
+    users: tuple[str, ...] = ()
+
+    @property
+    def full_name(self) -> str:
+        """The snapshot LV as ``vg/lv``."""
+        return f"{self.origin.vg}/{self.lv_name}"
+
+    @property
+    def tags(self) -> list[str]:
+        """``vmsnap``, then one user tag per disk whose name a tag can hold."""
+        return [SNAPSHOT_TAG, *(tag for tag in map(user_tag, self.users) if tag is not None)]
 
 
-class LvmSnapshotStrategy(StrategyBase):
+class LvmSnapshotStrategy(VolumeSnapshotStrategy[_LvSnapshot, LvmLocation]):
     """Snapshot the LVM logical volume under each disk: works for raw or qcow2 on an LV and for image files
     on a filesystem on an LV.
 
@@ -169,32 +175,18 @@ class LvmSnapshotStrategy(StrategyBase):
         snapshot_size: SizeRule = None,
         mount_base: str = "/tmp",
     ) -> None:
-        self.machine = machine
-        self.runner: Runner = runner if runner is not None else machine.runner
+        super().__init__(machine, runner)
+        self.lvm = Lvm(self.runner)
         self.snapshot_size = snapshot_size
         cow_size(snapshot_size, 1 << 30)  # a malformed rule fails here, not halfway through a backup
         self.mount_base = mount_base
-        #: human-readable notes from the last calls (a deferred merge, …); never raised
-        self.warnings: list[str] = []
-        #: how long the VM was paused by the last create, in ms (None: it was not running)
-        self.last_pause_ms: float | None = None
         self._merged: set[str] = set()  # snapshot LVs this instance merged (disks sharing one LV)
 
     # -- helpers ------------------------------------------------------------------------------------
 
-    def _warn(self, message: str, category: type[UserWarning] = StorageNoteWarning) -> None:
-        """Keep ``message`` in :attr:`warnings` and issue it with :func:`warnings.warn` for callers."""
-        self.warnings.append(message)
-        warnings.warn(message, category, stacklevel=3)
-
-    def _lvm(self, *args: str, timeout: float = 600) -> str:
-        return self.runner.run(["lvm", *args], timeout=timeout).stdout
-
     def _locate(self, disk: Disk, volumes: Sequence[LogicalVolume]) -> LvmLocation:
-        try:
+        with naming_disk(disk):
             return lvm_location(self.runner, disk.file, volumes)
-        except UnsupportedError as err:
-            raise UnsupportedError(f"disk {disk.name}: {err.message}", hint=err.hint) from err
 
     def _snapshot_lv(self, snap: SnapshotRef) -> str:
         full = snap.details.get("snapshot_lv", "")
@@ -202,14 +194,21 @@ class LvmSnapshotStrategy(StrategyBase):
             raise SnapshotError(f"snapshot {snap.name} has no LV recorded", hint="is it an lvm one?")
         return full
 
-    def _remove_quietly(self, full_name: str, *, if_exists: bool = False) -> None:
-        with contextlib.suppress(VmsnapError):
-            if if_exists:
-                try:
-                    logical_volume(self.runner, full_name)
-                except NotFoundError:
-                    return
-            self.runner.run(["lvm", "lvremove", "-y", full_name], timeout=600)
+    @staticmethod
+    def _details(
+        origin: LogicalVolume, snapshot_lv: str, thin: bool, location: LvmLocation
+    ) -> dict[str, str]:
+        """What a ref records (the same for create and list; create adds the pause and the size)."""
+        details = {
+            "origin": origin.full_name,
+            "snapshot_lv": snapshot_lv,
+            "thin": "1" if thin else "0",
+            "kind": "file" if location.is_file else "device",
+        }
+        if location.is_file and location.mount is not None:
+            details["relative"] = str(location.relative)
+            details["fstype"] = location.mount.fstype
+        return details
 
     # -- the contract -------------------------------------------------------------------------------
 
@@ -221,104 +220,42 @@ class LvmSnapshotStrategy(StrategyBase):
             return False
         return True
 
-    def create_argv(self, plan: _Plan) -> list[str]:
-        """The ``lvcreate`` command for one snapshot (``-L`` only for classic snapshots)."""
-        argv = ["lvm", "lvcreate", "-s", "-n", plan.lv_name]
-        if plan.size is not None:
-            argv += ["-L", f"{plan.size}b"]
-        argv += ["--addtag", SNAPSHOT_TAG]
-        for user in plan.users:
-            tag = user_tag(user)
-            if tag is not None:
-                argv += ["--addtag", tag]
-        return [*argv, plan.origin.full_name]
-
     def create(self, disks: Sequence[Disk], *, name: str) -> Sequence[SnapshotRef]:
-        """Snapshot the LV under every disk (each LV once), inside ``stop``/``cont`` when the VM runs.
+        """Snapshot the LV under every disk (each LV once), inside ``stop``/``cont`` when the VM runs
+        (:meth:`VolumeSnapshotStrategy.create`).
 
         :raise UnsupportedError: a disk is not on LVM (naming what it is on)
         :raise SnapshotError: the volume group lacks space, or lvcreate failed; nothing is left behind
         """
-        if not disks:
-            raise SnapshotError("no disks to snapshot", hint="pass at least one disk")
-        validate_name(name, "snapshot name")
-        self.warnings = []
-        volumes = list_logical_volumes(self.runner)
-        where = [(disk, self._locate(disk, volumes)) for disk in disks]
-        plans: dict[str, _Plan] = {}
-        for disk, location in where:
-            origin = location.volume
+        return super().create(disks, name=name)
+
+    def _plan(self, disks: Sequence[Disk], name: str) -> VolumePlan[_LvSnapshot, LvmLocation]:
+        volumes = self.lvm.volumes()
+        placements = tuple((disk, self._locate(disk, volumes)) for disk in disks)
+        origins = {location.volume.full_name: location.volume for _, location in placements}
+        for origin in origins.values():
             if origin.is_snapshot and not origin.is_thin:
                 raise UnsupportedError(
                     f"{origin.full_name} is itself a classic snapshot", hint="snapshot its origin instead"
                 )
-            if origin.full_name not in plans:
-                size = None if origin.is_thin else cow_size(self.snapshot_size, origin.size)
-                plans[origin.full_name] = _Plan(origin, snapshot_lv_name(origin.name, name), size)
-            plan = plans[origin.full_name]
-            plans[origin.full_name] = attrs.evolve(plan, users=(*plan.users, disk.name))
+        users = users_by_volume((disk.name, location.volume.full_name) for disk, location in placements)
+        targets = []
+        for full_name, disk_names in users.items():
+            origin = origins[full_name]
+            size = None if origin.is_thin else cow_size(self.snapshot_size, origin.size)
+            targets.append(_LvSnapshot(origin, snapshot_lv_name(origin.name, name), size, disk_names))
         existing = {v.full_name for v in volumes}
-        for plan in plans.values():
-            if f"{plan.origin.vg}/{plan.lv_name}" in existing:
-                raise SnapshotError(
-                    f"snapshot {plan.origin.vg}/{plan.lv_name} exists already", hint="use another name"
-                )
-        self._check_space(list(plans.values()))
-        made: list[str] = []
-        failure: tuple[str, VmsnapError] | None = None
-        with paused(self.machine) as pause:
-            for plan in plans.values():
-                try:
-                    self.runner.run(self.create_argv(plan), timeout=600)
-                except VmsnapError as err:  # also a timeout: never leave some snapshots behind
-                    failure = (plan.origin.full_name, err)
-                    break
-                made.append(f"{plan.origin.vg}/{plan.lv_name}")
-        if failure is not None:
-            for full_name in made:
-                self._remove_quietly(full_name)
-            # a timed-out lvcreate may still have made its LV
-            self._remove_quietly(f"{plans[failure[0]].origin.vg}/{plans[failure[0]].lv_name}", if_exists=True)
-            raise SnapshotError(
-                f"lvcreate of a snapshot of {failure[0]} failed: {failure[1].message}",
-                hint="check free space in the volume group (vgs); nothing was left behind",
-            ) from failure[1]
-        self.last_pause_ms = pause["paused_ms"] if self.machine.is_running else None
-        on_filesystems = {loc.mount.mount_point: loc.volume for _, loc in where if loc.mount is not None}
-        for mount_point, volume in on_filesystems.items():
-            self._warn(
-                f"the snapshot of {volume.full_name} holds every file under {mount_point}, not only this "
-                "VM's disks, and a rollback turns all of them back",
-                StorageScopeWarning,
-            )
-        refs = []
-        for disk, location in where:
-            plan = plans[location.volume.full_name]
-            details = {
-                "origin": plan.origin.full_name,
-                "snapshot_lv": f"{plan.origin.vg}/{plan.lv_name}",
-                "thin": "1" if plan.size is None else "0",
-                "paused_ms": f"{pause['paused_ms']:.1f}",
-                "kind": "file" if location.is_file else "device",
-            }
-            if plan.size is not None:
-                details["cow_size"] = str(plan.size)
-            if location.is_file and location.mount is not None:
-                details["relative"] = str(location.relative)
-                details["fstype"] = location.mount.fstype
-                details["warning"] = (
-                    f"the snapshot holds all of {location.mount.mount_point} ({plan.origin.full_name}), "
-                    "not only this disk; rollback turns all of it back (scope: all storage)"
-                )
-            refs.append(SnapshotRef(self.name, name, disk, f"/dev/{plan.origin.vg}/{plan.lv_name}", details))
-        return refs
+        for target in targets:
+            if target.full_name in existing:
+                raise SnapshotError(f"snapshot {target.full_name} exists already", hint="use another name")
+        return VolumePlan(name, tuple(targets), placements)
 
-    def _check_space(self, plans: Sequence[_Plan]) -> None:
-        for vg in sorted({p.origin.vg for p in plans if p.size is not None}):
-            space = volume_group_space(self.runner, vg)
-            extents = sum(
-                -(-p.size // space.extent_size) for p in plans if p.origin.vg == vg and p.size is not None
-            )
+    def _prepare(self, plan: VolumePlan[_LvSnapshot, LvmLocation], undo: contextlib.ExitStack) -> None:
+        """Refuse, before anything is made, snapshots the volume groups have no room for."""
+        classic = [t for t in plan.targets if t.size is not None]
+        for vg in sorted({t.origin.vg for t in classic}):
+            space = self.lvm.group_space(vg)
+            extents = sum(-(-(t.size or 0) // space.extent_size) for t in classic if t.origin.vg == vg)
             if extents * space.extent_size > space.free:
                 raise SnapshotError(
                     f"volume group {vg} has {space.free // MiB} MiB free; the snapshot(s) need "
@@ -327,14 +264,52 @@ class LvmSnapshotStrategy(StrategyBase):
                     "nothing was created",
                 )
 
+    def _snapshot(self, target: _LvSnapshot) -> None:
+        self.lvm.create_snapshot(target.origin.full_name, target.lv_name, size=target.size, tags=target.tags)
+
+    def _discard(self, target: _LvSnapshot) -> None:
+        with contextlib.suppress(VmsnapError):  # also when it was never made: lvremove fails, quietly
+            self.lvm.remove(target.full_name)
+
+    def _snapshot_failed(self, target: _LvSnapshot, err: VmsnapError) -> SnapshotError:
+        return SnapshotError(
+            f"lvcreate of a snapshot of {target.origin.full_name} failed: {err.message}",
+            hint="check free space in the volume group (vgs); nothing was left behind",
+        )
+
+    def _refs(self, plan: VolumePlan[_LvSnapshot, LvmLocation], paused_ms: float) -> list[SnapshotRef]:
+        on_filesystems = {loc.mount.mount_point: loc.volume for _, loc in plan.placements if loc.mount}
+        for mount_point, volume in on_filesystems.items():
+            self._warn(
+                f"the snapshot of {volume.full_name} holds every file under {mount_point}, not only this "
+                "VM's disks, and a rollback turns all of them back",
+                StorageScopeWarning,
+            )
+        targets = {t.origin.full_name: t for t in plan.targets}
+        refs = []
+        for disk, location in plan.placements:
+            target = targets[location.volume.full_name]
+            details = self._details(target.origin, target.full_name, target.size is None, location)
+            details["paused_ms"] = f"{paused_ms:.1f}"
+            if target.size is not None:
+                details["cow_size"] = str(target.size)
+            if location.is_file and location.mount is not None:
+                details["warning"] = (
+                    f"the snapshot holds all of {location.mount.mount_point} ({target.origin.full_name}), "
+                    "not only this disk; rollback turns all of it back (scope: all storage)"
+                )
+            refs.append(SnapshotRef(self.name, plan.name, disk, f"/dev/{target.full_name}", details))
+        return refs
+
     def fill(self, snap: SnapshotRef) -> float | None:
         """How full the snapshot's copy-on-write area is, in percent (``lvs -o snap_percent``).
 
         :raise NotFoundError: the snapshot LV is gone
         """
-        return logical_volume(self.runner, self._snapshot_lv(snap)).snap_percent
+        return self.lvm.volume(self._snapshot_lv(snap)).snap_percent
 
     def _check_valid(self, snap: SnapshotRef, volume: LogicalVolume) -> None:
+        """:raise SnapshotError: the snapshot overflowed (its content is lost)."""
         if volume.is_invalid:
             raise SnapshotError(
                 f"snapshot {volume.full_name} of disk {snap.disk.name} is invalid: its copy-on-write area "
@@ -343,50 +318,48 @@ class LvmSnapshotStrategy(StrategyBase):
             )
 
     @contextlib.contextmanager
+    def _failing_on_overflow(self, snap: SnapshotRef, full: str) -> Iterator[None]:
+        """After the body, also when it raised: an overflow during the copy makes whatever was read
+        worthless, so say so, loudly (the body's own error becomes the cause)."""
+        failed: BaseException | None = None
+        try:
+            yield
+        except BaseException as err:
+            failed = err
+            raise
+        finally:
+            try:
+                self._check_valid(snap, self.lvm.volume(full))
+            except SnapshotError as err:
+                raise err from failed
+
+    @contextlib.contextmanager
     def _export(self, snap: SnapshotRef) -> Iterator[ExportSource]:
         full = self._snapshot_lv(snap)
-        volume = logical_volume(self.runner, full)
+        volume = self.lvm.volume(full)
         self._check_valid(snap, volume)
-        thin = snap.details.get("thin") == "1"
-        if thin:
-            self.runner.run(["lvm", "lvchange", "-ay", "-K", full], timeout=600)
-        mount_dir = ""
-        try:
+        disk = snap.disk
+        with contextlib.ExitStack() as cleanup:
+            if snap.details.get("thin") == "1":
+                self.lvm.activate(full, ignore_skip=True)
+                cleanup.callback(self._deactivate_quietly, full)
             if snap.details.get("kind") == "file":
-                mount_dir = self.runner.run(
-                    ["mktemp", "-d", "-p", self.mount_base, "vmsnap-lvm.XXXXXX"], timeout=60
-                ).stdout.strip()
                 options = "ro,nouuid" if snap.details.get("fstype") == "xfs" else "ro"
-                self.runner.run(["mount", "-o", options, volume.device, mount_dir], timeout=600)
-                location = str(PurePosixPath(mount_dir) / snap.details["relative"])
-                source = ExportSource("file", location, snap.disk.format, snap.disk, snap.disk.virtual_size)
-            else:
-                source = ExportSource(
-                    "block", volume.device, snap.disk.format, snap.disk, snap.disk.virtual_size
+                mount_dir = cleanup.enter_context(
+                    mounted_read_only(
+                        self.runner, volume.device, base=self.mount_base, prefix="vmsnap-lvm", options=options
+                    )
                 )
-            failed: BaseException | None = None
-            try:
+                location = str(mount_dir / snap.details["relative"])
+                source = ExportSource("file", location, disk.format, disk, disk.virtual_size)
+            else:
+                source = ExportSource("block", volume.device, disk.format, disk, disk.virtual_size)
+            with self._failing_on_overflow(snap, full):
                 yield source
-            except BaseException as err:
-                failed = err
-                raise
-            finally:
-                # an overflow during the copy makes whatever was read worthless: say so, loudly
-                after = logical_volume(self.runner, full)
-                if after.is_invalid:
-                    try:
-                        self._check_valid(snap, after)
-                    except SnapshotError as err:
-                        raise err from failed
-        finally:
-            if mount_dir:
-                with contextlib.suppress(VmsnapError):
-                    self.runner.run(["umount", mount_dir], timeout=600)
-                with contextlib.suppress(VmsnapError):
-                    self.runner.run(["rmdir", mount_dir], timeout=60)
-            if thin:
-                with contextlib.suppress(VmsnapError):
-                    self.runner.run(["lvm", "lvchange", "-an", full], timeout=600)
+
+    def _deactivate_quietly(self, full: str) -> None:
+        with contextlib.suppress(VmsnapError):
+            self.lvm.deactivate(full)
 
     def export(self, snap: SnapshotRef) -> contextlib.AbstractContextManager[ExportSource]:
         """The snapshot device (disk is the LV), or the image file on the snapshot mounted read-only.
@@ -406,19 +379,18 @@ class LvmSnapshotStrategy(StrategyBase):
         :raise SnapshotError: lvremove failed (e.g. the snapshot is mounted)
         """
         full = self._snapshot_lv(snap)
-        try:
-            volume = logical_volume(self.runner, full)
-        except NotFoundError:
+        volume = self.lvm.find(full)
+        if volume is None:
             return
         users = [t for t in volume.tags if t.startswith(USER_TAG_PREFIX)]
         mine = user_tag(snap.disk.name)
         if mine is not None and mine in users and len(users) > 1:
-            self.runner.run(["lvm", "lvchange", "--deltag", mine, full], timeout=600)
+            self.lvm.delete_tag(full, mine)
             return
         if users and mine is not None and mine not in users:
             return  # this disk let go of it already; others still use it
         try:
-            self.runner.run(["lvm", "lvremove", "-y", full], timeout=600)
+            self.lvm.remove(full)
         except CommandError as err:
             raise SnapshotError(
                 f"cannot remove snapshot {full}: {err.message}",
@@ -434,14 +406,10 @@ class LvmSnapshotStrategy(StrategyBase):
 
         :raise SnapshotError: the VM runs, the snapshot is invalid, or lvconvert failed
         """
-        if self.machine.is_running:
-            raise SnapshotError(
-                f"{self.machine.name} is running: merging a snapshot changes the blocks under it",
-                hint="shut the VM down, then roll back",
-            )
+        self._refuse_while_running("merging a snapshot changes the blocks under it")
         full = self._snapshot_lv(snap)
         try:
-            volume = logical_volume(self.runner, full)
+            volume = self.lvm.volume(full)
         except NotFoundError:
             if full in self._merged:
                 return  # another disk on the same LV rolled it back already
@@ -451,36 +419,30 @@ class LvmSnapshotStrategy(StrategyBase):
         self._check_valid(snap, volume)
         self._merged.add(full)
         try:
-            result = self.runner.run(["lvm", "lvconvert", "--merge", "-i", "1", full], timeout=3600)
+            printed = self.lvm.merge(full)
         except CommandError as err:
             raise SnapshotError(
                 f"cannot merge {full} into {snap.details.get('origin', '?')}: {err.message}",
                 hint="see `lvs -a`; the origin is unchanged unless lvs shows it merging",
             ) from err
-        try:
-            still = logical_volume(self.runner, full)
-        except NotFoundError:
+        if not self.lvm.exists(full):
             return  # merged
         origin = snap.details.get("origin", "the origin")
         self._warn(
-            f"the merge of {still.full_name} into {origin} starts on its next activation because {origin} "
-            f"is open now ({result.stdout.strip() or 'in use'}): unmount it / stop its users, then "
+            f"the merge of {full} into {origin} starts on its next activation because {origin} "
+            f"is open now ({printed.strip() or 'in use'}): unmount it / stop its users, then "
             f"`lvchange -an {origin}` and `lvchange -ay {origin}`"
         )
 
     def merge_pending(self, snap: SnapshotRef) -> bool:
         """True while a rollback's merge has not finished (the snapshot LV still exists)."""
-        try:
-            logical_volume(self.runner, self._snapshot_lv(snap))
-        except NotFoundError:
-            return False
-        return True
+        return self.lvm.exists(self._snapshot_lv(snap))
 
     def list(self) -> Sequence[SnapshotRef]:
         """The snapshots this strategy made of the machine's disks' LVs, oldest first (LV creation time)."""
         refs: list[tuple[str, SnapshotRef]] = []
         disks = self.machine.disks()
-        volumes = list_logical_volumes(self.runner) if disks else []
+        volumes = self.lvm.volumes() if disks else []
         for disk in disks:
             try:
                 location = lvm_location(self.runner, disk.file, volumes)
@@ -496,15 +458,7 @@ class LvmSnapshotStrategy(StrategyBase):
                     or not volume.name.startswith(prefix)
                 ):
                     continue
-                details = {
-                    "origin": origin.full_name,
-                    "snapshot_lv": volume.full_name,
-                    "thin": "1" if volume.is_thin else "0",
-                    "kind": "file" if location.is_file else "device",
-                }
-                if location.is_file and location.mount is not None:
-                    details["relative"] = str(location.relative)
-                    details["fstype"] = location.mount.fstype
+                details = self._details(origin, volume.full_name, volume.is_thin, location)
                 name = volume.name[len(prefix) :]
                 refs.append((volume.created, SnapshotRef(self.name, name, disk, volume.device, details)))
         return [ref for _, ref in sorted(refs, key=lambda item: item[0])]

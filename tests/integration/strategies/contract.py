@@ -2,7 +2,10 @@
 
 Like fsspec's abstract test suite: a subclass names its strategy and, when its disks live elsewhere (a Btrfs
 loop mount, LVM inside the lab guest), overrides :meth:`StrategyContract.make_lab` to return its own
-:class:`Lab`. Every test writes known patterns, snapshots, writes more, and compares bytes with qemu-img.
+:class:`Lab`. Every test writes known patterns, snapshots, writes more, and compares the disks' guest-visible
+content through the lab's content hooks (:meth:`Lab.content`, :meth:`Lab.export_content`,
+:meth:`Lab.expected_content`, :meth:`Lab.assert_same`, :meth:`Lab.differ`): by default standalone qcow2
+copies compared with ``qemu-img compare``; the LVM lab keeps sha256 sums computed inside the lab guest.
 
 Usage::
 
@@ -19,7 +22,7 @@ import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 import pytest
 
@@ -33,6 +36,13 @@ from vmsnap.strategies.base import Strategy
 from vmsnap.vm.machine import Machine, OfflineMachine, QemuMachine, find_disk
 
 MiB = 1 << 20
+
+Content: TypeAlias = Any
+"""What a lab keeps of a disk's guest-visible content; only the same lab compares two of them (the default
+labs: a standalone qcow2 copy on the host; the LVM lab: a sha256 hex digest computed inside the guest)."""
+
+Write: TypeAlias = tuple[int, int, int]
+"""(offset, length, pattern byte) of one write to a disk."""
 
 
 def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
@@ -108,6 +118,38 @@ class Lab:
     def capture(self, disk: str, dest: Path) -> Path:
         """Copy the disk's current guest-visible content into a standalone qcow2 ``dest``."""
         raise NotImplementedError
+
+    # -- content: what the contract keeps and compares (a lab overrides all five, or none) -------------
+
+    def content(self, disk: str, tag: str) -> Content:
+        """The disk's current guest-visible content (default: a qcow2 copy ``<tag>-<disk>.qcow2``)."""
+        return self.capture(disk, self.workdir / f"{tag}-{disk}.qcow2")
+
+    def export_content(self, source: ExportSource, tag: str) -> Content:
+        """What ``source`` serves, read as a transport reads it (default: ``qemu-img convert`` into a qcow2
+        ``export-<disk>-<tag>.qcow2``)."""
+        return read_export(source, self.workdir / f"export-{source.disk.name}-{tag}.qcow2")
+
+    def expected_content(self, disk: Disk, writes: Sequence[Write], tag: str) -> Content:
+        """What ``disk`` holds after ``writes`` on a fresh (zeroed) disk, built without asking the machine
+        (default: a new qcow2 given the writes with ``qemu-io``)."""
+        dest = self.workdir / f"{tag}-{disk.name}.qcow2"
+        run(["qemu-img", "create", "-q", "-f", "qcow2", str(dest), str(disk.virtual_size)])
+        for offset, length, pattern in writes:
+            run(["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} {offset} {length}", str(dest)])
+        return dest
+
+    def assert_same(self, actual: Content, expected: Content) -> None:
+        """Assert two contents are the same bytes (default: ``qemu-img compare``)."""
+        compare_images(actual, expected)
+
+    def differ(self, a: Content, b: Content) -> bool:
+        """True when two contents are not the same bytes."""
+        return images_differ(a, b)
+
+    def finish_rollback(self) -> None:
+        """Do what the strategy's rollback leaves to the user, as its warning says (default: nothing; LVM
+        defers the merge into an origin that is open to the origin's next activation)."""
 
     def chain(self, disk: str) -> tuple[Path, ...]:
         """The disk's active file and its backing files (what the VM runs on)."""
@@ -197,8 +239,8 @@ class QemuImageLab(Lab):
             self.process.kill()
 
 
-def _data_of(lab: Lab, tag: str) -> dict[str, Path]:
-    return {d: lab.capture(d, lab.workdir / f"{tag}-{d}.qcow2") for d in lab.disk_names}
+def _data_of(lab: Lab, tag: str) -> dict[str, Content]:
+    return {d: lab.content(d, tag) for d in lab.disk_names}
 
 
 class StrategyContract:
@@ -251,6 +293,13 @@ class StrategyContract:
         (1, 3 * MiB, 4 * MiB, 0x43),
     )
     """Written after the snapshot: overwrites part of the first data and fills new regions."""
+    third_writes: ClassVar[tuple[tuple[int, int, int, int], ...]] = (
+        (0, 0, 64 * 1024, 0x66),
+        (1, 30 * MiB, 64 * 1024, 0x77),
+    )
+    """Written after a second snapshot (before a rollback to the older one: only the first of them)."""
+    late_write: ClassVar[tuple[int, int, int, int]] = (0, 60 * MiB, 4096, 0x55)
+    """Written after a delete, to show the disk still takes writes."""
     disks_start_zeroed: ClassVar[bool] = True
     """True when the lab's disks read as zeros before the first writes (fresh images)."""
 
@@ -264,14 +313,11 @@ class StrategyContract:
         for index, offset, length, pattern in self.second_writes:
             lab.write(lab.disk_names[index], offset, length, pattern)
 
-    def expected_after_first(self, lab: Lab, disk: Disk, dest: Path) -> Path:
+    def expected_after_first(self, lab: Lab, disk: Disk) -> Content:
         """What ``disk`` holds after :meth:`first_patterns`, built on a fresh image without asking the VM."""
-        run(["qemu-img", "create", "-q", "-f", "qcow2", str(dest), str(disk.virtual_size)])
         index = lab.disk_names.index(disk.name)
-        for i, offset, length, pattern in self.first_writes:
-            if i == index:
-                run(["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} {offset} {length}", str(dest)])
-        return dest
+        writes = [(offset, length, pattern) for i, offset, length, pattern in self.first_writes if i == index]
+        return lab.expected_content(disk, writes, "expected")
 
     # -- fixtures ---------------------------------------------------------------------------------
 
@@ -308,15 +354,15 @@ class StrategyContract:
             names.setdefault(ref.disk.name, set()).add(ref.name)
         return names
 
-    def assert_export_holds(self, strategy: Strategy, ref: SnapshotRef, expected: Path, tmp: Path) -> None:
+    def assert_export_holds(self, lab: Lab, strategy: Strategy, ref: SnapshotRef, expected: Content) -> None:
         with strategy.export(ref) as source:
             assert isinstance(source, ExportSource)
             assert source.virtual_size == ref.disk.virtual_size
-            copy = read_export(source, tmp / f"export-{ref.disk.name}-{ref.name}.qcow2")
+            copy = lab.export_content(source, ref.name)
             socket = _nbd_socket(source)
             if socket is not None:  # served from a private directory
                 assert socket.exists() and (socket.parent.stat().st_mode & 0o777) == 0o700
-        compare_images(copy, expected)
+        lab.assert_same(copy, expected)
         if socket is not None:
             assert not socket.parent.exists(), "the NBD server's directory outlived the export"
 
@@ -344,12 +390,12 @@ class StrategyContract:
         self.second_patterns(lab)
         after = _data_of(lab, "after")
         for disk in lab.disk_names:
-            assert images_differ(at_create[disk], after[disk]), "the test's second writes changed nothing"
+            assert lab.differ(at_create[disk], after[disk]), "the test's second writes changed nothing"
         for ref in refs:
-            self.assert_export_holds(strategy, ref, at_create[ref.disk.name], lab.workdir)
+            self.assert_export_holds(lab, strategy, ref, at_create[ref.disk.name])
         # exporting changed nothing the VM sees
         for disk in lab.disk_names:
-            compare_images(lab.capture(disk, lab.workdir / f"now-{disk}.qcow2"), after[disk])
+            lab.assert_same(lab.content(disk, "now"), after[disk])
         assert lab.is_running() == lab.online
 
     def test_export_holds_writes_the_vm_had_not_flushed(self, lab: Lab) -> None:
@@ -360,10 +406,8 @@ class StrategyContract:
         refs = strategy.create(lab.disks(), name="snap1")
         self.second_patterns(lab)
         for ref in refs:
-            expected = self.expected_after_first(
-                lab, ref.disk, lab.workdir / f"expected-{ref.disk.name}.qcow2"
-            )
-            self.assert_export_holds(strategy, ref, expected, lab.workdir)
+            expected = self.expected_after_first(lab, ref.disk)
+            self.assert_export_holds(lab, strategy, ref, expected)
 
     def test_list_shows_what_exists(self, lab: Lab) -> None:
         strategy = self.make_strategy(lab.machine)
@@ -386,11 +430,12 @@ class StrategyContract:
         for disk in lab.disk_names:
             assert lab.chain(disk) == chains[disk]
             lab.check(disk)
-            compare_images(lab.capture(disk, lab.workdir / f"now-{disk}.qcow2"), after[disk])
+            lab.assert_same(lab.content(disk, "now"), after[disk])
         assert lab.is_running() == lab.online
         # the disk still takes writes after the delete
-        lab.write(lab.disk_names[0], 60 * MiB, 4096, 0x55)
-        lab.check(lab.disk_names[0])
+        index, offset, length, pattern = self.late_write
+        lab.write(lab.disk_names[index], offset, length, pattern)
+        lab.check(lab.disk_names[index])
 
     def test_rollback_returns_exactly_the_snapshot_bytes(self, lab: Lab) -> None:
         strategy = self.make_strategy(lab.machine)
@@ -405,14 +450,15 @@ class StrategyContract:
             assert "\n" not in str(info.value)
             assert lab.is_running()
             for disk in lab.disk_names:  # refused: nothing changed
-                compare_images(lab.capture(disk, lab.workdir / f"now-{disk}.qcow2"), after[disk])
+                lab.assert_same(lab.content(disk, "now"), after[disk])
             strategy = self.make_strategy(lab.power_off())
             refs = [r for r in strategy.list() if r.name == "snap1"]
             assert sorted(r.disk.name for r in refs) == sorted(lab.disk_names)
         for ref in refs:
             strategy.rollback(ref)
+        lab.finish_rollback()
         for disk in lab.disk_names:
-            compare_images(lab.capture(disk, lab.workdir / f"rolled-{disk}.qcow2"), at_create[disk])
+            lab.assert_same(lab.content(disk, "rolled"), at_create[disk])
             lab.check(disk)
 
     def test_a_failing_disk_leaves_no_snapshot_on_any_disk(self, lab: Lab) -> None:
@@ -427,7 +473,7 @@ class StrategyContract:
         assert lab.is_running() == lab.online
         for disk in lab.disk_names:
             assert lab.chain(disk) == chains[disk]
-            compare_images(lab.capture(disk, lab.workdir / f"now-{disk}.qcow2"), before[disk])
+            lab.assert_same(lab.content(disk, "now"), before[disk])
         # and a later snapshot of the good disks works
         refs = strategy.create(lab.disks(), name="snap1")
         assert len(refs) == len(lab.disk_names)
@@ -451,9 +497,9 @@ class StrategyContract:
         assert "snap1" in str(info.value)
         assert self.snapshot_names(strategy) == {d: {"snap1"} for d in lab.disk_names}
         for disk in lab.disk_names:  # the refused create changed nothing the VM sees
-            compare_images(lab.capture(disk, lab.workdir / f"now-{disk}.qcow2"), after[disk])
+            lab.assert_same(lab.content(disk, "now"), after[disk])
         for ref in refs:
-            self.assert_export_holds(strategy, ref, at_create[ref.disk.name], lab.workdir)
+            self.assert_export_holds(lab, strategy, ref, at_create[ref.disk.name])
 
     def test_two_snapshots_export_and_delete_independently(self, lab: Lab) -> None:
         strategy = self.make_strategy(lab.machine)
@@ -464,25 +510,25 @@ class StrategyContract:
         self.second_patterns(lab)
         second = _data_of(lab, "second")
         refs2 = strategy.create(lab.disks(), name="snap2")
-        lab.write(lab.disk_names[0], 0, 64 * 1024, 0x66)
-        lab.write(lab.disk_names[1], 30 * MiB, 64 * 1024, 0x77)
+        for index, offset, length, pattern in self.third_writes:
+            lab.write(lab.disk_names[index], offset, length, pattern)
         last = _data_of(lab, "last")
         assert self.snapshot_names(strategy) == {d: {"snap1", "snap2"} for d in lab.disk_names}
         for ref in refs1:
-            self.assert_export_holds(strategy, ref, first[ref.disk.name], lab.workdir)
+            self.assert_export_holds(lab, strategy, ref, first[ref.disk.name])
         for ref in refs2:
-            self.assert_export_holds(strategy, ref, second[ref.disk.name], lab.workdir)
+            self.assert_export_holds(lab, strategy, ref, second[ref.disk.name])
         for ref in refs1:  # the older one first: the newer must survive it
             strategy.delete(ref)
         assert self.snapshot_names(strategy) == {d: {"snap2"} for d in lab.disk_names}
         refs2 = [r for r in strategy.list() if r.name == "snap2"]
         for ref in refs2:
-            self.assert_export_holds(strategy, ref, second[ref.disk.name], lab.workdir)
+            self.assert_export_holds(lab, strategy, ref, second[ref.disk.name])
             strategy.delete(ref)
         for disk in lab.disk_names:
             assert lab.chain(disk) == chains[disk]
             lab.check(disk)
-            compare_images(lab.capture(disk, lab.workdir / f"now-{disk}.qcow2"), last[disk])
+            lab.assert_same(lab.content(disk, "now"), last[disk])
 
     def test_rollback_to_the_older_of_two_snapshots(self, lab: Lab) -> None:
         """Bytes of the older snapshot come back; whatever snapshots survive still export their own bytes."""
@@ -493,14 +539,16 @@ class StrategyContract:
         self.second_patterns(lab)
         second = _data_of(lab, "second")
         strategy.create(lab.disks(), name="snap2")
-        lab.write(lab.disk_names[0], 0, 64 * 1024, 0x66)
+        index, offset, length, pattern = self.third_writes[0]
+        lab.write(lab.disk_names[index], offset, length, pattern)
         if lab.online and not self.online_rollback:
             strategy = self.make_strategy(lab.power_off())
         for ref in [r for r in strategy.list() if r.name == "snap1"]:
             strategy.rollback(ref)
+        lab.finish_rollback()
         for disk in lab.disk_names:
-            compare_images(lab.capture(disk, lab.workdir / f"rolled-{disk}.qcow2"), first[disk])
+            lab.assert_same(lab.content(disk, "rolled"), first[disk])
             lab.check(disk)
         expected = {"snap1": first, "snap2": second}
         for ref in strategy.list():
-            self.assert_export_holds(strategy, ref, expected[ref.name][ref.disk.name], lab.workdir)
+            self.assert_export_holds(lab, strategy, ref, expected[ref.name][ref.disk.name])

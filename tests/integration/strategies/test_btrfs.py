@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -16,11 +17,11 @@ import pytest
 from tests.conftest import make_image
 from tests.integration.cli_helpers import cli
 from tests.integration.strategies.contract import Lab, QemuImageLab, StrategyContract
+from tests.integration.strategies.faults import FaultyRunner
 from tests.integration.strategies.loop_btrfs import LoopBtrfs, loop_btrfs
-from vmsnap.errors import CommandError, QMPConnectionError, SnapshotError, UnsupportedError
+from vmsnap.errors import QMPConnectionError, SnapshotError, UnsupportedError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
 from vmsnap.model import ExportSource
-from vmsnap.runner import DEFAULT_TIMEOUT, CommandResult, LocalRunner
 from vmsnap.strategies import strategy_class
 from vmsnap.strategies.btrfs import SNAPSHOT_DIR_NAME, BtrfsSnapshotStrategy
 from vmsnap.strategies.storage import StorageScopeWarning
@@ -119,6 +120,20 @@ def same_content(source: ExportSource, expected: Path) -> bool:
     return result.returncode == 0
 
 
+def assert_paused_once(events: Sequence[Mapping[str, Any]], paused_ms: float | None) -> None:
+    """The VM stopped and resumed once (QEMU's STOP and RESUME events), and ``paused_ms`` measured a pause
+    that covers the one QEMU saw."""
+    runstate = [e for e in events if e["event"] in ("STOP", "RESUME")]
+    assert [e["event"] for e in runstate] == ["STOP", "RESUME"], runstate
+
+    def seconds(event: Mapping[str, Any]) -> float:
+        return float(event["timestamp"]["seconds"]) + float(event["timestamp"]["microseconds"]) / 1e6
+
+    stopped_ms = (seconds(runstate[1]) - seconds(runstate[0])) * 1000.0
+    assert paused_ms is not None and paused_ms > 0.0
+    assert 0.0 < stopped_ms <= paused_ms + 1.0  # QEMU's clock and ours may disagree by a tick
+
+
 def subvolumes_below(path: Path) -> list[str]:
     out = subprocess.run(["btrfs", "subvolume", "list", "-o", str(path)], capture_output=True, text=True)
     return sorted(line.split()[-1] for line in out.stdout.splitlines())
@@ -135,16 +150,16 @@ def test_snapshot_of_a_running_vm_holds_the_data_of_that_instant(btrfs_vm: Btrfs
     qemu_io(qmp, "disk1", "write -P 0x22 1M 1M")
     strategy = BtrfsSnapshotStrategy(btrfs_vm.machine)
     assert all(strategy.probe(d) for d in btrfs_vm.machine.disks())
+    qmp.events()  # drop what came before
     with pytest.warns(StorageScopeWarning, match="other.txt"):
         refs = strategy.create(btrfs_vm.machine.disks(), name="first")
     assert qmp.status() == "running"
-    # the VM was paused around the snapshots (stop, btrfs subvolume snapshot, cont: milliseconds at least),
-    # and every ref reports the pause that was measured
-    assert strategy.last_pause_ms is not None and strategy.last_pause_ms > 0.0
+    assert_paused_once(qmp.events(), strategy.last_pause_ms)
     qemu_io(qmp, "disk0", "write -P 0x33 0 2M")  # after the snapshot: must not show in it
     assert [r.disk.name for r in refs] == ["disk0", "disk1"]
-    assert [r.details["paused_ms"] for r in refs] == [f"{strategy.last_pause_ms:.1f}"] * 2
-    assert float(refs[0].details["paused_ms"]) > 0.0
+    assert strategy.last_pause_ms is not None and strategy.last_pause_ms > 0.0
+    for ref in refs:
+        assert float(ref.details["paused_ms"]) == pytest.approx(strategy.last_pause_ms, abs=0.051)
     top = btrfs_vm.fs.mount / SNAPSHOT_DIR_NAME
     assert all(Path(r.location).is_relative_to(top) for r in refs)
     assert refs[0].details["snapshot_subvolume"] != refs[1].details["snapshot_subvolume"]
@@ -251,30 +266,6 @@ def test_rollback_swaps_the_subvolume_back_with_every_file_in_it(btrfs_vm: Btrfs
     assert Path(refs[0].location).exists()
 
 
-@attrs.define
-class FailingRunner(LocalRunner):
-    """Runs everything for real, except that the ``nth`` command starting with ``prefix`` fails (fault
-    injection)."""
-
-    prefix: tuple[str, ...] = ("btrfs", "subvolume", "snapshot")
-    nth: int = 2
-    seen: int = 0
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        ok_codes: Collection[int] = (0,),
-        input: bytes | str | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-    ) -> CommandResult:
-        if tuple(argv[: len(self.prefix)]) == self.prefix:
-            self.seen += 1
-            if self.seen == self.nth:
-                raise CommandError(argv, 1, "", "ERROR: cannot snapshot: No space left on device")
-        return super().run(argv, ok_codes=ok_codes, input=input, timeout=timeout)
-
-
 def test_a_failed_snapshot_leaves_nothing_behind_and_the_vm_running(
     btrfs_vm: BtrfsVm, tmp_path: Path
 ) -> None:
@@ -282,7 +273,7 @@ def test_a_failed_snapshot_leaves_nothing_behind_and_the_vm_running(
     before = subvolumes_below(btrfs_vm.fs.mount)
     snapshot_root = btrfs_vm.fs.mount / SNAPSHOT_DIR_NAME
     # the second snapshot fails; then, both made, recording their users fails
-    for runner in (FailingRunner(), FailingRunner(prefix=("tee",), nth=1)):
+    for runner in (FaultyRunner(("btrfs", "subvolume", "snapshot"), nth=2), FaultyRunner(("tee",))):
         strategy = BtrfsSnapshotStrategy(btrfs_vm.machine, runner=runner)
         with pytest.raises(SnapshotError, match="No space left") as info:
             strategy.create(btrfs_vm.machine.disks(), name="doomed")
@@ -323,10 +314,8 @@ def test_a_backing_chain_is_read_from_the_snapshot(loop_btrfs: LoopBtrfs, tmp_pa
     machine = OfflineMachine([top])
     strategy = BtrfsSnapshotStrategy(machine)
     (ref,) = strategy.create(machine.disks(), name="chain")
+    assert strategy.last_pause_ms is None and ref.details["paused_ms"] == "0.0"  # nothing to pause
     assert strategy.traits.scope == "all storage"
-    # no VM runs, so nothing was paused: no pause is reported
-    assert strategy.last_pause_ms is None
-    assert ref.details["paused_ms"] == "0.0"
     subprocess.run(["qemu-io", "-c", "write -P 0x73 0 1M", str(base)], check=True, capture_output=True)
     with strategy.export(ref) as source:
         assert same_content(

@@ -1,29 +1,40 @@
 """LvmSnapshotStrategy for real, inside the lab guest (this host's kernel has no device-mapper).
 
-A raw virtio disk becomes PV/VG ``vg0`` with an ext4 LV holding a data file (a "VM image") and an LV that is
-a raw disk itself; the strategy runs through the guest's AgentRunner and every check compares sha256 sums
-computed in the guest.
+One lab guest serves the module, with three raw virtio disks set up as volume groups (see ``SETUP``):
+
+- ``vg0`` for the tests of LVM's own behaviour: an ext4 LV holding data files ("VM images"), an LV that is a
+  raw disk itself, one larger than the free space;
+- ``vgc`` for the strategy contract (:class:`TestLvmContract`): its two disks are made anew, zeroed, for
+  each test (:class:`LvmGuestLab`);
+- ``vgfull``: one LV in a group that takes no more LVs, so that an ``lvcreate`` fails for real.
+
+The strategy runs through the guest's AgentRunner and every check compares sha256 sums computed in the guest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import attrs
 import pytest
 
-from vmsnap.errors import NotFoundError, SnapshotError, UnsupportedError, UsageError
+from tests.integration.strategies.contract import Lab, StrategyContract, Write
+from tests.integration.strategies.faults import FaultyRunner
+from vmsnap.errors import CommandTimeoutError, NotFoundError, SnapshotError, UnsupportedError, UsageError
 from vmsnap.lab.guest import LabGuest
 from vmsnap.lab.image import LabImage
 from vmsnap.lab.qemu import DriveSpec
-from vmsnap.model import Disk
+from vmsnap.model import Disk, ExportSource
 from vmsnap.runner import Runner
 from vmsnap.strategies import strategy_class
 from vmsnap.strategies.lvm import SNAPSHOT_TAG, LvmSnapshotStrategy
-from vmsnap.strategies.storage import StorageNoteWarning, list_logical_volumes
+from vmsnap.strategies.lvm_tool import Lvm
+from vmsnap.strategies.storage import StorageNoteWarning
 from vmsnap.vm.agent import GuestAgent
+from vmsnap.vm.machine import Machine
 from vmsnap.vm.qmp import QMPMonitor
 
 pytestmark = pytest.mark.guest
@@ -31,6 +42,10 @@ pytestmark = pytest.mark.guest
 MiB = 1 << 20
 FILES_MOUNT = "/mnt/lvfiles"
 IMAGE = f"{FILES_MOUNT}/vm.img"
+CONTRACT_MOUNT = "/mnt/contract"
+#: every capture hashes a whole disk in the guest (sha256 under TCG: ~2-5 s for 64 MiB, ~0.5-1 s for 16 MiB),
+#: so the contract's disks are small and its writes moved inside them (TestLvmContract)
+CONTRACT_SIZE = 16 * MiB
 
 
 @attrs.define
@@ -54,8 +69,188 @@ class GuestDisksMachine:
     def agent(self) -> GuestAgent | None:
         return None
 
+    def definition(self) -> str | None:
+        return None
+
+    def recover(self) -> list[str]:
+        return []
+
     def close(self) -> None:
         pass
+
+
+SETUP = f"""set -e
+for pv in pv0 pvc pvfull; do lvm pvcreate -q /dev/disk/by-id/virtio-$pv; done
+lvm vgcreate -q vg0 /dev/disk/by-id/virtio-pv0
+lvm vgcreate -q vgc /dev/disk/by-id/virtio-pvc
+lvm vgcreate -q vgfull /dev/disk/by-id/virtio-pvfull
+lvm lvcreate -q -n full -L 4M vgfull
+lvm vgchange -q -l 1 vgfull
+lvm lvcreate -q -n files -L 16M vg0
+lvm lvcreate -q -n raw -L 8M vg0
+lvm lvcreate -q -n big -L 64M vg0
+mke2fs -q -t ext4 /dev/vg0/files
+mkdir -p {FILES_MOUNT} {CONTRACT_MOUNT}
+mount /dev/vg0/files {FILES_MOUNT}
+dd if=/dev/urandom of={IMAGE} bs=1M count=2 status=none
+dd if=/dev/urandom of={FILES_MOUNT}/vm2.img bs=1M count=1 status=none
+echo other > {FILES_MOUNT}/other.txt
+dd if=/dev/urandom of=/dev/vg0/raw bs=1M count=8 oflag=direct status=none
+sync
+"""
+
+#: an LV whose snapshot passes every check and then fails in ``lvcreate`` (its group takes no more LVs)
+FULL_DISK = Disk("full", "", Path("/dev/vgfull/full"), "raw", 4 * MiB)
+
+
+@pytest.fixture(scope="module")
+def lvm_guest(lab_image: LabImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabGuest]:
+    """One lab guest for this module with raw disks pv0 (128 MiB), pvc (512 MiB) and pvfull (32 MiB) set up
+    by ``SETUP``."""
+    workdir = tmp_path_factory.mktemp("lvm-guest")
+    drives = []
+    for serial, size in (("pv0", 128 * MiB), ("pvc", 512 * MiB), ("pvfull", 32 * MiB)):
+        image = workdir / f"{serial}.raw"
+        with open(image, "wb") as f:
+            f.truncate(size)
+        drives.append(DriveSpec(image, serial, format="raw", serial=serial))
+    with LabGuest(workdir, extra_drives=drives, data_disk_size=None, image=lab_image, name="lvmlab") as guest:
+        guest.runner.run(["sh", "-c", SETUP], timeout=300)
+        yield guest
+
+
+def sha256_in_guest(runner: Runner, path: str) -> str:
+    """The sha256 of a file or device inside the guest, computed there."""
+    return runner.run(["sha256sum", path], timeout=300).stdout.split()[0]
+
+
+# -- the strategy contract ----------------------------------------------------------------------------
+
+CONTRACT_DISKS = f"""set -e
+lvm lvcreate -q -y -W y -n files -L 32M vgc
+mke2fs -q -F -t ext4 /dev/vgc/files
+mount /dev/vgc/files {CONTRACT_MOUNT}
+truncate -s {CONTRACT_SIZE} {CONTRACT_MOUNT}/disk0.img
+lvm lvcreate -q -y -W y -n disk1 -L {CONTRACT_SIZE}b vgc
+dd if=/dev/zero of=/dev/vgc/disk1 bs=1M count={CONTRACT_SIZE // MiB} oflag=direct status=none
+"""
+
+#: writes ``$1`` bytes of the byte ``$2`` (``tr``'s octal escape) at byte ``$4`` of ``$3``, through the page
+#: cache and not flushed, as a VM's writes may still be when a snapshot is taken
+WRITE_PATTERN = 'head -c "$1" /dev/zero | tr "$5" "$2" | dd of="$3" bs=64K oflag=seek_bytes seek="$4" ' + (
+    "conv=notrunc status=none"
+)
+
+
+class LvmGuestLab(Lab):
+    """The contract's disks inside the lab guest, 16 MiB of zeros each when the test starts: ``disk0`` an
+    image file on ext4 on ``vgc/files``, ``disk1`` the LV ``vgc/disk1`` itself.
+
+    Content is a sha256 sum computed in the guest (the bytes never leave it); expected content is computed
+    here from the writes. Removes every LV of ``vgc`` when closed, snapshots included.
+    """
+
+    def __init__(self, runner: Runner, workdir: Path) -> None:
+        self.runner = runner
+        self.workdir = workdir
+        self.online = False
+        self.disk_names = ("disk0", "disk1")
+        self.origins = {"disk0": "vgc/files", "disk1": "vgc/disk1"}
+        self.runner.run(["sh", "-c", CONTRACT_DISKS], timeout=300)
+        self.machine: Machine = GuestDisksMachine(
+            "lvmvm",
+            runner,
+            [
+                Disk("disk0", "", Path(f"{CONTRACT_MOUNT}/disk0.img"), "raw", CONTRACT_SIZE),
+                Disk("disk1", "", Path("/dev/vgc/disk1"), "raw", CONTRACT_SIZE),
+            ],
+        )
+
+    def path(self, disk: str) -> str:
+        return str(self.disks()[self.disk_names.index(disk)].file)
+
+    def write(self, disk: str, offset: int, length: int, pattern: int) -> None:
+        args = [str(length), f"\\{pattern:03o}", self.path(disk), str(offset), "\\000"]
+        self.runner.run(["sh", "-c", WRITE_PATTERN, "sh", *args], timeout=300)
+
+    def content(self, disk: str, tag: str) -> str:
+        return sha256_in_guest(self.runner, self.path(disk))
+
+    def export_content(self, source: ExportSource, tag: str) -> str:
+        assert (source.kind, source.format) in {("file", "raw"), ("block", "raw")}, source
+        return sha256_in_guest(self.runner, source.location)
+
+    def expected_content(self, disk: Disk, writes: Sequence[Write], tag: str) -> str:
+        data = bytearray(disk.virtual_size)
+        for offset, length, pattern in writes:
+            data[offset : offset + length] = bytes([pattern]) * length
+        return hashlib.sha256(data).hexdigest()
+
+    def assert_same(self, actual: str, expected: str) -> None:
+        assert actual == expected, f"sha256 {actual} where {expected} was expected"
+
+    def differ(self, a: str, b: str) -> bool:
+        return a != b
+
+    def check(self, disk: str) -> None:
+        """Raw disks have no metadata to check: their LV must be active and no merge left half-done."""
+        volume = Lvm(self.runner).volume(self.origins[disk])
+        assert volume.is_active and not volume.is_merging, volume
+
+    def finish_rollback(self) -> None:
+        """What the strategy's warning asks for when the merge into the mounted ``vgc/files`` is deferred:
+        unmount, deactivate and activate it, wait for the merge, mount it again."""
+        if not Lvm(self.runner).volume("vgc/files").is_merging:
+            return
+        reactivate = f"umount {CONTRACT_MOUNT} && lvm lvchange -an vgc/files && lvm lvchange -ay vgc/files"
+        self.runner.run(["sh", "-c", reactivate], timeout=300)
+        deadline = time.monotonic() + 120
+        while Lvm(self.runner).volume("vgc/files").is_merging:
+            assert time.monotonic() < deadline, "the merge into vgc/files did not finish within 120 s"
+            time.sleep(0.5)
+        self.runner.run(["mount", "/dev/vgc/files", CONTRACT_MOUNT], timeout=300)
+
+    def close(self) -> None:
+        cleanup = (
+            f"umount {CONTRACT_MOUNT} 2>/dev/null; lvm lvremove -q -y vgc @{SNAPSHOT_TAG} >/dev/null; true"
+        )
+        self.runner.run(["sh", "-c", f"{cleanup}; true"], timeout=300)
+        assert Lvm(self.runner).volumes("vgc") == [], "vgc must be empty for the next test"
+
+
+class TestLvmContract(StrategyContract):
+    """The shared strategy contract, on LVM inside the lab guest (:class:`LvmGuestLab`).
+
+    Offline only: no VM runs on the guest's LVs (the lab guest has no QEMU of its own, and a VM nested in it
+    under TCG would take minutes per test). The pause around an online create is the skeleton this strategy
+    shares with btrfs (:mod:`vmsnap.strategies.volume_snapshots`), whose contract runs online.
+    """
+
+    strategy_name = "lvm"
+    modes = ("offline",)
+    # the contract's writes, those past 16 MiB moved inside the disks (see CONTRACT_SIZE)
+    second_writes = (
+        (0, 512 * 1024, 1 * MiB, 0x33),
+        (0, 12 * MiB, 64 * 1024, 0x34),
+        (1, 3 * MiB, 4 * MiB, 0x43),
+    )
+    third_writes = ((0, 0, 64 * 1024, 0x66), (1, 10 * MiB, 64 * 1024, 0x77))
+    late_write = (0, 15 * MiB, 4096, 0x55)
+
+    @pytest.fixture(autouse=True)
+    def _in_the_guest(self, lvm_guest: LabGuest) -> None:
+        self.guest_runner = lvm_guest.runner
+
+    def make_lab(self, mode: str, tmp_path: Path) -> Lab:
+        return LvmGuestLab(self.guest_runner, tmp_path)
+
+    def failing_disks(self, lab: Lab) -> list[Disk]:
+        """The lab's disks, then one whose ``lvcreate`` fails after theirs succeeded (its volume group takes
+        no more LVs): what was made is undone for real."""
+        return [*lab.disks(), FULL_DISK]
+
+
+# -- LVM's own behaviour --------------------------------------------------------------------------------
 
 
 @attrs.define
@@ -74,7 +269,7 @@ class LvmLab:
         return self.runner.run(["sh", "-c", script], timeout=300).stdout
 
     def sha(self, path: str) -> str:
-        return self.runner.run(["sha256sum", path], timeout=300).stdout.split()[0]
+        return sha256_in_guest(self.runner, path)
 
     def scribble(self, path: str, mib: int, *, seek: int = 0) -> None:
         """Overwrite ``mib`` MiB at ``seek`` MiB with random bytes, on stable storage before returning."""
@@ -83,48 +278,20 @@ class LvmLab:
         self.runner.run([*argv, "conv=notrunc,fsync", *flags, "status=none"], timeout=300)
 
     def snapshot_lvs(self) -> list[str]:
-        return sorted(v.full_name for v in list_logical_volumes(self.runner, "vg0") if v.is_snapshot)
-
-
-SETUP = f"""set -e
-pv=/dev/disk/by-id/virtio-pv0
-lvm pvcreate -q $pv
-lvm vgcreate -q vg0 $pv
-lvm lvcreate -q -n files -L 16M vg0
-lvm lvcreate -q -n raw -L 8M vg0
-lvm lvcreate -q -n big -L 64M vg0
-mke2fs -q -t ext4 /dev/vg0/files
-mkdir -p {FILES_MOUNT}
-mount /dev/vg0/files {FILES_MOUNT}
-dd if=/dev/urandom of={IMAGE} bs=1M count=2 status=none
-dd if=/dev/urandom of={FILES_MOUNT}/vm2.img bs=1M count=1 status=none
-echo other > {FILES_MOUNT}/other.txt
-dd if=/dev/urandom of=/dev/vg0/raw bs=1M count=8 oflag=direct status=none
-sync
-"""
+        return sorted(v.full_name for v in Lvm(self.runner).volumes("vg0") if v.is_snapshot)
 
 
 @pytest.fixture(scope="module")
-def lvm_lab(lab_image: LabImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LvmLab]:
-    """One lab guest for this module with a 128 MiB raw PV disk set up as vg0 (see SETUP)."""
-    workdir = tmp_path_factory.mktemp("lvm-guest")
-    pv = workdir / "pv0.raw"
-    with open(pv, "wb") as f:
-        f.truncate(128 * MiB)
-    drive = DriveSpec(pv, "pv0", format="raw", serial="pv0")
-    with LabGuest(
-        workdir, extra_drives=[drive], data_disk_size=None, image=lab_image, name="lvmlab"
-    ) as guest:
-        runner = guest.runner
-        runner.run(["sh", "-c", SETUP], timeout=300)
-        yield LvmLab(
-            guest,
-            runner,
-            Disk("vmimg", "", Path(IMAGE), "raw", 2 * MiB),
-            Disk("rawdisk", "", Path("/dev/vg0/raw"), "raw", 8 * MiB),
-            Disk("bigdisk", "", Path("/dev/vg0/big"), "raw", 64 * MiB),
-            Disk("vmimg2", "", Path(f"{FILES_MOUNT}/vm2.img"), "raw", 1 * MiB),
-        )
+def lvm_lab(lvm_guest: LabGuest) -> LvmLab:
+    """The module's guest, with the disks of vg0 (see SETUP)."""
+    return LvmLab(
+        lvm_guest,
+        lvm_guest.runner,
+        Disk("vmimg", "", Path(IMAGE), "raw", 2 * MiB),
+        Disk("rawdisk", "", Path("/dev/vg0/raw"), "raw", 8 * MiB),
+        Disk("bigdisk", "", Path("/dev/vg0/big"), "raw", 64 * MiB),
+        Disk("vmimg2", "", Path(f"{FILES_MOUNT}/vm2.img"), "raw", 1 * MiB),
+    )
 
 
 @pytest.fixture
@@ -154,6 +321,8 @@ def test_snapshots_export_the_bytes_of_that_instant_for_an_image_file_and_a_whol
     strategy = LvmSnapshotStrategy(machine)
     assert all(strategy.probe(d) for d in disks)
     refs = strategy.create(disks, name="first")
+    assert strategy.last_pause_ms is None  # nothing runs on the disks: no pause
+    assert [r.details["paused_ms"] for r in refs] == ["0.0", "0.0"]
     assert [r.details["kind"] for r in refs] == ["file", "device"]
     assert refs[0].details["snapshot_lv"] == "vg0/files.vmsnap.first"
     assert refs[0].location == "/dev/vg0/files.vmsnap.first"
@@ -246,7 +415,7 @@ def test_a_thin_volume_is_snapshotted_without_a_size_and_read_after_activation(l
         lab.scribble("/dev/vg0/thin", 2, seek=1)
         with strategy.export(ref) as source:
             assert lab.sha(source.location) == before
-        (volume,) = [v for v in list_logical_volumes(lab.runner, "vg0") if v.name == "thin.vmsnap.thin1"]
+        (volume,) = [v for v in Lvm(lab.runner).volumes("vg0") if v.name == "thin.vmsnap.thin1"]
         assert volume.is_thin and not volume.is_active  # deactivated again after the export
         strategy.delete(ref)
         assert lab.snapshot_lvs() == []
@@ -289,3 +458,21 @@ def test_two_images_on_one_lv_share_one_snapshot_until_both_let_go(lab: LvmLab) 
     assert lab.snapshot_lvs() == ["vg0/files.vmsnap.pair"]
     strategy.delete(second)
     assert lab.snapshot_lvs() == []
+
+
+def test_a_timed_out_lvcreate_that_made_its_snapshot_leaves_nothing_behind(lab: LvmLab) -> None:
+    def timed_out(argv: tuple[str, ...], host: str) -> CommandTimeoutError:
+        return CommandTimeoutError(argv, 600, host=host)
+
+    # the second lvcreate made its snapshot, and then "timed out"
+    runner = FaultyRunner(("lvm", "lvcreate"), nth=2, error=timed_out, ran_first=True, runner=lab.runner)
+    disks = [lab.raw_disk, lab.image_disk]
+    strategy = LvmSnapshotStrategy(GuestDisksMachine("lvmvm", runner, disks))
+    with pytest.raises(
+        SnapshotError, match=r"lvcreate of a snapshot of vg0/files failed: lvm ran past"
+    ) as info:
+        strategy.create(disks, name="late")
+    assert "nothing was left behind" in str(info.value)
+    assert runner.seen == 2  # both were made: the first for real, the second behind the timeout
+    assert lab.snapshot_lvs() == []
+    assert strategy.last_pause_ms is None
