@@ -17,12 +17,13 @@ from hypothesis import strategies as st
 from tests.fakes import RecordingRunner
 from vmsnap.errors import NotFoundError, SnapshotError, UnsupportedError, UsageError
 from vmsnap.model import Disk
+from vmsnap.mounts import parse_mountinfo
 from vmsnap.runner import Runner
 from vmsnap.strategies.btrfs import name_of_set, snapshot_set_id
 from vmsnap.strategies.btrfs_tool import btrfs_location
 from vmsnap.strategies.lvm import LvmSnapshotStrategy, cow_size, snapshot_lv_name
 from vmsnap.strategies.lvm_tool import LVS_FIELDS, lvm_location, parse_lvs_json, parse_vgs_json
-from vmsnap.strategies.storage import mount_of_path, parse_mountinfo
+from vmsnap.strategies.storage import mount_of_path
 from vmsnap.vm.agent import GuestAgent
 from vmsnap.vm.qmp import QMPMonitor
 

@@ -10,8 +10,9 @@ from pathlib import PurePath, PurePosixPath
 import attrs
 
 from vmsnap.errors import UnsupportedError
+from vmsnap.mounts import Mount
 from vmsnap.runner import Runner
-from vmsnap.strategies.storage import Mount, mount_of, stat_paths
+from vmsnap.strategies.storage import mount_of, stat_paths
 
 #: the inode number of every Btrfs subvolume's root directory (BTRFS_FIRST_FREE_OBJECTID)
 BTRFS_SUBVOLUME_ROOT_INODE = 256

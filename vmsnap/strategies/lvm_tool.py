@@ -14,8 +14,9 @@ from typing import Any
 import attrs
 
 from vmsnap.errors import CommandError, NotFoundError, UnsupportedError
+from vmsnap.mounts import Mount
 from vmsnap.runner import Runner
-from vmsnap.strategies.storage import Mount, mount_of, stat_paths
+from vmsnap.strategies.storage import mount_of, stat_paths
 
 LVS_FIELDS = (
     "lv_name",

@@ -9,13 +9,11 @@ guest (busybox is enough). The Btrfs and LVM programs have their own wrappers: :
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import PurePath, PurePosixPath
 
-import attrs
-
 from vmsnap.errors import NotFoundError, VmsnapError
+from vmsnap.mounts import Mount, parse_mountinfo
 from vmsnap.runner import CommandResult, Runner
 
 
@@ -25,56 +23,6 @@ class StorageScopeWarning(UserWarning):
 
 class StorageNoteWarning(UserWarning):
     """Something about a storage snapshot the user should act on (a deferred merge, a leftover to remove)."""
-
-
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape(field: str) -> str:
-    """Undo the octal escapes (``\\040`` for a space) of /proc/self/mountinfo."""
-    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
-@attrs.frozen
-class Mount:
-    """One line of ``/proc/self/mountinfo``.
-
-    :param mount_point: where it is mounted
-    :param device: ``major:minor`` of the filesystem (for Btrfs, an anonymous per-subvolume number)
-    :param fstype: filesystem type ("btrfs", "ext4", …)
-    :param source: what was mounted ("/dev/mapper/vg-lv", "/dev/loop0", "tmpfs")
-    :param root: the directory of the filesystem that is mounted there ("/" or a bind / subvolume path)
-    """
-
-    mount_point: PurePosixPath
-    device: str
-    fstype: str
-    source: str
-    root: str = "/"
-    options: str = ""
-
-
-def parse_mountinfo(text: str) -> list[Mount]:
-    """Parse ``/proc/self/mountinfo`` (see proc(5)); lines that do not parse are skipped."""
-    mounts = []
-    for line in text.splitlines():
-        fields = line.split()
-        if "-" not in fields:
-            continue
-        sep = fields.index("-")
-        if sep < 6 or len(fields) < sep + 3:
-            continue
-        mounts.append(
-            Mount(
-                mount_point=PurePosixPath(_unescape(fields[4])),
-                device=fields[2],
-                fstype=fields[sep + 1],
-                source=_unescape(fields[sep + 2]),
-                root=_unescape(fields[3]),
-                options=fields[5],
-            )
-        )
-    return mounts
 
 
 def stat_paths(
