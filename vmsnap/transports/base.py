@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from vmsnap.errors import TransferError, UsageError
-from vmsnap.image.qemu_img import LOCKED_HINT
+from vmsnap.errors import TransferError, UnsupportedError, UsageError
+from vmsnap.image.qemu_img import LOCKED_HINT, check_source
 from vmsnap.model import ExportSource, Progress, TransferStats
 from vmsnap.runner import Runner
 
@@ -53,6 +53,38 @@ def check_options(
     if output_format not in OUTPUT_FORMATS:
         raise UsageError(f"unknown output format {output_format!r}", hint="use 'qcow2' or 'raw'")
     return output_format
+
+
+def check_send(
+    transport: Transport,
+    source: ExportSource,
+    target: Path | str,
+    *,
+    backing: Path | str | None = None,
+    local_target: bool = True,
+) -> None:
+    """What every transport checks before it copies: the source is one it reads and exists, ``backing`` only
+    for transports that write incrementals, and a local path when the transport writes only those.
+
+    :raise UnsupportedError: a source it cannot read, or ``backing`` for a full-copy transport
+    :raise UsageError: a ``host:path`` target for a local-only transport
+    :raise NotFoundError: the source does not exist
+    """
+    name = transport.name
+    if backing is not None and not transport.incremental:
+        raise UnsupportedError(
+            f"the {name} transport makes full copies only, not incrementals on a backing file",
+            hint="use the nbd transport for incremental backups",
+        )
+    if not transport.accepts(source):
+        raise UnsupportedError(
+            f"the {name} transport cannot read this {source.kind!r} source ({source.location})"
+            + (" with a dirty bitmap" if source.dirty_bitmap else ""),
+            hint="sources are 'file', 'block' or 'nbd'; incrementals need the nbd transport",
+        )
+    if local_target and isinstance(target, str) and ":" in target.split("/", 1)[0]:
+        raise UsageError(f"the {name} transport writes local files only, not {target!r}", hint="use rsync")
+    check_source(source)
 
 
 @runtime_checkable

@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from vmsnap.errors import CommandError, TransferError, UnsupportedError, UsageError
+from vmsnap.errors import CommandError, TransferError
 from vmsnap.files import allocated_bytes, atomic_target
 from vmsnap.image import qemu_img
-from vmsnap.image.qemu_img import check_source, source_args
+from vmsnap.image.qemu_img import source_args
 from vmsnap.model import ExportSource, Progress, ThrottledProgress, TransferStats
 from vmsnap.runner import CommandResult, LocalRunner, Runner
-from vmsnap.transports.base import check_options, write_failed
+from vmsnap.transports.base import check_options, check_send, write_failed
 
 
 class CopyTransport:
@@ -113,20 +113,7 @@ class CopyTransport:
         :raise NotFoundError: the source or the target's directory does not exist
         :raise TransferError: the copy failed (full target, unreadable source); no partial target is left
         """
-        if backing is not None:
-            raise UnsupportedError(
-                "the copy transport makes full copies only, not incrementals on a backing file",
-                hint="use the nbd transport for incremental backups",
-            )
-        if not self.accepts(source):
-            raise UnsupportedError(
-                f"the copy transport cannot read this {source.kind!r} source ({source.location})"
-                + (" with a dirty bitmap" if source.dirty_bitmap else ""),
-                hint="sources are 'file', 'block' or 'nbd'; incrementals need the nbd transport",
-            )
-        if isinstance(target, str) and ":" in target.split("/", 1)[0]:
-            raise UsageError(f"the copy transport writes local files only, not {target!r}", hint="use rsync")
-        check_source(source)
+        check_send(self, source, target, backing=backing)
         target = Path(target)
         started = time.monotonic()
         total = self._estimate(source)

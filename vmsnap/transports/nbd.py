@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from vmsnap.errors import CommandError, TransferError, UnsupportedError, UsageError
+from vmsnap.errors import CommandError, TransferError, UsageError
 from vmsnap.files import atomic_target, is_full
 from vmsnap.image.nbd import (
     CHUNK,
@@ -27,10 +27,9 @@ from vmsnap.image.nbd import (
     nbd_connection,
     pread,
 )
-from vmsnap.image.qemu_img import check_source
 from vmsnap.model import ExportSource, Progress, ThrottledProgress, TransferStats
 from vmsnap.runner import LocalRunner, Runner
-from vmsnap.transports.base import check_options, write_failed
+from vmsnap.transports.base import check_options, check_send, write_failed
 
 GRANULE = 64 * 1024
 """Zero detection works on runs of this many bytes (the default qcow2 cluster size)."""
@@ -130,11 +129,7 @@ class NbdTransport:
         :raise TransferError: the NBD server is unreachable, lacks the bitmap, or the target is full;
             no partial target is left
         """
-        if not self.accepts(source):
-            raise UnsupportedError(f"the nbd transport cannot read a {source.kind!r} source")
-        if isinstance(target, str) and ":" in target.split("/", 1)[0]:
-            raise UsageError(f"the nbd transport writes local files only, not {target!r}", hint="use rsync")
-        check_source(source)
+        check_send(self, source, target, backing=backing)
         target = Path(target)
         parent = Path(backing) if backing is not None else self.backing
         incremental = parent is not None

@@ -21,13 +21,13 @@ from typing import Any, ClassVar
 
 import attrs
 
-from vmsnap.errors import CommandError, NotFoundError, UnsupportedError, UsageError
+from vmsnap.errors import CommandError, NotFoundError, UsageError
 from vmsnap.files import check_target_dir, fsync_file
 from vmsnap.image import qemu_img
-from vmsnap.image.qemu_img import check_source, source_args
+from vmsnap.image.qemu_img import source_args
 from vmsnap.model import ExportSource, Progress, ThrottledProgress, TransferStats
 from vmsnap.runner import LocalRunner, Runner, SshRunner
-from vmsnap.transports.base import check_options, write_failed
+from vmsnap.transports.base import check_options, check_send, write_failed
 
 MAX_BLOCK_SIZE = 131072
 """rsync (protocol 30 and later) refuses checksum block sizes above 128 KiB."""
@@ -231,18 +231,7 @@ class RsyncTransport:
         :raise TransferError: rsync failed (full target, ssh failure); a target this call created or
             half-updated in place is removed (with ``inplace=False`` an existing target is left as it was)
         """
-        if backing is not None:
-            raise UnsupportedError(
-                "the rsync transport makes full copies only, not incrementals on a backing file",
-                hint="use the nbd transport for incremental backups",
-            )
-        if not self.accepts(source):
-            raise UnsupportedError(
-                f"the rsync transport cannot read this {source.kind!r} source ({source.location})"
-                + (" with a dirty bitmap" if source.dirty_bitmap else ""),
-                hint="sources are 'file', 'block' or 'nbd'; incrementals need the nbd transport",
-            )
-        check_source(source)
+        check_send(self, source, target, backing=backing, local_target=False)
         where = self.parse_target(target)
         self._check_dir(where)
         existed = self._exists(where)
