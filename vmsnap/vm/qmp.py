@@ -311,6 +311,10 @@ class QMPMonitor:
         taken, self._backlog = self._backlog, []
         return taken
 
+    def events_buffered(self) -> None:
+        """Move the events that arrived into the buffer, without waiting."""
+        self._pump(0)
+
     def _pump(self, wait: float) -> None:
         listener = self._client.events
         self._run(asyncio.sleep(0), None)
@@ -449,7 +453,7 @@ class QMPMonitor:
         if info is not None:
             self.job_dismiss(job_id)
         # a state read by query (no event within a second) leaves the job's later events buffered: drop them
-        self._pump(0)
+        self.events_buffered()
         self._backlog = [
             e
             for e in self._backlog
