@@ -3,23 +3,31 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 from typing import Any, Literal
 
 import attrs
 
+from vmsnap.crashpoints import CRASH_ENV, crash_point
 from vmsnap.errors import UsageError, VmsnapError
 from vmsnap.model import validate_name
-from vmsnap.repo.repository import DiskRecord, Kind
+from vmsnap.repo.manifest import DiskRecord, Kind
+from vmsnap.repo.reports import PUSH_TRANSPORT
+
+__all__ = [
+    "CRASH_ENV",
+    "CRASH_POINTS",
+    "PUSH",
+    "BackupConfig",
+    "BackupResult",
+    "RecoveryError",
+    "RecoveryReport",
+    "crash_point",
+]
 
 Quiesce = Literal["auto", "on", "off"]
-PUSH = "none"
+PUSH = PUSH_TRANSPORT
 """The transport name recorded when the strategy wrote the backup itself (push)."""
-
-CRASH_ENV = "VMSNAP_TEST_CRASH_AT"
-"""Test-only: a step name at which the backup process SIGKILLs itself (see :func:`crash_point`)."""
 
 CRASH_POINTS = (
     "after-start",
@@ -33,24 +41,12 @@ CRASH_POINTS = (
 )
 
 
-def crash_point(name: str) -> None:
-    """TEST ONLY: kill this process with SIGKILL when ``$VMSNAP_TEST_CRASH_AT`` is ``name`` (SIGTERM when it
-    is ``term:name``).
-
-    The crash-recovery tests use it to stop a ``vmsnap backup`` at an exact step; nothing else sets it.
-    """
-    wanted = os.environ.get(CRASH_ENV)
-    if wanted == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif wanted == f"term:{name}":
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 @attrs.frozen
 class BackupConfig:
     """What to back up and how (the CLI builds it from its options).
 
-    :param repo: the repository directory (created when missing or empty)
+    :param repo: the repository: a directory (a new or empty one becomes a ``chunks`` repository) or an
+        ``s3://BUCKET/PREFIX`` URL of an existing one
     :param strategy: a strategy name, or "auto": the registered strategy that can take incremental backups
         of this machine (running or not) — QEMU's backup job, or qemu-img for images
     :param transport: a transport name, "none" (a strategy that writes the images itself does: push), or
@@ -62,9 +58,10 @@ class BackupConfig:
     :param disks: back up only these disks (default: all)
     :param bitmap: the name changes are tracked under (a persistent dirty bitmap)
     :param freeze_timeout: seconds the guest agent gets to freeze
+    :param key_file: the key file of an encrypted repository (default: ``$VMSNAP_KEY_FILE``)
     """
 
-    repo: Path
+    repo: Path | str
     strategy: str = "auto"
     transport: str = "auto"
     incremental: bool = False
@@ -72,6 +69,7 @@ class BackupConfig:
     disks: tuple[str, ...] = ()
     bitmap: str = "vmsnap"
     freeze_timeout: float = 60.0
+    key_file: Path | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.quiesce not in ("auto", "on", "off"):
@@ -94,7 +92,7 @@ class BackupResult:
     quiesced: bool
     disks: tuple[DiskRecord, ...]
     seconds: float
-    path: Path
+    path: Path | str
     notes: tuple[str, ...] = ()
     freeze_ms: float | None = None
 

@@ -35,7 +35,7 @@ def check_backup_digests(repo: Repository, vm: str, backup_id: str, captured: Pa
     directory = repo.backup_dir(vm, backup_id)
     expected = independent_chunks(captured, workdir)
     assert len(expected) == 3 and record.virtual_size == ODD_SIZE
-    stored = (directory / record.chunks).read_bytes()
+    stored = (directory / record.chunks_file).read_bytes()
     assert [stored[i : i + 32] for i in range(0, len(stored), 32)] == expected
     assert record.sha256 == independent_root(expected)
     assert independent_chunks(directory / record.file, workdir) == expected

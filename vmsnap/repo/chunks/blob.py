@@ -113,10 +113,13 @@ class ChunkCodec:
 
     :param key: the repository key (an encrypted repository), or None
     :param level: zstd compression level (1-19)
+    :param compress: try zstd on each chunk (False: a repository made with ``--compression none`` stores
+        every payload raw; blobs of either kind decode the same)
     """
 
     key: RepositoryKey | None = None
     level: int = attrs.field(default=DEFAULT_LEVEL)
+    compress: bool = True
     _local: threading.local = attrs.field(factory=threading.local, init=False, repr=False, eq=False)
 
     @level.validator
@@ -170,7 +173,7 @@ class ChunkCodec:
         """
         if not 0 < len(data) <= CHUNK_SIZE or len(chunk_id) != ID_SIZE:
             raise UsageError(f"cannot encode a chunk of {len(data)} bytes", hint="a bug in the caller")
-        compressed = self._compressor().compress(data)
+        compressed = self._compressor().compress(data) if self.compress else data
         flags = 0
         payload: bytes | bytearray | memoryview = data
         if len(compressed) < len(data):
