@@ -7,11 +7,13 @@
   disks[] with name, file (always ``<name>.qcow2``), virtual_size, bytes_written and sha256 (the content
   digest of :mod:`vmsnap.image.digest`).
 - **format 2** (layout ``chunks``): the same keys, plus layout (``"chunks"``), chunk_size (4194304) and
-  definition (the sha256 of the saved ``domain.xml``, or null); digest is ``sha256-index``: each disk's file
-  is ``<name>.index`` and its sha256 is that of the index's bytes; bytes_written is what the backup newly
-  stored; and each disk has ``chunks``: logical_size (bytes that are not holes), bytes_read, new_chunks,
-  new_bytes, reused_chunks, zero_chunks, unchanged_chunks (taken from the parent unread). In an encrypted
-  repository the object also holds ``mac`` (see :mod:`vmsnap.repo.chunks.repository`).
+  definition (the chunk id of the saved ``domain.xml`` blob, or null); digest is ``sha256-index``: each
+  disk's file is ``<name>.index`` and its sha256 is that of the index's bytes; bytes_written is what the
+  backup newly stored; and each disk has ``chunks``: logical_size (bytes that are not holes), bytes_read
+  (from the export), new_chunks and new_bytes (blobs this backup stored, their stored size), reused_chunks
+  (data chunks it did not store: the store had them, or an incremental took them from its parent),
+  zero_chunks (holes in the index) and unchanged_chunks (taken from the parent unread, holes included). In
+  an encrypted repository the object also holds ``mac`` (see :mod:`vmsnap.repo.chunks.records`).
 
 :meth:`Manifest.from_json` refuses another format or digest, names that could become paths (``/``, ``..``, a
 leading dot), files other than ``<name>.qcow2`` (``<name>.index``) and an incremental without a parent.
@@ -258,13 +260,13 @@ class Manifest:
     def summary(self) -> dict[str, int | None]:
         """What ``list`` shows of a backup's cost: logical_size (bytes of the disks that are not holes; None
         in the qcow2 layout, which does not record it), new_bytes (stored by this backup), reused_chunks
-        (chunks the store had already, or that an incremental took from its parent) and virtual_size."""
+        (data chunks the store had already, or that an incremental took from its parent) and virtual_size."""
         stats = [d.chunks for d in self.disks if d.chunks is not None]
         return {
             "virtual_size": sum(d.virtual_size for d in self.disks),
             "logical_size": sum(s.logical_size for s in stats) if stats else None,
             "new_bytes": self.size,
-            "reused_chunks": sum(s.reused_chunks + s.unchanged_chunks for s in stats) if stats else None,
+            "reused_chunks": sum(s.reused_chunks for s in stats) if stats else None,
         }
 
 

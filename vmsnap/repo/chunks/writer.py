@@ -202,13 +202,14 @@ class ChunksWriter:
         data = encode_index(result.index, self.repo.key)
         self.repo.store.put(index_key(self.vm, self.backup_id, name), data)
         stats = result.stats
+        data_chunks = sum(1 for _ in result.index.data_chunks())
         chunk_stats = ChunkStats(
             logical_size=result.index.data_bytes(),
             bytes_read=stats.bytes_read,
             new_chunks=stats.new_chunks,
             new_bytes=stats.new_bytes,
-            reused_chunks=stats.reused_chunks,
-            zero_chunks=stats.zero_chunks,
+            reused_chunks=data_chunks - stats.new_chunks,
+            zero_chunks=len(result.index) - data_chunks,
             unchanged_chunks=stats.unchanged_chunks,
         )
         record = DiskRecord(
