@@ -12,7 +12,8 @@ CRASH_ENV = "VMSNAP_TEST_CRASH_AT"
 
 def crash_point(name: str) -> None:
     """TEST ONLY: kill this process with SIGKILL when ``$VMSNAP_TEST_CRASH_AT`` is ``name`` (SIGTERM when it
-    is ``term:name``).
+    is ``term:name``; SIGSTOP when it is ``stop:name``, so that a test can act while it is stopped there and
+    SIGCONT it).
 
     The crash-recovery tests use it to stop a ``vmsnap backup`` or ``gc`` at an exact step; nothing else sets
     it.
@@ -22,3 +23,5 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif wanted == f"term:{name}":
         os.kill(os.getpid(), signal.SIGTERM)
+    elif wanted == f"stop:{name}":
+        os.kill(os.getpid(), signal.SIGSTOP)

@@ -126,6 +126,7 @@ def collect(repo: GcRepository, *, wait: float = 0.0, dry_run: bool = False) -> 
     """
     lease = _take_lock(repo.leases, wait)
     try:
+        crash_point("gc-locked")
         referenced = _mark(repo)
         store = repo.store
         partial = _partial_backups(store)
