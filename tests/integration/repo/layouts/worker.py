@@ -7,7 +7,8 @@ usage: python -m tests.integration.repo.layouts.worker COMMAND JSON-ARGS
 - ``restore {"repo", "vm", "backup", "to", "stop_at_progress"}``
 
 ``stop_at_progress``: the process stops itself (SIGSTOP) at the first progress report, inside the operation
-(its lease taken, its first data read), until the test sends SIGCONT. Prints one JSON object on success; on a
+(its lease taken), or with ``"second-disk"`` when the second disk starts (the first disk's chunks and index
+stored), until the test sends SIGCONT. Prints one JSON object on success; on a
 VmsnapError, its one line on stderr and exit status 1. ``$VMSNAP_TEST_CRASH_AT`` works as in the CLI.
 """
 
@@ -26,13 +27,19 @@ from vmsnap.repo.repository import Repository
 from vmsnap.vm.machine import QemuMachine
 
 
-def _stopper(enabled: bool) -> Any:
-    state = {"stopped": not enabled}
+def _stopper(when: Any) -> Any:
+    """A progress callback that stops the process once: at the first report (``when`` true), or with
+    ``"second-disk"`` at the first report about the second disk (the first disk's chunks and index are
+    stored, the manifest is not)."""
+    state: dict[str, Any] = {"stopped": not when, "first": None}
 
-    def progress(*_: object) -> None:
-        if not state["stopped"]:
-            state["stopped"] = True
-            os.kill(os.getpid(), signal.SIGSTOP)
+    def progress(disk: str, *_: object) -> None:
+        if state["first"] is None:
+            state["first"] = disk
+        if state["stopped"] or (when == "second-disk" and disk == state["first"]):
+            return
+        state["stopped"] = True
+        os.kill(os.getpid(), signal.SIGSTOP)
 
     return progress
 
@@ -48,7 +55,7 @@ def run(command: str, args: dict[str, Any]) -> dict[str, Any]:
             incremental=bool(args.get("incremental")),
             quiesce="off",
         )
-        backup = Backup(machine, config, progress=_stopper(bool(args.get("stop_at_progress"))))
+        backup = Backup(machine, config, progress=_stopper(args.get("stop_at_progress")))
         # the lease lifetime of this process's repository: reopen through the same API with it
         original = Repository.open
 
@@ -66,7 +73,7 @@ def run(command: str, args: dict[str, Any]) -> dict[str, Any]:
     if command == "gc":
         return repo.gc(wait=float(args.get("wait", 0))).to_json()
     if command == "restore":
-        stop = _stopper(bool(args.get("stop_at_progress")))
+        stop = _stopper(args.get("stop_at_progress"))
         manifest, disks = repo.restore(args["vm"], args["backup"], Path(args["to"]), progress=stop)
         return {"backup_id": manifest.backup_id, "disks": [str(d.path) for d in disks]}
     raise SystemExit(f"unknown command {command}")
