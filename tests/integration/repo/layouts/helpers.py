@@ -41,7 +41,8 @@ def chunks_clean(repo: Path, state: Path, vm: str = "testvm") -> bool:
     leases = list((repo / "locks").rglob("*")) if (repo / "locks").exists() else []
     work = [p for p in state.rglob("work/*/*") if p.is_dir()]
     journals = list(state.rglob("journal.json"))
-    return not partial_backups(repo, vm) and not [p for p in leases if p.is_file()] and not work and not journals
+    held = [p for p in leases if p.is_file()]
+    return not partial_backups(repo, vm) and not held and not work and not journals
 
 
 def lease_of(repo: Path, key: str) -> LeaseRecord | None:

@@ -112,7 +112,9 @@ def test_a_transport_or_push_is_refused_by_the_chunks_layout(
     assert not repo.exists() or store_keys(repo) == []  # refused before anything was written
 
 
-def test_a_powered_off_image_backs_up_and_restores(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_powered_off_image_backs_up_and_restores(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     image = make_image(tmp_path / "disk0.qcow2", "32M")
     qemu_io_file(image, "write -P 0x71 0 3M", "write -P 0x72 20M 1M")
     repo = tmp_path / "repo"

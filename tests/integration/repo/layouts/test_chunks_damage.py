@@ -137,7 +137,8 @@ def test_keys_missing_wrong_or_readable_by_others(
     key.chmod(0o600)
     with pytest.raises(KeyFileError, match="does not exist"):
         Repository.open(repo, key_file=tmp_path / "nowhere.key")
-    restored = cli(capsys, "restore", "--repo", repo, "--vm", VM, "--backup", backup_id, "--to", tmp_path / "o")
+    argv = ["restore", "--repo", repo, "--vm", VM, "--backup", backup_id, "--to", tmp_path / "o"]
+    restored = cli(capsys, *argv)
     assert restored.code == 0, restored.err
     assert same_content(tmp_path / "o" / "disk0.qcow2", image)
     with pytest.raises(DamagedChunkError):  # a blob of one repository is refused by another key
@@ -153,7 +154,8 @@ def test_an_encrypted_repository_holds_no_plaintext_of_the_guest(
     assert cli(capsys, "list", "--repo", repo).code == 1  # no repository yet
     Repository.init(repo, encrypt=True)  # the key file is made from VMSNAP_KEY_FILE
     # the marker in every 4 KiB between random bytes, so that compression cannot hide it
-    marked = write_file(tmp_path / "marked", b"".join(SECRET + os.urandom(4096 - len(SECRET)) for _ in range(16)))
+    pieces = [SECRET + os.urandom(4096 - len(SECRET)) for _ in range(16)]
+    marked = write_file(tmp_path / "marked", b"".join(pieces))
     image = _image(tmp_path, f"write -s {marked} 0 64k", f"write -s {marked} 5M 64k", "write -P 0x5a 9M 1M")
     _backup(capsys, repo, image)
     _image_write(image, f"write -s {marked} 14M 64k")  # 2 MiB into its chunk: a chunk of its own
