@@ -310,8 +310,10 @@ class ChunksRepository(RepositoryLayout):
             raise RepositoryError(f"backup {vm}/{backup_id} is complete; not discarding it")
         for key in keys:
             self._store.delete(key)
-        shutil.rmtree(self._state.work_dir(vm, backup_id), ignore_errors=True)
-        return bool(keys)
+        work = self._state.work_dir(vm, backup_id)
+        existed = bool(keys) or work.exists()
+        shutil.rmtree(work, ignore_errors=True)
+        return existed
 
     def require_full(self, vm: str, reason: str) -> None:
         data = json.dumps({"reason": reason, "since": utc_now_iso()}).encode()
