@@ -314,7 +314,8 @@ def _chunks_markdown(chunks: Mapping[str, Any]) -> list[str]:
         rows.append(
             [
                 "compression of the lab guest's filesystem (data / stored)",
-                f"{lab['ratio']:g}x ({lab['data_bytes'] / 2**20:.1f} → {lab['stored_bytes'] / 2**20:.1f} MiB)",
+                f"{lab['ratio']:g}x ({lab['data_bytes'] / 2**20:.1f} MiB → "
+                f"{lab['stored_bytes'] / 2**20:.1f} MiB)",
                 "",
             ]
         )
