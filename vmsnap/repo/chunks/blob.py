@@ -21,10 +21,11 @@ Blob (all integers big-endian)::
                   encrypted:   nonce (12 random bytes) || AES-256-GCM(encryption_key, nonce, payload,
                                associated data = blob[0:8] || id) || tag (16 bytes)
 
-``payload`` is the zstd frame when that is smaller than the plaintext, else the plaintext itself. Decoding
-checks, in order: length, magic, version, flags, the GCM tag (which binds the blob to its id: a blob copied
-under another id fails here), the zstd frame (exactly one, content size <= 4 MiB, no trailing bytes), then
-recomputes the id from the plaintext. Any failure is a :class:`~vmsnap.errors.DamagedChunkError` and no
+``payload`` is the zstd frame when that is smaller than the plaintext, else the plaintext itself (also when
+three 64 KiB samples of the chunk do not shrink at zstd level 1: incompressible data is not compressed).
+Decoding checks, in order: length, magic, version, flags, the GCM tag (which binds the blob to its id: a blob
+copied under another id fails here), the zstd frame (exactly one, content size <= 4 MiB, no trailing bytes),
+then recomputes the id from the plaintext. Any failure is a :class:`~vmsnap.errors.DamagedChunkError` and no
 plaintext is returned. Random 96-bit nonces keep AES-GCM within its bounds for 2^32 blobs per key (16 PiB of
 chunks).
 
@@ -64,6 +65,8 @@ FLAG_ENCRYPTED = 0x02
 HEADER_SIZE = 8
 NONCE_SIZE = 12
 TAG_SIZE = 16
+SAMPLE_SIZE = 64 * 1024
+"""Bytes of each of the three samples that decide whether a chunk is worth compressing."""
 DEFAULT_LEVEL = 3
 """zstd level: level 3 compressed mixed data 2x better than level 1 at ~70% of its speed (3.6 vs 5.2 GB/s on
 one core here), far above what a disk delivers; level 6 gained nothing more."""
@@ -147,6 +150,25 @@ class ChunkCodec:
             self._local.compressor = compressor
         return compressor
 
+    def _worth_compressing(self, data: bytes | bytearray | memoryview) -> bool:
+        """False when compression is off, or when three samples of the chunk (start, middle, end) do not
+        shrink even at zstd level 1: random or already compressed data, which level 3 would only spend as
+        much time on as hashing it (1 GB/s here) to store it raw after all. Mixed data is compressed."""
+        if not self.compress:
+            return False
+        if len(data) < 4 * SAMPLE_SIZE:
+            return True
+        probe: zstandard.ZstdCompressor | None = getattr(self._local, "probe", None)
+        if probe is None:
+            probe = zstandard.ZstdCompressor(level=1)
+            self._local.probe = probe
+        view = memoryview(data)
+        middle = (len(data) - SAMPLE_SIZE) // 2
+        for start in (0, middle, len(data) - SAMPLE_SIZE):
+            if len(probe.compress(view[start : start + SAMPLE_SIZE])) < SAMPLE_SIZE * 63 // 64:
+                return True
+        return False
+
     def _decompressor(self) -> zstandard.ZstdDecompressor:
         decompressor: zstandard.ZstdDecompressor | None = getattr(self._local, "decompressor", None)
         if decompressor is None:
@@ -173,7 +195,7 @@ class ChunkCodec:
         """
         if not 0 < len(data) <= CHUNK_SIZE or len(chunk_id) != ID_SIZE:
             raise UsageError(f"cannot encode a chunk of {len(data)} bytes", hint="a bug in the caller")
-        compressed = self._compressor().compress(data) if self.compress else data
+        compressed = self._compressor().compress(data) if self._worth_compressing(data) else data
         flags = 0
         payload: bytes | bytearray | memoryview = data
         if len(compressed) < len(data):
