@@ -12,8 +12,9 @@ import pytest
 
 from tests.conftest import make_image
 from tests.integration.cli_helpers import same_content
+from tests.integration.repo.chunks.mounts import loop_device
 from vmsnap.backup.run import Backup, BackupConfig
-from vmsnap.errors import UsageError
+from vmsnap.errors import UnsupportedError, UsageError
 from vmsnap.repo.copy import copy_backups
 from vmsnap.repo.repository import Repository
 from vmsnap.repo.retention import RetentionPolicy
@@ -122,3 +123,26 @@ def test_daily_retention_keeps_one_per_day(image: Path, tmp_path: Path) -> None:
     result = library.prune(VM, RetentionPolicy(keep_daily=1))
     day = dt.datetime.now().date()  # backups taken seconds apart fall into one day (two at most)
     assert made[-1][0] in result.kept and len(result.kept) <= 2, (day, result)
+
+
+@pytest.mark.parametrize("layout", ["chunks", "qcow2"])
+def test_restore_to_sparse_raw_files_and_onto_a_block_device(
+    image: Path, tmp_path: Path, layout: str
+) -> None:
+    repo = tmp_path / "repo"
+    Repository.init(repo, layout=layout)
+    ((backup_id, expected),) = _backups(repo, image, tmp_path, 1)
+    library = Repository.open(repo)
+    _, (raw,) = library.restore(VM, backup_id, tmp_path / "raw", format="raw")
+    assert raw.path.name == "disk0.raw" and same_content(raw.path, expected)
+    assert raw.path.stat().st_blocks * 512 < raw.virtual_size // 2  # holes stayed holes
+    backing = tmp_path / "device.img"
+    backing.write_bytes(b"\xee" * raw.virtual_size)  # old data everywhere: holes must be zeroed
+    with loop_device(backing) as device:
+        if layout == "qcow2":
+            with pytest.raises(UnsupportedError, match="block device"):
+                library.restore(VM, backup_id, tmp_path / "x", devices={VM: device})
+            return
+        _, (written,) = library.restore(VM, backup_id, tmp_path / "x", devices={VM: device})
+        assert written.path == device
+    assert same_content(backing, expected)
