@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol
 
-from vmsnap.errors import NotFoundError, RepositoryError
+from vmsnap.errors import NotFoundError
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
 from vmsnap.repo.manifest import Damaged, Kind, Manifest
 from vmsnap.repo.progress import DiskProgress, no_progress
@@ -327,19 +327,6 @@ class RepositoryLayout(abc.ABC):
         :param wait: seconds to wait for running writers and readers (0: refuse at once)
         :raise LeaseError: a backup, prune, restore or another gc is running
         """
-
-
-def check_definition(manifest: Manifest, text: str | None) -> str | None:
-    """``text`` (a saved definition) after checking it is there when the manifest says so.
-
-    :raise RepositoryError: a definition the manifest names is missing
-    """
-    if text is None and manifest.definition is not None:
-        raise RepositoryError(
-            f"backup {manifest.vm}/{manifest.backup_id} lacks its saved {DEFINITION_FILE}",
-            hint="restore without --define and define the VM yourself",
-        )
-    return text
 
 
 def disk_filter(manifest: Manifest, disks: Sequence[str]) -> Iterator[str]:

@@ -22,7 +22,6 @@ from typing import ClassVar
 
 from vmsnap.errors import (
     LeaseError,
-    NotFoundError,
     RepositoryError,
     SnapshotError,
     UnsupportedError,
@@ -461,6 +460,3 @@ def _valid(name: str) -> bool:
     except UsageError:
         return False
     return True
-
-
-__all__ = ["NotFoundError", "Qcow2Repository", "Qcow2Writer"]

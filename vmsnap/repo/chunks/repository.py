@@ -349,7 +349,7 @@ class ChunksRepository(RepositoryLayout):
         if held is None:
             raise UsageError(f"begin_backup of {vm} without its lease", hint="a bug: call it inside lock(vm)")
         lease, generation = held
-        self.key  # noqa: B018  (a missing key fails here, before anything is written)
+        _ = self.key  # an encrypted repository without its key fails here, before anything is written
         return ChunksWriter(
             self, vm, self.new_backup_id(vm), parent, lease, generation, runner or self.runner
         )
