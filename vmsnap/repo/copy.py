@@ -241,6 +241,7 @@ def _copy_to_images(
 ) -> CopiedBackup:
     """A standalone full backup in a qcow2 repository: each disk restored (checked) into its staging, then
     sealed as a backup of that repository."""
+    target.discard_backup(manifest.vm, manifest.backup_id)  # what a copy that died left
     staging = target.stage(manifest.vm, manifest.backup_id)
     try:
         records = []

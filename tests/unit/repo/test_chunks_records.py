@@ -129,6 +129,7 @@ def test_known_chunks_cache_follows_the_gc_generation(store: LocalStore, tmp_pat
     fresh = KnownChunks(store, cache)
     assert fresh.load(generation) == {a, b, c} and fresh.listed  # a gc ran: listed again
     assert KnownChunks(store, cache).load("stale", list_if_stale=False) == set()
+    assert KnownChunks(store, cache).load(generation) == {a, b, c}  # (the stale one left the cache alone)
 
 
 def _manifest() -> Manifest:

@@ -75,10 +75,9 @@ class KnownChunks:
         ids = self._read_cache(generation)
         if ids is None:
             if not list_if_stale:
-                ids = set()
-            else:
-                ids = list_known_chunks(self.store)
-                self.listed = True
+                return set()  # the stale cache stays as it is: the next full backup lists and renews it
+            ids = list_known_chunks(self.store)
+            self.listed = True
             self._write_cache(generation, ids)
         self._open_for_append()
         return ids
@@ -103,7 +102,10 @@ class KnownChunks:
 
     def _open_for_append(self) -> None:
         if self.cache is not None and self._fd < 0:
-            self._fd = os.open(self.cache, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
+            try:
+                self._fd = os.open(self.cache, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
+            except FileNotFoundError:
+                self._fd = -1  # removed meanwhile: nothing is remembered this time
 
     def add(self, chunk_id: bytes) -> None:
         """Remember that the store holds ``chunk_id`` (appended to the cache at once)."""
