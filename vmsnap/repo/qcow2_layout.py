@@ -1,9 +1,10 @@
-"""Layout ``qcow2`` (repository format 1): per backup a directory of qcow2 images, incrementals as overlays on
+"""Layout ``qcow2`` (manifest format 1): per backup a directory of qcow2 images, incrementals as overlays on
 their parent's images; plain files QEMU can use without vmsnap. Sealing, chains, restore to standalone images.
+(:mod:`vmsnap.repo.qcow2_repo` puts it behind the repository interface.)
 
 On disk::
 
-    REPO/vmsnap-repo.json                   {"format": 1}
+    REPO/vmsnap-repo.json                   {"format": 2, "layout": "qcow2", …}, or vmsnap 0.1's {"format": 1}
     REPO/<vm>/<backup-id>/manifest.json     written last, atomically (temp file, fsync, rename, fsync dir)
     REPO/<vm>/<backup-id>/<disk>.qcow2      full: standalone; incremental: qcow2 backed by the parent's file,
                                             through a relative path (``../<parent-id>/<disk>.qcow2``)
