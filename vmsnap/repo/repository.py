@@ -30,7 +30,7 @@ from vmsnap.repo.progress import DiskProgress
 from vmsnap.repo.qcow2_layout import DELETING_PREFIX
 from vmsnap.repo.qcow2_repo import Qcow2Repository
 from vmsnap.repo.reports import LayoutTraits, RestoredDisk
-from vmsnap.repo.stores import is_url, open_store
+from vmsnap.repo.stores import is_url, normalize_location, open_store
 from vmsnap.repo.stores.base import Store
 from vmsnap.runner import Runner
 
@@ -162,6 +162,7 @@ class Repository:
 
 def _store(location: Path | str, *, create: bool) -> tuple[Store, Path | None]:
     """The store at ``location`` and, for a directory, its path (made when ``create``)."""
+    location = normalize_location(location)
     if is_url(location):
         return open_store(str(location)), None
     directory = Path(location)

@@ -13,6 +13,7 @@ from tests.integration.s3.fixtures import BUCKET
 from tests.integration.s3.seaweed import SeaweedServer
 from vmsnap.repo.repository import Repository
 from vmsnap.repo.retention import RetentionPolicy
+from vmsnap.repo.stores.s3 import S3Store
 
 DISKS = ("disk0", "disk1")
 
@@ -46,3 +47,10 @@ def test_backups_in_s3_restore_verify_prune_and_gc(
     library.gc()
     assert library.verify().ok
     restore_and_compare(capsys, repo, second["backup_id"], tmp_path / "r3", expected)
+    # (the CLI's --repo is a Path, which makes the URL s3:/…: it still reaches the bucket, not a directory)
+    assert not Path("s3:").exists()
+    store = S3Store.from_url(repo)
+    try:
+        assert store.exists("vms/testvm/" + second["backup_id"] + "/manifest.json")
+    finally:
+        store.close()
