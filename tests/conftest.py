@@ -184,3 +184,12 @@ def lab_guest_factory(lab_image: LabImage, tmp_path: Path) -> Iterator[LabGuestF
     finally:
         for guest in guests:
             guest.stop()
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test keeps vmsnap's local state (chunks repositories' journals, caches) in a directory of its
+    own, never in /var/lib/vmsnap; processes the test starts inherit it."""
+    path = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("VMSNAP_STATE_DIR", str(path))
+    return path

@@ -206,9 +206,10 @@ def find(programs: frozenset[str], patterns: Sequence[str]) -> Iterator[tuple[in
 
 def crash_point(name: str) -> None:
     """TEST ONLY: kill this process with SIGKILL when ``$VMSNAP_TEST_CRASH_AT`` is ``name`` (SIGTERM when it
-    is ``term:name``).
+    is ``term:name``; SIGSTOP when it is ``stop:name``, so that a test can act while it is stopped there and
+    SIGCONT it).
 
-    The crash-recovery tests use it to stop a backup, a mount or an instant restore at an exact step;
+    The crash-recovery tests use it to stop a backup, a gc, a mount or an instant restore at an exact step;
     nothing else sets it.
     """
     wanted = os.environ.get(CRASH_ENV)
@@ -216,3 +217,5 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif wanted == f"term:{name}":
         os.kill(os.getpid(), signal.SIGTERM)
+    elif wanted == f"stop:{name}":
+        os.kill(os.getpid(), signal.SIGSTOP)

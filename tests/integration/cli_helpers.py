@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import RunningVm
 from vmsnap.cli import main
 from vmsnap.lab.qemu import qemu_io
+from vmsnap.repo.repository import Repository
 
 VMSNAP = str(Path(sys.executable).with_name("vmsnap"))
 
@@ -40,6 +41,13 @@ class CliResult:
         assert len(lines) == 1, f"expected one error line, got: {self.err!r}"
         assert self.err.rstrip("\n").endswith(lines[0]), "the error line comes last"
         return lines[0]
+
+
+def qcow2_repo(path: Path) -> Path:
+    """A new repository of layout qcow2 at ``path`` (what ``vmsnap init --layout qcow2`` makes): the tests
+    of that layout's files and of transports use one; a new directory given to ``backup`` is a chunks one."""
+    Repository.init(path, layout="qcow2")
+    return path
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> CliResult:

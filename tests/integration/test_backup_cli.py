@@ -19,6 +19,7 @@ from tests.integration.cli_helpers import (
     cli_on_a_terminal,
     listed,
     no_leftovers,
+    qcow2_repo,
     restore_and_compare,
     vm_args,
     wait_until_qmp_listens,
@@ -38,7 +39,7 @@ def test_backup_strategy_full_then_incrementals_restore_each_moment(
     two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     vm = two_disk_vm
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     before = block_state(vm)
     write(vm, "disk0", "write -P 0x11 0 4M", "write -P 0x12 16M 1M")
     write(vm, "disk1", "write -P 0x21 1M 2M")
@@ -98,7 +99,7 @@ def test_strategy_and_transport_pairs_back_up_and_restore(
     two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str], strategy: str, transport: str
 ) -> None:
     vm = two_disk_vm
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     before = block_state(vm)
     write(vm, "disk0", "write -P 0x61 0 2M")
     write(vm, "disk1", "write -P 0x62 8M 1M")
@@ -118,7 +119,7 @@ def test_pull_mode_incremental_reads_only_dirty_extents_over_nbd(
     two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     vm = two_disk_vm
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     before = block_state(vm)
     write(vm, "disk0", "write -P 0x81 0 8M")
     write(vm, "disk1", "write -P 0x82 0 8M")
@@ -138,7 +139,7 @@ def test_an_incremental_without_a_usable_bitmap_falls_back_to_full_and_says_why(
     two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     vm = two_disk_vm
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     write(vm, "disk0", "write -P 0x95 0 1M")
     backup(capsys, vm, repo)
     qmp = vm.machine.qmp()
@@ -171,7 +172,7 @@ def test_prune_through_the_cli_keeps_what_the_last_backup_needs(
     two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     vm = two_disk_vm
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     write(vm, "disk0", "write -P 0x71 0 1M")
     full = backup(capsys, vm, repo, "--disk", "disk0")
     write(vm, "disk0", "write -P 0x72 0 64k")
@@ -194,7 +195,7 @@ def test_prune_through_the_cli_keeps_what_the_last_backup_needs(
 def test_list_and_json_outputs_are_single_objects(
     two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     made = backup(capsys, two_disk_vm, repo, "--quiesce", "auto")
     for argv in (
         ["list", "--repo", repo, "--json"],
@@ -219,7 +220,7 @@ def test_btrfs_strategy_backs_up_a_vm_on_a_btrfs_subvolume(
     vm = RunningVm(process, QemuMachine(process.qmp_socket, name="testvm"), images, tmp_path)  # no I/O yet
     try:
         wait_until_qmp_listens(process.qmp_socket)
-        repo = tmp_path / "repo"
+        repo = qcow2_repo(tmp_path / "repo")
         before = block_state(vm)
         write(vm, "disk0", "write -P 0x91 0 3M")
         write(vm, "disk1", "write -P 0x92 5M 1M")

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import make_image
+from tests.integration.cli_helpers import qcow2_repo
 from vmsnap.errors import VmsnapError
 from vmsnap.jobs.default import run_job_file
 from vmsnap.jobs.expand import expand_vms
@@ -110,7 +111,7 @@ quiesce = "off"
     specs, failures = expand_vms(job, no_libvirt)
     assert [s.name for s in specs] == ["alpha", "beta", "gamma", "delta"] and failures == ()
     beta_line = specs[1].line
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")  # this test looks at the qcow2 layout's directories
 
     def run(job: JobConfig, *, dry_run: bool = False) -> JobReport:
         # the one call `vmsnap run JOBFILE [--dry-run]` makes

@@ -20,6 +20,7 @@ from tests.integration.cli_helpers import (
     listed,
     no_leftovers,
     processes_matching,
+    qcow2_repo,
     restore_and_compare,
     vm_args,
     write,
@@ -56,7 +57,7 @@ def test_kill_at_each_step_then_recover(
     point: str,
 ) -> None:
     vm = two_disk_vm
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     original = block_state(vm)
     write(vm, "disk0", "write -P 0x11 0 2M")
     write(vm, "disk1", "write -P 0x12 4M 1M")
@@ -102,7 +103,7 @@ def test_sigterm_undoes_the_run_at_once(
     two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str], strategy: str
 ) -> None:
     vm = two_disk_vm
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     original = block_state(vm)
     write(vm, "disk0", "write -P 0x41 0 1M")
     stopped = cli_process(
@@ -119,7 +120,7 @@ def test_the_next_backup_recovers_by_itself(
     two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     vm = two_disk_vm
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     original = block_state(vm)
     write(vm, "disk0", "write -P 0x31 0 1M")
     dead = cli_process(
@@ -138,7 +139,7 @@ def test_the_next_backup_recovers_by_itself(
 def test_a_run_meeting_the_lock_says_so(
     two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    repo = Repository.open(tmp_path / "repo", create=True)
+    repo = Repository.open(tmp_path / "repo", create=True, layout="qcow2")
     before = block_state(two_disk_vm)
     with repo.lock("testvm"):
         result = cli(capsys, "backup", "--repo", repo.root, *vm_args(two_disk_vm))
@@ -159,7 +160,7 @@ def test_killed_while_the_guest_is_frozen_then_recovered(
     guest.write_file("/mnt/data/before.txt", b"before\n")
     _sync(guest)
     selector = ["--qmp", str(guest.qmp_socket), "--agent", str(guest.agent_socket)]
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     first = cli(capsys, "backup", "--repo", repo, *selector, "--quiesce", "on", "--json")
     assert first.code == 0, first.err
     manifests = cli(capsys, "list", "--repo", repo, "--json").json()["backups"]
@@ -215,7 +216,7 @@ def test_qemu_died_too_recover_offline_with_the_images(
     two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     vm = two_disk_vm
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     dead = cli_process(
         "backup", "--repo", repo, *vm_args(vm), "--strategy", "external", env={CRASH_ENV: "after-create"}
     )

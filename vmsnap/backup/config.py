@@ -10,12 +10,23 @@ import attrs
 
 from vmsnap.errors import UsageError, VmsnapError
 from vmsnap.model import validate_name
-from vmsnap.processes import CRASH_ENV as CRASH_ENV
-from vmsnap.processes import crash_point as crash_point
-from vmsnap.repo.repository import DiskRecord, Kind
+from vmsnap.processes import CRASH_ENV, crash_point
+from vmsnap.repo.manifest import DiskRecord, Kind
+from vmsnap.repo.reports import PUSH_TRANSPORT
+
+__all__ = [
+    "CRASH_ENV",
+    "CRASH_POINTS",
+    "PUSH",
+    "BackupConfig",
+    "BackupResult",
+    "RecoveryError",
+    "RecoveryReport",
+    "crash_point",
+]
 
 Quiesce = Literal["auto", "on", "off"]
-PUSH = "none"
+PUSH = PUSH_TRANSPORT
 """The transport name recorded when the strategy wrote the backup itself (push)."""
 
 CRASH_POINTS = (
@@ -34,7 +45,8 @@ CRASH_POINTS = (
 class BackupConfig:
     """What to back up and how (the CLI builds it from its options).
 
-    :param repo: the repository directory (created when missing or empty)
+    :param repo: the repository: a directory (a new or empty one becomes a ``chunks`` repository) or an
+        ``s3://BUCKET/PREFIX`` URL of an existing one
     :param strategy: a strategy name, or "auto": the registered strategy that can take incremental backups
         of this machine (running or not) — QEMU's backup job, or qemu-img for images
     :param transport: a transport name, "none" (a strategy that writes the images itself does: push), or
@@ -46,9 +58,10 @@ class BackupConfig:
     :param disks: back up only these disks (default: all)
     :param bitmap: the name changes are tracked under (a persistent dirty bitmap)
     :param freeze_timeout: seconds the guest agent gets to freeze
+    :param key_file: the key file of an encrypted repository (default: ``$VMSNAP_KEY_FILE``)
     """
 
-    repo: Path
+    repo: Path | str
     strategy: str = "auto"
     transport: str = "auto"
     incremental: bool = False
@@ -56,6 +69,7 @@ class BackupConfig:
     disks: tuple[str, ...] = ()
     bitmap: str = "vmsnap"
     freeze_timeout: float = 60.0
+    key_file: Path | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.quiesce not in ("auto", "on", "off"):
@@ -78,7 +92,7 @@ class BackupResult:
     quiesced: bool
     disks: tuple[DiskRecord, ...]
     seconds: float
-    path: Path
+    path: Path | str
     notes: tuple[str, ...] = ()
     freeze_ms: float | None = None
 

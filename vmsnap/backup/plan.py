@@ -1,6 +1,6 @@
 """Deciding a backup before its first step: which strategy, push or a transport, which disks, and the parent
-an incremental starts from — all from the strategies' and transports' declared capabilities, never from
-their names."""
+an incremental starts from — all from the strategies', transports' and repository layout's declared
+capabilities, never from their names."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from collections.abc import Sequence
 import attrs
 
 from vmsnap.backup.config import PUSH, BackupConfig
-from vmsnap.errors import PluginError, RepositoryError, UsageError, VmsnapError
+from vmsnap.errors import PluginError, RepositoryError, UsageError
 from vmsnap.model import Disk, validate_name
-from vmsnap.repo.repository import Manifest, Repository
+from vmsnap.repo.layout import RepositoryLayout
+from vmsnap.repo.manifest import Manifest
+from vmsnap.repo.reports import LayoutTraits
 from vmsnap.strategies import strategy_class, strategy_names
 from vmsnap.strategies.base import Strategy
 from vmsnap.transports import transport_class
@@ -27,11 +29,13 @@ class Resolved:
     :param strategy: the strategy class
     :param transport: a transport name, "auto" (by preference, per source) or :data:`PUSH`
     :param disks: the disks to back up, in device order
+    :param reads_itself: the repository's layout reads the exports itself (no transport)
     """
 
     strategy: type[Strategy]
     transport: str
     disks: tuple[Disk, ...]
+    reads_itself: bool = False
 
     @property
     def push(self) -> bool:
@@ -79,11 +83,16 @@ def choose_strategy(requested: str, machine: Machine) -> type[Strategy]:
     return cls
 
 
-def resolve(machine: Machine, config: BackupConfig) -> Resolved:
-    """(strategy, transport, disks) after "auto" choices and checks.
+def resolve(machine: Machine, config: BackupConfig, layout: LayoutTraits) -> Resolved:
+    """(strategy, transport, disks) after "auto" choices and checks, for a repository of ``layout``.
+
+    A layout that reads exports itself (chunks) takes no transport, and no push from a running machine:
+    strategies that could push export instead (pull mode). A powered-off machine's images are still
+    pushed by a strategy that writes images (its offline mode has no export yet): the layout then reads the
+    image the strategy wrote into the backup's work directory.
 
     :raise UsageError: unknown disk, a disk name that cannot be a file name, no disks, a transport the
-        strategy cannot use, ``--incremental`` with a strategy that cannot take incrementals
+        strategy or the layout cannot use, ``--incremental`` with a strategy that cannot take incrementals
     :raise PluginError: unknown strategy or transport
     """
     disks = machine.disks()
@@ -96,6 +105,11 @@ def resolve(machine: Machine, config: BackupConfig) -> Resolved:
     cls = choose_strategy(config.strategy, machine)
     capabilities = cls.capabilities
     transport = config.transport
+    if layout.reads_exports and transport != AUTO:
+        raise UsageError(
+            f"--transport {transport}: the {layout.name} layout reads the export itself",
+            hint="leave --transport out, or back up into a qcow2 repository (`vmsnap init --layout qcow2`)",
+        )
     if transport == PUSH and not capabilities.writes_images:
         writers = _capable("writes_images")
         raise UsageError(
@@ -103,7 +117,8 @@ def resolve(machine: Machine, config: BackupConfig) -> Resolved:
             + " or ".join(writers),
             hint="leave --transport out, or choose a transport (`vmsnap strategies`)",
         )
-    if capabilities.writes_images and transport in (AUTO, PUSH):
+    push_ok = layout.accepts_push or (layout.reads_exports and not machine.is_running)
+    if capabilities.writes_images and transport in (AUTO, PUSH) and push_ok:
         transport = PUSH
     elif transport != AUTO:
         transport_class(transport)  # an unknown name fails now, before anything is done
@@ -114,17 +129,18 @@ def resolve(machine: Machine, config: BackupConfig) -> Resolved:
             f"(strategy {cls.name} takes full backups only)",
             hint="`vmsnap strategies` shows what each strategy can do",
         )
-    return Resolved(cls, transport, tuple(disks))
+    return Resolved(cls, transport, tuple(disks), layout.reads_exports)
 
 
 def find_parent(
-    repo: Repository, vm: str, disks: Sequence[Disk], config: BackupConfig, strategy: str
+    repo: RepositoryLayout, vm: str, disks: Sequence[Disk], config: BackupConfig, strategy: str
 ) -> tuple[Manifest | None, str | None]:
     """The parent of an incremental backup, or (None, why the backup must be full).
 
-    The latest backup must have been taken by the same strategy with the same change tracking, its chain
-    must be whole, the VM's change tracking must not have been broken by a dead run, and every disk must
-    exist in it with the same size.
+    The latest backup must have been taken by the same strategy with the same change tracking, the
+    repository must be able to build on it (qcow2: its chain is whole; chunks: its indexes are there), the
+    VM's change tracking must not have been broken by a dead run, and every disk must exist in it with the
+    same size.
     """
     try:
         latest = repo.latest(vm)
@@ -140,10 +156,9 @@ def find_parent(
             None,
             f"the latest backup {latest.backup_id} was not taken with bitmap {config.bitmap}",
         )
-    try:
-        repo.chain(latest)
-    except VmsnapError as err:
-        return None, f"the chain of {latest.backup_id} is broken ({err.message})"
+    unusable = repo.usable_parent(latest)
+    if unusable is not None:
+        return None, unusable
     recorded = {d.name: d for d in latest.disks}
     for disk in disks:
         record = recorded.get(disk.name)

@@ -14,6 +14,7 @@ from vmsnap import processes
 from vmsnap.backup.config import RecoveryError, RecoveryReport
 from vmsnap.errors import AgentError, VmsnapError
 from vmsnap.repo.journal import Journal
+from vmsnap.repo.layout import RepositoryLayout
 from vmsnap.repo.repository import Repository
 from vmsnap.strategies import strategy_class
 from vmsnap.strategies.base import BackupContext, Checkpoint
@@ -32,9 +33,10 @@ def journal_context(header: Mapping[str, Any]) -> BackupContext:
     return BackupContext(workdir, str(options.get("bitmap", "vmsnap")), since, push)
 
 
-def undo_run(repo: Repository, machine: Machine, journal: Journal) -> list[str]:
+def undo_run(repo: RepositoryLayout, machine: Machine, journal: Journal) -> list[str]:
     """Undo what the run in ``journal`` did: thaw the guest, delete its snapshots (through the strategy),
-    remove its staging directory; then delete the journal. Returns one line per action taken.
+    remove its unfinished backup from the repository; then delete the journal. Returns one line per action
+    taken.
 
     :raise RecoveryError: a step failed; the journal is kept so that it can be tried again
     """
@@ -77,10 +79,12 @@ def undo_run(repo: Repository, machine: Machine, journal: Journal) -> list[str]:
         if tracks_changes:
             repo.require_full(vm, f"backup {header['backup_id']} did not finish")
             actions.append("the next backup will be full (the dirty bitmap moved on without a backup)")
-    staging = Path(str(header["staging"]))
-    if staging.exists() and not journal.has("committed"):
-        repo.discard(staging)
-        actions.append(f"removed staging directory {staging.name}")
+    if not journal.has("committed"):
+        try:
+            if repo.discard_backup(vm, str(header["backup_id"])):
+                actions.append(f"removed the unfinished backup {header['backup_id']}")
+        except VmsnapError as err:
+            failures.append(f"removing the unfinished backup failed: {err.message}")
     if failures:
         raise RecoveryError(
             f"recovering the dead run of {vm}: {'; '.join(failures)}",
@@ -126,30 +130,32 @@ def stop_orphans(patterns: Sequence[str], *, timeout: float = 10.0) -> list[str]
     return stopped
 
 
-def recover_leftovers(repo: Repository, machine: Machine) -> RecoveryReport:
+def recover_leftovers(repo: RepositoryLayout, machine: Machine) -> RecoveryReport:
     """Undo what dead runs left for ``machine`` in ``repo`` (caller holds the VM's lock): the journal's run,
-    then any staging or half-pruned directory."""
+    then whatever else the repository holds of dead runs (staging directories, partial backups, dead
+    leases)."""
     vm = machine.name
     actions: list[str] = []
     journal = Journal.load(repo.journal_path(vm))
     if journal is not None:
         actions += undo_run(repo, machine, journal)
-    for leftover in repo.leftovers(vm):
-        repo.discard(leftover)
-        actions.append(f"removed leftover {leftover.name}")
+    actions += repo.recover_leftovers(vm)
     return RecoveryReport(vm, tuple(actions))
 
 
-def recover(machine: Machine, repo_root: Path | None) -> RecoveryReport:
+def recover(
+    machine: Machine, repo_root: Path | str | None, *, key_file: Path | None = None
+) -> RecoveryReport:
     """``vmsnap recover``: undo what a dead backup of ``machine`` left (with its repository's journal), and
-    thaw the guest if it is frozen.
+    thaw the guest if it is frozen. The VM's writer lock (chunks: its lease, taken over from the dead run)
+    is released at the end, so nothing of the dead run stays.
 
     :raise RepositoryError: the repository is missing or a backup of the VM is running right now
     :raise RecoveryError: something could not be undone (the journal is kept for another try)
     """
     actions: list[str] = []
     if repo_root is not None:
-        repo = Repository.open(repo_root, runner=machine.runner)
+        repo = Repository.open(repo_root, runner=machine.runner, key_file=key_file)
         with repo.lock(machine.name):
             actions += recover_leftovers(repo, machine).actions
     actions += machine.recover()

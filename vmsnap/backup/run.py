@@ -1,6 +1,7 @@
 """The backup run: plan → snapshot all disks at one instant (frozen) → export each disk into the repository
-→ delete the snapshots → seal (chunk digests, manifest last). The orchestrator asks strategies and
-transports what they can do (:mod:`vmsnap.backup.plan`); it never names one.
+→ delete the snapshots → seal (manifest last). The orchestrator asks strategies, transports and the
+repository what they can do (:mod:`vmsnap.backup.plan`); it never names one. What a backup's bytes become is
+the repository's business: its :class:`~vmsnap.repo.layout.BackupWriter` takes each export and seals it.
 
 Every step is recorded in the VM's journal (:mod:`vmsnap.repo.journal`) before it starts, under the VM's
 repository lock, so a ``kill -9`` at any point is undone by ``vmsnap recover`` or by the next backup
@@ -11,16 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 
 import attrs
 
 from vmsnap.backup.config import (
-    PUSH,
     BackupConfig,
     BackupResult,
     Quiesce,
@@ -41,17 +39,20 @@ from vmsnap.errors import (
     UsageError,
     VmsnapError,
 )
-from vmsnap.files import FILE_MODE, fsync_file
 from vmsnap.model import Disk, ExportSource, SnapshotRef, validate_name
 from vmsnap.repo.journal import Journal, snapshot_to_json
-from vmsnap.repo.repository import DiskProgress, DiskRecord, Kind, Manifest, Repository, utc_now_iso
+from vmsnap.repo.layout import DEFINITION_FILE, BackupWriter, RepositoryLayout
+from vmsnap.repo.manifest import Kind, Manifest
+from vmsnap.repo.progress import DiskProgress
+from vmsnap.repo.reports import WrittenDisk
+from vmsnap.repo.repository import Repository
 from vmsnap.strategies.base import BackupContext, Checkpoint, Strategy
 from vmsnap.transports import transport_class, transport_names
 from vmsnap.transports.base import Transport
 from vmsnap.vm.freeze import frozen
 from vmsnap.vm.machine import Machine
 
-DOMAIN_XML = "domain.xml"
+DOMAIN_XML = DEFINITION_FILE
 """Beside a backup of a machine that has a definition (a libvirt domain): that definition, for ``restore
 --define``."""
 
@@ -106,24 +107,18 @@ class _Run:
     """One run, decided before its first step (the journal's header records the same)."""
 
     vm: str
-    backup_id: str
-    staging: Path
+    writer: BackupWriter
     resolved: Resolved
     context: BackupContext
     parent: Manifest | None
 
     @property
+    def backup_id(self) -> str:
+        return self.writer.backup_id
+
+    @property
     def strategy_name(self) -> str:
         return self.resolved.strategy.name
-
-
-@attrs.frozen
-class _Exported:
-    """What exporting one disk gave: bytes written, the transport used, what the content is relative to."""
-
-    bytes_written: int
-    transport: str
-    since: str | None
 
 
 class Backup:
@@ -162,8 +157,11 @@ class Backup:
         """
         started = time.monotonic()
         vm = validate_name(self.machine.name, "VM name")
-        resolved = resolve(self.machine, self.config)  # bad options fail here, before anything is written
-        repo = Repository.open(self.config.repo, create=True, runner=self.machine.runner)
+        layout = Repository.traits_at(self.config.repo)
+        resolved = resolve(self.machine, self.config, layout)  # bad options fail here, before any write
+        repo = Repository.open(
+            self.config.repo, create=True, key_file=self.config.key_file, runner=self.machine.runner
+        )
         with repo.lock(vm), warnings.catch_warnings(record=True) as caught:
             # strategies warn (fallbacks, slow settings): pass the warnings on as notes
             warnings.simplefilter("always")
@@ -172,43 +170,47 @@ class Backup:
                 for action in report.actions:
                     self._note(f"recovered a dead run: {action}")
                 if report.actions:  # the disks may have changed (an overlay committed back): look again
-                    resolved = resolve(self.machine, self.config)
+                    resolved = resolve(self.machine, self.config, repo.traits())
                 return self._run_locked(repo, vm, resolved, started)
             finally:
                 for warning in caught:
                     self._note(str(warning.message))
 
-    def _start(self, repo: Repository, vm: str, resolved: Resolved) -> tuple[_Run, Journal]:
-        """Choose the parent, stage the backup and start its journal."""
+    def _start(self, repo: RepositoryLayout, vm: str, resolved: Resolved) -> tuple[_Run, Journal]:
+        """Choose the parent, begin the backup in the repository and start its journal."""
         config = self.config
         parent: Manifest | None = None
         if config.incremental:
             parent, reason = find_parent(repo, vm, resolved.disks, config, resolved.strategy.name)
             if reason is not None:
                 self._note(f"taking a full backup: {reason}")
-        backup_id = repo.new_backup_id(vm)
-        staging = repo.stage(vm, backup_id)
+        journal_path = repo.journal_path(vm)
+        if journal_path.exists():  # before anything is begun: a dead run must be recovered first
+            raise RepositoryError(
+                f"{journal_path} exists: a previous run has not been recovered",
+                hint="run `vmsnap recover` for this VM and repository",
+            )
+        writer = repo.begin_backup(vm, parent, runner=self.machine.runner)
         since = None
         if parent is not None:
-            images = {
-                d.name: repo.backup_dir(vm, parent.backup_id) / f"{d.name}.qcow2" for d in resolved.disks
-            }
-            since = Checkpoint(parent.backup_id, images)
-        context = BackupContext(staging, config.bitmap, since, resolved.push)
+            since = Checkpoint(parent.backup_id, writer.checkpoint_images(parent, resolved.disks))
+        context = BackupContext(writer.workdir, config.bitmap, since, resolved.push)
         journal = Journal.start(
-            repo.journal_path(vm),
+            journal_path,
             vm=vm,
-            backup_id=backup_id,
-            repo=str(repo.root),
-            staging=str(staging),
+            backup_id=writer.backup_id,
+            repo=repo.location,
+            staging=str(writer.workdir),
             strategy=resolved.strategy.name,
             context=context.to_json(),
             transport=resolved.transport,
             machine=repr(self.machine),
         )
-        return _Run(vm, backup_id, staging, resolved, context, parent), journal
+        return _Run(vm, writer, resolved, context, parent), journal
 
-    def _run_locked(self, repo: Repository, vm: str, resolved: Resolved, started: float) -> BackupResult:
+    def _run_locked(
+        self, repo: RepositoryLayout, vm: str, resolved: Resolved, started: float
+    ) -> BackupResult:
         run, journal = self._start(repo, vm, resolved)
         try:
             crash_point("after-start")
@@ -219,13 +221,15 @@ class Backup:
             except VmsnapError as undo_err:
                 raise RecoveryError(
                     f"{_one_line(err)}; undoing the run failed too: {undo_err.message}",
-                    hint=f"fix that, then run `vmsnap recover --repo {repo.root}` for {vm}",
+                    hint=f"fix that, then run `vmsnap recover --repo {repo.location}` for {vm}",
                 ) from err
+            with contextlib.suppress(VmsnapError, OSError):
+                run.writer.discard()  # what undo_run left of it (the chunks layout's open cache file)
             if isinstance(err, OSError):  # e.g. the journal could not be written: QEMU filled the disk
                 raise _repository_write_error(repo, err) from err
             raise
 
-    def _take(self, repo: Repository, journal: Journal, run: _Run, started: float) -> BackupResult:
+    def _take(self, repo: RepositoryLayout, journal: Journal, run: _Run, started: float) -> BackupResult:
         strategy = run.resolved.strategy.for_backup(self.machine, run.context)
         for disk in run.resolved.disks:
             if not strategy.probe(disk):
@@ -242,25 +246,18 @@ class Backup:
             journal.record("deleted", disk=disk.name)
         crash_point("after-delete")
         kind = self._kind(run, exported)
-        records = self._seal_disks(repo, run, kind, exported)
-        transport_used = ",".join(sorted({e.transport for e in exported.values()}))
-        manifest = Manifest(
-            vm=run.vm,
-            backup_id=run.backup_id,
-            kind=kind,
-            parent=run.parent.backup_id if kind == "incremental" and run.parent is not None else None,
-            strategy=run.strategy_name,
-            transport=transport_used,
-            created=utc_now_iso(),
-            quiesced=quiesced,
-            bitmap=self.config.bitmap if run.resolved.strategy.capabilities.incremental else None,
-            disks=tuple(records),
-        )
-        self._save_definition(run.staging)
+        definition = self.machine.definition()
         journal.record("sealing")
         crash_point("before-manifest")
-        final = repo.commit(run.staging, manifest)
-        journal.record("committed", path=str(final))
+        manifest = run.writer.seal(
+            kind=kind,
+            parent=run.parent if kind == "incremental" else None,
+            strategy=run.strategy_name,
+            quiesced=quiesced,
+            bitmap=self.config.bitmap if run.resolved.strategy.capabilities.incremental else None,
+            definition=definition,
+        )
+        journal.record("committed", path=run.writer.location)
         if run.resolved.strategy.capabilities.tracks_changes and kind == "full":
             repo.clear_full_required(run.vm)
         journal.remove()
@@ -270,11 +267,11 @@ class Backup:
             kind=kind,
             parent=manifest.parent,
             strategy=run.strategy_name,
-            transport=transport_used,
+            transport=manifest.transport,
             quiesced=manifest.quiesced,
-            disks=tuple(records),
+            disks=manifest.disks,
             seconds=time.monotonic() - started,
-            path=final,
+            path=run.writer.location,
             notes=tuple(self.notes),
             freeze_ms=freeze_ms,
         )
@@ -311,9 +308,9 @@ class Backup:
 
     def _export_all(
         self, strategy: Strategy, refs: Mapping[str, SnapshotRef], journal: Journal, run: _Run
-    ) -> dict[str, _Exported]:
-        """Export every disk's snapshot into the staging directory (the strategy wrote it itself: push)."""
-        exported: dict[str, _Exported] = {}
+    ) -> dict[str, WrittenDisk]:
+        """Export every disk's snapshot into the repository's writer."""
+        exported: dict[str, WrittenDisk] = {}
         for index, disk in enumerate(run.resolved.disks):
             journal.record("exporting", disk=disk.name)
             with strategy.export(refs[disk.name]) as source:
@@ -325,26 +322,21 @@ class Backup:
         crash_point("after-export")
         return exported
 
-    def _export_one(self, disk: Disk, source: ExportSource, run: _Run) -> _Exported:
-        target = run.staging / f"{disk.name}.qcow2"
-        if run.resolved.push:  # the strategy wrote the image; export waited for it
-            if not target.is_file() or Path(source.location).resolve() != target.resolve():
-                raise SnapshotError(f"strategy {run.strategy_name} wrote {source.location}, not {target}")
-            return _Exported(target.stat().st_blocks * 512, PUSH, source.since)
-        transport = self._transport_for(run.resolved.transport, source)
-        backing = None
-        since = source.since
-        if since is not None and run.context.since is not None and transport.incremental:
-            backing = run.context.since.images.get(disk.name)
-        if backing is None:
-            since = None  # the transport copies the whole content: a full image
-        stats = transport.send(
+    def _export_one(self, disk: Disk, source: ExportSource, run: _Run) -> WrittenDisk:
+        """One disk into the writer: it reads the source itself (chunks), adopts what the strategy wrote
+        (push), or has a transport copy it."""
+        transport = None
+        if not run.resolved.push and not run.resolved.reads_itself:
+            transport = self._transport_for(run.resolved.transport, source)
+        written = run.writer.write(
+            disk,
             source,
-            target,
+            transport=transport,
             progress=lambda done, total: self.progress(disk.name, done, total),
-            backing=backing,
         )
-        return _Exported(int(stats.bytes_written), transport.name, since)
+        if written.note is not None:
+            self._note(written.note)
+        return written
 
     def _transport_for(self, name: str, source: ExportSource) -> Transport:
         """The transport for ``source``: the one named, or ("auto") the first by preference that reads it."""
@@ -358,7 +350,7 @@ class Backup:
             hint="choose another --transport (copy reads files and devices, nbd reads NBD exports)",
         )
 
-    def _kind(self, run: _Run, exported: Mapping[str, _Exported]) -> Kind:
+    def _kind(self, run: _Run, exported: Mapping[str, WrittenDisk]) -> Kind:
         """ "incremental" when every disk's content is relative to the parent, "full" when none is."""
         if run.parent is None:
             return "full"
@@ -371,36 +363,6 @@ class Backup:
         # one manifest kind per backup: a chain must not mix them per disk
         raise SnapshotError(f"strategy {run.strategy_name} returned full and incremental disks in one backup")
 
-    def _seal_disks(
-        self, repo: Repository, run: _Run, kind: Kind, exported: Mapping[str, _Exported]
-    ) -> list[DiskRecord]:
-        """Make each staged image private and durable and compute its chunk digests."""
-        records = []
-        for disk in run.resolved.disks:
-            target = run.staging / f"{disk.name}.qcow2"
-            os.chmod(target, FILE_MODE)
-            fsync_file(target)
-            digest = repo.digest_staged(
-                run.staging,
-                disk.name,
-                disk.virtual_size,
-                parent=run.parent if kind == "incremental" else None,
-            )
-            written = exported[disk.name].bytes_written
-            records.append(DiskRecord(disk.name, target.name, disk.virtual_size, written, digest))
-        return records
-
-    def _save_definition(self, staging: Path) -> None:
-        """Keep the machine's definition (a libvirt domain's XML) with its backup, 0600."""
-        definition = self.machine.definition()
-        if definition is None:
-            return
-        fd = os.open(staging / DOMAIN_XML, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        with os.fdopen(fd, "w") as out:
-            out.write(definition)
-            out.flush()
-            os.fsync(out.fileno())
-
 
 def _one_line(err: BaseException) -> str:
     if isinstance(err, VmsnapError):
@@ -410,10 +372,10 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def _repository_write_error(repo: Repository, err: OSError) -> RepositoryError:
+def _repository_write_error(repo: RepositoryLayout, err: OSError) -> RepositoryError:
     full = err.errno in (errno.ENOSPC, errno.EDQUOT)
     return RepositoryError(
-        f"writing into the repository {repo.root} failed: "
+        f"writing into the repository {repo.location} failed: "
         + ("the filesystem is full " if full else "")
         + f"({err.strerror or err})",
         hint="free space there (nothing partial was kept) and run the backup again"

@@ -119,7 +119,7 @@ def peer_ratios(ours: Iterable[ThroughputFigure], peers: Mapping[str, Mapping[st
     :param peers: name → figure, as :func:`figure` makes them
     """
     by = {f.name: f.seconds for f in ours}
-    full = by.get("vmsnap full backup (backup, push)")
+    full = by.get("vmsnap full backup (chunks, pull)") or by.get("vmsnap full backup (backup, push)")
     incremental = next((s for n, s in by.items() if n.startswith("vmsnap incremental")), None)
     restore = next((s for n, s in by.items() if n.startswith("vmsnap restore")), None)
     limit = by.get("qemu-img convert (limit)")

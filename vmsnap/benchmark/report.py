@@ -291,9 +291,46 @@ def throughput_markdown(document: Mapping[str, Any]) -> str:
             "",
             _md_table(["ratio", "measured", "target"], ratio_rows),
             "",
+            *_chunks_markdown(document.get("chunks") or {}),
             *_peers_markdown(document.get("peers") or {}),
         ]
     )
+
+
+def _chunks_markdown(chunks: Mapping[str, Any]) -> list[str]:
+    """The chunks layout's own figures (dedup of a clone, compression, memory), or nothing."""
+    rows = []
+    dedup = chunks.get("dedup_of_a_clone") or {}
+    if dedup.get("new_fraction") is not None:
+        rows.append(
+            [
+                "a clone's backup stores (new bytes / its data)",
+                f"{dedup['new_fraction']:.2%} ({dedup['new_bytes'] / 2**20:.1f} MiB)",
+                "< 5 %",
+            ]
+        )
+    lab = chunks.get("lab_guest_compression") or {}
+    if lab.get("ratio") is not None:
+        rows.append(
+            [
+                "compression of the lab guest's filesystem (data / stored)",
+                f"{lab['ratio']:g}x ({lab['data_bytes'] / 2**20:.1f} MiB → "
+                f"{lab['stored_bytes'] / 2**20:.1f} MiB)",
+                "",
+            ]
+        )
+    memory = chunks.get("sparse_disk_memory") or {}
+    if memory.get("peak_rss_mib") is not None:
+        rows.append(
+            [
+                f"peak RSS backing up a {memory['size_gib']} GiB sparse disk",
+                f"{memory['peak_rss_mib']:.0f} MiB ({memory['seconds']:.1f} s)",
+                "< 300 MiB",
+            ]
+        )
+    if not rows:
+        return []
+    return ["## The chunks layout", "", _md_table(["figure", "measured", "target"], rows), ""]
 
 
 def _peers_markdown(peers: Mapping[str, Any]) -> list[str]:

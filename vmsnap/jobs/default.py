@@ -27,12 +27,11 @@ from typing import Any, cast
 from vmsnap.backup import Backup, BackupConfig
 from vmsnap.backup.config import Quiesce
 from vmsnap.errors import NotFoundError, RepositoryError, UnsupportedError
-from vmsnap.files import fsync_dir
 from vmsnap.jobs.expand import expand_vms
 from vmsnap.jobs.hosts import HostSpec
 from vmsnap.jobs.jobfile import ListDomains, VmSpec, load_job
 from vmsnap.jobs.run import BackupInfo, JobReport, Prediction, VmBackup, apply_retention, run_job
-from vmsnap.repo.repository import DELETING_PREFIX, Repository
+from vmsnap.repo.repository import Repository, RepositoryLayout
 from vmsnap.repo.retention import RetentionPlan, RetentionPolicy, backup_time
 from vmsnap.runner import Runner
 from vmsnap.vm.machine import Machine, OfflineMachine, QemuMachine
@@ -213,7 +212,8 @@ class LegacyJobFunctions:
             repo = None  # a dry run before the first backup: nothing to prune yet
         if dry_run:
             backups = _infos(repo, spec.name) if repo is not None else []
-            return apply_retention(backups, policy, None, upcoming=dt.datetime.now(dt.UTC), chains=True)
+            chains = repo.chains if repo is not None else True
+            return apply_retention(backups, policy, None, upcoming=dt.datetime.now(dt.UTC), chains=chains)
         assert repo is not None
         deadline = time.monotonic() + LOCK_WAIT
         while True:
@@ -225,7 +225,7 @@ class LegacyJobFunctions:
                         _infos(repo, spec.name),
                         policy,
                         lambda backup_id: _remove(repo, spec.name, backup_id),
-                        chains=True,
+                        chains=repo.chains,
                     )
             except RepositoryError:
                 # the VM's lock is an flock on an fd that a child forked by another worker thread holds until
@@ -292,18 +292,10 @@ def run_job_file(
         )
 
 
-def _infos(repo: Repository, vm: str) -> list[BackupInfo]:
-    vm_dir = repo.vm_dir(vm)
-    if not vm_dir.is_dir():
-        return []
+def _infos(repo: RepositoryLayout, vm: str) -> list[BackupInfo]:
     return [BackupInfo(m.backup_id, backup_time(m.backup_id), m.parent) for m in repo.backups(vm)]
 
 
-def _remove(repo: Repository, vm: str, backup_id: str) -> None:
-    """Remove one backup as today's prune does: rename to ``.deleting-<id>`` (never listed half removed),
-    then delete (the lead replaces this with the repository's own delete)."""
-    vm_dir = repo.vm_dir(vm)
-    doomed = vm_dir / f"{DELETING_PREFIX}{backup_id}"
-    os.rename(repo.backup_dir(vm, backup_id), doomed)
-    fsync_dir(vm_dir)
-    repo.discard(doomed)
+def _remove(repo: RepositoryLayout, vm: str, backup_id: str) -> None:
+    """Remove one backup as the repository's prune does (never listed half removed)."""
+    repo.delete_backup(vm, backup_id)

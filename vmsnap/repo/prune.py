@@ -1,30 +1,50 @@
-"""Which backups ``prune --keep-last N`` removes: all but the newest N and the parents a kept one needs.
+"""Which backups ``prune`` removes: by a :class:`~vmsnap.repo.retention.RetentionPolicy` (borg's rules), or
+by vmsnap 0.1's ``--keep-last N`` (exactly the newest N); in a layout with chains (qcow2) a kept backup also
+keeps the parents it needs.
 
-A plan only: :meth:`vmsnap.repo.repository.Repository.prune` carries it out under the VM's lock.
+A plan only: the repository's ``prune`` carries it out under the VM's lock.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import attrs
-
 from vmsnap.errors import UsageError
 from vmsnap.repo.manifest import Manifest
+from vmsnap.repo.reports import PruneResult
+from vmsnap.repo.retention import PARENT_RULE, RetentionPolicy, backup_time, keep_ancestors, plan
+
+__all__ = ["PruneResult", "plan_policy", "plan_retention"]
 
 
-@attrs.frozen
-class PruneResult:
-    """What ``prune`` removed and kept (ids, oldest first); ``needed`` are old ones kept for a chain."""
+def plan_policy(
+    vm: str, backups: Sequence[Manifest], policy: RetentionPolicy, *, chains: bool
+) -> PruneResult:
+    """What ``policy`` keeps of ``backups`` (oldest first) by borg's rules, and, with ``chains``, the
+    ancestors the kept ones need.
 
-    vm: str
-    removed: tuple[str, ...]
-    kept: tuple[str, ...]
-    needed: tuple[str, ...]
+    :raise UsageError: a backup id that is no vmsnap id (its time cannot be read)
+    """
+    retention = plan([(m.backup_id, backup_time(m.backup_id)) for m in backups], policy)
+    if chains:
+        retention = keep_ancestors(retention, {m.backup_id: m.parent for m in backups})
+    order = {m.backup_id: i for i, m in enumerate(backups)}
+    kept = sorted((k for k in retention.kept if k.rule != PARENT_RULE), key=lambda k: order[k.backup_id])
+    needed = sorted((k for k in retention.kept if k.rule == PARENT_RULE), key=lambda k: order[k.backup_id])
+    return PruneResult(
+        vm,
+        tuple(sorted(retention.removed, key=order.__getitem__)),
+        tuple(k.backup_id for k in kept),
+        tuple(k.backup_id for k in needed),
+        {k.backup_id: k.reason for k in retention.kept},
+    )
 
 
-def plan_retention(vm: str, backups: Sequence[Manifest], keep_last: int) -> PruneResult:
-    """Keep the newest ``keep_last`` of ``backups`` (oldest first) and the ancestors they need; drop the rest.
+def plan_retention(
+    vm: str, backups: Sequence[Manifest], keep_last: int, *, chains: bool = True
+) -> PruneResult:
+    """Keep the newest ``keep_last`` of ``backups`` (oldest first) and (``chains``) the ancestors they need;
+    drop the rest.
 
     :raise UsageError: ``keep_last`` below 1
     """
@@ -33,7 +53,7 @@ def plan_retention(vm: str, backups: Sequence[Manifest], keep_last: int) -> Prun
     by_id = {m.backup_id: m for m in backups}
     kept = [m.backup_id for m in backups[-keep_last:]]
     needed: list[str] = []
-    for backup_id in kept:
+    for backup_id in kept if chains else ():
         parent = by_id[backup_id].parent
         while parent is not None and parent in by_id:
             if parent not in kept and parent not in needed:
@@ -41,4 +61,5 @@ def plan_retention(vm: str, backups: Sequence[Manifest], keep_last: int) -> Prun
             parent = by_id[parent].parent
     keep = set(kept) | set(needed)
     removed = [m.backup_id for m in backups if m.backup_id not in keep]
-    return PruneResult(vm, tuple(removed), tuple(kept), tuple(sorted(needed)))
+    reasons = {b: f"last #{len(kept) - i}" for i, b in enumerate(kept)} | {b: "parent" for b in needed}
+    return PruneResult(vm, tuple(removed), tuple(kept), tuple(sorted(needed)), reasons)

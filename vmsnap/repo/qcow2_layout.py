@@ -1,9 +1,10 @@
-"""Layout ``qcow2`` (repository format 1): per backup a directory of qcow2 images, incrementals as overlays on
+"""Layout ``qcow2`` (manifest format 1): per backup a directory of qcow2 images, incrementals as overlays on
 their parent's images; plain files QEMU can use without vmsnap. Sealing, chains, restore to standalone images.
+(:mod:`vmsnap.repo.qcow2_repo` puts it behind the repository interface.)
 
 On disk::
 
-    REPO/vmsnap-repo.json                   {"format": 1}
+    REPO/vmsnap-repo.json                   {"format": 2, "layout": "qcow2", …}, or vmsnap 0.1's {"format": 1}
     REPO/<vm>/<backup-id>/manifest.json     written last, atomically (temp file, fsync, rename, fsync dir)
     REPO/<vm>/<backup-id>/<disk>.qcow2      full: standalone; incremental: qcow2 backed by the parent's file,
                                             through a relative path (``../<parent-id>/<disk>.qcow2``)
@@ -54,20 +55,11 @@ from vmsnap.image.qemu_img import image_args
 from vmsnap.model import validate_name
 from vmsnap.repo.manifest import CHUNKS_SUFFIX, MANIFEST, DiskRecord, Manifest, read_manifest
 from vmsnap.repo.progress import DiskProgress, no_progress, scaled
+from vmsnap.repo.reports import RestoredDisk
 from vmsnap.runner import Runner
 
 PARTIAL_PREFIX = ".partial-"
 DELETING_PREFIX = ".deleting-"
-
-
-@attrs.frozen
-class RestoredDisk:
-    """One image ``restore`` wrote: where, its size, and its (checked) sha256."""
-
-    name: str
-    path: Path
-    virtual_size: int
-    sha256: str
 
 
 @attrs.frozen
@@ -145,7 +137,7 @@ class Qcow2Layout:
         :raise ChecksumMismatchError: its content does not match the manifest's sha256
         """
         record = manifest.disk(disk)
-        path = self.backup_dir(manifest.vm, manifest.backup_id) / record.chunks
+        path = self.backup_dir(manifest.vm, manifest.backup_id) / record.chunks_file
         chunks = read_chunks_file(path, record.virtual_size)
         if chunks.root != record.sha256:
             raise ChecksumMismatchError(
@@ -166,14 +158,14 @@ class Qcow2Layout:
                 raise RepositoryError(f"staged backup {staging} lacks {record.file}")
             os.chmod(image, FILE_MODE)
             fsync_file(image)
-            chunks = read_chunks_file(staging / record.chunks, record.virtual_size)
+            chunks = read_chunks_file(staging / record.chunks_file, record.virtual_size)
             if chunks.root != record.sha256:
                 raise RepositoryError(
-                    f"staged {record.chunks} does not match the sha256 {record.sha256[:16]}… of the manifest",
+                    f"staged {record.chunks_file} does not match the manifest's sha256 {record.sha256[:16]}…",
                     hint="compute the digest with Repository.digest_staged",
                 )
-            os.chmod(staging / record.chunks, FILE_MODE)
-            fsync_file(staging / record.chunks)
+            os.chmod(staging / record.chunks_file, FILE_MODE)
+            fsync_file(staging / record.chunks_file)
         write_json_atomic(staging / MANIFEST, manifest.to_json())
         final = self.backup_dir(manifest.vm, manifest.backup_id)
         os.rename(staging, final)
@@ -252,8 +244,10 @@ class Qcow2Layout:
         *,
         disks: Sequence[str] = (),
         progress: DiskProgress = no_progress,
+        format: str = "qcow2",
     ) -> list[RestoredDisk]:
-        """Write standalone ``to/<disk>.qcow2`` images of a backup and check each against its sha256.
+        """Write standalone ``to/<disk>.qcow2`` images (``format`` "raw": sparse ``to/<disk>.raw`` files) of a
+        backup and check each against its sha256.
 
         Every backing link and every chunk digests file is checked before anything is written; each image
         is converted from the chain's top (``qemu-img convert``), read back and its chunk digests compared
@@ -272,31 +266,39 @@ class Qcow2Layout:
             self.check_links(chain, record.name)
         make_private_dir(to)
         for record in records:
-            if (to / record.file).exists():
+            if (to / f"{record.name}.{format}").exists():
                 raise VmsnapError(
-                    f"{to / record.file} exists already; restore never overwrites",
+                    f"{to / f'{record.name}.{format}'} exists already; restore never overwrites",
                     hint="restore into an empty directory, or move that file away",
                 )
         expected = {record.name: self.chunk_digests(manifest, record.name) for record in records}
         return [
-            self._restore_disk(manifest, record, to, expected[record.name], progress) for record in records
+            self._restore_disk(
+                manifest, record, to / f"{record.name}.{format}", expected[record.name], progress
+            )
+            for record in records
         ]
 
     def _restore_disk(
-        self, manifest: Manifest, record: DiskRecord, to: Path, expected: ChunkDigests, progress: DiskProgress
+        self,
+        manifest: Manifest,
+        record: DiskRecord,
+        final: Path,
+        expected: ChunkDigests,
+        progress: DiskProgress,
     ) -> RestoredDisk:
-        """Convert one disk of a backup to ``to/<disk>.qcow2``; the image gets that name only once its
-        content matches ``expected`` (else it is removed).
+        """Convert one disk of a backup to ``final`` (its suffix is the format: qcow2 or raw); the image gets
+        that name only once its content matches ``expected`` (else it is removed).
 
         :raise ChecksumMismatchError: the restored content differs from ``expected``
         """
-        final = to / record.file
+        fmt = "raw" if final.suffix == ".raw" else "qcow2"
         progress(record.name, 0, record.virtual_size)
         with atomic_target(final) as partial:
             # -W: out-of-order writes, so the reads of a chain do not serialise the copy (4x faster)
             self.runner.run(
                 [
-                    *("qemu-img", "convert", "-q", "-W", "-m", "16", "-O", "qcow2"),
+                    *("qemu-img", "convert", "-q", "-W", "-m", "16", "-O", fmt),
                     *image_args(self.image(manifest, record), "qcow2"),
                     str(partial),
                 ],
@@ -307,7 +309,7 @@ class Qcow2Layout:
                 synced = syncer.submit(fsync_file, partial)
                 got = image_chunks(
                     partial,
-                    "qcow2",
+                    fmt,
                     runner=self.runner,
                     progress=scaled(progress, record.name, record.virtual_size),
                 )

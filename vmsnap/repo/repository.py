@@ -1,412 +1,248 @@
-"""The repository: a directory of backups, opened by its marker; lists, locks, names and prunes them, and
-hands the work on backup contents to its layout (format 1: :mod:`vmsnap.repo.qcow2_layout`, which specifies
-the tree on disk).
+"""Opening and creating repositories: a directory path or an ``s3://BUCKET/PREFIX`` URL, its marker
+(:mod:`vmsnap.repo.marker`) saying which layout it has. What :meth:`Repository.open` returns is a
+:class:`~vmsnap.repo.layout.RepositoryLayout` — the one interface the orchestrator and the CLI use.
 
-The marker ``REPO/vmsnap-repo.json`` says ``{"format": 1}``; a repository of another format is refused, and
-a repository is created only in a missing or empty directory. Per VM the repository keeps, next to the
-backups: ``.lock`` (flock: one backup, prune or recover of a VM at a time), ``.journal.json`` (see
-:mod:`vmsnap.repo.journal`), ``.needs-full`` (the next backup must be full), and the ``.partial-<id>``
-(staging) and ``.deleting-<id>`` (being pruned) directories a dead run leaves.
+- A directory with ``vmsnap-repo.json`` ``{"format": 1}`` (vmsnap 0.1) opens as layout ``qcow2``.
+- ``open(…, create=True)`` (what ``backup`` does) makes a new or empty directory (or an empty S3 prefix) a
+  repository: layout ``chunks``, unencrypted, zstd, unless ``layout`` says otherwise.
+- :meth:`Repository.init` (``vmsnap init``) makes one with every choice, an encrypted one included; it
+  creates the key file (0600) when the one named is missing, and refuses an existing repository.
+
+Keys: the key file is ``key_file``, else ``$VMSNAP_KEY_FILE``; a wrong key is refused when the repository is
+opened, a missing one when something must be decrypted or authenticated (``recover`` needs none).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
-import shutil
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from vmsnap.errors import NotFoundError, RepositoryError, UsageError
-from vmsnap.files import DIR_MODE, FILE_MODE, fsync_dir, make_private_dir, write_json_atomic
-from vmsnap.image.digest import ChunkDigests
-from vmsnap.model import validate_name
+from vmsnap.errors import KeyFileError, NotFoundError, RepositoryError, UsageError
+from vmsnap.files import make_private_dir, write_json_atomic
+from vmsnap.repo.chunks.keys import RepositoryKey, create_key_file, read_key_file
+from vmsnap.repo.chunks.leases import LEASE_SECONDS
+from vmsnap.repo.chunks.repository import ChunksRepository
+from vmsnap.repo.layout import DEFINITION_FILE, BackupWriter, RepositoryLayout
+from vmsnap.repo.manifest import Damaged, DiskRecord, Kind, Manifest, utc_now_iso
+from vmsnap.repo.marker import DEFAULT_LAYOUT, MARKER, RepoMarker, check_layout
+from vmsnap.repo.progress import DiskProgress
+from vmsnap.repo.qcow2_layout import DELETING_PREFIX
+from vmsnap.repo.qcow2_repo import Qcow2Repository
+from vmsnap.repo.reports import LayoutTraits, RestoredDisk
+from vmsnap.repo.stores import is_url, normalize_location, open_store
+from vmsnap.repo.stores.base import Store
+from vmsnap.runner import Runner
 
-# __all__ re-exports the names backup/, cli.py and jobs/ still import from here (DiskRecord and Kind are here
-# only for them); new code imports them from their homes: repo.manifest, repo.progress, repo.qcow2_layout.
-from vmsnap.repo.manifest import (
-    MANIFEST,
-    REPO_FORMAT,
-    Damaged,
-    DiskRecord,
-    Kind,
-    Manifest,
-    next_backup_id,
-    read_manifest,
-    utc_now_iso,
-)
-from vmsnap.repo.progress import DiskProgress, no_progress
-from vmsnap.repo.prune import PruneResult, plan_retention
-from vmsnap.repo.qcow2_layout import DELETING_PREFIX, PARTIAL_PREFIX, Qcow2Layout, RestoredDisk
-from vmsnap.repo.verify import Reader, VerifyReport, choose_reader, verify_backups
-from vmsnap.runner import LocalRunner, Runner
-
+# the names backup/, cli.py and jobs/ import from here
 __all__ = [
+    "DEFINITION_FILE",
     "DELETING_PREFIX",
+    "KEY_ENV",
+    "BackupWriter",
     "Damaged",
     "DiskProgress",
     "DiskRecord",
     "Kind",
     "Manifest",
     "Repository",
+    "RepositoryLayout",
+    "RestoredDisk",
     "utc_now_iso",
 ]
 
-MARKER = "vmsnap-repo.json"
-NEEDS_FULL = ".needs-full"
-LOCK = ".lock"
-JOURNAL = ".journal.json"
+KEY_ENV = "VMSNAP_KEY_FILE"
+
+
+def key_file_path(key_file: Path | str | None) -> Path | None:
+    """``key_file``, else ``$VMSNAP_KEY_FILE``, else None."""
+    if key_file is not None:
+        return Path(key_file)
+    value = os.environ.get(KEY_ENV)
+    return Path(value) if value else None
 
 
 class Repository:
-    """A directory of backups in format 1 (see the module docstring).
-
-    Use :meth:`open` (or :meth:`create`): the constructor does no I/O.
-
-    :param root: the repository directory
-    :param runner: runs qemu-img (default: this host)
-    """
-
-    def __init__(self, root: Path, *, runner: Runner | None = None) -> None:
-        self.root = Path(root)
-        self.runner: Runner = runner if runner is not None else LocalRunner()
-
-    @property
-    def layout(self) -> Qcow2Layout:
-        """The format-1 tree of backups under :attr:`root` (reads and writes backup contents)."""
-        return Qcow2Layout(self.root, self.runner)
-
-    # -- opening -------------------------------------------------------------------------------------
+    """Opens (:meth:`open`) and creates (:meth:`init`) repositories of either layout; see the module
+    docstring. Not instantiated: what it returns is a :class:`~vmsnap.repo.layout.RepositoryLayout`."""
 
     @classmethod
-    def open(cls, root: Path, *, create: bool = False, runner: Runner | None = None) -> Repository:
-        """Open the repository at ``root``; with ``create``, make one in a missing or empty directory.
+    def open(
+        cls,
+        location: Path | str,
+        *,
+        create: bool = False,
+        layout: str | None = None,
+        key_file: Path | str | None = None,
+        runner: Runner | None = None,
+        state_root: Path | None = None,
+        lease_seconds: float = LEASE_SECONDS,
+    ) -> RepositoryLayout:
+        """Open the repository at ``location``; with ``create``, make one there when it is a new or empty
+        directory (or an empty S3 prefix), of ``layout`` (default ``chunks``).
 
-        :raise RepositoryError: no repository there, a non-empty directory that is not one, or another format
+        :raise RepositoryError: no repository there (without ``create``), a non-empty directory that is not
+            one, or one of another format
+        :raise KeyFileError: an encrypted repository and a key file that is not its key
+        :raise StoreError: the store cannot be reached
         """
-        repo = cls(Path(root), runner=runner)
-        marker = repo.root / MARKER
-        if not marker.exists():
+        store, directory = _store(location, create=create)
+        marker = _read_marker(store, location)
+        if marker is None:
             if not create:
                 raise RepositoryError(
-                    f"no vmsnap repository at {repo.root} (no {MARKER})",
-                    hint="check --repo; `vmsnap backup --repo DIR` creates one in a new or empty directory",
+                    f"no vmsnap repository at {location} (no {MARKER})",
+                    hint="check --repo; `vmsnap init --repo …` or `vmsnap backup --repo DIR` (a new or empty "
+                    "directory) creates one",
                 )
-            if repo.root.exists() and (not repo.root.is_dir() or any(repo.root.iterdir())):
-                raise RepositoryError(
-                    f"{repo.root} is not empty and not a vmsnap repository",
-                    hint="choose a new or empty directory for --repo",
-                )
-            make_private_dir(repo.root)
-            write_json_atomic(marker, {"format": REPO_FORMAT})
-            return repo
-        try:
-            data = json.loads(marker.read_text(encoding="utf-8"))
-            version = data["format"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            marker = _create(store, directory, location, RepoMarker.new(layout or DEFAULT_LAYOUT))
+        elif layout is not None and check_layout(layout) != marker.layout:
             raise RepositoryError(
-                f"{marker} is unreadable or damaged: {err}", hint="check the path and its permissions"
-            ) from err
-        if version != REPO_FORMAT:
+                f"repository {location} has layout {marker.layout}, not {layout}",
+                hint="choose another --repo for that layout, or leave --layout out",
+            )
+        return _instance(store, directory, marker, location, key_file, runner, state_root, lease_seconds)
+
+    @classmethod
+    def init(
+        cls,
+        location: Path | str,
+        *,
+        layout: str = DEFAULT_LAYOUT,
+        encrypt: bool = False,
+        key_file: Path | str | None = None,
+        compression: str = "zstd",
+        runner: Runner | None = None,
+        state_root: Path | None = None,
+    ) -> RepositoryLayout:
+        """``vmsnap init``: make a new repository at ``location`` (a new or empty directory, or an empty S3
+        prefix). With ``encrypt``, the key file (``key_file`` or ``$VMSNAP_KEY_FILE``) is created (0600)
+        when it does not exist, else its key is used.
+
+        :raise RepositoryError: a repository (or other data) is there already
+        :raise UsageError: ``encrypt`` without a key file, or encryption in the qcow2 layout
+        :raise KeyFileError: the key file cannot be created or read
+        """
+        path = key_file_path(key_file)
+        if encrypt and path is None:
+            raise UsageError(
+                "--encrypt needs a key file", hint="pass --key-file FILE (or VMSNAP_KEY_FILE); it is created"
+            )
+        RepoMarker.new(layout, compression=compression, key_id="0" * 32 if encrypt else None)  # checks
+        store, directory = _store(location, create=True)
+        if _read_marker(store, location) is not None:
             raise RepositoryError(
-                f"repository {repo.root} has format {version!r}; this vmsnap reads format {REPO_FORMAT}",
-                hint="use the vmsnap version that wrote it",
+                f"{location} is a vmsnap repository already", hint="use it, or choose another --repo"
             )
-        return repo
+        key: RepositoryKey | None = None
+        if encrypt:
+            assert path is not None
+            key = read_key_file(path) if path.exists() else create_key_file(path)
+        marker = RepoMarker.new(layout, compression=compression, key_id=key.key_id if key else None)
+        marker = _create(store, directory, location, marker)
+        return _instance(store, directory, marker, location, path, runner, state_root, LEASE_SECONDS)
 
-    # -- paths ---------------------------------------------------------------------------------------
+    @classmethod
+    def traits_at(cls, location: Path | str, *, layout: str | None = None) -> LayoutTraits:
+        """The traits of the repository at ``location``, or of the one ``open(create=True)`` would make
+        there — read before a backup writes anything.
 
-    def vm_dir(self, vm: str) -> Path:
-        """``REPO/<vm>`` (the name is validated first)."""
-        return self.layout.vm_dir(vm)
-
-    def backup_dir(self, vm: str, backup_id: str) -> Path:
-        """``REPO/<vm>/<backup-id>``."""
-        return self.layout.backup_dir(vm, backup_id)
-
-    def staging_dir(self, vm: str, backup_id: str) -> Path:
-        """``REPO/<vm>/.partial-<backup-id>``."""
-        return self.layout.staging_dir(vm, backup_id)
-
-    def journal_path(self, vm: str) -> Path:
-        """``REPO/<vm>/.journal.json``."""
-        return self.vm_dir(vm) / JOURNAL
-
-    # -- reading -------------------------------------------------------------------------------------
-
-    def vms(self) -> list[str]:
-        """The VMs that have a directory here, sorted."""
-        return sorted(
-            p.name
-            for p in self.root.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and _valid(p.name)
-        )
-
-    def backups(self, vm: str | None = None, *, damaged: list[Damaged] | None = None) -> list[Manifest]:
-        """Complete backups (those with a manifest) of ``vm``, or of every VM; oldest first per VM.
-
-        :param damaged: collect backups whose manifest is damaged here instead of raising
-        :raise RepositoryError: a manifest is damaged (without ``damaged``)
+        :raise RepositoryError: the marker is damaged
         """
-        vms = [validate_name(vm, "VM name")] if vm is not None else self.vms()
-        found: list[Manifest] = []
-        for name in vms:
-            vm_dir = self.root / name
-            if not vm_dir.is_dir():
-                continue
-            for entry in sorted(vm_dir.iterdir()):
-                if entry.name.startswith(".") or not (entry / MANIFEST).is_file():
-                    continue
-                try:
-                    found.append(read_manifest(entry / MANIFEST, name, entry.name))
-                except RepositoryError as err:
-                    if damaged is None:
-                        raise
-                    damaged.append(Damaged(name, entry.name, err))
-        return found
-
-    def get(self, vm: str, backup_id: str | None = None) -> Manifest:
-        """The backup ``backup_id`` of ``vm`` (the latest when None).
-
-        :raise NotFoundError: no such VM or backup (with the ids that exist)
-        :raise RepositoryError: the manifest of that backup (or of one newer than the latest good one, when
-            ``backup_id`` is None) is damaged
-        """
-        if backup_id is not None:
-            validate_name(backup_id, "backup id")
-        damaged: list[Damaged] = []
-        backups = self.backups(vm, damaged=damaged)
-        for bad in damaged:  # the one asked for, or a newer one than the latest good
-            if bad.backup_id == backup_id or (
-                backup_id is None and (not backups or bad.backup_id > backups[-1].backup_id)
-            ):
-                raise bad.error
-        if not backups:
-            raise NotFoundError(
-                f"no backups of VM {vm!r} in {self.root}",
-                hint=f"VMs in this repository: {', '.join(self.vms()) or 'none'}",
-            )
-        if backup_id is None:
-            return backups[-1]
-        for manifest in backups:
-            if manifest.backup_id == backup_id:
-                return manifest
-        raise NotFoundError(
-            f"no backup {backup_id!r} of VM {vm!r}",
-            hint=f"`vmsnap list --repo {self.root} --vm {vm}` shows them; latest is {backups[-1].backup_id}",
-        )
-
-    def latest(self, vm: str) -> Manifest | None:
-        """The newest backup of ``vm``, or None.
-
-        :raise RepositoryError: the newest backup's manifest is damaged
-        """
-        try:
-            return self.get(vm)
-        except NotFoundError:
-            return None
-
-    def chain(self, manifest: Manifest) -> list[Manifest]:
-        """``manifest`` and its ancestors, oldest (the full backup) first.
-
-        :raise ChainError: a parent is missing, or the links loop
-        """
-        return self.layout.chain(manifest)
-
-    def chunk_digests(self, manifest: Manifest, disk: str) -> ChunkDigests:
-        """The stored chunk digests of ``disk`` in a backup, checked against the manifest's sha256.
-
-        :raise NotFoundError: the backup has no such disk
-        :raise RepositoryError: the file is missing or unreadable
-        :raise ChecksumMismatchError: its content does not match the manifest's sha256
-        """
-        return self.layout.chunk_digests(manifest, disk)
-
-    # -- writing -------------------------------------------------------------------------------------
-
-    def new_backup_id(self, vm: str) -> str:
-        """A fresh id for ``vm`` that sorts after every id it has (backups, staging, or being pruned)."""
-        vm_dir = self.vm_dir(vm)
-        return next_backup_id(
-            p.name.removeprefix(PARTIAL_PREFIX).removeprefix(DELETING_PREFIX)
-            for p in (vm_dir.iterdir() if vm_dir.is_dir() else [])
-        )
-
-    @contextlib.contextmanager
-    def lock(self, vm: str) -> Iterator[None]:
-        """Hold ``REPO/<vm>/.lock`` (flock) for the body: one backup, prune or recover of a VM at a time.
-
-        The kernel drops the lock when the holder dies, so a killed run never leaves it held.
-
-        :raise RepositoryError: another process holds it
-        """
-        vm_dir = make_private_dir(self.vm_dir(vm))
-        fd = os.open(vm_dir / LOCK, os.O_RDWR | os.O_CREAT, FILE_MODE)
-        try:
+        marker = None
+        if is_url(location) or Path(location).exists():
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as err:
-                raise RepositoryError(
-                    f"another vmsnap run holds {vm_dir / LOCK} (a backup, prune or recover of {vm})",
-                    hint="wait for it to finish; a killed run releases the lock by itself",
-                ) from err
-            yield
-        finally:
-            os.close(fd)
-
-    def stage(self, vm: str, backup_id: str) -> Path:
-        """Create the staging directory of a new backup (0700) and return it."""
-        make_private_dir(self.vm_dir(vm))
-        staging = self.staging_dir(vm, backup_id)
-        staging.mkdir(mode=DIR_MODE)
-        fsync_dir(staging.parent)
-        return staging
-
-    def digest_staged(
-        self, staging: Path, disk: str, virtual_size: int, *, parent: Manifest | None = None
-    ) -> str:
-        """Compute the chunk digests of the staged ``<disk>.qcow2``, write them to ``<disk>.chunks`` and
-        return the disk's digest (the manifest's ``sha256``); with ``parent``, an incremental reads only the
-        chunks its own image holds clusters of (see :class:`~vmsnap.repo.qcow2_layout.Qcow2Layout`).
-
-        :raise RepositoryError: the staged image is missing
-        :raise VmsnapError: the image cannot be read (qemu-img or a read failed)
-        """
-        return self.layout.digest_staged(staging, disk, virtual_size, parent=parent)
-
-    def commit(self, staging: Path, manifest: Manifest) -> Path:
-        """Seal a staged backup: files 0600 and fsync'd, manifest written last, staging renamed into place.
-
-        :raise RepositoryError: a disk image or chunk digests file named in the manifest is missing from the
-            staging directory, or the digests do not match the manifest's sha256
-        """
-        return self.layout.commit(staging, manifest)
-
-    def discard(self, path: Path) -> None:
-        """Remove a staging (or half-deleted) directory of this repository.
-
-        :raise RepositoryError: ``path`` is not one
-        """
-        if path.parent.parent != self.root or not path.name.startswith((PARTIAL_PREFIX, DELETING_PREFIX)):
-            raise RepositoryError(f"refusing to remove {path}: not a staging directory of {self.root}")
-        shutil.rmtree(path, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            fsync_dir(path.parent)
-
-    def leftovers(self, vm: str) -> list[Path]:
-        """Staging and half-deleted directories of ``vm`` (left by a run that died)."""
-        vm_dir = self.vm_dir(vm)
-        if not vm_dir.is_dir():
-            return []
-        return sorted(p for p in vm_dir.iterdir() if p.name.startswith((PARTIAL_PREFIX, DELETING_PREFIX)))
-
-    def require_full(self, vm: str, reason: str) -> None:
-        """Make the next backup of ``vm`` a full one (its dirty bitmap can no longer be trusted)."""
-        make_private_dir(self.vm_dir(vm))
-        write_json_atomic(self.vm_dir(vm) / NEEDS_FULL, {"reason": reason, "since": utc_now_iso()})
-
-    def full_required(self, vm: str) -> str | None:
-        """Why the next backup of ``vm`` must be full, or None."""
-        path = self.vm_dir(vm) / NEEDS_FULL
-        try:
-            return str(json.loads(path.read_text(encoding="utf-8")).get("reason", "a dead run"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, AttributeError):
-            return "the marker file is damaged"
-
-    def clear_full_required(self, vm: str) -> None:
-        """A full backup was committed: incrementals may follow it again."""
-        with contextlib.suppress(FileNotFoundError):
-            (self.vm_dir(vm) / NEEDS_FULL).unlink()
-
-    # -- restore and verify --------------------------------------------------------------------------
-
-    def restore(
-        self,
-        vm: str,
-        backup_id: str | None,
-        to: Path,
-        *,
-        disks: Sequence[str] = (),
-        progress: DiskProgress = no_progress,
-    ) -> tuple[Manifest, list[RestoredDisk]]:
-        """Write standalone ``to/<disk>.qcow2`` images of a backup (the latest when ``backup_id`` is None)
-        and check each against its sha256; nothing in ``to`` is overwritten, and an image gets its final
-        name only once its content matches (see :class:`~vmsnap.repo.qcow2_layout.Qcow2Layout`).
-
-        :param disks: restore only these disks (default: all)
-        :raise NotFoundError: no such VM, backup or disk
-        :raise ChainError: a parent of the backup is missing or a backing link points elsewhere
-        :raise ChecksumMismatchError: the restored content differs from what was backed up (image removed),
-            or a chunk digests file does not match the manifest (before anything is written)
-        :raise VmsnapError: ``to/<disk>.qcow2`` exists already
-        """
-        manifest = self.get(vm, backup_id)
-        return manifest, self.layout.restore(manifest, to, disks=disks, progress=progress)
-
-    def verify(
-        self,
-        vm: str | None = None,
-        backup_id: str | None = None,
-        *,
-        reader: Reader = "auto",
-        progress: DiskProgress = no_progress,
-    ) -> VerifyReport:
-        """Re-read backups and check every checksum and chain link; collect problems, never raise for them.
-
-        :param reader: "qemu" (qemu-img), "libqcow" (pyqcow, an independent qcow2 reader), or "auto"
-            (libqcow when the optional ``qcow`` extra is installed)
-        :raise NotFoundError: the named VM or backup does not exist
-        :raise UsageError: reader "libqcow" without pyqcow installed, or ``backup_id`` without ``vm``
-        """
-        chosen = choose_reader(reader)
-        damaged: list[Damaged] = []
-        if backup_id is not None:
-            if vm is None:
-                raise UsageError("--backup needs --vm", hint="name the VM the backup belongs to")
-            targets = [self.get(vm, backup_id)]
-        else:
-            if vm is not None and not self.vm_dir(vm).is_dir():
-                self.get(vm)  # raises NotFoundError naming the VMs there are
-            targets = self.backups(vm, damaged=damaged)
-        return verify_backups(self.layout, targets, reader=chosen, progress=progress, damaged=damaged)
-
-    # -- prune ---------------------------------------------------------------------------------------
-
-    def plan_prune(self, vm: str, keep_last: int) -> PruneResult:
-        """Which backups of ``vm`` ``prune`` would remove: all but the last ``keep_last`` and their ancestors.
-
-        :raise UsageError: ``keep_last`` below 1
-        """
-        return plan_retention(vm, self.backups(vm), keep_last)
-
-    def prune(self, vm: str, keep_last: int, *, dry_run: bool = False) -> PruneResult:
-        """Remove all but the last ``keep_last`` backups of ``vm``, keeping every parent a kept one needs.
-
-        Each backup is first renamed to ``.deleting-<id>`` (so it is never listed half removed), then deleted.
-
-        :raise UsageError: ``keep_last`` below 1
-        :raise RepositoryError: another run holds the VM's lock, or a manifest of the VM is damaged
-        """
-        with self.lock(vm):
-            plan = self.plan_prune(vm, keep_last)
-            if dry_run:
-                return plan
-            vm_dir = self.vm_dir(vm)
-            for backup_id in plan.removed:
-                doomed = vm_dir / f"{DELETING_PREFIX}{backup_id}"
-                os.rename(vm_dir / backup_id, doomed)
-                fsync_dir(vm_dir)
-                self.discard(doomed)
-            return plan
+                store, _ = _store(location, create=False)
+                marker = _read_marker(store, location)
+            except (RepositoryError, NotFoundError):
+                marker = None
+        name = marker.layout if marker is not None else check_layout(layout or DEFAULT_LAYOUT)
+        return (ChunksRepository if name == "chunks" else Qcow2Repository).traits()
 
 
-def _valid(name: str) -> bool:
+def _store(location: Path | str, *, create: bool) -> tuple[Store, Path | None]:
+    """The store at ``location`` and, for a directory, its path (made when ``create``)."""
+    location = normalize_location(location)
+    if is_url(location):
+        return open_store(str(location)), None
+    directory = Path(location)
+    if not directory.exists():
+        if not create:
+            raise RepositoryError(
+                f"no vmsnap repository at {directory} (no such directory)",
+                hint="check --repo; `vmsnap init --repo DIR` creates one",
+            )
+        make_private_dir(directory)
+    if not directory.is_dir():
+        raise RepositoryError(f"{directory} is not a directory", hint="choose a directory for --repo")
+    return open_store(directory), directory
+
+
+def _read_marker(store: Store, location: Path | str) -> RepoMarker | None:
     try:
-        validate_name(name)
-    except UsageError:
-        return False
-    return True
+        raw = store.get(MARKER)
+    except NotFoundError:
+        return None
+    return RepoMarker.from_bytes(raw, where=f"{location}/{MARKER}")
+
+
+def _create(store: Store, directory: Path | None, location: Path | str, marker: RepoMarker) -> RepoMarker:
+    """Write ``marker`` into an empty store (if another process made a repository meanwhile, that one's).
+
+    :raise RepositoryError: the store or directory holds other data
+    """
+    empty = not any(True for _ in store.list("")) if directory is None else not any(directory.iterdir())
+    if not empty:
+        raise RepositoryError(
+            f"{location} is not empty and not a vmsnap repository",
+            hint="choose a new or empty directory (or S3 prefix) for --repo",
+        )
+    if marker.layout == "qcow2":
+        if directory is None:
+            raise UsageError(
+                "the qcow2 layout keeps plain files: it needs a directory, not an object store",
+                hint="use --layout chunks for s3:// repositories",
+            )
+        write_json_atomic(directory / MARKER, marker.to_json())
+        return marker
+    if not store.put(MARKER, json.dumps(marker.to_json(), indent=1).encode() + b"\n", if_absent=True):
+        found = _read_marker(store, location)
+        assert found is not None
+        return found
+    return marker
+
+
+def _instance(
+    store: Store,
+    directory: Path | None,
+    marker: RepoMarker,
+    location: Path | str,
+    key_file: Path | str | None,
+    runner: Runner | None,
+    state_root: Path | None,
+    lease_seconds: float,
+) -> RepositoryLayout:
+    if marker.layout == "qcow2":
+        if directory is None:
+            raise RepositoryError(f"{location}: a qcow2-layout repository in an object store cannot be read")
+        return Qcow2Repository(directory, runner=runner)
+    key: RepositoryKey | None = None
+    problem: KeyFileError | None = None
+    path = key_file_path(key_file)
+    if marker.key_id is not None:
+        if path is None:
+            problem = KeyFileError(
+                f"repository {location} is encrypted and no key file was given",
+                hint="pass its key file with --key-file or VMSNAP_KEY_FILE",
+            )
+        else:
+            key = read_key_file(path, expected_key_id=marker.key_id)
+    return ChunksRepository(
+        store,
+        marker,
+        key=key,
+        key_problem=problem,
+        runner=runner,
+        state_root=state_root,
+        lease_seconds=lease_seconds,
+    )

@@ -11,44 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import attrs
-
 from vmsnap.errors import ChainError, RepositoryError, UsageError, VmsnapError
 from vmsnap.image import libqcow
 from vmsnap.image.digest import ChunkDigests, image_chunks
 from vmsnap.repo.manifest import Damaged, DiskRecord, Manifest
 from vmsnap.repo.progress import DiskProgress, scaled
 from vmsnap.repo.qcow2_layout import Qcow2Layout, difference_text
+from vmsnap.repo.reports import VerifyProblem, VerifyReport
 
 Reader = Literal["auto", "qemu", "libqcow"]
 ChosenReader = Literal["qemu", "libqcow"]
-
-
-@attrs.frozen
-class VerifyProblem:
-    """One thing ``verify`` found wrong (``disk`` is "" when it concerns the whole backup)."""
-
-    vm: str
-    backup_id: str
-    disk: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.vm}/{self.backup_id}" + (f"/{self.disk}" if self.disk else "")
-        return f"{where}: {self.message}"
-
-
-@attrs.frozen
-class VerifyReport:
-    """What ``verify`` checked (``(vm, backup id)`` pairs), with which reader, and what it found."""
-
-    reader: str
-    checked: tuple[tuple[str, str], ...]
-    problems: tuple[VerifyProblem, ...]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 def choose_reader(reader: Reader) -> ChosenReader:

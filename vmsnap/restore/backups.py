@@ -15,8 +15,9 @@ from pathlib import Path
 
 import attrs
 
-from vmsnap.errors import NotFoundError
+from vmsnap.errors import NotFoundError, UnsupportedError
 from vmsnap.model import validate_name
+from vmsnap.repo.qcow2_repo import Qcow2Repository
 from vmsnap.repo.repository import Repository
 from vmsnap.restore.source import BackupSource, ImageSource
 
@@ -49,6 +50,11 @@ def resolve(repo: Path, vm: str, backup_id: str | None = None, disks: Sequence[s
     :raise ChainError: a parent the backup needs is missing
     """
     repository = Repository.open(repo)
+    if not isinstance(repository, Qcow2Repository):
+        raise UnsupportedError(
+            f"{repo} is a {repository.name} repository: mount and instant restore read qcow2 ones only",
+            hint="restore the backup (`vmsnap restore`) and use its images, or copy it to a qcow2 repository",
+        )
     manifest = repository.get(vm, backup_id)
     repository.chain(manifest)  # a missing parent fails here, not later inside QEMU
     directory = repository.backup_dir(manifest.vm, manifest.backup_id)

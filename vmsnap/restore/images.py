@@ -4,18 +4,18 @@ backup of a libvirt domain, a new domain defined on them from the definition sav
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from vmsnap.backup import DOMAIN_XML
 from vmsnap.errors import NotFoundError, UsageError
 from vmsnap.model import validate_name
+from vmsnap.repo.layout import RepositoryLayout, RestoreFormat
 from vmsnap.repo.manifest import Manifest
 from vmsnap.repo.progress import DiskProgress, no_progress
-from vmsnap.repo.qcow2_layout import RestoredDisk
+from vmsnap.repo.reports import RestoredDisk
 from vmsnap.repo.repository import Repository
 
 
@@ -46,7 +46,7 @@ class RestoreResult:
 
 
 def restore_images(
-    repo_path: Path,
+    repo_path: Path | str,
     vm: str,
     backup_id: str | None,
     to: Path,
@@ -55,6 +55,9 @@ def restore_images(
     define: str | None = None,
     connect: str | None = None,
     progress: DiskProgress = no_progress,
+    format: RestoreFormat = "qcow2",
+    devices: Mapping[str, Path] | None = None,
+    key_file: Path | None = None,
 ) -> RestoreResult:
     """Write standalone, verified ``to/<disk>.qcow2`` images of a backup; with ``define``, also define (not
     start) a libvirt domain of that name on them.
@@ -62,7 +65,10 @@ def restore_images(
     Everything that can be checked is checked before anything is written: the backup exists and, with
     ``define``, it holds a saved domain definition and no libvirt domain has that name yet.
 
-    :param repo_path: the repository directory
+    :param repo_path: the repository (a directory or an ``s3://`` URL)
+    :param format: "qcow2" or "raw" (sparse) images in ``to``
+    :param devices: disk name → a block device to write that disk onto instead of a file
+    :param key_file: the key of an encrypted repository
     :param backup_id: the backup (default: the VM's latest)
     :param disks: restore only these disks (default: all; ``define`` needs all of them)
     :param define: the new domain's name
@@ -75,10 +81,12 @@ def restore_images(
     :raise LibvirtError: libvirtd cannot be reached, or it refused the definition
     :raise VmsnapError: an image exists already in ``to`` (restore never overwrites)
     """
-    repo = Repository.open(repo_path)
+    repo = Repository.open(repo_path, key_file=key_file)
     manifest = repo.get(vm, backup_id)
     definition = _definition_to_redefine(repo, manifest, define, connect) if define is not None else None
-    manifest, restored = repo.restore(vm, manifest.backup_id, to, disks=disks, progress=progress)
+    manifest, restored = repo.restore(
+        vm, manifest.backup_id, to, disks=disks, progress=progress, format=format, devices=devices
+    )
     defined = None
     if define is not None and definition is not None:
         from vmsnap.vm.libvirt.definition import define_restored_domain
@@ -88,7 +96,9 @@ def restore_images(
     return RestoreResult(manifest.vm, manifest.backup_id, manifest.kind, tuple(restored), defined)
 
 
-def _definition_to_redefine(repo: Repository, manifest: Manifest, name: str, connect: str | None) -> str:
+def _definition_to_redefine(
+    repo: RepositoryLayout, manifest: Manifest, name: str, connect: str | None
+) -> str:
     """The libvirt definition saved with ``manifest``'s backup, once ``name`` is known to be a valid name
     that no domain has.
 
@@ -96,8 +106,8 @@ def _definition_to_redefine(repo: Repository, manifest: Manifest, name: str, con
     :raise UsageError: ``name`` is invalid or taken
     """
     validate_name(name, "domain name")
-    saved = repo.backup_dir(manifest.vm, manifest.backup_id) / DOMAIN_XML
-    if not saved.is_file():
+    saved = repo.definition(manifest)
+    if saved is None:
         raise NotFoundError(
             f"backup {manifest.backup_id} of {manifest.vm} has no saved libvirt definition",
             hint="--define needs a backup taken with --domain; restore without it and define the VM yourself",
@@ -111,4 +121,4 @@ def _definition_to_redefine(repo: Repository, manifest: Manifest, name: str, con
         conn.close()
     if taken:
         raise UsageError(f"a libvirt domain {name!r} exists already", hint="choose another --define name")
-    return saved.read_text()
+    return saved

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.cli_helpers import qcow2_repo
 from tests.integration.libvirt.conftest import Libvirtd, LibvirtTestDomain, assert_identical, reference_image
 from vmsnap.errors import UsageError
 from vmsnap.vm.libvirt.definition import define_restored_domain, saved_domain_xml
@@ -32,7 +33,7 @@ def vmsnap(*args: str) -> dict[str, Any]:
 def test_backup_incremental_restore_through_the_cli_with_domain(
     domain: LibvirtTestDomain, tmp_path: Path
 ) -> None:
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     vm = ["--domain", domain.name, "--connect", domain.uri]
     domain.write("vda", 0x61, 0, 2)
     domain.write("sdb", 0x62, 3)
@@ -61,7 +62,7 @@ def test_backup_incremental_restore_through_the_cli_with_domain(
 def test_full_backup_with_snapshot_strategies_through_the_cli(
     domain: LibvirtTestDomain, tmp_path: Path, strategy: str
 ) -> None:
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     domain.write("vda", 0x71, 5)
     vmsnap(
         "backup",
@@ -86,7 +87,7 @@ def test_full_backup_with_snapshot_strategies_through_the_cli(
 def test_recover_after_a_killed_backup_leaves_nothing_libvirt_does_not_know(
     domain: LibvirtTestDomain, tmp_path: Path, strategy: str, transport: str
 ) -> None:
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     vm = ["--domain", domain.name, "--connect", domain.uri]
     domain.write("vda", 0x81, 0)
     killed = subprocess.run(
@@ -126,7 +127,7 @@ def test_a_restored_backup_can_be_defined_as_a_new_domain_from_the_saved_xml(
 ) -> None:
     import libvirt
 
-    repo, out = tmp_path / "repo", tmp_path / "restored"
+    repo, out = qcow2_repo(tmp_path / "repo"), tmp_path / "restored"
     domain.write("vda", 0x91, 7)
     domain.write("sdb", 0x92, 9)
     with LibvirtMachine(domain.name, uri=domain.uri) as machine:
@@ -161,7 +162,7 @@ def test_restore_define_redefines_the_domain_through_the_cli(
 ) -> None:
     import libvirt
 
-    repo, out = tmp_path / "repo", tmp_path / "restored"
+    repo, out = qcow2_repo(tmp_path / "repo"), tmp_path / "restored"
     domain.write("vda", 0x95, 5)
     full = vmsnap("backup", "--repo", str(repo), "--domain", domain.name, "--connect", domain.uri)
     saved = repo / domain.name / full["backup_id"] / "domain.xml"

@@ -15,6 +15,7 @@ import attrs
 import pytest
 
 from tests.conftest import make_image
+from tests.integration.cli_helpers import qcow2_repo
 from tests.integration.libvirt.conftest import Libvirtd
 from vmsnap.errors import CommandError
 from vmsnap.lab.guest import DATA_MOUNT, DATA_SERIAL, fsck_image, read_image_file
@@ -136,7 +137,7 @@ def test_quiesced_cli_backup_of_a_domain_restores_a_clean_filesystem(
     agent = guest_domain.machine.agent()
     assert agent is not None
     agent.write_file(f"{DATA_MOUNT}/hello.txt", b"hello from the guest\n")
-    repo, out = tmp_path / "repo", tmp_path / "restored"
+    repo, out = qcow2_repo(tmp_path / "repo"), tmp_path / "restored"
     vm = ["--domain", guest_domain.name, "--connect", guest_domain.uri]
     backup = _cli("backup", "--repo", str(repo), *vm, "--quiesce", "on")
     assert agent.fsfreeze_status() == "thawed"

@@ -16,6 +16,7 @@ import attrs
 import pytest
 
 from tests.conftest import make_image
+from tests.integration.cli_helpers import qcow2_repo
 from tests.integration.digests import ODD_SIZE, PIECE, MiB, independent_chunks, independent_root
 from vmsnap.backup.run import Backup, BackupConfig
 from vmsnap.errors import ChecksumMismatchError, RepositoryError
@@ -35,7 +36,7 @@ def check_backup_digests(repo: Repository, vm: str, backup_id: str, captured: Pa
     directory = repo.backup_dir(vm, backup_id)
     expected = independent_chunks(captured, workdir)
     assert len(expected) == 3 and record.virtual_size == ODD_SIZE
-    stored = (directory / record.chunks).read_bytes()
+    stored = (directory / record.chunks_file).read_bytes()
     assert [stored[i : i + 32] for i in range(0, len(stored), 32)] == expected
     assert record.sha256 == independent_root(expected)
     assert independent_chunks(directory / record.file, workdir) == expected
@@ -87,8 +88,8 @@ def odd_vm(tmp_path: Path) -> Iterator[OddVm]:
 def test_full_and_incremental_digests_equal_an_independent_computation(
     odd_vm: OddVm, tmp_path: Path, transport: str
 ) -> None:
-    config = BackupConfig(repo=tmp_path / "repo", strategy="backup", transport=transport, quiesce="off")
-    repo_path = tmp_path / "repo"
+    repo_path = qcow2_repo(tmp_path / "repo")
+    config = BackupConfig(repo=repo_path, strategy="backup", transport=transport, quiesce="off")
     odd_vm.write("write -P 0x11 1M 4M", f"write -P 0x12 {ODD_SIZE - 128 * 1024} 128k")
     moments = [odd_vm.capture("m0")]
     results = [Backup(odd_vm.machine, config).run()]
@@ -128,7 +129,7 @@ def _chain(
     tmp_path: Path, writes_per_backup: tuple[list[str], ...] = CHAIN_WRITES
 ) -> tuple[Repository, list[str]]:
     """A repository with a full backup and incrementals of one odd-sized disk (no VM: qemu-io writes)."""
-    repo = Repository.open(tmp_path / "repo", create=True)
+    repo = Repository.open(tmp_path / "repo", create=True, layout="qcow2")
     ids: list[str] = []
     for writes in writes_per_backup:
         backup_id = repo.new_backup_id("vm1")

@@ -20,6 +20,7 @@ from tests.integration.cli_helpers import (
     cli,
     listed,
     no_leftovers,
+    qcow2_repo,
     restore_and_compare,
     same_content,
     vm_args,
@@ -62,11 +63,11 @@ def test_repository_of_another_format_or_a_foreign_directory_is_left_alone(
 ) -> None:
     future = tmp_path / "future"
     future.mkdir()
-    (future / "vmsnap-repo.json").write_text('{"format": 2}')
+    (future / "vmsnap-repo.json").write_text('{"format": 7}')
     for argv in (["list", "--repo", future], ["backup", "--repo", future, *vm_args(two_disk_vm)]):
         result = cli(capsys, *argv)
         assert result.code == 1
-        assert "format 2" in result.error_line
+        assert "format 7" in result.error_line
     assert sorted(p.name for p in future.iterdir()) == ["vmsnap-repo.json"]
     foreign = tmp_path / "photos"
     foreign.mkdir()
@@ -105,7 +106,7 @@ def test_names_with_slash_or_dots_are_usage_errors(
 def test_bad_vm_and_disk_names_and_options_on_backup(
     two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     before = block_state(two_disk_vm)
     cases = [
         (["--name", "../evil"], 2, "invalid VM name"),
@@ -126,7 +127,7 @@ def test_bad_vm_and_disk_names_and_options_on_backup(
 def test_missing_corrupt_and_locked_images(
     two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     result = cli(capsys, "backup", "--repo", repo, "--image", tmp_path / "absent.qcow2")
     assert result.code == 1
     assert "does not exist" in result.error_line
@@ -178,7 +179,7 @@ def test_a_full_target_filesystem_fails_cleanly_and_keeps_earlier_backups(
     strategy: str,
 ) -> None:
     vm = two_disk_vm
-    repo = small_filesystem / "repo"
+    repo = qcow2_repo(small_filesystem / "repo")
     original = block_state(vm)
     write(vm, "disk0", "write -P 0x01 0 1M")
     expected = {d: capture(vm, d, tmp_path / f"e-{d}.qcow2") for d in DISKS}
@@ -200,7 +201,7 @@ def test_checksum_mismatch_missing_parent_and_unknown_backup_id(
     two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     vm = two_disk_vm
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     write(vm, "disk0", "write -P 0x0a 0 1M")
     full = backup(capsys, vm, repo)
     write(vm, "disk0", "write -P 0x0b 0 64k")
@@ -276,7 +277,7 @@ def test_restore_of_an_offline_image_backup(tmp_path: Path, capsys: pytest.Captu
     )
     reference = tmp_path / "reference.qcow2"
     shutil.copy(image, reference)
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     result = cli(capsys, "backup", "--repo", repo, "--image", image, "--json")
     assert result.code == 0, result.err
     made = result.json()

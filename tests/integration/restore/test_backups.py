@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.cli_helpers import qcow2_repo
 from tests.integration.restore.conftest import BackedUpDisk, daemon_pids
 from tests.integration.restore.test_mount import assert_nothing_left, check_mounted
 from vmsnap.backup.run import Backup, BackupConfig
@@ -22,7 +23,7 @@ def test_mount_a_backup_from_a_repository(
 ) -> None:
     image = tmp_path / "disk0.qcow2"
     shutil.copyfile(backed_up_disk.base, image)
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")
     result = Backup(OfflineMachine([image], name="vm1"), BackupConfig(repo=repo)).run()
     backup = resolve(repo, "vm1")
     assert backup.backup_id == result.backup_id and list(backup.sources) == ["disk0"]

@@ -15,7 +15,7 @@ import attrs
 import pytest
 
 from tests.conftest import make_image
-from tests.integration.cli_helpers import cli
+from tests.integration.cli_helpers import cli, qcow2_repo
 from tests.integration.strategies.contract import Lab, QemuImageLab, StrategyContract
 from tests.integration.strategies.faults import FaultyRunner
 from tests.integration.strategies.loop_btrfs import LoopBtrfs, loop_btrfs
@@ -343,7 +343,7 @@ def test_cli_backup_of_a_running_vm_on_btrfs_restores_the_bytes_of_that_instant(
     qemu_io(qmp, "disk0", "write -P 0x5c 0 2M")  # unflushed: the backup's pause must flush it
     qemu_io(qmp, "disk1", "write -P 0x5d 4M 1M")
     btrfs_vm.machine.close()  # QEMU serves one QMP client at a time: the CLI's turn
-    repo, out = tmp_path / "repo", tmp_path / "restored"
+    repo, out = qcow2_repo(tmp_path / "repo"), tmp_path / "restored"
     argv = ["backup", "--repo", repo, "--strategy", "btrfs", "--transport", "copy"]
     result = cli(capsys, *argv, "--qmp", btrfs_vm.process.qmp_socket, "--quiesce", "off", "--json")
     assert result.code == 0, result.err

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from vmsnap.repo.manifest import DiskRecord, Manifest, utc_now_iso
-from vmsnap.repo.repository import Repository
+from vmsnap.repo.qcow2_repo import Qcow2Repository as Repository
 
 DISKS = ("disk0", "disk1")
 SIZE = 4 * 1024 * 1024

@@ -11,7 +11,7 @@ import pytest
 from tests.unit.repo.backups import W1, add_backup
 from vmsnap.errors import RepositoryError
 from vmsnap.repo.manifest import new_backup_id
-from vmsnap.repo.repository import Repository
+from vmsnap.repo.qcow2_repo import Qcow2Repository as Repository
 
 
 def test_backup_ids_sort_by_time_and_new_ones_sort_last(repo: Repository) -> None:

@@ -13,7 +13,7 @@ from tests.unit.repo.backups import W1, W2, W3, add_backup, expected_raw, same_c
 from vmsnap.errors import UsageError
 from vmsnap.repo.manifest import Manifest
 from vmsnap.repo.prune import plan_retention
-from vmsnap.repo.repository import Repository
+from vmsnap.repo.qcow2_repo import Qcow2Repository as Repository
 
 
 def test_prune_keeps_the_chains_kept_backups_need(repo: Repository, tmp_path: Path) -> None:

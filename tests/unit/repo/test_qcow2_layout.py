@@ -25,7 +25,7 @@ from tests.unit.repo.backups import (
 from vmsnap.errors import ChainError, ChecksumMismatchError, NotFoundError, RepositoryError, VmsnapError
 from vmsnap.repo.manifest import DiskRecord
 from vmsnap.repo.qcow2_layout import qcow2_backing_file
-from vmsnap.repo.repository import Repository
+from vmsnap.repo.qcow2_repo import Qcow2Repository as Repository
 
 
 def test_commit_seals_a_backup_private_with_the_manifest_last(repo: Repository, tmp_path: Path) -> None:

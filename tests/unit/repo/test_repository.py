@@ -11,17 +11,31 @@ import pytest
 
 from tests.unit.repo.backups import W1, W2, add_backup
 from vmsnap.errors import RepositoryError, UsageError
+from vmsnap.repo.qcow2_repo import Qcow2Repository
 from vmsnap.repo.repository import Repository
 
 
 def test_open_needs_a_repository_and_create_makes_one_private(tmp_path: Path) -> None:
     with pytest.raises(RepositoryError, match="no vmsnap repository"):
         Repository.open(tmp_path / "nothing")
-    repo = Repository.open(tmp_path / "new", create=True)
-    assert json.loads((repo.root / "vmsnap-repo.json").read_text()) == {"format": 1}
+    repo = Repository.open(tmp_path / "new", create=True, layout="qcow2")
+    assert isinstance(repo, Qcow2Repository)
+    marker = json.loads((repo.root / "vmsnap-repo.json").read_text())
+    assert (marker["format"], marker["layout"], marker["encryption"]) == (2, "qcow2", None)
     assert stat.S_IMODE(repo.root.stat().st_mode) == 0o700
     assert stat.S_IMODE((repo.root / "vmsnap-repo.json").stat().st_mode) == 0o600
-    Repository.open(tmp_path / "new")  # opens again
+    assert isinstance(Repository.open(tmp_path / "new"), Qcow2Repository)  # opens again
+
+
+def test_a_format_1_repository_opens_as_layout_qcow2(tmp_path: Path) -> None:
+    root = tmp_path / "old"
+    root.mkdir()
+    (root / "vmsnap-repo.json").write_text('{"format": 1}')
+    repo = Repository.open(root)
+    assert isinstance(repo, Qcow2Repository) and repo.name == "qcow2"
+    add_backup(repo, "vm1", W1)
+    assert len(Repository.open(root).backups("vm1")) == 1
+    assert (root / "vmsnap-repo.json").read_text() == '{"format": 1}'  # never rewritten
 
 
 def test_a_non_empty_directory_is_not_made_a_repository(tmp_path: Path) -> None:
@@ -36,8 +50,8 @@ def test_a_non_empty_directory_is_not_made_a_repository(tmp_path: Path) -> None:
 def test_another_format_version_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "repo"
     root.mkdir()
-    (root / "vmsnap-repo.json").write_text('{"format": 2}')
-    with pytest.raises(RepositoryError, match="format 2") as info:
+    (root / "vmsnap-repo.json").write_text('{"format": 7}')
+    with pytest.raises(RepositoryError, match="format 7") as info:
         Repository.open(root)
     assert "\n" not in str(info.value)
     (root / "vmsnap-repo.json").write_text("{not json")
@@ -46,14 +60,14 @@ def test_another_format_version_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bad", ["../etc", "a/b", "..", ".hidden", "", "x" * 200])
-def test_names_with_slash_or_dots_never_become_paths(repo: Repository, bad: str) -> None:
+def test_names_with_slash_or_dots_never_become_paths(repo: Qcow2Repository, bad: str) -> None:
     with pytest.raises(UsageError):
         repo.vm_dir(bad)
     with pytest.raises(UsageError):
         repo.backup_dir("vm1", bad)
 
 
-def test_one_damaged_manifest_does_not_hide_the_other_backups(repo: Repository, tmp_path: Path) -> None:
+def test_one_damaged_manifest_does_not_hide_the_other_backups(repo: Qcow2Repository, tmp_path: Path) -> None:
     a = add_backup(repo, "vm1", W1)
     b = add_backup(repo, "vm1", W2)
     (repo.backup_dir("vm1", a.backup_id) / "manifest.json").write_text("{truncated")
@@ -75,7 +89,7 @@ def test_one_damaged_manifest_does_not_hide_the_other_backups(repo: Repository, 
         repo.get("vm1")
 
 
-def test_one_run_per_vm_holds_the_lock(repo: Repository) -> None:
+def test_one_run_per_vm_holds_the_lock(repo: Qcow2Repository) -> None:
     with repo.lock("vm1"):
         with pytest.raises(RepositoryError, match="another vmsnap run"), repo.lock("vm1"):
             pass

@@ -12,7 +12,7 @@ from tests.unit.repo.backups import SIZE, W1, W2, add_backup, flip_data_byte
 from vmsnap.errors import ChainError
 from vmsnap.image.digest import image_chunks
 from vmsnap.image.libqcow import libqcow_chunks
-from vmsnap.repo.repository import Repository
+from vmsnap.repo.qcow2_repo import Qcow2Repository as Repository
 
 
 @pytest.mark.parametrize("reader", ["qemu", "libqcow"])

@@ -117,10 +117,13 @@ class ChunkCodec:
 
     :param key: the repository key (an encrypted repository), or None
     :param level: zstd compression level (1-19)
+    :param compress: try zstd on each chunk (False: a repository made with ``--compression none`` stores
+        every payload raw; blobs of either kind decode the same)
     """
 
     key: RepositoryKey | None = None
     level: int = attrs.field(default=DEFAULT_LEVEL)
+    compress: bool = True
     _local: threading.local = attrs.field(factory=threading.local, init=False, repr=False, eq=False)
 
     @level.validator
@@ -167,7 +170,10 @@ class ChunkCodec:
 
     def _worth_compressing(self, data: bytes | bytearray | memoryview) -> bool:
         """False when four 8 KiB samples of a large chunk do not shrink by 2% (random, already compressed or
-        encrypted data): zstd would spend ~1 ms and a 4 MiB buffer per chunk to store it raw anyway."""
+        encrypted data): zstd would spend ~1 ms and a 4 MiB buffer per chunk to store it raw anyway. Always
+        False in a repository made with ``--compression none``."""
+        if not self.compress:
+            return False
         if len(data) < PROBE_MIN:
             return True
         step = len(data) // PROBE_SAMPLES

@@ -171,6 +171,127 @@ def _check_incremental(size: int, parent: ChunkIndex | None, changed: Set[int] |
         raise UsageError(f"changed chunks outside a disk of {count} chunks", hint="a bug in the caller")
 
 
+class _Run:
+    """One :func:`backup_disk` call: the tasks it feeds the pool and what each worker does."""
+
+    def __init__(
+        self,
+        reader: SourceReader,
+        store: Store,
+        codec: ChunkCodec,
+        parent: ChunkIndex | None,
+        changed: Set[int] | None,
+        known: Set[bytes],
+        inspect: Callable[[int, bytes | bytearray | memoryview], None] | None,
+    ) -> None:
+        self.reader, self.store, self.codec = reader, store, codec
+        self.parent, self.changed, self.known, self.inspect = parent, changed, known, inspect
+        self.size = reader.size
+        self.ids = bytearray(HOLE * chunk_count(self.size))
+        self.tally = _Tally()
+        self.seen: set[bytes] = set()
+        self.local = threading.local()  # each worker's chunk buffer
+
+    def length_of(self, index: int) -> int:
+        return min(CHUNK_SIZE, self.size - index * CHUNK_SIZE)
+
+    def unchanged(self, index: int) -> bool:
+        parent, changed = self.parent, self.changed
+        if parent is None or changed is None or index in changed or index >= len(parent):
+            return False
+        return parent.length(index) == self.length_of(index)
+
+    def tasks(self) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+        tally = self.tally
+        for index, ranges in chunk_ranges(self.reader.extents(), self.size):
+            length = self.length_of(index)
+            if self.parent is not None and self.unchanged(index):
+                self.ids[index * ID_SIZE : (index + 1) * ID_SIZE] = self.parent.chunk_id(index)
+                with tally.lock:
+                    tally.unchanged_chunks += 1
+                    tally.unchanged_bytes += length
+            elif not ranges:
+                with tally.lock:
+                    tally.zero_chunks += 1
+                    tally.zero_bytes += length
+            else:
+                yield index, ranges
+
+    def read(self, index: int, ranges: list[tuple[int, int]]) -> bytearray | memoryview:
+        """The chunk's bytes, read into this worker's own buffer (reused: no 4 MiB allocation per chunk);
+        the gaps between the data ranges are zeros."""
+        start, length = index * CHUNK_SIZE, self.length_of(index)
+        buffer: bytearray | None = getattr(self.local, "buffer", None)
+        if buffer is None:
+            buffer = self.local.buffer = bytearray(CHUNK_SIZE)
+        view = memoryview(buffer)
+        pos = 0  # from the chunk's start
+        for offset, span in [*ranges, (start + length, 0)]:
+            if offset - start > pos:
+                view[pos : offset - start] = _ZEROS[: offset - start - pos]
+            if span:
+                self.reader.read_into(offset, view[offset - start : offset - start + span])
+            pos = offset - start + span
+        return buffer if length == CHUNK_SIZE else view[:length]
+
+    def work(self, task: tuple[int, list[tuple[int, int]]]) -> None:
+        index, ranges = task
+        length, tally = self.length_of(index), self.tally
+        data = self.read(index, ranges)
+        if self.inspect is not None:
+            self.inspect(index, data)
+        read = sum(span for _, span in ranges)
+        if is_zero(data):
+            with tally.lock:
+                tally.read += read
+                tally.zero_chunks += 1
+                tally.zero_bytes += length
+            return
+        chunk_id = self.codec.chunk_id(data)
+        with tally.lock:
+            fresh = chunk_id not in self.known and chunk_id not in self.seen
+            self.seen.add(chunk_id)
+        stored = 0
+        if fresh:
+            blob = self.codec.encode(data, chunk_id)
+            if self.store.put(chunk_key(chunk_id), blob, if_absent=True):
+                stored = len(blob)
+        self.ids[index * ID_SIZE : (index + 1) * ID_SIZE] = chunk_id
+        with tally.lock:
+            tally.read += read
+            if stored:
+                tally.new_chunks += 1
+                tally.new_bytes += stored
+                tally.new_data += length
+            else:
+                tally.reused_chunks += 1
+                tally.reused_bytes += length
+
+    def progress(self) -> BackupProgress:
+        tally = self.tally
+        with tally.lock:
+            return BackupProgress(
+                self.size, tally.done(), tally.read, tally.new_bytes, tally.reused_bytes, tally.zero_bytes
+            )
+
+    def stats(self, seconds: float) -> BackupStats:
+        tally = self.tally
+        return BackupStats(
+            virtual_size=self.size,
+            bytes_read=tally.read,
+            new_chunks=tally.new_chunks,
+            new_bytes=tally.new_bytes,
+            new_data_bytes=tally.new_data,
+            reused_chunks=tally.reused_chunks,
+            reused_bytes=tally.reused_bytes,
+            zero_chunks=tally.zero_chunks,
+            zero_bytes=tally.zero_bytes,
+            unchanged_chunks=tally.unchanged_chunks,
+            unchanged_bytes=tally.unchanged_bytes,
+            seconds=seconds,
+        )
+
+
 def backup_disk(
     reader: SourceReader,
     store: Store,
@@ -181,6 +302,7 @@ def backup_disk(
     known: Set[bytes] | None = None,
     workers: int = DEFAULT_WORKERS,
     progress: BackupProgressCallback | None = None,
+    inspect: Callable[[int, bytes | bytearray | memoryview], None] | None = None,
 ) -> DiskBackup:
     """Back up one disk: read it once through ``reader``, store the chunks the store lacks, return its index.
 
@@ -196,112 +318,22 @@ def backup_disk(
     :param known: ids the store has already (from :func:`list_known_chunks`); not modified
     :param workers: threads reading, hashing, compressing, encrypting and storing
     :param progress: called on the calling thread about every 0.25 s and at the end
+    :param inspect: called on a worker thread with (chunk number, bytes) of every chunk read (holes that
+        were not read are not passed), e.g. to check the content against digests while it passes
     :raise UsageError: ``changed`` without ``parent`` or the reverse, or chunks outside the disk
     :raise TransferError: a read failed
     :raise StoreError: the store refused a write (full, unreachable); blobs already stored stay (gc's job)
     """
     started = time.monotonic()
-    size = reader.size
-    _check_incremental(size, parent, changed)
-    count = chunk_count(size)
-    ids = bytearray(HOLE * count)
-    tally = _Tally()
-    seen: set[bytes] = set()
-    known_ids: Set[bytes] = known if known is not None else frozenset()
-
-    def length_of(index: int) -> int:
-        return min(CHUNK_SIZE, size - index * CHUNK_SIZE)
-
-    def unchanged(index: int) -> bool:
-        if parent is None or changed is None or index in changed or index >= len(parent):
-            return False
-        return parent.length(index) == length_of(index)
-
-    def tasks() -> Iterator[tuple[int, list[tuple[int, int]]]]:
-        for index, ranges in chunk_ranges(reader.extents(), size):
-            length = length_of(index)
-            if parent is not None and unchanged(index):
-                chunk_id = parent.chunk_id(index)
-                ids[index * ID_SIZE : (index + 1) * ID_SIZE] = chunk_id
-                with tally.lock:
-                    tally.unchanged_chunks += 1
-                    tally.unchanged_bytes += length
-            elif not ranges:
-                with tally.lock:
-                    tally.zero_chunks += 1
-                    tally.zero_bytes += length
-            else:
-                yield index, ranges
-
-    local = threading.local()  # each worker's chunk buffer, reused: no 4 MiB allocation per read
-
-    def work(task: tuple[int, list[tuple[int, int]]]) -> None:
-        index, ranges = task
-        start, length = index * CHUNK_SIZE, length_of(index)
-        buffer: bytearray | None = getattr(local, "buffer", None)
-        if buffer is None:
-            buffer = local.buffer = bytearray(CHUNK_SIZE)
-        view = memoryview(buffer)
-        pos = 0  # from the chunk's start: fill the gaps between ranges with zeros, read the ranges
-        for offset, span in [*ranges, (start + length, 0)]:
-            if offset - start > pos:
-                view[pos : offset - start] = _ZEROS[: offset - start - pos]
-            if span:
-                reader.read_into(offset, view[offset - start : offset - start + span])
-            pos = offset - start + span
-        data: bytearray | memoryview = buffer if length == CHUNK_SIZE else view[:length]
-        read = sum(span for _, span in ranges)
-        if is_zero(data):
-            with tally.lock:
-                tally.read += read
-                tally.zero_chunks += 1
-                tally.zero_bytes += length
-            return
-        chunk_id = codec.chunk_id(data)
-        with tally.lock:
-            fresh = chunk_id not in known_ids and chunk_id not in seen
-            seen.add(chunk_id)
-        stored = 0
-        if fresh:
-            blob = codec.encode(data, chunk_id)
-            if store.put(chunk_key(chunk_id), blob, if_absent=True):
-                stored = len(blob)
-        ids[index * ID_SIZE : (index + 1) * ID_SIZE] = chunk_id
-        with tally.lock:
-            tally.read += read
-            if stored:
-                tally.new_chunks += 1
-                tally.new_bytes += stored
-                tally.new_data += length
-            else:
-                tally.reused_chunks += 1
-                tally.reused_bytes += length
-
-    def tick() -> None:
-        if progress is None:
-            return
-        with tally.lock:
-            report = BackupProgress(
-                size, tally.done(), tally.read, tally.new_bytes, tally.reused_bytes, tally.zero_bytes
-            )
-        progress(report)
-
+    _check_incremental(reader.size, parent, changed)
     if workers < 1:
         raise UsageError(f"{workers} workers", hint="use at least 1")
+    run = _Run(reader, store, codec, parent, changed, known if known is not None else frozenset(), inspect)
+
+    def tick() -> None:
+        if progress is not None:
+            progress(run.progress())
+
     tick()
-    BoundedPool(work, workers=workers, depth=2 * workers, tick=tick).run(tasks())
-    stats = BackupStats(
-        virtual_size=size,
-        bytes_read=tally.read,
-        new_chunks=tally.new_chunks,
-        new_bytes=tally.new_bytes,
-        new_data_bytes=tally.new_data,
-        reused_chunks=tally.reused_chunks,
-        reused_bytes=tally.reused_bytes,
-        zero_chunks=tally.zero_chunks,
-        zero_bytes=tally.zero_bytes,
-        unchanged_chunks=tally.unchanged_chunks,
-        unchanged_bytes=tally.unchanged_bytes,
-        seconds=time.monotonic() - started,
-    )
-    return DiskBackup(ChunkIndex(size, bytes(ids)), stats)
+    BoundedPool(run.work, workers=workers, depth=2 * workers, tick=tick).run(run.tasks())
+    return DiskBackup(ChunkIndex(run.size, bytes(run.ids)), run.stats(time.monotonic() - started))

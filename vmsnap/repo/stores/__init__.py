@@ -7,12 +7,22 @@ from pathlib import Path
 
 from vmsnap.repo.stores.base import Store, StoredObject, check_key, check_prefix
 
-__all__ = ["Store", "StoredObject", "check_key", "check_prefix", "is_url", "open_store"]
+__all__ = ["Store", "StoredObject", "check_key", "check_prefix", "is_url", "normalize_location", "open_store"]
+
+
+def normalize_location(location: str | Path) -> str | Path:
+    """``location`` as a store location: an ``s3://`` URL that went through :class:`~pathlib.Path` (which
+    makes it ``s3:/bucket/prefix``, e.g. an argparse option of ``type=Path``) is an URL again; anything else
+    is returned as it is."""
+    text = str(location)
+    if text.startswith("s3:/") and not text.startswith("s3://"):
+        return "s3://" + text.removeprefix("s3:/")
+    return location
 
 
 def is_url(location: str | Path) -> bool:
     """True when ``location`` names an object store (``s3://…``) rather than a directory."""
-    return str(location).startswith("s3://")
+    return str(normalize_location(location)).startswith("s3://")
 
 
 def open_store(location: str | Path, *, create: bool = False) -> Store:
@@ -22,7 +32,7 @@ def open_store(location: str | Path, *, create: bool = False) -> Store:
     :raise UsageError: an unknown URL scheme
     :raise StoreError: the store cannot be reached
     """
-    text = str(location)
+    text = str(normalize_location(location))
     if text.startswith("s3://"):
         from vmsnap.repo.stores.s3 import S3Store
 

@@ -1,9 +1,10 @@
 """A store in a local directory: one file per object, written durably (temp file, fsync, rename or link, fsync
 of the directory), files 0600 and directories 0700.
 
-Object ``a/b/c`` is the file ``ROOT/a/b/c``. Temporary files are ``.tmp-…`` next to their target; key parts
-never start with a dot (:func:`~vmsnap.repo.stores.base.check_key`), so a temporary file can never be listed
-or read as an object, and one left by a crash is only wasted space (``list`` skips it).
+Object ``a/b/c`` is the file ``ROOT/a/b/c``; a directory left empty by a delete is removed. Temporary files
+are ``.tmp-…`` next to their target; key parts never start with a dot
+(:func:`~vmsnap.repo.stores.base.check_key`), so a temporary file can never be listed or read as an object,
+and one left by a crash is only wasted space (``list`` skips it).
 """
 
 from __future__ import annotations
@@ -173,6 +174,8 @@ class LocalStore:
                 _fsync_dir(directory)
             except FileExistsError:
                 pass
+            except FileNotFoundError:
+                raise  # a delete removed the directory above meanwhile: the caller tries again
             except OSError as err:
                 raise self._error("cannot create directory", child, err) from err
             directory = child
@@ -188,12 +191,18 @@ class LocalStore:
         path = self._path(key)
         if if_absent and self.exists(key):
             return False
-        directory = self._make_parents(key)
-        temp = directory / f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-        except OSError as err:
-            raise self._error("cannot create a file in", directory, err) from err
+        for attempt in range(3):
+            directory = path.parent
+            temp = directory / f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
+            try:
+                directory = self._make_parents(key)
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+                break
+            except FileNotFoundError as err:  # a delete removed the (empty) directory meanwhile: again
+                if attempt == 2:
+                    raise self._error("cannot create a file in", directory, err) from err
+            except OSError as err:
+                raise self._error("cannot create a file in", directory, err) from err
         try:
             try:
                 view = memoryview(data)
@@ -236,3 +245,16 @@ class LocalStore:
             return  # nothing there, or a directory (no object)
         except OSError as err:
             raise self._error("cannot delete", path, err) from err
+        self._remove_empty_parents(path.parent)
+
+    def _remove_empty_parents(self, directory: Path) -> None:
+        """Remove directories left empty by a delete, up to the root (a put that meets a directory removed
+        under it makes it again)."""
+        while directory != self.root and self.root in directory.parents:
+            try:
+                os.rmdir(directory)
+            except OSError:
+                return  # not empty (or gone): stop
+            with contextlib.suppress(OSError):
+                _fsync_dir(directory.parent)
+            directory = directory.parent

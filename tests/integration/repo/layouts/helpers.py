@@ -1,0 +1,104 @@
+"""Helpers for the tests of repository layouts: what a chunks repository holds, a worker process to stop or
+kill, and random (incompressible) or marked guest data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from vmsnap.repo.chunks.leases import LeaseRecord
+
+SECRET = b"vmsnap-plaintext-marker:" + b"0123456789abcdef" * 4
+"""A line the encryption test writes into the guest's disks, then looks for in every stored byte."""
+
+
+def store_keys(repo: Path) -> list[str]:
+    """Every object key of a chunks repository in a directory (temporary files skipped)."""
+    return sorted(
+        str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file() and not p.name.startswith(".")
+    )
+
+
+def partial_backups(repo: Path, vm: str = "testvm") -> list[str]:
+    """Backup directories of ``vm`` without a manifest."""
+    vm_dir = repo / "vms" / vm
+    if not vm_dir.is_dir():
+        return []
+    return sorted(p.name for p in vm_dir.iterdir() if p.is_dir() and not (p / "manifest.json").exists())
+
+
+def chunks_clean(repo: Path, state: Path, vm: str = "testvm") -> bool:
+    """Nothing of a run is left: no partial backup, no lease, no journal, no work directory."""
+    leases = list((repo / "locks").rglob("*")) if (repo / "locks").exists() else []
+    work = [p for p in state.rglob("work/*/*") if p.is_dir()]
+    journals = list(state.rglob("journal.json"))
+    held = [p for p in leases if p.is_file()]
+    return not partial_backups(repo, vm) and not held and not work and not journals
+
+
+def lease_of(repo: Path, key: str) -> LeaseRecord | None:
+    path = repo / key
+    return LeaseRecord.from_bytes(path.read_bytes()) if path.is_file() else None
+
+
+def write_file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def random_file(path: Path, size: int) -> Path:
+    """``size`` random bytes at ``path`` (for qemu-io ``write -s``: incompressible guest data)."""
+    return write_file(path, os.urandom(size))
+
+
+@attrs.define
+class Worker:
+    """A :mod:`tests.integration.repo.layouts.worker` process (stop it, continue it, wait for it)."""
+
+    process: subprocess.Popen[str]
+
+    @classmethod
+    def start(cls, command: str, args: dict[str, Any], env: dict[str, str] | None = None) -> Worker:
+        argv = [sys.executable, "-m", "tests.integration.repo.layouts.worker", command, json.dumps(args)]
+        process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+        )
+        return cls(process)
+
+    def wait_stopped(self, timeout: float = 60) -> None:
+        """Until the process has stopped itself (SIGSTOP): fails if it exits instead."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the worker ended instead of stopping: {self.process.stderr.read()}")  # type: ignore[union-attr]
+            state = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state == "T":
+                return
+            time.sleep(0.02)
+        raise AssertionError("the worker did not stop")
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def finish(self, timeout: float = 120) -> tuple[int, Any, str]:
+        """(exit code, the JSON it printed or None, stderr)."""
+        out, err = self.process.communicate(timeout=timeout)
+        return self.process.returncode, json.loads(out) if out.strip() else None, err
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def iter_files(root: Path) -> Iterator[Path]:
+    return (p for p in root.rglob("*") if p.is_file())

@@ -1,0 +1,154 @@
+"""Which chunks the store holds, without listing it every time: the gc generation, and this host's cache of
+known chunk ids.
+
+``gc-generation`` (a store object) holds a random token that every ``gc`` replaces *before* it deletes
+anything; as long as it is unchanged, no chunk has been collected, so a set of ids that were in the store
+stays true (chunks are written once and only gc deletes them).
+
+The cache (``known-chunks`` in the repository's local state directory, see :mod:`vmsnap.repo.state`)::
+
+    b"vmsnap-known-chunks 1 <generation>\\n" + 32-byte chunk ids, appended as chunks are stored
+
+is used only while its generation is the store's; otherwise it is rebuilt from one listing of ``chunks/``.
+Ids are appended (``O_APPEND``) the moment a chunk is stored or found, so a backup killed half-way leaves
+them behind for the next run, which then stores none of those chunks again. A lost or damaged cache only
+costs a listing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from vmsnap.errors import NotFoundError
+from vmsnap.files import FILE_MODE, write_atomic
+from vmsnap.repo.chunks.blob import ID_SIZE, ChunkId, parse_chunk_key
+from vmsnap.repo.chunks.pipeline import list_known_chunks
+from vmsnap.repo.stores.base import Store, StoredObject
+
+GENERATION_KEY = "gc-generation"
+_MAGIC = b"vmsnap-known-chunks 1 "
+_TOKEN = re.compile(r"^[0-9a-f]{1,64}$")
+
+
+def read_generation(store: Store) -> str:
+    """The store's gc generation ("0" before the first gc).
+
+    :raise StoreError: the store failed
+    """
+    try:
+        text = store.get(GENERATION_KEY).decode("ascii", errors="replace").strip()
+    except NotFoundError:
+        return "0"
+    return text if _TOKEN.match(text) else "damaged"
+
+
+def bump_generation(store: Store) -> str:
+    """Give the store a new gc generation (gc does this before it deletes anything) and return it."""
+    token = secrets.token_hex(16)
+    store.put(GENERATION_KEY, token.encode("ascii") + b"\n")
+    return token
+
+
+class KnownChunks:
+    """The chunk ids this host knows to be in the store (see the module docstring); thread-safe.
+
+    :param store: the repository's store
+    :param cache: the cache file, or None (then every :meth:`load` lists the store)
+    """
+
+    def __init__(self, store: Store, cache: Path | None) -> None:
+        self.store = store
+        self.cache = cache
+        self._lock = threading.Lock()
+        self._fd = -1
+        self.listed = False
+
+    def load(self, generation: str, *, list_if_stale: bool = True) -> set[ChunkId]:
+        """The known ids for the store at ``generation``: the cache's, or a fresh listing (saved as the new
+        cache) — or, without ``list_if_stale``, nothing when the cache is stale (an incremental backup, which
+        knows its parent's chunks, need not list the whole store)."""
+        ids = self._read_cache(generation)
+        if ids is None:
+            if not list_if_stale:
+                return set()  # the stale cache stays as it is: the next full backup lists and renews it
+            ids = list_known_chunks(self.store)
+            self.listed = True
+            self._write_cache(generation, ids)
+        self._open_for_append()
+        return ids
+
+    def _read_cache(self, generation: str) -> set[ChunkId] | None:
+        if self.cache is None:
+            return None
+        try:
+            raw = self.cache.read_bytes()
+        except OSError:
+            return None
+        header, _, body = raw.partition(b"\n")
+        if not header.startswith(_MAGIC) or header[len(_MAGIC) :].decode("ascii", "replace") != generation:
+            return None
+        usable = len(body) - len(body) % ID_SIZE  # a torn last append is dropped
+        return {ChunkId(body[i : i + ID_SIZE]) for i in range(0, usable, ID_SIZE)}
+
+    def _write_cache(self, generation: str, ids: Iterable[bytes]) -> None:
+        if self.cache is None:
+            return
+        write_atomic(self.cache, _MAGIC + generation.encode("ascii") + b"\n" + b"".join(sorted(ids)))
+
+    def _open_for_append(self) -> None:
+        if self.cache is not None and self._fd < 0:
+            try:
+                self._fd = os.open(self.cache, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
+            except FileNotFoundError:
+                self._fd = -1  # removed meanwhile: nothing is remembered this time
+
+    def add(self, chunk_id: bytes) -> None:
+        """Remember that the store holds ``chunk_id`` (appended to the cache at once)."""
+        if self._fd >= 0:
+            with self._lock:
+                os.write(self._fd, chunk_id)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+class RecordingStore:
+    """A store that tells :class:`KnownChunks` of every chunk it stored or found there (``put`` of a chunk
+    key); everything else passes through."""
+
+    def __init__(self, store: Store, known: KnownChunks) -> None:
+        self._store = store
+        self._known = known
+        self.puts = 0
+
+    @property
+    def url(self) -> str:
+        return self._store.url
+
+    def get(self, key: str) -> bytes:
+        return self._store.get(key)
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        written = self._store.put(key, data, if_absent=if_absent)
+        self.puts += 1
+        chunk_id = parse_chunk_key(key)
+        if chunk_id is not None:
+            self._known.add(chunk_id)
+        return written
+
+    def exists(self, key: str) -> bool:
+        return self._store.exists(key)
+
+    def list(self, prefix: str = "") -> Iterator[StoredObject]:
+        return self._store.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self._store.delete(key)

@@ -1,0 +1,119 @@
+r"""Where a ``chunks`` repository keeps each backup in its store, and how its manifests are authenticated.
+
+Store keys (``<vm>``, ``<backup-id>`` and ``<disk>`` are validated names)::
+
+    vmsnap-repo.json                        the marker (see vmsnap.repo.marker)
+    chunks/<id[0:4]>/<id>                   one chunk blob (see vmsnap.repo.chunks.blob)
+    vms/<vm>/<backup-id>/<disk>.index       one disk's index (see vmsnap.repo.chunks.index)
+    vms/<vm>/<backup-id>/domain.xml         the machine's definition, as a chunk blob (encrypted with the
+                                            repository), when the machine has one
+    vms/<vm>/<backup-id>/manifest.json      written last, put(if_absent): the backup exists once it does
+    vms/<vm>/needs-full                     the next backup of the VM must be full (JSON: reason, since)
+    locks/…                                 leases (see vmsnap.repo.chunks.leases)
+    gc-generation                           replaced by every gc before it deletes (vmsnap.repo.chunks.known)
+
+A backup directory without ``manifest.json`` is a run that died (or is running: it holds the VM's writer
+lease); ``recover`` and ``gc`` remove those of dead runs.
+
+The manifest is the format-2 JSON of :mod:`vmsnap.repo.manifest`. In an encrypted repository it also holds
+``"mac"``: the hex HMAC-SHA256 (the key's metadata subkey) of the canonical JSON of every other field
+(``json.dumps(obj, sort_keys=True, separators=(",", ":"))``, UTF-8); a manifest without a valid MAC is
+refused there, and one with a MAC is refused in an unencrypted repository. Each disk's ``sha256`` is that of
+its index's bytes, so the manifest covers the indexes and they cover the chunks: nothing stored is trusted
+before it is checked.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+from typing import Any
+
+from vmsnap.errors import ChecksumMismatchError, RepositoryError
+from vmsnap.model import validate_name
+from vmsnap.repo.chunks.keys import RepositoryKey
+from vmsnap.repo.manifest import INDEX_SUFFIX, MANIFEST, Manifest, parse_manifest
+
+VMS = "vms/"
+NEEDS_FULL = "needs-full"
+DEFINITION = "domain.xml"
+_DAMAGED_HINT = "run `vmsnap verify`; restore another backup"
+
+
+def vm_prefix(vm: str) -> str:
+    """``vms/<vm>/``."""
+    return f"{VMS}{validate_name(vm, 'VM name')}/"
+
+
+def backup_prefix(vm: str, backup_id: str) -> str:
+    """``vms/<vm>/<backup-id>/``."""
+    return f"{vm_prefix(vm)}{validate_name(backup_id, 'backup id')}/"
+
+
+def manifest_key(vm: str, backup_id: str) -> str:
+    return backup_prefix(vm, backup_id) + MANIFEST
+
+
+def index_key(vm: str, backup_id: str, disk: str) -> str:
+    return backup_prefix(vm, backup_id) + validate_name(disk, "disk name") + INDEX_SUFFIX
+
+
+def definition_key(vm: str, backup_id: str) -> str:
+    return backup_prefix(vm, backup_id) + DEFINITION
+
+
+def needs_full_key(vm: str) -> str:
+    return vm_prefix(vm) + NEEDS_FULL
+
+
+def split_backup_key(key: str) -> tuple[str, str, str] | None:
+    """(vm, backup id, name) of a key inside a backup directory, or None for any other key."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[0] != "vms" or not parts[2][:1].isdigit():
+        return None
+    return parts[1], parts[2], parts[3]
+
+
+def _canonical(data: dict[str, Any]) -> bytes:
+    return json.dumps(
+        {k: v for k, v in data.items() if k != "mac"}, sort_keys=True, separators=(",", ":")
+    ).encode()
+
+
+def encode_manifest(manifest: Manifest, key: RepositoryKey | None) -> bytes:
+    """The bytes of ``manifest.json`` (with its MAC in an encrypted repository)."""
+    data = manifest.to_json()
+    if key is not None:
+        data["mac"] = key.mac(_canonical(data)).hex()
+    return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
+
+
+def decode_manifest(
+    raw: bytes, vm: str, backup_id: str, key: RepositoryKey | None, *, where: str
+) -> Manifest:
+    """The manifest in ``raw``, after checking it is about ``vm``/``backup_id`` and (encrypted) its MAC.
+
+    :raise RepositoryError: damaged, foreign, of another layout, or not authenticated where it must be
+    :raise ChecksumMismatchError: its MAC does not match (altered, or another key)
+    """
+    manifest, data = parse_manifest(raw, vm, backup_id, where=where)
+    if manifest.layout != "chunks":
+        raise RepositoryError(f"manifest {where} is not of the chunks layout", hint=_DAMAGED_HINT)
+    mac = data.get("mac")
+    if key is None:
+        if mac is not None:
+            raise RepositoryError(
+                f"manifest {where} is authenticated, but this repository is not encrypted",
+                hint="the repository marker or the backup was altered; " + _DAMAGED_HINT,
+            )
+        return manifest
+    try:
+        tag = binascii.unhexlify(mac) if isinstance(mac, str) else b""
+    except (binascii.Error, ValueError):
+        tag = b""
+    if not tag or not key.check_mac(_canonical(data), tag):
+        raise ChecksumMismatchError(
+            f"manifest {where} fails its authentication check: altered, or written with another key",
+            hint=_DAMAGED_HINT,
+        )
+    return manifest

@@ -1,0 +1,288 @@
+"""One backup being written into a ``chunks`` repository: each disk read from the strategy's export by the
+pipeline (:func:`~vmsnap.repo.chunks.pipeline.backup_disk`), its index stored, the manifest written last.
+
+Which reader: an NBD export is read over several connections; a raw file or block device directly; a qcow2
+file (or a file whose persistent dirty bitmap is exported) through a qemu-nbd. An incremental reads only the
+chunks the export's dirty bitmap marks when the export's changes are relative to the parent backup
+(``ExportSource.since``) and the parent's index of the disk is there; otherwise it reads everything and says
+why (the index is complete either way). Chunks the store holds are not stored again: the known ids are the
+parent's and this host's cache (:mod:`vmsnap.repo.chunks.known`), or one listing for a full backup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import attrs
+
+from vmsnap.errors import LeaseError, RepositoryError, TransferError, UsageError, VmsnapError
+from vmsnap.files import make_private_dir
+from vmsnap.model import Disk, ExportSource, Progress, validate_name
+from vmsnap.repo.chunks.blob import CHUNK_SIZE, ChunkCodec, ChunkId
+from vmsnap.repo.chunks.index import ChunkIndex, encode_index
+from vmsnap.repo.chunks.keys import RepositoryKey
+from vmsnap.repo.chunks.known import KnownChunks, RecordingStore, read_generation
+from vmsnap.repo.chunks.leases import Lease
+from vmsnap.repo.chunks.pipeline import BackupProgress, backup_disk
+from vmsnap.repo.chunks.readers import NbdReader, open_source
+from vmsnap.repo.chunks.records import (
+    backup_prefix,
+    encode_manifest,
+    index_key,
+    manifest_key,
+)
+from vmsnap.repo.manifest import (
+    CHUNKS_FORMAT,
+    INDEX_DIGEST,
+    ChunkStats,
+    DiskRecord,
+    Kind,
+    Manifest,
+    utc_now_iso,
+)
+from vmsnap.repo.reports import WrittenDisk
+from vmsnap.repo.state import RepositoryState
+from vmsnap.repo.stores.base import Store
+from vmsnap.runner import Runner
+from vmsnap.transports.base import Transport
+
+
+class WriterRepository(Protocol):
+    """What a :class:`ChunksWriter` needs of its repository."""
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def codec(self) -> ChunkCodec: ...
+
+    @property
+    def key(self) -> RepositoryKey | None: ...
+
+    @property
+    def state(self) -> RepositoryState: ...
+
+    @property
+    def location(self) -> str: ...
+
+    @property
+    def workers(self) -> int: ...
+
+    def index(self, manifest: Manifest, disk: str) -> ChunkIndex: ...
+
+    def put_definition(self, vm: str, backup_id: str, text: str) -> str: ...
+
+    def discard_backup(self, vm: str, backup_id: str) -> bool: ...
+
+
+@attrs.frozen
+class _Disk:
+    disk: Disk
+    record: DiskRecord
+    written: WrittenDisk
+
+
+class ChunksWriter:
+    """A backup in a ``chunks`` repository (see the module docstring); made by
+    :meth:`ChunksRepository.begin_backup` under the VM's writer lease.
+
+    :param repo: the repository
+    :param vm: the VM
+    :param backup_id: the new backup's id
+    :param parent: the parent backup of an incremental, or None
+    :param lease: the VM's writer lease (checked before the manifest is written)
+    :param generation: the gc generation seen when the lease was taken
+    :param runner: where the machine's files are (qemu-nbd runs there)
+    """
+
+    accepts_push = False
+
+    def __init__(
+        self,
+        repo: WriterRepository,
+        vm: str,
+        backup_id: str,
+        parent: Manifest | None,
+        lease: Lease,
+        generation: str,
+        runner: Runner,
+    ) -> None:
+        self.repo = repo
+        self.vm = validate_name(vm, "VM name")
+        self.backup_id = validate_name(backup_id, "backup id")
+        self.parent = parent
+        self.lease = lease
+        self.generation = generation
+        self.runner = runner
+        self.workdir = make_private_dir(repo.state.work_dir(vm, backup_id))
+        self.location = f"{repo.location.rstrip('/')}/{backup_prefix(vm, backup_id).rstrip('/')}"
+        self._disks: dict[str, _Disk] = {}
+        self._known_chunks = KnownChunks(repo.store, repo.state.known_chunks)
+        self._known: set[ChunkId] | None = None
+        self._store = RecordingStore(repo.store, self._known_chunks)
+
+    def checkpoint_images(self, parent: Manifest, disks: Sequence[Disk]) -> dict[str, Path]:
+        """None: a chunks repository keeps no images a strategy could write on top of."""
+        return {}
+
+    def _known_ids(self) -> set[ChunkId]:
+        if self._known is None:
+            # an incremental knows its parent's chunks: it lists the store only through a valid cache
+            known = self._known_chunks.load(self.generation, list_if_stale=self.parent is None)
+            if self.parent is not None:
+                for record in self.parent.disks:
+                    try:
+                        known |= self.repo.index(self.parent, record.name).referenced()
+                    except VmsnapError:
+                        continue  # that disk is read fully; its chunks are stored if absent
+            self._known = known
+        return self._known
+
+    def _parent_index(self, disk: Disk, source: ExportSource) -> tuple[ChunkIndex | None, str | None]:
+        """The parent's index of ``disk`` when the export holds only the changes since the parent, else
+        (None, why the whole disk is read) — why is None when nothing incremental was asked for."""
+        if source.since is None:
+            return None, None
+        if self.parent is None or source.since != self.parent.backup_id:
+            return None, f"the export's changes are relative to {source.since}, not to the parent backup"
+        if source.dirty_bitmap is None:
+            return None, "the export names no dirty bitmap"
+        try:
+            record = self.parent.disk(disk.name)
+            index = self.repo.index(self.parent, disk.name)
+        except VmsnapError as err:
+            return None, f"the parent's index of {disk.name} cannot be used ({err.message})"
+        if record.virtual_size != disk.virtual_size:
+            return None, f"disk {disk.name} was resized since the parent backup"
+        return index, None
+
+    def write(
+        self, disk: Disk, source: ExportSource, *, transport: Transport | None, progress: Progress
+    ) -> WrittenDisk:
+        """Read ``source`` once through the pipeline and store the disk's chunks and index.
+
+        :raise UsageError: a transport was given (the chunks layout reads exports itself)
+        :raise TransferError: reading the export failed
+        :raise StoreError: the store refused a write
+        """
+        if transport is not None:
+            raise UsageError("the chunks layout reads the export itself; it takes no transport")
+        name = validate_name(disk.name, "disk name")
+        parent_index, note = self._parent_index(disk, source)
+        with open_source(source, runner=self.runner) as reader:
+            if reader.size != disk.virtual_size:
+                raise RepositoryError(
+                    f"the export of {name} has {reader.size} bytes, the disk {disk.virtual_size}",
+                    hint="the disk changed size during the backup; take it again",
+                )
+            changed = None
+            if parent_index is not None:
+                changed, note = _dirty_chunks(reader)
+                if changed is None:
+                    parent_index = None
+
+            def report(state: BackupProgress) -> None:
+                progress(state.done, state.total)
+
+            result = backup_disk(
+                reader,
+                self._store,
+                self.repo.codec,
+                parent=parent_index,
+                changed=changed,
+                known=self._known_ids(),
+                workers=self.repo.workers,
+                progress=report,
+            )
+            kind = "nbd" if isinstance(reader, NbdReader) else "file"
+        data = encode_index(result.index, self.repo.key)
+        self.repo.store.put(index_key(self.vm, self.backup_id, name), data)
+        stats = result.stats
+        data_chunks = sum(1 for _ in result.index.data_chunks())
+        chunk_stats = ChunkStats(
+            logical_size=result.index.data_bytes(),
+            bytes_read=stats.bytes_read,
+            new_chunks=stats.new_chunks,
+            new_bytes=stats.new_bytes,
+            reused_chunks=data_chunks - stats.new_chunks,
+            zero_chunks=len(result.index) - data_chunks,
+            unchanged_chunks=stats.unchanged_chunks,
+        )
+        record = DiskRecord(
+            name,
+            f"{name}.index",
+            disk.virtual_size,
+            stats.new_bytes,
+            hashlib.sha256(data).hexdigest(),
+            chunk_stats,
+        )
+        if note is not None:
+            note = f"disk {name}: read in full, {note}"
+        written = WrittenDisk(stats.new_bytes, kind, source.since, note)
+        self._disks[name] = _Disk(disk, record, written)
+        return written
+
+    def seal(
+        self,
+        *,
+        kind: Kind,
+        parent: Manifest | None,
+        strategy: str,
+        quiesced: bool,
+        bitmap: str | None,
+        definition: str | None,
+    ) -> Manifest:
+        """Write the definition, then the manifest (``put(if_absent)``), after checking that the lease is
+        still this run's and no gc ran since it was taken.
+
+        :raise LeaseError: the lease was lost, or a gc ran meanwhile
+        """
+        self.lease.check()
+        if read_generation(self.repo.store) != self.generation:
+            raise LeaseError(
+                "a gc ran while this backup was running (its lease had expired)",
+                hint="take the backup again",
+            )
+        definition_id = None
+        if definition is not None:
+            definition_id = self.repo.put_definition(self.vm, self.backup_id, definition)
+        manifest = Manifest(
+            vm=self.vm,
+            backup_id=self.backup_id,
+            kind=kind,
+            parent=parent.backup_id if kind == "incremental" and parent is not None else None,
+            strategy=strategy,
+            transport=",".join(sorted({d.written.transport for d in self._disks.values()})),
+            created=utc_now_iso(),
+            quiesced=quiesced,
+            bitmap=bitmap,
+            disks=tuple(d.record for d in self._disks.values()),
+            format=CHUNKS_FORMAT,
+            digest=INDEX_DIGEST,
+            definition=definition_id,
+        )
+        key = manifest_key(self.vm, self.backup_id)
+        if not self.repo.store.put(key, encode_manifest(manifest, self.repo.key), if_absent=True):
+            raise RepositoryError(f"{key} exists already", hint="a bug: backup ids are never reused")
+        self._known_chunks.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return manifest
+
+    def discard(self) -> None:
+        """Remove this unfinished backup's objects and work directory (its chunks stay: gc's job)."""
+        self._known_chunks.close()
+        self.repo.discard_backup(self.vm, self.backup_id)
+
+
+def _dirty_chunks(reader: object) -> tuple[frozenset[int] | None, str | None]:
+    """The chunks the reader's dirty bitmap marks, or (None, why they cannot be had)."""
+    if not isinstance(reader, NbdReader) or reader.dirty_bitmap_context is None:
+        return None, "the export offers no dirty bitmap"
+    try:
+        return reader.dirty_chunks(CHUNK_SIZE), None
+    except TransferError as err:
+        return None, err.message

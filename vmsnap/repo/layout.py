@@ -1,0 +1,340 @@
+"""What the backup orchestrator and the CLI ask of a repository, whatever its layout:
+:class:`RepositoryLayout` (listing, locking, restore, verify, prune, gc) and :class:`BackupWriter` (one
+backup being written).
+
+Two layouts implement it: ``qcow2`` (:mod:`vmsnap.repo.qcow2_repo`: a directory of qcow2 chains) and
+``chunks`` (:mod:`vmsnap.repo.chunks.repository`: deduplicated chunks over any store). Open one with
+:meth:`vmsnap.repo.repository.Repository.open`; nothing outside ``repo/`` names a layout class.
+
+A backup, as the orchestrator drives it::
+
+    writer = repo.begin_backup(vm, parent)          # under repo.lock(vm); journal at repo.journal_path(vm)
+    BackupContext(writer.workdir, …, Checkpoint(parent id, writer.checkpoint_images(parent, disks)), push)
+    written = writer.write(disk, export_source, transport=…, progress=…)   # per disk, inside export
+    manifest = writer.seal(kind=…, parent=…, strategy=…, …)               # the manifest last
+    # on any failure: writer.discard(); a dead run is undone by repo.discard_backup / recover_leftovers
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import ClassVar, Literal, Protocol
+
+from vmsnap.errors import NotFoundError
+from vmsnap.model import Disk, ExportSource, Progress, validate_name
+from vmsnap.repo.manifest import Damaged, Kind, Manifest
+from vmsnap.repo.progress import DiskProgress, no_progress
+from vmsnap.repo.prune import plan_policy, plan_retention
+from vmsnap.repo.reports import (
+    GcReport,
+    LayoutTraits,
+    PruneResult,
+    RestoredDisk,
+    VerifyReport,
+    WrittenDisk,
+)
+from vmsnap.repo.retention import RetentionPolicy
+from vmsnap.runner import Runner
+from vmsnap.transports.base import Transport
+
+DEFINITION_FILE = "domain.xml"
+"""Kept with a backup of a machine that has a definition (a libvirt domain's XML), for restore --define."""
+
+RestoreFormat = Literal["qcow2", "raw"]
+VerifyReader = Literal["auto", "qemu", "libqcow"]
+
+
+class BackupWriter(Protocol):
+    """One backup being written into a repository (see the module docstring for the order of calls).
+
+    :ivar backup_id: the new backup's id
+    :ivar workdir: a private local directory for the strategy's files of this backup (fleecing files; in
+        the qcow2 layout the staging directory, where a push strategy writes ``<disk>.qcow2``)
+    :ivar accepts_push: a strategy may write the images itself into ``workdir``
+    :ivar location: where the backup will be, for messages and results (a path or a store URL and key)
+    """
+
+    backup_id: str
+    workdir: Path
+    accepts_push: bool
+    location: str
+
+    def checkpoint_images(self, parent: Manifest, disks: Sequence[Disk]) -> dict[str, Path]:
+        """Disk name → the parent backup's image of it, for strategies that write incremental images on top
+        (qcow2); empty when the layout keeps no such images (chunks)."""
+        ...
+
+    def write(
+        self, disk: Disk, source: ExportSource, *, transport: Transport | None, progress: Progress
+    ) -> WrittenDisk:
+        """Store one disk's content from ``source`` (inside the strategy's export).
+
+        :param transport: what copies the source (qcow2 pull mode); None when the strategy wrote the image
+            itself (push) or the layout reads the source itself (chunks)
+        :raise VmsnapError: the copy failed (the backup is then discarded by the caller)
+        """
+        ...
+
+    def seal(
+        self,
+        *,
+        kind: Kind,
+        parent: Manifest | None,
+        strategy: str,
+        quiesced: bool,
+        bitmap: str | None,
+        definition: str | None,
+    ) -> Manifest:
+        """Make the backup exist: everything durable, the manifest written last. Returns it.
+
+        :param parent: the parent of an incremental (None for a full backup)
+        :param definition: the machine's definition (libvirt XML) to keep with the backup, or None
+        :raise RepositoryError: something the manifest names is missing, or the writer lost its lease
+        """
+        ...
+
+    def discard(self) -> None:
+        """Remove everything of this unfinished backup (idempotent)."""
+        ...
+
+
+class RepositoryLayout(abc.ABC):
+    """A repository of either layout; see the module docstring.
+
+    :cvar name: "chunks" or "qcow2"
+    :cvar reads_exports: the layout reads a strategy's export itself: no transport may be chosen
+    :cvar accepts_push: a strategy may write the backup's images itself (push)
+    :cvar chains: incrementals depend on their parents (prune keeps the parents of kept backups)
+    """
+
+    name: ClassVar[str]
+    reads_exports: ClassVar[bool]
+    accepts_push: ClassVar[bool]
+    chains: ClassVar[bool]
+
+    @classmethod
+    def traits(cls) -> LayoutTraits:
+        """The layout's traits, as the orchestrator plans with them."""
+        return LayoutTraits(cls.name, cls.reads_exports, cls.accepts_push)
+
+    @property
+    @abc.abstractmethod
+    def location(self) -> str:
+        """The repository's path or URL (for messages; never a secret)."""
+
+    @property
+    def root(self) -> Path | str:
+        """The repository's directory (qcow2, or a chunks repository in a directory), else its URL."""
+        return self.location
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def vms(self) -> list[str]:
+        """The VMs that have backups (or leftovers) here, sorted."""
+
+    @abc.abstractmethod
+    def backups(self, vm: str | None = None, *, damaged: list[Damaged] | None = None) -> list[Manifest]:
+        """Complete backups (those with a manifest) of ``vm``, or of every VM; oldest first per VM.
+
+        :param damaged: collect backups whose manifest is damaged here instead of raising
+        :raise RepositoryError: a manifest is damaged (without ``damaged``)
+        """
+
+    def get(self, vm: str, backup_id: str | None = None) -> Manifest:
+        """The backup ``backup_id`` of ``vm`` (the latest when None).
+
+        :raise NotFoundError: no such VM or backup (with the ids that exist)
+        :raise RepositoryError: the manifest of that backup (or of one newer than the latest good one, when
+            ``backup_id`` is None) is damaged
+        """
+        if backup_id is not None:
+            validate_name(backup_id, "backup id")
+        damaged: list[Damaged] = []
+        backups = self.backups(vm, damaged=damaged)
+        for bad in damaged:  # the one asked for, or a newer one than the latest good
+            if bad.backup_id == backup_id or (
+                backup_id is None and (not backups or bad.backup_id > backups[-1].backup_id)
+            ):
+                raise bad.error
+        if not backups:
+            raise NotFoundError(
+                f"no backups of VM {vm!r} in {self.location}",
+                hint=f"VMs in this repository: {', '.join(self.vms()) or 'none'}",
+            )
+        if backup_id is None:
+            return backups[-1]
+        for manifest in backups:
+            if manifest.backup_id == backup_id:
+                return manifest
+        raise NotFoundError(
+            f"no backup {backup_id!r} of VM {vm!r}",
+            hint=f"`vmsnap list --repo {self.location} --vm {vm}` lists them; the latest: "
+            f"{backups[-1].backup_id}",
+        )
+
+    def latest(self, vm: str) -> Manifest | None:
+        """The newest backup of ``vm``, or None.
+
+        :raise RepositoryError: the newest backup's manifest is damaged
+        """
+        try:
+            return self.get(vm)
+        except NotFoundError:
+            return None
+
+    @abc.abstractmethod
+    def definition(self, manifest: Manifest) -> str | None:
+        """The machine definition (libvirt XML) kept with a backup, or None.
+
+        :raise RepositoryError: it is damaged
+        """
+
+    # -- the VM's lock, its journal and its change tracking -----------------------------------------
+
+    @abc.abstractmethod
+    def lock(self, vm: str) -> contextlib.AbstractContextManager[None]:
+        """Hold the VM's writer lock for the body: one backup, prune or recover of a VM at a time.
+
+        :raise RepositoryError: another run holds it (:class:`~vmsnap.errors.LeaseError` in chunks)
+        """
+
+    @abc.abstractmethod
+    def reading(self, vm: str | None = None) -> contextlib.AbstractContextManager[None]:
+        """Hold a reader lease for the body (restore, verify, copy of ``vm``, or of any VM): what it reads
+        is neither pruned (qcow2) nor collected by gc (chunks) meanwhile."""
+
+    @abc.abstractmethod
+    def journal_path(self, vm: str) -> Path:
+        """Where the journal of a backup of ``vm`` is kept (a local file)."""
+
+    @abc.abstractmethod
+    def recover_leftovers(self, vm: str) -> list[str]:
+        """Remove what dead runs of ``vm`` left in the repository (caller holds the VM's lock and has undone
+        the journal's run); one line per action."""
+
+    @abc.abstractmethod
+    def discard_backup(self, vm: str, backup_id: str) -> bool:
+        """Remove the unfinished backup ``backup_id`` of ``vm`` (a dead run's); True when there was one.
+
+        :raise RepositoryError: that backup is complete (it has a manifest)
+        """
+
+    @abc.abstractmethod
+    def require_full(self, vm: str, reason: str) -> None:
+        """Make the next backup of ``vm`` a full one (its dirty bitmap can no longer be trusted)."""
+
+    @abc.abstractmethod
+    def full_required(self, vm: str) -> str | None:
+        """Why the next backup of ``vm`` must be full, or None."""
+
+    @abc.abstractmethod
+    def clear_full_required(self, vm: str) -> None:
+        """A full backup was committed: incrementals may follow it again."""
+
+    # -- writing -------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def usable_parent(self, manifest: Manifest) -> str | None:
+        """Why ``manifest`` cannot be the parent of an incremental (qcow2: its chain is broken; chunks: an
+        index is missing), or None when it can."""
+
+    @abc.abstractmethod
+    def begin_backup(self, vm: str, parent: Manifest | None, *, runner: Runner | None = None) -> BackupWriter:
+        """Start a new backup of ``vm`` (caller holds the VM's lock).
+
+        :param parent: the parent of an incremental, or None
+        :param runner: where the machine's files are (file sources are read there)
+        :raise RepositoryError: the repository cannot be written
+        """
+
+    # -- restore, verify, prune, gc ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def restore(
+        self,
+        vm: str,
+        backup_id: str | None,
+        to: Path,
+        *,
+        disks: Sequence[str] = (),
+        progress: DiskProgress = no_progress,
+        format: RestoreFormat = "qcow2",
+        devices: Mapping[str, Path] | None = None,
+    ) -> tuple[Manifest, list[RestoredDisk]]:
+        """Write standalone, checked images of a backup (the latest when ``backup_id`` is None):
+        ``to/<disk>.qcow2`` (or ``.raw``, sparse), or onto block devices; nothing is overwritten, and an
+        image gets its final name only once every byte is checked.
+
+        :param disks: restore only these disks (default: all)
+        :param devices: disk name → a block device to write that disk onto instead of a file
+        :raise NotFoundError: no such VM, backup or disk
+        :raise ChecksumMismatchError: content does not match (DamagedChunkError: names the chunk and who
+            uses it); no file is left
+        :raise VmsnapError: a target file exists already
+        """
+
+    @abc.abstractmethod
+    def verify(
+        self,
+        vm: str | None = None,
+        backup_id: str | None = None,
+        *,
+        reader: VerifyReader = "auto",
+        fast: bool = False,
+        progress: DiskProgress = no_progress,
+    ) -> VerifyReport:
+        """Re-read backups and check every checksum (and chain link); collect problems, never raise for them.
+
+        :param fast: chunks: check only that every referenced chunk exists (one listing); qcow2: ignored
+        :raise NotFoundError: the named VM or backup does not exist
+        :raise UsageError: ``backup_id`` without ``vm``, or an unavailable reader
+        """
+
+    @abc.abstractmethod
+    def delete_backup(self, vm: str, backup_id: str) -> None:
+        """Remove one backup (caller holds the VM's lock); it is never listed half removed."""
+
+    def plan_prune(self, vm: str, policy: RetentionPolicy | int) -> PruneResult:
+        """Which backups of ``vm`` ``prune`` would remove (see :meth:`prune`)."""
+        backups = self.backups(vm)
+        if isinstance(policy, RetentionPolicy):
+            return plan_policy(vm, backups, policy, chains=self.chains)
+        return plan_retention(vm, backups, policy, chains=self.chains)
+
+    def prune(self, vm: str, policy: RetentionPolicy | int, *, dry_run: bool = False) -> PruneResult:
+        """Remove the backups of ``vm`` that ``policy`` does not keep (borg's rules; qcow2 also keeps the
+        parents a kept backup needs). An int N keeps exactly the newest N (vmsnap 0.1's ``--keep-last``).
+        Newest first, so a prune that dies half-way never leaves a broken chain.
+
+        :raise UsageError: a policy that keeps nothing (or N below 1)
+        :raise RepositoryError: another run holds the VM's lock, or a manifest of the VM is damaged
+        """
+        with self.lock(vm):
+            plan = self.plan_prune(vm, policy)
+            if not dry_run:
+                for backup_id in reversed(plan.removed):
+                    self.delete_backup(vm, backup_id)
+            return plan
+
+    @abc.abstractmethod
+    def gc(self, *, wait: float = 0.0, dry_run: bool = False) -> GcReport:
+        """Delete stored data no backup needs (chunks: unreferenced chunks and dead runs' partial backups).
+
+        :param wait: seconds to wait for running writers and readers (0: refuse at once)
+        :raise LeaseError: a backup, prune, restore or another gc is running
+        """
+
+
+def disk_filter(manifest: Manifest, disks: Sequence[str]) -> Iterator[str]:
+    """The names of ``disks`` (all of the backup's when empty), each checked to be in it.
+
+    :raise NotFoundError: a disk the backup lacks
+    """
+    names = list(disks) or [d.name for d in manifest.disks]
+    for name in names:
+        manifest.disk(name)
+    yield from names
