@@ -243,7 +243,7 @@ def test_progress_shows_a_bar_per_disk_with_rate_on_a_terminal_and_nothing_with_
     two_disk_vm: RunningVm, tmp_path: Path
 ) -> None:
     vm = two_disk_vm
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo")  # pull mode through the nbd transport (qcow2 layout)
     write(vm, "disk0", "write -P 0x31 0 16M")
     write(vm, "disk1", "write -P 0x32 0 16M")
     shown = cli_on_a_terminal("backup", "--repo", repo, *vm_args(vm), "--transport", "nbd")

@@ -17,11 +17,16 @@ import traceback
 from collections.abc import Sequence
 
 from vmsnap import __version__
-from vmsnap.cli import repository, snapshots, tools
+from vmsnap.cli import repository, snapshots, tools, upkeep
 from vmsnap.cli.common import Command
 from vmsnap.errors import VmsnapError
 
-COMMANDS: tuple[Command, ...] = (*repository.COMMANDS, *snapshots.COMMANDS, *tools.COMMANDS)
+COMMANDS: tuple[Command, ...] = (
+    *repository.COMMANDS,
+    *upkeep.COMMANDS,
+    *snapshots.COMMANDS,
+    *tools.COMMANDS,
+)
 """Every command, in the order ``vmsnap --help`` lists them: one entry per command module."""
 
 EPILOG = """examples:

@@ -79,7 +79,21 @@ def add_json_option(parser: argparse.ArgumentParser) -> None:
 
 def add_repo_option(parser: argparse.ArgumentParser, *, required: bool = True, help: str = "") -> None:
     parser.add_argument(
-        "--repo", type=Path, required=required, metavar="DIR", help=help or "the backup repository"
+        "--repo",
+        required=required,
+        metavar="REPO",
+        help=help or "the backup repository: a directory or s3://BUCKET/PREFIX",
+    )
+
+
+def add_key_option(parser: argparse.ArgumentParser, *, flag: str = "--key-file", what: str = "") -> None:
+    """``--key-file FILE``: the key of an encrypted repository (default ``$VMSNAP_KEY_FILE``). A key is
+    never given on the command line itself, only the path of its 0600 file."""
+    parser.add_argument(
+        flag,
+        type=Path,
+        metavar="FILE",
+        help=what or "key file of an encrypted repository (default: $VMSNAP_KEY_FILE)",
     )
 
 

@@ -1,16 +1,16 @@
-"""The repository commands: backup, restore, list, verify, prune and recover."""
+"""The commands that move a VM's data: backup, restore and recover (the repository's own upkeep is in
+:mod:`vmsnap.cli.upkeep`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import attrs
-
 from vmsnap.backup import Backup, BackupConfig, recover
 from vmsnap.cli.common import (
     Command,
     add_disk_option,
+    add_key_option,
     add_repo_option,
     add_vm_arguments,
     emit,
@@ -22,9 +22,7 @@ from vmsnap.cli.common import (
     sigterm_interrupts,
 )
 from vmsnap.cli.progress import disk_progress
-from vmsnap.errors import ChainError, ChecksumMismatchError, RepositoryError
-from vmsnap.repo.manifest import Damaged
-from vmsnap.repo.repository import Repository
+from vmsnap.errors import UsageError
 from vmsnap.restore.images import restore_images
 
 # -- backup -------------------------------------------------------------------------------------------------
@@ -40,6 +38,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         quiesce=args.quiesce,
         disks=tuple(args.disk),
         bitmap=args.bitmap,
+        key_file=args.key_file,
     )
     with (
         opened_machine(machine_spec(args)) as machine,
@@ -79,6 +78,7 @@ def _backup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bitmap", default="vmsnap", help="dirty bitmap name for incrementals (default vmsnap)"
     )
+    add_key_option(parser)
 
 
 # -- restore ------------------------------------------------------------------------------------------------
@@ -96,6 +96,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
             define=args.define,
             connect=args.connect,
             progress=progress,
+            format=args.format,
+            devices=_devices(args.device),
+            key_file=args.key_file,
         )
     human = [f"restored {result.vm}/{result.backup_id} ({result.kind}); every sha256 matches the manifest"]
     human += [f"  {d.path}  {mib(d.virtual_size)}" for d in result.disks]
@@ -117,107 +120,33 @@ def _restore_arguments(parser: argparse.ArgumentParser) -> None:
         help="also define libvirt domain NAME (saved definition, restored images; not started)",
     )
     parser.add_argument("--connect", metavar="URI", help="libvirt URI for --define (default: qemu:///system)")
-
-
-# -- list, verify, prune ------------------------------------------------------------------------------------
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    """List the backups in --repo (of one VM with --vm), oldest first; exit 1 if a manifest is damaged."""
-    repo = Repository.open(args.repo)
-    damaged: list[Damaged] = []
-    backups = repo.backups(args.vm, damaged=damaged)
-    if args.vm is not None and not backups and not damaged:
-        repo.get(args.vm)  # raises NotFoundError naming the VMs that exist
-    rows = [
-        [m.vm, m.backup_id, m.kind, m.parent or "-", m.strategy, m.transport, m.created[:19], mib(m.size)]
-        for m in backups
-    ]
-    human = (
-        render_table(["vm", "backup", "kind", "parent", "strategy", "transport", "created", "written"], rows)
-        if rows
-        else f"no backups in {repo.root}"
-    )
-    payload = {
-        "backups": [m.to_json() for m in backups],
-        "damaged": [{"vm": d.vm, "backup_id": d.backup_id, "error": d.error.message} for d in damaged],
-    }
-    emit(args, payload, human)
-    if damaged:
-        raise RepositoryError(
-            f"{len(damaged)} backup(s) have a damaged manifest; first: "
-            f"{damaged[0].vm}/{damaged[0].backup_id}: {damaged[0].error.message}",
-            hint="run `vmsnap verify`; the other backups are listed and usable",
-        )
-    return 0
-
-
-def _list_arguments(parser: argparse.ArgumentParser) -> None:
-    add_repo_option(parser)
-    parser.add_argument("--vm", metavar="NAME", help="only this VM")
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    """Re-read backups, check every checksum and chain link; exit 1 naming the first problem."""
-    repo = Repository.open(args.repo)
-    with disk_progress(not args.json) as progress:
-        report = repo.verify(args.vm, args.backup, reader=args.reader, progress=progress)
-    payload = {
-        "ok": report.ok,
-        "reader": report.reader,
-        "checked": [{"vm": vm, "backup_id": backup_id} for vm, backup_id in report.checked],
-        "problems": [attrs.asdict(p) for p in report.problems],
-    }
-    human = [f"verified {len(report.checked)} backup(s) with the {report.reader} reader"]
-    human += [f"  PROBLEM {p}" for p in report.problems]
-    if report.ok:
-        human.append("  all checksums and chain links are good")
-    emit(args, payload, "\n".join(human))
-    if not report.ok:
-        first = report.problems[0]
-        error = ChecksumMismatchError if "sha256" in first.message else ChainError
-        raise error(
-            f"verify found {len(report.problems)} problem(s); first: {first}",
-            hint="restore from a backup that verifies, and take a new full backup",
-        )
-    return 0
-
-
-def _verify_arguments(parser: argparse.ArgumentParser) -> None:
-    _list_arguments(parser)
-    parser.add_argument("--backup", metavar="ID", help="only this backup (with --vm)")
     parser.add_argument(
-        "--reader",
-        choices=("auto", "qemu", "libqcow"),
-        default="auto",
-        help="read images with qemu or with libqcow, independent of QEMU (auto: libqcow when installed)",
+        "--format", choices=("qcow2", "raw"), default="qcow2", help="image format in DIR (raw: sparse)"
     )
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    """Remove all but the last --keep-last backups per VM, keeping the parents kept ones need."""
-    repo = Repository.open(args.repo)
-    vms = [args.vm] if args.vm else repo.vms()
-    results = [repo.prune(vm, args.keep_last, dry_run=args.dry_run) for vm in vms]
-    verb = "would remove" if args.dry_run else "removed"
-    human = [
-        f"{r.vm}: {verb} {len(r.removed)}, kept {len(r.kept)}"
-        + (f" (+{len(r.needed)} parent(s) they need)" if r.needed else "")
-        + "".join(f"\n  {verb} {b}" for b in r.removed)
-        for r in results
-    ]
-    payload = {"dry_run": args.dry_run, "pruned": [attrs.asdict(r) for r in results]}
-    emit(args, payload, "\n".join(human) or f"no backups in {repo.root}")
-    return 0
-
-
-def _prune_arguments(parser: argparse.ArgumentParser) -> None:
-    add_repo_option(parser)
-    parser.add_argument("--vm", metavar="NAME", help="only this VM (default: every VM)")
     parser.add_argument(
-        "--keep-last", type=int, required=True, metavar="N", help="backups to keep per VM (>= 1)"
+        "--device",
+        action="append",
+        default=[],
+        metavar="DISK=DEV",
+        help="write disk DISK onto block device DEV instead of a file (repeat)",
     )
-    parser.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    add_key_option(parser)
+
+
+def _devices(pairs: list[str]) -> dict[str, Path]:
+    """``--device DISK=DEV`` pairs.
+
+    :raise UsageError: a pair without ``=``
+    """
+    devices: dict[str, Path] = {}
+    for pair in pairs:
+        disk, sep, device = pair.partition("=")
+        if not sep or not disk or not device:
+            raise UsageError(
+                f"--device {pair!r}", hint="write --device DISK=/dev/DEVICE, e.g. vda=/dev/vg/restored"
+            )
+        devices[disk] = Path(device)
+    return devices
 
 
 # -- recover ------------------------------------------------------------------------------------------------
@@ -226,7 +155,7 @@ def _prune_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_recover(args: argparse.Namespace) -> int:
     """Undo what a dead backup of a VM left: snapshots, overlays, staging; thaw the guest."""
     with opened_machine(machine_spec(args)) as machine:
-        report = recover(machine, args.repo)
+        report = recover(machine, args.repo, key_file=args.key_file)
     human = "\n".join(report.actions) if report.actions else f"{report.vm}: nothing to recover"
     if args.repo is None:
         human += "\n(pass --repo DIR to undo a dead backup's snapshots from its journal)"
@@ -237,6 +166,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 def _recover_arguments(parser: argparse.ArgumentParser) -> None:
     add_vm_arguments(parser)
     add_repo_option(parser, required=False, help="the repository the dead backup wrote to")
+    add_key_option(parser)
 
 
 COMMANDS = (
@@ -249,31 +179,10 @@ COMMANDS = (
     ),
     Command(
         "restore",
-        "restore a backup into standalone, verified DIR/<disk>.qcow2 images",
+        "restore a backup into standalone, verified images (qcow2, sparse raw, or block devices)",
         "vmsnap restore --repo /backups --vm web1 --to /restore",
         cmd_restore,
         _restore_arguments,
-    ),
-    Command(
-        "list",
-        "list the backups in a repository",
-        "vmsnap list --repo /backups --vm web1",
-        cmd_list,
-        _list_arguments,
-    ),
-    Command(
-        "verify",
-        "re-read backups and check every checksum and chain link",
-        "vmsnap verify --repo /backups --vm web1 --reader libqcow",
-        cmd_verify,
-        _verify_arguments,
-    ),
-    Command(
-        "prune",
-        "delete old backups, never breaking a chain a kept backup needs",
-        "vmsnap prune --repo /backups --vm web1 --keep-last 7",
-        cmd_prune,
-        _prune_arguments,
     ),
     Command(
         "recover",

@@ -1,0 +1,320 @@
+"""The repository's upkeep: init, list, verify, prune, gc and copy."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import attrs
+
+from vmsnap.cli.common import Command, add_key_option, add_repo_option, emit, mib, render_table
+from vmsnap.cli.progress import disk_progress
+from vmsnap.errors import ChainError, ChecksumMismatchError, RepositoryError, UsageError
+from vmsnap.repo.copy import copy_backups
+from vmsnap.repo.manifest import Damaged, Manifest
+from vmsnap.repo.repository import Repository
+from vmsnap.repo.retention import RetentionPolicy
+
+KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+# -- init ---------------------------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create a repository (chunks by default); with --encrypt, its key file too (0600) when missing."""
+    if args.encrypt and args.key_file is None:
+        raise UsageError("--encrypt needs --key-file FILE", hint="the key is written there (0600) if missing")
+    repo = Repository.init(
+        args.repo,
+        layout=args.layout,
+        encrypt=args.encrypt,
+        key_file=args.key_file,
+        compression=args.compression,
+    )
+    human = f"created a {repo.name} repository at {repo.location}" + (
+        f", encrypted with the key in {args.key_file}: keep a copy of it elsewhere — without it the backups "
+        "cannot be read"
+        if args.encrypt
+        else ""
+    )
+    emit(args, {"repo": str(repo.location), "layout": repo.name, "encrypted": bool(args.encrypt)}, human)
+    return 0
+
+
+def _init_arguments(parser: argparse.ArgumentParser) -> None:
+    add_repo_option(parser)
+    parser.add_argument(
+        "--layout",
+        choices=("chunks", "qcow2"),
+        default="chunks",
+        help="chunks: deduplicated, compressed, optionally encrypted (default); qcow2: plain qcow2 chains",
+    )
+    parser.add_argument("--encrypt", action="store_true", help="encrypt (chunks only): AES-256-GCM")
+    parser.add_argument(
+        "--compression", choices=("zstd", "none"), default="zstd", help="chunk compression (default zstd)"
+    )
+    add_key_option(parser, what="with --encrypt: the key file, created 0600 when missing")
+
+
+# -- list ---------------------------------------------------------------------------------------------------
+
+
+def _listed(manifest: Manifest) -> dict[str, Any]:
+    """A backup as ``list --json`` shows it: the manifest plus its cost (logical size, bytes newly stored,
+    chunks reused)."""
+    return {**manifest.to_json(), **manifest.summary()}
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """List the backups in --repo (of one VM with --vm), oldest first; exit 1 if a manifest is damaged."""
+    repo = Repository.open(args.repo, key_file=args.key_file)
+    damaged: list[Damaged] = []
+    backups = repo.backups(args.vm, damaged=damaged)
+    if args.vm is not None and not backups and not damaged:
+        repo.get(args.vm)  # raises NotFoundError naming the VMs that exist
+    rows = []
+    for m in backups:
+        cost = m.summary()
+        logical = cost["logical_size"]
+        rows.append(
+            [
+                m.vm,
+                m.backup_id,
+                m.kind,
+                m.strategy,
+                m.created[:19],
+                mib(logical) if logical is not None else "-",
+                mib(m.size),
+                str(cost["reused_chunks"] if cost["reused_chunks"] is not None else "-"),
+            ]
+        )
+    headings = ["vm", "backup", "kind", "strategy", "created", "data", "stored", "reused chunks"]
+    human = render_table(headings, rows) if rows else f"no backups in {repo.location}"
+    payload = {
+        "backups": [_listed(m) for m in backups],
+        "damaged": [{"vm": d.vm, "backup_id": d.backup_id, "error": d.error.message} for d in damaged],
+    }
+    emit(args, payload, human)
+    if damaged:
+        raise RepositoryError(
+            f"{len(damaged)} backup(s) have a damaged manifest; first: "
+            f"{damaged[0].vm}/{damaged[0].backup_id}: {damaged[0].error.message}",
+            hint="run `vmsnap verify`; the other backups are listed and usable",
+        )
+    return 0
+
+
+def _list_arguments(parser: argparse.ArgumentParser) -> None:
+    add_repo_option(parser)
+    parser.add_argument("--vm", metavar="NAME", help="only this VM")
+    add_key_option(parser)
+
+
+# -- verify -------------------------------------------------------------------------------------------------
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Re-read backups and check every checksum, chunk and chain link; exit 1 naming the first problem."""
+    repo = Repository.open(args.repo, key_file=args.key_file)
+    with disk_progress(not args.json) as progress:
+        report = repo.verify(args.vm, args.backup, reader=args.reader, fast=args.fast, progress=progress)
+    payload = {
+        "ok": report.ok,
+        "reader": report.reader,
+        "checked": [{"vm": vm, "backup_id": backup_id} for vm, backup_id in report.checked],
+        "problems": [attrs.asdict(p) for p in report.problems],
+    }
+    human = [f"verified {len(report.checked)} backup(s) with the {report.reader} reader"]
+    human += [f"  PROBLEM {p}" for p in report.problems]
+    if report.ok:
+        human.append("  all checksums, chunks and chain links are good")
+    emit(args, payload, "\n".join(human))
+    if not report.ok:
+        first = report.problems[0]
+        error = (
+            ChainError if "chain" in first.message or "backing" in first.message else ChecksumMismatchError
+        )
+        raise error(
+            f"verify found {len(report.problems)} problem(s); first: {first}",
+            hint="restore from a backup that verifies, and take a new full backup",
+        )
+    return 0
+
+
+def _verify_arguments(parser: argparse.ArgumentParser) -> None:
+    _list_arguments(parser)
+    parser.add_argument("--backup", metavar="ID", help="only this backup (with --vm)")
+    parser.add_argument(
+        "--reader",
+        choices=("auto", "qemu", "libqcow"),
+        default="auto",
+        help="qcow2 layout: read images with qemu or with libqcow, independent of QEMU (auto: libqcow when "
+        "installed)",
+    )
+    parser.add_argument(
+        "--fast", action="store_true", help="chunks layout: only check that every chunk exists (one listing)"
+    )
+
+
+# -- prune and gc -------------------------------------------------------------------------------------------
+
+
+def _policy(args: argparse.Namespace) -> RetentionPolicy:
+    """The retention policy of the --keep-* options.
+
+    :raise UsageError: none given, or one that keeps nothing
+    """
+    given = {f"keep_{rule}": getattr(args, f"keep_{rule}") for rule in KEEP_RULES}
+    if all(v is None for v in given.values()):
+        raise UsageError(
+            "prune needs at least one --keep-* option",
+            hint="e.g. --keep-daily 7 --keep-weekly 4 (borg's rules; --dry-run shows what would go)",
+        )
+    if not any(v for v in given.values()):
+        options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items() if v is not None)
+        raise UsageError(f"{options} keeps no backup at all", hint="keep at least one, e.g. --keep-last 1")
+    return RetentionPolicy(**given)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Remove the backups the --keep-* rules do not keep (qcow2 layout: never a parent a kept one needs)."""
+    policy = _policy(args)
+    repo = Repository.open(args.repo, key_file=args.key_file)
+    vms = [args.vm] if args.vm else repo.vms()
+    results = [repo.prune(vm, policy, dry_run=args.dry_run) for vm in vms]
+    verb = "would remove" if args.dry_run else "removed"
+    human = [
+        f"{r.vm}: {verb} {len(r.removed)}, kept {len(r.kept)}"
+        + (f" (+{len(r.needed)} parent(s) they need)" if r.needed else "")
+        + "".join(f"\n  keep {b}  ({r.reasons.get(b, '')})" for b in r.kept)
+        + "".join(f"\n  {verb} {b}" for b in r.removed)
+        for r in results
+    ]
+    payload = {"dry_run": args.dry_run, "pruned": [attrs.asdict(r) for r in results]}
+    if not args.dry_run and repo.name == "chunks":
+        human.append("the chunks only these backups used are freed by `vmsnap gc`")
+    emit(args, payload, "\n".join(human) or f"no backups in {repo.location}")
+    return 0
+
+
+def _prune_arguments(parser: argparse.ArgumentParser) -> None:
+    add_repo_option(parser)
+    parser.add_argument("--vm", metavar="NAME", help="only this VM (default: every VM)")
+    for rule in KEEP_RULES:
+        what = "backups" if rule == "last" else f"{rule} backups (the newest of each)"
+        parser.add_argument(f"--keep-{rule}", type=int, metavar="N", help=f"keep the newest N {what}")
+    parser.add_argument("--dry-run", action="store_true", help="say what would go and why, remove nothing")
+    add_key_option(parser)
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Delete chunks that no backup's index names (safe while backups run: it waits or refuses)."""
+    repo = Repository.open(args.repo, key_file=args.key_file)
+    report = repo.gc(wait=args.wait, dry_run=args.dry_run)
+    verb = "would free" if args.dry_run else "freed"
+    human = (
+        f"{verb} {report.chunks_freed} chunk(s), {mib(report.bytes_freed)}; {report.chunks_kept} in use"
+        + (f"; removed {len(report.partial_backups)} unfinished backup(s)" if report.partial_backups else "")
+    )
+    emit(args, report.to_json(), human)
+    return 0
+
+
+def _gc_arguments(parser: argparse.ArgumentParser) -> None:
+    add_repo_option(parser)
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for running backups and restores to end (default: refuse at once)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="count what would be freed, delete nothing")
+    add_key_option(parser)
+
+
+# -- copy ---------------------------------------------------------------------------------------------------
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    """Copy backups between repositories of either layout, sending only the chunks the target lacks."""
+    if args.backup is not None and args.vm is None:
+        raise UsageError("--backup needs --vm", hint="name the VM whose backup to copy")
+    source = Repository.open(args.from_repo, key_file=args.key_file)
+    target = Repository.open(args.to_repo, create=True, key_file=args.to_key_file or args.key_file)
+    with disk_progress(not args.json) as progress:
+        report = copy_backups(source, target, vm=args.vm, backup_id=args.backup, progress=progress)
+    copied = [b for b in report.backups if b.copied]
+    human = [
+        f"copied {len(copied)} backup(s) to {target.location} "
+        f"({len(report.backups) - len(copied)} were there already), "
+        f"sending {report.chunks_sent} chunk(s), {mib(report.bytes_sent)}"
+    ]
+    human += [f"  {b.vm}/{b.backup_id}" for b in copied]
+    payload = {
+        "backups": [attrs.asdict(b) for b in report.backups],
+        "chunks_sent": report.chunks_sent,
+        "bytes_sent": report.bytes_sent,
+    }
+    emit(args, payload, "\n".join(human))
+    return 0
+
+
+def _copy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--from", dest="from_repo", required=True, metavar="REPO", help="the source repository"
+    )
+    parser.add_argument(
+        "--to", dest="to_repo", required=True, metavar="REPO", help="the target (made when new or empty)"
+    )
+    parser.add_argument("--vm", metavar="NAME", help="only this VM")
+    parser.add_argument("--backup", metavar="ID", help="only this backup (with --vm)")
+    add_key_option(parser, what="key file of an encrypted source (and target, unless --to-key-file)")
+    add_key_option(parser, flag="--to-key-file", what="key file of an encrypted target with another key")
+
+
+COMMANDS = (
+    Command(
+        "init",
+        "create a repository: chunks (deduplicated, compressed, optionally encrypted) or qcow2 chains",
+        "vmsnap init --repo /backups --encrypt --key-file /etc/vmsnap/key",
+        cmd_init,
+        _init_arguments,
+    ),
+    Command(
+        "list",
+        "list the backups in a repository, with what each stored",
+        "vmsnap list --repo /backups --vm web1 --json",
+        cmd_list,
+        _list_arguments,
+    ),
+    Command(
+        "verify",
+        "re-read backups and check every checksum, chunk and chain link",
+        "vmsnap verify --repo /backups --vm web1",
+        cmd_verify,
+        _verify_arguments,
+    ),
+    Command(
+        "prune",
+        "delete the backups that borg's --keep-* rules do not keep",
+        "vmsnap prune --repo /backups --vm web1 --keep-daily 7 --keep-weekly 4 --dry-run",
+        cmd_prune,
+        _prune_arguments,
+    ),
+    Command(
+        "gc",
+        "delete the chunks no backup uses any more (after prune), safe while backups run",
+        "vmsnap gc --repo /backups --wait 600",
+        cmd_gc,
+        _gc_arguments,
+    ),
+    Command(
+        "copy",
+        "copy backups to another repository (off-site), sending only what it lacks",
+        "vmsnap copy --from /backups --to s3://offsite/vmsnap --vm web1",
+        cmd_copy,
+        _copy_arguments,
+    ),
+)
+"""The upkeep commands, in the order ``vmsnap --help`` lists them."""
