@@ -1,7 +1,8 @@
 """Undoing what a backup run left when it failed or died: the run's journal says which steps it had taken;
 the guest is thawed, the strategy's snapshots deleted (through the strategy, rebuilt from the journal),
 processes the run started stopped, its staging removed, and what the machine's manager (libvirt) keeps
-cleaned by the machine itself."""
+cleaned by the machine itself. ``vmsnap recover`` also cleans this host's leftovers of dead mounts and of
+instant restores that no longer need their servers (:mod:`vmsnap.restore.commands`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from typing import Any
 
 from vmsnap import processes
 from vmsnap.backup.config import RecoveryError, RecoveryReport
-from vmsnap.errors import AgentError, VmsnapError
+from vmsnap.errors import AgentError, UsageError, VmsnapError
 from vmsnap.repo.journal import Journal
 from vmsnap.repo.repository import Repository
+from vmsnap.restore.commands import DEFAULT_RUN_ROOT, recover_restores
 from vmsnap.strategies import strategy_class
 from vmsnap.strategies.base import BackupContext, Checkpoint
 from vmsnap.vm.machine import Machine
@@ -140,22 +142,35 @@ def recover_leftovers(repo: Repository, machine: Machine) -> RecoveryReport:
     return RecoveryReport(vm, tuple(actions))
 
 
-def recover(machine: Machine, repo_root: Path | None) -> RecoveryReport:
+def recover(
+    machine: Machine | None, repo_root: Path | None, *, run_root: Path = DEFAULT_RUN_ROOT
+) -> RecoveryReport:
     """``vmsnap recover``: undo what a dead backup of ``machine`` left (with its repository's journal), and
-    thaw the guest if it is frozen.
+    thaw the guest if it is frozen; then, with or without a machine, clean what dead mounts and finished
+    instant restores left on this host (:func:`vmsnap.restore.commands.recover_restores`).
 
+    :param machine: the VM whose dead backup to undo; None: only this host's restore leftovers
+    :param run_root: where mounts and instant restores keep their state (``$VMSNAP_RUN_DIR``)
+    :raise UsageError: ``repo_root`` without a machine
     :raise RepositoryError: the repository is missing or a backup of the VM is running right now
     :raise RecoveryError: something could not be undone (the journal is kept for another try)
     """
     actions: list[str] = []
-    if repo_root is not None:
-        repo = Repository.open(repo_root, runner=machine.runner)
-        with repo.lock(machine.name):
-            actions += recover_leftovers(repo, machine).actions
-    actions += machine.recover()
-    if machine.is_running:
-        agent = machine.agent()
-        if agent is not None and agent.is_responding() and agent.fsfreeze_status() == "frozen":
-            agent.fsfreeze_thaw()
-            actions.append("thawed the guest's filesystems")
-    return RecoveryReport(machine.name, tuple(actions))
+    if machine is None and repo_root is not None:
+        raise UsageError(
+            "--repo needs the VM whose dead backup to undo",
+            hint="name it (--qmp, --domain, --image or --name)",
+        )
+    if machine is not None:
+        if repo_root is not None:
+            repo = Repository.open(repo_root, runner=machine.runner)
+            with repo.lock(machine.name):
+                actions += recover_leftovers(repo, machine).actions
+        actions += machine.recover()
+        if machine.is_running:
+            agent = machine.agent()
+            if agent is not None and agent.is_responding() and agent.fsfreeze_status() == "frozen":
+                agent.fsfreeze_thaw()
+                actions.append("thawed the guest's filesystems")
+    actions += recover_restores(run_root)  # this host's: mounts and servers are always local
+    return RecoveryReport(machine.name if machine is not None else "", tuple(actions))

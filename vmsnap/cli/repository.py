@@ -22,6 +22,7 @@ from vmsnap.cli.common import (
     sigterm_interrupts,
 )
 from vmsnap.cli.progress import disk_progress
+from vmsnap.cli.restore import run_root
 from vmsnap.errors import ChainError, ChecksumMismatchError, RepositoryError
 from vmsnap.repo.manifest import Damaged
 from vmsnap.repo.repository import Repository
@@ -224,13 +225,20 @@ def _prune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    """Undo what a dead backup of a VM left: snapshots, overlays, staging; thaw the guest."""
-    with opened_machine(machine_spec(args)) as machine:
-        report = recover(machine, args.repo)
-    human = "\n".join(report.actions) if report.actions else f"{report.vm}: nothing to recover"
-    if args.repo is None:
+    """Undo what a dead backup of a VM left (snapshots, overlays, staging; thaw the guest) and, with or
+    without a VM, what dead mounts and finished instant restores left on this host."""
+    named = (args.qmp, args.agent, args.name, args.domain, args.connect, *args.image)
+    if any(value is not None for value in named):
+        with opened_machine(machine_spec(args)) as machine:
+            report = recover(machine, args.repo, run_root=run_root())
+    else:
+        report = recover(None, args.repo, run_root=run_root())
+    what = report.vm or "this host's mounts and instant restores"
+    human = "\n".join(report.actions) if report.actions else f"{what}: nothing to recover"
+    if args.repo is None and report.vm:
         human += "\n(pass --repo DIR to undo a dead backup's snapshots from its journal)"
-    emit(args, {"vm": report.vm, "clean": report.clean, "actions": list(report.actions)}, human)
+    payload = {"vm": report.vm or None, "clean": report.clean, "actions": list(report.actions)}
+    emit(args, payload, human)
     return 0
 
 
@@ -277,7 +285,8 @@ COMMANDS = (
     ),
     Command(
         "recover",
-        "undo what a dead backup left: snapshots, overlays, fleecing nodes, staging; thaw the guest",
+        "undo what a dead backup left (snapshots, overlays, fleecing nodes, staging; thaw the guest) and "
+        "what dead mounts and instant restores left on this host (no VM: only those)",
         "vmsnap recover --qmp /run/vm1.qmp --agent /run/vm1.qga --repo /backups",
         cmd_recover,
         _recover_arguments,

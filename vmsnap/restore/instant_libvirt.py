@@ -75,6 +75,30 @@ def start_domain(restore: InstantRestore, xml: str, *, name: str, uri: str | Non
     return name
 
 
+def check_domain_name(name: str, images: dict[str, Path], *, uri: str | None = None) -> None:
+    """Refuse ``name`` before anything is prepared when another domain has it: a domain of that name may
+    exist only when it runs on exactly ``images`` (this restore, repeated).
+
+    :raise UsageError: ``name`` is not a valid name, or another domain has it
+    :raise LibvirtError: libvirtd cannot be reached
+    """
+    from vmsnap.model import validate_name
+    from vmsnap.vm.libvirt.machine import open_connection
+
+    validate_name(name, "domain name")
+    libvirt = _libvirt()
+    conn = open_connection(uri)
+    try:
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return
+        if not _runs_on(dom, images):
+            raise UsageError(f"a libvirt domain {name!r} exists already", hint="choose another --define name")
+    finally:
+        conn.close()
+
+
 def _runs_on(dom: Any, images: dict[str, Path]) -> bool:
     """True when the domain's disks are exactly ``images`` (target → image)."""
     root = ET.fromstring(dom.XMLDesc(0))  # noqa: S314 - libvirtd's own XML
