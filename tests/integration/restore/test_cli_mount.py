@@ -160,7 +160,10 @@ def test_recover_cleans_a_killed_mount_and_keeps_a_healthy_one(
     assert (healthy / "p1/etc/hostname").read_bytes() == b"lab-t1\n"  # kept
     assert list(dead.iterdir()) == []
     again = cli(capsys, "recover")
-    assert (again.code, again.out.strip()) == (0, "this host's mounts and instant restores: nothing to recover")
+    assert (again.code, again.out.strip()) == (
+        0,
+        "this host's mounts and instant restores: nothing to recover",
+    )
     refused = cli(capsys, "recover", "--repo", repo)
     assert refused.code == 2 and "--repo needs the VM" in refused.error_line
     assert cli(capsys, "umount", healthy).code == 0
