@@ -79,10 +79,9 @@ def test_mount_each_backup_as_it_was_then_umount_leaves_nothing(
     unknown = "20990101T000000.000000Z-beef"
     for argv, code, words in [
         (["--backup", first, other], 2, f"mounted already at {at_first}"),
-        ([busy], 2, f"mountpoint {busy} is not empty"),
+        ([busy], 2, f"this backup disk is mounted already at {at_latest}"),
         (["--backup", unknown, other], 1, f"no backup '{unknown}' of VM 'vm1'"),
         (["--disk", "disk9", other], 1, "has no disk 'disk9'"),
-        ([tmp_path / "missing"], 1, "does not exist"),
     ]:
         result = cli(capsys, "mount", "--repo", repo, "--vm", "vm1", *argv)
         assert result.code == code, result.err
@@ -105,7 +104,7 @@ def test_mount_each_backup_as_it_was_then_umount_leaves_nothing(
     assert cli(capsys, "mount", "--list", "--json").json() == {"mounts": []}
 
 
-def test_a_disk_without_a_filesystem_vmsnap_reads_is_one_line_saying_what_it_holds(
+def test_a_disk_without_a_filesystem_and_a_busy_mountpoint_are_one_line_each(
     run_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     raw = tmp_path / "blank.raw"
@@ -118,8 +117,12 @@ def test_a_disk_without_a_filesystem_vmsnap_reads_is_one_line_saying_what_it_hol
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(image)], check=True)
     repo = tmp_path / "repo"
     backup_image(capsys, repo, image, "vm2")
-    target = tmp_path / "m"
-    target.mkdir()
+    target, busy = empty_dirs(tmp_path, "m", "busy")
+    (busy / "something").write_text("x")
+    refused = cli(capsys, "mount", "--repo", repo, "--vm", "vm2", busy)
+    assert refused.code == 2 and f"mountpoint {busy} is not empty" in refused.error_line
+    missing = cli(capsys, "mount", "--repo", repo, "--vm", "vm2", tmp_path / "missing")
+    assert missing.code == 1 and f"mountpoint {tmp_path / 'missing'} does not exist" in missing.error_line
     result = cli(capsys, "mount", "--repo", repo, "--vm", "vm2", target)
     assert result.code == 1
     assert result.error_line.startswith(
@@ -164,7 +167,17 @@ def test_recover_cleans_a_killed_mount_and_keeps_a_healthy_one(
         0,
         "this host's mounts and instant restores: nothing to recover",
     )
+    taken = cli(capsys, "mount", "--repo", repo, "--vm", "vm1", "--backup", second, healthy)
+    assert taken.code == 2 and f"{healthy} has a vmsnap mount already" in taken.error_line
     refused = cli(capsys, "recover", "--repo", repo)
     assert refused.code == 2 and "--repo needs the VM" in refused.error_line
     assert cli(capsys, "umount", healthy).code == 0
     assert_nothing_left(mounts_dir(run_root), [healthy, dead], healthy_pids + dead_pids)
+
+
+def test_each_restore_command_has_an_example_in_its_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("mount", "umount", "instant-restore"):
+        result = cli(capsys, command, "--help")
+        assert result.code == 0
+        assert f"example:\n  vmsnap {command}" in result.out
+    assert "bare QEMU, two steps" in cli(capsys, "instant-restore", "--help").out
