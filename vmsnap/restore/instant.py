@@ -342,7 +342,8 @@ def stream(
     finally:
         if own:
             monitor.close()
-    finish(to)
+    with contextlib.suppress(NotFoundError):  # `vmsnap recover` may have finished it meanwhile
+        finish(to)
     return StreamResult(tuple(streamed), tuple(done), time.monotonic() - started)
 
 

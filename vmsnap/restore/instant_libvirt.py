@@ -10,6 +10,7 @@ for a disk that still has its backup as backing store).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import xml.etree.ElementTree as ET
@@ -194,5 +195,6 @@ def stream_domain(
                 )
     finally:
         conn.close()
-    finish(to)
+    with contextlib.suppress(NotFoundError):  # `vmsnap recover` may have finished it meanwhile
+        finish(to)
     return StreamResult(tuple(waiting), tuple(done), time.monotonic() - started)
