@@ -42,7 +42,7 @@ def _backup_ref(args: argparse.Namespace) -> BackupRef | None:
 
     :raise UsageError: only one of them is given
     """
-    if args.repo is None and args.vm is None:
+    if args.repo is None and args.vm is None and args.backup is None and args.key_file is None:
         return None
     if args.repo is None or args.vm is None:
         raise UsageError("a backup is named by --repo and --vm (and --backup ID for one but the latest)")
