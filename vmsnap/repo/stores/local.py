@@ -367,9 +367,11 @@ class LocalStore:
 
         :raise StoreError: one of them could not be completed (that object is not there)
         """
-        self._flush()
-        with self._batch.lock:
-            error, self._batch.error = self._batch.error, None
+        try:
+            self._flush()
+        finally:  # the error is reported once: by this call (a failing flush raises it too)
+            with self._batch.lock:
+                error, self._batch.error = self._batch.error, None
         if error is not None:
             raise error
 
