@@ -58,9 +58,12 @@ class NullStore:
     def get(self, key: str) -> bytes:
         raise NotFoundError(key)
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+    def put(self, key: str, data: bytes, *, if_absent: bool = False, durable: bool = True) -> bool:
         self.bytes += len(data)
         return True
+
+    def sync(self) -> None:
+        pass
 
     def exists(self, key: str) -> bool:
         return False

@@ -273,6 +273,7 @@ def throughput_markdown(document: Mapping[str, Any]) -> str:
             f["name"],
             f"{f['seconds']:.3f} s",
             f"{f['mb_per_s']:.0f} MB/s",
+            _cpu_cell(f),
             ", ".join(f"{v:g}" for v in f["runs"]),
         ]
         for f in document["figures"]
@@ -285,9 +286,12 @@ def throughput_markdown(document: Mapping[str, Any]) -> str:
             "# vmsnap backup throughput, measured side by side",
             "",
             f"Image: {document['size_mib']} MiB qcow2 with {document['data_mib']} MiB of random data at "
-            f"scattered offsets; median of {document['runs']} runs; MB/s counts the image's data.",
+            f"scattered offsets; median of {document['runs']} runs; MB/s counts the image's data. CPU: "
+            "user+sys seconds of every process involved (vmsnap, qemu-img, qemu-nbd, the VM's QEMU, which "
+            "serves pull exports), per GiB of data where data moved: the figure the machine's load moves "
+            "least.",
             "",
-            _md_table(["operation", "median", "throughput", "runs (s)"], rows),
+            _md_table(["operation", "median", "throughput", "CPU s (s/GiB)", "runs (s)"], rows),
             "",
             _md_table(["ratio", "measured", "target"], ratio_rows),
             "",
@@ -295,6 +299,17 @@ def throughput_markdown(document: Mapping[str, Any]) -> str:
             *_peers_markdown(document.get("peers") or {}),
         ]
     )
+
+
+def _cpu_cell(figure: Mapping[str, Any]) -> str:
+    """CPU seconds of a figure, with its CPU seconds per GiB when it moved that much data."""
+    cpu = figure.get("cpu_seconds")
+    if cpu is None:
+        return ""
+    per_gib = figure.get("cpu_s_per_gib")
+    if per_gib is None or figure.get("data_bytes", 0) < 2**30:
+        return f"{cpu:.2f} s"
+    return f"{cpu:.2f} s ({per_gib:.2f})"
 
 
 def _chunks_markdown(chunks: Mapping[str, Any]) -> list[str]:

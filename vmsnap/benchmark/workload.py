@@ -29,16 +29,25 @@ WRITES_SEED = 7
 
 @attrs.frozen
 class ThroughputFigure:
-    """One timed operation: median seconds over ``runs`` and the data it moved."""
+    """One timed operation: median seconds over ``runs``, the data it moved, and (when measured) the median
+    CPU seconds (user+sys) of every process involved (:mod:`vmsnap.benchmark.cpu`)."""
 
     name: str
     seconds: float
     runs: tuple[float, ...]
     data_bytes: int
+    cpu_seconds: float | None = None
 
     @property
     def mb_per_s(self) -> float:
         return self.data_bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_per_gib(self) -> float | None:
+        """CPU seconds per GiB of data moved."""
+        if self.cpu_seconds is None or not self.data_bytes:
+            return None
+        return self.cpu_seconds / (self.data_bytes / 2**30)
 
 
 def make_test_image(path: Path, *, size_mib: int, data_mib: int, seed: int = IMAGE_SEED) -> int:

@@ -122,11 +122,14 @@ class KnownChunks:
 
 class RecordingStore:
     """A store that tells :class:`KnownChunks` of every chunk it stored or found there (``put`` of a chunk
-    key); everything else passes through."""
+    key) — of one ``put(durable=False)`` only once :meth:`sync` made it durable; everything else passes
+    through."""
 
     def __init__(self, store: Store, known: KnownChunks) -> None:
         self._store = store
         self._known = known
+        self._lock = threading.Lock()
+        self._unsynced: list[ChunkId] = []
         self.puts = 0
 
     @property
@@ -136,13 +139,24 @@ class RecordingStore:
     def get(self, key: str) -> bytes:
         return self._store.get(key)
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
-        written = self._store.put(key, data, if_absent=if_absent)
-        self.puts += 1
+    def put(self, key: str, data: bytes, *, if_absent: bool = False, durable: bool = True) -> bool:
+        written = self._store.put(key, data, if_absent=if_absent, durable=durable)
         chunk_id = parse_chunk_key(key)
+        with self._lock:
+            self.puts += 1
+            if chunk_id is not None and written and not durable:
+                self._unsynced.append(chunk_id)  # not in the store until sync(): not known yet
+                chunk_id = None
         if chunk_id is not None:
             self._known.add(chunk_id)
         return written
+
+    def sync(self) -> None:
+        with self._lock:
+            unsynced, self._unsynced = self._unsynced, []
+        self._store.sync()
+        for chunk_id in unsynced:
+            self._known.add(chunk_id)
 
     def exists(self, key: str) -> bool:
         return self._store.exists(key)

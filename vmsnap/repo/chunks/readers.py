@@ -129,7 +129,9 @@ class NbdReader:
         self._connections = connections
         try:
             for _ in range(connections):
-                self._handles.put(self._stack.enter_context(nbd_connection(uri, contexts=contexts)))
+                handle = self._stack.enter_context(nbd_connection(uri, contexts=contexts))
+                handle.set_pread_initialize(False)  # a read fills the buffer or fails: no memset first
+                self._handles.put(handle)
             with self._handle() as handle:
                 self._size = int(handle.get_size())
         except BaseException:

@@ -10,6 +10,10 @@ Every store guarantees:
 - ``put(..., if_absent=True)`` creates the object only when no object has that key, atomically against
   other writers (local: link/O_EXCL; S3: a conditional ``If-None-Match: *`` PUT), and returns False when
   it existed (the data is then not written);
+- ``put`` is durable when it returns; ``put(..., durable=False)`` may leave the object invisible until
+  ``sync()`` returns, but never visible before it is durable (a reader may trust whatever it finds), and
+  its True then says "absent when the put began" (should another writer store the key first, that object
+  stays: still one object, written once). ``sync()`` raises when such a put could not be completed;
 - ``get`` returns exactly what one ``put`` stored, or raises :class:`~vmsnap.errors.NotFoundError`;
 - ``list`` yields every object under a prefix that existed for the whole listing (objects created or
   deleted meanwhile may or may not appear), with its size, in no promised order;
@@ -76,11 +80,19 @@ class Store(Protocol):
         """
         ...
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+    def put(self, key: str, data: bytes, *, if_absent: bool = False, durable: bool = True) -> bool:
         """Store ``data`` under ``key`` atomically; with ``if_absent``, only when no object has that key.
 
+        :param durable: False: durable (and visible) by the time :meth:`sync` returns, not necessarily now
         :return: True when written, False when ``if_absent`` found an object there (nothing written)
         :raise StoreError: the store failed (full, refused, unreachable)
+        """
+        ...
+
+    def sync(self) -> None:
+        """Make every ``put(durable=False)`` that returned before this call durable and visible.
+
+        :raise StoreError: one of them could not be completed (that object is not there)
         """
         ...
 

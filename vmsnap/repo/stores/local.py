@@ -5,15 +5,27 @@ Object ``a/b/c`` is the file ``ROOT/a/b/c``; a directory left empty by a delete 
 are ``.tmp-…`` next to their target; key parts never start with a dot
 (:func:`~vmsnap.repo.stores.base.check_key`), so a temporary file can never be listed or read as an object,
 and one left by a crash is only wasted space (``list`` skips it).
+
+Durability in batches: ``put(..., durable=False)`` writes the complete temporary file and queues it; the
+batch (32 files or 128 MiB, or whatever :meth:`LocalStore.sync` finds) is fsync'd file by file — the first
+fsync commits the journal for all of them — then each file is linked (``if_absent``) or renamed into place
+and the directories are fsync'd once each. An object is therefore never visible before it is durable, as with
+a durable put: a backup may trust any chunk it finds. Per chunk that saves two journal commits and their
+waits (measured: 1.5-2.2 CPU s/GiB and 8-13 s for 1.5 GiB of 4 MiB objects, against 0.34-0.39 and 3.4-4.3
+s with the writes below). Objects of 64 KiB or more are written with ``O_DIRECT`` (from a page-aligned
+per-thread copy; the unaligned tail through the page cache) where the filesystem takes it: no copy into the
+page cache, no writeback later, and a backup does not evict the host's cache.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +36,12 @@ from vmsnap.repo.stores.base import StoredObject, check_key, check_prefix
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+BATCH_FILES = 32
+BATCH_BYTES = 128 * 1024 * 1024
+"""A batch of ``put(durable=False)`` is made durable and visible once it holds this many files or bytes."""
+DIRECT_MIN = 64 * 1024
+"""Objects from this size on are written with O_DIRECT where the filesystem allows it."""
+_ALIGN = 4096
 _TEMP_PREFIX = ".tmp-"
 
 _HINTS = {
@@ -43,8 +61,48 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_Dirs = list[Path]
+"""Directories whose new entries are not durable yet (``list`` is a method of the store)."""
+
+
 def _absolute(path: str | os.PathLike[str]) -> Path:
     return Path(path).absolute()
+
+
+@attrs.frozen
+class _Queued:
+    """A complete temporary file waiting for its batch to be made durable and visible."""
+
+    temp: Path
+    path: Path
+    if_absent: bool
+    size: int
+
+
+class _Batch:
+    """The ``put(durable=False)`` files not yet durable, and the directories whose entries are not."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # guards the fields
+        self.flushing = threading.Lock()  # one flush at a time; held while a batch is taken and flushed
+        self.queued: list[_Queued] = []
+        self.dirs: set[Path] = set()
+        self.size = 0
+        self.error: StoreError | None = None
+
+    def add(self, item: _Queued, dirs: _Dirs) -> bool:
+        """Queue ``item``; True when the batch is full."""
+        with self.lock:
+            self.queued.append(item)
+            self.dirs.update(dirs)
+            self.size += item.size
+            return len(self.queued) >= BATCH_FILES or self.size >= BATCH_BYTES
+
+    def take(self) -> tuple[list[_Queued], set[Path]]:
+        with self.lock:
+            queued, dirs = self.queued, self.dirs
+            self.queued, self.dirs, self.size = [], set(), 0
+            return queued, dirs
 
 
 @attrs.define
@@ -58,6 +116,9 @@ class LocalStore:
 
     root: Path = attrs.field(converter=_absolute)
     create: bool = attrs.field(default=False, kw_only=True)
+    _batch: _Batch = attrs.field(factory=_Batch, init=False, repr=False, eq=False)
+    _local: threading.local = attrs.field(factory=threading.local, init=False, repr=False, eq=False)
+    _direct: bool = attrs.field(default=True, init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         if self.create and not self.root.exists():
@@ -164,14 +225,18 @@ class LocalStore:
 
     # ----------------------------------------------------------------------------------------------- write
 
-    def _make_parents(self, key: str) -> Path:
-        """Make the directories above ``key`` (0700), fsyncing each new one's parent; return the last."""
+    def _make_parents(self, key: str, unsynced: _Dirs | None = None) -> Path:
+        """Make the directories above ``key`` (0700) and return the last; the parent of each new one is
+        fsync'd, or (``unsynced`` given) appended to it, for the batch to fsync."""
         directory = self.root
         for part in key.split("/")[:-1]:
             child = directory / part
             try:
                 os.mkdir(child, DIR_MODE)
-                _fsync_dir(directory)
+                if unsynced is None:
+                    _fsync_dir(directory)
+                else:
+                    unsynced.append(directory)
             except FileExistsError:
                 pass
             except FileNotFoundError:
@@ -181,36 +246,92 @@ class LocalStore:
             directory = child
         return directory
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
-        """Store ``data`` under ``key`` atomically and durably; with ``if_absent`` only when it is new.
-
-        :return: True when written, False when ``if_absent`` found an object there (nothing written)
-        :raise UsageError: ``key`` is malformed
-        :raise StoreError: the filesystem refused (full, quota, permissions, read-only); nothing partial stays
-        """
+    def _create_temp(self, key: str, unsynced: _Dirs | None) -> tuple[Path, int]:
+        """A new temporary file (0600) beside ``key``'s file, with its parents made: (path, fd)."""
         path = self._path(key)
-        if if_absent and self.exists(key):
-            return False
         for attempt in range(3):
             directory = path.parent
             temp = directory / f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
             try:
-                directory = self._make_parents(key)
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-                break
+                self._make_parents(key, unsynced)
+                return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
             except FileNotFoundError as err:  # a delete removed the (empty) directory meanwhile: again
                 if attempt == 2:
                     raise self._error("cannot create a file in", directory, err) from err
             except OSError as err:
                 raise self._error("cannot create a file in", directory, err) from err
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _aligned(self, size: int) -> memoryview:
+        """This thread's page-aligned scratch buffer of at least ``size`` bytes."""
+        buffer: mmap.mmap | None = getattr(self._local, "buffer", None)
+        if buffer is None or len(buffer) < size:
+            if buffer is not None:
+                buffer.close()
+            buffer = self._local.buffer = mmap.mmap(-1, max(size, 4 * 1024 * 1024 + _ALIGN))
+        return memoryview(buffer)[:size]
+
+    def _write_direct(self, temp: Path, view: memoryview) -> int:
+        """Write the aligned head of ``view`` with O_DIRECT; return its length (0: not done, write it all
+        buffered — the filesystem refuses O_DIRECT, which is then not tried again)."""
+        head = len(view) - len(view) % _ALIGN
+        if not self._direct or len(view) < DIRECT_MIN:
+            return 0
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            self._direct = False
+            return 0
+        try:
+            buffer = self._aligned(head)
+            buffer[:] = view[:head]
+            done = 0
+            while done < head:
+                done += os.pwrite(fd, buffer[done:], done)
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+            self._direct = False  # alignment or flags refused: buffered from the start
+            return 0
+        finally:
+            os.close(fd)
+        return head
+
+    def _write(self, temp: Path, fd: int, data: bytes) -> None:
+        view = memoryview(data).cast("B")
+        pos = self._write_direct(temp, view)
+        while pos < len(view):
+            pos += os.pwrite(fd, view[pos:], pos)
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False, durable: bool = True) -> bool:
+        """Store ``data`` under ``key`` atomically and durably; with ``if_absent`` only when it is new.
+
+        With ``durable=False`` the complete file is queued and becomes durable and visible with its batch (at
+        the latest when :meth:`sync` returns); it is never visible before it is durable.
+
+        :return: True when written (``durable=False``: queued; should another writer store the key first,
+            its object stays), False when ``if_absent`` found an object there (nothing written)
+        :raise UsageError: ``key`` is malformed
+        :raise StoreError: the filesystem refused (full, quota, permissions, read-only); nothing partial
+            stays. With ``durable=False`` also when this put completed a batch that could not be made durable
+        """
+        path = self._path(key)
+        if if_absent and self.exists(key):
+            return False
+        unsynced: _Dirs | None = None if durable else []
+        temp, fd = self._create_temp(key, unsynced)
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                self._write(temp, fd, data)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
+            if not durable:
+                assert unsynced is not None
+                if self._batch.add(_Queued(temp, path, if_absent, len(data)), unsynced):
+                    self._flush()
+                return True
             if if_absent:
                 try:
                     os.link(temp, path)
@@ -220,7 +341,7 @@ class LocalStore:
                     os.unlink(temp)
             else:
                 os.replace(temp, path)
-            _fsync_dir(directory)
+            self._fsync_parents(path)
         except OSError as err:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
@@ -230,6 +351,67 @@ class LocalStore:
                 os.unlink(temp)
             raise
         return True
+
+    def _fsync_parents(self, path: Path) -> None:
+        """fsync the directories from ``path``'s up to the root's: a directory another writer made for a
+        batch is durable only once that batch is, and this put must not wait for it."""
+        directory = path.parent
+        while True:
+            _fsync_dir(directory)
+            if directory == self.root:
+                return
+            directory = directory.parent
+
+    def sync(self) -> None:
+        """Make every ``put(durable=False)`` that returned before this call durable and visible.
+
+        :raise StoreError: one of them could not be completed (that object is not there)
+        """
+        try:
+            self._flush()
+        finally:  # the error is reported once: by this call (a failing flush raises it too)
+            with self._batch.lock:
+                error, self._batch.error = self._batch.error, None
+        if error is not None:
+            raise error
+
+    def _flush(self) -> None:
+        """fsync the queued files, link or rename them into place, fsync their directories."""
+        batch = self._batch
+        with batch.flushing:
+            queued, dirs = batch.take()
+            if not queued:
+                return
+            try:
+                for item in queued:
+                    fd = os.open(item.temp, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                for item in queued:
+                    self._place(item)
+                    dirs.add(item.path.parent)
+                for directory in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+                    _fsync_dir(directory)
+            except OSError as err:
+                for item in queued:
+                    with contextlib.suppress(OSError):
+                        os.unlink(item.temp)
+                error = self._error("cannot make durable", self.root, err)
+                with batch.lock:
+                    batch.error = batch.error or error
+                raise error from err
+
+    @staticmethod
+    def _place(item: _Queued) -> None:
+        """Link (if absent: an object already there stays) or rename a durable temporary file into place."""
+        if not item.if_absent:
+            os.replace(item.temp, item.path)
+            return
+        with contextlib.suppress(FileExistsError):
+            os.link(item.temp, item.path)
+        os.unlink(item.temp)
 
     def delete(self, key: str) -> None:
         """Remove the object (durably); a missing one is no error.

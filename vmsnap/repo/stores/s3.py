@@ -225,9 +225,9 @@ class S3Store:
                 response["Body"].close()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+    def put(self, key: str, data: bytes, *, if_absent: bool = False, durable: bool = True) -> bool:
         """Store ``data`` under ``key`` in one PutObject; with ``if_absent`` only when the key is free
-        (``If-None-Match: *``).
+        (``If-None-Match: *``). Every put is durable when it returns (``durable`` changes nothing).
 
         :return: True when written, False when ``if_absent`` found an object there (nothing written)
         :raise UsageError: an invalid key
@@ -298,6 +298,9 @@ class S3Store:
                     yield StoredObject(key, int(entry["Size"]))
         except (ClientError, BotoCoreError) as err:
             raise self._store_error(f"list of {prefix!r}", err) from err
+
+    def sync(self) -> None:
+        """Nothing to do: every put was durable when it returned."""
 
     def delete(self, key: str) -> None:
         """Remove the object; a missing one is no error.

@@ -28,7 +28,9 @@ from vmsnap.backup.config import CRASH_ENV, CRASH_POINTS
 
 DISKS = ("disk0", "disk1")
 AFTER_DISK0 = ("mid-export", "after-export", "after-delete", "before-manifest")
-CASES = [("backup", point) for point in CRASH_POINTS] + [("external", "mid-export")]
+BEFORE_SYNC = "chunks-before-sync"
+"""In the pipeline of the first disk: its chunks are written but not yet durable (nor visible)."""
+CASES = [("backup", point) for point in (*CRASH_POINTS, BEFORE_SYNC)] + [("external", "mid-export")]
 
 
 @pytest.mark.parametrize(("strategy", "point"), CASES)
@@ -69,6 +71,8 @@ def test_kill_at_each_step_then_recover(
     assert new_chunks["disk1"] == 1  # the chunk the guest wrote after the dead run
     if point in AFTER_DISK0:
         assert new_chunks["disk0"] == 0  # the dead run had stored disk0's changed chunk: not again
+    if point == BEFORE_SYNC:
+        assert new_chunks["disk0"] == 1  # it had not made it durable: it was never there, stored now
     restore_and_compare(capsys, repo, following["backup_id"], tmp_path / "restored", expected)
     assert listed(capsys, repo) == [good["backup_id"], following["backup_id"]]
     assert block_state(vm) == original

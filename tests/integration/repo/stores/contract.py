@@ -9,8 +9,9 @@ and provides four fixtures:
 
 The guarantees tested are those of :mod:`vmsnap.repo.stores.base`: atomic and conditional puts (also raced by
 threads and by processes), exact gets, NotFoundError for a missing key, listing by prefix with sizes, key
-validation, large objects, parallel writers, and a writer killed (SIGKILL) mid-put leaving the whole object or
-none.
+validation, large objects, parallel writers, a writer killed (SIGKILL) mid-put leaving the whole object or
+none, and puts made durable by ``sync()`` (``durable=False``): never partial, there after ``sync()``, never
+replacing an object, a writer killed before its ``sync()`` leaving whole objects or none.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class StoreContract:
         assert isinstance(store, Store)
         assert isinstance(store.url, str) and store.url
 
-    @pytest.mark.parametrize("size", [0, 1, 4096, MiB + 3])
+    @pytest.mark.parametrize("size", [0, 1, 4096, 64 * 1024, 64 * 1024 + 1, MiB + 3, 4 * MiB + 8])
     def test_put_then_get_returns_the_same_bytes(self, store: Store, size: int) -> None:
         data = seeded_bytes(size, size)
         assert store.put("vms/vm1/b1/disk0.index", data) is True
@@ -287,6 +288,67 @@ class StoreContract:
         assert _listing(store) == {key: len(data) for key, data in datas.items()}
         with ThreadPoolExecutor(8) as pool:
             assert all(pool.map(lambda key: store.get(key) == datas[key], keys))
+
+    # ---------------------------------------------------------------------------------- durable=False
+
+    def test_unsynced_puts_are_whole_or_absent_and_all_there_after_sync(self, store: Store) -> None:
+        sizes = [1, 4096, 64 * 1024 + 1, MiB, 4 * MiB + 8]
+        datas = {f"chunks/{i:04x}/{i:064x}": seeded_bytes(size, i) for i, size in enumerate(sizes)}
+        for key, data in datas.items():
+            assert store.put(key, data, if_absent=True, durable=False) is True
+        listed = _listing(store, "chunks/")
+        for key, data in datas.items():  # before sync(): any of them may be there, but only whole
+            if store.exists(key):
+                assert store.get(key) == data and listed.get(key) == len(data)
+            else:
+                assert key not in listed
+        store.sync()
+        assert _listing(store, "chunks/") == {key: len(data) for key, data in datas.items()}
+        assert all(store.get(key) == data for key, data in datas.items())
+        store.sync()  # nothing queued: nothing to do
+
+    def test_an_unsynced_put_never_replaces_an_object(self, store: Store) -> None:
+        assert store.put("chunks/0000/first", b"there before") is True
+        assert store.put("chunks/0000/first", b"late", if_absent=True, durable=False) is False
+        assert store.put("chunks/0000/second", b"queued", if_absent=True, durable=False) is True
+        assert store.put("chunks/0000/second", b"another writer", if_absent=True) in (True, False)
+        store.sync()
+        assert store.get("chunks/0000/first") == b"there before"
+        assert store.get("chunks/0000/second") in (b"queued", b"another writer")  # one object, written once
+        assert _listing(store, "chunks/0000/")["chunks/0000/second"] == len(store.get("chunks/0000/second"))
+
+    def test_unsynced_puts_from_many_threads_are_there_after_sync(self, store: Store) -> None:
+        keys = [f"chunks/{i % 8:04x}/{i:064x}" for i in range(80)]  # more than a local batch
+        datas = {key: seeded_bytes(70 * 1024 + i, i) for i, key in enumerate(keys)}
+        with ThreadPoolExecutor(6) as pool:
+            assert all(pool.map(lambda key: store.put(key, datas[key], if_absent=True, durable=False), keys))
+        store.sync()
+        assert _listing(store) == {key: len(data) for key, data in datas.items()}
+        assert all(store.get(key) == data for key, data in datas.items())
+
+    def test_a_writer_killed_before_sync_leaves_whole_objects_or_none(
+        self, store: Store, store_location: str, child_env: dict[str, str]
+    ) -> None:
+        """A worker queues puts (``durable=False``) and is killed before it calls sync(): every key it put
+        is either whole or absent, and can be written afterwards."""
+        size, count = 256 * 1024, 5
+        (worker,) = _start_workers([(store_location, "chunks/unsynced", size, 3, "put-unsynced")], child_env)
+        try:
+            worker.go()
+            worker.expect("putting")
+            worker.expect("queued")
+        finally:
+            worker.kill()
+        keys = [f"chunks/unsynced/{n}" for n in range(count)]
+        listed = _listing(store, "chunks/")
+        assert set(listed) <= set(keys), listed
+        for number, key in enumerate(keys):
+            if store.exists(key):
+                assert store.get(key) == seeded_bytes(size, 3 + number), f"{key}: a partial object is visible"
+                assert listed[key] == size
+        for key in keys:
+            assert store.put(key, b"again", if_absent=False) is True
+            assert store.get(key) == b"again"
 
     # ------------------------------------------------------------------------------------------ crash
 
