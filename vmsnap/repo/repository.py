@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from vmsnap.errors import KeyFileError, NotFoundError, RepositoryError, UsageError
+from vmsnap.errors import KeyFileError, NotFoundError, RepositoryError, UsageError, VmsnapError
 from vmsnap.files import make_private_dir, write_json_atomic
 from vmsnap.repo.chunks.keys import RepositoryKey, create_key_file, read_key_file
 from vmsnap.repo.chunks.leases import lease_seconds as default_lease_seconds
@@ -224,6 +224,13 @@ def _create(
         found = _read_marker(store, location)
         assert found is not None
         return _created_meanwhile(found, location, exclusive)
+    check_conditional_writes = getattr(store, "check_conditional_writes", None)
+    if check_conditional_writes is not None:
+        try:  # (after the marker: its probe object must not make a racing creator think the store is used)
+            check_conditional_writes()  # an object store that ignores If-None-Match would break the leases
+        except VmsnapError:
+            store.delete(MARKER)
+            raise
     return marker
 
 

@@ -43,6 +43,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import threading
 import time
 from collections import Counter
@@ -233,6 +234,25 @@ class S3Store:
             self._client.list_objects_v2(Bucket=self._bucket, Prefix=self._root, MaxKeys=1)
         except (ClientError, BotoCoreError) as err:
             raise self._store_error("a listing", err) from err
+
+    def check_conditional_writes(self) -> None:
+        """Make sure the server honours ``If-None-Match: *`` (leases and manifests rely on it): a probe object
+        is put twice with it, and the second put must be refused. Three requests; run when a repository is
+        created.
+
+        :raise StoreError: the server overwrote the probe (it ignores conditional writes), or failed
+        """
+        probe = f"locks/conditional-write-probe-{secrets.token_hex(8)}"
+        try:
+            first, second = self.put(probe, b"1", if_absent=True), self.put(probe, b"2", if_absent=True)
+        finally:
+            self.delete(probe)
+        if not first or second:
+            raise StoreError(
+                f"the S3 server at {self._endpoint} ignores conditional writes (If-None-Match: *)",
+                hint="vmsnap needs them for its leases and manifests: use AWS S3, SeaweedFS, or a MinIO or "
+                "Ceph RGW release that supports them",
+            )
 
     def get(self, key: str) -> bytes:
         """The object's bytes (a body cut short is fetched again, up to ``max_attempts`` times).

@@ -150,3 +150,21 @@ def test_requests_are_counted_by_operation_and_area(monkeypatch: pytest.MonkeyPa
     assert dict(store.requests.snapshot()) == expected
     assert dict(PROCESS_REQUESTS.snapshot() - before) == expected
     store.close()
+
+
+def test_a_server_that_ignores_conditional_writes_is_refused(stubbed: tuple[S3Store, Stubber]) -> None:
+    """Both conditional puts of the probe succeed (the second overwrote the first): no repository there."""
+    store, stubber = stubbed
+    stubber.add_response("put_object", {})
+    stubber.add_response("put_object", {})
+    stubber.add_response("delete_object", {})
+    with pytest.raises(StoreError, match="ignores conditional writes"):
+        store.check_conditional_writes()
+
+
+def test_a_server_that_honours_conditional_writes_passes(stubbed: tuple[S3Store, Stubber]) -> None:
+    store, stubber = stubbed
+    stubber.add_response("put_object", {})
+    stubber.add_client_error("put_object", "PreconditionFailed", http_status_code=412)
+    stubber.add_response("delete_object", {})
+    store.check_conditional_writes()
