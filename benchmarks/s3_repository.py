@@ -150,6 +150,15 @@ def write_random_chunks(process: QemuProcess, chunks: Sequence[int]) -> None:
         machine.close()
 
 
+def write_file_data(image: Path, offset_mib: int, size_mib: int) -> None:
+    """Random data into a powered-off qcow2 image with qemu-io."""
+    data = image.with_name("random")
+    data.write_bytes(os.urandom(size_mib * MiB))
+    command = f"write -s {data} {offset_mib}M {size_mib}M"
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", command, str(image)], check=True, capture_output=True)
+    data.unlink()
+
+
 def med(samples: Sequence[dict[str, Any]], key: str) -> float:
     return round(statistics.median(s[key] for s in samples), 3)
 
@@ -231,17 +240,16 @@ def requests_per_incremental(bench: Bench, args: argparse.Namespace) -> list[dic
 def dedup(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     """Two hosts back up clones of one image: one after the other, then both at once (a fresh repository)."""
     base = bench.fresh("dedup") / "base.qcow2"
-    make_test_image(base, size_mib=2 * args.dedup_mib, data_mib=args.dedup_mib)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(base), f"{args.dedup_mib + 64}M"], check=True
+    )
+    for offset in range(0, args.dedup_mib, 64):  # the template's data, then each clone's own in a hole of it
+        write_file_data(base, offset, min(64, args.dedup_mib - offset))
     clones = {}
-    for name, chunk in (("clone-a", 2 * args.dedup_mib // 4 - 1), ("clone-b", 2 * args.dedup_mib // 4 - 2)):
+    for n, name in enumerate(("clone-a", "clone-b")):
         clones[name] = base.with_name(f"{name}.qcow2")
         shutil.copyfile(base, clones[name])
-        data = base.with_name("own")
-        data.write_bytes(os.urandom(4 * MiB))
-        command = f"write -s {data} {chunk * 4}M 4M"
-        subprocess.run(
-            ["qemu-io", "-f", "qcow2", "-c", command, str(clones[name])], check=True, capture_output=True
-        )
+        write_file_data(clones[name], args.dedup_mib + 8 * n, 4)
 
     def argv(repo: str, name: str) -> list[str]:
         return ["backup", "--repo", repo, "--image", str(clones[name]), "--name", name, "--json"]
