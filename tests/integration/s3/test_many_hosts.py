@@ -200,7 +200,7 @@ def test_gc_racing_backups_of_several_hosts_loses_nothing(
         ok_json(hosts[vm].run("backup", "--repo", repo_url, *_image_args(image, vm), "--json"))
     made: list[tuple[str, str, Path]] = []
     freed = 0
-    for mode in ("at-once", "held", "at-once", "held"):
+    for mode in ("at-once", "held", "at-once"):
         for image in images.values():
             write_random(image, 64, 2)  # new data in every round: the old chunk is garbage once pruned
         round_made, round_freed = _backup_round(hosts, images, repo_url, gc_host, mode, tmp_path)
@@ -208,7 +208,7 @@ def test_gc_racing_backups_of_several_hosts_loses_nothing(
         made += [(vm, backup_id, expected) for vm, (backup_id, expected) in round_made.items()]
         for vm in images:  # prune from the gc host: what the pruned backups alone used is garbage now
             assert gc_host.run("prune", "--repo", repo_url, "--vm", vm, "--keep-last", "2").code == 0
-    assert {vm for vm, _, _ in made} == set(images), "no backup of a VM got through in four rounds"
+    assert {vm for vm, _, _ in made} == set(images), "no backup of a VM got through in three rounds"
     assert freed > 0, "no gc of the rounds deleted anything: it raced nothing"
     assert gc_host.run("verify", "--repo", repo_url).code == 0
     kept = {b["backup_id"] for b in ok_json(gc_host.run("list", "--repo", repo_url, "--json"))["backups"]}
