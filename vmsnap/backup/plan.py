@@ -147,7 +147,7 @@ def find_parent(
         return None, f"no earlier backup of {vm} in this repository"
     forced = repo.full_required(vm)
     if forced is not None:
-        return None, f"the dirty bitmap cannot be trusted ({forced})"
+        return None, f"a full backup is required ({forced})"
     if latest.strategy != strategy or latest.bitmap != config.bitmap:
         return (
             None,

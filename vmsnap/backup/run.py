@@ -165,6 +165,7 @@ class Backup:
         with repo.lock(vm), warnings.catch_warnings(record=True) as caught:
             # strategies warn (fallbacks, slow settings): pass the warnings on as notes
             warnings.simplefilter("always")
+            warnings.simplefilter("ignore", ResourceWarning)  # the interpreter's, not a strategy's (sockets)
             try:
                 report = recover_leftovers(repo, self.machine)
                 for action in report.actions:

@@ -18,10 +18,10 @@ import json
 import os
 from pathlib import Path
 
-from vmsnap.errors import KeyFileError, NotFoundError, RepositoryError, UsageError
+from vmsnap.errors import KeyFileError, NotFoundError, RepositoryError, UsageError, VmsnapError
 from vmsnap.files import make_private_dir, write_json_atomic
 from vmsnap.repo.chunks.keys import RepositoryKey, create_key_file, read_key_file
-from vmsnap.repo.chunks.leases import LEASE_SECONDS
+from vmsnap.repo.chunks.leases import lease_seconds as default_lease_seconds
 from vmsnap.repo.chunks.repository import ChunksRepository
 from vmsnap.repo.layout import DEFINITION_FILE, BackupWriter, RepositoryLayout
 from vmsnap.repo.manifest import Damaged, DiskRecord, Kind, Manifest, utc_now_iso
@@ -76,7 +76,7 @@ class Repository:
         key_file: Path | str | None = None,
         runner: Runner | None = None,
         state_root: Path | None = None,
-        lease_seconds: float = LEASE_SECONDS,
+        lease_seconds: float | None = None,
     ) -> RepositoryLayout:
         """Open the repository at ``location``; with ``create``, make one there when it is a new or empty
         directory (or an empty S3 prefix), of ``layout`` (default ``chunks``).
@@ -84,6 +84,7 @@ class Repository:
         :raise RepositoryError: no repository there (without ``create``), a non-empty directory that is not
             one, or one of another format
         :raise KeyFileError: an encrypted repository and a key file that is not its key
+        :param lease_seconds: lifetime of the leases taken (default ``$VMSNAP_LEASE_SECONDS``, else 120)
         :raise StoreError: the store cannot be reached
         """
         store, directory = _store(location, create=create)
@@ -135,12 +136,19 @@ class Repository:
                 f"{location} is a vmsnap repository already", hint="use it, or choose another --repo"
             )
         key: RepositoryKey | None = None
+        made_key = False
         if encrypt:
             assert path is not None
-            key = read_key_file(path) if path.exists() else create_key_file(path)
+            made_key = not path.exists()
+            key = create_key_file(path) if made_key else read_key_file(path)
         marker = RepoMarker.new(layout, compression=compression, key_id=key.key_id if key else None)
-        marker = _create(store, directory, location, marker)
-        return _instance(store, directory, marker, location, path, runner, state_root, LEASE_SECONDS)
+        try:
+            marker = _create(store, directory, location, marker, exclusive=True)
+        except RepositoryError:
+            if made_key and path is not None:
+                path.unlink(missing_ok=True)  # the key of a repository that was not made
+            raise
+        return _instance(store, directory, marker, location, path, runner, state_root, None)
 
     @classmethod
     def traits_at(cls, location: Path | str, *, layout: str | None = None) -> LayoutTraits:
@@ -186,17 +194,24 @@ def _read_marker(store: Store, location: Path | str) -> RepoMarker | None:
     return RepoMarker.from_bytes(raw, where=f"{location}/{MARKER}")
 
 
-def _create(store: Store, directory: Path | None, location: Path | str, marker: RepoMarker) -> RepoMarker:
-    """Write ``marker`` into an empty store (if another process made a repository meanwhile, that one's).
+def _create(
+    store: Store, directory: Path | None, location: Path | str, marker: RepoMarker, *, exclusive: bool = False
+) -> RepoMarker:
+    """Write ``marker`` into an empty store. When another process (another host) made a repository there
+    meanwhile, that one's marker is returned — or, with ``exclusive`` (``init``), refused: of several racing
+    creators exactly one writes the marker (``put(if_absent)``).
 
-    :raise RepositoryError: the store or directory holds other data
+    :raise RepositoryError: the store or directory holds other data, or (``exclusive``) a repository
     """
     empty = not any(True for _ in store.list("")) if directory is None else not any(directory.iterdir())
     if not empty:
-        raise RepositoryError(
-            f"{location} is not empty and not a vmsnap repository",
-            hint="choose a new or empty directory (or S3 prefix) for --repo",
-        )
+        found = _read_marker(store, location)
+        if found is None:
+            raise RepositoryError(
+                f"{location} is not empty and not a vmsnap repository",
+                hint="choose a new or empty directory (or S3 prefix) for --repo",
+            )
+        return _created_meanwhile(found, location, exclusive)
     if marker.layout == "qcow2":
         if directory is None:
             raise UsageError(
@@ -208,8 +223,24 @@ def _create(store: Store, directory: Path | None, location: Path | str, marker: 
     if not store.put(MARKER, json.dumps(marker.to_json(), indent=1).encode() + b"\n", if_absent=True):
         found = _read_marker(store, location)
         assert found is not None
-        return found
+        return _created_meanwhile(found, location, exclusive)
+    check_conditional_writes = getattr(store, "check_conditional_writes", None)
+    if check_conditional_writes is not None:
+        try:  # (after the marker: its probe object must not make a racing creator think the store is used)
+            check_conditional_writes()  # an object store that ignores If-None-Match would break the leases
+        except VmsnapError:
+            store.delete(MARKER)
+            raise
     return marker
+
+
+def _created_meanwhile(found: RepoMarker, location: Path | str, exclusive: bool) -> RepoMarker:
+    if exclusive:
+        raise RepositoryError(
+            f"{location} is a vmsnap repository already (another process made it just now)",
+            hint="use it, or choose another --repo",
+        )
+    return found
 
 
 def _instance(
@@ -220,7 +251,7 @@ def _instance(
     key_file: Path | str | None,
     runner: Runner | None,
     state_root: Path | None,
-    lease_seconds: float,
+    lease_seconds: float | None,
 ) -> RepositoryLayout:
     if marker.layout == "qcow2":
         if directory is None:
@@ -245,5 +276,5 @@ def _instance(
         key_problem=problem,
         runner=runner,
         state_root=state_root,
-        lease_seconds=lease_seconds,
+        lease_seconds=lease_seconds if lease_seconds is not None else default_lease_seconds(),
     )

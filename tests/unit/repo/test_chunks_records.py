@@ -20,9 +20,11 @@ from vmsnap.repo.chunks.known import (
     KnownChunks,
     RecordingStore,
     bump_generation,
+    drop_known_caches,
+    list_chunks,
     read_generation,
 )
-from vmsnap.repo.chunks.leases import GC_KEY, LeaseRecord, Leases, writer_key
+from vmsnap.repo.chunks.leases import GC_KEY, LEASE_SECONDS, LeaseRecord, Leases, lease_seconds, writer_key
 from vmsnap.repo.chunks.records import decode_manifest, encode_manifest
 from vmsnap.repo.manifest import CHUNKS_FORMAT, INDEX_DIGEST, ChunkStats, DiskRecord, Manifest
 from vmsnap.repo.marker import RepoMarker
@@ -130,6 +132,46 @@ def test_known_chunks_cache_follows_the_gc_generation(store: LocalStore, tmp_pat
     assert fresh.load(generation) == {a, b, c} and fresh.listed  # a gc ran: listed again
     assert KnownChunks(store, cache).load("stale", list_if_stale=False) == set()
     assert KnownChunks(store, cache).load(generation) == {a, b, c}  # (the stale one left the cache alone)
+
+
+def test_a_chunk_found_missing_makes_every_cache_stale_without_a_gc(
+    store: LocalStore, tmp_path: Path
+) -> None:
+    """drop_known_caches (verify, when a chunk went missing) renews the epoch, not the gc generation: the
+    cache is listed again, and a backup running meanwhile (which compares generations) is not disturbed."""
+    a, b = (bytes([n]) * 32 for n in (1, 2))
+    for chunk_id in (a, b):
+        store.put(chunk_key(chunk_id), b"blob")
+    cache = tmp_path / "known"
+    assert KnownChunks(store, cache).load("0") == {a, b}
+    store.delete(chunk_key(b))  # behind vmsnap's back
+    assert KnownChunks(store, cache).load("0") == {a, b}  # the cache cannot know
+    drop_known_caches(store)
+    assert read_generation(store) == "0"
+    fresh = KnownChunks(store, cache)
+    assert fresh.load("0") == {a} and fresh.listed
+
+
+def test_chunks_are_listed_by_prefix_and_other_keys_ignored(store: LocalStore) -> None:
+    ids = [bytes([n]) * 32 for n in (0x01, 0x7F, 0xAB, 0xFF)]
+    for chunk_id in ids:
+        store.put(chunk_key(chunk_id), b"x" * chunk_id[0])
+    store.put("chunks/readme", b"not a chunk")
+    found = list_chunks(store)
+    assert sorted(c for _, c in found) == sorted(ids)
+    assert {s.size for s, _ in found} == {0x01, 0x7F, 0xAB, 0xFF}
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("", LEASE_SECONDS), ("4", 4.0), (" 30.5 ", 30.5)])
+def test_the_lease_lifetime_comes_from_the_environment(value: str, seconds: float) -> None:
+    assert lease_seconds({"VMSNAP_LEASE_SECONDS": value}) == seconds
+    assert lease_seconds({}) == LEASE_SECONDS
+
+
+@pytest.mark.parametrize("value", ["0.5", "-3", "soon", "nan", "inf"])
+def test_a_lease_lifetime_that_is_none_is_refused(value: str) -> None:
+    with pytest.raises(UsageError, match="VMSNAP_LEASE_SECONDS"):
+        lease_seconds({"VMSNAP_LEASE_SECONDS": value})
 
 
 def _manifest() -> Manifest:

@@ -2,7 +2,8 @@
 
 Per backup the manifest (and its MAC) and each index (against the manifest's sha256 and its own trailer) are
 checked; then the store is listed once and every referenced chunk that is missing is reported for each
-backup disk that uses it. Without ``fast`` every referenced chunk is also fetched, decoded and checked
+backup disk that uses it (and returned, so that the repository can make the next backups store it again).
+Without ``fast`` every referenced chunk is also fetched, decoded and checked
 against its id (on parallel workers, each chunk once however many backups share it); a damaged one is
 reported, like a missing one, for every backup disk that uses it.
 """
@@ -16,8 +17,9 @@ from typing import Protocol
 from vmsnap.errors import DamagedChunkError, NotFoundError, RepositoryError
 from vmsnap.repo.chunks.blob import ChunkCodec, ChunkId, chunk_key
 from vmsnap.repo.chunks.index import ChunkIndex
+from vmsnap.repo.chunks.known import list_chunk_ids
 from vmsnap.repo.chunks.parallel import BoundedPool
-from vmsnap.repo.chunks.pipeline import DEFAULT_WORKERS, list_known_chunks
+from vmsnap.repo.chunks.pipeline import DEFAULT_WORKERS
 from vmsnap.repo.manifest import Damaged, Manifest
 from vmsnap.repo.progress import DiskProgress
 from vmsnap.repo.reports import VerifyProblem, VerifyReport
@@ -70,19 +72,26 @@ def verify_chunks(
     fast: bool,
     progress: DiskProgress,
     workers: int = DEFAULT_WORKERS,
+    missing: dict[str, set[ChunkId]] | None = None,
 ) -> VerifyReport:
-    """Check ``targets`` (see the module docstring); ``damaged`` count as checked, each with a problem."""
+    """Check ``targets`` (see the module docstring); ``damaged`` count as checked, each with a problem.
+
+    :param missing: filled with VM → the ids of chunks its backups name that are missing from the store
+    """
     problems = [VerifyProblem(d.vm, d.backup_id, "", d.error.message) for d in damaged]
     checked = [(m.vm, m.backup_id) for m in targets] + [(d.vm, d.backup_id) for d in damaged]
     users, lengths = _indexes(repo, targets, problems)
-    present = list_known_chunks(repo.store)
-    for chunk_id in sorted(users):
-        if chunk_id not in present:
-            _report(users, chunk_id, "is missing from the store", problems)
+    present = list_chunk_ids(repo.store)
+    gone = [chunk_id for chunk_id in sorted(users) if chunk_id not in present]
     if not fast:
-        _check_contents(
+        gone += _check_contents(
             repo, [c for c in sorted(users) if c in present], users, lengths, problems, progress, workers
         )
+    for chunk_id in gone:
+        _report(users, chunk_id, "is missing from the store", problems)
+        if missing is not None:
+            for vm, *_ in users[chunk_id]:
+                missing.setdefault(vm, set()).add(chunk_id)
     problems.sort(key=lambda p: (p.vm, p.backup_id, p.disk, p.message))
     return VerifyReport("chunks-fast" if fast else "chunks", tuple(sorted(checked)), tuple(problems))
 
@@ -95,8 +104,9 @@ def _check_contents(
     problems: list[VerifyProblem],
     progress: DiskProgress,
     workers: int,
-) -> None:
-    """Fetch, decode and check each chunk once; report the damaged ones for all their users."""
+) -> list[ChunkId]:
+    """Fetch, decode and check each chunk once; report the damaged ones for all their users, and return those
+    that went missing meanwhile."""
     codec = repo.codec
     total = sum(lengths[c] for c in chunk_ids)
     lock = threading.Lock()
@@ -122,4 +132,6 @@ def _check_contents(
 
     BoundedPool(check, workers=workers, depth=2 * workers, tick=tick).run(chunk_ids)
     for chunk_id, what in sorted(bad):
-        _report(users, chunk_id, f"is damaged: {what}" if "missing" not in what else what, problems)
+        if "missing" not in what:
+            _report(users, chunk_id, f"is damaged: {what}", problems)
+    return [chunk_id for chunk_id, what in sorted(bad) if "missing" in what]

@@ -15,25 +15,29 @@ runs that died — never a chunk a kept or running backup needs.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from vmsnap.errors import LeaseError, RepositoryError
 from vmsnap.processes import crash_point
-from vmsnap.repo.chunks.blob import parse_chunk_key
 from vmsnap.repo.chunks.index import ChunkIndex
-from vmsnap.repo.chunks.known import bump_generation
+from vmsnap.repo.chunks.known import bump_generation, list_chunks
 from vmsnap.repo.chunks.leases import GC_KEY, READERS, WRITERS, Lease, Leases
 from vmsnap.repo.chunks.parallel import BoundedPool
 from vmsnap.repo.chunks.records import split_backup_key
 from vmsnap.repo.manifest import MANIFEST, Damaged, Manifest
 from vmsnap.repo.reports import GcReport
-from vmsnap.repo.stores.base import Store, StoredObject
+from vmsnap.repo.stores.base import Store
 
 RETRY_SECONDS = 2.0
 """How often a waiting gc looks again for running writers and readers."""
 DELETE_WORKERS = 8
+MARK_WORKERS = 16
+"""Indexes read in parallel while marking (each read is a round trip on S3)."""
+SWEEP_BATCH = 1000
+"""Chunks per batch delete (S3's DeleteObjects takes at most 1000 keys)."""
 
 
 class GcRepository(Protocol):
@@ -73,29 +77,41 @@ def _take_lock(leases: Leases, wait: float) -> Lease:
         time.sleep(min(RETRY_SECONDS, max(0.0, deadline - time.monotonic())) or 0.1)
 
 
-def _mark(repo: GcRepository) -> set[bytes]:
-    """Every chunk id an index of a complete backup names.
+def _mark(repo: GcRepository, workers: int = MARK_WORKERS) -> set[bytes]:
+    """Every chunk id an index of a complete backup names. Indexes are read on ``workers`` threads, and an
+    index whose sha256 was read already (a backup of a VM that had not changed) is not read again.
 
     :raise RepositoryError: a manifest or index is damaged (nothing is deleted then)
     """
     damaged: list[Damaged] = []
-    referenced: set[bytes] = set()
-    for manifest in repo.backups(damaged=damaged):
-        for record in manifest.disks:
-            try:
-                referenced |= repo.index(manifest, record.name).referenced()
-            except RepositoryError as err:
-                raise RepositoryError(
-                    f"gc stopped before deleting anything: {manifest.vm}/{manifest.backup_id}/{record.name}: "
-                    f"{err.message}",
-                    hint="run `vmsnap verify`; delete that backup or restore its index, then gc again",
-                ) from err
+    manifests = repo.backups(damaged=damaged)
     if damaged:
         raise RepositoryError(
             f"gc stopped before deleting anything: {damaged[0].vm}/{damaged[0].backup_id}: "
             f"{damaged[0].error.message}",
             hint="run `vmsnap verify`; delete that backup or restore its manifest, then gc again",
         )
+    todo: dict[str, tuple[Manifest, str]] = {}
+    for manifest in manifests:
+        for record in manifest.disks:
+            todo.setdefault(record.sha256, (manifest, record.name))
+    referenced: set[bytes] = set()
+    lock = threading.Lock()
+
+    def mark(item: tuple[Manifest, str]) -> None:
+        manifest, disk = item
+        try:
+            ids = repo.index(manifest, disk).referenced()
+        except RepositoryError as err:
+            raise RepositoryError(
+                f"gc stopped before deleting anything: {manifest.vm}/{manifest.backup_id}/{disk}: "
+                f"{err.message}",
+                hint="run `vmsnap verify`; delete that backup or restore its index, then gc again",
+            ) from err
+        with lock:
+            referenced.update(ids)
+
+    BoundedPool(mark, workers=workers, depth=2 * workers).run(todo.values())
     return referenced
 
 
@@ -109,11 +125,27 @@ def _partial_backups(store: Store) -> dict[str, list[str]]:
     return {name: keys for name, keys in dirs.items() if not any(k.endswith("/" + MANIFEST) for k in keys)}
 
 
-def _chunks(store: Store) -> Iterator[tuple[StoredObject, bytes]]:
-    for stored in store.list("chunks/"):
-        chunk_id = parse_chunk_key(stored.key)
-        if chunk_id is not None:
-            yield stored, chunk_id
+def _sweep(store: Store, keys: list[str]) -> None:
+    """Delete ``keys``: in batches where the store can (S3's DeleteObjects), else on parallel workers."""
+    half = len(keys) // 2
+    delete_many: Callable[[Iterable[str]], None] | None = getattr(store, "delete_many", None)
+    if delete_many is not None:
+        batches = [keys[start : start + SWEEP_BATCH] for start in range(0, len(keys), SWEEP_BATCH)]
+
+        def delete_batch(item: tuple[int, list[str]]) -> None:
+            if item[0] * SWEEP_BATCH <= half < (item[0] + 1) * SWEEP_BATCH:
+                crash_point("gc-mid-sweep")
+            delete_many(item[1])
+
+        BoundedPool(delete_batch, workers=DELETE_WORKERS, depth=DELETE_WORKERS).run(enumerate(batches))
+        return
+
+    def delete(item: tuple[int, str]) -> None:
+        if item[0] == half:
+            crash_point("gc-mid-sweep")
+        store.delete(item[1])
+
+    BoundedPool(delete, workers=DELETE_WORKERS, depth=2 * DELETE_WORKERS).run(enumerate(keys))
 
 
 def collect(repo: GcRepository, *, wait: float = 0.0, dry_run: bool = False) -> GcReport:
@@ -130,7 +162,7 @@ def collect(repo: GcRepository, *, wait: float = 0.0, dry_run: bool = False) -> 
         referenced = _mark(repo)
         store = repo.store
         partial = _partial_backups(store)
-        chunks = list(_chunks(store))
+        chunks = list_chunks(store)
         garbage = [stored for stored, chunk_id in chunks if chunk_id not in referenced]
         kept = len(chunks) - len(garbage)
         report = GcReport(
@@ -146,14 +178,7 @@ def collect(repo: GcRepository, *, wait: float = 0.0, dry_run: bool = False) -> 
         for keys in partial.values():
             for key in sorted(keys):
                 store.delete(key)
-        half = len(garbage) // 2
-
-        def delete(item: tuple[int, StoredObject]) -> None:
-            if item[0] == half:
-                crash_point("gc-mid-sweep")
-            store.delete(item[1].key)
-
-        BoundedPool(delete, workers=DELETE_WORKERS, depth=2 * DELETE_WORKERS).run(enumerate(garbage))
+        _sweep(store, [stored.key for stored in garbage])
         lease.check()
         return report
     finally:

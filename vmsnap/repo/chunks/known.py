@@ -1,18 +1,21 @@
-"""Which chunks the store holds, without listing it every time: the gc generation, and this host's cache of
-known chunk ids.
+"""Which chunks the store holds, without a request per chunk: the gc generation, the known-chunks epoch, this
+host's cache of known chunk ids, and the listing that renews it.
 
 ``gc-generation`` (a store object) holds a random token that every ``gc`` replaces *before* it deletes
 anything; as long as it is unchanged, no chunk has been collected, so a set of ids that were in the store
-stays true (chunks are written once and only gc deletes them).
+stays true (chunks are written once and only gc deletes them). ``known-chunks-epoch`` is replaced when a
+chunk was found missing that should not be (deleted behind vmsnap's back: ``verify`` does it), so that every
+host drops its cache too — without the gc generation, which would fail the backups running meanwhile.
 
 The cache (``known-chunks`` in the repository's local state directory, see :mod:`vmsnap.repo.state`)::
 
-    b"vmsnap-known-chunks 1 <generation>\\n" + 32-byte chunk ids, appended as chunks are stored
+    b"vmsnap-known-chunks 1 <generation>.<epoch>\\n" + 32-byte chunk ids, appended as chunks are stored
 
-is used only while its generation is the store's; otherwise it is rebuilt from one listing of ``chunks/``.
-Ids are appended (``O_APPEND``) the moment a chunk is stored or found, so a backup killed half-way leaves
-them behind for the next run, which then stores none of those chunks again. A lost or damaged cache only
-costs a listing.
+is used only while both tokens are the store's; otherwise it is rebuilt from one listing of ``chunks/``
+(:func:`list_chunks`: the 16 prefixes ``chunks/0`` … ``chunks/f`` listed in parallel, 1000 keys a request
+on S3). Ids are appended (``O_APPEND``) the moment a chunk is stored or found, so a backup killed half-way
+leaves them behind for the next run, which then stores none of those chunks again. A lost or damaged cache
+only costs a listing.
 """
 
 from __future__ import annotations
@@ -22,15 +25,19 @@ import re
 import secrets
 import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from vmsnap.errors import NotFoundError
 from vmsnap.files import FILE_MODE, write_atomic
 from vmsnap.repo.chunks.blob import ID_SIZE, ChunkId, parse_chunk_key
-from vmsnap.repo.chunks.pipeline import list_known_chunks
 from vmsnap.repo.stores.base import Store, StoredObject
+from vmsnap.repo.stores.local import LocalStore
 
 GENERATION_KEY = "gc-generation"
+EPOCH_KEY = "known-chunks-epoch"
+LIST_WORKERS = 16
+"""Listings of ``chunks/`` run in parallel, one per first hex digit of the id."""
 _MAGIC = b"vmsnap-known-chunks 1 "
 _TOKEN = re.compile(r"^[0-9a-f]{1,64}$")
 
@@ -54,6 +61,47 @@ def bump_generation(store: Store) -> str:
     return token
 
 
+def read_epoch(store: Store) -> str:
+    """The store's known-chunks epoch ("0" before any chunk was found missing)."""
+    try:
+        text = store.get(EPOCH_KEY).decode("ascii", errors="replace").strip()
+    except NotFoundError:
+        return "0"
+    return text if _TOKEN.match(text) else "damaged"
+
+
+def drop_known_caches(store: Store) -> None:
+    """Make every host's cache of known chunks stale (a chunk is missing that a cache may name)."""
+    store.put(EPOCH_KEY, secrets.token_hex(16).encode("ascii") + b"\n")
+
+
+def list_chunks(store: Store, *, workers: int = LIST_WORKERS) -> list[tuple[StoredObject, ChunkId]]:
+    """Every chunk blob in ``store`` with its id (other keys under ``chunks/`` are ignored). An object store's
+    listing is bound by round trips (1000 keys each on S3), so the prefixes ``chunks/0`` … ``chunks/f`` are
+    listed on ``workers`` threads; a local directory is walked once.
+
+    :raise StoreError: a listing failed
+    """
+    if isinstance(store, LocalStore):
+        return [(s, c) for s in store.list("chunks/") if (c := parse_chunk_key(s.key)) is not None]
+
+    def one(digit: str) -> list[tuple[StoredObject, ChunkId]]:
+        found = []
+        for stored in store.list(f"chunks/{digit}"):
+            chunk_id = parse_chunk_key(stored.key)
+            if chunk_id is not None:
+                found.append((stored, chunk_id))
+        return found
+
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="vmsnap-list") as pool:
+        return [entry for part in pool.map(one, "0123456789abcdef") for entry in part]
+
+
+def list_chunk_ids(store: Store) -> set[ChunkId]:
+    """The ids of every chunk blob in ``store`` (see :func:`list_chunks`)."""
+    return {chunk_id for _, chunk_id in list_chunks(store)}
+
+
 class KnownChunks:
     """The chunk ids this host knows to be in the store (see the module docstring); thread-safe.
 
@@ -69,16 +117,17 @@ class KnownChunks:
         self.listed = False
 
     def load(self, generation: str, *, list_if_stale: bool = True) -> set[ChunkId]:
-        """The known ids for the store at ``generation``: the cache's, or a fresh listing (saved as the new
-        cache) — or, without ``list_if_stale``, nothing when the cache is stale (an incremental backup, which
-        knows its parent's chunks, need not list the whole store)."""
-        ids = self._read_cache(generation)
+        """The known ids for the store at ``generation`` (and its current epoch): the cache's, or a fresh
+        listing (saved as the new cache) — or, without ``list_if_stale``, nothing when the cache is stale
+        (an incremental backup, which knows its parent's chunks, need not list the whole store)."""
+        token = f"{generation}.{read_epoch(self.store)}"
+        ids = self._read_cache(token)
         if ids is None:
             if not list_if_stale:
                 return set()  # the stale cache stays as it is: the next full backup lists and renews it
-            ids = list_known_chunks(self.store)
+            ids = list_chunk_ids(self.store)
             self.listed = True
-            self._write_cache(generation, ids)
+            self._write_cache(token, ids)
         self._open_for_append()
         return ids
 

@@ -33,19 +33,41 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import attrs
 
-from vmsnap.errors import LeaseError, NotFoundError, StoreError
+from vmsnap.errors import LeaseError, NotFoundError, StoreError, UsageError
 from vmsnap.model import validate_name
 from vmsnap.repo.stores.base import Store
 
 LEASE_SECONDS = 120.0
 """How long a lease lives without renewal; the heartbeat renews it every quarter of that."""
+LEASE_ENV = "VMSNAP_LEASE_SECONDS"
+"""Overrides :data:`LEASE_SECONDS` for the leases this process takes (how soon another host may take over
+the lease of a host that died; every holder writes its own expiry, so hosts may differ)."""
 WRITERS = "locks/vms/"
 READERS = "locks/readers/"
 GC_KEY = "locks/gc"
+
+
+def lease_seconds(environ: Mapping[str, str] | None = None) -> float:
+    """``$VMSNAP_LEASE_SECONDS``, else :data:`LEASE_SECONDS`.
+
+    :raise UsageError: not a number of seconds of at least 1
+    """
+    value = (os.environ if environ is None else environ).get(LEASE_ENV, "").strip()
+    if not value:
+        return LEASE_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds >= 1.0 or seconds == float("inf"):
+        raise UsageError(
+            f"{LEASE_ENV}={value!r} is not a lease lifetime", hint="give seconds, at least 1 (default 120)"
+        )
+    return seconds
 
 
 def writer_key(vm: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,6 +26,7 @@ from vmsnap.errors import (
     KeyFileError,
     NotFoundError,
     RepositoryError,
+    StoreError,
     UsageError,
     VmsnapError,
 )
@@ -36,9 +38,9 @@ from vmsnap.repo.chunks.check import verify_chunks
 from vmsnap.repo.chunks.gc import collect
 from vmsnap.repo.chunks.index import ChunkIndex, decode_index
 from vmsnap.repo.chunks.keys import RepositoryKey
-from vmsnap.repo.chunks.known import read_generation
+from vmsnap.repo.chunks.known import drop_known_caches, list_chunk_ids, read_generation
 from vmsnap.repo.chunks.leases import GC_KEY, LEASE_SECONDS, READERS, Lease, Leases, writer_key
-from vmsnap.repo.chunks.pipeline import DEFAULT_WORKERS, list_known_chunks
+from vmsnap.repo.chunks.pipeline import DEFAULT_WORKERS
 from vmsnap.repo.chunks.records import (
     VMS,
     backup_prefix,
@@ -66,6 +68,7 @@ BLOCK_READER = "vmsnap.repo.chunks.blockreader:open_reader"
 """What nbdkit's plugin builds to serve a disk of this layout (:mod:`vmsnap.repo.chunks.blockreader`)."""
 
 _CHUNK_HEX = re.compile(r"chunk ([0-9a-f]{64})")
+log = logging.getLogger(__name__)
 
 
 class ChunksRepository(RepositoryLayout):
@@ -200,6 +203,35 @@ class ChunksRepository(RepositoryLayout):
                     raise
                 damaged.append(Damaged(name, backup_id, err))
         return found
+
+    def latest(self, vm: str) -> Manifest | None:
+        """The newest backup of ``vm``: one listing of its backups and one manifest read, however many.
+
+        :raise RepositoryError: the newest backup's manifest is damaged
+        """
+        validate_name(vm, "VM name")
+        dirs = self._backup_dirs(vm)
+        for name, backup_id in sorted(dirs, reverse=True):
+            if MANIFEST in dirs[(name, backup_id)]:
+                with contextlib.suppress(NotFoundError):  # pruned meanwhile: the one before it
+                    return self.load(name, backup_id)
+        return None
+
+    def get(self, vm: str, backup_id: str | None = None) -> Manifest:
+        """The backup ``backup_id`` of ``vm`` (the latest when None), reading only its manifest.
+
+        :raise NotFoundError: no such VM or backup (with the ids that exist)
+        :raise RepositoryError: its manifest is damaged
+        """
+        if backup_id is None:
+            found = self.latest(vm)
+        else:
+            validate_name(vm, "VM name")
+            try:
+                found = self.load(vm, validate_name(backup_id, "backup id"))
+            except NotFoundError:
+                found = None
+        return found if found is not None else super().get(vm, backup_id)  # (raises, naming what exists)
 
     def index(self, manifest: Manifest, disk: str) -> ChunkIndex:
         """One disk's index, checked against the manifest's sha256 and its own trailer (MAC).
@@ -443,7 +475,7 @@ class ChunksRepository(RepositoryLayout):
 
     def _check_present(self, indexes: Sequence[ChunkIndex]) -> None:
         """:raise DamagedChunkError: a chunk the indexes name is not in the store (who uses it named)."""
-        present = list_known_chunks(self._store)
+        present = list_chunk_ids(self._store)
         for index in indexes:
             for _, chunk_id in index.data_chunks():
                 if chunk_id not in present:
@@ -472,7 +504,24 @@ class ChunksRepository(RepositoryLayout):
                 if vm is not None and vm not in self.vms():
                     self.get(vm)  # raises NotFoundError naming the VMs there are
                 targets = self.backups(vm, damaged=damaged)
-            return verify_chunks(self, targets, damaged, fast=fast, progress=progress)
+            missing: dict[str, set[ChunkId]] = {}
+            report = verify_chunks(self, targets, damaged, fast=fast, progress=progress, missing=missing)
+        if missing:
+            self._store_missing_again(missing)
+        return report
+
+    def _store_missing_again(self, missing: Mapping[str, set[ChunkId]]) -> None:
+        """Chunks went missing behind vmsnap's back: make every host forget them (its known-chunks cache) and
+        the next backup of each VM that names one full, so that it stores them again (if the guest still has
+        that data). Best effort: read-only credentials leave it to the report."""
+        try:
+            drop_known_caches(self._store)
+            for vm, ids in sorted(missing.items()):
+                first = min(ids).hex()
+                reason = f"verify found {len(ids)} chunk(s) of its backups missing (first {first})"
+                self.require_full(vm, reason)
+        except StoreError as err:
+            log.warning("verify could not mark the VMs whose chunks are missing: %s", err.message)
 
     def delete_backup(self, vm: str, backup_id: str) -> None:
         """Delete the manifest first (the backup is gone at once), then its other objects; its chunks stay
@@ -485,7 +534,7 @@ class ChunksRepository(RepositoryLayout):
 
     def present_chunks(self) -> set[ChunkId]:
         """The ids of every chunk in the store (one listing)."""
-        return list_known_chunks(self._store)
+        return list_chunk_ids(self._store)
 
     def chunk_blob(self, chunk_id: bytes) -> bytes:
         """The stored blob of a chunk (unchecked: decode it with :attr:`codec`)."""

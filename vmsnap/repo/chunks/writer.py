@@ -124,6 +124,23 @@ class ChunksWriter:
         self._known_chunks = KnownChunks(repo.store, repo.state.known_chunks)
         self._known: set[ChunkId] | None = None
         self._store = RecordingStore(repo.store, self._known_chunks)
+        self._parent_indexes: dict[str, ChunkIndex | VmsnapError] = {}
+
+    def _parent_disk_index(self, disk: str) -> ChunkIndex:
+        """The parent's index of ``disk``, read once per backup.
+
+        :raise VmsnapError: the parent has no such disk, or its index cannot be used
+        """
+        assert self.parent is not None
+        if disk not in self._parent_indexes:
+            try:
+                self._parent_indexes[disk] = self.repo.index(self.parent, disk)
+            except VmsnapError as err:
+                self._parent_indexes[disk] = err
+        found = self._parent_indexes[disk]
+        if isinstance(found, VmsnapError):
+            raise found
+        return found
 
     def checkpoint_images(self, parent: Manifest, disks: Sequence[Disk]) -> dict[str, Path]:
         """None: a chunks repository keeps no images a strategy could write on top of."""
@@ -136,7 +153,7 @@ class ChunksWriter:
             if self.parent is not None:
                 for record in self.parent.disks:
                     try:
-                        known |= self.repo.index(self.parent, record.name).referenced()
+                        known |= self._parent_disk_index(record.name).referenced()
                     except VmsnapError:
                         continue  # that disk is read fully; its chunks are stored if absent
             self._known = known
@@ -153,7 +170,7 @@ class ChunksWriter:
             return None, "the export names no dirty bitmap"
         try:
             record = self.parent.disk(disk.name)
-            index = self.repo.index(self.parent, disk.name)
+            index = self._parent_disk_index(disk.name)
         except VmsnapError as err:
             return None, f"the parent's index of {disk.name} cannot be used ({err.message})"
         if record.virtual_size != disk.virtual_size:

@@ -30,6 +30,11 @@ refused, connect or read timeout), missing credentials, and anything else with t
 
 vmsnap does not create buckets: :meth:`S3Store.create_bucket` exists for tests and benchmarks, and opening a
 store checks that the bucket exists (see :meth:`S3Store.check`).
+
+Requests cost money on AWS and time everywhere, so every store counts the HTTP requests it sends (each
+attempt, retries included) by operation and by the first part of the key (``chunks``, ``vms``, ``locks``, …):
+:attr:`S3Store.requests`, and :data:`PROCESS_REQUESTS` for all stores of this process (what the tests and
+the benchmark read). :meth:`S3Store.delete_many` removes up to 1000 keys per request (DeleteObjects), for gc.
 """
 
 from __future__ import annotations
@@ -38,8 +43,11 @@ import logging
 import os
 import random
 import re
+import secrets
+import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Literal, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -66,8 +74,9 @@ from vmsnap.repo.stores.base import StoredObject, check_key, check_prefix
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
     from mypy_boto3_s3.literals import BucketLocationConstraintType
+    from mypy_boto3_s3.type_defs import ObjectIdentifierTypeDef
 
-__all__ = ["S3Options", "S3Store", "parse_s3_url"]
+__all__ = ["PROCESS_REQUESTS", "RequestTally", "S3Options", "S3Store", "parse_s3_url"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +98,32 @@ _MISSING_KEY = frozenset({"NoSuchKey", "404", "NotFound"})
 # a broken body read is retried by the store (botocore retries only until the response headers arrive)
 _READ_ERRORS = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError)
 _USERINFO = re.compile(r"//[^/@\s]*@")
+
+
+DELETE_BATCH = 1000
+"""Keys per DeleteObjects request (S3's maximum)."""
+
+
+class RequestTally:
+    """HTTP requests sent, by (operation, area): ``("PutObject", "chunks")``; thread-safe. The area is the
+    first part of the store key (or of a listing's prefix; "" for the whole store)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[tuple[str, str]] = Counter()
+
+    def add(self, operation: str, area: str) -> None:
+        with self._lock:
+            self._counts[(operation, area)] += 1
+
+    def snapshot(self) -> Counter[tuple[str, str]]:
+        """A copy of the counts (subtract two snapshots for what happened in between)."""
+        with self._lock:
+            return Counter(self._counts)
+
+
+PROCESS_REQUESTS = RequestTally()
+"""The requests of every :class:`S3Store` of this process."""
 
 
 @attrs.frozen(kw_only=True)
@@ -146,6 +181,11 @@ class S3Store:
         self._url = f"s3://{self._bucket}/{prefix}" if prefix else f"s3://{self._bucket}"
         self._client = self._make_client()
         self._endpoint = _scrub(_without_userinfo(self._client.meta.endpoint_url))
+        self.requests = RequestTally()
+        """The HTTP requests this store sent (see the module docstring)."""
+        events = self._client.meta.events
+        events.register("before-parameter-build.s3", self._note_area)
+        events.register("request-created.s3", self._count_request)
 
     @classmethod
     def from_url(cls, url: str, *, options: S3Options | None = None, check: bool = True) -> S3Store:
@@ -194,6 +234,25 @@ class S3Store:
             self._client.list_objects_v2(Bucket=self._bucket, Prefix=self._root, MaxKeys=1)
         except (ClientError, BotoCoreError) as err:
             raise self._store_error("a listing", err) from err
+
+    def check_conditional_writes(self) -> None:
+        """Make sure the server honours ``If-None-Match: *`` (leases and manifests rely on it): a probe object
+        is put twice with it, and the second put must be refused. Three requests; run when a repository is
+        created.
+
+        :raise StoreError: the server overwrote the probe (it ignores conditional writes), or failed
+        """
+        probe = f"locks/conditional-write-probe-{secrets.token_hex(8)}"
+        try:
+            first, second = self.put(probe, b"1", if_absent=True), self.put(probe, b"2", if_absent=True)
+        finally:
+            self.delete(probe)
+        if not first or second:
+            raise StoreError(
+                f"the S3 server at {self._endpoint} ignores conditional writes (If-None-Match: *)",
+                hint="vmsnap needs them for its leases and manifests: use AWS S3, SeaweedFS, or a MinIO or "
+                "Ceph RGW release that supports them",
+            )
 
     def get(self, key: str) -> bytes:
         """The object's bytes (a body cut short is fetched again, up to ``max_attempts`` times).
@@ -318,6 +377,31 @@ class S3Store:
         except BotoCoreError as err:
             raise self._store_error(f"delete of {key!r}", err) from err
 
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Remove many objects, :data:`DELETE_BATCH` per DeleteObjects request; missing ones are no error.
+
+        :raise UsageError: an invalid key
+        :raise StoreError: the store failed, or refused to delete one of them (the first is named)
+        """
+        names = [self._root + check_key(key) for key in keys]
+        for start in range(0, len(names), DELETE_BATCH):
+            batch: list[ObjectIdentifierTypeDef] = [{"Key": n} for n in names[start : start + DELETE_BATCH]]
+            try:
+                answer = self._client.delete_objects(
+                    Bucket=self._bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+            except (ClientError, BotoCoreError) as err:
+                raise self._store_error(f"delete of {len(batch)} objects", err) from err
+            failed = [e for e in answer.get("Errors", []) if e.get("Code") not in _MISSING_KEY]
+            if failed:
+                first = failed[0]
+                raise StoreError(
+                    f"S3 refused to delete {len(failed)} of {len(batch)} objects in {self._url}; first: "
+                    f"{first.get('Key', '')[len(self._root) :]!r}: {first.get('Code', '')} "
+                    f"{_one_line(str(first.get('Message', '')))}",
+                    hint="check that the credentials may delete under this prefix",
+                )
+
     def create_bucket(self) -> bool:
         """Create the bucket (in the client's region); for tests and benchmarks, vmsnap itself never does.
 
@@ -367,6 +451,19 @@ class S3Store:
                 f"cannot set up the S3 client for {self._url}: {_one_line(str(err))}",
                 hint="check AWS_ENDPOINT_URL, AWS_REGION and the profile in ~/.aws/config",
             ) from err
+
+    def _note_area(self, params: dict[str, object], context: dict[str, object], **_: object) -> None:
+        """botocore hook (before a call's parameters are built): remember the key's area for the count."""
+        name = str(params.get("Key") or params.get("Prefix") or "")
+        inside = name[len(self._root) :] if name.startswith(self._root) else ""
+        context["vmsnap_area"] = inside.split("/", 1)[0]
+
+    def _count_request(self, request: object, operation_name: str, **_: object) -> None:
+        """botocore hook (each attempt of each request, retries included): count it."""
+        context = getattr(request, "context", None) or {}
+        area = str(context.get("vmsnap_area", ""))
+        self.requests.add(operation_name, area)
+        PROCESS_REQUESTS.add(operation_name, area)
 
     def _holds(self, name: str, data: bytes) -> bool:
         """After a resent conditional put got 412: True when the object holds exactly ``data`` (then it was

@@ -100,3 +100,71 @@ def test_server_errors_keep_their_code_and_hint(stubbed: tuple[S3Store, Stubber]
     text = str(caught.value)
     assert "SlowDown (HTTP 503): Please reduce your request rate." in text and "check its health" in text
     assert "unit-test-secret" not in text
+
+
+def test_delete_many_sends_batches_of_1000_keys(stubbed: tuple[S3Store, Stubber]) -> None:
+    store, stubber = stubbed
+    keys = [f"chunks/{n:04x}/{n:064x}" for n in range(1500)]
+    for start, stop in ((0, 1000), (1000, 1500)):
+        objects = [{"Key": f"repo/one/{k}"} for k in keys[start:stop]]
+        expected = {"Bucket": "bucket", "Delete": {"Objects": objects, "Quiet": True}}
+        stubber.add_response("delete_objects", {}, expected)
+    store.delete_many(keys)
+
+
+def test_delete_many_names_the_first_key_it_could_not_delete(stubbed: tuple[S3Store, Stubber]) -> None:
+    store, stubber = stubbed
+    errors = [
+        {"Key": "repo/one/a", "Code": "NoSuchKey", "Message": "gone already: fine"},
+        {"Key": "repo/one/b", "Code": "AccessDenied", "Message": "Access\nDenied"},
+    ]
+    stubber.add_response("delete_objects", {"Errors": errors})
+    with pytest.raises(StoreError) as caught:
+        store.delete_many(["a", "b", "c"])
+    text = str(caught.value)
+    assert "1 of 3 objects" in text and "'b': AccessDenied Access Denied" in text and "\n" not in text
+
+
+def test_requests_are_counted_by_operation_and_area(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count hooks into botocore's request creation: every attempt that would go on the wire."""
+    from botocore.awsrequest import AWSRequest
+
+    from vmsnap.repo.stores.s3 import PROCESS_REQUESTS
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDUNITTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unit-test-secret")
+    store = S3Store(
+        "bucket", "repo/one", options=S3Options(endpoint_url="http://127.0.0.1:9", region="us-east-1")
+    )
+    before = PROCESS_REQUESTS.snapshot()
+    for params, name in (
+        ({"Key": "repo/one/chunks/ab/cd"}, "PutObject"),
+        ({"Prefix": "repo/one/locks/"}, "ListObjectsV2"),
+    ):
+        context: dict[str, object] = {}
+        store._note_area(params=params, context=context)
+        request = AWSRequest()
+        request.context = context
+        store._count_request(request=request, operation_name=name)
+    expected = {("PutObject", "chunks"): 1, ("ListObjectsV2", "locks"): 1}
+    assert dict(store.requests.snapshot()) == expected
+    assert dict(PROCESS_REQUESTS.snapshot() - before) == expected
+    store.close()
+
+
+def test_a_server_that_ignores_conditional_writes_is_refused(stubbed: tuple[S3Store, Stubber]) -> None:
+    """Both conditional puts of the probe succeed (the second overwrote the first): no repository there."""
+    store, stubber = stubbed
+    stubber.add_response("put_object", {})
+    stubber.add_response("put_object", {})
+    stubber.add_response("delete_object", {})
+    with pytest.raises(StoreError, match="ignores conditional writes"):
+        store.check_conditional_writes()
+
+
+def test_a_server_that_honours_conditional_writes_passes(stubbed: tuple[S3Store, Stubber]) -> None:
+    store, stubber = stubbed
+    stubber.add_response("put_object", {})
+    stubber.add_client_error("put_object", "PreconditionFailed", http_status_code=412)
+    stubber.add_response("delete_object", {})
+    store.check_conditional_writes()
