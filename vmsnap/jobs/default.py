@@ -28,12 +28,12 @@ from vmsnap.backup import Backup, BackupConfig
 from vmsnap.backup.config import Quiesce
 from vmsnap.errors import NotFoundError, RepositoryError, UnsupportedError
 from vmsnap.jobs.expand import expand_vms
-from vmsnap.jobs.hosts import HostSpec
 from vmsnap.jobs.jobfile import ListDomains, VmSpec, load_job
 from vmsnap.jobs.run import BackupInfo, JobReport, Prediction, VmBackup, apply_retention, run_job
 from vmsnap.repo.repository import Repository, RepositoryLayout
 from vmsnap.repo.retention import RetentionPlan, RetentionPolicy, backup_time
 from vmsnap.runner import Runner
+from vmsnap.vm.hosts import HostSpec
 from vmsnap.vm.machine import Machine, OfflineMachine, QemuMachine
 from vmsnap.vm.remote import RemoteHost
 

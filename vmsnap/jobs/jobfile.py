@@ -52,10 +52,10 @@ from typing import Any, Literal
 import attrs
 
 from vmsnap.errors import UsageError
-from vmsnap.jobs.hosts import HostSpec
 from vmsnap.jobs.toml_lines import KeyLines, TablePath
 from vmsnap.model import validate_name
 from vmsnap.repo.retention import POLICY_KEYS, RetentionPolicy
+from vmsnap.vm.hosts import HostSpec
 
 DEFAULT_METRICS_DIR = Path("/var/lib/prometheus/node-exporter")
 """Debian's prometheus-node-exporter ``--collector.textfile.directory``."""

@@ -9,7 +9,7 @@ import pytest
 
 from vmsnap.errors import LibvirtError, UsageError
 from vmsnap.jobs.expand import expand_vms
-from vmsnap.jobs.hosts import HostSpec
+from vmsnap.vm.hosts import HostSpec
 from vmsnap.jobs.jobfile import JobConfig, load_job, parse_job
 from vmsnap.jobs.toml_lines import KeyLines
 from vmsnap.repo.retention import RetentionPolicy
