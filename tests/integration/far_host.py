@@ -105,7 +105,19 @@ def far_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FarHost]:
     port = _free_port()
     _write_configs(d, port)
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-    argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _ENTER, "sh", str(d), sshd_bin]
+    argv = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        _ENTER,
+        "sh",
+        str(d),
+        sshd_bin,
+    ]
     with open(d / "sshd.log", "wb") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -156,9 +168,8 @@ class FarVm:
         """Quit QEMU (QMP quit), SIGKILL it after 10 s; by its pid."""
         if self.process is None or self.process.poll() is not None:
             return
-        with contextlib.suppress(Exception):
-            with self.monitor() as qmp:
-                qmp.execute("quit")
+        with contextlib.suppress(Exception), self.monitor() as qmp:
+            qmp.execute("quit")
         processes.stop_child(self.process, timeout=10)
 
 

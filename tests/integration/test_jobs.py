@@ -19,11 +19,11 @@ from tests.integration.cli_helpers import qcow2_repo
 from vmsnap.errors import VmsnapError
 from vmsnap.jobs.default import run_job_file
 from vmsnap.jobs.expand import expand_vms
-from vmsnap.vm.hosts import HostSpec
 from vmsnap.jobs.jobfile import JobConfig, load_job
 from vmsnap.jobs.run import JobReport, job_lock
 from vmsnap.lab.qemu import DriveSpec, QemuProcess
 from vmsnap.runner import SshRunner
+from vmsnap.vm.hosts import HostSpec
 from vmsnap.vm.remote import RemoteHost
 
 

@@ -4,13 +4,14 @@ retention applied to each VM after its successful backup, one report, the ``on_f
 The work on one VM goes through small injected functions, so the orchestrator behind them can change:
 
 - :data:`BackupFn` ``(VmSpec) -> VmBackup`` takes one backup or raises;
-- :class:`RetentionFn` ``(VmSpec, RetentionPolicy, *, dry_run) -> RetentionPlan`` prunes one VM (the usual
-  one is :func:`apply_retention` over a listing and a removal function);
+- :class:`RetentionFn` ``(VmSpec, RetentionPolicy, *, dry_run) -> PruneResult`` prunes one VM (the
+  repository's ``prune``; a dry run plans with :func:`apply_retention`, as if this run's backup existed);
 - :data:`PredictFn` ``(VmSpec) -> Prediction`` says, for ``--dry-run``, whether the backup would be full or
-  incremental (and may raise when the VM cannot be reached).
+  incremental (and may raise when the VM cannot be reached);
+- :data:`GcFn` ``() -> GcReport`` collects the repository's garbage once after every VM (``gc = true``).
 
-:mod:`vmsnap.jobs.default` provides them on today's orchestrator. Exit status for the CLI: 0 when every VM
-succeeded (and the metrics were written), 1 otherwise.
+:mod:`vmsnap.jobs.default` provides them on the backup orchestrator and the repository. Exit status for the
+CLI: 0 when every VM succeeded (and gc, when asked for, and the metrics), 1 otherwise.
 
 Runs of one job never overlap: systemd does not start a oneshot service that is still running (a timer that
 fires meanwhile is merged into the running start job), and a manual ``vmsnap run`` takes the job's lock
@@ -43,7 +44,8 @@ import attrs
 from vmsnap.errors import VmsnapError
 from vmsnap.jobs import metrics
 from vmsnap.jobs.jobfile import EntryFailure, JobConfig, VmSpec
-from vmsnap.repo.retention import RetentionPlan, RetentionPolicy, keep_ancestors, plan
+from vmsnap.repo.reports import GcReport, PruneResult
+from vmsnap.repo.retention import PARENT_RULE, RetentionPlan, RetentionPolicy, keep_ancestors, plan
 from vmsnap.runner import LocalRunner
 
 Kind = Literal["full", "incremental"]
@@ -85,12 +87,14 @@ BackupFn = Callable[[VmSpec], VmBackup]
 """Back up one VM; raise (a :class:`~vmsnap.errors.VmsnapError`, ideally) when it fails."""
 PredictFn = Callable[[VmSpec], Prediction]
 """For ``--dry-run``: the kind of backup a VM would get; raise when it cannot be reached."""
+GcFn = Callable[[], GcReport]
+"""Collect the repository's garbage (after every VM of the run); raise when it cannot."""
 
 
 class RetentionFn(Protocol):
     """Apply (or, with ``dry_run``, only plan) a retention policy to one VM's backups."""
 
-    def __call__(self, spec: VmSpec, policy: RetentionPolicy, *, dry_run: bool) -> RetentionPlan: ...
+    def __call__(self, spec: VmSpec, policy: RetentionPolicy, *, dry_run: bool) -> PruneResult: ...
 
 
 @attrs.frozen
@@ -132,6 +136,28 @@ def apply_retention(
     return result
 
 
+def as_prune_result(vm: str, retention: RetentionPlan) -> PruneResult:
+    """A :class:`RetentionPlan` (newest first) as the repository's :class:`PruneResult` (oldest first)."""
+    kept = [k for k in reversed(retention.kept) if k.rule != PARENT_RULE]
+    needed = [k for k in reversed(retention.kept) if k.rule == PARENT_RULE]
+    return PruneResult(
+        vm,
+        tuple(reversed(retention.removed)),
+        tuple(k.backup_id for k in kept),
+        tuple(k.backup_id for k in needed),
+        {k.backup_id: k.reason for k in retention.kept},
+    )
+
+
+def prune_json(result: PruneResult) -> dict[str, Any]:
+    """What retention kept (with the rule that kept each) and removed, oldest first."""
+    kept = [b for b in result.reasons if b in result.kept or b in result.needed]
+    return {
+        "kept": [{"backup_id": b, "reason": result.reasons[b]} for b in sorted(kept)],
+        "removed": list(result.removed),
+    }
+
+
 @attrs.frozen
 class VmOutcome:
     """One VM's part of the report.
@@ -156,7 +182,7 @@ class VmOutcome:
     freeze_ms: float | None = None
     error: str | None = None
     notes: tuple[str, ...] = ()
-    retention: RetentionPlan | None = None
+    retention: PruneResult | None = None
     retention_error: str | None = None
     spec: VmSpec | None = attrs.field(default=None, eq=False, repr=False)
 
@@ -172,7 +198,7 @@ class VmOutcome:
             "freeze_ms": None if self.freeze_ms is None else round(self.freeze_ms, 1),
             "error": self.error,
             "notes": list(self.notes),
-            "retention": None if self.retention is None else self.retention.to_json(),
+            "retention": None if self.retention is None else prune_json(self.retention),
             "retention_error": self.retention_error,
             "target": None if self.spec is None else self.spec.to_json(),
         }
@@ -203,6 +229,9 @@ class JobReport:
     hook: HookResult | None = None
     metrics_path: Path | None = None
     metrics_error: str | None = None
+    gc: GcReport | None = None
+    gc_error: str | None = None
+    gc_requested: bool = False
 
     @property
     def failed(self) -> tuple[VmOutcome, ...]:
@@ -210,8 +239,9 @@ class JobReport:
 
     @property
     def ok(self) -> bool:
-        """Every VM succeeded, every entry expanded, the metrics were written."""
-        return not self.failed and not self.entry_failures and self.metrics_error is None
+        """Every VM succeeded, every entry expanded, gc (when asked for) ran, the metrics were written."""
+        problems = (self.failed, self.entry_failures, self.metrics_error, self.gc_error)
+        return not any(problems)
 
     @property
     def exit_status(self) -> int:
@@ -232,6 +262,8 @@ class JobReport:
             "on_failure": None if self.hook is None else self.hook.to_json(),
             "metrics": None if self.metrics_path is None else str(self.metrics_path),
             "metrics_error": self.metrics_error,
+            "gc": None if self.gc is None else self.gc.to_json(),
+            "gc_error": self.gc_error,
         }
 
     def headline(self) -> str:
@@ -251,12 +283,27 @@ class JobReport:
             lines.append(f"  {outcome.vm:<{width}}  {_describe(outcome, self.dry_run)}")
         for failure in self.entry_failures:
             lines.append(f"  line {failure.line} ({failure.label}): FAILED {failure.error}")
+        if self.gc_requested:
+            lines.append(f"  gc: {self._gc_line()}")
         if self.hook is not None:
             state = self.hook.error or f"exit code {self.hook.exit_code}"
             lines.append(f"  on_failure {self.hook.argv[0]}: {state}")
         if self.metrics_error:
             lines.append(f"  metrics: {self.metrics_error}")
         return "\n".join(lines)
+
+    def _gc_line(self) -> str:
+        if self.dry_run:
+            return "would run after the backups"
+        if self.gc_error is not None:
+            return f"FAILED: {self.gc_error}"
+        if self.gc is None:
+            return "not run"
+        freed = self.gc
+        tail = f", {len(freed.partial_backups)} partial backups removed" if freed.partial_backups else ""
+        return (
+            f"freed {freed.chunks_freed} chunks ({_size(freed.bytes_freed)}), kept {freed.chunks_kept}{tail}"
+        )
 
 
 def _iso(epoch: float) -> str:
@@ -282,7 +329,8 @@ def _describe(outcome: VmOutcome, dry_run: bool) -> str:
         parts.append(f"frozen {outcome.freeze_ms:.0f} ms" if outcome.freeze_ms is not None else "not frozen")
     if outcome.retention is not None:
         verb = "would remove" if dry_run else "removed"
-        parts.append(f"kept {len(outcome.retention.kept)}, {verb} {len(outcome.retention.removed)}")
+        kept = len(outcome.retention.kept) + len(outcome.retention.needed)
+        parts.append(f"kept {kept}, {verb} {len(outcome.retention.removed)}")
     text = ", ".join(parts)
     if outcome.retention_error:
         text += f"; retention FAILED (job file line {outcome.line}): {outcome.retention_error}"
@@ -445,6 +493,7 @@ def run_job(
     backup: BackupFn,
     retention: RetentionFn | None = None,
     predict: PredictFn | None = None,
+    gc: GcFn | None = None,
     entry_failures: Sequence[EntryFailure] = (),
     dry_run: bool = False,
     lock_dir: Path | None = None,
@@ -452,12 +501,13 @@ def run_job(
 ) -> JobReport:
     """Back up ``specs`` (from :func:`~vmsnap.jobs.jobfile.expand_vms`) as ``job`` says.
 
-    With ``dry_run`` nothing is touched: no lock, no backup, no removal, no hook, no metrics; each VM gets
-    the predicted kind and the retention plan as it would be after this run's backup.
+    With ``dry_run`` nothing is touched: no lock, no backup, no removal, no gc, no hook, no metrics; each VM
+    gets the predicted kind and the retention plan as it would be after this run's backup.
 
     :param backup: takes one VM's backup (see :data:`BackupFn`)
     :param retention: applies the job's policy to one VM (None: no retention, even with a policy)
     :param predict: the dry run's guess of each VM's kind
+    :param gc: collects the repository's garbage once after all VMs, when ``job.gc`` asks for it
     :param entry_failures: ``[[vm]]`` entries that could not be expanded (reported, and failing the run)
     :param lock_dir: where the job's lock lives (default :func:`default_lock_dir`)
     :raise VmsnapError: another run of this job holds its lock (nothing was done)
@@ -475,7 +525,11 @@ def run_job(
                 futures = [pool.submit(_predict_one, s, predict, retention, policy, clock) for s in specs]
             else:
                 futures = [pool.submit(_backup_one, s, backup, retention, policy, clock) for s in specs]
-            outcomes = tuple(f.result() for f in futures)
+            try:
+                outcomes = tuple(f.result() for f in futures)
+            except BaseException:  # interrupted (SIGTERM, Ctrl-C): start no further VM; running ones end
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
         report = JobReport(
             job=job.name,
             dry_run=dry_run,
@@ -484,34 +538,53 @@ def run_job(
             outcomes=outcomes,
             entry_failures=tuple(entry_failures),
             metrics_path=None if dry_run else job.metrics,
+            gc_requested=job.gc and gc is not None,
         )
         if dry_run:
             return report
+        if report.gc_requested:
+            assert gc is not None
+            report = _collect(report, gc, clock)
         if job.metrics is not None:
-            samples = [
-                metrics.VmSample(
-                    vm=o.vm,
-                    ok=o.ok,
-                    finished=o.finished,
-                    duration=o.finished - o.started,
-                    bytes_written=o.bytes_written,
-                    freeze_seconds=None if o.freeze_ms is None else o.freeze_ms / 1000,
-                    incremental=o.kind == "incremental",
-                    backed_up=o.backed_up,
-                )
-                for o in outcomes
-            ]
-            try:
-                metrics.update(
-                    job.metrics,
-                    job.name,
-                    samples,
-                    job_finished=report.finished,
-                    job_duration=report.finished - report.started,
-                    failed_entries=len(entry_failures),
-                )
-            except VmsnapError as err:
-                report = attrs.evolve(report, metrics_error=error_line(err))
+            report = _write_metrics(report, job.metrics, len(entry_failures))
         if not report.ok and job.on_failure:
             report = attrs.evolve(report, hook=run_hook(job, report))
         return report
+
+
+def _collect(report: JobReport, gc: GcFn, clock: Callable[[], float]) -> JobReport:
+    """Run gc once after every VM; its failure is the report's, not a VM's."""
+    try:
+        return attrs.evolve(report, gc=gc(), finished=clock())
+    except Exception as err:
+        return attrs.evolve(report, gc_error=error_line(err), finished=clock())
+
+
+def _write_metrics(report: JobReport, path: Path, failed_entries: int) -> JobReport:
+    samples = [
+        metrics.VmSample(
+            vm=o.vm,
+            ok=o.ok,
+            finished=o.finished,
+            duration=o.finished - o.started,
+            bytes_written=o.bytes_written,
+            freeze_seconds=None if o.freeze_ms is None else o.freeze_ms / 1000,
+            incremental=o.kind == "incremental",
+            backed_up=o.backed_up,
+        )
+        for o in report.outcomes
+    ]
+    try:
+        metrics.update(
+            path,
+            report.job,
+            samples,
+            job_finished=report.finished,
+            job_duration=report.finished - report.started,
+            failed_entries=failed_entries,
+            gc=None if not report.gc_requested else report.gc,
+            gc_failed=report.gc_error is not None,
+        )
+    except VmsnapError as err:
+        return attrs.evolve(report, metrics_error=error_line(err))
+    return report

@@ -5,6 +5,7 @@ host, named by a frozen :class:`MachineSpec` and opened into a :class:`~vmsnap.v
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import attrs
@@ -14,6 +15,10 @@ from vmsnap.vm.hosts import HostPool, HostSpec, connect_with_openssh
 from vmsnap.vm.machine import Machine, OfflineMachine, QemuMachine
 from vmsnap.vm.remote import RemoteHost
 from vmsnap.vm.remote_machine import RemoteMachine
+
+
+def _paths(values: Iterable[Path | str]) -> tuple[Path, ...]:
+    return tuple(Path(v) for v in values)
 
 
 def _host(value: HostSpec | str | None) -> HostSpec | None:
@@ -41,7 +46,7 @@ class MachineSpec:
     name: str | None = None
     domain: str | None = None
     connect: str | None = None
-    images: tuple[Path, ...] = attrs.field(default=(), converter=tuple)
+    images: tuple[Path, ...] = attrs.field(default=(), converter=_paths)
     host: HostSpec | None = attrs.field(default=None, converter=_host)
 
     def __attrs_post_init__(self) -> None:
