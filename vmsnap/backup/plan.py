@@ -86,10 +86,10 @@ def choose_strategy(requested: str, machine: Machine) -> type[Strategy]:
 def resolve(machine: Machine, config: BackupConfig, layout: LayoutTraits) -> Resolved:
     """(strategy, transport, disks) after "auto" choices and checks, for a repository of ``layout``.
 
-    A layout that reads exports itself (chunks) takes no transport, and no push from a running machine:
-    strategies that could push export instead (pull mode). A powered-off machine's images are still
-    pushed by a strategy that writes images (its offline mode has no export yet): the layout then reads the
-    image the strategy wrote into the backup's work directory.
+    A layout that reads exports itself (chunks) takes no transport and no push: strategies that could push
+    export instead (pull mode) — a running machine's through QEMU's NBD server, a powered-off machine's
+    images through qemu-nbd with their persistent dirty bitmap, so offline incrementals read only what
+    changed (and a machine on another host has them served there and forwarded).
 
     :raise UsageError: unknown disk, a disk name that cannot be a file name, no disks, a transport the
         strategy or the layout cannot use, ``--incremental`` with a strategy that cannot take incrementals
@@ -117,8 +117,7 @@ def resolve(machine: Machine, config: BackupConfig, layout: LayoutTraits) -> Res
             + " or ".join(writers),
             hint="leave --transport out, or choose a transport (`vmsnap strategies`)",
         )
-    push_ok = layout.accepts_push or (layout.reads_exports and not machine.is_running)
-    if capabilities.writes_images and transport in (AUTO, PUSH) and push_ok:
+    if capabilities.writes_images and transport in (AUTO, PUSH) and layout.accepts_push:
         transport = PUSH
     elif transport != AUTO:
         transport_class(transport)  # an unknown name fails now, before anything is done

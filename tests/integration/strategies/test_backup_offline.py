@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_image
-from tests.integration.cli_helpers import cli, same_content
+from tests.integration.cli_helpers import cli, qcow2_repo, same_content
 from tests.integration.strategies.contract import MiB, compare_images, read_export
 from vmsnap.model import SnapshotRef
 from vmsnap.strategies.blockdev_backup import BlockdevBackupStrategy
@@ -151,11 +151,20 @@ def make_copy(image: Path, dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("transport", [[], ["--transport", "nbd"]], ids=["push", "pull"])
+@pytest.mark.parametrize(
+    ("layout", "transport", "recorded"),
+    [("qcow2", [], "none"), ("qcow2", ["--transport", "nbd"], "nbd"), ("chunks", [], "nbd")],
+    ids=["qcow2-push", "qcow2-pull", "chunks-pull"],
+)
 def test_incrementals_of_a_powered_off_image_through_the_cli(
-    image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], transport: list[str]
+    image: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    layout: str,
+    transport: list[str],
+    recorded: str,
 ) -> None:
-    repo = tmp_path / "repo"
+    repo = qcow2_repo(tmp_path / "repo") if layout == "qcow2" else tmp_path / "repo"
     argv = ["backup", "--repo", repo, "--image", image, "--strategy", "backup", *transport, "--json"]
     first = cli(capsys, *argv)
     assert first.code == 0, first.err
@@ -168,7 +177,7 @@ def test_incrementals_of_a_powered_off_image_through_the_cli(
     assert second.code == 0, second.err
     incremental = second.json()
     assert incremental["kind"] == "incremental"
-    assert incremental["transport"] == ("nbd" if transport else "none")
+    assert incremental["transport"] == recorded  # chunks: qemu-nbd serves the image with its bitmap
     (disk,) = incremental["disks"]
     assert disk["bytes_written"] < 8 * MiB  # the 3 MiB that changed (plus qcow2 metadata), not 64 MiB
 
