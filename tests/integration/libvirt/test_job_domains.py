@@ -233,6 +233,8 @@ def test_a_job_over_three_qemus_one_on_another_host_and_two_domains(
                     names, "incremental"
                 )
                 local_vms["beta"].qmp_socket.unlink()  # beta's QMP socket is gone in the second run
+                with local_vms["alpha"].monitor() as qmp:  # alpha's changes are lost: its backup is full
+                    qmp.block_dirty_bitmap_remove(local_vms["alpha"].drives[0].node_name, "vmsnap")
             code, report = run(capsys, "run", jobfile)
             outcomes = {v["vm"]: v for v in report["vms"]}
             assert sorted(outcomes) == sorted(names)
@@ -247,9 +249,16 @@ def test_a_job_over_three_qemus_one_on_another_host_and_two_domains(
         assert not beta["ok"] and beta["line"] == 16 and beta["error"] and "\n" not in beta["error"]
         assert str(local_vms["beta"].qmp_socket) in beta["error"]
         for name in ("alpha", "gamma", web1.name, web2.name):
-            assert second[name]["ok"] and second[name]["kind"] == "incremental", second[name]
+            assert second[name]["ok"] and second[name]["kind"] == (
+                "full" if name == "alpha" else "incremental"
+            )
             # retention keep_last = 1: the run-1 backup is gone (chunks: no chains to keep)
             assert second[name]["retention"]["removed"] == [first[name]]
+        # the strategy's remark lands in alpha's report and in no other VM's (backups ran at once)
+        assert any("incremental backup not possible" in n for n in second["alpha"]["notes"])
+        assert not any(
+            "not possible" in n for name in names if name != "alpha" for n in second[name]["notes"]
+        )
         assert beta["retention"] is None  # a VM whose backup failed is never pruned
         repo = Repository.open(tmp_path / "repo")
         assert [m.backup_id for m in repo.backups("beta")] == [first["beta"]]
