@@ -1,21 +1,24 @@
-"""How long until a backup is useful again: time to the first file read (``mount``) and to the guest agent
-answering (instant restore), against a full restore of the same backup — for a 2 GiB and a 32 GiB disk that
-hold the same data (sparse: same files, more empty space).
+"""How long until a backup is useful again: time to the first file read (``vmsnap mount``) and to the guest
+agent answering (``vmsnap instant-restore``), against a full restore (``vmsnap restore``) of the same backup —
+for a 2 GiB and a 32 GiB disk that hold the same data (sparse: same files, more empty space).
 
 Run as root on a host with QEMU, qemu-storage-daemon, FUSE and loop devices::
 
     .venv/bin/python benchmarks/restore_latency.py [--data-mib 256] [--sizes 2,32] [--runs 3] [--json FILE]
 
 Per size it builds a plain ext4 disk image with ``--data-mib`` MiB of random files, backs it up with
-``vmsnap`` (offline, into a fresh format-1 repository), then measures (medians of ``--runs``):
+``vmsnap backup --image`` (into a fresh ``qcow2``-layout repository), then measures (medians of ``--runs``),
+every step a ``vmsnap`` process as a user runs it (``VMSNAP_RUN_DIR`` private to the run):
 
-- ``mount → first read``: :func:`vmsnap.restore.mount.mount` until one file's bytes are read back;
-- ``full restore → first read``: :meth:`Repository.restore` (convert, read back, checksum), then the same
-  mount and read of the restored image;
-- ``instant → agent``: :func:`vmsnap.restore.instant.prepare`, then the lab guest booted on the prepared
-  image until its guest agent answers;
-- ``full restore → agent``: the full restore, then the same boot on the restored image;
-- ``stream``: the background copy after the instant start (unthrottled), for reference.
+- ``mount → first read``: ``vmsnap mount`` until one file's bytes are read back;
+- ``full restore → first read``: ``vmsnap restore`` (convert, read back, checksum), then the restored image
+  mounted the same way (FUSE + loop, through :func:`vmsnap.restore.mount.mount`: there is no command that
+  mounts a bare image) and the same file read — so this column has no command start-up for the mount;
+- ``instant → agent``: ``vmsnap instant-restore --repo … --to DIR`` (prepare), then the lab guest booted on
+  the prepared image until its guest agent answers;
+- ``full restore → agent``: ``vmsnap restore``, then the same boot on the restored image;
+- ``stream``: ``vmsnap instant-restore --to DIR --qmp SOCKET`` after the instant start (unthrottled), for
+  reference.
 
 The lab guest boots under TCG unless KVM is hardware-backed, so its boot time dominates both agent
 numbers; the difference between them is what the restore costs before the VM can start.
@@ -30,27 +33,39 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from vmsnap.backup.run import Backup, BackupConfig
 from vmsnap.lab.guest import LabGuest
 from vmsnap.lab.image import build_lab_image
 from vmsnap.lab.qemu import DriveSpec
-from vmsnap.repo.repository import Repository
-from vmsnap.restore.backups import resolve
-from vmsnap.restore.instant import prepare, stream
 from vmsnap.restore.mount import mount, umount
 from vmsnap.restore.source import ImageSource
-from vmsnap.vm.machine import OfflineMachine
 
 MiB = 1024 * 1024
+VMSNAP = str(Path(sys.executable).with_name("vmsnap"))
 
 
 def run(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True)
+
+
+def vmsnap(*argv: str | Path, run_dir: Path) -> dict[str, Any]:
+    """``vmsnap ARGV --json`` as a process; its JSON object (exits on failure with vmsnap's error line)."""
+    done = subprocess.run(
+        [VMSNAP, *map(str, argv), "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VMSNAP_RUN_DIR": str(run_dir)},
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"vmsnap {argv[0]} failed: {done.stderr.strip()}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
 
 
 def build_disk(path: Path, size_gib: int, data_mib: int) -> None:
@@ -90,58 +105,56 @@ def measure(size_gib: int, data_mib: int, runs: int, work: Path) -> dict[str, fl
     disk = work / "data.qcow2"
     build_disk(disk, size_gib, data_mib)
     repo = work / "repo"
-    Backup(OfflineMachine([disk], name="bench"), BackupConfig(repo=repo)).run()
-    backup = resolve(repo, "bench")
+    run_root = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp"))
+    backup_id = vmsnap("backup", "--repo", repo, "--image", disk, "--name", "bench", run_dir=run_root)[
+        "backup_id"
+    ]
+    named = ["--repo", repo, "--vm", "bench", "--backup", backup_id]
     image = build_lab_image()
     results: dict[str, list[float]] = {
         k: [] for k in ("mount", "restore_read", "instant", "restore_boot", "stream")
     }
     for attempt in range(runs):
-        run_dir = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp"))
         target = work / f"m{attempt}"
         target.mkdir()
 
-        def mount_and_read(target: Path = target, run_dir: Path = run_dir) -> None:
-            result = mount(backup.sources["data"], target, run_dir=run_dir)
-            (result.partitions[0].path / "hello.txt").read_bytes()
+        def mount_and_read(target: Path = target) -> None:
+            made = vmsnap("mount", *named, target, run_dir=run_root)
+            (Path(made["partitions"][0]["path"]) / "hello.txt").read_bytes()
 
         results["mount"].append(timed(mount_and_read))
-        umount(target, run_dir=run_dir)
+        vmsnap("umount", target, run_dir=run_root)
 
         restored = work / f"restored{attempt}"
 
-        def restore_and_read(
-            restored: Path = restored, target: Path = target, run_dir: Path = run_dir
-        ) -> None:
-            restored.mkdir()
-            Repository.open(repo).restore("bench", backup.backup_id, restored)
+        def restore_and_read(restored: Path = restored, target: Path = target) -> None:
+            vmsnap("restore", *named, "--to", restored, run_dir=run_root)
             # the same way to the file as above (this host has no kernel NBD), so only the restore differs
-            result = mount(ImageSource(restored / "data.qcow2"), target, run_dir=run_dir)
+            result = mount(ImageSource(restored / "data.qcow2"), target, run_dir=run_root / "mounts")
             (result.partitions[0].path / "hello.txt").read_bytes()
 
         results["restore_read"].append(timed(restore_and_read))
-        umount(target, run_dir=run_dir)
+        umount(target, run_dir=run_root / "mounts")
 
         to = work / f"instant{attempt}"
         started = time.monotonic()
-        restore = prepare(backup.sources, to, run_dir=run_dir)
-        drive = DriveSpec(restore.images["data"], "data", serial="data")
+        prepared = vmsnap("instant-restore", *named, "--to", to, run_dir=run_root)
+        drive = DriveSpec(Path(prepared["disks"][0]["image"]), "data", serial="data")
         with LabGuest(work / f"g{attempt}", image=image, data_disk_size=None, extra_drives=[drive]) as guest:
             results["instant"].append(time.monotonic() - started)
             copy_started = time.monotonic()
-            stream(to, guest.qmp_socket)
+            vmsnap("instant-restore", "--to", to, "--qmp", guest.qmp_socket, run_dir=run_root)
             results["stream"].append(time.monotonic() - copy_started)
 
         started = time.monotonic()
         again = work / f"restored-b{attempt}"
-        again.mkdir()
-        Repository.open(repo).restore("bench", backup.backup_id, again)
+        vmsnap("restore", *named, "--to", again, run_dir=run_root)
         drive = DriveSpec(again / "data.qcow2", "data", serial="data")
         with LabGuest(work / f"h{attempt}", image=image, data_disk_size=None, extra_drives=[drive]):
             results["restore_boot"].append(time.monotonic() - started)
         for path in (restored, to, again):
             shutil.rmtree(path, ignore_errors=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(run_root, ignore_errors=True)
     return {key: statistics.median(values) for key, values in results.items()}
 
 

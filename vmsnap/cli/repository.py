@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vmsnap.backup import Backup, BackupConfig, recover
+from vmsnap.backup import Backup, BackupConfig
 from vmsnap.cli.common import (
     Command,
     add_disk_option,
@@ -22,7 +22,9 @@ from vmsnap.cli.common import (
     sigterm_interrupts,
 )
 from vmsnap.cli.progress import disk_progress
+from vmsnap.cli.restore import run_root
 from vmsnap.errors import UsageError
+from vmsnap.restore.commands import recover_host
 from vmsnap.restore.images import restore_images
 
 # -- backup -------------------------------------------------------------------------------------------------
@@ -153,13 +155,20 @@ def _devices(pairs: list[str]) -> dict[str, Path]:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    """Undo what a dead backup of a VM left: snapshots, overlays, staging; thaw the guest."""
-    with opened_machine(machine_spec(args)) as machine:
-        report = recover(machine, args.repo, key_file=args.key_file)
-    human = "\n".join(report.actions) if report.actions else f"{report.vm}: nothing to recover"
-    if args.repo is None:
+    """Undo what a dead backup of a VM left (snapshots, overlays, staging; thaw the guest) and, with or
+    without a VM, what dead mounts and finished instant restores left on this host."""
+    named = (args.qmp, args.agent, args.name, args.domain, args.connect, *args.image)
+    if any(value is not None for value in named):
+        with opened_machine(machine_spec(args)) as machine:
+            report = recover_host(machine, args.repo, key_file=args.key_file, run_root=run_root())
+    else:
+        report = recover_host(None, args.repo, key_file=args.key_file, run_root=run_root())
+    what = report.vm or "this host's mounts and instant restores"
+    human = "\n".join(report.actions) if report.actions else f"{what}: nothing to recover"
+    if args.repo is None and report.vm:
         human += "\n(pass --repo DIR to undo a dead backup's snapshots from its journal)"
-    emit(args, {"vm": report.vm, "clean": report.clean, "actions": list(report.actions)}, human)
+    payload = {"vm": report.vm or None, "clean": report.clean, "actions": list(report.actions)}
+    emit(args, payload, human)
     return 0
 
 
@@ -190,7 +199,8 @@ COMMANDS = (
     ),
     Command(
         "recover",
-        "undo what a dead backup left: snapshots, overlays, fleecing nodes, staging; thaw the guest",
+        "undo what a dead backup left (snapshots, overlays, fleecing nodes, staging; thaw the guest) and "
+        "what dead mounts and instant restores left on this host (no VM: only those)",
         "vmsnap recover --qmp /run/vm1.qmp --agent /run/vm1.qga --repo /backups",
         cmd_recover,
         _recover_arguments,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import ClassVar, Literal, Protocol
 
 from vmsnap.errors import NotFoundError
+from vmsnap.image.sources import BackupSource
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
 from vmsnap.repo.manifest import Damaged, Kind, Manifest
 from vmsnap.repo.progress import DiskProgress, no_progress
@@ -191,6 +192,16 @@ class RepositoryLayout(abc.ABC):
         """The machine definition (libvirt XML) kept with a backup, or None.
 
         :raise RepositoryError: it is damaged
+        """
+
+    @abc.abstractmethod
+    def disk_source(self, manifest: Manifest, disk: str) -> BackupSource:
+        """A backup's disk as something a server can read in place, for ``mount`` and instant restore: an
+        :class:`~vmsnap.image.sources.ImageSource` (qcow2: the top of its chain) or a
+        :class:`~vmsnap.image.sources.ReaderSource` (chunks: a reader nbdkit builds).
+
+        :raise NotFoundError: the backup has no such disk
+        :raise RepositoryError: what the disk needs (a parent, an index) is missing or damaged
         """
 
     # -- the VM's lock, its journal and its change tracking -----------------------------------------

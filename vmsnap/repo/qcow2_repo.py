@@ -31,6 +31,7 @@ from vmsnap.errors import (
 )
 from vmsnap.files import DIR_MODE, FILE_MODE, fsync_dir, fsync_file, make_private_dir, write_json_atomic
 from vmsnap.image.digest import ChunkDigests
+from vmsnap.image.sources import BackupSource, ImageSource
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
 from vmsnap.repo.layout import (
     DEFINITION_FILE,
@@ -158,6 +159,19 @@ class Qcow2Repository(RepositoryLayout):
             return None
         except (OSError, UnicodeDecodeError) as err:
             raise RepositoryError(f"cannot read {path}: {err}", hint="check its permissions") from err
+
+    def disk_source(self, manifest: Manifest, disk: str) -> BackupSource:
+        """The top of the disk's qcow2 chain in the backup's directory (QEMU follows its relative backing
+        links), after checking that no parent is missing.
+
+        :raise NotFoundError: the backup has no such disk
+        :raise ChainError: a parent the backup needs is missing
+        """
+        record = manifest.disk(disk)
+        self.chain(manifest)  # a missing parent fails here, not later inside QEMU
+        root = os.path.realpath(self.root)
+        identity = f"qcow2:{root}/{manifest.vm}/{manifest.backup_id}/{record.name}"
+        return ImageSource(self.backup_dir(manifest.vm, manifest.backup_id) / record.file, "qcow2", identity)
 
     # -- locks ---------------------------------------------------------------------------------------
 

@@ -241,6 +241,7 @@ def _instance(
         store,
         marker,
         key=key,
+        key_file=path if key is not None else None,
         key_problem=problem,
         runner=runner,
         state_root=state_root,

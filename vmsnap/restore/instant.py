@@ -33,7 +33,7 @@ from typing import Any
 
 import attrs
 
-from vmsnap.errors import BlockJobError, NotFoundError, UsageError
+from vmsnap.errors import BlockJobError, NotFoundError, UsageError, VmsnapError
 from vmsnap.files import make_private_dir, write_json_atomic
 from vmsnap.image import qemu_img
 from vmsnap.model import validate_name
@@ -53,6 +53,8 @@ from vmsnap.vm.qmp import QMPMonitor
 
 DEFAULT_RUN_DIR = Path("/run/vmsnap/instant")
 STATE = ".vmsnap-instant.json"
+POINTER = "restore.json"
+"""In ``RUN_DIR/<key>/``: which restore directory these servers serve (for :func:`recover`)."""
 STATE_FORMAT = 1
 JOB_PREFIX = "vmsnap-instant-"
 RECONNECT_DELAY = 60
@@ -115,6 +117,21 @@ class InstantRestore:
     def images(self) -> dict[str, Path]:
         """Disk name → image to start the VM on."""
         return {d.name: d.image for d in self.disks}
+
+    def qemu_args(self) -> list[str]:
+        """QEMU options that attach each image as a virtio disk (``-blockdev`` in JSON form, so no path
+        needs QEMU's comma escaping); the image's header names its backing file, QEMU opens it itself."""
+        args: list[str] = []
+        for disk in self.disks:
+            node = f"restored-{disk.name}"
+            blockdev = {
+                "driver": "qcow2",
+                "node-name": node,
+                "file": {"driver": "file", "filename": str(disk.image)},
+            }
+            args += ["-blockdev", json.dumps(blockdev, separators=(",", ":"))]
+            args += ["-device", f"virtio-blk-pci,drive={node},serial={disk.name}"]
+        return args
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` object of ``vmsnap instant-restore`` after preparing."""
@@ -191,7 +208,7 @@ def prepare(
                         f"{to / f'{name}.qcow2'} exists already",
                         hint="instant restore never overwrites an image: choose an empty directory",
                     )
-        servers = make_private_dir(run_dir / run_key(to), tighten=True)
+        servers = _servers_dir(run_dir, to)
         if state is None:
             state = {
                 "format": STATE_FORMAT,
@@ -220,6 +237,26 @@ def prepare(
             state["status"] = "prepared"
             write_json_atomic(state_path, state)
         return InstantRestore(to, tuple(disks), servers, resumed)
+
+
+def _servers_dir(run_dir: Path, to: Path) -> Path:
+    """``RUN_DIR/<key>/`` of the restore in ``to``, with its pointer back to ``to`` (made under the run
+    directory's lock, so :func:`recover` never meets a directory without one that is being made)."""
+    servers = run_dir / run_key(to)
+    with locked(run_dir):
+        make_private_dir(servers, tighten=True)
+        if _pointer(servers) != to:
+            write_json_atomic(servers / POINTER, {"to": str(to)})
+    return servers
+
+
+def _pointer(servers: Path) -> Path | None:
+    """The restore directory a server directory serves, from its pointer; None without a readable one."""
+    with contextlib.suppress(VmsnapError, KeyError, TypeError):
+        data = read_state(servers / POINTER)
+        if data is not None:
+            return Path(str(data["to"]))
+    return None
 
 
 def _ensure_servers(state: dict[str, Any], servers: Path, runner: Runner) -> None:
@@ -305,7 +342,8 @@ def stream(
     finally:
         if own:
             monitor.close()
-    finish(to)
+    with contextlib.suppress(NotFoundError):  # `vmsnap recover` may have finished it meanwhile
+        finish(to)
     return StreamResult(tuple(streamed), tuple(done), time.monotonic() - started)
 
 
@@ -375,6 +413,21 @@ def read_restore(to: Path) -> dict[str, Any]:
     return state
 
 
+def prepared(to: Path) -> InstantRestore:
+    """The instant restore in ``to`` as :func:`prepare` made it (to report on it while copying).
+
+    :raise NotFoundError: there is none
+    """
+    to = Path(os.path.realpath(to))
+    state = read_restore(to)
+    servers = Path(state["run_dir"])
+    disks = tuple(
+        InstantDisk(name, Path(disk["image"]), servers / f"{name}.sock", int(disk.get("size", 0)))
+        for name, disk in state["disks"].items()
+    )
+    return InstantRestore(to, disks, servers, resumed=True)
+
+
 def backing_of(image: Path, runner: Runner | None = None) -> str | None:
     """The backing file an image's header names (``qemu-img info -U``: a running QEMU may hold it)."""
     backing = qemu_img.info(runner, image, fmt="qcow2", force_share=True).get("backing-filename")
@@ -397,10 +450,80 @@ def finish(to: Path, *, runner: Runner | None = None) -> None:
                 hint="run the instant restore again to copy the rest; its servers keep running",
             )
     with locked(to):
-        servers = Path(state["run_dir"])
-        stop_daemons_under(servers, runner=runner or LocalRunner())
-        shutil.rmtree(servers, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            (to / STATE).unlink()
+        _release(to, Path(state["run_dir"]), runner or LocalRunner())
     with contextlib.suppress(FileNotFoundError):
         (to / ".lock").unlink()
+
+
+def _release(to: Path | None, servers: Path, runner: Runner) -> list[str]:
+    """Stop a restore's servers, remove their directory and the restore's state; returns what was stopped."""
+    stopped = stop_daemons_under(servers, runner=runner)
+    shutil.rmtree(servers, ignore_errors=True)
+    if to is not None:
+        with contextlib.suppress(FileNotFoundError):
+            (to / STATE).unlink()
+    return stopped
+
+
+def _still_needed(state: dict[str, Any], runner: Runner) -> bool:
+    """True while an image of the restore exists and still has its backup as backing file."""
+    for disk in state.get("disks", {}).values():
+        image = Path(str(disk.get("image", "")))
+        if image.is_file() and backing_of(image, runner) is not None:
+            return True
+    return False
+
+
+def recover(*, run_dir: Path = DEFAULT_RUN_DIR, runner: Runner | None = None) -> list[str]:
+    """Stop the servers of instant restores that no longer need them: every image was copied (the copy
+    ended while no vmsnap waited for it) or is gone (the restore was given up: its images or its directory
+    removed), and servers no restore names. Restores whose images still read from the backup keep theirs
+    (the same command, run again, restarts a server that died).
+
+    :param run_dir: the servers' run directory (as given to :func:`prepare`)
+    :return: one line per restore cleaned
+    """
+    run = runner or LocalRunner()
+    if not run_dir.is_dir():
+        return []
+    done: list[str] = []
+    pointed: list[tuple[Path, Path]] = []
+    with locked(run_dir):
+        for servers in sorted(p for p in run_dir.iterdir() if p.is_dir() and not p.is_symlink()):
+            to = _pointer(servers)
+            if to is None:
+                stopped = _release(None, servers, run)
+                done.append(
+                    f"removed servers no instant restore names ({', '.join(stopped) or 'none running'})"
+                )
+            else:
+                pointed.append((servers, to))
+    for servers, to in pointed:
+        done += _recover_one(servers, to, run)
+    return done
+
+
+def _recover_one(servers: Path, to: Path, runner: Runner) -> list[str]:
+    if not to.is_dir():
+        stopped = _release(None, servers, runner)
+        return [
+            f"stopped the servers of the instant restore in {to}, which is gone ({', '.join(stopped) or '-'})"
+        ]
+    with locked(to):
+        try:
+            state = read_state(to / STATE)
+        except VmsnapError:
+            return [
+                f"kept the servers of {to}: its state file is damaged (remove {to / STATE} to let them go)"
+            ]
+        if state is not None and Path(str(state.get("run_dir"))) == servers:
+            if _still_needed(state, runner):
+                return []
+            stopped = _release(to, servers, runner)
+            why = "every image is standalone"
+        else:
+            stopped = _release(None, servers, runner)
+            why = "no restore there uses them"
+    with contextlib.suppress(FileNotFoundError):
+        (to / ".lock").unlink()
+    return [f"stopped the servers of the instant restore in {to}: {why} ({', '.join(stopped) or '-'})"]

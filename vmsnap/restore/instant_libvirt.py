@@ -10,6 +10,7 @@ for a disk that still has its backup as backing store).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import xml.etree.ElementTree as ET
@@ -73,6 +74,30 @@ def start_domain(restore: InstantRestore, xml: str, *, name: str, uri: str | Non
     finally:
         conn.close()
     return name
+
+
+def check_domain_name(name: str, images: dict[str, Path], *, uri: str | None = None) -> None:
+    """Refuse ``name`` before anything is prepared when another domain has it: a domain of that name may
+    exist only when it runs on exactly ``images`` (this restore, repeated).
+
+    :raise UsageError: ``name`` is not a valid name, or another domain has it
+    :raise LibvirtError: libvirtd cannot be reached
+    """
+    from vmsnap.model import validate_name
+    from vmsnap.vm.libvirt.machine import open_connection
+
+    validate_name(name, "domain name")
+    libvirt = _libvirt()
+    conn = open_connection(uri)
+    try:
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return
+        if not _runs_on(dom, images):
+            raise UsageError(f"a libvirt domain {name!r} exists already", hint="choose another --define name")
+    finally:
+        conn.close()
 
 
 def _runs_on(dom: Any, images: dict[str, Path]) -> bool:
@@ -170,5 +195,6 @@ def stream_domain(
                 )
     finally:
         conn.close()
-    finish(to)
+    with contextlib.suppress(NotFoundError):  # `vmsnap recover` may have finished it meanwhile
+        finish(to)
     return StreamResult(tuple(waiting), tuple(done), time.monotonic() - started)

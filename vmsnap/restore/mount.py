@@ -247,16 +247,16 @@ def mount(
     make_private_dir(run_dir, tighten=True)
     with locked(run_dir):
         recover(run_dir=run_dir, runner=run, _locked=True)  # a dead mount's leftovers first
-        target = _check_mountpoint(mountpoint, run_dir)
         for _entry, other in _entries(run_dir):
             if other is not None and other.get("source", {}).get("identity") == source.identity:
                 raise UsageError(
                     f"this backup disk is mounted already at {other.get('mountpoint')}",
                     hint=f"read it there, or `vmsnap umount {other.get('mountpoint')}` first",
                 )
-        entry = run_dir / run_key(target)
+        entry = run_dir / run_key(Path(os.path.realpath(mountpoint)))
         if entry.exists():
             raise UsageError(f"{mountpoint} has a vmsnap mount already", hint=f"`vmsnap umount {mountpoint}`")
+        target = _check_mountpoint(mountpoint, run_dir)
         make_private_dir(entry, tighten=True)
         state: dict[str, Any] = {
             "format": STATE_FORMAT,

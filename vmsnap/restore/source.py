@@ -11,22 +11,22 @@ ReaderSource   nbdkit python (one per disk)              nbdkit → qemu-storage
 =============  ========================================  ==============================================
 
 One FUSE implementation (qemu-storage-daemon's export) serves both kinds; the reader path costs one more hop.
+The source values themselves live in :mod:`vmsnap.image.sources` (a repository layout builds them).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from vmsnap.errors import NotFoundError, UsageError
+from vmsnap.errors import UsageError
 from vmsnap.image.daemon import DaemonRecord
 from vmsnap.image.nbdkit import NbdkitServer
-from vmsnap.image.readers import reader_options
+from vmsnap.image.sources import BackupSource, ImageSource, ReaderSource, source_from_json
 from vmsnap.image.storage_daemon import (
     FuseExport,
     NbdExport,
@@ -37,81 +37,7 @@ from vmsnap.image.storage_daemon import (
 from vmsnap.model import validate_name
 from vmsnap.runner import LocalRunner, Runner
 
-
-def _as_dict(mapping: Mapping[str, Any]) -> dict[str, str]:
-    return reader_options(dict(mapping))
-
-
-@attrs.frozen
-class ImageSource:
-    """A backup disk that is an image file: the top of a qcow2 chain (format-1 repositories) or a raw file.
-
-    :param path: the image (its backing links, relative or absolute, are followed by QEMU)
-    :param format: "qcow2" or "raw"
-    :param identity: what makes two mounts "the same backup disk" (default: the image's real path)
-    """
-
-    path: Path
-    format: str = "qcow2"
-    identity: str = ""
-
-    def __attrs_post_init__(self) -> None:
-        if self.format not in ("qcow2", "raw"):
-            raise UsageError(f"unsupported image format {self.format!r}", hint="use 'qcow2' or 'raw'")
-        if not self.path.exists():
-            raise NotFoundError(
-                f"backup image {self.path} does not exist", hint="check the backup id and disk"
-            )
-        if not self.identity:
-            object.__setattr__(self, "identity", f"image:{os.path.realpath(self.path)}")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": "image", "path": str(self.path), "format": self.format, "identity": self.identity}
-
-
-@attrs.frozen
-class ReaderSource:
-    """A backup disk read by a :class:`~vmsnap.image.readers.BlockReader` built in nbdkit's Python plugin.
-
-    :param reader: the factory's import string, e.g. ``vmsnap.image.readers:VerifiedRawReader``
-    :param options: its keyword arguments (strings; visible in ``ps``, so never a secret)
-    :param identity: what makes two mounts "the same backup disk", e.g. ``chunks:REPO/vm/ID/disk``
-        (default: the reader and its options)
-    """
-
-    reader: str
-    options: Mapping[str, str] = attrs.field(factory=dict, converter=_as_dict)
-    identity: str = ""
-
-    def __attrs_post_init__(self) -> None:
-        if ":" not in self.reader:
-            raise UsageError(f"reader {self.reader!r} is not module:callable")
-        if not self.identity:
-            opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-            object.__setattr__(self, "identity", f"reader:{self.reader}?{opts}")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "kind": "reader",
-            "reader": self.reader,
-            "options": dict(self.options),
-            "identity": self.identity,
-        }
-
-
-BackupSource = ImageSource | ReaderSource
-
-
-def source_from_json(data: Mapping[str, Any]) -> BackupSource:
-    """The inverse of ``to_json`` (for state files).
-
-    :raise UsageError: an unknown kind
-    """
-    if data.get("kind") == "image":
-        return ImageSource(Path(data["path"]), str(data["format"]), str(data["identity"]))
-    if data.get("kind") == "reader":
-        return ReaderSource(str(data["reader"]), dict(data["options"]), str(data["identity"]))
-    raise UsageError(f"unknown backup source kind {data.get('kind')!r}")
+__all__ = ["BackupSource", "ImageSource", "ReaderSource", "Served", "serve", "source_from_json"]
 
 
 @attrs.frozen

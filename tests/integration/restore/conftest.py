@@ -24,7 +24,10 @@ from tests.integration.restore.images import (
     write_v2,
 )
 from vmsnap.image.digest import image_chunks, write_chunks_file
+from vmsnap.restore.commands import instant_dir, mounts_dir
 from vmsnap.restore.mount import mounted, recover, umount
+from vmsnap.restore.state import stop_daemons_under
+from vmsnap.runner import LocalRunner
 
 
 @attrs.frozen
@@ -133,4 +136,24 @@ def run_dir() -> Iterator[Path]:
             with contextlib.suppress(Exception):
                 umount(Path(state["mountpoint"]), run_dir=path, lazy=True)
         recover(run_dir=path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def run_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """``VMSNAP_RUN_DIR`` for the CLI (in this process and in the processes it starts): a short private
+    directory; every mount and instant-restore server a test leaves in it is undone afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="vrr-", dir="/tmp"))
+    monkeypatch.setenv("VMSNAP_RUN_DIR", str(path))
+    try:
+        yield path
+    finally:
+        for state in mounted(run_dir=mounts_dir(path)):
+            with contextlib.suppress(Exception):
+                umount(Path(state["mountpoint"]), run_dir=mounts_dir(path), lazy=True)
+        recover(run_dir=mounts_dir(path))
+        servers = instant_dir(path)
+        for entry in servers.iterdir() if servers.is_dir() else []:
+            if entry.is_dir():
+                stop_daemons_under(entry, runner=LocalRunner())
         shutil.rmtree(path, ignore_errors=True)

@@ -127,7 +127,7 @@ def test_a_dead_server_is_restarted_and_qemu_reconnects(
     assert "backing-filename" not in qemu_img_info(restore.images["disk0"])
     assert identical(restore.images["disk0"], backed_up_disk.inc)
     assert not (to / STATE).exists()
-    assert list(instant_run_dir.iterdir()) == []
+    assert [p.name for p in instant_run_dir.iterdir()] in ([], [".lock"])
 
 
 STREAM_IN_A_CHILD = """
@@ -206,4 +206,4 @@ def test_instant_restore_of_the_lab_guest(lab_image: LabImage, instant_run_dir: 
     assert "backing-filename" not in qemu_img_info(restore.images["data"])
     assert identical(restore.images["data"], inc)
     assert not (to / STATE).exists()
-    assert list(instant_run_dir.iterdir()) == []
+    assert [p.name for p in instant_run_dir.iterdir()] in ([], [".lock"])

@@ -88,4 +88,4 @@ def test_instant_restore_of_a_libvirt_domain(
     assert "backing-filename" not in qemu_img_info(restore.images["vda"])
     assert identical(restore.images["vda"], inc)
     assert not (to / STATE).exists()
-    assert list(instant_run_dir.iterdir()) == []
+    assert [p.name for p in instant_run_dir.iterdir()] in ([], [".lock"])

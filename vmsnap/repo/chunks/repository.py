@@ -29,6 +29,7 @@ from vmsnap.errors import (
     VmsnapError,
 )
 from vmsnap.files import make_private_dir
+from vmsnap.image.sources import BackupSource, ReaderSource
 from vmsnap.model import validate_name
 from vmsnap.repo.chunks.blob import ChunkCodec, ChunkId, chunk_key
 from vmsnap.repo.chunks.check import verify_chunks
@@ -61,6 +62,9 @@ from vmsnap.repo.stores import is_url
 from vmsnap.repo.stores.base import Store
 from vmsnap.runner import LocalRunner, Runner
 
+BLOCK_READER = "vmsnap.repo.chunks.blockreader:open_reader"
+"""What nbdkit's plugin builds to serve a disk of this layout (:mod:`vmsnap.repo.chunks.blockreader`)."""
+
 _CHUNK_HEX = re.compile(r"chunk ([0-9a-f]{64})")
 
 
@@ -71,6 +75,7 @@ class ChunksRepository(RepositoryLayout):
     :param store: where its objects are
     :param marker: its marker
     :param key: the key of an encrypted repository (checked against the marker's key id), or None
+    :param key_file: the path of that key's file (handed to a mount's reader, never the key itself)
     :param key_problem: why an encrypted repository has no key (raised when one is needed)
     :param runner: runs qemu-img/qemu-nbd for restores
     :param state_root: the local state root (default ``$VMSNAP_STATE_DIR`` or /var/lib/vmsnap)
@@ -89,6 +94,7 @@ class ChunksRepository(RepositoryLayout):
         marker: RepoMarker,
         *,
         key: RepositoryKey | None = None,
+        key_file: Path | None = None,
         key_problem: KeyFileError | None = None,
         runner: Runner | None = None,
         state_root: Path | None = None,
@@ -98,6 +104,7 @@ class ChunksRepository(RepositoryLayout):
         self._store = store
         self.marker = marker
         self._key = key
+        self._key_file = key_file
         self._key_problem = key_problem
         self.runner: Runner = runner if runner is not None else LocalRunner()
         self._state = RepositoryState(marker.id, state_root)
@@ -236,6 +243,20 @@ class ChunksRepository(RepositoryLayout):
             raise RepositoryError(
                 f"{self.location}/{key} is damaged: {err}", hint="restore without --define"
             ) from err
+
+    def disk_source(self, manifest: Manifest, disk: str) -> BackupSource:
+        """The disk as nbdkit serves it: :data:`BLOCK_READER` built from the repository's location, the
+        backup and the key file's path (never the key; the reader checks every chunk it serves).
+
+        :raise NotFoundError: the backup has no such disk
+        :raise RepositoryError: its index is missing or damaged (checked now, not inside nbdkit)
+        """
+        self.index(manifest, disk)
+        options = {"repo": self.location, "vm": manifest.vm, "backup": manifest.backup_id, "disk": disk}
+        if self._key_file is not None:
+            options["key_file"] = str(self._key_file)
+        identity = f"chunks:{self.location}/{manifest.vm}/{manifest.backup_id}/{disk}"
+        return ReaderSource(BLOCK_READER, options, identity)
 
     def put_definition(self, vm: str, backup_id: str, text: str) -> str:
         """Store a machine definition with a backup (as a blob: encrypted with the repository); its id."""

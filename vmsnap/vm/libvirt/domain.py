@@ -160,6 +160,9 @@ class LibvirtMonitor(QMPMonitor):
         """Always empty: libvirt keeps QMP events to itself."""
         return []
 
+    def _pump(self, wait: float) -> None:
+        """Nothing to take in (there is no event socket; :meth:`QMPMonitor.wait_job` calls this)."""
+
     def wait_event(
         self, name: str, *, match: Mapping[str, Any] | None = None, timeout: float
     ) -> dict[str, Any]:
