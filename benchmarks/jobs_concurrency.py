@@ -3,12 +3,15 @@
 ``.venv/bin/python benchmarks/jobs_concurrency.py [--vms 8] [--size-mib 64] [--data-mib 48] [--runs 3]``
 
 Each VM is a bare QEMU (no guest OS) with one qcow2 disk holding ``--data-mib`` of random data. For each
-concurrency a fresh repository gets a full backup of every VM (then an incremental run with 4 MiB changed per
-VM); the job runs through :func:`vmsnap.jobs.default.run_job_file`, exactly as ``vmsnap run`` would. Per VM
-the time is split, by timing today's orchestrator's methods from outside, into: the copy (QEMU's backup job
-until the export is done), the chunk digests (reading the new image back to hash it), and the rest (QMP,
-journal, qemu-img calls, manifest). CPU time of this process and its children says whether the job is
-CPU-bound. Prints a Markdown table and writes ``benchmarks/results/jobs-concurrency.{json,md}``.
+concurrency a fresh repository (layout ``chunks``, the default: zstd, no encryption) gets a full backup of
+every VM, then an incremental run after 4 MiB changed per VM; the job runs through
+:func:`vmsnap.jobs.default.run_job_file`, exactly as ``vmsnap run`` does. Per VM the backup's time is split,
+by timing the orchestrator's calls from outside (in the VM's worker thread), into: the snapshot (fleecing
+set up in one QMP transaction), the export (the chunks pipeline: NBD reads of QEMU's export, sha256,
+zstd, stores — one pass), the seal (indexes and manifest) and the delete (fleecing taken down); the rest
+is the VM's lease, the journal's fsyncs, QMP round trips and QEMU's NBD server. CPU time of this process
+and its children says whether the job is CPU-bound. Prints a Markdown table and writes
+``benchmarks/results/jobs-concurrency.{json,md}``.
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from vmsnap import backup as backup_module
-from vmsnap import repository as repository_module
+from vmsnap.backup import run as backup_module
 from vmsnap.jobs.default import run_job_file
 from vmsnap.lab.qemu import DriveSpec, QemuProcess
 
 RESULTS = Path(__file__).parent / "results"
+PHASES = ("backup_total", "snapshot", "export", "seal", "delete")
 _phases: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
 _local = threading.local()
 
@@ -57,21 +60,23 @@ def _timed(owner: Any, attribute: str, phase: str) -> None:
 def _instrument() -> None:
     run_locked = backup_module.Backup._run_locked
 
-    def run_locked_timed(self: Any, repo: Any, vm: str, started: float) -> Any:
+    def run_locked_timed(self: Any, repo: Any, vm: str, resolved: Any, started: float) -> Any:
         _local.vm = vm
         begin = time.perf_counter()
         try:
-            return run_locked(self, repo, vm, started)
+            return run_locked(self, repo, vm, resolved, started)
         finally:
             _phases[vm]["backup_total"] += time.perf_counter() - begin
             _local.vm = None
 
     backup_module.Backup._run_locked = run_locked_timed  # type: ignore[method-assign]
-    _timed(repository_module.Repository, "digest_staged", "digest")
+    from vmsnap.repo.chunks.writer import ChunksWriter
     from vmsnap.strategies.blockdev_backup.strategy import BlockdevBackupStrategy
 
     _timed(BlockdevBackupStrategy, "create", "snapshot")
-    _timed(BlockdevBackupStrategy, "finish", "copy")
+    _timed(ChunksWriter, "write", "export")
+    _timed(ChunksWriter, "seal", "seal")
+    _timed(BlockdevBackupStrategy, "delete", "delete")
 
 
 def make_disk(path: Path, size_mib: int, data_mib: int) -> None:
@@ -142,8 +147,7 @@ def run_once(workdir: Path, vms: list[QemuProcess], concurrency: int, label: str
         "bytes": sum(o.bytes_written for o in report.outcomes),
         "kinds": sorted({str(o.kind) for o in report.outcomes}),
         "phase_mean_s": {
-            phase: statistics.mean(p.get(phase, 0.0) for p in phases.values())
-            for phase in ("backup_total", "snapshot", "copy", "digest")
+            phase: statistics.mean(p.get(phase, 0.0) for p in phases.values()) for phase in PHASES
         },
     }
 
@@ -188,12 +192,12 @@ def summarise(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
         f"# Backup job over {args.vms} VMs: wall time by concurrency",
         "",
         f"{args.vms} bare QEMUs (no guest OS, KVM if usable), one {args.size_mib} MiB qcow2 disk each with "
-        f"{args.data_mib} MiB of random data; a full backup of every VM into a fresh repository, then an "
-        f"incremental run after 4 MiB changed per VM. Medians of {args.runs} runs on {os.cpu_count()} cores "
-        f"({platform.machine()}); `benchmarks/jobs_concurrency.py`.",
+        f"{args.data_mib} MiB of random data; a full backup of every VM into a fresh chunks repository, then "
+        f"an incremental run after 4 MiB changed per VM. Medians of {args.runs} runs on {os.cpu_count()} "
+        f"cores ({platform.machine()}); `benchmarks/jobs_concurrency.py`.",
         "",
         "| concurrency | full: wall s | speed-up | incremental: wall s | speed-up | full: per VM s (mean) "
-        "| of which copy / digest / snapshot | CPU s (vmsnap + children) |",
+        "| of which snapshot / export / seal / delete / rest | CPU s (vmsnap + children) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     by_concurrency: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -207,18 +211,26 @@ def summarise(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
         def median(kind: str, key: str, group: list[dict[str, Any]] = group) -> float:
             return float(statistics.median(r[kind][key] for r in group))
 
-        def phase(name: str, group: list[dict[str, Any]] = group) -> float:
-            return float(statistics.median(r["full"]["phase_mean_s"][name] for r in group))
+        def phase(name: str, kind: str = "full", group: list[dict[str, Any]] = group) -> float:
+            return float(statistics.median(r[kind]["phase_mean_s"][name] for r in group))
 
         full, incremental = median("full", "wall_s"), median("incremental", "wall_s")
         base_full = base_full or full
         base_incremental = base_incremental or incremental
         cpu = median("full", "cpu_self_s") + median("full", "cpu_children_s")
-        medians[concurrency] = {"full_wall_s": full, "incremental_wall_s": incremental}
+        parts = [phase(p) for p in PHASES[1:]]
+        rest = phase("backup_total") - sum(parts)
+        medians[concurrency] = {
+            "full_wall_s": full,
+            "incremental_wall_s": incremental,
+            **{f"full_{p}_s": phase(p) for p in PHASES},
+            **{f"incremental_{p}_s": phase(p, "incremental") for p in PHASES},
+        }
+        split = " / ".join(f"{value:.2f}" for value in (*parts, rest))
         lines.append(
             f"| {concurrency} | {full:.2f} | {base_full / full:.2f}x | {incremental:.2f} | "
-            f"{base_incremental / incremental:.2f}x | {median('full', 'mean_vm_s'):.2f} | "
-            f"{phase('copy'):.2f} / {phase('digest'):.2f} / {phase('snapshot'):.2f} | {cpu:.1f} |"
+            f"{base_incremental / incremental:.2f}x | {median('full', 'mean_vm_s'):.2f} | {split} | "
+            f"{cpu:.1f} |"
         )
     return {"medians": medians, "markdown": "\n".join(lines) + "\n"}
 

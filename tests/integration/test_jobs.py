@@ -1,6 +1,14 @@
-"""A backup job end to end with real parts: three bare QEMUs (one reached as another host through the real
-sshd on 127.0.0.1), a powered-off image, today's Backup, run twice (full, then incremental with one VM's QMP
-socket gone), retention applied, metrics parsed by prometheus_client, the on_failure hook run."""
+"""Backup jobs end to end with real parts, through `run_job_file` (what `vmsnap run` calls).
+
+- a qcow2-layout repository: three bare QEMUs (one reached as another host through the real sshd on
+  127.0.0.1: the qcow2 layout writes images with commands on the VM's host, so it needs storage both hosts
+  see at one path — here they share it) and a powered-off image; run twice (full, then incremental with one
+  VM's QMP socket gone), retention keeping the chains, metrics parsed by prometheus_client, the hook;
+- an encrypted chunks repository on S3 (the real SeaweedFS): key_file, retention through the repository's
+  prune, gc freeing what prune left, the restored disk compared; a wrong key fails every VM, one line each.
+
+The job the issue describes (libvirt domains and a VM on the far host in one file) is
+tests/integration/libvirt/test_job_domains.py."""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ import json
 import os
 import re
 import stat
+import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -16,14 +25,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import make_image
 from tests.integration.cli_helpers import qcow2_repo
+from tests.integration.s3.fixtures import BUCKET
 from vmsnap.errors import VmsnapError
 from vmsnap.jobs.default import run_job_file
 from vmsnap.jobs.expand import expand_vms
-from vmsnap.jobs.hosts import HostSpec
 from vmsnap.jobs.jobfile import JobConfig, load_job
 from vmsnap.jobs.run import JobReport, job_lock
-from vmsnap.lab.qemu import DriveSpec, QemuProcess
+from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
+from vmsnap.repo.repository import Repository
 from vmsnap.runner import SshRunner
+from vmsnap.vm.hosts import HostSpec
 from vmsnap.vm.remote import RemoteHost
 
 
@@ -96,6 +107,7 @@ host = "{user}@{host}:{sshd.port}"
 [[vm]]
 image = "{delta}"
 quiesce = "off"
+strategy = "external"
 """
     )
     (tmp_path / "metrics").mkdir()
@@ -161,13 +173,15 @@ quiesce = "off"
     assert [o.vm for o in second.failed] == ["beta"]
     assert outcomes["alpha"].kind == "incremental" and outcomes["gamma"].kind == "incremental"
     assert outcomes["delta"].kind == "full"
+    assert "full backup: strategy external takes no incrementals" in outcomes["delta"].notes
     # retention keep_last = 1: delta's first full is gone; alpha keeps its full as the incremental's parent
     delta_retention = outcomes["delta"].retention
     assert delta_retention is not None and delta_retention.removed == (first_ids["delta"],)
     assert not (repo / "delta" / str(first_ids["delta"])).exists()
     alpha_retention = outcomes["alpha"].retention
     assert alpha_retention is not None and alpha_retention.removed == ()
-    assert alpha_retention.reason(str(first_ids["alpha"])) == f"parent of {outcomes['alpha'].backup_id}"
+    assert alpha_retention.needed == (first_ids["alpha"],)  # the qcow2 layout keeps the chain
+    assert alpha_retention.reasons[str(first_ids["alpha"])] == f"parent of {outcomes['alpha'].backup_id}"
     assert (repo / "beta" / str(first_ids["beta"])).is_dir()  # a failed VM is never pruned
 
     metrics_2 = families(job.metrics)  # type: ignore[arg-type]
@@ -193,3 +207,58 @@ quiesce = "off"
     # the job's lock: a second run while one holds it fails at once, naming the holder
     with job_lock(job, tmp_path / "locks"), pytest.raises(VmsnapError, match=f"pid {os.getpid()}"):
         run(job)
+
+
+def test_a_job_into_an_encrypted_chunks_repository_on_s3(
+    s3_env: object, s3_prefix: str, tmp_path: Path, vms: dict[str, QemuProcess]
+) -> None:
+    key = tmp_path / "repo.key"
+    url = f"s3://{BUCKET}/{s3_prefix}"
+    Repository.init(url, encrypt=True, key_file=key)
+    job_file = tmp_path / "offsite.toml"
+    entries = "".join(f'[[vm]]\nqmp = "{vms[n].qmp_socket}"\nname = "{n}"\n' for n in ("alpha", "beta"))
+    job_file.write_text(
+        f'repository = "{url}"\nkey_file = "{key.name}"\nconcurrency = 2\ngc = true\nmetrics = false\n'
+        f"[retention]\nkeep_last = 1\n{entries}"
+    )
+
+    def run() -> JobReport:
+        return run_job_file(job_file, list_domains=no_libvirt, lock_dir=tmp_path / "locks")
+
+    ids = []
+    for index, pattern in enumerate((0x31, 0x32)):
+        for offset, name in enumerate(("alpha", "beta")):
+            with vms[name].monitor() as qmp:
+                qemu_io(qmp, "disk0", f"write -P {pattern + 16 * offset:#x} 0 1M")
+                qemu_io(qmp, "disk0", "flush")
+        report = run()
+        assert report.ok, report.summary()
+        assert {o.kind for o in report.outcomes} == {"full" if index == 0 else "incremental"}
+        ids.append({o.vm: o.backup_id for o in report.outcomes})
+    # the first backups are pruned, and gc freed their chunks (each VM's first data chunk)
+    assert {o.vm: o.retention.removed for o in report.outcomes if o.retention} == {
+        name: (ids[0][name],) for name in ("alpha", "beta")
+    }
+    assert report.gc is not None and report.gc.chunks_freed == 2
+    repo = Repository.open(url, key_file=key)
+    assert [m.backup_id for m in repo.backups("alpha")] == [ids[1]["alpha"]]
+    repo.restore("alpha", None, tmp_path / "restored")
+    compared = subprocess.run(
+        [
+            "qemu-img",
+            "compare",
+            "-U",
+            str(tmp_path / "restored" / "disk0.qcow2"),
+            str(vms["alpha"].drives[0].path),
+        ],
+        capture_output=True,
+    )
+    assert compared.returncode == 0, compared.stdout
+
+    # another key: every VM fails with one line saying so, nothing is written
+    (tmp_path / "repo.key").rename(tmp_path / "right.key")
+    Repository.init(tmp_path / "other", encrypt=True, key_file=key)  # makes a key of its own there
+    wrong = run()
+    assert wrong.exit_status == 1 and len(wrong.failed) == 2
+    assert all("key" in str(o.error) and "\n" not in str(o.error) for o in wrong.failed)
+    assert [m.backup_id for m in repo.backups("alpha")] == [ids[1]["alpha"]]

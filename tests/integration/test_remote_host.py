@@ -1,5 +1,7 @@
-"""RemoteHost (vmsnap.vm.remote) against the real sshd on 127.0.0.1: a real QEMU whose QMP socket is reached
-only through the forward, an NBD export forwarded on demand, commands over the master."""
+"""Other hosts: RemoteHost (vmsnap.vm.remote) against the real sshd on 127.0.0.1 — a real QEMU whose QMP
+socket is reached only through the forward, an NBD export forwarded on demand, commands over the master —
+and a VM on the "far host" (an sshd with its own /tmp, tests/integration/far_host.py) backed up end to end
+through `vmsnap backup --host`: full, incremental, offline incremental, restored, compared byte for byte."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_image
+from tests.integration.cli_helpers import CliResult, cli_process
+from tests.integration.far_host import ALIAS, FarHost, far_vm
 from vmsnap.errors import CommandError, NotFoundError, QMPConnectionError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess
 from vmsnap.runner import SshRunner
@@ -141,3 +145,88 @@ def test_an_unreachable_host_fails_at_once_without_prompting(sshd: SshRunner) ->
         assert "BatchMode" in info.value.hint
         assert remote.pid is None
         assert list(Path(short).iterdir()) == []  # the private directory is removed again
+
+
+# -- a VM on another host, end to end through the CLI ----------------------------------------------------
+
+
+def _far(far_host: FarHost) -> dict[str, str]:
+    """The environment that makes `--host farhost` reach the far host (its ssh_config: port, key,
+    known_hosts)."""
+    return {"VMSNAP_SSH_CONFIG": str(far_host.config)}
+
+
+def _ok(result: CliResult) -> dict[str, object]:
+    assert result.code == 0, result.err
+    return dict(result.json())
+
+
+def test_a_vm_on_another_host_backed_up_into_a_local_chunks_repository(
+    far_host: FarHost, tmp_path: Path, state_dir: Path
+) -> None:
+    """The far host's QMP socket, images, QEMU's NBD socket and fleecing files are in its own /tmp: the
+    backup reaches them only through the SSH tunnel (forwarded sockets) and the far host's runner."""
+    repo = tmp_path / "repo"
+    env = _far(far_host)
+    with far_vm(far_host, "farvm", ("16M", "8M")) as vm:
+        assert not vm.qmp_socket.exists()  # not on this host
+        vm.write(0x5A, 1, 2)
+        vm.write(0x11, 3, 1, drive=1)
+        selector = ["--host", ALIAS, "--qmp", str(vm.qmp_socket)]
+        full = _ok(cli_process("backup", "--repo", repo, *selector, "--json", env=env))
+        assert full["kind"] == "full" and full["vm"] == "farvm"  # its name from QEMU, through the tunnel
+        at_full = tmp_path / "at-full.qcow2"
+        subprocess.run(
+            ["qemu-img", "convert", "-U", "-O", "qcow2", str(far_host.here(vm.image(0))), str(at_full)],
+            check=True,
+        )
+        vm.write(0x77, 9, 1)
+        incremental = _ok(
+            cli_process("backup", "--repo", repo, *selector, "--incremental", "--json", env=env)
+        )
+        assert incremental["kind"] == "incremental"
+        disks = {d["name"]: d for d in incremental["disks"]}  # type: ignore[attr-defined]
+        assert disks["disk0"]["chunks"]["bytes_read"] == 1 << 20  # the changed MiB, as the bitmap says
+        assert disks["disk1"]["chunks"]["bytes_read"] == 0
+        # the work directory was made on the far host (QEMU wrote the fleecing files there), and nothing is
+        # left there: no work directory, no NBD server directory
+        assert list(far_host.here(state_dir).glob("repos/*/work/farvm")), "no work directory on the far host"
+        assert list(far_host.here(state_dir).glob("repos/*/work/farvm/*")) == []
+        assert list(far_host.here("/tmp").glob("vmsnap-*")) == []
+        vm.stop()  # QEMU writes its persistent dirty bitmaps into the images
+        far_host.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x44 12M 1M", str(vm.image(0))])
+        images = ["--image", str(vm.image(0)), "--image", str(vm.image(1)), "--name", "farvm"]
+        offline = _ok(
+            cli_process(
+                "backup", "--repo", repo, "--host", ALIAS, *images, "--incremental", "--json", env=env
+            )
+        )
+        assert offline["kind"] == "incremental"  # qemu-nbd on the far host, its socket forwarded
+        for name, backup, expected in (
+            ("full", full, {"disk0": at_full}),
+            ("offline", offline, {f"disk{i}": far_host.here(vm.image(i)) for i in range(2)}),
+        ):
+            out = tmp_path / name
+            restore = ("restore", "--repo", repo, "--vm", "farvm", "--backup", str(backup["backup_id"]))
+            _ok(cli_process(*restore, "--to", out, "--json"))
+            for disk, image in expected.items():
+                compared = subprocess.run(
+                    ["qemu-img", "compare", "-U", str(out / f"{disk}.qcow2"), str(image)], capture_output=True
+                )
+                assert compared.returncode == 0, f"{name} {disk}: {compared.stdout!r} {compared.stderr!r}"
+
+
+def test_a_missing_socket_on_another_host_is_one_line(far_host: FarHost, tmp_path: Path) -> None:
+    result = cli_process(
+        "backup",
+        "--repo",
+        tmp_path / "repo",
+        "--host",
+        ALIAS,
+        "--qmp",
+        "/tmp/no-such.qmp",
+        env=_far(far_host),
+    )
+    assert result.code == 1
+    assert f"no unix socket /tmp/no-such.qmp on {ALIAS}" in result.error_line
+    assert not (tmp_path / "repo").exists()  # nothing was begun

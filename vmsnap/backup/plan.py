@@ -87,7 +87,9 @@ def resolve(machine: Machine, config: BackupConfig, layout: LayoutTraits) -> Res
     """(strategy, transport, disks) after "auto" choices and checks, for a repository of ``layout``.
 
     A layout that reads exports itself (chunks) takes no transport and no push: strategies that could push
-    export instead (pull mode), running or powered off.
+    export instead (pull mode) — a running machine's through QEMU's NBD server, a powered-off machine's
+    images through qemu-nbd with their persistent dirty bitmap, so offline incrementals read only what
+    changed (and a machine on another host has them served there and forwarded).
 
     :raise UsageError: unknown disk, a disk name that cannot be a file name, no disks, a transport the
         strategy or the layout cannot use, ``--incremental`` with a strategy that cannot take incrementals

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 
 import attrs
@@ -162,20 +161,13 @@ class Backup:
         repo = Repository.open(
             self.config.repo, create=True, key_file=self.config.key_file, runner=self.machine.runner
         )
-        with repo.lock(vm), warnings.catch_warnings(record=True) as caught:
-            # strategies warn (fallbacks, slow settings): pass the warnings on as notes
-            warnings.simplefilter("always")
-            warnings.simplefilter("ignore", ResourceWarning)  # the interpreter's, not a strategy's (sockets)
-            try:
-                report = recover_leftovers(repo, self.machine)
-                for action in report.actions:
-                    self._note(f"recovered a dead run: {action}")
-                if report.actions:  # the disks may have changed (an overlay committed back): look again
-                    resolved = resolve(self.machine, self.config, repo.traits())
-                return self._run_locked(repo, vm, resolved, started)
-            finally:
-                for warning in caught:
-                    self._note(str(warning.message))
+        with repo.lock(vm):
+            report = recover_leftovers(repo, self.machine)
+            for action in report.actions:
+                self._note(f"recovered a dead run: {action}")
+            if report.actions:  # the disks may have changed (an overlay committed back): look again
+                resolved = resolve(self.machine, self.config, repo.traits())
+            return self._run_locked(repo, vm, resolved, started)
 
     def _start(self, repo: RepositoryLayout, vm: str, resolved: Resolved) -> tuple[_Run, Journal]:
         """Choose the parent, begin the backup in the repository and start its journal."""
@@ -195,7 +187,9 @@ class Backup:
         since = None
         if parent is not None:
             since = Checkpoint(parent.backup_id, writer.checkpoint_images(parent, resolved.disks))
-        context = BackupContext(writer.workdir, config.bitmap, since, resolved.push)
+        # the strategy's remarks (fallbacks, slow settings) come through the context, not `warnings`: those
+        # are process-wide, and a job backs several VMs up at once
+        context = BackupContext(writer.workdir, config.bitmap, since, resolved.push, note=self._note)
         journal = Journal.start(
             journal_path,
             vm=vm,
@@ -213,22 +207,25 @@ class Backup:
         self, repo: RepositoryLayout, vm: str, resolved: Resolved, started: float
     ) -> BackupResult:
         run, journal = self._start(repo, vm, resolved)
-        try:
-            crash_point("after-start")
-            return self._take(repo, journal, run, started)
-        except BaseException as err:
+        with contextlib.ExitStack() as workspace:
             try:
-                undo_run(repo, self.machine, journal)
-            except VmsnapError as undo_err:
-                raise RecoveryError(
-                    f"{_one_line(err)}; undoing the run failed too: {undo_err.message}",
-                    hint=f"fix that, then run `vmsnap recover --repo {repo.location}` for {vm}",
-                ) from err
-            with contextlib.suppress(VmsnapError, OSError):
-                run.writer.discard()  # what undo_run left of it (the chunks layout's open cache file)
-            if isinstance(err, OSError):  # e.g. the journal could not be written: QEMU filled the disk
-                raise _repository_write_error(repo, err) from err
-            raise
+                crash_point("after-start")
+                # a machine on another host needs the work directory there too (QEMU writes fleecing files)
+                workspace.enter_context(self.machine.workspace(run.writer.workdir))
+                return self._take(repo, journal, run, started)
+            except BaseException as err:
+                try:
+                    undo_run(repo, self.machine, journal)
+                except VmsnapError as undo_err:
+                    raise RecoveryError(
+                        f"{_one_line(err)}; undoing the run failed too: {undo_err.message}",
+                        hint=f"fix that, then run `vmsnap recover --repo {repo.location}` for {vm}",
+                    ) from err
+                with contextlib.suppress(VmsnapError, OSError):
+                    run.writer.discard()  # what undo_run left of it (the chunks layout's open cache file)
+                if isinstance(err, OSError):  # e.g. the journal could not be written: QEMU filled the disk
+                    raise _repository_write_error(repo, err) from err
+                raise
 
     def _take(self, repo: RepositoryLayout, journal: Journal, run: _Run, started: float) -> BackupResult:
         strategy = run.resolved.strategy.for_backup(self.machine, run.context)
@@ -314,9 +311,13 @@ class Backup:
         exported: dict[str, WrittenDisk] = {}
         for index, disk in enumerate(run.resolved.disks):
             journal.record("exporting", disk=disk.name)
-            with strategy.export(refs[disk.name]) as source:
-                journal.record("serving", disk=disk.name, kind=source.kind, location=source.location)
-                exported[disk.name] = self._export_one(disk, source, run)
+            with strategy.export(refs[disk.name]) as served:
+                journal.record("serving", disk=disk.name, kind=served.kind, location=served.location)
+                # a layout that reads the export itself reads it here: through the SSH tunnel when the VM
+                # runs on another host (transports of the qcow2 layout run their commands on the VM's host)
+                reach = self.machine.reachable if run.resolved.reads_itself else contextlib.nullcontext
+                with reach(served) as source:
+                    exported[disk.name] = self._export_one(disk, source, run)
                 if index == 0:
                     crash_point("mid-export")
             journal.record("exported", disk=disk.name, bytes_written=exported[disk.name].bytes_written)

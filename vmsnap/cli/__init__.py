@@ -4,10 +4,10 @@ This package is the only part of vmsnap that prints. Exit status: 0 success, 2 u
 failure, with one line saying what failed and what to do (``--debug`` adds the traceback). ``--json`` prints
 one JSON object.
 
-Each command module (:mod:`~vmsnap.cli.repository`, :mod:`~vmsnap.cli.restore`,
-:mod:`~vmsnap.cli.snapshots`, :mod:`~vmsnap.cli.tools`) holds its command functions and a ``COMMANDS`` tuple
-of :class:`~vmsnap.cli.common.Command`; a new module is registered by adding its ``COMMANDS`` to
-:data:`COMMANDS` below.
+Each command module (:mod:`~vmsnap.cli.repository`, :mod:`~vmsnap.cli.restore`, :mod:`~vmsnap.cli.upkeep`,
+:mod:`~vmsnap.cli.jobs`, :mod:`~vmsnap.cli.snapshots`, :mod:`~vmsnap.cli.tools`) holds its command functions
+and a ``COMMANDS`` tuple of :class:`~vmsnap.cli.common.Command`; a new module is registered by adding its
+``COMMANDS`` to :data:`COMMANDS` below.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Sequence
 
 from vmsnap import __version__
-from vmsnap.cli import repository, restore, snapshots, tools, upkeep
+from vmsnap.cli import jobs, repository, restore, snapshots, tools, upkeep
 from vmsnap.cli.common import Command
 from vmsnap.errors import VmsnapError
 
@@ -26,6 +26,7 @@ COMMANDS: tuple[Command, ...] = (
     *repository.COMMANDS,
     *upkeep.COMMANDS,
     *restore.COMMANDS,
+    *jobs.COMMANDS,
     *snapshots.COMMANDS,
     *tools.COMMANDS,
 )
@@ -36,6 +37,8 @@ EPILOG = """examples:
   vmsnap backup --repo /backups --domain web1 --incremental
   vmsnap restore --repo /backups --vm web1 --to /restore
   vmsnap mount --repo /backups --vm web1 --disk vda /mnt/web1
+  vmsnap backup --repo /backups --host root@hv2 --qmp /run/qemu/db.qmp
+  vmsnap run /etc/vmsnap/nightly.toml
   vmsnap strategies
 """
 

@@ -32,6 +32,7 @@ class Command:
     :param name: the word after ``vmsnap``
     :param help: one line for ``vmsnap --help`` (also the command's description unless ``description``)
     :param example: a full command line, shown under ``example:`` in the command's ``--help``
+    :param more_examples: further command lines shown there
     :param run: the command function; None for a group of ``subcommands``
     :param arguments: adds the command's own options (``--json`` and ``--debug`` are added for it)
     :param json_option: add ``--json`` after the command's options
@@ -46,14 +47,17 @@ class Command:
     description: str | None = None
     json_option: bool = True
     subcommands: tuple[Command, ...] = ()
+    more_examples: tuple[str, ...] = ()
 
     def add_to(self, commands: Any) -> argparse.ArgumentParser:
         """Add this command's parser to ``commands`` (what ``add_subparsers`` returned)."""
+        examples = (self.example, *self.more_examples)
+        heading = "example:" if len(examples) == 1 else "examples:"
         parser: argparse.ArgumentParser = commands.add_parser(
             self.name,
             help=self.help,
             description=self.description or self.help,
-            epilog=f"example:\n  {self.example}",
+            epilog="\n  ".join((heading, *examples)),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         if self.run is not None:
@@ -104,9 +108,15 @@ def add_disk_option(parser: argparse.ArgumentParser) -> None:
 # -- the VM a command acts on -------------------------------------------------------------------------------
 
 
+HOST_EXAMPLE = "--host root@hv2 --qmp /run/qemu/vm1.qmp"
+
+
 def add_vm_arguments(parser: argparse.ArgumentParser) -> None:
-    """--qmp/--agent/--name | --domain/--connect | --image ..."""
-    group = parser.add_argument_group("VM (one of)")
+    """--qmp/--agent/--name | --domain/--connect | --image ..., and --host for a VM on another host."""
+    group = parser.add_argument_group(
+        "VM (one of)",
+        "on another host add --host; the paths are that host's, e.g. " + HOST_EXAMPLE,
+    )
     group.add_argument("--qmp", type=Path, metavar="SOCKET", help="QMP unix socket of a running QEMU")
     group.add_argument("--agent", type=Path, metavar="SOCKET", help="guest agent socket of that QEMU")
     group.add_argument(
@@ -122,6 +132,13 @@ def add_vm_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="a powered-off disk image (repeat)",
     )
+    group.add_argument(
+        "--host",
+        metavar="USER@HOST",
+        help="the VM runs on another host, reached over OpenSSH (keys and known_hosts as ssh has them, "
+        "never a password prompt; $VMSNAP_SSH_CONFIG names an ssh_config to use instead): its sockets "
+        "and exports are forwarded, its commands run there. Also host, user@host:port, an ssh alias",
+    )
 
 
 def machine_spec(args: argparse.Namespace) -> MachineSpec:
@@ -136,6 +153,7 @@ def machine_spec(args: argparse.Namespace) -> MachineSpec:
         domain=args.domain,
         connect=args.connect,
         images=tuple(args.image),
+        host=args.host,
     )
 
 

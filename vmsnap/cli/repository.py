@@ -185,6 +185,10 @@ COMMANDS = (
         "vmsnap backup --repo /backups --qmp /run/vm1.qmp --agent /run/vm1.qga --incremental",
         cmd_backup,
         _backup_arguments,
+        more_examples=(
+            "vmsnap backup --repo /backups --host root@hv2 --qmp /run/qemu/db.qmp --incremental",
+            "vmsnap backup --repo s3://bucket/vmsnap --key-file /etc/vmsnap/key --domain web1",
+        ),
     ),
     Command(
         "restore",

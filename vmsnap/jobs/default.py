@@ -1,50 +1,54 @@
-"""The job's functions on today's orchestrator: :class:`vmsnap.backup.run.Backup` with ``QemuMachine`` /
-``LibvirtMachine`` / ``OfflineMachine``, and retention on today's (qcow2-chain) ``Repository``.
+"""The job's functions on the backup orchestrator and the repository: :class:`~vmsnap.backup.run.Backup`
+of the machine :func:`~vmsnap.vm.select.open_machine` opens, retention through the repository's
+``prune`` (borg's rules), gc through its ``gc`` — whatever the repository is: ``chunks`` or ``qcow2``, a
+directory or ``s3://``, encrypted (``key_file``) or not.
 
 This is the only module of :mod:`vmsnap.jobs` that imports the orchestrator, the machines and the repository;
-a new orchestrator plugs in by providing its own :data:`~vmsnap.jobs.run.BackupFn`,
-:class:`~vmsnap.jobs.run.RetentionFn` and :data:`~vmsnap.jobs.run.PredictFn`.
+another orchestrator plugs in by providing its own :data:`~vmsnap.jobs.run.BackupFn`,
+:class:`~vmsnap.jobs.run.RetentionFn`, :data:`~vmsnap.jobs.run.PredictFn` and :data:`~vmsnap.jobs.run.GcFn`.
 
-VMs on other hosts (``host``) are reached through one :class:`~vmsnap.vm.remote.RemoteHost` per host, opened
-on first use and shared by that host's VMs: a QMP (and agent) socket is forwarded while its VM is backed up,
-and host-side commands (qemu-img) run there over the same connection. Today's strategies write the backup
-image with those commands at the repository's path, so a remote VM needs the repository at the same path on
-its host (shared storage), until the data path reads the NBD export through the tunnel
-(:meth:`~vmsnap.vm.remote.RemoteHost.forward` is ready for that).
+VMs on other hosts (``host``) are reached through one :class:`~vmsnap.vm.remote.RemoteHost` per host
+(:class:`~vmsnap.vm.hosts.HostPool`), opened on first use and shared by that host's VMs: the VM's QMP and
+agent sockets are forwarded while it is backed up, its commands run there, and a chunks repository reads
+its export through the same tunnel (:mod:`vmsnap.vm.remote_machine`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import os
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 from vmsnap.backup import Backup, BackupConfig
 from vmsnap.backup.config import Quiesce
-from vmsnap.errors import NotFoundError, RepositoryError, UnsupportedError
+from vmsnap.errors import NotFoundError, RepositoryError
 from vmsnap.jobs.expand import expand_vms
-from vmsnap.jobs.hosts import HostSpec
-from vmsnap.jobs.jobfile import ListDomains, VmSpec, load_job
-from vmsnap.jobs.run import BackupInfo, JobReport, Prediction, VmBackup, apply_retention, run_job
+from vmsnap.jobs.jobfile import JobConfig, ListDomains, VmSpec, load_job
+from vmsnap.jobs.run import (
+    BackupInfo,
+    JobReport,
+    Prediction,
+    VmBackup,
+    apply_retention,
+    as_prune_result,
+    run_job,
+)
+from vmsnap.repo.reports import GcReport, PruneResult
 from vmsnap.repo.repository import Repository, RepositoryLayout
-from vmsnap.repo.retention import RetentionPlan, RetentionPolicy, backup_time
-from vmsnap.runner import Runner
-from vmsnap.vm.machine import Machine, OfflineMachine, QemuMachine
-from vmsnap.vm.remote import RemoteHost
+from vmsnap.repo.retention import RetentionPolicy, backup_time
+from vmsnap.strategies import strategy_class
+from vmsnap.vm.hosts import ConnectHost, HostPool, connect_with_openssh
+from vmsnap.vm.machine import Machine
+from vmsnap.vm.select import MachineSpec, open_machine
 
-ConnectHost = Callable[[HostSpec], RemoteHost]
-LOCK_WAIT = 30.0
-"""Seconds retention waits for a VM's repository lock (see :meth:`LegacyJobFunctions.retention`)."""
-
-
-def connect_with_openssh(spec: HostSpec) -> RemoteHost:
-    """A :class:`RemoteHost` with OpenSSH's own keys, known_hosts and config (BatchMode, never a prompt)."""
-    return RemoteHost(spec.destination, port=spec.port)
+GC_WAIT = 600.0
+"""Seconds the job's gc waits for backups, prunes and restores that other runs (other jobs, other backup
+servers on the same repository) hold leases for, before it gives up."""
 
 
 def list_libvirt_domains(uri: str | None) -> Sequence[str]:
@@ -62,57 +66,50 @@ def list_libvirt_domains(uri: str | None) -> Sequence[str]:
         connection.close()
 
 
-class HostPool:
-    """One open :class:`RemoteHost` per host, opened on first use (thread-safe), all closed by :meth:`close`.
+def machine_spec(spec: VmSpec) -> MachineSpec:
+    """The VM selector of one job entry's VM."""
+    return MachineSpec(
+        qmp=spec.qmp,
+        agent=spec.agent,
+        name=spec.name,
+        domain=spec.domain,
+        connect=spec.connect,
+        images=spec.images,
+        host=spec.host,
+    )
 
-    :param connect: makes the (unopened) RemoteHost for a host spec
+
+def takes_incrementals(spec: VmSpec) -> bool:
+    """Whether the job asks for incrementals of this VM and its strategy can take them ("auto" can: it is
+    the registered strategy that takes incrementals of the machine in its state).
+
+    :raise UsageError: an unknown strategy (with the names that exist)
     """
-
-    def __init__(self, connect: ConnectHost = connect_with_openssh) -> None:
-        self._connect = connect
-        self._hosts: dict[HostSpec, RemoteHost] = {}
-        self._locks: dict[HostSpec, threading.Lock] = {}
-        self._lock = threading.Lock()
-
-    def get(self, spec: HostSpec) -> RemoteHost:
-        """The open connection to ``spec``.
-
-        :raise CommandError: ssh could not connect
-        """
-        with self._lock:
-            host_lock = self._locks.setdefault(spec, threading.Lock())
-        with host_lock:
-            host = self._hosts.get(spec)
-            if host is None:
-                host = self._connect(spec).open()
-                self._hosts[spec] = host
-            return host
-
-    def close(self) -> None:
-        """Close every connection (by pid) and remove its sockets."""
-        with self._lock:
-            hosts, self._hosts = list(self._hosts.values()), {}
-        for host in hosts:
-            host.close()
+    if not spec.incremental:
+        return False
+    return spec.strategy == "auto" or strategy_class(spec.strategy).capabilities.incremental
 
 
-class LegacyJobFunctions:
-    """:data:`BackupFn`, :class:`RetentionFn` and :data:`PredictFn` on today's Backup and Repository.
+class JobFunctions:
+    """:data:`BackupFn`, :class:`RetentionFn`, :data:`PredictFn` and :data:`GcFn` of one job.
 
     Use as a context manager (remote connections are closed at its end)::
 
-        with LegacyJobFunctions() as functions:
+        with JobFunctions(job) as functions:
             report = run_job(job, specs, backup=functions.backup, retention=functions.retention,
-                             predict=functions.predict)
+                             predict=functions.predict, gc=functions.gc)
 
+    :param job: the job (its repository and key file)
     :param hosts: the SSH connections to other hosts
     """
 
-    def __init__(self, hosts: HostPool | None = None) -> None:
+    def __init__(self, job: JobConfig, hosts: HostPool | None = None) -> None:
+        self.job = job
         self.hosts = hosts if hosts is not None else HostPool()
-        self._repo_lock = threading.Lock()
+        self._created = False
+        self._create_lock = threading.Lock()
 
-    def __enter__(self) -> LegacyJobFunctions:
+    def __enter__(self) -> JobFunctions:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -121,41 +118,42 @@ class LegacyJobFunctions:
     def close(self) -> None:
         self.hosts.close()
 
+    def repository(self, *, create: bool = False) -> RepositoryLayout:
+        """The job's repository, opened (with ``create``: made when it is a new or empty directory).
+
+        :raise RepositoryError: there is none (without ``create``), or it cannot be read
+        :raise KeyFileError: an encrypted repository and a key file that is not its key
+        :raise StoreError: the store cannot be reached
+        """
+        return Repository.open(self.job.repository, create=create, key_file=self.job.key_file)
+
+    def _ensure_repository(self) -> None:
+        # the first backups of a job run at once: only one of them may make the repository
+        with self._create_lock:
+            if not self._created:
+                self.repository(create=True)
+                self._created = True
+
     # -- backup --------------------------------------------------------------------------------------
 
-    def _repository_root(self, spec: VmSpec) -> Path:
-        if "://" in spec.repository:
-            raise UnsupportedError(
-                f"repository {spec.repository}: this build writes backups to a directory only",
-                hint="use a repository path (object stores come with the chunks layout)",
-            )
-        if spec.key_file is not None:
-            raise UnsupportedError(
-                "key_file: this build's repositories are not encrypted",
-                hint="remove key_file from the job file (encryption comes with the chunks layout)",
-            )
-        return Path(spec.repository)
-
     def backup(self, spec: VmSpec) -> VmBackup:
-        """Back up one VM with today's :class:`~vmsnap.backup.run.Backup`.
+        """Back up one VM with :class:`~vmsnap.backup.run.Backup`.
 
         :raise VmsnapError: anything that stops the backup (its message names what and what to do)
         """
-        root = self._repository_root(spec)
-        with self._repo_lock:  # two first backups must not both create the repository
-            Repository.open(root, create=True)
-        incremental = spec.incremental and spec.kind != "image" and spec.strategy in ("auto", "backup")
+        self._ensure_repository()
+        incremental = takes_incrementals(spec)
         notes: list[str] = []
         if spec.incremental and not incremental:
-            why = "a powered-off VM" if spec.kind == "image" else f"strategy {spec.strategy}"
-            notes.append(f"full backup: incrementals need a running VM and strategy backup ({why})")
+            notes.append(f"full backup: strategy {spec.strategy} takes no incrementals")
         config = BackupConfig(
-            repo=root,
+            repo=spec.repository,
             strategy=spec.strategy,
             transport=spec.transport,
             incremental=incremental,
             quiesce=cast(Quiesce, spec.quiesce),
             disks=spec.disks,
+            key_file=spec.key_file,
         )
         with self.machine(spec) as machine:
             result = Backup(machine, config).run()
@@ -174,65 +172,34 @@ class LegacyJobFunctions:
 
         :raise VmsnapError: it cannot be reached
         """
-        remote = self.hosts.get(spec.host) if spec.host is not None else None
-        runner: Runner | None = remote.runner if remote is not None else None
-        with contextlib.ExitStack() as stack:
-            machine: Any
-            if spec.kind == "qemu":
-                assert spec.qmp is not None
-                qmp, agent = spec.qmp, spec.agent
-                if remote is not None:
-                    qmp = stack.enter_context(remote.forwarded(spec.qmp))
-                    agent = stack.enter_context(remote.forwarded(spec.agent)) if spec.agent else None
-                machine = QemuMachine(qmp, agent, name=spec.name, runner=runner)
-            elif spec.kind == "image":
-                machine = OfflineMachine(list(spec.images), name=spec.name, runner=runner)
-            else:
-                from vmsnap.vm.libvirt.machine import LibvirtMachine
+        with contextlib.closing(open_machine(machine_spec(spec), hosts=self.hosts)) as machine:
+            yield machine
 
-                assert spec.domain is not None
-                machine = LibvirtMachine(spec.domain, uri=spec.connect, runner=runner)
-            stack.callback(machine.close)
-            yield cast(Machine, machine)
+    # -- retention and gc ----------------------------------------------------------------------------
 
-    # -- retention -----------------------------------------------------------------------------------
-
-    def retention(self, spec: VmSpec, policy: RetentionPolicy, *, dry_run: bool) -> RetentionPlan:
-        """Apply ``policy`` to the VM's backups under its repository lock (a dry run plans only, with the
-        backup this run would take counted in).
+    def retention(self, spec: VmSpec, policy: RetentionPolicy, *, dry_run: bool) -> PruneResult:
+        """Prune the VM's backups by ``policy`` with the repository's ``prune`` (a dry run plans only, with
+        the backup this run would take counted in).
 
         :raise RepositoryError: the repository cannot be read, or another run holds the VM's lock
         """
-        root = self._repository_root(spec)
+        if not dry_run:
+            return self.repository().prune(spec.name, policy)
         try:
-            repo = Repository.open(root)
+            repo = self.repository()
         except RepositoryError:
-            if not dry_run:
-                raise
             repo = None  # a dry run before the first backup: nothing to prune yet
-        if dry_run:
-            backups = _infos(repo, spec.name) if repo is not None else []
-            chains = repo.chains if repo is not None else True
-            return apply_retention(backups, policy, None, upcoming=dt.datetime.now(dt.UTC), chains=chains)
-        assert repo is not None
-        deadline = time.monotonic() + LOCK_WAIT
-        while True:
-            acquired = False
-            try:
-                with repo.lock(spec.name):
-                    acquired = True
-                    return apply_retention(
-                        _infos(repo, spec.name),
-                        policy,
-                        lambda backup_id: _remove(repo, spec.name, backup_id),
-                        chains=repo.chains,
-                    )
-            except RepositoryError:
-                # the VM's lock is an flock on an fd that a child forked by another worker thread holds until
-                # it execs: right after this VM's own backup released it, wait a moment instead of failing
-                if acquired or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        backups = _infos(repo, spec.name) if repo is not None else []
+        chains = repo.chains if repo is not None else False
+        retention = apply_retention(backups, policy, None, upcoming=dt.datetime.now(dt.UTC), chains=chains)
+        return as_prune_result(spec.name, retention)
+
+    def gc(self) -> GcReport:
+        """The repository's gc, once after every VM (waiting up to :data:`GC_WAIT` for other runs).
+
+        :raise LeaseError: other runs kept their leases longer than that
+        """
+        return self.repository().gc(wait=GC_WAIT)
 
     # -- dry run -------------------------------------------------------------------------------------
 
@@ -240,19 +207,18 @@ class LegacyJobFunctions:
         """Full or incremental, from the repository alone; checks that a local VM's sockets and images exist.
 
         :raise NotFoundError: a local QMP socket or image is missing
+        :raise UsageError: an unknown strategy
         """
-        root = self._repository_root(spec)
         if spec.host is None:
             for path in (spec.qmp, spec.agent, *spec.images):
                 if path is not None and not os.path.exists(path):
                     raise NotFoundError(
                         f"{path} does not exist", hint="is the VM running, is the path right?"
                     )
-        incremental = spec.incremental and spec.kind != "image" and spec.strategy in ("auto", "backup")
-        if not incremental:
+        if not takes_incrementals(spec):
             return Prediction("full", "incremental is off for this VM" if spec.incremental else "")
         try:
-            repo = Repository.open(root)
+            repo = self.repository()
         except RepositoryError:
             return Prediction("full", "no repository yet")
         latest = repo.latest(spec.name)
@@ -261,7 +227,7 @@ class LegacyJobFunctions:
         forced = repo.full_required(spec.name)
         if forced is not None:
             return Prediction("full", forced)
-        return Prediction("incremental", f"after {latest.backup_id} (full if QEMU lost its dirty bitmap)")
+        return Prediction("incremental", f"after {latest.backup_id} (full if the dirty bitmap was lost)")
 
 
 def run_job_file(
@@ -269,23 +235,27 @@ def run_job_file(
     *,
     dry_run: bool = False,
     list_domains: ListDomains = list_libvirt_domains,
-    connect_host: ConnectHost = connect_with_openssh,
+    connect_host: ConnectHost | None = None,
     lock_dir: Path | None = None,
 ) -> JobReport:
-    """``vmsnap run JOBFILE [--dry-run]``: load, expand and run a job file on today's orchestrator.
+    """``vmsnap run JOBFILE [--dry-run]``: load, expand and run a job file.
 
+    :param connect_host: makes the connection to another host (default: OpenSSH with the job's
+        ``ssh_config``, else ``$VMSNAP_SSH_CONFIG``, else OpenSSH's own configuration)
     :raise UsageError: the job file is wrong (one line naming the key and its line): exit status 2
     :raise VmsnapError: another run of the job holds its lock
     """
     job = load_job(path)
     specs, failures = expand_vms(job, list_domains)
-    with LegacyJobFunctions(HostPool(connect_host)) as functions:
+    connect = connect_host or functools.partial(connect_with_openssh, config=job.ssh_config)
+    with JobFunctions(job, HostPool(connect)) as functions:
         return run_job(
             job,
             specs,
             backup=functions.backup,
             retention=functions.retention,
             predict=functions.predict,
+            gc=functions.gc,
             entry_failures=failures,
             dry_run=dry_run,
             lock_dir=lock_dir,
@@ -294,8 +264,3 @@ def run_job_file(
 
 def _infos(repo: RepositoryLayout, vm: str) -> list[BackupInfo]:
     return [BackupInfo(m.backup_id, backup_time(m.backup_id), m.parent) for m in repo.backups(vm)]
-
-
-def _remove(repo: RepositoryLayout, vm: str, backup_id: str) -> None:
-    """Remove one backup as the repository's prune does (never listed half removed)."""
-    repo.delete_backup(vm, backup_id)

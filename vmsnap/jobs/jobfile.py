@@ -9,6 +9,8 @@ Reference (every key; relative paths are taken from the job file's directory)::
     concurrency = 2                       # default 1: VMs backed up at once (1..64)
     metrics     = "/var/lib/prometheus/node-exporter/vmsnap-nightly.prom"   # or false: none
     on_failure  = ["/usr/local/bin/notify", "--channel", "ops"]             # argv, run when a VM failed
+    gc          = true                    # default false: after all VMs, free the chunks no backup names
+    ssh_config  = "/etc/vmsnap/ssh_config"   # for host = …: this file instead of ~/.ssh/config (ssh -F)
 
     [retention]                           # optional; applied to each VM after its successful backup
     keep_last = 3                         # keys: keep_last keep_hourly keep_daily keep_weekly
@@ -52,10 +54,10 @@ from typing import Any, Literal
 import attrs
 
 from vmsnap.errors import UsageError
-from vmsnap.jobs.hosts import HostSpec
 from vmsnap.jobs.toml_lines import KeyLines, TablePath
 from vmsnap.model import validate_name
 from vmsnap.repo.retention import POLICY_KEYS, RetentionPolicy
+from vmsnap.vm.hosts import HostSpec
 
 DEFAULT_METRICS_DIR = Path("/var/lib/prometheus/node-exporter")
 """Debian's prometheus-node-exporter ``--collector.textfile.directory``."""
@@ -67,6 +69,8 @@ TOP_KEYS = (
     "concurrency",
     "metrics",
     "on_failure",
+    "gc",
+    "ssh_config",
     "retention",
     "vm",
 )
@@ -204,6 +208,10 @@ class JobConfig:
     :param metrics: the Prometheus text file to write, or None
     :param on_failure: argv run when a VM failed (empty: nothing)
     :param retention: applied to each VM after its backup, or None
+    :param gc: after every VM's backup and retention, collect the repository's garbage once (chunks: the
+        chunks no backup names any more; qcow2: nothing to do)
+    :param ssh_config: the ssh_config file for VMs on other hosts (None: ``$VMSNAP_SSH_CONFIG``, else
+        OpenSSH's own)
     :param lines: where each key is in the file (for messages while expanding)
     """
 
@@ -217,6 +225,8 @@ class JobConfig:
     metrics: Path | None = None
     on_failure: tuple[str, ...] = ()
     retention: RetentionPolicy | None = None
+    gc: bool = False
+    ssh_config: Path | None = None
     lines: KeyLines | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
@@ -239,6 +249,8 @@ class JobConfig:
             "metrics": str(self.metrics) if self.metrics else None,
             "on_failure": list(self.on_failure),
             "retention": self.retention.to_json() if self.retention else None,
+            "gc": self.gc,
+            "ssh_config": str(self.ssh_config) if self.ssh_config else None,
         }
 
 
@@ -341,6 +353,10 @@ class _Parser:
             )
         metrics = self.metrics(data, default_metrics_dir, name)
         on_failure = self.strings(top, data, "on_failure", allow_one=False)
+        gc = data.get("gc", False)
+        if not isinstance(gc, bool):
+            raise self.fail(top, "gc", f"gc must be true or false, not {_show(gc)}")
+        ssh_config = self.string(top, data, "ssh_config")
         retention = self.retention(data.get("retention"))
         vms = data.get("vm")
         if vms is None:
@@ -360,6 +376,8 @@ class _Parser:
             metrics=metrics,
             on_failure=on_failure,
             retention=retention,
+            gc=gc,
+            ssh_config=self.local_path(top, "ssh_config", ssh_config) if ssh_config else None,
             vms=entries,
             lines=self.lines,
         )

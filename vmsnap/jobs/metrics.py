@@ -15,6 +15,7 @@ the collector never reads half a file. Series (every one labelled ``job`` and, p
     vmsnap_job_last_duration_seconds              how long it took
     vmsnap_job_last_status                        1: every VM succeeded
     vmsnap_job_last_failed                        VMs (and unexpandable [[vm]] entries) that failed
+    vmsnap_job_last_gc_freed_bytes                what the job's last gc freed (only with ``gc = true``)
 
 The previous file is read back first: a VM that failed this run keeps its last success time, bytes and
 freeze window, so an alert on ``time() - vmsnap_backup_last_success_timestamp_seconds`` sees a stale VM.
@@ -38,6 +39,7 @@ from pathlib import Path
 import attrs
 
 from vmsnap.errors import VmsnapError
+from vmsnap.repo.reports import GcReport
 
 FILE_MODE = 0o644
 
@@ -72,6 +74,7 @@ JOB_METRICS: tuple[tuple[str, str, str], ...] = (
     ("vmsnap_job_last_duration_seconds", "gauge", "Seconds the backup job's last run took."),
     ("vmsnap_job_last_status", "gauge", "1 if every VM of the job's last run succeeded, else 0."),
     ("vmsnap_job_last_failed", "gauge", "VMs (and unexpandable [[vm]] entries) that failed in the last run."),
+    ("vmsnap_job_last_gc_freed_bytes", "gauge", "Bytes the job's last garbage collection freed."),
 )
 _KNOWN = {name for name, _, _ in (*VM_METRICS, *JOB_METRICS)}
 
@@ -152,11 +155,15 @@ def merge(
     job_finished: float,
     job_duration: float,
     failed_entries: int = 0,
+    gc: GcReport | None = None,
+    gc_failed: bool = False,
 ) -> Series:
     """This run's series over the previous file's (see the module docstring for what is kept).
 
     :param failed_entries: ``[[vm]]`` entries that could not be expanded: counted as failures, and previous
         VMs of this job are kept
+    :param gc: what this run's gc freed (its gauge keeps the previous value when there is none)
+    :param gc_failed: the gc this run asked for failed: the job's status is 0
     """
     out: Series = {}
     by_vm: dict[str, dict[str, float]] = {}
@@ -201,8 +208,13 @@ def merge(
     failed = sum(1 for s in samples if not s.ok) + failed_entries
     out[("vmsnap_job_last_run_timestamp_seconds", _labels(job=job))] = job_finished
     out[("vmsnap_job_last_duration_seconds", _labels(job=job))] = job_duration
-    out[("vmsnap_job_last_status", _labels(job=job))] = 0.0 if failed else 1.0
+    out[("vmsnap_job_last_status", _labels(job=job))] = 0.0 if failed or gc_failed else 1.0
     out[("vmsnap_job_last_failed", _labels(job=job))] = float(failed)
+    gc_key = ("vmsnap_job_last_gc_freed_bytes", _labels(job=job))
+    if gc is not None:
+        out[gc_key] = float(gc.bytes_freed)
+    elif gc_key in previous:
+        out[gc_key] = previous[gc_key]
     return out
 
 
@@ -263,6 +275,8 @@ def update(
     job_finished: float,
     job_duration: float,
     failed_entries: int = 0,
+    gc: GcReport | None = None,
+    gc_failed: bool = False,
 ) -> str:
     """Read the previous file, merge this run in, write it atomically; returns the text written.
 
@@ -275,6 +289,8 @@ def update(
         job_finished=job_finished,
         job_duration=job_duration,
         failed_entries=failed_entries,
+        gc=gc,
+        gc_failed=gc_failed,
     )
     text = render(series)
     write_atomic(path, text)

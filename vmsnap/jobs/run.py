@@ -4,13 +4,14 @@ retention applied to each VM after its successful backup, one report, the ``on_f
 The work on one VM goes through small injected functions, so the orchestrator behind them can change:
 
 - :data:`BackupFn` ``(VmSpec) -> VmBackup`` takes one backup or raises;
-- :class:`RetentionFn` ``(VmSpec, RetentionPolicy, *, dry_run) -> RetentionPlan`` prunes one VM (the usual
-  one is :func:`apply_retention` over a listing and a removal function);
+- :class:`RetentionFn` ``(VmSpec, RetentionPolicy, *, dry_run) -> PruneResult`` prunes one VM (the
+  repository's ``prune``; a dry run plans with :func:`apply_retention`, as if this run's backup existed);
 - :data:`PredictFn` ``(VmSpec) -> Prediction`` says, for ``--dry-run``, whether the backup would be full or
-  incremental (and may raise when the VM cannot be reached).
+  incremental (and may raise when the VM cannot be reached);
+- :data:`GcFn` ``() -> GcReport`` collects the repository's garbage once after every VM (``gc = true``).
 
-:mod:`vmsnap.jobs.default` provides them on today's orchestrator. Exit status for the CLI: 0 when every VM
-succeeded (and the metrics were written), 1 otherwise.
+:mod:`vmsnap.jobs.default` provides them on the backup orchestrator and the repository. Exit status for the
+CLI: 0 when every VM succeeded (and gc, when asked for, and the metrics), 1 otherwise.
 
 Runs of one job never overlap: systemd does not start a oneshot service that is still running (a timer that
 fires meanwhile is merged into the running start job), and a manual ``vmsnap run`` takes the job's lock
@@ -36,17 +37,47 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
 import attrs
 
 from vmsnap.errors import VmsnapError
 from vmsnap.jobs import metrics
 from vmsnap.jobs.jobfile import EntryFailure, JobConfig, VmSpec
+from vmsnap.jobs.report import (
+    HookResult,
+    JobReport,
+    Kind,
+    VmOutcome,
+    as_prune_result,
+    error_line,
+    prune_json,
+)
+from vmsnap.repo.reports import GcReport, PruneResult
 from vmsnap.repo.retention import RetentionPlan, RetentionPolicy, keep_ancestors, plan
 from vmsnap.runner import LocalRunner
 
-Kind = Literal["full", "incremental"]
+__all__ = [
+    "NEXT_BACKUP",
+    "BackupFn",
+    "BackupInfo",
+    "GcFn",
+    "HookResult",
+    "JobReport",
+    "PredictFn",
+    "Prediction",
+    "RetentionFn",
+    "VmBackup",
+    "VmOutcome",
+    "apply_retention",
+    "as_prune_result",
+    "error_line",
+    "hook_environment",
+    "job_lock",
+    "prune_json",
+    "run_job",
+]
+
 NEXT_BACKUP = "(next backup)"
 """The id a ``--dry-run`` retention plan gives the backup the run would take."""
 HOOK_TIMEOUT = 300.0
@@ -85,12 +116,14 @@ BackupFn = Callable[[VmSpec], VmBackup]
 """Back up one VM; raise (a :class:`~vmsnap.errors.VmsnapError`, ideally) when it fails."""
 PredictFn = Callable[[VmSpec], Prediction]
 """For ``--dry-run``: the kind of backup a VM would get; raise when it cannot be reached."""
+GcFn = Callable[[], GcReport]
+"""Collect the repository's garbage (after every VM of the run); raise when it cannot."""
 
 
 class RetentionFn(Protocol):
     """Apply (or, with ``dry_run``, only plan) a retention policy to one VM's backups."""
 
-    def __call__(self, spec: VmSpec, policy: RetentionPolicy, *, dry_run: bool) -> RetentionPlan: ...
+    def __call__(self, spec: VmSpec, policy: RetentionPolicy, *, dry_run: bool) -> PruneResult: ...
 
 
 @attrs.frozen
@@ -130,171 +163,6 @@ def apply_retention(
         for backup_id in result.removed:
             remove(backup_id)
     return result
-
-
-@attrs.frozen
-class VmOutcome:
-    """One VM's part of the report.
-
-    :param ok: backed up (and, with a policy, pruned) without error
-    :param backed_up: the backup was committed (True even when only the retention after it failed)
-    :param kind: "full"/"incremental" (in a dry run: what it would be)
-    :param error: one line: what failed and what to do
-    :param retention: what the policy kept and removed (would remove, in a dry run)
-    """
-
-    vm: str
-    line: int
-    ok: bool
-    backed_up: bool
-    started: float
-    finished: float
-    kind: Kind | None = None
-    backup_id: str | None = None
-    bytes_written: int = 0
-    seconds: float = 0.0
-    freeze_ms: float | None = None
-    error: str | None = None
-    notes: tuple[str, ...] = ()
-    retention: RetentionPlan | None = None
-    retention_error: str | None = None
-    spec: VmSpec | None = attrs.field(default=None, eq=False, repr=False)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "vm": self.vm,
-            "line": self.line,
-            "ok": self.ok,
-            "kind": self.kind,
-            "backup_id": self.backup_id,
-            "bytes": self.bytes_written,
-            "seconds": round(self.seconds, 3),
-            "freeze_ms": None if self.freeze_ms is None else round(self.freeze_ms, 1),
-            "error": self.error,
-            "notes": list(self.notes),
-            "retention": None if self.retention is None else self.retention.to_json(),
-            "retention_error": self.retention_error,
-            "target": None if self.spec is None else self.spec.to_json(),
-        }
-
-
-@attrs.frozen
-class HookResult:
-    """How the ``on_failure`` hook ended: its exit code, or why it could not run."""
-
-    argv: tuple[str, ...]
-    exit_code: int | None
-    error: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"argv": list(self.argv), "exit_code": self.exit_code, "error": self.error}
-
-
-@attrs.frozen
-class JobReport:
-    """Everything a run did; ``to_json()`` for ``--json``, ``summary()`` for people."""
-
-    job: str
-    dry_run: bool
-    started: float
-    finished: float
-    outcomes: tuple[VmOutcome, ...]
-    entry_failures: tuple[EntryFailure, ...] = ()
-    hook: HookResult | None = None
-    metrics_path: Path | None = None
-    metrics_error: str | None = None
-
-    @property
-    def failed(self) -> tuple[VmOutcome, ...]:
-        return tuple(o for o in self.outcomes if not o.ok)
-
-    @property
-    def ok(self) -> bool:
-        """Every VM succeeded, every entry expanded, the metrics were written."""
-        return not self.failed and not self.entry_failures and self.metrics_error is None
-
-    @property
-    def exit_status(self) -> int:
-        """0 when :attr:`ok`, else 1."""
-        return 0 if self.ok else 1
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "job": self.job,
-            "ok": self.ok,
-            "dry_run": self.dry_run,
-            "started": _iso(self.started),
-            "seconds": round(self.finished - self.started, 3),
-            "vms": [o.to_json() for o in self.outcomes],
-            "entry_failures": [
-                {"line": f.line, "selects": f.label, "error": f.error} for f in self.entry_failures
-            ],
-            "on_failure": None if self.hook is None else self.hook.to_json(),
-            "metrics": None if self.metrics_path is None else str(self.metrics_path),
-            "metrics_error": self.metrics_error,
-        }
-
-    def headline(self) -> str:
-        """One line: how many VMs succeeded, in how long."""
-        total = len(self.outcomes) + len(self.entry_failures)
-        good = total - len(self.failed) - len(self.entry_failures)
-        verb = "would back up" if self.dry_run else "backed up"
-        failed = total - good
-        tail = f"; {failed} failed" if failed else ""
-        return f"job {self.job}: {verb} {good} of {total} VMs in {self.finished - self.started:.1f} s{tail}"
-
-    def summary(self) -> str:
-        """The headline, then one line per VM (kind, bytes, duration, freeze window, retention or error)."""
-        lines = [self.headline()]
-        width = max((len(o.vm) for o in self.outcomes), default=0)
-        for outcome in self.outcomes:
-            lines.append(f"  {outcome.vm:<{width}}  {_describe(outcome, self.dry_run)}")
-        for failure in self.entry_failures:
-            lines.append(f"  line {failure.line} ({failure.label}): FAILED {failure.error}")
-        if self.hook is not None:
-            state = self.hook.error or f"exit code {self.hook.exit_code}"
-            lines.append(f"  on_failure {self.hook.argv[0]}: {state}")
-        if self.metrics_error:
-            lines.append(f"  metrics: {self.metrics_error}")
-        return "\n".join(lines)
-
-
-def _iso(epoch: float) -> str:
-    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _size(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"
-
-
-def _describe(outcome: VmOutcome, dry_run: bool) -> str:
-    if not outcome.backed_up and outcome.error:
-        return f"FAILED (job file line {outcome.line}): {outcome.error}"
-    parts: list[str] = [outcome.kind or "?"]
-    if not dry_run:
-        parts.append(_size(outcome.bytes_written))
-        parts.append(f"{outcome.seconds:.1f} s")
-        parts.append(f"frozen {outcome.freeze_ms:.0f} ms" if outcome.freeze_ms is not None else "not frozen")
-    if outcome.retention is not None:
-        verb = "would remove" if dry_run else "removed"
-        parts.append(f"kept {len(outcome.retention.kept)}, {verb} {len(outcome.retention.removed)}")
-    text = ", ".join(parts)
-    if outcome.retention_error:
-        text += f"; retention FAILED (job file line {outcome.line}): {outcome.retention_error}"
-    for note in outcome.notes:
-        text += f"; {note}"
-    return text
-
-
-def error_line(err: BaseException) -> str:
-    """One line for an error: vmsnap's own text (with its hint), else the exception's type and text."""
-    text = str(err) if isinstance(err, VmsnapError) else f"{type(err).__name__}: {err}"
-    return " ".join(text.split())
 
 
 # -- one VM ---------------------------------------------------------------------------------------------
@@ -445,6 +313,7 @@ def run_job(
     backup: BackupFn,
     retention: RetentionFn | None = None,
     predict: PredictFn | None = None,
+    gc: GcFn | None = None,
     entry_failures: Sequence[EntryFailure] = (),
     dry_run: bool = False,
     lock_dir: Path | None = None,
@@ -452,12 +321,13 @@ def run_job(
 ) -> JobReport:
     """Back up ``specs`` (from :func:`~vmsnap.jobs.jobfile.expand_vms`) as ``job`` says.
 
-    With ``dry_run`` nothing is touched: no lock, no backup, no removal, no hook, no metrics; each VM gets
-    the predicted kind and the retention plan as it would be after this run's backup.
+    With ``dry_run`` nothing is touched: no lock, no backup, no removal, no gc, no hook, no metrics; each VM
+    gets the predicted kind and the retention plan as it would be after this run's backup.
 
     :param backup: takes one VM's backup (see :data:`BackupFn`)
     :param retention: applies the job's policy to one VM (None: no retention, even with a policy)
     :param predict: the dry run's guess of each VM's kind
+    :param gc: collects the repository's garbage once after all VMs, when ``job.gc`` asks for it
     :param entry_failures: ``[[vm]]`` entries that could not be expanded (reported, and failing the run)
     :param lock_dir: where the job's lock lives (default :func:`default_lock_dir`)
     :raise VmsnapError: another run of this job holds its lock (nothing was done)
@@ -475,7 +345,11 @@ def run_job(
                 futures = [pool.submit(_predict_one, s, predict, retention, policy, clock) for s in specs]
             else:
                 futures = [pool.submit(_backup_one, s, backup, retention, policy, clock) for s in specs]
-            outcomes = tuple(f.result() for f in futures)
+            try:
+                outcomes = tuple(f.result() for f in futures)
+            except BaseException:  # interrupted (SIGTERM, Ctrl-C): start no further VM; running ones end
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
         report = JobReport(
             job=job.name,
             dry_run=dry_run,
@@ -484,34 +358,53 @@ def run_job(
             outcomes=outcomes,
             entry_failures=tuple(entry_failures),
             metrics_path=None if dry_run else job.metrics,
+            gc_requested=job.gc and gc is not None,
         )
         if dry_run:
             return report
+        if report.gc_requested:
+            assert gc is not None
+            report = _collect(report, gc, clock)
         if job.metrics is not None:
-            samples = [
-                metrics.VmSample(
-                    vm=o.vm,
-                    ok=o.ok,
-                    finished=o.finished,
-                    duration=o.finished - o.started,
-                    bytes_written=o.bytes_written,
-                    freeze_seconds=None if o.freeze_ms is None else o.freeze_ms / 1000,
-                    incremental=o.kind == "incremental",
-                    backed_up=o.backed_up,
-                )
-                for o in outcomes
-            ]
-            try:
-                metrics.update(
-                    job.metrics,
-                    job.name,
-                    samples,
-                    job_finished=report.finished,
-                    job_duration=report.finished - report.started,
-                    failed_entries=len(entry_failures),
-                )
-            except VmsnapError as err:
-                report = attrs.evolve(report, metrics_error=error_line(err))
+            report = _write_metrics(report, job.metrics, len(entry_failures))
         if not report.ok and job.on_failure:
             report = attrs.evolve(report, hook=run_hook(job, report))
         return report
+
+
+def _collect(report: JobReport, gc: GcFn, clock: Callable[[], float]) -> JobReport:
+    """Run gc once after every VM; its failure is the report's, not a VM's."""
+    try:
+        return attrs.evolve(report, gc=gc(), finished=clock())
+    except Exception as err:
+        return attrs.evolve(report, gc_error=error_line(err), finished=clock())
+
+
+def _write_metrics(report: JobReport, path: Path, failed_entries: int) -> JobReport:
+    samples = [
+        metrics.VmSample(
+            vm=o.vm,
+            ok=o.ok,
+            finished=o.finished,
+            duration=o.finished - o.started,
+            bytes_written=o.bytes_written,
+            freeze_seconds=None if o.freeze_ms is None else o.freeze_ms / 1000,
+            incremental=o.kind == "incremental",
+            backed_up=o.backed_up,
+        )
+        for o in report.outcomes
+    ]
+    try:
+        metrics.update(
+            path,
+            report.job,
+            samples,
+            job_finished=report.finished,
+            job_duration=report.finished - report.started,
+            failed_entries=failed_entries,
+            gc=None if not report.gc_requested else report.gc,
+            gc_failed=report.gc_error is not None,
+        )
+    except VmsnapError as err:
+        return attrs.evolve(report, metrics_error=error_line(err))
+    return report

@@ -1,8 +1,9 @@
 """``vmsnap schedule``: a systemd service + timer that run a job file (``vmsnap run JOBFILE``) on a calendar.
 
-``install`` writes ``vmsnap-<name>.service`` and ``vmsnap-<name>.timer`` into ``unit_dir``
-(``/etc/systemd/system``); :func:`activate` then runs ``systemctl daemon-reload`` and
-``systemctl enable --now vmsnap-<name>.timer``. The units:
+:func:`schedule_job` (``vmsnap schedule install``) checks the job file, writes ``vmsnap-<name>.service`` and
+``vmsnap-<name>.timer`` into ``unit_dir`` (:func:`install`), checks them with ``systemd-analyze verify``
+(:func:`verify`) and, in ``/etc/systemd/system``, runs ``systemctl daemon-reload`` and
+``systemctl enable --now vmsnap-<name>.timer`` (:func:`activate`); :func:`unschedule` undoes it. The units:
 
 - service: ``Type=oneshot``; ``ExecStart=`` the absolute path of the vmsnap executable, ``run`` and the job
   file, each word quoted and escaped for systemd (:func:`systemd_quote`: no specifier or variable is ever
@@ -32,10 +33,12 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
 from vmsnap.errors import NotFoundError, UsageError, VmsnapError
+from vmsnap.jobs.jobfile import load_job
 from vmsnap.model import validate_name
 from vmsnap.runner import CommandResult, LocalRunner, Runner
 
@@ -290,3 +293,71 @@ def verify(paths: Sequence[Path], *, runner: Runner | None = None) -> CommandRes
             hint="see systemd-analyze verify's output",
         )
     return result
+
+
+@attrs.frozen
+class Scheduled:
+    """What :func:`schedule_job` did.
+
+    :param verified: ``systemd-analyze verify`` passed (False: it is not installed here)
+    :param enabled: the timer was enabled and started (units in :data:`UNIT_DIR` only)
+    """
+
+    units: Units
+    on_calendar: str
+    verified: bool
+    enabled: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.units.name,
+            "service": str(self.units.service),
+            "timer": str(self.units.timer),
+            "on_calendar": self.on_calendar,
+            "verified": self.verified,
+            "enabled": self.enabled,
+        }
+
+
+def schedule_job(
+    jobfile: Path,
+    on_calendar: str = "daily",
+    *,
+    name: str | None = None,
+    unit_dir: Path = UNIT_DIR,
+    executable: Path | None = None,
+    runner: Runner | None = None,
+) -> Scheduled:
+    """``vmsnap schedule install``: check the job file, write its units, verify them and, in
+    :data:`UNIT_DIR`, enable and start the timer. Units written elsewhere (packaging, tests) are only
+    written and verified.
+
+    :raise UsageError: the job file is wrong (as ``vmsnap run`` would say), or a bad name or calendar
+    :raise VmsnapError: ``systemd-analyze verify`` refused the units (they are removed again)
+    :raise CommandError: systemctl failed (no running systemd, not root)
+    """
+    load_job(Path(jobfile))  # a job that cannot run is not scheduled (its VMs are not contacted)
+    runner = runner or LocalRunner()
+    units = install(jobfile, on_calendar, unit_dir, name, executable=executable, runner=runner)
+    verified = runner.which("systemd-analyze") is not None
+    if verified:
+        try:
+            verify([units.service, units.timer], runner=runner)
+        except VmsnapError:
+            units.service.unlink(missing_ok=True)
+            units.timer.unlink(missing_ok=True)
+            raise
+    enabled = unit_dir.absolute() == UNIT_DIR
+    if enabled:
+        activate(units, runner=runner)
+    calendar = units.timer.read_text().split("OnCalendar=", 1)[1].split("\n", 1)[0]
+    return Scheduled(units, calendar, verified, enabled)
+
+
+def unschedule(name: str, *, unit_dir: Path = UNIT_DIR, runner: Runner | None = None) -> list[Path]:
+    """``vmsnap schedule remove``: the units of schedule ``name`` (in :data:`UNIT_DIR`: the timer disabled
+    and stopped first, systemd reloaded after). Returns the files removed.
+
+    :raise NotFoundError: there is no such schedule there
+    """
+    return remove(name, unit_dir=unit_dir, runner=runner, deactivate=unit_dir.absolute() == UNIT_DIR)

@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -58,6 +59,8 @@ from vmsnap.transports.base import Transport
 NEEDS_FULL = ".needs-full"
 LOCK = ".lock"
 READ_LOCK = ".read-lock"
+LOCK_PATIENCE = 5.0
+"""Seconds :meth:`Qcow2Repository.lock` tries again while the VM's lock looks held (see there)."""
 JOURNAL = ".journal.json"
 
 
@@ -178,10 +181,14 @@ class Qcow2Repository(RepositoryLayout):
 
         The kernel drops the lock when the holder dies, so a killed run never leaves it held.
 
+        Held elsewhere, it is tried again for :data:`LOCK_PATIENCE` seconds: a child that another thread
+        of this process forks holds a copy of the lock's descriptor until it execs, so a lock just released
+        (a job's retention right after the VM's backup) can look held for a moment.
+
         :raise RepositoryError: another process holds it
         """
         vm_dir = make_private_dir(self.vm_dir(vm))
-        with _flock(vm_dir / LOCK, fcntl.LOCK_EX) as held:
+        with _flock(vm_dir / LOCK, fcntl.LOCK_EX, patience=LOCK_PATIENCE) as held:
             if not held:
                 raise RepositoryError(
                     f"another vmsnap run holds {vm_dir / LOCK} (a backup, prune or recover of {vm})",
@@ -453,16 +460,21 @@ class Qcow2Writer:
 
 
 @contextlib.contextmanager
-def _flock(path: Path, operation: int, *, wait: bool = False) -> Iterator[bool]:
+def _flock(path: Path, operation: int, *, wait: bool = False, patience: float = 0.0) -> Iterator[bool]:
     """Hold an flock on ``path`` (made 0600) for the body; yields False when it is held elsewhere (never
-    without ``wait``)."""
+    with ``wait``; after trying for ``patience`` seconds otherwise)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
     try:
-        try:
-            fcntl.flock(fd, operation | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                fcntl.flock(fd, operation | (0 if wait else fcntl.LOCK_NB))
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.05)
         yield True
     finally:
         os.close(fd)

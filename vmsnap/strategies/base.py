@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, Self, runtime_checkable
@@ -37,7 +38,8 @@ class Capabilities:
     :param incremental: a backup made with a :class:`Checkpoint` exports only what changed since it: its
         :class:`~vmsnap.model.ExportSource` has ``since`` set and names the changed extents
         (``dirty_bitmap``, an NBD metadata context); when the changes cannot be trusted it exports everything
-        (``since`` None) and says why in an :class:`IncrementalFallbackWarning`
+        (``since`` None) and says why (through :attr:`BackupContext.note`; made without a context: in an
+        :class:`IncrementalFallbackWarning`)
     :param writes_images: with ``BackupContext.push`` it writes ``<disk>.qcow2`` into
         ``BackupContext.workdir`` itself (for incrementals backed by the checkpoint's image), and
         ``export`` yields that file
@@ -77,6 +79,10 @@ class Checkpoint:
     images: Mapping[str, Path] = attrs.field(factory=dict, converter=_paths)
 
 
+Note = Callable[[str], None]
+"""Receives one-line remarks of a strategy (a fallback to a full backup, a slow setting)."""
+
+
 @attrs.frozen
 class BackupContext:
     """What a strategy is told when it is made for one backup (see :meth:`Strategy.for_backup`).
@@ -86,12 +92,17 @@ class BackupContext:
     :param tracking: the name the strategy tracks changes under (a persistent dirty bitmap)
     :param since: for an incremental backup, the checkpoint it starts from
     :param push: the strategy writes the images itself (only asked of strategies that can)
+    :param note: where the strategy's remarks for this backup go (they land in the backup's notes); None:
+        they are issued with :func:`warnings.warn`. A callback, not ``warnings``: a job backs several VMs up
+        at once in threads, and ``warnings.catch_warnings`` is process-wide, so one VM's remark could land
+        in another's report (not kept in the journal)
     """
 
     workdir: Path
     tracking: str = "vmsnap"
     since: Checkpoint | None = None
     push: bool = False
+    note: Note | None = attrs.field(default=None, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         validate_name(self.tracking, "bitmap name")
@@ -180,17 +191,30 @@ class Strategy(Protocol):
 
 
 class StrategyBase:
-    """Defaults a strategy may inherit: made for a backup with its default options, nothing to abandon."""
+    """Defaults a strategy may inherit: made for a backup with its default options, nothing to abandon, and
+    :meth:`remark` for what the backup's caller should read."""
 
     machine: Machine
+    notes: Note | None = None
+    """Where :meth:`remark` sends remarks (:attr:`BackupContext.note` of the backup it was made for)."""
 
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
 
     @classmethod
     def for_backup(cls, machine: Machine, context: BackupContext) -> Self:
-        """The strategy with its default options (it needs nothing of the context)."""
-        return cls(machine)
+        """The strategy with its default options (of the context it needs only where remarks go)."""
+        strategy = cls(machine)
+        strategy.notes = context.note
+        return strategy
+
+    def remark(self, message: str, category: type[Warning] = UserWarning, *, stacklevel: int = 2) -> None:
+        """Tell the caller ``message``: to the backup's :attr:`BackupContext.note` when made for a backup,
+        else with :func:`warnings.warn` (``stacklevel`` counts from the caller of this method)."""
+        if self.notes is not None:
+            self.notes(message)
+        else:
+            warnings.warn(message, category, stacklevel=stacklevel + 1)
 
     def abandon(self, snaps: Sequence[SnapshotRef]) -> None:
         """Nothing to give back."""

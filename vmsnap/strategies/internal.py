@@ -10,7 +10,6 @@ import builtins
 import contextlib
 import time
 import uuid
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -222,7 +221,7 @@ class InternalSnapshotStrategy(StrategyBase):
 
     def _warn(self, message: str) -> None:
         self.warnings.append(message)
-        warnings.warn(message, LazyRefcountsWarning, stacklevel=3)
+        self.remark(message, LazyRefcountsWarning, stacklevel=3)
 
     def _create_offline(self, disks: Sequence[Disk], name: str) -> builtins.list[SnapshotRef]:
         with contextlib.ExitStack() as undo:

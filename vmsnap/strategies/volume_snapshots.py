@@ -12,7 +12,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import sys
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -98,10 +97,10 @@ class VolumeSnapshotStrategy(StrategyBase, abc.ABC, Generic[TargetT, PlacementT]
         self.last_pause_ms: float | None = None
 
     def _warn(self, message: str, category: type[UserWarning] = StorageNoteWarning) -> None:
-        """Keep ``message`` in :attr:`warnings` and issue it with :func:`warnings.warn`, attributed to the
-        caller of the strategy (the first frame outside this package)."""
+        """Keep ``message`` in :attr:`warnings` and :meth:`remark` it (a warning is attributed to the caller
+        of the strategy: the first frame outside this package)."""
         self.warnings.append(message)
-        warnings.warn(message, category, stacklevel=_caller_level())
+        self.remark(message, category, stacklevel=_caller_level())
 
     def _refuse_while_running(self, why: str) -> None:
         """:raise SnapshotError: the VM runs (``why``: what a rollback would do to it)."""

@@ -1,18 +1,23 @@
 """Machines: what vmsnap backs up — a running QEMU (QMP + agent sockets), a libvirt domain, or bare images.
 
-A machine lists its disks and hands out the channels a strategy needs (QMP, the guest agent, a runner).
+A machine lists its disks and hands out the channels a strategy needs (QMP, the guest agent, a runner). It
+also knows where it runs: a machine on this host reads its exports as they are (:class:`OnThisHost`); one on
+another hypervisor (:class:`vmsnap.vm.remote_machine.RemoteMachine`) forwards them through SSH and keeps a
+backup's work files on its own host.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from vmsnap.errors import NotFoundError, UnsupportedError, UsageError
 from vmsnap.image import qemu_img
-from vmsnap.model import Disk, validate_name
+from vmsnap.model import Disk, ExportSource, validate_name
 from vmsnap.runner import LocalRunner, Runner
 from vmsnap.vm.agent import GuestAgent
 from vmsnap.vm.qmp import QMPMonitor
@@ -59,6 +64,34 @@ class Machine(Protocol):
         """Release connections."""
         ...
 
+    def reachable(self, source: ExportSource) -> AbstractContextManager[ExportSource]:
+        """``source`` (a strategy's export, named as the machine's host sees it) as a reader on this host
+        can open it, for the body of the ``with``: the same source for a machine on this host; an NBD
+        export whose socket is forwarded (a file served over NBD first) for one on another host.
+
+        :raise VmsnapError: it cannot be made reachable (the message names the export and the host)
+        """
+        ...
+
+    def workspace(self, path: Path) -> AbstractContextManager[Path]:
+        """``path``, a private local directory for a backup's work files (fleecing), as the machine's host
+        needs it for the body: nothing to do on this host; on another host the same path is made there
+        (0700) and removed afterwards, because QEMU writes those files where it runs."""
+        ...
+
+
+class OnThisHost:
+    """What a machine on this host does about where it runs: nothing (its exports and files are here)."""
+
+    def reachable(self, source: ExportSource) -> AbstractContextManager[ExportSource]:
+        """``source`` itself."""
+        return contextlib.nullcontext(source)
+
+    @contextlib.contextmanager
+    def workspace(self, path: Path) -> Iterator[Path]:
+        """``path`` itself (the repository made it)."""
+        yield path
+
 
 def find_disk(disks: Sequence[Disk], name: str) -> Disk:
     """The disk called ``name`` (disk name, node name or file path).
@@ -72,7 +105,7 @@ def find_disk(disks: Sequence[Disk], name: str) -> Disk:
     raise NotFoundError(f"no disk {name!r}", hint=f"disks of this machine: {names}")
 
 
-class QemuMachine:
+class QemuMachine(OnThisHost):
     """A running QEMU reached through its QMP socket (and, optionally, its guest agent socket).
 
     :param qmp_socket: ``-qmp unix:PATH,server=on,wait=off``
@@ -161,7 +194,7 @@ def offline_disk(runner: Runner, image: Path, name: str, *, default_format: str 
     )
 
 
-class OfflineMachine:
+class OfflineMachine(OnThisHost):
     """Disk images of a VM that is not running (qemu-img and qemu-nbd do the work).
 
     :param images: the images; each disk is named after its file's stem unless ``disk_names`` says otherwise
@@ -202,10 +235,11 @@ class OfflineMachine:
 
     def disks(self) -> list[Disk]:
         disks = []
+        here = self.runner.host == "local"  # on another host qemu-img says what is missing
         for image, disk_name in zip(self.images, self.disk_names, strict=True):
-            if not image.exists():
+            if here and not image.exists():
                 raise NotFoundError(f"image {image} does not exist", hint="check the --image path")
-            disks.append(offline_disk(self.runner, image.resolve(), disk_name))
+            disks.append(offline_disk(self.runner, image.resolve() if here else image, disk_name))
         return disks
 
     def definition(self) -> str | None:

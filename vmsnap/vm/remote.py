@@ -52,6 +52,8 @@ class RemoteHost:
     :param identity: private key (``-i``); None: OpenSSH's keys and agent
     :param known_hosts: a known_hosts file to use instead of the user's (then strictly checked)
     :param options: more ``-o`` options, e.g. ``{"ConnectTimeout": "5"}``
+    :param config: an ssh_config file to use instead of the user's (``ssh -F``), e.g. one with a dedicated
+        backup key, its known_hosts and host aliases
     :param forwards: remote socket paths to forward when the connection opens
     :param connect_timeout: seconds to wait for the master and its forwards
     :param socket_dir: where the private directory is created (default: the system's temp directory)
@@ -65,6 +67,7 @@ class RemoteHost:
         identity: Path | None = None,
         known_hosts: Path | None = None,
         options: Mapping[str, str] | None = None,
+        config: Path | None = None,
         forwards: Sequence[str | os.PathLike[str]] = (),
         connect_timeout: float = 15.0,
         socket_dir: Path | None = None,
@@ -76,6 +79,7 @@ class RemoteHost:
         self.identity = identity
         self.known_hosts = known_hosts
         self.options = dict(options or {})
+        self.config = config
         self.connect_timeout = connect_timeout
         self._initial = [str(f) for f in forwards]
         self._socket_dir = socket_dir
@@ -108,7 +112,8 @@ class RemoteHost:
         return self._dir
 
     def _common(self) -> list[str]:
-        argv = ["-o", "BatchMode=yes"]
+        argv = ["-F", str(self.config)] if self.config is not None else []
+        argv += ["-o", "BatchMode=yes"]
         if self.port is not None:
             argv += ["-p", str(self.port)]
         if self.identity is not None:

@@ -9,10 +9,10 @@ import pytest
 
 from vmsnap.errors import LibvirtError, UsageError
 from vmsnap.jobs.expand import expand_vms
-from vmsnap.jobs.hosts import HostSpec
 from vmsnap.jobs.jobfile import JobConfig, load_job, parse_job
 from vmsnap.jobs.toml_lines import KeyLines
 from vmsnap.repo.retention import RetentionPolicy
+from vmsnap.vm.hosts import HostSpec
 
 GOOD = """\
 # nightly backups
@@ -21,6 +21,8 @@ key_file = "keys/repo.key"
 incremental = true
 concurrency = 2
 metrics = "/var/lib/node/vmsnap.prom"
+gc = true
+ssh_config = "ssh_config"
 on_failure = [
     "/usr/local/bin/notify",   # a comment with = and [ in it
     "--to", "ops@example.org",
@@ -80,11 +82,12 @@ def test_the_reference_example_parses() -> None:
     assert job.metrics == Path("/var/lib/node/vmsnap.prom")
     assert job.on_failure == ("/usr/local/bin/notify", "--to", "ops@example.org")
     assert job.retention == RetentionPolicy(keep_daily=7, keep_weekly=4)
+    assert job.gc and job.ssh_config == Path("/etc/vmsnap/ssh_config")
     qemu, libvirt, image = job.vms
-    assert (qemu.kind, qemu.line, qemu.qmp, qemu.name) == ("qemu", 17, Path("/run/vm1.qmp"), "vm1")
+    assert (qemu.kind, qemu.line, qemu.qmp, qemu.name) == ("qemu", 19, Path("/run/vm1.qmp"), "vm1")
     assert (libvirt.kind, libvirt.line, libvirt.exclude, libvirt.strategy) == (
         "libvirt",
-        22,
+        24,
         ("web-test",),
         "backup",
     )
@@ -103,6 +106,7 @@ def test_defaults_and_metrics_default_directory(tmp_path: Path) -> None:
     text = 'repository = "repo"\n[[vm]]\nqmp = "/run/a.qmp"\n'
     job = parse_job(text, path=tmp_path / "daily.toml", default_metrics_dir=tmp_path)
     assert (job.incremental, job.concurrency, job.retention, job.on_failure) == (True, 1, None, ())
+    assert (job.gc, job.ssh_config) == (False, None)
     assert job.repository == str(tmp_path / "repo")
     assert job.metrics == tmp_path / "vmsnap-daily.prom"
     assert parse_job(text, path=tmp_path / "daily.toml").metrics is None  # no such directory: no metrics
@@ -136,6 +140,9 @@ BAD_FILES = [
     pytest.param(HEADER + "on_failure = ['mail', 3]\n" + VM, 2, "on_failure", id="on_failure item type"),
     pytest.param(HEADER + "metrics = 'x.txt'\n" + VM, 2, "metrics", id="metrics not .prom"),
     pytest.param(HEADER + "key_file = 5\n" + VM, 2, "key_file", id="key_file type"),
+    pytest.param(HEADER + "gc = 'weekly'\n" + VM, 2, "gc must be true or false", id="gc type"),
+    pytest.param(HEADER + "gc_after = true\n" + VM, 2, "'gc_after'", id="unknown gc key"),
+    pytest.param(HEADER + "ssh_config = ['a']\n" + VM, 2, "ssh_config", id="ssh_config type"),
     pytest.param("repository = 'ftp://x/y'\n" + VM, 1, "repository", id="repository scheme"),
     pytest.param("repository = 7\n" + VM, 1, "repository", id="repository type"),
     pytest.param(VM, 1, "repository is missing", id="no repository"),

@@ -5,6 +5,9 @@ The directory's path follows from the backup's target directory and disk (:func:
 recorded in the backup's details, so that ``delete`` — also in another process, ``vmsnap recover`` after a
 run was killed mid-export — finds the socket again and stops the server the run started: QEMU runs one NBD
 server, and something listening on our own private socket can only be the one we started there.
+
+A QEMU on another host (the machine's runner is an SSH one) listens on that host: the directory is made and
+removed there, through the runner; the machine forwards the socket to this host (``Machine.reachable``).
 """
 
 from __future__ import annotations
@@ -21,10 +24,24 @@ from pathlib import Path
 
 from vmsnap.errors import QMPCommandError, SnapshotError, VmsnapError
 from vmsnap.model import ExportSource, SnapshotRef
+from vmsnap.runner import Runner
 from vmsnap.strategies.blockdev_backup.plan import device_node, nbd_source
 from vmsnap.vm.qmp import QMPMonitor
 
 SOCKET = "nbd.sock"
+
+_MAKE_REMOTE_DIR = """umask 077
+if mkdir -- "$1" 2>/dev/null; then exit 0; fi
+if [ -d "$1" ] && [ ! -L "$1" ] && [ -O "$1" ] && [ "$(stat -c %a -- "$1")" = 700 ]; then
+  rm -f -- "$1/nbd.sock"; exit 0
+fi
+exit 3"""
+"""The private directory on another host, as :func:`_make_server_dir` makes it here (exit 3: not ours)."""
+_REMOTE_SERVER = '[ -d "$1" ] && [ ! -L "$1" ] && [ -O "$1" ] && [ -S "$1/nbd.sock" ]'
+
+
+def _on_other_host(runner: Runner | None) -> bool:
+    return runner is not None and runner.host != "local"
 
 
 def server_dir(target_dir: Path, disk_name: str) -> Path:
@@ -51,8 +68,17 @@ def _ours(directory: Path) -> bool:
     return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == 0o700
 
 
-def _make_server_dir(directory: Path) -> None:
+def _make_server_dir(directory: Path, runner: Runner | None = None) -> None:
     """:raise SnapshotError: the path exists and is not a private directory of ours"""
+    if _on_other_host(runner):
+        assert runner is not None
+        script = ["sh", "-c", _MAKE_REMOTE_DIR, "sh", str(directory)]
+        if runner.run(script, ok_codes=(0, 3), timeout=60).exit_code == 3:
+            raise SnapshotError(
+                f"{directory} on {runner.host} exists but is not a private directory of this user",
+                hint="remove it there (someone else may have made it), then retry",
+            )
+        return
     try:
         os.mkdir(directory, 0o700)
     except FileExistsError:
@@ -74,10 +100,19 @@ def _listening(path: Path) -> bool:
     return True
 
 
-def _stop_server(qmp: QMPMonitor, directory: Path) -> None:
+def _remove_dir(directory: Path, runner: Runner | None) -> None:
+    if _on_other_host(runner):
+        assert runner is not None
+        with contextlib.suppress(VmsnapError):
+            runner.run(["rm", "-rf", "--", str(directory)], timeout=60)
+        return
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _stop_server(qmp: QMPMonitor, directory: Path, runner: Runner | None = None) -> None:
     with contextlib.suppress(QMPCommandError):
         qmp.nbd_server_stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    _remove_dir(directory, runner)
 
 
 def del_export(qmp: QMPMonitor, export_id: str) -> None:
@@ -93,19 +128,22 @@ def del_export(qmp: QMPMonitor, export_id: str) -> None:
 
 
 @contextlib.contextmanager
-def nbd_export(qmp: QMPMonitor, snap: SnapshotRef, target_dir: Path) -> Iterator[ExportSource]:
+def nbd_export(
+    qmp: QMPMonitor, snap: SnapshotRef, target_dir: Path, runner: Runner | None = None
+) -> Iterator[ExportSource]:
     """Serve ``snap``'s fleecing node on QEMU's NBD server for the body of the ``with``; the export and the
     server are gone afterwards.
 
+    :param runner: the machine's runner: where QEMU runs (the socket's directory is made there)
     :raise SnapshotError: the server could not start (another one runs), or the export could not be added
     """
     directory = socket_dir(snap, target_dir)
-    _make_server_dir(directory)
+    _make_server_dir(directory, runner)
     path = directory / SOCKET
     try:
         qmp.nbd_server_start(path)
     except QMPCommandError as err:
-        shutil.rmtree(directory, ignore_errors=True)
+        _remove_dir(directory, runner)
         raise SnapshotError(
             f"cannot start QEMU's NBD server for disk {snap.disk.name!r}: {err.desc}",
             hint="export one disk at a time (QEMU runs one NBD server), or stop the other NBD server",
@@ -129,17 +167,25 @@ def nbd_export(qmp: QMPMonitor, snap: SnapshotRef, target_dir: Path) -> Iterator
         yield nbd_source(snap, f"nbd+unix:///{snap.disk.name}?socket={path}")
     finally:
         del_export(qmp, export_id)
-        _stop_server(qmp, directory)
+        _stop_server(qmp, directory, runner)
 
 
-def end_export(qmp: QMPMonitor, snap: SnapshotRef, target_dir: Path) -> bool:
+def end_export(qmp: QMPMonitor, snap: SnapshotRef, target_dir: Path, runner: Runner | None = None) -> bool:
     """Remove ``snap``'s export and stop the NBD server its export started, when a run that died left them;
     True when a server was stopped.
 
+    :param runner: the machine's runner: where QEMU runs
     :raise QMPCommandError: QEMU refused to remove the export
     """
     del_export(qmp, snap.details.get("export", ""))
     directory = socket_dir(snap, target_dir)
+    if _on_other_host(runner):
+        assert runner is not None
+        check = ["sh", "-c", _REMOTE_SERVER, "sh", str(directory)]
+        stopped = runner.run(check, ok_codes=(0, 1), timeout=60).exit_code == 0
+        if stopped:
+            _stop_server(qmp, directory, runner)
+        return stopped
     if not _ours(directory):
         return False
     stopped = _listening(directory / SOCKET)

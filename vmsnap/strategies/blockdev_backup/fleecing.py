@@ -47,7 +47,10 @@ def fleece_file(target_dir: Path, disk: Disk) -> Path:
 
 def _make_fleece_file(runner: Runner, path: Path, fmt: str, size: int) -> None:
     qemu_img.create(runner, path, fmt, size)
-    path.chmod(0o600)
+    if runner.host == "local":
+        path.chmod(0o600)
+    else:  # QEMU runs on another host: the file is there (Machine.workspace made its directory)
+        runner.run(["chmod", "0600", "--", str(path)], timeout=60)
 
 
 def _bitmap_actions(plans: Sequence[DiskPlan], bitmap: str) -> list[Action]:

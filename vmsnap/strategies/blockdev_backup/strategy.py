@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -149,7 +148,7 @@ class BlockdevBackupStrategy(StrategyBase):
         incremental from ``context.since`` with the bitmap ``context.tracking``. ``create`` returns as soon
         as the jobs run, so a frozen guest is thawed at once; ``export`` waits for the copy."""
         since = context.since
-        return cls(
+        strategy = cls(
             machine,
             target_dir=context.workdir,
             incremental=since is not None,
@@ -159,6 +158,8 @@ class BlockdevBackupStrategy(StrategyBase):
             mode="push" if context.push else "pull",
             wait=False,
         )
+        strategy.notes = context.note
+        return strategy
 
     # -- probing and planning -----------------------------------------------------------------------
 
@@ -253,10 +254,9 @@ class BlockdevBackupStrategy(StrategyBase):
             self._finish_all(refs)
         return refs
 
-    @staticmethod
-    def _warn_fallback(reason: str) -> None:
+    def _warn_fallback(self, reason: str) -> None:
         if reason:
-            warnings.warn(
+            self.remark(
                 f"incremental backup not possible ({reason}); taking a full backup of all disks",
                 IncrementalFallbackWarning,
                 stacklevel=3,
@@ -373,7 +373,7 @@ class BlockdevBackupStrategy(StrategyBase):
     def _serve(self, snap: SnapshotRef) -> AbstractContextManager[ExportSource]:
         if snap.details.get("offline"):
             return offline.serve_image(self.machine.runner, snap)
-        return export.nbd_export(self.machine.qmp(), snap, self.target_dir)
+        return export.nbd_export(self.machine.qmp(), snap, self.target_dir, self.machine.runner)
 
     def abandon(self, snaps: Sequence[SnapshotRef]) -> None:
         """Say, before :meth:`delete`, that these backups were not kept (e.g. their manifest could not be
@@ -396,7 +396,7 @@ class BlockdevBackupStrategy(StrategyBase):
             qmp = self.machine.qmp()
             try:
                 if snap.details.get("mode") == "pull":
-                    export.end_export(qmp, snap, self.target_dir)
+                    export.end_export(qmp, snap, self.target_dir, self.machine.runner)
                     fleecing.delete_pull(qmp, snap)
                 else:
                     job_result = push.delete_push(qmp, snap)

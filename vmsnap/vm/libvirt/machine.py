@@ -18,6 +18,7 @@ from vmsnap.vm.libvirt.domain import (
     libvirt_message,
     open_connection,
 )
+from vmsnap.vm.machine import OnThisHost
 
 __all__ = [
     "DEFAULT_URI",
@@ -29,12 +30,13 @@ __all__ = [
 ]
 
 
-class LibvirtMachine(LibvirtDomain):
+class LibvirtMachine(OnThisHost, LibvirtDomain):
     """A libvirt domain, running or shut off (see :class:`~vmsnap.vm.libvirt.domain.LibvirtDomain`).
 
     :param domain: the domain's name (or UUID)
     :param uri: libvirt connection URI (default ``qemu:///system``)
-    :param runner: where host-side commands (qemu-img, qemu-nbd) run; default this host
+    :param runner: where host-side commands (qemu-img, qemu-nbd) run; default this host (a domain on another
+        host is wrapped in a :class:`~vmsnap.vm.remote_machine.RemoteMachine` with that host's runner)
     :raise LibvirtError: libvirtd cannot be reached at ``uri``
     :raise NotFoundError: no such domain
     """

@@ -1,14 +1,28 @@
-"""Another host reached over OpenSSH, as a job file (``host = "root@hv2"``) or the CLI (``--host``) names
-it: parsed and checked before it reaches an ssh command line."""
+"""Other hosts reached over OpenSSH: :class:`HostSpec` (``root@hv2`` as a job file's ``host`` or the CLI's
+``--host`` names it, parsed and checked before it reaches an ssh command line), :func:`connect_with_openssh`
+(the :class:`~vmsnap.vm.remote.RemoteHost` for it) and :class:`HostPool` (one open connection per host,
+shared by the VMs of a job).
+
+ssh reads its own configuration: ``~/.ssh/config``, keys, ``known_hosts`` — or, when ``$VMSNAP_SSH_CONFIG``
+(or the job file's ``ssh_config``) names a file, that file instead (``ssh -F``): a dedicated backup key,
+its known_hosts and host aliases in one place, e.g. ``/etc/vmsnap/ssh_config``.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import attrs
 
 from vmsnap.errors import UsageError
+from vmsnap.vm.remote import RemoteHost
+
+SSH_CONFIG_ENV = "VMSNAP_SSH_CONFIG"
 
 _USER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 _HOSTNAME = re.compile(
@@ -97,3 +111,68 @@ def _is_ip(text: str, version: int) -> bool:
         return ipaddress.ip_address(text).version == version
     except ValueError:
         return False
+
+
+def ssh_config(path: Path | str | None = None) -> Path | None:
+    """The ssh_config file to use: ``path``, else ``$VMSNAP_SSH_CONFIG``, else None (OpenSSH's own).
+
+    :raise UsageError: the file named does not exist
+    """
+    value = path if path is not None else os.environ.get(SSH_CONFIG_ENV) or None
+    if value is None:
+        return None
+    config = Path(value)
+    if not config.is_file():
+        where = "" if path is not None else f" (${SSH_CONFIG_ENV})"
+        raise UsageError(f"ssh config file {config}{where} does not exist", hint="check the path")
+    return config
+
+
+def connect_with_openssh(spec: HostSpec, *, config: Path | None = None) -> RemoteHost:
+    """The (unopened) :class:`RemoteHost` for ``spec``: OpenSSH's keys, known_hosts and config, or the
+    :func:`ssh_config` file; BatchMode, never a prompt."""
+    return RemoteHost(spec.destination, port=spec.port, config=ssh_config(config))
+
+
+ConnectHost = Callable[[HostSpec], RemoteHost]
+"""Makes the (unopened) connection to a host; jobs and tests pass their own."""
+
+
+class HostPool:
+    """One open :class:`RemoteHost` per host, opened on first use (thread-safe), all closed by :meth:`close`.
+
+    :param connect: makes the (unopened) RemoteHost for a host spec
+    """
+
+    def __init__(self, connect: ConnectHost = connect_with_openssh) -> None:
+        self._connect = connect
+        self._hosts: dict[HostSpec, RemoteHost] = {}
+        self._locks: dict[HostSpec, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get(self, spec: HostSpec) -> RemoteHost:
+        """The open connection to ``spec``.
+
+        :raise CommandError: ssh could not connect
+        """
+        with self._lock:
+            host_lock = self._locks.setdefault(spec, threading.Lock())
+        with host_lock:
+            host = self._hosts.get(spec)
+            if host is None:
+                host = self._connect(spec).open()
+                self._hosts[spec] = host
+            return host
+
+    def close(self) -> None:
+        """Close every connection (by pid) and remove its sockets."""
+        with self._lock:
+            hosts, self._hosts = list(self._hosts.values()), {}
+        for host in hosts:
+            host.close()
+
+    def __enter__(self) -> HostPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
