@@ -68,6 +68,30 @@ class Host:
         """``vmsnap ARGS`` on this host, to the end."""
         return finish(self.start(*args, env=env), timeout)
 
+    def die(self) -> list[int]:
+        """The rest of this host dies with its killed vmsnap: every process still running in its UTS
+        namespace (a qemu-nbd that served a powered-off image, say) is killed by pid; returns those pids."""
+        ours = os.stat("/proc/self/ns/uts").st_ino
+        killed = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if (entry / "ns" / "uts").stat().st_ino == ours:
+                    continue
+                name = subprocess.run(
+                    ["nsenter", "-t", entry.name, "--uts", "hostname"], capture_output=True, text=True
+                ).stdout.strip()
+                if name == self.name:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed.append(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue  # gone meanwhile
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in killed) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return killed
+
 
 def finish(process: subprocess.Popen[str], timeout: float = 300) -> CliResult:
     try:

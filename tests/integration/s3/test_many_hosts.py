@@ -114,6 +114,7 @@ def test_a_dead_hosts_lease_expires_and_recover_on_that_host_clears_it_at_once(
     # host A dies (SIGKILL) in the middle of a backup, holding the VM's lease
     dead = host_a.run("backup", *args, env={CRASH_ENV: "mid-export"})
     assert dead.code == -9, dead.err
+    host_a.die()  # and the qemu-nbd serving the image with it, as when a host dies
     lease = LeaseRecord.from_bytes(store.get(writer_key("vm-x")))
     assert lease is not None and lease.host == "host-a"
     refused = host_b.run("backup", *args)
@@ -197,6 +198,9 @@ def test_gc_racing_backups_of_several_hosts_loses_nothing(
     hosts = {vm: Host.make(f"host-{vm[-1]}", tmp_path, s3_env) for vm in images}
     gc_host = Host.make("host-gc", tmp_path, s3_env)
     for vm, image in images.items():
+        # a chunk of the first backup's own: garbage once that backup is pruned (after round two), so the
+        # last round's gc has something to free while the backups run
+        write_random(image, 64, 2)
         ok_json(hosts[vm].run("backup", "--repo", repo_url, *_image_args(image, vm), "--json"))
     made: list[tuple[str, str, Path]] = []
     freed = 0
