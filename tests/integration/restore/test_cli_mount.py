@@ -27,6 +27,8 @@ from tests.integration.restore.images import (
     write_v2,
 )
 from tests.integration.restore.test_mount import assert_nothing_left, assert_same_tree
+from tests.integration.s3.fixtures import BUCKET
+from tests.integration.s3.seaweed import SeaweedServer
 from vmsnap.processes import CRASH_ENV
 from vmsnap.repo.repository import Repository
 from vmsnap.restore.commands import mounts_dir
@@ -226,3 +228,38 @@ def test_a_damaged_chunk_is_an_io_error_for_its_files_not_a_hang(
     finally:
         assert cli(capsys, "umount", at).code == 0
     assert_nothing_left(mounts_dir(run_root), [at], pids)
+
+
+def test_mount_a_backup_in_an_encrypted_s3_repository(
+    backed_up_disk: BackedUpDisk,
+    run_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    s3_env: SeaweedServer,
+    s3_prefix: str,
+) -> None:
+    # the chunks are read from the object store by nbdkit's reader, each decrypted and checked
+    image = tmp_path / "disk0.qcow2"
+    shutil.copyfile(backed_up_disk.base, image)
+    repo, key = f"s3://{BUCKET}/{s3_prefix}", tmp_path / "repo.key"
+    assert cli(capsys, "init", "--repo", repo, "--encrypt", "--key-file", key).code == 0
+    made = cli(
+        capsys, "backup", "--repo", repo, "--key-file", key, "--image", image, "--name", "vm1", "--json"
+    )
+    assert made.code == 0, made.err
+    (target,) = empty_dirs(tmp_path, "m")
+    keyless = cli(capsys, "mount", "--repo", repo, "--vm", "vm1", target)
+    assert keyless.code != 0 and "key" in keyless.error_line, keyless.err
+    assert list(target.iterdir()) == []
+    mounted = cli(capsys, "mount", "--repo", repo, "--key-file", key, "--vm", "vm1", target, "--json")
+    assert mounted.code == 0, mounted.err
+    assert {p["name"]: p["fstype"] for p in mounted.json()["partitions"]} == {
+        "p1": "ext4",
+        "p2": "xfs",
+        "p3": "btrfs",
+    }
+    for name, tree in backed_up_disk.v1.items():
+        assert_same_tree(snapshot(target / name), tree)
+    pids = daemon_pids(run_root)
+    assert cli(capsys, "umount", target).code == 0
+    assert_nothing_left(mounts_dir(run_root), [target], pids)
