@@ -169,7 +169,7 @@ class FarVm:
         if self.process is None or self.process.poll() is not None:
             return
         with contextlib.suppress(Exception), self.monitor() as qmp:
-            qmp.execute("quit")
+            qmp.quit()
         processes.stop_child(self.process, timeout=10)
 
 

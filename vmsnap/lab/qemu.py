@@ -302,7 +302,7 @@ class QemuProcess(_Launched):
             return
         try:
             with self.monitor() as qmp:
-                qmp.execute("quit")
+                qmp.quit()
         except VmsnapError:
             pass
         assert self.process is not None

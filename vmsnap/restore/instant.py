@@ -375,7 +375,7 @@ def _stream_all(
             again = _node_of(monitor, Path(disk["image"]))
             has_backing = again is not None and again[1]
         if job is not None:
-            monitor.execute("block-job-set-speed", {"device": job_id, "speed": speed})
+            monitor.block_job_set_speed(job_id, speed)
             waiting[name] = job_id
         elif has_backing:
             monitor.start_job("block-stream", {"device": node, "speed": speed}, job_id=job_id)

@@ -130,7 +130,7 @@ class QemuMachine(OnThisHost):
         self._monitor: QMPMonitor | None = None
         self._agent: GuestAgent | None = None
         if name is None:
-            qemu_name = self.qmp().execute("query-name").get("name")
+            qemu_name = self.qmp().name()
             name = qemu_name or self.qmp_socket.stem
         self.name = validate_name(name, "VM name")
 

@@ -160,6 +160,19 @@ class QMPMonitor:
         """The VM's run state ("running", "paused", "prelaunch", …)."""
         return str(self.execute("query-status")["status"])
 
+    def name(self) -> str | None:
+        """The name QEMU was started with (``-name``; ``query-name``), or None."""
+        name = self.execute("query-name").get("name")
+        return str(name) if name else None
+
+    def quit(self) -> None:
+        """Quit QEMU cleanly (``quit``: persistent bitmaps are written)."""
+        self.execute("quit")
+
+    def block_job_set_speed(self, job_id: str, speed: int) -> None:
+        """Change a running block job's rate limit in bytes/s, 0 for none (``block-job-set-speed``)."""
+        self.execute("block-job-set-speed", {"device": job_id, "speed": speed})
+
     def stop(self) -> None:
         """Pause the vCPUs (``stop``)."""
         self.execute("stop")
