@@ -229,6 +229,7 @@ def test_markdown_shows_the_same_domain_table_with_versions_ratios_and_targets()
     assert f"| {STARTUP} | 0.400 s |  | 0.4 |  |" in text  # no throughput: it moves no data
     assert "| full_backup_vs_virtnbdbackup | 3 | >= 4 |" in text
     assert "| incremental_vs_virtnbdbackup | 4 |  |" in text
+    assert "vmsnap's incrementals stored 100 bytes each (median)" in text
 
 
 def test_markdown_has_no_peers_section_without_peers() -> None:
