@@ -1,16 +1,24 @@
-"""The peer comparison's cheap parts: virtnbdbackup's command lines, reading its log, figures and ratios."""
+"""The peer comparison's cheap parts: virtnbdbackup's command lines, reading its log, figures and ratios
+(vmsnap's from the same domain), and the checks around vmsnap's backups there."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 
 from tests.fakes import RecordingRunner
+from vmsnap.benchmark import peers as peers_module
 from vmsnap.benchmark.peers import (
     FULL,
     PUSH,
+    STARTUP,
+    VMSNAP_FULL,
+    VMSNAP_INCREMENTAL,
+    VMSNAP_RESTORE,
     PeerBench,
     PeerError,
     _restored_image,
@@ -146,11 +154,12 @@ def test_figure_is_the_median_with_every_run() -> None:
 
 
 def _ours() -> list[ThroughputFigure]:
+    # the bare-QEMU figures: the ratios against the peers must not use vmsnap's figures from here
     return [
         ThroughputFigure("qemu-img convert (limit)", 1.0, (1.0,), 1000),
-        ThroughputFigure("vmsnap full backup (backup, push)", 2.0, (2.0,), 1000),
-        ThroughputFigure("vmsnap incremental (100 MiB changed)", 0.5, (0.5,), 100),
-        ThroughputFigure("vmsnap restore (full + 3 incrementals)", 4.0, (4.0,), 1000),
+        ThroughputFigure("vmsnap full backup (chunks, pull)", 0.1, (0.1,), 1000),
+        ThroughputFigure("vmsnap incremental chunks (100 MiB changed)", 0.01, (0.01,), 100),
+        ThroughputFigure("vmsnap restore chunks (one index)", 0.1, (0.1,), 1000),
     ]
 
 
@@ -158,30 +167,37 @@ def _peers() -> dict[str, dict[str, object]]:
     return {
         fig["name"]: fig
         for fig in (
+            figure(STARTUP, [0.4], 0),
             figure(PUSH, [1.5], 1000, verified=True),
             figure(FULL, [6.0], 1000),
+            figure(VMSNAP_FULL, [2.0], 1000, written_bytes=[1000]),
             figure("virtnbdbackup incremental (100 MiB changed)", [2.0], 100),
+            figure(VMSNAP_INCREMENTAL.format(mib=100), [0.5], 100, written_bytes=[100]),
             figure("virtnbdrestore (full + 3 incrementals)", [8.0], 1000, verified=True),
+            figure(VMSNAP_RESTORE.format(n=3), [4.0], 1000, verified=True),
         )
     }
 
 
-def test_ratios_are_speed_ratios_of_vmsnap_against_each_peer() -> None:
+def test_ratios_compare_vmsnap_and_each_peer_on_the_same_domain() -> None:
     assert peer_ratios(_ours(), _peers()) == {
         "full_backup_vs_virtnbdbackup": 3.0,
         "incremental_vs_virtnbdbackup": 4.0,
         "restore_vs_virtnbdrestore": 2.0,
         "full_backup_vs_backup_begin_push": 0.75,
+        "domain_full_backup_vs_convert": 0.5,
         "virtnbdbackup_full_vs_convert": 0.167,
         "backup_begin_push_vs_convert": 0.667,
     }
 
 
-def test_ratios_leave_out_what_was_not_measured() -> None:
+def test_ratios_leave_out_what_was_not_measured_on_the_domain() -> None:
+    # vmsnap's bare-QEMU figures are there, but no vmsnap figure from the domain: no vmsnap ratio
     assert peer_ratios(_ours(), {FULL: figure(FULL, [6.0], 1000)}) == {
-        "full_backup_vs_virtnbdbackup": 3.0,
         "virtnbdbackup_full_vs_convert": 0.167,
     }
+    only_full = {n: _peers()[n] for n in (FULL, VMSNAP_FULL)}
+    assert peer_ratios([], only_full) == {"full_backup_vs_virtnbdbackup": 3.0}
 
 
 def _document(peers: dict[str, object]) -> dict[str, object]:
@@ -195,22 +211,105 @@ def _document(peers: dict[str, object]) -> dict[str, object]:
     }
 
 
-def test_markdown_shows_a_peers_table_with_versions_and_ratios() -> None:
+def test_markdown_shows_the_same_domain_table_with_versions_ratios_and_targets() -> None:
     peers = {
         "versions": {"virtnbdbackup": "1.9.15", "libvirt": "9.0.0"},
         "figures": _peers(),
         "ratios": peer_ratios(_ours(), _peers()),
+        "targets": {"full_backup_vs_virtnbdbackup": ">= 4"},
     }
     text = throughput_markdown(_document(peers))
-    assert "## Peers" in text
-    assert "libvirt 9.0.0, virtnbdbackup 1.9.15" in text
+    assert "## vmsnap and its peers on the same libvirt domain" in text
+    assert "on one running libvirt domain (libvirt 9.0.0, virtnbdbackup 1.9.15)" in text
+    assert "back up the same domain, the same image and the same data" in text
     assert "| virtnbdbackup full | 6.000 s | 0 MB/s | 6 |  |" in text
+    assert "| vmsnap full backup (chunks, same domain) | 2.000 s | 0 MB/s | 2 |  |" in text
     assert "| virtnbdrestore (full + 3 incrementals) | 8.000 s | 0 MB/s | 8 | yes |" in text
-    assert "| full_backup_vs_virtnbdbackup | 3 |" in text
+    assert "| vmsnap restore (full + 3 incrementals, same domain) | 4.000 s | 0 MB/s | 4 | yes |" in text
+    assert f"| {STARTUP} | 0.400 s |  | 0.4 |  |" in text  # no throughput: it moves no data
+    assert "| full_backup_vs_virtnbdbackup | 3 | >= 4 |" in text
+    assert "| incremental_vs_virtnbdbackup | 4 |  |" in text
+    assert "vmsnap's incrementals stored 100 bytes each (median)" in text
 
 
 def test_markdown_has_no_peers_section_without_peers() -> None:
-    assert "Peers" not in throughput_markdown(_document({}))
+    assert "peers" not in throughput_markdown(_document({}))
+
+
+def test_startup_is_timed_through_the_runner_with_every_run(tmp_path: Path) -> None:
+    runner = RecordingRunner({("virtnbdbackup", "-V"): (0, "1.9.15\n")})
+    bench = PeerBench(tmp_path, URI, size_mib=64, data_mib=32, runs=3, runner=runner)
+    bench._startup()
+    assert runner.calls == [("virtnbdbackup", "-V")] * 3
+    assert len(bench.figures[STARTUP]["runs"]) == 3
+    assert bench.figures[STARTUP]["data_bytes"] == 0
+
+
+@attrs.frozen
+class _Result:
+    kind: str
+    vm: str = "vm1"
+    notes: tuple[str, ...] = ()
+    disks: tuple[Any, ...] = ()
+
+
+@attrs.define
+class _FakeMachine:
+    spec: Any
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _fake_vmsnap(monkeypatch: pytest.MonkeyPatch, kind: str) -> list[Any]:
+    """open_machine and Backup replaced: what they were given is recorded, the backup is of ``kind``."""
+    seen: list[Any] = []
+
+    def open_machine(spec: Any) -> _FakeMachine:
+        machine = _FakeMachine(spec)
+        seen.append(machine)
+        return machine
+
+    class Backup:
+        def __init__(self, machine: _FakeMachine, config: Any) -> None:
+            seen.append(config)
+            self.config = config
+
+        def run(self) -> _Result:
+            self.config.repo.mkdir(exist_ok=True)
+            return _Result(kind, notes=("no usable parent",) if kind == "full" else ())
+
+    monkeypatch.setattr(peers_module, "open_machine", open_machine)
+    monkeypatch.setattr(peers_module, "Backup", Backup)
+    return seen
+
+
+def test_vmsnap_backs_up_the_domain_as_the_cli_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _fake_vmsnap(monkeypatch, "incremental")
+    bench = PeerBench(tmp_path, URI, size_mib=64, data_mib=32)
+    _, result = bench._vmsnap_backup("vm1", tmp_path / "repo", incremental=True)
+    assert result.kind == "incremental"
+    machine, config = seen
+    # --domain vm1 --connect URI, the CLI's defaults otherwise; the machine closed afterwards
+    assert (machine.spec.domain, machine.spec.connect, machine.closed) == ("vm1", URI, True)
+    assert (config.repo, config.incremental, config.strategy, config.transport, config.quiesce) == (
+        tmp_path / "repo",
+        True,
+        "auto",
+        "auto",
+        "auto",
+    )
+
+
+def test_vmsnap_incremental_that_fell_back_to_full_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_vmsnap(monkeypatch, "full")
+    bench = PeerBench(tmp_path, URI, size_mib=64, data_mib=32)
+    with pytest.raises(PeerError, match=r"was a full one, not incremental: \['no usable parent'\]"):
+        bench._vmsnap_backup("vm1", tmp_path / "repo", incremental=True)
+    bench._vmsnap_backup("vm1", tmp_path / "repo", incremental=False)  # a full one is what was asked
 
 
 def test_fsync_tree_takes_a_file_or_a_directory_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
