@@ -138,6 +138,7 @@ class LvmLabBench:
     runs: int = 3
     progress: Callable[[str], None] = lambda line: None
     measurements: list[Measurement] = attrs.Factory(list)
+    chunk_kib: dict[str, int] = attrs.Factory(dict)
 
     def _lvm(self, *args: str) -> None:
         self.runner.run(["lvm", *args], timeout=600)
@@ -192,6 +193,8 @@ class LvmLabBench:
         for _ in range(self.runs):
             baseline.append(self._write(ORIGIN, self.lv_mib))
             self._snapshot(thin)
+            if variant not in self.chunk_kib:
+                self.chunk_kib[variant] = self._chunk_kib(POOL if thin else SNAPSHOT)
             first.append(self._write(ORIGIN, self.lv_mib))
             again.append(self._write(ORIGIN, self.lv_mib))
             self._remove_snapshot()
@@ -199,6 +202,18 @@ class LvmLabBench:
         self._record(median_of("lvm", "write_first", variant, "MB/s", first))
         self._record(median_of("lvm", "write_again", variant, "MB/s", again))
         return base.value
+
+    def _chunk_kib(self, full_name: str) -> int:
+        """The copy-on-write unit of a classic snapshot or a thin pool (0 when lvs says nothing)."""
+        argv = ["lvm", "lvs", "--noheadings", "--units", "k", "--nosuffix", "-o", "chunk_size", full_name]
+        try:
+            return round(float(self.runner.run(argv, timeout=120).stdout.strip() or 0))
+        except ValueError:
+            return 0
+
+    def chunks_text(self) -> str:
+        """``classic 4 KiB chunks, thin 64 KiB chunks``, for the note."""
+        return ", ".join(f"{variant} {kib} KiB chunks" for variant, kib in self.chunk_kib.items() if kib)
 
     def cleanups(self, variant: str, thin: bool, baseline_mb_per_s: float) -> None:
         """``lvremove`` and a merge back after writing each of ``written_mib`` MiB, timed with the bytes the
@@ -308,8 +323,8 @@ def lvm_in_lab_guest(
         where=f"measured in the lab guest under {accel}",
         detail=(
             f"measured in the lab guest under {accel} (kernel {kernel}, {cpus} vCPU, {lv_mib} MiB LVs on a "
-            f"raw virtio disk): dd oflag=direct, {REQUEST_KIB} KiB requests, queue depth 1; delete and "
-            "rollback timed in the guest (10 ms ticks), bytes from the disk's write counter. Compare the "
-            "ratios: the absolute MB/s and seconds are the emulator's."
+            f"raw virtio disk; {bench.chunks_text()}): dd oflag=direct, {REQUEST_KIB} KiB requests, queue "
+            "depth 1; delete and rollback timed in the guest (10 ms ticks), bytes from the disk's write "
+            "counter. Compare the ratios: the absolute MB/s and seconds are the emulator's."
         ),
     )

@@ -25,6 +25,7 @@ def test_the_harness_measures_lvm_in_the_lab_guest_and_marks_the_row(
         "measured in the lab guest under TCG",
         "measured in the lab guest under KVM",
     )
+    assert "classic 4 KiB chunks, thin 64 KiB chunks" in bench.notes["lvm"]["detail"]
     figures = {(m.metric, m.variant): m for m in bench.measurements}
     assert set(figures) == {
         (metric, variant)

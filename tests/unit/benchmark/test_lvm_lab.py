@@ -100,7 +100,7 @@ class ScriptedGuest:
             out = f"vmsnap-mark {self.clock:.2f} 0\nvmsnap-mark {self.clock + 0.5:.2f} 2048\n"
             self.clock += 1
         elif args[:2] == ("lvm", "lvs"):
-            out = "  origin\n"
+            out = "  64.00\n" if "chunk_size" in args else "  origin\n"
         return CommandResult(args, 0, out, err, self.host)
 
     def which(self, name: str) -> str | None:
@@ -136,6 +136,7 @@ def test_the_bench_runs_each_step_in_order_and_records_every_figure() -> None:
     )
     assert all("oflag=direct" in c and "bs=64K" in c for c in guest.calls if c[0] == "dd")
     assert guest.calls[-1] == ("lvm", "lvremove", "-q", "-y", "vmsnapbench")
+    assert bench.chunks_text() == "classic 64 KiB chunks, thin 64 KiB chunks"
 
 
 def test_a_snapshot_left_after_a_timed_cleanup_is_an_error() -> None:
