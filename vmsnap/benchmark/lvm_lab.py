@@ -284,7 +284,8 @@ def lvm_in_lab_guest(
     """Boot the lab guest with a blank disk and measure LVM there (see :class:`LvmLabBench`).
 
     Never the host's volumes, even when this host has device-mapper: a benchmark must not snapshot them.
-    When no lab guest can be built or booted, the outcome says why and holds no measurements.
+    When no lab guest can be built or booted, or a command in it fails, the outcome says why and holds no
+    measurements.
     """
     from vmsnap.lab.guest import LabGuest, LabGuestError
     from vmsnap.lab.image import LabImageError, build_lab_image
@@ -316,6 +317,10 @@ def lvm_in_lab_guest(
         bench = LvmLabBench(runner, device, lv_mib, written_mib, runs=runs, progress=progress)
         bench.run(pv, thin=thin)
         accel = guest.process.accel.upper() if guest.process is not None else "QEMU"
+    except VmsnapError as err:
+        # the host's rows measured before this one are worth keeping: the table says what went wrong here
+        progress(f"lvm       failed in the lab guest: {err.message}")
+        return LabOutcome(skipped=f"the measurement in the lab guest failed ({err.message})")
     finally:
         guest.stop()
     return LabOutcome(

@@ -194,3 +194,34 @@ def test_without_a_lab_image_the_row_is_skipped_with_the_reason(
     monkeypatch.setattr("shutil.which", lambda name: None)
     outcome = lvm_in_lab_guest(tmp_path / "x", lv_mib=8, written_mib=[4], runs=1)
     assert outcome.skipped == "the lab guest needs qemu-system-x86_64, which is not installed"
+
+
+def test_a_failure_inside_the_guest_skips_the_row_with_the_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guest is stopped and the host's rows survive: the table says what went wrong."""
+    stopped: list[bool] = []
+
+    class FailingGuest:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self.runner = ScriptedGuest()
+            self.process = None
+
+        def start(self) -> FailingGuest:
+            return self
+
+        def stop(self) -> None:
+            stopped.append(True)
+
+    def failing_run(self: LvmLabBench, pv: str, *, thin: bool = True) -> None:
+        raise LvmLabError("vmsnapbench/snap is still there after the timed rollback: LVM deferred it")
+
+    monkeypatch.setattr("vmsnap.lab.image.build_lab_image", lambda **kwargs: None)
+    monkeypatch.setattr("vmsnap.lab.guest.LabGuest", FailingGuest)
+    monkeypatch.setattr(LvmLabBench, "run", failing_run)
+    outcome = lvm_in_lab_guest(tmp_path, lv_mib=8, written_mib=[4], runs=1)
+    assert outcome.skipped == (
+        "the measurement in the lab guest failed (vmsnapbench/snap is still there after the timed rollback: "
+        "LVM deferred it)"
+    )
+    assert outcome.measurements == () and stopped == [True]
