@@ -242,10 +242,11 @@ def chart(document: Mapping[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     measurements = document["measurements"]
-    elsewhere = set(document.get("notes", {}))
+    notes = document.get("notes", {})
 
     def label(strategy: str) -> str:
-        return f"{strategy} (lab guest)" if strategy in elsewhere else strategy
+        """``lvm (measured in the lab guest under TCG)``: its seconds are the emulator's."""
+        return f"{strategy} ({notes[strategy]['where']})" if strategy in notes else strategy
 
     base = {
         (m["strategy"], m["variant"]): m["value"] for m in measurements if m["metric"] == "write_baseline"
