@@ -245,8 +245,8 @@ def chart(document: Mapping[str, Any], path: Path) -> bool:
     notes = document.get("notes", {})
 
     def label(strategy: str) -> str:
-        """``lvm (measured in the lab guest under TCG)``: its seconds are the emulator's."""
-        return f"{strategy} ({notes[strategy]['where']})" if strategy in notes else strategy
+        """``lvm*``, with the footnote saying where it was measured: its seconds are the emulator's."""
+        return f"{strategy}*" if strategy in notes else strategy
 
     base = {
         (m["strategy"], m["variant"]): m["value"] for m in measurements if m["metric"] == "write_baseline"
@@ -262,7 +262,7 @@ def chart(document: Mapping[str, Any], path: Path) -> bool:
     cleanup = [m for m in measurements if m["metric"] in ("delete", "rollback")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
     left.bar(range(len(labels)), slowdown, color="#4477aa")
-    left.set_xticks(range(len(labels)), labels, fontsize=7)
+    left.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
     left.set_ylabel("first write: x slower than no snapshot")
     left.set_yscale("log")
     left.set_title("Write cost while the snapshot exists")
@@ -279,7 +279,12 @@ def chart(document: Mapping[str, Any], path: Path) -> bool:
     right.set_xlabel("seconds (red: delete/commit, green: rollback)")
     right.set_xscale("log")
     right.set_title("Storage load on delete and rollback")
-    fig.tight_layout()
+    footnotes = [
+        f"* {name}: {note['where']} (its times are the emulator's)" for name, note in sorted(notes.items())
+    ]
+    if footnotes:
+        fig.text(0.01, 0.01, "; ".join(footnotes), fontsize=8, ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.04 if footnotes else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
