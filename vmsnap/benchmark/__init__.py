@@ -11,7 +11,8 @@ from pathlib import Path
 
 import attrs
 
-from vmsnap.benchmark.costs import CostBench, Measurement
+from vmsnap.benchmark.costs import CostBench
+from vmsnap.benchmark.measure import Measurement
 from vmsnap.benchmark.report import BenchResult, make_result, write_outputs
 
 __all__ = ["BenchResult", "CostBench", "Measurement", "run_cost_bench", "strategy_traits"]
@@ -48,6 +49,11 @@ def run_cost_bench(
         bench = CostBench(Path(scratch), quick=quick, runs=runs, progress=progress)
         bench.run(strategies)
     result = make_result(
-        bench.measurements, quick=quick, image_mib=bench.image_mib, runs=runs, skipped=bench.skipped
+        bench.measurements,
+        quick=quick,
+        image_mib=bench.image_mib,
+        runs=runs,
+        skipped=bench.skipped,
+        notes=bench.notes,
     )
     return result, write_outputs(result, out, strategy_traits())

@@ -2,7 +2,8 @@
 
 Image-level, side by side in one run: ``qemu-img bench`` (O_DIRECT, native AIO) on the same image with and
 without the snapshot; ``qemu-img commit``/``rebase``/``snapshot`` and ``btrfs`` on a loop device for cleanup.
-Every figure is the median of several runs; bytes written come from the kernel's I/O accounting.
+Every figure is the median of several runs; bytes written come from the kernel's I/O accounting. LVM is
+measured in the lab guest (:mod:`.lvm_lab`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import contextlib
 import os
 import re
 import resource
-import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -19,32 +19,14 @@ from typing import Any
 
 import attrs
 
+from vmsnap.benchmark.lvm_lab import lvm_in_lab_guest
+from vmsnap.benchmark.measure import Measurement, RunResult, measure, progress_line
 from vmsnap.errors import VmsnapError
 from vmsnap.files import fsync_file
 from vmsnap.runner import LocalRunner, Runner
 
 MiB = 1024 * 1024
 CLUSTER = 64 * 1024
-
-
-@attrs.frozen
-class Measurement:
-    """One measured figure: the median of ``runs``.
-
-    :param strategy: internal, external, backup, btrfs, lvm
-    :param metric: write_first, write_again, write_baseline, delete, rollback
-    :param variant: what distinguishes rows of the same metric (``lazy_refcounts=on``, ``commit``, ``64 MiB``)
-    :param value: the median
-    :param unit: ``MB/s``, ``s``, ``MiB``
-    """
-
-    strategy: str
-    metric: str
-    variant: str
-    value: float
-    unit: str
-    runs: tuple[float, ...]
-    bytes_written: float | None = None
 
 
 @attrs.define
@@ -57,6 +39,8 @@ class CostBench:
     :param progress: called with a line describing each step
     :param size_mib: override the image size (tests use a few MiB)
     :param written_sizes_mib: override the amounts written before delete/rollback
+    :param notes: per strategy measured elsewhere than on this host, ``where`` (marks its cells) and
+        ``detail`` (the note under the table)
     """
 
     workdir: Path
@@ -68,6 +52,7 @@ class CostBench:
     written_sizes_mib: Sequence[int] | None = None
     measurements: list[Measurement] = attrs.Factory(list)
     skipped: dict[str, str] = attrs.Factory(dict)
+    notes: dict[str, dict[str, str]] = attrs.Factory(dict)
 
     @property
     def image_mib(self) -> int:
@@ -144,33 +129,11 @@ class CostBench:
         return one
 
     def _record(
-        self,
-        strategy: str,
-        metric: str,
-        variant: str,
-        unit: str,
-        one_run: Callable[[int], float | tuple[float, float]],
+        self, strategy: str, metric: str, variant: str, unit: str, one_run: Callable[[int], RunResult]
     ) -> Measurement:
-        values: list[float] = []
-        written: list[float] = []
-        for i in range(self.runs):
-            got = one_run(i)
-            if isinstance(got, tuple):
-                values.append(got[0])
-                written.append(got[1])
-            else:
-                values.append(got)
-        m = Measurement(
-            strategy=strategy,
-            metric=metric,
-            variant=variant,
-            value=statistics.median(values),
-            unit=unit,
-            runs=tuple(round(v, 4) for v in values),
-            bytes_written=statistics.median(written) if written else None,
-        )
+        m = measure(strategy, metric, variant, unit, one_run, self.runs)
         self.measurements.append(m)
-        self.progress(f"{strategy:9} {metric:15} {variant:22} {m.value:10.3f} {unit}")
+        self.progress(progress_line(m))
         return m
 
     def _scratch(self, name: str) -> Path:
@@ -433,15 +396,34 @@ class CostBench:
             for metric, cleanup in (("delete", delete), ("rollback", rollback)):
                 self._record("btrfs", metric, f"{mib} MiB written", "s", self._cleanup_run(prepared, cleanup))
 
+    @property
+    def lvm_mib(self) -> int:
+        """The LVM origin's size in the lab guest: 64 MiB quick, 128 MiB full (TCG writes a snapshotted LV at
+        some 20 MB/s), size_mib."""
+        return self.size_mib or (64 if self.quick else 128)
+
+    @property
+    def lvm_written_mib(self) -> list[int]:
+        """Data written to the LVM origin before delete/rollback (at most the origin's size)."""
+        if self.written_sizes_mib is not None:
+            return list(self.written_sizes_mib)
+        return [m for m in ([16, 64] if self.quick else [16, 64, 128]) if m <= self.lvm_mib]
+
     def lvm(self) -> None:
-        """LVM needs device-mapper; on a host without it the lab guest is required (not measured here)."""
-        if not Path("/sys/module/dm_mod").exists() and not Path("/dev/mapper/control").exists():
-            self.skipped["lvm"] = (
-                "this host kernel has no device-mapper (by hand in the lab guest under TCG, as reported in "
-                "the LVM issue: first write 62-67 MB/s vs 614-723 MB/s without a snapshot)"
-            )
-            return
-        self.skipped["lvm"] = "LVM on the host is not benchmarked (it would snapshot the host's own volumes)"
+        """LVM snapshots, classic and thin, measured in the lab guest: never on this host's own volumes, even
+        when this host has device-mapper."""
+        outcome = lvm_in_lab_guest(
+            self._scratch("lvm"),
+            lv_mib=self.lvm_mib,
+            written_mib=self.lvm_written_mib,
+            runs=self.runs,
+            progress=self.progress,
+        )
+        self.measurements.extend(outcome.measurements)
+        if outcome.skipped is not None:
+            self.skipped["lvm"] = outcome.skipped
+        else:
+            self.notes["lvm"] = {"where": outcome.where, "detail": outcome.detail}
 
     def run(self, strategies: Sequence[str] = ("internal", "external", "backup", "btrfs", "lvm")) -> None:
         """Run the named strategies' benchmarks in order."""

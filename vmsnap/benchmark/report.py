@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from vmsnap.benchmark.costs import Measurement
+from vmsnap.benchmark.measure import Measurement
 from vmsnap.runner import LocalRunner, Runner
 
 SCHEMA = 1
@@ -55,6 +55,10 @@ def _mib(bytes_written: float | None) -> str:
     return "" if bytes_written is None else f", {bytes_written / 1024 / 1024:.0f} MiB written"
 
 
+def _relative(relative: float | None) -> str:
+    return "" if relative is None else f" ({relative:.1f}x the time to write that data without a snapshot)"
+
+
 def summarise(measurements: Sequence[Measurement]) -> dict[str, dict[str, str]]:
     """Per strategy, the three cost cells as short human strings."""
     cells: dict[str, dict[str, str]] = {}
@@ -78,7 +82,7 @@ def summarise(measurements: Sequence[Measurement]) -> dict[str, dict[str, str]]:
             row["write_cost"] = "; ".join(filter(None, [row["write_cost"], text]))
         elif m.metric in ("delete", "rollback"):
             key = "delete_cost" if m.metric == "delete" else "rollback_cost"
-            text = f"{m.variant}: {_fmt(m.value, m.unit)}{_mib(m.bytes_written)}"
+            text = f"{m.variant}: {_fmt(m.value, m.unit)}{_relative(m.relative)}{_mib(m.bytes_written)}"
             row[key] = "; ".join(filter(None, [row[key], text]))
     return cells
 
@@ -94,6 +98,7 @@ class BenchResult:
     machine: Mapping[str, Any]
     measurements: tuple[Measurement, ...]
     skipped: Mapping[str, str]
+    notes: Mapping[str, Mapping[str, str]] = attrs.field(factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The schema-1 JSON document."""
@@ -106,14 +111,24 @@ class BenchResult:
             "machine": dict(self.machine),
             "measurements": [attrs.asdict(m) for m in self.measurements],
             "skipped": dict(self.skipped),
+            "notes": {k: dict(v) for k, v in self.notes.items()},
             "table": summarise(self.measurements),
         }
 
 
 def make_result(
-    measurements: Sequence[Measurement], *, quick: bool, image_mib: int, runs: int, skipped: Mapping[str, str]
+    measurements: Sequence[Measurement],
+    *,
+    quick: bool,
+    image_mib: int,
+    runs: int,
+    skipped: Mapping[str, str],
+    notes: Mapping[str, Mapping[str, str]] | None = None,
 ) -> BenchResult:
-    """A result stamped with the time and the machine."""
+    """A result stamped with the time and the machine.
+
+    :param notes: per strategy measured elsewhere (the lab guest), ``where`` and ``detail``
+    """
     return BenchResult(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         quick=quick,
@@ -122,6 +137,7 @@ def make_result(
         machine=machine_info(),
         measurements=tuple(measurements),
         skipped=dict(skipped),
+        notes=dict(notes or {}),
     )
 
 
@@ -151,6 +167,9 @@ def validate(document: Mapping[str, Any]) -> None:
                 raise ValueError(f"results: a measurement lacks {key!r}")
         if len(m["runs"]) < 1:
             raise ValueError("results: a measurement has no runs")
+    for name, note in document.get("notes", {}).items():
+        if not isinstance(note, dict) or not isinstance(note.get("where"), str):
+            raise ValueError(f"results: the note on {name} has no 'where'")
 
 
 def markdown(document: Mapping[str, Any], traits: Mapping[str, Mapping[str, str]]) -> str:
@@ -158,6 +177,7 @@ def markdown(document: Mapping[str, Any], traits: Mapping[str, Mapping[str, str]
     from vmsnap.model import Traits
 
     table = document["table"]
+    notes = document.get("notes", {})
     headings = ["strategy", *[h for _, h in Traits.columns()]]
     rows = []
     for name in sorted(set(traits) | set(table)):
@@ -167,6 +187,8 @@ def markdown(document: Mapping[str, Any], traits: Mapping[str, Mapping[str, str]
             text = measured or str(traits.get(name, {}).get(field, ""))
             if field in COST_COLUMNS and not measured and name in document["skipped"]:
                 text = f"not measured: {document['skipped'][name]}"
+            elif field in COST_COLUMNS and measured and name in notes:
+                text = f"({notes[name]['where']}) {measured}"
             row.append(text.replace("|", "/"))
         rows.append(row)
     m = document["machine"]
@@ -181,10 +203,12 @@ def markdown(document: Mapping[str, Any], traits: Mapping[str, Mapping[str, str]
         "",
         _md_table(headings, rows),
         "",
+        *[f"{name}: {note.get('detail') or note['where']}" for name, note in sorted(notes.items())],
+        *([""] if notes else []),
         "## All figures",
         "",
         _md_table(
-            ["strategy", "metric", "variant", "median", "runs", "MiB written"],
+            ["strategy", "metric", "variant", "median", "runs", "MiB written", "x writing it"],
             [
                 [
                     x["strategy"],
@@ -193,6 +217,7 @@ def markdown(document: Mapping[str, Any], traits: Mapping[str, Mapping[str, str]
                     _fmt(x["value"], x["unit"]),
                     ", ".join(f"{v:g}" for v in x["runs"]),
                     "" if x.get("bytes_written") is None else f"{x['bytes_written'] / 1024 / 1024:.0f}",
+                    "" if x.get("relative") is None else f"{x['relative']:.2f}",
                 ]
                 for x in document["measurements"]
             ],
@@ -217,6 +242,12 @@ def chart(document: Mapping[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     measurements = document["measurements"]
+    notes = document.get("notes", {})
+
+    def label(strategy: str) -> str:
+        """``lvm*``, with the footnote saying where it was measured: its seconds are the emulator's."""
+        return f"{strategy}*" if strategy in notes else strategy
+
     base = {
         (m["strategy"], m["variant"]): m["value"] for m in measurements if m["metric"] == "write_baseline"
     }
@@ -226,12 +257,12 @@ def chart(document: Mapping[str, Any], path: Path) -> bool:
             continue
         b = base.get((m["strategy"], m["variant"])) or base.get((m["strategy"], ""))
         if b and m["value"] > 0:
-            labels.append(f"{m['strategy']}\n{m['variant']}".strip())
+            labels.append(f"{label(m['strategy'])}\n{m['variant']}".strip())
             slowdown.append(b / m["value"])
     cleanup = [m for m in measurements if m["metric"] in ("delete", "rollback")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
     left.bar(range(len(labels)), slowdown, color="#4477aa")
-    left.set_xticks(range(len(labels)), labels, fontsize=7)
+    left.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
     left.set_ylabel("first write: x slower than no snapshot")
     left.set_yscale("log")
     left.set_title("Write cost while the snapshot exists")
@@ -241,12 +272,19 @@ def chart(document: Mapping[str, Any], path: Path) -> bool:
         color=["#cc6677" if m["metric"] == "delete" else "#228833" for m in cleanup],
     )
     right.set_yticks(
-        range(len(cleanup)), [f"{m['strategy']} {m['metric']}: {m['variant']}" for m in cleanup], fontsize=6
+        range(len(cleanup)),
+        [f"{label(m['strategy'])} {m['metric']}: {m['variant']}" for m in cleanup],
+        fontsize=6,
     )
     right.set_xlabel("seconds (red: delete/commit, green: rollback)")
     right.set_xscale("log")
     right.set_title("Storage load on delete and rollback")
-    fig.tight_layout()
+    footnotes = [
+        f"* {name}: {note['where']} (its times are the emulator's)" for name, note in sorted(notes.items())
+    ]
+    if footnotes:
+        fig.text(0.01, 0.01, "; ".join(footnotes), fontsize=8, ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.04 if footnotes else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

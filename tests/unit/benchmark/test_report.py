@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vmsnap.benchmark.costs import CostBench, Measurement
+from vmsnap.benchmark.costs import CostBench
+from vmsnap.benchmark.measure import Measurement
 from vmsnap.benchmark.report import make_result, markdown, summarise, validate, write_outputs
 
 
