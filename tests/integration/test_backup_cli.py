@@ -258,6 +258,28 @@ def test_progress_shows_a_bar_per_disk_with_rate_on_a_terminal_and_nothing_with_
     assert json.loads(quiet.out)["kind"] == "full"
 
 
+def test_progress_of_a_chunks_backup_shows_what_was_read_stored_and_deduplicated(
+    two_disk_vm: RunningVm, tmp_path: Path
+) -> None:
+    vm = two_disk_vm
+    repo = tmp_path / "repo"  # a new directory: a chunks repository, read by its pipeline
+    for disk, base in (("disk0", 0x31), ("disk1", 0x41)):  # four different 4 MiB chunks per disk
+        write(vm, disk, *[f"write -P {base + n:#x} {4 * n}M 4M" for n in range(4)])
+    figures = re.compile(r"(disk\d)\s+━+.*read (\d+) MiB · stored (\d+) MiB · dedup (\d+) MiB")
+    seen = []
+    for _ in range(2):  # a full backup, then another full one: everything is in the store already
+        shown = cli_on_a_terminal("backup", "--repo", repo, *vm_args(vm))
+        assert shown.code == 0, shown.err
+        screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.err)
+        last = {m[1]: tuple(int(n) for n in m.groups()[1:]) for m in figures.finditer(screen)}
+        assert tuple(sorted(last)) == DISKS, screen
+        seen.append(last)
+    for disk in DISKS:
+        (read, stored, dedup), (read2, stored2, dedup2) = seen[0][disk], seen[1][disk]
+        assert read >= 16 and dedup == 0 and stored >= 0, seen
+        assert read2 >= 16 and stored2 == 0 and dedup2 == 16, seen
+
+
 def test_restore_define_checks_the_backup_before_writing_anything(
     two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -42,7 +42,7 @@ from vmsnap.model import Disk, ExportSource, SnapshotRef, validate_name
 from vmsnap.repo.journal import Journal, snapshot_to_json
 from vmsnap.repo.layout import DEFINITION_FILE, BackupWriter, RepositoryLayout
 from vmsnap.repo.manifest import Kind, Manifest
-from vmsnap.repo.progress import DiskProgress
+from vmsnap.repo.progress import DiskProgress, TransferProgress, no_transfer
 from vmsnap.repo.reports import WrittenDisk
 from vmsnap.repo.repository import Repository
 from vmsnap.strategies.base import BackupContext, Checkpoint, Strategy
@@ -126,6 +126,8 @@ class Backup:
     :param machine: the VM (running or not)
     :param config: what and how
     :param progress: called with (disk, bytes done, bytes total) while disks are copied
+    :param transfer: called with (disk, bytes read/stored/deduplicated/zero) where the repository's layout
+        reads the export itself (chunks)
     :param note: called with one-line remarks (fallbacks, recovered leftovers); the CLI prints them
     """
 
@@ -135,11 +137,13 @@ class Backup:
         config: BackupConfig,
         *,
         progress: DiskProgress = _no_disk_progress,
+        transfer: TransferProgress = no_transfer,
         note: Callable[[str], None] = _no_note,
     ) -> None:
         self.machine = machine
         self.config = config
         self.progress = progress
+        self.transfer = transfer
         self.note = note
         self.notes: list[str] = []
 
@@ -335,6 +339,7 @@ class Backup:
             source,
             transport=transport,
             progress=lambda done, total: self.progress(disk.name, done, total),
+            transfer=lambda figures: self.transfer(disk.name, figures),
         )
         if written.note is not None:
             self._note(written.note)

@@ -47,7 +47,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         sigterm_interrupts(),  # `kill PID` undoes the run like Ctrl-C does
         disk_progress(not args.json) as progress,
     ):
-        result = Backup(machine, config, progress=progress, note=note).run()
+        result = Backup(machine, config, progress=progress, transfer=progress.transfer, note=note).run()
     lines = [
         f"backed up {result.vm} as {result.backup_id}: {result.kind}"
         + (f" on {result.parent}" if result.parent else "")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol
 
@@ -27,7 +27,7 @@ from vmsnap.errors import NotFoundError
 from vmsnap.image.sources import BackupSource
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
 from vmsnap.repo.manifest import Damaged, Kind, Manifest
-from vmsnap.repo.progress import DiskProgress, no_progress
+from vmsnap.repo.progress import DiskProgress, Transfer, no_progress
 from vmsnap.repo.prune import plan_policy, plan_retention
 from vmsnap.repo.reports import (
     GcReport,
@@ -69,12 +69,20 @@ class BackupWriter(Protocol):
         ...
 
     def write(
-        self, disk: Disk, source: ExportSource, *, transport: Transport | None, progress: Progress
+        self,
+        disk: Disk,
+        source: ExportSource,
+        *,
+        transport: Transport | None,
+        progress: Progress,
+        transfer: Callable[[Transfer], None] | None = None,
     ) -> WrittenDisk:
         """Store one disk's content from ``source`` (inside the strategy's export).
 
         :param transport: what copies the source (qcow2 pull mode); None when the strategy wrote the image
             itself (push) or the layout reads the source itself (chunks)
+        :param transfer: called with the bytes read, stored and deduplicated as they grow, by a layout that
+            reads the source itself
         :raise VmsnapError: the copy failed (the backup is then discarded by the caller)
         """
         ...

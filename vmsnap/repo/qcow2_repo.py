@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -49,7 +49,7 @@ from vmsnap.repo.manifest import (
     read_manifest,
     utc_now_iso,
 )
-from vmsnap.repo.progress import DiskProgress, no_progress
+from vmsnap.repo.progress import DiskProgress, Transfer, no_progress
 from vmsnap.repo.qcow2_layout import DELETING_PREFIX, PARTIAL_PREFIX, Qcow2Layout
 from vmsnap.repo.reports import PUSH_TRANSPORT, GcReport, RestoredDisk, VerifyReport, WrittenDisk
 from vmsnap.repo.verify import choose_reader, verify_backups
@@ -391,7 +391,13 @@ class Qcow2Writer:
         return {d.name: directory / f"{d.name}.qcow2" for d in disks}
 
     def write(
-        self, disk: Disk, source: ExportSource, *, transport: Transport | None, progress: Progress
+        self,
+        disk: Disk,
+        source: ExportSource,
+        *,
+        transport: Transport | None,
+        progress: Progress,
+        transfer: Callable[[Transfer], None] | None = None,
     ) -> WrittenDisk:
         """Adopt the image a push strategy wrote (``transport`` None), or copy ``source`` with
         ``transport`` — on the parent's image when the source holds only the changes since it."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -44,6 +44,7 @@ from vmsnap.repo.manifest import (
     Manifest,
     utc_now_iso,
 )
+from vmsnap.repo.progress import Transfer
 from vmsnap.repo.reports import WrittenDisk
 from vmsnap.repo.state import RepositoryState
 from vmsnap.repo.stores.base import Store
@@ -178,7 +179,13 @@ class ChunksWriter:
         return index, None
 
     def write(
-        self, disk: Disk, source: ExportSource, *, transport: Transport | None, progress: Progress
+        self,
+        disk: Disk,
+        source: ExportSource,
+        *,
+        transport: Transport | None,
+        progress: Progress,
+        transfer: Callable[[Transfer], None] | None = None,
     ) -> WrittenDisk:
         """Read ``source`` once through the pipeline and store the disk's chunks and index.
 
@@ -204,6 +211,8 @@ class ChunksWriter:
 
             def report(state: BackupProgress) -> None:
                 progress(state.done, state.total)
+                if transfer is not None:
+                    transfer(Transfer(state.read, state.stored, state.deduplicated, state.zero))
 
             result = backup_disk(
                 reader,
