@@ -176,7 +176,7 @@ def test_a_disk_without_a_filesystem_vmsnap_can_read(run_dir: Path, tmp_path: Pa
         out.truncate(60 * MiB)
     table = partition(raw, layouts)
     if not Path("/usr/sbin/mkfs.vfat").exists():
-        pytest.skip("mkfs.vfat (dosfstools) is not installed")
+        pytest.fail("mkfs.vfat is needed: run `make test` (it installs dosfstools)")
     with loop(raw, *table[2]) as device:
         mkfs("vfat", device, "esp")
     with loop(raw, *table[3]) as device:
