@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -218,4 +219,7 @@ def crash_point(name: str) -> None:
     elif wanted == f"term:{name}":
         os.kill(os.getpid(), signal.SIGTERM)
     elif wanted == f"stop:{name}":
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # thread-directed: a SIGSTOP sent to the process is taken by whichever thread the kernel wakes (the
+        # main one), and on a busy machine the calling thread returned from kill() and ran on (a gc sent its
+        # deletes) before that thread stopped the group; sent to this thread, it stops before it returns
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)

@@ -104,6 +104,7 @@ def test_the_server_killed_during_gc(own_seaweed: SeaweedServer, tmp_path: Path)
     resume(gc)
     failed = finish(gc)
     assert failed.code == 1 and "cannot reach the S3 endpoint" in failed.error_line, failed.err
+    assert "for delete of 8 objects" in failed.error_line, "gc fails at its first delete, where it stopped"
     _no_secret(failed.err, own_seaweed)
 
     own_seaweed.restart()
