@@ -8,15 +8,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import attrs
 import pytest
 
+from tests.sshd import free_port, wait_for_sshd
 from vmsnap.lab.guest import LabGuest
 from vmsnap.lab.image import LabImage, build_lab_image
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, StorageDaemon
@@ -79,12 +78,6 @@ def storage_daemon(tmp_path: Path) -> Iterator[StorageDaemon]:
         daemon.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshRunner]:
     """A real OpenSSH server on 127.0.0.1 with a generated host key and client key; yields an SshRunner."""
@@ -97,7 +90,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshRunner]:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "client_key")], check=True)
     shutil.copy(d / "client_key.pub", d / "authorized_keys")
     os.chmod(d / "authorized_keys", 0o600)
-    port = _free_port()
+    port = free_port()
     user = os.environ.get("USER") or "root"
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\n"
@@ -115,13 +108,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshRunner]:
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()}")
-            time.sleep(0.05)
+        wait_for_sshd(proc, port, d / "sshd.log")
         yield SshRunner(
             f"{user}@127.0.0.1",
             port=port,

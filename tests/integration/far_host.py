@@ -16,7 +16,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -25,6 +24,7 @@ from pathlib import Path
 import attrs
 import pytest
 
+from tests.sshd import free_port, wait_for_sshd
 from vmsnap import processes
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, listening, qemu_io
 from vmsnap.runner import SshRunner
@@ -67,12 +67,6 @@ class FarHost:
         return subprocess.run(self.command(argv), check=True, capture_output=True, text=True).stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _write_configs(d: Path, port: int) -> None:
     for key in ("host_key", "client_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
@@ -102,7 +96,7 @@ def far_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FarHost]:
         pytest.fail("sshd and unshare are needed: run `make test` (it installs openssh-server)")
     d = tmp_path_factory.mktemp("farhost")
     os.chmod(d, 0o700)
-    port = _free_port()
+    port = free_port()
     _write_configs(d, port)
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     argv = [
@@ -121,13 +115,7 @@ def far_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FarHost]:
     with open(d / "sshd.log", "wb") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the far sshd did not start: {(d / 'sshd.log').read_text()}")
-            time.sleep(0.05)
+        wait_for_sshd(proc, port, d / "sshd.log", "the far sshd")
         user = os.environ.get("USER") or "root"
         runner = SshRunner(
             f"{user}@127.0.0.1", port=port, identity=d / "client_key", known_hosts=d / "known_hosts"

@@ -5,11 +5,8 @@ stops the servers no image needs any more; and the bad inputs, one line each."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +15,7 @@ import pytest
 from tests.integration.cli_helpers import VMSNAP, cli, cli_on_a_terminal, wait_until_qmp_listens
 from tests.integration.restore.conftest import BackedUpDisk, daemon_pids
 from tests.integration.restore.test_cli_mount import backup_image
-from tests.integration.restore.test_instant import alive, identical, qemu_img_info
+from tests.integration.restore.test_instant import alive, identical, kill_mid_copy, qemu_img_info
 from vmsnap.lab.guest import LabGuest
 from vmsnap.lab.image import LabImage
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
@@ -187,19 +184,7 @@ def test_the_lab_guest_boots_on_its_backup_and_a_killed_copy_resumes(
     with LabGuest(tmp_path / "restored", image=lab_image, data_disk_size=None, extra_drives=[drive]) as guest:
         argv = [VMSNAP, "instant-restore", "--to", str(to), "--qmp", str(guest.qmp_socket), "--speed", "1M"]
         child = subprocess.Popen(argv, stderr=subprocess.PIPE, env=dict(os.environ))
-        try:
-            deadline = time.monotonic() + 60
-            while json.loads((to / STATE).read_text())["status"] != "streaming":
-                assert child.poll() is None, child.stderr.read() if child.stderr else ""
-                assert time.monotonic() < deadline, "the copy never started"
-                time.sleep(0.05)
-        finally:
-            child.send_signal(signal.SIGKILL)  # vmsnap dies mid-copy
-            child.wait()
-        with QMPMonitor(guest.qmp_socket).connect() as qmp:
-            assert qmp.status() == "running"
-            job = qmp.job(JOB_PREFIX + disk["name"])
-            assert job is not None and job.status == "running"  # QEMU's copy goes on without vmsnap
+        kill_mid_copy(child, to, guest.qmp_socket, disk["name"])
         assert guest.agent.is_responding()
         guest.sh("mkdir -p /mnt/r && mount -o ro,noload /dev/disk/by-id/virtio-restored /mnt/r")
         assert sha256sums(guest, "/mnt/r/ir") == want  # the backed-up files, read while the copy runs

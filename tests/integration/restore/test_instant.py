@@ -60,6 +60,24 @@ def alive(pid: int) -> bool:
         return False
 
 
+def kill_mid_copy(child: subprocess.Popen[bytes], to: Path, qmp_socket: Path, disk: str) -> None:
+    """SIGKILL ``child`` (a vmsnap copying into ``to``) once its copy runs; QEMU's job for ``disk`` (its
+    block-stream) must go on without it, the VM running."""
+    try:
+        deadline = time.monotonic() + 60
+        while json.loads((to / STATE).read_text())["status"] != "streaming":
+            assert child.poll() is None, child.stderr.read() if child.stderr else ""
+            assert time.monotonic() < deadline, "the copy never started"
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)  # vmsnap dies mid-copy
+        child.wait()
+    with QMPMonitor(qmp_socket).connect() as qmp:
+        assert qmp.status() == "running"
+        job = qmp.job(JOB_PREFIX + disk)
+        assert job is not None and job.status == "running"  # QEMU's copy goes on without vmsnap
+
+
 def test_prepare_refuses_existing_images_and_resumes_its_own(
     backed_up_disk: BackedUpDisk, instant_run_dir: Path, tmp_path: Path
 ) -> None:
@@ -178,19 +196,7 @@ def test_instant_restore_of_the_lab_guest(lab_image: LabImage, instant_run_dir: 
             [sys.executable, "-c", STREAM_IN_A_CHILD, str(to), str(guest.qmp_socket), str(1024 * 1024)],
             stderr=subprocess.PIPE,
         )
-        try:
-            deadline = time.monotonic() + 60
-            while json.loads((to / STATE).read_text())["status"] != "streaming":
-                assert child.poll() is None, child.stderr.read() if child.stderr else ""
-                assert time.monotonic() < deadline, "the stream never started"
-                time.sleep(0.05)
-        finally:
-            child.send_signal(signal.SIGKILL)  # vmsnap dies mid-copy
-            child.wait()
-        with QMPMonitor(guest.qmp_socket).connect() as qmp:
-            assert qmp.status() == "running"
-            job = qmp.job(JOB_PREFIX + "data")
-            assert job is not None and job.status == "running"
+        kill_mid_copy(child, to, guest.qmp_socket, "data")
         assert guest.agent.is_responding()
         guest.sh("mkdir -p /mnt/r && mount -o ro,noload /dev/disk/by-id/virtio-restored /mnt/r")
         assert sha256sums(guest, "/mnt/r") == want  # read from the backup while the copy still runs
