@@ -1,4 +1,5 @@
-"""Strategies and transports by name: entry points in groups ``vmsnap.strategies`` / ``vmsnap.transports``.
+"""Plugins by name: entry points in groups ``vmsnap.strategies``, ``vmsnap.transports``, ``vmsnap.layouts``
+(repository layouts) and ``vmsnap.stores`` (stores, by URL scheme).
 
 Entry points are import strings loaded only when a name is asked for, so a plugin whose optional
 dependency is missing breaks nobody else; a typo gets the list of names that exist.
@@ -13,6 +14,8 @@ from vmsnap.errors import PluginError
 
 STRATEGY_GROUP = "vmsnap.strategies"
 TRANSPORT_GROUP = "vmsnap.transports"
+LAYOUT_GROUP = "vmsnap.layouts"
+STORE_GROUP = "vmsnap.stores"
 
 
 def _entry_points(group: str) -> dict[str, EntryPoint]:

@@ -57,6 +57,7 @@ from vmsnap.errors import UsageError
 from vmsnap.jobs.toml_lines import KeyLines, TablePath
 from vmsnap.model import validate_name
 from vmsnap.repo.retention import POLICY_KEYS, RetentionPolicy
+from vmsnap.repo.stores import is_url, known_url, url_forms
 from vmsnap.vm.hosts import HostSpec
 
 DEFAULT_METRICS_DIR = Path("/var/lib/prometheus/node-exporter")
@@ -327,10 +328,13 @@ class _Parser:
                 f"{_source(self.path)}, line 1: repository is missing",
                 hint='add repository = "/backups" (or "s3://bucket/prefix") at the top',
             )
-        if "://" in repository:
-            if not repository.startswith("s3://") or len(repository) <= len("s3://"):
+        if is_url(repository):
+            if not known_url(repository):
                 raise self.fail(
-                    top, "repository", f"unsupported repository URL {repository!r}", "use a path or s3://"
+                    top,
+                    "repository",
+                    f"unsupported repository URL {repository!r}",
+                    f"use a path or {url_forms()}",
                 )
         else:
             repository = str(self.local_path(top, "repository", repository))

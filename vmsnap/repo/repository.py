@@ -224,10 +224,9 @@ def _create(
         found = _read_marker(store, location)
         assert found is not None
         return _created_meanwhile(found, location, exclusive)
-    check_conditional_writes = getattr(store, "check_conditional_writes", None)
-    if check_conditional_writes is not None:
+    if store.capabilities.conditional_put == "server":
         try:  # (after the marker: its probe object must not make a racing creator think the store is used)
-            check_conditional_writes()  # an object store that ignores If-None-Match would break the leases
+            store.check_conditional_writes()  # a server that ignores If-None-Match would break the leases
         except VmsnapError:
             store.delete(MARKER)
             raise

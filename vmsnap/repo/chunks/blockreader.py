@@ -128,7 +128,5 @@ def open_reader(*, repo: str, vm: str, backup: str, disk: str, key_file: str = "
         manifest = repository.get(vm, backup)
         index = repository.index(manifest, disk)
     finally:
-        close = getattr(repository.store, "close", None)
-        if close is not None:  # no connection pool crosses nbdkit's fork
-            close()
+        repository.store.close()  # no connection pool crosses nbdkit's fork
     return ChunkDiskReader(repo, key_file, index, f"{vm}/{backup}/{disk}")
