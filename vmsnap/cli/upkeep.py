@@ -11,7 +11,9 @@ from vmsnap.cli.common import Command, add_key_option, add_repo_option, emit, mi
 from vmsnap.cli.progress import disk_progress
 from vmsnap.errors import ChainError, ChecksumMismatchError, RepositoryError, UsageError
 from vmsnap.repo.copy import copy_backups
+from vmsnap.repo.layout import layout_names
 from vmsnap.repo.manifest import Damaged, Manifest
+from vmsnap.repo.marker import COMPRESSIONS, DEFAULT_LAYOUT
 from vmsnap.repo.repository import Repository
 from vmsnap.repo.retention import RetentionPolicy
 
@@ -45,13 +47,16 @@ def _init_arguments(parser: argparse.ArgumentParser) -> None:
     add_repo_option(parser)
     parser.add_argument(
         "--layout",
-        choices=("chunks", "qcow2"),
-        default="chunks",
+        choices=layout_names(),
+        default=DEFAULT_LAYOUT,
         help="chunks: deduplicated, compressed, optionally encrypted (default); qcow2: plain qcow2 chains",
     )
     parser.add_argument("--encrypt", action="store_true", help="encrypt (chunks only): AES-256-GCM")
     parser.add_argument(
-        "--compression", choices=("zstd", "none"), default="zstd", help="chunk compression (default zstd)"
+        "--compression",
+        choices=COMPRESSIONS,
+        default=COMPRESSIONS[0],
+        help="chunk compression (default zstd)",
     )
     add_key_option(parser, what="with --encrypt: the key file, created 0600 when missing")
 

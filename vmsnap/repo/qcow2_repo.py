@@ -49,9 +49,11 @@ from vmsnap.repo.manifest import (
     read_manifest,
     utc_now_iso,
 )
+from vmsnap.repo.marker import RepoMarker
 from vmsnap.repo.progress import DiskProgress, Transfer, no_progress
 from vmsnap.repo.qcow2_layout import DELETING_PREFIX, PARTIAL_PREFIX, Qcow2Layout
 from vmsnap.repo.reports import PUSH_TRANSPORT, GcReport, RestoredDisk, VerifyReport, WrittenDisk
+from vmsnap.repo.stores.base import Store
 from vmsnap.repo.verify import choose_reader, verify_backups
 from vmsnap.runner import LocalRunner, Runner
 from vmsnap.transports.base import Transport
@@ -77,10 +79,35 @@ class Qcow2Repository(RepositoryLayout):
     reads_exports: ClassVar[bool] = False
     accepts_push: ClassVar[bool] = True
     chains: ClassVar[bool] = True
+    needs_directory: ClassVar[bool] = True
+    encrypts: ClassVar[bool] = False
+    chunk_size: ClassVar[int | None] = None
 
     def __init__(self, root: Path, *, runner: Runner | None = None) -> None:
         self._root = Path(root)
         self.runner: Runner = runner if runner is not None else LocalRunner()
+
+    @classmethod
+    def open_layout(
+        cls,
+        store: Store,
+        marker: RepoMarker,
+        *,
+        directory: Path | None,
+        location: Path | str,
+        key_file: Path | None,
+        runner: Runner | None,
+        state_root: Path | None,
+        lease_seconds: float | None,
+    ) -> Qcow2Repository:
+        """The repository in the directory ``directory`` (its files are used directly, not through
+        ``store``).
+
+        :raise RepositoryError: the store is no directory (an object store)
+        """
+        if directory is None:
+            raise RepositoryError(f"{location}: a qcow2-layout repository in an object store cannot be read")
+        return cls(directory, runner=runner)
 
     @property
     def root(self) -> Path:

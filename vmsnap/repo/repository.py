@@ -18,17 +18,14 @@ import json
 import os
 from pathlib import Path
 
-from vmsnap.errors import KeyFileError, NotFoundError, RepositoryError, UsageError, VmsnapError
-from vmsnap.files import make_private_dir, write_json_atomic
+from vmsnap.errors import NotFoundError, RepositoryError, UsageError, VmsnapError
+from vmsnap.files import make_private_dir
 from vmsnap.repo.chunks.keys import RepositoryKey, create_key_file, read_key_file
-from vmsnap.repo.chunks.leases import lease_seconds as default_lease_seconds
-from vmsnap.repo.chunks.repository import ChunksRepository
-from vmsnap.repo.layout import DEFINITION_FILE, BackupWriter, RepositoryLayout
+from vmsnap.repo.layout import DEFINITION_FILE, BackupWriter, RepositoryLayout, layout_class, layout_names
 from vmsnap.repo.manifest import Damaged, DiskRecord, Kind, Manifest, utc_now_iso
-from vmsnap.repo.marker import DEFAULT_LAYOUT, MARKER, RepoMarker, check_layout
+from vmsnap.repo.marker import DEFAULT_LAYOUT, MARKER, RepoMarker
 from vmsnap.repo.progress import DiskProgress
 from vmsnap.repo.qcow2_layout import DELETING_PREFIX
-from vmsnap.repo.qcow2_repo import Qcow2Repository
 from vmsnap.repo.reports import LayoutTraits, RestoredDisk
 from vmsnap.repo.stores import is_url, normalize_location, open_store
 from vmsnap.repo.stores.base import Store
@@ -96,8 +93,8 @@ class Repository:
                     hint="check --repo; `vmsnap init --repo …` or `vmsnap backup --repo DIR` (a new or empty "
                     "directory) creates one",
                 )
-            marker = _create(store, directory, location, RepoMarker.new(layout or DEFAULT_LAYOUT))
-        elif layout is not None and check_layout(layout) != marker.layout:
+            marker = _create(store, directory, location, layout_class(layout or DEFAULT_LAYOUT).new_marker())
+        elif layout is not None and layout_class(layout).name != marker.layout:
             raise RepositoryError(
                 f"repository {location} has layout {marker.layout}, not {layout}",
                 hint="choose another --repo for that layout, or leave --layout out",
@@ -129,7 +126,8 @@ class Repository:
             raise UsageError(
                 "--encrypt needs a key file", hint="pass --key-file FILE (or VMSNAP_KEY_FILE); it is created"
             )
-        RepoMarker.new(layout, compression=compression, key_id="0" * 32 if encrypt else None)  # checks
+        cls_ = layout_class(layout)
+        cls_.new_marker(compression=compression, key_id="0" * 32 if encrypt else None)  # checks
         store, directory = _store(location, create=True)
         if _read_marker(store, location) is not None:
             raise RepositoryError(
@@ -141,7 +139,7 @@ class Repository:
             assert path is not None
             made_key = not path.exists()
             key = create_key_file(path) if made_key else read_key_file(path)
-        marker = RepoMarker.new(layout, compression=compression, key_id=key.key_id if key else None)
+        marker = cls_.new_marker(compression=compression, key_id=key.key_id if key else None)
         try:
             marker = _create(store, directory, location, marker, exclusive=True)
         except RepositoryError:
@@ -164,8 +162,10 @@ class Repository:
                 marker = _read_marker(store, location)
             except (RepositoryError, NotFoundError):
                 marker = None
-        name = marker.layout if marker is not None else check_layout(layout or DEFAULT_LAYOUT)
-        return (ChunksRepository if name == "chunks" else Qcow2Repository).traits()
+        chosen = (
+            _layout_of(marker, location) if marker is not None else layout_class(layout or DEFAULT_LAYOUT)
+        )
+        return chosen.traits()
 
 
 def _store(location: Path | str, *, create: bool) -> tuple[Store, Path | None]:
@@ -191,7 +191,27 @@ def _read_marker(store: Store, location: Path | str) -> RepoMarker | None:
         raw = store.get(MARKER)
     except NotFoundError:
         return None
-    return RepoMarker.from_bytes(raw, where=f"{location}/{MARKER}")
+    marker = RepoMarker.from_bytes(raw, where=f"{location}/{MARKER}")
+    try:
+        return _layout_of(marker, location).accept_marker(marker)
+    except ValueError as err:
+        raise RepositoryError(
+            f"{location}/{MARKER} is damaged: {err}", hint="restore the marker from a copy of the repository"
+        ) from err
+
+
+def _layout_of(marker: RepoMarker, location: Path | str) -> type[RepositoryLayout]:
+    """The class of the marker's layout.
+
+    :raise RepositoryError: a layout this vmsnap does not know (a plugin that is not installed)
+    """
+    try:
+        return layout_class(marker.layout)
+    except UsageError as err:
+        raise RepositoryError(
+            f"repository {location} has layout {marker.layout!r}, which this vmsnap does not know",
+            hint=f"install the package that provides it (layouts here: {', '.join(layout_names())})",
+        ) from err
 
 
 def _create(
@@ -202,6 +222,7 @@ def _create(
     creators exactly one writes the marker (``put(if_absent)``).
 
     :raise RepositoryError: the store or directory holds other data, or (``exclusive``) a repository
+    :raise UsageError: a layout that keeps plain files, in an object store
     """
     empty = not any(True for _ in store.list("")) if directory is None else not any(directory.iterdir())
     if not empty:
@@ -212,14 +233,13 @@ def _create(
                 hint="choose a new or empty directory (or S3 prefix) for --repo",
             )
         return _created_meanwhile(found, location, exclusive)
-    if marker.layout == "qcow2":
-        if directory is None:
-            raise UsageError(
-                "the qcow2 layout keeps plain files: it needs a directory, not an object store",
-                hint="use --layout chunks for s3:// repositories",
-            )
-        write_json_atomic(directory / MARKER, marker.to_json())
-        return marker
+    cls = _layout_of(marker, location)
+    if cls.needs_directory and directory is None:
+        anywhere = [n for n in layout_names() if not layout_class(n).needs_directory]
+        raise UsageError(
+            f"the {cls.name} layout keeps plain files: it needs a directory, not an object store",
+            hint=f"use --layout {' or '.join(anywhere) or '(none installed)'} for URLs",
+        )
     if not store.put(MARKER, json.dumps(marker.to_json(), indent=1).encode() + b"\n", if_absent=True):
         found = _read_marker(store, location)
         assert found is not None
@@ -252,28 +272,13 @@ def _instance(
     state_root: Path | None,
     lease_seconds: float | None,
 ) -> RepositoryLayout:
-    if marker.layout == "qcow2":
-        if directory is None:
-            raise RepositoryError(f"{location}: a qcow2-layout repository in an object store cannot be read")
-        return Qcow2Repository(directory, runner=runner)
-    key: RepositoryKey | None = None
-    problem: KeyFileError | None = None
-    path = key_file_path(key_file)
-    if marker.key_id is not None:
-        if path is None:
-            problem = KeyFileError(
-                f"repository {location} is encrypted and no key file was given",
-                hint="pass its key file with --key-file or VMSNAP_KEY_FILE",
-            )
-        else:
-            key = read_key_file(path, expected_key_id=marker.key_id)
-    return ChunksRepository(
+    return _layout_of(marker, location).open_layout(
         store,
         marker,
-        key=key,
-        key_file=path if key is not None else None,
-        key_problem=problem,
+        directory=directory,
+        location=location,
+        key_file=key_file_path(key_file),
         runner=runner,
         state_root=state_root,
-        lease_seconds=lease_seconds if lease_seconds is not None else default_lease_seconds(),
+        lease_seconds=lease_seconds,
     )

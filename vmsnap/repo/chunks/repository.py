@@ -33,13 +33,14 @@ from vmsnap.errors import (
 from vmsnap.files import make_private_dir
 from vmsnap.image.sources import BackupSource, ReaderSource
 from vmsnap.model import validate_name
-from vmsnap.repo.chunks.blob import ChunkCodec, ChunkId, chunk_key
+from vmsnap.repo.chunks.blob import CHUNK_SIZE, ChunkCodec, ChunkId, chunk_key
 from vmsnap.repo.chunks.check import verify_chunks
 from vmsnap.repo.chunks.gc import collect
 from vmsnap.repo.chunks.index import ChunkIndex, decode_index
-from vmsnap.repo.chunks.keys import RepositoryKey
+from vmsnap.repo.chunks.keys import RepositoryKey, read_key_file
 from vmsnap.repo.chunks.known import drop_known_caches, list_chunk_ids, read_generation
 from vmsnap.repo.chunks.leases import GC_KEY, LEASE_SECONDS, READERS, Lease, Leases, writer_key
+from vmsnap.repo.chunks.leases import lease_seconds as default_lease_seconds
 from vmsnap.repo.chunks.pipeline import DEFAULT_WORKERS
 from vmsnap.repo.chunks.records import (
     VMS,
@@ -90,6 +91,9 @@ class ChunksRepository(RepositoryLayout):
     reads_exports: ClassVar[bool] = True
     accepts_push: ClassVar[bool] = False
     chains: ClassVar[bool] = False
+    needs_directory: ClassVar[bool] = False
+    encrypts: ClassVar[bool] = True
+    chunk_size: ClassVar[int | None] = CHUNK_SIZE
 
     def __init__(
         self,
@@ -114,6 +118,45 @@ class ChunksRepository(RepositoryLayout):
         self.leases = Leases(store, ttl=lease_seconds)
         self._workers = workers
         self._held: dict[str, tuple[Lease, str]] = {}
+
+    @classmethod
+    def open_layout(
+        cls,
+        store: Store,
+        marker: RepoMarker,
+        *,
+        directory: Path | None,
+        location: Path | str,
+        key_file: Path | None,
+        runner: Runner | None,
+        state_root: Path | None,
+        lease_seconds: float | None,
+    ) -> ChunksRepository:
+        """The repository in ``store``; an encrypted one's key file is read and checked against the marker
+        now (a missing one is refused only when something must be decrypted or authenticated).
+
+        :raise KeyFileError: the key file is not this repository's key, or cannot be read
+        """
+        key: RepositoryKey | None = None
+        problem: KeyFileError | None = None
+        if marker.key_id is not None:
+            if key_file is None:
+                problem = KeyFileError(
+                    f"repository {location} is encrypted and no key file was given",
+                    hint="pass its key file with --key-file or VMSNAP_KEY_FILE",
+                )
+            else:
+                key = read_key_file(key_file, expected_key_id=marker.key_id)
+        return cls(
+            store,
+            marker,
+            key=key,
+            key_file=key_file if key is not None else None,
+            key_problem=problem,
+            runner=runner,
+            state_root=state_root,
+            lease_seconds=lease_seconds if lease_seconds is not None else default_lease_seconds(),
+        )
 
     # -- what the writer and the helpers use --------------------------------------------------------
 
