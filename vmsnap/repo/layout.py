@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import ClassVar, Literal, Protocol
 
 from vmsnap.errors import NotFoundError, PluginError, UsageError
+from vmsnap.image.digest import ChunkDigests
 from vmsnap.image.sources import BackupSource
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
 from vmsnap.registry import LAYOUT_GROUP, load, names
@@ -35,6 +36,7 @@ from vmsnap.repo.marker import COMPRESSIONS, RepoMarker
 from vmsnap.repo.progress import DiskProgress, Transfer, no_progress
 from vmsnap.repo.prune import plan_policy, plan_retention
 from vmsnap.repo.reports import (
+    CopiedBackup,
     GcReport,
     LayoutTraits,
     PruneResult,
@@ -287,6 +289,16 @@ class RepositoryLayout(abc.ABC):
         :raise RepositoryError: what the disk needs (a parent, an index) is missing or damaged
         """
 
+    def chunk_digests(self, manifest: Manifest, disk: str) -> ChunkDigests | None:
+        """The sha256 of each 4 MiB chunk of a backup disk's content as the layout keeps them (checked
+        against the manifest), for whoever reads an image :meth:`disk_source` serves, which checks nothing
+        itself; None when the layout keeps no such digests (its reader sources check what they read).
+
+        :raise NotFoundError: the backup has no such disk
+        :raise RepositoryError: the digests are missing or damaged
+        """
+        return None
+
     # -- the VM's lock, its journal and its change tracking -----------------------------------------
 
     @abc.abstractmethod
@@ -413,6 +425,19 @@ class RepositoryLayout(abc.ABC):
                 for backup_id in reversed(plan.removed):
                     self.delete_backup(vm, backup_id)
             return plan
+
+    @abc.abstractmethod
+    def copy_in(
+        self, source: RepositoryLayout, manifest: Manifest, *, progress: DiskProgress = no_progress
+    ) -> CopiedBackup:
+        """Write the backup ``manifest`` of ``source`` (a repository of any layout, read only through this
+        interface) into this repository under its id, every byte checked; a copy is never the parent of a
+        later incremental here (its ``bitmap`` is null). Nothing of it is kept when it fails. The caller
+        (:func:`~vmsnap.repo.copy.copy_backups`) holds this repository's lock on the VM and a reader lease
+        on ``source``.
+
+        :raise ChecksumMismatchError: source content that does not check out
+        """
 
     @abc.abstractmethod
     def gc(self, *, wait: float = 0.0, dry_run: bool = False) -> GcReport:

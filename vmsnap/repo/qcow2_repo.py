@@ -29,7 +29,15 @@ from vmsnap.errors import (
     UsageError,
     VmsnapError,
 )
-from vmsnap.files import DIR_MODE, FILE_MODE, fsync_dir, fsync_file, make_private_dir, write_json_atomic
+from vmsnap.files import (
+    DIR_MODE,
+    FILE_MODE,
+    fsync_dir,
+    fsync_file,
+    make_private_dir,
+    write_atomic,
+    write_json_atomic,
+)
 from vmsnap.image.digest import ChunkDigests
 from vmsnap.image.sources import BackupSource, ImageSource
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
@@ -52,7 +60,14 @@ from vmsnap.repo.manifest import (
 from vmsnap.repo.marker import RepoMarker
 from vmsnap.repo.progress import DiskProgress, Transfer, no_progress
 from vmsnap.repo.qcow2_layout import DELETING_PREFIX, PARTIAL_PREFIX, Qcow2Layout
-from vmsnap.repo.reports import PUSH_TRANSPORT, GcReport, RestoredDisk, VerifyReport, WrittenDisk
+from vmsnap.repo.reports import (
+    PUSH_TRANSPORT,
+    CopiedBackup,
+    GcReport,
+    RestoredDisk,
+    VerifyReport,
+    WrittenDisk,
+)
 from vmsnap.repo.stores.base import Store
 from vmsnap.repo.verify import choose_reader, verify_backups
 from vmsnap.runner import LocalRunner, Runner
@@ -394,6 +409,48 @@ class Qcow2Repository(RepositoryLayout):
     def gc(self, *, wait: float = 0.0, dry_run: bool = False) -> GcReport:
         """Nothing to collect: a qcow2 backup's files go with the backup. Returns an empty report."""
         return GcReport(0, 0, 0, dry_run=dry_run)
+
+    # -- copy ----------------------------------------------------------------------------------------
+
+    def copy_in(
+        self, source: RepositoryLayout, manifest: Manifest, *, progress: DiskProgress = no_progress
+    ) -> CopiedBackup:
+        """A standalone full backup of ``manifest``: each disk restored from ``source`` (whatever its
+        layout: its restore checks every byte) into this repository's staging, then digested and sealed
+        like any backup here."""
+        vm, backup_id = manifest.vm, manifest.backup_id
+        self.discard_backup(vm, backup_id)  # what a copy that died left
+        staging = self.stage(vm, backup_id)
+        try:
+            records = []
+            for record in manifest.disks:
+                _, (restored,) = source.restore(
+                    vm, backup_id, staging, disks=[record.name], progress=progress
+                )
+                image = Path(restored.path)
+                digest = self.digest_staged(staging, record.name, record.virtual_size)
+                written = image.stat().st_blocks * 512
+                records.append(DiskRecord(record.name, image.name, record.virtual_size, written, digest))
+            definition = source.definition(manifest)
+            if definition is not None:
+                write_atomic(staging / DEFINITION_FILE, definition.encode("utf-8"))
+            copied = Manifest(
+                vm=vm,
+                backup_id=backup_id,
+                kind="full",
+                parent=None,
+                strategy=manifest.strategy,
+                transport=manifest.transport,
+                created=manifest.created,
+                quiesced=manifest.quiesced,
+                bitmap=None,
+                disks=tuple(records),
+            )
+            self.commit(staging, copied)
+        except BaseException:
+            self.discard(staging)
+            raise
+        return CopiedBackup(vm, backup_id, True, 0, sum(r.bytes_written for r in records))
 
 
 class Qcow2Writer:

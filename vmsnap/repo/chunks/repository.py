@@ -35,6 +35,7 @@ from vmsnap.image.sources import BackupSource, ReaderSource
 from vmsnap.model import validate_name
 from vmsnap.repo.chunks.blob import CHUNK_SIZE, ChunkCodec, ChunkId, chunk_key
 from vmsnap.repo.chunks.check import verify_chunks
+from vmsnap.repo.chunks.copy import copy_into
 from vmsnap.repo.chunks.gc import collect
 from vmsnap.repo.chunks.index import ChunkIndex, decode_index
 from vmsnap.repo.chunks.keys import RepositoryKey, read_key_file
@@ -59,7 +60,7 @@ from vmsnap.repo.layout import RepositoryLayout, RestoreFormat, VerifyReader, di
 from vmsnap.repo.manifest import MANIFEST, Damaged, Manifest, next_backup_id, utc_now_iso
 from vmsnap.repo.marker import RepoMarker
 from vmsnap.repo.progress import DiskProgress, no_progress
-from vmsnap.repo.reports import GcReport, RestoredDisk, VerifyReport
+from vmsnap.repo.reports import CopiedBackup, GcReport, RestoredDisk, VerifyReport
 from vmsnap.repo.state import RepositoryState
 from vmsnap.repo.stores import is_url
 from vmsnap.repo.stores.base import Store
@@ -574,6 +575,15 @@ class ChunksRepository(RepositoryLayout):
 
     def gc(self, *, wait: float = 0.0, dry_run: bool = False) -> GcReport:
         return collect(self, wait=wait, dry_run=dry_run)
+
+    def copy_in(
+        self, source: RepositoryLayout, manifest: Manifest, *, progress: DiskProgress = no_progress
+    ) -> CopiedBackup:
+        """Copy a backup of ``source`` in (see :mod:`vmsnap.repo.chunks.copy`): from another chunks
+        repository only the chunks this one lacks, checked; from any other layout its disks read through
+        the pipeline, each chunk checked."""
+        chunks_source = source if isinstance(source, ChunksRepository) else None
+        return copy_into(self, source, manifest, progress, chunks_source=chunks_source)
 
     def present_chunks(self) -> set[ChunkId]:
         """The ids of every chunk in the store (one listing)."""
