@@ -196,8 +196,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         for r in results
     ]
     payload = {"dry_run": args.dry_run, "pruned": [attrs.asdict(r) for r in results]}
-    if not args.dry_run and repo.name == "chunks":
-        human.append("the chunks only these backups used are freed by `vmsnap gc`")
+    if not args.dry_run and repo.collects:
+        human.append("the data only these backups used is freed by `vmsnap gc`")
     emit(args, payload, "\n".join(human) or f"no backups in {repo.location}")
     return 0
 

@@ -129,6 +129,8 @@ class RepositoryLayout(abc.ABC):
     :cvar encrypts: a repository of this layout can be encrypted
     :cvar chunk_size: the size its content is cut into (the marker's ``chunk_size``, with a
         ``compression``), or None when it cuts nothing (then the marker has neither)
+    :cvar collects: removing a backup can leave data other backups shared (chunks) that only :meth:`gc`
+        frees; False: a backup's data goes with it
     """
 
     name: ClassVar[str]
@@ -138,6 +140,7 @@ class RepositoryLayout(abc.ABC):
     needs_directory: ClassVar[bool] = False
     encrypts: ClassVar[bool] = False
     chunk_size: ClassVar[int | None] = None
+    collects: ClassVar[bool] = False
 
     @classmethod
     def traits(cls) -> LayoutTraits:

@@ -97,6 +97,7 @@ class Qcow2Repository(RepositoryLayout):
     needs_directory: ClassVar[bool] = True
     encrypts: ClassVar[bool] = False
     chunk_size: ClassVar[int | None] = None
+    collects: ClassVar[bool] = False
 
     def __init__(self, root: Path, *, runner: Runner | None = None) -> None:
         self._root = Path(root)

@@ -95,6 +95,7 @@ class ChunksRepository(RepositoryLayout):
     needs_directory: ClassVar[bool] = False
     encrypts: ClassVar[bool] = True
     chunk_size: ClassVar[int | None] = CHUNK_SIZE
+    collects: ClassVar[bool] = True
 
     def __init__(
         self,
