@@ -33,6 +33,7 @@ import attrs
 
 from vmsnap.errors import NotFoundError, RepositoryError, UsageError
 from vmsnap.image.digest import ALGORITHM
+from vmsnap.image.geometry import CHUNK_SIZE
 from vmsnap.model import validate_name
 
 QCOW2_FORMAT = 1
@@ -45,7 +46,8 @@ FORMAT_LAYOUTS = {QCOW2_FORMAT: "qcow2", CHUNKS_FORMAT: "chunks"}
 """The layout whose manifests have each format (what a manifest's ``layout`` says)."""
 INDEX_DIGEST = "sha256-index"
 """The ``digest`` of a format-2 manifest: each disk's sha256 is that of its index file."""
-INDEX_CHUNK_SIZE = 4 * 1024 * 1024
+INDEX_CHUNK_SIZE = CHUNK_SIZE
+"""The chunk size a format-2 manifest says (:data:`vmsnap.image.geometry.CHUNK_SIZE`)."""
 MANIFEST = "manifest.json"
 CHUNKS_SUFFIX = ".chunks"
 INDEX_SUFFIX = ".index"

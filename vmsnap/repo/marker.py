@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 
 from vmsnap.errors import RepositoryError, UsageError
-from vmsnap.image.digest import CHUNK_SIZE
+from vmsnap.image.geometry import CHUNK_SIZE
 
 MARKER = "vmsnap-repo.json"
 FORMAT = 2

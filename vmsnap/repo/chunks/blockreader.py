@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from vmsnap.errors import DamagedChunkError, UsageError
-from vmsnap.repo.chunks.blob import CHUNK_SIZE, chunk_key
+from vmsnap.image.geometry import CHUNK_SIZE
+from vmsnap.repo.chunks.blob import chunk_key
 from vmsnap.repo.chunks.index import ChunkIndex
 
 CACHED_CHUNKS = 8

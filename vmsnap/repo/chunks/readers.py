@@ -17,28 +17,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import attrs
-
 from vmsnap.errors import NotFoundError, TransferError, UsageError
-from vmsnap.image.nbd import QemuNbdServer, extents, nbd_connection, pread
+from vmsnap.image.geometry import Extent as Extent
+from vmsnap.image.nbd import DIRTY, STATE_ZERO, QemuNbdServer, extents, nbd_connection, pread
 from vmsnap.image.readers import BlockReader, ExtentReader
 from vmsnap.model import ExportSource
 from vmsnap.runner import LocalRunner, Runner
 
-STATE_ZERO = 2  # base:allocation: the extent reads as zeros (the hole bit alone does not say that)
-DIRTY = 1  # qemu:dirty-bitmap:NAME: the extent changed since the bitmap was created
 DEFAULT_CONNECTIONS = 4
 QEMU_NBD_CLIENTS = 8
 """Clients a :class:`~vmsnap.image.io.QemuNbdServer` accepts (``--shared=8``); more are never opened."""
-
-
-@attrs.frozen
-class Extent:
-    """A range of the disk: ``zero`` when it is known to read as zeros (a hole or a zeroed range)."""
-
-    offset: int
-    length: int
-    zero: bool
 
 
 @runtime_checkable

@@ -31,9 +31,10 @@ from vmsnap.errors import (
     VmsnapError,
 )
 from vmsnap.files import make_private_dir
+from vmsnap.image.geometry import CHUNK_SIZE
 from vmsnap.image.sources import BackupSource, ReaderSource
 from vmsnap.model import validate_name
-from vmsnap.repo.chunks.blob import CHUNK_SIZE, ChunkCodec, ChunkId, chunk_key
+from vmsnap.repo.chunks.blob import ChunkCodec, ChunkId, chunk_key
 from vmsnap.repo.chunks.check import verify_chunks
 from vmsnap.repo.chunks.copy import copy_into
 from vmsnap.repo.chunks.gc import collect
