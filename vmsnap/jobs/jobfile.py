@@ -230,11 +230,6 @@ class JobConfig:
     ssh_config: Path | None = None
     lines: KeyLines | None = attrs.field(default=None, eq=False, repr=False)
 
-    @property
-    def repository_path(self) -> Path | None:
-        """The repository directory, or None for a URL (``s3://``)."""
-        return None if "://" in self.repository else Path(self.repository)
-
     def where(self, line: int) -> str:
         """``job file /etc/vmsnap/nightly.toml, line 12`` for messages."""
         return f"{_source(self.path)}, line {line}"
