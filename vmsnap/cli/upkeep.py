@@ -7,11 +7,21 @@ from typing import Any
 
 import attrs
 
-from vmsnap.cli.common import Command, add_key_option, add_repo_option, emit, mib, render_table
+from vmsnap.cli.common import (
+    Command,
+    add_as_of_option,
+    add_key_option,
+    add_repo_option,
+    as_of_location,
+    emit,
+    mib,
+    render_table,
+)
 from vmsnap.cli.progress import disk_progress
 from vmsnap.errors import ChainError, ChecksumMismatchError, RepositoryError, UsageError
 from vmsnap.repo.copy import copy_backups
 from vmsnap.repo.layout import layout_names
+from vmsnap.repo.locking import LockPolicy
 from vmsnap.repo.manifest import Damaged, Manifest
 from vmsnap.repo.marker import COMPRESSIONS, DEFAULT_LAYOUT
 from vmsnap.repo.repository import Repository
@@ -26,12 +36,18 @@ def cmd_init(args: argparse.Namespace) -> int:
     """Create a repository (chunks by default); with --encrypt, its key file too (0600) when missing."""
     if args.encrypt and args.key_file is None:
         raise UsageError("--encrypt needs --key-file FILE", hint="the key is written there (0600) if missing")
+    lock = None
+    if args.lock_days is not None:
+        lock = LockPolicy.of(args.lock_days, args.lock_mode or "compliance", args.lock_extend_days)
+    elif args.lock_mode is not None or args.lock_extend_days is not None:
+        raise UsageError("--lock-mode and --lock-extend-days need --lock-days N", hint="e.g. --lock-days 30")
     repo = Repository.init(
         args.repo,
         layout=args.layout,
         encrypt=args.encrypt,
         key_file=args.key_file,
         compression=args.compression,
+        lock=lock,
     )
     human = f"created a {repo.name} repository at {repo.location}" + (
         f", encrypted with the key in {args.key_file}: keep a copy of it elsewhere — without it the backups "
@@ -39,7 +55,18 @@ def cmd_init(args: argparse.Namespace) -> int:
         if args.encrypt
         else ""
     )
-    emit(args, {"repo": str(repo.location), "layout": repo.name, "encrypted": bool(args.encrypt)}, human)
+    if lock is not None:
+        human += (
+            f"; locked ({lock.describe()}): what a backup writes cannot be deleted or overwritten for "
+            f"{lock.days:g} day(s), chunks for {lock.days + lock.extend_days:g}"
+        )
+    payload = {
+        "repo": str(repo.location),
+        "layout": repo.name,
+        "encrypted": bool(args.encrypt),
+        "lock": lock.to_json() if lock is not None else None,
+    }
+    emit(args, payload, human)
     return 0
 
 
@@ -59,6 +86,24 @@ def _init_arguments(parser: argparse.ArgumentParser) -> None:
         help="chunk compression (default zstd)",
     )
     add_key_option(parser, what="with --encrypt: the key file, created 0600 when missing")
+    parser.add_argument(
+        "--lock-days",
+        metavar="N",
+        help="lock what every backup writes for N days (S3 Object Lock: nobody can delete or overwrite it, "
+        "not even with the host's credentials); the bucket needs Object Lock",
+    )
+    parser.add_argument(
+        "--lock-mode",
+        metavar="MODE",
+        help="compliance (default: nobody can lift a lock) or governance (an identity allowed to bypass "
+        "locks can)",
+    )
+    parser.add_argument(
+        "--lock-extend-days",
+        metavar="M",
+        help="chunks are locked M days longer, so a reused chunk's lock is extended at most every M days "
+        "(default: N, at most 7)",
+    )
 
 
 # -- list ---------------------------------------------------------------------------------------------------
@@ -72,7 +117,7 @@ def _listed(manifest: Manifest) -> dict[str, Any]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """List the backups in --repo (of one VM with --vm), oldest first; exit 1 if a manifest is damaged."""
-    repo = Repository.open(args.repo, key_file=args.key_file)
+    repo = Repository.open(as_of_location(args.repo, args.as_of) or args.repo, key_file=args.key_file)
     damaged: list[Damaged] = []
     backups = repo.backups(args.vm, damaged=damaged)
     if args.vm is not None and not backups and not damaged:
@@ -113,6 +158,7 @@ def _list_arguments(parser: argparse.ArgumentParser) -> None:
     add_repo_option(parser)
     parser.add_argument("--vm", metavar="NAME", help="only this VM")
     add_key_option(parser)
+    add_as_of_option(parser)
 
 
 # -- verify -------------------------------------------------------------------------------------------------
@@ -120,7 +166,7 @@ def _list_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Re-read backups and check every checksum, chunk and chain link; exit 1 naming the first problem."""
-    repo = Repository.open(args.repo, key_file=args.key_file)
+    repo = Repository.open(as_of_location(args.repo, args.as_of) or args.repo, key_file=args.key_file)
     with disk_progress(not args.json) as progress:
         report = repo.verify(args.vm, args.backup, reader=args.reader, fast=args.fast, progress=progress)
     payload = {
@@ -191,8 +237,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     human = [
         f"{r.vm}: {verb} {len(r.removed)}, kept {len(r.kept)}"
         + (f" (+{len(r.needed)} parent(s) they need)" if r.needed else "")
+        + (f", {len(r.locked)} still locked" if r.locked else "")
         + "".join(f"\n  keep {b}  ({r.reasons.get(b, '')})" for b in r.kept)
         + "".join(f"\n  {verb} {b}" for b in r.removed)
+        + "".join(f"\n  locked {b}: removable from {until}" for b, until in sorted(r.locked.items()))
         for r in results
     ]
     payload = {"dry_run": args.dry_run, "pruned": [attrs.asdict(r) for r in results]}
@@ -220,6 +268,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
     human = (
         f"{verb} {report.chunks_freed} chunk(s), {mib(report.bytes_freed)}; {report.chunks_kept} in use"
         + (f"; removed {len(report.partial_backups)} unfinished backup(s)" if report.partial_backups else "")
+        + (f"; {report.versions_freed} object version(s) deleted for good" if report.versions_freed else "")
+        + (
+            f"; {report.locked_versions} version(s) ({mib(report.locked_bytes)}) kept while locked, "
+            f"the first until {report.next_unlock}"
+            if report.locked_versions
+            else ""
+        )
     )
     emit(args, report.to_json(), human)
     return 0
@@ -245,7 +300,9 @@ def cmd_copy(args: argparse.Namespace) -> int:
     """Copy backups between repositories of either layout, sending only the chunks the target lacks."""
     if args.backup is not None and args.vm is None:
         raise UsageError("--backup needs --vm", hint="name the VM whose backup to copy")
-    source = Repository.open(args.from_repo, key_file=args.key_file)
+    source = Repository.open(
+        as_of_location(args.from_repo, args.as_of) or args.from_repo, key_file=args.key_file
+    )
     target = Repository.open(args.to_repo, create=True, key_file=args.to_key_file or args.key_file)
     with disk_progress(not args.json) as progress:
         report = copy_backups(source, target, vm=args.vm, backup_id=args.backup, progress=progress)
@@ -276,6 +333,7 @@ def _copy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backup", metavar="ID", help="only this backup (with --vm)")
     add_key_option(parser, what="key file of an encrypted source (and target, unless --to-key-file)")
     add_key_option(parser, flag="--to-key-file", what="key file of an encrypted target with another key")
+    add_as_of_option(parser, what="the source (--from)")
 
 
 COMMANDS = (
@@ -285,6 +343,7 @@ COMMANDS = (
         "vmsnap init --repo /backups --encrypt --key-file /etc/vmsnap/key",
         cmd_init,
         _init_arguments,
+        more_examples=("vmsnap init --repo s3://locked-bucket/vmsnap --lock-days 30 --lock-mode compliance",),
     ),
     Command(
         "list",
@@ -292,6 +351,7 @@ COMMANDS = (
         "vmsnap list --repo /backups --vm web1 --json",
         cmd_list,
         _list_arguments,
+        more_examples=("vmsnap list --repo s3://bucket/vmsnap --as-of 2026-12-07T21:30:00Z",),
     ),
     Command(
         "verify",
@@ -320,6 +380,9 @@ COMMANDS = (
         "vmsnap copy --from /backups --to s3://offsite/vmsnap --vm web1",
         cmd_copy,
         _copy_arguments,
+        more_examples=(
+            "vmsnap copy --from s3://attacked/vmsnap --as-of 2026-12-07T21:30:00Z --to s3://fresh/vmsnap",
+        ),
     ),
 )
 """The upkeep commands, in the order ``vmsnap --help`` lists them."""

@@ -31,6 +31,7 @@ from vmsnap.image.digest import ChunkDigests
 from vmsnap.image.sources import BackupSource
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
 from vmsnap.registry import LAYOUT_GROUP, load, names
+from vmsnap.repo.locking import LockPolicy
 from vmsnap.repo.manifest import Damaged, Kind, Manifest
 from vmsnap.repo.marker import COMPRESSIONS, RepoMarker
 from vmsnap.repo.progress import DiskProgress, Transfer, no_progress
@@ -131,6 +132,8 @@ class RepositoryLayout(abc.ABC):
         ``compression``), or None when it cuts nothing (then the marker has neither)
     :cvar collects: removing a backup can leave data other backups shared (chunks) that only :meth:`gc`
         frees; False: a backup's data goes with it
+    :cvar locks: a repository of this layout can be locked (S3 Object Lock: what its backups write cannot be
+        deleted or overwritten for a while), on a store that can lock objects
     """
 
     name: ClassVar[str]
@@ -141,6 +144,7 @@ class RepositoryLayout(abc.ABC):
     encrypts: ClassVar[bool] = False
     chunk_size: ClassVar[int | None] = None
     collects: ClassVar[bool] = False
+    locks: ClassVar[bool] = False
 
     @classmethod
     def traits(cls) -> LayoutTraits:
@@ -148,12 +152,22 @@ class RepositoryLayout(abc.ABC):
         return LayoutTraits(cls.name, cls.reads_exports, cls.accepts_push)
 
     @classmethod
-    def new_marker(cls, *, compression: str = "zstd", key_id: str | None = None) -> RepoMarker:
+    def new_marker(
+        cls, *, compression: str = "zstd", key_id: str | None = None, lock: LockPolicy | None = None
+    ) -> RepoMarker:
         """The marker of a new repository of this layout.
 
         :param key_id: the key's fingerprint, for an encrypted repository
-        :raise UsageError: an unknown compression, or encryption in a layout that cannot be encrypted
+        :param lock: the lock policy of a locked repository
+        :raise UsageError: an unknown compression, encryption in a layout that cannot be encrypted, or a
+            lock in one that cannot be locked
         """
+        if lock is not None and not cls.locks:
+            can = [n for n in layout_names() if layout_class(n).locks]
+            raise UsageError(
+                f"the {cls.name} layout cannot be locked",
+                hint=f"use --layout {' or '.join(can) or '(none installed)'} with --lock-days",
+            )
         if compression not in COMPRESSIONS:
             raise UsageError(f"unknown compression {compression!r}", hint=f"use {' or '.join(COMPRESSIONS)}")
         if key_id is not None and not cls.encrypts:
@@ -164,7 +178,9 @@ class RepositoryLayout(abc.ABC):
             )
         if cls.chunk_size is None:
             return RepoMarker.new(cls.name)
-        return RepoMarker.new(cls.name, chunk_size=cls.chunk_size, compression=compression, key_id=key_id)
+        return RepoMarker.new(
+            cls.name, chunk_size=cls.chunk_size, compression=compression, key_id=key_id, lock=lock
+        )
 
     @classmethod
     def accept_marker(cls, marker: RepoMarker) -> RepoMarker:
@@ -172,6 +188,8 @@ class RepositoryLayout(abc.ABC):
 
         :raise ValueError: the marker lacks what the layout needs (the caller says it is damaged)
         """
+        if marker.lock is not None and not cls.locks:
+            raise ValueError(f"a lock ({marker.lock.describe()}), which the {cls.name} layout cannot keep")
         if cls.chunk_size is None:
             return RepoMarker(marker.format, marker.layout, marker.id)
         if marker.chunk_size != cls.chunk_size or marker.compression is None:
@@ -180,7 +198,13 @@ class RepositoryLayout(abc.ABC):
             marker
             if cls.encrypts
             else RepoMarker(
-                marker.format, marker.layout, marker.id, marker.compression, None, marker.chunk_size
+                marker.format,
+                marker.layout,
+                marker.id,
+                marker.compression,
+                None,
+                marker.chunk_size,
+                marker.lock,
             )
         )
 

@@ -13,7 +13,9 @@
   (from the export), new_chunks and new_bytes (blobs this backup stored, their stored size), reused_chunks
   (data chunks it did not store: the store had them, or an incremental took them from its parent),
   zero_chunks (holes in the index) and unchanged_chunks (taken from the parent unread, holes included). In
-  an encrypted repository the object also holds ``mac`` (see :mod:`vmsnap.repo.chunks.records`).
+  an encrypted repository the object also holds ``mac`` (see :mod:`vmsnap.repo.chunks.records`); in a
+  locked one ``chunk_lock`` (UTC ISO 8601): every chunk the backup names is locked until at least then
+  (see :mod:`vmsnap.repo.chunks.retain`).
 
 :meth:`Manifest.from_json` refuses another format or digest, names that could become paths (``/``, ``..``, a
 leading dot), files other than ``<name>.qcow2`` (``<name>.index``) and an incremental without a parent.
@@ -186,6 +188,7 @@ class Manifest:
     format: int = QCOW2_FORMAT
     digest: str = ALGORITHM
     definition: str | None = None
+    chunk_lock: str | None = None
 
     @property
     def layout(self) -> str:
@@ -196,6 +199,8 @@ class Manifest:
         """The JSON object written to ``manifest.json``."""
         data = attrs.asdict(self, recurse=False)
         data["disks"] = [d.to_json() for d in self.disks]
+        if self.chunk_lock is None:
+            del data["chunk_lock"]  # only a locked repository's manifests have it
         if self.format == QCOW2_FORMAT:
             del data["definition"]  # format 1 keeps its keys
         else:
@@ -220,6 +225,7 @@ class Manifest:
             if kind == "incremental" and not parent:
                 raise ValueError("an incremental backup without a parent")
             definition = data.get("definition") if version == CHUNKS_FORMAT else None
+            chunk_lock = data.get("chunk_lock") if version == CHUNKS_FORMAT else None
             return cls(
                 vm=validate_name(str(data["vm"]), "VM name"),
                 backup_id=validate_name(str(data["backup_id"]), "backup id"),
@@ -234,6 +240,7 @@ class Manifest:
                 format=version,
                 digest=str(data["digest"]),
                 definition=str(definition) if definition is not None else None,
+                chunk_lock=str(chunk_lock) if chunk_lock is not None else None,
             )
         except RepositoryError:
             raise

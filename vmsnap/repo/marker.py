@@ -4,7 +4,8 @@ Format 2 (what vmsnap writes now)::
 
     {"format": 2, "layout": "<a registered layout>", "id": "<32 hex: names its local state directory>",
      "chunk_size": 4194304 | null, "compression": "zstd" | "none" | null,
-     "encryption": null | {"cipher": "aes-256-gcm", "chunk_id": "hmac-sha256", "key_id": "<32 hex>"}}
+     "encryption": null | {"cipher": "aes-256-gcm", "chunk_id": "hmac-sha256", "key_id": "<32 hex>"},
+     "lock": {"mode": "compliance" | "governance", "days": N, "extend_days": M}}   (a locked repository only)
 
 ``chunk_size`` and ``compression`` are null in a layout that cuts nothing into chunks (``qcow2``), and
 ``encryption`` in one that cannot be encrypted: what each layout needs of its marker is the layout's own
@@ -24,6 +25,7 @@ import attrs
 
 from vmsnap.errors import RepositoryError, UsageError
 from vmsnap.image.geometry import CHUNK_SIZE
+from vmsnap.repo.locking import LockPolicy
 
 MARKER = "vmsnap-repo.json"
 FORMAT = 2
@@ -49,6 +51,7 @@ class RepoMarker:
     :param compression: "zstd" or "none" (a layout that cuts chunks), else None
     :param key_id: the fingerprint of the key of an encrypted repository, else None
     :param chunk_size: the chunk size of a layout that cuts chunks, else None
+    :param lock: how a locked repository locks what its backups write (S3 Object Lock), else None
     """
 
     format: int
@@ -57,6 +60,7 @@ class RepoMarker:
     compression: str | None = None
     key_id: str | None = None
     chunk_size: int | None = None
+    lock: LockPolicy | None = None
 
     @property
     def encrypted(self) -> bool:
@@ -70,6 +74,7 @@ class RepoMarker:
         chunk_size: int | None = None,
         compression: str | None = None,
         key_id: str | None = None,
+        lock: LockPolicy | None = None,
     ) -> RepoMarker:
         """The marker of a new repository, with a fresh id; a layout's rules are
         :meth:`~vmsnap.repo.layout.RepositoryLayout.new_marker`'s.
@@ -80,14 +85,14 @@ class RepoMarker:
             raise UsageError(f"unknown repository layout {layout!r}")
         if compression is not None and compression not in COMPRESSIONS:
             raise UsageError(f"unknown compression {compression!r}", hint=f"use {' or '.join(COMPRESSIONS)}")
-        return cls(FORMAT, layout, secrets.token_hex(16), compression, key_id, chunk_size)
+        return cls(FORMAT, layout, secrets.token_hex(16), compression, key_id, chunk_size, lock)
 
     def to_json(self) -> dict[str, Any]:
         """The marker's JSON object (format 2)."""
         encryption = None
         if self.key_id is not None:
             encryption = {"cipher": CIPHER, "chunk_id": CHUNK_ID, "key_id": self.key_id}
-        return {
+        data: dict[str, Any] = {
             "format": FORMAT,
             "layout": self.layout,
             "id": self.id,
@@ -95,6 +100,9 @@ class RepoMarker:
             "compression": self.compression,
             "encryption": encryption,
         }
+        if self.lock is not None:
+            data["lock"] = self.lock.to_json()
+        return data
 
     @classmethod
     def from_bytes(cls, raw: bytes, *, where: str) -> RepoMarker:
@@ -145,4 +153,13 @@ class RepoMarker:
             key_id = str(encryption["key_id"])
             if not _HEX32.match(key_id):
                 raise ValueError(f"key id {key_id!r}")
-        return cls(FORMAT, layout, repo_id, compression, key_id, chunk_size)
+        lock = data.get("lock")
+        return cls(
+            FORMAT,
+            layout,
+            repo_id,
+            compression,
+            key_id,
+            chunk_size,
+            LockPolicy.from_json(lock) if lock is not None else None,
+        )

@@ -30,7 +30,7 @@ def test_the_two_stores_are_registered_by_scheme() -> None:
     assert store_class("file").scheme == "file"
     assert store_class("s3").scheme == "s3"
     assert store_class("s3").capabilities == StoreCapabilities(
-        sharded_listing=True, conditional_put="server", batch_delete=True
+        sharded_listing=True, conditional_put="server", batch_delete=True, versions=True, retention_locks=True
     )
     assert store_class("file").capabilities == StoreCapabilities()
 

@@ -11,10 +11,15 @@ runs that died — never a chunk a kept or running backup needs.
 3. **Sweep**: the gc generation is replaced (so every host's cache of known chunks is dropped), the partial
    backups (directories without a manifest: with no live writer, their runs are dead) are deleted, then every
    chunk not marked. A gc killed at any point has deleted only what no backup needs; the next one finishes.
+
+In a store that keeps object versions (an S3 bucket with versioning; a locked repository's always does) a
+delete frees nothing, so the sweep deletes versions instead — only those no lock holds, after checking
+that nobody tampered with the repository (:mod:`vmsnap.repo.chunks.versions_gc`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from typing import Protocol
@@ -26,9 +31,11 @@ from vmsnap.repo.chunks.known import bump_generation, list_chunks
 from vmsnap.repo.chunks.leases import GC_KEY, READERS, WRITERS, Lease, Leases
 from vmsnap.repo.chunks.parallel import BoundedPool
 from vmsnap.repo.chunks.records import split_backup_key
+from vmsnap.repo.chunks.versions_gc import LockOracle, check_untouched, group, sweep_versions
 from vmsnap.repo.manifest import MANIFEST, Damaged, Manifest
+from vmsnap.repo.marker import RepoMarker
 from vmsnap.repo.reports import GcReport
-from vmsnap.repo.stores.base import Store
+from vmsnap.repo.stores.base import BucketLocking, ObjectVersion, Store
 
 RETRY_SECONDS = 2.0
 """How often a waiting gc looks again for running writers and readers."""
@@ -50,6 +57,9 @@ class GcRepository(Protocol):
 
     @property
     def location(self) -> str: ...
+
+    @property
+    def marker(self) -> RepoMarker: ...
 
     def backups(self, vm: str | None = None, *, damaged: list[Damaged] | None = None) -> list[Manifest]: ...
 
@@ -157,8 +167,12 @@ def collect(repo: GcRepository, *, wait: float = 0.0, dry_run: bool = False) -> 
     lease = _take_lock(repo.leases, wait)
     try:
         crash_point("gc-locked")
-        referenced = _mark(repo)
         store = repo.store
+        locking = store.locking() if store.capabilities.versions else BucketLocking()
+        history = group(store.list_versions("")) if locking.versioning else None
+        referenced = _mark(repo)
+        if history is not None:
+            return _collect_versions(repo, history, referenced, locking, lease, dry_run)
         partial = _partial_backups(store)
         chunks = list_chunks(store)
         garbage = [stored for stored, chunk_id in chunks if chunk_id not in referenced]
@@ -181,3 +195,33 @@ def collect(repo: GcRepository, *, wait: float = 0.0, dry_run: bool = False) -> 
         return report
     finally:
         lease.release()
+
+
+def _collect_versions(
+    repo: GcRepository,
+    history: dict[str, list[ObjectVersion]],
+    referenced: set[bytes],
+    locking: BucketLocking,
+    lease: Lease,
+    dry_run: bool,
+) -> GcReport:
+    """The sweep of a store that keeps versions (see the module docstring)."""
+    store = repo.store
+    oracle = LockOracle(store, locking, repo.marker.lock, dt.datetime.now(dt.UTC))
+    check_untouched(history, repo.marker.lock, locked=oracle.ask)
+    if not dry_run:
+        bump_generation(store)  # before the first delete: every host's cache of known chunks is now stale
+    sweep = sweep_versions(store, history, referenced, oracle, dry_run=dry_run)
+    if not dry_run:
+        lease.check()
+    return GcReport(
+        chunks_kept=sweep.chunks_kept,
+        chunks_freed=sweep.chunks_freed,
+        bytes_freed=sweep.bytes_freed,
+        partial_backups=sweep.partial_backups,
+        dry_run=dry_run,
+        versions_freed=sweep.versions_freed,
+        locked_versions=sweep.locked_versions,
+        locked_bytes=sweep.locked_bytes,
+        next_unlock=sweep.next_unlock,
+    )

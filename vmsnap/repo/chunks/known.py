@@ -24,14 +24,15 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from vmsnap.errors import NotFoundError
 from vmsnap.files import FILE_MODE, write_atomic
 from vmsnap.repo.chunks.blob import ID_SIZE, ChunkId, parse_chunk_key
-from vmsnap.repo.stores.base import Store, StoreCapabilities, StoredObject
+from vmsnap.repo.stores.base import Retention, Store, StoredObject
+from vmsnap.repo.stores.wrapper import StoreWrapper
 
 GENERATION_KEY = "gc-generation"
 EPOCH_KEY = "known-chunks-epoch"
@@ -168,34 +169,34 @@ class KnownChunks:
                 self._fd = -1
 
 
-class RecordingStore:
+class RecordingStore(StoreWrapper):
     """A store that tells :class:`KnownChunks` of every chunk it stored or found there (``put`` of a chunk
     key) — of one ``put(durable=False)`` only once :meth:`sync` made it durable; everything else passes
-    through."""
+    through. :attr:`stored` holds the ids of the chunks its puts wrote (not found there)."""
 
     def __init__(self, store: Store, known: KnownChunks) -> None:
-        self._store = store
+        super().__init__(store)
         self._known = known
         self._lock = threading.Lock()
         self._unsynced: list[ChunkId] = []
         self.puts = 0
+        self.stored: set[ChunkId] = set()
 
-    @property
-    def url(self) -> str:
-        return self._store.url
-
-    @property
-    def capabilities(self) -> StoreCapabilities:
-        return self._store.capabilities
-
-    def get(self, key: str) -> bytes:
-        return self._store.get(key)
-
-    def put(self, key: str, data: bytes, *, if_absent: bool = False, durable: bool = True) -> bool:
-        written = self._store.put(key, data, if_absent=if_absent, durable=durable)
+    def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_absent: bool = False,
+        durable: bool = True,
+        retention: Retention | None = None,
+    ) -> bool:
+        written = self._store.put(key, data, if_absent=if_absent, durable=durable, retention=retention)
         chunk_id = parse_chunk_key(key)
         with self._lock:
             self.puts += 1
+            if chunk_id is not None and written:
+                self.stored.add(chunk_id)
             if chunk_id is not None and written and not durable:
                 self._unsynced.append(chunk_id)  # not in the store until sync(): not known yet
                 chunk_id = None
@@ -209,21 +210,3 @@ class RecordingStore:
         self._store.sync()
         for chunk_id in unsynced:
             self._known.add(chunk_id)
-
-    def exists(self, key: str) -> bool:
-        return self._store.exists(key)
-
-    def list(self, prefix: str = "") -> Iterator[StoredObject]:
-        return self._store.list(prefix)
-
-    def delete(self, key: str) -> None:
-        self._store.delete(key)
-
-    def delete_many(self, keys: Iterable[str]) -> None:
-        self._store.delete_many(keys)
-
-    def check_conditional_writes(self) -> None:
-        self._store.check_conditional_writes()
-
-    def close(self) -> None:
-        self._store.close()

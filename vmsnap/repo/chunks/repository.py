@@ -11,6 +11,7 @@ index's sha256, each index carries its own checksum or MAC, and each chunk is ch
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -19,6 +20,8 @@ import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
+
+import attrs
 
 from vmsnap.errors import (
     ChecksumMismatchError,
@@ -56,15 +59,20 @@ from vmsnap.repo.chunks.records import (
     vm_prefix,
 )
 from vmsnap.repo.chunks.restore import restore_disk
+from vmsnap.repo.chunks.retain import ChunkLocks, retention_rule
 from vmsnap.repo.chunks.writer import ChunksWriter
 from vmsnap.repo.layout import RepositoryLayout, RestoreFormat, VerifyReader, disk_filter
+from vmsnap.repo.locking import LockPolicy
 from vmsnap.repo.manifest import MANIFEST, Damaged, Manifest, next_backup_id, utc_now_iso
 from vmsnap.repo.marker import RepoMarker
 from vmsnap.repo.progress import DiskProgress, no_progress
-from vmsnap.repo.reports import CopiedBackup, GcReport, RestoredDisk, VerifyReport
+from vmsnap.repo.reports import CopiedBackup, GcReport, PruneResult, RestoredDisk, VerifyReport
+from vmsnap.repo.retention import RetentionPolicy
 from vmsnap.repo.state import RepositoryState
 from vmsnap.repo.stores import is_url
 from vmsnap.repo.stores.base import Store
+from vmsnap.repo.stores.history import format_time
+from vmsnap.repo.stores.retaining import RetainingStore
 from vmsnap.runner import LocalRunner, Runner
 
 BLOCK_READER = "vmsnap.repo.chunks.blockreader:open_reader"
@@ -97,6 +105,7 @@ class ChunksRepository(RepositoryLayout):
     encrypts: ClassVar[bool] = True
     chunk_size: ClassVar[int | None] = CHUNK_SIZE
     collects: ClassVar[bool] = True
+    locks: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -111,8 +120,17 @@ class ChunksRepository(RepositoryLayout):
         lease_seconds: float = LEASE_SECONDS,
         workers: int = DEFAULT_WORKERS,
     ) -> None:
-        self._store = store
         self.marker = marker
+        self._chunk_locks: ChunkLocks | None = None
+        if marker.lock is not None:
+            if not store.capabilities.retention_locks:
+                raise RepositoryError(
+                    f"repository {store.url} is locked ({marker.lock.describe()}), and its store cannot lock",
+                    hint="a locked repository lives in an S3 bucket with Object Lock: open it there",
+                )
+            store = RetainingStore(store, marker.lock.mode, retention_rule(marker.lock))
+            self._chunk_locks = ChunkLocks(store, marker.lock)
+        self._store = store
         self._key = key
         self._key_file = key_file
         self._key_problem = key_problem
@@ -196,6 +214,16 @@ class ChunksRepository(RepositoryLayout):
                 hint="pass its key file with --key-file or VMSNAP_KEY_FILE",
             )
         return self._key
+
+    @property
+    def lock_policy(self) -> LockPolicy | None:
+        """How this repository locks what its backups write (None: it is not locked)."""
+        return self.marker.lock
+
+    @property
+    def chunk_locks(self) -> ChunkLocks | None:
+        """What keeps the chunks locked in a locked repository (None: not locked)."""
+        return self._chunk_locks
 
     @property
     def codec(self) -> ChunkCodec:
@@ -381,7 +409,12 @@ class ChunksRepository(RepositoryLayout):
 
     @contextlib.contextmanager
     def reading(self, vm: str | None = None) -> Iterator[None]:
-        """Hold a reader lease for the body: gc waits for (or refuses while) it is held."""
+        """Hold a reader lease for the body: gc waits for (or refuses while) it is held. A read-only view (the
+        repository as it was at an earlier time) takes none: it writes nothing, and gc deletes no version a
+        lock holds."""
+        if not self._store.capabilities.writable:
+            yield
+            return
         with self.leases.holding(self.leases.reader_key(), "reader", "a restore, verify or copy"):
             yield
 
@@ -449,8 +482,20 @@ class ChunksRepository(RepositoryLayout):
             raise UsageError(f"begin_backup of {vm} without its lease", hint="a bug: call it inside lock(vm)")
         lease, generation = held
         _ = self.key  # an encrypted repository without its key fails here, before anything is written
+        previous = parent
+        if self._chunk_locks is not None and previous is None:
+            with contextlib.suppress(RepositoryError):  # a damaged latest: every reused chunk is extended
+                previous = self.latest(vm)
         return ChunksWriter(
-            self, vm, self.new_backup_id(vm), parent, lease, generation, runner or self.runner
+            self,
+            vm,
+            self.new_backup_id(vm),
+            parent,
+            lease,
+            generation,
+            runner or self.runner,
+            locks=self._chunk_locks,
+            previous=previous,
         )
 
     # -- restore, verify, prune, gc ------------------------------------------------------------------
@@ -552,7 +597,7 @@ class ChunksRepository(RepositoryLayout):
                 targets = self.backups(vm, damaged=damaged)
             missing: dict[str, set[ChunkId]] = {}
             report = verify_chunks(self, targets, damaged, fast=fast, progress=progress, missing=missing)
-        if missing:
+        if missing and self._store.capabilities.writable:
             self._store_missing_again(missing)
         return report
 
@@ -574,6 +619,28 @@ class ChunksRepository(RepositoryLayout):
         until gc finds no index naming them."""
         self._store.delete(manifest_key(vm, backup_id))
         self.discard_backup(vm, backup_id)
+
+    def prune(self, vm: str, policy: RetentionPolicy | int, *, dry_run: bool = False) -> PruneResult:
+        """Remove the backups of ``vm`` that ``policy`` does not keep — in a locked repository only those
+        whose lock has ended: the others stay, each with the date it becomes removable (``locked``; one
+        HeadObject of its manifest each). A locked backup's manifest is never deleted (a delete marker over
+        it would be allowed, but is how gc recognises an attack)."""
+        if self.marker.lock is None:
+            return super().prune(vm, policy, dry_run=dry_run)
+        with self.lock(vm):
+            plan = self.plan_prune(vm, policy)
+            now = dt.datetime.now(dt.UTC)
+            locked: dict[str, str] = {}
+            for backup_id in plan.removed:
+                with contextlib.suppress(NotFoundError):
+                    retention = self._store.retention(manifest_key(vm, backup_id))
+                    if retention is not None and retention.covers(now):
+                        locked[backup_id] = format_time(retention.until)
+            removable = tuple(b for b in plan.removed if b not in locked)
+            if not dry_run:
+                for backup_id in reversed(removable):
+                    self.delete_backup(vm, backup_id)
+            return attrs.evolve(plan, removed=removable, locked=locked)
 
     def gc(self, *, wait: float = 0.0, dry_run: bool = False) -> GcReport:
         return collect(self, wait=wait, dry_run=dry_run)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +37,7 @@ from vmsnap.repo.chunks.records import (
     index_key,
     manifest_key,
 )
+from vmsnap.repo.chunks.retain import ChunkLocks
 from vmsnap.repo.manifest import (
     CHUNKS_FORMAT,
     INDEX_DIGEST,
@@ -99,6 +101,9 @@ class ChunksWriter:
     :param lease: the VM's writer lease (checked before the manifest is written)
     :param generation: the gc generation seen when the lease was taken
     :param runner: where the machine's files are (qemu-nbd runs there)
+    :param locks: keeps the chunks locked in a locked repository (None: not locked)
+    :param previous: the VM's backup before this one (the parent, or the latest for a full backup), whose
+        ``chunk_lock`` says how long the chunks it names are locked (a locked repository)
     """
 
     accepts_push = False
@@ -112,6 +117,9 @@ class ChunksWriter:
         lease: Lease,
         generation: str,
         runner: Runner,
+        *,
+        locks: ChunkLocks | None = None,
+        previous: Manifest | None = None,
     ) -> None:
         self.repo = repo
         self.vm = validate_name(vm, "VM name")
@@ -127,6 +135,10 @@ class ChunksWriter:
         self._known: set[ChunkId] | None = None
         self._store = RecordingStore(repo.store, self._known_chunks)
         self._parent_indexes: dict[str, ChunkIndex | VmsnapError] = {}
+        self.locks = locks
+        self.previous = previous if locks is not None else None
+        self.started = time.time()
+        self._named: set[ChunkId] = set()
 
     def _parent_disk_index(self, disk: str) -> ChunkIndex:
         """The parent's index of ``disk``, read once per backup.
@@ -228,6 +240,7 @@ class ChunksWriter:
             kind = "nbd" if isinstance(reader, NbdReader) else "file"
         data = encode_index(result.index, self.repo.key)
         self.repo.store.put(index_key(self.vm, self.backup_id, name), data)
+        self._named |= result.index.referenced()
         stats = result.stats
         data_chunks = sum(1 for _ in result.index.data_chunks())
         chunk_stats = ChunkStats(
@@ -274,6 +287,15 @@ class ChunksWriter:
                 "a gc ran while this backup was running (its lease had expired)",
                 hint="take the backup again",
             )
+        chunk_lock = None
+        if self.locks is not None:
+            chunk_lock = self.locks.secure(
+                named=self._named,
+                stored=self._store.stored,
+                started=self.started,
+                previous=self.previous,
+                previous_ids=self._previous_ids(),
+            )
         definition_id = None
         if definition is not None:
             definition_id = self.repo.put_definition(self.vm, self.backup_id, definition)
@@ -291,6 +313,7 @@ class ChunksWriter:
             format=CHUNKS_FORMAT,
             digest=INDEX_DIGEST,
             definition=definition_id,
+            chunk_lock=chunk_lock,
         )
         key = manifest_key(self.vm, self.backup_id)
         if not self.repo.store.put(key, encode_manifest(manifest, self.repo.key), if_absent=True):
@@ -298,6 +321,23 @@ class ChunksWriter:
         self._known_chunks.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
         return manifest
+
+    def _previous_ids(self) -> set[ChunkId] | None:
+        """Every chunk the previous backup names (those of disks whose index cannot be read left out: they
+        are extended), or None without a previous backup."""
+        previous = self.previous
+        if previous is None:
+            return None
+        ids: set[ChunkId] = set()
+        for record in previous.disks:
+            try:
+                if previous is self.parent:
+                    ids |= self._parent_disk_index(record.name).referenced()
+                else:
+                    ids |= self.repo.index(previous, record.name).referenced()
+            except VmsnapError:
+                continue
+        return ids
 
     def discard(self) -> None:
         """Remove this unfinished backup's objects and work directory (its chunks stay: gc's job)."""

@@ -1,0 +1,177 @@
+"""A locked ``chunks`` repository (S3 Object Lock): which objects are locked for how long, and how the chunks
+a backup names are kept locked at least as long as the backup — with few requests.
+
+**What is locked** (the rule a :class:`~vmsnap.repo.stores.retaining.RetainingStore` applies to every put):
+a backup's own objects (indexes, definition, manifest, and whatever else is written beside them) for the
+policy's ``days`` from their put; chunks and the marker for ``days + extend_days``. Mutable objects —
+leases (``locks/``), ``gc-generation``, ``known-chunks-epoch``, ``vms/<vm>/needs-full`` — are never
+locked: they are rewritten and deleted all the time, and gc removes their old versions.
+
+**Keeping reused chunks locked** (:meth:`ChunkLocks.secure`, when a backup is sealed, before its
+manifest): a backup sealed at time *t* must find every chunk it names locked until at least *t + days*
+(its manifest, put next, is locked until then). Each manifest records ``chunk_lock``: a date until which
+every chunk it names is locked. So at seal:
+
+- a chunk this backup stored is locked until at least start + ``days + extend_days`` (its put);
+- a chunk the previous backup of the VM (the parent, or the latest for a full backup) names is locked until
+  that backup's ``chunk_lock`` — enough while that date is at least *t + days*;
+- any other chunk (found in the store: another VM's, or a killed run's), and every chunk once the previous
+  backup's ``chunk_lock`` falls short, gets its lock extended to *t + days + extend_days*: one
+  PutObjectRetention each, sent together (16 at a time) — the batch.
+
+So a VM's chunks are extended all at once about every ``extend_days`` (``chunk_lock`` then moves
+``extend_days`` ahead), not once per backup; in between a backup extends only the chunks it reuses from
+elsewhere. Every seal also extends the marker's lock (one request): the repository must stay readable as
+long as its newest backup is locked. A backup that dies during the extension leaves no manifest, so the
+next backup of the VM, seeing the same old ``chunk_lock``, extends them all again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Set
+
+from vmsnap.errors import UsageError
+from vmsnap.processes import crash_point
+from vmsnap.repo.chunks.blob import ChunkId, chunk_key, parse_chunk_key
+from vmsnap.repo.chunks.known import EPOCH_KEY, GENERATION_KEY
+from vmsnap.repo.chunks.leases import WRITERS
+from vmsnap.repo.chunks.records import NEEDS_FULL, VMS
+from vmsnap.repo.locking import LockPolicy
+from vmsnap.repo.manifest import Manifest
+from vmsnap.repo.marker import MARKER
+from vmsnap.repo.stores.base import Store
+from vmsnap.repo.stores.history import format_time, parse_time
+from vmsnap.repo.stores.retaining import RetentionRule, retention_after
+
+LOCKS = WRITERS.split("/", 1)[0] + "/"
+"""``locks/``: every lease is under it."""
+
+
+def is_mutable(key: str) -> bool:
+    """True for the objects a ``chunks`` repository rewrites or deletes as it works (never locked): leases,
+    the gc generation, the known-chunks epoch, a VM's needs-full mark."""
+    if key.startswith(LOCKS) or key in (GENERATION_KEY, EPOCH_KEY):
+        return True
+    parts = key.split("/")
+    return len(parts) == 3 and key.startswith(VMS) and parts[2] == NEEDS_FULL
+
+
+def is_write_once(key: str) -> bool:
+    """True for the objects vmsnap writes once and never overwrites: chunks, a backup's objects, the marker
+    (a second version with other content over one of them is not vmsnap's doing)."""
+    if key == MARKER or parse_chunk_key(key) is not None:
+        return True
+    parts = key.split("/")
+    return len(parts) == 4 and key.startswith(VMS) and parts[2][:1].isdigit()
+
+
+def retention_rule(policy: LockPolicy) -> RetentionRule:
+    """Seconds each new object is locked (see the module docstring)."""
+
+    def rule(key: str) -> float | None:
+        if is_mutable(key):
+            return None
+        if key == MARKER or parse_chunk_key(key) is not None:
+            return policy.chunk_seconds
+        return policy.seconds
+
+    return rule
+
+
+class ChunkLocks:
+    """Keeps the chunks of the backups one process writes locked (see the module docstring); thread-safe.
+
+    :param store: the repository's store (locks configured)
+    :param policy: the repository's lock policy
+    """
+
+    def __init__(self, store: Store, policy: LockPolicy) -> None:
+        self.store = store
+        self.policy = policy
+        self._lock = threading.Lock()
+        self._known: dict[ChunkId, float] = {}
+        self.extended = 0
+        """Chunk locks this process extended (for reports and benchmarks)."""
+
+    def secure(
+        self,
+        *,
+        named: Set[ChunkId],
+        stored: Set[ChunkId],
+        started: float,
+        previous: Manifest | None,
+        previous_ids: Set[ChunkId] | None,
+    ) -> str:
+        """Make sure every chunk in ``named`` is locked until at least now + ``days``, extending in one batch
+        those that are not known to be; returns the backup's ``chunk_lock`` (ISO 8601 UTC).
+
+        :param named: every chunk the new backup's indexes name
+        :param stored: the chunks this backup stored (their put locked them)
+        :param started: when the backup started (Unix time): its puts came later
+        :param previous: the VM's backup before this one (its ``chunk_lock`` covers ``previous_ids``)
+        :param previous_ids: every chunk ``previous`` names, or None when they could not all be read
+        :raise NotFoundError: a chunk to extend is missing from the store (deleted behind vmsnap's back)
+        :raise StoreError: the store failed or refused an extension
+        """
+        now = time.time()
+        need = now + self.policy.seconds
+        stored_until = started + self.policy.chunk_seconds
+        previous_until = _chunk_lock(previous)
+        previous_usable = previous_until is not None and previous_until >= need and previous_ids is not None
+        extend: set[ChunkId] = set()
+        bounds: list[float] = []
+        if stored:
+            if stored_until >= need:
+                bounds.append(stored_until)
+            else:  # a backup that ran longer than extend_days: its first chunks fall short
+                extend |= stored
+        used_previous = False
+        with self._lock:
+            known = dict(self._known)
+        for chunk_id in named:
+            if chunk_id in stored:
+                continue
+            until = known.get(chunk_id)
+            if until is not None and until >= need:
+                bounds.append(until)
+            elif previous_usable and previous_ids is not None and chunk_id in previous_ids:
+                used_previous = True
+            else:
+                extend.add(chunk_id)
+        if used_previous and previous_until is not None:
+            bounds.append(previous_until)
+        retention = retention_after(self.policy.mode, self.policy.chunk_seconds, now)
+        if extend:
+            self._extend(sorted(extend), retention.until)
+            bounds.append(retention.until.timestamp())
+        self.store.extend_retention([MARKER], retention)
+        with self._lock:
+            for chunk_id in stored - extend:
+                self._known[chunk_id] = max(self._known.get(chunk_id, 0.0), stored_until)
+            for chunk_id in extend:
+                self._known[chunk_id] = retention.until.timestamp()
+        lock = min(bounds) if bounds else retention.until.timestamp()
+        return format_time(dt.datetime.fromtimestamp(int(lock), dt.UTC))
+
+    def _extend(self, ids: list[ChunkId], until: dt.datetime) -> None:
+        """Extend in two halves (a test stops a run between them)."""
+        retention = retention_after(self.policy.mode, 0, until.timestamp())
+        half = len(ids) // 2
+        for part, batch in enumerate((ids[:half], ids[half:])):
+            if part == 1:
+                crash_point("lock-extension-half")
+            self.store.extend_retention([chunk_key(chunk_id) for chunk_id in batch], retention)
+            with self._lock:
+                self.extended += len(batch)
+
+
+def _chunk_lock(manifest: Manifest | None) -> float | None:
+    if manifest is None or manifest.chunk_lock is None:
+        return None
+    try:
+        return parse_time(manifest.chunk_lock).timestamp()
+    except UsageError:
+        return None
