@@ -24,6 +24,7 @@ from vmsnap.repo.layout import layout_names
 from vmsnap.repo.locking import LockPolicy
 from vmsnap.repo.manifest import Damaged, Manifest
 from vmsnap.repo.marker import COMPRESSIONS, DEFAULT_LAYOUT
+from vmsnap.repo.reports import GcReport
 from vmsnap.repo.repository import Repository
 from vmsnap.repo.retention import RetentionPolicy
 
@@ -264,20 +265,30 @@ def cmd_gc(args: argparse.Namespace) -> int:
     """Delete chunks that no backup's index names (safe while backups run: it waits or refuses)."""
     repo = Repository.open(args.repo, key_file=args.key_file)
     report = repo.gc(wait=args.wait, dry_run=args.dry_run)
-    verb = "would free" if args.dry_run else "freed"
-    human = (
-        f"{verb} {report.chunks_freed} chunk(s), {mib(report.bytes_freed)}; {report.chunks_kept} in use"
-        + (f"; removed {len(report.partial_backups)} unfinished backup(s)" if report.partial_backups else "")
-        + (f"; {report.versions_freed} object version(s) deleted for good" if report.versions_freed else "")
-        + (
-            f"; {report.locked_versions} version(s) ({mib(report.locked_bytes)}) kept while locked, "
-            f"the first until {report.next_unlock}"
-            if report.locked_versions
-            else ""
-        )
-    )
+    human = _gc_line(report, args.dry_run)
     emit(args, report.to_json(), human)
     return 0
+
+
+def _gc_line(report: GcReport, dry_run: bool) -> str:
+    """What gc did (or would do), in one line."""
+    parts = [
+        f"{'would free' if dry_run else 'freed'} {report.chunks_freed} chunk(s), {mib(report.bytes_freed)}; "
+        f"{report.chunks_kept} in use"
+    ]
+    if report.partial_backups:
+        parts.append(
+            f"{'would remove' if dry_run else 'removed'} {len(report.partial_backups)} unfinished backup(s)"
+        )
+    if report.versions_freed:
+        verb = "would delete" if dry_run else "deleted"
+        parts.append(f"{verb} {report.versions_freed} object version(s) for good")
+    if report.locked_versions:
+        parts.append(
+            f"{report.locked_versions} version(s) ({mib(report.locked_bytes)}) kept while locked, the first "
+            f"until {report.next_unlock}"
+        )
+    return "; ".join(parts)
 
 
 def _gc_arguments(parser: argparse.ArgumentParser) -> None:

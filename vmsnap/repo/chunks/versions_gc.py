@@ -51,7 +51,7 @@ class VersionSweep:
     :param chunks_freed: unreferenced chunks all of whose versions went
     :param versions_freed: versions and delete markers deleted, of every key
     :param bytes_freed: their size
-    :param partial_backups: ``vm/backup-id`` of the backups without a current manifest whose objects went
+    :param partial_backups: ``vm/backup-id`` of the backups never sealed (dead runs') whose objects went
     :param locked_versions: versions gc would delete but a lock holds
     :param locked_bytes: their size
     :param next_unlock: when the first of them frees up (UTC ISO 8601; at the latest), or None
@@ -174,11 +174,12 @@ def plan_sweep(
     the partial backups; the chunks kept) — see the module docstring. A chunk a kept backup names keeps
     every version even when a delete marker hides it (not vmsnap's doing: verify reports it missing, and
     its versions are what a read ``--as-of`` needs)."""
-    complete = {
-        (parts[0], parts[1])
+    manifests = {
+        (parts[0], parts[1]): versions[0].deleted
         for key, versions in history.items()
-        if (parts := split_backup_key(key)) is not None and parts[2] == MANIFEST and not versions[0].deleted
+        if (parts := split_backup_key(key)) is not None and parts[2] == MANIFEST
     }
+    complete = {backup for backup, deleted in manifests.items() if not deleted}
     candidates: list[ObjectVersion] = []
     whole: set[str] = set()
     partial: set[str] = set()
@@ -196,7 +197,8 @@ def plan_sweep(
         parts = split_backup_key(key)
         if parts is not None and (parts[0], parts[1]) not in complete:
             garbage = True
-            partial.add(f"{parts[0]}/{parts[1]}")
+            if (parts[0], parts[1]) not in manifests:  # never sealed (not a pruned backup)
+                partial.add(f"{parts[0]}/{parts[1]}")
         if garbage:
             whole.add(key)
             candidates.extend(versions)
