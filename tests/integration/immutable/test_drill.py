@@ -83,7 +83,9 @@ def test_ransomware_drill_everything_comes_back_as_of_before_the_attack(
     images = clones(base_image(tmp_path / "base.qcow2", size="64M", data_mib=12), ["vm-a", "vm-b"], at_mib=48)
     hosts = {vm: Host.make(f"hv-{vm[-1]}", tmp_path, s3_env) for vm in images}
     key = tmp_path / "repo.key"
-    init = hosts["vm-a"].run("init", "--repo", repo, "--lock-days", "1", "--encrypt", "--key-file", key, "--json")
+    init = hosts["vm-a"].run(
+        "init", "--repo", repo, "--lock-days", "1", "--encrypt", "--key-file", key, "--json"
+    )
     assert ok_json(init)["lock"] == {"mode": "compliance", "days": 1.0, "extend_days": 1.0}
     made: list[tuple[str, str, Path]] = []
     for round_ in range(3):
