@@ -222,6 +222,12 @@ def _store(location: Path | str, *, create: bool) -> tuple[Store, Path | None, A
             view = _as_of(store, moment)
             return view, None, view
         return store, None, None
+    path, moment = split_as_of(str(location))
+    if moment is not None:
+        raise UsageError(
+            f"{path} is a directory: it keeps no earlier versions (--as-of needs an S3 bucket with versioning)",
+            hint="leave --as-of out",
+        )
     directory = Path(location)
     if not directory.exists():
         if not create:

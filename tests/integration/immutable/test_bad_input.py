@@ -52,7 +52,10 @@ def test_a_bucket_that_cannot_hold_a_locked_repository_is_named_with_what_it_lac
         (["--lock-days", "a-month"], "--lock-days a-month: a lock lasts"),
         (["--lock-days", "40000"], "at most 36500 days"),
         (["--lock-days", "nan"], "--lock-days nan"),
-        (["--lock-days", "30", "--lock-mode", "legal-hold"], "S3 Object Lock has the modes compliance and governance"),
+        (
+            ["--lock-days", "30", "--lock-mode", "legal-hold"],
+            "S3 Object Lock has the modes compliance and governance",
+        ),
         (["--lock-mode", "governance"], "--lock-mode and --lock-extend-days need --lock-days N"),
         (["--lock-days", "30", "--lock-extend-days", "0"], "--lock-extend-days 0"),
         (["--lock-days", "30", "--layout", "qcow2"], "the qcow2 layout cannot be locked"),
