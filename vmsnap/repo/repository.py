@@ -225,8 +225,8 @@ def _store(location: Path | str, *, create: bool) -> tuple[Store, Path | None, A
     path, moment = split_as_of(str(location))
     if moment is not None:
         raise UsageError(
-            f"{path} is a directory: it keeps no earlier versions (--as-of needs an S3 bucket with versioning)",
-            hint="leave --as-of out",
+            f"{path} is a directory: it keeps no earlier versions",
+            hint="--as-of needs an S3 bucket with versioning; leave it out",
         )
     directory = Path(location)
     if not directory.exists():

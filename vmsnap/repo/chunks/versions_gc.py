@@ -16,8 +16,9 @@ From one listing of every version (ListObjectVersions) and gc's mark set (:mod:`
   would become current again).
 - **Whether a version is locked** is decided without trying to delete it: a delete marker, or a mutable
   object's version in a bucket without a default retention, is not; a version younger than the repository's
-  lock ``days`` is (every locked put lasts at least that long); any other is asked (one HeadObject each, 16
-  at a time). A locked version stays, and the report says how many, how big, and when the first frees up.
+  lock ``days`` (less a minute for the clocks) is (every locked put lasts at least that long); any other is
+  asked (one HeadObject each, 16 at a time). A locked version stays, and the report says how many, how big,
+  and when the first frees up.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ from vmsnap.repo.stores.history import before, format_time
 
 HEAD_WORKERS = 16
 """HeadObject requests in flight while gc asks for versions' locks."""
+CLOCK_SKEW = 60.0
+"""Seconds the server's clock (which stamps a version) may be ahead of the host's (which dated its lock): a
+version younger than the policy's days less this is locked for sure; an older one is asked."""
 
 
 @attrs.frozen
@@ -133,8 +137,8 @@ class LockOracle:
             return True, None
         if is_mutable(version.key) and self.locking.default_retention is None:
             return True, None
-        if self.policy is not None:
-            at_least = version.modified + dt.timedelta(seconds=self.policy.seconds)
+        if self.policy is not None:  # every locked put lasts the policy's days (less the clocks' skew)
+            at_least = version.modified + dt.timedelta(seconds=self.policy.seconds - CLOCK_SKEW)
             if at_least > self.now:
                 return True, at_least
         with self._lock:
