@@ -2,9 +2,9 @@
 one locked, encrypted repository (a full backup and two incrementals each). Then, with the hosts' own
 credentials, an attacker deletes every key under the prefix (batch deletes), tries to delete every version
 (refused for each locked one), and overwrites the manifests and chunks with garbage. ``vmsnap list`` shows
-the damage in one line; ``--as-of`` a time before the attack lists, verifies and restores every backup
-byte-exact, mounts one, and ``copy --as-of`` rescues the whole repository into a fresh locked bucket, where
-every backup verifies and restores again.
+the damage in one line (and a backup into the emptied prefix is refused); ``--as-of`` a time before the
+attack lists, verifies and restores every backup byte-exact, mounts one, and ``copy --as-of`` rescues the
+whole repository into a fresh locked bucket, where every backup verifies and restores again.
 """
 
 from __future__ import annotations
@@ -114,6 +114,10 @@ def test_ransomware_drill_everything_comes_back_as_of_before_the_attack(
     assert "was deleted at" in damaged.error_line and "--as-of" in damaged.error_line, damaged.err
     gc = hosts["vm-a"].run("gc", "--repo", repo, "--key-file", key)
     assert gc.code == 1 and "was deleted at" in gc.error_line  # nothing can be collected: it does not open
+    refused = hosts["vm-a"].run(
+        "backup", "--repo", repo, "--key-file", key, "--image", images["vm-a"], "--name", "vm-a"
+    )  # the emptied prefix is not taken for a new, empty place
+    assert refused.code == 1 and "was deleted at" in refused.error_line, refused.err
 
     then = ["--repo", repo, "--key-file", key, "--as-of", before]
     listed = ok_json(hosts["vm-b"].run("list", *then, "--json"))
