@@ -26,7 +26,7 @@ import json
 import os
 from pathlib import Path
 
-from vmsnap.errors import NotFoundError, RepositoryError, UsageError, VmsnapError
+from vmsnap.errors import NotFoundError, RepositoryError, StoreError, UsageError, VmsnapError
 from vmsnap.files import make_private_dir
 from vmsnap.repo.chunks.keys import RepositoryKey, create_key_file, read_key_file
 from vmsnap.repo.layout import DEFINITION_FILE, BackupWriter, RepositoryLayout, layout_class, layout_names
@@ -319,7 +319,10 @@ def _never_deleted(store: Store, location: Path | str, view: AsOfStore | None) -
         return
     if not store.capabilities.versions:
         return
-    history = key_history(store, MARKER)
+    try:
+        history = key_history(store, MARKER)
+    except StoreError:  # no s3:ListBucketVersions: nothing to tell (a bucket without versions needs none)
+        return
     deleted = history.deleted_at
     if deleted is not None:
         raise RepositoryError(

@@ -22,6 +22,7 @@ from tests.integration.restore.images import snapshot as tree_of
 from tests.integration.restore.test_mount import assert_same_tree
 from tests.integration.s3.hosts import Host, base_image, clones, ok_json, same_content, snapshot, write_random
 from tests.integration.s3.seaweed import SeaweedServer
+from vmsnap.repo.stores.s3 import S3Store
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -145,6 +146,10 @@ def test_ransomware_drill_everything_comes_back_as_of_before_the_attack(
     assert same_content(out / f"{vm}.qcow2", expected)
     listed = ok_json(rescue.run("list", "--repo", fresh, "--key-file", key, "--json"))["backups"]
     assert all(b["chunk_lock"] > before for b in listed)  # locked by the target's own policy
+    store = S3Store.from_url(fresh)
+    lock = store.retention(f"vms/{vm}/{backup_id}/manifest.json")
+    store.close()
+    assert lock is not None and lock.mode == "governance"
 
 
 def test_mount_as_of_before_the_repository_was_emptied(

@@ -20,11 +20,12 @@ that nobody tampered with the repository (:mod:`vmsnap.repo.chunks.versions_gc`)
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 import time
 from typing import Protocol
 
-from vmsnap.errors import LeaseError, RepositoryError
+from vmsnap.errors import LeaseError, RepositoryError, StoreError
 from vmsnap.processes import crash_point
 from vmsnap.repo.chunks.index import ChunkIndex
 from vmsnap.repo.chunks.known import bump_generation, list_chunks
@@ -36,6 +37,8 @@ from vmsnap.repo.manifest import MANIFEST, Damaged, Manifest
 from vmsnap.repo.marker import RepoMarker
 from vmsnap.repo.reports import GcReport
 from vmsnap.repo.stores.base import BucketLocking, ObjectVersion, Store
+
+log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 2.0
 """How often a waiting gc looks again for running writers and readers."""
@@ -168,7 +171,7 @@ def collect(repo: GcRepository, *, wait: float = 0.0, dry_run: bool = False) -> 
     try:
         crash_point("gc-locked")
         store = repo.store
-        locking = store.locking() if store.capabilities.versions else BucketLocking()
+        locking = _locking(repo)
         history = group(store.list_versions("")) if locking.versioning else None
         referenced = _mark(repo)
         if history is not None:
@@ -195,6 +198,25 @@ def collect(repo: GcRepository, *, wait: float = 0.0, dry_run: bool = False) -> 
         return report
     finally:
         lease.release()
+
+
+def _locking(repo: GcRepository) -> BucketLocking:
+    """Whether the store keeps versions (and locks them). Where it may not say (credentials without
+    s3:GetBucketVersioning) an unlocked repository is collected as in a store without versions (deletes
+    that free nothing if it keeps them); a locked one is not collected at all.
+
+    :raise StoreError: the store failed, or would not say for a locked repository
+    """
+    store = repo.store
+    if not store.capabilities.versions:
+        return BucketLocking()
+    try:
+        return store.locking()
+    except StoreError as err:
+        if repo.marker.lock is not None:
+            raise
+        log.warning("gc of %s: %s; collecting as in a bucket without versions", repo.location, err.message)
+        return BucketLocking()
 
 
 def _collect_versions(
