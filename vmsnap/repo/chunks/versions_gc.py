@@ -97,7 +97,7 @@ def check_untouched(
         parts = split_backup_key(key)
         if policy is None or parts is None or parts[2] != MANIFEST or not newest.deleted:
             continue
-        for version in versions[1:]:
+        for version in versions[1:]:  # (an overwrite under the delete marker may hide the locked one)
             if version.deleted:
                 continue
             until = locked(version)
@@ -107,7 +107,6 @@ def check_untouched(
                     f"locked until {format_time(until)} (prune never removes a locked backup)",
                     newest.modified,
                 )
-            break
 
 
 def _tampered(what: str, when: dt.datetime) -> RepositoryError:
