@@ -61,12 +61,13 @@ def cmd_init(args: argparse.Namespace) -> int:
             f"; locked ({lock.describe()}): what a backup writes cannot be deleted or overwritten for "
             f"{lock.days:g} day(s), chunks for {lock.days + lock.extend_days:g}"
         )
-    payload = {
+    payload: dict[str, Any] = {
         "repo": str(repo.location),
         "layout": repo.name,
         "encrypted": bool(args.encrypt),
-        "lock": lock.to_json() if lock is not None else None,
     }
+    if lock is not None:
+        payload["lock"] = lock.to_json()
     emit(args, payload, human)
     return 0
 

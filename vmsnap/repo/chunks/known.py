@@ -191,7 +191,7 @@ class RecordingStore(StoreWrapper):
         durable: bool = True,
         retention: Retention | None = None,
     ) -> bool:
-        written = self._store.put(key, data, if_absent=if_absent, durable=durable, retention=retention)
+        written = super().put(key, data, if_absent=if_absent, durable=durable, retention=retention)
         chunk_id = parse_chunk_key(key)
         with self._lock:
             self.puts += 1

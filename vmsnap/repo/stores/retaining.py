@@ -54,4 +54,4 @@ class RetainingStore(StoreWrapper):
         retention: Retention | None = None,
     ) -> bool:
         chosen = retention if retention is not None else self.retention_for(key)
-        return self._store.put(key, data, if_absent=if_absent, durable=durable, retention=chosen)
+        return super().put(key, data, if_absent=if_absent, durable=durable, retention=chosen)

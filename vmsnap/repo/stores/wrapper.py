@@ -51,6 +51,8 @@ class StoreWrapper:
         durable: bool = True,
         retention: Retention | None = None,
     ) -> bool:
+        if retention is None:  # (a store written before retentions existed takes no such argument)
+            return self._store.put(key, data, if_absent=if_absent, durable=durable)
         return self._store.put(key, data, if_absent=if_absent, durable=durable, retention=retention)
 
     def sync(self) -> None:
