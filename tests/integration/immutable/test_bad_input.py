@@ -28,17 +28,17 @@ def _empty(url: str) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("kind", "default_days", "says"),
+    ("kind", "says"),
     [
-        ("plain", 0, "Object Lock is not enabled and versioning is off on its bucket"),
-        ("versioned", 0, "Object Lock is not enabled on its bucket"),
-        ("locked", 1, "the bucket has a default retention (GOVERNANCE, 1 days)"),
+        ("plain", "Object Lock is not enabled and versioning is off on its bucket"),
+        ("versioned", "Object Lock is not enabled on its bucket"),
+        ("ruled", "the bucket has a default retention (GOVERNANCE, 1 days)"),
     ],
 )
 def test_a_bucket_that_cannot_hold_a_locked_repository_is_named_with_what_it_lacks(
-    make_bucket: BucketMaker, capsys: pytest.CaptureFixture[str], kind: str, default_days: int, says: str
+    make_bucket: BucketMaker, capsys: pytest.CaptureFixture[str], kind: str, says: str
 ) -> None:
-    url = f"s3://{make_bucket(kind, default_days=default_days)}/site"
+    url = f"s3://{make_bucket(kind)}/site"
     result = cli(capsys, "init", "--repo", url, "--lock-days", "30")
     assert result.code == 1 and says in result.error_line, result.err
     assert _empty(url)

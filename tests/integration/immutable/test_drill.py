@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.immutable.buckets import BucketMaker, client
+from tests.integration.immutable.buckets import BucketMaker, client, split
 from tests.integration.restore.conftest import BackedUpDisk, empty_dirs
 from tests.integration.restore.images import snapshot as tree_of
 from tests.integration.restore.test_mount import assert_same_tree
@@ -79,8 +79,9 @@ def moment_before_attack() -> str:
 def test_ransomware_drill_everything_comes_back_as_of_before_the_attack(
     make_bucket: BucketMaker, s3_env: SeaweedServer, tmp_path: Path
 ) -> None:
-    bucket = make_bucket("locked")
-    repo = f"s3://{bucket}/site"
+    place = make_bucket("locked")
+    repo = f"s3://{place}/site"
+    bucket, prefix = split(place)
     images = clones(base_image(tmp_path / "base.qcow2", size="64M", data_mib=12), ["vm-a", "vm-b"], at_mib=48)
     hosts = {vm: Host.make(f"hv-{vm[-1]}", tmp_path, s3_env) for vm in images}
     key = tmp_path / "repo.key"
@@ -105,7 +106,7 @@ def test_ransomware_drill_everything_comes_back_as_of_before_the_attack(
     before = moment_before_attack()
 
     s3 = client(s3_env)
-    done = attack(s3, bucket, "site/")
+    done = attack(s3, bucket, f"{prefix}/site/")
     s3.close()
     assert done["refused_chunks"] > 0 and done["refused_manifests"] == len(made), done
     assert done["access_denied"] == done["refused"], done  # refused because locked, nothing else
@@ -131,7 +132,7 @@ def test_ransomware_drill_everything_comes_back_as_of_before_the_attack(
         ok_json(hosts[vm].run("restore", *then, "--vm", vm, "--backup", backup_id, "--to", out, "--json"))
         assert same_content(out / f"{vm}.qcow2", expected), f"{vm}/{backup_id} did not come back"
 
-    fresh = f"s3://{make_bucket('locked')}/rescued"
+    fresh = f"s3://{make_bucket('rescue')}/rescued"
     rescue = hosts["vm-a"]
     assert rescue.run("init", "--repo", fresh, "--lock-days", "2", "--lock-mode", "governance", "--encrypt",
                       "--key-file", key).code == 0  # fmt: skip
@@ -159,7 +160,8 @@ def test_mount_as_of_before_the_repository_was_emptied(
     s3_env: SeaweedServer,
     tmp_path: Path,
 ) -> None:
-    repo = f"s3://{make_bucket('locked')}/site"
+    place = make_bucket("locked")
+    repo = f"s3://{place}/site"
     host = Host.make("hv-m", tmp_path, s3_env, VMSNAP_RUN_DIR=str(run_root))
     image = tmp_path / "disk0.qcow2"
     image.write_bytes(backed_up_disk.base.read_bytes())
@@ -167,7 +169,8 @@ def test_mount_as_of_before_the_repository_was_emptied(
     made = ok_json(host.run("backup", "--repo", repo, "--image", image, "--name", "vm1", "--json"))
     before = moment_before_attack()
     s3 = client(s3_env)
-    attack(s3, repo.split("/")[2], "site/")
+    bucket, prefix = split(place)
+    attack(s3, bucket, f"{prefix}/site/")
     s3.close()
     (target,) = empty_dirs(tmp_path, "mnt")
     mounted = host.run("mount", "--repo", repo, "--as-of", before, "--vm", "vm1", target, "--json")

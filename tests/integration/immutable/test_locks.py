@@ -20,7 +20,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tests.integration.cli_helpers import cli
-from tests.integration.immutable.buckets import BucketMaker, client
+from tests.integration.immutable.buckets import BucketMaker, client, split
 from tests.integration.s3.hosts import (
     Host,
     base_image,
@@ -81,8 +81,9 @@ def _wait_until(moment: dt.datetime) -> None:
 def test_prune_and_gc_leave_what_a_lock_holds_and_free_it_once_the_lock_ends(
     make_bucket: BucketMaker, s3_env: SeaweedServer, tmp_path: Path
 ) -> None:
-    bucket = make_bucket("locked")
-    repo = f"s3://{bucket}/site"
+    place = make_bucket("locked")
+    repo = f"s3://{place}/site"
+    bucket, prefix = split(place)
     host = Host.make("hv-l", tmp_path, s3_env)
     # a lock of 69 s (every step until the first prune must fit in it), chunks 9 s longer
     assert host.run("init", "--repo", repo, "--lock-days", "0.0008", "--lock-extend-days", "0.0001").code == 0
@@ -111,7 +112,7 @@ def test_prune_and_gc_leave_what_a_lock_holds_and_free_it_once_the_lock_ends(
     assert len(ok_json(host.run("list", "--repo", repo, "--json"))["backups"]) == 3
 
     s3 = client(s3_env)
-    manifest = f"site/vms/vm-l/{made[0]}/manifest.json"
+    manifest = f"{prefix}/site/vms/vm-l/{made[0]}/manifest.json"
     [version] = _versions(s3, bucket, manifest)[""]
     with pytest.raises(ClientError) as refused:  # the host's credentials cannot delete it
         s3.delete_object(Bucket=bucket, Key=manifest, VersionId=version["VersionId"])
@@ -127,7 +128,7 @@ def test_prune_and_gc_leave_what_a_lock_holds_and_free_it_once_the_lock_ends(
     freed = ok_json(host.run("gc", "--repo", repo, "--json"))
     assert freed["chunks_freed"] == 3 and freed["bytes_freed"] > 12 << 20, freed  # 2 pruned, 1 killed run's
     assert freed["locked_versions"] == 0 and freed["partial_backups"], freed
-    left = _versions(s3, bucket, "site/")
+    left = _versions(s3, bucket, f"{prefix}/site/")
     assert not [k for k in left if made[0] in k or made[1] in k], "versions of pruned backups stayed"
     assert all(len(v) <= 2 for k, v in left.items() if k.startswith("locks/")), "old lease versions stayed"
     assert all(len(v) == 1 for k, v in left.items() if k.startswith("chunks/"))
@@ -201,11 +202,12 @@ def _write_once_versions(s3: Any, bucket: str, prefix: str) -> dict[str, list[st
 def test_gc_stops_when_a_locked_backup_was_deleted_or_a_chunk_overwritten_behind_its_back(
     make_bucket: BucketMaker, s3_env: SeaweedServer, tmp_path: Path
 ) -> None:
-    bucket = make_bucket("locked")
+    bucket, root = split(make_bucket("locked"))
     host = Host.make("hv-t", tmp_path, s3_env)
     image = base_image(tmp_path / "vm-t.qcow2", size="64M", data_mib=8)
     s3 = client(s3_env)
-    for prefix, tamper in (("deleted", "manifest"), ("overwritten", "chunk")):
+    for name, tamper in (("deleted", "manifest"), ("overwritten", "chunk")):
+        prefix = f"{root}/{name}"
         repo = f"s3://{bucket}/{prefix}"
         assert host.run("init", "--repo", repo, "--lock-days", "1").code == 0
         made = ok_json(host.run("backup", "--repo", repo, "--image", image, "--json"))
@@ -227,8 +229,9 @@ def test_gc_stops_when_a_locked_backup_was_deleted_or_a_chunk_overwritten_behind
 def test_an_unlocked_repository_in_a_versioned_bucket_is_read_as_of_and_collected_for_good(
     make_bucket: BucketMaker, s3_env: SeaweedServer, tmp_path: Path
 ) -> None:
-    bucket = make_bucket("versioned")
-    repo = f"s3://{bucket}/site"
+    place = make_bucket("versioned")
+    repo = f"s3://{place}/site"
+    bucket, prefix = split(place)
     host = Host.make("hv-v", tmp_path, s3_env)
     image = base_image(tmp_path / "vm-v.qcow2", size="64M", data_mib=8)
     first = ok_json(host.run("backup", "--repo", repo, "--image", image, "--json"))["backup_id"]
@@ -247,6 +250,8 @@ def test_an_unlocked_repository_in_a_versioned_bucket_is_read_as_of_and_collecte
     freed = ok_json(host.run("gc", "--repo", repo, "--json"))
     assert freed["chunks_freed"] == 2 and freed["versions_freed"] > 2 and freed["locked_versions"] == 0, freed
     s3 = client(s3_env)
-    assert not [k for k in _versions(s3, bucket, "site/") if first in k]  # no version left: the space is free
+    assert not [
+        k for k in _versions(s3, bucket, f"{prefix}/site/") if first in k
+    ]  # no version left: the space is free
     s3.close()
     assert ok_json(host.run("list", *then, "--json"))["backups"] == []  # nothing locked it: gone for good

@@ -20,7 +20,7 @@ from typing import cast
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.integration.immutable.buckets import BucketMaker, client
+from tests.integration.immutable.buckets import BucketMaker, client, split
 from tests.integration.s3.seaweed import SeaweedServer
 from vmsnap.errors import NotFoundError, StoreError
 from vmsnap.repo.stores.base import LockMode, Retention
@@ -30,13 +30,13 @@ from vmsnap.repo.stores.s3 import S3Store
 pytestmark = pytest.mark.timeout(300)
 
 
-def _store(bucket: str) -> S3Store:
-    return S3Store.from_url(f"s3://{bucket}/probe")
+def _store(place: str) -> S3Store:
+    return S3Store.from_url(f"s3://{place}/probe")
 
 
 def test_the_bucket_says_whether_it_locks_and_keeps_versions(make_bucket: BucketMaker) -> None:
     locked, versioned, plain = make_bucket("locked"), make_bucket("versioned"), make_bucket("plain")
-    ruled = make_bucket("locked", default_days=1)
+    ruled = make_bucket("ruled")
     answers = {name: _store(name).locking() for name in (locked, versioned, plain, ruled)}
     assert (answers[locked].object_lock, answers[locked].versioning) == (True, True)
     assert answers[locked].default_retention is None
@@ -49,6 +49,7 @@ def test_a_locked_version_cannot_be_deleted_only_hidden_and_its_lock_only_extend
     locked_bucket: str, s3_env: SeaweedServer
 ) -> None:
     store = _store(locked_bucket)
+    bucket, prefix = split(locked_bucket)
     lock = retention_after("compliance", 3600)
     assert store.put("a", b"one", retention=lock)
     assert store.retention("a") == lock
@@ -62,11 +63,11 @@ def test_a_locked_version_cannot_be_deleted_only_hidden_and_its_lock_only_extend
     # deleting the locked version is refused: alone, in a batch, and with a bypass in COMPLIANCE
     s3 = client(s3_env)
     with pytest.raises(ClientError) as refused:
-        s3.delete_object(Bucket=locked_bucket, Key="probe/a", VersionId=first.version_id)
+        s3.delete_object(Bucket=bucket, Key=f"{prefix}/probe/a", VersionId=first.version_id)
     assert refused.value.response["Error"]["Code"] == "AccessDenied"
     with pytest.raises(ClientError):
         s3.delete_object(
-            Bucket=locked_bucket, Key="probe/a", VersionId=first.version_id, BypassGovernanceRetention=True
+            Bucket=bucket, Key=f"{prefix}/probe/a", VersionId=first.version_id, BypassGovernanceRetention=True
         )
     with pytest.raises(StoreError, match="refused to delete 1 of 1 object versions"):
         store.delete_versions([("a", first.version_id)])
@@ -77,15 +78,15 @@ def test_a_locked_version_cannot_be_deleted_only_hidden_and_its_lock_only_extend
     # extending: a later date holds; an earlier one is refused by the server and keeps the later one
     later = Retention("compliance", lock.until + dt.timedelta(days=2))
     s3.put_object_retention(
-        Bucket=locked_bucket,
-        Key="probe/a",
+        Bucket=bucket,
+        Key=f"{prefix}/probe/a",
         VersionId=first.version_id,
         Retention={"Mode": "COMPLIANCE", "RetainUntilDate": later.until},
     )
     with pytest.raises(ClientError):
         s3.put_object_retention(
-            Bucket=locked_bucket,
-            Key="probe/a",
+            Bucket=bucket,
+            Key=f"{prefix}/probe/a",
             VersionId=first.version_id,
             Retention={"Mode": "COMPLIANCE", "RetainUntilDate": lock.until},
         )
@@ -121,13 +122,14 @@ def test_a_governance_lock_can_be_lifted_with_a_bypass_a_compliance_one_cannot(
     locked_bucket: str, s3_env: SeaweedServer
 ) -> None:
     store = _store(locked_bucket)
+    bucket, prefix = split(locked_bucket)
     store.put("g", b"g", retention=retention_after("governance", 3600))
     [version] = list(store.list_versions("g"))
     s3 = client(s3_env)
     with pytest.raises(ClientError):
-        s3.delete_object(Bucket=locked_bucket, Key="probe/g", VersionId=version.version_id)
+        s3.delete_object(Bucket=bucket, Key=f"{prefix}/probe/g", VersionId=version.version_id)
     s3.delete_object(
-        Bucket=locked_bucket, Key="probe/g", VersionId=version.version_id, BypassGovernanceRetention=True
+        Bucket=bucket, Key=f"{prefix}/probe/g", VersionId=version.version_id, BypassGovernanceRetention=True
     )
     assert list(store.list_versions("g")) == []
     s3.close()
