@@ -62,7 +62,7 @@ def _check_locked_as_long_as_its_backups(repo_url: str) -> int:
     for manifest in repo.backups():
         own = store.retention(f"vms/{manifest.vm}/{manifest.backup_id}/manifest.json")
         assert own is not None and manifest.chunk_lock is not None
-        assert parse_time(manifest.chunk_lock) >= own.until - dt.timedelta(seconds=1), manifest.backup_id
+        assert parse_time(manifest.chunk_lock) >= own.until, manifest.backup_id
         for record in manifest.disks:
             for chunk_id in repo.index(manifest, record.name).referenced():
                 lock = store.retention(chunk_key(chunk_id))

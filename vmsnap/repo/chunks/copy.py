@@ -265,10 +265,10 @@ class ChunksCopy:
     def seal(self, definition: str | None) -> None:
         """Write the copy's definition (if any) and, last, its manifest."""
         m = self.manifest
-        chunk_lock = None
+        sealed = None
         locks = self.repo.chunk_locks
         if locks is not None:
-            chunk_lock = locks.secure(
+            sealed = locks.secure(
                 named=self.named, stored=self.stored, started=self.started, previous=None, previous_ids=None
             )
         definition_id = None
@@ -281,10 +281,13 @@ class ChunksCopy:
             format=CHUNKS_FORMAT,
             digest=INDEX_DIGEST,
             definition=definition_id,
-            chunk_lock=chunk_lock,
+            chunk_lock=sealed.chunk_lock if sealed is not None else None,
         )
         self.repo.store.put(
-            manifest_key(m.vm, m.backup_id), encode_manifest(copied, self.repo.key), if_absent=True
+            manifest_key(m.vm, m.backup_id),
+            encode_manifest(copied, self.repo.key),
+            if_absent=True,
+            retention=sealed.manifest if sealed is not None else None,
         )
 
 

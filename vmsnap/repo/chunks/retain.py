@@ -33,6 +33,8 @@ import threading
 import time
 from collections.abc import Set
 
+import attrs
+
 from vmsnap.errors import UsageError
 from vmsnap.processes import crash_point
 from vmsnap.repo.chunks.blob import ChunkId, chunk_key, parse_chunk_key
@@ -42,7 +44,7 @@ from vmsnap.repo.chunks.records import NEEDS_FULL, VMS
 from vmsnap.repo.locking import LockPolicy
 from vmsnap.repo.manifest import Manifest
 from vmsnap.repo.marker import MARKER
-from vmsnap.repo.stores.base import Store
+from vmsnap.repo.stores.base import Retention, Store
 from vmsnap.repo.stores.history import format_time, parse_time
 from vmsnap.repo.stores.retaining import RetentionRule, retention_after
 
@@ -81,6 +83,16 @@ def retention_rule(policy: LockPolicy) -> RetentionRule:
     return rule
 
 
+@attrs.frozen
+class Sealed:
+    """What :meth:`ChunkLocks.secure` made sure of: every chunk is locked until at least ``chunk_lock``
+    (UTC ISO 8601, for the manifest), which is no earlier than ``manifest`` — the lock to put the manifest
+    with."""
+
+    chunk_lock: str
+    manifest: Retention
+
+
 class ChunkLocks:
     """Keeps the chunks of the backups one process writes locked (see the module docstring); thread-safe.
 
@@ -104,9 +116,9 @@ class ChunkLocks:
         started: float,
         previous: Manifest | None,
         previous_ids: Set[ChunkId] | None,
-    ) -> str:
-        """Make sure every chunk in ``named`` is locked until at least now + ``days``, extending in one batch
-        those that are not known to be; returns the backup's ``chunk_lock`` (ISO 8601 UTC).
+    ) -> Sealed:
+        """Make sure every chunk in ``named`` is locked until at least now + ``days`` (the lock the manifest
+        is then put with), extending in one batch those that are not known to be.
 
         :param named: every chunk the new backup's indexes name
         :param stored: the chunks this backup stored (their put locked them)
@@ -117,7 +129,8 @@ class ChunkLocks:
         :raise StoreError: the store failed or refused an extension
         """
         now = time.time()
-        need = now + self.policy.seconds
+        manifest = retention_after(self.policy.mode, self.policy.seconds, now)
+        need = manifest.until.timestamp()
         stored_until = started + self.policy.chunk_seconds
         previous_until = _chunk_lock(previous)
         previous_usable = previous_until is not None and previous_until >= need and previous_ids is not None
@@ -153,8 +166,8 @@ class ChunkLocks:
                 self._known[chunk_id] = max(self._known.get(chunk_id, 0.0), stored_until)
             for chunk_id in extend:
                 self._known[chunk_id] = retention.until.timestamp()
-        lock = min(bounds) if bounds else retention.until.timestamp()
-        return format_time(dt.datetime.fromtimestamp(int(lock), dt.UTC))
+        lock = int(min(bounds) if bounds else retention.until.timestamp())  # whole seconds, down: >= need
+        return Sealed(format_time(dt.datetime.fromtimestamp(lock, dt.UTC)), manifest)
 
     def _extend(self, ids: list[ChunkId], until: dt.datetime) -> None:
         """Extend in two halves (a test stops a run between them)."""

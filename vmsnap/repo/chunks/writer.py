@@ -287,9 +287,9 @@ class ChunksWriter:
                 "a gc ran while this backup was running (its lease had expired)",
                 hint="take the backup again",
             )
-        chunk_lock = None
+        sealed = None
         if self.locks is not None:
-            chunk_lock = self.locks.secure(
+            sealed = self.locks.secure(
                 named=self._named,
                 stored=self._store.stored,
                 started=self.started,
@@ -313,10 +313,12 @@ class ChunksWriter:
             format=CHUNKS_FORMAT,
             digest=INDEX_DIGEST,
             definition=definition_id,
-            chunk_lock=chunk_lock,
+            chunk_lock=sealed.chunk_lock if sealed is not None else None,
         )
         key = manifest_key(self.vm, self.backup_id)
-        if not self.repo.store.put(key, encode_manifest(manifest, self.repo.key), if_absent=True):
+        data = encode_manifest(manifest, self.repo.key)
+        retention = sealed.manifest if sealed is not None else None  # no later than its chunks' locks
+        if not self.repo.store.put(key, data, if_absent=True, retention=retention):
             raise RepositoryError(f"{key} exists already", hint="a bug: backup ids are never reused")
         self._known_chunks.close()
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -48,12 +48,13 @@ def _extended(store: VersionedFake) -> list[str]:
 def test_a_first_backup_extends_every_chunk_it_found_not_those_it_stored() -> None:
     store = _store(1, 2, 3)
     locks = ChunkLocks(store, POLICY)
-    lock = locks.secure(
+    sealed = locks.secure(
         named=_ids(1, 2, 3, 4), stored=_ids(4), started=time.time(), previous=None, previous_ids=None
     )
     assert _extended(store) == sorted(chunk_key(c) for c in _ids(1, 2, 3))
     assert [key for key, _ in store.extended if not key.startswith("chunks/")] == ["vmsnap-repo.json"]
-    assert parse_time(lock).timestamp() >= time.time() + POLICY.seconds
+    assert parse_time(sealed.chunk_lock) >= sealed.manifest.until  # the manifest's lock ends no later
+    assert sealed.manifest.until.timestamp() >= time.time() + POLICY.seconds
 
 
 def test_the_previous_backups_chunk_lock_spares_its_chunks_until_it_falls_short() -> None:
@@ -61,11 +62,11 @@ def test_the_previous_backups_chunk_lock_spares_its_chunks_until_it_falls_short(
     locks = ChunkLocks(store, POLICY)
     now = time.time()
     covering = _previous(now + POLICY.chunk_seconds - 60)
-    lock = locks.secure(
+    sealed = locks.secure(
         named=_ids(1, 2, 9), stored=set(), started=now, previous=covering, previous_ids=_ids(1, 2, 3)
     )
     assert _extended(store) == [chunk_key(c) for c in _ids(9)]  # another VM's chunk: extended
-    assert lock == covering.chunk_lock  # no later than what the previous backup's covers
+    assert sealed.chunk_lock == covering.chunk_lock  # no later than what the previous backup's covers
     store.extended.clear()
     short = _previous(now + POLICY.seconds - 60)  # falls short of a new backup's lock
     fresh = ChunkLocks(store, POLICY)
