@@ -299,7 +299,7 @@ def test_export_of_a_thin_file_snapshot_activates_mounts_and_cleans_up() -> None
     assert commands(runner, "lvm", "mount", "umount", "mktemp", "rmdir") == [
         ("lvm", "lvchange", "-ay", "-K", "vg0/thin.vmsnap.b"),
         ("mktemp", "-d", "-p", "/tmp", "vmsnap-lvm.XXXXXX"),
-        ("mount", "-o", "ro", "/dev/vg0/thin.vmsnap.b", "/tmp/vmsnap-lvm.abc123"),
+        ("mount", "-o", "ro,nodev,nosuid,noexec", "/dev/vg0/thin.vmsnap.b", "/tmp/vmsnap-lvm.abc123"),
         ("umount", "/tmp/vmsnap-lvm.abc123"),
         ("rmdir", "/tmp/vmsnap-lvm.abc123"),
         ("lvm", "lvchange", "-an", "vg0/thin.vmsnap.b"),

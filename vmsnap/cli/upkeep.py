@@ -7,7 +7,16 @@ from typing import Any
 
 import attrs
 
-from vmsnap.cli.common import Command, add_key_option, add_repo_option, emit, mib, render_table
+from vmsnap.cli.common import (
+    Command,
+    add_key_option,
+    add_repo_option,
+    count,
+    emit,
+    finite_seconds,
+    mib,
+    render_table,
+)
 from vmsnap.cli.progress import disk_progress
 from vmsnap.errors import ChainError, ChecksumMismatchError, RepositoryError, UsageError
 from vmsnap.repo.copy import copy_backups
@@ -202,7 +211,7 @@ def _prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vm", metavar="NAME", help="only this VM (default: every VM)")
     for rule in KEEP_RULES:
         what = "backups" if rule == "last" else f"{rule} backups (the newest of each)"
-        parser.add_argument(f"--keep-{rule}", type=int, metavar="N", help=f"keep the newest N {what}")
+        parser.add_argument(f"--keep-{rule}", type=count, metavar="N", help=f"keep the newest N {what}")
     parser.add_argument("--dry-run", action="store_true", help="say what would go and why, remove nothing")
     add_key_option(parser)
 
@@ -224,7 +233,7 @@ def _gc_arguments(parser: argparse.ArgumentParser) -> None:
     add_repo_option(parser)
     parser.add_argument(
         "--wait",
-        type=float,
+        type=finite_seconds,
         default=0.0,
         metavar="SECONDS",
         help="wait this long for running backups and restores to end (default: refuse at once)",

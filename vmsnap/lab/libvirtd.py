@@ -25,7 +25,7 @@ from vmsnap import processes
 from vmsnap.errors import LibvirtError, UnsupportedError
 from vmsnap.lab.image.contents import AGENT_PORT
 from vmsnap.lab.qemu import kvm_usable, listening
-from vmsnap.runner import LocalRunner
+from vmsnap.runner import LocalRunner, child_environment
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 # QEMU runs as root on images in private 0700 temp dirs; there is no SELinux/AppArmor to label for
@@ -229,6 +229,7 @@ class Libvirtd:
             ["unshare", "--mount", "--propagation", "private", "--", "sleep", "infinity"],
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env=child_environment(),
         )
         holder = self._namespace.pid
         ours = os.readlink("/proc/self/ns/mnt")
@@ -258,7 +259,12 @@ class Libvirtd:
         assert self.workdir is not None
         with open(self.workdir / f"{name}.out", "wb") as out:
             process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=child_environment(),
             )
         self.started.append(process)
         return process

@@ -337,6 +337,9 @@ def test_snapshots_export_the_bytes_of_that_instant_for_an_image_file_and_a_whol
         with strategy.export(ref) as source:
             assert source.kind == ("file" if ref.disk.name == "vmimg" else "block")
             assert lab.sha(source.location) == before[ref.disk.name], ref.disk.name
+            if source.kind == "file":  # its filesystem, mounted for the export: nothing runs from it
+                (line,) = lab.sh("grep vmsnap-lvm /proc/self/mountinfo").splitlines()
+                assert {"ro", "nodev", "nosuid", "noexec"} <= set(line.split()[5].split(",")), line
     assert "vmsnap-lvm" not in lab.sh("ls /tmp; grep vmsnap-lvm /proc/self/mountinfo || true")
     fill = strategy.fill(refs[1])
     assert fill is not None and 0.0 < fill < 100.0
