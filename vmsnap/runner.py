@@ -12,6 +12,7 @@ import os
 import shlex
 import shutil
 import threading
+import typing
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -286,3 +287,11 @@ class SshRunner:
         result = self.run(["sh", "-c", 'command -v -- "$1"', "sh", name], ok_codes=(0, 1, 127))
         path = result.stdout.strip()
         return path if result.exit_code == 0 and path else None
+
+
+if not typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
+        from vmsnap import moved
+
+        return moved.resolve(__name__, name)

@@ -16,6 +16,7 @@ import argparse
 import logging
 import sys
 import traceback
+import typing
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -144,3 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             payload["error"] = error
         print_json(payload)
     return status
+
+
+if not typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
+        from vmsnap import moved
+
+        return moved.resolve(__name__, name)

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -423,3 +424,11 @@ def stop_domain_qemu(name: str, run_dir: Path = Path("/run/libvirt/qemu")) -> bo
         return False
     processes.terminate(pid, timeout=10)
     return True
+
+
+if not typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
+        from vmsnap import moved
+
+        return moved.resolve(__name__, name)
