@@ -90,8 +90,8 @@ def test_the_first_rounds_examples_import_with_warnings_naming_the_new_homes() -
         [
             "vmsnap.machine.QemuMachine is deprecated: import QemuMachine from vmsnap.vm.machine",
             "vmsnap.repository.Repository is deprecated: import Repository from vmsnap.repo.repository",
-            "vmsnap.strategies.backup.BlockdevBackupStrategy is deprecated: import BlockdevBackupStrategy from "
-            "vmsnap.strategies.blockdev_backup.strategy",
+            "vmsnap.strategies.backup.BlockdevBackupStrategy is deprecated: "
+            "import BlockdevBackupStrategy from vmsnap.strategies.blockdev_backup.strategy",
             "vmsnap.agent.frozen is deprecated: import frozen from vmsnap.vm.freeze",
             "vmsnap.imageio.guest_sha256 is deprecated: import guest_sha256 from vmsnap.image.digest",
             "vmsnap.registry.transport_class is deprecated: import transport_class from vmsnap.transports",
