@@ -1,7 +1,8 @@
 """The Python examples of the README — today's, and the first round's (README.md at f5455c8, which imports
-``vmsnap.machine`` and ``vmsnap.repository``) — run as written against a real VM: the lab guest named vm1,
-with a real qemu-ga, only the socket and directory paths changed. Each restores what the guest had at backup
-time, byte for byte; the first round's imports warn and name their new homes."""
+``vmsnap.machine`` and ``vmsnap.repository``) — and of docs/backup-and-restore.md run as written against a
+real VM: the lab guest named vm1, with a real qemu-ga, only the socket and directory paths changed. Each
+restores what the guest had at backup time, byte for byte; the first round's imports warn and name their
+new homes."""
 
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ Repository.open(Path("/backups")).restore("vm1", result.backup_id, Path("/restor
 """The Python example of the first round's README, verbatim (``git show f5455c8:README.md``)."""
 
 
-def readme_example() -> str:
-    """The README's Python example (the block that backs up and restores)."""
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+def readme_example(path: str = "README.md") -> str:
+    """The Python example of ``path`` that backs up and restores."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / path).read_text(), re.DOTALL)
     (block,) = [b for b in blocks if "Backup(" in b and ".restore(" in b]
     return block
 
@@ -67,7 +68,7 @@ def index_digests(repo: Path, backup_id: str) -> list[str]:
 
 def printed(out: str) -> tuple[str, str, list[str]]:
     """(backup id, kind, per-disk sha256) from the example's print line."""
-    backup_id, kind, _freeze_ms, rest = out.strip().split(" ", 3)
+    backup_id, kind, rest = out.strip().split(" ", 2)
     return backup_id, kind, re.findall(r"'([0-9a-f]{64})'", rest)
 
 
@@ -110,3 +111,14 @@ def test_the_readme_examples_back_up_and_restore_a_running_vm(
         b"written before the second backup\n"
     )
     assert index_digests(repo, second_id) == sorted(digests)
+
+    # docs/backup-and-restore.md has the same example (without freeze_ms): a third backup, incremental
+    guest.write_file("/mnt/data/third", b"written before the third backup\n")
+    guest.sync()
+    out = run_example(readme_example("docs/backup-and-restore.md"), guest, repo, tmp_path / "restore3")
+    third_id, kind, digests = printed(out)
+    assert kind == "incremental" and third_id > second_id
+    assert read_image_file(tmp_path / "restore3" / "data.qcow2", "/third", scratch=tmp_path) == (
+        b"written before the third backup\n"
+    )
+    assert index_digests(repo, third_id) == sorted(digests)
