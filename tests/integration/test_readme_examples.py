@@ -122,3 +122,18 @@ def test_the_readme_examples_back_up_and_restore_a_running_vm(
         b"written before the third backup\n"
     )
     assert index_digests(repo, third_id) == sorted(digests)
+
+
+@pytest.mark.guest
+def test_the_lab_guest_example_of_docs_consistency_md(tmp_path: Path) -> None:
+    """docs/consistency.md: a lab guest, a file written, an internal snapshot while frozen, e2fsck clean."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs/consistency.md").read_text(), re.DOTALL)
+    (code,) = [b for b in blocks if "LabGuest(" in b]
+    assert 'Path("/tmp/lab")' in code
+    code = code.replace('Path("/tmp/lab")', f'Path("{tmp_path / "lab"}")')
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "docs/consistency.md", "exec"), {"__name__": "docs_example"})
+    first, *rest = out.getvalue().splitlines()
+    assert first == "True"  # the snapshot taken frozen is a clean ext4
+    assert any("LVM version" in line for line in rest), rest
