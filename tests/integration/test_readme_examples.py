@@ -10,13 +10,16 @@ import contextlib
 import hashlib
 import io
 import re
+import subprocess
 import warnings
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import LabGuestFactory
+from tests.conftest import LabGuestFactory, RunningVm
+from tests.integration.cli_helpers import write
 from vmsnap.lab.guest import LabGuest, read_image_file
+from vmsnap.lab.qemu import qemu_io
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,3 +140,36 @@ def test_the_lab_guest_example_of_docs_consistency_md(tmp_path: Path) -> None:
     first, *rest = out.getvalue().splitlines()
     assert first == "True"  # the snapshot taken frozen is a clean ext4
     assert any("LVM version" in line for line in rest), rest
+
+
+def test_the_example_of_docs_backup_strategy_md(two_disk_vm: RunningVm, tmp_path: Path) -> None:
+    """docs/backup-strategy.md: a full and an incremental backup with the strategy alone (push), restorable
+    with qemu-img convert along the chain."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs/backup-strategy.md").read_text(), re.DOTALL)
+    (code,) = blocks
+    write(two_disk_vm, "disk0", "write -P 0x61 0 2M")
+    two_disk_vm.machine.close()
+    code = code.replace('"/run/vm1.qmp"', f'"{two_disk_vm.process.qmp_socket}"')
+    code = code.replace('Path("/backups/vm1/1")', f'Path("{tmp_path / "1"}")')
+    code = code.replace('Path("/backups/vm1/2")', f'Path("{tmp_path / "2"}")')
+    code = code.replace('f"/backups/vm1/1/', f'f"{tmp_path / "1"}/')
+    assert "/run/vm1" not in code and 'Path("/backups' not in code and 'f"/backups' not in code
+    first, second = code.split("inc = ", 1)
+    namespace: dict[str, object] = {"__name__": "docs_example"}
+    exec(compile(first, "docs/backup-strategy.md", "exec"), namespace)
+    qmp = namespace["vm"].qmp()  # type: ignore[attr-defined]  # the example's QMP connection
+    for command in ("write -P 0x62 1M 64k", "flush"):  # a guest write between the two backups
+        qemu_io(qmp, "disk0", command)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile("inc = " + second, "docs/backup-strategy.md", "exec"), namespace)
+    assert out.getvalue().split() == ["incremental"], out.getvalue()
+    namespace["vm"].close()  # type: ignore[attr-defined]
+    restored = tmp_path / "restored.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", str(tmp_path / "2" / "disk0.qcow2"), str(restored)], check=True
+    )
+    data = restored.read_bytes()
+    assert data[: 1 << 20] == b"\x61" * (1 << 20)
+    assert data[1 << 20 : (1 << 20) + 65536] == b"\x62" * 65536
+    assert data[(1 << 20) + 65536 : 2 << 20] == b"\x61" * ((1 << 20) - 65536)
