@@ -173,3 +173,14 @@ def test_the_example_of_docs_backup_strategy_md(two_disk_vm: RunningVm, tmp_path
     assert data[: 1 << 20] == b"\x61" * (1 << 20)
     assert data[1 << 20 : (1 << 20) + 65536] == b"\x62" * 65536
     assert data[(1 << 20) + 65536 : 2 << 20] == b"\x61" * ((1 << 20) - 65536)
+
+
+def test_the_first_example_of_docs_transports_md(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/transports.md: the nbd transport copies an image; the guest-visible digests match."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs/transports.md").read_text(), re.DOTALL)
+    monkeypatch.chdir(tmp_path)  # the example names its files relative to the working directory
+    image = tmp_path / "disk0.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x71 3M 5M", str(image)], check=True)
+    exec(compile(blocks[0], "docs/transports.md", "exec"), {"__name__": "docs_example"})
+    assert (tmp_path / "backup.qcow2").stat().st_mode & 0o777 == 0o600
