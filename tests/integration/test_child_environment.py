@@ -1,6 +1,6 @@
 """No secret reaches a process vmsnap starts: AWS credentials and the key file's path are read by vmsnap
 itself and stripped from every child's environment, read back here from ``/proc/<pid>/environ`` of real
-children: a command run by the runner and the ssh client (nbdkit serving an S3 repository:
+children: a command run by the runner, the ssh client and the thaw guard (nbdkit serving an S3 repository:
 tests/integration/restore/test_nbdkit_environment.py)."""
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from vmsnap.lab.guest import LabGuest
 from vmsnap.runner import SECRET_VARIABLES, LocalRunner, SshRunner
+from vmsnap.vm.freeze import frozen
 
 SECRETS = {
     "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
@@ -73,3 +75,27 @@ def test_the_ssh_client_gets_no_secrets(sshd: SshRunner, monkeypatch: pytest.Mon
         assert env and not set(env) & set(SECRET_VARIABLES), sorted(env)
     finally:
         running.join()
+
+
+@pytest.mark.guest
+def test_the_thaw_guard_gets_no_secrets(lab_guest: LabGuest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The detached thaw guard a freeze starts (it outlives vmsnap) inherits no secret."""
+    marker = f"claims-{os.getpid()}-{time.monotonic_ns()}"
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("VMSNAP_TEST_MARKER", marker)
+    with frozen(lab_guest.machine):
+        guards = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                env = environ(int(entry.name))
+            except OSError:
+                continue
+            if b"vmsnap.vm.freeze" in argv and env.get("VMSNAP_TEST_MARKER") == marker:
+                guards.append(env)
+    assert guards, "the thaw guard was not seen running"
+    for env in guards:
+        assert not set(env) & set(SECRET_VARIABLES), sorted(env)

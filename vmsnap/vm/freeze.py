@@ -23,6 +23,7 @@ from pathlib import Path
 
 from vmsnap import processes
 from vmsnap.errors import AgentCommandError, AgentError, AgentNotRespondingError, FreezeError
+from vmsnap.runner import child_environment
 from vmsnap.vm.agent import DEFAULT_TIMEOUT, FREEZE_TIMEOUT, FreezeReport, GuestAgent, SocketAgentChannel
 from vmsnap.vm.machine import Machine
 
@@ -215,7 +216,7 @@ class ThawGuard:
             intermediate = os.posix_spawn(
                 sys.executable,
                 self.argv(control_read, ready_write),
-                dict(os.environ),
+                child_environment(),  # no AWS secrets, no key file path
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                     (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
