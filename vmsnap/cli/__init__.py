@@ -1,8 +1,9 @@
 """The ``vmsnap`` command: parse arguments into frozen config, call the library, print the outcome.
 
 This package is the only part of vmsnap that prints. Exit status: 0 success, 2 usage error, 1 any other
-failure, with one line saying what failed and what to do (``--debug`` adds the traceback). ``--json`` prints
-one JSON object.
+failure (any exception, not only vmsnap's own), with one line saying what failed and what to do;
+``--debug`` adds vmsnap's log (every command run, a failed one's output) and the traceback. ``--json``
+prints exactly one JSON object on stdout, also on failure (with an ``"error"`` member) and for usage errors.
 
 Each command module (:mod:`~vmsnap.cli.repository`, :mod:`~vmsnap.cli.restore`, :mod:`~vmsnap.cli.upkeep`,
 :mod:`~vmsnap.cli.jobs`, :mod:`~vmsnap.cli.snapshots`, :mod:`~vmsnap.cli.tools`) holds its command functions
