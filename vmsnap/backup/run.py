@@ -162,6 +162,7 @@ class Backup:
         vm = validate_name(self.machine.name, "VM name")
         layout = Repository.traits_at(self.config.repo)
         resolved = resolve(self.machine, self.config, layout)  # bad options fail here, before any write
+        crash_point("before-repository")
         repo = Repository.open(
             self.config.repo, create=True, key_file=self.config.key_file, runner=self.machine.runner
         )

@@ -29,6 +29,7 @@ from vmsnap.image.nbd import QemuNbdServer
 from vmsnap.model import Disk, ExportSource
 from vmsnap.runner import Runner
 from vmsnap.vm.agent import GuestAgent
+from vmsnap.vm.guards import GuardPlan, GuardTarget, SshGuardSite
 from vmsnap.vm.machine import Machine
 from vmsnap.vm.qmp import QMPMonitor
 from vmsnap.vm.remote import RemoteHost
@@ -85,6 +86,7 @@ class RemoteMachine:
         self.runner: Runner = machine.runner
         self._forwards = tuple(forwards)
         self._owns_host = owns_host
+        self._guards: SshGuardSite | None = None
 
     @property
     def is_running(self) -> bool:
@@ -104,6 +106,20 @@ class RemoteMachine:
 
     def recover(self) -> list[str]:
         return self.machine.recover()
+
+    def guard_plan(self) -> GuardPlan | None:
+        """A guard on the other host for an agent socket forwarded from there (it outlives this process and
+        its SSH connection); a libvirt domain's guard as the domain says (its own libvirt connection)."""
+        plan = self.machine.guard_plan()
+        if plan is None or plan.target.kind != "socket":
+            return plan
+        local = Path(plan.target.address[0])
+        remote = next((r for r in self._forwards if self.host.local(r) == local), None)
+        if remote is None:  # not one of our forwards: the machine was made another way
+            return plan
+        if self._guards is None:
+            self._guards = SshGuardSite(self.host)
+        return GuardPlan(GuardTarget.socket(remote), self._guards)
 
     def close(self) -> None:
         """Close the machine, cancel its forwards (and close the connection when it owns it)."""
