@@ -461,6 +461,7 @@ def stop(args: argparse.Namespace) -> int:
         return 0
     with contextlib.suppress(ProcessLookupError):
         os.kill(args.pid, signal.SIGUSR1)
+        os.kill(args.pid, signal.SIGCONT)  # a stopped guard takes the SIGUSR1 first when it goes on
     deadline = time.monotonic() + 10.0
     while start_ticks(args.pid) == args.start:
         if time.monotonic() > deadline:
