@@ -120,6 +120,9 @@ def _freeze(
             agent.thaw_quietly()
             raise FreezeError(f"freezing the guest failed: {err.message}") from err
         frozen_at = time.monotonic()
+        # let go of a socket agent while frozen (QEMU serves it to one client at a time): should this process
+        # hang or its connection stall now, the guard can still get in and thaw
+        agent.close()
         holder = _ReportHolder(
             FreezeReport(
                 frozen_count=count,
