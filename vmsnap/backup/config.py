@@ -41,9 +41,10 @@ CRASH_POINTS = (
     "before-manifest",
 )
 
-EARLY_CRASH_POINTS = ("before-repository", "before-marker")
-"""Steps of a backup into a new repository before its marker exists: the machine opened and the options
-checked, nothing written; the directory made, the marker not yet written."""
+EARLY_CRASH_POINTS = ("before-repository", "before-marker", "store-put-unnamed")
+"""Steps of a backup into a new (local) repository before its marker exists: the machine opened and the
+options checked, nothing written; the directory made, the marker not yet written; the marker written into
+its temporary file, not yet under its name (the first put of a new repository's local store)."""
 
 
 @attrs.frozen
