@@ -155,7 +155,7 @@ class Repository:
     @classmethod
     def missing(cls, location: Path | str) -> str | None:
         """Why there is no repository at ``location``, as one line (``vmsnap recover`` says it): no such
-        directory, an empty one (or holding only what :meth:`clear_unmade` removes), an empty S3 prefix;
+        directory, an empty one (or one holding only what :meth:`clear_unmade` removes), an empty S3 prefix;
         None when there is a repository or other data there (:meth:`open` says which).
 
         :raise StoreError: an S3 store cannot be reached
@@ -169,8 +169,11 @@ class Repository:
         directory = Path(location)
         if not directory.exists() and not directory.is_symlink():
             return f"no vmsnap repository at {directory} (no such directory): nothing to undo in it"
-        if directory.is_dir() and not (directory / MARKER).exists() and _creation_leftovers(directory) == []:
-            return f"no vmsnap repository at {directory} (an empty directory): nothing to undo in it"
+        if directory.is_dir() and not (directory / MARKER).exists():
+            leftovers = _creation_leftovers(directory)
+            what = "an empty directory" if leftovers == [] else "only a half-written marker"
+            if leftovers is not None:
+                return f"no vmsnap repository at {directory} ({what}): nothing to undo in it"
         return None
 
     @classmethod
