@@ -153,7 +153,7 @@ def thaw_guest(machine: Machine) -> tuple[list[str], list[str]]:
     if agent is None:
         return [], ["the machine has no guest agent channel: nothing can have frozen it"]
     actions: list[str] = []
-    plan = machine.guard_plan()
+    plan = machine.guard_plan()  # (another host without python3 gives a plan for a guard here)
     if plan is not None:
         actions, holder = stand_down_leftovers(plan)
         if holder is not None and holder.pid == 0:

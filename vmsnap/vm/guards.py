@@ -351,6 +351,18 @@ class SshGuardSite(_Commands):
     def _runner(self) -> Runner:
         return self.remote.runner
 
+    def available(self) -> bool:
+        """True when a guard can run there (``python3`` and a guard directory: the program is copied there
+        now if it is not).
+
+        :raise CommandError: the host cannot be reached
+        """
+        try:
+            self._program()
+        except FreezeError:
+            return False
+        return True
+
     def _program(self) -> tuple[list[str], str]:
         if self._installed is None:
             source = PROGRAM.read_bytes()
@@ -455,6 +467,9 @@ class ThawGuard:
         line, channel = self.plan.site.launch(self.options(), target, log=self.log)
         word, _, pid = line.partition(" ")
         where = "" if self.plan.site.host == "local" else f" on {self.plan.site.host}"
+        if word != "ready" or not pid.isdigit():
+            channel.send(b"done\n")  # a guard that answers late must not thaw what we never froze
+            channel.close(wait=False)
         if word == "busy":
             raise FreezeError(
                 f"a thaw guard (pid {pid}{where}) of another vmsnap run still watches {target.description}; "
@@ -463,7 +478,6 @@ class ThawGuard:
                 "its guard",
             )
         if word != "ready" or not pid.isdigit():
-            channel.close(wait=False)
             raise FreezeError(
                 f"the thaw guard did not start{where} ({line or 'no answer'}); refusing to freeze without it",
                 hint="pass --quiesce off to back up without freezing",

@@ -19,6 +19,7 @@ commands on the VM's host, so it needs the repository on storage both hosts moun
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from vmsnap.vm.guards import GuardPlan, GuardTarget, SshGuardSite
 from vmsnap.vm.machine import Machine
 from vmsnap.vm.qmp import QMPMonitor
 from vmsnap.vm.remote import RemoteHost
+
+_log = logging.getLogger(__name__)
 
 _MAKE_DIR = """umask 077
 if [ -e "$1" ] || [ -L "$1" ]; then exit 0; fi
@@ -109,7 +112,12 @@ class RemoteMachine:
 
     def guard_plan(self) -> GuardPlan | None:
         """A guard on the other host for an agent socket forwarded from there (it outlives this process and
-        its SSH connection); a libvirt domain's guard as the domain says (its own libvirt connection)."""
+        its SSH connection); a libvirt domain's guard as the domain says (its own libvirt connection).
+
+        Where the other host cannot run one (no ``python3`` there), the guard runs here on the forwarded
+        socket, as the machine says: it thaws when this process dies while the SSH master still runs, not
+        when the connection dies (a warning says so).
+        """
         plan = self.machine.guard_plan()
         if plan is None or plan.target.kind != "socket":
             return plan
@@ -119,6 +127,13 @@ class RemoteMachine:
             return plan
         if self._guards is None:
             self._guards = SshGuardSite(self.host)
+        if not self._guards.available():
+            _log.warning(
+                "no thaw guard can run on %s (python3 is missing there): the guard runs here, through the "
+                "SSH connection, and cannot thaw the guest if that connection dies",
+                self.host.destination,
+            )
+            return plan
         return GuardPlan(GuardTarget.socket(remote), self._guards)
 
     def close(self) -> None:
