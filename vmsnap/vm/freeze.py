@@ -56,18 +56,20 @@ def frozen(
     timeout: float = FREEZE_TIMEOUT,
     guard: bool = True,
     guard_log: Path | None = None,
+    max_frozen: float = MAX_FROZEN,
 ) -> Iterator[FreezeReport]:
     """Freeze ``machine``'s guest filesystems for the body of the ``with``; thaw in every case.
 
     Before freezing, the machine's thaw guard (``machine.guard_plan()``) is started: if this process dies
     while the guest is frozen, even by SIGKILL, the guard thaws the guest within seconds; it also thaws when
     this process stops beating for :data:`~vmsnap.vm.guards.LEASE` s or the guest has been frozen ``timeout``
-    + :data:`~vmsnap.vm.guards.MAX_FROZEN` s. After thawing, ``guest-fsfreeze-status`` must say "thawed".
+    + ``max_frozen`` s. After thawing, ``guest-fsfreeze-status`` must say "thawed".
 
     :param mountpoints: freeze only these (``guest-fsfreeze-freeze-list``); default: every filesystem
     :param timeout: seconds for the freeze (hooks included) and for the thaw
     :param guard: start the thaw guard (when the machine has one: ``machine.guard_plan()``)
     :param guard_log: a file (on this host) where the guard notes what it did
+    :param max_frozen: seconds beyond ``timeout`` after which the guard thaws whatever this process says
     :raise FreezeError: no agent, the agent does not answer, it refused the freeze (the guest is thawed;
         when the agent stopped answering mid-freeze, the guard thaws it as soon as the agent answers), the
         guard could not start or another run's guard watches the guest (nothing frozen), or the guest was
@@ -82,7 +84,7 @@ def frozen(
     thaw_guard = None
     plan = machine.guard_plan() if guard else None
     if plan is not None:
-        thaw_guard = ThawGuard(plan, log=guard_log, deadline=timeout + MAX_FROZEN)
+        thaw_guard = ThawGuard(plan, log=guard_log, deadline=timeout + max_frozen)
     with _freeze(agent, mountpoints, timeout=timeout, guard=thaw_guard) as report:
         yield report
 
