@@ -165,6 +165,8 @@ def thaw_guest(machine: Machine) -> tuple[list[str], list[str]]:
                 f"freeze of the guest right now, watched by its thaw guard (pid {holder.pid}{where}): "
                 "left alone"
             ]
+    if not agent.is_responding():
+        return actions, ["the guest agent does not answer: whether the guest is frozen cannot be told"]
     try:
         status = agent.fsfreeze_status()
         if status != "frozen":
