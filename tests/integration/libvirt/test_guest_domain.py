@@ -29,7 +29,10 @@ from vmsnap.vm.libvirt.machine import LibvirtMachine
 from vmsnap.vm.libvirt.snapshots import (
     commit_external_snapshot,
     create_external_snapshot,
+    create_internal_snapshot,
+    delete_snapshot,
     external_snapshot_source,
+    internal_snapshot_source,
 )
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.guest]
@@ -158,6 +161,27 @@ def test_quiesced_cli_backup_of_a_domain_restores_a_clean_filesystem(
     assert read_image_file(restored, "/hello.txt", scratch=tmp_path) == b"hello from the guest\n"
     manifest = json.loads((repo / guest_domain.name / backup["backup_id"] / "manifest.json").read_text())
     assert manifest["quiesced"] is True
+
+
+def test_a_quiesced_internal_snapshot_freezes_under_a_guard_and_thaws(
+    guest_domain: GuestDomain, tmp_path: Path
+) -> None:
+    machine = guest_domain.machine
+    agent = machine.agent()
+    assert agent is not None
+    agent.write_file(f"{DATA_MOUNT}/before.txt", b"in the snapshot\n")  # only the freeze flushes it
+    snaps = create_internal_snapshot(machine, "qi1", quiesce=True)
+    assert agent.fsfreeze_status() == "thawed"
+    target = GuardTarget.libvirt(guest_domain.uri, str(machine.domain.UUIDString()), guest_domain.name)
+    assert LocalGuardSite().live(target) is None  # its guard ended with the thaw
+    source = internal_snapshot_source(snaps[0])
+    copy = tmp_path / "snapshot.qcow2"
+    snapshot = f"snapshot.name={source.image_opts['snapshot.name']}"
+    convert = ["qemu-img", "convert", "-U", "-O", "qcow2", "-l", snapshot, source.location, str(copy)]
+    subprocess.run(convert, check=True)
+    assert fsck_image(copy, scratch=tmp_path).clean
+    assert read_image_file(copy, "/before.txt", scratch=tmp_path) == b"in the snapshot\n"
+    delete_snapshot(machine, "qi1")
 
 
 def test_a_backup_killed_while_the_domain_is_frozen_is_thawed_by_its_guard(
