@@ -326,12 +326,12 @@ MOVED: dict[str, dict[str, str]] = {
         "stop_process": "vmsnap.processes:stop",
     },
     "vmsnap.thawguard": {
-        "DEFAULT_GIVE_UP": "vmsnap.vm.freeze",
-        "READY_TIMEOUT": "vmsnap.vm.freeze",
-        "ThawGuard": "vmsnap.vm.freeze",
-        "main": "vmsnap.vm.freeze",
-        "thaw_when_possible": "vmsnap.vm.freeze",
-        "wait_for_parent": "vmsnap.vm.freeze",
+        "DEFAULT_GIVE_UP": "vmsnap.vm.thawguard",
+        "READY_TIMEOUT": "vmsnap.vm.guards",
+        "ThawGuard": "vmsnap.vm.guards",
+        "main": "vmsnap.vm.thawguard",
+        "thaw_when_possible": "vmsnap.vm.thawguard",
+        "wait_for_parent": "vmsnap.vm.thawguard",
     },
 }
 """Old module → old name → its new home: ``module`` (same name) or ``module:name``."""

@@ -1,5 +1,6 @@
-"""Deprecated: ``vmsnap.thawguard`` of an older vmsnap. Its names live in ``vmsnap.vm.freeze`` now; each still
-imports from here, with a DeprecationWarning naming its new home (see :mod:`vmsnap.moved` and docs/api.md).
+"""Deprecated: ``vmsnap.thawguard`` of an older vmsnap. Its names live in ``vmsnap.vm.thawguard`` (the guard
+program) and ``vmsnap.vm.guards`` now; each still imports from here, with a DeprecationWarning naming its new
+home (see :mod:`vmsnap.moved` and docs/api.md).
 """
 
 from __future__ import annotations
