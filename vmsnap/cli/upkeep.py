@@ -7,6 +7,7 @@ from typing import Any
 
 import attrs
 
+from vmsnap.cli import boot
 from vmsnap.cli.common import Command, add_key_option, add_repo_option, emit, mib, render_table
 from vmsnap.cli.progress import disk_progress
 from vmsnap.errors import ChainError, ChecksumMismatchError, RepositoryError, UsageError
@@ -114,7 +115,11 @@ def _list_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Re-read backups and check every checksum, chunk and chain link; exit 1 naming the first problem."""
+    """Re-read backups and check every checksum, chunk and chain link; exit 1 naming the first problem.
+    With ``--boot``: boot one backup and judge it (:mod:`vmsnap.cli.boot`)."""
+    boot.check_boot_options(args)
+    if args.boot:
+        return boot.cmd_verify_boot(args)
     repo = Repository.open(args.repo, key_file=args.key_file)
     with disk_progress(not args.json) as progress:
         report = repo.verify(args.vm, args.backup, reader=args.reader, fast=args.fast, progress=progress)
@@ -154,6 +159,7 @@ def _verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fast", action="store_true", help="chunks layout: only check that every chunk exists (one listing)"
     )
+    boot.add_boot_arguments(parser)
 
 
 # -- prune and gc -------------------------------------------------------------------------------------------
@@ -294,6 +300,9 @@ COMMANDS = (
         "vmsnap verify --repo /backups --vm web1",
         cmd_verify,
         _verify_arguments,
+        more_examples=(
+            "vmsnap verify --boot --repo /backups --vm web1 --check 'systemctl is-system-running' --port 443",
+        ),
     ),
     Command(
         "prune",

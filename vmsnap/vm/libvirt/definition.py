@@ -107,3 +107,30 @@ def define_restored_domain(
         if own:
             conn.close()
     return name
+
+
+def remove_domain(name: str, uri: str | None) -> bool:
+    """Destroy domain ``name`` (and undefine it with its NVRAM and TPM state, were it persistent); True
+    when there was one. Never raises: libvirtd may be gone."""
+    from vmsnap.vm.libvirt.domain import open_connection
+
+    if libvirt is None:
+        return False
+    try:
+        connection = open_connection(uri)
+    except LibvirtError:
+        return False
+    try:
+        try:
+            domain = connection.lookupByName(name)
+        except libvirt.libvirtError:
+            return False
+        with contextlib.suppress(libvirt.libvirtError):
+            if domain.isActive():
+                domain.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        return True
+    finally:
+        with contextlib.suppress(Exception):
+            connection.close()
