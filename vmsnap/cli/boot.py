@@ -11,8 +11,8 @@ import argparse
 from vmsnap.cli.common import emit, note, sigterm_interrupts
 from vmsnap.cli.restore import run_root
 from vmsnap.errors import UsageError, VmsnapError
-from vmsnap.verify_boot import BootConfig, BootResult, verify_boot
-from vmsnap.verify_boot.run import DEFAULT_TIMEOUT
+from vmsnap.verify_boot.result import BootResult
+from vmsnap.verify_boot.run import DEFAULT_TIMEOUT, BootConfig, verify_boot
 
 BOOT_OPTIONS = ("check", "port", "timeout")
 
@@ -107,3 +107,12 @@ def human(result: BootResult) -> str:
     if result.reason:
         lines.append(f"  why: {result.reason}")
     return "\n".join(lines)
+
+
+def boot_cell(result: BootResult | None) -> str:
+    """A backup's latest boot verification in one table cell (``list``)."""
+    if result is None:
+        return "-"
+    if result.passed:
+        return f"passed, agent {result.seconds_to_agent:.0f} s"
+    return "FAILED"

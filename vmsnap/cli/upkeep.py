@@ -8,6 +8,7 @@ from typing import Any
 import attrs
 
 from vmsnap.cli import boot
+from vmsnap.cli.boot import boot_cell
 from vmsnap.cli.common import Command, add_key_option, add_repo_option, emit, mib, render_table
 from vmsnap.cli.progress import disk_progress
 from vmsnap.errors import ChainError, ChecksumMismatchError, RepositoryError, UsageError
@@ -15,6 +16,7 @@ from vmsnap.repo.copy import copy_backups
 from vmsnap.repo.manifest import Damaged, Manifest
 from vmsnap.repo.repository import Repository
 from vmsnap.repo.retention import RetentionPolicy
+from vmsnap.verify_boot.result import BootResult, latest_boot
 
 KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -60,10 +62,10 @@ def _init_arguments(parser: argparse.ArgumentParser) -> None:
 # -- list ---------------------------------------------------------------------------------------------------
 
 
-def _listed(manifest: Manifest) -> dict[str, Any]:
+def _listed(manifest: Manifest, boot: BootResult | None) -> dict[str, Any]:
     """A backup as ``list --json`` shows it: the manifest plus its cost (logical size, bytes newly stored,
-    chunks reused)."""
-    return {**manifest.to_json(), **manifest.summary()}
+    chunks reused) and its latest boot verification (``boot``: null when it was never booted)."""
+    return {**manifest.to_json(), **manifest.summary(), "boot": boot.summary() if boot else None}
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -74,6 +76,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.vm is not None and not backups and not damaged:
         repo.get(args.vm)  # raises NotFoundError naming the VMs that exist
     rows = []
+    boots = {m.backup_id: latest_boot(repo, m) for m in backups}
     for m in backups:
         cost = m.summary()
         logical = cost["logical_size"]
@@ -87,12 +90,13 @@ def cmd_list(args: argparse.Namespace) -> int:
                 mib(logical) if logical is not None else "-",
                 mib(m.size),
                 str(cost["reused_chunks"] if cost["reused_chunks"] is not None else "-"),
+                boot_cell(boots[m.backup_id]),
             ]
         )
-    headings = ["vm", "backup", "kind", "strategy", "created", "data", "stored", "reused chunks"]
+    headings = ["vm", "backup", "kind", "strategy", "created", "data", "stored", "reused chunks", "boot"]
     human = render_table(headings, rows) if rows else f"no backups in {repo.location}"
     payload = {
-        "backups": [_listed(m) for m in backups],
+        "backups": [_listed(m, boots[m.backup_id]) for m in backups],
         "damaged": [{"vm": d.vm, "backup_id": d.backup_id, "error": d.error.message} for d in damaged],
     }
     emit(args, payload, human)

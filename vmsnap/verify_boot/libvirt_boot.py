@@ -3,7 +3,7 @@ on the session's overlays, with the backup's UEFI variables and TPM state, and r
 
 A transient domain (``virDomainCreateXML``) leaves no definition behind;
 :func:`vmsnap.vm.libvirt.definition.remove_domain` destroys it by name for
-:func:`~vmsnap.verify_boot.session.recover`.
+:func:`~vmsnap.restore.boot_session.recover`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from vmsnap.verify_boot.session import BootSession, BootStartError
+from vmsnap.restore.boot_session import BootSession, BootStartError
 from vmsnap.vm.agent import GuestAgent
 from vmsnap.vm.libvirt.definition import restored_domain_xml
 from vmsnap.vm.libvirt.domain import (

@@ -1,6 +1,6 @@
 """Boot a bare QEMU's backup: its recorded command line rebuilt (:func:`vmsnap.verify_boot.plan`'s
 overlays, a new name and UUID, the session's own QMP, agent and console, a restricted NIC) and started as a
-process of this one's, with ``-pidfile`` in the session so that :func:`~vmsnap.verify_boot.session.recover`
+process of this one's, with ``-pidfile`` in the session so that :func:`~vmsnap.restore.boot_session.recover`
 finds it even when this process died before recording its pid.
 """
 
@@ -19,7 +19,7 @@ import attrs
 from vmsnap import processes
 from vmsnap.errors import VmsnapError
 from vmsnap.files import write_atomic
-from vmsnap.verify_boot.session import PID_FILE, BootSession, BootStartError
+from vmsnap.restore.boot_session import PID_FILE, BootSession, BootStartError
 from vmsnap.vm.machine_state import NVRAM, MachineState
 from vmsnap.vm.qemu_cmdline import BootDisk, BootPlan, parse_argv, parse_opts, rebuild
 from vmsnap.vm.qmp import QMPMonitor

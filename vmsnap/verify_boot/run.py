@@ -5,7 +5,7 @@ One verification, in order:
 1. resolve the backup and what boots it: the libvirt definition kept with it, else the bare QEMU command
    line kept as machine state (:mod:`vmsnap.vm.machine_state`); a backup with neither is refused before
    anything is made;
-2. under this host's boot lock, make a session (:mod:`vmsnap.verify_boot.session`): the backup's disks
+2. under this host's boot lock, make a session (:mod:`vmsnap.restore.boot_session`): the backup's disks
    served read-only over NBD and throwaway qcow2 overlays on them (:func:`vmsnap.restore.instant.prepare`:
    nothing is written to the repository, nothing to the live VM);
 3. start the copy (:mod:`~vmsnap.verify_boot.qemu_boot`, :mod:`~vmsnap.verify_boot.libvirt_boot`): a new
@@ -37,12 +37,12 @@ from vmsnap.repo.layout import RepositoryLayout
 from vmsnap.repo.manifest import Manifest
 from vmsnap.repo.repository import Repository
 from vmsnap.restore import instant
+from vmsnap.restore.boot_session import BootSession, boot_root, host_lock
 from vmsnap.restore.commands import DEFAULT_RUN_ROOT
 from vmsnap.verify_boot import probe
 from vmsnap.verify_boot.libvirt_boot import DomainCopy, start_domain_copy
 from vmsnap.verify_boot.qemu_boot import QemuCopy, start_copy
 from vmsnap.verify_boot.result import PREFIX, BootResult, CheckResult, PortResult, new_stamp
-from vmsnap.verify_boot.session import BootSession, boot_root, host_lock
 from vmsnap.vm.agent import GuestAgent
 from vmsnap.vm.machine_state import RECORD, MachineState
 
