@@ -289,7 +289,9 @@ def instant_restore(
     images = {name: to / f"{name}.qcow2" for name in backup.sources}
     instant_libvirt.check_domain_name(config.define, images, uri=config.connect)  # before anything is made
     restore = instant.prepare(backup.sources, config.to, run_dir=run_dir, runner=runner)
-    instant_libvirt.start_domain(restore, backup.domain_xml, name=config.define, uri=config.connect)
+    instant_libvirt.start_domain(
+        restore, backup.domain_xml, name=config.define, uri=config.connect, state=backup.machine
+    )
     result = instant_libvirt.stream_domain(
         restore.to, name=config.define, uri=config.connect, speed=config.speed, progress=progress
     )

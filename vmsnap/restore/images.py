@@ -17,6 +17,7 @@ from vmsnap.repo.manifest import Manifest
 from vmsnap.repo.progress import DiskProgress, no_progress
 from vmsnap.repo.reports import RestoredDisk
 from vmsnap.repo.repository import Repository
+from vmsnap.restore.backups import read_machine_state
 
 
 @attrs.frozen
@@ -60,7 +61,8 @@ def restore_images(
     key_file: Path | None = None,
 ) -> RestoreResult:
     """Write standalone, verified ``to/<disk>.qcow2`` images of a backup; with ``define``, also define (not
-    start) a libvirt domain of that name on them.
+    start) a libvirt domain of that name on them, with the UEFI variables (``to/<define>_VARS.fd``) and TPM
+    state kept with the backup.
 
     Everything that can be checked is checked before anything is written: the backup exists and, with
     ``define``, it holds a saved domain definition and no libvirt domain has that name yet.
@@ -92,7 +94,10 @@ def restore_images(
         from vmsnap.vm.libvirt.definition import define_restored_domain
 
         images = {d.name: d.path for d in restored}
-        defined = define_restored_domain(connect, definition, name=define, images=images)
+        state = read_machine_state(repo, manifest)  # UEFI variables and TPM state, when kept
+        defined = define_restored_domain(
+            connect, definition, name=define, images=images, state=state, nvram_dir=Path(to)
+        )
     return RestoreResult(manifest.vm, manifest.backup_id, manifest.kind, tuple(restored), defined)
 
 

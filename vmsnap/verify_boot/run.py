@@ -37,6 +37,7 @@ from vmsnap.repo.layout import RepositoryLayout
 from vmsnap.repo.manifest import Manifest
 from vmsnap.repo.repository import Repository
 from vmsnap.restore import instant
+from vmsnap.restore.backups import read_machine_state
 from vmsnap.restore.boot_session import BootSession, boot_root, host_lock
 from vmsnap.restore.commands import DEFAULT_RUN_ROOT
 from vmsnap.verify_boot import probe
@@ -44,7 +45,7 @@ from vmsnap.verify_boot.libvirt_boot import DomainCopy, start_domain_copy
 from vmsnap.verify_boot.qemu_boot import QemuCopy, start_copy
 from vmsnap.verify_boot.result import PREFIX, BootResult, CheckResult, PortResult, new_stamp
 from vmsnap.vm.agent import GuestAgent
-from vmsnap.vm.machine_state import RECORD, MachineState
+from vmsnap.vm.machine_state import MachineState
 
 DEFAULT_TIMEOUT = 300.0
 
@@ -103,15 +104,6 @@ class BootConfig:
             probe.check_argv(check)
 
 
-def _machine_state(repo: RepositoryLayout, manifest: Manifest) -> MachineState | None:
-    names = repo.attachments(manifest)
-    if RECORD not in names:
-        return None
-    record = json.loads(repo.attachment(manifest, RECORD))
-    files = {name: repo.attachment(manifest, name) for name in record.get("files", []) if name in names}
-    return MachineState.from_json(record, files)
-
-
 def _refuse(manifest: Manifest, state: MachineState | None) -> NotBootableError:
     where = f"backup {manifest.backup_id} of {manifest.vm}"
     if state is not None and state.refused is not None:
@@ -143,7 +135,7 @@ def verify_boot(
     repo = Repository.open(config.repo, key_file=config.key_file)
     manifest = repo.get(config.vm, config.backup_id)
     definition = repo.definition(manifest)
-    state = _machine_state(repo, manifest)
+    state = read_machine_state(repo, manifest)
     if definition is None and (state is None or state.argv is None):
         raise _refuse(manifest, state)
     stamp = new_stamp()
