@@ -18,13 +18,14 @@ import traceback
 from collections.abc import Sequence
 
 from vmsnap import __version__
-from vmsnap.cli import jobs, repository, restore, snapshots, tools, upkeep
+from vmsnap.cli import jobs, report, repository, restore, snapshots, tools, upkeep
 from vmsnap.cli.common import Command
 from vmsnap.errors import VmsnapError
 
 COMMANDS: tuple[Command, ...] = (
     *repository.COMMANDS,
     *upkeep.COMMANDS,
+    *report.COMMANDS,
     *restore.COMMANDS,
     *jobs.COMMANDS,
     *snapshots.COMMANDS,

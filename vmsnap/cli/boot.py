@@ -60,7 +60,8 @@ def check_boot_options(args: argparse.Namespace) -> None:
     if args.connect is not None:
         given.append("--connect")
     if given and not args.boot:
-        raise UsageError(f"{', '.join(given)} go with --boot", hint="add --boot to boot the backup")
+        verb = "goes" if len(given) == 1 else "go"
+        raise UsageError(f"{', '.join(given)} {verb} with --boot", hint="add --boot to boot the backup")
 
 
 def cmd_verify_boot(args: argparse.Namespace) -> int:
