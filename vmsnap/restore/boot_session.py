@@ -1,6 +1,7 @@
 """A boot verification's footprint on this host, recorded before each thing is made so that nothing outlives
-it: ``RUN_ROOT/boot/<vm>-<stamp>/`` (0700) holds the overlays, the NBD servers' directories, the copy's
-sockets, console log and firmware variables, and ``state.json``: the owner (pid and start time), the copy's
+it: ``RUN_ROOT/boot/<time>-<random>/`` (0700) holds the overlays, the NBD servers' directories, the copy's
+sockets, console log and firmware variables, and ``state.json``: the owner (pid and start time), the VM
+and backup, the copy's
 QEMU (pid, start time) or libvirt domain (name, URI), and a TPM state directory made for it.
 
 At most one boot runs per host at a time: :func:`host_lock` (an flock on ``RUN_ROOT/boot/.lock``, released
@@ -79,7 +80,7 @@ def host_lock(run_root: Path, *, wait: float) -> Iterator[None]:
 class BootSession:
     """One boot's private directory and its state file (see the module docstring).
 
-    :param directory: ``RUN_ROOT/boot/<vm>-<stamp>`` (made 0700)
+    :param directory: ``RUN_ROOT/boot/<time>-<random>`` (made 0700)
     """
 
     def __init__(self, directory: Path) -> None:
@@ -169,5 +170,6 @@ def recover(run_root: Path, *, runner: Runner | None = None) -> list[str]:
         if isinstance(holder, dict) and owner_alive(holder):
             continue
         done = cleanup(directory, state, runner or LocalRunner())
-        lines.append(f"undid the boot verification in {directory.name}: {'; '.join(done)}")
+        what = f"{state.get('vm', '?')}/{state.get('backup_id', '?')}"
+        lines.append(f"undid the boot verification of {what} in {directory}: {'; '.join(done)}")
     return lines

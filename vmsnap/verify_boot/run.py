@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -147,7 +148,9 @@ def verify_boot(
             except VmsnapError:
                 note("another boot verification runs on this host: waiting for it")
                 waiting.enter_context(host_lock(config.run_root, wait=config.lock_wait))
-            session = BootSession(boot_root(config.run_root) / f"{manifest.vm}-{stamp}")
+            # short: the copy's unix sockets are in it (108 bytes at most); the state names the VM
+            session = BootSession(boot_root(config.run_root) / f"{stamp[:15]}-{secrets.token_hex(3)}")
+            session.record(vm=manifest.vm, backup_id=manifest.backup_id)
             try:
                 result, png = _boot(config, session, manifest, definition, state, sources, started, stamp)
             finally:
