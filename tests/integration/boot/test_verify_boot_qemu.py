@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.boot.chromium import blank, check_images, open_page
 from tests.integration.boot.conftest import RootGuestFactory, image_digest, leftovers
 from tests.integration.cli_helpers import VMSNAP, cli_process
 from vmsnap.lab.guest import LabGuest
@@ -55,15 +56,6 @@ def _backup(guest: LabGuest, repo: Path, *extra: str) -> str:
 def _pause(guest: LabGuest) -> None:
     with guest.process.monitor() as qmp:  # type: ignore[union-attr]
         qmp.stop()
-
-
-def _blank_png(data: bytes) -> bool:
-    import io
-
-    import matplotlib.image
-
-    pixels = matplotlib.image.imread(io.BytesIO(data), format="png")
-    return bool(pixels.std() == 0)
 
 
 def test_a_backup_of_the_lab_guest_boots_and_a_wiped_one_does_not(
@@ -123,9 +115,19 @@ def test_a_backup_of_the_lab_guest_boots_and_a_wiped_one_does_not(
         kept = latest_boot(repository, manifest)
         assert kept is not None and kept.screenshot is not None
         screen = repository.attachment(manifest, kept.screenshot)
-        assert screen.startswith(PNG) and not _blank_png(screen)
+        assert screen.startswith(PNG) and not blank(screen)
     human = cli_process("list", "--repo", repo)
     assert "FAILED" in human.out and "passed, agent" in human.out
+
+    # the report, opened in headless Chromium: names and verdicts on the page, every image in place
+    report = cli_process("report", "--repo", repo, "--out", tmp_path / "report", "--json")
+    assert report.code == 0, report.err
+    page = tmp_path / "report" / "index.html"
+    sources = check_images(page)
+    assert any(s.startswith("charts/") for s in sources) and len([s for s in sources if "screens/" in s]) == 2
+    dom = open_page(page, tmp_path / "page.png")
+    assert "bootvm" in dom and "PASSED" in dom and "FAILED" in dom and "no root filesystem" in dom
+    assert not blank((tmp_path / "page.png").read_bytes())
     with guest.process.monitor() as qmp:  # type: ignore[union-attr]
         qmp.cont()
 
