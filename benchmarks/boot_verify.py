@@ -118,7 +118,8 @@ def markdown(data: dict[str, Any]) -> str:
         "# Boot verification: time to the agent, to the verdict, and bytes kept",
         "",
         "The lab guest (Debian kernel, root filesystem on its disk, qemu-ga) under bare QEMU, accelerator "
-        f"**{machine['accelerator'].upper()}** (the lab boots guests under TCG unless KVM is hardware-backed; "
+        f"**{machine['accelerator'].upper()}** (the lab boots guests under TCG unless KVM is "
+        "hardware-backed; "
         f"this host's is a software nested module), {machine['cores']} cores, "
         f"{machine['qemu']}; load average at the end {machine['load_average'][0]:.1f}. Each run is "
         "`vmsnap verify --boot` with one check and one port on a backup in a chunks repository "
