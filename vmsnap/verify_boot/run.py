@@ -108,9 +108,12 @@ class BootConfig:
 def _refuse(manifest: Manifest, state: MachineState | None) -> NotBootableError:
     where = f"backup {manifest.backup_id} of {manifest.vm}"
     if state is not None and state.refused is not None:
+        secret = "secret" in state.refused
         return NotBootableError(
             f"{where} cannot be booted: its QEMU command line was not kept because {state.refused}",
-            hint="give that secret by file (-object secret,file=…), take a new backup and verify that one",
+            hint="give that secret by file (-object secret,file=…), take a new backup and verify that one"
+            if secret
+            else "take a new backup on the VM's own host, through its QMP socket, and verify that one",
         )
     return NotBootableError(
         f"{where} has no bootable definition: it holds disk images only, with no libvirt definition and no "

@@ -20,6 +20,7 @@ back by ``restore --define``, ``instant-restore --define`` and ``verify --boot``
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -218,22 +219,25 @@ def _absolute(path: str, cwd: str | None) -> Path:
 
 
 def qemu_state_source(qmp_socket: Path, monitor: QMPMonitor) -> MachineStateSource:
-    """A bare QEMU's state: its command line (unless it carries a secret), disks and writable pflash.
-
-    :raise MachineStateError: the process behind the socket is no QEMU of this host
-    """
+    """A bare QEMU's state: its command line (unless it carries a secret, or its process cannot be found:
+    ``refused`` says why), disks and writable pflash."""
+    argv: list[str] | None = None
+    cwd: str | None = None
+    why: str | None = None
     try:
-        pid = peer_pid(qmp_socket)
+        pid = peer_pid(qmp_socket, timeout=2.0)
+        argv = processes.cmdline(pid)
+        if not argv or not Path(argv[0]).name.startswith("qemu-system-"):
+            why = f"the process behind {qmp_socket} (pid {pid}) is no qemu-system-*"
+            argv = None
+        else:
+            with contextlib.suppress(OSError):
+                cwd = os.readlink(f"/proc/{pid}/cwd")
     except CommandLineError as err:
-        raise MachineStateError(err.message) from err
-    argv = processes.cmdline(pid)
-    if not argv or not Path(argv[0]).name.startswith("qemu-system-"):
-        raise MachineStateError(f"the process behind {qmp_socket} (pid {pid}) is no qemu-system-*")
-    try:
-        cwd: str | None = os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        cwd = None
-    secret = find_secret(argv)
+        why = err.message
+    secret = find_secret(argv) if argv is not None else None
+    if secret is not None:
+        why = f"it carries a secret in {secret}"
     blocks = monitor.query_block()
     disks = []
     files: dict[str, Path] = {}
@@ -251,8 +255,8 @@ def qemu_state_source(qmp_socket: Path, monitor: QMPMonitor) -> MachineStateSour
         disks.append(RecordedDisk(disk.name, disk.node_name, str(disk.file), _qdev_id(disk.qdev)))
     state = MachineState(
         kind="qemu",
-        argv=None if secret else tuple(argv),
-        refused=f"it carries a secret in {secret}" if secret else None,
+        argv=tuple(argv) if argv is not None and why is None else None,
+        refused=why,
         cwd=cwd,
         disks=tuple(disks),
         nvram=nvram,
