@@ -20,6 +20,7 @@ GUEST_PROGRAMS: tuple[str, ...] = (
     "debugfs",
     "tune2fs",
     "dumpe2fs",
+    "chattr",
     "fsfreeze",
     "blkid",
     "dd",
