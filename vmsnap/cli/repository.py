@@ -163,7 +163,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
             report = recover_host(machine, args.repo, key_file=args.key_file, run_root=run_root())
     else:
         report = recover_host(None, args.repo, key_file=args.key_file, run_root=run_root())
-    what = report.vm or "this host's mounts and instant restores"
+    what = report.vm or "this host's mounts, instant restores and boot verifications"
     human = "\n".join(report.actions) if report.actions else f"{what}: nothing to recover"
     if args.repo is None and report.vm:
         human += "\n(pass --repo DIR to undo a dead backup's snapshots from its journal)"
