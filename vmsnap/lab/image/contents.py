@@ -111,6 +111,10 @@ export LC_ALL=C
 [ -e /proc/self ] || mount -t proc proc /proc
 [ -d /sys/class ] || mount -t sysfs sysfs /sys
 [ -e /dev/null ] || mount -t devtmpfs devtmpfs /dev
+if [ -e /@ROOT_MARKER@ ]; then
+    # on the root disk, run-time state is not kept across boots (qemu-ga's frozen marker among it)
+    for dir in /run /var/run /tmp; do mount -t tmpfs -o mode=755 tmpfs $dir; done
+fi
 mkdir -p /dev/pts /dev/shm /run/lock/lvm /run/lvm /tmp /var/log /var/run /mnt /etc/lvm/backup /etc/lvm/archive
 chmod 1777 /tmp
 modprobe -a @MODULES@
