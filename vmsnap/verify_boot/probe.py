@@ -6,6 +6,7 @@ screen and its serial console. Each works on any copy (bare QEMU or libvirt): a 
 from __future__ import annotations
 
 import contextlib
+import re
 import shlex
 import socket
 import time
@@ -69,9 +70,11 @@ def run_check(agent: GuestAgent, command: str, *, timeout: float = CHECK_TIMEOUT
         return CheckResult(
             command, None, "", f"did not finish within {timeout:g} s", time.monotonic() - started
         )
-    except CommandError as err:
+    except CommandError as err:  # guest-exec refused to start it (126: frozen, 127: no such program)
         why = err.stderr.strip() or err.message
-        if err.exit_code == 127:
+        inner = re.search(r"error was '(.*)'$", why)
+        why = inner.group(1) if inner else why
+        if err.returncode == 127:
             why = f"no such command in the guest ({why})"
         return CheckResult(command, None, "", why, time.monotonic() - started)
     except AgentError as err:
