@@ -72,7 +72,8 @@ class LabGuest:
     :param boot_timeout: seconds to wait for the agent's first answer
     :param root_disk: boot with the root filesystem on this qcow2 image (serial ``root``, made by
         :func:`vmsnap.lab.rootfs.make_root_disk` when missing) instead of running from the initramfs
-    :param display: give the guest a VGA device (kernel messages on it too), for screenshots
+    :param display: give the guest a VGA device with the kernel's warnings and errors on it (its early VGA
+        console, kept: ``earlyprintk=vga,keep``), for screenshots
     """
 
     def __init__(
@@ -129,7 +130,9 @@ class LabGuest:
             drives.append(DriveSpec(self.root_disk, ROOT_SERIAL, serial=ROOT_SERIAL))
             append = f"{append} {ROOT_APPEND}"
         if self.display:
-            append = f"console=tty0 {append}"  # the last console= stays /dev/console: the serial port
+            # PVH sets up no text console: the kernel's early VGA console, kept, shows its messages (and
+            # what the init writes to /dev/kmsg) on the screen; /dev/console stays the serial port
+            append = f"{append} earlyprintk=vga,keep"
             extra_args += ["-device", "VGA"]
         if self.data_image is not None and self.data_disk_size is not None:
             if not self.data_image.exists():

@@ -35,7 +35,7 @@ def lab_domain_xml(
     2.0."""
     if not root.exists():
         make_root_disk(image, root, size="128M")
-    kernel = image.efi_kernel if uefi_vars is not None else image.kernel
+    kernel = image.bzimage if uefi_vars is not None else image.kernel
     assert kernel is not None
     firmware = ""
     if uefi_vars is not None:

@@ -102,7 +102,7 @@ class LabImageBuilder:
             append=KERNEL_APPEND,
             key=key,
             kernel_package=f"{package}={version}",
-            efi_kernel=target / "vmlinuz",
+            bzimage=target / "vmlinuz",
         )
         if not force and (target / "manifest.json").exists():
             return image

@@ -138,9 +138,8 @@ if [ -n "$root" ] && [ ! -e /@ROOT_MARKER@ ]; then
         for fs in dev proc sys; do mount --move /$fs /newroot/$fs; done
         exec switch_root /newroot /init
     fi
-    for out in /dev/console /dev/tty0; do
-        echo "vmsnap-lab: no root filesystem on virtio-$root: the guest stops here" > $out 2>/dev/null
-    done
+    echo "vmsnap-lab: no root filesystem on virtio-$root: the guest stops here" > /dev/console
+    echo "<2>vmsnap-lab: no root filesystem on virtio-$root: the guest stops here" > /dev/kmsg
     while :; do sleep 3600; done
 fi
 for dev in /sys/block/vd*; do
