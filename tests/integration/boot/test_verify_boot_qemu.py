@@ -205,3 +205,32 @@ def test_killed_mid_boot_leaves_nothing_after_recover(
     again = cli_process("recover", "--json")
     assert not any("boot verification" in a for a in again.json()["actions"])
     assert guest.process is not None and guest.process.alive() and guest.is_thawed()
+
+
+def test_a_job_boot_verifies_each_new_backup_and_reports_it_in_its_metrics(
+    root_guest: RootGuestFactory, run_root: Path, tmp_path: Path
+) -> None:
+    guest = root_guest(name="jobvm", display=False)
+    proof = _prepare(guest)
+    guest.machine.close()
+    metrics = tmp_path / "nightly.prom"
+    job = tmp_path / "nightly.toml"
+    job.write_text(
+        f'repository = "{tmp_path / "repo"}"\nmetrics = "{metrics}"\nverify_boot = "latest"\n'
+        f'verify_boot_every = "7d"\nverify_boot_checks = ["cat /root/proof"]\nverify_boot_timeout = 240\n'
+        f'[[vm]]\nqmp = "{guest.qmp_socket}"\nagent = "{guest.agent_socket}"\nname = "jobvm"\n'
+    )
+    first = cli_process("run", job, "--json", timeout=900)
+    assert first.code == 0, first.err
+    [vm] = first.json()["vms"]
+    assert vm["boot"]["verdict"] == "passed" and vm["boot"]["seconds_to_agent"] > 0
+    text = metrics.read_text()
+    assert 'vmsnap_boot_verify_last_status{job="nightly",vm="jobvm"} 1' in text
+    assert "vmsnap_boot_verify_last_seconds_to_agent" in text
+    listed = cli_process("list", "--repo", tmp_path / "repo", "--json").json()["backups"]
+    assert listed[-1]["boot"]["checks"] == [{"command": "cat /root/proof", "exit_code": 0, "error": None}]
+    again = cli_process("run", job, "--json", timeout=900)  # within verify_boot_every: not booted again
+    assert again.code == 0, again.err
+    assert again.json()["vms"][0]["boot"]["verdict"] == "skipped"
+    assert 'vmsnap_boot_verify_last_status{job="nightly",vm="jobvm"} 1' in metrics.read_text()
+    assert proof and leftovers(run_root) == []
