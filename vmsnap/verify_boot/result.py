@@ -84,8 +84,10 @@ class BootResult:
     :param verdict: "passed" when the agent answered, every check exited 0 and every port was open
     :param reason: why it failed (one line), None when it passed
     :param kind: "qemu" (rebuilt command line) or "libvirt" (saved definition)
-    :param seconds_to_agent: from the command to the agent's first answer (None: it never answered)
-    :param seconds: from the command to the verdict
+    :param seconds_to_agent: from the start of the boot (the backup resolved and this host's boot lock
+        held: a verification waiting for another one is not counted) to the agent's first answer (None: it
+        never answered)
+    :param seconds: from the start of the boot to the verdict (the copy stopped, everything removed)
     :param timeout: the seconds the agent was given
     :param osinfo: ``guest-get-osinfo``'s answer
     :param checks: each check's result

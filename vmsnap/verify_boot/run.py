@@ -39,7 +39,7 @@ from vmsnap.repo.manifest import Manifest
 from vmsnap.repo.repository import Repository
 from vmsnap.restore import instant
 from vmsnap.restore.backups import read_machine_state
-from vmsnap.restore.boot_session import BootSession, boot_root, host_lock
+from vmsnap.restore.boot_session import BootBusyError, BootSession, boot_root, host_lock
 from vmsnap.restore.commands import DEFAULT_RUN_ROOT
 from vmsnap.verify_boot import probe
 from vmsnap.verify_boot.libvirt_boot import DomainCopy, start_domain_copy
@@ -135,7 +135,6 @@ def verify_boot(
     :raise BootBusyError: another boot verification held this host for ``lock_wait`` seconds
     :raise BootStartError: the copy did not start
     """
-    started = time.monotonic()
     repo = Repository.open(config.repo, key_file=config.key_file)
     manifest = repo.get(config.vm, config.backup_id)
     definition = repo.definition(manifest)
@@ -148,9 +147,10 @@ def verify_boot(
         with contextlib.ExitStack() as waiting:
             try:
                 waiting.enter_context(host_lock(config.run_root, wait=0))
-            except VmsnapError:
+            except BootBusyError:
                 note("another boot verification runs on this host: waiting for it")
                 waiting.enter_context(host_lock(config.run_root, wait=config.lock_wait))
+            started = time.monotonic()  # the guest's time starts once it may boot, not while waiting
             # short: the copy's unix sockets are in it (108 bytes at most); the state names the VM
             session = BootSession(boot_root(config.run_root) / f"{stamp[:15]}-{secrets.token_hex(3)}")
             session.record(vm=manifest.vm, backup_id=manifest.backup_id)
