@@ -87,7 +87,7 @@ class BootResult:
     :param seconds_to_agent: from the start of the boot (the backup resolved and this host's boot lock
         held: a verification waiting for another one is not counted) to the agent's first answer (None: it
         never answered)
-    :param seconds: from the start of the boot to the verdict (the copy stopped, everything removed)
+    :param seconds: from the start of the boot to the verdict (the copy stopped, its console read)
     :param timeout: the seconds the agent was given
     :param osinfo: ``guest-get-osinfo``'s answer
     :param checks: each check's result
