@@ -43,8 +43,10 @@ def lab_domain_xml(
             f"<loader readonly='yes' type='pflash'>{OVMF_CODE}</loader>"
             f"<nvram template='{OVMF_VARS}'>{escape(str(uefi_vars))}</nvram>"
         )
-    screen = "console=tty0" if uefi_vars is not None else "earlyprintk=vga,keep"  # PVH has no text console
-    cmdline = f"{image.append} {ROOT_APPEND} {screen}"
+    # the last console= is /dev/console: the serial port; PVH sets up no text console (the early one is kept)
+    cmdline = f"{image.append} {ROOT_APPEND} earlyprintk=vga,keep"
+    if uefi_vars is not None:
+        cmdline = f"console=tty0 {image.append} {ROOT_APPEND}"
     tpm_device = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>" if tpm else ""
     return (
         f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>512</memory><vcpu>1</vcpu>"
