@@ -62,13 +62,12 @@ def root_guest(lab_image: LabImage, tmp_path: Path) -> Iterator[RootGuestFactory
 def image_digest(image: Path) -> str:
     """sha256 of an image's guest-visible bytes (read with -U: a running QEMU may hold it)."""
     digest = hashlib.sha256()
-    with subprocess.Popen(
-        ["qemu-img", "convert", "-U", "-O", "raw", str(image), "/dev/stdout"], stdout=subprocess.PIPE
-    ) as reader:
-        assert reader.stdout is not None
-        for block in iter(lambda: reader.stdout.read(1 << 20), b""):  # type: ignore[union-attr]
-            digest.update(block)
-    assert reader.returncode == 0
+    with tempfile.TemporaryDirectory(prefix=".digest-", dir=image.parent) as tmp:
+        raw = Path(tmp) / "disk.raw"
+        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(image), str(raw)], check=True)
+        with open(raw, "rb") as data:
+            for block in iter(lambda: data.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
