@@ -30,6 +30,8 @@ from vmsnap.vm.libvirt.firmware import place_tpm_state, set_nvram, tpm_state_dir
 from vmsnap.vm.machine_state import NVRAM, TPM, MachineState
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+NIC_SLOT = "0x19"
+"""The PCI slot of the restricted NIC added to a copy (on the root bus)."""
 
 
 def boot_domain_xml(
@@ -75,12 +77,16 @@ def boot_domain_xml(
         ET.SubElement(channel, "target", {"type": "virtio", "name": AGENT_CHANNEL})
     if ports:
         forwards = ",".join(f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for guest, host in sorted(ports.items()))
+        # QEMU sees these arguments before libvirt's devices: an address of its own, which libvirt's
+        # allocator (integrated devices from slot 1 up, root ports after them) does not hand out
+        machine = root.find("os/type")
+        bus = "pcie.0" if machine is not None and "q35" in (machine.get("machine") or "") else "pci.0"
         commandline = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
         for arg in (
             "-netdev",
             f"user,id=vmsnap-net0,restrict=on,{forwards}",
             "-device",
-            "virtio-net-pci,netdev=vmsnap-net0",
+            f"virtio-net-pci,netdev=vmsnap-net0,bus={bus},addr={NIC_SLOT}",
         ):
             ET.SubElement(commandline, f"{{{QEMU_NS}}}arg", {"value": arg})
     return root

@@ -72,7 +72,7 @@ def test_the_throwaway_domain_has_no_route_out_and_its_own_sockets(tmp_path: Pat
         "-netdev",
         "user,id=vmsnap-net0,restrict=on,hostfwd=tcp:127.0.0.1:41080-:80",
         "-device",
-        "virtio-net-pci,netdev=vmsnap-net0",
+        "virtio-net-pci,netdev=vmsnap-net0,bus=pcie.0,addr=0x19",
     ]
     text = ET.tostring(root, encoding="unicode")
     assert "5900" not in text and "52:54:00:aa:bb:cc" not in text and "/srv/web1.qcow2" not in text
