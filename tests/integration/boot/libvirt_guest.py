@@ -54,7 +54,7 @@ def lab_domain_xml(
         f"<kernel>{escape(str(kernel))}</kernel><initrd>{escape(str(image.initrd))}</initrd>"
         f"<cmdline>{escape(cmdline)}</cmdline></os>"
         "<cpu mode='custom' match='exact' check='none'><model fallback='allow'>qemu64</model></cpu>"
-        "<on_reboot>destroy</on_reboot>"
+        "<features><acpi/></features><on_reboot>destroy</on_reboot>"
         "<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>"
         "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
         f"<source file={quoteattr(str(root))}/><target dev='vda' bus='virtio'/><serial>root</serial></disk>"

@@ -115,6 +115,7 @@ def _efi_value(agent: Any) -> str:
     return sh(agent, f"od -An -tx1 {VARIABLE} | tr -d ' \\n'").stdout
 
 
+@pytest.mark.timeout(1800)  # two boots through OVMF under TCG: several minutes each on a loaded 2-core host
 def test_uefi_variables_and_tpm_state_come_back_with_restore_define(
     libvirtd: Libvirtd, lab_image: LabImage, domains: list[str], run_root: Path, tmp_path: Path
 ) -> None:
@@ -148,6 +149,7 @@ def test_uefi_variables_and_tpm_state_come_back_with_restore_define(
         sh(agent, f"chattr -i {VARIABLE}; printf '\\007\\000\\000\\000{_octal(after)}' > {VARIABLE}")
         tpm(agent, nv_write(nv_after))
         assert _efi_value(agent) == "07000000" + after.hex() and nv_value(agent, 32) == nv_after
+        dom.destroy()  # the original is lost; its variables file and TPM hold the changed values
     finally:
         conn.close()
 
