@@ -9,13 +9,14 @@ import attrs
 
 from vmsnap.cli import boot
 from vmsnap.cli.boot import boot_cell
-from vmsnap.cli.common import Command, add_key_option, add_repo_option, emit, mib, render_table
+from vmsnap.cli.common import Command, add_key_option, add_repo_option, emit, mib, note, render_table
 from vmsnap.cli.progress import disk_progress
 from vmsnap.errors import ChainError, ChecksumMismatchError, RepositoryError, UsageError
 from vmsnap.repo.copy import copy_backups
 from vmsnap.repo.manifest import Damaged, Manifest
 from vmsnap.repo.repository import Repository
 from vmsnap.repo.retention import RetentionPolicy
+from vmsnap.repo.verify_records import record_verification
 from vmsnap.verify_boot.result import BootResult, latest_boot
 
 KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
@@ -127,6 +128,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     repo = Repository.open(args.repo, key_file=args.key_file)
     with disk_progress(not args.json) as progress:
         report = repo.verify(args.vm, args.backup, reader=args.reader, fast=args.fast, progress=progress)
+    for line in record_verification(repo, report, fast=args.fast):  # beside each backup, for vmsnap report
+        note(line)
     payload = {
         "ok": report.ok,
         "reader": report.reader,

@@ -23,6 +23,7 @@ from vmsnap.jobs.metrics import Series, read_series
 from vmsnap.repo.layout import RepositoryLayout
 from vmsnap.repo.manifest import Manifest
 from vmsnap.repo.retention import backup_time
+from vmsnap.repo.verify_records import VerifyRecord, latest_verification
 from vmsnap.verify_boot.result import BootResult, latest_boot
 
 CHUNK_SIZE = 4 * 1024 * 1024
@@ -34,6 +35,7 @@ class BackupRow:
 
     :param new_chunk_bytes: the chunks stored first, counted at the chunk size (None: not recorded)
     :param screenshot: the PNG of its latest boot verification, when it had one
+    :param verified: its latest ``vmsnap verify`` record, when one was kept
     """
 
     vm: str
@@ -47,6 +49,7 @@ class BackupRow:
     new_chunks: int | None
     boot: BootResult | None = None
     screenshot: bytes | None = None
+    verified: VerifyRecord | None = None
 
     @property
     def dedup(self) -> float | None:
@@ -116,6 +119,7 @@ def _row(repo: RepositoryLayout, manifest: Manifest) -> BackupRow:
         new_chunks=sum(s.new_chunks for s in stats) if stats else None,
         boot=boot,
         screenshot=screenshot,
+        verified=latest_verification(repo, manifest),
     )
 
 

@@ -90,6 +90,20 @@ def _boot_cell(row: BackupRow, screens: Path, images: list[Path]) -> str:
     return "<td class='l'>" + "<br>".join(parts) + "</td>"
 
 
+def _verify_cell(row: BackupRow) -> str:
+    record = row.verified
+    if record is None:
+        return "<td class='l'>not verified</td>"
+    stamp = record.stamp
+    when = f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]} {stamp[9:11]}:{stamp[11:13]}"
+    what = "chunks exist" if record.fast else f"every checksum ({html.escape(record.reader)})"
+    if record.ok:
+        return f"<td class='l'><span class='passed'>OK</span> {when}<br>{what}</td>"
+    problems = "<br>".join(html.escape(p) for p in record.problems[:5])
+    count = len(record.problems)
+    return f"<td class='l'><span class='failed'>{count} PROBLEM(S)</span> {when}<br>{problems}</td>"
+
+
 def _vm_section(vm: VmReport, out: Path, images: list[Path]) -> str:
     timeline = charts.timeline_chart(vm, out / "charts" / f"{_safe(vm.vm)}-timeline.png")
     cost = charts.cost_chart(vm, out / "charts" / f"{_safe(vm.vm)}-cost.png")
@@ -101,7 +115,7 @@ def _vm_section(vm: VmReport, out: Path, images: list[Path]) -> str:
             f"<td class='l'>{html.escape(row.backup_id)}</td><td class='l'>{row.time:%Y-%m-%d %H:%M:%S}</td>"
             f"<td class='l'>{html.escape(row.kind)}</td>"
             f"<td>{_size(row.logical)}</td><td>{_size(row.stored)}</td>"
-            f"<td>{_ratio(row.dedup)}</td><td>{_ratio(row.compression)}</td>"
+            f"<td>{_ratio(row.dedup)}</td><td>{_ratio(row.compression)}</td>{_verify_cell(row)}"
             f"{_boot_cell(row, out / 'screens', images)}</tr>"
         )
     name = html.escape(vm.vm)
@@ -111,7 +125,9 @@ def _vm_section(vm: VmReport, out: Path, images: list[Path]) -> str:
         f"<img class='chart' src='charts/{timeline.name}' alt='{name} backups on a timeline'>"
         f"<img class='chart' src='charts/{cost.name}' alt='{name} logical vs stored bytes'>"
         "<table><tr><th>backup</th><th>time (UTC)</th><th>kind</th><th>logical</th><th>stored</th>"
-        "<th>dedup</th><th>compressed to</th><th>boot verification</th></tr>" + "".join(rows) + "</table>"
+        "<th>dedup</th><th>compressed to</th><th>verify</th><th>boot verification</th></tr>"
+        + "".join(rows)
+        + "</table>"
     )
 
 

@@ -25,6 +25,17 @@ def test_report_of_an_encrypted_repository_needs_its_key_and_opens_in_chromium(t
         )
         done = cli_process("backup", "--repo", repo, "--key-file", key, "--image", image, "--name", "dbvm")
         assert done.code == 0, done.err
+    assert cli_process("verify", "--repo", repo, "--key-file", key).code == 0  # a record beside each backup
+    chunk = max((p for p in (repo / "chunks").rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime)
+    damaged = bytearray(chunk.read_bytes())
+    damaged[-1] ^= 0xFF
+    chunk.write_bytes(bytes(damaged))  # the newest backup's own chunk: its next verification finds it
+    assert (
+        cli_process(
+            "verify", "--repo", repo, "--key-file", key, "--vm", "dbvm", "--backup", newest(repo, key)
+        ).code
+        == 1
+    )
     refused = cli_process("report", "--repo", repo, "--out", tmp_path / "out")
     assert refused.code == 1 and "encrypted" in refused.error_line and "--key-file" in refused.error_line
     made = cli_process("report", "--repo", repo, "--key-file", key, "--out", tmp_path / "out", "--json")
@@ -36,6 +47,12 @@ def test_report_of_an_encrypted_repository_needs_its_key_and_opens_in_chromium(t
         "charts/growth.png",
     ]
     dom = open_page(page, tmp_path / "shot.png")
-    assert "dbvm" in dom and "not verified" in dom and dom.count("<tr>") >= 4
+    assert "dbvm" in dom and "not verified" in dom and dom.count("<tr>") >= 4  # never booted
+    assert dom.count(">OK<") == 2 and "1 PROBLEM(S)" in dom and "damaged" in dom
     assert not blank((tmp_path / "shot.png").read_bytes())
     assert (page.stat().st_mode & 0o777) == 0o644
+
+
+def newest(repo: Path, key: Path) -> str:
+    listed = cli_process("list", "--repo", repo, "--key-file", key, "--json")
+    return str(listed.json()["backups"][-1]["backup_id"])
