@@ -62,6 +62,7 @@ def measure(runs: int) -> dict[str, Any]:
             guest.write_file("/etc/rc.local", RC_LOCAL.encode(), mode=0o755)
             guest.sync()
             good = Backup(guest.machine, BackupConfig(repo=repo)).run().backup_id
+            guest.machine.close()  # QEMU serves its QMP socket to one client at a time
             with guest.process.monitor() as qmp:  # type: ignore[union-attr]
                 qmp.stop()
                 qemu_io(qmp, "root", "write -z 0 16M")
