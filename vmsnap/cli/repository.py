@@ -106,6 +106,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     human += [f"  {d.path}  {mib(d.virtual_size)}" for d in result.disks]
     if result.defined is not None:
         human.append(f"defined libvirt domain {result.defined} on the restored images (not started)")
+    if result.firmware_variables is not None:
+        human.append(f"  {result.firmware_variables}  the UEFI variables as of the backup (its pflash)")
     emit(args, result.to_json(), "\n".join(human))
     return 0
 

@@ -1,7 +1,7 @@
 """The whole machine captured with a backup of a bare QEMU (a real one, no guest OS): its command line (read
 through the QMP socket's peer process), its disks as the command line names them, and its writable
-firmware flash, read while the vCPUs are paused at the snapshot instant; a command line that carries a
-secret is not kept, and the backup says which option."""
+firmware flash, read while the vCPUs are paused at the snapshot instant, and written beside the restored
+images; a command line that carries a secret is not kept, and the backup says which option."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from tests.conftest import make_image
 from vmsnap.backup import Backup, BackupConfig
 from vmsnap.lab.qemu import DriveSpec, QemuProcess
 from vmsnap.repo.repository import Repository
+from vmsnap.restore.images import restore_images
 from vmsnap.vm.machine import QemuMachine
 from vmsnap.vm.machine_state import NVRAM, RECORD, MachineState
 
@@ -50,6 +51,10 @@ def test_a_bare_qemus_command_line_and_firmware_variables_are_kept(tmp_path: Pat
             assert repo.attachment(manifest, NVRAM) == expected
             assert machine.qmp().status() == "running"  # resumed after the pause
             assert not any("command line" in n for n in result.notes)
+        variables.write_bytes(os.urandom(len(expected)))  # changed after the backup
+        restored = restore_images(tmp_path / "repo", "fwvm", None, tmp_path / "restored")
+        assert restored.firmware_variables == tmp_path / "restored" / "fwvm_VARS.fd"
+        assert restored.firmware_variables.read_bytes() == expected
     finally:
         process.stop()
 
