@@ -159,10 +159,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--render", action="store_true", help="only write the page again from the JSON")
     args = parser.parse_args()
-    if args.render:
-        data = json.loads((args.out / "boot-verify.json").read_text())
-    else:
-        data = measure(args.runs)
+    saved = args.out / "boot-verify.json"
+    data = json.loads(saved.read_text()) if args.render else measure(args.runs)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "boot-verify.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     page = markdown(data)
