@@ -209,6 +209,11 @@ class SshRunner:
             argv += ["-o", f"{key}={value}"]
         return [*argv, self.destination]
 
+    def remote_argv(self, argv: Sequence[str]) -> list[str]:
+        """The local command line that runs ``argv`` on the other host (for a process that must outlive a
+        :meth:`run`, such as a thaw guard there, started with ``subprocess``)."""
+        return [*self.ssh_argv(), "--", shlex.join(check_argv(argv))]
+
     def run(
         self,
         argv: Sequence[str],
@@ -218,7 +223,7 @@ class SshRunner:
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> CommandResult:
         args = check_argv(argv)
-        full = [*self.ssh_argv(), "--", shlex.join(args)]
+        full = self.remote_argv(args)
         try:
             result = self.local.run(full, ok_codes=(*ok_codes, 255), input=input, timeout=timeout)
         except CommandError as err:

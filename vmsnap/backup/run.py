@@ -5,7 +5,8 @@ the repository's business: its :class:`~vmsnap.repo.layout.BackupWriter` takes e
 
 Every step is recorded in the VM's journal (:mod:`vmsnap.repo.journal`) before it starts, under the VM's
 repository lock, so a ``kill -9`` at any point is undone by ``vmsnap recover`` or by the next backup
-(:mod:`vmsnap.backup.recover`).
+(:mod:`vmsnap.backup.recover`). A new repository is made before the machine is touched: a first run that
+dies before the repository exists has left nothing on the machine (``recover`` says there is no repository).
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ class Backup:
         vm = validate_name(self.machine.name, "VM name")
         layout = Repository.traits_at(self.config.repo)
         resolved = resolve(self.machine, self.config, layout)  # bad options fail here, before any write
+        crash_point("before-repository")
         repo = Repository.open(
             self.config.repo, create=True, key_file=self.config.key_file, runner=self.machine.runner
         )

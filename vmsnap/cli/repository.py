@@ -166,10 +166,18 @@ def cmd_recover(args: argparse.Namespace) -> int:
     else:
         report = recover_host(None, args.repo, key_file=args.key_file, run_root=run_root())
     what = report.vm or "this host's mounts, instant restores and boot verifications"
-    human = "\n".join(report.actions) if report.actions else f"{what}: nothing to recover"
+    lines = [*report.actions, *report.found]
+    if not report.actions:
+        lines.append(f"{what}: nothing to recover")
+    human = "\n".join(lines)
     if args.repo is None and report.vm:
         human += "\n(pass --repo DIR to undo a dead backup's snapshots from its journal)"
-    payload = {"vm": report.vm or None, "clean": report.clean, "actions": list(report.actions)}
+    payload = {
+        "vm": report.vm or None,
+        "clean": report.clean,
+        "actions": list(report.actions),
+        "found": list(report.found),
+    }
     emit(args, payload, human)
     return 0
 

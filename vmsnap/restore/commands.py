@@ -334,10 +334,12 @@ def recover_host(
             hint="name it (--qmp, --domain, --image or --name)",
         )
     actions: list[str] = []
+    found: tuple[str, ...] = ()
     vm = ""
     if machine is not None:
         report = recover_backup(machine, repo_root, key_file=key_file)
         actions += report.actions
+        found = report.found
         vm = report.vm
     actions += recover_restores(run_root)  # this host's: mounts and servers are always local
-    return RecoveryReport(vm, tuple(actions))
+    return RecoveryReport(vm, tuple(actions), found)

@@ -197,7 +197,8 @@ class FreezeReport:
     :param thawed_count: filesystems thawed
     :param freeze_ms: how long ``guest-fsfreeze-freeze`` took (hooks + sync + freeze)
     :param thaw_error: the agent's error when a thaw hook failed (the filesystems are thawed all the same)
-    :param guard_pid: the thaw guard watching this freeze, if any
+    :param guard_pid: the thaw guard watching this freeze, if any (a pid on the host it runs on: another
+        hypervisor's for a VM there)
     """
 
     frozen_count: int = 0

@@ -20,6 +20,7 @@ from vmsnap.image import qemu_img
 from vmsnap.model import Disk, ExportSource, validate_name
 from vmsnap.runner import LocalRunner, Runner
 from vmsnap.vm.agent import GuestAgent
+from vmsnap.vm.guards import GuardPlan, GuardTarget, LocalGuardSite
 from vmsnap.vm.machine_state import MachineStateSource, qemu_state_source
 from vmsnap.vm.qmp import QMPMonitor
 
@@ -65,6 +66,11 @@ class Machine(Protocol):
     def recover(self) -> list[str]:
         """Undo what a dead vmsnap run left in the machine's manager (libvirt: a backup job, external
         snapshots); one line per action. Machines without a manager have nothing to undo."""
+        ...
+
+    def guard_plan(self) -> GuardPlan | None:
+        """How a thaw guard reaches the guest agent without this process, and where it runs
+        (:mod:`vmsnap.vm.guards`); None when the machine has no agent channel a guard can use."""
         ...
 
     def close(self) -> None:
@@ -173,6 +179,12 @@ class QemuMachine(OnThisHost):
     def recover(self) -> list[str]:
         return []
 
+    def guard_plan(self) -> GuardPlan | None:
+        """A guard on this host, on the agent's socket."""
+        if self.agent_socket is None:
+            return None
+        return GuardPlan(GuardTarget.socket(self.agent_socket), LocalGuardSite())
+
     def close(self) -> None:
         if self._monitor is not None:
             self._monitor.close()
@@ -264,6 +276,9 @@ class OfflineMachine(OnThisHost):
 
     def recover(self) -> list[str]:
         return []
+
+    def guard_plan(self) -> GuardPlan | None:
+        return None  # nothing runs, nothing freezes
 
     def close(self) -> None:
         pass
