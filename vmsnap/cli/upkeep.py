@@ -7,6 +7,8 @@ from typing import Any
 
 import attrs
 
+from vmsnap.cli import boot
+from vmsnap.cli.boot import boot_cell
 from vmsnap.cli.common import (
     Command,
     add_key_option,
@@ -15,6 +17,7 @@ from vmsnap.cli.common import (
     emit,
     finite_seconds,
     mib,
+    note,
     render_table,
 )
 from vmsnap.cli.progress import disk_progress
@@ -23,6 +26,8 @@ from vmsnap.repo.copy import copy_backups
 from vmsnap.repo.manifest import Damaged, Manifest
 from vmsnap.repo.repository import Repository, key_file_path
 from vmsnap.repo.retention import RetentionPolicy
+from vmsnap.repo.verify_records import record_verification
+from vmsnap.verify_boot.result import BootResult, latest_boot
 
 KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -79,10 +84,10 @@ def _init_arguments(parser: argparse.ArgumentParser) -> None:
 # -- list ---------------------------------------------------------------------------------------------------
 
 
-def _listed(manifest: Manifest) -> dict[str, Any]:
+def _listed(manifest: Manifest, boot: BootResult | None) -> dict[str, Any]:
     """A backup as ``list --json`` shows it: the manifest plus its cost (logical size, bytes newly stored,
-    chunks reused)."""
-    return {**manifest.to_json(), **manifest.summary()}
+    chunks reused) and its latest boot verification (``boot``: null when it was never booted)."""
+    return {**manifest.to_json(), **manifest.summary(), "boot": boot.summary() if boot else None}
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -93,6 +98,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.vm is not None and not backups and not damaged:
         repo.get(args.vm)  # raises NotFoundError naming the VMs that exist
     rows = []
+    boots = {m.backup_id: latest_boot(repo, m) for m in backups}
     for m in backups:
         cost = m.summary()
         logical = cost["logical_size"]
@@ -106,12 +112,13 @@ def cmd_list(args: argparse.Namespace) -> int:
                 mib(logical) if logical is not None else "-",
                 mib(m.size),
                 str(cost["reused_chunks"] if cost["reused_chunks"] is not None else "-"),
+                boot_cell(boots[m.backup_id]),
             ]
         )
-    headings = ["vm", "backup", "kind", "strategy", "created", "data", "stored", "reused chunks"]
+    headings = ["vm", "backup", "kind", "strategy", "created", "data", "stored", "reused chunks", "boot"]
     human = render_table(headings, rows) if rows else f"no backups in {repo.location}"
     payload = {
-        "backups": [_listed(m) for m in backups],
+        "backups": [_listed(m, boots[m.backup_id]) for m in backups],
         "damaged": [{"vm": d.vm, "backup_id": d.backup_id, "error": d.error.message} for d in damaged],
     }
     emit(args, payload, human)
@@ -134,10 +141,16 @@ def _list_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Re-read backups and check every checksum, chunk and chain link; exit 1 naming the first problem."""
+    """Re-read backups and check every checksum, chunk and chain link; exit 1 naming the first problem.
+    With ``--boot``: boot one backup and judge it (:mod:`vmsnap.cli.boot`)."""
+    boot.check_boot_options(args)
+    if args.boot:
+        return boot.cmd_verify_boot(args)
     repo = Repository.open(args.repo, key_file=args.key_file)
     with disk_progress(not args.json) as progress:
         report = repo.verify(args.vm, args.backup, reader=args.reader, fast=args.fast, progress=progress)
+    for line in record_verification(repo, report, fast=args.fast):  # beside each backup, for vmsnap report
+        note(line)
     payload = {
         "ok": report.ok,
         "reader": report.reader,
@@ -174,6 +187,7 @@ def _verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fast", action="store_true", help="chunks layout: only check that every chunk exists (one listing)"
     )
+    boot.add_boot_arguments(parser)
 
 
 # -- prune and gc -------------------------------------------------------------------------------------------
@@ -314,6 +328,9 @@ COMMANDS = (
         "vmsnap verify --repo /backups --vm web1",
         cmd_verify,
         _verify_arguments,
+        more_examples=(
+            "vmsnap verify --boot --repo /backups --vm web1 --check 'systemctl is-system-running' --port 443",
+        ),
     ),
     Command(
         "prune",

@@ -29,10 +29,13 @@ from vmsnap.lab.qemu import kvm_usable, listening
 from vmsnap.runner import LocalRunner, child_environment
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
-# QEMU runs as root on images in private 0700 temp dirs; there is no SELinux/AppArmor to label for
+# QEMU (and swtpm, for domains with an emulated TPM) run as root on images in private 0700 temp dirs; there
+# is no SELinux/AppArmor to label for
 QEMU_SETTINGS: Mapping[str, str] = {
     "user": '"root"',
     "group": '"root"',
+    "swtpm_user": '"root"',
+    "swtpm_group": '"root"',
     "dynamic_ownership": "0",
     "remember_owner": "0",
     "security_driver": '"none"',

@@ -21,6 +21,7 @@ from vmsnap.model import Disk, ExportSource, validate_name
 from vmsnap.runner import LocalRunner, Runner
 from vmsnap.vm.agent import GuestAgent
 from vmsnap.vm.guards import GuardPlan, GuardTarget, LocalGuardSite
+from vmsnap.vm.machine_state import MachineStateSource, qemu_state_source
 from vmsnap.vm.qmp import QMPMonitor
 
 
@@ -54,6 +55,12 @@ class Machine(Protocol):
     def definition(self) -> str | None:
         """A definition to keep with each backup so that a restore can recreate the VM (a libvirt
         domain's XML), or None when the machine has none."""
+        ...
+
+    def machine_state(self) -> MachineStateSource | None:
+        """Where the machine's state besides its disks is (a bare QEMU's command line and firmware
+        variables, a libvirt domain's UEFI variables and TPM state), to capture with each backup
+        (:mod:`vmsnap.vm.machine_state`); None when there is none vmsnap can read from here."""
         ...
 
     def recover(self) -> list[str]:
@@ -162,6 +169,13 @@ class QemuMachine(OnThisHost):
     def definition(self) -> str | None:
         return None
 
+    def machine_state(self) -> MachineStateSource | None:
+        """The command line of the QEMU behind the QMP socket, its disks and writable pflash (this host
+        only: the process is found by the socket's peer)."""
+        if self.runner.host != "local":
+            return None
+        return qemu_state_source(self.qmp_socket, self.qmp())
+
     def recover(self) -> list[str]:
         return []
 
@@ -255,6 +269,9 @@ class OfflineMachine(OnThisHost):
         return disks
 
     def definition(self) -> str | None:
+        return None
+
+    def machine_state(self) -> MachineStateSource | None:
         return None
 
     def recover(self) -> list[str]:

@@ -32,6 +32,7 @@ from vmsnap.runner import Runner
 from vmsnap.vm.agent import GuestAgent
 from vmsnap.vm.guards import GuardPlan, GuardTarget, SshGuardSite
 from vmsnap.vm.machine import Machine
+from vmsnap.vm.machine_state import MachineStateSource
 from vmsnap.vm.qmp import QMPMonitor
 from vmsnap.vm.remote import RemoteHost
 
@@ -106,6 +107,10 @@ class RemoteMachine:
 
     def definition(self) -> str | None:
         return self.machine.definition()
+
+    def machine_state(self) -> MachineStateSource | None:
+        """None: the machine's process and files are on the other host (not captured from there)."""
+        return None
 
     def recover(self) -> list[str]:
         return self.machine.recover()
