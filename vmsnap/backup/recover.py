@@ -20,6 +20,23 @@ from vmsnap.strategies import strategy_class
 from vmsnap.strategies.base import BackupContext, Checkpoint
 from vmsnap.vm.machine import Machine
 
+THAWED = "thawed the guest's filesystems"
+
+
+def thaw_guest(machine: Machine, *, only_if_answering: bool = False) -> list[str]:
+    """The one thaw of ``recover`` and of undoing a dead run: when the guest's filesystems are frozen, thaw
+    them and check that they are thawed (:meth:`~vmsnap.vm.agent.GuestAgent.ensure_thawed`). Returns
+    ``[THAWED]`` when it thawed, ``[]`` when nothing was frozen (or the machine has no agent).
+
+    :param only_if_answering: leave a guest whose agent does not answer alone (else that raises)
+    :raise AgentError: the agent failed or did not answer
+    :raise FreezeError: the guest stays frozen after three thaws
+    """
+    agent = machine.agent() if machine.is_running else None
+    if agent is None or (only_if_answering and not agent.is_responding()):
+        return []
+    return [THAWED] if agent.ensure_thawed() else []
+
 
 def journal_context(header: Mapping[str, Any]) -> BackupContext:
     """The :class:`BackupContext` a run journalled (journals of vmsnap 0.1 kept strategy options instead)."""
@@ -47,14 +64,10 @@ def undo_run(repo: RepositoryLayout, machine: Machine, journal: Journal) -> list
     if machine.runner.host == "local":
         actions += stop_orphans(_orphan_patterns(journal))
     if journal.has("freezing") and not journal.has("thawed"):
-        agent = machine.agent() if machine.is_running else None
-        if agent is not None:
-            try:
-                if agent.fsfreeze_status() == "frozen":
-                    agent.fsfreeze_thaw()
-                    actions.append("thawed the guest's filesystems")
-            except AgentError as err:
-                failures.append(f"thawing the guest failed: {err.message}")
+        try:
+            actions += thaw_guest(machine)
+        except AgentError as err:
+            failures.append(f"thawing the guest failed: {err.message}")
     if journal.has("creating") and not journal.has("committed") and not journal.has("create-failed"):
         strategy_name = str(header["strategy"])
         tracks_changes = False
@@ -157,9 +170,6 @@ def recover(
         with repo.lock(machine.name):
             actions += recover_leftovers(repo, machine).actions
     actions += machine.recover()
-    if machine.is_running:
-        agent = machine.agent()
-        if agent is not None and agent.is_responding() and agent.fsfreeze_status() == "frozen":
-            agent.fsfreeze_thaw()
-            actions.append("thawed the guest's filesystems")
+    if THAWED not in actions:  # not thawed while undoing a run: a guest left frozen otherwise
+        actions += thaw_guest(machine, only_if_answering=True)
     return RecoveryReport(machine.name, tuple(actions))

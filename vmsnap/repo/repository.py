@@ -18,6 +18,8 @@ import json
 import os
 from pathlib import Path
 
+import attrs
+
 from vmsnap.errors import NotFoundError, RepositoryError, UsageError, VmsnapError
 from vmsnap.files import make_private_dir
 from vmsnap.repo.chunks.keys import RepositoryKey, create_key_file, read_key_file
@@ -41,6 +43,7 @@ __all__ = [
     "DiskProgress",
     "DiskRecord",
     "Kind",
+    "LocatedRepository",
     "Manifest",
     "Repository",
     "RepositoryLayout",
@@ -76,7 +79,8 @@ class Repository:
         lease_seconds: float | None = None,
     ) -> RepositoryLayout:
         """Open the repository at ``location``; with ``create``, make one there when it is a new or empty
-        directory (or an empty S3 prefix), of ``layout`` (default ``chunks``).
+        directory (or an empty S3 prefix), of ``layout`` (default ``chunks``). The same as
+        ``Repository.locate(…).open()``.
 
         :raise RepositoryError: no repository there (without ``create``), a non-empty directory that is not
             one, or one of another format
@@ -84,22 +88,47 @@ class Repository:
         :param lease_seconds: lifetime of the leases taken (default ``$VMSNAP_LEASE_SECONDS``, else 120)
         :raise StoreError: the store cannot be reached
         """
-        store, directory = _store(location, create=create)
-        marker = _read_marker(store, location)
-        if marker is None:
-            if not create:
-                raise RepositoryError(
-                    f"no vmsnap repository at {location} (no {MARKER})",
-                    hint="check --repo; `vmsnap init --repo …` or `vmsnap backup --repo DIR` (a new or empty "
-                    "directory) creates one",
-                )
-            marker = _create(store, directory, location, layout_class(layout or DEFAULT_LAYOUT).new_marker())
-        elif layout is not None and layout_class(layout).name != marker.layout:
-            raise RepositoryError(
-                f"repository {location} has layout {marker.layout}, not {layout}",
-                hint="choose another --repo for that layout, or leave --layout out",
-            )
-        return _instance(store, directory, marker, location, key_file, runner, state_root, lease_seconds)
+        return cls.locate(
+            location,
+            create=create,
+            layout=layout,
+            key_file=key_file,
+            runner=runner,
+            state_root=state_root,
+            lease_seconds=lease_seconds,
+        ).open()
+
+    @classmethod
+    def locate(
+        cls,
+        location: Path | str,
+        *,
+        create: bool = False,
+        layout: str | None = None,
+        key_file: Path | str | None = None,
+        runner: Runner | None = None,
+        state_root: Path | None = None,
+        lease_seconds: float | None = None,
+    ) -> LocatedRepository:
+        """The repository at ``location`` found without writing anything: its store opened and its marker
+        read (once; a new directory is neither made nor opened yet), so that a backup can plan with the
+        layout's traits before its first write and then open it (:meth:`LocatedRepository.open`). The
+        options are :meth:`open`'s.
+
+        :raise RepositoryError: no such directory (without ``create``), or a damaged marker
+        :raise UsageError: an unknown ``layout``
+        :raise StoreError: the store cannot be reached
+        """
+        if layout is not None:
+            layout_class(layout)  # an unknown name fails now
+        store: Store | None = None
+        directory: Path | None = None
+        marker: RepoMarker | None = None
+        if not create or is_url(location) or Path(location).exists():
+            store, directory = _store(location, create=False)
+            marker = _read_marker(store, location)
+        options = _Options(key_file, runner, state_root, lease_seconds)
+        return LocatedRepository(location, create, layout, options, store, directory, marker)
 
     @classmethod
     def init(
@@ -151,21 +180,83 @@ class Repository:
     @classmethod
     def traits_at(cls, location: Path | str, *, layout: str | None = None) -> LayoutTraits:
         """The traits of the repository at ``location``, or of the one ``open(create=True)`` would make
-        there — read before a backup writes anything.
-
-        :raise RepositoryError: the marker is damaged
+        there — read before a backup writes anything (:meth:`locate` does the same and keeps what it read).
         """
-        marker = None
-        if is_url(location) or Path(location).exists():
-            try:
-                store, _ = _store(location, create=False)
-                marker = _read_marker(store, location)
-            except (RepositoryError, NotFoundError):
-                marker = None
-        chosen = (
-            _layout_of(marker, location) if marker is not None else layout_class(layout or DEFAULT_LAYOUT)
+        try:
+            return cls.locate(location, create=True, layout=layout).traits()
+        except (RepositoryError, NotFoundError):
+            return layout_class(layout or DEFAULT_LAYOUT).traits()
+
+
+@attrs.frozen
+class _Options:
+    key_file: Path | str | None
+    runner: Runner | None
+    state_root: Path | None
+    lease_seconds: float | None
+
+
+class LocatedRepository:
+    """A repository found by :meth:`Repository.locate`, not opened yet (nothing written).
+
+    :ivar marker: its marker, or None where there is none yet (``open`` makes it, with ``create``)
+    """
+
+    def __init__(
+        self,
+        location: Path | str,
+        create: bool,
+        layout: str | None,
+        options: _Options,
+        store: Store | None,
+        directory: Path | None,
+        marker: RepoMarker | None,
+    ) -> None:
+        self.location = location
+        self._create = create
+        self._layout = layout
+        self._options = options
+        self._store = store
+        self._directory = directory
+        self.marker = marker
+
+    def traits(self) -> LayoutTraits:
+        """The layout's traits: the marker's layout, or the one :meth:`open` would make."""
+        if self.marker is not None:
+            return _layout_of(self.marker, self.location).traits()
+        return layout_class(self._layout or DEFAULT_LAYOUT).traits()
+
+    def open(self) -> RepositoryLayout:
+        """Open the repository with the store found (made first where ``create`` found none: a new
+        directory, an empty one, an empty S3 prefix); once.
+
+        :raise RepositoryError: no repository there (without ``create``), a non-empty directory that is not
+            one, or one of another layout than asked for
+        :raise KeyFileError: an encrypted repository and a key file that is not its key
+        """
+        location, marker = self.location, self.marker
+        store, directory = self._store, self._directory
+        if marker is None:
+            if not self._create:
+                raise RepositoryError(
+                    f"no vmsnap repository at {location} (no {MARKER})",
+                    hint="check --repo; `vmsnap init --repo …` or `vmsnap backup --repo DIR` (a new or empty "
+                    "directory) creates one",
+                )
+            if store is None:
+                store, directory = _store(location, create=True)
+            new = layout_class(self._layout or DEFAULT_LAYOUT).new_marker()
+            marker = _create(store, directory, location, new)
+        elif self._layout is not None and layout_class(self._layout).name != marker.layout:
+            raise RepositoryError(
+                f"repository {location} has layout {marker.layout}, not {self._layout}",
+                hint="choose another --repo for that layout, or leave --layout out",
+            )
+        assert store is not None
+        o = self._options
+        return _instance(
+            store, directory, marker, location, o.key_file, o.runner, o.state_root, o.lease_seconds
         )
-        return chosen.traits()
 
 
 def _store(location: Path | str, *, create: bool) -> tuple[Store, Path | None]:
