@@ -110,7 +110,7 @@ class _Batch:
 class LocalStore(StoreBase):
     """Objects as files under ``root`` (see :class:`~vmsnap.repo.stores.base.Store` for the guarantees).
 
-    Registered as the store of directory paths (scheme ``file``). Listing walks the directory once;
+    Registered as the store of directory paths (under ``directory``). Listing walks the directory once;
     ``put(if_absent=True)`` is atomic by itself (link / ``O_EXCL``); deletes are one by one.
 
     :param root: the store's directory
@@ -118,7 +118,7 @@ class LocalStore(StoreBase):
     :raise StoreError: ``root`` is missing (without ``create``), not a directory, or cannot be made
     """
 
-    scheme: ClassVar[str] = "file"
+    scheme: ClassVar[str] = "directory"
     capabilities: ClassVar[StoreCapabilities] = StoreCapabilities()
 
     root: Path = attrs.field(converter=_absolute)
