@@ -4,6 +4,7 @@ lacks."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -93,6 +94,13 @@ def _fake_entry_points(monkeypatch: pytest.MonkeyPatch, extra: list[EntryPoint])
         return found + [ep for ep in extra if ep.group == group]
 
     monkeypatch.setattr(registry, "entry_points", patched)
+    registry.refresh()  # read them again, with the fake ones
+
+
+@pytest.fixture(autouse=True)
+def _entry_points_read_again() -> Iterator[None]:
+    yield
+    registry.refresh()  # the next test reads the real ones
 
 
 def test_a_store_whose_package_is_missing_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
