@@ -59,10 +59,8 @@ def undo_run(repo: RepositoryLayout, machine: Machine, journal: Journal) -> list
             tracks_changes = cls.capabilities.tracks_changes
             strategy = cls.for_backup(machine, journal_context(header))
             refs = journal.snapshots()
-            if not journal.has("created"):  # died inside create: ask the strategy what exists
-                name = str(journal.data("creating")[-1]["name"])
-                # internal/external name snapshots as asked; backup names them after its target directory
-                refs = [r for r in strategy.list() if r.name in (name, Path(str(header["staging"])).name)]
+            if not journal.has("created"):  # died inside create: ask the strategy what it left
+                refs = list(strategy.find(str(journal.data("creating")[-1]["name"])))
             deleted = journal.deleted_disks()
             strategy.abandon([r for r in refs if r.disk.name not in deleted])  # give changes back
             for ref in refs:

@@ -25,7 +25,7 @@ from vmsnap.backup.config import (
     RecoveryError,
     crash_point,
 )
-from vmsnap.backup.plan import Resolved, find_parent, resolve
+from vmsnap.backup.plan import Resolved, choose_disks, find_parent, resolve
 from vmsnap.backup.recover import ORPHAN_PROGRAMS as ORPHAN_PROGRAMS  # re-exported for callers of 0.1
 from vmsnap.backup.recover import recover as recover
 
@@ -162,18 +162,20 @@ class Backup:
         """
         started = time.monotonic()
         vm = validate_name(self.machine.name, "VM name")
-        layout = Repository.traits_at(self.config.repo)
-        resolved = resolve(self.machine, self.config, layout)  # bad options fail here, before any write
-        crash_point("before-repository")
-        repo = Repository.open(
+        found = Repository.locate(
             self.config.repo, create=True, key_file=self.config.key_file, runner=self.machine.runner
         )
+        resolved = resolve(
+            self.machine, self.config, found.traits()
+        )  # bad options fail here, before any write
+        crash_point("before-repository")
+        repo = found.open()  # the store found above; a new repository is made here
         with repo.lock(vm):
             report = recover_leftovers(repo, self.machine)
             for action in report.actions:
                 self._note(f"recovered a dead run: {action}")
-            if report.actions:  # the disks may have changed (an overlay committed back): look again
-                resolved = resolve(self.machine, self.config, repo.traits())
+            if report.actions:  # the disks may have changed (an overlay committed back): look at them again
+                resolved = attrs.evolve(resolved, disks=choose_disks(self.machine, self.config))
             return self._run_locked(repo, vm, resolved, started)
 
     def _start(self, repo: RepositoryLayout, vm: str, resolved: Resolved) -> tuple[_Run, Journal]:

@@ -23,7 +23,9 @@ from vmsnap.cli.common import (
 from vmsnap.cli.progress import disk_progress
 from vmsnap.errors import ChainError, ChecksumMismatchError, RepositoryError, UsageError
 from vmsnap.repo.copy import copy_backups
+from vmsnap.repo.layout import layout_names
 from vmsnap.repo.manifest import Damaged, Manifest
+from vmsnap.repo.marker import COMPRESSIONS, DEFAULT_LAYOUT
 from vmsnap.repo.repository import Repository, key_file_path
 from vmsnap.repo.retention import RetentionPolicy
 from vmsnap.repo.verify_records import record_verification
@@ -70,13 +72,16 @@ def _init_arguments(parser: argparse.ArgumentParser) -> None:
     add_repo_option(parser)
     parser.add_argument(
         "--layout",
-        choices=("chunks", "qcow2"),
-        default="chunks",
+        choices=layout_names(),
+        default=DEFAULT_LAYOUT,
         help="chunks: deduplicated, compressed, optionally encrypted (default); qcow2: plain qcow2 chains",
     )
     parser.add_argument("--encrypt", action="store_true", help="encrypt (chunks only): AES-256-GCM")
     parser.add_argument(
-        "--compression", choices=("zstd", "none"), default="zstd", help="chunk compression (default zstd)"
+        "--compression",
+        choices=COMPRESSIONS,
+        default=COMPRESSIONS[0],
+        help="chunk compression (default zstd)",
     )
     add_key_option(parser, what="with --encrypt: the key file, created 0600 when missing")
 
@@ -225,8 +230,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         for r in results
     ]
     payload = {"dry_run": args.dry_run, "pruned": [attrs.asdict(r) for r in results]}
-    if not args.dry_run and repo.name == "chunks":
-        human.append("the chunks only these backups used are freed by `vmsnap gc`")
+    if not args.dry_run and repo.collects:
+        human.append("the data only these backups used is freed by `vmsnap gc`")
     emit(args, payload, "\n".join(human) or f"no backups in {repo.location}")
     return 0
 

@@ -33,8 +33,11 @@ _ZEROS = bytes(CHUNK)
 _STATUS_SPAN = 1 << 30  # block-status requests stay below the 4 GiB some servers reject
 
 STATE_HOLE = 1
+"""``base:allocation``: the extent is not allocated (that alone does not say it reads as zeros)."""
 STATE_ZERO = 2
+"""``base:allocation``: the extent reads as zeros."""
 DIRTY = 1
+"""``qemu:dirty-bitmap:NAME``: the extent changed since the bitmap was created."""
 
 
 def bitmap_name(value: str) -> str:

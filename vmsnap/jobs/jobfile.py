@@ -60,6 +60,7 @@ from vmsnap.jobs.boot_policy import BootPolicy, parse_boot_policy
 from vmsnap.jobs.toml_lines import KeyLines, TablePath
 from vmsnap.model import validate_name
 from vmsnap.repo.retention import POLICY_KEYS, RetentionPolicy
+from vmsnap.repo.stores import is_url, known_url, url_forms
 from vmsnap.vm.hosts import HostSpec
 
 DEFAULT_METRICS_DIR = Path("/var/lib/prometheus/node-exporter")
@@ -235,11 +236,6 @@ class JobConfig:
     verify_boot: BootPolicy | None = None
     lines: KeyLines | None = attrs.field(default=None, eq=False, repr=False)
 
-    @property
-    def repository_path(self) -> Path | None:
-        """The repository directory, or None for a URL (``s3://``)."""
-        return None if "://" in self.repository else Path(self.repository)
-
     def where(self, line: int) -> str:
         """``job file /etc/vmsnap/nightly.toml, line 12`` for messages."""
         return f"{_source(self.path)}, line {line}"
@@ -334,10 +330,13 @@ class _Parser:
                 f"{_source(self.path)}, line 1: repository is missing",
                 hint='add repository = "/backups" (or "s3://bucket/prefix") at the top',
             )
-        if "://" in repository:
-            if not repository.startswith("s3://") or len(repository) <= len("s3://"):
+        if is_url(repository):
+            if not known_url(repository):
                 raise self.fail(
-                    top, "repository", f"unsupported repository URL {repository!r}", "use a path or s3://"
+                    top,
+                    "repository",
+                    f"unsupported repository URL {repository!r}",
+                    f"use a path or {url_forms()}",
                 )
         else:
             repository = str(self.local_path(top, "repository", repository))

@@ -193,11 +193,6 @@ class LabGuest:
             return f"(no console log at {self.process.console})"
         return " | ".join(text.strip().splitlines()[-lines:])
 
-    @property
-    def console_log(self) -> Path | None:
-        """The guest's serial console output (a file)."""
-        return self.process.console if self.process is not None else None
-
     def stop(self) -> None:
         """Sync the guest's disks when it can, quit QEMU, kill it if it lingers (only the pid we started)."""
         if self._machine is not None:

@@ -33,6 +33,7 @@ import attrs
 
 from vmsnap.errors import NotFoundError, RepositoryError, UsageError
 from vmsnap.image.digest import ALGORITHM
+from vmsnap.image.geometry import CHUNK_SIZE
 from vmsnap.model import validate_name
 
 QCOW2_FORMAT = 1
@@ -41,9 +42,12 @@ CHUNKS_FORMAT = 2
 """The manifest format of the ``chunks`` layout."""
 REPO_FORMAT = QCOW2_FORMAT
 """Kept for callers of vmsnap 0.1: the format of a ``qcow2`` layout's manifests."""
+FORMAT_LAYOUTS = {QCOW2_FORMAT: "qcow2", CHUNKS_FORMAT: "chunks"}
+"""The layout whose manifests have each format (what a manifest's ``layout`` says)."""
 INDEX_DIGEST = "sha256-index"
 """The ``digest`` of a format-2 manifest: each disk's sha256 is that of its index file."""
-INDEX_CHUNK_SIZE = 4 * 1024 * 1024
+INDEX_CHUNK_SIZE = CHUNK_SIZE
+"""The chunk size a format-2 manifest says (:data:`vmsnap.image.geometry.CHUNK_SIZE`)."""
 MANIFEST = "manifest.json"
 CHUNKS_SUFFIX = ".chunks"
 INDEX_SUFFIX = ".index"
@@ -186,7 +190,7 @@ class Manifest:
     @property
     def layout(self) -> str:
         """ "qcow2" (format 1) or "chunks" (format 2)."""
-        return "chunks" if self.format == CHUNKS_FORMAT else "qcow2"
+        return FORMAT_LAYOUTS[self.format]
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to ``manifest.json``."""
@@ -292,7 +296,7 @@ def _check_versions(data: Any, where: Path | str) -> int:
             hint="use the vmsnap version that wrote this repository",
         )
     if version == CHUNKS_FORMAT and (
-        data.get("layout") != "chunks" or data.get("chunk_size") != INDEX_CHUNK_SIZE
+        data.get("layout") != FORMAT_LAYOUTS[CHUNKS_FORMAT] or data.get("chunk_size") != INDEX_CHUNK_SIZE
     ):
         raise RepositoryError(
             f"{where} has layout {data.get('layout')!r} and chunk size {data.get('chunk_size')!r}",

@@ -60,9 +60,18 @@ from vmsnap.repo.manifest import (
     read_manifest,
     utc_now_iso,
 )
+from vmsnap.repo.marker import RepoMarker
 from vmsnap.repo.progress import DiskProgress, Transfer, no_progress
 from vmsnap.repo.qcow2_layout import DELETING_PREFIX, PARTIAL_PREFIX, Qcow2Layout
-from vmsnap.repo.reports import PUSH_TRANSPORT, GcReport, RestoredDisk, VerifyReport, WrittenDisk
+from vmsnap.repo.reports import (
+    PUSH_TRANSPORT,
+    CopiedBackup,
+    GcReport,
+    RestoredDisk,
+    VerifyReport,
+    WrittenDisk,
+)
+from vmsnap.repo.stores.base import Store
 from vmsnap.repo.verify import choose_reader, verify_backups
 from vmsnap.runner import LocalRunner, Runner
 from vmsnap.transports.base import Transport
@@ -90,10 +99,36 @@ class Qcow2Repository(RepositoryLayout):
     reads_exports: ClassVar[bool] = False
     accepts_push: ClassVar[bool] = True
     chains: ClassVar[bool] = True
+    needs_directory: ClassVar[bool] = True
+    encrypts: ClassVar[bool] = False
+    chunk_size: ClassVar[int | None] = None
+    collects: ClassVar[bool] = False
 
     def __init__(self, root: Path, *, runner: Runner | None = None) -> None:
         self._root = Path(root)
         self.runner: Runner = runner if runner is not None else LocalRunner()
+
+    @classmethod
+    def open_layout(
+        cls,
+        store: Store,
+        marker: RepoMarker,
+        *,
+        directory: Path | None,
+        location: Path | str,
+        key_file: Path | None,
+        runner: Runner | None,
+        state_root: Path | None,
+        lease_seconds: float | None,
+    ) -> Qcow2Repository:
+        """The repository in the directory ``directory`` (its files are used directly, not through
+        ``store``).
+
+        :raise RepositoryError: the store is no directory (an object store)
+        """
+        if directory is None:
+            raise RepositoryError(f"{location}: a qcow2-layout repository in an object store cannot be read")
+        return cls(directory, runner=runner)
 
     @property
     def root(self) -> Path:
@@ -410,6 +445,48 @@ class Qcow2Repository(RepositoryLayout):
     def gc(self, *, wait: float = 0.0, dry_run: bool = False) -> GcReport:
         """Nothing to collect: a qcow2 backup's files go with the backup. Returns an empty report."""
         return GcReport(0, 0, 0, dry_run=dry_run)
+
+    # -- copy ----------------------------------------------------------------------------------------
+
+    def copy_in(
+        self, source: RepositoryLayout, manifest: Manifest, *, progress: DiskProgress = no_progress
+    ) -> CopiedBackup:
+        """A standalone full backup of ``manifest``: each disk restored from ``source`` (whatever its
+        layout: its restore checks every byte) into this repository's staging, then digested and sealed
+        like any backup here."""
+        vm, backup_id = manifest.vm, manifest.backup_id
+        self.discard_backup(vm, backup_id)  # what a copy that died left
+        staging = self.stage(vm, backup_id)
+        try:
+            records = []
+            for record in manifest.disks:
+                _, (restored,) = source.restore(
+                    vm, backup_id, staging, disks=[record.name], progress=progress
+                )
+                image = Path(restored.path)
+                digest = self.digest_staged(staging, record.name, record.virtual_size)
+                written = image.stat().st_blocks * 512
+                records.append(DiskRecord(record.name, image.name, record.virtual_size, written, digest))
+            definition = source.definition(manifest)
+            if definition is not None:
+                write_atomic(staging / DEFINITION_FILE, definition.encode("utf-8"))
+            copied = Manifest(
+                vm=vm,
+                backup_id=backup_id,
+                kind="full",
+                parent=None,
+                strategy=manifest.strategy,
+                transport=manifest.transport,
+                created=manifest.created,
+                quiesced=manifest.quiesced,
+                bitmap=None,
+                disks=tuple(records),
+            )
+            self.commit(staging, copied)
+        except BaseException:
+            self.discard(staging)
+            raise
+        return CopiedBackup(vm, backup_id, True, 0, sum(r.bytes_written for r in records))
 
 
 class Qcow2Writer:

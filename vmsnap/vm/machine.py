@@ -64,8 +64,8 @@ class Machine(Protocol):
         ...
 
     def recover(self) -> list[str]:
-        """Undo what a dead vmsnap run left in the machine's manager (libvirt: a backup job, external
-        snapshots); one line per action. Machines without a manager have nothing to undo."""
+        """Undo what a dead vmsnap run left in the machine's manager; one line per action. Today's machines
+        have nothing to undo there (vmsnap keeps no state in libvirt)."""
         ...
 
     def guard_plan(self) -> GuardPlan | None:

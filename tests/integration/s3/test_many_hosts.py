@@ -162,7 +162,12 @@ def _backup_round(
     """Both hosts back their VM up while a third host runs gc (started with them, or while they are
     stopped holding their leases); returns vm → (backup id, expected content) of the backups made, and the
     chunks gc freed."""
-    expected = {vm: snapshot(image, tmp_path / f"{vm}-{mode}.qcow2") for vm, image in images.items()}
+    number = len(list(tmp_path.glob("round-*")))
+    (tmp_path / f"round-{number}").mkdir()  # each round's expected content apart: two rounds share a mode
+    expected = {
+        vm: snapshot(image, tmp_path / f"round-{number}" / f"{vm}-{mode}.qcow2")
+        for vm, image in images.items()
+    }
     env = {CRASH_ENV: "stop:after-thaw"} if mode == "held" else {}
     extra = {"vm-a": ["--strategy", "offline-bitmap", "--incremental"], "vm-b": []}
     running = {

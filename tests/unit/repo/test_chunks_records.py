@@ -26,6 +26,7 @@ from vmsnap.repo.chunks.known import (
 )
 from vmsnap.repo.chunks.leases import GC_KEY, LEASE_SECONDS, LeaseRecord, Leases, lease_seconds, writer_key
 from vmsnap.repo.chunks.records import decode_manifest, encode_manifest
+from vmsnap.repo.layout import layout_class
 from vmsnap.repo.manifest import CHUNKS_FORMAT, INDEX_DIGEST, ChunkStats, DiskRecord, Manifest
 from vmsnap.repo.marker import RepoMarker
 from vmsnap.repo.stores.local import LocalStore
@@ -37,7 +38,7 @@ def store(tmp_path: Path) -> LocalStore:
 
 
 def test_markers_round_trip_and_old_or_odd_ones_are_judged(tmp_path: Path) -> None:
-    marker = RepoMarker.new("chunks", key_id="ab" * 16)
+    marker = layout_class("chunks").new_marker(key_id="ab" * 16)
     data = marker.to_json()
     assert data["encryption"] == {"cipher": "aes-256-gcm", "chunk_id": "hmac-sha256", "key_id": "ab" * 16}
     assert (data["format"], data["layout"], data["chunk_size"], data["compression"]) == (
@@ -51,10 +52,20 @@ def test_markers_round_trip_and_old_or_odd_ones_are_judged(tmp_path: Path) -> No
     for bad in ({**data, "chunk_size": 1 << 20}, {**data, "id": "../x"}, {**data, "compression": "lz4"}):
         with pytest.raises(RepositoryError, match="damaged"):
             RepoMarker.from_bytes(json.dumps(bad).encode(), where="m")
-    with pytest.raises(UsageError, match="cannot be encrypted"):
-        RepoMarker.new("qcow2", key_id="ab" * 16)
+    with pytest.raises(UsageError, match="cannot be encrypted") as caught:
+        layout_class("qcow2").new_marker(key_id="ab" * 16)
+    assert "use --layout chunks with --encrypt" in str(caught.value)
     with pytest.raises(UsageError, match="unknown repository layout"):
-        RepoMarker.new("zip")
+        layout_class("zip")
+    with pytest.raises(UsageError, match="unknown compression"):
+        layout_class("chunks").new_marker(compression="lz4")
+    plain = layout_class("qcow2").new_marker()
+    assert (plain.to_json()["chunk_size"], plain.to_json()["compression"]) == (None, None)
+    # what a layout does not use is dropped; what it needs must be there
+    odd = RepoMarker(2, "qcow2", "ab" * 16, "zstd", "cd" * 16, 4 << 20)
+    assert layout_class("qcow2").accept_marker(odd) == RepoMarker(2, "qcow2", "ab" * 16)
+    with pytest.raises(ValueError, match="chunk size"):
+        layout_class("chunks").accept_marker(RepoMarker(2, "chunks", "ab" * 16))
 
 
 def test_a_lease_is_exclusive_renewed_and_released(store: LocalStore) -> None:

@@ -50,13 +50,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from vmsnap.errors import DamagedChunkError, UsageError
+from vmsnap.image.geometry import CHUNK_SIZE as CHUNK_SIZE
 from vmsnap.repo.chunks.keys import RepositoryKey
 
 ChunkId = NewType("ChunkId", bytes)
 """32 bytes naming a chunk's content (see the module docstring)."""
 
-CHUNK_SIZE = 4 * 1024 * 1024
-"""Bytes of guest-visible content per chunk (the last chunk of a disk may be shorter)."""
 ID_SIZE = 32
 MAGIC = b"VMCB"
 VERSION = 1

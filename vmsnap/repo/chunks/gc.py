@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from vmsnap.errors import LeaseError, RepositoryError
@@ -129,14 +128,13 @@ def _partial_backups(store: Store) -> dict[str, list[str]]:
 def _sweep(store: Store, keys: list[str]) -> None:
     """Delete ``keys``: in batches where the store can (S3's DeleteObjects), else on parallel workers."""
     half = len(keys) // 2
-    delete_many: Callable[[Iterable[str]], None] | None = getattr(store, "delete_many", None)
-    if delete_many is not None:
+    if store.capabilities.batch_delete:
         batches = [keys[start : start + SWEEP_BATCH] for start in range(0, len(keys), SWEEP_BATCH)]
 
         def delete_batch(item: tuple[int, list[str]]) -> None:
             if item[0] * SWEEP_BATCH <= half < (item[0] + 1) * SWEEP_BATCH:
                 crash_point("gc-mid-sweep")
-            delete_many(item[1])
+            store.delete_many(item[1])
 
         BoundedPool(delete_batch, workers=DELETE_WORKERS, depth=DELETE_WORKERS).run(enumerate(batches))
         return

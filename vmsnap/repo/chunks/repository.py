@@ -31,16 +31,19 @@ from vmsnap.errors import (
     VmsnapError,
 )
 from vmsnap.files import make_private_dir
+from vmsnap.image.geometry import CHUNK_SIZE
 from vmsnap.image.sources import BackupSource, ReaderSource
 from vmsnap.model import validate_name
 from vmsnap.repo import attachments
 from vmsnap.repo.chunks.blob import ID_SIZE, ChunkCodec, ChunkId, chunk_key
 from vmsnap.repo.chunks.check import verify_chunks
+from vmsnap.repo.chunks.copy import copy_into
 from vmsnap.repo.chunks.gc import collect
 from vmsnap.repo.chunks.index import ChunkIndex, decode_index
-from vmsnap.repo.chunks.keys import RepositoryKey
+from vmsnap.repo.chunks.keys import RepositoryKey, read_key_file
 from vmsnap.repo.chunks.known import drop_known_caches, list_chunk_ids, read_generation
 from vmsnap.repo.chunks.leases import GC_KEY, LEASE_SECONDS, READERS, Lease, Leases, writer_key
+from vmsnap.repo.chunks.leases import lease_seconds as default_lease_seconds
 from vmsnap.repo.chunks.pipeline import DEFAULT_WORKERS
 from vmsnap.repo.chunks.records import (
     ATTACHED,
@@ -61,7 +64,7 @@ from vmsnap.repo.layout import RepositoryLayout, RestoreFormat, VerifyReader, di
 from vmsnap.repo.manifest import MANIFEST, Damaged, Manifest, next_backup_id, utc_now_iso
 from vmsnap.repo.marker import RepoMarker
 from vmsnap.repo.progress import DiskProgress, no_progress
-from vmsnap.repo.reports import GcReport, RestoredDisk, VerifyReport
+from vmsnap.repo.reports import CopiedBackup, GcReport, RestoredDisk, VerifyReport
 from vmsnap.repo.state import RepositoryState
 from vmsnap.repo.stores import is_url
 from vmsnap.repo.stores.base import Store
@@ -93,6 +96,10 @@ class ChunksRepository(RepositoryLayout):
     reads_exports: ClassVar[bool] = True
     accepts_push: ClassVar[bool] = False
     chains: ClassVar[bool] = False
+    needs_directory: ClassVar[bool] = False
+    encrypts: ClassVar[bool] = True
+    chunk_size: ClassVar[int | None] = CHUNK_SIZE
+    collects: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -117,6 +124,45 @@ class ChunksRepository(RepositoryLayout):
         self.leases = Leases(store, ttl=lease_seconds)
         self._workers = workers
         self._held: dict[str, tuple[Lease, str]] = {}
+
+    @classmethod
+    def open_layout(
+        cls,
+        store: Store,
+        marker: RepoMarker,
+        *,
+        directory: Path | None,
+        location: Path | str,
+        key_file: Path | None,
+        runner: Runner | None,
+        state_root: Path | None,
+        lease_seconds: float | None,
+    ) -> ChunksRepository:
+        """The repository in ``store``; an encrypted one's key file is read and checked against the marker
+        now (a missing one is refused only when something must be decrypted or authenticated).
+
+        :raise KeyFileError: the key file is not this repository's key, or cannot be read
+        """
+        key: RepositoryKey | None = None
+        problem: KeyFileError | None = None
+        if marker.key_id is not None:
+            if key_file is None:
+                problem = KeyFileError(
+                    f"repository {location} is encrypted and no key file was given",
+                    hint="pass its key file with --key-file or VMSNAP_KEY_FILE",
+                )
+            else:
+                key = read_key_file(key_file, expected_key_id=marker.key_id)
+        return cls(
+            store,
+            marker,
+            key=key,
+            key_file=key_file if key is not None else None,
+            key_problem=problem,
+            runner=runner,
+            state_root=state_root,
+            lease_seconds=lease_seconds if lease_seconds is not None else default_lease_seconds(),
+        )
 
     # -- what the writer and the helpers use --------------------------------------------------------
 
@@ -564,6 +610,15 @@ class ChunksRepository(RepositoryLayout):
 
     def gc(self, *, wait: float = 0.0, dry_run: bool = False) -> GcReport:
         return collect(self, wait=wait, dry_run=dry_run)
+
+    def copy_in(
+        self, source: RepositoryLayout, manifest: Manifest, *, progress: DiskProgress = no_progress
+    ) -> CopiedBackup:
+        """Copy a backup of ``source`` in (see :mod:`vmsnap.repo.chunks.copy`): from another chunks
+        repository only the chunks this one lacks, checked; from any other layout its disks read through
+        the pipeline, each chunk checked."""
+        chunks_source = source if isinstance(source, ChunksRepository) else None
+        return copy_into(self, source, manifest, progress, chunks_source=chunks_source)
 
     def present_chunks(self) -> set[ChunkId]:
         """The ids of every chunk in the store (one listing)."""

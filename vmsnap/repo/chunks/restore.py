@@ -32,8 +32,9 @@ from typing import Any, Literal, Protocol
 import attrs
 
 from vmsnap.errors import DamagedChunkError, NotFoundError, TransferError, UsageError
+from vmsnap.image.geometry import CHUNK_SIZE
 from vmsnap.image.nbd import QemuNbdServer, nbd_connection
-from vmsnap.repo.chunks.blob import CHUNK_SIZE, ChunkCodec, ChunkId, chunk_key, is_zero
+from vmsnap.repo.chunks.blob import ChunkCodec, ChunkId, chunk_key, is_zero
 from vmsnap.repo.chunks.index import ChunkIndex
 from vmsnap.repo.chunks.parallel import BoundedPool
 from vmsnap.repo.chunks.readers import QEMU_NBD_CLIENTS

@@ -21,8 +21,9 @@ import attrs
 
 from vmsnap.errors import LeaseError, RepositoryError, TransferError, UsageError, VmsnapError
 from vmsnap.files import make_private_dir
+from vmsnap.image.geometry import CHUNK_SIZE
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
-from vmsnap.repo.chunks.blob import CHUNK_SIZE, ChunkCodec, ChunkId
+from vmsnap.repo.chunks.blob import ChunkCodec, ChunkId
 from vmsnap.repo.chunks.index import ChunkIndex, encode_index
 from vmsnap.repo.chunks.keys import RepositoryKey
 from vmsnap.repo.chunks.known import KnownChunks, RecordingStore, read_generation
