@@ -107,7 +107,9 @@ def test_a_dead_hosts_lease_expires_and_recover_on_that_host_clears_it_at_once(
 ) -> None:
     image = base_image(tmp_path / "vm-x.qcow2", data_mib=16)
     args = ["--repo", repo_url, *_image_args(image, "vm-x")]
-    host_a = Host.make("host-a", tmp_path, s3_env, VMSNAP_LEASE_SECONDS="4")
+    # long enough that host B's refused attempt (a vmsnap start, seconds on a busy machine: the suite runs
+    # on several workers) meets the lease alive, short enough to wait for its expiry
+    host_a = Host.make("host-a", tmp_path, s3_env, VMSNAP_LEASE_SECONDS="15")
     host_b = Host.make("host-b", tmp_path, s3_env)
     ok_json(host_b.run("backup", *args, "--json"))
 
