@@ -107,7 +107,10 @@ def test_a_dead_hosts_lease_expires_and_recover_on_that_host_clears_it_at_once(
 ) -> None:
     image = base_image(tmp_path / "vm-x.qcow2", data_mib=16)
     args = ["--repo", repo_url, *_image_args(image, "vm-x")]
-    host_a = Host.make("host-a", tmp_path, s3_env, VMSNAP_LEASE_SECONDS="4")
+    # long enough that host B's refused attempt meets the lease alive: between A's lease and B's check lie
+    # A's run up to its death and a vmsnap start, 19 s once on a machine with ten runnable processes per
+    # core (4 s and 15 s leases expired first there); the test waits for the expiry afterwards
+    host_a = Host.make("host-a", tmp_path, s3_env, VMSNAP_LEASE_SECONDS="30")
     host_b = Host.make("host-b", tmp_path, s3_env)
     ok_json(host_b.run("backup", *args, "--json"))
 
