@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import shutil
+import socket
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -33,13 +34,14 @@ from vmsnap.errors import (
 from vmsnap.files import make_private_dir
 from vmsnap.image.sources import BackupSource, ReaderSource
 from vmsnap.model import validate_name
+from vmsnap.processes import crash_point
 from vmsnap.repo.chunks.blob import ChunkCodec, ChunkId, chunk_key
 from vmsnap.repo.chunks.check import verify_chunks
 from vmsnap.repo.chunks.gc import collect
 from vmsnap.repo.chunks.index import ChunkIndex, decode_index
 from vmsnap.repo.chunks.keys import RepositoryKey
-from vmsnap.repo.chunks.known import drop_known_caches, list_chunk_ids, read_generation
-from vmsnap.repo.chunks.leases import GC_KEY, LEASE_SECONDS, READERS, Lease, Leases, writer_key
+from vmsnap.repo.chunks.known import bump_generation, drop_known_caches, list_chunk_ids, read_generation
+from vmsnap.repo.chunks.leases import GC_SERIES, LEASE_SECONDS, Lease, LeaseRecord, Leases, writer_series
 from vmsnap.repo.chunks.pipeline import DEFAULT_WORKERS
 from vmsnap.repo.chunks.records import (
     VMS,
@@ -47,10 +49,13 @@ from vmsnap.repo.chunks.records import (
     decode_manifest,
     definition_key,
     index_key,
+    is_tombstone,
     manifest_key,
     needs_full_key,
     split_backup_key,
+    tombstone_reason,
     vm_prefix,
+    writer_marker_key,
 )
 from vmsnap.repo.chunks.restore import restore_disk
 from vmsnap.repo.chunks.writer import ChunksWriter
@@ -113,7 +118,7 @@ class ChunksRepository(RepositoryLayout):
         self._state = RepositoryState(marker.id, state_root)
         self.leases = Leases(store, ttl=lease_seconds)
         self._workers = workers
-        self._held: dict[str, tuple[Lease, str]] = {}
+        self._held: dict[str, Lease] = {}
 
     # -- what the writer and the helpers use --------------------------------------------------------
 
@@ -178,11 +183,16 @@ class ChunksRepository(RepositoryLayout):
     def load(self, vm: str, backup_id: str) -> Manifest:
         """The manifest of one backup, checked (MAC when encrypted).
 
-        :raise NotFoundError: it has none
+        :raise NotFoundError: it has none (or a tombstone: gc fenced its unfinished run)
         :raise RepositoryError: it is damaged, foreign or not authenticated
         """
         key = manifest_key(vm, backup_id)
         raw = self._store.get(key)
+        if is_tombstone(raw):
+            raise NotFoundError(
+                f"backup {vm}/{backup_id} was never finished ({tombstone_reason(raw)})",
+                hint="restore another backup",
+            )
         return decode_manifest(raw, vm, backup_id, self.key, where=f"{self.location}/{key}")
 
     def backups(self, vm: str | None = None, *, damaged: list[Damaged] | None = None) -> list[Manifest]:
@@ -322,12 +332,14 @@ class ChunksRepository(RepositoryLayout):
 
     @contextlib.contextmanager
     def lock(self, vm: str) -> Iterator[None]:
-        """Hold the VM's writer lease (``locks/vms/<vm>``, renewed while held) for the body.
+        """Hold the VM's writer lease (``locks/writers/<vm>``, renewed while held) for the body.
 
         :raise LeaseError: another run holds it, or gc is running
         """
-        with self.leases.holding(writer_key(vm), "writer", f"a backup, prune or recover of {vm}") as lease:
-            self._held[vm] = (lease, read_generation(self._store))
+        what = f"a backup, prune or recover of {vm}"
+        with self.leases.holding(writer_series(vm), "writer", what) as lease:
+            crash_point("writer-leased")
+            self._held[vm] = lease
             try:
                 yield
             finally:
@@ -336,7 +348,7 @@ class ChunksRepository(RepositoryLayout):
     @contextlib.contextmanager
     def reading(self, vm: str | None = None) -> Iterator[None]:
         """Hold a reader lease for the body: gc waits for (or refuses while) it is held."""
-        with self.leases.holding(self.leases.reader_key(), "reader", "a restore, verify or copy"):
+        with self.leases.holding(None, "reader", "a restore, verify or copy"):
             yield
 
     def journal_path(self, vm: str) -> Path:
@@ -351,16 +363,36 @@ class ChunksRepository(RepositoryLayout):
         for work in self._state.work_dirs(vm):
             shutil.rmtree(work, ignore_errors=True)
             actions.append(f"removed work directory {work}")
-        for key, record in [*self.leases.dead_of_this_host(READERS), *self.leases.dead_of_this_host(GC_KEY)]:
+        for key, record in self.leases.dead_readers_of_this_host():
             self._store.delete(key)
             actions.append(f"removed the dead lease {key} of {record.what} (pid {record.pid})")
+        head = self.leases.head(GC_SERIES)
+        mine = head is not None and head.record is not None and head.record.host == socket.gethostname()
+        if mine and (fenced := self._fence_gc()) is not None:
+            actions.append(f"released the dead gc lock of {fenced.what} (pid {fenced.pid})")
         return actions
+
+    def _fence_gc(self) -> LeaseRecord | None:
+        """Take over and release a gc lock whose holder is not live (dead, or stopped past its lease), and
+        replace the gc generation: that gc deletes nothing more (it checks its lock before every group of
+        deletes), and no host keeps a cache made while it deleted. The fenced holder, or None."""
+        fenced = self.leases.fence(GC_SERIES)
+        if fenced is not None:
+            bump_generation(self._store)
+        return fenced
 
     def discard_backup(self, vm: str, backup_id: str) -> bool:
         prefix = backup_prefix(vm, backup_id)
         keys = [stored.key for stored in self._store.list(prefix)]
         if prefix + MANIFEST in keys:
-            raise RepositoryError(f"backup {vm}/{backup_id} is complete; not discarding it")
+            try:
+                fenced = is_tombstone(self._store.get(prefix + MANIFEST))
+            except NotFoundError:
+                fenced = False  # deleted meanwhile (a prune): whatever is left goes
+            if fenced:
+                keys.remove(prefix + MANIFEST)  # the tombstone stays: the id is never used again
+            elif self._store.exists(prefix + MANIFEST):
+                raise RepositoryError(f"backup {vm}/{backup_id} is complete; not discarding it")
         for key in keys:
             self._store.delete(key)
         work = self._state.work_dir(vm, backup_id)
@@ -398,14 +430,37 @@ class ChunksRepository(RepositoryLayout):
         return next_backup_id(backup_id for _, backup_id in self._backup_dirs(vm))
 
     def begin_backup(self, vm: str, parent: Manifest | None, *, runner: Runner | None = None) -> ChunksWriter:
-        held = self._held.get(vm)
-        if held is None:
+        """Open a new backup of ``vm`` (under its writer lease): its directory's ``writer.json`` first, then
+        the gc lock is read again (a live gc: refused; one that is not live is taken over, see
+        :meth:`_fence_gc`), and only then the gc generation the writer's known chunks are checked against —
+        the order :mod:`vmsnap.repo.chunks.gc` relies on.
+
+        :raise LeaseError: gc started meanwhile
+        """
+        lease = self._held.get(vm)
+        if lease is None:
             raise UsageError(f"begin_backup of {vm} without its lease", hint="a bug: call it inside lock(vm)")
-        lease, generation = held
         _ = self.key  # an encrypted repository without its key fails here, before anything is written
-        return ChunksWriter(
-            self, vm, self.new_backup_id(vm), parent, lease, generation, runner or self.runner
-        )
+        marker = json.dumps(
+            {"token": lease.record.token, "host": lease.record.host, "pid": lease.record.pid}, sort_keys=True
+        ).encode()
+        for _attempt in range(5):
+            backup_id = self.new_backup_id(vm)
+            if self._store.put(writer_marker_key(vm, backup_id), marker, if_absent=True):
+                break
+        else:
+            raise RepositoryError(f"could not open a new backup of {vm}", hint="try again")
+        crash_point("writer-opened")
+        try:
+            self.leases.refuse_while_gc_runs()
+            self._fence_gc()
+            generation = read_generation(self._store)
+        except BaseException:
+            with contextlib.suppress(VmsnapError):
+                self.discard_backup(vm, backup_id)
+            raise
+        crash_point("writer-ready")
+        return ChunksWriter(self, vm, backup_id, parent, lease, generation, runner or self.runner)
 
     # -- restore, verify, prune, gc ------------------------------------------------------------------
 

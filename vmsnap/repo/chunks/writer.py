@@ -11,6 +11,7 @@ parent's and this host's cache (:mod:`vmsnap.repo.chunks.known`), or one listing
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 from collections.abc import Callable, Sequence
@@ -19,13 +20,22 @@ from typing import Protocol
 
 import attrs
 
-from vmsnap.errors import LeaseError, RepositoryError, TransferError, UsageError, VmsnapError
+from vmsnap.errors import (
+    LeaseError,
+    NotFoundError,
+    RepositoryError,
+    StoreError,
+    TransferError,
+    UsageError,
+    VmsnapError,
+)
 from vmsnap.files import make_private_dir
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
+from vmsnap.processes import crash_point
 from vmsnap.repo.chunks.blob import CHUNK_SIZE, ChunkCodec, ChunkId
 from vmsnap.repo.chunks.index import ChunkIndex, encode_index
 from vmsnap.repo.chunks.keys import RepositoryKey
-from vmsnap.repo.chunks.known import KnownChunks, RecordingStore, read_generation
+from vmsnap.repo.chunks.known import KnownChunks, RecordingStore
 from vmsnap.repo.chunks.leases import Lease
 from vmsnap.repo.chunks.pipeline import BackupProgress, backup_disk
 from vmsnap.repo.chunks.readers import NbdReader, open_source
@@ -33,7 +43,9 @@ from vmsnap.repo.chunks.records import (
     backup_prefix,
     encode_manifest,
     index_key,
+    is_tombstone,
     manifest_key,
+    writer_marker_key,
 )
 from vmsnap.repo.manifest import (
     CHUNKS_FORMAT,
@@ -96,7 +108,8 @@ class ChunksWriter:
     :param backup_id: the new backup's id
     :param parent: the parent backup of an incremental, or None
     :param lease: the VM's writer lease (checked before the manifest is written)
-    :param generation: the gc generation seen when the lease was taken
+    :param generation: the gc generation read after the backup's directory was opened (what the known
+        chunks are checked against)
     :param runner: where the machine's files are (qemu-nbd runs there)
     """
 
@@ -227,6 +240,7 @@ class ChunksWriter:
             kind = "nbd" if isinstance(reader, NbdReader) else "file"
         data = encode_index(result.index, self.repo.key)
         self.repo.store.put(index_key(self.vm, self.backup_id, name), data)
+        crash_point("writer-indexed")
         stats = result.stats
         data_chunks = sum(1 for _ in result.index.data_chunks())
         chunk_stats = ChunkStats(
@@ -263,16 +277,12 @@ class ChunksWriter:
         definition: str | None,
     ) -> Manifest:
         """Write the definition, then the manifest (``put(if_absent)``), after checking that the lease is
-        still this run's and no gc ran since it was taken.
+        still this run's. A gc that found this backup unfinished put a tombstone at the manifest's key
+        first (see :mod:`vmsnap.repo.chunks.gc`): then the put fails, and so does the backup.
 
-        :raise LeaseError: the lease was lost, or a gc ran meanwhile
+        :raise LeaseError: the lease was lost, or a gc fenced this backup
         """
         self.lease.check()
-        if read_generation(self.repo.store) != self.generation:
-            raise LeaseError(
-                "a gc ran while this backup was running (its lease had expired)",
-                hint="take the backup again",
-            )
         definition_id = None
         if definition is not None:
             definition_id = self.repo.put_definition(self.vm, self.backup_id, definition)
@@ -292,8 +302,20 @@ class ChunksWriter:
             definition=definition_id,
         )
         key = manifest_key(self.vm, self.backup_id)
+        crash_point("writer-sealing")
         if not self.repo.store.put(key, encode_manifest(manifest, self.repo.key), if_absent=True):
+            try:
+                fenced = is_tombstone(self.repo.store.get(key))
+            except NotFoundError:
+                fenced = False
+            if fenced:
+                raise LeaseError(
+                    "a gc ran while this backup was stopped for longer than its lease, and fenced it",
+                    hint="take the backup again",
+                )
             raise RepositoryError(f"{key} exists already", hint="a bug: backup ids are never reused")
+        with contextlib.suppress(StoreError):
+            self.repo.store.delete(writer_marker_key(self.vm, self.backup_id))  # sealed: no longer at work
         self._known_chunks.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
         return manifest

@@ -23,11 +23,18 @@ from tests.integration.cli_helpers import (
     vm_args,
     write,
 )
-from tests.integration.repo.layouts.helpers import Worker, chunks_clean, partial_backups, random_file
+from tests.integration.repo.layouts.helpers import (
+    Worker,
+    chunks_clean,
+    held_leases,
+    partial_backups,
+    random_file,
+)
 from vmsnap.errors import LeaseError
 from vmsnap.processes import CRASH_ENV
 from vmsnap.repo.repository import Repository
 from vmsnap.repo.retention import RetentionPolicy
+from vmsnap.repo.stores.local import LocalStore
 
 DISKS = ("disk0", "disk1")
 
@@ -101,7 +108,7 @@ def test_a_backup_refuses_while_gc_holds_its_lock(
         [VMSNAP, "backup", "--repo", str(repo), *vm_args(vm)], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 1 and "collecting garbage" in result.stderr, result.stderr
-    assert partial_backups(repo) == [] and not (repo / "locks" / "vms" / "testvm").exists()
+    assert partial_backups(repo) == [] and held_leases(LocalStore(repo)) == ["locks/collector/000000000001"]
     gc.resume()
     assert gc.finish()[0] == 0
     assert len(listed(capsys, repo)) == 1 and listed(capsys, repo)[0] == first["backup_id"]
@@ -174,7 +181,9 @@ def test_gc_killed_mid_sweep_loses_nothing_a_kept_backup_needs(
     dead = Worker.start("gc", {"repo": str(repo)}, env={CRASH_ENV: "gc-mid-sweep"})
     code, _, _ = dead.finish()
     assert code == -9
-    assert (repo / "locks" / "gc").exists()  # the dead gc's lock: taken over on this host at once
+    assert held_leases(LocalStore(repo)) == [
+        "locks/collector/000000000001"
+    ]  # the dead gc's: taken over at once
     assert _restores_to(repo, ids[-1], expected, tmp_path / "r1")
     report = Repository.open(repo).gc()
     assert report.chunks_freed > 0  # what the dead one had not yet deleted
