@@ -21,6 +21,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
+import attrs
+
 from vmsnap.errors import (
     ChecksumMismatchError,
     DamagedChunkError,
@@ -36,13 +38,16 @@ from vmsnap.image.sources import BackupSource, ReaderSource
 from vmsnap.model import validate_name
 from vmsnap.processes import crash_point
 from vmsnap.repo.chunks.blob import ChunkCodec, ChunkId, chunk_key
-from vmsnap.repo.chunks.check import verify_chunks
+from vmsnap.repo.chunks.check import Findings, verify_chunks
 from vmsnap.repo.chunks.gc import collect
+from vmsnap.repo.chunks.heal import heal
 from vmsnap.repo.chunks.index import ChunkIndex, decode_index
 from vmsnap.repo.chunks.keys import RepositoryKey
-from vmsnap.repo.chunks.known import bump_generation, drop_known_caches, list_chunk_ids, read_generation
+from vmsnap.repo.chunks.known import bump_generation, list_chunk_ids, read_generation
 from vmsnap.repo.chunks.leases import GC_SERIES, LEASE_SECONDS, Lease, LeaseRecord, Leases, writer_series
 from vmsnap.repo.chunks.pipeline import DEFAULT_WORKERS
+from vmsnap.repo.chunks.quarantine import clear as clear_records
+from vmsnap.repo.chunks.quarantine import quarantined_ids, read_record
 from vmsnap.repo.chunks.records import (
     VMS,
     backup_prefix,
@@ -318,14 +323,29 @@ class ChunksRepository(RepositoryLayout):
         return users
 
     def name_users(self, err: DamagedChunkError) -> DamagedChunkError:
-        """``err`` with the backups and disks that use its chunk added to the message."""
+        """``err`` with the backups and disks that use its chunk added to the message, and a hint that says
+        how that chunk gets stored again (verify moved it aside already, or has yet to)."""
         found = _CHUNK_HEX.search(err.message)
         if found is None:
             return err
-        users = self.chunk_users(bytes.fromhex(found.group(1)))
+        chunk_id = bytes.fromhex(found.group(1))
+        users = self.chunk_users(chunk_id)
+        vms = " and ".join(sorted({user.split("/")[0] for user in users})) or "the VM"
+        message = f"{err.message}; used by {', '.join(users) or 'no complete backup'}"
+        with contextlib.suppress(StoreError):
+            record = read_record(self._store, chunk_id)
+            if record is not None:
+                message += f"; verify moved it aside on {record.found[:10]} ({record.problem})"
+                return DamagedChunkError(
+                    message,
+                    hint=f"back up {vms} again: the next backup stores the chunk again if the disk still "
+                    "holds that data (`vmsnap verify --repair` tries at once); meanwhile restore a backup "
+                    "that does not use it",
+                )
         return DamagedChunkError(
-            f"{err.message}; used by {', '.join(users) or 'no complete backup'}",
-            hint="restore a backup that does not use it, or take a new full backup (it stores it again)",
+            message,
+            hint=f"run `vmsnap verify`: it moves the chunk aside, and then the next backup of {vms} stores "
+            "it again if the disk still holds that data; meanwhile restore a backup that does not use it",
         )
 
     # -- leases, journal, change tracking -------------------------------------------------------------
@@ -546,9 +566,21 @@ class ChunksRepository(RepositoryLayout):
         reader: VerifyReader = "auto",
         fast: bool = False,
         progress: DiskProgress = no_progress,
+        repair_from: Sequence[RepositoryLayout] = (),
     ) -> VerifyReport:
         """Check every backup's manifest and indexes, and every chunk they name: fetched, decoded and
-        checked against its id (``fast``: only that it exists, from one listing). ``reader`` is ignored."""
+        checked against its id (``fast``: only that it exists, from one listing). ``reader`` is ignored.
+
+        A chunk found damaged is moved aside and a missing one recorded, so that the next backup stores it
+        again; with ``repair_from`` (other ``chunks`` repositories) each is looked for there and stored again
+        at once (see :mod:`vmsnap.repo.chunks.heal`). The report's ``chunks`` say what was done.
+        """
+        sources = [source for source in repair_from if isinstance(source, ChunksRepository)]
+        if len(sources) != len(repair_from):
+            raise UsageError(
+                "verify repairs only from repositories of the chunks layout",
+                hint="copy the backups into a chunks repository first (`vmsnap copy`)",
+            )
         damaged: list[Damaged] = []
         with self.reading(vm):
             if backup_id is not None:
@@ -559,24 +591,23 @@ class ChunksRepository(RepositoryLayout):
                 if vm is not None and vm not in self.vms():
                     self.get(vm)  # raises NotFoundError naming the VMs there are
                 targets = self.backups(vm, damaged=damaged)
-            missing: dict[str, set[ChunkId]] = {}
-            report = verify_chunks(self, targets, damaged, fast=fast, progress=progress, missing=missing)
-        if missing:
-            self._store_missing_again(missing)
-        return report
+            found = verify_chunks(self, targets, damaged, fast=fast, progress=progress)
+            try:
+                repairs = heal(self, found, sources=sources)
+                self._clear_healed(found)
+            except StoreError as err:  # read-only credentials: the report says what was found, nothing more
+                log.warning("verify could not move the damaged chunks aside: %s", err.message)
+                repairs = ()
+        return attrs.evolve(found.report, chunks=repairs)
 
-    def _store_missing_again(self, missing: Mapping[str, set[ChunkId]]) -> None:
-        """Chunks went missing behind vmsnap's back: make every host forget them (its known-chunks cache) and
-        the next backup of each VM that names one full, so that it stores them again (if the guest still has
-        that data). Best effort: read-only credentials leave it to the report."""
-        try:
-            drop_known_caches(self._store)
-            for vm, ids in sorted(missing.items()):
-                first = min(ids).hex()
-                reason = f"verify found {len(ids)} chunk(s) of its backups missing (first {first})"
-                self.require_full(vm, reason)
-        except StoreError as err:
-            log.warning("verify could not mark the VMs whose chunks are missing: %s", err.message)
+    def _clear_healed(self, found: Findings) -> None:
+        """Remove the quarantine records of chunks the store holds again (healed; what this verify checked
+        had no problem) — one listing of the records and of the chunks, only when there are records."""
+        records = quarantined_ids(self._store)
+        if records:
+            problems = set(found.damaged) | set(found.missing)
+            present = list_chunk_ids(self._store)
+            clear_records(self._store, sorted(c for c in records if c in present and c not in problems))
 
     def delete_backup(self, vm: str, backup_id: str) -> None:
         """Delete the manifest first (the backup is gone at once), then its other objects; its chunks stay

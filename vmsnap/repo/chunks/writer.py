@@ -6,7 +6,10 @@ file (or a file whose persistent dirty bitmap is exported) through a qemu-nbd. A
 chunks the export's dirty bitmap marks when the export's changes are relative to the parent backup
 (``ExportSource.since``) and the parent's index of the disk is there; otherwise it reads everything and says
 why (the index is complete either way). Chunks the store holds are not stored again: the known ids are the
-parent's and this host's cache (:mod:`vmsnap.repo.chunks.known`), or one listing for a full backup.
+parent's and this host's cache (:mod:`vmsnap.repo.chunks.known`), or one listing for a full backup — less
+the chunks ``verify`` moved aside that the store lacks (:mod:`vmsnap.repo.chunks.quarantine`): those are
+stored again when the disk produces them, and an incremental reads again every chunk whose parent id is one
+of them. A backup that would name such a chunk moved aside while it ran fails at its seal.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Protocol
 import attrs
 
 from vmsnap.errors import (
+    DamagedChunkError,
     LeaseError,
     NotFoundError,
     RepositoryError,
@@ -35,9 +39,10 @@ from vmsnap.processes import crash_point
 from vmsnap.repo.chunks.blob import CHUNK_SIZE, ChunkCodec, ChunkId
 from vmsnap.repo.chunks.index import ChunkIndex, encode_index
 from vmsnap.repo.chunks.keys import RepositoryKey
-from vmsnap.repo.chunks.known import KnownChunks, RecordingStore
+from vmsnap.repo.chunks.known import KnownChunks, RecordingStore, read_epoch
 from vmsnap.repo.chunks.leases import Lease
 from vmsnap.repo.chunks.pipeline import BackupProgress, backup_disk
+from vmsnap.repo.chunks.quarantine import absent_quarantined
 from vmsnap.repo.chunks.readers import NbdReader, open_source
 from vmsnap.repo.chunks.records import (
     backup_prefix,
@@ -139,6 +144,9 @@ class ChunksWriter:
         self._known: set[ChunkId] | None = None
         self._store = RecordingStore(repo.store, self._known_chunks)
         self._parent_indexes: dict[str, ChunkIndex | VmsnapError] = {}
+        self._set_aside: set[ChunkId] | None = None
+        self._epoch = ""
+        self._named: set[ChunkId] = set()
 
     def _parent_disk_index(self, disk: str) -> ChunkIndex:
         """The parent's index of ``disk``, read once per backup.
@@ -160,6 +168,13 @@ class ChunksWriter:
         """None: a chunks repository keeps no images a strategy could write on top of."""
         return {}
 
+    def _quarantined(self) -> set[ChunkId]:
+        """The chunks verify moved aside that the store lacks (read once, with the epoch they go with)."""
+        if self._set_aside is None:
+            self._epoch = read_epoch(self.repo.store)
+            self._set_aside = absent_quarantined(self.repo.store)
+        return self._set_aside
+
     def _known_ids(self) -> set[ChunkId]:
         if self._known is None:
             # an incremental knows its parent's chunks: it lists the store only through a valid cache
@@ -170,7 +185,7 @@ class ChunksWriter:
                         known |= self._parent_disk_index(record.name).referenced()
                     except VmsnapError:
                         continue  # that disk is read fully; its chunks are stored if absent
-            self._known = known
+            self._known = known - self._quarantined()
         return self._known
 
     def _parent_index(self, disk: Disk, source: ExportSource) -> tuple[ChunkIndex | None, str | None]:
@@ -221,6 +236,9 @@ class ChunksWriter:
                 changed, note = _dirty_chunks(reader)
                 if changed is None:
                     parent_index = None
+                else:  # the parent's chunks that verify moved aside are read again (and stored, if there)
+                    moved = self._quarantined()
+                    changed |= {n for n, chunk_id in parent_index.data_chunks() if chunk_id in moved}
 
             def report(state: BackupProgress) -> None:
                 progress(state.done, state.total)
@@ -238,6 +256,7 @@ class ChunksWriter:
                 progress=report,
             )
             kind = "nbd" if isinstance(reader, NbdReader) else "file"
+        self._named |= result.index.referenced()
         data = encode_index(result.index, self.repo.key)
         self.repo.store.put(index_key(self.vm, self.backup_id, name), data)
         crash_point("writer-indexed")
@@ -281,8 +300,17 @@ class ChunksWriter:
         first (see :mod:`vmsnap.repo.chunks.gc`): then the put fails, and so does the backup.
 
         :raise LeaseError: the lease was lost, or a gc fenced this backup
+        :raise DamagedChunkError: verify moved aside a chunk this backup names while it ran
         """
         self.lease.check()
+        if self._set_aside is not None and read_epoch(self.repo.store) != self._epoch:
+            lost = sorted(self._named & absent_quarantined(self.repo.store))
+            if lost:
+                raise DamagedChunkError(
+                    f"verify moved aside chunk {lost[0].hex()} while this backup ran, and the backup names "
+                    f"it ({len(lost)} such chunk(s))",
+                    hint="take the backup again: it stores them again if the disk still holds that data",
+                )
         definition_id = None
         if definition is not None:
             definition_id = self.repo.put_definition(self.vm, self.backup_id, definition)

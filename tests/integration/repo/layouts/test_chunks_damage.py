@@ -12,10 +12,11 @@ import pytest
 
 from tests.conftest import make_image
 from tests.integration.cli_helpers import cli, same_content
-from tests.integration.repo.layouts.helpers import SECRET, random_file, store_keys, write_file
+from tests.integration.repo.layouts.helpers import SECRET, held_leases, random_file, store_keys, write_file
 from vmsnap.errors import ChecksumMismatchError, DamagedChunkError, KeyFileError
 from vmsnap.repo.chunks.keys import create_key_file
 from vmsnap.repo.repository import Repository
+from vmsnap.repo.stores.local import LocalStore
 
 VM = "disk0"
 
@@ -121,7 +122,9 @@ def test_keys_missing_wrong_or_readable_by_others(
     monkeypatch.delenv("VMSNAP_KEY_FILE", raising=False)
     missing = cli(capsys, "backup", "--repo", repo, "--image", image, "--strategy", "internal")
     assert missing.code == 1 and "is encrypted and no key file was given" in missing.error_line
-    assert store_keys(repo) == ["vmsnap-repo.json"]  # refused before anything was written
+    # refused before anything was written (but for the lease it took and released)
+    assert [k for k in store_keys(repo) if not k.startswith("locks/")] == ["vmsnap-repo.json"]
+    assert held_leases(LocalStore(repo)) == []
     monkeypatch.setenv("VMSNAP_KEY_FILE", str(key))
     backup_id = _backup(capsys, repo, image)
     other = tmp_path / "other.key"
