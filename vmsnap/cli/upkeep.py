@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from typing import Any
 
 import attrs
 
-from vmsnap.cli.common import Command, add_key_option, add_repo_option, emit, mib, render_table
+from vmsnap.backup.repair import repair
+from vmsnap.cli.common import (
+    Command,
+    add_key_option,
+    add_repo_option,
+    add_vm_arguments,
+    emit,
+    machine_spec,
+    mib,
+    note,
+    opened_machine,
+    render_table,
+)
 from vmsnap.cli.progress import disk_progress
 from vmsnap.errors import ChainError, ChecksumMismatchError, RepositoryError, UsageError
 from vmsnap.repo.copy import copy_backups
 from vmsnap.repo.manifest import Damaged, Manifest
+from vmsnap.repo.reports import VerifyProblem, VerifyReport
 from vmsnap.repo.repository import Repository
 from vmsnap.repo.retention import RetentionPolicy
 
@@ -113,32 +127,86 @@ def _list_arguments(parser: argparse.ArgumentParser) -> None:
 # -- verify -------------------------------------------------------------------------------------------------
 
 
+def _vm_given(args: argparse.Namespace) -> bool:
+    return bool(args.qmp or args.domain or args.image)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Re-read backups and check every checksum, chunk and chain link; exit 1 naming the first problem."""
-    repo = Repository.open(args.repo, key_file=args.key_file)
-    with disk_progress(not args.json) as progress:
-        report = repo.verify(args.vm, args.backup, reader=args.reader, fast=args.fast, progress=progress)
+    """Re-read backups and check every checksum, chunk and chain link (chunks: move damaged chunks aside;
+    --repair: store them again from --from repositories and the VM); exit 1 while a backup is damaged."""
+    if (args.sources or _vm_given(args)) and not args.repair:
+        raise UsageError("--from and a VM are sources for --repair", hint="add --repair")
+    backup_id = None
+    with contextlib.ExitStack() as stack:
+        progress = stack.enter_context(disk_progress(not args.json))
+        if args.repair:
+            machine = stack.enter_context(opened_machine(machine_spec(args))) if _vm_given(args) else None
+            result = repair(
+                args.repo,
+                vm=args.vm,
+                backup_id=args.backup,
+                machine=machine,
+                sources=args.sources,
+                key_file=args.key_file,
+                fast=args.fast,
+                progress=progress,
+                note=note,
+            )
+            report, backup_id = result.report, result.backup_id
+        else:
+            repo = Repository.open(args.repo, key_file=args.key_file)
+            report = repo.verify(args.vm, args.backup, reader=args.reader, fast=args.fast, progress=progress)
     payload = {
         "ok": report.ok,
         "reader": report.reader,
         "checked": [{"vm": vm, "backup_id": backup_id} for vm, backup_id in report.checked],
         "problems": [attrs.asdict(p) for p in report.problems],
+        "chunks": [{**attrs.asdict(c), "still_damaged": list(c.still_damaged)} for c in report.chunks],
+        "still_damaged": list(report.still_damaged),
+        "repair_backup": backup_id,
     }
     human = [f"verified {len(report.checked)} backup(s) with the {report.reader} reader"]
     human += [f"  PROBLEM {p}" for p in report.problems]
+    human += [f"  {c}" for c in report.chunks]
+    if backup_id is not None:
+        human.append(f"  took backup {backup_id} to read the moved-aside chunks again from the VM")
     if report.ok:
         human.append("  all checksums, chunks and chain links are good")
+    elif not report.still_damaged:
+        human.append("  every damaged chunk was stored again: every backup restores")
     emit(args, payload, "\n".join(human))
-    if not report.ok:
+    if report.still_damaged:
         first = report.problems[0]
         error = (
             ChainError if "chain" in first.message or "backing" in first.message else ChecksumMismatchError
         )
         raise error(
-            f"verify found {len(report.problems)} problem(s); first: {first}",
-            hint="restore from a backup that verifies, and take a new full backup",
+            f"verify found {len(report.problems)} problem(s), {len(report.still_damaged)} backup disk(s) "
+            f"still damaged; first: {first}",
+            hint=_verify_hint(report),
         )
     return 0
+
+
+def _verify_hint(report: VerifyReport) -> str:
+    """What to do about what verify left damaged (true for what it did)."""
+    waiting = [c for c in report.chunks if not c.healed]
+    unhealed = {c.chunk for c in waiting}
+    if waiting and all(
+        any(chunk in p.message for chunk in unhealed) for p in report.problems if not _healed(p, report)
+    ):
+        vms = " and ".join(sorted({b.split("/")[0] for c in waiting for b in c.backups})) or "the VM"
+        return (
+            f"verify set the damaged or missing chunks aside: the next backup of {vms} stores them again "
+            "if its disks still hold that data (`vmsnap verify --repair` with the VM, or --from an off-site "
+            "copy, tries at once); meanwhile restore from a backup that verifies"
+        )
+    return "restore from a backup that verifies, and take a new full backup"
+
+
+def _healed(problem: VerifyProblem, report: VerifyReport) -> bool:
+    """The problem is about a chunk that was stored again."""
+    return any(c.healed and c.chunk in problem.message for c in report.chunks)
 
 
 def _verify_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,6 +222,21 @@ def _verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fast", action="store_true", help="chunks layout: only check that every chunk exists (one listing)"
     )
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="chunks layout: store the chunks found damaged or missing again at once, from the --from "
+        "repositories and from the VM named below (a backup of it)",
+    )
+    parser.add_argument(
+        "--from",
+        dest="sources",
+        action="append",
+        default=[],
+        metavar="REPO",
+        help="with --repair: a chunks repository holding copies of the backups (an off-site copy; repeat)",
+    )
+    add_vm_arguments(parser)
 
 
 # -- prune and gc -------------------------------------------------------------------------------------------
@@ -290,8 +373,8 @@ COMMANDS = (
     ),
     Command(
         "verify",
-        "re-read backups and check every checksum, chunk and chain link",
-        "vmsnap verify --repo /backups --vm web1",
+        "re-read backups and check every checksum, chunk and chain link; move damaged chunks aside",
+        "vmsnap verify --repo /backups --vm web1 --repair --domain web1 --from s3://offsite/vmsnap",
         cmd_verify,
         _verify_arguments,
     ),

@@ -15,8 +15,10 @@ runs that died — never a chunk a kept backup needs, nor one a backup that is s
    needed; run ``verify``, then delete or repair that backup).
 4. **Sweep**: the fenced backups' objects are deleted (the tombstones stay), then every chunk not marked
    that the store held when the mark was done, in groups; before each group gc checks that its lock is
-   still its own (a writer takes over a gc lock that is not live, and then gc stops). Last, the generation
-   is replaced again, so that no cache made while gc deleted survives it.
+   still its own (a writer takes over a gc lock that is not live, and then gc stops). The quarantine
+   records (:mod:`vmsnap.repo.chunks.quarantine`) of chunks that are back, or that no backup names any
+   more, are removed. Last, the generation is replaced again, so that no cache made while gc deleted
+   survives it.
 
 Why a sealed backup never loses a chunk: its writer opens its backup directory (a ``writer.json`` object)
 before it reads the gc lock a second time and before it learns which chunks exist. A gc that listed the
@@ -43,6 +45,8 @@ from vmsnap.repo.chunks.index import ChunkIndex
 from vmsnap.repo.chunks.known import bump_generation, list_chunks
 from vmsnap.repo.chunks.leases import GC_SERIES, READERS, WRITERS, Lease, Leases
 from vmsnap.repo.chunks.parallel import BoundedPool
+from vmsnap.repo.chunks.quarantine import clear as clear_records
+from vmsnap.repo.chunks.quarantine import quarantined_ids
 from vmsnap.repo.chunks.records import encode_tombstone, is_tombstone, manifest_key, split_backup_key
 from vmsnap.repo.manifest import MANIFEST, Damaged, Manifest
 from vmsnap.repo.reports import GcReport
@@ -242,6 +246,9 @@ def collect(repo: GcRepository, *, wait: float = 0.0, dry_run: bool = False) -> 
                     store.delete(key)
         _sweep(store, [stored.key for stored in garbage], lease)
         crash_point("gc-swept")
+        present = {chunk_id for _, chunk_id in chunks}
+        # the records of chunks that are back (healed) or that no backup names any more
+        clear_records(store, [c for c in quarantined_ids(store) if c in present or c not in referenced])
         bump_generation(store)  # no cache made while this gc deleted outlives it
         lease.check()
         return report
