@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import shutil
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -36,7 +37,7 @@ from vmsnap.errors import (
 from vmsnap.files import make_private_dir
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
 from vmsnap.processes import crash_point
-from vmsnap.repo.chunks.blob import CHUNK_SIZE, ChunkCodec, ChunkId
+from vmsnap.repo.chunks.blob import CHUNK_SIZE, ChunkCodec, ChunkId, chunk_key
 from vmsnap.repo.chunks.index import ChunkIndex, encode_index
 from vmsnap.repo.chunks.keys import RepositoryKey
 from vmsnap.repo.chunks.known import KnownChunks, RecordingStore, read_epoch
@@ -67,6 +68,9 @@ from vmsnap.repo.state import RepositoryState
 from vmsnap.repo.stores.base import Store
 from vmsnap.runner import Runner
 from vmsnap.transports.base import Transport
+
+KEPT_CHECKS = 4096
+"""After a failed write, up to this many chunks the run stored are checked one by one (are they there?)."""
 
 
 class WriterRepository(Protocol):
@@ -245,20 +249,26 @@ class ChunksWriter:
                 if transfer is not None:
                     transfer(Transfer(state.read, state.stored, state.deduplicated, state.zero))
 
-            result = backup_disk(
-                reader,
-                self._store,
-                self.repo.codec,
-                parent=parent_index,
-                changed=changed,
-                known=self._known_ids(),
-                workers=self.repo.workers,
-                progress=report,
-            )
+            try:
+                result = backup_disk(
+                    reader,
+                    self._store,
+                    self.repo.codec,
+                    parent=parent_index,
+                    changed=changed,
+                    known=self._known_ids(),
+                    workers=self.repo.workers,
+                    progress=report,
+                )
+            except StoreError as err:
+                raise self.kept(err) from err
             kind = "nbd" if isinstance(reader, NbdReader) else "file"
         self._named |= result.index.referenced()
         data = encode_index(result.index, self.repo.key)
-        self.repo.store.put(index_key(self.vm, self.backup_id, name), data)
+        try:
+            self.repo.store.put(index_key(self.vm, self.backup_id, name), data)
+        except StoreError as err:
+            raise self.kept(err) from err
         crash_point("writer-indexed")
         stats = result.stats
         data_chunks = sum(1 for _ in result.index.data_chunks())
@@ -313,7 +323,10 @@ class ChunksWriter:
                 )
         definition_id = None
         if definition is not None:
-            definition_id = self.repo.put_definition(self.vm, self.backup_id, definition)
+            try:
+                definition_id = self.repo.put_definition(self.vm, self.backup_id, definition)
+            except StoreError as err:
+                raise self.kept(err) from err
         manifest = Manifest(
             vm=self.vm,
             backup_id=self.backup_id,
@@ -331,7 +344,11 @@ class ChunksWriter:
         )
         key = manifest_key(self.vm, self.backup_id)
         crash_point("writer-sealing")
-        if not self.repo.store.put(key, encode_manifest(manifest, self.repo.key), if_absent=True):
+        try:
+            sealed = self.repo.store.put(key, encode_manifest(manifest, self.repo.key), if_absent=True)
+        except StoreError as err:
+            raise self.kept(err) from err
+        if not sealed:
             try:
                 fenced = is_tombstone(self.repo.store.get(key))
             except NotFoundError:
@@ -347,6 +364,24 @@ class ChunksWriter:
         self._known_chunks.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
         return manifest
+
+    def kept(self, err: StoreError) -> StoreError:
+        """``err``, saying how much of what this run stored stays in the store (no index names it: it is
+        gc's) — counted exactly, one existence check per chunk, up to :data:`KEPT_CHECKS` chunks."""
+        written = dict(self._store.written)
+        if not written:
+            return err
+        if len(written) <= KEPT_CHECKS:
+            with ThreadPoolExecutor(8, thread_name_prefix="vmsnap-kept") as pool:
+                there = list(pool.map(lambda c: self.repo.store.exists(chunk_key(c)), written))
+            stayed = [size for size, present in zip(written.values(), there, strict=True) if present]
+            amount = f"{len(stayed)} chunk(s), {sum(stayed) / 2**20:.1f} MiB,"
+        else:
+            amount = f"up to {len(written)} chunk(s), {sum(written.values()) / 2**20:.1f} MiB,"
+        return StoreError(
+            f"{err.message}; {amount} that this run stored stay in the store",
+            hint=f"{err.hint}; `vmsnap gc` deletes the chunks no backup uses",
+        )
 
     def discard(self) -> None:
         """Remove this unfinished backup's objects and work directory (its chunks stay: gc's job)."""
