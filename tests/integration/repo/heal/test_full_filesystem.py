@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,23 +17,6 @@ from tests.integration.repo.layouts.helpers import held_leases, partial_backups,
 from vmsnap.repo.stores.local import LocalStore
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def small_filesystem(tmp_path: Path) -> Iterator[Path]:
-    """A 48 MiB tmpfs mounted for this test (unmounted afterwards)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    argv = ["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "tmpfs", str(mount)]
-    done = subprocess.run(argv, capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.fail(
-            f"cannot mount a 48 MiB tmpfs ({done.stderr.strip()}): it needs root and mount (Debian: mount)"
-        )
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def _image(tmp_path: Path, name: str, size: int) -> Path:
@@ -55,8 +38,9 @@ def _chunk_files(repo: Path) -> list[Path]:
 
 
 def test_a_backup_into_a_full_filesystem_says_what_it_left_and_gc_frees_it(
-    small_filesystem: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    mount_tmpfs: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    small_filesystem = mount_tmpfs("48m")
     repo = small_filesystem / "repo"
     big = _image(tmp_path, "big", 64 * MiB)
     failed = cli(capsys, "backup", "--repo", repo, "--image", big)
