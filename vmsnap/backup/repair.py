@@ -64,9 +64,13 @@ def repair(
     missing = {chunk.chunk for chunk in again.chunks}
     repairs = []
     for chunk in report.chunks:
-        if not chunk.healed and chunk.chunk not in missing:
+        if not chunk.healed:
             first = chunk.action.split("; ")[0]
-            action = f"{first}, then stored again by backup {result.backup_id} of {result.vm}"
-            chunk = attrs.evolve(chunk, action=action, healed=True)
+            if chunk.chunk not in missing:
+                action = f"{first}, then stored again by backup {result.backup_id} of {result.vm}"
+                chunk = attrs.evolve(chunk, action=action, healed=True)
+            else:
+                action = f"{first}; backup {result.backup_id} of {result.vm} did not produce it again"
+                chunk = attrs.evolve(chunk, action=action)
         repairs.append(chunk)
     return RepairResult(attrs.evolve(report, chunks=tuple(repairs)), result.backup_id)

@@ -176,21 +176,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
         human.append("  every damaged chunk was stored again: every backup restores")
     emit(args, payload, "\n".join(human))
     if report.still_damaged:
-        first = report.problems[0]
+        first = next((p for p in report.problems if not _healed(p, report)), report.problems[0])
         error = (
             ChainError if "chain" in first.message or "backing" in first.message else ChecksumMismatchError
         )
         raise error(
             f"verify found {len(report.problems)} problem(s), {len(report.still_damaged)} backup disk(s) "
             f"still damaged; first: {first}",
-            hint=_verify_hint(report),
+            hint=_verify_hint(report, read_vm=backup_id is not None),
         )
     return 0
 
 
-def _verify_hint(report: VerifyReport) -> str:
+def _verify_hint(report: VerifyReport, *, read_vm: bool) -> str:
     """What to do about what verify left damaged (true for what it did)."""
     waiting = [c for c in report.chunks if not c.healed]
+    if waiting and read_vm:
+        return (
+            "the VM's disks (and the copies given) no longer hold the data of the chunks still damaged: "
+            "restore from a backup that verifies"
+        )
     unhealed = {c.chunk for c in waiting}
     if waiting and all(
         any(chunk in p.message for chunk in unhealed) for p in report.problems if not _healed(p, report)
