@@ -159,7 +159,7 @@ def test_a_writer_stopped_past_its_lease_never_seals_over_a_gc(
     assert report.partial_backups  # the stopped run's objects went, its chunks too
     writer.resume()
     code, _, err = writer.finish()
-    assert code == 1 and "a gc ran while this backup was running" in err, err
+    assert code == 1 and "a gc ran while this backup was stopped for longer than its lease" in err, err
     assert listed(capsys, repo) == [first["backup_id"]]
     assert partial_backups(repo) == [], (err, sorted(str(p) for p in (repo / "vms").rglob("*")))
     assert Repository.open(repo).verify().ok
