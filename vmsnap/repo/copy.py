@@ -85,6 +85,7 @@ def _copy_one(
 ) -> CopiedBackup:
     if isinstance(target, ChunksRepository):
         into = _ChunksTarget(target, manifest)
+        target.open_backup(manifest.vm, manifest.backup_id)  # before it learns which chunks the target has
         try:
             if isinstance(source, ChunksRepository):
                 for record in manifest.disks:
@@ -222,9 +223,10 @@ class _ChunksTarget:
             digest=INDEX_DIGEST,
             definition=definition_id,
         )
-        self.repo.store.put(
+        written = self.repo.store.put(
             manifest_key(m.vm, m.backup_id), encode_manifest(copied, self.repo.key), if_absent=True
         )
+        self.repo.sealed(m.vm, m.backup_id, written)  # a gc may have fenced it (see vmsnap.repo.chunks.gc)
 
 
 def _unread_problems(index: ChunkIndex, expected: ChunkDigests) -> list[int]:

@@ -27,6 +27,7 @@ from vmsnap.errors import (
     ChecksumMismatchError,
     DamagedChunkError,
     KeyFileError,
+    LeaseError,
     NotFoundError,
     RepositoryError,
     StoreError,
@@ -461,15 +462,45 @@ class ChunksRepository(RepositoryLayout):
         if lease is None:
             raise UsageError(f"begin_backup of {vm} without its lease", hint="a bug: call it inside lock(vm)")
         _ = self.key  # an encrypted repository without its key fails here, before anything is written
-        marker = json.dumps(
-            {"token": lease.record.token, "host": lease.record.host, "pid": lease.record.pid}, sort_keys=True
-        ).encode()
         for _attempt in range(5):
             backup_id = self.new_backup_id(vm)
-            if self._store.put(writer_marker_key(vm, backup_id), marker, if_absent=True):
+            if self._store.put(writer_marker_key(vm, backup_id), self._marker(lease), if_absent=True):
                 break
         else:
             raise RepositoryError(f"could not open a new backup of {vm}", hint="try again")
+        generation = self._opened(vm, backup_id)
+        return ChunksWriter(self, vm, backup_id, parent, lease, generation, runner or self.runner)
+
+    def open_backup(self, vm: str, backup_id: str) -> str:
+        """Open the backup ``backup_id`` of ``vm`` for writing it under that id (``copy``), in the order
+        :meth:`begin_backup` keeps; the gc generation to check known chunks against. A dead run's
+        ``writer.json`` is replaced.
+
+        :raise RepositoryError: the id is taken: a backup, or the tombstone of a run a gc fenced
+        :raise LeaseError: gc started meanwhile
+        """
+        lease = self._held.get(vm)
+        if lease is None:
+            raise UsageError(f"open_backup of {vm} without its lease", hint="a bug: call it inside lock(vm)")
+        if self._store.exists(manifest_key(vm, backup_id)):
+            raise RepositoryError(
+                f"backup {vm}/{backup_id} cannot be written here: the id is taken (by the backup, or by a "
+                "run of it that a gc fenced because it was stopped longer than its lease)",
+                hint="the other backups copy; this one cannot under its id",
+            )
+        self._store.put(writer_marker_key(vm, backup_id), self._marker(lease))
+        return self._opened(vm, backup_id)
+
+    @staticmethod
+    def _marker(lease: Lease) -> bytes:
+        record = lease.record
+        return json.dumps(
+            {"token": record.token, "host": record.host, "pid": record.pid}, sort_keys=True
+        ).encode()
+
+    def _opened(self, vm: str, backup_id: str) -> str:
+        """After ``writer.json`` was written: read the gc lock again (a live gc refuses the backup; one that
+        is not live is taken over, see :meth:`_fence_gc`), then the gc generation."""
         crash_point("writer-opened")
         try:
             self.leases.refuse_while_gc_runs()
@@ -480,7 +511,30 @@ class ChunksRepository(RepositoryLayout):
                 self.discard_backup(vm, backup_id)
             raise
         crash_point("writer-ready")
-        return ChunksWriter(self, vm, backup_id, parent, lease, generation, runner or self.runner)
+        return generation
+
+    def sealed(self, vm: str, backup_id: str, written: bool) -> None:
+        """After the manifest's ``put(if_absent)`` of a backup being written: remove its ``writer.json``, or
+        (``written`` False) raise why it was not written.
+
+        :raise LeaseError: a gc fenced the backup (its run was stopped longer than its lease)
+        :raise RepositoryError: a manifest was there already
+        """
+        key = manifest_key(vm, backup_id)
+        if written:
+            with contextlib.suppress(StoreError):
+                self._store.delete(writer_marker_key(vm, backup_id))
+            return
+        try:
+            fenced = is_tombstone(self._store.get(key))
+        except NotFoundError:
+            fenced = False
+        if fenced:
+            raise LeaseError(
+                "a gc ran while this backup was stopped for longer than its lease, and fenced it",
+                hint="take the backup again",
+            )
+        raise RepositoryError(f"{key} exists already", hint="a bug: backup ids are never reused")
 
     # -- restore, verify, prune, gc ------------------------------------------------------------------
 

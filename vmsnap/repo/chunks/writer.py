@@ -14,7 +14,6 @@ of them. A backup that would name such a chunk moved aside while it ran fails at
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import shutil
 from collections.abc import Callable, Sequence
@@ -26,8 +25,6 @@ import attrs
 
 from vmsnap.errors import (
     DamagedChunkError,
-    LeaseError,
-    NotFoundError,
     RepositoryError,
     StoreError,
     TransferError,
@@ -49,9 +46,7 @@ from vmsnap.repo.chunks.records import (
     backup_prefix,
     encode_manifest,
     index_key,
-    is_tombstone,
     manifest_key,
-    writer_marker_key,
 )
 from vmsnap.repo.manifest import (
     CHUNKS_FORMAT,
@@ -99,6 +94,8 @@ class WriterRepository(Protocol):
     def put_definition(self, vm: str, backup_id: str, text: str) -> str: ...
 
     def discard_backup(self, vm: str, backup_id: str) -> bool: ...
+
+    def sealed(self, vm: str, backup_id: str, written: bool) -> None: ...
 
 
 @attrs.frozen
@@ -348,19 +345,7 @@ class ChunksWriter:
             sealed = self.repo.store.put(key, encode_manifest(manifest, self.repo.key), if_absent=True)
         except StoreError as err:
             raise self.kept(err) from err
-        if not sealed:
-            try:
-                fenced = is_tombstone(self.repo.store.get(key))
-            except NotFoundError:
-                fenced = False
-            if fenced:
-                raise LeaseError(
-                    "a gc ran while this backup was stopped for longer than its lease, and fenced it",
-                    hint="take the backup again",
-                )
-            raise RepositoryError(f"{key} exists already", hint="a bug: backup ids are never reused")
-        with contextlib.suppress(StoreError):
-            self.repo.store.delete(writer_marker_key(self.vm, self.backup_id))  # sealed: no longer at work
+        self.repo.sealed(self.vm, self.backup_id, sealed)
         self._known_chunks.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
         return manifest
