@@ -14,7 +14,7 @@ import attrs
 import pytest
 
 from vmsnap.errors import ChecksumMismatchError, LeaseError, RepositoryError, UsageError
-from vmsnap.repo.chunks.blob import chunk_key
+from vmsnap.repo.chunks.blob import ChunkId, chunk_key
 from vmsnap.repo.chunks.keys import RepositoryKey
 from vmsnap.repo.chunks.known import (
     GENERATION_KEY,
@@ -35,7 +35,23 @@ from vmsnap.repo.chunks.leases import (
     lease_seconds,
     writer_series,
 )
-from vmsnap.repo.chunks.records import decode_manifest, encode_manifest
+from vmsnap.repo.chunks.quarantine import (
+    MISSING,
+    absent_quarantined,
+    clear,
+    decode_record,
+    quarantine,
+    quarantine_key,
+    quarantined_ids,
+    read_record,
+)
+from vmsnap.repo.chunks.records import (
+    decode_manifest,
+    encode_manifest,
+    encode_tombstone,
+    is_tombstone,
+    tombstone_reason,
+)
 from vmsnap.repo.manifest import CHUNKS_FORMAT, INDEX_DIGEST, ChunkStats, DiskRecord, Manifest
 from vmsnap.repo.marker import RepoMarker
 from vmsnap.repo.stores.local import LocalStore
@@ -255,3 +271,34 @@ def test_manifests_are_authenticated_in_an_encrypted_repository() -> None:
         decode_manifest(raw, manifest.vm, manifest.backup_id, None, where="m")
     with pytest.raises(RepositoryError, match="says vm1"):
         decode_manifest(plain, "vm2", manifest.backup_id, None, where="m")
+
+
+def test_a_quarantined_chunk_is_recorded_and_moved_aside_only_while_it_holds_what_verify_read(
+    store: LocalStore,
+) -> None:
+    bad, good, gone = (bytes([n]) * 32 for n in (1, 2, 3))
+    store.put(chunk_key(bad), b"rotten blob")
+    assert quarantine(store, ChunkId(bad), "its content does not match its id", b"rotten blob")
+    assert not store.exists(chunk_key(bad))
+    record, blob = decode_record(store.get(quarantine_key(bad)))  # type: ignore[misc]
+    assert (record.chunk, record.problem, blob) == (
+        bad.hex(),
+        "its content does not match its id",
+        b"rotten blob",
+    )
+    store.put(chunk_key(good), b"stored again meanwhile")
+    assert not quarantine(store, ChunkId(good), "damaged", b"what verify read")  # not what verify read: stays
+    assert store.get(chunk_key(good)) == b"stored again meanwhile"
+    assert not quarantine(store, ChunkId(gone), MISSING, None)
+    assert read_record(store, gone) is not None and read_record(store, gone).missing  # type: ignore[union-attr]
+    assert quarantined_ids(store) == {bad, good, gone}
+    assert absent_quarantined(store) == {bad, gone}  # the one that is there again is no longer set aside
+    clear(store, [good])
+    assert quarantined_ids(store) == {bad, gone}
+
+
+def test_a_tombstone_is_no_manifest() -> None:
+    raw = encode_tombstone("gc fenced its unfinished run")
+    assert is_tombstone(raw) and tombstone_reason(raw) == "gc fenced its unfinished run"
+    assert not is_tombstone(encode_manifest(_manifest(), None))
+    assert not is_tombstone(b"\xff" * 10) and not is_tombstone(b'{"vmsnap": "something else"}')
