@@ -25,9 +25,14 @@ before it reads the gc lock a second time and before it learns which chunks exis
 directories before that object appeared held its lock when the writer looked again: the writer refused (a
 live lock) or took the lock over and replaced the generation (a lock that was not live), so the writer
 lists the store afresh after whatever that gc deleted, and that gc deletes nothing more. A gc that listed
-the directories after it fenced the writer, or found its manifest and kept what it names. What no lease can
-fence on an object store: a gc stopped for longer than its lease after its last check and before its delete
-request reaches the store (a window of one request; gc checks before every group of deletes).
+the directories after it fenced the writer, or found its manifest and kept what it names.
+
+On one host all of this holds whatever the clock says: a lease taken on this host is live as long as its
+process exists (see :mod:`vmsnap.repo.chunks.leases`), so a stopped gc keeps its lock and a stopped writer
+its lease. Across hosts leases expire, and one window is left that no lease can fence on a store without
+conditional deletes: a gc on another host stopped for longer than its lease after its last check of the
+lock and before the delete request of that group reaches the store (the writer that took the lock over may
+rely on a chunk of that group). gc checks before every group of :data:`SWEEP_GROUP` deletes.
 
 A gc killed at any point has deleted only what no backup needs; the next one finishes.
 """
@@ -194,14 +199,15 @@ def _delete(store: Store, keys: list[str]) -> None:
 
 
 def _sweep(store: Store, keys: list[str], lease: Lease) -> None:
-    """Delete ``keys`` in groups, checking before each that the gc lock is still this process's."""
+    """Delete ``keys`` in groups, checking before each that the gc lock is still this process's (the step
+    ``gc-mid-sweep`` is before the group that holds the middle key, before its check)."""
     half = len(keys) // 2
-    for first, part in ((True, keys[:half]), (False, keys[half:])):
-        for start in range(0, len(part), SWEEP_GROUP):
-            lease.check()  # a writer took the lock over (this gc was stopped past its lease): stop here
-            _delete(store, part[start : start + SWEEP_GROUP])
-        if first and keys:
+    for start in range(0, len(keys), SWEEP_GROUP):
+        part = keys[start : start + SWEEP_GROUP]
+        if start <= half < start + len(part):
             crash_point("gc-mid-sweep")
+        lease.check()  # a writer took the lock over (this gc was stopped past its lease): stop here
+        _delete(store, part)
 
 
 def collect(repo: GcRepository, *, wait: float = 0.0, dry_run: bool = False) -> GcReport:

@@ -7,11 +7,12 @@ Store keys (a store cannot hold both ``a`` and ``a/b``, hence the separate folde
     locks/readers/<token>      a reader lease: a restore, verify or copy reading the repository
 
 A lease is a small JSON object: kind, what, host, boot id, pid and the pid's start time, a random token,
-created, expires (Unix seconds) and state (``held`` or ``released``). A lease is **live** while it is held
-and has not expired — or, when it was taken on this host, until its process is gone (a dead pid, a reused
-pid, or another boot), so a killed run's lease is taken over at once by the next run on the same host, and
-by anyone once it expires. Its holder renews it (rewrites it with a later ``expires``) from a heartbeat
-thread every quarter of its lifetime.
+created, expires (Unix seconds) and state (``held`` or ``released``). A held lease taken on **this host** is
+live exactly as long as its process exists (a dead pid, a reused pid or another boot end it; a stopped or
+hung process keeps it: that is a fact vmsnap can see, not a guess by the clock), so a killed run's lease is
+taken over at once by the next run on the same host. A lease taken on **another host** is live until it
+expires; its holder renews it (rewrites it with a later ``expires``) from a heartbeat thread every quarter of
+its lifetime.
 
 **Writer leases and the gc lock are series**: ``<seq>`` is a 12-digit number, and the object with the
 highest one (the head) says who holds the lease. Taking it is one conditional operation: read the head
@@ -139,20 +140,29 @@ class LeaseRecord:
         )
 
     def live(self, now: float | None = None) -> bool:
-        """True while held and unexpired, and (taken on this host) while its process runs."""
-        if self.state != HELD or (now if now is not None else time.time()) >= self.expires:
+        """While held: taken on this host, as long as its process exists (stopped or not: a fact, not a
+        timeout); taken on another host, until it expires."""
+        if self.state != HELD:
             return False
-        if self.host == socket.gethostname() and self.boot_id:
+        if self.mine_to_judge():
             if self.boot_id != _boot_id():
                 return False  # taken before this host's last boot
             return bool(self.pid_start) and _pid_start(self.pid) == self.pid_start
-        return True
+        return (now if now is not None else time.time()) < self.expires
+
+    def mine_to_judge(self) -> bool:
+        """Taken on this host: its process can be seen here."""
+        return self.host == socket.gethostname() and bool(self.boot_id)
 
     def describe(self) -> str:
-        """``backup of vm1 (pid 123 on host h, since 12:00:01 UTC, lease until 12:04:00 UTC)``."""
+        """``backup of vm1 (pid 123 on host h, since 12:00:01 UTC, lease until 12:04:00 UTC)``; a lease of
+        this host past its expiry says its process is stopped or hung."""
         since = time.strftime("%H:%M:%S", time.gmtime(self.created))
         until = time.strftime("%H:%M:%S", time.gmtime(self.expires))
-        return f"{self.what} (pid {self.pid} on host {self.host}, since {since} UTC, lease until {until} UTC)"
+        where = f"pid {self.pid} on host {self.host}, since {since} UTC"
+        if self.mine_to_judge() and time.time() >= self.expires:
+            return f"{self.what} ({where}; not renewed since {until} UTC: that process is stopped or hung)"
+        return f"{self.what} ({where}, lease until {until} UTC)"
 
     def to_bytes(self) -> bytes:
         return json.dumps(attrs.asdict(self), sort_keys=True).encode()

@@ -38,6 +38,7 @@ GC_STEPS = ("worker-start", "gc-locked", "gc-fenced", "gc-marked", "gc-mid-sweep
 """The named steps of gc, in order (``gc-mid-sweep`` only when it has chunks to delete)."""
 
 Move = tuple[str, str]
+STEP_WORKER = "tests.integration.repo.heal.step_worker"
 
 
 def _state(pid: int) -> str:
@@ -58,12 +59,15 @@ class Stepper:
     result: dict[str, Any] | None = None
 
     @classmethod
-    def start(cls, name: str, workdir: Path, trace: list[tuple[str, str]]) -> Stepper:
+    def start(cls, name: str, workdir: Path, trace: list[tuple[str, str]], *, host: str) -> Stepper:
+        """A worker on the pretend host ``host``: a UTS namespace of its own (``unshare --uts``), so that
+        the leases it takes are judged like another host's (by their expiry) by workers on other hosts."""
         log = workdir / f"{name}.steps"
         log.write_text("")
         env = {**os.environ, CRASH_ENV: "stop:*", STEP_LOG_ENV: str(log)}
+        script = 'hostname "$0" && exec "$@"'  # exec: the pid Popen sees is the worker's own
         process = subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.repo.heal.step_worker"],
+            ["unshare", "--uts", "sh", "-c", script, host, sys.executable, "-m", STEP_WORKER],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=(workdir / f"{name}.stderr").open("a"),
@@ -117,6 +121,14 @@ class Stepper:
                     self.trace.append((self.name, self.step))
                     return
         raise AssertionError(f"worker {self.name} neither stopped nor finished in {timeout} s")
+
+    def check_started(self) -> None:
+        """Fail naming the package when ``unshare`` is missing (the worker exits at once then)."""
+        try:
+            self.process.wait(0.2)
+        except subprocess.TimeoutExpired:
+            return
+        raise AssertionError(f"worker {self.name} could not start: unshare --uts needs root and util-linux")
 
     def close(self) -> None:
         """End the process (by its pid): stdin closed, or killed when it is stopped or stuck."""

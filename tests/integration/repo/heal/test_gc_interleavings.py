@@ -31,6 +31,8 @@ import pytest
 
 from tests.integration.repo.heal.interleave import END, GC_STEPS, WRITER_STEPS, Move, Stepper, run_schedule
 from tests.integration.repo.heal.step_worker import backup
+from tests.integration.s3.fixtures import BUCKET
+from tests.integration.s3.seaweed import SeaweedServer
 from vmsnap.repo.repository import Repository
 
 CHUNK = 4 << 20
@@ -106,7 +108,9 @@ def _restores(url: str, state: Path, vm: str, backup_id: str, image: Path, out: 
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[tuple[dict[str, Stepper], list[tuple[str, str]]]]:
     trace: list[tuple[str, str]] = []
-    started = {name: Stepper.start(name, tmp_path, trace) for name in (*WRITERS, "gc")}
+    started = {name: Stepper.start(name, tmp_path, trace, host=f"{name}-host") for name in (*WRITERS, "gc")}
+    for worker in started.values():
+        worker.check_started()
     yield started, trace
     for worker in started.values():
         worker.close()
@@ -195,3 +199,19 @@ def test_two_writers_and_gc_in_every_chosen_order_lose_no_sealed_backup(
     print(f"interleavings (local store): {counts}, {time.monotonic() - started:.0f} s")
     assert counts["orders"] == 2 * len(orders())
     assert counts["fenced"] > 0 and counts["gc_done"] > 0 and counts["sealed"] > 0
+
+
+def test_the_pairs_on_s3_with_expired_leases_lose_no_sealed_backup(
+    s3_env: SeaweedServer,
+    s3_prefix: str,
+    mount_tmpfs: Callable[[str], Path],
+    images: dict[str, Path],
+    workers: tuple[dict[str, Stepper], list[tuple[str, str]]],
+) -> None:
+    """The same on SeaweedFS (conditional puts are its If-None-Match): the pairs, with expired leases."""
+    scratch = mount_tmpfs("64m")
+    pairs = [order for order in orders() if order[0].startswith("pair:")]
+    started = time.monotonic()
+    counts = run_orders(f"s3://{BUCKET}/{s3_prefix}", scratch, images, *workers, pairs, (EXPIRED,))
+    print(f"interleavings (S3): {counts}, {time.monotonic() - started:.0f} s")
+    assert counts["orders"] == len(pairs) and counts["fenced"] > 0 and counts["sealed"] > 0

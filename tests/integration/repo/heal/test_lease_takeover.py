@@ -28,7 +28,10 @@ def repo(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def steppers(tmp_path: Path) -> Iterator[dict[str, Stepper]]:
     trace: list[tuple[str, str]] = []
-    started = {name: Stepper.start(name, tmp_path, trace) for name in ("dead", "first", "second")}
+    # one pretend host: a lease of a process that died on it is dead at once there
+    started = {
+        name: Stepper.start(name, tmp_path, trace, host="host-a") for name in ("dead", "first", "second")
+    }
     yield started
     for stepper in started.values():
         stepper.close()

@@ -73,8 +73,14 @@ class Worker:
     process: subprocess.Popen[str]
 
     @classmethod
-    def start(cls, command: str, args: dict[str, Any], env: dict[str, str] | None = None) -> Worker:
+    def start(
+        cls, command: str, args: dict[str, Any], env: dict[str, str] | None = None, *, host: str | None = None
+    ) -> Worker:
+        """``host``: run it as another host (a UTS namespace of its own with that host name), whose leases
+        this host judges by their expiry, not by its process."""
         argv = [sys.executable, "-m", "tests.integration.repo.layouts.worker", command, json.dumps(args)]
+        if host is not None:
+            argv = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', host, *argv]
         process = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
         )

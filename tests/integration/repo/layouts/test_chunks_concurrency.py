@@ -151,7 +151,7 @@ def test_a_writer_stopped_past_its_lease_never_seals_over_a_gc(
     vm_args(vm)
     args = {"repo": str(repo), "qmp": str(vm.process.qmp_socket), "stop_at_progress": "second-disk"}
     args["lease"] = 1.5
-    writer = Worker.start("backup", args)
+    writer = Worker.start("backup", args, host="other-host")  # judged by its lease's expiry
     workers.append(writer)
     writer.wait_stopped()
     time.sleep(2.0)  # its lease expires while it is stopped
@@ -166,6 +166,29 @@ def test_a_writer_stopped_past_its_lease_never_seals_over_a_gc(
     expected = {d: capture(vm, d, tmp_path / f"now-{d}.qcow2") for d in DISKS}
     again = backup(capsys, vm, repo)
     assert _restores_to(repo, again["backup_id"], expected, tmp_path / "r")
+
+
+def test_a_writer_stopped_on_this_host_keeps_its_lease_past_its_expiry(
+    two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: list[Worker]
+) -> None:
+    """On its own host a lease lives as long as its process: gc refuses, naming a stopped or hung process."""
+    vm = two_disk_vm
+    repo = tmp_path / "repo"
+    backup(capsys, vm, repo)
+    expected = _new_data(vm, tmp_path, "late")
+    vm_args(vm)
+    args = {"repo": str(repo), "qmp": str(vm.process.qmp_socket), "stop_at_progress": "second-disk"}
+    args["lease"] = 1.5
+    writer = Worker.start("backup", args)
+    workers.append(writer)
+    writer.wait_stopped()
+    time.sleep(2.0)  # past its lease's expiry, and still there (stopped)
+    with pytest.raises(LeaseError, match="stopped or hung"):
+        Repository.open(repo).gc()
+    writer.resume()
+    code, made, err = writer.finish()
+    assert code == 0, err
+    assert _restores_to(repo, made["backup_id"], expected, tmp_path / "r")
 
 
 def test_gc_killed_mid_sweep_loses_nothing_a_kept_backup_needs(
