@@ -24,8 +24,9 @@ Why a sealed backup never loses a chunk: its writer opens its backup directory (
 before it reads the gc lock a second time and before it learns which chunks exist. A gc that listed the
 directories before that object appeared held its lock when the writer looked again: the writer refused (a
 live lock) or took the lock over and replaced the generation (a lock that was not live), so the writer
-lists the store afresh after whatever that gc deleted, and that gc deletes nothing more. A gc that listed
-the directories after it fenced the writer, or found its manifest and kept what it names.
+lists the store afresh after whatever that gc deleted, and that gc deletes no further group. A gc that
+listed the directories after that object appeared either fenced the backup (the writer fails at its seal)
+or found its manifest, and kept what it names.
 
 On one host all of this holds whatever the clock says: a lease taken on this host is live as long as its
 process exists (see :mod:`vmsnap.repo.chunks.leases`), so a stopped gc keeps its lock and a stopped writer
