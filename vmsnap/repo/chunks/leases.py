@@ -62,7 +62,7 @@ READERS = "locks/readers/"
 GC_SERIES = "locks/collector"
 HELD = "held"
 RELEASED = "released"
-HEARTBEAT_MIN = 0.05
+HEARTBEAT_MIN = 0.25
 """The shortest pause between two renewals, whatever the lifetime."""
 _SEQ = re.compile(r"^[0-9]{12}$")
 

@@ -76,20 +76,24 @@ class Stepper:
         )
         return cls(name, process, log, trace)
 
-    def begin(self, command: dict[str, Any]) -> None:
-        """Send a command; it stops at ``worker-start``."""
+    def send(self, command: dict[str, Any]) -> None:
+        """Send a command; it stops at ``worker-start`` (see :meth:`settle`)."""
         assert self.step is None and self.process.stdin is not None
         self.result, self.passed = None, []
         self.process.stdin.write(json.dumps(command) + "\n")
         self.process.stdin.flush()
-        self._settle()
+
+    def begin(self, command: dict[str, Any]) -> None:
+        """Send a command and wait until it stops at ``worker-start``."""
+        self.send(command)
+        self.settle()
 
     def advance(self) -> None:
         """Continue from the step it is stopped at, until the next one or its result."""
         assert self.step is not None, f"{self.name} is not stopped"
         self.step = None
         os.kill(self.process.pid, signal.SIGCONT)
-        self._settle()
+        self.settle()
 
     def run_to(self, target: str) -> None:
         """Run until it stops at ``target`` (nothing, if it passed it already) or, with ``END``, finishes."""
@@ -98,7 +102,8 @@ class Stepper:
         while self.step is not None and self.step != target:
             self.advance()
 
-    def _settle(self, timeout: float = 60.0) -> None:
+    def settle(self, timeout: float = 60.0) -> None:
+        """Wait until it stops at its next step, or its result comes."""
         out = self.process.stdout
         assert out is not None
         deadline = time.monotonic() + timeout
@@ -148,9 +153,11 @@ class Stepper:
 def run_schedule(
     workers: dict[str, Stepper], commands: dict[str, dict[str, Any]], moves: Sequence[Move]
 ) -> None:
-    """Begin every worker's command (each stops at ``worker-start``), make the moves, then run every worker to
-    its end (in name order)."""
+    """Begin every worker's command (each opens the repository, then stops at ``worker-start``), make the
+    moves, then run every worker to its end (in name order)."""
     for name, command in commands.items():
-        workers[name].begin(command)
+        workers[name].send(command)
+    for name in commands:
+        workers[name].settle()
     for name, target in [*moves, *((name, END) for name in sorted(commands))]:
         workers[name].run_to(target)

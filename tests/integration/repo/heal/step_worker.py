@@ -10,7 +10,8 @@ VMSNAP_TEST_STEP_LOG=FILE, every named step stops the process — see :func:`vms
 - ``{"op": "hold", "repo", "state", "lease", "vm"}``: take the VM's writer lease, stop at the step
   ``worker-holding``, check the lease is still this process's, and let it go.
 
-Each command stops first at the step ``worker-start``, so that the test decides when it touches the store.
+Each command opens the repository (it reads the marker), then stops at the step ``worker-start``, so that
+the test decides when it does anything else.
 The result is ``{"ok": {...}}``, or ``{"error": CLASS, "message": …}`` for a VmsnapError, or ``{"error":
 "crash", "message": TRACEBACK}`` for anything else.
 """
@@ -34,8 +35,7 @@ def _open(args: dict[str, Any]) -> Any:
     return Repository.open(args["repo"], state_root=Path(args["state"]), lease_seconds=float(args["lease"]))
 
 
-def backup(args: dict[str, Any]) -> dict[str, Any]:
-    repo = _open(args)
+def backup(args: dict[str, Any], repo: Any) -> dict[str, Any]:
     image = Path(args["image"])
     size = image.stat().st_size
     disk = Disk(name="disk0", node_name="", file=image, format="raw", virtual_size=size)
@@ -53,13 +53,11 @@ def backup(args: dict[str, Any]) -> dict[str, Any]:
     return {"backup_id": manifest.backup_id}
 
 
-def gc(args: dict[str, Any]) -> dict[str, Any]:
-    report = _open(args).gc()
-    return dict(report.to_json())
+def gc(args: dict[str, Any], repo: Any) -> dict[str, Any]:
+    return dict(repo.gc().to_json())
 
 
-def hold(args: dict[str, Any]) -> dict[str, Any]:
-    repo = _open(args)
+def hold(args: dict[str, Any], repo: Any) -> dict[str, Any]:
     with repo.lock(args["vm"]):
         crash_point("worker-holding")
         repo._held[args["vm"]].check()  # (the lease object this process holds)
@@ -73,8 +71,9 @@ def main() -> int:
     for line in sys.stdin:
         args = json.loads(line)
         try:
+            repo = _open(args)
             crash_point("worker-start")
-            result: dict[str, Any] = {"ok": OPS[args["op"]](args)}
+            result: dict[str, Any] = {"ok": OPS[args["op"]](args, repo)}
         except VmsnapError as err:
             result = {"error": type(err).__name__, "message": str(err)}
         except Exception:
