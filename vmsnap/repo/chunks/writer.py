@@ -39,7 +39,7 @@ from vmsnap.repo.chunks.index import ChunkIndex, encode_index
 from vmsnap.repo.chunks.keys import RepositoryKey
 from vmsnap.repo.chunks.known import KnownChunks, RecordingStore, read_epoch
 from vmsnap.repo.chunks.leases import Lease
-from vmsnap.repo.chunks.pipeline import BackupProgress, backup_disk
+from vmsnap.repo.chunks.pipeline import BackupProgress, DiskBackup, backup_disk
 from vmsnap.repo.chunks.quarantine import absent_quarantined
 from vmsnap.repo.chunks.readers import NbdReader, open_source
 from vmsnap.repo.chunks.records import (
@@ -260,13 +260,21 @@ class ChunksWriter:
             except StoreError as err:
                 raise self.kept(err) from err
             kind = "nbd" if isinstance(reader, NbdReader) else "file"
+        if note is not None:
+            note = f"disk {name}: read in full, {note}"
+        written = self._put_index(disk, result, WrittenDisk(result.stats.new_bytes, kind, source.since, note))
+        crash_point("writer-indexed")
+        return written
+
+    def _put_index(self, disk: Disk, result: DiskBackup, written: WrittenDisk) -> WrittenDisk:
+        """Store the disk's index and remember its record for the manifest."""
+        name = disk.name
         self._named |= result.index.referenced()
         data = encode_index(result.index, self.repo.key)
         try:
             self.repo.store.put(index_key(self.vm, self.backup_id, name), data)
         except StoreError as err:
             raise self.kept(err) from err
-        crash_point("writer-indexed")
         stats = result.stats
         data_chunks = sum(1 for _ in result.index.data_chunks())
         chunk_stats = ChunkStats(
@@ -286,9 +294,6 @@ class ChunksWriter:
             hashlib.sha256(data).hexdigest(),
             chunk_stats,
         )
-        if note is not None:
-            note = f"disk {name}: read in full, {note}"
-        written = WrittenDisk(stats.new_bytes, kind, source.since, note)
         self._disks[name] = _Disk(disk, record, written)
         return written
 
