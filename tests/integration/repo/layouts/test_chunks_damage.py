@@ -78,13 +78,14 @@ def test_a_damaged_chunk_is_named_with_the_backups_that_use_it(
         raw = bytearray(blob.read_bytes())
         raw[len(raw) // 2] ^= 0x01
         blob.write_bytes(bytes(raw))
-    fast = cli(capsys, "verify", "--repo", repo, "--json")  # the current CLI: a full verify
-    assert fast.code == 1
-    problems = fast.json()["problems"]
-    assert {(p["backup_id"], p["disk"]) for p in problems} == {(ids[0], VM), (ids[1], VM)}
-    assert all(hexid in p["message"] for p in problems)
     report = Repository.open(repo).verify(fast=True)
     assert len(report.problems) == (2 if damage == "deleted" else 0)  # --fast sees only what is missing
+    full = cli(capsys, "verify", "--repo", repo, "--json")
+    assert full.code == 1
+    problems = full.json()["problems"]
+    assert {(p["backup_id"], p["disk"]) for p in problems} == {(ids[0], VM), (ids[1], VM)}
+    assert all(hexid in p["message"] for p in problems)
+    assert len(Repository.open(repo).verify(fast=True).problems) == 2  # moved aside: missing now
     out = tmp_path / "out"
     result = cli(capsys, "restore", "--repo", repo, "--vm", VM, "--backup", ids[1], "--to", out)
     assert result.code == 1
