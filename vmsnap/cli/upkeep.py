@@ -8,13 +8,17 @@ from typing import Any
 
 import attrs
 
+from vmsnap.cli import boot
+from vmsnap.cli.boot import boot_cell
 from vmsnap.backup.repair import repair
 from vmsnap.cli.common import (
     Command,
     add_key_option,
     add_repo_option,
     add_vm_arguments,
+    count,
     emit,
+    finite_seconds,
     machine_spec,
     mib,
     note,
@@ -26,8 +30,10 @@ from vmsnap.errors import ChainError, ChecksumMismatchError, RepositoryError, Us
 from vmsnap.repo.copy import copy_backups
 from vmsnap.repo.manifest import Damaged, Manifest
 from vmsnap.repo.reports import VerifyProblem, VerifyReport
-from vmsnap.repo.repository import Repository
+from vmsnap.repo.repository import Repository, key_file_path
 from vmsnap.repo.retention import RetentionPolicy
+from vmsnap.repo.verify_records import record_verification
+from vmsnap.verify_boot.result import BootResult, latest_boot
 
 KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -36,22 +42,33 @@ KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 def cmd_init(args: argparse.Namespace) -> int:
     """Create a repository (chunks by default); with --encrypt, its key file too (0600) when missing."""
-    if args.encrypt and args.key_file is None:
-        raise UsageError("--encrypt needs --key-file FILE", hint="the key is written there (0600) if missing")
+    key_file = key_file_path(args.key_file)  # --key-file, else $VMSNAP_KEY_FILE
+    if args.encrypt and key_file is None:
+        raise UsageError(
+            "--encrypt needs --key-file FILE (or VMSNAP_KEY_FILE)",
+            hint="the key is written there (0600) if missing",
+        )
     repo = Repository.init(
         args.repo,
         layout=args.layout,
         encrypt=args.encrypt,
-        key_file=args.key_file,
+        key_file=key_file,
         compression=args.compression,
     )
     human = f"created a {repo.name} repository at {repo.location}" + (
-        f", encrypted with the key in {args.key_file}: keep a copy of it elsewhere — without it the backups "
+        f", encrypted with the key in {key_file}: keep a copy of it elsewhere — without it the backups "
         "cannot be read"
         if args.encrypt
         else ""
     )
-    emit(args, {"repo": str(repo.location), "layout": repo.name, "encrypted": bool(args.encrypt)}, human)
+    payload: dict[str, Any] = {
+        "repo": str(repo.location),
+        "layout": repo.name,
+        "encrypted": bool(args.encrypt),
+    }
+    if args.encrypt:
+        payload["key_file"] = str(key_file)
+    emit(args, payload, human)
     return 0
 
 
@@ -73,10 +90,10 @@ def _init_arguments(parser: argparse.ArgumentParser) -> None:
 # -- list ---------------------------------------------------------------------------------------------------
 
 
-def _listed(manifest: Manifest) -> dict[str, Any]:
+def _listed(manifest: Manifest, boot: BootResult | None) -> dict[str, Any]:
     """A backup as ``list --json`` shows it: the manifest plus its cost (logical size, bytes newly stored,
-    chunks reused)."""
-    return {**manifest.to_json(), **manifest.summary()}
+    chunks reused) and its latest boot verification (``boot``: null when it was never booted)."""
+    return {**manifest.to_json(), **manifest.summary(), "boot": boot.summary() if boot else None}
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -87,6 +104,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.vm is not None and not backups and not damaged:
         repo.get(args.vm)  # raises NotFoundError naming the VMs that exist
     rows = []
+    boots = {m.backup_id: latest_boot(repo, m) for m in backups}
     for m in backups:
         cost = m.summary()
         logical = cost["logical_size"]
@@ -100,12 +118,13 @@ def cmd_list(args: argparse.Namespace) -> int:
                 mib(logical) if logical is not None else "-",
                 mib(m.size),
                 str(cost["reused_chunks"] if cost["reused_chunks"] is not None else "-"),
+                boot_cell(boots[m.backup_id]),
             ]
         )
-    headings = ["vm", "backup", "kind", "strategy", "created", "data", "stored", "reused chunks"]
+    headings = ["vm", "backup", "kind", "strategy", "created", "data", "stored", "reused chunks", "boot"]
     human = render_table(headings, rows) if rows else f"no backups in {repo.location}"
     payload = {
-        "backups": [_listed(m) for m in backups],
+        "backups": [_listed(m, boots[m.backup_id]) for m in backups],
         "damaged": [{"vm": d.vm, "backup_id": d.backup_id, "error": d.error.message} for d in damaged],
     }
     emit(args, payload, human)
@@ -131,18 +150,33 @@ def _vm_given(args: argparse.Namespace) -> bool:
     return bool(args.qmp or args.domain or args.image)
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    """Re-read backups and check every checksum, chunk and chain link (chunks: move damaged chunks aside;
-    --repair: store them again from --from repositories and the VM); exit 1 while a backup is damaged."""
+def _check_repair_options(args: argparse.Namespace) -> None:
+    """:raise UsageError: --from or a VM without --repair, or --repair with --boot or its options"""
     if (args.sources or _vm_given(args)) and not args.repair:
         raise UsageError("--from and a VM are sources for --repair", hint="add --repair")
+    if args.repair:
+        given = [f"--{o}" for o in ("boot", *boot.BOOT_OPTIONS) if getattr(args, o) not in (None, [], False)]
+        if given:
+            raise UsageError(f"--repair does not go with {', '.join(given)}", hint="verify --boot after the repair")
+    else:
+        boot.check_boot_options(args)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Re-read backups and check every checksum, chunk and chain link (chunks: move damaged chunks aside;
+    --repair: store them again from --from repositories and the VM); exit 1 while a backup is damaged.
+    With ``--boot``: boot one backup and judge it (:mod:`vmsnap.cli.boot`)."""
+    _check_repair_options(args)
+    if args.boot:
+        return boot.cmd_verify_boot(args)
     backup_id = None
+    repo = Repository.open(args.repo, key_file=args.key_file)
     with contextlib.ExitStack() as stack:
         progress = stack.enter_context(disk_progress(not args.json))
         if args.repair:
             machine = stack.enter_context(opened_machine(machine_spec(args))) if _vm_given(args) else None
             result = repair(
-                args.repo,
+                repo,
                 vm=args.vm,
                 backup_id=args.backup,
                 machine=machine,
@@ -154,8 +188,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             )
             report, backup_id = result.report, result.backup_id
         else:
-            repo = Repository.open(args.repo, key_file=args.key_file)
             report = repo.verify(args.vm, args.backup, reader=args.reader, fast=args.fast, progress=progress)
+    for line in record_verification(repo, report, fast=args.fast):  # beside each backup, for vmsnap report
+        note(line)
     payload = {
         "ok": report.ok,
         "reader": report.reader,
@@ -227,6 +262,7 @@ def _verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fast", action="store_true", help="chunks layout: only check that every chunk exists (one listing)"
     )
+    boot.add_boot_arguments(parser)
     parser.add_argument(
         "--repair",
         action="store_true",
@@ -241,7 +277,7 @@ def _verify_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="REPO",
         help="with --repair: a chunks repository holding copies of the backups (an off-site copy; repeat)",
     )
-    add_vm_arguments(parser)
+    add_vm_arguments(parser, connect=False)  # (--boot's --connect names the domain's libvirt too)
 
 
 # -- prune and gc -------------------------------------------------------------------------------------------
@@ -290,7 +326,7 @@ def _prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vm", metavar="NAME", help="only this VM (default: every VM)")
     for rule in KEEP_RULES:
         what = "backups" if rule == "last" else f"{rule} backups (the newest of each)"
-        parser.add_argument(f"--keep-{rule}", type=int, metavar="N", help=f"keep the newest N {what}")
+        parser.add_argument(f"--keep-{rule}", type=count, metavar="N", help=f"keep the newest N {what}")
     parser.add_argument("--dry-run", action="store_true", help="say what would go and why, remove nothing")
     add_key_option(parser)
 
@@ -312,7 +348,7 @@ def _gc_arguments(parser: argparse.ArgumentParser) -> None:
     add_repo_option(parser)
     parser.add_argument(
         "--wait",
-        type=float,
+        type=finite_seconds,
         default=0.0,
         metavar="SECONDS",
         help="wait this long for running backups and restores to end (default: refuse at once)",
@@ -378,10 +414,13 @@ COMMANDS = (
     ),
     Command(
         "verify",
-        "re-read backups and check every checksum, chunk and chain link; move damaged chunks aside",
-        "vmsnap verify --repo /backups --vm web1 --repair --domain web1 --from s3://offsite/vmsnap",
+        "re-read backups and check every checksum, chunk and chain link; set damaged chunks aside",
+        "vmsnap verify --repo /backups --vm web1",
         cmd_verify,
         _verify_arguments,
+        more_examples=(
+            "vmsnap verify --boot --repo /backups --vm web1 --check 'systemctl is-system-running' --port 443",
+        ),
     ),
     Command(
         "prune",

@@ -26,6 +26,7 @@ from typing import ClassVar, Literal, Protocol
 from vmsnap.errors import NotFoundError
 from vmsnap.image.sources import BackupSource
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
+from vmsnap.repo import attachments
 from vmsnap.repo.manifest import Damaged, Kind, Manifest
 from vmsnap.repo.progress import DiskProgress, Transfer, no_progress
 from vmsnap.repo.prune import plan_policy, plan_retention
@@ -43,6 +44,9 @@ from vmsnap.transports.base import Transport
 
 DEFINITION_FILE = "domain.xml"
 """Kept with a backup of a machine that has a definition (a libvirt domain's XML), for restore --define."""
+
+ATTACHMENT_MAX = attachments.MAX_SIZE
+"""The largest object :meth:`RepositoryLayout.attach` keeps (one chunk blob in the ``chunks`` layout)."""
 
 RestoreFormat = Literal["qcow2", "raw"]
 VerifyReader = Literal["auto", "qemu", "libqcow"]
@@ -102,6 +106,15 @@ class BackupWriter(Protocol):
         :param parent: the parent of an incremental (None for a full backup)
         :param definition: the machine's definition (libvirt XML) to keep with the backup, or None
         :raise RepositoryError: something the manifest names is missing, or the writer lost its lease
+        """
+        ...
+
+    def attach(self, name: str, data: bytes) -> None:
+        """Keep ``data`` as the backup's object ``name`` (what the machine needs to come back besides its
+        disks: firmware variables, TPM state, a QEMU command line), sealed with the backup: it exists once
+        the manifest does, and goes with a discarded run.
+
+        :raise UsageError: a bad name, or more than :data:`ATTACHMENT_MAX` bytes
         """
         ...
 
@@ -201,6 +214,31 @@ class RepositoryLayout(abc.ABC):
 
         :raise RepositoryError: it is damaged
         """
+
+    # -- objects kept beside a backup (its proof, its machine state) ---------------------------------
+
+    @abc.abstractmethod
+    def attach(self, manifest: Manifest, name: str, data: bytes) -> None:
+        """Store ``data`` as object ``name`` beside a complete backup, never rewriting its manifest (a boot
+        verification's result, its screenshot); encrypted and authenticated like the rest in an encrypted
+        repository. An object of that name is replaced.
+
+        :raise UsageError: a bad name, or more than :data:`ATTACHMENT_MAX` bytes
+        :raise RepositoryError: the repository cannot be written
+        """
+
+    @abc.abstractmethod
+    def attachment(self, manifest: Manifest, name: str) -> bytes:
+        """The object ``name`` kept beside a backup, checked (its digest, or its authentication tag in an
+        encrypted repository, and that it was stored for this backup under this name).
+
+        :raise NotFoundError: the backup has no such object
+        :raise RepositoryError: it is damaged or was moved from elsewhere
+        """
+
+    @abc.abstractmethod
+    def attachments(self, manifest: Manifest) -> list[str]:
+        """The names of the objects kept beside a backup, sorted."""
 
     @abc.abstractmethod
     def disk_source(self, manifest: Manifest, disk: str) -> BackupSource:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -23,16 +24,26 @@ from typing import ClassVar
 
 from vmsnap.errors import (
     LeaseError,
+    NotFoundError,
     RepositoryError,
     SnapshotError,
     UnsupportedError,
     UsageError,
     VmsnapError,
 )
-from vmsnap.files import DIR_MODE, FILE_MODE, fsync_dir, fsync_file, make_private_dir, write_json_atomic
+from vmsnap.files import (
+    DIR_MODE,
+    FILE_MODE,
+    fsync_dir,
+    fsync_file,
+    make_private_dir,
+    write_atomic,
+    write_json_atomic,
+)
 from vmsnap.image.digest import ChunkDigests
 from vmsnap.image.sources import BackupSource, ImageSource
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
+from vmsnap.repo import attachments
 from vmsnap.repo.layout import (
     DEFINITION_FILE,
     RepositoryLayout,
@@ -62,6 +73,8 @@ READ_LOCK = ".read-lock"
 LOCK_PATIENCE = 5.0
 """Seconds :meth:`Qcow2Repository.lock` tries again while the VM's lock looks held (see there)."""
 JOURNAL = ".journal.json"
+ATTACHMENTS = "attachments"
+"""In a backup's directory: the objects kept beside it, one file each (see :func:`write_attachment`)."""
 
 
 class Qcow2Repository(RepositoryLayout):
@@ -159,6 +172,36 @@ class Qcow2Repository(RepositoryLayout):
             return None
         except (OSError, UnicodeDecodeError) as err:
             raise RepositoryError(f"cannot read {path}: {err}", hint="check its permissions") from err
+
+    def attach(self, manifest: Manifest, name: str, data: bytes) -> None:
+        write_attachment(
+            self.backup_dir(manifest.vm, manifest.backup_id), manifest.vm, manifest.backup_id, name, data
+        )
+
+    def attachment(self, manifest: Manifest, name: str) -> bytes:
+        directory = self.backup_dir(manifest.vm, manifest.backup_id) / ATTACHMENTS
+        path = directory / validate_name(name, "attachment name")
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError as err:
+            raise NotFoundError(
+                f"backup {manifest.vm}/{manifest.backup_id} keeps no {name}",
+                hint=f"it keeps: {', '.join(self.attachments(manifest)) or 'nothing'}",
+            ) from err
+        except OSError as err:
+            raise RepositoryError(f"cannot read {path}: {err}", hint="check its permissions") from err
+        digest, _, envelope = raw.partition(b"\n")
+        if hashlib.sha256(envelope).hexdigest().encode() != digest:
+            raise RepositoryError(
+                f"{path} is damaged: its content does not match its sha256", hint="remove it"
+            )
+        return attachments.unseal(envelope, manifest.vm, manifest.backup_id, name, where=str(path))
+
+    def attachments(self, manifest: Manifest) -> list[str]:
+        directory = self.backup_dir(manifest.vm, manifest.backup_id) / ATTACHMENTS
+        if not directory.is_dir():
+            return []
+        return sorted(p.name for p in directory.iterdir() if not p.name.startswith(".") and _valid(p.name))
 
     def disk_source(self, manifest: Manifest, disk: str) -> BackupSource:
         """The top of the disk's qcow2 chain in the backup's directory (QEMU follows its relative backing
@@ -467,9 +510,22 @@ class Qcow2Writer:
         self.repo.commit(self.workdir, manifest)
         return manifest
 
+    def attach(self, name: str, data: bytes) -> None:
+        """Keep an object in the staging directory (renamed into place with the backup)."""
+        write_attachment(self.workdir, self.vm, self.backup_id, name, data)
+
     def discard(self) -> None:
         if self.workdir.exists():
             self.repo.discard(self.workdir)
+
+
+def write_attachment(backup_dir: Path, vm: str, backup_id: str, name: str, data: bytes) -> None:
+    """Write ``backup_dir/attachments/<name>``: the sha256 of the envelope (hex), a newline, the envelope
+    (:mod:`vmsnap.repo.attachments`); 0600, durable, replaced atomically."""
+    envelope = attachments.seal(vm, backup_id, name, data)
+    directory = make_private_dir(backup_dir / ATTACHMENTS)
+    digest = hashlib.sha256(envelope).hexdigest().encode()
+    write_atomic(directory / name, digest + b"\n" + envelope)
 
 
 @contextlib.contextmanager

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from vmsnap.errors import KeyFileError, NotFoundError, RepositoryError, UsageError, VmsnapError
 from vmsnap.files import make_private_dir, write_json_atomic
+from vmsnap.processes import crash_point
 from vmsnap.repo.chunks.keys import RepositoryKey, create_key_file, read_key_file
 from vmsnap.repo.chunks.leases import lease_seconds as default_lease_seconds
 from vmsnap.repo.chunks.repository import ChunksRepository
@@ -151,6 +153,46 @@ class Repository:
         return _instance(store, directory, marker, location, path, runner, state_root, None)
 
     @classmethod
+    def missing(cls, location: Path | str) -> str | None:
+        """Why there is no repository at ``location``, as one line (``vmsnap recover`` says it): no such
+        directory, an empty one (or one holding only what :meth:`clear_unmade` removes), an empty S3 prefix;
+        None when there is a repository or other data there (:meth:`open` says which).
+
+        :raise StoreError: an S3 store cannot be reached
+        """
+        location = normalize_location(location)
+        if is_url(location):
+            store = open_store(str(location))
+            if _read_marker(store, location) is None and not any(True for _ in store.list("")):
+                return f"no vmsnap repository at {location} (nothing is stored there): nothing to undo in it"
+            return None
+        directory = Path(location)
+        if not directory.exists() and not directory.is_symlink():
+            return f"no vmsnap repository at {directory} (no such directory): nothing to undo in it"
+        if directory.is_dir() and not (directory / MARKER).exists():
+            leftovers = _creation_leftovers(directory)
+            what = "an empty directory" if leftovers == [] else "only a half-written marker"
+            if leftovers is not None:
+                return f"no vmsnap repository at {directory} ({what}): nothing to undo in it"
+        return None
+
+    @classmethod
+    def clear_unmade(cls, location: Path | str) -> list[str]:
+        """Remove what a backup that died while writing the marker of a new directory repository left (the
+        marker's temporary file), so that the directory is empty again; one line per file removed."""
+        location = normalize_location(location)
+        if is_url(location):
+            return []  # an object is stored whole or not at all
+        directory = Path(location)
+        if not directory.is_dir() or directory.is_symlink() or (directory / MARKER).exists():
+            return []
+        removed = []
+        for leftover in _creation_leftovers(directory) or []:
+            leftover.unlink(missing_ok=True)
+            removed.append(f"removed {leftover}: the half-written marker of a dead run's new repository")
+        return removed
+
+    @classmethod
     def traits_at(cls, location: Path | str, *, layout: str | None = None) -> LayoutTraits:
         """The traits of the repository at ``location``, or of the one ``open(create=True)`` would make
         there — read before a backup writes anything.
@@ -186,6 +228,21 @@ def _store(location: Path | str, *, create: bool) -> tuple[Store, Path | None]:
     return open_store(directory), directory
 
 
+_CREATION_LEFTOVER = re.compile(r"\.tmp-[0-9a-f]{16}|\.vmsnap-repo\.json\.tmp-[0-9a-f]{8}")
+"""The temporary file of a marker being written (the local store's, or the qcow2 layout's atomic write)."""
+
+
+def _creation_leftovers(directory: Path) -> list[Path] | None:
+    """The temporary files a run that died writing the marker left in ``directory`` (a directory with no
+    marker), or None when it holds anything else."""
+    found = []
+    for entry in directory.iterdir():
+        if entry.is_symlink() or not entry.is_file() or not _CREATION_LEFTOVER.fullmatch(entry.name):
+            return None
+        found.append(entry)
+    return found
+
+
 def _read_marker(store: Store, location: Path | str) -> RepoMarker | None:
     try:
         raw = store.get(MARKER)
@@ -203,7 +260,11 @@ def _create(
 
     :raise RepositoryError: the store or directory holds other data, or (``exclusive``) a repository
     """
-    empty = not any(True for _ in store.list("")) if directory is None else not any(directory.iterdir())
+    if directory is None:
+        empty = not any(True for _ in store.list(""))
+    else:  # the temporary file of a run that died writing the marker is no data (nor, while it is being
+        # written, is a racing creator's: so it is left alone here; `vmsnap recover` removes a dead run's)
+        empty = _creation_leftovers(directory) is not None
     if not empty:
         found = _read_marker(store, location)
         if found is None:
@@ -212,6 +273,7 @@ def _create(
                 hint="choose a new or empty directory (or S3 prefix) for --repo",
             )
         return _created_meanwhile(found, location, exclusive)
+    crash_point("before-marker")
     if marker.layout == "qcow2":
         if directory is None:
             raise UsageError(

@@ -587,6 +587,13 @@ def _backing_chain(image: Mapping[str, Any]) -> tuple[Path, ...]:
     return tuple(chain)
 
 
+def is_firmware_flash(block: Mapping[str, Any]) -> bool:
+    """True for a ``query-block`` entry of a firmware flash device (``-drive if=pflash``, or a
+    ``pflash0``/``pflash1`` machine property): the firmware and its variables, not a disk."""
+    qdev = str(block.get("qdev") or "")
+    return "/system.flash" in qdev or str(block.get("device") or "").startswith("pflash")
+
+
 def disks_from_query_block(
     blocks: Sequence[Mapping[str, Any]], nodes: Sequence[Mapping[str, Any]]
 ) -> list[Disk]:
@@ -594,8 +601,8 @@ def disks_from_query_block(
     disks: list[Disk] = []
     for block in blocks:
         inserted = block.get("inserted")
-        if not inserted:
-            continue
+        if not inserted or is_firmware_flash(block):
+            continue  # firmware flash is machine state (vmsnap.vm.machine_state), not a disk
         node_name = str(inserted.get("node-name", ""))
         qdev = block.get("qdev") or None
         name = _qdev_name(qdev) if qdev else (block.get("device") or node_name)

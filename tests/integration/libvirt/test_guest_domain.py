@@ -1,10 +1,12 @@
 """The lab guest (real Linux + qemu-ga) as a libvirt domain: the agent through libvirt, a quiesced
-``snapshot-create-as --disk-only --atomic --quiesce``, and a quiesced CLI backup with ``--domain``."""
+``snapshot-create-as --disk-only --atomic --quiesce``, a quiesced CLI backup with ``--domain``, and one killed
+while the guest is frozen, which its thaw guard (a libvirt connection of its own) thaws."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,17 +17,22 @@ import attrs
 import pytest
 
 from tests.conftest import make_image
-from tests.integration.cli_helpers import qcow2_repo
+from tests.integration.cli_helpers import cli_process, qcow2_repo
 from tests.integration.libvirt.conftest import Libvirtd
+from vmsnap.backup.config import CRASH_ENV
 from vmsnap.errors import CommandError
 from vmsnap.lab.guest import DATA_MOUNT, DATA_SERIAL, fsck_image, read_image_file
 from vmsnap.lab.image import build_lab_image
 from vmsnap.lab.qemu import choose_accel
+from vmsnap.vm.guards import GuardTarget, LocalGuardSite
 from vmsnap.vm.libvirt.machine import LibvirtMachine
 from vmsnap.vm.libvirt.snapshots import (
     commit_external_snapshot,
     create_external_snapshot,
+    create_internal_snapshot,
+    delete_snapshot,
     external_snapshot_source,
+    internal_snapshot_source,
 )
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.guest]
@@ -154,6 +161,55 @@ def test_quiesced_cli_backup_of_a_domain_restores_a_clean_filesystem(
     assert read_image_file(restored, "/hello.txt", scratch=tmp_path) == b"hello from the guest\n"
     manifest = json.loads((repo / guest_domain.name / backup["backup_id"] / "manifest.json").read_text())
     assert manifest["quiesced"] is True
+
+
+def test_a_quiesced_internal_snapshot_freezes_under_a_guard_and_thaws(
+    guest_domain: GuestDomain, tmp_path: Path
+) -> None:
+    machine = guest_domain.machine
+    agent = machine.agent()
+    assert agent is not None
+    agent.write_file(f"{DATA_MOUNT}/before.txt", b"in the snapshot\n")  # only the freeze flushes it
+    snaps = create_internal_snapshot(machine, "qi1", quiesce=True)
+    assert agent.fsfreeze_status() == "thawed"
+    target = GuardTarget.libvirt(guest_domain.uri, str(machine.domain.UUIDString()), guest_domain.name)
+    assert LocalGuardSite().live(target) is None  # its guard ended with the thaw
+    source = internal_snapshot_source(snaps[0])
+    copy = tmp_path / "snapshot.qcow2"
+    snapshot = f"snapshot.name={source.image_opts['snapshot.name']}"
+    convert = ["qemu-img", "convert", "-U", "-O", "qcow2", "-l", snapshot, source.location, str(copy)]
+    subprocess.run(convert, check=True)
+    assert fsck_image(copy, scratch=tmp_path).clean
+    assert read_image_file(copy, "/before.txt", scratch=tmp_path) == b"in the snapshot\n"
+    delete_snapshot(machine, "qi1")
+
+
+def test_a_backup_killed_while_the_domain_is_frozen_is_thawed_by_its_guard(
+    guest_domain: GuestDomain, tmp_path: Path
+) -> None:
+    machine = guest_domain.machine
+    agent = machine.agent()
+    assert agent is not None
+    vm = ["--domain", guest_domain.name, "--connect", guest_domain.uri]
+    repo = tmp_path / "repo"
+    dead = cli_process("backup", "--repo", repo, *vm, "--quiesce", "on", env={CRASH_ENV: "after-freeze"})
+    assert dead.code == -signal.SIGKILL, dead.err
+    started = time.monotonic()
+    while (status := agent.fsfreeze_status()) != "thawed":  # no recover: the guard does it
+        assert time.monotonic() - started < 10, f"the domain's guest is still {status}"
+        time.sleep(0.1)
+    print(f"\nthawed {time.monotonic() - started:.2f} s after the kill was seen")
+    target = GuardTarget.libvirt(guest_domain.uri, str(machine.domain.UUIDString()), guest_domain.name)
+    while LocalGuardSite().live(target) is not None:  # it ends once the guest is thawed
+        assert time.monotonic() - started < 20, "the guard outlived its thaw"
+        time.sleep(0.1)
+    agent.write_file(f"{DATA_MOUNT}/after-kill.txt", b"writes go on\n")
+
+    recovered = cli_process("recover", *vm, "--repo", repo, "--json")
+    assert recovered.code == 0, recovered.err
+    assert "the guest's filesystems are thawed" in recovered.json()["found"]
+    again = cli_process("recover", *vm, "--repo", repo, "--json")
+    assert again.code == 0 and again.json()["clean"], again.out
 
 
 def _cli(*args: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from vmsnap.lab.image import initramfs, kernel
 from vmsnap.lab.image.base import LabImage, Progress, default_cache_dir, run_step
 from vmsnap.lab.image.contents import (
     GUEST_MODULES,
+    GUEST_OPTIONAL_MODULES,
     GUEST_PROGRAMS,
     KERNEL_APPEND,
     LVM_COMMANDS,
@@ -30,7 +31,7 @@ from vmsnap.lab.image.contents import (
 from vmsnap.runner import LocalRunner, Runner
 
 #: bump when the layout of the initramfs or /init changes in a way the inputs below do not capture
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 
 KEEP_BUILDS = 3
 """Builds kept in the cache (older ones are removed after a new build; each is about 90 MB)."""
@@ -70,6 +71,7 @@ class LabImageBuilder:
             "builder": BUILDER_VERSION,
             "kernel": f"{package}={version}",
             "modules": list(GUEST_MODULES),
+            "optional_modules": list(GUEST_OPTIONAL_MODULES),
             "programs": list(GUEST_PROGRAMS),
             "lvm_commands": list(LVM_COMMANDS),
             "append": KERNEL_APPEND,
@@ -100,6 +102,7 @@ class LabImageBuilder:
             append=KERNEL_APPEND,
             key=key,
             kernel_package=f"{package}={version}",
+            bzimage=target / "vmlinuz",
         )
         if not force and (target / "manifest.json").exists():
             return image
@@ -128,6 +131,8 @@ class LabImageBuilder:
         (staged / "vmlinux").write_bytes(
             kernel.extract_vmlinux((unpacked / "boot" / f"vmlinuz-{kernel_release}").read_bytes())
         )
+        # the compressed kernel as packaged: an EFI application (UEFI firmware boots it, -kernel with OVMF)
+        shutil.copyfile(unpacked / "boot" / f"vmlinuz-{kernel_release}", staged / "vmlinuz")
         root = work / "root"
         self._say("assembling the initramfs")
         initramfs.assemble_root(root, files, unpacked, kernel_release, self.runner)

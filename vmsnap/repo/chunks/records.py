@@ -11,6 +11,9 @@ Store keys (``<vm>``, ``<backup-id>`` and ``<disk>`` are validated names)::
                                             and pid), removed once it sealed: gc fences the directory
     vms/<vm>/<backup-id>/manifest.json      written last, put(if_absent): the backup exists once it does —
                                             or a tombstone (see below) that gc put there first
+    vms/<vm>/<backup-id>/attached.<name>    an object kept beside the backup (vmsnap.repo.attachments):
+                                            its 32-byte id, then its envelope as a chunk blob; before the
+                                            manifest (machine state) or after it (proof), never rewriting it
     vms/<vm>/needs-full                     the next backup of the VM must be full (JSON: reason, since)
     locks/…                                 leases (see vmsnap.repo.chunks.leases)
     gc-generation                           replaced by every gc before it deletes (vmsnap.repo.chunks.known)
@@ -68,6 +71,13 @@ def index_key(vm: str, backup_id: str, disk: str) -> str:
 
 def definition_key(vm: str, backup_id: str) -> str:
     return backup_prefix(vm, backup_id) + DEFINITION
+
+
+ATTACHED = "attached."
+
+
+def attachment_key(vm: str, backup_id: str, name: str) -> str:
+    return backup_prefix(vm, backup_id) + ATTACHED + validate_name(name, "attachment name")
 
 
 def needs_full_key(vm: str) -> str:

@@ -38,7 +38,8 @@ from vmsnap.files import make_private_dir
 from vmsnap.image.sources import BackupSource, ReaderSource
 from vmsnap.model import validate_name
 from vmsnap.processes import crash_point
-from vmsnap.repo.chunks.blob import ChunkCodec, ChunkId, chunk_key
+from vmsnap.repo import attachments
+from vmsnap.repo.chunks.blob import ID_SIZE, ChunkCodec, ChunkId, chunk_key
 from vmsnap.repo.chunks.check import Findings, verify_chunks
 from vmsnap.repo.chunks.gc import collect
 from vmsnap.repo.chunks.heal import heal
@@ -50,7 +51,9 @@ from vmsnap.repo.chunks.pipeline import DEFAULT_WORKERS
 from vmsnap.repo.chunks.quarantine import clear as clear_records
 from vmsnap.repo.chunks.quarantine import quarantined_ids, read_record
 from vmsnap.repo.chunks.records import (
+    ATTACHED,
     VMS,
+    attachment_key,
     backup_prefix,
     decode_manifest,
     definition_key,
@@ -312,6 +315,36 @@ class ChunksRepository(RepositoryLayout):
         chunk_id = self.codec.chunk_id(data)
         self._store.put(definition_key(vm, backup_id), self.codec.encode(data, chunk_id))
         return chunk_id.hex()
+
+    def put_attachment(self, vm: str, backup_id: str, name: str, data: bytes) -> None:
+        """Store an object beside a backup (complete or being written): its id, then its envelope
+        as a chunk blob."""
+        envelope = attachments.seal(vm, backup_id, name, data)
+        chunk_id = self.codec.chunk_id(envelope)
+        self._store.put(attachment_key(vm, backup_id, name), chunk_id + self.codec.encode(envelope, chunk_id))
+
+    def attach(self, manifest: Manifest, name: str, data: bytes) -> None:
+        self.put_attachment(manifest.vm, manifest.backup_id, name, data)
+
+    def attachment(self, manifest: Manifest, name: str) -> bytes:
+        key = attachment_key(manifest.vm, manifest.backup_id, name)
+        where = f"{self.location}/{key}"
+        try:
+            raw = self._store.get(key)
+        except NotFoundError as err:
+            raise NotFoundError(
+                f"backup {manifest.vm}/{manifest.backup_id} keeps no {name}",
+                hint=f"it keeps: {', '.join(self.attachments(manifest)) or 'nothing'}",
+            ) from err
+        try:
+            envelope = self.codec.decode(raw[ID_SIZE:], raw[:ID_SIZE])
+        except DamagedChunkError as err:
+            raise RepositoryError(f"{where} is damaged: {err.message}", hint="remove it") from err
+        return attachments.unseal(envelope, manifest.vm, manifest.backup_id, name, where=where)
+
+    def attachments(self, manifest: Manifest) -> list[str]:
+        prefix = backup_prefix(manifest.vm, manifest.backup_id) + ATTACHED
+        return sorted(s.key[len(prefix) :] for s in self._store.list(prefix))
 
     def chunk_users(self, chunk_id: bytes) -> list[str]:
         """``vm/backup/disk`` of every backup disk whose index names ``chunk_id`` (damaged ones skipped)."""

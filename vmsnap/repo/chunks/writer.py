@@ -93,6 +93,8 @@ class WriterRepository(Protocol):
 
     def put_definition(self, vm: str, backup_id: str, text: str) -> str: ...
 
+    def put_attachment(self, vm: str, backup_id: str, name: str, data: bytes) -> None: ...
+
     def discard_backup(self, vm: str, backup_id: str) -> bool: ...
 
     def sealed(self, vm: str, backup_id: str, written: bool) -> None: ...
@@ -372,6 +374,10 @@ class ChunksWriter:
             f"{err.message}; {amount} that this run stored stay in the store",
             hint=f"{err.hint}; `vmsnap gc` deletes the chunks no backup uses",
         )
+
+    def attach(self, name: str, data: bytes) -> None:
+        """Keep an object with this backup (sealed by the manifest, removed with a discarded run)."""
+        self.repo.put_attachment(self.vm, self.backup_id, name, data)
 
     def discard(self) -> None:
         """Remove this unfinished backup's objects and work directory (its chunks stay: gc's job)."""

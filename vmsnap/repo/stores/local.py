@@ -32,6 +32,7 @@ from pathlib import Path
 import attrs
 
 from vmsnap.errors import NotFoundError, StoreError
+from vmsnap.processes import crash_point
 from vmsnap.repo.stores.base import StoredObject, check_key, check_prefix
 
 FILE_MODE = 0o600
@@ -333,6 +334,7 @@ class LocalStore:
                 if self._batch.add(_Queued(temp, path, if_absent, len(data)), unsynced):
                     self._flush()
                 return True
+            crash_point("store-put-unnamed")  # written and durable, not yet under its name
             if if_absent:
                 try:
                     os.link(temp, path)

@@ -12,6 +12,8 @@ from vmsnap.errors import (
     UsageError,
 )
 from vmsnap.vm.libvirt.domain import LibvirtDomain, libvirt_message
+from vmsnap.vm.libvirt.firmware import place_tpm_state, set_nvram, tpm_state_dir, tpm_version
+from vmsnap.vm.machine_state import NVRAM, TPM, MachineState
 
 try:
     import libvirt
@@ -27,20 +29,42 @@ def saved_domain_xml(machine: LibvirtDomain) -> str:
     return machine.xml(inactive=True)
 
 
-def restored_domain_xml(xml: str, *, name: str, images: Mapping[str, Path]) -> str:
+def definition_problem(xml: str) -> str | None:
+    """What makes ``xml`` no domain definition ("is not well-formed XML (…)", "has no <name>"), or None."""
+    try:
+        root = ET.fromstring(xml)  # noqa: S314 - a libvirt definition vmsnap saved
+    except ET.ParseError as err:
+        return f"is not well-formed XML ({err})"
+    if root.tag != "domain":
+        return f"is a <{root.tag}>, not a <domain>"
+    if root.find("name") is None:
+        return "has no <name>"
+    return None
+
+
+def restored_domain_xml(
+    xml: str, *, name: str, images: Mapping[str, Path], nvram: tuple[Path, bytes] | None = None
+) -> str:
     """A copy of a saved domain definition that runs on restored images and cannot clash with the original.
 
     The name is replaced, the UUID and MAC addresses dropped (libvirt makes new ones), every disk points
-    at its restored qcow2 image, and agent sockets get libvirt's default paths.
+    at its restored qcow2 image, and agent sockets get libvirt's default paths. The UEFI variables file
+    (``<nvram>``) is ``nvram``'s path, written with its bytes (the variables kept with the backup); without
+    them the path is dropped, so libvirt makes the new domain its own from the template: never the
+    original's file.
 
     :param images: disk target (``vda``) → restored image; every disk of the domain must have one
-    :raise UsageError: a disk of the saved domain has no restored image (it would share the original's)
+    :param nvram: (path, content) of the new domain's UEFI variables
+    :raise UsageError: a disk of the saved domain has no restored image (it would share the original's), or
+        ``xml`` is no domain definition (:func:`definition_problem`)
     """
     validate_name(name, "domain name")
+    problem = definition_problem(xml)
+    if problem is not None:
+        raise UsageError(f"the saved domain XML {problem}", hint="is it a libvirt domain definition?")
     root = ET.fromstring(xml)  # noqa: S314 - a libvirt definition vmsnap saved
     name_node = root.find("name")
-    if name_node is None:
-        raise UsageError("the saved domain XML has no <name>", hint="is it a libvirt domain definition?")
+    assert name_node is not None
     name_node.text = name
     for tag in ("uuid", "description"):
         for node in root.findall(tag):
@@ -75,22 +99,43 @@ def restored_domain_xml(xml: str, *, name: str, images: Mapping[str, Path]) -> s
         source = channel.find("source")
         if channel.get("type") == "unix" and source is not None:
             source.attrib.pop("path", None)
+    saved_nvram = root.find("os/nvram")
+    if saved_nvram is not None:
+        if nvram is not None:
+            set_nvram(root, nvram[0], nvram[1])
+        else:
+            saved_nvram.text = None
     return ET.tostring(root, encoding="unicode")
 
 
 def define_restored_domain(
-    machine_or_uri: LibvirtDomain | str | None, xml: str, *, name: str, images: Mapping[str, Path]
+    machine_or_uri: LibvirtDomain | str | None,
+    xml: str,
+    *,
+    name: str,
+    images: Mapping[str, Path],
+    state: MachineState | None = None,
+    nvram_dir: Path | None = None,
 ) -> str:
-    """Define (not start) a new domain ``name`` from a saved definition over restored images.
+    """Define (not start) a new domain ``name`` from a saved definition over restored images, with the
+    UEFI variables and TPM state kept with the backup (``state``) put back: the variables in
+    ``nvram_dir/<name>_VARS.fd``, the TPM state where libvirt keeps the new domain's.
 
     :param machine_or_uri: a connected machine, or the libvirt URI to connect to
+    :param state: the machine state kept with the backup (None: no firmware state to put back)
+    :param nvram_dir: where the UEFI variables go (default: beside the first image)
     :return: the new domain's name
     :raise UsageError: a domain called ``name`` exists already, or a disk has no restored image
     :raise LibvirtError: libvirt refused the definition
     """
     from vmsnap.vm.libvirt.domain import open_connection
 
-    definition = restored_domain_xml(xml, name=name, images=images)
+    files = state.files if state is not None else {}
+    nvram = None
+    if NVRAM in files:
+        where = nvram_dir or (next(iter(images.values())).parent if images else Path("."))
+        nvram = (where / f"{name}_VARS.fd", files[NVRAM])
+    definition = restored_domain_xml(xml, name=name, images=images, nvram=nvram)
     if isinstance(machine_or_uri, LibvirtDomain):
         own, conn = False, machine_or_uri.connection
     else:
@@ -100,10 +145,40 @@ def define_restored_domain(
             conn.lookupByName(name)
             raise UsageError(f"a libvirt domain {name!r} exists already", hint="choose another --define name")
         try:
-            conn.defineXML(definition)
+            domain = conn.defineXML(definition)
         except libvirt.libvirtError as err:
             raise LibvirtError(f"libvirt refused to define domain {name!r}: {libvirt_message(err)}") from err
+        version = tpm_version(ET.fromstring(definition))  # noqa: S314 - made above
+        if TPM in files and version is not None:
+            place_tpm_state(tpm_state_dir(str(domain.UUIDString()), version), files[TPM])
     finally:
         if own:
             conn.close()
     return name
+
+
+def remove_domain(name: str, uri: str | None) -> bool:
+    """Destroy domain ``name`` (and undefine it with its NVRAM and TPM state, were it persistent); True
+    when there was one. Never raises: libvirtd may be gone."""
+    from vmsnap.vm.libvirt.domain import open_connection
+
+    if libvirt is None:
+        return False
+    try:
+        connection = open_connection(uri)
+    except LibvirtError:
+        return False
+    try:
+        try:
+            domain = connection.lookupByName(name)
+        except libvirt.libvirtError:
+            return False
+        with contextlib.suppress(libvirt.libvirtError):
+            if domain.isActive():
+                domain.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        return True
+    finally:
+        with contextlib.suppress(Exception):
+            connection.close()

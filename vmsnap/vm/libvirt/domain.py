@@ -30,6 +30,7 @@ from vmsnap.errors import (
 from vmsnap.model import Disk, validate_name
 from vmsnap.runner import LocalRunner, Runner
 from vmsnap.vm.agent import GuestAgent
+from vmsnap.vm.guards import GuardPlan, GuardTarget, LocalGuardSite
 from vmsnap.vm.machine import offline_disk
 from vmsnap.vm.qmp import JobInfo, QMPMonitor, _qdev_name
 
@@ -322,6 +323,17 @@ class LibvirtDomain:
         if not self.is_running or not self.has_agent_channel():
             return None
         return GuestAgent(LibvirtAgentChannel(self.domain))
+
+    def guard_plan(self) -> GuardPlan | None:
+        """A guard on this host with a libvirt connection of its own to the same URI (for ``qemu+ssh://``
+        that is libvirt's own ssh, which does not die with vmsnap), addressing the domain by UUID."""
+        if not self.is_running or not self.has_agent_channel():
+            return None
+        try:
+            uuid = str(self.domain.UUIDString())
+        except libvirt.libvirtError as err:
+            raise LibvirtError(f"cannot read the UUID of domain {self.name}: {libvirt_message(err)}") from err
+        return GuardPlan(GuardTarget.libvirt(self.uri, uuid, self.name), LocalGuardSite())
 
     def has_agent_channel(self) -> bool:
         """True when the domain XML has a virtio-serial channel for the QEMU guest agent."""

@@ -22,7 +22,7 @@ from vmsnap.errors import (
     UnsupportedError,
 )
 from vmsnap.image import qemu_img
-from vmsnap.vm.freeze import frozen_agent
+from vmsnap.vm.freeze import frozen
 from vmsnap.vm.libvirt.domain import LibvirtDomain, libvirt_message
 
 try:
@@ -306,7 +306,7 @@ def create_internal_snapshot(
     """``virsh snapshot-create-as NAME``: internal qcow2 snapshots of every disk (with RAM when running).
 
     libvirt accepts ``--quiesce`` only for disk-only snapshots, so ``quiesce`` freezes through the guest
-    agent around the call (always thawed after).
+    agent around the call (always thawed after; a thaw guard thaws it if this process dies).
 
     :raise SnapshotError: libvirt refused (e.g. a raw disk)
     :raise FreezeError: the agent could not freeze
@@ -321,7 +321,7 @@ def create_internal_snapshot(
             hint="add an org.qemu.guest_agent.0 channel, or use --quiesce off",
         )
     try:
-        with frozen_agent(agent) if agent is not None else contextlib.nullcontext():
+        with frozen(machine) if agent is not None else contextlib.nullcontext():
             machine.domain.snapshotCreateXML(xml, 0)
     except libvirt.libvirtError as err:
         raise _snapshot_error(machine, f"internal snapshot {name!r}", err, quiesce=False) from err

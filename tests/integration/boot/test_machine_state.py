@@ -1,0 +1,82 @@
+"""The whole machine captured with a backup of a bare QEMU (a real one, no guest OS): its command line (read
+through the QMP socket's peer process), its disks as the command line names them, and its writable
+firmware flash, read while the vCPUs are paused at the snapshot instant, and written beside the restored
+images; a command line that carries a secret is not kept, and the backup says which option."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tests.conftest import make_image
+from vmsnap.backup import Backup, BackupConfig
+from vmsnap.lab.qemu import DriveSpec, QemuProcess
+from vmsnap.repo.repository import Repository
+from vmsnap.restore.images import restore_images
+from vmsnap.vm.machine import QemuMachine
+from vmsnap.vm.machine_state import NVRAM, RECORD, MachineState
+
+
+def _flash(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    code = tmp_path / "code.fd"
+    code.write_bytes(b"\xff" * (2 * 1024 * 1024))
+    variables = tmp_path / "vars.fd"
+    variables.write_bytes(os.urandom(128 * 1024) + b"\x00" * (400 * 1024))
+    args = [
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+        "-drive", f"if=pflash,format=raw,unit=1,file={variables}",
+    ]  # fmt: skip
+    return code, variables, args
+
+
+def test_a_bare_qemus_command_line_and_firmware_variables_are_kept(tmp_path: Path) -> None:
+    _, variables, flash = _flash(tmp_path)
+    image = make_image(tmp_path / "disk0.qcow2", "16M")
+    process = QemuProcess(tmp_path, [DriveSpec(image, "disk0")], name="fwvm", extra_args=flash).start()
+    try:
+        with QemuMachine(process.qmp_socket) as machine:
+            assert [d.name for d in machine.disks()] == ["disk0"]  # firmware flash is no disk
+            expected = variables.read_bytes()
+            result = Backup(machine, BackupConfig(repo=tmp_path / "repo")).run()
+            repo = Repository.open(tmp_path / "repo")
+            manifest = repo.get("fwvm", result.backup_id)
+            assert repo.attachments(manifest) == [RECORD, NVRAM]
+            state = MachineState.from_json(json.loads(repo.attachment(manifest, RECORD)))
+            assert list(state.argv or ()) == process.argv()
+            assert state.kind == "qemu" and state.refused is None and state.nvram == str(variables)
+            assert [(d.name, d.node_name, d.file, d.qdev) for d in state.disks] == [
+                ("disk0", "fmt-disk0", str(image), "disk0")
+            ]
+            assert repo.attachment(manifest, NVRAM) == expected
+            assert machine.qmp().status() == "running"  # resumed after the pause
+            assert not any("command line" in n for n in result.notes)
+        variables.write_bytes(os.urandom(len(expected)))  # changed after the backup
+        restored = restore_images(tmp_path / "repo", "fwvm", None, tmp_path / "restored")
+        assert restored.firmware_variables == tmp_path / "restored" / "fwvm_VARS.fd"
+        assert restored.firmware_variables.read_bytes() == expected
+    finally:
+        process.stop()
+
+
+def test_a_command_line_with_a_secret_is_not_kept_and_the_option_is_named(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "disk0.qcow2", "16M")
+    secret = ["-object", "secret,id=sec0,data=hunter2"]
+    process = QemuProcess(tmp_path, [DriveSpec(image, "disk0")], name="secretvm", extra_args=secret).start()
+    try:
+        with QemuMachine(process.qmp_socket) as machine:
+            result = Backup(machine, BackupConfig(repo=tmp_path / "repo")).run()
+        assert (
+            "the QEMU command line was not kept with the backup: it carries a secret in -object (data=)"
+            in result.notes
+        )
+        repo = Repository.open(tmp_path / "repo")
+        manifest = repo.get("secretvm", result.backup_id)
+        raw = repo.attachment(manifest, RECORD)
+        assert b"hunter2" not in raw and b"hunter2" not in b"".join(
+            p.read_bytes() for p in (tmp_path / "repo").rglob("*") if p.is_file()
+        )
+        state = MachineState.from_json(json.loads(raw))
+        assert state.argv is None and state.refused == "it carries a secret in -object (data=)"
+    finally:
+        process.stop()

@@ -1,0 +1,136 @@
+"""The thaw guard of a bare QEMU on this host, through the CLI on the real lab guest: a ``vmsnap backup``
+killed while the guest is frozen leaves it thawed within seconds with no help; a dead run's guard owns its
+freeze (a later run refuses to freeze under it) until ``vmsnap recover`` stands it down and thaws, once.
+
+The same for a libvirt domain is in tests/integration/libvirt/test_guest_domain.py, for a VM on another host
+in tests/integration/test_remote_host.py."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.cli_helpers import cli, cli_process, cli_started, wait_stopped
+from tests.integration.guest.conftest import (
+    HookInstaller,
+    hook_order,
+    process_gone,
+    wait_process_gone,
+    wait_until_thawed,
+)
+from vmsnap.backup.config import CRASH_ENV
+from vmsnap.lab.guest import DATA_MOUNT, LabGuest
+from vmsnap.vm.guards import GuardRecord, GuardTarget, LocalGuardSite
+
+pytestmark = pytest.mark.guest
+
+
+@pytest.fixture
+def guest(lab_guest: LabGuest) -> Iterator[LabGuest]:
+    """The shared lab guest, its sockets free for the CLI, left thawed afterwards."""
+    lab_guest.machine.close()
+    try:
+        yield lab_guest
+    finally:
+        with contextlib.suppress(Exception):
+            if not lab_guest.is_thawed():
+                lab_guest.agent.fsfreeze_thaw()
+        lab_guest.machine.close()
+
+
+def _selector(guest: LabGuest) -> list[str]:
+    return ["--qmp", str(guest.qmp_socket), "--agent", str(guest.agent_socket)]
+
+
+def _live_guard(guest: LabGuest) -> GuardRecord | None:
+    return LocalGuardSite().live(GuardTarget.socket(guest.agent_socket))
+
+
+def _status(guest: LabGuest) -> str:
+    try:
+        return guest.agent.fsfreeze_status()
+    finally:
+        guest.machine.close()  # QEMU serves the agent socket to one client at a time
+
+
+def test_a_backup_killed_while_the_guest_is_frozen_is_thawed_by_its_guard(
+    guest: LabGuest, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    dead = cli_process(
+        "backup", "--repo", repo, *_selector(guest), "--quiesce", "on", env={CRASH_ENV: "after-freeze"}
+    )
+    assert dead.code == -signal.SIGKILL, dead.err
+    seconds = wait_until_thawed(guest, 10)  # no recover: the guard did it
+    print(f"\nthawed {seconds:.2f} s after the kill was seen")
+    deadline = time.monotonic() + 10
+    while _live_guard(guest) is not None:  # it ends once the guest is thawed, and its lock with it
+        assert time.monotonic() < deadline, "the guard outlived its thaw"
+        time.sleep(0.1)
+    guest.agent.write_file(f"{DATA_MOUNT}/after-kill.txt", b"writes go on\n")
+    guest.machine.close()
+
+    recovered = cli_process("recover", *_selector(guest), "--repo", repo, "--json")
+    assert recovered.code == 0, recovered.err
+    report = recovered.json()
+    assert "the guest's filesystems are thawed" in report["found"]
+    assert not any("thawed the guest" in a for a in report["actions"])  # the guard had done it: no thaw
+    again = cli_process("recover", *_selector(guest), "--repo", repo, "--json")
+    assert again.code == 0 and again.json()["clean"], again.out
+
+
+def test_a_dead_runs_guard_owns_its_freeze_until_recover_stands_it_down(
+    guest: LabGuest, guest_hooks: HookInstaller, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    guest_hooks("10-app", "exit 0")  # records every freeze and thaw the agent runs
+    guest.machine.close()
+    repo = tmp_path / "repo"
+    run = cli_started(
+        "backup", "--repo", repo, *_selector(guest), "--quiesce", "on", env={CRASH_ENV: "stop:after-freeze"}
+    )
+    guard_pid = 0
+    try:
+        wait_stopped(run)
+        record = _live_guard(guest)
+        assert record is not None and record.parent_pid == run.pid
+        guard_pid = record.pid
+        os.kill(guard_pid, signal.SIGSTOP)  # a guard that cannot act: the freeze is left to recover
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(10)
+        time.sleep(1.0)
+        assert _status(guest) == "frozen"
+
+        # a later run must not freeze (nor thaw) under the dead run's guard
+        later = cli(capsys, "backup", "--repo", repo, *_selector(guest), "--quiesce", "on")
+        assert later.code == 1
+        assert f"a thaw guard (pid {guard_pid}) of another vmsnap run" in later.error_line
+        assert _status(guest) == "frozen"
+
+        recovered = cli(capsys, "recover", *_selector(guest), "--repo", repo, "--json")
+        assert recovered.code == 0, recovered.err
+        actions = recovered.json()["actions"]
+        assert f"stopped the thaw guard (pid {guard_pid}) of a dead vmsnap run" in actions
+        assert "thawed the guest's filesystems (1)" in actions
+        assert process_gone(guard_pid)
+        assert _live_guard(guest) is None
+        assert _status(guest) == "thawed"
+        # one freeze, one thaw: the stood-down guard did not thaw as well
+        assert hook_order(guest) == ["10-app freeze", "10-app thaw"]
+        guest.machine.close()
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait(10)
+        if guard_pid and not process_gone(guard_pid):
+            os.kill(guard_pid, signal.SIGCONT)
+            wait_process_gone(guard_pid, 30)
+
+    made = cli(capsys, "backup", "--repo", repo, *_selector(guest), "--quiesce", "on", "--json")
+    assert made.code == 0, made.err
+    assert _live_guard(guest) is None  # the run's own guard ended with it
