@@ -16,6 +16,7 @@ import attrs
 
 from vmsnap.backup.config import BackupConfig
 from vmsnap.backup.run import Backup
+from vmsnap.repo.layout import RepositoryLayout
 from vmsnap.repo.progress import DiskProgress, no_progress
 from vmsnap.repo.reports import VerifyReport
 from vmsnap.repo.repository import Repository
@@ -35,7 +36,7 @@ class RepairResult:
 
 
 def repair(
-    location: Path | str,
+    repo: RepositoryLayout,
     *,
     vm: str | None = None,
     backup_id: str | None = None,
@@ -46,19 +47,19 @@ def repair(
     progress: DiskProgress = no_progress,
     note: Callable[[str], None] = lambda _: None,
 ) -> RepairResult:
-    """Verify ``location`` (see :meth:`ChunksRepository.verify`), repair from ``sources``, then — when chunks
-    are still missing and a ``machine`` is given — back it up and say which chunks that stored again.
+    """Verify ``repo`` (see :meth:`ChunksRepository.verify`), repair from ``sources`` (opened with
+    ``key_file``), then — when chunks are still missing and a ``machine`` is given — back it up and say which
+    chunks that stored again.
 
-    :raise UsageError: the repository (or a source) is not of the chunks layout
-    :raise VmsnapError: the repository or a source cannot be opened, or the backup failed
+    :raise UsageError: a source is not of the chunks layout
+    :raise VmsnapError: a source cannot be opened, or the backup failed
     """
-    repo = Repository.open(location, key_file=key_file)
     opened = [Repository.open(source, key_file=key_file) for source in sources]
     report = repo.verify(vm, backup_id, fast=fast, progress=progress, repair_from=opened)
     waiting = [repair for repair in report.chunks if not repair.healed]
     if machine is None or not waiting:
         return RepairResult(report)
-    config = BackupConfig(repo=location, incremental=True, key_file=key_file)
+    config = BackupConfig(repo=repo.location, incremental=True, key_file=key_file)
     result = Backup(machine, config, progress=progress, note=note).run()
     again = repo.verify(vm, backup_id, fast=True)  # one listing: which are still missing
     missing = {chunk.chunk for chunk in again.chunks}

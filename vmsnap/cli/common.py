@@ -129,7 +129,9 @@ def add_vm_arguments(parser: argparse.ArgumentParser, *, connect: bool = True) -
     )
     group.add_argument("--domain", metavar="NAME", help="a libvirt domain")
     if connect:
-        group.add_argument("--connect", metavar="URI", help="libvirt connection URI (default: qemu:///system)")
+        group.add_argument(
+            "--connect", metavar="URI", help="libvirt connection URI (default: qemu:///system)"
+        )
     group.add_argument(
         "--image",
         type=Path,

@@ -8,9 +8,9 @@ from typing import Any
 
 import attrs
 
+from vmsnap.backup.repair import repair
 from vmsnap.cli import boot
 from vmsnap.cli.boot import boot_cell
-from vmsnap.backup.repair import repair
 from vmsnap.cli.common import (
     Command,
     add_key_option,
@@ -157,7 +157,9 @@ def _check_repair_options(args: argparse.Namespace) -> None:
     if args.repair:
         given = [f"--{o}" for o in ("boot", *boot.BOOT_OPTIONS) if getattr(args, o) not in (None, [], False)]
         if given:
-            raise UsageError(f"--repair does not go with {', '.join(given)}", hint="verify --boot after the repair")
+            raise UsageError(
+                f"--repair does not go with {', '.join(given)}", hint="verify --boot after the repair"
+            )
     else:
         boot.check_boot_options(args)
 

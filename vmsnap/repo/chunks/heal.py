@@ -12,15 +12,17 @@ and which backup disks still cannot be restored.
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from vmsnap.errors import NotFoundError, RepositoryError, StoreError, VmsnapError
+from vmsnap.errors import DamagedChunkError, NotFoundError, RepositoryError, StoreError, VmsnapError
 from vmsnap.repo.chunks.blob import ChunkCodec, ChunkId, chunk_key
 from vmsnap.repo.chunks.check import Findings, Users
 from vmsnap.repo.chunks.index import ChunkIndex
-from vmsnap.repo.chunks.known import drop_known_caches
-from vmsnap.repo.chunks.quarantine import MISSING, quarantine, read_record
+from vmsnap.repo.chunks.known import drop_known_caches, list_chunk_ids
+from vmsnap.repo.chunks.quarantine import MISSING, clear, quarantine, quarantined_ids, read_record
 from vmsnap.repo.manifest import Damaged, Manifest
 from vmsnap.repo.reports import ChunkRepair
 from vmsnap.repo.stores.base import Store
@@ -73,6 +75,46 @@ def users_of(repo: HealRepository, chunk_ids: Iterable[ChunkId]) -> Users:
                 if chunk_id in wanted:
                     users[chunk_id].append((manifest.vm, manifest.backup_id, record.name, number))
     return users
+
+
+_CHUNK_HEX = re.compile(r"chunk ([0-9a-f]{64})")
+
+
+def damaged_chunk_error(repo: HealRepository, err: DamagedChunkError) -> DamagedChunkError:
+    """``err`` (about a chunk a restore or copy could not use) with the backup disks that use the chunk, and
+    a hint that says how it gets stored again: verify set it aside already (back the VM up again), or has
+    yet to (run verify)."""
+    found = _CHUNK_HEX.search(err.message)
+    if found is None:
+        return err
+    chunk_id = ChunkId(bytes.fromhex(found.group(1)))
+    users = sorted({f"{vm}/{backup}/{disk}" for vm, backup, disk, _ in users_of(repo, [chunk_id])[chunk_id]})
+    vms = " and ".join(sorted({user.split("/")[0] for user in users})) or "the VM"
+    message = f"{err.message}; used by {', '.join(users) or 'no complete backup'}"
+    with contextlib.suppress(StoreError):
+        record = read_record(repo.store, chunk_id)
+        if record is not None:
+            return DamagedChunkError(
+                f"{message}; verify moved it aside on {record.found[:10]} ({record.problem})",
+                hint=f"back up {vms} again: the next backup stores the chunk again if the disk still holds "
+                "that data (`vmsnap verify --repair` tries at once); meanwhile restore a backup that does "
+                "not use it",
+            )
+    return DamagedChunkError(
+        message,
+        hint=f"run `vmsnap verify`: it moves the chunk aside, and then the next backup of {vms} stores it "
+        "again if the disk still holds that data; meanwhile restore a backup that does not use it",
+    )
+
+
+def clear_healed(store: Store, found: Findings) -> None:
+    """Remove the quarantine records of chunks the store holds again (healed; what this verify checked had
+    no problem) — one listing of the records and, only when there are records, of the chunks."""
+    records = quarantined_ids(store)
+    if records:
+        problems = set(found.damaged) | set(found.missing)
+        present = list_chunk_ids(store)
+        clear(store, sorted(c for c in records if c in present and c not in problems))
 
 
 def _set_aside(store: Store, chunk_id: ChunkId, problem: str) -> str:

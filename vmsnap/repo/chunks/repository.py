@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
 import shutil
 import socket
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,16 +39,14 @@ from vmsnap.model import validate_name
 from vmsnap.processes import crash_point
 from vmsnap.repo import attachments
 from vmsnap.repo.chunks.blob import ID_SIZE, ChunkCodec, ChunkId, chunk_key
-from vmsnap.repo.chunks.check import Findings, verify_chunks
+from vmsnap.repo.chunks.check import verify_chunks
 from vmsnap.repo.chunks.gc import collect
-from vmsnap.repo.chunks.heal import heal
+from vmsnap.repo.chunks.heal import clear_healed, damaged_chunk_error, heal, users_of
 from vmsnap.repo.chunks.index import ChunkIndex, decode_index
 from vmsnap.repo.chunks.keys import RepositoryKey
 from vmsnap.repo.chunks.known import bump_generation, list_chunk_ids, read_generation
 from vmsnap.repo.chunks.leases import GC_SERIES, LEASE_SECONDS, Lease, LeaseRecord, Leases, writer_series
 from vmsnap.repo.chunks.pipeline import DEFAULT_WORKERS
-from vmsnap.repo.chunks.quarantine import clear as clear_records
-from vmsnap.repo.chunks.quarantine import quarantined_ids, read_record
 from vmsnap.repo.chunks.records import (
     ATTACHED,
     VMS,
@@ -81,7 +78,6 @@ from vmsnap.runner import LocalRunner, Runner
 BLOCK_READER = "vmsnap.repo.chunks.blockreader:open_reader"
 """What nbdkit's plugin builds to serve a disk of this layout (:mod:`vmsnap.repo.chunks.blockreader`)."""
 
-_CHUNK_HEX = re.compile(r"chunk ([0-9a-f]{64})")
 log = logging.getLogger(__name__)
 
 
@@ -348,39 +344,14 @@ class ChunksRepository(RepositoryLayout):
 
     def chunk_users(self, chunk_id: bytes) -> list[str]:
         """``vm/backup/disk`` of every backup disk whose index names ``chunk_id`` (damaged ones skipped)."""
-        users = []
-        for manifest in self.backups(damaged=[]):
-            for record in manifest.disks:
-                with contextlib.suppress(VmsnapError):
-                    if chunk_id in self.index(manifest, record.name).referenced():
-                        users.append(f"{manifest.vm}/{manifest.backup_id}/{record.name}")
-        return users
+        wanted = ChunkId(chunk_id)
+        found = users_of(self, [wanted])[wanted]
+        return list(dict.fromkeys(f"{vm}/{backup}/{disk}" for vm, backup, disk, _ in found))
 
     def name_users(self, err: DamagedChunkError) -> DamagedChunkError:
-        """``err`` with the backups and disks that use its chunk added to the message, and a hint that says
-        how that chunk gets stored again (verify moved it aside already, or has yet to)."""
-        found = _CHUNK_HEX.search(err.message)
-        if found is None:
-            return err
-        chunk_id = bytes.fromhex(found.group(1))
-        users = self.chunk_users(chunk_id)
-        vms = " and ".join(sorted({user.split("/")[0] for user in users})) or "the VM"
-        message = f"{err.message}; used by {', '.join(users) or 'no complete backup'}"
-        with contextlib.suppress(StoreError):
-            record = read_record(self._store, chunk_id)
-            if record is not None:
-                message += f"; verify moved it aside on {record.found[:10]} ({record.problem})"
-                return DamagedChunkError(
-                    message,
-                    hint=f"back up {vms} again: the next backup stores the chunk again if the disk still "
-                    "holds that data (`vmsnap verify --repair` tries at once); meanwhile restore a backup "
-                    "that does not use it",
-                )
-        return DamagedChunkError(
-            message,
-            hint=f"run `vmsnap verify`: it moves the chunk aside, and then the next backup of {vms} stores "
-            "it again if the disk still holds that data; meanwhile restore a backup that does not use it",
-        )
+        """``err`` with the backups and disks that use its chunk, and a true hint (see
+        :func:`~vmsnap.repo.chunks.heal.damaged_chunk_error`)."""
+        return damaged_chunk_error(self, err)
 
     # -- leases, journal, change tracking -------------------------------------------------------------
 
@@ -681,20 +652,11 @@ class ChunksRepository(RepositoryLayout):
             found = verify_chunks(self, targets, damaged, fast=fast, progress=progress)
             try:
                 repairs = heal(self, found, sources=sources)
-                self._clear_healed(found)
+                clear_healed(self._store, found)
             except StoreError as err:  # read-only credentials: the report says what was found, nothing more
                 log.warning("verify could not move the damaged chunks aside: %s", err.message)
                 repairs = ()
         return attrs.evolve(found.report, chunks=repairs)
-
-    def _clear_healed(self, found: Findings) -> None:
-        """Remove the quarantine records of chunks the store holds again (healed; what this verify checked
-        had no problem) — one listing of the records and of the chunks, only when there are records."""
-        records = quarantined_ids(self._store)
-        if records:
-            problems = set(found.damaged) | set(found.missing)
-            present = list_chunk_ids(self._store)
-            clear_records(self._store, sorted(c for c in records if c in present and c not in problems))
 
     def delete_backup(self, vm: str, backup_id: str) -> None:
         """Delete the manifest first (the backup is gone at once), then its other objects; its chunks stay
