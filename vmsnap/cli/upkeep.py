@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from typing import Any
 
 import attrs
 
+from vmsnap.backup.repair import repair
 from vmsnap.cli import boot
 from vmsnap.cli.boot import boot_cell
 from vmsnap.cli.common import (
     Command,
     add_key_option,
     add_repo_option,
+    add_vm_arguments,
     count,
     emit,
     finite_seconds,
+    machine_spec,
     mib,
     note,
+    opened_machine,
     render_table,
 )
 from vmsnap.cli.progress import disk_progress
@@ -26,6 +31,7 @@ from vmsnap.repo.copy import copy_backups
 from vmsnap.repo.layout import layout_names
 from vmsnap.repo.manifest import Damaged, Manifest
 from vmsnap.repo.marker import COMPRESSIONS, DEFAULT_LAYOUT
+from vmsnap.repo.reports import VerifyProblem, VerifyReport
 from vmsnap.repo.repository import Repository, key_file_path
 from vmsnap.repo.retention import RetentionPolicy
 from vmsnap.repo.verify_records import record_verification
@@ -145,15 +151,51 @@ def _list_arguments(parser: argparse.ArgumentParser) -> None:
 # -- verify -------------------------------------------------------------------------------------------------
 
 
+def _vm_given(args: argparse.Namespace) -> bool:
+    return bool(args.qmp or args.domain or args.image)
+
+
+def _check_repair_options(args: argparse.Namespace) -> None:
+    """:raise UsageError: --from or a VM without --repair, or --repair with --boot or its options"""
+    if (args.sources or _vm_given(args)) and not args.repair:
+        raise UsageError("--from and a VM are sources for --repair", hint="add --repair")
+    if args.repair:
+        given = [f"--{o}" for o in ("boot", *boot.BOOT_OPTIONS) if getattr(args, o) not in (None, [], False)]
+        if given:
+            raise UsageError(
+                f"--repair does not go with {', '.join(given)}", hint="verify --boot after the repair"
+            )
+    else:
+        boot.check_boot_options(args)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Re-read backups and check every checksum, chunk and chain link; exit 1 naming the first problem.
+    """Re-read backups and check every checksum, chunk and chain link (chunks: move damaged chunks aside;
+    --repair: store them again from --from repositories and the VM); exit 1 while a backup is damaged.
     With ``--boot``: boot one backup and judge it (:mod:`vmsnap.cli.boot`)."""
-    boot.check_boot_options(args)
+    _check_repair_options(args)
     if args.boot:
         return boot.cmd_verify_boot(args)
+    backup_id = None
     repo = Repository.open(args.repo, key_file=args.key_file)
-    with disk_progress(not args.json) as progress:
-        report = repo.verify(args.vm, args.backup, reader=args.reader, fast=args.fast, progress=progress)
+    with contextlib.ExitStack() as stack:
+        progress = stack.enter_context(disk_progress(not args.json))
+        if args.repair:
+            machine = stack.enter_context(opened_machine(machine_spec(args))) if _vm_given(args) else None
+            result = repair(
+                repo,
+                vm=args.vm,
+                backup_id=args.backup,
+                machine=machine,
+                sources=args.sources,
+                key_file=args.key_file,
+                fast=args.fast,
+                progress=progress,
+                note=note,
+            )
+            report, backup_id = result.report, result.backup_id
+        else:
+            report = repo.verify(args.vm, args.backup, reader=args.reader, fast=args.fast, progress=progress)
     for line in record_verification(repo, report, fast=args.fast):  # beside each backup, for vmsnap report
         note(line)
     payload = {
@@ -161,22 +203,57 @@ def cmd_verify(args: argparse.Namespace) -> int:
         "reader": report.reader,
         "checked": [{"vm": vm, "backup_id": backup_id} for vm, backup_id in report.checked],
         "problems": [attrs.asdict(p) for p in report.problems],
+        "chunks": [{**attrs.asdict(c), "still_damaged": list(c.still_damaged)} for c in report.chunks],
+        "still_damaged": list(report.still_damaged),
+        "repair_backup": backup_id,
     }
     human = [f"verified {len(report.checked)} backup(s) with the {report.reader} reader"]
     human += [f"  PROBLEM {p}" for p in report.problems]
+    human += [f"  {c}" for c in report.chunks]
+    if backup_id is not None:
+        human.append(f"  took backup {backup_id} to read the moved-aside chunks again from the VM")
     if report.ok:
         human.append("  all checksums, chunks and chain links are good")
+    elif not report.still_damaged:
+        human.append("  every damaged chunk was stored again: every backup restores")
     emit(args, payload, "\n".join(human))
-    if not report.ok:
-        first = report.problems[0]
+    if report.still_damaged:
+        first = next((p for p in report.problems if not _healed(p, report)), report.problems[0])
         error = (
             ChainError if "chain" in first.message or "backing" in first.message else ChecksumMismatchError
         )
         raise error(
-            f"verify found {len(report.problems)} problem(s); first: {first}",
-            hint="restore from a backup that verifies, and take a new full backup",
+            f"verify found {len(report.problems)} problem(s), {len(report.still_damaged)} backup disk(s) "
+            f"still damaged; first: {first}",
+            hint=_verify_hint(report, read_vm=backup_id is not None),
         )
     return 0
+
+
+def _verify_hint(report: VerifyReport, *, read_vm: bool) -> str:
+    """What to do about what verify left damaged (true for what it did)."""
+    waiting = [c for c in report.chunks if not c.healed]
+    if waiting and read_vm:
+        return (
+            "the VM's disks (and the copies given) no longer hold the data of the chunks still damaged: "
+            "restore from a backup that verifies"
+        )
+    unhealed = {c.chunk for c in waiting}
+    if waiting and all(
+        any(chunk in p.message for chunk in unhealed) for p in report.problems if not _healed(p, report)
+    ):
+        vms = " and ".join(sorted({b.split("/")[0] for c in waiting for b in c.backups})) or "the VM"
+        return (
+            f"verify set the damaged or missing chunks aside: the next backup of {vms} stores them again "
+            "if its disks still hold that data (`vmsnap verify --repair` with the VM, or --from an off-site "
+            "copy, tries at once); meanwhile restore from a backup that verifies"
+        )
+    return "restore from a backup that verifies, and take a new full backup"
+
+
+def _healed(problem: VerifyProblem, report: VerifyReport) -> bool:
+    """The problem is about a chunk that was stored again."""
+    return any(c.healed and c.chunk in problem.message for c in report.chunks)
 
 
 def _verify_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,6 +270,21 @@ def _verify_arguments(parser: argparse.ArgumentParser) -> None:
         "--fast", action="store_true", help="chunks layout: only check that every chunk exists (one listing)"
     )
     boot.add_boot_arguments(parser)
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="chunks layout: store the chunks found damaged or missing again at once, from the --from "
+        "repositories and from the VM named below (a backup of it)",
+    )
+    parser.add_argument(
+        "--from",
+        dest="sources",
+        action="append",
+        default=[],
+        metavar="REPO",
+        help="with --repair: a chunks repository holding copies of the backups (an off-site copy; repeat)",
+    )
+    add_vm_arguments(parser, connect=False)  # (--boot's --connect names the domain's libvirt too)
 
 
 # -- prune and gc -------------------------------------------------------------------------------------------
@@ -329,7 +421,7 @@ COMMANDS = (
     ),
     Command(
         "verify",
-        "re-read backups and check every checksum, chunk and chain link",
+        "re-read backups and check every checksum, chunk and chain link; set damaged chunks aside",
         "vmsnap verify --repo /backups --vm web1",
         cmd_verify,
         _verify_arguments,

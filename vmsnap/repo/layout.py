@@ -433,10 +433,12 @@ class RepositoryLayout(abc.ABC):
         reader: VerifyReader = "auto",
         fast: bool = False,
         progress: DiskProgress = no_progress,
+        repair_from: Sequence[RepositoryLayout] = (),
     ) -> VerifyReport:
         """Re-read backups and check every checksum (and chain link); collect problems, never raise for them.
 
         :param fast: chunks: check only that every referenced chunk exists (one listing); qcow2: ignored
+        :param repair_from: chunks: other repositories to store damaged or missing chunks again from
         :raise NotFoundError: the named VM or backup does not exist
         :raise UsageError: ``backup_id`` without ``vm``, or an unavailable reader
         """

@@ -404,12 +404,19 @@ class Qcow2Repository(RepositoryLayout):
         reader: VerifyReader = "auto",
         fast: bool = False,
         progress: DiskProgress = no_progress,
+        repair_from: Sequence[RepositoryLayout] = (),
     ) -> VerifyReport:
         """Re-read backups and check every checksum and chain link (see :mod:`vmsnap.repo.verify`).
 
         :param reader: "qemu" (qemu-img), "libqcow" (pyqcow, an independent qcow2 reader), or "auto"
             (libqcow when the optional ``qcow`` extra is installed)
+        :raise UsageError: ``repair_from`` given (only the chunks layout repairs)
         """
+        if repair_from:
+            raise UsageError(
+                "verify repairs only repositories of the chunks layout",
+                hint="verify this qcow2 repository without --repair; restore from a backup that verifies",
+            )
         chosen = choose_reader(reader)
         damaged: list[Damaged] = []
         with self.reading(vm):

@@ -76,6 +76,10 @@ class CopyRepository(Protocol):
 
     def discard_backup(self, vm: str, backup_id: str) -> bool: ...
 
+    def open_backup(self, vm: str, backup_id: str) -> str: ...
+
+    def sealed(self, vm: str, backup_id: str, written: bool) -> None: ...
+
 
 def copy_into(
     target: CopyRepository,
@@ -93,6 +97,7 @@ def copy_into(
     :raise UnsupportedError: the source serves an image without digests to check it against
     """
     into = ChunksCopy(target, manifest)
+    target.open_backup(manifest.vm, manifest.backup_id)  # before it learns which chunks the target has
     try:
         for record in manifest.disks:
             if chunks_source is not None:
@@ -260,9 +265,10 @@ class ChunksCopy:
             digest=INDEX_DIGEST,
             definition=definition_id,
         )
-        self.repo.store.put(
+        written = self.repo.store.put(
             manifest_key(m.vm, m.backup_id), encode_manifest(copied, self.repo.key), if_absent=True
         )
+        self.repo.sealed(m.vm, m.backup_id, written)  # a gc may have fenced it (see vmsnap.repo.chunks.gc)
 
 
 def _unread_problems(index: ChunkIndex, expected: ChunkDigests) -> list[int]:

@@ -179,6 +179,8 @@ class RecordingStore:
         self._lock = threading.Lock()
         self._unsynced: list[ChunkId] = []
         self.puts = 0
+        self.written: dict[ChunkId, int] = {}
+        """Every chunk this store wrote (a put that returned True), with its blob's size."""
 
     @property
     def url(self) -> str:
@@ -196,6 +198,8 @@ class RecordingStore:
         chunk_id = parse_chunk_key(key)
         with self._lock:
             self.puts += 1
+            if chunk_id is not None and written:
+                self.written[chunk_id] = len(data)
             if chunk_id is not None and written and not durable:
                 self._unsynced.append(chunk_id)  # not in the store until sync(): not known yet
                 chunk_id = None

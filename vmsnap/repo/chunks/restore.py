@@ -455,7 +455,9 @@ def _run(
         except NotFoundError as err:
             raise DamagedChunkError(
                 f"chunk {chunk_id.hex()} ({where}) is missing from the store {store.url}",
-                hint="run `vmsnap verify` to find the backups that use it; restore another backup",
+                hint="run `vmsnap verify`: it names the backups that use the chunk and records it, so that "
+                "the next backup stores it again if the disk still holds that data; meanwhile restore "
+                "another backup",
             ) from err
         try:
             data = codec.decode(blob, chunk_id, length=length)

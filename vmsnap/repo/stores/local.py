@@ -47,8 +47,8 @@ _ALIGN = 4096
 _TEMP_PREFIX = ".tmp-"
 
 _HINTS = {
-    errno.ENOSPC: "the filesystem is full: free space there or move the repository; nothing partial was kept",
-    errno.EDQUOT: "the disk quota is exhausted: raise it or free space; nothing partial was kept",
+    errno.ENOSPC: "the filesystem is full: free space there or move the repository",
+    errno.EDQUOT: "the disk quota is exhausted: raise it or free space",
     errno.EACCES: "permission denied: run vmsnap as the repository's owner or fix its permissions",
     errno.EPERM: "operation not permitted: run vmsnap as the repository's owner or fix its permissions",
     errno.EROFS: "the filesystem is read-only: remount it read-write or use another repository",
@@ -329,8 +329,9 @@ class LocalStore(StoreBase):
         :return: True when written (``durable=False``: queued; should another writer store the key first,
             its object stays), False when ``if_absent`` found an object there (nothing written)
         :raise UsageError: ``key`` is malformed
-        :raise StoreError: the filesystem refused (full, quota, permissions, read-only); nothing partial
-            stays. With ``durable=False`` also when this put completed a batch that could not be made durable
+        :raise StoreError: the filesystem refused (full, quota, permissions, read-only); no part of this
+            object stays. With ``durable=False`` also when this put completed a batch that could not be made
+            durable
         """
         path = self._path(key)
         if if_absent and self.exists(key):
