@@ -33,7 +33,6 @@ from vmsnap.errors import (
     UsageError,
     VmsnapError,
 )
-from vmsnap.files import make_private_dir
 from vmsnap.image.geometry import CHUNK_SIZE
 from vmsnap.image.sources import BackupSource, ReaderSource
 from vmsnap.model import validate_name
@@ -45,7 +44,7 @@ from vmsnap.repo.chunks.copy import copy_into
 from vmsnap.repo.chunks.gc import collect
 from vmsnap.repo.chunks.heal import clear_healed, damaged_chunk_error, heal, users_of
 from vmsnap.repo.chunks.index import ChunkIndex, decode_index
-from vmsnap.repo.chunks.keys import RepositoryKey, read_key_file
+from vmsnap.repo.chunks.keys import RepositoryKey, open_key
 from vmsnap.repo.chunks.known import bump_generation, list_chunk_ids, read_generation
 from vmsnap.repo.chunks.leases import GC_SERIES, LEASE_SECONDS, Lease, LeaseRecord, Leases, writer_series
 from vmsnap.repo.chunks.leases import lease_seconds as default_lease_seconds
@@ -66,7 +65,7 @@ from vmsnap.repo.chunks.records import (
     vm_prefix,
     writer_marker_key,
 )
-from vmsnap.repo.chunks.restore import restore_disk
+from vmsnap.repo.chunks.restore import restore_backup
 from vmsnap.repo.chunks.writer import ChunksWriter
 from vmsnap.repo.layout import RepositoryLayout, RestoreFormat, VerifyReader, disk_filter
 from vmsnap.repo.manifest import MANIFEST, Damaged, Manifest, next_backup_id, utc_now_iso
@@ -150,16 +149,7 @@ class ChunksRepository(RepositoryLayout):
 
         :raise KeyFileError: the key file is not this repository's key, or cannot be read
         """
-        key: RepositoryKey | None = None
-        problem: KeyFileError | None = None
-        if marker.key_id is not None:
-            if key_file is None:
-                problem = KeyFileError(
-                    f"repository {location} is encrypted and no key file was given",
-                    hint="pass its key file with --key-file or VMSNAP_KEY_FILE",
-                )
-            else:
-                key = read_key_file(key_file, expected_key_id=marker.key_id)
+        key, problem = open_key(marker.key_id, key_file, location)
         return cls(
             store,
             marker,
@@ -599,68 +589,28 @@ class ChunksRepository(RepositoryLayout):
         format: RestoreFormat = "qcow2",
         devices: Mapping[str, Path] | None = None,
     ) -> tuple[Manifest, list[RestoredDisk]]:
-        """Restore with every chunk checked (see :func:`~vmsnap.repo.chunks.restore.restore_disk`); a device
-        is written only once every chunk it needs is known to exist."""
-        devices = dict(devices or {})
+        """Restore with every chunk checked (see :func:`~vmsnap.repo.chunks.restore.restore_backup`); a
+        device is written only once every chunk it needs is known to exist."""
         with self.reading(vm):
             manifest = self.get(vm, backup_id)
             names = list(disk_filter(manifest, disks))
             indexes = {name: self.index(manifest, name) for name in names}  # all checked before any write
-            targets = {name: devices.get(name) or Path(to) / f"{name}.{format}" for name in names}
-            for name, target in targets.items():
-                if name not in devices and target.exists():
-                    raise VmsnapError(
-                        f"{target} exists already; restore never overwrites",
-                        hint="restore into an empty directory, or move that file away",
-                    )
-            if devices:
-                self._check_present([indexes[n] for n in names if n in devices])
-            if any(n not in devices for n in names):
-                make_private_dir(Path(to))
-            return manifest, [
-                self._restore_one(
-                    manifest, name, indexes[name], targets[name], name in devices, format, progress
+            try:
+                return manifest, restore_backup(
+                    manifest,
+                    indexes,
+                    self._store,
+                    self.codec,
+                    Path(to),
+                    devices=dict(devices or {}),
+                    format=format,
+                    workers=self._workers,
+                    progress=progress,
+                    runner=self.runner,
+                    location=self.location,
                 )
-                for name in names
-            ]
-
-    def _restore_one(
-        self,
-        manifest: Manifest,
-        name: str,
-        index: ChunkIndex,
-        target: Path,
-        device: bool,
-        format: RestoreFormat,
-        progress: DiskProgress,
-    ) -> RestoredDisk:
-        record = manifest.disk(name)
-        try:
-            restore_disk(
-                index,
-                self._store,
-                self.codec,
-                target,
-                format="raw" if device else format,
-                # raw files and devices take twice the writers (pwrite, no qemu-nbd): 1.6-1.9x here
-                workers=self._workers * (2 if device or format == "raw" else 1),
-                progress=lambda state: progress(name, state.done, state.total),
-                name=f"{manifest.vm}/{manifest.backup_id}/{name}",
-                runner=self.runner,
-            )
-        except DamagedChunkError as err:
-            raise self.name_users(err) from err
-        return RestoredDisk(name, target, record.virtual_size, record.sha256)
-
-    def _check_present(self, indexes: Sequence[ChunkIndex]) -> None:
-        """:raise DamagedChunkError: a chunk the indexes name is not in the store (who uses it named)."""
-        present = list_chunk_ids(self._store)
-        for index in indexes:
-            for _, chunk_id in index.data_chunks():
-                if chunk_id not in present:
-                    raise self.name_users(
-                        DamagedChunkError(f"chunk {chunk_id.hex()} is missing from the store {self.location}")
-                    )
+            except DamagedChunkError as err:
+                raise self.name_users(err) from err
 
     def verify(
         self,
