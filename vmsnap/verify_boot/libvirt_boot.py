@@ -99,6 +99,7 @@ class DomainCopy:
     :param domain: its ``virDomain``
     :param console: its serial console log (None: the definition has no serial port)
     :param accelerator: "kvm" or "tcg"
+    :param screen: where a screenshot may be written
     """
 
     connection: Any
@@ -106,6 +107,7 @@ class DomainCopy:
     name: str
     console: Path | None
     accelerator: str
+    screen: Path
 
     def alive(self) -> bool:
         with contextlib.suppress(Exception):
@@ -172,4 +174,6 @@ def start_domain_copy(
     except libvirt.libvirtError as err:
         connection.close()
         raise BootStartError(f"libvirt could not start the copy {name}: {libvirt_message(err)}") from err
-    return DomainCopy(connection, domain, name, console if has_console else None, accelerator)
+    return DomainCopy(
+        connection, domain, name, console if has_console else None, accelerator, session.directory
+    )

@@ -143,13 +143,6 @@ def console_tail(
     return tuple(line for line in cleaned if line.strip())[-lines:], None
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def osinfo(agent: GuestAgent) -> dict[str, Any] | None:
     """``guest-get-osinfo``, or None when the agent does not offer it."""
     try:

@@ -1,13 +1,22 @@
-"""Boot a bare QEMU's backup: its recorded command line rebuilt (:func:`vmsnap.verify_boot.plan`'s
-overlays, a new name and UUID, the session's own QMP, agent and console, a restricted NIC) and started as a
-process of this one's, with ``-pidfile`` in the session so that :func:`~vmsnap.restore.boot_session.recover`
-finds it even when this process died before recording its pid.
+"""Boot a bare QEMU's backup: its recorded command line rebuilt (:func:`~vmsnap.vm.qemu_rebuild.rebuild`:
+the session's overlays, a new name and UUID, the session's own QMP, agent and console, a restricted NIC)
+and started as a process of this one's, with ``-pidfile`` in the session so that
+:func:`~vmsnap.restore.boot_session.recover` finds it even when this process died before recording its pid.
+
+Nothing of the record is run as it is: the program is this host's ``qemu-system-<arch>`` found in ``PATH``
+(the record only names the architecture), and its environment is vmsnap's without secrets
+(:func:`~vmsnap.runner.child_environment`). Its working directory is the VM's recorded one when that
+directory exists here (relative paths of the command line mean what they meant), else the session: every
+file the rebuilt command line still names is only read. A VM that ran with ``-runas USER``
+boots as that user too (the session's screenshot directory is made that user's).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pwd
+import shutil
 import subprocess
 import time
 import uuid
@@ -17,11 +26,14 @@ from pathlib import Path
 import attrs
 
 from vmsnap import processes
-from vmsnap.errors import VmsnapError
-from vmsnap.files import write_atomic
+from vmsnap.errors import UnsupportedError, VmsnapError
+from vmsnap.files import make_private_dir, write_atomic
 from vmsnap.restore.boot_session import PID_FILE, BootSession, BootStartError
+from vmsnap.runner import child_environment
+from vmsnap.sockets import unix_listening
 from vmsnap.vm.machine_state import NVRAM, MachineState
-from vmsnap.vm.qemu_cmdline import BootDisk, BootPlan, parse_argv, parse_opts, rebuild
+from vmsnap.vm.qemu_cmdline import is_qemu_program, parse_argv, parse_opts
+from vmsnap.vm.qemu_rebuild import BootDisk, BootPlan, rebuild
 from vmsnap.vm.qmp import QMPMonitor
 
 START_TIMEOUT = 30.0
@@ -36,6 +48,8 @@ class QemuCopy:
     :param agent: its guest agent socket
     :param console: its serial console log
     :param accelerator: "kvm" or "tcg" (from its command line)
+    :param log: its standard output and error
+    :param screen: where a screenshot may be written (the ``-runas`` user's, when it has one)
     """
 
     process: subprocess.Popen[bytes]
@@ -44,6 +58,7 @@ class QemuCopy:
     console: Path
     accelerator: str
     log: Path
+    screen: Path
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -73,6 +88,42 @@ def accelerator_of(argv: list[str]) -> str:
                 if key == "accel" or (option.flag == "accel" and key is None):
                     found = value.split(":")[0]
     return found
+
+
+def host_qemu(recorded: str, *, path: str | None = None) -> str:
+    """This host's QEMU for a recorded program: ``qemu-system-<arch>`` of the same ``<arch>``, from ``PATH``.
+
+    :raise UnsupportedError: the record names no ``qemu-system-*``
+    :raise BootStartError: this host has no such QEMU
+    """
+    name = Path(recorded).name
+    if not is_qemu_program(name):
+        raise UnsupportedError(f"the recorded program {recorded!r} is no qemu-system-*")
+    found = shutil.which(name, path=path)
+    if found is None:
+        raise BootStartError(
+            f"this host has no {name} in PATH to boot the copy with",
+            hint=f"install QEMU for that architecture (Debian: qemu-system-{name.rsplit('-', 1)[-1]})",
+        )
+    return found
+
+
+def runas_user(argv: list[str]) -> pwd.struct_passwd | None:
+    """The user a command line's ``-runas`` names, or None without one.
+
+    :raise UnsupportedError: that user does not exist on this host
+    """
+    _, options = parse_argv(argv)
+    names = [o.value for o in options if o.flag == "runas" and o.value]
+    if not names:
+        return None
+    try:
+        return pwd.getpwnam(names[-1])
+    except KeyError:
+        raise UnsupportedError(
+            f"the VM ran with -runas {names[-1]}, a user this host does not have",
+            hint="boot the copy on a host that has that user",
+        ) from None
 
 
 def start_copy(
@@ -108,13 +159,18 @@ def start_copy(
         ports=dict(ports),
         pflash_vars=pflash,
     )
-    argv = [*rebuild(list(state.argv), plan), "-pidfile", str(directory / PID_FILE)]
-    cwd = state.cwd if state.cwd and os.path.isdir(state.cwd) else str(directory)
+    program = host_qemu(state.argv[0])
+    argv = [*rebuild(list(state.argv), plan, program=program), "-pidfile", str(directory / PID_FILE)]
+    user = runas_user(argv)
+    screen = make_private_dir(directory / "screen")
+    if user is not None:  # QEMU drops to that user before the guest runs; screendump writes as it
+        os.chown(screen, user.pw_uid, user.pw_gid)
     log = directory / "qemu.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
             argv,
-            cwd=cwd,
+            cwd=state.cwd if state.cwd and os.path.isdir(state.cwd) else directory,
+            env=child_environment(),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -127,9 +183,9 @@ def start_copy(
             "program": Path(argv[0]).name,
         }
     )
-    copy = QemuCopy(process, plan.qmp, plan.agent, plan.console, accelerator_of(argv), log)
+    copy = QemuCopy(process, plan.qmp, plan.agent, plan.console, accelerator_of(argv), log, screen)
     deadline = time.monotonic() + START_TIMEOUT
-    while not _listening(plan.qmp):
+    while not unix_listening(plan.qmp):
         if not copy.alive() or time.monotonic() > deadline:
             tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-5:])
             copy.stop()
@@ -138,17 +194,3 @@ def start_copy(
             )
         time.sleep(0.05)
     return copy
-
-
-def _listening(path: Path) -> bool:
-    import socket
-
-    if not path.exists():
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True

@@ -41,6 +41,7 @@ from vmsnap.restore import instant
 from vmsnap.restore.backups import read_machine_state
 from vmsnap.restore.boot_session import BootBusyError, BootSession, boot_root, host_lock
 from vmsnap.restore.commands import DEFAULT_RUN_ROOT
+from vmsnap.sockets import free_tcp_port
 from vmsnap.verify_boot import probe
 from vmsnap.verify_boot.libvirt_boot import DomainCopy, start_domain_copy
 from vmsnap.verify_boot.qemu_boot import QemuCopy, start_copy
@@ -248,10 +249,10 @@ def _boot(
     stamp: str,
 ) -> tuple[BootResult, bytes | None]:
     restore = instant.prepare(sources, session.disks, run_dir=session.servers)
-    ports = {port: probe.free_port() for port in config.ports}
+    ports = {port: free_tcp_port() for port in config.ports}
     name = f"vmsnap-boot-{manifest.vm}"[:60]
     copy, agent_of = _start(config, session, definition, state, restore.images, name, ports)
-    png = session.directory / "screen.png"
+    png = copy.screen / "screen.png"
     try:
         found = _probe(config, copy, agent_of, ports, started, png)
     finally:
