@@ -274,6 +274,18 @@ def _qdev_id(qdev: str | None) -> str:
 # -- libvirt ------------------------------------------------------------------------------------------
 
 
+def nvram_path(nvram: Any) -> str:
+    """The file an ``<nvram>`` element names: its text, or its ``<source file=…>`` (``type='file'``) or
+    ``<source dev=…>`` (``type='block'``); "" without one (none, or network storage)."""
+    if nvram is None:
+        return ""
+    text = (nvram.text or "").strip()
+    source = nvram.find("source")
+    if text or source is None:
+        return text
+    return str(source.get("file") or source.get("dev") or "")
+
+
 def libvirt_state_source(xml_root: Any) -> MachineStateSource | None:
     """A libvirt domain's UEFI variables (``<os><nvram>``) and emulated TPM state, from its live XML;
     None when it has neither.
@@ -281,8 +293,7 @@ def libvirt_state_source(xml_root: Any) -> MachineStateSource | None:
     :param xml_root: the parsed domain XML (an ``ElementTree`` element)
     """
     files: dict[str, Path] = {}
-    nvram_node = xml_root.find("os/nvram")
-    nvram = (nvram_node.text or "").strip() if nvram_node is not None else ""
+    nvram = nvram_path(xml_root.find("os/nvram"))
     if nvram:
         files[NVRAM] = Path(nvram)
     tpm_dir = None

@@ -1,4 +1,4 @@
-"""Finding a bare QEMU's machine state without a VM: a relative pflash path with no known working directory."""
+"""Finding a bare QEMU's machine state without a VM: a relative pflash path, QEMU's directory unknown."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class _Monitor:
 
 def test_a_relative_pflash_path_without_qemu_s_directory_is_refused(tmp_path: Path) -> None:
     # nothing listens on the socket: QEMU's process, hence its working directory, is unknown
-    with pytest.raises(MachineStateError, match="relative path vm_VARS.fd"):
+    with pytest.raises(MachineStateError, match=r"relative path vm_VARS\.fd"):
         qemu_state_source(tmp_path / "none.qmp", _Monitor("vm_VARS.fd"))  # type: ignore[arg-type]
     source = qemu_state_source(tmp_path / "none.qmp", _Monitor("/srv/vm_VARS.fd"))  # type: ignore[arg-type]
     assert source.files["nvram.fd"] == Path("/srv/vm_VARS.fd")

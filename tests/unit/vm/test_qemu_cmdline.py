@@ -262,9 +262,8 @@ def test_a_drive_named_by_file_filename_is_swapped_for_its_overlay(tmp_path: Pat
 
 
 def test_floppy_sd_and_mtd_disks_in_the_backup_get_their_overlays(tmp_path: Path) -> None:
-    disks = (BootDisk("fmt-root", "/srv/root.qcow2", tmp_path / "root.qcow2", "root"),) + tuple(
-        BootDisk("", f"/srv/{n}.img", tmp_path / f"{n}.qcow2") for n in ("fd", "sd", "mtd")
-    )
+    root = BootDisk("fmt-root", "/srv/root.qcow2", tmp_path / "root.qcow2", "root")
+    disks = (root, *(BootDisk("", f"/srv/{n}.img", tmp_path / f"{n}.qcow2") for n in ("fd", "sd", "mtd")))
     argv = [*LAB, "-fda", "/srv/fd.img", "-sd", "/srv/sd.img", "-mtdblock", "/srv/mtd.img"]
     drives = _options(rebuild(argv, _plan(tmp_path, disks=disks)), "-drive")
     assert drives == [
