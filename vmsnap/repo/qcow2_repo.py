@@ -514,9 +514,17 @@ class Qcow2Writer:
 
 def write_attachment(backup_dir: Path, vm: str, backup_id: str, name: str, data: bytes) -> None:
     """Write ``backup_dir/attachments/<name>``: the sha256 of the envelope (hex), a newline, the envelope
-    (:mod:`vmsnap.repo.attachments`); 0600, durable, replaced atomically."""
+    (:mod:`vmsnap.repo.attachments`); 0600, durable, replaced atomically. ``backup_dir`` is never made:
+    a backup pruned meanwhile stays gone.
+
+    :raise NotFoundError: ``backup_dir`` does not exist (the backup was removed)
+    """
     envelope = attachments.seal(vm, backup_id, name, data)
-    directory = make_private_dir(backup_dir / ATTACHMENTS)
+    directory = backup_dir / ATTACHMENTS
+    try:
+        directory.mkdir(mode=DIR_MODE, exist_ok=True)
+    except FileNotFoundError as err:
+        raise NotFoundError(f"backup {vm}/{backup_id} is gone: {backup_dir} no longer exists") from err
     digest = hashlib.sha256(envelope).hexdigest().encode()
     write_atomic(directory / name, digest + b"\n" + envelope)
 
