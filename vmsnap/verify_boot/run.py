@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import secrets
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +96,7 @@ class BootConfig:
         validate_name(self.vm, "VM name")
         if self.backup_id is not None:
             validate_name(self.backup_id, "backup id")
-        if not self.timeout > 0:
+        if not (self.timeout > 0 and math.isfinite(self.timeout)):
             raise UsageError(
                 f"--timeout {self.timeout:g} leaves the guest no time to boot",
                 hint="give the seconds to wait for its agent, e.g. --timeout 300",
@@ -159,8 +161,8 @@ def verify_boot(
                 result, png = _boot(config, session, manifest, definition, state, sources, started, stamp)
             finally:
                 session.cleanup()
-    if store:
-        result = keep(repo, manifest, result, png)
+        if store:  # under the reader lease still: prune cannot remove the backup beneath the result
+            result = keep(repo, manifest, result, png)
     return result
 
 
@@ -227,10 +229,15 @@ def _probe(
         try:
             osinfo = probe.osinfo(agent)
             checks = [probe.run_check(agent, check) for check in config.checks]
+            port_deadline = max(deadline, time.monotonic() + 10.0)
+            port_results = [
+                probe.probe_port(
+                    p, ports[p], deadline=port_deadline, sockets=partial(probe.guest_sockets, agent)
+                )
+                for p in config.ports
+            ]
         finally:
             agent.close()
-        port_deadline = max(deadline, time.monotonic() + 10.0)
-        port_results = [probe.probe_port(p, ports[p], deadline=port_deadline) for p in config.ports]
     skipped: str | None = "the copy had stopped"
     if copy.alive():
         with copy.monitor() as monitor:
