@@ -174,6 +174,7 @@ class Qcow2Repository(RepositoryLayout):
             raise RepositoryError(f"cannot read {path}: {err}", hint="check its permissions") from err
 
     def attach(self, manifest: Manifest, name: str, data: bytes) -> None:
+        attachments.check_unsealed(manifest, name)
         write_attachment(
             self.backup_dir(manifest.vm, manifest.backup_id), manifest.vm, manifest.backup_id, name, data
         )
@@ -428,6 +429,7 @@ class Qcow2Writer:
         self.parent = parent
         self.location = str(repo.backup_dir(vm, backup_id))
         self._written: dict[str, tuple[Disk, WrittenDisk]] = {}
+        self._objects: dict[str, str] = {}
 
     def checkpoint_images(self, parent: Manifest, disks: Sequence[Disk]) -> dict[str, Path]:
         directory = self.repo.backup_dir(self.vm, parent.backup_id)
@@ -499,13 +501,16 @@ class Qcow2Writer:
             quiesced=quiesced,
             bitmap=bitmap,
             disks=tuple(records),
+            objects=dict(self._objects),
         )
         self.repo.commit(self.workdir, manifest)
         return manifest
 
     def attach(self, name: str, data: bytes) -> None:
-        """Keep an object in the staging directory (renamed into place with the backup)."""
+        """Keep an object in the staging directory (renamed into place with the backup), its sha256 named by
+        the manifest."""
         write_attachment(self.workdir, self.vm, self.backup_id, name, data)
+        self._objects[name] = attachments.digest(data)
 
     def discard(self) -> None:
         if self.workdir.exists():

@@ -22,6 +22,7 @@ import attrs
 from vmsnap.errors import LeaseError, RepositoryError, TransferError, UsageError, VmsnapError
 from vmsnap.files import make_private_dir
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
+from vmsnap.repo import attachments
 from vmsnap.repo.chunks.blob import CHUNK_SIZE, ChunkCodec, ChunkId
 from vmsnap.repo.chunks.index import ChunkIndex, encode_index
 from vmsnap.repo.chunks.keys import RepositoryKey
@@ -128,6 +129,7 @@ class ChunksWriter:
         self._known: set[ChunkId] | None = None
         self._store = RecordingStore(repo.store, self._known_chunks)
         self._parent_indexes: dict[str, ChunkIndex | VmsnapError] = {}
+        self._objects: dict[str, str] = {}
 
     def _parent_disk_index(self, disk: str) -> ChunkIndex:
         """The parent's index of ``disk``, read once per backup.
@@ -292,6 +294,7 @@ class ChunksWriter:
             format=CHUNKS_FORMAT,
             digest=INDEX_DIGEST,
             definition=definition_id,
+            objects=dict(self._objects),
         )
         key = manifest_key(self.vm, self.backup_id)
         if not self.repo.store.put(key, encode_manifest(manifest, self.repo.key), if_absent=True):
@@ -301,8 +304,10 @@ class ChunksWriter:
         return manifest
 
     def attach(self, name: str, data: bytes) -> None:
-        """Keep an object with this backup (sealed by the manifest, removed with a discarded run)."""
+        """Keep an object with this backup (sealed by the manifest, which names its sha256; removed with a
+        discarded run)."""
         self.repo.put_attachment(self.vm, self.backup_id, name, data)
+        self._objects[name] = attachments.digest(data)
 
     def discard(self) -> None:
         """Remove this unfinished backup's objects and work directory (its chunks stay: gc's job)."""
