@@ -49,6 +49,7 @@ from vmsnap.verify_boot.libvirt_boot import DomainCopy, start_domain_copy
 from vmsnap.verify_boot.qemu_boot import QemuCopy, start_copy
 from vmsnap.verify_boot.result import PREFIX, BootResult, CheckResult, PortResult, new_stamp
 from vmsnap.vm.agent import GuestAgent
+from vmsnap.vm.libvirt.domain import is_local_uri
 from vmsnap.vm.machine_state import MachineState
 
 DEFAULT_TIMEOUT = 300.0
@@ -77,7 +78,8 @@ class BootConfig:
     :param run_root: where sessions live (``$VMSNAP_RUN_DIR``, default ``/run/vmsnap``)
     :param lock_wait: seconds to wait for another boot verification on this host
     :param console_lines: serial console lines kept
-    :raise UsageError: a timeout of 0 or less, a port out of range, a check that is no command
+    :raise UsageError: a timeout of 0 or less (or infinite), a port out of range, a check that is no
+        command, a libvirt URI of another host
     """
 
     repo: Path | str
@@ -106,6 +108,11 @@ class BootConfig:
                 raise UsageError(f"--port {port} is no TCP port", hint="give a port from 1 to 65535")
         for check in self.checks:
             probe.check_argv(check)
+        if not is_local_uri(self.connect):
+            raise UsageError(
+                f"--connect {self.connect} is another host's libvirtd: the copy runs on this host's overlays",
+                hint="verify the boot on the domain's own host, with a local URI (qemu:///system)",
+            )
 
 
 def _refuse(manifest: Manifest, state: MachineState | None) -> NotBootableError:
