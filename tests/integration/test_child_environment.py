@@ -6,6 +6,7 @@ serving an S3 repository: tests/integration/restore/test_nbdkit_environment.py).
 from __future__ import annotations
 
 import os
+import pwd
 import threading
 import time
 from pathlib import Path
@@ -110,12 +111,18 @@ def test_a_booted_copy_s_qemu_gets_no_secrets(monkeypatch: pytest.MonkeyPatch, t
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("VMSNAP_TEST_MARKER", "kept")
     recorded = ("/nowhere/qemu-system-x86_64", "-machine", "q35,accel=tcg", "-m", "64", "-nodefaults")
+    recorded += ("-device", "VGA", "-runas", "nobody")  # a VM that dropped to a user boots as that user
     session = BootSession(tmp_path / "session")
     copy = start_copy(session, MachineState(kind="qemu", argv=recorded), {}, name="vmsnap-env", ports={})
     try:
         env = environ(copy.process.pid)
         assert env.get("VMSNAP_TEST_MARKER") == "kept" and not set(env) & set(SECRET_VARIABLES), sorted(env)
         assert Path(f"/proc/{copy.process.pid}/exe").resolve().name == "qemu-system-x86_64"
+        assert copy.screenshot(tmp_path / "screen.png") is None  # QEMU runs as nobody; it writes the screen
+        assert (tmp_path / "screen.png").read_bytes().startswith(b"\x89PNG")
+        nobody = pwd.getpwnam("nobody").pw_uid
+        status = Path(f"/proc/{copy.process.pid}/status").read_text()
+        assert f"Uid:\t{nobody}\t" in status
     finally:
         copy.stop()
         session.cleanup()

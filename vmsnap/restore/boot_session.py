@@ -28,6 +28,7 @@ from vmsnap.errors import VmsnapError
 from vmsnap.files import FILE_MODE, make_private_dir, write_json_atomic
 from vmsnap.restore.state import owner, owner_alive, read_state, stop_daemons_under
 from vmsnap.runner import LocalRunner, Runner
+from vmsnap.vm.qemu_cmdline import is_qemu_program
 
 STATE = "state.json"
 LOCK = ".lock"
@@ -153,7 +154,7 @@ def _from_pid_file(directory: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     argv = processes.cmdline(pid)
-    if not argv or not Path(argv[0]).name.startswith("qemu-system-"):
+    if not argv or not is_qemu_program(argv[0]):
         return None
     return {"pid": pid, "program": Path(argv[0]).name, "start_time": None}
 

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from vmsnap.restore.boot_session import BootSession, BootStartError
+from vmsnap.verify_boot.probe import screenshot
 from vmsnap.vm.agent import GuestAgent
 from vmsnap.vm.libvirt.definition import QEMU_NS, refuse_host_resources, restored_domain_xml
 from vmsnap.vm.libvirt.domain import (
@@ -104,7 +105,6 @@ class DomainCopy:
     :param domain: its ``virDomain``
     :param console: its serial console log (None: the definition has no serial port)
     :param accelerator: "kvm" or "tcg"
-    :param screen: where a screenshot may be written
     """
 
     connection: Any
@@ -112,7 +112,6 @@ class DomainCopy:
     name: str
     console: Path | None
     accelerator: str
-    screen: Path
 
     def alive(self) -> bool:
         with contextlib.suppress(Exception):
@@ -124,6 +123,10 @@ class DomainCopy:
 
     def agent(self) -> GuestAgent:
         return GuestAgent(LibvirtAgentChannel(self.domain))
+
+    def screenshot(self, path: Path) -> str | None:
+        """Its screen into ``path`` (PNG, ``screendump`` through libvirt); None on success, else why not."""
+        return screenshot(self.monitor(), path)
 
     def stop(self) -> None:
         """Destroy the domain (it is transient: nothing of it is left in libvirt) and close the connection."""
@@ -179,6 +182,4 @@ def start_domain_copy(
     except libvirt.libvirtError as err:
         connection.close()
         raise BootStartError(f"libvirt could not start the copy {name}: {libvirt_message(err)}") from err
-    return DomainCopy(
-        connection, domain, name, console if has_console else None, accelerator, session.directory
-    )
+    return DomainCopy(connection, domain, name, console if has_console else None, accelerator)

@@ -184,10 +184,14 @@ def _confirm(port: int, sockets: Callable[[], list[tuple[int, int, bool]] | None
         time.sleep(0.3)
 
 
-def screenshot(monitor: QMPMonitor, path: Path) -> str | None:
-    """``screendump`` the copy's display into ``path`` (PNG); None on success, else why there is none."""
+def screenshot(monitor: QMPMonitor, path: Path, *, target: str | None = None) -> str | None:
+    """``screendump`` the copy's display into ``path`` (PNG); None on success, else why there is none.
+
+    :param target: the file name QEMU writes (default ``path``; ``/dev/fdset/N`` for a descriptor passed
+        with :meth:`~vmsnap.vm.qmp.QMPMonitor.add_fd`, opened on ``path``)
+    """
     try:
-        monitor.execute("screendump", {"filename": str(path), "format": "png"})
+        monitor.execute("screendump", {"filename": target or str(path), "format": "png"})
     except QMPError as err:
         text = getattr(err, "desc", "") or err.message
         if "no console" in text.lower():

@@ -7,8 +7,9 @@ Nothing of the record is run as it is: the program is this host's ``qemu-system-
 (the record only names the architecture), and its environment is vmsnap's without secrets
 (:func:`~vmsnap.runner.child_environment`). Its working directory is the VM's recorded one when that
 directory exists here (relative paths of the command line mean what they meant), else the session: every
-file the rebuilt command line still names is only read. A VM that ran with ``-runas USER``
-boots as that user too (the session's screenshot directory is made that user's).
+file the rebuilt command line still names is only read. A VM that ran with ``-runas USER`` boots as that
+user too: the copy never has more privileges than the VM had (the files it needs are opened before QEMU
+drops to the user, and its screenshot is written through a descriptor this process opened).
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ import attrs
 
 from vmsnap import processes
 from vmsnap.errors import UnsupportedError, VmsnapError
-from vmsnap.files import make_private_dir, write_atomic
+from vmsnap.files import write_atomic
 from vmsnap.restore.boot_session import PID_FILE, BootSession, BootStartError
 from vmsnap.runner import child_environment
 from vmsnap.sockets import unix_listening
+from vmsnap.verify_boot.probe import screenshot
 from vmsnap.vm.machine_state import NVRAM, MachineState
 from vmsnap.vm.qemu_cmdline import is_qemu_program, parse_argv, parse_opts
 from vmsnap.vm.qemu_rebuild import BootDisk, BootPlan, rebuild
@@ -49,7 +51,6 @@ class QemuCopy:
     :param console: its serial console log
     :param accelerator: "kvm" or "tcg" (from its command line)
     :param log: its standard output and error
-    :param screen: where a screenshot may be written (the ``-runas`` user's, when it has one)
     """
 
     process: subprocess.Popen[bytes]
@@ -58,13 +59,27 @@ class QemuCopy:
     console: Path
     accelerator: str
     log: Path
-    screen: Path
 
     def alive(self) -> bool:
         return self.process.poll() is None
 
     def monitor(self) -> QMPMonitor:
         return QMPMonitor(self.qmp).connect()
+
+    def screenshot(self, path: Path) -> str | None:
+        """Its screen into ``path`` (PNG, made 0600 here and passed to QEMU as a descriptor, so a copy that
+        dropped to a ``-runas`` user writes it too); None on success, else why there is none."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with self.monitor() as monitor:
+                fdset = monitor.add_fd(fd)
+                try:
+                    return screenshot(monitor, path, target=f"/dev/fdset/{fdset}")
+                finally:
+                    with contextlib.suppress(VmsnapError):
+                        monitor.execute("remove-fd", {"fdset-id": fdset})
+        finally:
+            os.close(fd)
 
     def stop(self) -> None:
         """``quit`` over QMP, then SIGTERM/SIGKILL by pid (only the process this one started)."""
@@ -161,10 +176,7 @@ def start_copy(
     )
     program = host_qemu(state.argv[0])
     argv = [*rebuild(list(state.argv), plan, program=program), "-pidfile", str(directory / PID_FILE)]
-    user = runas_user(argv)
-    screen = make_private_dir(directory / "screen")
-    if user is not None:  # QEMU drops to that user before the guest runs; screendump writes as it
-        os.chown(screen, user.pw_uid, user.pw_gid)
+    runas_user(argv)  # QEMU drops to that user before the guest runs: it must exist here
     log = directory / "qemu.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -183,7 +195,7 @@ def start_copy(
             "program": Path(argv[0]).name,
         }
     )
-    copy = QemuCopy(process, plan.qmp, plan.agent, plan.console, accelerator_of(argv), log, screen)
+    copy = QemuCopy(process, plan.qmp, plan.agent, plan.console, accelerator_of(argv), log)
     deadline = time.monotonic() + START_TIMEOUT
     while not unix_listening(plan.qmp):
         if not copy.alive() or time.monotonic() > deadline:

@@ -7,7 +7,7 @@ One verification, in order:
    anything is made;
 2. under this host's boot lock, make a session (:mod:`vmsnap.restore.boot_session`): the backup's disks
    served read-only over NBD and throwaway qcow2 overlays on them (:func:`vmsnap.restore.instant.prepare`:
-   nothing is written to the repository, nothing to the live VM);
+   the copy writes no data of the repository and nothing of the live VM's);
 3. start the copy (:mod:`~vmsnap.verify_boot.qemu_boot`, :mod:`~vmsnap.verify_boot.libvirt_boot`): a new
    name and UUID, its own QMP and agent sockets, no route to any network (a user-mode NIC with
    ``restrict=on`` at most, forwarding each ``--port`` from 127.0.0.1), the backup's firmware variables and
@@ -15,7 +15,8 @@ One verification, in order:
 4. wait for the guest agent (``guest-ping``, then ``guest-get-osinfo``), run each check (``guest-exec``),
    probe each port, take a screenshot (``screendump``, PNG) where there is a display;
 5. stop the copy, keep its serial console's last lines, remove everything the session made;
-6. keep the result beside the backup (:mod:`vmsnap.verify_boot.result`).
+6. keep the result beside the backup (:mod:`vmsnap.verify_boot.result`), under the reader lease still: the
+   only thing a verification writes to the repository.
 """
 
 from __future__ import annotations
@@ -247,8 +248,7 @@ def _probe(
             agent.close()
     skipped: str | None = "the copy had stopped"
     if copy.alive():
-        with copy.monitor() as monitor:
-            skipped = probe.screenshot(monitor, png)
+        skipped = copy.screenshot(png)
     return _Probed(to_agent, copy.alive(), osinfo, tuple(checks), tuple(port_results), skipped)
 
 
@@ -266,7 +266,7 @@ def _boot(
     ports = {port: free_tcp_port() for port in config.ports}
     name = f"vmsnap-boot-{manifest.vm}"[:60]
     copy, agent_of = _start(config, session, definition, state, restore.images, name, ports)
-    png = copy.screen / "screen.png"
+    png = session.directory / "screen.png"
     try:
         found = _probe(config, copy, agent_of, ports, started, png)
     finally:
