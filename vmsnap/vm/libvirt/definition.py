@@ -87,8 +87,37 @@ def restored_domain_xml(
         for node in root.findall(tag):
             root.remove(node)
     devices = root.find("devices")
+    if devices is None:
+        devices = ET.SubElement(root, "devices")
+    _swap_disks(devices, images)
+    for interface in devices.findall("interface"):
+        for mac in interface.findall("mac"):
+            interface.remove(mac)
+    _own_char_devices(devices)
+    emulator = devices.find("emulator")
+    if emulator is not None:
+        devices.remove(emulator)  # libvirt picks this host's QEMU for the domain's arch and machine
+    for backend in devices.iterfind("tpm/backend[@type='emulator']"):
+        for source in backend.findall("source"):  # the original's state: the copy's is libvirt's default
+            backend.remove(source)
+    saved_nvram = root.find("os/nvram")
+    if saved_nvram is not None:
+        if nvram is not None:
+            set_nvram(root, nvram[0], nvram[1])
+        else:
+            clear_nvram(saved_nvram)
+    if check:
+        refuse_host_resources(root)
+    return ET.tostring(root, encoding="unicode")
+
+
+def _swap_disks(devices: ET.Element, images: Mapping[str, Path]) -> None:
+    """Point every ``<disk device='disk'>`` with a source at its restored qcow2 image.
+
+    :raise UsageError: a disk has no image in ``images``
+    """
     missing = []
-    for disk in devices.findall("disk") if devices is not None else []:
+    for disk in devices.findall("disk"):
         target = disk.find("target")
         dev = target.get("dev", "") if target is not None else ""
         if disk.get("device", "disk") != "disk" or disk.find("source") is None:
@@ -109,10 +138,12 @@ def restored_domain_xml(
             f"the restore has no image for disk(s) {', '.join(missing)} of the saved domain",
             hint="restore every disk of the backup (no --disk filter) to redefine the domain",
         )
-    for interface in devices.findall("interface") if devices is not None else []:
-        for mac in interface.findall("mac"):
-            interface.remove(mac)
-    for char in list(devices.iter()) if devices is not None else []:
+
+
+def _own_char_devices(devices: ET.Element) -> None:
+    """Character devices of the new domain's own: unix sockets at libvirt's paths, no ``<log>`` file, a
+    serial port or console on a host file, device or port made a pty."""
+    for char in list(devices.iter()):
         if char.tag not in _CHAR_TAGS:
             continue
         for log in char.findall("log"):
@@ -124,21 +155,6 @@ def restored_domain_xml(
             char.set("type", "pty")  # the console stays; the original's file, device or port does not
             for child in char.findall("source") + char.findall("protocol"):
                 char.remove(child)
-    emulator = devices.find("emulator") if devices is not None else None
-    if emulator is not None and devices is not None:
-        devices.remove(emulator)  # libvirt picks this host's QEMU for the domain's arch and machine
-    for backend in root.iterfind("devices/tpm/backend[@type='emulator']"):
-        for source in backend.findall("source"):  # the original's state: the copy's is libvirt's default
-            backend.remove(source)
-    saved_nvram = root.find("os/nvram")
-    if saved_nvram is not None:
-        if nvram is not None:
-            set_nvram(root, nvram[0], nvram[1])
-        else:
-            clear_nvram(saved_nvram)
-    if check:
-        refuse_host_resources(root)
-    return ET.tostring(root, encoding="unicode")
 
 
 def host_resource(root: ET.Element) -> str | None:
