@@ -123,3 +123,7 @@ def test_machine_state_is_sealed_by_the_manifest(tmp_path: Path, layout: str) ->
         repo.put_attachment("sealvm", manifest.backup_id, NVRAM, b"x")
     with pytest.raises(RepositoryError, match=f"\\({NVRAM}\\) is not the object sealed with backup"):
         read_machine_state(repo, manifest)
+    # a restore reads and checks the machine state before it writes a byte
+    with pytest.raises(RepositoryError, match="is not the object sealed"):
+        restore_images(repo_path, "sealvm", None, tmp_path / "restored", key_file=key)
+    assert not (tmp_path / "restored").exists() or not any((tmp_path / "restored").iterdir())
