@@ -469,7 +469,17 @@ class _Rebuild:
                 hint="the booted copy would write into it; back the VM up with that disk",
             )
         self.safe_nodes.add(name)
-        return ["-blockdev", _json(node)]
+        assert option.value is not None
+        if option.value.startswith("{"):
+            return ["-blockdev", _json(node)]
+        files = self.plan.pflash_vars  # QemuOpts stay QemuOpts: their values are typed by QEMU, not JSON
+        items = parse_opts(option.value)
+        return [
+            "-blockdev",
+            render_opts(
+                [(k, str(files[v]) if k and k.endswith("filename") and v in files else v) for k, v in items]
+            ),
+        ]
 
     def _drive(self, value: str) -> str:
         items = parse_opts(value)

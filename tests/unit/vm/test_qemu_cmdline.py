@@ -292,6 +292,16 @@ def test_pflash_variables_are_the_copy_s_and_other_pflash_is_read_only(tmp_path:
     ]
 
 
+def test_blockdev_qemuopts_stay_qemuopts(tmp_path: Path) -> None:
+    argv = [*LAB, "-blockdev", "driver=file,filename=/srv/vm_VARS.fd,node-name=vars-file,auto-read-only=on"]
+    argv += ["-blockdev", "driver=file,filename=/srv/install.iso,node-name=iso,read-only=on"]
+    rebuilt = rebuild(argv, _plan(tmp_path, pflash_vars={"/srv/vm_VARS.fd": tmp_path / "vars.fd"}))
+    assert _options(rebuilt, "-blockdev")[1:] == [
+        f"driver=file,filename={tmp_path / 'vars.fd'},node-name=vars-file,auto-read-only=on",
+        "driver=file,filename=/srv/install.iso,node-name=iso,read-only=on",
+    ]
+
+
 def test_read_only_nodes_and_filters_over_kept_nodes_stay(tmp_path: Path) -> None:
     iso = '{"driver":"file","filename":"/srv/install.iso","node-name":"iso-file","read-only":true}'
     cd = '{"driver":"raw","file":"iso-file","node-name":"cd","read-only":true}'
