@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from vmsnap.cli.common import emit, note, sigterm_interrupts
+from vmsnap.cli.common import emit, note, positive_seconds, sigterm_interrupts
 from vmsnap.cli.restore import run_root
-from vmsnap.errors import UsageError, VmsnapError
+from vmsnap.errors import RepositoryError, UsageError, VmsnapError
 from vmsnap.verify_boot.result import BootResult
 from vmsnap.verify_boot.run import DEFAULT_TIMEOUT, BootConfig, verify_boot
 
@@ -43,11 +43,11 @@ def add_boot_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=[],
         metavar="N",
-        help="a guest TCP port that must accept a connection, probed from the host (repeat)",
+        help="a guest TCP port that must answer, probed from the host (repeat)",
     )
     group.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         metavar="S",
         help=f"seconds the guest agent has to answer (default {DEFAULT_TIMEOUT:g})",
     )
@@ -110,10 +110,12 @@ def human(result: BootResult) -> str:
     return "\n".join(lines)
 
 
-def boot_cell(result: BootResult | None) -> str:
+def boot_cell(result: BootResult | RepositoryError | None) -> str:
     """A backup's latest boot verification in one table cell (``list``)."""
     if result is None:
         return "-"
+    if isinstance(result, RepositoryError):
+        return "record DAMAGED"
     if result.passed:
         return f"passed, agent {result.seconds_to_agent:.0f} s"
     return "FAILED"

@@ -28,7 +28,7 @@ from vmsnap.cli.common import (
 from vmsnap.cli.progress import disk_progress
 from vmsnap.errors import ChainError, ChecksumMismatchError, RepositoryError, UsageError
 from vmsnap.repo.copy import copy_backups
-from vmsnap.repo.layout import layout_names
+from vmsnap.repo.layout import RepositoryLayout, layout_names
 from vmsnap.repo.manifest import Damaged, Manifest
 from vmsnap.repo.marker import COMPRESSIONS, DEFAULT_LAYOUT
 from vmsnap.repo.reports import VerifyProblem, VerifyReport
@@ -95,10 +95,24 @@ def _init_arguments(parser: argparse.ArgumentParser) -> None:
 # -- list ---------------------------------------------------------------------------------------------------
 
 
-def _listed(manifest: Manifest, boot: BootResult | None) -> dict[str, Any]:
+def _listed(manifest: Manifest, boot: BootResult | RepositoryError | None) -> dict[str, Any]:
     """A backup as ``list --json`` shows it: the manifest plus its cost (logical size, bytes newly stored,
-    chunks reused) and its latest boot verification (``boot``: null when it was never booted)."""
-    return {**manifest.to_json(), **manifest.summary(), "boot": boot.summary() if boot else None}
+    chunks reused) and its latest boot verification (``boot``: null when it was never booted;
+    ``{"verdict": "damaged", "reason": …}`` when its record cannot be read)."""
+    if isinstance(boot, RepositoryError):
+        shown: dict[str, Any] | None = {"verdict": "damaged", "reason": boot.message}
+    else:
+        shown = boot.summary() if boot else None
+    return {**manifest.to_json(), **manifest.summary(), "boot": shown}
+
+
+def _latest_boot(repo: RepositoryLayout, manifest: Manifest) -> BootResult | RepositoryError | None:
+    """A backup's latest boot verification, or the error that says its record is damaged (one damaged
+    record does not hide the other backups)."""
+    try:
+        return latest_boot(repo, manifest)
+    except RepositoryError as err:
+        return err
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -109,7 +123,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.vm is not None and not backups and not damaged:
         repo.get(args.vm)  # raises NotFoundError naming the VMs that exist
     rows = []
-    boots = {m.backup_id: latest_boot(repo, m) for m in backups}
+    boots = {m.backup_id: _latest_boot(repo, m) for m in backups}
     for m in backups:
         cost = m.summary()
         logical = cost["logical_size"]
@@ -196,8 +210,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             report, backup_id = result.report, result.backup_id
         else:
             report = repo.verify(args.vm, args.backup, reader=args.reader, fast=args.fast, progress=progress)
-    for line in record_verification(repo, report, fast=args.fast):  # beside each backup, for vmsnap report
-        note(line)
+    # kept beside each backup for vmsnap report, under a reader lease: prune cannot remove one beneath it
+    with repo.reading(args.vm):
+        for line in record_verification(repo, report, fast=args.fast):
+            note(line)
     payload = {
         "ok": report.ok,
         "reader": report.reader,

@@ -50,6 +50,7 @@ from vmsnap.strategies import strategy_class
 from vmsnap.verify_boot.result import PREFIX, boot_names
 from vmsnap.verify_boot.run import BootConfig, verify_boot
 from vmsnap.vm.hosts import ConnectHost, HostPool, connect_with_openssh
+from vmsnap.vm.libvirt.domain import is_local_uri
 from vmsnap.vm.machine import Machine
 from vmsnap.vm.select import MachineSpec, open_machine
 
@@ -212,7 +213,8 @@ class JobFunctions:
 
     def boot(self, spec: VmSpec, policy: BootPolicy) -> BootOutcome:
         """Boot-verify the VM's newest backup (``vmsnap verify --boot``), unless its last verification is
-        more recent than ``policy.every``, or the VM cannot be booted from here.
+        more recent than ``policy.every``, or the VM cannot be booted from here (backed up from images, on
+        another host, or under a libvirt URI of another host).
 
         :raise VmsnapError: the verification could not run (the copy did not start, …)
         """
@@ -220,6 +222,12 @@ class JobFunctions:
             return BootOutcome("skipped", "backed up from images: no definition to boot it from")
         if spec.host is not None:
             return BootOutcome("skipped", f"it runs on {spec.host}: boot verifications run on its own host")
+        if not is_local_uri(spec.connect):
+            return BootOutcome(
+                "skipped",
+                f"its libvirt URI {spec.connect} is another host's: the copy would be defined there on this "
+                "host's overlays (boot verifications run on its own host)",
+            )
         repo = self.repository()
         latest = repo.latest(spec.name)
         if latest is None:

@@ -26,8 +26,9 @@ from xml.sax.saxutils import quoteattr
 from vmsnap import processes
 from vmsnap.errors import LibvirtError, UnsupportedError
 from vmsnap.lab.image.contents import AGENT_PORT
-from vmsnap.lab.qemu import kvm_usable, listening
+from vmsnap.lab.qemu import kvm_usable
 from vmsnap.runner import LocalRunner, child_environment
+from vmsnap.sockets import unix_listening as listening
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 # QEMU (and swtpm, for domains with an emulated TPM) run as root on images in private 0700 temp dirs; there

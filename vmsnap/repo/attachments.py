@@ -7,6 +7,10 @@ from another backup (or stored under another name) is refused when read::
     {"backup_id": "...", "name": "...", "vm": "..."}\\n      (canonical JSON: sorted keys, no spaces)
     <the object's bytes>
 
+Objects written before the backup is sealed (its machine state) are named with their sha256 in the manifest
+(``objects``): :func:`check_unsealed` refuses to replace one, :func:`check_sealed` checks one read back. In an
+encrypted repository the manifest is authenticated, so such an object is as trustworthy as the manifest.
+
 How the envelope is protected is the layout's business: the ``chunks`` layout stores it as a chunk blob
 preceded by its id (sha256, or the keyed id and AES-GCM in an encrypted repository), the ``qcow2`` layout as
 a file whose first line is the envelope's sha256.
@@ -14,10 +18,15 @@ a file whose first line is the envelope's sha256.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from typing import TYPE_CHECKING
 
 from vmsnap.errors import RepositoryError, UsageError
 from vmsnap.model import validate_name
+
+if TYPE_CHECKING:
+    from vmsnap.repo.manifest import Manifest
 
 MAGIC = b"vmsnap-attachment/1\n"
 MAX_SIZE = 4 * 1024 * 1024 - 4096
@@ -61,3 +70,39 @@ def unseal(envelope: bytes, vm: str, backup_id: str, name: str, *, where: str) -
             hint="it was moved or copied there: remove it",
         )
     return envelope[len(header) :]
+
+
+def digest(data: bytes) -> str:
+    """The sha256 (hex) a manifest records of an object sealed with its backup."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_unsealed(manifest: Manifest, name: str) -> None:
+    """:raise UsageError: ``name`` was sealed with the backup by its manifest (it cannot be replaced)."""
+    if name in manifest.objects:
+        raise UsageError(
+            f"object {name} was sealed with backup {manifest.vm}/{manifest.backup_id}; it cannot be replaced",
+            hint="objects written after a backup (boot results, verify records) take other names",
+        )
+
+
+def check_sealed(manifest: Manifest, name: str, data: bytes, *, where: str) -> bytes:
+    """``data`` read back as object ``name``, after checking it against the sha256 the manifest sealed (when
+    the manifest seals objects: then ``name`` must be one of them).
+
+    :raise RepositoryError: the manifest does not name it, or its bytes differ
+    """
+    if not manifest.objects:
+        return data
+    expected = manifest.objects.get(name)
+    if expected is None:
+        raise RepositoryError(
+            f"{where} was not sealed with backup {manifest.vm}/{manifest.backup_id}", hint="remove it"
+        )
+    if digest(data) != expected:
+        raise RepositoryError(
+            f"{where} is not the object sealed with backup {manifest.vm}/{manifest.backup_id}: "
+            "its sha256 differs",
+            hint="it was replaced or damaged: restore or boot from another backup",
+        )
+    return data

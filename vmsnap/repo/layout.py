@@ -119,8 +119,9 @@ class BackupWriter(Protocol):
 
     def attach(self, name: str, data: bytes) -> None:
         """Keep ``data`` as the backup's object ``name`` (what the machine needs to come back besides its
-        disks: firmware variables, TPM state, a QEMU command line), sealed with the backup: it exists once
-        the manifest does, and goes with a discarded run.
+        disks: firmware variables, TPM state, a QEMU command line), sealed with the backup: the manifest
+        names its sha256 (``objects``), it exists once the manifest does, cannot be replaced afterwards
+        (:meth:`RepositoryLayout.attach` refuses its name), and goes with a discarded run.
 
         :raise UsageError: a bad name, or more than :data:`ATTACHMENT_MAX` bytes
         """
@@ -301,9 +302,10 @@ class RepositoryLayout(abc.ABC):
     def attach(self, manifest: Manifest, name: str, data: bytes) -> None:
         """Store ``data`` as object ``name`` beside a complete backup, never rewriting its manifest (a boot
         verification's result, its screenshot); encrypted and authenticated like the rest in an encrypted
-        repository. An object of that name is replaced.
+        repository. An object of that name is replaced, unless the manifest sealed it (machine state).
 
-        :raise UsageError: a bad name, or more than :data:`ATTACHMENT_MAX` bytes
+        :raise UsageError: a bad name, a name the manifest sealed, or more than :data:`ATTACHMENT_MAX` bytes
+        :raise NotFoundError: the backup was removed (pruned) meanwhile
         :raise RepositoryError: the repository cannot be written
         """
 

@@ -209,6 +209,7 @@ class Qcow2Repository(RepositoryLayout):
             raise RepositoryError(f"cannot read {path}: {err}", hint="check its permissions") from err
 
     def attach(self, manifest: Manifest, name: str, data: bytes) -> None:
+        attachments.check_unsealed(manifest, name)
         write_attachment(
             self.backup_dir(manifest.vm, manifest.backup_id), manifest.vm, manifest.backup_id, name, data
         )
@@ -512,6 +513,7 @@ class Qcow2Writer:
         self.parent = parent
         self.location = str(repo.backup_dir(vm, backup_id))
         self._written: dict[str, tuple[Disk, WrittenDisk]] = {}
+        self._objects: dict[str, str] = {}
 
     def checkpoint_images(self, parent: Manifest, disks: Sequence[Disk]) -> dict[str, Path]:
         directory = self.repo.backup_dir(self.vm, parent.backup_id)
@@ -583,13 +585,16 @@ class Qcow2Writer:
             quiesced=quiesced,
             bitmap=bitmap,
             disks=tuple(records),
+            objects=dict(self._objects),
         )
         self.repo.commit(self.workdir, manifest)
         return manifest
 
     def attach(self, name: str, data: bytes) -> None:
-        """Keep an object in the staging directory (renamed into place with the backup)."""
+        """Keep an object in the staging directory (renamed into place with the backup), its sha256 named by
+        the manifest."""
         write_attachment(self.workdir, self.vm, self.backup_id, name, data)
+        self._objects[name] = attachments.digest(data)
 
     def discard(self) -> None:
         if self.workdir.exists():
@@ -598,9 +603,17 @@ class Qcow2Writer:
 
 def write_attachment(backup_dir: Path, vm: str, backup_id: str, name: str, data: bytes) -> None:
     """Write ``backup_dir/attachments/<name>``: the sha256 of the envelope (hex), a newline, the envelope
-    (:mod:`vmsnap.repo.attachments`); 0600, durable, replaced atomically."""
+    (:mod:`vmsnap.repo.attachments`); 0600, durable, replaced atomically. ``backup_dir`` is never made:
+    a backup pruned meanwhile stays gone.
+
+    :raise NotFoundError: ``backup_dir`` does not exist (the backup was removed)
+    """
     envelope = attachments.seal(vm, backup_id, name, data)
-    directory = make_private_dir(backup_dir / ATTACHMENTS)
+    directory = backup_dir / ATTACHMENTS
+    try:
+        directory.mkdir(mode=DIR_MODE, exist_ok=True)
+    except FileNotFoundError as err:
+        raise NotFoundError(f"backup {vm}/{backup_id} is gone: {backup_dir} no longer exists") from err
     digest = hashlib.sha256(envelope).hexdigest().encode()
     write_atomic(directory / name, digest + b"\n" + envelope)
 

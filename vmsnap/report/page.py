@@ -69,13 +69,14 @@ def _boot_cell(row: BackupRow, screens: Path, images: list[Path]) -> str:
         if boot.seconds_to_agent is not None
         else "agent never answered"
     )
-    parts = [f"<span class='{boot.verdict}'>{boot.verdict.upper()}</span> ({html.escape(agent)})"]
+    verdict = html.escape(boot.verdict)
+    parts = [f"<span class='{verdict}'>{verdict.upper()}</span> ({html.escape(agent)})"]
     if boot.reason:
         parts.append(html.escape(boot.reason))
     for check in boot.checks:
         parts.append(html.escape(check.describe()))
     for port in boot.ports:
-        parts.append(f"port {port.port} {'open' if port.open else 'closed'}")
+        parts.append(f"port {int(port.port)} {'open' if port.open else 'closed'}")
     if row.screenshot is not None:
         name = f"{_safe(row.vm)}-{_safe(row.backup_id)}.png"
         path = screens / name

@@ -21,6 +21,7 @@ import attrs
 from vmsnap.errors import NotFoundError, RepositoryError
 from vmsnap.image.sources import BackupSource
 from vmsnap.model import validate_name
+from vmsnap.repo.attachments import check_sealed
 from vmsnap.repo.layout import RepositoryLayout
 from vmsnap.repo.manifest import Manifest
 from vmsnap.repo.repository import Repository
@@ -47,28 +48,37 @@ class ResolvedBackup:
 
 
 def read_machine_state(repo: RepositoryLayout, manifest: Manifest) -> MachineState | None:
-    """The machine state kept beside a backup (:mod:`vmsnap.vm.machine_state`), its files read and checked;
-    None when none was kept.
+    """The machine state kept beside a backup (:mod:`vmsnap.vm.machine_state`), its files read and checked
+    (against the sha256 the manifest sealed, when it seals them: every backup since vmsnap sealed machine
+    state); None when none was kept.
 
-    :raise RepositoryError: it is damaged
+    :raise RepositoryError: it is damaged, or is not what the backup sealed
     """
     names = repo.attachments(manifest)
+    sealed = set(manifest.objects)
     if RECORD not in names:
+        if RECORD in sealed:
+            raise RepositoryError(
+                f"the machine state of {manifest.vm}/{manifest.backup_id} is missing: its manifest seals it",
+                hint="restore without --define, or from another backup",
+            )
         return None
+    where = f"the machine state of {manifest.vm}/{manifest.backup_id}"
+
+    def read(name: str) -> bytes:
+        return check_sealed(manifest, name, repo.attachment(manifest, name), where=f"{where} ({name})")
+
     try:
-        record = json.loads(repo.attachment(manifest, RECORD))
+        record = json.loads(read(RECORD))
     except ValueError as err:
-        raise RepositoryError(
-            f"the machine state of {manifest.vm}/{manifest.backup_id} is damaged: {err}"
-        ) from err
+        raise RepositoryError(f"{where} is damaged: {err}") from err
     wanted = record.get("files", []) if isinstance(record, dict) else []
     missing = [name for name in wanted if name not in names]
     if missing:
         raise RepositoryError(
-            f"the machine state of {manifest.vm}/{manifest.backup_id} lacks {', '.join(missing)}",
-            hint="restore without --define, or from another backup",
+            f"{where} lacks {', '.join(missing)}", hint="restore without --define, or from another backup"
         )
-    return MachineState.from_json(record, {name: repo.attachment(manifest, name) for name in wanted})
+    return MachineState.from_json(record, {name: read(name) for name in wanted})
 
 
 def resolve(

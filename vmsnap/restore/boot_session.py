@@ -2,12 +2,14 @@
 it: ``RUN_ROOT/boot/<time>-<random>/`` (0700) holds the overlays, the NBD servers' directories, the copy's
 sockets, console log and firmware variables, and ``state.json``: the owner (pid and start time), the VM
 and backup, the copy's
-QEMU (pid, start time) or libvirt domain (name, URI), and a TPM state directory made for it.
+QEMU (pid, start time) or libvirt domain (name, URI and the UUID chosen before it was created), and a TPM
+state directory made for it.
 
 At most one boot runs per host at a time: :func:`host_lock` (an flock on ``RUN_ROOT/boot/.lock``, released
 by the kernel when its holder dies). :func:`recover` (run by ``vmsnap recover``) undoes every session whose
 owner is dead: it stops the copy's QEMU (only that process: its pid, start time and private directory must
-match) or destroys and undefines its domain, stops its servers, removes its TPM state and its directory.
+match) or destroys and undefines its domain (found by its UUID, and only when it bears the recorded name:
+never another domain of that name), stops its servers, removes its TPM state and its directory.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from vmsnap.errors import VmsnapError
 from vmsnap.files import FILE_MODE, make_private_dir, write_json_atomic
 from vmsnap.restore.state import owner, owner_alive, read_state, stop_daemons_under
 from vmsnap.runner import LocalRunner, Runner
+from vmsnap.vm.qemu_cmdline import is_qemu_program
 
 STATE = "state.json"
 LOCK = ".lock"
@@ -123,7 +126,8 @@ def cleanup(directory: Path, state: dict[str, Any], runner: Runner) -> list[str]
     if isinstance(domain, dict) and domain.get("name"):
         from vmsnap.vm.libvirt.definition import remove_domain
 
-        if remove_domain(str(domain["name"]), domain.get("uri")):
+        uuid = domain.get("uuid")
+        if remove_domain(str(domain["name"]), domain.get("uri"), uuid=str(uuid) if uuid else None):
             done.append(f"removed the booted copy's libvirt domain {domain['name']}")
     stopped = []
     servers = directory / SERVERS
@@ -150,7 +154,7 @@ def _from_pid_file(directory: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     argv = processes.cmdline(pid)
-    if not argv or not Path(argv[0]).name.startswith("qemu-system-"):
+    if not argv or not is_qemu_program(argv[0]):
         return None
     return {"pid": pid, "program": Path(argv[0]).name, "start_time": None}
 

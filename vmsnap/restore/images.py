@@ -72,7 +72,9 @@ def restore_images(
     ``to/<vm>_VARS.fd`` (unless that file exists) for the VM's writable pflash.
 
     Everything that can be checked is checked before anything is written: the backup exists and, with
-    ``define``, it holds a saved domain definition and no libvirt domain has that name yet.
+    ``define``, it holds a saved domain definition that shares no host resource with the original
+    (:func:`~vmsnap.vm.libvirt.definition.host_resource`) and no libvirt domain has that name yet; the
+    machine state kept with it is read and checked.
 
     :param repo_path: the repository (a directory or an ``s3://`` URL)
     :param format: "qcow2" or "raw" (sparse) images in ``to``
@@ -85,6 +87,8 @@ def restore_images(
     :param progress: called with (disk, bytes done, bytes total)
     :raise NotFoundError: no such VM, backup or disk, or ``define`` and the backup has no saved definition
     :raise UsageError: ``define`` is not a valid name, a domain of that name exists, or a disk is left out
+    :raise UnsupportedError: ``define`` and the saved definition uses its host's resources
+    :raise RepositoryError: the machine state kept with the backup is damaged
     :raise ChainError: a parent of the backup is missing or a backing link points elsewhere
     :raise ChecksumMismatchError: a restored image differs from what was backed up
     :raise LibvirtError: libvirtd cannot be reached, or it refused the definition
@@ -96,12 +100,14 @@ def restore_images(
     if define is not None:
         chosen = disks or tuple(d.name for d in manifest.disks)
         definition = _definition_to_redefine(repo, manifest, define, connect, chosen)
+    state = read_machine_state(
+        repo, manifest
+    )  # UEFI variables and TPM state, checked before a byte is written
     manifest, restored = repo.restore(
         vm, manifest.backup_id, to, disks=disks, progress=progress, format=format, devices=devices
     )
     defined = None
     variables = None
-    state = read_machine_state(repo, manifest)  # UEFI variables and TPM state, when kept
     if define is not None and definition is not None:
         from vmsnap.vm.libvirt.definition import define_restored_domain
 

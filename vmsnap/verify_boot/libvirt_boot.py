@@ -2,8 +2,8 @@
 on the session's overlays, with the backup's UEFI variables and TPM state, and removed afterwards.
 
 A transient domain (``virDomainCreateXML``) leaves no definition behind;
-:func:`vmsnap.vm.libvirt.definition.remove_domain` destroys it by name for
-:func:`~vmsnap.restore.boot_session.recover`.
+:func:`vmsnap.vm.libvirt.definition.remove_domain` destroys it by the UUID recorded before it was created
+(and only when it bears the copy's name) for :func:`~vmsnap.restore.boot_session.recover`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 import attrs
 
 from vmsnap.restore.boot_session import BootSession, BootStartError
+from vmsnap.verify_boot.probe import screenshot
 from vmsnap.vm.agent import GuestAgent
-from vmsnap.vm.libvirt.definition import restored_domain_xml
+from vmsnap.vm.libvirt.definition import QEMU_NS, refuse_host_resources, restored_domain_xml
 from vmsnap.vm.libvirt.domain import (
     AGENT_CHANNEL,
     LibvirtAgentChannel,
@@ -29,7 +30,6 @@ from vmsnap.vm.libvirt.domain import (
 from vmsnap.vm.libvirt.firmware import place_tpm_state, set_nvram, tpm_state_dir, tpm_version
 from vmsnap.vm.machine_state import NVRAM, TPM, MachineState
 
-QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 NIC_SLOT = "0x19"
 """The PCI slot of the restricted NIC added to a copy (on the root bus)."""
 
@@ -48,12 +48,17 @@ def boot_domain_xml(
     name and MACs): a new UUID; no ``<interface>`` (a restricted user-mode NIC forwarding ``ports`` from
     127.0.0.1 is added through ``<qemu:commandline>`` when ports are asked); serial ports and consoles
     replaced by one serial port logging to ``console``; graphics replaced by VNC on the private unix
-    socket ``graphics``; a guest agent channel added when the definition has none.
+    socket ``graphics``; a guest agent channel added when the definition has none. The emulator is this
+    host's (libvirt's default), the TPM state and NVRAM the session's.
 
     :raise UsageError: a disk of the definition has no image
+    :raise UnsupportedError: the definition uses its host's resources (a LUN or writable floppy, a shared
+        directory, a host device, a character device on a host file, ``<qemu:commandline>``, …:
+        :func:`~vmsnap.vm.libvirt.definition.host_resource`)
     """
     ET.register_namespace("qemu", QEMU_NS)
-    root = ET.fromstring(restored_domain_xml(xml, name=name, images=images))  # noqa: S314 - vmsnap's own
+    definition = restored_domain_xml(xml, name=name, images=images, check=False)
+    root = ET.fromstring(definition)  # noqa: S314 - made just above
     uuid_node = ET.Element("uuid")
     uuid_node.text = uuid
     root.insert(1, uuid_node)
@@ -65,6 +70,7 @@ def boot_domain_xml(
     for tag in ("interface", "serial", "console", "graphics"):
         for node in devices.findall(tag):
             devices.remove(node)
+    refuse_host_resources(root)  # before the copy's own console file and QEMU arguments are added
     if had_serial:
         serial = ET.SubElement(devices, "serial", {"type": "file"})
         ET.SubElement(serial, "source", {"path": str(console)})
@@ -118,6 +124,10 @@ class DomainCopy:
     def agent(self) -> GuestAgent:
         return GuestAgent(LibvirtAgentChannel(self.domain))
 
+    def screenshot(self, path: Path) -> str | None:
+        """Its screen into ``path`` (PNG, ``screendump`` through libvirt); None on success, else why not."""
+        return screenshot(self.monitor(), path)
+
     def stop(self) -> None:
         """Destroy the domain (it is transient: nothing of it is left in libvirt) and close the connection."""
         with contextlib.suppress(Exception):
@@ -165,7 +175,7 @@ def start_domain_copy(
         place_tpm_state(tpm_dir, files[TPM])
     accelerator = "kvm" if root.get("type") == "kvm" else "tcg"
     has_console = root.find("devices/serial[@type='file']") is not None
-    session.record(domain={"name": name, "uri": uri})
+    session.record(domain={"name": name, "uri": uri, "uuid": uuid})  # cleanup removes this UUID only
     connection = open_connection(uri)
     try:
         domain = connection.createXML(ET.tostring(root, encoding="unicode"), 0)

@@ -83,12 +83,68 @@ def run_check(agent: GuestAgent, command: str, *, timeout: float = CHECK_TIMEOUT
     return CheckResult(command, result.exit_code, output, None, time.monotonic() - started)
 
 
-def probe_port(guest_port: int, host_port: int, *, deadline: float) -> PortResult:
-    """Connect to ``127.0.0.1:host_port`` (forwarded to the guest's ``guest_port``) until it answers or
-    ``deadline`` passes; what the service sends within half a second is kept as the detail.
+LISTEN = 0x0A
+ESTABLISHED = 0x01
+CONFIRM_SECONDS = 3.0
+"""How long a silent connection is held while the guest's socket table is searched for it."""
 
-    User-mode networking accepts the host's connection before the guest does, so a connection the guest
-    refuses shows as one closed at once without data; it is retried until the deadline.
+
+def tcp_sockets(table: str) -> list[tuple[int, int, bool]]:
+    """(local port, state, local address is loopback) of each socket in a Linux ``/proc/net/tcp`` or
+    ``tcp6`` table (addresses and ports in hex; state ``0A`` listens, ``01`` is established)."""
+    found = []
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 4 or ":" not in fields[1]:
+            continue
+        address, _, port = fields[1].partition(":")
+        try:
+            number, state = int(port, 16), int(fields[3], 16)
+        except ValueError:
+            continue
+        loopback = (
+            address.endswith("7F")
+            if len(address) == 8
+            else address
+            in (
+                "00000000000000000000000001000000",
+                "0000000000000000FFFF00000100007F",
+            )
+        )
+        found.append((number, state, loopback))
+    return found
+
+
+def guest_sockets(agent: GuestAgent) -> list[tuple[int, int, bool]] | None:
+    """The guest's TCP sockets (:func:`tcp_sockets` of ``/proc/net/tcp`` and ``tcp6``), None when the agent
+    cannot read them (no such files: not Linux, or file access not allowed)."""
+    found: list[tuple[int, int, bool]] = []
+    read = False
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            found += tcp_sockets(agent.read_file(path).decode(errors="replace"))
+            read = True
+        except AgentError:
+            continue
+    return found if read else None
+
+
+def probe_port(
+    guest_port: int,
+    host_port: int,
+    *,
+    deadline: float,
+    sockets: Callable[[], list[tuple[int, int, bool]] | None] = lambda: None,
+) -> PortResult:
+    """Connect to ``127.0.0.1:host_port`` (forwarded to the guest's ``guest_port``) until the guest is seen
+    to answer or ``deadline`` passes.
+
+    User-mode networking accepts the host's connection at once, whatever the guest does, so an accepted
+    connection proves nothing. The port is open when the service sends a first byte (kept as the detail),
+    or, when it stays silent, when the guest's socket table (``sockets``, e.g. :func:`guest_sockets`) shows
+    a connection established on that port from outside the guest while this one is held. A connection
+    closed at once without data (the guest refused it), or silence the guest's table does not confirm, is
+    no answer; it is tried again until the deadline.
     """
     last = "no answer"
     while True:
@@ -101,7 +157,9 @@ def probe_port(guest_port: int, host_port: int, *, deadline: float) -> PortResul
                         return PortResult(guest_port, True, first.decode(errors="replace").strip())
                     last = "the connection was closed at once (nothing listens there)"
                 except TimeoutError:
-                    return PortResult(guest_port, True, "accepted (the service sent nothing first)")
+                    confirmed, last = _confirm(guest_port, sockets)
+                    if confirmed:
+                        return PortResult(guest_port, True, last)
         except OSError as err:
             last = str(err)
         if time.monotonic() >= deadline:
@@ -109,10 +167,31 @@ def probe_port(guest_port: int, host_port: int, *, deadline: float) -> PortResul
         time.sleep(0.5)
 
 
-def screenshot(monitor: QMPMonitor, path: Path) -> str | None:
-    """``screendump`` the copy's display into ``path`` (PNG); None on success, else why there is none."""
+def _confirm(port: int, sockets: Callable[[], list[tuple[int, int, bool]] | None]) -> tuple[bool, str]:
+    """(whether the guest shows a connection established on ``port`` from outside, what was seen), asked
+    for :data:`CONFIRM_SECONDS` while the host's silent connection is held."""
+    until = time.monotonic() + CONFIRM_SECONDS
+    while True:
+        table = sockets()
+        if table is None:
+            return False, "the connection got no answer, and the guest's sockets cannot be read to confirm it"
+        if any(p == port and state == ESTABLISHED and not loop for p, state, loop in table):
+            return True, "accepted in the guest (the service sent nothing first)"
+        if time.monotonic() >= until:
+            if any(p == port and state == LISTEN and not loop for p, state, loop in table):
+                return False, f"the guest listens on port {port}, but the connection never reached it"
+            return False, f"the connection got no answer: nothing listens on port {port} in the guest"
+        time.sleep(0.3)
+
+
+def screenshot(monitor: QMPMonitor, path: Path, *, target: str | None = None) -> str | None:
+    """``screendump`` the copy's display into ``path`` (PNG); None on success, else why there is none.
+
+    :param target: the file name QEMU writes (default ``path``; ``/dev/fdset/N`` for a descriptor passed
+        with :meth:`~vmsnap.vm.qmp.QMPMonitor.add_fd`, opened on ``path``)
+    """
     try:
-        monitor.execute("screendump", {"filename": str(path), "format": "png"})
+        monitor.execute("screendump", {"filename": target or str(path), "format": "png"})
     except QMPError as err:
         text = getattr(err, "desc", "") or err.message
         if "no console" in text.lower():
@@ -141,13 +220,6 @@ def console_tail(
         return None, f"the console log cannot be read: {err}"
     cleaned = [line.rstrip("\r") for line in text.replace("\x1b", "").splitlines()]
     return tuple(line for line in cleaned if line.strip())[-lines:], None
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def osinfo(agent: GuestAgent) -> dict[str, Any] | None:

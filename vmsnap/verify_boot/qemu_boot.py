@@ -1,13 +1,23 @@
-"""Boot a bare QEMU's backup: its recorded command line rebuilt (:func:`vmsnap.verify_boot.plan`'s
-overlays, a new name and UUID, the session's own QMP, agent and console, a restricted NIC) and started as a
-process of this one's, with ``-pidfile`` in the session so that :func:`~vmsnap.restore.boot_session.recover`
-finds it even when this process died before recording its pid.
+"""Boot a bare QEMU's backup: its recorded command line rebuilt (:func:`~vmsnap.vm.qemu_rebuild.rebuild`:
+the session's overlays, a new name and UUID, the session's own QMP, agent and console, a restricted NIC)
+and started as a process of this one's, with ``-pidfile`` in the session so that
+:func:`~vmsnap.restore.boot_session.recover` finds it even when this process died before recording its pid.
+
+Nothing of the record is run as it is: the program is this host's ``qemu-system-<arch>`` found in ``PATH``
+(the record only names the architecture), and its environment is vmsnap's without secrets
+(:func:`~vmsnap.runner.child_environment`). Its working directory is the VM's recorded one when that
+directory exists here (relative paths of the command line mean what they meant), else the session: every
+file the rebuilt command line still names is only read. A VM that ran with ``-runas USER`` boots as that
+user too: the copy never has more privileges than the VM had (the files it needs are opened before QEMU
+drops to the user, and its screenshot is written through a descriptor this process opened).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pwd
+import shutil
 import subprocess
 import time
 import uuid
@@ -17,11 +27,15 @@ from pathlib import Path
 import attrs
 
 from vmsnap import processes
-from vmsnap.errors import VmsnapError
+from vmsnap.errors import UnsupportedError, VmsnapError
 from vmsnap.files import write_atomic
 from vmsnap.restore.boot_session import PID_FILE, BootSession, BootStartError
+from vmsnap.runner import child_environment
+from vmsnap.sockets import unix_listening
+from vmsnap.verify_boot.probe import screenshot
 from vmsnap.vm.machine_state import NVRAM, MachineState
-from vmsnap.vm.qemu_cmdline import BootDisk, BootPlan, parse_argv, parse_opts, rebuild
+from vmsnap.vm.qemu_cmdline import is_qemu_program, parse_argv, parse_opts
+from vmsnap.vm.qemu_rebuild import BootDisk, BootPlan, rebuild
 from vmsnap.vm.qmp import QMPMonitor
 
 START_TIMEOUT = 30.0
@@ -36,6 +50,7 @@ class QemuCopy:
     :param agent: its guest agent socket
     :param console: its serial console log
     :param accelerator: "kvm" or "tcg" (from its command line)
+    :param log: its standard output and error
     """
 
     process: subprocess.Popen[bytes]
@@ -50,6 +65,21 @@ class QemuCopy:
 
     def monitor(self) -> QMPMonitor:
         return QMPMonitor(self.qmp).connect()
+
+    def screenshot(self, path: Path) -> str | None:
+        """Its screen into ``path`` (PNG, made 0600 here and passed to QEMU as a descriptor, so a copy that
+        dropped to a ``-runas`` user writes it too); None on success, else why there is none."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with self.monitor() as monitor:
+                fdset = monitor.add_fd(fd)
+                try:
+                    return screenshot(monitor, path, target=f"/dev/fdset/{fdset}")
+                finally:
+                    with contextlib.suppress(VmsnapError):
+                        monitor.execute("remove-fd", {"fdset-id": fdset})
+        finally:
+            os.close(fd)
 
     def stop(self) -> None:
         """``quit`` over QMP, then SIGTERM/SIGKILL by pid (only the process this one started)."""
@@ -73,6 +103,42 @@ def accelerator_of(argv: list[str]) -> str:
                 if key == "accel" or (option.flag == "accel" and key is None):
                     found = value.split(":")[0]
     return found
+
+
+def host_qemu(recorded: str, *, path: str | None = None) -> str:
+    """This host's QEMU for a recorded program: ``qemu-system-<arch>`` of the same ``<arch>``, from ``PATH``.
+
+    :raise UnsupportedError: the record names no ``qemu-system-*``
+    :raise BootStartError: this host has no such QEMU
+    """
+    name = Path(recorded).name
+    if not is_qemu_program(name):
+        raise UnsupportedError(f"the recorded program {recorded!r} is no qemu-system-*")
+    found = shutil.which(name, path=path)
+    if found is None:
+        raise BootStartError(
+            f"this host has no {name} in PATH to boot the copy with",
+            hint=f"install QEMU for that architecture (Debian: qemu-system-{name.rsplit('-', 1)[-1]})",
+        )
+    return found
+
+
+def runas_user(argv: list[str]) -> pwd.struct_passwd | None:
+    """The user a command line's ``-runas`` names, or None without one.
+
+    :raise UnsupportedError: that user does not exist on this host
+    """
+    _, options = parse_argv(argv)
+    names = [o.value for o in options if o.flag == "runas" and o.value]
+    if not names:
+        return None
+    try:
+        return pwd.getpwnam(names[-1])
+    except KeyError:
+        raise UnsupportedError(
+            f"the VM ran with -runas {names[-1]}, a user this host does not have",
+            hint="boot the copy on a host that has that user",
+        ) from None
 
 
 def start_copy(
@@ -108,13 +174,15 @@ def start_copy(
         ports=dict(ports),
         pflash_vars=pflash,
     )
-    argv = [*rebuild(list(state.argv), plan), "-pidfile", str(directory / PID_FILE)]
-    cwd = state.cwd if state.cwd and os.path.isdir(state.cwd) else str(directory)
+    program = host_qemu(state.argv[0])
+    argv = [*rebuild(list(state.argv), plan, program=program), "-pidfile", str(directory / PID_FILE)]
+    runas_user(argv)  # QEMU drops to that user before the guest runs: it must exist here
     log = directory / "qemu.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
             argv,
-            cwd=cwd,
+            cwd=state.cwd if state.cwd and os.path.isdir(state.cwd) else directory,
+            env=child_environment(),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -129,7 +197,7 @@ def start_copy(
     )
     copy = QemuCopy(process, plan.qmp, plan.agent, plan.console, accelerator_of(argv), log)
     deadline = time.monotonic() + START_TIMEOUT
-    while not _listening(plan.qmp):
+    while not unix_listening(plan.qmp):
         if not copy.alive() or time.monotonic() > deadline:
             tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-5:])
             copy.stop()
@@ -138,17 +206,3 @@ def start_copy(
             )
         time.sleep(0.05)
     return copy
-
-
-def _listening(path: Path) -> bool:
-    import socket
-
-    if not path.exists():
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True

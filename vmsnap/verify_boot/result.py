@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 import attrs
 
-from vmsnap.errors import NotFoundError, RepositoryError
+from vmsnap.errors import NotFoundError, RepositoryError, UsageError
+from vmsnap.model import validate_name
 from vmsnap.repo.layout import RepositoryLayout
 from vmsnap.repo.manifest import Manifest
 
@@ -65,7 +66,8 @@ class PortResult:
     """One ``--port`` probed from the host through the copy's restricted NIC.
 
     :param port: the guest's TCP port
-    :param open: a TCP connection to it was accepted
+    :param open: the guest was seen to answer on it: the service sent a first byte, or the guest showed the
+        connection established (:func:`vmsnap.verify_boot.probe.probe_port`)
     :param detail: what the probe saw (the first bytes the service sent, or why it failed)
     """
 
@@ -81,7 +83,7 @@ class BootResult:
     :param vm: the VM
     :param backup_id: the backup booted
     :param stamp: when (see :func:`new_stamp`); names the kept objects
-    :param verdict: "passed" when the agent answered, every check exited 0 and every port was open
+    :param verdict: "passed" when the agent answered, every check exited 0 and every port answered
     :param reason: why it failed (one line), None when it passed
     :param kind: "qemu" (rebuilt command line) or "libvirt" (saved definition)
     :param seconds_to_agent: from the start of the boot (the backup resolved and this host's boot lock
@@ -136,18 +138,39 @@ class BootResult:
 
     @classmethod
     def from_json(cls, data: Any, *, where: str) -> BootResult:
-        """:raise RepositoryError: malformed or of another format"""
+        """Parse a kept result, checking each field's type, the verdict and the screenshot's name.
+
+        :raise RepositoryError: malformed or of another format
+        """
         try:
             if data.get("format") != FORMAT:
                 raise ValueError(f"format {data.get('format')!r}")
+            if data.get("verdict") not in ("passed", "failed"):
+                raise ValueError(f"verdict {data.get('verdict')!r}")
+            _typed(data, _FIELDS)
+            screenshot = data.get("screenshot")
+            if screenshot is not None:
+                validate_name(screenshot, "screenshot name")
             fields = {f.name for f in attrs.fields(cls)}
             values = {k: v for k, v in data.items() if k in fields}
-            values["checks"] = tuple(CheckResult(**c) for c in data.get("checks", []))
-            values["ports"] = tuple(PortResult(**p) for p in data.get("ports", []))
+            checks = data.get("checks", [])
+            ports = data.get("ports", [])
+            if not isinstance(checks, (list, tuple)) or not isinstance(ports, (list, tuple)):
+                raise ValueError("checks and ports must be lists")
+            for check in checks:
+                _typed(check, _CHECK_FIELDS)
+            for port in ports:
+                _typed(port, _PORT_FIELDS)
+            values["checks"] = tuple(CheckResult(**c) for c in checks)
+            values["ports"] = tuple(PortResult(**p) for p in ports)
             tail = data.get("console_tail")
-            values["console_tail"] = tuple(str(line) for line in tail) if tail is not None else None
+            if tail is not None and not (
+                isinstance(tail, (list, tuple)) and all(isinstance(x, str) for x in tail)
+            ):
+                raise ValueError("console_tail must be a list of strings")
+            values["console_tail"] = tuple(tail) if tail is not None else None
             return cls(**values)
-        except (AttributeError, KeyError, TypeError, ValueError) as err:
+        except (AttributeError, KeyError, TypeError, ValueError, UsageError) as err:
             raise RepositoryError(
                 f"boot result {where} is damaged: {err}", hint="verify the boot again"
             ) from err
@@ -173,25 +196,36 @@ class BootResult:
         }
 
 
+_NUMBER = (int, float)
+_OPTIONAL_TEXT = (str, type(None))
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "vm": (str,), "backup_id": (str,), "stamp": (str,), "reason": _OPTIONAL_TEXT, "kind": (str,),
+    "seconds_to_agent": (*_NUMBER, type(None)), "seconds": _NUMBER, "timeout": _NUMBER,
+    "osinfo": (dict, type(None)), "screenshot": _OPTIONAL_TEXT, "screenshot_skipped": _OPTIONAL_TEXT,
+    "console_skipped": _OPTIONAL_TEXT, "accelerator": (str,), "stored_bytes": (int,),
+}  # fmt: skip
+_CHECK_FIELDS: dict[str, tuple[type, ...]] = {
+    "command": (str,), "exit_code": (int, type(None)), "output": (str,), "error": _OPTIONAL_TEXT,
+    "seconds": _NUMBER,
+}  # fmt: skip
+_PORT_FIELDS: dict[str, tuple[type, ...]] = {"port": (int,), "open": (bool,), "detail": (str,)}
+
+
+def _typed(data: Any, fields: dict[str, tuple[type, ...]]) -> None:
+    """:raise ValueError: ``data`` is no object, or a field of it present has another type (a bool is no
+    number)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{data!r} is no object")
+    for name, types in fields.items():
+        if name in data:
+            value = data[name]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise ValueError(f"{name} {value!r} is no {' or '.join(t.__name__ for t in types)}")
+
+
 def boot_names(names: list[str]) -> list[str]:
     """The kept boot results among an attachment listing, oldest first."""
     return sorted(n for n in names if n.startswith(PREFIX) and n.endswith(".json"))
-
-
-def boot_results(repo: RepositoryLayout, manifest: Manifest) -> list[BootResult]:
-    """Every boot verification kept beside a backup, oldest first.
-
-    :raise RepositoryError: one is damaged
-    """
-    results = []
-    for name in boot_names(repo.attachments(manifest)):
-        raw = repo.attachment(manifest, name)
-        try:
-            data = json.loads(raw)
-        except ValueError as err:
-            raise RepositoryError(f"boot result {name} is damaged: {err}") from err
-        results.append(BootResult.from_json(data, where=f"{manifest.vm}/{manifest.backup_id}/{name}"))
-    return results
 
 
 def latest_boot(repo: RepositoryLayout, manifest: Manifest) -> BootResult | None:

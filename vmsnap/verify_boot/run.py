@@ -7,7 +7,7 @@ One verification, in order:
    anything is made;
 2. under this host's boot lock, make a session (:mod:`vmsnap.restore.boot_session`): the backup's disks
    served read-only over NBD and throwaway qcow2 overlays on them (:func:`vmsnap.restore.instant.prepare`:
-   nothing is written to the repository, nothing to the live VM);
+   the copy writes no data of the repository and nothing of the live VM's);
 3. start the copy (:mod:`~vmsnap.verify_boot.qemu_boot`, :mod:`~vmsnap.verify_boot.libvirt_boot`): a new
    name and UUID, its own QMP and agent sockets, no route to any network (a user-mode NIC with
    ``restrict=on`` at most, forwarding each ``--port`` from 127.0.0.1), the backup's firmware variables and
@@ -15,17 +15,20 @@ One verification, in order:
 4. wait for the guest agent (``guest-ping``, then ``guest-get-osinfo``), run each check (``guest-exec``),
    probe each port, take a screenshot (``screendump``, PNG) where there is a display;
 5. stop the copy, keep its serial console's last lines, remove everything the session made;
-6. keep the result beside the backup (:mod:`vmsnap.verify_boot.result`).
+6. keep the result beside the backup (:mod:`vmsnap.verify_boot.result`), under the reader lease still: the
+   only thing a verification writes to the repository.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import secrets
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +44,13 @@ from vmsnap.restore import instant
 from vmsnap.restore.backups import read_machine_state
 from vmsnap.restore.boot_session import BootBusyError, BootSession, boot_root, host_lock
 from vmsnap.restore.commands import DEFAULT_RUN_ROOT
+from vmsnap.sockets import free_tcp_port
 from vmsnap.verify_boot import probe
 from vmsnap.verify_boot.libvirt_boot import DomainCopy, start_domain_copy
 from vmsnap.verify_boot.qemu_boot import QemuCopy, start_copy
 from vmsnap.verify_boot.result import PREFIX, BootResult, CheckResult, PortResult, new_stamp
 from vmsnap.vm.agent import GuestAgent
+from vmsnap.vm.libvirt.domain import is_local_uri
 from vmsnap.vm.machine_state import MachineState
 
 DEFAULT_TIMEOUT = 300.0
@@ -74,7 +79,8 @@ class BootConfig:
     :param run_root: where sessions live (``$VMSNAP_RUN_DIR``, default ``/run/vmsnap``)
     :param lock_wait: seconds to wait for another boot verification on this host
     :param console_lines: serial console lines kept
-    :raise UsageError: a timeout of 0 or less, a port out of range, a check that is no command
+    :raise UsageError: a timeout of 0 or less (or infinite), a port out of range, a check that is no
+        command, a libvirt URI of another host
     """
 
     repo: Path | str
@@ -93,7 +99,7 @@ class BootConfig:
         validate_name(self.vm, "VM name")
         if self.backup_id is not None:
             validate_name(self.backup_id, "backup id")
-        if not self.timeout > 0:
+        if not (self.timeout > 0 and math.isfinite(self.timeout)):
             raise UsageError(
                 f"--timeout {self.timeout:g} leaves the guest no time to boot",
                 hint="give the seconds to wait for its agent, e.g. --timeout 300",
@@ -103,6 +109,11 @@ class BootConfig:
                 raise UsageError(f"--port {port} is no TCP port", hint="give a port from 1 to 65535")
         for check in self.checks:
             probe.check_argv(check)
+        if not is_local_uri(self.connect):
+            raise UsageError(
+                f"--connect {self.connect} is another host's libvirtd: the copy runs on this host's overlays",
+                hint="verify the boot on the domain's own host, with a local URI (qemu:///system)",
+            )
 
 
 def _refuse(manifest: Manifest, state: MachineState | None) -> NotBootableError:
@@ -158,8 +169,8 @@ def verify_boot(
                 result, png = _boot(config, session, manifest, definition, state, sources, started, stamp)
             finally:
                 session.cleanup()
-    if store:
-        result = keep(repo, manifest, result, png)
+        if store:  # under the reader lease still: prune cannot remove the backup beneath the result
+            result = keep(repo, manifest, result, png)
     return result
 
 
@@ -226,14 +237,18 @@ def _probe(
         try:
             osinfo = probe.osinfo(agent)
             checks = [probe.run_check(agent, check) for check in config.checks]
+            port_deadline = max(deadline, time.monotonic() + 10.0)
+            port_results = [
+                probe.probe_port(
+                    p, ports[p], deadline=port_deadline, sockets=partial(probe.guest_sockets, agent)
+                )
+                for p in config.ports
+            ]
         finally:
             agent.close()
-        port_deadline = max(deadline, time.monotonic() + 10.0)
-        port_results = [probe.probe_port(p, ports[p], deadline=port_deadline) for p in config.ports]
     skipped: str | None = "the copy had stopped"
     if copy.alive():
-        with copy.monitor() as monitor:
-            skipped = probe.screenshot(monitor, png)
+        skipped = copy.screenshot(png)
     return _Probed(to_agent, copy.alive(), osinfo, tuple(checks), tuple(port_results), skipped)
 
 
@@ -248,7 +263,7 @@ def _boot(
     stamp: str,
 ) -> tuple[BootResult, bytes | None]:
     restore = instant.prepare(sources, session.disks, run_dir=session.servers)
-    ports = {port: probe.free_port() for port in config.ports}
+    ports = {port: free_tcp_port() for port in config.ports}
     name = f"vmsnap-boot-{manifest.vm}"[:60]
     copy, agent_of = _start(config, session, definition, state, restore.images, name, ports)
     png = session.directory / "screen.png"

@@ -31,9 +31,8 @@ from typing import Any, Literal
 
 import attrs
 
-from vmsnap import processes
 from vmsnap.errors import RepositoryError, VmsnapError
-from vmsnap.vm.qemu_cmdline import CommandLineError, find_secret, peer_pid
+from vmsnap.vm.qemu_cmdline import CommandLineError, find_secret, parse_argv, qemu_process
 from vmsnap.vm.qmp import QMPMonitor, is_firmware_flash
 
 RECORD = "machine.json"
@@ -214,43 +213,40 @@ def untar_directory(data: bytes, directory: Path, *, mode: int = 0o600) -> list[
 # -- bare QEMU ----------------------------------------------------------------------------------------
 
 
-def _absolute(path: str, cwd: str | None) -> Path:
-    return Path(path) if os.path.isabs(path) or cwd is None else Path(cwd) / path
-
-
 def qemu_state_source(qmp_socket: Path, monitor: QMPMonitor) -> MachineStateSource:
-    """A bare QEMU's state: its command line (unless it carries a secret, or its process cannot be found:
-    ``refused`` says why), disks and writable pflash."""
+    """A bare QEMU's state: its command line (unless it carries a secret, cannot be parsed, or its process
+    cannot be found: ``refused`` says why), disks and writable pflash.
+
+    :raise MachineStateError: the writable pflash is named by a relative path and QEMU's working directory
+        cannot be read (vmsnap would read another file)
+    """
     argv: list[str] | None = None
     cwd: str | None = None
     why: str | None = None
     try:
-        pid = peer_pid(qmp_socket, timeout=2.0)
-        argv = processes.cmdline(pid)
-        if not argv or not Path(argv[0]).name.startswith("qemu-system-"):
-            why = f"the process behind {qmp_socket} (pid {pid}) is no qemu-system-*"
-            argv = None
-        else:
-            with contextlib.suppress(OSError):
-                cwd = os.readlink(f"/proc/{pid}/cwd")
+        pid, argv = qemu_process(qmp_socket, timeout=2.0)
+        with contextlib.suppress(OSError):
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        parse_argv(argv)
     except CommandLineError as err:
         why = err.message
     secret = find_secret(argv) if argv is not None else None
     if secret is not None:
         why = f"it carries a secret in {secret}"
-    blocks = monitor.query_block()
     disks = []
     files: dict[str, Path] = {}
     nvram = None
-    for block in blocks:
+    for block in monitor.query_block():
         inserted = block.get("inserted") or {}
-        if not inserted:
-            continue
-        if is_firmware_flash(block):
-            if not inserted.get("ro"):
-                nvram = str(inserted.get("file", ""))
-                files[NVRAM] = _absolute(nvram, cwd)
-            continue
+        if inserted and is_firmware_flash(block) and not inserted.get("ro"):
+            nvram = str(inserted.get("file", ""))
+            if not os.path.isabs(nvram) and cwd is None:
+                raise MachineStateError(
+                    f"the VM's firmware variables are at the relative path {nvram} and the working directory "
+                    f"of its QEMU cannot be read: {why or 'its process is not on this host'}",
+                    hint="start QEMU with an absolute path for its pflash, or back it up on its own host",
+                )
+            files[NVRAM] = Path(cwd or "/", nvram)
     for disk in monitor.disks():
         disks.append(RecordedDisk(disk.name, disk.node_name, str(disk.file), _qdev_id(disk.qdev)))
     state = MachineState(
@@ -278,6 +274,18 @@ def _qdev_id(qdev: str | None) -> str:
 # -- libvirt ------------------------------------------------------------------------------------------
 
 
+def nvram_path(nvram: Any) -> str:
+    """The file an ``<nvram>`` element names: its text, or its ``<source file=…>`` (``type='file'``) or
+    ``<source dev=…>`` (``type='block'``); "" without one (none, or network storage)."""
+    if nvram is None:
+        return ""
+    text = (nvram.text or "").strip()
+    source = nvram.find("source")
+    if text or source is None:
+        return text
+    return str(source.get("file") or source.get("dev") or "")
+
+
 def libvirt_state_source(xml_root: Any) -> MachineStateSource | None:
     """A libvirt domain's UEFI variables (``<os><nvram>``) and emulated TPM state, from its live XML;
     None when it has neither.
@@ -285,8 +293,7 @@ def libvirt_state_source(xml_root: Any) -> MachineStateSource | None:
     :param xml_root: the parsed domain XML (an ``ElementTree`` element)
     """
     files: dict[str, Path] = {}
-    nvram_node = xml_root.find("os/nvram")
-    nvram = (nvram_node.text or "").strip() if nvram_node is not None else ""
+    nvram = nvram_path(xml_root.find("os/nvram"))
     if nvram:
         files[NVRAM] = Path(nvram)
     tpm_dir = None

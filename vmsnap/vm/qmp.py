@@ -138,6 +138,22 @@ class QMPMonitor:
                 f"QMP connection to {self.socket_path} lost during {command}: {err}"
             ) from err
 
+    def add_fd(self, fd: int) -> int:
+        """Pass the open descriptor ``fd`` to QEMU (``SCM_RIGHTS``, then ``add-fd``) in a new fd set; returns
+        the set's id: QEMU opens ``/dev/fdset/<id>`` as that descriptor, whatever user it runs as. Remove it
+        with ``remove-fd``.
+
+        :raise QMPCommandError: QEMU refused it
+        :raise QMPConnectionError: not connected, or the connection broke
+        """
+        if not self._connected:
+            raise QMPConnectionError(f"not connected to {self.socket_path}", hint="call connect() first")
+        try:
+            self._client.send_fd_scm(fd)
+        except (_LibQMPError, OSError) as err:
+            raise QMPConnectionError(f"cannot pass a descriptor to {self.socket_path}: {err}") from err
+        return int(self.execute("add-fd")["fdset-id"])
+
     def hmp(self, command_line: str) -> str:
         """Run a human-monitor command (e.g. ``qemu-io``) and return its text output."""
         out = self.execute("human-monitor-command", {"command-line": command_line})

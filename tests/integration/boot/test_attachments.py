@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.cli_helpers import cli_process
 from vmsnap.backup import Backup, BackupConfig
 from vmsnap.errors import NotFoundError, RepositoryError, UsageError
 from vmsnap.repo.chunks.keys import create_key_file
@@ -116,3 +117,35 @@ def test_an_encrypted_repository_refuses_an_object_read_with_another_key(tmp_pat
     create_key_file(other)
     with pytest.raises(RepositoryError):
         Repository.open(repo_path, key_file=other).attachment(repo.get("vm1", backup_id), "proof")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_an_object_for_a_backup_removed_meanwhile_is_refused_and_leaves_nothing(
+    tmp_path: Path, case: str
+) -> None:
+    """A verification that ends after prune removed its backup: the record is not kept (qcow2: the backup's
+    directory is not made again; chunks: no orphan object is left)."""
+    repo_path, key = _repo(tmp_path, case)
+    backup_id = _backup(tmp_path, repo_path, key)
+    repo: RepositoryLayout = Repository.open(repo_path, key_file=key)
+    manifest = repo.get("vm1", backup_id)
+    before = {p for p in repo_path.rglob("*") if "locks" not in p.parts}
+    repo.delete_backup(manifest.vm, manifest.backup_id)
+    gone = {p for p in repo_path.rglob("*") if "locks" not in p.parts}
+    with pytest.raises(NotFoundError, match="is gone"):
+        repo.attach(manifest, "boot-20261207T000000.000000Z.json", b"{}")
+    assert {p for p in repo_path.rglob("*") if "locks" not in p.parts} == gone != before
+
+
+def test_list_shows_a_damaged_boot_record_on_its_own_backup(tmp_path: Path) -> None:
+    repo_path, key = _repo(tmp_path, "chunks")
+    damaged, fine = _backup(tmp_path, repo_path, key), _backup(tmp_path, repo_path, key)
+    repo: RepositoryLayout = Repository.open(repo_path, key_file=key)
+    repo.attach(repo.get("vm1", damaged), "boot-20261207T000000.000000Z.json", b'{"format": 1, "verdict": 3}')
+    listed = cli_process("list", "--repo", repo_path, "--json")
+    assert listed.code == 0, listed.err
+    boots = {b["backup_id"]: b["boot"] for b in listed.json()["backups"]}
+    assert boots[fine] is None and boots[damaged]["verdict"] == "damaged"
+    assert "is damaged" in boots[damaged]["reason"]
+    human = cli_process("list", "--repo", repo_path)
+    assert human.code == 0 and "record DAMAGED" in human.out

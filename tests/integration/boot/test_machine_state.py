@@ -5,14 +5,21 @@ images; a command line that carries a secret is not kept, and the backup says wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import make_image
 from vmsnap.backup import Backup, BackupConfig
+from vmsnap.errors import RepositoryError, UsageError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess
+from vmsnap.repo.chunks.repository import ChunksRepository
+from vmsnap.repo.qcow2_repo import Qcow2Repository, write_attachment
 from vmsnap.repo.repository import Repository
+from vmsnap.restore.backups import read_machine_state
 from vmsnap.restore.images import restore_images
 from vmsnap.vm.machine import QemuMachine
 from vmsnap.vm.machine_state import NVRAM, RECORD, MachineState
@@ -80,3 +87,43 @@ def test_a_command_line_with_a_secret_is_not_kept_and_the_option_is_named(tmp_pa
         assert state.argv is None and state.refused == "it carries a secret in -object (data=)"
     finally:
         process.stop()
+
+
+@pytest.mark.parametrize("layout", ["qcow2", "chunks-encrypted"])
+def test_machine_state_is_sealed_by_the_manifest(tmp_path: Path, layout: str) -> None:
+    """The manifest names each machine-state object's sha256: it cannot be attached again, and one replaced
+    beneath the API (a file rewritten, an object put with the key) is refused when read."""
+    _, variables, flash = _flash(tmp_path)
+    image = make_image(tmp_path / "disk0.qcow2", "16M")
+    repo_path, key = tmp_path / "repo", None
+    if layout == "qcow2":
+        Repository.init(repo_path, layout="qcow2")
+    else:
+        key = tmp_path / "repo.key"
+        Repository.init(repo_path, encrypt=True, key_file=key)
+    process = QemuProcess(tmp_path, [DriveSpec(image, "disk0")], name="sealvm", extra_args=flash).start()
+    try:
+        with QemuMachine(process.qmp_socket) as machine:
+            result = Backup(machine, BackupConfig(repo=repo_path, key_file=key)).run()
+    finally:
+        process.stop()
+    repo = Repository.open(repo_path, key_file=key)
+    manifest = repo.get("sealvm", result.backup_id)
+    assert sorted(manifest.objects) == sorted([NVRAM, RECORD])
+    assert manifest.objects[NVRAM] == hashlib.sha256(variables.read_bytes()).hexdigest()
+    with pytest.raises(UsageError, match=f"object {NVRAM} was sealed with backup"):
+        repo.attach(manifest, NVRAM, b"\0" * 16)
+    assert read_machine_state(repo, manifest) is not None
+    if isinstance(repo, Qcow2Repository):
+        write_attachment(
+            repo.backup_dir("sealvm", manifest.backup_id), "sealvm", manifest.backup_id, NVRAM, b"x"
+        )
+    else:
+        assert isinstance(repo, ChunksRepository)
+        repo.put_attachment("sealvm", manifest.backup_id, NVRAM, b"x")
+    with pytest.raises(RepositoryError, match=f"\\({NVRAM}\\) is not the object sealed with backup"):
+        read_machine_state(repo, manifest)
+    # a restore reads and checks the machine state before it writes a byte
+    with pytest.raises(RepositoryError, match="is not the object sealed"):
+        restore_images(repo_path, "sealvm", None, tmp_path / "restored", key_file=key)
+    assert not (tmp_path / "restored").exists() or not any((tmp_path / "restored").iterdir())

@@ -53,6 +53,33 @@ def _backup(guest: LabGuest, repo: Path, *extra: str) -> str:
     return str(result.json()["backup_id"])
 
 
+@pytest.mark.timeout(900)  # one boot under TCG whose ports are probed until its timeout
+def test_ports_that_never_answer_fail_the_verdict(
+    root_guest: RootGuestFactory, run_root: Path, tmp_path: Path
+) -> None:
+    """User-mode networking accepts the host's connection at once; a guest that never answers (its NIC
+    drops every packet, as a firewall's DROP would) must not pass: not on 8080, where its web server
+    listens, nor on 8081, where nothing listens."""
+    guest = root_guest()
+    _prepare(guest)
+    silent = RC_LOCAL + "ip link set eth0 down\n"
+    guest.write_file("/etc/rc.local", silent.encode(), mode=0o755)
+    guest.sync()
+    backup = _backup(guest, tmp_path / "repo")
+    result = cli_process(
+        "verify", "--boot", "--repo", tmp_path / "repo", "--vm", "bootvm", "--backup", backup,
+        "--port", "8080", "--port", "8081", "--timeout", "150", "--json", timeout=900,
+    )  # fmt: skip
+    assert result.code == 1, result.err
+    boot = result.json()["boot"]
+    assert boot["verdict"] == "failed" and boot["seconds_to_agent"] is not None
+    assert [(p["port"], p["open"]) for p in boot["ports"]] == [(8080, False), (8081, False)]
+    assert "the guest listens on port 8080, but the connection never reached it" in boot["ports"][0]["detail"]
+    assert "nothing listens on port 8081 in the guest" in boot["ports"][1]["detail"]
+    assert boot["reason"].startswith("port 8080 did not answer"), boot["reason"]
+    assert leftovers(run_root) == []
+
+
 def _pause(guest: LabGuest) -> None:
     with guest.process.monitor() as qmp:  # type: ignore[union-attr]
         qmp.stop()
@@ -153,7 +180,9 @@ def test_bad_input_is_one_line_each(root_guest: RootGuestFactory, run_root: Path
 
     zero = cli_process("verify", "--boot", "--repo", repo, "--vm", "plainvm", "--timeout", "0")
     assert zero.code == 2
-    assert zero.error_line.startswith("vmsnap: error: --timeout 0 leaves the guest no time to boot")
+    assert "error: argument --timeout: '0' is not above 0 seconds" in zero.err
+    endless = cli_process("verify", "--boot", "--repo", repo, "--vm", "plainvm", "--timeout", "inf")
+    assert endless.code == 2 and "'inf' is not a finite number of seconds" in endless.err
 
     image = tmp_path / "disk.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)

@@ -10,9 +10,12 @@ from tests.unit.jobs.test_run import job_with
 from vmsnap.errors import UsageError
 from vmsnap.jobs import metrics
 from vmsnap.jobs.boot_policy import BootPolicy, parse_duration
+from vmsnap.jobs.default import JobFunctions
 from vmsnap.jobs.jobfile import VmSpec, parse_job
 from vmsnap.jobs.report import BootOutcome
 from vmsnap.jobs.run import VmBackup, run_job
+from vmsnap.verify_boot.run import BootConfig
+from vmsnap.vm.libvirt.domain import is_local_uri
 
 VM = '[[vm]]\nqmp = "/run/vm1.qmp"\n'
 
@@ -85,3 +88,19 @@ def test_a_vm_not_verified_this_run_keeps_its_last_verification() -> None:
     assert second[("vmsnap_boot_verify_last_timestamp_seconds", labels)] == 9.0
     assert second[("vmsnap_boot_verify_last_status", labels)] == 1.0
     assert metrics.parse_series(metrics.render(second)) == second
+
+
+def test_a_domain_under_another_host_s_libvirt_uri_is_not_booted_here(tmp_path: Path) -> None:
+    job, _ = job_with(tmp_path, 'verify_boot = "latest"', vms=1)
+    remote = VmSpec("web1", "libvirt", 3, "/r", domain="web1", connect="qemu+ssh://far.example/system")
+    outcome = JobFunctions(job).boot(remote, BootPolicy())
+    assert outcome.verdict == "skipped" and outcome.detail is not None
+    assert "qemu+ssh://far.example/system is another host's" in outcome.detail
+    assert (
+        is_local_uri(None)
+        and is_local_uri("qemu:///system")
+        and is_local_uri("qemu+unix:///system?socket=/s")
+    )
+    assert not is_local_uri("qemu+tcp://10.0.0.2/system") and not is_local_uri("qemu://far/system")
+    with pytest.raises(UsageError, match="another host's libvirtd"):
+        BootConfig(repo="/r", vm="web1", connect="qemu+ssh://far.example/system")

@@ -3,14 +3,19 @@ definition, the result's JSON, the console tail, the TPM state tar."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import tarfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import attrs
 import pytest
 
-from vmsnap.errors import UsageError
+from vmsnap.cli import build_parser
+from vmsnap.errors import RepositoryError, UsageError
+from vmsnap.report.data import BackupRow
+from vmsnap.report.page import _boot_cell
 from vmsnap.verify_boot.libvirt_boot import QEMU_NS, boot_domain_xml
 from vmsnap.verify_boot.probe import check_argv, console_tail
 from vmsnap.verify_boot.result import BootResult, CheckResult, PortResult, boot_names
@@ -127,3 +132,50 @@ def test_tpm_state_round_trips_as_a_tar_and_refuses_paths(tmp_path: Path) -> Non
     with pytest.raises(MachineStateError, match="not a plain file"):
         untar_directory(evil.getvalue(), tmp_path / "evil")
     assert not (tmp_path / "escape").exists()
+
+
+def _kept() -> dict[str, object]:
+    return BootResult(
+        "vm1", "b1", "20261207T223501.000001Z", "passed", None, "qemu", 1.0, 2.0, 60.0
+    ).to_json()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("verdict", "<script>alert(1)</script>"),
+        ("verdict", "maybe"),
+        ("seconds", "fast"),
+        ("seconds_to_agent", True),
+        ("reason", 7),
+        ("screenshot", "../../etc/passwd"),
+        ("console_tail", "not a list"),
+        ("ports", [{"port": "<b>80</b>", "open": True, "detail": ""}]),
+        ("checks", [{"command": "true", "exit_code": "0"}]),
+    ],
+)
+def test_a_kept_boot_result_of_the_wrong_shape_is_damaged(field: str, value: object) -> None:
+    data = {**_kept(), field: value}
+    with pytest.raises(RepositoryError, match="boot result here is damaged"):
+        BootResult.from_json(data, where="here")
+
+
+def test_the_report_escapes_what_a_boot_result_says(tmp_path: Path) -> None:
+    result = attrs.evolve(
+        BootResult.from_json(_kept(), where="here"),
+        verdict="<i>x</i>",  # type: ignore[arg-type]
+        ports=(PortResult("<b>80</b>", False, ""),),  # type: ignore[arg-type]
+    )
+    row = BackupRow("vm1", "b1", dt.datetime.now(dt.UTC), "full", 1, 1, 1, None, None, boot=result)
+    with pytest.raises(ValueError, match="invalid literal"):  # a port that is no number is refused
+        _boot_cell(row, tmp_path, [])
+    cell = _boot_cell(attrs.evolve(row, boot=attrs.evolve(result, ports=())), tmp_path, [])
+    assert "<i>" not in cell and "&lt;i&gt;" in cell
+
+
+def test_a_timeout_must_be_finite() -> None:
+    with pytest.raises(UsageError, match="--timeout inf"):
+        BootConfig(repo="/r", vm="vm1", timeout=float("inf"))
+    with pytest.raises(SystemExit) as exit_code:
+        build_parser().parse_args(["verify", "--repo", "/r", "--boot", "--vm", "vm1", "--timeout", "inf"])
+    assert exit_code.value.code == 2

@@ -356,7 +356,13 @@ class ChunksRepository(RepositoryLayout):
         self._store.put(attachment_key(vm, backup_id, name), chunk_id + self.codec.encode(envelope, chunk_id))
 
     def attach(self, manifest: Manifest, name: str, data: bytes) -> None:
+        attachments.check_unsealed(manifest, name)
         self.put_attachment(manifest.vm, manifest.backup_id, name, data)
+        if not self._store.exists(manifest_key(manifest.vm, manifest.backup_id)):  # pruned meanwhile
+            self._store.delete(attachment_key(manifest.vm, manifest.backup_id, name))
+            raise NotFoundError(
+                f"backup {manifest.vm}/{manifest.backup_id} is gone: it was removed meanwhile"
+            )
 
     def attachment(self, manifest: Manifest, name: str) -> bytes:
         key = attachment_key(manifest.vm, manifest.backup_id, name)

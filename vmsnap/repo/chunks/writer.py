@@ -35,6 +35,7 @@ from vmsnap.files import make_private_dir
 from vmsnap.image.geometry import CHUNK_SIZE
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
 from vmsnap.processes import crash_point
+from vmsnap.repo import attachments
 from vmsnap.repo.chunks.blob import ChunkCodec, ChunkId, chunk_key
 from vmsnap.repo.chunks.index import ChunkIndex, encode_index
 from vmsnap.repo.chunks.keys import RepositoryKey
@@ -151,6 +152,7 @@ class ChunksWriter:
         self._set_aside: set[ChunkId] | None = None
         self._epoch = ""
         self._named: set[ChunkId] = set()
+        self._objects: dict[str, str] = {}
 
     def _parent_disk_index(self, disk: str) -> ChunkIndex:
         """The parent's index of ``disk``, read once per backup.
@@ -346,6 +348,7 @@ class ChunksWriter:
             format=CHUNKS_FORMAT,
             digest=INDEX_DIGEST,
             definition=definition_id,
+            objects=dict(self._objects),
         )
         key = manifest_key(self.vm, self.backup_id)
         crash_point("writer-sealing")
@@ -377,8 +380,10 @@ class ChunksWriter:
         )
 
     def attach(self, name: str, data: bytes) -> None:
-        """Keep an object with this backup (sealed by the manifest, removed with a discarded run)."""
+        """Keep an object with this backup (sealed by the manifest, which names its sha256; removed with a
+        discarded run)."""
         self.repo.put_attachment(self.vm, self.backup_id, name, data)
+        self._objects[name] = attachments.digest(data)
 
     def discard(self) -> None:
         """Remove this unfinished backup's objects and work directory (its chunks stay: gc's job)."""

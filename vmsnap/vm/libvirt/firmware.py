@@ -64,8 +64,18 @@ def place_tpm_state(directory: Path, data: bytes) -> list[Path]:
     return files
 
 
+def clear_nvram(nvram: ET.Element) -> None:
+    """Drop where an ``<nvram>`` element points (its text, its ``type`` and ``<source>``), keeping its
+    ``template``."""
+    nvram.text = None
+    nvram.attrib.pop("type", None)
+    for child in list(nvram):
+        nvram.remove(child)
+
+
 def set_nvram(domain: ET.Element, path: Path, data: bytes) -> None:
-    """Write the captured variables to ``path`` (0600) and point the definition's ``<nvram>`` at it."""
+    """Write the captured variables to ``path`` (0600) and point the definition's ``<nvram>`` at it (as its
+    text: whatever ``<source>`` it had is dropped)."""
     write_atomic(path, data)
     os_node = domain.find("os")
     if os_node is None:
@@ -73,4 +83,5 @@ def set_nvram(domain: ET.Element, path: Path, data: bytes) -> None:
     nvram = os_node.find("nvram")
     if nvram is None:
         nvram = ET.SubElement(os_node, "nvram")
+    clear_nvram(nvram)
     nvram.text = str(path)
