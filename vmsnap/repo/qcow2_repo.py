@@ -478,6 +478,8 @@ class Qcow2Repository(RepositoryLayout):
             definition = source.definition(manifest)
             if definition is not None:
                 write_atomic(staging / DEFINITION_FILE, definition.encode("utf-8"))
+            for name in source.attachments(manifest):  # checked when read
+                write_attachment(staging, vm, backup_id, name, source.attachment(manifest, name))
             copied = Manifest(
                 vm=vm,
                 backup_id=backup_id,
@@ -489,6 +491,7 @@ class Qcow2Repository(RepositoryLayout):
                 quiesced=manifest.quiesced,
                 bitmap=None,
                 disks=tuple(records),
+                objects=dict(manifest.objects),
             )
             self.commit(staging, copied)
         except BaseException:

@@ -17,6 +17,7 @@ from vmsnap.backup import Backup, BackupConfig
 from vmsnap.errors import RepositoryError, UsageError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess
 from vmsnap.repo.chunks.repository import ChunksRepository
+from vmsnap.repo.copy import copy_backups
 from vmsnap.repo.qcow2_repo import Qcow2Repository, write_attachment
 from vmsnap.repo.repository import Repository
 from vmsnap.restore.backups import read_machine_state
@@ -127,3 +128,36 @@ def test_machine_state_is_sealed_by_the_manifest(tmp_path: Path, layout: str) ->
     with pytest.raises(RepositoryError, match="is not the object sealed"):
         restore_images(repo_path, "sealvm", None, tmp_path / "restored", key_file=key)
     assert not (tmp_path / "restored").exists() or not any((tmp_path / "restored").iterdir())
+
+
+@pytest.mark.parametrize("target", ["qcow2", "chunks-encrypted"])
+def test_copy_takes_the_machine_state_and_the_records_along(tmp_path: Path, target: str) -> None:
+    """An off-site copy can be restored whole and boot-verified: the sealed machine state and the records
+    kept after the backup travel with it, checked when read, and the copy's restore writes the variables."""
+    _, variables, flash = _flash(tmp_path)
+    image = make_image(tmp_path / "disk0.qcow2", "16M")
+    process = QemuProcess(tmp_path, [DriveSpec(image, "disk0")], name="fwvm", extra_args=flash).start()
+    try:
+        with QemuMachine(process.qmp_socket) as machine:
+            backup_id = Backup(machine, BackupConfig(repo=tmp_path / "repo")).run().backup_id
+    finally:
+        process.stop()
+        process.kill()
+    source = Repository.open(tmp_path / "repo")
+    record = b'{"verdict": "passed"}'
+    source.attach(source.get("fwvm", backup_id), "boot-20261207T000000.000000Z.json", record)
+    key = tmp_path / "offsite.key" if target == "chunks-encrypted" else None
+    if key is not None:
+        offsite = Repository.init(tmp_path / "offsite", encrypt=True, key_file=key)
+    else:
+        offsite = Repository.init(tmp_path / "offsite", layout="qcow2")
+    copy_backups(source, offsite)
+
+    copied = offsite.get("fwvm", backup_id)
+    assert copied.objects == source.get("fwvm", backup_id).objects != {}
+    assert offsite.attachments(copied) == sorted([RECORD, "boot-20261207T000000.000000Z.json", NVRAM])
+    assert offsite.attachment(copied, NVRAM) == variables.read_bytes()
+    assert offsite.attachment(copied, "boot-20261207T000000.000000Z.json") == record
+    restored = tmp_path / "restored"
+    restore_images(tmp_path / "offsite", "fwvm", backup_id, restored, key_file=key)
+    assert (restored / "fwvm_VARS.fd").read_bytes() == variables.read_bytes()

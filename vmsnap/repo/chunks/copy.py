@@ -74,6 +74,8 @@ class CopyRepository(Protocol):
 
     def put_definition(self, vm: str, backup_id: str, text: str) -> str: ...
 
+    def put_attachment(self, vm: str, backup_id: str, name: str, data: bytes) -> None: ...
+
     def discard_backup(self, vm: str, backup_id: str) -> bool: ...
 
     def open_backup(self, vm: str, backup_id: str) -> str: ...
@@ -104,6 +106,8 @@ def copy_into(
                 into.add_from_chunks(chunks_source, record, progress)
             else:
                 into.add_from_source(source, record, progress)
+        for name in source.attachments(manifest):  # machine state, boot and verify records: checked when read
+            target.put_attachment(manifest.vm, manifest.backup_id, name, source.attachment(manifest, name))
         into.seal(source.definition(manifest))
     except BaseException:
         target.discard_backup(manifest.vm, manifest.backup_id)
