@@ -417,7 +417,8 @@ class SshGuardSite(_Commands):
 
 
 class ThawGuard:
-    """The parent's handle on the guard of one freeze (a context manager: on a normal exit it says "done").
+    """The parent's handle on the guard of one freeze (a context manager: on a normal exit it says "done",
+    on an exception it hands the thaw over).
 
     :param plan: what the guard watches and where it runs
     :param log: a file (on this host) the guard appends its decisions to
@@ -526,8 +527,11 @@ class ThawGuard:
             self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.done()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.done()
+        else:  # the body failed (or was interrupted) with the guest perhaps frozen: the guard thaws
+            self.hand_over()
 
 
 def stand_down_leftovers(plan: GuardPlan) -> tuple[list[str], GuardRecord | None]:

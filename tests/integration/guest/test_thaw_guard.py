@@ -134,3 +134,43 @@ def test_a_dead_runs_guard_owns_its_freeze_until_recover_stands_it_down(
     made = cli(capsys, "backup", "--repo", repo, *_selector(guest), "--quiesce", "on", "--json")
     assert made.code == 0, made.err
     assert _live_guard(guest) is None  # the run's own guard ended with it
+
+
+def _wait_for_console(guest: LabGuest, text: str, timeout: float) -> None:
+    console = guest.console_log
+    assert console is not None
+    deadline = time.monotonic() + timeout
+    while text not in console.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"the guest never wrote {text!r} on its console"
+        time.sleep(0.05)
+
+
+def test_a_backup_terminated_during_a_slow_freeze_hook_is_thawed_by_its_guard(
+    guest: LabGuest, guest_hooks: HookInstaller, tmp_path: Path
+) -> None:
+    """SIGTERM (``kill PID``, systemctl stop, a job's timeout) while a freeze hook in the guest blocks: vmsnap
+    is interrupted inside ``guest-fsfreeze-freeze``, which the guest completes after vmsnap has gone. Its
+    guard, handed the thaw (not told "done"), thaws the guest once the agent answers again."""
+    marker = "vmsnap-test-freeze-hook-blocks"
+    guest_hooks("10-app", "exit 0")
+    guest_hooks("20-slow", f'[ "$1" = freeze ] && {{ echo {marker} > /dev/console; sleep 6; }}; exit 0')
+    guest.machine.close()
+    repo = tmp_path / "repo"
+    run = cli_started("backup", "--repo", repo, *_selector(guest), "--quiesce", "on")
+    try:
+        _wait_for_console(guest, marker, 120)
+        record = _live_guard(guest)
+        assert record is not None and record.parent_pid == run.pid
+        os.kill(run.pid, signal.SIGTERM)  # the process only
+        _, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait(10)
+    assert run.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "vmsnap: interrupted", err
+    wait_until_thawed(guest, 60)  # the hook ends, the freeze completes, and the guard thaws
+    wait_process_gone(record.pid, 30)
+    assert hook_order(guest) == ["10-app freeze", "20-slow freeze", "20-slow thaw", "10-app thaw"]
+    guest.agent.write_file(f"{DATA_MOUNT}/after-term.txt", b"writes go on\n")
+    guest.machine.close()

@@ -5,6 +5,7 @@ guest/test_thaw_guard.py, libvirt/test_guest_domain.py, test_remote_host.py)."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import socket
@@ -154,3 +155,26 @@ def test_a_new_repository_that_a_dead_run_never_made_is_named(tmp_path: Path) ->
     assert Repository.missing(missing) is None  # someone's data: opening it says what it is
     assert Repository.clear_unmade(missing) == []
     assert (missing / "photo.jpg").exists()
+
+
+def _guard_log_after(tmp_path: Path, body_fails: bool) -> str:
+    """Run a real guard (on an agent socket that does not exist: a thaw finds nothing to do) as a context
+    manager whose body fails or not; its log once it has ended."""
+    log = tmp_path / f"guard-{body_fails}.log"
+    plan = GuardPlan(GuardTarget.socket(tmp_path / "no-vm.qga"), LocalGuardSite(tmp_path / "guards"))
+    with contextlib.suppress(RuntimeError), ThawGuard(plan, log=log) as guard:
+        if body_fails:
+            raise RuntimeError("the snapshot broke")
+    assert guard.pid is not None
+    deadline = time.monotonic() + 30
+    while processes.alive(guard.pid):
+        assert time.monotonic() < deadline, "the guard did not end"
+        time.sleep(0.05)
+    return log.read_text()
+
+
+def test_a_guard_left_by_an_exception_thaws_and_one_left_normally_does_not(tmp_path: Path) -> None:
+    assert "the parent thawed the guest itself" in _guard_log_after(tmp_path, body_fails=False)
+    failed = _guard_log_after(tmp_path, body_fails=True)
+    assert "the parent handed the thaw over" in failed  # not "done": the guest may still be frozen
+    assert "is gone: the VM stopped, nothing to thaw" in failed
