@@ -1,9 +1,9 @@
 """Undoing what a backup run left when it failed or died: the run's journal says which steps it had taken;
 the strategy's snapshots are deleted (through the strategy, rebuilt from the journal), processes the run
 started stopped, its staging removed, and what the machine's manager (libvirt) keeps cleaned by the machine
-itself. ``vmsnap recover`` also thaws the guest, once: it stands down the thaw guard of a dead run (which
-would thaw it too) and then thaws with one checked thaw — whatever state the repository is in, a missing one
-included."""
+itself; a VM the run left paused (it died with the vCPUs stopped to snapshot) is resumed first. ``vmsnap
+recover`` also thaws the guest, once: it stands down the thaw guard of a dead run (which would thaw it too)
+and then thaws with one checked thaw — whatever state the repository is in, a missing one included."""
 
 from __future__ import annotations
 
@@ -49,6 +49,10 @@ def undo_run(repo: RepositoryLayout, machine: Machine, journal: Journal) -> list
     header = journal.header
     vm = str(header["vm"])
     failures: list[str] = []
+    try:
+        actions += resume_paused(machine, journal)
+    except VmsnapError as err:
+        failures.append(f"resuming the VM failed: {err.message}")
     if machine.runner.host == "local":
         actions += stop_orphans(_orphan_patterns(journal))
     if journal.has("creating") and not journal.has("committed") and not journal.has("create-failed"):
@@ -88,6 +92,25 @@ def undo_run(repo: RepositoryLayout, machine: Machine, journal: Journal) -> list
         )
     journal.remove()
     return actions
+
+
+def resume_paused(machine: Machine, journal: Journal | None) -> list[str]:
+    """``cont`` a VM the run in ``journal`` left paused: it died between "freezing" and "thawed" (where the
+    vCPUs are paused to snapshot: the machine's state capture, a strategy's own pause), the VM ran before
+    that run ("freezing" recorded its run state), and QMP says "paused" now. A guest whose vCPUs are stopped
+    runs no agent, so this comes before any thaw. Returns one line when it resumed.
+
+    :raise VmsnapError: QMP could not be asked or refused ``cont``
+    """
+    if journal is None or not journal.has("freezing") or journal.has("thawed"):
+        return []
+    if journal.data("freezing")[-1].get("vm_status") != "running" or not machine.is_running:
+        return []  # paused (or saved, or migrating) before the run: not ours to resume
+    qmp = machine.qmp()
+    if qmp.status() != "paused":
+        return []
+    qmp.cont()
+    return ["resumed the VM's vCPUs (the dead run had paused them to snapshot)"]
 
 
 ORPHAN_PROGRAMS = frozenset({"qemu-nbd", "qemu-img", "nbdcopy", "nbdkit", "rsync", "cp"})
@@ -202,6 +225,7 @@ def recover(
         if absent is None:
             repo = Repository.open(repo_root, runner=machine.runner, key_file=key_file)
             with repo.lock(machine.name):
+                actions += resume_paused(machine, Journal.load(repo.journal_path(machine.name)))
                 thawed, seen = thaw_guest(machine)
                 actions += [*thawed, *recover_leftovers(repo, machine).actions, *machine.recover()]
                 return RecoveryReport(machine.name, tuple(actions), tuple(seen))

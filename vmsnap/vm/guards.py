@@ -75,15 +75,20 @@ class GuardTarget:
     :param kind: ``socket`` (a QEMU chardev socket) or ``libvirt`` (a domain)
     :param address: (socket path,) or (libvirt URI, domain UUID)
     :param description: for messages
+    :param qmp: a socket target's QMP socket (there): the guard resumes a VM left paused inside the freeze
+        window through it (a libvirt domain is resumed through the guard's connection)
     """
 
     kind: Literal["socket", "libvirt"]
     address: tuple[str, ...]
     description: str = attrs.field(eq=False, default="")
+    qmp: str | None = attrs.field(eq=False, default=None)
 
     @classmethod
-    def socket(cls, path: Path | str) -> GuardTarget:
-        return cls("socket", (str(path),), f"the guest agent on {path}")
+    def socket(cls, path: Path | str, *, qmp: Path | str | None = None) -> GuardTarget:
+        return cls(
+            "socket", (str(path),), f"the guest agent on {path}", str(qmp) if qmp is not None else None
+        )
 
     @classmethod
     def libvirt(cls, uri: str, uuid: str, name: str) -> GuardTarget:
@@ -462,6 +467,7 @@ class ThawGuard:
                 "--give-up",
                 f"{self.give_up:g}",
             ),
+            *(("--qmp", self.plan.target.qmp) if self.plan.target.qmp else ()),
         ]
 
     def start(self) -> ThawGuard:

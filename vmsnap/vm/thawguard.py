@@ -17,7 +17,10 @@ lines on the control descriptor:
   SSH channel carrying it closed), the parent's pid gone (``--watch-parent``, same host), no ``beat`` for
   ``--lease`` seconds, or ``--deadline`` seconds since the guard started: thaw — connect to the agent,
   retrying for ``--give-up`` seconds, ``guest-fsfreeze-thaw`` when it says "frozen", and check that
-  ``guest-fsfreeze-status`` says "thawed".
+  ``guest-fsfreeze-status`` says "thawed". When the agent does not answer, the VM may have been left paused
+  inside the freeze window (vmsnap stops the vCPUs while it snapshots; an agent does not run then): the
+  guard resumes it — ``cont`` through ``--qmp SOCKET`` when its status is "paused", ``virDomainResume``
+  for a libvirt domain paused for no reason libvirt knows (a ``stop`` passed through) — and goes on.
 
 SIGINT, SIGHUP, SIGTERM and SIGPIPE are ignored (a terminal closing or a service stopping does not take the
 guard with vmsnap); SIGUSR1 makes it stand down without thawing (``vmsnap recover`` sends it to a guard whose
@@ -48,7 +51,7 @@ from typing import Any
 DEFAULT_GIVE_UP = 300.0
 """Seconds a guard keeps trying to reach the agent once it has to thaw."""
 
-PROTOCOL = 1
+PROTOCOL = 2
 """Bumped when the arguments or the record change (vmsnap checks what a guard on another host runs)."""
 
 
@@ -67,8 +70,9 @@ class SocketAgent:
     """The guest agent on a unix socket (QEMU serves one client at a time): connect, ``guest-sync-delimited``,
     then one JSON command per line."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, qmp: str | None = None) -> None:
         self.path = path
+        self.qmp = qmp
         self.description = "agent socket " + path
 
     def gone(self) -> bool:
@@ -104,6 +108,43 @@ class SocketAgent:
         if "error" in message:
             raise AgentFailure("{}: {}".format(command, message["error"].get("desc", message["error"])))
         return message.get("return")
+
+    def resume_paused(self) -> str:
+        """``cont`` through the VM's QMP socket (``--qmp``) when it reports "paused"; returns "resumed" or the
+        state found ("" without a QMP socket). QEMU serves that socket to one client at a time: while the
+        vmsnap run still holds it, this fails and is tried again."""
+        if self.qmp is None:
+            return ""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(5.0)
+            sock.connect(self.qmp)
+            deadline = time.monotonic() + 5.0
+            greeting, buffer = _message(sock, b"", deadline)
+            if "QMP" not in greeting:
+                raise AgentFailure(f"{self.qmp} is no QMP socket")
+            buffer = _qmp(sock, buffer, "qmp_capabilities", deadline)[1]
+            answer, buffer = _qmp(sock, buffer, "query-status", deadline)
+            status = str(answer.get("status", "")) if isinstance(answer, dict) else ""
+            if status != "paused":  # only a plain `stop`: not a save, a migration, an I/O error
+                return status
+            _qmp(sock, buffer, "cont", deadline)
+            return "resumed"
+        except OSError as err:
+            raise AgentFailure(f"{self.qmp}: {err}") from err
+        finally:
+            sock.close()
+
+
+def _qmp(sock: socket.socket, buffer: bytes, command: str, deadline: float) -> tuple[Any, bytes]:
+    """Send one QMP command and read its answer (events before it are skipped)."""
+    sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
+    while True:
+        message, buffer = _message(sock, buffer, deadline)
+        if "error" in message:
+            raise AgentFailure("{}: {}".format(command, message["error"].get("desc", message["error"])))
+        if "return" in message:
+            return message["return"], buffer
 
 
 def _receive(sock: socket.socket, buffer: bytes, deadline: float) -> bytes:
@@ -170,6 +211,22 @@ class LibvirtAgent:
             self._domain = None
             return bool(err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN)
 
+    def resume_paused(self) -> str:
+        """Resume the domain when it is paused for no reason libvirt knows (a ``stop`` passed through to
+        QEMU, as vmsnap's pause); returns "resumed" or the state found (a user's ``virsh suspend``, a
+        migration or an I/O error are left alone)."""
+        libvirt, _ = self._libvirt()
+        domain = self._lookup()
+        try:
+            state, reason = domain.state()
+            if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_UNKNOWN:
+                domain.resume()
+                return "resumed"
+        except libvirt.libvirtError as err:
+            self._domain = None
+            raise AgentFailure(str(err)) from err
+        return "paused" if state == libvirt.VIR_DOMAIN_PAUSED else "running"
+
     def execute(self, command: str, timeout: float) -> Any:
         libvirt, libvirt_qemu = self._libvirt()
         domain = self._lookup()
@@ -186,10 +243,11 @@ class LibvirtAgent:
         return message.get("return")
 
 
-def agent_for(target: list[str]) -> SocketAgent | LibvirtAgent:
-    """The agent a target names: ``socket PATH`` or ``libvirt URI UUID``."""
+def agent_for(target: list[str], qmp: str | None = None) -> SocketAgent | LibvirtAgent:
+    """The agent a target names: ``socket PATH`` (with its VM's QMP socket, if known) or ``libvirt URI
+    UUID``."""
     if len(target) == 2 and target[0] == "socket":
-        return SocketAgent(target[1])
+        return SocketAgent(target[1], qmp)
     if len(target) == 3 and target[0] == "libvirt":
         return LibvirtAgent(target[1], target[2])
     raise SystemExit(f"thawguard: a target is `socket PATH` or `libvirt URI UUID`, not {target}")
@@ -360,6 +418,7 @@ def thaw_when_possible(agent: SocketAgent | LibvirtAgent, give_up: float, log: L
     deadline = time.monotonic() + give_up
     attempt = 0
     last = ""
+    resumed = False
     while time.monotonic() < deadline:
         attempt += 1
         if agent.gone():
@@ -383,9 +442,28 @@ def thaw_when_possible(agent: SocketAgent | LibvirtAgent, give_up: float, log: L
             if str(err) != last or attempt % 20 == 0:  # one line per new reason, not per try
                 log(f"attempt {attempt}: {err}")
             last = str(err)
+            if not resumed:
+                resumed = _resume(agent, log)
+        time.sleep(0.3)
         time.sleep(0.3)
     log(f"gave up after {give_up:g} s: the guest may still be frozen; run `vmsnap recover`")
     return 1
+
+
+def _resume(agent: SocketAgent | LibvirtAgent, log: Log) -> bool:
+    """The agent does not answer: the VM may be paused (vmsnap pauses the vCPUs inside the freeze window to
+    snapshot, and a guest whose vCPUs are stopped runs no agent). Resume it if so; True once its run state
+    was read (or cannot be: no QMP socket), False when it could not be reached (tried again)."""
+    try:
+        state = agent.resume_paused()
+    except AgentFailure as err:
+        log(f"the VM's run state cannot be asked yet: {err}")
+        return False
+    if state == "resumed":
+        log("resumed the VM's vCPUs (paused inside the freeze window)")
+    elif state not in ("", "running"):
+        log(f"the VM is {state}: left so (not a pause of vmsnap's)")
+    return True
 
 
 def _stand_down(_signum: int, _frame: Any) -> None:
@@ -393,7 +471,7 @@ def _stand_down(_signum: int, _frame: Any) -> None:
 
 
 def guard(args: argparse.Namespace) -> int:
-    agent = agent_for(args.target)
+    agent = agent_for(args.target, args.qmp)
     key = target_key(args.target)
     directory = guard_dir(args.dir)
     if args.detach:
@@ -496,6 +574,9 @@ def parser() -> argparse.ArgumentParser:
         "--deadline", type=float, default=0.0, help="thaw after this long in any case (0: never)"
     )
     run.add_argument("--give-up", type=float, default=DEFAULT_GIVE_UP)
+    run.add_argument(
+        "--qmp", help="a socket target's QMP socket: resume a VM paused inside the freeze window first"
+    )
     run.add_argument("--log", help="a file to note decisions in ('-': standard error)")
     run.add_argument("--detach", action="store_true", help="fork into a new session first")
     run.set_defaults(run=guard)
