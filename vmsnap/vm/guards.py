@@ -175,6 +175,14 @@ class GuardSite(Protocol):
         """Stop ``record``'s guard without a thaw (only while it is still that process); True if it was."""
         ...
 
+    def thaw(self, target: GuardTarget) -> dict[str, object]:
+        """Thaw ``target``'s guest once, checked, holding its guard lock there (so no run can start a guard
+        and freeze in between); the program's answer (see ``thaw`` in :mod:`vmsnap.vm.thawguard`).
+
+        :raise VmsnapError: the program could not be run there
+        """
+        ...
+
 
 @attrs.frozen
 class GuardPlan:
@@ -221,6 +229,18 @@ class _Commands:
         except ValueError as err:
             raise VmsnapError(f"the thaw guard program on {self.host} answered {out!r}") from err
         return GuardRecord.from_json(self.host, data) if isinstance(data, dict) and data else None
+
+    def thaw(self, target: GuardTarget) -> dict[str, object]:
+        program, directory = self._program()
+        argv = [*program, "thaw", "--dir", directory, *target.words()]
+        out = self._runner().run(argv, timeout=300).stdout
+        try:
+            data = json.loads(out or "{}")
+        except ValueError as err:
+            raise VmsnapError(f"the thaw guard program on {self.host} answered {out!r}") from err
+        if not isinstance(data, dict) or not data:
+            raise VmsnapError(f"the thaw guard program on {self.host} answered {out!r}")
+        return data
 
     def stand_down(self, target: GuardTarget, record: GuardRecord) -> bool:
         if record.pid <= 1 or record.start is None:

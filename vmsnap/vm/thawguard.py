@@ -27,7 +27,9 @@ guard with vmsnap); SIGUSR1 makes it stand down without thawing (``vmsnap recove
 parent is dead, then thaws itself, once). The lock and the record are removed when the guard ends.
 
 ``status`` prints the record of the live guard of a target (JSON; ``{}`` when there is none) and removes a
-dead guard's record; ``stop --pid PID --start TICKS`` stands that guard down (SIGKILL after 10 s).
+dead guard's record; ``stop --pid PID --start TICKS`` stands that guard down (SIGKILL after 10 s); ``thaw``
+thaws the guest once, checked, holding the target's lock (``vmsnap recover``: no run can freeze between its
+look and its thaw; a live guard's freeze is left alone).
 """
 
 from __future__ import annotations
@@ -57,6 +59,14 @@ PROTOCOL = 2
 
 class AgentFailure(Exception):
     """The agent could not be reached or answered with an error."""
+
+
+class AgentRefused(AgentFailure):
+    """The agent answered with an error (``desc``: its words)."""
+
+    def __init__(self, command: str, error: Any) -> None:
+        self.desc = str(error.get("desc", error) if isinstance(error, dict) else error)
+        super().__init__(f"{command}: {self.desc}")
 
 
 class StandDown(BaseException):
@@ -106,7 +116,7 @@ class SocketAgent:
         finally:
             sock.close()
         if "error" in message:
-            raise AgentFailure("{}: {}".format(command, message["error"].get("desc", message["error"])))
+            raise AgentRefused(command, message["error"])
         return message.get("return")
 
     def resume_paused(self) -> str:
@@ -239,7 +249,7 @@ class LibvirtAgent:
             raise AgentFailure(str(err)) from err
         message = json.loads(reply) if reply else {}
         if "error" in message:
-            raise AgentFailure("{}: {}".format(command, message["error"].get("desc", message["error"])))
+            raise AgentRefused(command, message["error"])
         return message.get("return")
 
 
@@ -466,6 +476,43 @@ def _resume(agent: SocketAgent | LibvirtAgent, log: Log) -> bool:
     return True
 
 
+def thaw_once(agent: SocketAgent | LibvirtAgent, timeout: float) -> dict[str, Any]:
+    """One checked thaw, for ``thaw``: what it found or did, as the JSON object ``thaw`` prints."""
+    if agent.gone():
+        return {"gone": agent.description}
+    try:
+        status = agent.execute("guest-fsfreeze-status", timeout)
+    except AgentFailure as err:
+        return {"unreachable": str(err)}
+    if status != "frozen":
+        return {"status": status}
+    last = ""
+    for attempt in range(3):
+        if attempt:
+            time.sleep(0.5)
+        count, hook_error = 0, None
+        try:
+            try:
+                count = int(agent.execute("guest-fsfreeze-thaw", 60.0))
+            except AgentRefused as err:  # a thaw hook failed: the filesystems are thawed all the same
+                hook_error = err.desc
+            status = agent.execute("guest-fsfreeze-status", timeout)
+        except AgentFailure as err:
+            last = str(err)
+            continue
+        if status == "thawed":
+            return {"thawed": count, "hook_error": hook_error}
+        last = f"the guest still reports {status} after guest-fsfreeze-thaw"
+    return {"frozen": last}
+
+
+def _test_stop(name: str) -> None:
+    """TEST ONLY: stop this process here (SIGSTOP) when ``$VMSNAP_TEST_CRASH_AT`` is ``stop:NAME`` (as
+    :func:`vmsnap.processes.crash_point` does in vmsnap)."""
+    if os.environ.get("VMSNAP_TEST_CRASH_AT") == f"stop:{name}":
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 def _stand_down(_signum: int, _frame: Any) -> None:
     raise StandDown
 
@@ -522,6 +569,32 @@ def guard(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         drop_lock(directory, key, lock)
+
+
+def thaw(args: argparse.Namespace) -> int:
+    """Thaw the target's guest holding its guard lock, so that no run can start a guard and freeze between
+    the look and the thaw (``vmsnap recover``); prints one JSON object: ``{"busy": PID}`` (a live guard
+    holds the lock: its run's freeze is left alone), ``{"status": S}`` (nothing to do), ``{"thawed": N,
+    "hook_error": …}``, ``{"frozen": WHY}`` (it stays frozen), ``{"unreachable": WHY}`` or ``{"gone": …}``."""
+    directory = guard_dir(args.dir)
+    key = target_key(args.target)
+    lock = None
+    for _ in range(20):  # `status` holds a free lock for microseconds
+        lock = take_lock(directory, key)
+        if lock is not None:
+            break
+        time.sleep(0.05)
+    if lock is None:
+        print(json.dumps({"busy": read_record(directory, key).get("pid", 0)}))
+        return 0
+    try:
+        record = {"protocol": PROTOCOL, "pid": os.getpid(), "start": start_ticks(os.getpid())}
+        write_record(directory, key, {**record, "target": args.target, "since": time.time(), "thaw": True})
+        _test_stop("thaw-guest")
+        print(json.dumps(thaw_once(agent_for(args.target), args.timeout)))
+    finally:
+        drop_lock(directory, key, lock)
+    return 0
 
 
 def status(args: argparse.Namespace) -> int:
@@ -586,7 +659,10 @@ def parser() -> argparse.ArgumentParser:
     halt.add_argument("--pid", type=int, required=True)
     halt.add_argument("--start", type=int, required=True)
     halt.set_defaults(run=stop)
-    for sub in (run, look, halt):
+    melt = commands.add_parser("thaw", help="thaw the target's guest under its guard lock, once")
+    melt.add_argument("--timeout", type=float, default=10.0, help="seconds for each status question")
+    melt.set_defaults(run=thaw)
+    for sub in (run, look, halt, melt):
         sub.add_argument("--dir", required=True, help="where locks and records live (made 0700)")
         sub.add_argument("target", nargs="+", help="socket PATH | libvirt URI UUID")
     return top
