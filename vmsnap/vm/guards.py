@@ -37,6 +37,7 @@ from vmsnap import processes
 from vmsnap.errors import FreezeError, VmsnapError
 from vmsnap.runner import LocalRunner, Runner, child_environment
 from vmsnap.vm import thawguard
+from vmsnap.vm.agent import FREEZE_TIMEOUT
 from vmsnap.vm.remote import RemoteHost
 
 READY_TIMEOUT = 20.0
@@ -50,6 +51,9 @@ LEASE = 15.0
 
 MAX_FROZEN = 120.0
 """Seconds a guard lets a guest stay frozen beyond the freeze's own timeout, whatever the parent says."""
+
+CLOCK_SLACK = 60.0
+"""Seconds added to a guard's possible life when another host's clock measures it."""
 
 RUN_DIR_ENV = "VMSNAP_RUN_DIR"
 
@@ -105,6 +109,10 @@ class GuardRecord:
 
     :param where: the host it runs on, as runners name hosts (``local``, ``ssh:root@hv2``)
     :param pid: its pid there; 0 while it is still starting
+    :param since: when it started (``time.time()`` there)
+    :param deadline: seconds after ``since`` at which it thaws whatever its parent says (0: never); None in
+        the record of an older guard
+    :param give_up: seconds it then keeps trying to reach the agent (None: an older guard's record)
     """
 
     where: str
@@ -115,6 +123,8 @@ class GuardRecord:
     parent_boot: str
     parent_pid: int
     parent_start: int | None
+    deadline: float | None = None
+    give_up: float | None = None
 
     @classmethod
     def from_json(cls, where: str, data: dict[str, object]) -> GuardRecord:
@@ -123,6 +133,9 @@ class GuardRecord:
 
         def number(value: object) -> int | None:
             return value if isinstance(value, int) else None
+
+        def seconds(value: object) -> float | None:
+            return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
         since = data.get("since")
         return cls(
@@ -134,7 +147,20 @@ class GuardRecord:
             parent_boot=str(parent.get("boot", "")),
             parent_pid=number(parent.get("pid")) or 0,
             parent_start=number(parent.get("start")),
+            deadline=seconds(data.get("deadline")),
+            give_up=seconds(data.get("give_up")),
         )
+
+    def may_still_act(self, now: float) -> bool:
+        """True while the guard may still be watching or thawing a live run's freeze: until its deadline and
+        its give-up have passed since it started (with a minute for clocks that differ between hosts). A
+        guard with no deadline may act at any time; an older guard's record, without them, gets what vmsnap
+        gives its guards by default."""
+        if self.deadline == 0:
+            return True
+        deadline = self.deadline if self.deadline is not None else FREEZE_TIMEOUT + MAX_FROZEN
+        give_up = self.give_up if self.give_up is not None else thawguard.DEFAULT_GIVE_UP
+        return now - self.since < deadline + give_up + CLOCK_SLACK
 
     def parent_alive(self) -> bool | None:
         """Whether the vmsnap process that started the guard still runs; None when it ran on another host
@@ -573,7 +599,7 @@ def stand_down_leftovers(plan: GuardPlan) -> tuple[list[str], GuardRecord | None
     alive = record.parent_alive()
     if alive:
         return [], record
-    if alive is None and time.time() - record.since < MAX_FROZEN + thawguard.DEFAULT_GIVE_UP:
+    if alive is None and record.may_still_act(time.time()):
         return [], record  # started from another host, and maybe still working: leave it be
     if plan.site.stand_down(plan.target, record):
         return [f"stopped the thaw guard (pid {record.pid}{where}) of a dead vmsnap run"], None

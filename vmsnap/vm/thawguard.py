@@ -7,10 +7,10 @@ vmsnap is usually not installed, so this file imports only the standard library 
 libvirt target); vmsnap copies it there (:mod:`vmsnap.vm.guards`). Its grammar stays within Python 3.8.
 
 ``guard``: watch one freeze. The guard takes the target's lock (``DIR/KEY.lock``, ``flock``; KEY is a hash
-of the target) and writes its record (``DIR/KEY.json``: its pid and start time, the parent's host, boot id,
-pid and start time), says ``ready PID`` on the ready descriptor (``busy PID`` when another guard holds the
-lock: a guest is watched by one guard at a time, so a guard never thaws a freeze it does not own), and reads
-lines on the control descriptor:
+of the target) and writes its record (``DIR/KEY.json``: its pid and start time, when it started, its
+``--deadline`` and ``--give-up``, the parent's host, boot id, pid and start time), says ``ready PID`` on the
+ready descriptor (``busy PID`` when another guard holds the lock: a guest is watched by one guard at a time,
+so a guard never thaws a freeze it does not own), and reads lines on the control descriptor:
 
 - ``beat``: the parent lives; ``done``: the parent thawed the guest, exit without touching the agent;
 - ``thaw`` (the parent hands the thaw over), end of file (the parent died: the kernel closed its end, or the
@@ -547,6 +547,9 @@ def guard(args: argparse.Namespace) -> int:
             "start": start_ticks(os.getpid()),
             "target": args.target,
             "since": time.time(),
+            # how long it may still act (vmsnap recover on another host must not take it for a dead run's)
+            "deadline": args.deadline,
+            "give_up": args.give_up,
             "parent": {
                 "host": args.parent_host,
                 "boot": args.parent_boot,
