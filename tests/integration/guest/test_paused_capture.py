@@ -34,7 +34,7 @@ SEABIOS = Path("/usr/share/seabios/bios-256k.bin")
 @pytest.fixture(scope="module")
 def flash_guest(lab_image: LabImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabGuest]:
     """A lab guest with firmware flash: SeaBIOS read-only in unit 0, 256 KiB of variables in unit 1."""
-    assert SEABIOS.exists(), "install seabios (scripts/packages.d)"
+    assert SEABIOS.exists(), "install seabios (scripts/packages.d/lab.txt)"
     workdir = tmp_path_factory.mktemp("flash-guest")
     code = workdir / "code.fd"
     shutil.copyfile(SEABIOS, code)
