@@ -26,11 +26,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol
 
+import attrs
+
 from vmsnap.errors import NotFoundError, PluginError, UsageError
 from vmsnap.image.digest import ChunkDigests
 from vmsnap.image.sources import BackupSource
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
 from vmsnap.registry import LAYOUT_GROUP, load, names
+from vmsnap.repo import attachments
 from vmsnap.repo.locking import LockPolicy
 from vmsnap.repo.manifest import Damaged, Kind, Manifest
 from vmsnap.repo.marker import COMPRESSIONS, RepoMarker
@@ -52,6 +55,9 @@ from vmsnap.transports.base import Transport
 
 DEFINITION_FILE = "domain.xml"
 """Kept with a backup of a machine that has a definition (a libvirt domain's XML), for restore --define."""
+
+ATTACHMENT_MAX = attachments.MAX_SIZE
+"""The largest object :meth:`RepositoryLayout.attach` keeps (one chunk blob in the ``chunks`` layout)."""
 
 RestoreFormat = Literal["qcow2", "raw"]
 VerifyReader = Literal["auto", "qemu", "libqcow"]
@@ -111,6 +117,16 @@ class BackupWriter(Protocol):
         :param parent: the parent of an incremental (None for a full backup)
         :param definition: the machine's definition (libvirt XML) to keep with the backup, or None
         :raise RepositoryError: something the manifest names is missing, or the writer lost its lease
+        """
+        ...
+
+    def attach(self, name: str, data: bytes) -> None:
+        """Keep ``data`` as the backup's object ``name`` (what the machine needs to come back besides its
+        disks: firmware variables, TPM state, a QEMU command line), sealed with the backup: the manifest
+        names its sha256 (``objects``), it exists once the manifest does, cannot be replaced afterwards
+        (:meth:`RepositoryLayout.attach` refuses its name), and goes with a discarded run.
+
+        :raise UsageError: a bad name, or more than :data:`ATTACHMENT_MAX` bytes
         """
         ...
 
@@ -306,6 +322,32 @@ class RepositoryLayout(abc.ABC):
         :raise RepositoryError: it is damaged
         """
 
+    # -- objects kept beside a backup (its proof, its machine state) ---------------------------------
+
+    @abc.abstractmethod
+    def attach(self, manifest: Manifest, name: str, data: bytes) -> None:
+        """Store ``data`` as object ``name`` beside a complete backup, never rewriting its manifest (a boot
+        verification's result, its screenshot); encrypted and authenticated like the rest in an encrypted
+        repository. An object of that name is replaced, unless the manifest sealed it (machine state).
+
+        :raise UsageError: a bad name, a name the manifest sealed, or more than :data:`ATTACHMENT_MAX` bytes
+        :raise NotFoundError: the backup was removed (pruned) meanwhile
+        :raise RepositoryError: the repository cannot be written
+        """
+
+    @abc.abstractmethod
+    def attachment(self, manifest: Manifest, name: str) -> bytes:
+        """The object ``name`` kept beside a backup, checked (its digest, or its authentication tag in an
+        encrypted repository, and that it was stored for this backup under this name).
+
+        :raise NotFoundError: the backup has no such object
+        :raise RepositoryError: it is damaged or was moved from elsewhere
+        """
+
+    @abc.abstractmethod
+    def attachments(self, manifest: Manifest) -> list[str]:
+        """The names of the objects kept beside a backup, sorted."""
+
     @abc.abstractmethod
     def disk_source(self, manifest: Manifest, disk: str) -> BackupSource:
         """A backup's disk as something a server can read in place, for ``mount`` and instant restore: an
@@ -419,10 +461,12 @@ class RepositoryLayout(abc.ABC):
         reader: VerifyReader = "auto",
         fast: bool = False,
         progress: DiskProgress = no_progress,
+        repair_from: Sequence[RepositoryLayout] = (),
     ) -> VerifyReport:
         """Re-read backups and check every checksum (and chain link); collect problems, never raise for them.
 
         :param fast: chunks: check only that every referenced chunk exists (one listing); qcow2: ignored
+        :param repair_from: chunks: other repositories to store damaged or missing chunks again from
         :raise NotFoundError: the named VM or backup does not exist
         :raise UsageError: ``backup_id`` without ``vm``, or an unavailable reader
         """
@@ -448,10 +492,20 @@ class RepositoryLayout(abc.ABC):
         """
         with self.lock(vm):
             plan = self.plan_prune(vm, policy)
+            held = self.held_back(vm, plan.removed)
+            if held:
+                plan = attrs.evolve(
+                    plan, removed=tuple(b for b in plan.removed if b not in held), locked=held
+                )
             if not dry_run:
                 for backup_id in reversed(plan.removed):
                     self.delete_backup(vm, backup_id)
             return plan
+
+    def held_back(self, vm: str, backup_ids: Sequence[str]) -> dict[str, str]:
+        """Which of these backups a lock still protects from ``prune`` (a locked repository), each with the
+        date it becomes removable (UTC ISO 8601); none by default."""
+        return {}
 
     @abc.abstractmethod
     def copy_in(

@@ -16,6 +16,9 @@
   an encrypted repository the object also holds ``mac`` (see :mod:`vmsnap.repo.chunks.records`); in a
   locked one ``chunk_lock`` (UTC ISO 8601): every chunk the backup names is locked until at least then
   (see :mod:`vmsnap.repo.chunks.retain`).
+- both formats, when the backup kept machine state: objects, the name and sha256 of each object sealed with
+  the backup (:mod:`vmsnap.vm.machine_state`'s ``machine.json``, ``nvram.fd``, ``tpm-state.tar``); such an
+  object is checked against it when read and cannot be replaced (:mod:`vmsnap.repo.attachments`).
 
 :meth:`Manifest.from_json` refuses another format or digest, names that could become paths (``/``, ``..``, a
 leading dot), files other than ``<name>.qcow2`` (``<name>.index``) and an incremental without a parent.
@@ -26,8 +29,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -189,6 +193,8 @@ class Manifest:
     digest: str = ALGORITHM
     definition: str | None = None
     chunk_lock: str | None = None
+    objects: Mapping[str, str] = attrs.field(factory=dict)
+    """The objects sealed with the backup (its machine state): name → sha256 of the object's bytes."""
 
     @property
     def layout(self) -> str:
@@ -201,6 +207,10 @@ class Manifest:
         data["disks"] = [d.to_json() for d in self.disks]
         if self.chunk_lock is None:
             del data["chunk_lock"]  # only a locked repository's manifests have it
+        if self.objects:
+            data["objects"] = dict(sorted(self.objects.items()))
+        else:
+            del data["objects"]  # a backup without machine state keeps the keys it always had
         if self.format == QCOW2_FORMAT:
             del data["definition"]  # format 1 keeps its keys
         else:
@@ -226,6 +236,11 @@ class Manifest:
                 raise ValueError("an incremental backup without a parent")
             definition = data.get("definition") if version == CHUNKS_FORMAT else None
             chunk_lock = data.get("chunk_lock") if version == CHUNKS_FORMAT else None
+            objects = data.get("objects") or {}
+            if not isinstance(objects, dict) or not all(
+                isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in objects.values()
+            ):
+                raise ValueError(f"objects {objects!r} is no map of names to sha256 digests")
             return cls(
                 vm=validate_name(str(data["vm"]), "VM name"),
                 backup_id=validate_name(str(data["backup_id"]), "backup id"),
@@ -241,6 +256,7 @@ class Manifest:
                 digest=str(data["digest"]),
                 definition=str(definition) if definition is not None else None,
                 chunk_lock=str(chunk_lock) if chunk_lock is not None else None,
+                objects={validate_name(str(k), "object name"): str(v) for k, v in objects.items()},
             )
         except RepositoryError:
             raise

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from typing import ClassVar
 
 from vmsnap.errors import (
     LeaseError,
+    NotFoundError,
     RepositoryError,
     SnapshotError,
     UnsupportedError,
@@ -41,6 +43,7 @@ from vmsnap.files import (
 from vmsnap.image.digest import ChunkDigests
 from vmsnap.image.sources import BackupSource, ImageSource
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
+from vmsnap.repo import attachments
 from vmsnap.repo.layout import (
     DEFINITION_FILE,
     RepositoryLayout,
@@ -79,6 +82,8 @@ READ_LOCK = ".read-lock"
 LOCK_PATIENCE = 5.0
 """Seconds :meth:`Qcow2Repository.lock` tries again while the VM's lock looks held (see there)."""
 JOURNAL = ".journal.json"
+ATTACHMENTS = "attachments"
+"""In a backup's directory: the objects kept beside it, one file each (see :func:`write_attachment`)."""
 
 
 class Qcow2Repository(RepositoryLayout):
@@ -202,6 +207,37 @@ class Qcow2Repository(RepositoryLayout):
             return None
         except (OSError, UnicodeDecodeError) as err:
             raise RepositoryError(f"cannot read {path}: {err}", hint="check its permissions") from err
+
+    def attach(self, manifest: Manifest, name: str, data: bytes) -> None:
+        attachments.check_unsealed(manifest, name)
+        write_attachment(
+            self.backup_dir(manifest.vm, manifest.backup_id), manifest.vm, manifest.backup_id, name, data
+        )
+
+    def attachment(self, manifest: Manifest, name: str) -> bytes:
+        directory = self.backup_dir(manifest.vm, manifest.backup_id) / ATTACHMENTS
+        path = directory / validate_name(name, "attachment name")
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError as err:
+            raise NotFoundError(
+                f"backup {manifest.vm}/{manifest.backup_id} keeps no {name}",
+                hint=f"it keeps: {', '.join(self.attachments(manifest)) or 'nothing'}",
+            ) from err
+        except OSError as err:
+            raise RepositoryError(f"cannot read {path}: {err}", hint="check its permissions") from err
+        digest, _, envelope = raw.partition(b"\n")
+        if hashlib.sha256(envelope).hexdigest().encode() != digest:
+            raise RepositoryError(
+                f"{path} is damaged: its content does not match its sha256", hint="remove it"
+            )
+        return attachments.unseal(envelope, manifest.vm, manifest.backup_id, name, where=str(path))
+
+    def attachments(self, manifest: Manifest) -> list[str]:
+        directory = self.backup_dir(manifest.vm, manifest.backup_id) / ATTACHMENTS
+        if not directory.is_dir():
+            return []
+        return sorted(p.name for p in directory.iterdir() if not p.name.startswith(".") and _valid(p.name))
 
     def disk_source(self, manifest: Manifest, disk: str) -> BackupSource:
         """The top of the disk's qcow2 chain in the backup's directory (QEMU follows its relative backing
@@ -369,12 +405,19 @@ class Qcow2Repository(RepositoryLayout):
         reader: VerifyReader = "auto",
         fast: bool = False,
         progress: DiskProgress = no_progress,
+        repair_from: Sequence[RepositoryLayout] = (),
     ) -> VerifyReport:
         """Re-read backups and check every checksum and chain link (see :mod:`vmsnap.repo.verify`).
 
         :param reader: "qemu" (qemu-img), "libqcow" (pyqcow, an independent qcow2 reader), or "auto"
             (libqcow when the optional ``qcow`` extra is installed)
+        :raise UsageError: ``repair_from`` given (only the chunks layout repairs)
         """
+        if repair_from:
+            raise UsageError(
+                "verify repairs only repositories of the chunks layout",
+                hint="verify this qcow2 repository without --repair; restore from a backup that verifies",
+            )
         chosen = choose_reader(reader)
         damaged: list[Damaged] = []
         with self.reading(vm):
@@ -435,6 +478,8 @@ class Qcow2Repository(RepositoryLayout):
             definition = source.definition(manifest)
             if definition is not None:
                 write_atomic(staging / DEFINITION_FILE, definition.encode("utf-8"))
+            for name in source.attachments(manifest):  # checked when read
+                write_attachment(staging, vm, backup_id, name, source.attachment(manifest, name))
             copied = Manifest(
                 vm=vm,
                 backup_id=backup_id,
@@ -446,6 +491,7 @@ class Qcow2Repository(RepositoryLayout):
                 quiesced=manifest.quiesced,
                 bitmap=None,
                 disks=tuple(records),
+                objects=dict(manifest.objects),
             )
             self.commit(staging, copied)
         except BaseException:
@@ -470,6 +516,7 @@ class Qcow2Writer:
         self.parent = parent
         self.location = str(repo.backup_dir(vm, backup_id))
         self._written: dict[str, tuple[Disk, WrittenDisk]] = {}
+        self._objects: dict[str, str] = {}
 
     def checkpoint_images(self, parent: Manifest, disks: Sequence[Disk]) -> dict[str, Path]:
         directory = self.repo.backup_dir(self.vm, parent.backup_id)
@@ -541,13 +588,37 @@ class Qcow2Writer:
             quiesced=quiesced,
             bitmap=bitmap,
             disks=tuple(records),
+            objects=dict(self._objects),
         )
         self.repo.commit(self.workdir, manifest)
         return manifest
 
+    def attach(self, name: str, data: bytes) -> None:
+        """Keep an object in the staging directory (renamed into place with the backup), its sha256 named by
+        the manifest."""
+        write_attachment(self.workdir, self.vm, self.backup_id, name, data)
+        self._objects[name] = attachments.digest(data)
+
     def discard(self) -> None:
         if self.workdir.exists():
             self.repo.discard(self.workdir)
+
+
+def write_attachment(backup_dir: Path, vm: str, backup_id: str, name: str, data: bytes) -> None:
+    """Write ``backup_dir/attachments/<name>``: the sha256 of the envelope (hex), a newline, the envelope
+    (:mod:`vmsnap.repo.attachments`); 0600, durable, replaced atomically. ``backup_dir`` is never made:
+    a backup pruned meanwhile stays gone.
+
+    :raise NotFoundError: ``backup_dir`` does not exist (the backup was removed)
+    """
+    envelope = attachments.seal(vm, backup_id, name, data)
+    directory = backup_dir / ATTACHMENTS
+    try:
+        directory.mkdir(mode=DIR_MODE, exist_ok=True)
+    except FileNotFoundError as err:
+        raise NotFoundError(f"backup {vm}/{backup_id} is gone: {backup_dir} no longer exists") from err
+    digest = hashlib.sha256(envelope).hexdigest().encode()
+    write_atomic(directory / name, digest + b"\n" + envelope)
 
 
 @contextlib.contextmanager

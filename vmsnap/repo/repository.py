@@ -21,13 +21,21 @@ says so, and when, in one line (instead of "no repository here"), so the damage 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
+import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from vmsnap.errors import NotFoundError, RepositoryError, StoreError, UsageError, VmsnapError
+import attrs
+
+from vmsnap.errors import NotFoundError, RepositoryError, UsageError, VmsnapError
 from vmsnap.files import make_private_dir
+from vmsnap.processes import crash_point
 from vmsnap.repo.chunks.keys import RepositoryKey, create_key_file, read_key_file
 from vmsnap.repo.layout import DEFINITION_FILE, BackupWriter, RepositoryLayout, layout_class, layout_names
 from vmsnap.repo.locking import LockPolicy
@@ -38,16 +46,9 @@ from vmsnap.repo.qcow2_layout import DELETING_PREFIX
 from vmsnap.repo.reports import LayoutTraits, RestoredDisk
 from vmsnap.repo.stores import is_url, normalize_location, open_store
 from vmsnap.repo.stores.base import Retention, Store
-from vmsnap.repo.stores.history import (
-    AsOfStore,
-    before,
-    check_past,
-    format_time,
-    key_history,
-    split_as_of,
-    with_as_of,
-)
+from vmsnap.repo.stores.history import AsOfStore, split_as_of, with_as_of
 from vmsnap.repo.stores.retaining import retention_after
+from vmsnap.repo.versioned import as_of_view, check_lockable, never_deleted, overwritten
 from vmsnap.runner import Runner
 
 # the names backup/, cli.py and jobs/ import from here
@@ -60,6 +61,7 @@ __all__ = [
     "DiskProgress",
     "DiskRecord",
     "Kind",
+    "LocatedRepository",
     "Manifest",
     "Repository",
     "RepositoryLayout",
@@ -96,7 +98,8 @@ class Repository:
         as_of: dt.datetime | None = None,
     ) -> RepositoryLayout:
         """Open the repository at ``location``; with ``create``, make one there when it is a new or empty
-        directory (or an empty S3 prefix), of ``layout`` (default ``chunks``).
+        directory (or an empty S3 prefix), of ``layout`` (default ``chunks``). The same as
+        ``Repository.locate(…).open()``.
 
         :param as_of: read the repository as it was then, from the store's object versions (read-only; also
             written into the location as ``LOCATION?as-of=TIME``)
@@ -107,27 +110,56 @@ class Repository:
         :raise UsageError: ``as_of`` in the future, on a store without versions, or with ``create``
         :raise StoreError: the store cannot be reached
         """
+        return cls.locate(
+            location,
+            create=create,
+            layout=layout,
+            key_file=key_file,
+            runner=runner,
+            state_root=state_root,
+            lease_seconds=lease_seconds,
+            as_of=as_of,
+        ).open()
+
+    @classmethod
+    def locate(
+        cls,
+        location: Path | str,
+        *,
+        create: bool = False,
+        layout: str | None = None,
+        key_file: Path | str | None = None,
+        runner: Runner | None = None,
+        state_root: Path | None = None,
+        lease_seconds: float | None = None,
+        as_of: dt.datetime | None = None,
+    ) -> LocatedRepository:
+        """The repository at ``location`` found without writing anything: its store opened and its marker
+        read (once; a new directory is neither made nor opened yet), so that a backup can plan with the
+        layout's traits before its first write and then open it (:meth:`LocatedRepository.open`). The
+        options are :meth:`open`'s.
+
+        :raise RepositoryError: no such directory (without ``create``), or a damaged marker (overwritten:
+            when, is said)
+        :raise UsageError: an unknown ``layout``; ``as_of`` in the future, on a store without versions, or
+            with ``create``
+        :raise StoreError: the store cannot be reached
+        """
+        if layout is not None:
+            layout_class(layout)  # an unknown name fails now
         if as_of is not None:
             location = with_as_of(str(normalize_location(location)), as_of)
-        store, directory, view = _store(location, create=create)
-        if create and view is not None:
+        if create and split_as_of(str(location))[1] is not None:
             raise UsageError("a repository read --as-of a time cannot be written", hint="leave --as-of out")
-        marker = _read_marker(store, location)
-        if marker is None:
-            _never_deleted(store, location, view)
-            if not create:
-                raise RepositoryError(
-                    f"no vmsnap repository at {location} (no {MARKER})",
-                    hint="check --repo; `vmsnap init --repo …` or `vmsnap backup --repo DIR` (a new or empty "
-                    "directory) creates one",
-                )
-            marker = _create(store, directory, location, layout_class(layout or DEFAULT_LAYOUT).new_marker())
-        elif layout is not None and layout_class(layout).name != marker.layout:
-            raise RepositoryError(
-                f"repository {location} has layout {marker.layout}, not {layout}",
-                hint="choose another --repo for that layout, or leave --layout out",
-            )
-        return _instance(store, directory, marker, location, key_file, runner, state_root, lease_seconds)
+        store: Store | None = None
+        directory: Path | None = None
+        view: AsOfStore | None = None
+        marker: RepoMarker | None = None
+        if not create or is_url(location) or Path(location).exists():
+            store, directory, view = _store(location, create=False)
+            marker = _read_marker(store, location)
+        options = _Options(key_file, runner, state_root, lease_seconds)
+        return LocatedRepository(location, create, layout, options, store, directory, marker, view)
 
     @classmethod
     def init(
@@ -170,12 +202,12 @@ class Repository:
         if view is not None:
             raise UsageError("a repository read --as-of a time cannot be made", hint="leave --as-of out")
         if lock is not None:
-            _check_lockable(store)
+            check_lockable(store)
         if _read_marker(store, location) is not None:
             raise RepositoryError(
                 f"{location} is a vmsnap repository already", hint="use it, or choose another --repo"
             )
-        _never_deleted(store, location, None)
+        never_deleted(store, location, None)
         key: RepositoryKey | None = None
         made_key = False
         if encrypt:
@@ -192,23 +224,147 @@ class Repository:
         return _instance(store, directory, marker, location, path, runner, state_root, None)
 
     @classmethod
+    def missing(cls, location: Path | str) -> str | None:
+        """Why there is no repository at ``location``, as one line (``vmsnap recover`` says it): no such
+        directory, an empty one (or one holding only what :meth:`clear_unmade` removes), an empty S3 prefix;
+        None when there is a repository or other data there (:meth:`open` says which).
+
+        :raise StoreError: an S3 store cannot be reached
+        """
+        location = normalize_location(location)
+        if is_url(location):
+            store = open_store(str(location))
+            if _read_marker(store, location) is None and not any(True for _ in store.list("")):
+                return f"no vmsnap repository at {location} (nothing is stored there): nothing to undo in it"
+            return None
+        directory = Path(location)
+        if not directory.exists() and not directory.is_symlink():
+            return f"no vmsnap repository at {directory} (no such directory): nothing to undo in it"
+        if directory.is_dir() and not (directory / MARKER).exists():
+            leftovers = _creation_leftovers(directory)
+            what = "an empty directory" if leftovers == [] else "only a half-written marker"
+            if leftovers is not None:
+                return f"no vmsnap repository at {directory} ({what}): nothing to undo in it"
+        return None
+
+    @classmethod
+    def clear_unmade(cls, location: Path | str) -> list[str]:
+        """Remove what a backup that died while writing the marker of a new directory repository left (the
+        marker's temporary file), so that the directory is empty again; one line per file removed.
+
+        A process writing a marker holds an flock on the directory (:func:`_creating`): while one does, its
+        temporary file is left alone. Where the filesystem has no flock on directories (NFS), only a
+        temporary file older than :data:`UNMADE_AGE` seconds is taken for a dead run's.
+        """
+        location = normalize_location(location)
+        if is_url(location):
+            return []  # an object is stored whole or not at all
+        directory = Path(location)
+        if not directory.is_dir() or directory.is_symlink() or (directory / MARKER).exists():
+            return []
+        removed = []
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                return []  # a live process is writing the marker right now
+            except OSError:
+                locked = False
+            for leftover in _creation_leftovers(directory) or []:
+                if not locked and not _older_than(leftover, UNMADE_AGE):
+                    continue
+                leftover.unlink(missing_ok=True)
+                removed.append(f"removed {leftover}: the half-written marker of a dead run's new repository")
+        finally:
+            os.close(fd)  # (releases the lock)
+        return removed
+
+    @classmethod
     def traits_at(cls, location: Path | str, *, layout: str | None = None) -> LayoutTraits:
         """The traits of the repository at ``location``, or of the one ``open(create=True)`` would make
-        there — read before a backup writes anything.
-
-        :raise RepositoryError: the marker is damaged
+        there — read before a backup writes anything (:meth:`locate` does the same and keeps what it read).
         """
-        marker = None
-        if is_url(location) or Path(location).exists():
-            try:
-                store, _, _ = _store(location, create=False)
-                marker = _read_marker(store, location)
-            except (RepositoryError, NotFoundError):
-                marker = None
-        chosen = (
-            _layout_of(marker, location) if marker is not None else layout_class(layout or DEFAULT_LAYOUT)
+        try:
+            return cls.locate(location, create=True, layout=layout).traits()
+        except (RepositoryError, NotFoundError):
+            return layout_class(layout or DEFAULT_LAYOUT).traits()
+
+
+@attrs.frozen
+class _Options:
+    key_file: Path | str | None
+    runner: Runner | None
+    state_root: Path | None
+    lease_seconds: float | None
+
+
+class LocatedRepository:
+    """A repository found by :meth:`Repository.locate`, not opened yet (nothing written).
+
+    :ivar marker: its marker, or None where there is none yet (``open`` makes it, with ``create``)
+    """
+
+    def __init__(
+        self,
+        location: Path | str,
+        create: bool,
+        layout: str | None,
+        options: _Options,
+        store: Store | None,
+        directory: Path | None,
+        marker: RepoMarker | None,
+        view: AsOfStore | None = None,
+    ) -> None:
+        self.location = location
+        self._create = create
+        self._layout = layout
+        self._options = options
+        self._store = store
+        self._directory = directory
+        self._view = view
+        self.marker = marker
+
+    def traits(self) -> LayoutTraits:
+        """The layout's traits: the marker's layout, or the one :meth:`open` would make."""
+        if self.marker is not None:
+            return _layout_of(self.marker, self.location).traits()
+        return layout_class(self._layout or DEFAULT_LAYOUT).traits()
+
+    def open(self) -> RepositoryLayout:
+        """Open the repository with the store found (made first where ``create`` found none: a new
+        directory, an empty one, an empty S3 prefix); once.
+
+        :raise RepositoryError: no repository there (without ``create``), a non-empty directory that is not
+            one, or one of another layout than asked for
+        :raise KeyFileError: an encrypted repository and a key file that is not its key
+        """
+        location, marker = self.location, self.marker
+        store, directory = self._store, self._directory
+        if marker is None:
+            if store is not None:
+                never_deleted(store, location, self._view)
+            if not self._create:
+                raise RepositoryError(
+                    f"no vmsnap repository at {location} (no {MARKER})",
+                    hint="check --repo; `vmsnap init --repo …` or `vmsnap backup --repo DIR` (a new or empty "
+                    "directory) creates one",
+                )
+            if store is None:
+                store, directory, _ = _store(location, create=True)
+            new = layout_class(self._layout or DEFAULT_LAYOUT).new_marker()
+            marker = _create(store, directory, location, new)
+        elif self._layout is not None and layout_class(self._layout).name != marker.layout:
+            raise RepositoryError(
+                f"repository {location} has layout {marker.layout}, not {self._layout}",
+                hint="choose another --repo for that layout, or leave --layout out",
+            )
+        assert store is not None
+        o = self._options
+        return _instance(
+            store, directory, marker, location, o.key_file, o.runner, o.state_root, o.lease_seconds
         )
-        return chosen.traits()
 
 
 def _store(location: Path | str, *, create: bool) -> tuple[Store, Path | None, AsOfStore | None]:
@@ -219,7 +375,7 @@ def _store(location: Path | str, *, create: bool) -> tuple[Store, Path | None, A
         base, moment = split_as_of(str(location))
         store = open_store(base)
         if moment is not None:
-            view = _as_of(store, moment)
+            view = as_of_view(store, moment)
             return view, None, view
         return store, None, None
     path, moment = split_as_of(str(location))
@@ -241,96 +397,49 @@ def _store(location: Path | str, *, create: bool) -> tuple[Store, Path | None, A
     return open_store(directory), directory, None
 
 
-def _as_of(store: Store, moment: dt.datetime) -> AsOfStore:
-    """``store`` as it was at ``moment``.
-
-    :raise UsageError: ``moment`` in the future, or a store that keeps no versions
-    :raise RepositoryError: a bucket without versioning (nothing to read)
-    """
-    check_past(moment)
-    if not store.capabilities.versions:
-        raise UsageError(
-            f"{store.url} keeps no earlier versions: --as-of needs an object store with versioning",
-            hint="leave --as-of out",
-        )
-    if not store.locking().versioning:
-        raise RepositoryError(
-            f"{store.url} keeps no earlier versions (the bucket's versioning is off): nothing can be read "
-            f"as it was at {format_time(moment)}",
-            hint="leave --as-of out; a locked repository's bucket has versioning (Object Lock turns it on)",
-        )
-    return AsOfStore(store, moment)
+UNMADE_AGE = 60.0
+"""Seconds after which a marker's temporary file is taken for a dead run's where the directory cannot be
+locked (a live creator writes and renames it within moments)."""
 
 
-def _check_lockable(store: Store) -> None:
-    """Make sure ``store`` can hold a locked repository (two requests on S3).
-
-    :raise UsageError: the store cannot lock objects at all
-    :raise RepositoryError: the bucket lacks Object Lock or versioning, or has a default retention rule
-    """
-    if not store.capabilities.retention_locks:
-        raise UsageError(
-            f"{store.url} cannot lock objects", hint="use an S3 bucket with Object Lock: --repo s3://BUCKET/…"
-        )
-    locking = store.locking()
-    missing = [
-        what
-        for what, there in (
-            ("Object Lock is not enabled", locking.object_lock),
-            ("versioning is off", locking.versioning),
-        )
-        if not there
-    ]
-    if missing:
-        raise RepositoryError(
-            f"{store.url} cannot hold a locked repository: {' and '.join(missing)} on its bucket",
-            hint="create a bucket with Object Lock (aws s3api create-bucket --object-lock-enabled-for-bucket "
-            "…; it turns versioning on) and use that; vmsnap never creates buckets",
-        )
-    if locking.default_retention is not None:
-        raise RepositoryError(
-            f"{store.url}: the bucket has a default retention ({locking.default_retention}); vmsnap locks "
-            "each object itself and keeps its leases unlocked",
-            hint="remove the rule (aws s3api put-object-lock-configuration --object-lock-configuration "
-            "ObjectLockEnabled=Enabled), or use a bucket without one",
-        )
-
-
-def _never_deleted(store: Store, location: Path | str, view: AsOfStore | None) -> None:
-    """No marker here: make sure none was deleted (one listing of its versions where the store keeps them;
-    an emptied repository must not be taken for a new, empty place).
-
-    :raise RepositoryError: the marker was deleted (when is said), or a read as of a time before it existed
-    """
-    if view is not None:
-        first = view.first_written(MARKER)
-        moment = format_time(view.moment)
-        if first is not None and first > view.moment:
-            raise RepositoryError(
-                f"the repository at {location} did not exist yet at {moment}: it was made at "
-                f"{format_time(first)}",
-                hint="give a later --as-of",
-            )
-        if first is not None:
-            raise RepositoryError(
-                f"the repository at {location} had been deleted by {moment}",
-                hint="give an earlier --as-of",
-            )
+@contextlib.contextmanager
+def _creating(directory: Path | None) -> Iterator[None]:
+    """Hold an exclusive flock on a new repository's directory while its marker is written, so that
+    :meth:`Repository.clear_unmade` (``vmsnap recover``, which takes no VM's lock for a repository not yet
+    made) leaves the marker's temporary file of a live creator alone. Released by the kernel when the
+    process dies. A filesystem that cannot lock a directory (NFS) is written without it."""
+    if directory is None:
+        yield
         return
-    if not store.capabilities.versions:
-        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        history = key_history(store, MARKER)
-    except StoreError:  # no s3:ListBucketVersions: nothing to tell (a bucket without versions needs none)
-        return
-    deleted = history.deleted_at
-    if deleted is not None:
-        raise RepositoryError(
-            f"the repository at {location} was deleted at {format_time(deleted)} (its {MARKER} has a delete "
-            "marker; its other objects may be deleted or overwritten too)",
-            hint=f"read it as it was with --as-of {before(deleted)} (list, verify, restore, mount), or "
-            "rescue it with `vmsnap copy --as-of … --from … --to s3://NEW-BUCKET/…`",
-        )
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except FileNotFoundError:
+        return False
+
+
+_CREATION_LEFTOVER = re.compile(r"\.tmp-[0-9a-f]{16}|\.vmsnap-repo\.json\.tmp-[0-9a-f]{8}")
+"""The temporary file of a marker being written (the local store's, or the qcow2 layout's atomic write)."""
+
+
+def _creation_leftovers(directory: Path) -> list[Path] | None:
+    """The temporary files a run that died writing the marker left in ``directory`` (a directory with no
+    marker), or None when it holds anything else."""
+    found = []
+    for entry in directory.iterdir():
+        if entry.is_symlink() or not entry.is_file() or not _CREATION_LEFTOVER.fullmatch(entry.name):
+            return None
+        found.append(entry)
+    return found
 
 
 def _read_marker(store: Store, location: Path | str) -> RepoMarker | None:
@@ -342,7 +451,7 @@ def _read_marker(store: Store, location: Path | str) -> RepoMarker | None:
         marker = RepoMarker.from_bytes(raw, where=f"{location}/{MARKER}")
         return _layout_of(marker, location).accept_marker(marker)
     except ValueError as err:
-        raise _overwritten(
+        raise overwritten(
             store,
             location,
             RepositoryError(
@@ -351,23 +460,7 @@ def _read_marker(store: Store, location: Path | str) -> RepoMarker | None:
             ),
         ) from err
     except RepositoryError as err:
-        raise _overwritten(store, location, err) from err
-
-
-def _overwritten(store: Store, location: Path | str, err: RepositoryError) -> RepositoryError:
-    """``err`` about a damaged marker, saying when it was overwritten where the store keeps versions."""
-    if not store.capabilities.writable or not store.capabilities.versions:
-        return err
-    try:
-        when = key_history(store, MARKER).overwritten_at
-    except VmsnapError:
-        return err
-    if when is None:
-        return err
-    return RepositoryError(
-        f"{location}/{MARKER} was overwritten at {format_time(when)}: {err.message}",
-        hint=f"read the repository as it was with --as-of {before(when)}",
-    )
+        raise overwritten(store, location, err) from err
 
 
 def _layout_of(marker: RepoMarker, location: Path | str) -> type[RepositoryLayout]:
@@ -387,6 +480,14 @@ def _layout_of(marker: RepoMarker, location: Path | str) -> type[RepositoryLayou
 def _create(
     store: Store, directory: Path | None, location: Path | str, marker: RepoMarker, *, exclusive: bool = False
 ) -> RepoMarker:
+    """:func:`_create_locked`, holding the directory's creation lock (:func:`_creating`)."""
+    with _creating(directory):
+        return _create_locked(store, directory, location, marker, exclusive=exclusive)
+
+
+def _create_locked(
+    store: Store, directory: Path | None, location: Path | str, marker: RepoMarker, *, exclusive: bool = False
+) -> RepoMarker:
     """Write ``marker`` into an empty store. When another process (another host) made a repository there
     meanwhile, that one's marker is returned — or, with ``exclusive`` (``init``), refused: of several racing
     creators exactly one writes the marker (``put(if_absent)``).
@@ -394,7 +495,11 @@ def _create(
     :raise RepositoryError: the store or directory holds other data, or (``exclusive``) a repository
     :raise UsageError: a layout that keeps plain files, in an object store
     """
-    empty = not any(True for _ in store.list("")) if directory is None else not any(directory.iterdir())
+    if directory is None:
+        empty = not any(True for _ in store.list(""))
+    else:  # the temporary file of a run that died writing the marker is no data (nor, while it is being
+        # written, is a racing creator's: so it is left alone here; `vmsnap recover` removes a dead run's)
+        empty = _creation_leftovers(directory) is not None
     if not empty:
         found = _read_marker(store, location)
         if found is None:
@@ -403,6 +508,7 @@ def _create(
                 hint="choose a new or empty directory (or S3 prefix) for --repo",
             )
         return _created_meanwhile(found, location, exclusive)
+    crash_point("before-marker")
     cls = _layout_of(marker, location)
     if cls.needs_directory and directory is None:
         anywhere = [n for n in layout_names() if not layout_class(n).needs_directory]

@@ -11,9 +11,11 @@ import pytest
 
 from tests.unit.repo.backups import W1, W2, add_backup
 from vmsnap.errors import RepositoryError, UsageError
+from vmsnap.repo import repository
 from vmsnap.repo.layout import layout_class, layout_names
 from vmsnap.repo.qcow2_repo import Qcow2Repository
 from vmsnap.repo.repository import Repository
+from vmsnap.repo.stores import Store
 
 
 def test_open_needs_a_repository_and_create_makes_one_private(tmp_path: Path) -> None:
@@ -86,6 +88,30 @@ def test_a_layout_is_asked_for_by_name_and_a_wrong_one_refused(tmp_path: Path) -
     with pytest.raises(UsageError, match="cannot be encrypted"):
         Repository.init(tmp_path / "q", layout="qcow2", encrypt=True, key_file=tmp_path / "key")
     assert not (tmp_path / "key").exists() and not (tmp_path / "q").exists()
+
+
+def test_locate_writes_nothing_and_open_uses_the_store_it_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[str] = []
+    real = repository.open_store
+
+    def counting(location: str | Path, *, create: bool = False) -> Store:
+        opened.append(str(location))
+        return real(location, create=create)
+
+    monkeypatch.setattr(repository, "open_store", counting)
+    found = Repository.locate(tmp_path / "new", create=True, layout="qcow2")
+    assert found.marker is None and found.traits().name == "qcow2"
+    assert not (tmp_path / "new").exists() and opened == []  # nothing made, nothing opened yet
+    assert isinstance(found.open(), Qcow2Repository) and opened == [str(tmp_path / "new")]
+    opened.clear()
+    again = Repository.locate(tmp_path / "new", create=True)
+    assert again.marker is not None and again.traits().name == "qcow2"
+    again.open()
+    assert opened == [str(tmp_path / "new")]  # the store is opened and the marker read once
+    with pytest.raises(RepositoryError, match="no such directory"):
+        Repository.locate(tmp_path / "absent")
 
 
 @pytest.mark.parametrize("bad", ["../etc", "a/b", "..", ".hidden", "", "x" * 200])

@@ -1,8 +1,10 @@
-"""Stores are found by URL scheme in the ``vmsnap.stores`` entry points: a path opens the ``file`` store, an
-``s3://`` URL the ``s3`` one; an unknown scheme is one clear line, a broken plugin names what it lacks."""
+"""Stores are found by URL scheme in the ``vmsnap.stores`` entry points: a path opens the ``directory``
+store, an ``s3://`` URL the ``s3`` one; an unknown scheme is one clear line, a broken plugin names what it
+lacks."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -25,20 +27,20 @@ from vmsnap.repo.stores import (
 
 
 def test_the_two_stores_are_registered_by_scheme() -> None:
-    assert {"file", "s3"} <= set(store_schemes())
-    assert PATH_SCHEME == "file"
-    assert store_class("file").scheme == "file"
+    assert {"directory", "s3"} <= set(store_schemes())
+    assert PATH_SCHEME == "directory"
+    assert store_class("directory").scheme == "directory"
     assert store_class("s3").scheme == "s3"
     assert store_class("s3").capabilities == StoreCapabilities(
         sharded_listing=True, conditional_put="server", batch_delete=True, versions=True, retention_locks=True
     )
-    assert store_class("file").capabilities == StoreCapabilities()
+    assert store_class("directory").capabilities == StoreCapabilities()
 
 
-def test_a_path_opens_the_file_store(tmp_path: Path) -> None:
+def test_a_path_opens_the_directory_store(tmp_path: Path) -> None:
     store = open_store(tmp_path / "new", create=True)
     assert store.url == str(tmp_path / "new") and (tmp_path / "new").is_dir()
-    assert scheme_of(tmp_path) == "file" and not is_url(tmp_path)
+    assert scheme_of(tmp_path) == "directory" and not is_url(tmp_path)
     store.put("a", b"x")
     store.delete_many(["a", "b"])
     assert not store.exists("a")
@@ -46,7 +48,7 @@ def test_a_path_opens_the_file_store(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("location", "scheme", "url"),
-    [("s3://bucket/p", "s3", True), ("/backups", "file", False), ("rel/dir", "file", False)],
+    [("s3://bucket/p", "s3", True), ("/backups", "directory", False), ("rel/dir", "directory", False)],
 )
 def test_scheme_of(location: str, scheme: str, url: bool) -> None:
     assert scheme_of(location) == scheme
@@ -92,6 +94,13 @@ def _fake_entry_points(monkeypatch: pytest.MonkeyPatch, extra: list[EntryPoint])
         return found + [ep for ep in extra if ep.group == group]
 
     monkeypatch.setattr(registry, "entry_points", patched)
+    registry.refresh()  # read them again, with the fake ones
+
+
+@pytest.fixture(autouse=True)
+def _entry_points_read_again() -> Iterator[None]:
+    yield
+    registry.refresh()  # the next test reads the real ones
 
 
 def test_a_store_whose_package_is_missing_names_it(monkeypatch: pytest.MonkeyPatch) -> None:

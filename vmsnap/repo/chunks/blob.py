@@ -73,7 +73,10 @@ PROBE_SAMPLES = 4
 PROBE_SIZE = 8192
 _HEADER = struct.Struct(">4sBBH")
 _ZEROS = bytes(CHUNK_SIZE)
-_DAMAGED_HINT = "run `vmsnap verify` to find the backups that use it; restore another one or take a new one"
+_DAMAGED_HINT = (
+    "run `vmsnap verify`: it names the backups that use the chunk and moves it aside, so that the next "
+    "backup stores it again if the disk still holds that data; meanwhile restore another backup"
+)
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
 
 

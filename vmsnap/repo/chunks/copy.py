@@ -83,7 +83,13 @@ class CopyRepository(Protocol):
 
     def put_definition(self, vm: str, backup_id: str, text: str) -> str: ...
 
+    def put_attachment(self, vm: str, backup_id: str, name: str, data: bytes) -> None: ...
+
     def discard_backup(self, vm: str, backup_id: str) -> bool: ...
+
+    def open_backup(self, vm: str, backup_id: str) -> str: ...
+
+    def sealed(self, vm: str, backup_id: str, written: bool) -> None: ...
 
 
 def copy_into(
@@ -102,12 +108,15 @@ def copy_into(
     :raise UnsupportedError: the source serves an image without digests to check it against
     """
     into = ChunksCopy(target, manifest)
+    target.open_backup(manifest.vm, manifest.backup_id)  # before it learns which chunks the target has
     try:
         for record in manifest.disks:
             if chunks_source is not None:
                 into.add_from_chunks(chunks_source, record, progress)
             else:
                 into.add_from_source(source, record, progress)
+        for name in source.attachments(manifest):  # machine state, boot and verify records: checked when read
+            target.put_attachment(manifest.vm, manifest.backup_id, name, source.attachment(manifest, name))
         into.seal(source.definition(manifest))
     except BaseException:
         target.discard_backup(manifest.vm, manifest.backup_id)
@@ -225,7 +234,7 @@ class ChunksCopy:
             )
         self.sent_chunks += result.stats.new_chunks
         self.sent_bytes += result.stats.new_bytes
-        self.stored |= recording.stored
+        self.stored |= recording.written.keys()
         self._present().update(result.index.referenced())
         self._put_index(record, result.index, bytes_read=result.stats.bytes_read)
 
@@ -283,12 +292,13 @@ class ChunksCopy:
             definition=definition_id,
             chunk_lock=sealed.chunk_lock if sealed is not None else None,
         )
-        self.repo.store.put(
+        written = self.repo.store.put(
             manifest_key(m.vm, m.backup_id),
             encode_manifest(copied, self.repo.key),
             if_absent=True,
             retention=sealed.manifest if sealed is not None else None,
         )
+        self.repo.sealed(m.vm, m.backup_id, written)  # a gc may have fenced it (see vmsnap.repo.chunks.gc)
 
 
 def _unread_problems(index: ChunkIndex, expected: ChunkDigests) -> list[int]:

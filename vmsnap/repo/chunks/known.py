@@ -172,7 +172,7 @@ class KnownChunks:
 class RecordingStore(StoreWrapper):
     """A store that tells :class:`KnownChunks` of every chunk it stored or found there (``put`` of a chunk
     key) — of one ``put(durable=False)`` only once :meth:`sync` made it durable; everything else passes
-    through. :attr:`stored` holds the ids of the chunks its puts wrote (not found there)."""
+    through; :attr:`written` holds the chunks its puts wrote (not found there)."""
 
     def __init__(self, store: Store, known: KnownChunks) -> None:
         super().__init__(store)
@@ -180,7 +180,8 @@ class RecordingStore(StoreWrapper):
         self._lock = threading.Lock()
         self._unsynced: list[ChunkId] = []
         self.puts = 0
-        self.stored: set[ChunkId] = set()
+        self.written: dict[ChunkId, int] = {}
+        """Every chunk this store wrote (a put that returned True), with its blob's size."""
 
     def put(
         self,
@@ -196,7 +197,7 @@ class RecordingStore(StoreWrapper):
         with self._lock:
             self.puts += 1
             if chunk_id is not None and written:
-                self.stored.add(chunk_id)
+                self.written[chunk_id] = len(data)
             if chunk_id is not None and written and not durable:
                 self._unsynced.append(chunk_id)  # not in the store until sync(): not known yet
                 chunk_id = None

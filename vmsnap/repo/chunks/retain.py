@@ -2,10 +2,11 @@
 a backup names are kept locked at least as long as the backup — with few requests.
 
 **What is locked** (the rule a :class:`~vmsnap.repo.stores.retaining.RetainingStore` applies to every put):
-a backup's own objects (indexes, definition, manifest, and whatever else is written beside them) for the
-policy's ``days`` from their put; chunks and the marker for ``days + extend_days``. Mutable objects —
-leases (``locks/``), ``gc-generation``, ``known-chunks-epoch``, ``vms/<vm>/needs-full`` — are never
-locked: they are rewritten and deleted all the time, and gc removes their old versions.
+a backup's own objects (indexes, definition, manifest, the objects kept beside it, a gc's tombstone) for
+the policy's ``days`` from their put; chunks and the marker for ``days + extend_days``. Mutable objects —
+leases (``locks/``), ``gc-generation``, ``known-chunks-epoch``, ``vms/<vm>/needs-full``, a backup's
+``writer.json`` (deleted when it is sealed), quarantine records (``quarantine/``) — are never locked: they
+are rewritten and deleted all the time, and gc removes their old versions.
 
 **Keeping reused chunks locked** (:meth:`ChunkLocks.secure`, when a backup is sealed, before its
 manifest): a backup sealed at time *t* must find every chunk it names locked until at least *t + days*
@@ -28,25 +29,28 @@ next backup of the VM, seeing the same old ``chunk_lock``, extends them all agai
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import threading
 import time
-from collections.abc import Set
+from collections.abc import Sequence, Set
+from typing import Protocol
 
 import attrs
 
-from vmsnap.errors import UsageError
+from vmsnap.errors import NotFoundError, RepositoryError, UsageError
 from vmsnap.processes import crash_point
 from vmsnap.repo.chunks.blob import ChunkId, chunk_key, parse_chunk_key
 from vmsnap.repo.chunks.known import EPOCH_KEY, GENERATION_KEY
 from vmsnap.repo.chunks.leases import WRITERS
-from vmsnap.repo.chunks.records import NEEDS_FULL, VMS
+from vmsnap.repo.chunks.quarantine import QUARANTINE
+from vmsnap.repo.chunks.records import NEEDS_FULL, VMS, WRITER, manifest_key
 from vmsnap.repo.locking import LockPolicy
 from vmsnap.repo.manifest import Manifest
-from vmsnap.repo.marker import MARKER
+from vmsnap.repo.marker import MARKER, RepoMarker
 from vmsnap.repo.stores.base import Retention, Store
 from vmsnap.repo.stores.history import format_time, parse_time
-from vmsnap.repo.stores.retaining import RetentionRule, retention_after
+from vmsnap.repo.stores.retaining import RetainingStore, RetentionRule, retention_after
 
 LOCKS = WRITERS.split("/", 1)[0] + "/"
 """``locks/``: every lease is under it."""
@@ -54,11 +58,14 @@ LOCKS = WRITERS.split("/", 1)[0] + "/"
 
 def is_mutable(key: str) -> bool:
     """True for the objects a ``chunks`` repository rewrites or deletes as it works (never locked): leases,
-    the gc generation, the known-chunks epoch, a VM's needs-full mark."""
-    if key.startswith(LOCKS) or key in (GENERATION_KEY, EPOCH_KEY):
+    the gc generation, the known-chunks epoch, a VM's needs-full mark, the ``writer.json`` of a backup being
+    written, the quarantine records of damaged chunks."""
+    if key.startswith((LOCKS, QUARANTINE)) or key in (GENERATION_KEY, EPOCH_KEY):
         return True
     parts = key.split("/")
-    return len(parts) == 3 and key.startswith(VMS) and parts[2] == NEEDS_FULL
+    if not key.startswith(VMS):
+        return False
+    return (len(parts) == 3 and parts[2] == NEEDS_FULL) or (len(parts) == 4 and parts[3] == WRITER)
 
 
 def is_write_once(key: str) -> bool:
@@ -67,7 +74,7 @@ def is_write_once(key: str) -> bool:
     if key == MARKER or parse_chunk_key(key) is not None:
         return True
     parts = key.split("/")
-    return len(parts) == 4 and key.startswith(VMS) and parts[2][:1].isdigit()
+    return len(parts) == 4 and key.startswith(VMS) and parts[2][:1].isdigit() and not is_mutable(key)
 
 
 def retention_rule(policy: LockPolicy) -> RetentionRule:
@@ -81,6 +88,53 @@ def retention_rule(policy: LockPolicy) -> RetentionRule:
         return policy.seconds
 
     return rule
+
+
+def lock_store(store: Store, marker: RepoMarker) -> tuple[Store, ChunkLocks | None]:
+    """The store a repository with ``marker`` writes through, and what keeps its chunks locked: for a locked
+    repository a :class:`RetainingStore` with :func:`retention_rule`; else ``store`` itself and None.
+
+    :raise RepositoryError: a locked repository in a store that cannot lock
+    """
+    if marker.lock is None:
+        return store, None
+    if not store.capabilities.retention_locks:
+        raise RepositoryError(
+            f"repository {store.url} is locked ({marker.lock.describe()}), and its store cannot lock",
+            hint="a locked repository lives in an S3 bucket with Object Lock: open it there",
+        )
+    retaining = RetainingStore(store, marker.lock.mode, retention_rule(marker.lock))
+    return retaining, ChunkLocks(retaining, marker.lock)
+
+
+def locked_backups(store: Store, vm: str, backup_ids: Sequence[str]) -> dict[str, str]:
+    """Which of these backups of ``vm`` ``prune`` must keep: those whose manifest's lock still holds (one
+    HeadObject each), with the date it ends. A locked backup's manifest is never deleted (a delete marker over
+    it would be allowed, but is how gc recognises an attack)."""
+    now = dt.datetime.now(dt.UTC)
+    locked: dict[str, str] = {}
+    for backup_id in backup_ids:
+        with contextlib.suppress(NotFoundError):
+            retention = store.retention(manifest_key(vm, backup_id))
+            if retention is not None and retention.covers(now):
+                locked[backup_id] = format_time(retention.until)
+    return locked
+
+
+class _Latest(Protocol):
+    def latest(self, vm: str) -> Manifest | None: ...
+
+
+def previous_backup(repo: _Latest, vm: str, parent: Manifest | None) -> Manifest | None:
+    """The backup of ``vm`` before a new one, whose ``chunk_lock`` says how long the chunks it names are
+    locked: the parent of an incremental, else the VM's latest (None when it has none or it is damaged:
+    then every chunk the new backup reuses is extended)."""
+    if parent is not None:
+        return parent
+    try:
+        return repo.latest(vm)
+    except RepositoryError:
+        return None
 
 
 @attrs.frozen

@@ -9,11 +9,15 @@ From one listing of every version (ListObjectVersions) and gc's mark set (:mod:`
   content over a chunk, a backup's object or the marker (vmsnap writes those once). Then the repository was
   attacked: read it ``--as-of`` a time before (the message names one).
 - **What goes** (each version only once no lock holds it): every version of an unreferenced chunk, of the
-  objects of a backup without a current manifest (pruned, or a dead run's), and of any key whose current
-  version is a delete marker; the older versions of every other key (an overwritten object's, and the old
-  versions of leases, ``gc-generation`` and the other mutable objects, which are never locked — so they are
-  removed at every gc). A delete marker goes last, once no version is left under it (else an older version
-  would become current again).
+  objects of a backup gc's mark did not find complete (pruned, or a dead run's: fenced), and of any key
+  whose current version is a delete marker; the older versions of every other key (an overwritten object's,
+  and the old versions of leases, ``gc-generation``, ``writer.json``, quarantine records and the other
+  mutable objects, which are never locked — so they are removed at every gc). A fenced run's tombstone (the
+  current version at its manifest's key) stays, as in a store without versions. A delete marker goes last,
+  once no version is left under it (else an older version would become current again). A chunk a kept
+  backup names keeps every version even when a delete marker hides it (``verify`` moved it aside, or it is
+  not vmsnap's doing): ``verify`` reports it, the next backup stores it again, and then the older versions
+  go.
 - **Whether a version is locked** is decided without trying to delete it: a delete marker, or a mutable
   object's version in a bucket without a default retention, is not; a version younger than the repository's
   lock ``days`` (less a minute for the clocks) is (every locked put lasts at least that long); any other is
@@ -25,13 +29,13 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Set
 
 import attrs
 
 from vmsnap.errors import NotFoundError, RepositoryError
 from vmsnap.processes import crash_point
-from vmsnap.repo.chunks.blob import parse_chunk_key
+from vmsnap.repo.chunks.blob import ChunkId, parse_chunk_key
 from vmsnap.repo.chunks.parallel import BoundedPool
 from vmsnap.repo.chunks.records import split_backup_key
 from vmsnap.repo.chunks.retain import is_mutable, is_write_once
@@ -59,6 +63,7 @@ class VersionSweep:
     :param locked_versions: versions gc would delete but a lock holds
     :param locked_bytes: their size
     :param next_unlock: when the first of them frees up (UTC ISO 8601; at the latest), or None
+    :param present: the chunks whose current version is an object (not a delete marker) that stays
     """
 
     chunks_kept: int
@@ -69,6 +74,7 @@ class VersionSweep:
     locked_versions: int
     locked_bytes: int
     next_unlock: str | None
+    present: frozenset[ChunkId] = frozenset()
 
 
 def group(versions: Iterable[ObjectVersion]) -> dict[str, list[ObjectVersion]]:
@@ -171,21 +177,13 @@ class LockOracle:
 
 
 def plan_sweep(
-    history: dict[str, list[ObjectVersion]], referenced: set[bytes]
-) -> tuple[list[ObjectVersion], set[str], set[str], int]:
+    history: dict[str, list[ObjectVersion]], referenced: Set[bytes], complete: Set[tuple[str, str]]
+) -> tuple[list[ObjectVersion], set[str], int]:
     """(the versions to delete if unlocked, newest first per key; the keys whose every version is to go;
-    the partial backups; the chunks kept) — see the module docstring. A chunk a kept backup names keeps
-    every version even when a delete marker hides it (not vmsnap's doing: verify reports it missing, and
-    its versions are what a read ``--as-of`` needs)."""
-    manifests = {
-        (parts[0], parts[1]): versions[0].deleted
-        for key, versions in history.items()
-        if (parts := split_backup_key(key)) is not None and parts[2] == MANIFEST
-    }
-    complete = {backup for backup, deleted in manifests.items() if not deleted}
+    the chunks kept) — see the module docstring. ``complete``: the (vm, backup id) of every backup gc's mark
+    found sealed."""
     candidates: list[ObjectVersion] = []
     whole: set[str] = set()
-    partial: set[str] = set()
     kept = 0
     for key, versions in history.items():
         newest = versions[0]
@@ -199,27 +197,34 @@ def plan_sweep(
             garbage = True
         parts = split_backup_key(key)
         if parts is not None and (parts[0], parts[1]) not in complete:
-            garbage = True
-            if (parts[0], parts[1]) not in manifests:  # never sealed (not a pruned backup)
-                partial.add(f"{parts[0]}/{parts[1]}")
+            # a fenced run's tombstone stays (its writer must never seal); every other object goes
+            garbage = garbage or parts[2] != MANIFEST
         if garbage:
             whole.add(key)
             candidates.extend(versions)
         else:
             candidates.extend(versions[1:])
-    return candidates, whole, partial, kept
+    return candidates, whole, kept
 
 
 def sweep_versions(
     store: Store,
     history: dict[str, list[ObjectVersion]],
-    referenced: set[bytes],
+    referenced: Set[bytes],
+    complete: Set[tuple[str, str]],
+    unfinished: Set[str],
     oracle: LockOracle,
     *,
     dry_run: bool,
+    check: Callable[[], None] = lambda: None,
+    group_size: int = 8000,
 ) -> VersionSweep:
-    """Delete every version :func:`plan_sweep` names that no lock holds (delete markers over others last)."""
-    candidates, whole, partial, kept = plan_sweep(history, referenced)
+    """Delete every version :func:`plan_sweep` names that no lock holds (delete markers over others last),
+    in groups of ``group_size``, calling ``check`` before each (gc: its lock is still its own).
+
+    :param unfinished: ``vm/backup-id`` of the runs gc fenced (reported once none of their objects is held)
+    """
+    candidates, whole, kept = plan_sweep(history, referenced, complete)
     oracle.ask_all(candidates)
     free: list[ObjectVersion] = []
     held: list[tuple[ObjectVersion, dt.datetime]] = []
@@ -238,20 +243,32 @@ def sweep_versions(
 
     first = [v for v in free if not (v.deleted and v.latest)]
     last = [v for v in free if v.deleted and v.latest and alone(v)]
+    deleted = first + last
     if not dry_run:
         crash_point("gc-before-versions")
-        store.delete_versions((v.key, v.version_id) for v in first)
-        store.delete_versions((v.key, v.version_id) for v in last)
-    deleted = first + last
+        half = len(deleted) // 2
+        for part in (first, last):
+            for start in range(0, len(part), group_size):
+                chunk = part[start : start + group_size]
+                if part is first and start <= half < start + len(chunk):
+                    crash_point("gc-mid-sweep")
+                check()  # a writer took the lock over (this gc was stopped past its lease): stop here
+                store.delete_versions((v.key, v.version_id) for v in chunk)
     gone = whole - held_keys
     held_prefixes = {"/".join(v.key.split("/")[:3]) + "/" for v, _ in held}
+    present = frozenset(
+        chunk_id
+        for key, versions in history.items()
+        if not versions[0].deleted and key not in gone and (chunk_id := parse_chunk_key(key)) is not None
+    )
     return VersionSweep(
         chunks_kept=kept,
         chunks_freed=sum(1 for key in gone if parse_chunk_key(key) is not None),
         versions_freed=len(deleted),
         bytes_freed=sum(v.size for v in deleted),
-        partial_backups=tuple(sorted(p for p in partial if f"vms/{p}/" not in held_prefixes)),
+        partial_backups=tuple(sorted(p for p in unfinished if f"vms/{p}/" not in held_prefixes)),
         locked_versions=len(held),
         locked_bytes=sum(v.size for v, _ in held),
         next_unlock=format_time(min(until for _, until in held)) if held else None,
+        present=present,
     )

@@ -54,7 +54,7 @@ __all__ = [
     "url_schemes",
 ]
 
-PATH_SCHEME = "file"
+PATH_SCHEME = "directory"
 """The scheme a location without one (a directory path) is opened with."""
 
 _URL = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://")

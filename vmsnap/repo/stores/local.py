@@ -33,6 +33,7 @@ from typing import ClassVar
 import attrs
 
 from vmsnap.errors import NotFoundError, StoreError
+from vmsnap.processes import crash_point
 from vmsnap.repo.stores.base import (
     Retention,
     StoreBase,
@@ -53,8 +54,8 @@ _ALIGN = 4096
 _TEMP_PREFIX = ".tmp-"
 
 _HINTS = {
-    errno.ENOSPC: "the filesystem is full: free space there or move the repository; nothing partial was kept",
-    errno.EDQUOT: "the disk quota is exhausted: raise it or free space; nothing partial was kept",
+    errno.ENOSPC: "the filesystem is full: free space there or move the repository",
+    errno.EDQUOT: "the disk quota is exhausted: raise it or free space",
     errno.EACCES: "permission denied: run vmsnap as the repository's owner or fix its permissions",
     errno.EPERM: "operation not permitted: run vmsnap as the repository's owner or fix its permissions",
     errno.EROFS: "the filesystem is read-only: remount it read-write or use another repository",
@@ -117,7 +118,7 @@ class _Batch:
 class LocalStore(StoreBase):
     """Objects as files under ``root`` (see :class:`~vmsnap.repo.stores.base.Store` for the guarantees).
 
-    Registered as the store of directory paths (scheme ``file``). Listing walks the directory once;
+    Registered as the store of directory paths (under ``directory``). Listing walks the directory once;
     ``put(if_absent=True)`` is atomic by itself (link / ``O_EXCL``); deletes are one by one.
 
     :param root: the store's directory
@@ -125,7 +126,7 @@ class LocalStore(StoreBase):
     :raise StoreError: ``root`` is missing (without ``create``), not a directory, or cannot be made
     """
 
-    scheme: ClassVar[str] = "file"
+    scheme: ClassVar[str] = "directory"
     capabilities: ClassVar[StoreCapabilities] = StoreCapabilities()
 
     root: Path = attrs.field(converter=_absolute)
@@ -343,8 +344,9 @@ class LocalStore(StoreBase):
         :return: True when written (``durable=False``: queued; should another writer store the key first,
             its object stays), False when ``if_absent`` found an object there (nothing written)
         :raise UsageError: ``key`` is malformed
-        :raise StoreError: the filesystem refused (full, quota, permissions, read-only); nothing partial
-            stays. With ``durable=False`` also when this put completed a batch that could not be made durable
+        :raise StoreError: the filesystem refused (full, quota, permissions, read-only); no part of this
+            object stays. With ``durable=False`` also when this put completed a batch that could not be made
+            durable
         :raise UnsupportedError: a ``retention``: a directory cannot lock files
         """
         if retention is not None:
@@ -366,6 +368,7 @@ class LocalStore(StoreBase):
                 if self._batch.add(_Queued(temp, path, if_absent, len(data)), unsynced):
                     self._flush()
                 return True
+            crash_point("store-put-unnamed")  # written and durable, not yet under its name
             if if_absent:
                 try:
                     os.link(temp, path)

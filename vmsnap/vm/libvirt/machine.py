@@ -18,6 +18,7 @@ from vmsnap.vm.libvirt.domain import (
     open_connection,
 )
 from vmsnap.vm.machine import OnThisHost
+from vmsnap.vm.machine_state import MachineStateSource, libvirt_state_source
 
 __all__ = [
     "DEFAULT_URI",
@@ -43,6 +44,13 @@ class LibvirtMachine(OnThisHost, LibvirtDomain):
     def definition(self) -> str:
         """The domain's persistent XML, kept with each backup for ``restore --define``."""
         return saved_domain_xml(self)
+
+    def machine_state(self) -> MachineStateSource | None:
+        """The domain's UEFI variables (``<nvram>``) and emulated TPM state, when it has them (files on
+        this host only)."""
+        if self.runner.host != "local":
+            return None
+        return libvirt_state_source(self.xml_tree())
 
     def recover(self) -> list[str]:
         """Nothing: vmsnap keeps no state in libvirt (its strategies work through the passthrough and leave

@@ -10,7 +10,7 @@ import attrs
 
 from tests.unit.repo.stores.versioned_fake import VersionedFake
 from vmsnap.repo.chunks.blob import ChunkId, chunk_key
-from vmsnap.repo.chunks.retain import ChunkLocks
+from vmsnap.repo.chunks.retain import ChunkLocks, is_mutable, is_write_once, retention_rule
 from vmsnap.repo.locking import DAY, LockPolicy
 from vmsnap.repo.manifest import Manifest
 from vmsnap.repo.stores.history import format_time, parse_time
@@ -84,3 +84,18 @@ def test_chunks_stored_by_a_backup_that_ran_longer_than_the_extension_are_extend
     locks.secure(named=_ids(1), stored=_ids(1), started=started, previous=None, previous_ids=None)
     assert _extended(store) == [chunk_key(c) for c in _ids(1)]
     assert attrs.asdict(POLICY)["extend_days"] == 2
+
+
+def test_what_is_locked_and_what_is_never_locked() -> None:
+    policy = LockPolicy.of(1, extend_days=1)
+    rule = retention_rule(policy)
+    backup = "vms/vm1/20261201T000000.000000Z-abcd/"
+    written_once = [chunk_key(ChunkId(bytes(32))), "vmsnap-repo.json", backup + "manifest.json",
+                    backup + "disk0.index", backup + "boot-verify-20261201T000000.000000Z.json"]  # fmt: skip
+    mutable = ["locks/writers/vm1/000000000003", "locks/collector/000000000001", "locks/readers/h-1-ab",
+               "gc-generation", "known-chunks-epoch", "vms/vm1/needs-full", backup + "writer.json",
+               "quarantine/0000/" + "00" * 32]  # fmt: skip
+    assert all(is_write_once(k) and not is_mutable(k) and rule(k) for k in written_once)
+    assert all(is_mutable(k) and not is_write_once(k) and rule(k) is None for k in mutable)
+    assert rule(backup + "manifest.json") == policy.seconds
+    assert rule(written_once[0]) == rule("vmsnap-repo.json") == policy.chunk_seconds
