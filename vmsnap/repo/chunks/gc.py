@@ -39,8 +39,10 @@ A gc killed at any point has deleted only what no backup needs; the next one fin
 
 In a store that keeps object versions (an S3 bucket with versioning; a locked repository's always does) a
 delete frees nothing, so the sweep deletes versions instead — only those no lock holds, after checking
-that nobody tampered with the repository (:mod:`vmsnap.repo.chunks.versions_gc`). Locking, fencing and
-marking are the same; the versions are listed after the mark, as the chunks are here.
+that nobody tampered with the repository (:mod:`vmsnap.repo.chunks.versions_gc`). There every version is
+listed, and the tampering checked, right after the lock is taken — before the fence, whose tombstone would
+cover a manifest deleted behind vmsnap's back; then fence and mark as above, and the sweep deletes only
+versions of that listing (what is written later is never touched, the fence's tombstones included).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from vmsnap.repo.chunks.parallel import BoundedPool
 from vmsnap.repo.chunks.quarantine import clear as clear_records
 from vmsnap.repo.chunks.quarantine import quarantined_ids
 from vmsnap.repo.chunks.records import encode_tombstone, is_tombstone, manifest_key, split_backup_key
-from vmsnap.repo.chunks.versions_gc import LockOracle, check_untouched, group, sweep_versions
+from vmsnap.repo.chunks.versions_gc import LockOracle, VersionHistory, check_untouched, group, sweep_versions
 from vmsnap.repo.manifest import MANIFEST, Damaged, Manifest
 from vmsnap.repo.marker import RepoMarker
 from vmsnap.repo.reports import GcReport
@@ -239,6 +241,7 @@ def collect(repo: GcRepository, *, wait: float = 0.0, dry_run: bool = False) -> 
         crash_point("gc-locked")
         store = repo.store
         locking = _locking(repo)
+        history = _history(repo, locking) if locking.versioning else None
         dirs = _backup_dirs(store)
         if dry_run:
             unfinished = _partial(dirs)
@@ -249,9 +252,9 @@ def collect(repo: GcRepository, *, wait: float = 0.0, dry_run: bool = False) -> 
         referenced, manifests = _mark(repo)
         complete = {(m.vm, m.backup_id) for m in manifests}
         unfinished.update(_abandoned(store, dirs, complete))
-        if locking.versioning:
+        if history is not None:
             unfinished_names = {f"{vm}/{backup_id}" for vm, backup_id in unfinished}
-            return _collect_versions(repo, locking, referenced, complete, unfinished_names, lease, dry_run)
+            return _collect_versions(repo, history, referenced, complete, unfinished_names, lease, dry_run)
         chunks = list_chunks(store)
         garbage = [stored for stored, chunk_id in chunks if chunk_id not in referenced]
         report = GcReport(
@@ -300,9 +303,20 @@ def _locking(repo: GcRepository) -> BucketLocking:
         return BucketLocking()
 
 
+def _history(repo: GcRepository, locking: BucketLocking) -> tuple[VersionHistory, LockOracle]:
+    """Every version in the store, checked for tampering (see :mod:`vmsnap.repo.chunks.versions_gc`).
+
+    :raise RepositoryError: the repository was tampered with (nothing is written or deleted then)
+    """
+    history = group(repo.store.list_versions(""))
+    oracle = LockOracle(repo.store, locking, repo.marker.lock, dt.datetime.now(dt.UTC))
+    check_untouched(history, repo.marker.lock, locked=oracle.ask)
+    return history, oracle
+
+
 def _collect_versions(
     repo: GcRepository,
-    locking: BucketLocking,
+    listed: tuple[VersionHistory, LockOracle],
     referenced: set[bytes],
     complete: set[tuple[str, str]],
     unfinished: set[str],
@@ -310,12 +324,10 @@ def _collect_versions(
     dry_run: bool,
 ) -> GcReport:
     """The sweep of a store that keeps versions (see the module docstring), after the fence and the mark:
-    one listing of every version, the tampering check, then the versions no lock holds, in groups of
-    :data:`SWEEP_GROUP` with the gc lock checked before each."""
+    the versions of the listing ``listed`` that no lock holds, in groups of :data:`SWEEP_GROUP` with the gc
+    lock checked before each."""
     store = repo.store
-    history = group(store.list_versions(""))
-    oracle = LockOracle(store, locking, repo.marker.lock, dt.datetime.now(dt.UTC))
-    check_untouched(history, repo.marker.lock, locked=oracle.ask)
+    history, oracle = listed
     crash_point("gc-marked")
     sweep = sweep_versions(
         store,

@@ -77,7 +77,11 @@ class VersionSweep:
     present: frozenset[ChunkId] = frozenset()
 
 
-def group(versions: Iterable[ObjectVersion]) -> dict[str, list[ObjectVersion]]:
+VersionHistory = dict[str, list[ObjectVersion]]
+"""Key → its versions, newest first."""
+
+
+def group(versions: Iterable[ObjectVersion]) -> VersionHistory:
     """Key → its versions, newest first (the order the store lists them in)."""
     grouped: dict[str, list[ObjectVersion]] = {}
     for version in versions:
