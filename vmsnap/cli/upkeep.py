@@ -12,6 +12,7 @@ from vmsnap.cli.progress import disk_progress
 from vmsnap.errors import ChainError, ChecksumMismatchError, RepositoryError, UsageError
 from vmsnap.repo.copy import copy_backups
 from vmsnap.repo.manifest import Damaged, Manifest
+from vmsnap.repo.marker import CHUNK_IDS
 from vmsnap.repo.repository import Repository
 from vmsnap.repo.retention import RetentionPolicy
 
@@ -30,6 +31,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         encrypt=args.encrypt,
         key_file=args.key_file,
         compression=args.compression,
+        chunk_id=args.chunk_id,
     )
     human = f"created a {repo.name} repository at {repo.location}" + (
         f", encrypted with the key in {args.key_file}: keep a copy of it elsewhere — without it the backups "
@@ -52,6 +54,13 @@ def _init_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encrypt", action="store_true", help="encrypt (chunks only): AES-256-GCM")
     parser.add_argument(
         "--compression", choices=("zstd", "none"), default="zstd", help="chunk compression (default zstd)"
+    )
+    parser.add_argument(
+        "--chunk-id",
+        choices=CHUNK_IDS,
+        default=CHUNK_IDS[0],
+        help="chunk id hash (chunks only): blake3 (default; ~4x faster than sha256 here) or sha256 "
+        "(format 2: a repository that vmsnap before format 3 can read)",
     )
     add_key_option(parser, what="with --encrypt: the key file, created 0600 when missing")
 

@@ -122,7 +122,10 @@ class _ChunksTarget:
     def add_from_chunks(self, source: ChunksRepository, record: DiskRecord, progress: DiskProgress) -> None:
         """Send the chunks of one disk the target lacks (checked first), then its index."""
         index = source.index(self.manifest, record.name)
-        same_ids = source.marker.key_id == self.repo.marker.key_id
+        same_ids = (source.marker.key_id, source.marker.chunk_id) == (
+            self.repo.marker.key_id,
+            self.repo.marker.chunk_id,
+        )
         present = self._present()
         mapping: dict[ChunkId, ChunkId] = {}
         lengths = {chunk_id: index.length(n) for n, chunk_id in index.data_chunks()}

@@ -25,7 +25,7 @@ from vmsnap.repo.chunks.leases import lease_seconds as default_lease_seconds
 from vmsnap.repo.chunks.repository import ChunksRepository
 from vmsnap.repo.layout import DEFINITION_FILE, BackupWriter, RepositoryLayout
 from vmsnap.repo.manifest import Damaged, DiskRecord, Kind, Manifest, utc_now_iso
-from vmsnap.repo.marker import DEFAULT_LAYOUT, MARKER, RepoMarker, check_layout
+from vmsnap.repo.marker import CHUNK_IDS, DEFAULT_LAYOUT, MARKER, RepoMarker, check_layout
 from vmsnap.repo.progress import DiskProgress
 from vmsnap.repo.qcow2_layout import DELETING_PREFIX
 from vmsnap.repo.qcow2_repo import Qcow2Repository
@@ -113,12 +113,14 @@ class Repository:
         encrypt: bool = False,
         key_file: Path | str | None = None,
         compression: str = "zstd",
+        chunk_id: str = CHUNK_IDS[0],
         runner: Runner | None = None,
         state_root: Path | None = None,
     ) -> RepositoryLayout:
         """``vmsnap init``: make a new repository at ``location`` (a new or empty directory, or an empty S3
         prefix). With ``encrypt``, the key file (``key_file`` or ``$VMSNAP_KEY_FILE``) is created (0600)
-        when it does not exist, else its key is used.
+        when it does not exist, else its key is used. ``chunk_id`` is the chunk id hash of a chunks
+        repository: "blake3" (the default, format 3) or "sha256" (format 2, readable by older vmsnap).
 
         :raise RepositoryError: a repository (or other data) is there already
         :raise UsageError: ``encrypt`` without a key file, or encryption in the qcow2 layout
@@ -129,7 +131,9 @@ class Repository:
             raise UsageError(
                 "--encrypt needs a key file", hint="pass --key-file FILE (or VMSNAP_KEY_FILE); it is created"
             )
-        RepoMarker.new(layout, compression=compression, key_id="0" * 32 if encrypt else None)  # checks
+        RepoMarker.new(
+            layout, compression=compression, key_id="0" * 32 if encrypt else None, chunk_id=chunk_id
+        )  # checks
         store, directory = _store(location, create=True)
         if _read_marker(store, location) is not None:
             raise RepositoryError(
@@ -141,7 +145,9 @@ class Repository:
             assert path is not None
             made_key = not path.exists()
             key = create_key_file(path) if made_key else read_key_file(path)
-        marker = RepoMarker.new(layout, compression=compression, key_id=key.key_id if key else None)
+        marker = RepoMarker.new(
+            layout, compression=compression, key_id=key.key_id if key else None, chunk_id=chunk_id
+        )
         try:
             marker = _create(store, directory, location, marker, exclusive=True)
         except RepositoryError:

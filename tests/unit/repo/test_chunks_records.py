@@ -36,21 +36,37 @@ def store(tmp_path: Path) -> LocalStore:
     return LocalStore(tmp_path / "store", create=True)
 
 
-def test_markers_round_trip_and_old_or_odd_ones_are_judged(tmp_path: Path) -> None:
-    marker = RepoMarker.new("chunks", key_id="ab" * 16)
+@pytest.mark.parametrize(
+    ("chunk_id", "version", "keyed"), [("sha256", 2, "hmac-sha256"), ("blake3", 3, "blake3-keyed")]
+)
+def test_markers_round_trip_and_old_or_odd_ones_are_judged(chunk_id: str, version: int, keyed: str) -> None:
+    marker = RepoMarker.new("chunks", key_id="ab" * 16, chunk_id=chunk_id)
     data = marker.to_json()
-    assert data["encryption"] == {"cipher": "aes-256-gcm", "chunk_id": "hmac-sha256", "key_id": "ab" * 16}
+    assert data["encryption"] == {"cipher": "aes-256-gcm", "chunk_id": keyed, "key_id": "ab" * 16}
     assert (data["format"], data["layout"], data["chunk_size"], data["compression"]) == (
-        2,
+        version,
         "chunks",
         4 << 20,
         "zstd",
     )
+    assert data.get("chunk_id") == (None if chunk_id == "sha256" else chunk_id)  # format 2 stays format 2
     assert RepoMarker.from_bytes(json.dumps(data).encode(), where="m") == marker
+    assert RepoMarker.from_bytes(json.dumps(data).encode(), where="m").chunk_id == chunk_id
     assert RepoMarker.from_bytes(b'{"format": 1}', where="m").layout == "qcow2"
-    for bad in ({**data, "chunk_size": 1 << 20}, {**data, "id": "../x"}, {**data, "compression": "lz4"}):
+    other = "hmac-sha256" if chunk_id == "blake3" else "blake3-keyed"  # the other hash's keyed id
+    for bad in (
+        {**data, "chunk_size": 1 << 20},
+        {**data, "id": "../x"},
+        {**data, "compression": "lz4"},
+        {**data, "format": 3, "chunk_id": "md5"},
+        {**data, "encryption": {**data["encryption"], "chunk_id": other}},
+    ):
         with pytest.raises(RepositoryError, match="damaged"):
             RepoMarker.from_bytes(json.dumps(bad).encode(), where="m")
+    with pytest.raises(RepositoryError, match="has format 4"):
+        RepoMarker.from_bytes(json.dumps({**data, "format": 4}).encode(), where="m")
+    with pytest.raises(UsageError, match="unknown chunk id hash"):
+        RepoMarker.new("chunks", chunk_id="md5")
     with pytest.raises(UsageError, match="cannot be encrypted"):
         RepoMarker.new("qcow2", key_id="ab" * 16)
     with pytest.raises(UsageError, match="unknown repository layout"):

@@ -31,7 +31,7 @@ from pathlib import Path
 from vmsnap.errors import NotFoundError
 from vmsnap.files import FILE_MODE, write_atomic
 from vmsnap.repo.chunks.blob import ID_SIZE, ChunkId, parse_chunk_key
-from vmsnap.repo.stores.base import Store, StoredObject
+from vmsnap.repo.stores.base import Data, Store, StoredObject
 from vmsnap.repo.stores.local import LocalStore
 
 GENERATION_KEY = "gc-generation"
@@ -188,7 +188,7 @@ class RecordingStore:
     def get(self, key: str) -> bytes:
         return self._store.get(key)
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False, durable: bool = True) -> bool:
+    def put(self, key: str, data: Data, *, if_absent: bool = False, durable: bool = True) -> bool:
         written = self._store.put(key, data, if_absent=if_absent, durable=durable)
         chunk_id = parse_chunk_key(key)
         with self._lock:

@@ -153,8 +153,8 @@ class ChunksRepository(RepositoryLayout):
 
     @property
     def codec(self) -> ChunkCodec:
-        """The codec of this repository's chunks (its key, its compression)."""
-        return ChunkCodec(self.key, compress=self.marker.compression != "none")
+        """The codec of this repository's chunks (its key, its compression, its chunk id hash)."""
+        return ChunkCodec(self.key, compress=self.marker.compression != "none", id_hash=self.marker.chunk_id)
 
     # -- reading -------------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 
 import attrs
 
+from vmsnap.buffers import address, aligned_buffer, is_aligned, is_zero_at
 from vmsnap.errors import DamagedChunkError, NotFoundError, TransferError, UsageError
 from vmsnap.image.nbd import QemuNbdServer, nbd_connection
 from vmsnap.repo.chunks.blob import CHUNK_SIZE, ChunkCodec, ChunkId, chunk_key, is_zero
@@ -84,16 +85,19 @@ class RestoreStats:
 
 
 class _Writer(Protocol):
-    def write(self, offset: int, data: bytes) -> int: ...
+    def write(self, offset: int, data: bytes | memoryview) -> int: ...
 
     def zero(self, offset: int, length: int) -> None: ...
 
 
-def data_runs(data: bytes, block: int = SPARSE_BLOCK) -> Iterator[tuple[int, int]]:
-    """(start, end) of the runs of ``data`` that are not all-zero ``block``-sized pieces."""
+def data_runs(data: bytes | memoryview, block: int = SPARSE_BLOCK) -> Iterator[tuple[int, int]]:
+    """(start, end) of the runs of ``data`` that are not all-zero ``block``-sized pieces (compared where
+    they lie: no copy of a block)."""
     start: int | None = None
+    base = address(data)
     for pos in range(0, len(data), block):
-        zero = is_zero(data[pos : pos + block])
+        span = min(block, len(data) - pos)
+        zero = is_zero_at(base, pos, span) if base is not None else is_zero(data[pos : pos + span])
         if zero and start is not None:
             yield start, pos
             start = None
@@ -139,19 +143,23 @@ class _FileWriter:
         self._local = threading.local()
 
     def _aligned(self, data: memoryview) -> memoryview:
+        """``data`` itself when it starts on a page, else its copy in this thread's page-aligned buffer."""
+        if is_aligned(data):
+            return data
         buffer: mmap.mmap | None = getattr(self._local, "buffer", None)
         if buffer is None:
-            buffer = self._local.buffer = mmap.mmap(-1, CHUNK_SIZE)  # page-aligned
+            buffer = self._local.buffer = aligned_buffer(CHUNK_SIZE)
         view = memoryview(buffer)[: len(data)]
         view[:] = data
         return view
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | memoryview) -> int:
         runs = [(0, len(data))] if self.device else data_runs(data)
         written = 0
+        whole = memoryview(data)
         try:
             for start, end in runs:
-                view = memoryview(data)[start:end]
+                view = whole[start:end]
                 pos, fd = offset + start, self.fd
                 if self.direct_fd is not None and not (pos % _ALIGN or len(view) % _ALIGN):
                     view, fd = self._aligned(view), self.direct_fd
@@ -186,14 +194,15 @@ class _NbdWriter:
         for handle in handles:
             self.handles.put(handle)
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | memoryview) -> int:
         import nbd
 
         handle = self.handles.get()
         written = 0
+        whole = memoryview(data)
         try:
             for start, end in data_runs(data):
-                handle.pwrite(data[start:end], offset + start)
+                handle.pwrite(whole[start:end], offset + start)
                 written += end - start
         except nbd.Error as err:
             raise _nbd_error(self.target, err) from err
@@ -457,7 +466,7 @@ def _run(
                 hint="run `vmsnap verify` to find the backups that use it; restore another backup",
             ) from err
         try:
-            data = codec.decode(blob, chunk_id, length=length)
+            data = codec.decode_view(blob, chunk_id, length=length)
         except DamagedChunkError as err:
             raise DamagedChunkError(f"{err.message} ({where})", hint=err.hint) from err
         written = writer.write(offset, data)

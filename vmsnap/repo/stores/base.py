@@ -31,6 +31,9 @@ import attrs
 
 from vmsnap.errors import UsageError
 
+Data = bytes | bytearray | memoryview
+"""What ``put`` takes: any contiguous bytes-like object (the chunk pipeline hands views of its buffers)."""
+
 _PART = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]*$")
 
 
@@ -80,8 +83,9 @@ class Store(Protocol):
         """
         ...
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False, durable: bool = True) -> bool:
+    def put(self, key: str, data: Data, *, if_absent: bool = False, durable: bool = True) -> bool:
         """Store ``data`` under ``key`` atomically; with ``if_absent``, only when no object has that key.
+        ``data`` may be a view of the caller's buffer: it is not kept after ``put`` returns.
 
         :param durable: False: durable (and visible) by the time :meth:`sync` returns, not necessarily now
         :return: True when written, False when ``if_absent`` found an object there (nothing written)

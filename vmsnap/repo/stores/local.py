@@ -31,8 +31,9 @@ from pathlib import Path
 
 import attrs
 
+from vmsnap.buffers import is_aligned
 from vmsnap.errors import NotFoundError, StoreError
-from vmsnap.repo.stores.base import StoredObject, check_key, check_prefix
+from vmsnap.repo.stores.base import Data, StoredObject, check_key, check_prefix
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -273,7 +274,8 @@ class LocalStore:
 
     def _write_direct(self, temp: Path, view: memoryview) -> int:
         """Write the aligned head of ``view`` with O_DIRECT; return its length (0: not done, write it all
-        buffered — the filesystem refuses O_DIRECT, which is then not tried again)."""
+        buffered — the filesystem refuses O_DIRECT, which is then not tried again). A view that starts on a
+        page (the chunk pipeline's buffers) is written as it lies, any other from a copy."""
         head = len(view) - len(view) % _ALIGN
         if not self._direct or len(view) < DIRECT_MIN:
             return 0
@@ -283,8 +285,11 @@ class LocalStore:
             self._direct = False
             return 0
         try:
-            buffer = self._aligned(head)
-            buffer[:] = view[:head]
+            if is_aligned(view):
+                buffer = view[:head]
+            else:
+                buffer = self._aligned(head)
+                buffer[:] = view[:head]
             done = 0
             while done < head:
                 done += os.pwrite(fd, buffer[done:], done)
@@ -297,13 +302,13 @@ class LocalStore:
             os.close(fd)
         return head
 
-    def _write(self, temp: Path, fd: int, data: bytes) -> None:
+    def _write(self, temp: Path, fd: int, data: Data) -> None:
         view = memoryview(data).cast("B")
         pos = self._write_direct(temp, view)
         while pos < len(view):
             pos += os.pwrite(fd, view[pos:], pos)
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False, durable: bool = True) -> bool:
+    def put(self, key: str, data: Data, *, if_absent: bool = False, durable: bool = True) -> bool:
         """Store ``data`` under ``key`` atomically and durably; with ``if_absent`` only when it is new.
 
         With ``durable=False`` the complete file is queued and becomes durable and visible with its batch (at

@@ -69,7 +69,7 @@ from botocore.exceptions import (
 )
 
 from vmsnap.errors import NotFoundError, StoreError, UsageError
-from vmsnap.repo.stores.base import StoredObject, check_key, check_prefix
+from vmsnap.repo.stores.base import Data, StoredObject, check_key, check_prefix
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -284,7 +284,7 @@ class S3Store:
                 response["Body"].close()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False, durable: bool = True) -> bool:
+    def put(self, key: str, data: Data, *, if_absent: bool = False, durable: bool = True) -> bool:
         """Store ``data`` under ``key`` in one PutObject; with ``if_absent`` only when the key is free
         (``If-None-Match: *``). Every put is durable when it returns (``durable`` changes nothing).
 
@@ -293,6 +293,8 @@ class S3Store:
         :raise StoreError: the store failed, or a conditional put kept conflicting with other writes
         """
         name = self._root + check_key(key)
+        if not isinstance(data, bytes):
+            data = bytes(data)  # botocore's checksums and retries want bytes
         if not if_absent:
             try:
                 self._client.put_object(Bucket=self._bucket, Key=name, Body=data)
