@@ -49,6 +49,7 @@ _BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range of a block device
 _ZERO_SPAN = 1 << 30
 _ALIGN = 4096  # O_DIRECT: offsets, lengths and memory aligned to the largest logical block size
 _ZEROS = bytes(CHUNK_SIZE)
+_BLOB_BUFFER = CHUNK_SIZE + 2 * _ALIGN  # the largest blob (4 MiB + header, nonce, tag), rounded up to a page
 
 
 @attrs.frozen
@@ -459,7 +460,7 @@ def _run(
             return
         where = f"chunk {number} at offset {offset} of {name}"
         try:
-            blob = store.get(chunk_key(chunk_id))
+            blob = fetch(chunk_key(chunk_id))
         except NotFoundError as err:
             raise DamagedChunkError(
                 f"chunk {chunk_id.hex()} ({where}) is missing from the store {store.url}",
@@ -475,6 +476,19 @@ def _run(
             totals["fetched"] += len(blob)
             totals["written"] += written
             totals["data"] += 1
+
+    local = threading.local()
+    get_into: Callable[[str, memoryview], int] | None = getattr(store, "get_into", None)
+
+    def fetch(key: str) -> bytes | memoryview:
+        """The blob, read into this worker's own page-aligned buffer where the store can (no allocation
+        and, from a local store, no copy through the page cache), else as the store returns it."""
+        if get_into is None:
+            return store.get(key)
+        buffer = getattr(local, "buffer", None)
+        if buffer is None:
+            buffer = local.buffer = memoryview(aligned_buffer(_BLOB_BUFFER))
+        return buffer[: get_into(key, buffer)]
 
     def tick() -> None:
         if progress is not None:

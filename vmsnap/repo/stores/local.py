@@ -155,20 +155,10 @@ class LocalStore:
         :raise StoreError: the file cannot be read
         """
         path = self._path(key)
+        fd = self._open_object(key, path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
-            raise NotFoundError(f"store {self.url} has no object {key}") from err
-        except OSError as err:
-            if err.errno == errno.ELOOP:
-                raise NotFoundError(f"store {self.url} has no object {key} (a symlink is there)") from err
-            raise self._error("cannot open", path, err) from err
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise NotFoundError(f"store {self.url} has no object {key} (not a regular file)")
             chunks: list[bytes] = []
-            remaining = info.st_size
+            remaining = os.fstat(fd).st_size
             while True:
                 piece = os.read(fd, max(remaining, 1 << 16))
                 if not piece:
@@ -180,6 +170,84 @@ class LocalStore:
             raise self._error("cannot read", path, err) from err
         finally:
             os.close(fd)
+
+    def get_into(self, key: str, buffer: memoryview) -> int:
+        """Read the object into ``buffer`` (writable, contiguous) and return its size: no allocation, and
+        with O_DIRECT (where the filesystem takes it, the object is 64 KiB or more and ``buffer`` starts on a
+        page with room for the object rounded up to a page) no copy through the page cache either.
+
+        :raise UsageError: ``key`` is malformed
+        :raise NotFoundError: no object has that key
+        :raise StoreError: the file cannot be read, or it is larger than ``buffer``
+        """
+        path = self._path(key)
+        fd = self._open_object(key, path)
+        try:
+            size = os.fstat(fd).st_size
+            if size > len(buffer):
+                raise StoreError(f"store {self.url}: object {key} has {size} bytes, more than expected")
+            padded = -(-size // _ALIGN) * _ALIGN
+            if self._direct and size >= DIRECT_MIN and padded <= len(buffer) and is_aligned(buffer):
+                done = self._read_direct(path, buffer[:padded], size)
+                if done is not None:
+                    return done
+            done = 0
+            while done < size:
+                got = os.preadv(fd, [buffer[done:size]], done)
+                if not got:
+                    break
+                done += got
+            return done
+        except OSError as err:
+            raise self._error("cannot read", path, err) from err
+        finally:
+            os.close(fd)
+
+    def _read_direct(self, path: Path, buffer: memoryview, size: int) -> int | None:
+        """Read ``size`` bytes of ``path`` with O_DIRECT into ``buffer`` (page-aligned, ``size`` rounded up
+        to a page); None when the filesystem refuses (not tried again)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            self._direct = False
+            return None
+        try:
+            done = 0
+            while done < size:
+                got = os.preadv(fd, [buffer[done:]], done)
+                if not got:
+                    break
+                done += got
+            return min(done, size)
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+            self._direct = False
+            return None
+        finally:
+            os.close(fd)
+
+    def _open_object(self, key: str, path: Path) -> int:
+        """A read-only descriptor of the regular file of ``key`` (a symlink or anything else is no object).
+
+        :raise NotFoundError: no object has that key
+        :raise StoreError: it cannot be opened
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
+            raise NotFoundError(f"store {self.url} has no object {key}") from err
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise NotFoundError(f"store {self.url} has no object {key} (a symlink is there)") from err
+            raise self._error("cannot open", path, err) from err
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise NotFoundError(f"store {self.url} has no object {key} (not a regular file)")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def exists(self, key: str) -> bool:
         """True when an object (a regular file) has that key.
