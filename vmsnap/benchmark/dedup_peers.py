@@ -258,6 +258,7 @@ class PeerBench:
         for offset, data in random_writes(self.size_mib, 64, seed=100 + round_):
             scratch.write_bytes(data)
             qemu_io(machine.qmp(), "disk0", f"write -s {scratch} {offset} {len(data)}")
+        qemu_io(machine.qmp(), "disk0", "flush")  # QEMU's qcow2 metadata cache: the raw copies read the file
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"data_bytes": self.data_bytes, "tools": {}}

@@ -52,7 +52,7 @@ from vmsnap.repo.chunks.records import (
     split_backup_key,
     vm_prefix,
 )
-from vmsnap.repo.chunks.restore import restore_disk
+from vmsnap.repo.chunks.restore import MAX_RESTORE_WORKERS, restore_disk
 from vmsnap.repo.chunks.writer import ChunksWriter
 from vmsnap.repo.layout import RepositoryLayout, RestoreFormat, VerifyReader, disk_filter
 from vmsnap.repo.manifest import MANIFEST, Damaged, Manifest, next_backup_id, utc_now_iso
@@ -83,7 +83,8 @@ class ChunksRepository(RepositoryLayout):
     :param runner: runs qemu-img/qemu-nbd for restores
     :param state_root: the local state root (default ``$VMSNAP_STATE_DIR`` or /var/lib/vmsnap)
     :param lease_seconds: lifetime of the leases this process takes
-    :param workers: threads of the backup and restore pipelines
+    :param workers: threads of the backup and restore pipelines (at least the store's ``transfer_threads``,
+        where it names them)
     """
 
     name: ClassVar[str] = "chunks"
@@ -112,7 +113,8 @@ class ChunksRepository(RepositoryLayout):
         self.runner: Runner = runner if runner is not None else LocalRunner()
         self._state = RepositoryState(marker.id, state_root)
         self.leases = Leases(store, ttl=lease_seconds)
-        self._workers = workers
+        # a store whose requests wait on a network (S3) says how many chunks to keep in flight
+        self._workers = max(workers, int(getattr(store, "transfer_threads", 0)))
         self._held: dict[str, tuple[Lease, str]] = {}
 
     # -- what the writer and the helpers use --------------------------------------------------------
@@ -464,7 +466,7 @@ class ChunksRepository(RepositoryLayout):
                 target,
                 format="raw" if device else format,
                 # raw files and devices take twice the writers (pwrite, no qemu-nbd): 1.6-1.9x here
-                workers=self._workers * (2 if device or format == "raw" else 1),
+                workers=min(MAX_RESTORE_WORKERS, self._workers * (2 if device or format == "raw" else 1)),
                 progress=lambda state: progress(name, state.done, state.total),
                 name=f"{manifest.vm}/{manifest.backup_id}/{name}",
                 runner=self.runner,

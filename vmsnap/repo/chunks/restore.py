@@ -43,6 +43,8 @@ from vmsnap.runner import LocalRunner, Runner
 
 DEFAULT_WORKERS = 4
 DEFAULT_CONNECTIONS = 2
+MAX_RESTORE_WORKERS = 16
+"""Restore workers at most (each holds a blob and a chunk: 16 fit well within the 300 MiB memory budget)."""
 SPARSE_BLOCK = 64 * 1024
 """Granularity at which zero runs inside a chunk are skipped (raw files, qcow2)."""
 _BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range of a block device

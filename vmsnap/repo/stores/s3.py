@@ -139,6 +139,8 @@ class S3Options:
     :param retry_mode: botocore's ``standard``, or ``adaptive`` (also slows itself down when throttled)
     :param max_pool_connections: connections kept for parallel requests from several threads
     :param conflict_attempts: attempts of a conditional put that S3 answers with 409 (a write was in flight)
+    :param transfer_threads: chunks the backup and restore pipelines move at once through this store (each
+        request waits for the network and the server, not this host's CPU)
     """
 
     profile: str | None = None
@@ -150,6 +152,21 @@ class S3Options:
     retry_mode: Literal["standard", "adaptive"] = "standard"
     max_pool_connections: int = attrs.field(default=32, validator=attrs.validators.ge(1))
     conflict_attempts: int = attrs.field(default=6, validator=attrs.validators.ge(1))
+    transfer_threads: int = attrs.field(default=12, validator=attrs.validators.ge(1))
+
+
+def _crc32c_available() -> bool:
+    """True when botocore can compute CRC32C (with awscrt, the s3 extra's)."""
+    import importlib.util
+
+    return importlib.util.find_spec("awscrt") is not None
+
+
+_CRC32C = _crc32c_available()
+_CHECKSUM: Literal["CRC32C", "CRC32"] = "CRC32C" if _CRC32C else "CRC32"
+"""Each put carries a checksum of its body that the server checks: CRC32C where awscrt computes it (18 GiB/s
+here, against 2 GiB/s for botocore's default CRC32 through zlib); without awscrt, botocore's defaults (CRC32,
+and a signed sha256 of the body on plain HTTP)."""
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -205,6 +222,11 @@ class S3Store:
                 store.close()
                 raise
         return store
+
+    @property
+    def transfer_threads(self) -> int:
+        """Chunks to move at once through this store (see :class:`S3Options`)."""
+        return self._options.transfer_threads
 
     @property
     def url(self) -> str:
@@ -297,13 +319,15 @@ class S3Store:
             data = bytes(data)  # botocore's checksums and retries want bytes
         if not if_absent:
             try:
-                self._client.put_object(Bucket=self._bucket, Key=name, Body=data)
+                self._client.put_object(Bucket=self._bucket, Key=name, Body=data, ChecksumAlgorithm=_CHECKSUM)
             except (ClientError, BotoCoreError) as err:
                 raise self._store_error(f"put of {key!r}", err) from err
             return True
         for attempt in range(1, self._options.conflict_attempts + 1):
             try:
-                self._client.put_object(Bucket=self._bucket, Key=name, Body=data, IfNoneMatch="*")
+                self._client.put_object(
+                    Bucket=self._bucket, Key=name, Body=data, IfNoneMatch="*", ChecksumAlgorithm=_CHECKSUM
+                )
             except ClientError as err:
                 code, status = _code(err), _status(err)
                 if code == "PreconditionFailed" or status == 412:
@@ -438,6 +462,9 @@ class S3Store:
             read_timeout=options.read_timeout,
             retries={"mode": options.retry_mode, "max_attempts": options.max_attempts},
             max_pool_connections=options.max_pool_connections,
+            # the body is checked by its CRC32C header (below) instead of a sha256 in the signature, which
+            # botocore computes on plain-HTTP endpoints (0.7 CPU s per GiB here)
+            s3={"payload_signing_enabled": False} if _CRC32C else None,
         )
         try:
             session = boto3.session.Session(profile_name=options.profile, region_name=options.region)
