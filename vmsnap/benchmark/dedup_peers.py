@@ -3,10 +3,11 @@ on the same disk content, all three encrypted and compressed.
 
 Two workloads, each a 2 GiB disk: **random** (1.5 GiB of incompressible data at scattered offsets, as in the
 throughput run) and **filesystem** (an ext4 filesystem holding a copy of this machine's ``/usr/share``,
-``mkfs.ext4 -d``: text, documentation and small files, much of it compressible). For each:
+``mkfs.ext4 -d``: text, documentation and small files, much of it compressible; ``/usr/share/doc`` with
+``--quick``). For each:
 
 - **full backup** into a new repository (median of the runs, each into a fresh repository);
-- **second backup** after 64 MiB of random writes (64 KiB blocks of random bytes at random offsets) into the
+- **second backup** after 64 MiB of random writes (1 MiB blocks of random bytes at random offsets) into the
   disk, into the repository of the full backup (one round per run, each after its own writes);
 - **restore** of the latest backup into a new raw file;
 - **repository size** after the full backup and after all rounds (``du``).
@@ -49,7 +50,7 @@ from vmsnap.vm.machine import QemuMachine
 
 TOOLS = ("vmsnap", "restic", "borg")
 PASSWORD = "vmsnap-bench-not-a-secret"  # noqa: S105 - a throwaway repository's passphrase
-WRITE_BLOCK = 64 * 1024
+WRITE_BLOCK = 1024 * 1024
 
 
 @attrs.define
@@ -79,9 +80,10 @@ def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def filesystem_image(path: Path, *, size_mib: int, source: Path = Path("/usr/share")) -> int:
-    """A raw ext4 image of ``size_mib`` holding a copy of ``source``; returns the bytes of data it holds
-    (allocated blocks)."""
+def filesystem_image(path: Path, *, size_mib: int, source: Path | None = None) -> int:
+    """A raw ext4 image of ``size_mib`` holding a copy of ``source`` (default: /usr/share, or /usr/share/doc
+    in a disk under 1.5 GiB); returns the bytes of data it holds (allocated blocks)."""
+    source = source or Path("/usr/share" if size_mib >= 1536 else "/usr/share/doc")
     LocalRunner().run(
         [
             "mkfs.ext4",
@@ -100,7 +102,7 @@ def filesystem_image(path: Path, *, size_mib: int, source: Path = Path("/usr/sha
 
 
 def random_writes(image_mib: int, total_mib: int, seed: int) -> list[tuple[int, bytes]]:
-    """(offset, bytes): ``total_mib`` of random 64 KiB blocks at random aligned offsets of the disk."""
+    """(offset, bytes): ``total_mib`` of random 1 MiB blocks at random aligned offsets of the disk."""
     rng = random.Random(seed)  # noqa: S311 - test data
     slots = image_mib * MiB // WRITE_BLOCK
     return [
@@ -253,7 +255,7 @@ class PeerBench:
                     shutil.rmtree(target)
 
     def _write_random(self, machine: QemuMachine, round_: int) -> None:
-        """64 MiB of random 64 KiB blocks into the disk through the VM (its dirty bitmap sees them)."""
+        """64 MiB of random 1 MiB blocks into the disk through the VM (its dirty bitmap sees them)."""
         scratch = self.workdir / "writes.bin"
         for offset, data in random_writes(self.size_mib, 64, seed=100 + round_):
             scratch.write_bytes(data)
