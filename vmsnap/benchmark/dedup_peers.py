@@ -41,7 +41,8 @@ import attrs
 
 from vmsnap.backup.run import Backup, BackupConfig
 from vmsnap.benchmark.cpu import CpuMeter
-from vmsnap.benchmark.workload import MiB, fsync_tree, make_test_image
+from vmsnap.benchmark.report import target_status
+from vmsnap.benchmark.workload import MiB, filesystem_image, fsync_tree, make_test_image
 from vmsnap.errors import UnsupportedError, VmsnapError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
 from vmsnap.repo.repository import Repository
@@ -78,27 +79,6 @@ class Figure:
 
 def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def filesystem_image(path: Path, *, size_mib: int, source: Path | None = None) -> int:
-    """A raw ext4 image of ``size_mib`` holding a copy of ``source`` (default: /usr/share, or /usr/share/doc
-    in a disk under 1.5 GiB); returns the bytes of data it holds (allocated blocks)."""
-    source = source or Path("/usr/share" if size_mib >= 1536 else "/usr/share/doc")
-    LocalRunner().run(
-        [
-            "mkfs.ext4",
-            "-q",
-            "-F",
-            "-E",
-            "lazy_itable_init=0,lazy_journal_init=0",
-            "-d",
-            str(source),
-            str(path),
-            f"{size_mib}M",
-        ],
-        timeout=1200,
-    )
-    return os.stat(path).st_blocks * 512
 
 
 def random_writes(image_mib: int, total_mib: int, seed: int) -> list[tuple[int, bytes]]:
@@ -345,12 +325,6 @@ def run_dedup_peers(
     return document
 
 
-def _status(measured: float, target: float) -> str:
-    if measured >= target:
-        return "met"
-    return f"missed by {target / measured:.1f}x"
-
-
 def dedup_peers_markdown(document: dict[str, Any]) -> str:
     """dedup-peers.md, written whole from the document."""
     versions = ", ".join(f"{k} {v}" for k, v in sorted(document["versions"].items()))
@@ -397,9 +371,9 @@ def dedup_peers_markdown(document: dict[str, Any]) -> str:
                 f"| {tool} | {sizes.get('after full', 0) / 2**20:.0f} MiB | "
                 f"{sizes.get('after all rounds', 0) / 2**20:.0f} MiB |"
             )
-        lines += ["", "| ratio (peer's time / vmsnap's) | measured | target |", "|---|---|---|"]
+        lines += ["", "| ratio (peer's time / vmsnap's) | measured | target | status |", "|---|---|---|---|"]
         for key, value in result["ratios"].items():
             target = TARGETS[key.rsplit("_vs_", 1)[0]]
-            lines.append(f"| {key} | {value:g} | >= {target:g}: {_status(value, target)} |")
+            lines.append(f"| {key} | {value:g} | >= {target:g} | {target_status(value, f'>= {target}')} |")
         lines.append("")
     return "\n".join(lines)

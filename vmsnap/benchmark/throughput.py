@@ -36,6 +36,7 @@ from vmsnap.benchmark.workload import (
     DURABLE_COPY,
     MiB,
     ThroughputFigure,
+    filesystem_image,
     incremental_writes,
     make_test_image,
 )
@@ -149,8 +150,6 @@ class ThroughputBench:
 
     def _filesystem(self) -> None:
         """The full backup of a real filesystem (ext4 holding /usr/share) against its durable copy."""
-        from vmsnap.benchmark.dedup_peers import filesystem_image
-
         raw, image = self.workdir / "fs.raw", self.workdir / "fs.qcow2"
         filesystem_image(raw, size_mib=self.size_mib)
         self.runner.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(image)], timeout=1200)

@@ -415,6 +415,24 @@ def _restore_device(
     return stats
 
 
+class _Fetcher:
+    """Gets blobs: into each worker's own page-aligned buffer where the store can (``get_into``: no
+    allocation and, from a local store, no copy through the page cache), else as the store returns them."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.local = threading.local()
+        self.get_into: Callable[[str, memoryview], int] | None = getattr(store, "get_into", None)
+
+    def __call__(self, key: str) -> bytes | memoryview:
+        if self.get_into is None:
+            return self.store.get(key)
+        buffer = getattr(self.local, "buffer", None)
+        if buffer is None:
+            buffer = self.local.buffer = memoryview(aligned_buffer(_BLOB_BUFFER))
+        return buffer[: self.get_into(key, buffer)]
+
+
 _Task = tuple[int, int, int, ChunkId | None]  # (chunk number, offset, length, id; None: a range to zero)
 
 
@@ -479,18 +497,7 @@ def _run(
             totals["written"] += written
             totals["data"] += 1
 
-    local = threading.local()
-    get_into: Callable[[str, memoryview], int] | None = getattr(store, "get_into", None)
-
-    def fetch(key: str) -> bytes | memoryview:
-        """The blob, read into this worker's own page-aligned buffer where the store can (no allocation
-        and, from a local store, no copy through the page cache), else as the store returns it."""
-        if get_into is None:
-            return store.get(key)
-        buffer = getattr(local, "buffer", None)
-        if buffer is None:
-            buffer = local.buffer = memoryview(aligned_buffer(_BLOB_BUFFER))
-        return buffer[: get_into(key, buffer)]
+    fetch = _Fetcher(store)
 
     def tick() -> None:
         if progress is not None:
