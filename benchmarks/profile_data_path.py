@@ -104,16 +104,13 @@ def child(args: argparse.Namespace) -> int:
             pids: set[int] = {os.getpid(), process.pid or 0}
             stop = threading.Event()
 
-            def watch() -> None:  # this process's descendants (qemu-nbd), for the perf samples
-                while not stop.wait(0.2):
-                    for entry in Path("/proc").iterdir():
-                        if entry.name.isdigit():
-                            try:
-                                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                            except OSError:
-                                continue
-                            if int(fields[1]) in pids:
-                                pids.add(int(entry.name))
+            def watch() -> None:  # this process's children (qemu-nbd, adopted), for the perf samples
+                while not stop.wait(0.5):
+                    for task in Path("/proc/self/task").iterdir():
+                        try:
+                            pids.update(int(p) for p in (task / "children").read_text().split())
+                        except OSError:
+                            continue
 
             watcher = threading.Thread(target=watch, daemon=True)
             watcher.start()
