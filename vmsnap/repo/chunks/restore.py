@@ -98,9 +98,13 @@ def data_runs(data: bytes | memoryview, block: int = SPARSE_BLOCK) -> Iterator[t
     they lie: no copy of a block)."""
     start: int | None = None
     base = address(data)
+    view = memoryview(data).cast("B")
     for pos in range(0, len(data), block):
         span = min(block, len(data) - pos)
-        zero = is_zero_at(base, pos, span) if base is not None else is_zero(data[pos : pos + span])
+        if view[pos] or view[pos + span - 1]:  # most blocks of data end the question at their first byte
+            zero = False
+        else:
+            zero = is_zero_at(base, pos, span) if base is not None else is_zero(data[pos : pos + span])
         if zero and start is not None:
             yield start, pos
             start = None
