@@ -67,6 +67,36 @@ def cli_process(*argv: str | Path, env: Mapping[str, str] | None = None, timeout
     return CliResult(done.returncode, done.stdout, done.stderr)
 
 
+def cli_started(*argv: str | Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+    """``vmsnap ARGV`` started as a process in a session (so a process group) of its own: a test can stop
+    it at a ``stop:`` crash point (:func:`wait_stopped`) and kill it with what it started (``os.killpg``)."""
+    return subprocess.Popen(
+        [VMSNAP, *[str(a) for a in argv]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+
+
+def wait_stopped(process: subprocess.Popen[str], timeout: float = 120.0) -> None:
+    """Wait until ``process`` is stopped (it reached a ``stop:`` crash point); fails if it ends first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            state = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            state = "?"
+        if state == "T":
+            return
+        if process.poll() is not None:
+            _, err = process.communicate()
+            raise AssertionError(f"vmsnap ended ({process.returncode}) before its crash point: {err}")
+        assert time.monotonic() < deadline, f"vmsnap did not reach its crash point within {timeout:g} s"
+        time.sleep(0.05)
+
+
 def cli_on_a_terminal(*argv: str | Path, timeout: float = 120) -> CliResult:
     """``vmsnap ARGV`` as a process whose stderr is a (pseudo-)terminal, 120 columns wide: what a user sees.
     ``err`` is what the terminal received, escape sequences included."""

@@ -7,7 +7,8 @@ that reads anything of the far host's directly, instead of through the SSH tunne
 runner, fails. The test looks into the far host's files through ``/proc/<sshd pid>/root`` (the kernel
 resolves such paths in that process's mount namespace).
 
-Import the fixtures into a test module: ``from tests.integration.far_host import far_host, FarHost``.
+Import the fixtures into a test module: ``from tests.integration.far_host import far_host, FarHost``;
+:func:`far_vm` starts a QEMU with no guest OS there, :func:`far_lab_guest` the lab guest (qemu-ga included).
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ import pytest
 
 from tests.sshd import free_port, wait_for_sshd
 from vmsnap import processes
+from vmsnap.errors import AgentError
+from vmsnap.lab.guest import DATA_MOUNT, DATA_SERIAL
+from vmsnap.lab.image import LabImage
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, listening, qemu_io
 from vmsnap.runner import SshRunner
+from vmsnap.vm.agent import GuestAgent
 from vmsnap.vm.qmp import QMPMonitor
 
 ALIAS = "farhost"
@@ -185,6 +190,114 @@ def far_vm(host: FarHost, name: str, sizes: Sequence[str] = ("16M",)) -> Iterato
         yield vm
     finally:
         vm.stop()
+        log.close()
+        with contextlib.suppress(subprocess.CalledProcessError):
+            host.run(["rm", "-rf", "--", str(workdir)])
+
+
+@attrs.define
+class FarGuest:
+    """The lab guest (real Linux + qemu-ga) running on the far host: its QEMU (ours, by pid), its paths there.
+
+    Its agent socket is reached from this test through the far host's namespace (:meth:`FarHost.here`);
+    QEMU serves it to one client at a time, so every look connects afresh and lets go at once.
+    """
+
+    host: FarHost
+    qemu: QemuProcess
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.qemu.qmp_socket
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.qemu.agent_socket
+
+    def agent(self) -> GuestAgent:
+        """A new agent connection from this test (close it when done)."""
+        return GuestAgent.from_socket(self.host.here(self.agent_socket), timeout=5.0)
+
+    def status(self) -> str:
+        """``guest-fsfreeze-status``, or the reason the agent did not answer."""
+        agent = self.agent()
+        try:
+            return agent.fsfreeze_status()
+        except AgentError as err:
+            return err.message
+        finally:
+            agent.close()
+
+    def wait_until_thawed(self, timeout: float) -> float:
+        """Seconds until the agent says "thawed" (fails after ``timeout``)."""
+        started = time.monotonic()
+        last = ""
+        while time.monotonic() - started < timeout:
+            last = self.status()
+            if last == "thawed":
+                return time.monotonic() - started
+            time.sleep(0.1)
+        raise AssertionError(f"the far guest was not thawed within {timeout:g} s (last: {last})")
+
+    def stop(self) -> None:
+        """Quit QEMU (QMP quit), SIGKILL it after 10 s; by its pid."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(Exception), QMPMonitor(self.host.here(self.qmp_socket)).connect() as qmp:
+            qmp.quit()
+        processes.stop_child(self.process, timeout=10)
+
+
+@contextlib.contextmanager
+def far_lab_guest(host: FarHost, image: LabImage, name: str = "farlab") -> Iterator[FarGuest]:
+    """The lab guest booted on the far host, in ``/tmp/<name>-<random>`` there, with a 64 MiB ext4 data disk
+    mounted at ``/mnt/data``; stopped (by pid) afterwards."""
+    workdir = Path(f"/tmp/{name}-{secrets.token_hex(3)}")
+    host.run(["mkdir", "-m", "0700", str(workdir)])
+    data = workdir / f"{DATA_SERIAL}.qcow2"
+    host.run(["qemu-img", "create", "-q", "-f", "qcow2", str(data), "64M"])
+    # the image's cache may be under this host's /tmp: the far host gets copies of its own
+    for part in (image.kernel, image.initrd):
+        shutil.copyfile(part, host.here(workdir / part.name))
+    qemu = QemuProcess(
+        workdir,
+        [DriveSpec(data, DATA_SERIAL, serial=DATA_SERIAL)],
+        name=name,
+        memory_mb=512,
+        kernel=workdir / image.kernel.name,
+        initrd=workdir / image.initrd.name,
+        append=image.append,
+        agent=True,
+        extra_args=["-no-reboot"],
+    )
+    guest = FarGuest(host, qemu)
+    log = open(host.here(workdir) / f"{name}.log", "wb")  # noqa: SIM115
+    try:
+        guest.process = subprocess.Popen(
+            host.command(qemu.argv()),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 180
+        while True:  # the agent answers, then the guest mounts its data disk
+            assert guest.process.poll() is None, (host.here(workdir) / f"{name}.log").read_text()
+            assert time.monotonic() < deadline, "the lab guest on the far host did not come up"
+            if host.here(qemu.agent_socket).exists():
+                agent = guest.agent()
+                try:
+                    if f" {DATA_MOUNT} ".encode() in agent.read_file("/proc/mounts"):
+                        break
+                except AgentError:
+                    pass
+                finally:
+                    agent.close()
+            time.sleep(0.3)
+        yield guest
+    finally:
+        guest.stop()
         log.close()
         with contextlib.suppress(subprocess.CalledProcessError):
             host.run(["rm", "-rf", "--", str(workdir)])

@@ -1,11 +1,14 @@
 """Other hosts: RemoteHost (vmsnap.vm.remote) against the real sshd on 127.0.0.1 — a real QEMU whose QMP
 socket is reached only through the forward, an NBD export forwarded on demand, commands over the master —
 and a VM on the "far host" (an sshd with its own /tmp, tests/integration/far_host.py) backed up end to end
-through `vmsnap backup --host`: full, incremental, offline incremental, restored, compared byte for byte."""
+through `vmsnap backup --host`: full, incremental, offline incremental, restored, compared byte for byte; and
+the lab guest on the far host, frozen by a backup that is killed with its SSH connection (or whose connection
+hangs): the thaw guard that runs there thaws it."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -15,14 +18,19 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_image
-from tests.integration.cli_helpers import CliResult, cli_process
-from tests.integration.far_host import ALIAS, FarHost, far_vm
+from tests.integration.cli_helpers import CliResult, cli_process, cli_started, wait_stopped
+from tests.integration.far_host import ALIAS, FarGuest, FarHost, far_lab_guest, far_vm
+from vmsnap import processes
+from vmsnap.backup.config import CRASH_ENV
 from vmsnap.errors import CommandError, NotFoundError, QMPConnectionError
+from vmsnap.lab.image import LabImage
 from vmsnap.lab.qemu import DriveSpec, QemuProcess
 from vmsnap.runner import SshRunner
+from vmsnap.vm.guards import LEASE
 from vmsnap.vm.machine import QemuMachine
 from vmsnap.vm.qmp import QMPMonitor
 from vmsnap.vm.remote import RemoteHost
+from vmsnap.vm.thawguard import target_key
 
 
 def remote_for(sshd: SshRunner, **kwargs: object) -> RemoteHost:
@@ -230,3 +238,109 @@ def test_a_missing_socket_on_another_host_is_one_line(far_host: FarHost, tmp_pat
     assert result.code == 1
     assert f"no unix socket /tmp/no-such.qmp on {ALIAS}" in result.error_line
     assert not (tmp_path / "repo").exists()  # nothing was begun
+
+
+# -- the thaw guard on the far host ------------------------------------------------------------------------
+
+
+def _guard_record(far_host: FarHost, guest: FarGuest) -> Path:
+    """Where the guard of the far guest's agent keeps its record there (root: /run/vmsnap/guards)."""
+    key = target_key(["socket", str(guest.agent_socket)])
+    return far_host.here(f"/run/vmsnap/guards/{key}.json")
+
+
+def _children(pid: int) -> list[tuple[int, list[str]]]:
+    """(pid, argv) of the processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            argv = processes.cmdline(int(entry.name))
+            if parent == pid and argv:
+                found.append((int(entry.name), argv))
+    return found
+
+
+def _wait_gone(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while path.exists():
+        assert time.monotonic() < deadline, f"{path} is still there after {timeout:g} s"
+        time.sleep(0.1)
+
+
+def test_a_remote_backup_killed_with_its_ssh_connection_is_thawed_by_the_guard_there(
+    far_host: FarHost, lab_image: LabImage, tmp_path: Path
+) -> None:
+    """vmsnap, its SSH master and every ssh it started die at once (its process group, SIGKILL) while the
+    guest is frozen: nothing on this host can reach the agent any more; the guard on the far host can."""
+    env = _far(far_host)
+    with far_lab_guest(far_host, lab_image) as guest:
+        selector = ["--host", ALIAS, "--qmp", str(guest.qmp_socket), "--agent", str(guest.agent_socket)]
+        repo = tmp_path / "repo"
+        crash = {**env, CRASH_ENV: "stop:after-freeze"}
+        run = cli_started("backup", "--repo", repo, *selector, "--quiesce", "on", env=crash)
+        try:
+            wait_stopped(run)
+            assert guest.status() == "frozen"
+            record = _guard_record(far_host, guest)
+            assert record.exists(), "no thaw guard runs on the far host"
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait(10)
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait(10)
+        seconds = guest.wait_until_thawed(10)  # no recover: the far guard did it
+        print(f"\nthawed {seconds:.2f} s after the kill was seen")
+        _wait_gone(record, 10)  # the guard ended with its thaw, its lock and record removed
+        agent = guest.agent()
+        try:
+            agent.write_file("/mnt/data/after-kill.txt", b"writes go on\n")
+        finally:
+            agent.close()
+
+        recovered = _ok(cli_process("recover", *selector, "--repo", repo, "--json", env=env))
+        assert "the guest's filesystems are thawed" in recovered["found"]  # type: ignore[operator]
+        assert _ok(cli_process("recover", *selector, "--repo", repo, "--json", env=env))["clean"]
+
+
+def test_a_remote_backup_whose_connection_hangs_is_thawed_when_its_lease_ends(
+    far_host: FarHost, lab_image: LabImage, tmp_path: Path
+) -> None:
+    """The SSH connection stops carrying anything (its master stopped: no end of file reaches the far host,
+    and no beat) and vmsnap dies: the far guard thaws when the lease ends."""
+    env = _far(far_host)
+    with far_lab_guest(far_host, lab_image) as guest:
+        selector = ["--host", ALIAS, "--qmp", str(guest.qmp_socket), "--agent", str(guest.agent_socket)]
+        run = cli_started(
+            "backup",
+            "--repo",
+            tmp_path / "repo",
+            *selector,
+            "--quiesce",
+            "on",
+            env={**env, CRASH_ENV: "stop:after-freeze"},
+        )
+        master = 0
+        try:
+            wait_stopped(run)
+            masters = [pid for pid, argv in _children(run.pid) if argv[0] == "ssh" and "-M" in argv]
+            assert len(masters) == 1, _children(run.pid)
+            master = masters[0]
+            os.kill(master, signal.SIGSTOP)
+            os.kill(run.pid, signal.SIGKILL)
+            run.wait(10)
+            killed = time.monotonic()
+            assert guest.status() == "frozen"
+            guest.wait_until_thawed(LEASE + 10)
+            print(f"\nthawed {time.monotonic() - killed:.1f} s after the kill (lease {LEASE:g} s)")
+            _wait_gone(_guard_record(far_host, guest), 10)
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait(10)
+            if master:
+                os.kill(master, signal.SIGKILL)  # the dead run's master (ours: this test started the run)

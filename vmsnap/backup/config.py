@@ -17,6 +17,7 @@ from vmsnap.repo.reports import PUSH_TRANSPORT
 __all__ = [
     "CRASH_ENV",
     "CRASH_POINTS",
+    "EARLY_CRASH_POINTS",
     "PUSH",
     "BackupConfig",
     "BackupResult",
@@ -39,6 +40,11 @@ CRASH_POINTS = (
     "after-delete",
     "before-manifest",
 )
+
+EARLY_CRASH_POINTS = ("before-repository", "before-marker", "store-put-unnamed")
+"""Steps of a backup into a new (local) repository before its marker exists: the machine opened and the
+options checked, nothing written; the directory made, the marker not yet written; the marker written into
+its temporary file, not yet under its name (the first put of a new repository's local store)."""
 
 
 @attrs.frozen
@@ -112,10 +118,12 @@ class BackupResult:
 
 @attrs.frozen
 class RecoveryReport:
-    """What :func:`recover` undid (each action one line), and whether there was anything to do."""
+    """What :func:`recover` undid (each action one line), what it found that needed nothing (each one line),
+    and whether there was anything to do."""
 
     vm: str
     actions: tuple[str, ...]
+    found: tuple[str, ...] = ()
 
     @property
     def clean(self) -> bool:

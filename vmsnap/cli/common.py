@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -63,7 +64,10 @@ class Command:
         if self.run is not None:
             parser.set_defaults(func=self.run)
         parser.add_argument(
-            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show vmsnap's log (commands run, their output) and tracebacks on errors",
         )
         self.arguments(parser)
         if self.json_option:
@@ -111,8 +115,9 @@ def add_disk_option(parser: argparse.ArgumentParser) -> None:
 HOST_EXAMPLE = "--host root@hv2 --qmp /run/qemu/vm1.qmp"
 
 
-def add_vm_arguments(parser: argparse.ArgumentParser) -> None:
-    """--qmp/--agent/--name | --domain/--connect | --image ..., and --host for a VM on another host."""
+def add_vm_arguments(parser: argparse.ArgumentParser, *, connect: bool = True) -> None:
+    """--qmp/--agent/--name | --domain/--connect | --image ..., and --host for a VM on another host
+    (``connect`` False: the command has a --connect of its own already)."""
     group = parser.add_argument_group(
         "VM (one of)",
         "on another host add --host; the paths are that host's, e.g. " + HOST_EXAMPLE,
@@ -123,7 +128,10 @@ def add_vm_arguments(parser: argparse.ArgumentParser) -> None:
         "--name", help="the VM's name in the repository (default: QEMU's -name, or the image stem)"
     )
     group.add_argument("--domain", metavar="NAME", help="a libvirt domain")
-    group.add_argument("--connect", metavar="URI", help="libvirt connection URI (default: qemu:///system)")
+    if connect:
+        group.add_argument(
+            "--connect", metavar="URI", help="libvirt connection URI (default: qemu:///system)"
+        )
     group.add_argument(
         "--image",
         type=Path,
@@ -167,12 +175,61 @@ def opened_machine(spec: MachineSpec) -> Iterator[Machine]:
 # -- output -------------------------------------------------------------------------------------------------
 
 
+JSON_PAYLOAD = "_vmsnap_json_payload"
+"""Where :func:`emit` keeps a command's ``--json`` object until :func:`vmsnap.cli.main` prints it."""
+
+
 def emit(args: argparse.Namespace, payload: dict[str, Any], human: str) -> None:
-    """Print ``payload`` as one JSON object with --json, else the human text."""
+    """The command's outcome: the human text now, or with --json the object :func:`vmsnap.cli.main` prints
+    once the command ends (with an ``"error"`` member when it then fails), so stdout holds exactly one
+    JSON object, errors included."""
     if getattr(args, "json", False):
-        print(json.dumps(payload, sort_keys=True, default=str))
+        setattr(args, JSON_PAYLOAD, payload)
     else:
         print(human)
+
+
+def print_json(payload: dict[str, Any]) -> None:
+    """One JSON object on one line of stdout."""
+    print(json.dumps(payload, sort_keys=True, default=str), flush=True)
+
+
+def finite_seconds(text: str) -> float:
+    """An argparse type for a duration in seconds: a finite number, 0 or more (not ``inf``, not ``nan``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds, 0 or more")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type for a timeout in seconds: a finite number above 0."""
+    value = finite_seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not above 0 seconds")
+    return value
+
+
+def count(text: str) -> int:
+    """An argparse type for a count: an integer, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+def positive_count(text: str) -> int:
+    """An argparse type for a count of at least 1."""
+    value = count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 1 or more")
+    return value
 
 
 def render_table(headings: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -33,7 +33,7 @@ READ_FORMATS = (1, 2)
 
 STEPS = (
     "started",  # staging exists; the journal names it
-    "freezing",  # about to freeze the guest
+    "freezing",  # about to freeze the guest (data: vm_status, the VM's run state before)
     "frozen",
     "creating",  # about to create snapshots (data: name)
     "created",  # data: snapshots

@@ -2,20 +2,26 @@
 
 Format 2::
 
-    {"format": 2, "layout": "chunks" | "qcow2", "id": "<32 hex: names its local state directory>",
+    {"format": 2, "layout": "<a registered layout>", "id": "<32 hex: names its local state directory>",
      "chunk_size": 4194304 | null, "compression": "zstd" | "none" | null,
      "encryption": null | {"cipher": "aes-256-gcm", "chunk_id": "hmac-sha256", "key_id": "<32 hex>"}}
 
-``chunk_size``, ``compression`` and ``encryption`` are null in the qcow2 layout. Chunk ids are sha256
-(HMAC-SHA256 when encrypted). Format 3 is format 2 plus the chunk id hash of a ``chunks`` repository whose
-ids are BLAKE3 (what ``init`` makes unless told ``--chunk-id sha256``; see :mod:`vmsnap.repo.chunks.blob`)::
+``chunk_size`` and ``compression`` are null in a layout that cuts nothing into chunks (``qcow2``), and
+``encryption`` in one that cannot be encrypted: what each layout needs of its marker is the layout's own
+rule (:meth:`~vmsnap.repo.layout.RepositoryLayout.accept_marker`); this module parses and writes the format.
+Format 1 (``{"format": 1}``, vmsnap 0.1) is a repository of layout :data:`FORMAT1_LAYOUT` and is read as one
+(its marker is never rewritten).
+
+Format 3 is format 2 naming the function that gives chunks their ids: a ``chunk_id`` beside ``layout`` and,
+when encrypted, the keyed function as the encryption's ``chunk_id`` (which names may stand there is the
+layout's rule; ``chunks`` writes ``"blake3"`` and ``"blake3-keyed"``)::
 
     {"format": 3, …, "chunk_id": "blake3",
      "encryption": null | {"cipher": "aes-256-gcm", "chunk_id": "blake3-keyed", "key_id": "<32 hex>"}}
 
-A repository with sha256 ids is still written as format 2, so a vmsnap that reads only formats 1 and 2 reads
-it, and refuses a format-3 one by its format number (rather than finding every chunk damaged). Format 1
-(``{"format": 1}``, vmsnap 0.1) is a ``qcow2`` repository and is read as one (its marker is never rewritten).
+A marker that names no id function is written as format 2 (chunk ids sha256, HMAC-SHA256 when encrypted), so
+a vmsnap that reads only formats 1 and 2 still reads it, and refuses a format-3 one by its number (rather
+than finding every chunk damaged).
 """
 
 from __future__ import annotations
@@ -23,59 +29,54 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 
 from vmsnap.errors import RepositoryError, UsageError
+from vmsnap.image.geometry import CHUNK_SIZE
 
 MARKER = "vmsnap-repo.json"
 FORMAT = 2
-FORMAT_BLAKE3 = 3
-"""The format of a marker whose chunk ids are BLAKE3 (format 2 with ``chunk_id``)."""
-LAYOUTS = ("chunks", "qcow2")
+FORMAT_CHUNK_ID = 3
+"""The format of a marker that names its chunk id function (format 2 plus ``chunk_id``)."""
+FORMAT1_LAYOUT = "qcow2"
+"""The layout of a repository whose marker is vmsnap 0.1's ``{"format": 1}``."""
 DEFAULT_LAYOUT = "chunks"
 """The layout of a repository made by ``backup`` in a new or empty directory (and by ``init``)."""
 COMPRESSIONS = ("zstd", "none")
-CHUNK_SIZE = 4 * 1024 * 1024
 CIPHER = "aes-256-gcm"
 CHUNK_ID = "hmac-sha256"
-CHUNK_IDS = ("blake3", "sha256")
-"""Chunk id hashes, by the name ``init --chunk-id`` takes; the first is what new repositories use."""
-_KEYED_CHUNK_ID = {"sha256": CHUNK_ID, "blake3": "blake3-keyed"}
 
-Layout = Literal["chunks", "qcow2"]
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
-
-
-def check_layout(layout: str) -> Layout:
-    """:raise UsageError: ``layout`` is not one this vmsnap writes."""
-    if layout == "chunks":
-        return "chunks"
-    if layout == "qcow2":
-        return "qcow2"
-    raise UsageError(f"unknown repository layout {layout!r}", hint="use chunks or qcow2")
+_LAYOUT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.+-]{0,63}$")
+_FUNCTION_NAME = _LAYOUT_NAME
+"""What a chunk id function's name in a format-3 marker may look like (the layout knows which it uses)."""
 
 
 @attrs.frozen
 class RepoMarker:
     """What ``vmsnap-repo.json`` says (see the module docstring).
 
-    :param format: 1 (vmsnap 0.1, layout qcow2) or 2
-    :param layout: "chunks" or "qcow2"
+    :param format: 1 (vmsnap 0.1, layout qcow2), 2, or 3 (names the chunk id function)
+    :param layout: the layout's registered name
     :param id: a random id naming the repository's local state directory ("" in format 1)
-    :param compression: "zstd" or "none" (chunks)
+    :param compression: "zstd" or "none" (a layout that cuts chunks), else None
     :param key_id: the fingerprint of the key of an encrypted repository, else None
-    :param chunk_id: the chunk id hash, "blake3" or "sha256" (chunks; "sha256" in the qcow2 layout, which
-        has no chunk ids)
+    :param chunk_size: the chunk size of a layout that cuts chunks, else None
+    :param chunk_id: the chunk id function a format-3 marker names, else None (format 1 or 2)
+    :param keyed_chunk_id: the keyed chunk id function an encrypted format-3 marker names, else None
+        (format 2's ``hmac-sha256``, or no encryption)
     """
 
     format: int
-    layout: Layout
+    layout: str
     id: str = ""
     compression: str | None = None
     key_id: str | None = None
-    chunk_id: str = "sha256"
+    chunk_size: int | None = None
+    chunk_id: str | None = None
+    keyed_chunk_id: str | None = None
 
     @property
     def encrypted(self) -> bool:
@@ -86,54 +87,56 @@ class RepoMarker:
         cls,
         layout: str,
         *,
-        compression: str = "zstd",
+        chunk_size: int | None = None,
+        compression: str | None = None,
         key_id: str | None = None,
-        chunk_id: str = CHUNK_IDS[0],
     ) -> RepoMarker:
-        """The marker of a new repository.
+        """The marker of a new repository, with a fresh id; a layout's rules are
+        :meth:`~vmsnap.repo.layout.RepositoryLayout.new_marker`'s.
 
-        :raise UsageError: an unknown layout, compression or chunk id hash, or encryption in the qcow2
-            layout
+        :raise UsageError: a malformed layout name or an unknown compression
         """
-        checked = check_layout(layout)
-        if compression not in COMPRESSIONS:
-            raise UsageError(f"unknown compression {compression!r}", hint="use zstd or none")
-        if chunk_id not in CHUNK_IDS:
-            raise UsageError(f"unknown chunk id hash {chunk_id!r}", hint=f"use {' or '.join(CHUNK_IDS)}")
-        if checked == "qcow2":
-            if key_id is not None:
-                raise UsageError(
-                    "the qcow2 layout cannot be encrypted (its images are plain qcow2 files)",
-                    hint="use --layout chunks with --encrypt",
-                )
-            return cls(FORMAT, checked, secrets.token_hex(16))
-        version = FORMAT_BLAKE3 if chunk_id == "blake3" else FORMAT
-        return cls(version, checked, secrets.token_hex(16), compression, key_id, chunk_id)
+        if not _LAYOUT_NAME.match(layout):
+            raise UsageError(f"unknown repository layout {layout!r}")
+        if compression is not None and compression not in COMPRESSIONS:
+            raise UsageError(f"unknown compression {compression!r}", hint=f"use {' or '.join(COMPRESSIONS)}")
+        return cls(FORMAT, layout, secrets.token_hex(16), compression, key_id, chunk_size)
+
+    def naming_chunk_ids(self, chunk_id: str, keyed_chunk_id: str) -> RepoMarker:
+        """This marker naming its chunk id functions (format 3): ``chunk_id``, and ``keyed_chunk_id`` when
+        it is encrypted.
+
+        :raise UsageError: a malformed name
+        """
+        for name in (chunk_id, keyed_chunk_id):
+            if not _FUNCTION_NAME.match(name):
+                raise UsageError(f"unknown chunk id function {name!r}")
+        keyed = keyed_chunk_id if self.key_id is not None else None
+        return attrs.evolve(self, format=FORMAT_CHUNK_ID, chunk_id=chunk_id, keyed_chunk_id=keyed)
 
     def to_json(self) -> dict[str, Any]:
-        """The marker's JSON object (format 2, or 3 for BLAKE3 chunk ids)."""
-        chunks = self.layout == "chunks"
+        """The marker's JSON object (format 2, or 3 when it names its chunk id functions)."""
         encryption = None
         if self.key_id is not None:
-            encryption = {"cipher": CIPHER, "chunk_id": _KEYED_CHUNK_ID[self.chunk_id], "key_id": self.key_id}
+            keyed = self.keyed_chunk_id if self.keyed_chunk_id is not None else CHUNK_ID
+            encryption = {"cipher": CIPHER, "chunk_id": keyed, "key_id": self.key_id}
         data: dict[str, Any] = {
-            "format": FORMAT,
+            "format": FORMAT if self.chunk_id is None else FORMAT_CHUNK_ID,
             "layout": self.layout,
             "id": self.id,
-            "chunk_size": CHUNK_SIZE if chunks else None,
-            "compression": self.compression if chunks else None,
+            "chunk_size": self.chunk_size,
+            "compression": self.compression,
             "encryption": encryption,
         }
-        if chunks and self.chunk_id != "sha256":
-            data["format"] = FORMAT_BLAKE3
+        if self.chunk_id is not None:
             data["chunk_id"] = self.chunk_id
         return data
 
     @classmethod
     def from_bytes(cls, raw: bytes, *, where: str) -> RepoMarker:
-        """Parse a marker.
+        """Parse a marker (the layout's own rules are checked by the layout when it opens).
 
-        :raise RepositoryError: damaged, or of a format or layout this vmsnap does not read
+        :raise RepositoryError: damaged, or of a format this vmsnap does not read
         """
         try:
             data = json.loads(raw)
@@ -143,10 +146,11 @@ class RepoMarker:
                 f"{where} is unreadable or damaged: {err}", hint="check the path and its permissions"
             ) from err
         if version == 1:
-            return cls(1, "qcow2")
-        if version not in (FORMAT, FORMAT_BLAKE3):
+            return cls(1, FORMAT1_LAYOUT)
+        if version not in (FORMAT, FORMAT_CHUNK_ID):
             raise RepositoryError(
-                f"repository {where} has format {version!r}; this vmsnap reads formats 1 to {FORMAT_BLAKE3}",
+                f"repository {where} has format {version!r}; "
+                f"this vmsnap reads formats 1 to {FORMAT_CHUNK_ID}",
                 hint="use the vmsnap version that wrote it",
             )
         try:
@@ -158,29 +162,36 @@ class RepoMarker:
 
     @classmethod
     def _parse_v2(cls, data: dict[str, Any], version: int) -> RepoMarker:
-        layout = check_layout(str(data["layout"]))
+        """Formats 2 and 3 (see the module docstring)."""
+        layout = str(data["layout"])
+        if not _LAYOUT_NAME.match(layout):
+            raise ValueError(f"layout {layout!r}")
         repo_id = str(data["id"])
         if not _HEX32.match(repo_id):
             raise ValueError(f"repository id {repo_id!r}")
-        chunk_id = "sha256"
-        if version == FORMAT_BLAKE3:
-            chunk_id = str(data["chunk_id"])
-            if chunk_id != "blake3" or layout != "chunks":
-                raise ValueError(f"chunk id {chunk_id!r} in a format-{version} {layout} repository")
-        if layout == "qcow2":
-            return cls(FORMAT, layout, repo_id)
-        if data["chunk_size"] != CHUNK_SIZE:
-            raise ValueError(f"chunk size {data['chunk_size']!r} (this vmsnap uses {CHUNK_SIZE})")
-        compression = str(data["compression"])
-        if compression not in COMPRESSIONS:
+        chunk_size = data.get("chunk_size")
+        if chunk_size is not None and (type(chunk_size) is not int or chunk_size != CHUNK_SIZE):
+            raise ValueError(f"chunk size {chunk_size!r} (this vmsnap uses {CHUNK_SIZE})")
+        compression = data.get("compression")
+        if compression is not None and compression not in COMPRESSIONS:
             raise ValueError(f"compression {compression!r}")
+        chunk_id = None
+        if version == FORMAT_CHUNK_ID:
+            chunk_id = data["chunk_id"]
+            if not isinstance(chunk_id, str) or not _FUNCTION_NAME.match(chunk_id):
+                raise ValueError(f"chunk id {chunk_id!r}")
         encryption = data.get("encryption")
-        key_id = None
+        key_id = keyed = None
         if encryption is not None:
-            keyed = _KEYED_CHUNK_ID[chunk_id]
-            if encryption.get("cipher") != CIPHER or encryption.get("chunk_id") != keyed:
+            keyed = encryption.get("chunk_id")
+            if chunk_id is None:
+                ok = keyed == CHUNK_ID
+                keyed = None  # format 2's, which it does not name
+            else:
+                ok = isinstance(keyed, str) and _FUNCTION_NAME.match(keyed) is not None
+            if encryption.get("cipher") != CIPHER or not ok:
                 raise ValueError(f"encryption {encryption!r}")
             key_id = str(encryption["key_id"])
             if not _HEX32.match(key_id):
                 raise ValueError(f"key id {key_id!r}")
-        return cls(version, layout, repo_id, compression, key_id, chunk_id)
+        return cls(version, layout, repo_id, compression, key_id, chunk_size, chunk_id, keyed)

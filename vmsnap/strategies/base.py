@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import typing
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -185,8 +186,18 @@ class Strategy(Protocol):
         """Return the disk to exactly the snapshot's content."""
         ...
 
+    def rollback_many(self, snaps: Sequence[SnapshotRef]) -> None:
+        """Return the disks of ``snaps`` (one snapshot name, several disks) to their snapshots; a strategy
+        whose snapshot reverts several disks at one instant (a running VM's saved state) does it once."""
+        ...
+
     def list(self) -> Sequence[SnapshotRef]:
         """The snapshots of this strategy that exist on the machine's disks now."""
+        ...
+
+    def find(self, name: str) -> Sequence[SnapshotRef]:
+        """The snapshots ``create(..., name=name)`` made — also what one that died before it returned left
+        behind, however the strategy names that (``recover`` deletes them)."""
         ...
 
 
@@ -218,6 +229,24 @@ class StrategyBase:
 
     def abandon(self, snaps: Sequence[SnapshotRef]) -> None:
         """Nothing to give back."""
+
+    def list(self) -> Sequence[SnapshotRef]:
+        """The snapshots of this strategy that exist now (every strategy defines it)."""
+        raise NotImplementedError
+
+    def rollback(self, snap: SnapshotRef) -> None:
+        """Return the disk to the snapshot (every strategy defines it)."""
+        raise NotImplementedError
+
+    def rollback_many(self, snaps: Sequence[SnapshotRef]) -> None:
+        """Roll each disk back on its own."""
+        for snap in snaps:
+            self.rollback(snap)
+
+    def find(self, name: str) -> Sequence[SnapshotRef]:
+        """The snapshots :meth:`list` finds under ``name`` (a strategy that names what a dead ``create``
+        left otherwise says so by overriding this)."""
+        return [ref for ref in self.list() if ref.name == name]
 
 
 @contextlib.contextmanager
@@ -275,3 +304,11 @@ def distinct_names(disks: Sequence[Disk]) -> None:
         if key in seen:
             raise VmsnapError(f"disk {disk.name} ({disk.file}) is listed twice", hint="name each disk once")
         seen.add(key)
+
+
+if not typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
+        from vmsnap import moved
+
+        return moved.resolve(__name__, name)

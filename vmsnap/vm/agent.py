@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import attrs
 
 from vmsnap.errors import AgentCommandError, AgentError, AgentNotRespondingError, FreezeError
+from vmsnap.model import validate_seconds
 
 _log = logging.getLogger(__name__)
 
@@ -197,7 +198,8 @@ class FreezeReport:
     :param thawed_count: filesystems thawed
     :param freeze_ms: how long ``guest-fsfreeze-freeze`` took (hooks + sync + freeze)
     :param thaw_error: the agent's error when a thaw hook failed (the filesystems are thawed all the same)
-    :param guard_pid: the thaw guard watching this freeze, if any
+    :param guard_pid: the thaw guard watching this freeze, if any (a pid on the host it runs on: another
+        hypervisor's for a VM there)
     """
 
     frozen_count: int = 0
@@ -235,10 +237,12 @@ class GuestAgent:
     ) -> Any:
         """Run any guest-* command (``vmsnap agent`` uses this); prefer the typed methods.
 
+        :raise UsageError: ``timeout`` is not a finite number of seconds above 0
         :raise AgentNotRespondingError: nothing answered in time
         :raise AgentCommandError: the agent answered with an error
         """
-        return self.channel.execute(command, arguments, timeout=timeout or self.timeout)
+        seconds = validate_seconds(self.timeout if timeout is None else timeout, "agent timeout", zero=False)
+        return self.channel.execute(command, arguments, timeout=seconds)
 
     # -- liveness and identity ------------------------------------------------------------------
 
@@ -263,23 +267,11 @@ class GuestAgent:
         """Names of the commands this agent has enabled."""
         return {c["name"] for c in self.info().get("supported_commands", []) if c.get("enabled")}
 
-    def get_osinfo(self) -> dict[str, Any]:
-        """``guest-get-osinfo``."""
-        return dict(self.execute("guest-get-osinfo"))
-
-    def get_host_name(self) -> str:
-        """``guest-get-host-name``."""
-        return str(self.execute("guest-get-host-name")["host-name"])
-
-    def get_time(self) -> int:
-        """``guest-get-time``: guest clock in nanoseconds since the epoch."""
-        return int(self.execute("guest-get-time"))
-
-    def get_fsinfo(self) -> list[dict[str, Any]]:
-        """``guest-get-fsinfo``: mounted filesystems with their disks."""
-        return list(self.execute("guest-get-fsinfo"))
-
     # -- freezing -------------------------------------------------------------------------------
+
+    def get_osinfo(self) -> dict[str, Any]:
+        """``guest-get-osinfo`` (a boot verification records it)."""
+        return dict(self.execute("guest-get-osinfo"))
 
     def fsfreeze_status(self) -> str:
         """``guest-fsfreeze-status``: "thawed" or "frozen"."""

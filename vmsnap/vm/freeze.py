@@ -1,38 +1,38 @@
 """Freezing a guest's filesystems for a snapshot, with a thaw that always happens — also when vmsnap dies.
 
 :func:`frozen` freezes through the guest agent for the body of a ``with`` and thaws afterwards, whatever
-happened. Before freezing it starts a detached *thaw guard* (``python -m vmsnap.vm.freeze PARENT_PID
-SOCKET``): the guard waits on a pipe from its parent: "done" → it exits; "thaw", end of file (the parent
-died, even by SIGKILL) or the parent's pid vanishing → it connects to the agent socket, which QEMU serves
-to one client at a time and which the kernel closed with the dead parent, and thaws the guest if it is
-frozen.
+happened. Before freezing it starts the machine's *thaw guard* (:mod:`vmsnap.vm.guards`: beside vmsnap for a
+bare QEMU or a libvirt domain, on the hypervisor for a VM on another host): told "done" after the thaw, it
+exits; when vmsnap dies (even by SIGKILL), hangs, or hands the thaw over, it thaws the guest itself.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
-import os
-import select
-import signal
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
-from vmsnap import processes
 from vmsnap.errors import AgentCommandError, AgentError, AgentNotRespondingError, FreezeError
-from vmsnap.vm.agent import DEFAULT_TIMEOUT, FREEZE_TIMEOUT, FreezeReport, GuestAgent, SocketAgentChannel
-from vmsnap.vm.machine import Machine
+from vmsnap.vm.agent import DEFAULT_TIMEOUT, FREEZE_TIMEOUT, FreezeReport, GuestAgent
+from vmsnap.vm.guards import MAX_FROZEN, GuardPlan, ThawGuard
+from vmsnap.vm.thawguard import DEFAULT_GIVE_UP
+
+__all__ = ["DEFAULT_GIVE_UP", "Freezable", "ThawGuard", "frozen", "frozen_agent"]
 
 _log = logging.getLogger(__name__)
 
-READY_TIMEOUT = 15.0
-"""Seconds to wait for a new guard to say it runs (a Python start on a loaded host)."""
 
-DEFAULT_GIVE_UP = 300.0
-"""Seconds a guard keeps trying to reach the agent before it gives up."""
+class Freezable(Protocol):
+    """What :func:`frozen` asks of a machine (every :class:`~vmsnap.vm.machine.Machine` has it)."""
+
+    name: str
+
+    def agent(self) -> GuestAgent | None: ...
+
+    def guard_plan(self) -> GuardPlan | None: ...
 
 
 class _ReportHolder:
@@ -50,25 +50,30 @@ class _ReportHolder:
 
 @contextlib.contextmanager
 def frozen(
-    machine: Machine,
+    machine: Freezable,
     mountpoints: Sequence[str] | None = None,
     *,
     timeout: float = FREEZE_TIMEOUT,
     guard: bool = True,
     guard_log: Path | None = None,
+    max_frozen: float = MAX_FROZEN,
 ) -> Iterator[FreezeReport]:
     """Freeze ``machine``'s guest filesystems for the body of the ``with``; thaw in every case.
 
-    Before freezing, a detached thaw guard (:mod:`vmsnap.vm.thawguard`) is started when the agent is on a unix
-    socket: if this process dies while the guest is frozen, even by SIGKILL, the guard thaws the guest
-    within seconds. After thawing, ``guest-fsfreeze-status`` must say "thawed".
+    Before freezing, the machine's thaw guard (``machine.guard_plan()``) is started: if this process dies
+    while the guest is frozen, even by SIGKILL, the guard thaws the guest within seconds; it also thaws when
+    this process stops beating for :data:`~vmsnap.vm.guards.LEASE` s or the guest has been frozen ``timeout``
+    + ``max_frozen`` s. After thawing, ``guest-fsfreeze-status`` must say "thawed".
 
     :param mountpoints: freeze only these (``guest-fsfreeze-freeze-list``); default: every filesystem
     :param timeout: seconds for the freeze (hooks included) and for the thaw
-    :param guard: start the thaw guard (only possible for a socket agent)
-    :param guard_log: a file where the guard notes what it did
-    :raise FreezeError: no agent, the agent does not answer, or it refused the freeze (the guest is thawed;
-        when the agent stopped answering mid-freeze, the guard thaws it as soon as the agent answers)
+    :param guard: start the thaw guard (when the machine has one: ``machine.guard_plan()``)
+    :param guard_log: a file (on this host) where the guard notes what it did
+    :param max_frozen: seconds beyond ``timeout`` after which the guard thaws whatever this process says
+    :raise FreezeError: no agent, the agent does not answer, it refused the freeze (the guest is thawed;
+        when the agent stopped answering mid-freeze, the guard thaws it as soon as the agent answers), the
+        guard could not start or another run's guard watches the guest (nothing frozen), or the guest was
+        thawed by someone else before the body ended (its snapshot is not quiesced)
     """
     agent = machine.agent()
     if agent is None:
@@ -77,9 +82,9 @@ def frozen(
             hint="give the VM a qemu-ga channel, or back up without freezing (--quiesce off)",
         )
     thaw_guard = None
-    channel = agent.channel
-    if guard and isinstance(channel, SocketAgentChannel):
-        thaw_guard = ThawGuard(channel.socket_path, log=guard_log)
+    plan = machine.guard_plan() if guard else None
+    if plan is not None:
+        thaw_guard = ThawGuard(plan, log=guard_log, deadline=timeout + max_frozen)
     with _freeze(agent, mountpoints, timeout=timeout, guard=thaw_guard) as report:
         yield report
 
@@ -95,6 +100,11 @@ def _freeze(
         raise FreezeError(f"cannot freeze: {err.message}", hint=err.hint) from err
     if guard is not None:
         guard.start()
+    # set only once the agent said "thawed": until then (whatever ends this function, KeyboardInterrupt from
+    # a SIGTERM included) the guest may be frozen or freezing, and the guard is handed the thaw, not told
+    # "done"
+    thaw_confirmed = False
+    thaw_tried = False
     try:
         started = time.monotonic()
         try:
@@ -103,20 +113,24 @@ def _freeze(
             else:
                 count = agent.fsfreeze_freeze(timeout=timeout)
         except AgentCommandError as err:
-            agent.thaw_quietly()
+            thaw_tried = True
+            thaw_confirmed = _thaw_checked(agent)
             raise FreezeError(f"freezing the guest failed: {err.desc}") from err
         except AgentNotRespondingError as err:
             # the freeze was sent and may still complete: whoever can reach the agent later must thaw
-            agent.close()
             if guard is not None:
-                guard.hand_over()
                 raise FreezeError(
                     f"freezing the guest failed: {err.message}",
                     hint=f"the thaw guard (pid {guard.pid}) thaws the guest as soon as its agent answers",
                 ) from err
+            agent.close()
+            thaw_tried = True
             agent.thaw_quietly()
             raise FreezeError(f"freezing the guest failed: {err.message}") from err
         frozen_at = time.monotonic()
+        # let go of a socket agent while frozen (QEMU serves it to one client at a time): should this process
+        # hang or its connection stall now, the guard can still get in and thaw
+        agent.close()
         holder = _ReportHolder(
             FreezeReport(
                 frozen_count=count,
@@ -124,22 +138,47 @@ def _freeze(
                 guard_pid=guard.pid if guard is not None else None,
             )
         )
+        body_failed = True
         try:
             yield holder.report
+            body_failed = False
         finally:
-            try:
-                thawed, hook_error = agent.thaw_and_check(timeout=timeout)
-            except FreezeError:
-                agent.close()
-                if guard is not None:
-                    guard.hand_over()
-                raise
+            thaw_tried = True
+            thawed, hook_error = agent.thaw_and_check(timeout=timeout)
+            thaw_confirmed = True
             holder.finish(thawed, (time.monotonic() - frozen_at) * 1000.0, hook_error)
             if hook_error is not None:
                 _log.warning("the guest is thawed but a thaw hook failed: %s", hook_error)
+            elif count and not thawed and not body_failed:
+                raise FreezeError(
+                    "the guest was thawed before the snapshot was complete (by someone else, or by the "
+                    "thaw guard once the freeze had lasted too long): it is not quiesced",
+                    hint="run the backup again; check what else talks to the guest agent",
+                )
     finally:
-        if guard is not None:
-            guard.done()  # no-op after a hand-over
+        if thaw_confirmed:
+            if guard is not None:
+                guard.done()
+        else:
+            # a socket agent serves one client: let go of it (a command of ours may be half-answered)
+            agent.close()
+            if guard is not None:
+                guard.hand_over()
+            elif not thaw_tried:  # interrupted mid-freeze with no guard: one try
+                agent.thaw_quietly()
+                agent.close()
+
+
+def _thaw_checked(agent: GuestAgent) -> bool:
+    """After a refused freeze (the agent thaws what it had frozen): thaw if it still says "frozen"; True
+    when it then says "thawed"."""
+    try:
+        if agent.fsfreeze_status() == "frozen":
+            with contextlib.suppress(AgentCommandError):  # a failing thaw hook: the status tells
+                agent.fsfreeze_thaw()
+        return agent.fsfreeze_status() == "thawed"
+    except AgentError:
+        return False
 
 
 @contextlib.contextmanager
@@ -150,248 +189,8 @@ def frozen_agent(
 
     A freeze that fails (a hook said no, a filesystem refused) is thawed before :class:`FreezeError`
     is raised, so the guest is never left frozen by us. The report's ``window_ms`` is filled on thaw.
-    Unlike :func:`frozen`, no thaw guard covers the death of this process (the agent may be reached through
-    a channel a guard cannot open, such as libvirt's passthrough).
+    Unlike :func:`frozen`, no thaw guard covers the death of this process: use :func:`frozen` with the
+    machine wherever there is one.
     """
     with _freeze(agent, mountpoints, timeout=timeout, guard=None) as report:
         yield report
-
-
-class ThawGuard:
-    """The parent's handle on a thaw guard process (a context manager: on a normal exit it says "done").
-
-    The guard is started through ``os.posix_spawn`` with an argv list, then forks once more and starts a
-    new session, so it is nobody's child to reap and no terminal signal reaches it. (A :class:`Runner` runs
-    commands to completion; this one must outlive us, which is why it does not go through a Runner.)
-
-    :param agent_socket: the QEMU chardev socket of the guest agent
-    :param log: a file the guard appends its decisions to (default: none)
-    :param give_up: seconds the guard keeps trying to reach the agent once it has to thaw
-    """
-
-    def __init__(
-        self,
-        agent_socket: str | os.PathLike[str],
-        *,
-        log: Path | None = None,
-        give_up: float = DEFAULT_GIVE_UP,
-    ) -> None:
-        self.agent_socket = Path(agent_socket)
-        self.log = log
-        self.give_up = give_up
-        self.pid: int | None = None
-        self._control: int | None = None
-
-    def argv(self, control_fd: int, ready_fd: int) -> list[str]:
-        """The guard's command line."""
-        argv = [
-            sys.executable,
-            "-m",
-            "vmsnap.vm.freeze",
-            str(os.getpid()),
-            str(self.agent_socket),
-            "--control-fd",
-            str(control_fd),
-            "--ready-fd",
-            str(ready_fd),
-            "--give-up",
-            f"{self.give_up:g}",
-        ]
-        if self.log is not None:
-            argv += ["--log", str(self.log)]
-        return argv
-
-    def start(self) -> ThawGuard:
-        """Start the guard and wait until it reports that it runs.
-
-        :raise FreezeError: it could not be started or did not report in time (nothing was frozen yet)
-        """
-        control_read, control_write = os.pipe()
-        ready_read, ready_write = os.pipe()
-        # only the guard's ends cross the spawn; ours stay close-on-exec
-        os.set_inheritable(control_read, True)
-        os.set_inheritable(ready_write, True)
-        try:
-            intermediate = os.posix_spawn(
-                sys.executable,
-                self.argv(control_read, ready_write),
-                dict(os.environ),
-                file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
-                ],
-            )
-        except OSError as err:
-            for fd in (control_read, control_write, ready_read, ready_write):
-                os.close(fd)
-            raise FreezeError(
-                f"cannot start the thaw guard: {err}", hint="check that Python can run"
-            ) from err
-        os.close(control_read)
-        os.close(ready_write)
-        try:
-            line = _read_line(ready_read, READY_TIMEOUT)
-        finally:
-            os.close(ready_read)
-            _reap(intermediate)  # it forked the guard and exited at once
-        if not line.startswith("ready "):
-            os.close(control_write)
-            raise FreezeError(
-                "the thaw guard did not start; refusing to freeze without it",
-                hint="run `python -m vmsnap.vm.freeze --help` to see why, or pass guard=False",
-            )
-        self.pid = int(line.split()[1])
-        self._control = control_write
-        return self
-
-    def _send(self, word: bytes) -> None:
-        if self._control is None:
-            return
-        with contextlib.suppress(OSError):
-            os.write(self._control, word)
-        os.close(self._control)
-        self._control = None
-
-    def done(self) -> None:
-        """The guest is thawed: the guard exits without touching the agent."""
-        self._send(b"done")
-
-    def hand_over(self) -> None:
-        """We stop talking to the agent now; the guard thaws the guest as soon as the agent answers.
-
-        The caller must close its agent connection first and not reopen it (one client at a time).
-        """
-        self._send(b"thaw")
-
-    def __enter__(self) -> ThawGuard:
-        if self.pid is None:
-            self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.done()
-
-
-def _read_line(fd: int, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    data = b""
-    while b"\n" not in data:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            break
-        chunk = os.read(fd, 256)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode(errors="replace").strip()
-
-
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
-
-
-# -- the guard process -------------------------------------------------------------------------------
-
-
-class _Log:
-    def __init__(self, path: str | None) -> None:
-        self.path = path
-
-    def __call__(self, message: str) -> None:
-        if self.path is None:
-            return
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-        with contextlib.suppress(OSError), open(self.path, "a") as f:
-            f.write(f"{stamp} thawguard[{os.getpid()}]: {message}\n")
-
-
-def wait_for_parent(control_fd: int, parent_pid: int, log: _Log) -> bool:
-    """Block until the parent says something or disappears; True when the guest must be thawed."""
-    while True:
-        ready, _, _ = select.select([control_fd], [], [], 0.5)
-        if ready:
-            word = os.read(control_fd, 16)
-            if word.startswith(b"done"):
-                log("parent thawed the guest itself; exiting")
-                return False
-            if word.startswith(b"thaw"):
-                log("parent handed the thaw over")
-                return True
-            log("parent is gone (its end of the pipe closed)")
-            return True
-        if not processes.alive(parent_pid):
-            log(f"parent {parent_pid} is gone")
-            return True
-
-
-def thaw_when_possible(agent_socket: Path, give_up: float, log: _Log) -> int:
-    """Connect to the agent (retrying until ``give_up`` seconds pass) and thaw the guest if it is frozen.
-
-    :return: 0 when the guest is thawed or its QEMU is gone, 1 when the agent never answered
-    """
-    deadline = time.monotonic() + give_up
-    attempt = 0
-    last_error = ""
-    while time.monotonic() < deadline:
-        attempt += 1
-        if not agent_socket.exists():
-            log(f"{agent_socket} is gone: the VM stopped, nothing to thaw")
-            return 0
-        agent = GuestAgent.from_socket(agent_socket, timeout=5.0)
-        try:
-            status = agent.fsfreeze_status()
-            if status == "frozen":
-                count = agent.fsfreeze_thaw(timeout=60.0)
-                log(f"thawed {count} filesystem(s) (attempt {attempt})")
-            else:
-                log(f"guest is {status}; nothing to do")
-            if agent.fsfreeze_status() == "thawed":
-                return 0
-        except AgentError as err:
-            if err.message != last_error or attempt % 20 == 0:  # one line per new reason, not per try
-                log(f"attempt {attempt}: {err.message}")
-            last_error = err.message
-        finally:
-            agent.close()
-        time.sleep(0.3)
-    log(f"gave up after {give_up:g} s: the guest may still be frozen; run `vmsnap recover`")
-    return 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vmsnap.vm.freeze PARENT_PID SOCKET --control-fd N --ready-fd M``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m vmsnap.vm.freeze",
-        description="Thaw a guest when the vmsnap process freezing it dies.",
-    )
-    parser.add_argument("parent_pid", type=int)
-    parser.add_argument("agent_socket", type=Path)
-    parser.add_argument("--control-fd", type=int, required=True)
-    parser.add_argument("--ready-fd", type=int, required=True)
-    parser.add_argument("--give-up", type=float, default=DEFAULT_GIVE_UP)
-    parser.add_argument("--log")
-    parser.add_argument("--foreground", action="store_true", help="do not detach (for debugging)")
-    args = parser.parse_args(argv)
-    if not args.foreground:
-        if os.fork() > 0:
-            os._exit(0)  # the intermediate: the guard below is re-parented to init and never a zombie of ours
-        os.setsid()
-    for sig in (signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    log = _Log(args.log)
-    with contextlib.suppress(OSError):
-        os.write(args.ready_fd, f"ready {os.getpid()}\n".encode())
-        os.close(args.ready_fd)
-    log(f"guarding {args.agent_socket} for parent {args.parent_pid}")
-    if not wait_for_parent(args.control_fd, args.parent_pid, log):
-        return 0
-    return thaw_when_possible(args.agent_socket, args.give_up, log)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,6 +19,7 @@ commands on the VM's host, so it needs the repository on storage both hosts moun
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -29,9 +30,13 @@ from vmsnap.image.nbd import QemuNbdServer
 from vmsnap.model import Disk, ExportSource
 from vmsnap.runner import Runner
 from vmsnap.vm.agent import GuestAgent
+from vmsnap.vm.guards import GuardPlan, GuardTarget, SshGuardSite
 from vmsnap.vm.machine import Machine
+from vmsnap.vm.machine_state import MachineStateSource
 from vmsnap.vm.qmp import QMPMonitor
 from vmsnap.vm.remote import RemoteHost
+
+_log = logging.getLogger(__name__)
 
 _MAKE_DIR = """umask 077
 if [ -e "$1" ] || [ -L "$1" ]; then exit 0; fi
@@ -85,6 +90,7 @@ class RemoteMachine:
         self.runner: Runner = machine.runner
         self._forwards = tuple(forwards)
         self._owns_host = owns_host
+        self._guards: SshGuardSite | None = None
 
     @property
     def is_running(self) -> bool:
@@ -102,8 +108,40 @@ class RemoteMachine:
     def definition(self) -> str | None:
         return self.machine.definition()
 
+    def machine_state(self) -> MachineStateSource | None:
+        """None: the machine's process and files are on the other host (not captured from there)."""
+        return None
+
     def recover(self) -> list[str]:
         return self.machine.recover()
+
+    def guard_plan(self) -> GuardPlan | None:
+        """A guard on the other host for an agent socket forwarded from there (it outlives this process and
+        its SSH connection); a libvirt domain's guard as the domain says (its own libvirt connection).
+
+        Where the other host cannot run one (no ``python3`` there), the guard runs here on the forwarded
+        socket, as the machine says: it thaws when this process dies while the SSH master still runs, not
+        when the connection dies (a warning says so).
+        """
+        plan = self.machine.guard_plan()
+        if plan is None or plan.target.kind != "socket":
+            return plan
+        local = Path(plan.target.address[0])
+        remote = next((r for r in self._forwards if self.host.local(r) == local), None)
+        if remote is None:  # not one of our forwards: the machine was made another way
+            return plan
+        if self._guards is None:
+            self._guards = SshGuardSite(self.host)
+        if not self._guards.available():
+            _log.warning(
+                "no thaw guard can run on %s (python3 is missing there): the guard runs here, through the "
+                "SSH connection, and cannot thaw the guest if that connection dies",
+                self.host.destination,
+            )
+            return plan
+        qmp = plan.target.qmp
+        remote_qmp = next((r for r in self._forwards if qmp and self.host.local(r) == Path(qmp)), None)
+        return GuardPlan(GuardTarget.socket(remote, qmp=remote_qmp), self._guards)
 
     def close(self) -> None:
         """Close the machine, cancel its forwards (and close the connection when it owns it)."""

@@ -182,6 +182,20 @@ def test_a_freeze_slower_than_the_timeout_is_handed_to_the_guard(
     assert "thawed 1 filesystem" in text
 
 
+def test_a_freeze_held_past_the_guards_deadline_is_thawed_and_not_called_quiesced(
+    lab_guest: LabGuest, tmp_path: Path
+) -> None:
+    log = tmp_path / "guard.log"
+    with (
+        pytest.raises(FreezeError, match="thawed before the snapshot was complete") as info,
+        frozen(lab_guest.machine, timeout=2, max_frozen=1, guard_log=log),
+    ):
+        wait_until_thawed(lab_guest, 30)  # a body that hangs: the guard thaws at its deadline (3 s)
+    assert "not quiesced" in str(info.value)
+    assert "frozen for more than 3 s" in log.read_text()
+    assert lab_guest.agent.fsfreeze_status() == "thawed"
+
+
 def test_a_machine_without_an_agent_cannot_be_frozen(lab_guest: LabGuest, tmp_path: Path) -> None:
     no_channel = QemuMachine(lab_guest.qmp_socket, None, name="noagent")
     with pytest.raises(FreezeError, match="no guest agent channel"), frozen(no_channel):

@@ -19,17 +19,23 @@ Every store guarantees:
   deleted meanwhile may or may not appear), with its size, in no promised order;
 - failures of the store itself (unreachable, refused, full) raise :class:`~vmsnap.errors.StoreError`
   with one line that names the store's URL (never a secret) and what to do.
+
+What differs between stores is data, :class:`StoreCapabilities` (a store's :attr:`Store.capabilities`),
+asked for by the layout that uses the store — never found out from the store's class. A store class is
+registered by URL scheme under the ``vmsnap.stores`` entry point (see :mod:`vmsnap.repo.stores`) and opened
+with its :meth:`StoreClass.open_location`; :class:`StoreBase` gives a new store the defaults of what it
+need not do differently.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterable, Iterator
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import attrs
 
-from vmsnap.errors import UsageError
+from vmsnap.errors import StoreError, UsageError
 
 Data = bytes | bytearray | memoryview
 """What ``put`` takes: any contiguous bytes-like object (the chunk pipeline hands views of its buffers)."""
@@ -58,6 +64,43 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
+@attrs.frozen(kw_only=True)
+class StoreCapabilities:
+    """What a store does differently from another, as data (``vmsnap`` asks, never checks a class).
+
+    :param sharded_listing: a listing costs a round trip per page (S3: 1000 keys), so a large listing is
+        split into disjoint prefixes (``chunks/0`` … ``chunks/f``) listed in parallel; False: one walk is
+        cheaper (a local directory)
+    :param conditional_put: who makes ``put(if_absent=True)`` atomic: "store" (the store itself: link,
+        ``O_EXCL``), or "server" (a server that is trusted to honour ``If-None-Match: *``: it is probed with
+        :meth:`Store.check_conditional_writes` when a repository is created there)
+    :param batch_delete: :meth:`Store.delete_many` removes many keys in few requests (S3's DeleteObjects);
+        False: it deletes them one by one, and a caller may as well delete on parallel workers
+    :param versions: the store keeps earlier versions of objects (and delete markers), so it can be read
+        as it was at an earlier time (none of today's stores: False)
+    :param retention_locks: objects can carry a retention date before which nobody can delete or overwrite
+        them (S3 Object Lock; none of today's stores: False)
+    :param reads_into: :meth:`Store.get_into` reads an object straight into the caller's buffer (a local
+        file: no allocation, and with O_DIRECT no copy through the page cache); False: it is ``get`` and a
+        copy, so a caller that can use the bytes ``get`` returns calls ``get``
+    :param transfer_threads: requests the chunk pipelines keep in flight through this store at least, each
+        waiting on a network and a server rather than on this host's CPUs (S3: 12); 0: no more than the
+        CPUs keep busy
+    """
+
+    sharded_listing: bool = False
+    conditional_put: Literal["store", "server"] = "store"
+    batch_delete: bool = False
+    versions: bool = False
+    retention_locks: bool = False
+    reads_into: bool = False
+    transfer_threads: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+
+    def to_json(self) -> dict[str, object]:
+        """The capabilities as a JSON object."""
+        return attrs.asdict(self)
+
+
 @attrs.frozen
 class StoredObject:
     """One object a :meth:`Store.list` found: its key and its size in bytes."""
@@ -75,11 +118,25 @@ class Store(Protocol):
         """Where the store is, for messages: a path or ``s3://bucket/prefix`` (never a secret)."""
         ...
 
+    @property
+    def capabilities(self) -> StoreCapabilities:
+        """What this store does differently (see :class:`StoreCapabilities`)."""
+        ...
+
     def get(self, key: str) -> bytes:
         """The object's bytes.
 
         :raise NotFoundError: no object has that key
         :raise StoreError: the store failed
+        """
+        ...
+
+    def get_into(self, key: str, buffer: memoryview) -> int:
+        """Read the object into ``buffer`` (writable, contiguous) and return its size; see
+        :attr:`StoreCapabilities.reads_into` for what it saves.
+
+        :raise NotFoundError: no object has that key
+        :raise StoreError: the store failed, or the object is larger than ``buffer``
         """
         ...
 
@@ -111,3 +168,83 @@ class Store(Protocol):
     def delete(self, key: str) -> None:
         """Remove the object; a missing one is no error."""
         ...
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Remove these objects (missing ones are no error): in few requests where
+        :attr:`StoreCapabilities.batch_delete` says so, else one by one.
+
+        :raise StoreError: the store failed, or refused to delete one of them
+        """
+        ...
+
+    def check_conditional_writes(self) -> None:
+        """Make sure ``put(if_absent=True)`` is refused for an existing key (leases and manifests rely on
+        it); asked where :attr:`StoreCapabilities.conditional_put` is "server", when a repository is made.
+
+        :raise StoreError: the store ignores conditional writes, or failed
+        """
+        ...
+
+    def close(self) -> None:
+        """Release connections (the store must not be used afterwards); nothing for a local store."""
+        ...
+
+
+class StoreClass(Protocol):
+    """What the store registry asks of a store's class: open the store a location names.
+
+    :cvar scheme: the URL scheme it is registered under (its entry point's name, e.g. ``s3``)
+    """
+
+    scheme: ClassVar[str]
+
+    @classmethod
+    def open_location(cls, location: str, *, create: bool = False) -> Store:
+        """The store at ``location`` (a URL of its scheme; for the local store, a directory path).
+
+        :param create: make what is missing where that is the store's business (a local directory); an
+            object store's bucket must exist
+        :raise UsageError: a malformed location
+        :raise StoreError: the store cannot be reached
+        """
+        ...
+
+
+class StoreBase:
+    """Defaults a store class may inherit for what it need not do differently: the capabilities of a
+    plain store, reading into a buffer through ``get``, deleting many keys one by one, nothing to probe,
+    nothing to close."""
+
+    capabilities: ClassVar[StoreCapabilities] = StoreCapabilities()
+
+    @property
+    def url(self) -> str:
+        """Where the store is (every store defines it)."""
+        raise NotImplementedError
+
+    def get(self, key: str) -> bytes:
+        """The object's bytes (every store defines it)."""
+        raise NotImplementedError
+
+    def get_into(self, key: str, buffer: memoryview) -> int:
+        """``get``, copied into ``buffer``."""
+        data = self.get(key)
+        if len(data) > len(buffer):
+            raise StoreError(f"store {self.url}: object {key} has {len(data)} bytes, more than expected")
+        buffer[: len(data)] = data
+        return len(data)
+
+    def delete(self, key: str) -> None:
+        """Remove the object (every store defines it)."""
+        raise NotImplementedError
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Delete the keys one by one."""
+        for key in keys:
+            self.delete(key)
+
+    def check_conditional_writes(self) -> None:
+        """Nothing to probe: the store makes ``put(if_absent=True)`` atomic itself."""
+
+    def close(self) -> None:
+        """Nothing to release."""

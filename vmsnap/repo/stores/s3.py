@@ -48,7 +48,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, ClassVar, Literal, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
@@ -69,7 +69,7 @@ from botocore.exceptions import (
 )
 
 from vmsnap.errors import NotFoundError, StoreError, UsageError
-from vmsnap.repo.stores.base import Data, StoredObject, check_key, check_prefix
+from vmsnap.repo.stores.base import Data, StoreBase, StoreCapabilities, StoredObject, check_key, check_prefix
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -139,8 +139,6 @@ class S3Options:
     :param retry_mode: botocore's ``standard``, or ``adaptive`` (also slows itself down when throttled)
     :param max_pool_connections: connections kept for parallel requests from several threads
     :param conflict_attempts: attempts of a conditional put that S3 answers with 409 (a write was in flight)
-    :param transfer_threads: chunks the backup and restore pipelines move at once through this store (each
-        request waits for the network and the server, not this host's CPU)
     """
 
     profile: str | None = None
@@ -152,7 +150,6 @@ class S3Options:
     retry_mode: Literal["standard", "adaptive"] = "standard"
     max_pool_connections: int = attrs.field(default=32, validator=attrs.validators.ge(1))
     conflict_attempts: int = attrs.field(default=6, validator=attrs.validators.ge(1))
-    transfer_threads: int = attrs.field(default=12, validator=attrs.validators.ge(1))
 
 
 def _crc32c_available() -> bool:
@@ -169,6 +166,11 @@ here, against 2 GiB/s for botocore's default CRC32 through zlib); without awscrt
 and a signed sha256 of the body on plain HTTP)."""
 
 
+def _put_checksum(params: dict[str, object], **_: object) -> None:
+    """botocore hook (before a PutObject's parameters are built): the put carries :data:`_CHECKSUM`."""
+    params.setdefault("ChecksumAlgorithm", _CHECKSUM)
+
+
 def parse_s3_url(url: str) -> tuple[str, str]:
     """The bucket and the prefix (without slashes at its ends; maybe "") of ``s3://BUCKET[/PREFIX]``.
 
@@ -180,8 +182,12 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return _check_bucket(bucket), _check_root(prefix)
 
 
-class S3Store:
+class S3Store(StoreBase):
     """The objects under one prefix of one S3 bucket (see the module docstring for how the guarantees hold).
+
+    Registered as the store of ``s3://`` URLs. Its capabilities: listings are sharded (1000 keys a
+    request), conditional puts are the server's (probed when a repository is created), deletes are batched,
+    and the chunk pipelines keep 12 requests in flight (each waits on the network and the server).
 
     :param bucket: an existing bucket
     :param prefix: where the store's keys start inside the bucket ("" for the whole bucket)
@@ -189,6 +195,11 @@ class S3Store:
     :raise UsageError: a malformed bucket name or prefix
     :raise StoreError: the AWS profile does not exist, or the endpoint URL is malformed
     """
+
+    scheme: ClassVar[str] = "s3"
+    capabilities: ClassVar[StoreCapabilities] = StoreCapabilities(
+        sharded_listing=True, conditional_put="server", batch_delete=True, transfer_threads=12
+    )
 
     def __init__(self, bucket: str, prefix: str = "", *, options: S3Options | None = None) -> None:
         self._bucket = _check_bucket(bucket)
@@ -203,6 +214,7 @@ class S3Store:
         events = self._client.meta.events
         events.register("before-parameter-build.s3", self._note_area)
         events.register("request-created.s3", self._count_request)
+        events.register("before-parameter-build.s3.PutObject", _put_checksum)
 
     @classmethod
     def from_url(cls, url: str, *, options: S3Options | None = None, check: bool = True) -> S3Store:
@@ -223,10 +235,15 @@ class S3Store:
                 raise
         return store
 
-    @property
-    def transfer_threads(self) -> int:
-        """Chunks to move at once through this store (see :class:`S3Options`)."""
-        return self._options.transfer_threads
+    @classmethod
+    def open_location(cls, location: str, *, create: bool = False) -> S3Store:
+        """The store at ``s3://BUCKET/PREFIX``, checked (see :meth:`from_url`); ``create`` makes nothing
+        (the bucket must exist).
+
+        :raise UsageError: a malformed URL
+        :raise StoreError: the check failed
+        """
+        return cls.from_url(location)
 
     @property
     def url(self) -> str:
@@ -319,15 +336,13 @@ class S3Store:
             data = bytes(data)  # botocore's checksums and retries want bytes
         if not if_absent:
             try:
-                self._client.put_object(Bucket=self._bucket, Key=name, Body=data, ChecksumAlgorithm=_CHECKSUM)
+                self._client.put_object(Bucket=self._bucket, Key=name, Body=data)
             except (ClientError, BotoCoreError) as err:
                 raise self._store_error(f"put of {key!r}", err) from err
             return True
         for attempt in range(1, self._options.conflict_attempts + 1):
             try:
-                self._client.put_object(
-                    Bucket=self._bucket, Key=name, Body=data, IfNoneMatch="*", ChecksumAlgorithm=_CHECKSUM
-                )
+                self._client.put_object(Bucket=self._bucket, Key=name, Body=data, IfNoneMatch="*")
             except ClientError as err:
                 code, status = _code(err), _status(err)
                 if code == "PreconditionFailed" or status == 412:
@@ -462,8 +477,8 @@ class S3Store:
             read_timeout=options.read_timeout,
             retries={"mode": options.retry_mode, "max_attempts": options.max_attempts},
             max_pool_connections=options.max_pool_connections,
-            # the body is checked by its CRC32C header (below) instead of a sha256 in the signature, which
-            # botocore computes on plain-HTTP endpoints (0.7 CPU s per GiB here)
+            # the body is checked by its CRC32C header (_put_checksum) instead of a sha256 in the signature,
+            # which botocore computes on plain-HTTP endpoints (0.7 CPU s per GiB here)
             s3={"payload_signing_enabled": False} if _CRC32C else None,
         )
         try:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import time
+import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -30,6 +31,7 @@ from vmsnap.errors import (
 from vmsnap.model import Disk, validate_name
 from vmsnap.runner import LocalRunner, Runner
 from vmsnap.vm.agent import GuestAgent
+from vmsnap.vm.guards import GuardPlan, GuardTarget, LocalGuardSite
 from vmsnap.vm.machine import offline_disk
 from vmsnap.vm.qmp import JobInfo, QMPMonitor, _qdev_name
 
@@ -64,6 +66,14 @@ def libvirt_message(err: Exception) -> str:
     """libvirt's own one-line text of an error (without the trailing newline some messages carry)."""
     text = err.get_error_message() if hasattr(err, "get_error_message") else None
     return " ".join(str(text or err).split())
+
+
+def is_local_uri(uri: str | None) -> bool:
+    """True when a libvirt URI names this host's libvirtd (no host part: ``qemu:///system``,
+    ``qemu+unix:///system?socket=…``; None is the default, ``qemu:///system``)."""
+    if uri is None:
+        return True
+    return urllib.parse.urlsplit(uri).netloc == ""
 
 
 def open_connection(uri: str | None = None) -> Any:
@@ -322,6 +332,17 @@ class LibvirtDomain:
         if not self.is_running or not self.has_agent_channel():
             return None
         return GuestAgent(LibvirtAgentChannel(self.domain))
+
+    def guard_plan(self) -> GuardPlan | None:
+        """A guard on this host with a libvirt connection of its own to the same URI (for ``qemu+ssh://``
+        that is libvirt's own ssh, which does not die with vmsnap), addressing the domain by UUID."""
+        if not self.is_running or not self.has_agent_channel():
+            return None
+        try:
+            uuid = str(self.domain.UUIDString())
+        except libvirt.libvirtError as err:
+            raise LibvirtError(f"cannot read the UUID of domain {self.name}: {libvirt_message(err)}") from err
+        return GuardPlan(GuardTarget.libvirt(self.uri, uuid, self.name), LocalGuardSite())
 
     def has_agent_channel(self) -> bool:
         """True when the domain XML has a virtio-serial channel for the QEMU guest agent."""
