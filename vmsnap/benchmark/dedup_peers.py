@@ -31,7 +31,7 @@ import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -325,8 +325,26 @@ def run_dedup_peers(
     return document
 
 
+_ORDER = ("random", "filesystem", "vmsnap", "restic", "borg", "full backup", "second backup", "restore")
+"""The order workloads, tools and operations are listed in (the JSON's keys are sorted)."""
+
+
+def _place(key: str) -> tuple[int, str]:
+    return (_ORDER.index(key) if key in _ORDER else len(_ORDER), key)
+
+
+def _ordered(keys: Iterable[str]) -> list[str]:
+    return sorted(keys, key=_place)
+
+
+def _ratio_place(key: str) -> tuple[tuple[int, str], tuple[int, str]]:
+    """``full_backup_vs_restic``: its peer's place, then its operation's."""
+    operation, _, peer = key.rpartition("_vs_")
+    return _place(peer), _place(operation.replace("_", " "))
+
+
 def dedup_peers_markdown(document: dict[str, Any]) -> str:
-    """dedup-peers.md, written whole from the document."""
+    """dedup-peers.md, written whole from the document (in the same order whatever order its keys are in)."""
     versions = ", ".join(f"{k} {v}" for k, v in sorted(document["versions"].items()))
     lines = [
         "# vmsnap, restic and borg on the same disk, all three encrypted and compressed",
@@ -346,7 +364,8 @@ def dedup_peers_markdown(document: dict[str, Any]) -> str:
         "for byte. CPU: user + system seconds of every process involved, per GiB of the disk's data.",
         "",
     ]
-    for workload, result in document["workloads"].items():
+    for workload in _ordered(document["workloads"]):
+        result = document["workloads"][workload]
         gib = result["data_bytes"] / 2**30
         lines += [
             f"## {workload} ({gib:.2f} GiB of data)",
@@ -354,8 +373,11 @@ def dedup_peers_markdown(document: dict[str, Any]) -> str:
             "| tool | operation | median | MB/s | CPU s/GiB | runs (s) |",
             "|---|---|---|---|---|---|",
         ]
-        for tool, entry in result["tools"].items():
-            for name, f in entry["figures"].items():
+        tools = _ordered(result["tools"])
+        for tool in tools:
+            figures = result["tools"][tool]["figures"]
+            for name in _ordered(figures):
+                f = figures[name]
                 lines.append(
                     f"| {tool} | {name} | {f['seconds']:.2f} s | {f['mb_per_s'] or 0:.0f} | "
                     f"{f['cpu_s_per_gib'] or 0:.2f} | {', '.join(f'{r:g}' for r in f['runs'])} |"
@@ -365,14 +387,15 @@ def dedup_peers_markdown(document: dict[str, Any]) -> str:
             "| tool | repository after the full backup | after all second backups |",
             "|---|---|---|",
         ]
-        for tool, entry in result["tools"].items():
-            sizes = entry["repository_bytes"]
+        for tool in tools:
+            sizes = result["tools"][tool]["repository_bytes"]
             lines.append(
                 f"| {tool} | {sizes.get('after full', 0) / 2**20:.0f} MiB | "
                 f"{sizes.get('after all rounds', 0) / 2**20:.0f} MiB |"
             )
         lines += ["", "| ratio (peer's time / vmsnap's) | measured | target | status |", "|---|---|---|---|"]
-        for key, value in result["ratios"].items():
+        for key in sorted(result["ratios"], key=_ratio_place):
+            value = result["ratios"][key]
             target = TARGETS[key.rsplit("_vs_", 1)[0]]
             lines.append(f"| {key} | {value:g} | >= {target:g} | {target_status(value, f'>= {target}')} |")
         lines.append("")

@@ -462,10 +462,18 @@ def _chunks_markdown(chunks: Mapping[str, Any]) -> list[str]:
 
 
 def _peers_markdown(peers: Mapping[str, Any]) -> list[str]:
-    """The peers section of throughput.md (nothing when no peer was measured)."""
+    """The peers section of throughput.md (nothing when no peer was measured). Peers measured in an earlier
+    run than the figures above carry that run's vmsnap commit (``measured_at``), and say so."""
     figures = peers.get("figures") or {}
     if not figures:
         return []
+    earlier = peers.get("measured_at")
+    when = (
+        f"Measured in an earlier run than the figures above (vmsnap at commit {earlier}), "
+        if earlier
+        else "Measured in the same run "
+    )
+    limit = "that run's `qemu-img convert` limit" if earlier else "the `qemu-img convert` limit above"
     versions = ", ".join(f"{k} {v}" for k, v in sorted((peers.get("versions") or {}).items()))
     rows = [
         [
@@ -481,15 +489,15 @@ def _peers_markdown(peers: Mapping[str, Any]) -> list[str]:
     return [
         "## vmsnap and its peers on the same libvirt domain",
         "",
-        f"Measured in the same run on one running libvirt domain ({versions}) over a fresh image of the "
+        f"{when}on one running libvirt domain ({versions}) over a fresh image of the "
         "same kind: vmsnap (as `vmsnap backup --domain NAME --connect URI` with its defaults — a new chunks "
         "repository, QEMU's backup job through libvirt's QMP passthrough — and `vmsnap restore`), "
         "virtnbdbackup and libvirt's backup-begin back up the same domain, the same image and the same "
         "data, each incremental round changes the same "
         "100 MiB before both tools' incrementals (they take turns at going first), and each restore "
         "restores the latest backup. The vmsnap-versus-peer ratios compare the figures of this table "
-        "only, not the bare-QEMU figures above; the `*_vs_convert` ones divide the `qemu-img convert` "
-        "limit above. Unlike the bare QEMU above, the domain's vCPU runs (it spins in the firmware). "
+        f"only, not the bare-QEMU figures above; the `*_vs_convert` ones divide {limit}. "
+        "Unlike the bare QEMU above, the domain's vCPU runs (it spins in the firmware). "
         "Ratios are speed ratios: above 1, the first-named is faster. Each figure ends with what it "
         "wrote fsync'd (as vmsnap's and qemu-img convert's do); restores are verified with "
         "`qemu-img compare` against the disk. vmsnap runs in-process, virtnbdbackup as a command: its "

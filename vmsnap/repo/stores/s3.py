@@ -167,7 +167,7 @@ and a signed sha256 of the body on plain HTTP)."""
 
 
 def _put_checksum(params: dict[str, object], **_: object) -> None:
-    """botocore hook (before a PutObject's parameters are built): the put carries :data:`_CHECKSUM`."""
+    """botocore hook (when a PutObject's parameters are given): the put carries :data:`_CHECKSUM`."""
     params.setdefault("ChecksumAlgorithm", _CHECKSUM)
 
 
@@ -214,7 +214,7 @@ class S3Store(StoreBase):
         events = self._client.meta.events
         events.register("before-parameter-build.s3", self._note_area)
         events.register("request-created.s3", self._count_request)
-        events.register("before-parameter-build.s3.PutObject", _put_checksum)
+        events.register("provide-client-params.s3.PutObject", _put_checksum)
 
     @classmethod
     def from_url(cls, url: str, *, options: S3Options | None = None, check: bool = True) -> S3Store:
