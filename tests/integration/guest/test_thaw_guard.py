@@ -138,8 +138,8 @@ def test_a_dead_runs_guard_owns_its_freeze_until_recover_stands_it_down(
 
 
 def _wait_for_console(guest: LabGuest, text: str, timeout: float) -> None:
-    console = guest.console_log
-    assert console is not None
+    assert guest.process is not None
+    console = guest.process.console
     deadline = time.monotonic() + timeout
     while text not in console.read_text(errors="replace"):
         assert time.monotonic() < deadline, f"the guest never wrote {text!r} on its console"
