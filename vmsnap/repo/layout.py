@@ -7,7 +7,8 @@ Two layouts implement it: ``qcow2`` (:mod:`vmsnap.repo.qcow2_repo`: a directory 
 under the ``vmsnap.layouts`` entry point (:func:`layout_class`). Open one with
 :meth:`vmsnap.repo.repository.Repository.open`, which reads the marker's layout name and asks that class
 (:meth:`RepositoryLayout.open_layout`); what differs between layouts is class data (``needs_directory``,
-``encrypts``, ``chunk_size``, ``reads_exports`` …), so nothing outside a layout's own modules names it.
+``encrypts``, ``chunk_size``, ``chunk_ids``, ``reads_exports`` …) and its marker rules (``new_marker``,
+``accept_marker``), so nothing outside a layout's own modules names it.
 
 A backup, as the orchestrator drives it::
 
@@ -146,6 +147,8 @@ class RepositoryLayout(abc.ABC):
     :cvar encrypts: a repository of this layout can be encrypted
     :cvar chunk_size: the size its content is cut into (the marker's ``chunk_size``, with a
         ``compression``), or None when it cuts nothing (then the marker has neither)
+    :cvar chunk_ids: the chunk id functions a new repository may be made with (``init --chunk-id``), its
+        default first; empty: the layout names nothing by a hash of its content
     :cvar collects: removing a backup can leave data other backups shared (chunks) that only :meth:`gc`
         frees; False: a backup's data goes with it
     :cvar locks: a repository of this layout can be locked (S3 Object Lock: what its backups write cannot be
@@ -159,6 +162,7 @@ class RepositoryLayout(abc.ABC):
     needs_directory: ClassVar[bool] = False
     encrypts: ClassVar[bool] = False
     chunk_size: ClassVar[int | None] = None
+    chunk_ids: ClassVar[tuple[str, ...]] = ()
     collects: ClassVar[bool] = False
     locks: ClassVar[bool] = False
 
@@ -169,14 +173,21 @@ class RepositoryLayout(abc.ABC):
 
     @classmethod
     def new_marker(
-        cls, *, compression: str = "zstd", key_id: str | None = None, lock: LockPolicy | None = None
+        cls,
+        *,
+        compression: str = "zstd",
+        key_id: str | None = None,
+        chunk_id: str | None = None,
+        lock: LockPolicy | None = None,
     ) -> RepoMarker:
-        """The marker of a new repository of this layout.
+        """The marker of a new repository of this layout (a layout with ``chunk_ids`` names the chosen one
+        in it: its override).
 
         :param key_id: the key's fingerprint, for an encrypted repository
+        :param chunk_id: one of :attr:`chunk_ids` (None: the layout's default)
         :param lock: the lock policy of a locked repository
-        :raise UsageError: an unknown compression, encryption in a layout that cannot be encrypted, or a
-            lock in one that cannot be locked
+        :raise UsageError: an unknown compression or chunk id hash, encryption in a layout that cannot be
+            encrypted, or a lock in one that cannot be locked
         """
         if lock is not None and not cls.locks:
             can = [n for n in layout_names() if layout_class(n).locks]
@@ -192,6 +203,16 @@ class RepositoryLayout(abc.ABC):
                 f"the {cls.name} layout cannot be encrypted",
                 hint=f"use --layout {' or '.join(can) or '(none installed)'} with --encrypt",
             )
+        if chunk_id is not None and chunk_id not in cls.chunk_ids:
+            if cls.chunk_ids:
+                raise UsageError(
+                    f"unknown chunk id hash {chunk_id!r}", hint=f"use {' or '.join(cls.chunk_ids)}"
+                )
+            can = [n for n in layout_names() if layout_class(n).chunk_ids]
+            raise UsageError(
+                f"the {cls.name} layout has no chunk ids",
+                hint=f"leave --chunk-id out, or use --layout {' or '.join(can) or '(none installed)'}",
+            )
         if cls.chunk_size is None:
             return RepoMarker.new(cls.name)
         return RepoMarker.new(
@@ -206,23 +227,13 @@ class RepositoryLayout(abc.ABC):
         """
         if marker.lock is not None and not cls.locks:
             raise ValueError(f"a lock ({marker.lock.describe()}), which the {cls.name} layout cannot keep")
+        if marker.chunk_id is not None and not cls.chunk_ids:
+            raise ValueError(f"chunk id {marker.chunk_id!r} in a {cls.name} repository")
         if cls.chunk_size is None:
             return RepoMarker(marker.format, marker.layout, marker.id)
         if marker.chunk_size != cls.chunk_size or marker.compression is None:
             raise ValueError(f"chunk size {marker.chunk_size!r} and compression {marker.compression!r}")
-        return (
-            marker
-            if cls.encrypts
-            else RepoMarker(
-                marker.format,
-                marker.layout,
-                marker.id,
-                marker.compression,
-                None,
-                marker.chunk_size,
-                marker.lock,
-            )
-        )
+        return marker if cls.encrypts else attrs.evolve(marker, key_id=None, keyed_chunk_id=None)
 
     @classmethod
     @abc.abstractmethod

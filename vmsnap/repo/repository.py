@@ -170,14 +170,17 @@ class Repository:
         encrypt: bool = False,
         key_file: Path | str | None = None,
         compression: str = "zstd",
+        chunk_id: str | None = None,
         runner: Runner | None = None,
         state_root: Path | None = None,
         lock: LockPolicy | None = None,
     ) -> RepositoryLayout:
         """``vmsnap init``: make a new repository at ``location`` (a new or empty directory, or an empty S3
         prefix). With ``encrypt``, the key file (``key_file`` or ``$VMSNAP_KEY_FILE``) is created (0600)
-        when it does not exist, else its key is used. With ``lock``, a locked repository (S3 Object Lock):
-        the bucket must have Object Lock and versioning, and no default retention rule.
+        when it does not exist, else its key is used. ``chunk_id`` is the chunk id hash, one of the layout's
+        ``chunk_ids`` (None: its default; see :meth:`~vmsnap.repo.layout.RepositoryLayout.new_marker`). With
+        ``lock``, a locked repository (S3 Object Lock): the bucket must have Object Lock and versioning, and
+        no default retention rule.
 
         :raise RepositoryError: a repository (or other data) is there already; a bucket that cannot hold a
             locked repository (what it lacks is named)
@@ -192,7 +195,8 @@ class Repository:
                 "--encrypt needs a key file", hint="pass --key-file FILE (or VMSNAP_KEY_FILE); it is created"
             )
         cls_ = layout_class(layout)
-        cls_.new_marker(compression=compression, key_id="0" * 32 if encrypt else None, lock=lock)  # checks
+        key_id = "0" * 32 if encrypt else None
+        cls_.new_marker(compression=compression, key_id=key_id, chunk_id=chunk_id, lock=lock)  # checks
         if lock is not None and not is_url(normalize_location(location)):
             raise UsageError(
                 f"{location} is a directory: a locked repository needs an object store that locks objects",
@@ -214,7 +218,8 @@ class Repository:
             assert path is not None
             made_key = not path.exists()
             key = create_key_file(path) if made_key else read_key_file(path)
-        marker = cls_.new_marker(compression=compression, key_id=key.key_id if key else None, lock=lock)
+        key_id = key.key_id if key else None
+        marker = cls_.new_marker(compression=compression, key_id=key_id, chunk_id=chunk_id, lock=lock)
         try:
             marker = _create(store, directory, location, marker, exclusive=True)
         except RepositoryError:

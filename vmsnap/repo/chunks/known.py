@@ -31,7 +31,7 @@ from pathlib import Path
 from vmsnap.errors import NotFoundError
 from vmsnap.files import FILE_MODE, write_atomic
 from vmsnap.repo.chunks.blob import ID_SIZE, ChunkId, parse_chunk_key
-from vmsnap.repo.stores.base import Retention, Store, StoredObject
+from vmsnap.repo.stores.base import Data, Retention, Store, StoredObject
 from vmsnap.repo.stores.wrapper import StoreWrapper
 
 GENERATION_KEY = "gc-generation"
@@ -186,7 +186,7 @@ class RecordingStore(StoreWrapper):
     def put(
         self,
         key: str,
-        data: bytes,
+        data: Data,
         *,
         if_absent: bool = False,
         durable: bool = True,

@@ -2,7 +2,7 @@
 index per disk over deduplicated, compressed (optionally encrypted) chunks. The keys and the manifest's
 authentication are in :mod:`vmsnap.repo.chunks.records`; leases in :mod:`vmsnap.repo.chunks.leases`; the
 writer in :mod:`vmsnap.repo.chunks.writer`; gc in :mod:`vmsnap.repo.chunks.gc`; verify in
-:mod:`vmsnap.repo.chunks.check`.
+:mod:`vmsnap.repo.chunks.check`; the chunk id hash and its marker rules in :mod:`vmsnap.repo.chunks.ids`.
 
 Every stored byte is checked before it is trusted: the manifest (its MAC, when encrypted) names each
 index's sha256, each index carries its own checksum or MAC, and each chunk is checked against its id.
@@ -43,6 +43,7 @@ from vmsnap.repo.chunks.check import verify_chunks
 from vmsnap.repo.chunks.copy import copy_into
 from vmsnap.repo.chunks.gc import collect
 from vmsnap.repo.chunks.heal import clear_healed, damaged_chunk_error, heal, users_of
+from vmsnap.repo.chunks.ids import ChunkIdRules, id_hash_of
 from vmsnap.repo.chunks.index import ChunkIndex, decode_index
 from vmsnap.repo.chunks.keys import RepositoryKey, open_key
 from vmsnap.repo.chunks.known import bump_generation, list_chunk_ids, read_generation
@@ -66,7 +67,7 @@ from vmsnap.repo.chunks.records import (
     writer_marker_key,
 )
 from vmsnap.repo.chunks.restore import restore_backup
-from vmsnap.repo.chunks.retain import lock_store, locked_backups, previous_backup
+from vmsnap.repo.chunks.retain import lock_store, locked_backups
 from vmsnap.repo.chunks.writer import ChunksWriter
 from vmsnap.repo.layout import RepositoryLayout, RestoreFormat, VerifyReader, disk_filter
 from vmsnap.repo.manifest import MANIFEST, Damaged, Manifest, next_backup_id, utc_now_iso
@@ -84,7 +85,7 @@ BLOCK_READER = "vmsnap.repo.chunks.blockreader:open_reader"
 log = logging.getLogger(__name__)
 
 
-class ChunksRepository(RepositoryLayout):
+class ChunksRepository(ChunkIdRules):
     """A ``chunks`` repository in ``store`` (see the module docstring); open it with
     :meth:`vmsnap.repo.repository.Repository.open`.
 
@@ -96,7 +97,8 @@ class ChunksRepository(RepositoryLayout):
     :param runner: runs qemu-img/qemu-nbd for restores
     :param state_root: the local state root (default ``$VMSNAP_STATE_DIR`` or /var/lib/vmsnap)
     :param lease_seconds: lifetime of the leases this process takes
-    :param workers: threads of the backup and restore pipelines
+    :param workers: threads of the backup and restore pipelines (at least the store's
+        :attr:`~vmsnap.repo.stores.base.StoreCapabilities.transfer_threads`)
     """
 
     name: ClassVar[str] = "chunks"
@@ -130,7 +132,8 @@ class ChunksRepository(RepositoryLayout):
         self.runner: Runner = runner if runner is not None else LocalRunner()
         self._state = RepositoryState(marker.id, state_root)
         self.leases = Leases(store, ttl=lease_seconds)
-        self._workers = workers
+        # a store whose requests wait on a network (S3) says how many chunks to keep in flight
+        self._workers = max(workers, store.capabilities.transfer_threads)
         self._held: dict[str, Lease] = {}
 
     @classmethod
@@ -201,8 +204,10 @@ class ChunksRepository(RepositoryLayout):
 
     @property
     def codec(self) -> ChunkCodec:
-        """The codec of this repository's chunks (its key, its compression)."""
-        return ChunkCodec(self.key, compress=self.marker.compression != "none")
+        """The codec of this repository's chunks (its key, its compression, its chunk id hash)."""
+        return ChunkCodec(
+            self.key, compress=self.marker.compression != "none", id_hash=id_hash_of(self.marker)
+        )
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -417,10 +422,8 @@ class ChunksRepository(RepositoryLayout):
     @contextlib.contextmanager
     def reading(self, vm: str | None = None) -> Iterator[None]:
         """Hold a reader lease for the body: gc waits for (or refuses while) it is held."""
-        if not self._store.capabilities.writable:  # a read-only view (--as-of): gc deletes no locked version
-            yield
-            return
-        with self.leases.holding(None, "reader", "a restore, verify or copy"):
+        lease = self.leases.holding(None, "reader", "a restore, verify or copy")
+        with lease if self._store.capabilities.writable else contextlib.nullcontext():  # --as-of: none needed
             yield
 
     def journal_path(self, vm: str) -> Path:
@@ -520,9 +523,8 @@ class ChunksRepository(RepositoryLayout):
         else:
             raise RepositoryError(f"could not open a new backup of {vm}", hint="try again")
         generation = self._opened(vm, backup_id)
-        locks, run = self.chunk_locks, runner or self.runner
-        prev = previous_backup(self, vm, parent) if locks else None  # whose chunk_lock a locked seal extends
-        return ChunksWriter(self, vm, backup_id, parent, lease, generation, run, locks=locks, previous=prev)
+        runner = runner or self.runner
+        return ChunksWriter(self, vm, backup_id, parent, lease, generation, runner, locks=self.chunk_locks)
 
     def open_backup(self, vm: str, backup_id: str) -> str:
         """Open the backup ``backup_id`` of ``vm`` for writing it under that id (``copy``), in the order
@@ -659,8 +661,6 @@ class ChunksRepository(RepositoryLayout):
                     self.get(vm)  # raises NotFoundError naming the VMs there are
                 targets = self.backups(vm, damaged=damaged)
             found = verify_chunks(self, targets, damaged, fast=fast, progress=progress)
-            if not self._store.capabilities.writable:  # a read-only view (--as-of): report, repair nothing
-                return found.report
             try:
                 repairs = heal(self, found, sources=sources)
                 clear_healed(self._store, found)
@@ -675,8 +675,7 @@ class ChunksRepository(RepositoryLayout):
         self._store.delete(manifest_key(vm, backup_id))
         self.discard_backup(vm, backup_id)
 
-    def held_back(self, vm: str, backup_ids: Sequence[str]) -> dict[str, str]:
-        """In a locked repository, the backups whose lock still holds (see :func:`locked_backups`)."""
+    def held_back(self, vm: str, backup_ids: Sequence[str]) -> dict[str, str]:  # (retain.locked_backups)
         return locked_backups(self._store, vm, backup_ids) if self.marker.lock is not None else {}
 
     def gc(self, *, wait: float = 0.0, dry_run: bool = False) -> GcReport:

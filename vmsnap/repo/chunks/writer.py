@@ -51,7 +51,7 @@ from vmsnap.repo.chunks.records import (
     index_key,
     manifest_key,
 )
-from vmsnap.repo.chunks.retain import ChunkLocks
+from vmsnap.repo.chunks.retain import ChunkLocks, previous_backup
 from vmsnap.repo.manifest import (
     CHUNKS_FORMAT,
     INDEX_DIGEST,
@@ -103,6 +103,8 @@ class WriterRepository(Protocol):
 
     def sealed(self, vm: str, backup_id: str, written: bool) -> None: ...
 
+    def latest(self, vm: str) -> Manifest | None: ...
+
 
 @attrs.frozen
 class _Disk:
@@ -123,9 +125,9 @@ class ChunksWriter:
     :param generation: the gc generation read after the backup's directory was opened (what the known
         chunks are checked against)
     :param runner: where the machine's files are (qemu-nbd runs there)
-    :param locks: keeps the chunks locked in a locked repository (None: not locked)
-    :param previous: the VM's backup before this one (the parent, or the latest for a full backup), whose
-        ``chunk_lock`` says how long the chunks it names are locked (a locked repository)
+    :param locks: keeps the chunks locked in a locked repository (None: not locked); then the VM's backup
+        before this one (the parent, or the latest for a full backup) is read now: its ``chunk_lock`` says
+        how long the chunks it names are locked
     """
 
     accepts_push = False
@@ -141,7 +143,6 @@ class ChunksWriter:
         runner: Runner,
         *,
         locks: ChunkLocks | None = None,
-        previous: Manifest | None = None,
     ) -> None:
         self.repo = repo
         self.vm = validate_name(vm, "VM name")
@@ -162,7 +163,7 @@ class ChunksWriter:
         self._named: set[ChunkId] = set()
         self._objects: dict[str, str] = {}
         self.locks = locks
-        self.previous = previous if locks is not None else None
+        self.previous = previous_backup(repo, self.vm, parent) if locks is not None else None
         self.started = time.time()
 
     def _parent_disk_index(self, disk: str) -> ChunkIndex:

@@ -44,7 +44,10 @@ from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import attrs
 
-from vmsnap.errors import UnsupportedError, UsageError
+from vmsnap.errors import StoreError, UnsupportedError, UsageError
+
+Data = bytes | bytearray | memoryview
+"""What ``put`` takes: any contiguous bytes-like object (the chunk pipeline hands views of its buffers)."""
 
 _PART = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]*$")
 
@@ -90,6 +93,12 @@ class StoreCapabilities:
         created with Object Lock)
     :param writable: False for a read-only view (a store read as it was at an earlier time): puts and deletes
         are refused, so nothing that writes (a lease) may be attempted
+    :param reads_into: :meth:`Store.get_into` reads an object straight into the caller's buffer (a local
+        file: no allocation, and with O_DIRECT no copy through the page cache); False: it is ``get`` and a
+        copy, so a caller that can use the bytes ``get`` returns calls ``get``
+    :param transfer_threads: requests the chunk pipelines keep in flight through this store at least, each
+        waiting on a network and a server rather than on this host's CPUs (S3: 12); 0: no more than the
+        CPUs keep busy
     """
 
     sharded_listing: bool = False
@@ -98,6 +107,8 @@ class StoreCapabilities:
     versions: bool = False
     retention_locks: bool = False
     writable: bool = True
+    reads_into: bool = False
+    transfer_threads: int = attrs.field(default=0, validator=attrs.validators.ge(0))
 
     def to_json(self) -> dict[str, object]:
         """The capabilities as a JSON object."""
@@ -195,16 +206,26 @@ class Store(Protocol):
         """
         ...
 
+    def get_into(self, key: str, buffer: memoryview) -> int:
+        """Read the object into ``buffer`` (writable, contiguous) and return its size; see
+        :attr:`StoreCapabilities.reads_into` for what it saves.
+
+        :raise NotFoundError: no object has that key
+        :raise StoreError: the store failed, or the object is larger than ``buffer``
+        """
+        ...
+
     def put(
         self,
         key: str,
-        data: bytes,
+        data: Data,
         *,
         if_absent: bool = False,
         durable: bool = True,
         retention: Retention | None = None,
     ) -> bool:
         """Store ``data`` under ``key`` atomically; with ``if_absent``, only when no object has that key.
+        ``data`` may be a view of the caller's buffer: it is not kept after ``put`` returns.
 
         :param durable: False: durable (and visible) by the time :meth:`sync` returns, not necessarily now
         :param retention: lock the new version until then (a store with
@@ -329,10 +350,27 @@ class StoreClass(Protocol):
 
 class StoreBase:
     """Defaults a store class may inherit for what it need not do differently: the capabilities of a
-    plain store, deleting many keys one by one, nothing to probe, nothing to close, no versions and no
-    locks."""
+    plain store, reading into a buffer through ``get``, deleting many keys one by one, nothing to probe,
+    nothing to close, no versions and no locks."""
 
     capabilities: ClassVar[StoreCapabilities] = StoreCapabilities()
+
+    @property
+    def url(self) -> str:
+        """Where the store is (every store defines it)."""
+        raise NotImplementedError
+
+    def get(self, key: str) -> bytes:
+        """The object's bytes (every store defines it)."""
+        raise NotImplementedError
+
+    def get_into(self, key: str, buffer: memoryview) -> int:
+        """``get``, copied into ``buffer``."""
+        data = self.get(key)
+        if len(data) > len(buffer):
+            raise StoreError(f"store {self.url}: object {key} has {len(data)} bytes, more than expected")
+        buffer[: len(data)] = data
+        return len(data)
 
     def delete(self, key: str) -> None:
         """Remove the object (every store defines it)."""

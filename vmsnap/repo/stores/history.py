@@ -27,6 +27,7 @@ import attrs
 
 from vmsnap.errors import NotFoundError, StoreError, UsageError
 from vmsnap.repo.stores.base import (
+    Data,
     ObjectVersion,
     Retention,
     Store,
@@ -153,7 +154,7 @@ class AsOfStore(StoreWrapper):
 
     @property
     def capabilities(self) -> StoreCapabilities:
-        return attrs.evolve(self._store.capabilities, writable=False)
+        return attrs.evolve(self._store.capabilities, writable=False, reads_into=False)
 
     def _objects(self) -> dict[str, ObjectVersion]:
         with self._lock:
@@ -187,6 +188,14 @@ class AsOfStore(StoreWrapper):
             )
         return self._store.get_version(key, version.version_id)
 
+    def get_into(self, key: str, buffer: memoryview) -> int:
+        """:meth:`get` (of the version read), copied into ``buffer``."""
+        data = self.get(key)
+        if len(data) > len(buffer):
+            raise StoreError(f"store {self.url}: object {key} has {len(data)} bytes, more than expected")
+        buffer[: len(data)] = data
+        return len(data)
+
     def exists(self, key: str) -> bool:
         return key in self._objects()
 
@@ -219,7 +228,7 @@ class AsOfStore(StoreWrapper):
     def put(
         self,
         key: str,
-        data: bytes,
+        data: Data,
         *,
         if_absent: bool = False,
         durable: bool = True,

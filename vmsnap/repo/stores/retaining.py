@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable
 
-from vmsnap.repo.stores.base import LockMode, Retention, Store
+from vmsnap.repo.stores.base import Data, LockMode, Retention, Store
 from vmsnap.repo.stores.wrapper import StoreWrapper
 
 RetentionRule = Callable[[str], float | None]
@@ -47,7 +47,7 @@ class RetainingStore(StoreWrapper):
     def put(
         self,
         key: str,
-        data: bytes,
+        data: Data,
         *,
         if_absent: bool = False,
         durable: bool = True,

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from vmsnap.repo.stores.base import (
     BucketLocking,
+    Data,
     ObjectVersion,
     Retention,
     Store,
@@ -42,10 +43,13 @@ class StoreWrapper:
     def get(self, key: str) -> bytes:
         return self._store.get(key)
 
+    def get_into(self, key: str, buffer: memoryview) -> int:
+        return self._store.get_into(key, buffer)
+
     def put(
         self,
         key: str,
-        data: bytes,
+        data: Data,
         *,
         if_absent: bool = False,
         durable: bool = True,
