@@ -255,3 +255,40 @@ def test_an_unlocked_repository_in_a_versioned_bucket_is_read_as_of_and_collecte
     ]  # no version left: the space is free
     s3.close()
     assert ok_json(host.run("list", *then, "--json"))["backups"] == []  # nothing locked it: gone for good
+
+
+def test_verify_moves_a_damaged_chunk_aside_under_a_delete_marker_and_the_next_backup_heals_it(
+    make_bucket: BucketMaker, s3_env: SeaweedServer, tmp_path: Path
+) -> None:
+    bucket, prefix = split(make_bucket("locked"))
+    repo = f"s3://{bucket}/{prefix}"
+    host = Host.make("hv-q", tmp_path, s3_env)
+    image = base_image(tmp_path / "vm-q.qcow2", size="64M", data_mib=8)
+    assert host.run("init", "--repo", repo, "--lock-days", "1").code == 0
+    first = ok_json(host.run("backup", "--repo", repo, "--image", image, "--json"))["backup_id"]
+    expected = snapshot(image, tmp_path / "expected.qcow2")
+    s3 = client(s3_env)
+    chunk = next(k for k in _versions(s3, bucket, f"{prefix}/") if k.startswith("chunks/"))
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/{chunk}", Body=b"rot")  # a damaged chunk (over a locked one)
+    found = host.run("verify", "--repo", repo)
+    assert found.code == 1 and chunk.rsplit("/", 1)[1] in found.err, found.err
+    versions = _versions(s3, bucket, f"{prefix}/")[chunk]
+    # moved aside: a delete marker over it; no locked version deleted (nor even tried: verify would fail)
+    assert [("Size" in v) for v in versions if v["IsLatest"]] == [False]  # the marker is current
+    assert sorted(v["Size"] for v in versions if "Size" in v)[0] == 3 and len(versions) == 3
+    assert any(k.startswith("quarantine/") for k in _versions(s3, bucket, f"{prefix}/"))
+    again = ok_json(host.run("backup", "--repo", repo, "--image", image, "--json"))
+    assert again["disks"][0]["chunks"]["new_chunks"] >= 1  # stored again over the delete marker
+    assert ok_json(host.run("verify", "--repo", repo, "--json"))["ok"]
+    out = tmp_path / "restored"
+    ok_json(host.run("restore", "--repo", repo, "--vm", "vm-q", "--backup", first, "--to", out, "--json"))
+    assert same_content(out / "vm-q.qcow2", expected)  # the old backup restores again
+    swept = ok_json(host.run("gc", "--repo", repo, "--json"))  # no tampering seen: the marker is vmsnap's
+    assert swept["locked_versions"] >= 1, swept  # the original, locked, stays
+    left = _versions(s3, bucket, f"{prefix}/")
+    # the delete marker went (unlocked); the original is locked, and the damaged version (younger than the
+    # lock's days) is taken for locked without asking: both stay until a later gc
+    assert all("Size" in v for v in left[chunk]) and len(left[chunk]) == 3
+    assert [v["Size"] > 3 for v in left[chunk] if v["IsLatest"]] == [True]
+    assert not [k for k, vs in left.items() if k.startswith("quarantine/")]  # its record: gone for good
+    s3.close()

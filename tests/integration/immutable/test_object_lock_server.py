@@ -8,7 +8,7 @@ version refused (AccessDenied, also in a batch, also with a bypass in COMPLIANCE
 delete marker and the old version stays readable; conditional puts (If-None-Match) in a versioned bucket,
 also over a delete marker; the versions listed newest first with the delete markers in their place; a
 governance lock lifted with a bypass; a lock mode the server does not know refused in one line; a lock
-that has ended lets the version go.
+that has ended lets the version go; a locked put checked by its CRC32C header, without a Content-MD5.
 """
 
 from __future__ import annotations
@@ -160,3 +160,24 @@ def test_an_ended_lock_lets_the_version_go_and_a_missing_key_is_named(locked_buc
     assert list(store.list_versions("short")) == []
     with pytest.raises(NotFoundError, match="'nothing-here'"):
         store.extend_retention(["nothing-here"], retention_after("compliance", 60))
+
+
+def test_a_locked_put_is_checked_by_its_crc32c_header_without_a_content_md5(locked_bucket: str) -> None:
+    """S3 wants a locked put's body checked (Content-MD5 or an x-amz-checksum-*): vmsnap's puts carry
+    CRC32C (awscrt, the s3 extra's), and the server takes it for a locked put, conditional or not."""
+    store = _store(locked_bucket)
+    sent: list[dict[str, str]] = []
+
+    def record(request: object, **_: object) -> None:
+        headers = getattr(request, "headers")  # noqa: B009 (botocore's AWSPreparedRequest)
+        sent.append({k.lower(): v.decode() if isinstance(v, bytes) else str(v) for k, v in headers.items()})
+
+    store._client.meta.events.register("before-send.s3.PutObject", record)
+    lock = retention_after("governance", 3600)
+    assert store.put("crc", b"locked", retention=lock)
+    assert store.put("crc-new", b"locked too", if_absent=True, retention=lock)
+    assert [s.get("x-amz-object-lock-mode") for s in sent] == ["GOVERNANCE", "GOVERNANCE"]
+    assert all("x-amz-checksum-crc32c" in s and "content-md5" not in s for s in sent), sent
+    assert store.retention("crc") == store.retention("crc-new") == lock
+    assert store.get("crc-new") == b"locked too"
+    store.close()
