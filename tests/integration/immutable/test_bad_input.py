@@ -99,3 +99,6 @@ def test_bad_as_of_times_are_one_line_each(
     assert unversioned.code == 1 and "versioning is off" in unversioned.error_line, unversioned.err
     copy = cli(capsys, "copy", "--from", url, "--to", url, "--as-of", future)
     assert copy.code == 2 and "in the future" in copy.error_line, copy.err
+    for writes in ("--repair", "--boot"):  # a repository read as it was is read-only
+        refused = cli(capsys, "verify", "--repo", url, "--as-of", "2026-01-01T00:00:00Z", writes)
+        assert refused.code == 2 and f"--as-of does not go with {writes}" in refused.error_line, refused.err

@@ -5,7 +5,9 @@ object by object with HeadObject), with the chunks' locks extended in one batch 
 until when; gc deletes only versions that are unlocked and unreferenced — while locked nothing is even
 tried (a refusal would fail it) — and frees them once the locks end (short locks here: seconds); leases'
 old versions are cleaned by gc; gc stops when a locked backup was deleted or a chunk overwritten behind
-vmsnap's back; an unlocked repository in a versioned bucket is read as of a time and collected for good.
+vmsnap's back; an unlocked repository in a versioned bucket is read as of a time and collected for good;
+verify moves a damaged chunk aside under a delete marker (deleting no locked version) and the next backup
+stores it again.
 """
 
 from __future__ import annotations
