@@ -186,6 +186,8 @@ class RepositoryLayout(abc.ABC):
 
         :raise ValueError: the marker lacks what the layout needs (the caller says it is damaged)
         """
+        if marker.sealed and not cls.encrypts:
+            raise ValueError(f"sealed metadata in the {cls.name} layout, which cannot be encrypted")
         if cls.chunk_size is None:
             return RepoMarker(marker.format, marker.layout, marker.id)
         if marker.chunk_size != cls.chunk_size or marker.compression is None:

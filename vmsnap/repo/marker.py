@@ -11,6 +11,15 @@ Format 2 (what vmsnap writes now)::
 rule (:meth:`~vmsnap.repo.layout.RepositoryLayout.accept_marker`); this module parses and writes the format.
 Format 1 (``{"format": 1}``, vmsnap 0.1) is a repository of layout :data:`FORMAT1_LAYOUT` and is read as one
 (its marker is never rewritten).
+
+Format 4 is format 2 whose metadata is sealed too (what ``init --encrypt`` makes: see
+:mod:`vmsnap.repo.chunks.sealed`)::
+
+    {"format": 4, …, "encryption": {"cipher": "aes-256-gcm", "chunk_id": "hmac-sha256", "key_id": "<32 hex>",
+                                    "metadata": "sealed-1"}}
+
+An encrypted repository whose metadata is plain (made before) keeps format 2 and opens as it did; a vmsnap
+that reads only formats 1 and 2 refuses a format-4 one by its number rather than misreading it.
 """
 
 from __future__ import annotations
@@ -27,6 +36,11 @@ from vmsnap.image.geometry import CHUNK_SIZE
 
 MARKER = "vmsnap-repo.json"
 FORMAT = 2
+FORMAT_SEALED = 4
+"""The format of an encrypted repository whose metadata is sealed (format 2 plus ``encryption.metadata``)."""
+SEALED = "sealed-1"
+"""``encryption.metadata`` of a format-4 marker: keys and objects sealed as :mod:`vmsnap.repo.chunks.sealed`
+says."""
 FORMAT1_LAYOUT = "qcow2"
 """The layout of a repository whose marker is vmsnap 0.1's ``{"format": 1}``."""
 DEFAULT_LAYOUT = "chunks"
@@ -49,6 +63,7 @@ class RepoMarker:
     :param compression: "zstd" or "none" (a layout that cuts chunks), else None
     :param key_id: the fingerprint of the key of an encrypted repository, else None
     :param chunk_size: the chunk size of a layout that cuts chunks, else None
+    :param sealed: the repository's metadata is sealed (format 4; encrypted only)
     """
 
     format: int
@@ -57,6 +72,7 @@ class RepoMarker:
     compression: str | None = None
     key_id: str | None = None
     chunk_size: int | None = None
+    sealed: bool = False
 
     @property
     def encrypted(self) -> bool:
@@ -70,25 +86,33 @@ class RepoMarker:
         chunk_size: int | None = None,
         compression: str | None = None,
         key_id: str | None = None,
+        sealed: bool | None = None,
     ) -> RepoMarker:
         """The marker of a new repository, with a fresh id; a layout's rules are
         :meth:`~vmsnap.repo.layout.RepositoryLayout.new_marker`'s.
 
-        :raise UsageError: a malformed layout name or an unknown compression
+        :param sealed: seal the metadata (default: when encrypted; format 4)
+        :raise UsageError: a malformed layout name, an unknown compression, or sealed without a key
         """
         if not _LAYOUT_NAME.match(layout):
             raise UsageError(f"unknown repository layout {layout!r}")
         if compression is not None and compression not in COMPRESSIONS:
             raise UsageError(f"unknown compression {compression!r}", hint=f"use {' or '.join(COMPRESSIONS)}")
-        return cls(FORMAT, layout, secrets.token_hex(16), compression, key_id, chunk_size)
+        sealed = key_id is not None if sealed is None else sealed
+        if sealed and key_id is None:
+            raise UsageError("only an encrypted repository can seal its metadata", hint="a bug in the caller")
+        version = FORMAT_SEALED if sealed else FORMAT
+        return cls(version, layout, secrets.token_hex(16), compression, key_id, chunk_size, sealed)
 
     def to_json(self) -> dict[str, Any]:
-        """The marker's JSON object (format 2)."""
-        encryption = None
+        """The marker's JSON object (format 2, or 4 when sealed)."""
+        encryption: dict[str, str] | None = None
         if self.key_id is not None:
             encryption = {"cipher": CIPHER, "chunk_id": CHUNK_ID, "key_id": self.key_id}
+            if self.sealed:
+                encryption["metadata"] = SEALED
         return {
-            "format": FORMAT,
+            "format": FORMAT_SEALED if self.sealed else FORMAT,
             "layout": self.layout,
             "id": self.id,
             "chunk_size": self.chunk_size,
@@ -111,20 +135,21 @@ class RepoMarker:
             ) from err
         if version == 1:
             return cls(1, FORMAT1_LAYOUT)
-        if version != FORMAT:
+        if version not in (FORMAT, FORMAT_SEALED):
             raise RepositoryError(
-                f"repository {where} has format {version!r}; this vmsnap reads formats 1 and {FORMAT}",
+                f"repository {where} has format {version!r}; this vmsnap reads formats 1, {FORMAT} and "
+                f"{FORMAT_SEALED}",
                 hint="use the vmsnap version that wrote it",
             )
         try:
-            return cls._parse_v2(data)
+            return cls._parse_v2(data, sealed=version == FORMAT_SEALED)
         except (KeyError, TypeError, ValueError, UsageError) as err:
             raise RepositoryError(
                 f"{where} is damaged: {err}", hint="restore the marker from a copy of the repository"
             ) from err
 
     @classmethod
-    def _parse_v2(cls, data: dict[str, Any]) -> RepoMarker:
+    def _parse_v2(cls, data: dict[str, Any], *, sealed: bool) -> RepoMarker:
         layout = str(data["layout"])
         if not _LAYOUT_NAME.match(layout):
             raise ValueError(f"layout {layout!r}")
@@ -145,4 +170,10 @@ class RepoMarker:
             key_id = str(encryption["key_id"])
             if not _HEX32.match(key_id):
                 raise ValueError(f"key id {key_id!r}")
-        return cls(FORMAT, layout, repo_id, compression, key_id, chunk_size)
+            if encryption.get("metadata") != (SEALED if sealed else None):
+                raise ValueError(f"metadata {encryption.get('metadata')!r} in format {4 if sealed else 2}")
+        elif sealed:
+            raise ValueError("format 4 without encryption")
+        return cls(
+            FORMAT_SEALED if sealed else FORMAT, layout, repo_id, compression, key_id, chunk_size, sealed
+        )

@@ -66,14 +66,35 @@ def store(tmp_path: Path) -> LocalStore:
 def test_markers_round_trip_and_old_or_odd_ones_are_judged(tmp_path: Path) -> None:
     marker = layout_class("chunks").new_marker(key_id="ab" * 16)
     data = marker.to_json()
-    assert data["encryption"] == {"cipher": "aes-256-gcm", "chunk_id": "hmac-sha256", "key_id": "ab" * 16}
+    assert data["encryption"] == {
+        "cipher": "aes-256-gcm",
+        "chunk_id": "hmac-sha256",
+        "key_id": "ab" * 16,
+        "metadata": "sealed-1",
+    }
     assert (data["format"], data["layout"], data["chunk_size"], data["compression"]) == (
-        2,
+        4,
         "chunks",
         4 << 20,
         "zstd",
     )
-    assert RepoMarker.from_bytes(json.dumps(data).encode(), where="m") == marker
+    assert marker.sealed and RepoMarker.from_bytes(json.dumps(data).encode(), where="m") == marker
+    # an encrypted repository made before sealed metadata: format 2, opened as it is
+    old = {
+        **data,
+        "format": 2,
+        "encryption": {k: v for k, v in data["encryption"].items() if k != "metadata"},
+    }
+    read = RepoMarker.from_bytes(json.dumps(old).encode(), where="m")
+    assert (read.format, read.sealed, read.key_id) == (2, False, "ab" * 16)
+    assert read.to_json() == old
+    # format 4 says how its metadata is sealed, and format 2 does not claim it
+    unsealed = {**data, "encryption": old["encryption"]}
+    for bad in (unsealed, {**old, "encryption": data["encryption"]}, {**data, "encryption": None}):
+        with pytest.raises(RepositoryError, match="damaged"):
+            RepoMarker.from_bytes(json.dumps(bad).encode(), where="m")
+    with pytest.raises(RepositoryError, match="has format 5"):
+        RepoMarker.from_bytes(json.dumps({**data, "format": 5}).encode(), where="m")
     assert RepoMarker.from_bytes(b'{"format": 1}', where="m").layout == "qcow2"
     for bad in ({**data, "chunk_size": 1 << 20}, {**data, "id": "../x"}, {**data, "compression": "lz4"}):
         with pytest.raises(RepositoryError, match="damaged"):

@@ -1,5 +1,6 @@
 """The key of an encrypted ``chunks`` repository: one random 256-bit master key in a private key file, and the
-subkeys derived from it (chunk ids, chunk encryption, index/manifest authentication, the key's fingerprint).
+subkeys derived from it (chunk ids, chunk encryption, index/manifest authentication, sealed metadata, the
+key's fingerprint).
 
 Key file (UTF-8 JSON, mode 0600, never on a command line)::
 
@@ -13,6 +14,8 @@ Derivation: every subkey is HKDF-SHA256 (RFC 5869) of the master key, no salt, 3
     ``id_key``                ``vmsnap chunk-id v1``       chunk id = HMAC-SHA256(id_key, plaintext chunk)
     ``encryption_key``        ``vmsnap aes-256-gcm v1``    AES-256-GCM of chunk blobs
     ``mac_key``               ``vmsnap metadata-mac v1``   HMAC-SHA256 over indexes and manifests
+    ``name_key`` (64 bytes)   ``vmsnap metadata-names v1`` AES-SIV of the names in sealed store keys
+    ``seal_key``              ``vmsnap metadata-seal v1``  AES-256-GCM of sealed metadata objects
     ``key_id`` (16 bytes)     ``vmsnap key-id v1``         hex fingerprint stored in the repository marker
     ========================  ===========================  ===================================================
 
@@ -59,12 +62,16 @@ class RepositoryKey:
     :param encryption_key: AES-256-GCM key for chunk blobs
     :param mac_key: HMAC-SHA256 key for indexes and manifests
     :param key_id: hex fingerprint, safe to store in the repository marker
+    :param name_key: AES-SIV key (64 bytes) for the names in sealed keys (:mod:`vmsnap.repo.chunks.sealed`)
+    :param seal_key: AES-256-GCM key for the content of sealed metadata
     """
 
     id_key: bytes
     encryption_key: bytes
     mac_key: bytes
     key_id: str
+    name_key: bytes
+    seal_key: bytes
 
     @classmethod
     def from_master(cls, master: bytes) -> RepositoryKey:
@@ -82,6 +89,8 @@ class RepositoryKey:
             encryption_key=_derive(master, b"vmsnap aes-256-gcm v1"),
             mac_key=_derive(master, b"vmsnap metadata-mac v1"),
             key_id=_derive(master, b"vmsnap key-id v1", KEY_ID_SIZE).hex(),
+            name_key=_derive(master, b"vmsnap metadata-names v1", 64),
+            seal_key=_derive(master, b"vmsnap metadata-seal v1"),
         )
 
     def mac(self, data: bytes | memoryview) -> bytes:
