@@ -107,7 +107,7 @@ class SealedStore:
         self._key = key
         self._siv: AESSIV | None = None
         self._gcm: AESGCM | None = None
-        self._sealed: dict[tuple[str, str], str] = {}
+        self._sealed: dict[tuple[str, str], str | None] = {}
         self._opened: dict[tuple[str, str], str | None] = {}
         self._lock = threading.Lock()
 
