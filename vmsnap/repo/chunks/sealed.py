@@ -7,14 +7,13 @@ that says nothing without the key. What passes through unchanged:
 
     vmsnap-repo.json                the marker (read before the repository opens)
     chunks/…                        chunk blobs: named by keyed ids, encrypted (vmsnap.repo.chunks.blob)
-    quarantine/…                    records of chunks verify moved aside: a chunk id, the problem, when, the
-                                    host, and the (encrypted) blob as found (vmsnap.repo.chunks.quarantine)
     gc-generation                   random tokens (vmsnap.repo.chunks.known)
     known-chunks-epoch
 
-**Keys.** Every other key is sealed part by part. Its first part, when it is ``vms`` or ``locks``, becomes
-``v`` or ``l`` (a constant says nothing); every other part ``p`` whose plain parent is ``P`` (the parts
-before it joined with '/', with a trailing '/') becomes::
+**Keys.** Every other key — backups (``vms/``), leases (``locks/``), the records of chunks verify moved
+aside (``quarantine/``) and whatever a later vmsnap adds — is sealed part by part. Its first part, when it is
+``vms``, ``locks`` or ``quarantine``, becomes ``v``, ``l`` or ``q`` (a constant says nothing); every other
+part ``p`` whose plain parent is ``P`` (the parts before it joined with '/', with a trailing '/') becomes::
 
     base64url(AES-SIV(name_key, ad = ["vmsnap name v1", P], len(p) || p || zero bytes to 144)), no padding
 
@@ -60,10 +59,10 @@ from vmsnap.repo.chunks.keys import RepositoryKey
 from vmsnap.repo.marker import MARKER
 from vmsnap.repo.stores.base import Store, StoreCapabilities, StoredObject
 
-PLAIN_PREFIXES = ("chunks/", "quarantine/")
+PLAIN_PREFIXES = ("chunks/",)
 """Keys under these prefixes pass through unchanged (see the module docstring)."""
 PLAIN_KEYS = frozenset({MARKER, "gc-generation", "known-chunks-epoch"})
-TOP_ALIASES = {"vms": "v", "locks": "l"}
+TOP_ALIASES = {"vms": "v", "locks": "l", "quarantine": "q"}
 """First key parts stored as a constant letter (every other first part is sealed like the rest)."""
 NAME_PAD = 144
 """Bytes every sealed name part is padded to (a length byte, the name, zero bytes)."""
