@@ -233,7 +233,7 @@ def test_swapped_moved_or_truncated_metadata_is_refused_with_one_line(tmp_path: 
 def _old_repository(tmp_path: Path) -> tuple[Path, Path]:
     """The format-2 encrypted repository vmsnap 56a13a1 made (tests/integration/repo/fixtures), unpacked."""
     with tarfile.open(FIXTURE) as archive:
-        archive.extractall(tmp_path / "old")  # noqa: S202 (the project's own fixture)
+        archive.extractall(tmp_path / "old")  # the project's own fixture
     key = tmp_path / "old" / "key.json"
     os.chmod(key, 0o600)
     return tmp_path / "old" / "repo", key
