@@ -66,7 +66,12 @@ def test_backups_in_s3_restore_verify_prune_and_gc(
         stored = b"".join(store.get(key) for key in keys)
     finally:
         store.close()
-    words = [b"testvm", *(d.encode() for d in DISKS), first["backup_id"].encode(), second["backup_id"].encode()]
+    words = [
+        b"testvm",
+        *(d.encode() for d in DISKS),
+        first["backup_id"].encode(),
+        second["backup_id"].encode(),
+    ]
     words.append(SECRET)
     for word in words:
         assert word not in "\n".join(keys).encode() and word not in stored, word
