@@ -192,11 +192,16 @@ LabGuestFactory = Callable[..., LabGuest]
 @pytest.fixture
 def lab_guest_factory(lab_image: LabImage, tmp_path: Path) -> Iterator[LabGuestFactory]:
     """Boot lab guests of your own: ``factory(extra_drives=[DriveSpec(img, "pv0", format="raw",
-    serial="pv0")], data_disk_size=None)``; every guest booted is stopped when the test ends."""
+    serial="pv0")], data_disk_size=None, extra_args=[…])``; every guest booted is stopped when the test
+    ends."""
     guests: list[LabGuest] = []
 
     def boot(
-        *, extra_drives: Sequence[DriveSpec] = (), data_disk_size: str | None = "64M", name: str = "labvm"
+        *,
+        extra_drives: Sequence[DriveSpec] = (),
+        data_disk_size: str | None = "64M",
+        name: str = "labvm",
+        extra_args: Sequence[str] = (),
     ) -> LabGuest:
         guest = LabGuest(
             tmp_path / f"guest{len(guests)}",
@@ -204,6 +209,7 @@ def lab_guest_factory(lab_image: LabImage, tmp_path: Path) -> Iterator[LabGuestF
             data_disk_size=data_disk_size,
             name=name,
             image=lab_image,
+            extra_args=extra_args,
         )
         guests.append(guest)
         return guest.start()

@@ -296,7 +296,9 @@ class Backup:
         read with the vCPUs paused around the snapshot, so they are of its instant."""
         name = f"backup-{run.backup_id}"
         disks = run.resolved.disks
-        journal.record("freezing")
+        # the run state before: between "freezing" and "thawed" the vCPUs may be paused (the state capture
+        # below, a strategy's own pause); `recover` resumes a VM this run left paused, not one paused before
+        journal.record("freezing", vm_status=self.machine.qmp().status() if self.machine.is_running else None)
         windows: list[float] = []
         with _quiesced(
             self.machine, self.config.quiesce, self.config.freeze_timeout, self._note, windows
@@ -313,6 +315,7 @@ class Backup:
                     raise
                 journal.record("created", snapshots=[snapshot_to_json(r) for r in refs])
                 state = state_source.capture() if state_source is not None else None
+                crash_point("while-paused")  # paused, when the machine has state files to capture
             crash_point("after-create")
         journal.record("thawed")
         crash_point("after-thaw")

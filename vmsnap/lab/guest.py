@@ -74,6 +74,7 @@ class LabGuest:
         :func:`vmsnap.lab.rootfs.make_root_disk` when missing) instead of running from the initramfs
     :param display: give the guest a VGA device with the kernel's warnings and errors on it (its early VGA
         console, kept: ``earlyprintk=vga,keep``), for screenshots
+    :param extra_args: more QEMU arguments (e.g. ``-drive if=pflash,…``)
     """
 
     def __init__(
@@ -90,6 +91,7 @@ class LabGuest:
         host_runner: Runner | None = None,
         root_disk: Path | None = None,
         display: bool = False,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.workdir = Path(workdir)
         self.name = validate_name(name, "VM name")
@@ -101,6 +103,7 @@ class LabGuest:
         self.boot_timeout = boot_timeout
         self.root_disk = Path(root_disk) if root_disk is not None else None
         self.display = display
+        self.extra_args = list(extra_args)
         self.host_runner: Runner = host_runner if host_runner is not None else LocalRunner()
         self.data_image: Path | None = (
             self.workdir / f"{DATA_SERIAL}.qcow2" if data_disk_size is not None else None
@@ -123,7 +126,7 @@ class LabGuest:
         self.workdir.mkdir(parents=True, exist_ok=True)
         drives: list[DriveSpec] = []
         append = image.append
-        extra_args = ["-no-reboot"]
+        extra_args = ["-no-reboot", *self.extra_args]
         if self.root_disk is not None:
             if not self.root_disk.exists():
                 make_root_disk(image, self.root_disk, runner=self.host_runner)

@@ -14,9 +14,13 @@ opened, a missing one when something must be decrypted or authenticated (``recov
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -141,12 +145,14 @@ class Repository:
         encrypt: bool = False,
         key_file: Path | str | None = None,
         compression: str = "zstd",
+        chunk_id: str | None = None,
         runner: Runner | None = None,
         state_root: Path | None = None,
     ) -> RepositoryLayout:
         """``vmsnap init``: make a new repository at ``location`` (a new or empty directory, or an empty S3
         prefix). With ``encrypt``, the key file (``key_file`` or ``$VMSNAP_KEY_FILE``) is created (0600)
-        when it does not exist, else its key is used.
+        when it does not exist, else its key is used. ``chunk_id`` is the chunk id hash, one of the layout's
+        ``chunk_ids`` (None: its default; see :meth:`~vmsnap.repo.layout.RepositoryLayout.new_marker`).
 
         :raise RepositoryError: a repository (or other data) is there already
         :raise UsageError: ``encrypt`` without a key file, or encryption in the qcow2 layout
@@ -158,7 +164,9 @@ class Repository:
                 "--encrypt needs a key file", hint="pass --key-file FILE (or VMSNAP_KEY_FILE); it is created"
             )
         cls_ = layout_class(layout)
-        cls_.new_marker(compression=compression, key_id="0" * 32 if encrypt else None)  # checks
+        cls_.new_marker(
+            compression=compression, key_id="0" * 32 if encrypt else None, chunk_id=chunk_id
+        )  # checks
         store, directory = _store(location, create=True)
         if _read_marker(store, location) is not None:
             raise RepositoryError(
@@ -170,7 +178,9 @@ class Repository:
             assert path is not None
             made_key = not path.exists()
             key = create_key_file(path) if made_key else read_key_file(path)
-        marker = cls_.new_marker(compression=compression, key_id=key.key_id if key else None)
+        marker = cls_.new_marker(
+            compression=compression, key_id=key.key_id if key else None, chunk_id=chunk_id
+        )
         try:
             marker = _create(store, directory, location, marker, exclusive=True)
         except RepositoryError:
@@ -206,7 +216,12 @@ class Repository:
     @classmethod
     def clear_unmade(cls, location: Path | str) -> list[str]:
         """Remove what a backup that died while writing the marker of a new directory repository left (the
-        marker's temporary file), so that the directory is empty again; one line per file removed."""
+        marker's temporary file), so that the directory is empty again; one line per file removed.
+
+        A process writing a marker holds an flock on the directory (:func:`_creating`): while one does, its
+        temporary file is left alone. Where the filesystem has no flock on directories (NFS), only a
+        temporary file older than :data:`UNMADE_AGE` seconds is taken for a dead run's.
+        """
         location = normalize_location(location)
         if is_url(location):
             return []  # an object is stored whole or not at all
@@ -214,9 +229,22 @@ class Repository:
         if not directory.is_dir() or directory.is_symlink() or (directory / MARKER).exists():
             return []
         removed = []
-        for leftover in _creation_leftovers(directory) or []:
-            leftover.unlink(missing_ok=True)
-            removed.append(f"removed {leftover}: the half-written marker of a dead run's new repository")
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                return []  # a live process is writing the marker right now
+            except OSError:
+                locked = False
+            for leftover in _creation_leftovers(directory) or []:
+                if not locked and not _older_than(leftover, UNMADE_AGE):
+                    continue
+                leftover.unlink(missing_ok=True)
+                removed.append(f"removed {leftover}: the half-written marker of a dead run's new repository")
+        finally:
+            os.close(fd)  # (releases the lock)
         return removed
 
     @classmethod
@@ -319,6 +347,36 @@ def _store(location: Path | str, *, create: bool) -> tuple[Store, Path | None]:
     return open_store(directory), directory
 
 
+UNMADE_AGE = 60.0
+"""Seconds after which a marker's temporary file is taken for a dead run's where the directory cannot be
+locked (a live creator writes and renames it within moments)."""
+
+
+@contextlib.contextmanager
+def _creating(directory: Path | None) -> Iterator[None]:
+    """Hold an exclusive flock on a new repository's directory while its marker is written, so that
+    :meth:`Repository.clear_unmade` (``vmsnap recover``, which takes no VM's lock for a repository not yet
+    made) leaves the marker's temporary file of a live creator alone. Released by the kernel when the
+    process dies. A filesystem that cannot lock a directory (NFS) is written without it."""
+    if directory is None:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except FileNotFoundError:
+        return False
+
+
 _CREATION_LEFTOVER = re.compile(r"\.tmp-[0-9a-f]{16}|\.vmsnap-repo\.json\.tmp-[0-9a-f]{8}")
 """The temporary file of a marker being written (the local store's, or the qcow2 layout's atomic write)."""
 
@@ -363,6 +421,14 @@ def _layout_of(marker: RepoMarker, location: Path | str) -> type[RepositoryLayou
 
 
 def _create(
+    store: Store, directory: Path | None, location: Path | str, marker: RepoMarker, *, exclusive: bool = False
+) -> RepoMarker:
+    """:func:`_create_locked`, holding the directory's creation lock (:func:`_creating`)."""
+    with _creating(directory):
+        return _create_locked(store, directory, location, marker, exclusive=exclusive)
+
+
+def _create_locked(
     store: Store, directory: Path | None, location: Path | str, marker: RepoMarker, *, exclusive: bool = False
 ) -> RepoMarker:
     """Write ``marker`` into an empty store. When another process (another host) made a repository there

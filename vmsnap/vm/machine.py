@@ -180,10 +180,10 @@ class QemuMachine(OnThisHost):
         return []
 
     def guard_plan(self) -> GuardPlan | None:
-        """A guard on this host, on the agent's socket."""
+        """A guard on this host, on the agent's socket (and the QMP socket, to resume a VM left paused)."""
         if self.agent_socket is None:
             return None
-        return GuardPlan(GuardTarget.socket(self.agent_socket), LocalGuardSite())
+        return GuardPlan(GuardTarget.socket(self.agent_socket, qmp=self.qmp_socket), LocalGuardSite())
 
     def close(self) -> None:
         if self._monitor is not None:

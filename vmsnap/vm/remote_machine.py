@@ -139,7 +139,9 @@ class RemoteMachine:
                 self.host.destination,
             )
             return plan
-        return GuardPlan(GuardTarget.socket(remote), self._guards)
+        qmp = plan.target.qmp
+        remote_qmp = next((r for r in self._forwards if qmp and self.host.local(r) == Path(qmp)), None)
+        return GuardPlan(GuardTarget.socket(remote, qmp=remote_qmp), self._guards)
 
     def close(self) -> None:
         """Close the machine, cancel its forwards (and close the connection when it owns it)."""

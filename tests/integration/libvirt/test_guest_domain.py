@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import signal
 import subprocess
 import time
@@ -20,6 +22,7 @@ from tests.conftest import make_image
 from tests.integration.cli_helpers import cli_process, qcow2_repo
 from tests.integration.libvirt.conftest import Libvirtd
 from vmsnap.backup.config import CRASH_ENV
+from vmsnap.errors import AgentError
 from vmsnap.lab.guest import DATA_MOUNT, DATA_SERIAL, fsck_image, read_image_file
 from vmsnap.lab.image import build_lab_image
 from vmsnap.lab.qemu import choose_accel
@@ -43,13 +46,20 @@ class GuestDomain:
     machine: LibvirtMachine
 
 
-def _guest_xml(name: str, data_image: Path, agent_socket: Path, console: Path) -> str:
+def _guest_xml(
+    name: str, data_image: Path, agent_socket: Path, console: Path, flash: tuple[Path, Path] | None = None
+) -> str:
     image = build_lab_image()
     kind = "kvm" if choose_accel(booting_guest=True) == "kvm" else "qemu"
+    firmware = (
+        f"<loader readonly='yes' type='pflash'>{flash[0]}</loader><nvram>{flash[1]}</nvram>" if flash else ""
+    )
+    features = "<features><acpi/></features>" if flash else ""  # (libvirt takes a pflash loader for UEFI)
     return (
         f"<domain type='{kind}'><name>{name}</name><memory unit='MiB'>512</memory><vcpu>1</vcpu>"
-        "<os><type arch='x86_64' machine='q35'>hvm</type>"
+        f"<os><type arch='x86_64' machine='q35'>hvm</type>{firmware}"
         f"<kernel>{image.kernel}</kernel><initrd>{image.initrd}</initrd><cmdline>{image.append}</cmdline></os>"
+        f"{features}"
         "<cpu mode='custom' match='exact' check='none'><model fallback='allow'>qemu64</model></cpu>"
         "<on_reboot>destroy</on_reboot>"
         "<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>"
@@ -66,13 +76,30 @@ def _guest_xml(name: str, data_image: Path, agent_socket: Path, console: Path) -
 @pytest.fixture
 def guest_domain(libvirtd: Libvirtd, tmp_path: Path) -> Iterator[GuestDomain]:
     """Boot the lab guest under libvirt and wait until its agent answers through libvirt."""
+    yield from _booted(libvirtd, tmp_path)
+
+
+@pytest.fixture
+def flash_domain(libvirtd: Libvirtd, tmp_path: Path) -> Iterator[GuestDomain]:
+    """The lab guest as a domain with firmware flash: SeaBIOS as a read-only pflash loader, and a variables
+    file (``<nvram>``), which vmsnap captures with the vCPUs paused."""
+    code = tmp_path / "code.fd"
+    shutil.copyfile("/usr/share/seabios/bios-256k.bin", code)
+    variables = tmp_path / "vars.fd"
+    variables.write_bytes(os.urandom(256 * 1024))
+    yield from _booted(libvirtd, tmp_path, flash=(code, variables))
+
+
+def _booted(
+    libvirtd: Libvirtd, tmp_path: Path, flash: tuple[Path, Path] | None = None
+) -> Iterator[GuestDomain]:
     import libvirt
 
     name = libvirtd.new_domain_name()
     data_image = make_image(tmp_path / "data.qcow2")
     console = tmp_path / "console.log"
     conn = libvirt.open(libvirtd.uri)
-    dom = conn.defineXML(_guest_xml(name, data_image, tmp_path / "qga.sock", console))
+    dom = conn.defineXML(_guest_xml(name, data_image, tmp_path / "qga.sock", console, flash))
     machine: LibvirtMachine | None = None
     try:
         dom.create()
@@ -166,6 +193,37 @@ def test_a_backup_killed_while_the_domain_is_frozen_is_thawed_by_its_guard(
     assert "the guest's filesystems are thawed" in recovered.json()["found"]
     again = cli_process("recover", *vm, "--repo", repo, "--json")
     assert again.code == 0 and again.json()["clean"], again.out
+
+
+def test_a_backup_killed_while_the_domain_is_paused_is_resumed_and_thawed_by_its_guard(
+    flash_domain: GuestDomain, tmp_path: Path
+) -> None:
+    """A domain with UEFI variables is paused inside the freeze while its variables are read; killed there,
+    the run leaves it paused and frozen. Its guard resumes it through libvirt, then thaws."""
+    import libvirt
+
+    machine = flash_domain.machine
+    assert machine.machine_state() is not None
+    vm = ["--domain", flash_domain.name, "--connect", flash_domain.uri]
+    repo = tmp_path / "repo"
+    dead = cli_process("backup", "--repo", repo, *vm, "--quiesce", "on", env={CRASH_ENV: "while-paused"})
+    assert dead.code == -signal.SIGKILL, dead.err
+    agent = machine.agent()
+    assert agent is not None
+    started = time.monotonic()
+    status = "?"
+    while time.monotonic() - started < 60:  # no recover: the guard does it
+        with contextlib.suppress(AgentError):
+            status = agent.fsfreeze_status()
+        if status == "thawed":
+            break
+        time.sleep(0.2)
+    assert status == "thawed", f"the domain's guest is still {status}"
+    assert machine.domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    agent.write_file(f"{DATA_MOUNT}/after-kill.txt", b"writes go on\n")
+    recovered = cli_process("recover", *vm, "--repo", repo, "--json")
+    assert recovered.code == 0, recovered.err
+    assert not any("resumed" in a or "thawed the guest" in a for a in recovered.json()["actions"])
 
 
 def _cli(*args: str) -> dict[str, Any]:

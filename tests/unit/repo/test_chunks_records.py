@@ -15,6 +15,7 @@ import pytest
 
 from vmsnap.errors import ChecksumMismatchError, LeaseError, RepositoryError, UsageError
 from vmsnap.repo.chunks.blob import ChunkId, chunk_key
+from vmsnap.repo.chunks.ids import id_hash_of
 from vmsnap.repo.chunks.keys import RepositoryKey
 from vmsnap.repo.chunks.known import (
     GENERATION_KEY,
@@ -54,7 +55,8 @@ from vmsnap.repo.chunks.records import (
 )
 from vmsnap.repo.layout import layout_class
 from vmsnap.repo.manifest import CHUNKS_FORMAT, INDEX_DIGEST, ChunkStats, DiskRecord, Manifest
-from vmsnap.repo.marker import RepoMarker
+from vmsnap.repo.marker import MARKER, RepoMarker
+from vmsnap.repo.repository import Repository
 from vmsnap.repo.stores.local import LocalStore
 
 
@@ -63,12 +65,27 @@ def store(tmp_path: Path) -> LocalStore:
     return LocalStore(tmp_path / "store", create=True)
 
 
-def test_markers_round_trip_and_old_or_odd_ones_are_judged(tmp_path: Path) -> None:
-    marker = layout_class("chunks").new_marker(key_id="ab" * 16)
+def _opened(directory: Path, marker: dict[str, object]) -> RepoMarker:
+    """The marker as opening a repository reads it: parsed, then judged by its layout's rules."""
+    directory.mkdir()
+    (directory / MARKER).write_text(json.dumps(marker))
+    located = Repository.locate(directory)
+    assert located.marker is not None
+    return located.marker
+
+
+@pytest.mark.parametrize(
+    ("chunk_id", "version", "keyed"), [("sha256", 2, "hmac-sha256"), ("blake3", 3, "blake3-keyed")]
+)
+def test_markers_round_trip_and_old_or_odd_ones_are_judged(
+    tmp_path: Path, chunk_id: str, version: int, keyed: str
+) -> None:
+    marker = layout_class("chunks").new_marker(key_id="ab" * 16, chunk_id=chunk_id)
     data = marker.to_json()
+    # a new encrypted repository seals its metadata whatever its chunk id hash: format 4
     assert data["encryption"] == {
         "cipher": "aes-256-gcm",
-        "chunk_id": "hmac-sha256",
+        "chunk_id": keyed,
         "key_id": "ab" * 16,
         "metadata": "sealed-1",
     }
@@ -78,27 +95,55 @@ def test_markers_round_trip_and_old_or_odd_ones_are_judged(tmp_path: Path) -> No
         4 << 20,
         "zstd",
     )
+    assert data.get("chunk_id") == (None if chunk_id == "sha256" else chunk_id)
     assert marker.sealed and RepoMarker.from_bytes(json.dumps(data).encode(), where="m") == marker
-    # an encrypted repository made before sealed metadata: format 2, opened as it is
+    assert _opened(tmp_path / "good", data) == marker
+    assert id_hash_of(marker) == chunk_id
+    # an encrypted repository made before sealed metadata (format 2: sha256, 3: blake3), opened as it is
     old = {
         **data,
-        "format": 2,
+        "format": version,
         "encryption": {k: v for k, v in data["encryption"].items() if k != "metadata"},
     }
-    read = RepoMarker.from_bytes(json.dumps(old).encode(), where="m")
-    assert (read.format, read.sealed, read.key_id) == (2, False, "ab" * 16)
+    read = _opened(tmp_path / "old", old)
+    assert (read.format, read.sealed, read.key_id, id_hash_of(read)) == (version, False, "ab" * 16, chunk_id)
     assert read.to_json() == old
-    # format 4 says how its metadata is sealed, and format 2 does not claim it
-    unsealed = {**data, "encryption": old["encryption"]}
-    for bad in (unsealed, {**old, "encryption": data["encryption"]}, {**data, "encryption": None}):
+    # an unencrypted one has nothing to seal: format 2 or 3
+    unencrypted = layout_class("chunks").new_marker(chunk_id=chunk_id)
+    assert (unencrypted.to_json()["format"], unencrypted.sealed) == (version, False)
+    # format 4 says how its metadata is sealed, and formats 2 and 3 do not claim it
+    for n, bad in enumerate(
+        (
+            {**data, "encryption": old["encryption"]},
+            {**old, "encryption": data["encryption"]},
+            {**data, "encryption": None},
+        )
+    ):
         with pytest.raises(RepositoryError, match="damaged"):
-            RepoMarker.from_bytes(json.dumps(bad).encode(), where="m")
+            _opened(tmp_path / f"unsealed{n}", bad)
+    assert RepoMarker.from_bytes(b'{"format": 1}', where="m").layout == "qcow2"
+    other = "hmac-sha256" if chunk_id == "blake3" else "blake3-keyed"  # the other hash's keyed id
+    for base, named in ((old, 3), (data, 4)):  # unsealed (naming its id hash: format 3) and sealed
+        for n, bad in enumerate(
+            (
+                {**base, "chunk_size": 1 << 20},
+                {**base, "id": "../x"},
+                {**base, "compression": "lz4"},
+                {**base, "format": named, "chunk_id": "md5"},
+                {**base, "format": named, "chunk_id": "../x"},
+                {**base, "encryption": {**base["encryption"], "chunk_id": other}},
+                {**base, "layout": "qcow2", "format": named, "chunk_id": "blake3"},
+            )
+        ):
+            with pytest.raises(RepositoryError, match="damaged"):
+                _opened(tmp_path / f"bad{named}-{n}", bad)
     with pytest.raises(RepositoryError, match="has format 5"):
         RepoMarker.from_bytes(json.dumps({**data, "format": 5}).encode(), where="m")
-    assert RepoMarker.from_bytes(b'{"format": 1}', where="m").layout == "qcow2"
-    for bad in ({**data, "chunk_size": 1 << 20}, {**data, "id": "../x"}, {**data, "compression": "lz4"}):
-        with pytest.raises(RepositoryError, match="damaged"):
-            RepoMarker.from_bytes(json.dumps(bad).encode(), where="m")
+    with pytest.raises(UsageError, match="unknown chunk id hash"):
+        layout_class("chunks").new_marker(chunk_id="md5")
+    with pytest.raises(UsageError, match="the qcow2 layout has no chunk ids") as caught:
+        layout_class("qcow2").new_marker(chunk_id="blake3")
+    assert "use --layout chunks" in str(caught.value)
     with pytest.raises(UsageError, match="cannot be encrypted") as caught:
         layout_class("qcow2").new_marker(key_id="ab" * 16)
     assert "use --layout chunks with --encrypt" in str(caught.value)

@@ -54,10 +54,10 @@ from collections.abc import Callable, Iterable, Iterator
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 
-from vmsnap.errors import ChecksumMismatchError, UsageError
+from vmsnap.errors import ChecksumMismatchError, StoreError, UsageError
 from vmsnap.repo.chunks.keys import RepositoryKey
 from vmsnap.repo.marker import MARKER
-from vmsnap.repo.stores.base import Store, StoreCapabilities, StoredObject
+from vmsnap.repo.stores.base import Data, Store, StoreCapabilities, StoredObject
 
 PLAIN_PREFIXES = ("chunks/",)
 """Keys under these prefixes pass through unchanged (see the module docstring)."""
@@ -130,7 +130,16 @@ class SealedStore:
             return self._store.get(key)
         return self.open_object(key, self._store.get(self.seal_key(key)))
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False, durable: bool = True) -> bool:
+    def get_into(self, key: str, buffer: memoryview) -> int:
+        if is_plain(key):  # a chunk blob: read as the store reads it (no copy where it can)
+            return self._store.get_into(key, buffer)
+        data = self.get(key)
+        if len(data) > len(buffer):
+            raise StoreError(f"store {self.url}: object {key} has {len(data)} bytes, more than expected")
+        buffer[: len(data)] = data
+        return len(data)
+
+    def put(self, key: str, data: Data, *, if_absent: bool = False, durable: bool = True) -> bool:
         if is_plain(key):
             return self._store.put(key, data, if_absent=if_absent, durable=durable)
         sealed = self.seal_object(key, data)
@@ -253,7 +262,7 @@ class SealedStore:
 
     # -- objects -------------------------------------------------------------------------------------
 
-    def seal_object(self, key: str, data: bytes) -> bytes:
+    def seal_object(self, key: str, data: Data) -> bytes:
         """The stored bytes of ``data`` under the plain key ``key``."""
         _, gcm = self._ciphers()
         header = HEADER.pack(MAGIC, VERSION)

@@ -81,18 +81,22 @@ def _telltales(made: list[dict[str, object]]) -> list[bytes]:
     return words
 
 
+@pytest.mark.parametrize("chunk_id", ["blake3", "sha256"])
 def test_nothing_stored_names_a_vm_disk_backup_time_or_data(
     named_vm: RunningVm,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    chunk_id: str,
 ) -> None:
     vm = named_vm
     repo = tmp_path / "repo"
     monkeypatch.setenv("VMSNAP_KEY_FILE", str(tmp_path / "repo.key"))
-    assert cli(capsys, "init", "--repo", repo, "--encrypt").code == 0
+    assert cli(capsys, "init", "--repo", repo, "--encrypt", "--chunk-id", chunk_id).code == 0
     marker = json.loads((repo / "vmsnap-repo.json").read_text())
+    # sealed whatever the chunk id hash: format 4, naming the hash where it is not sha256 (as format 3 does)
     assert marker["format"] == 4 and marker["encryption"]["metadata"] == "sealed-1"
+    assert marker.get("chunk_id", "sha256") == chunk_id
     secret_file = tmp_path / "secret.bin"
     secret_file.write_bytes((SECRET + b"\n") * (MIB // (len(SECRET) + 1)) + bytes(MIB % (len(SECRET) + 1)))
     write(vm, DISKS[0], f"write -s {secret_file} 0 1M", "write -P 0x11 8M 3M")
