@@ -2,7 +2,8 @@
 backed up with names and data the test chooses, then every stored key and byte searched for them; sealed
 objects swapped, moved and truncated are refused with one line; an encrypted repository made by vmsnap
 56a13a1 (format 2, plain metadata) is listed, restored, backed up into, pruned, collected and copied both
-ways by this vmsnap."""
+ways by this vmsnap, and one of format 3 (BLAKE3 ids, plain metadata) backed up into, restored and copied
+into a sealed one."""
 
 from __future__ import annotations
 
@@ -321,3 +322,30 @@ def _restore_with_key(
     assert result.code == 0, result.err
     (restored,) = out.glob("*.qcow2")
     assert same_content(restored, expected), backup_id
+
+
+def test_an_encrypted_repository_of_format_3_keeps_its_plain_metadata(tmp_path: Path) -> None:
+    """Encrypted with BLAKE3 ids and plain metadata: format 3, what vmsnap made between BLAKE3 ids and sealed
+    metadata (its marker written here as that vmsnap wrote it, into a repository holding nothing else yet)."""
+    repo, key = tmp_path / "repo3", tmp_path / "repo3.key"
+    Repository.init(repo, encrypt=True, key_file=key)
+    assert [p.name for p in repo.iterdir()] == ["vmsnap-repo.json"]
+    marker = json.loads(marker_bytes(repo))
+    assert marker["encryption"].pop("metadata") == "sealed-1"
+    marker["format"] = 3
+    assert (marker["chunk_id"], marker["encryption"]["chunk_id"]) == ("blake3", "blake3-keyed")
+    (repo / "vmsnap-repo.json").write_text(json.dumps(marker))
+    opened = Repository.open(repo, key_file=key)
+    assert isinstance(opened, ChunksRepository) and not isinstance(opened.store, SealedStore)
+    ids, contents = _image_backups(tmp_path, repo, key, 2)
+    assert all((repo / "vms" / "disk0" / backup_id / "manifest.json").is_file() for backup_id in ids)
+    for backup_id, content in zip(ids, contents, strict=True):
+        _restore_with_key(repo, key, backup_id, tmp_path / f"r-{backup_id}", content, vm="disk0")
+    assert Repository.open(repo, key_file=key).verify().ok
+    assert json.loads(marker_bytes(repo)) == marker
+    # copied into a sealed repository: its keys name nothing there
+    sealed = tmp_path / "sealed"
+    Repository.init(sealed, encrypt=True, key_file=key)
+    copy_backups(Repository.open(repo, key_file=key), Repository.open(sealed, key_file=key))
+    assert not (sealed / "vms").exists() and (sealed / "v").is_dir()
+    _restore_with_key(sealed, key, ids[1], tmp_path / "r-sealed", contents[1], vm="disk0")
