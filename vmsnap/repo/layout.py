@@ -227,6 +227,8 @@ class RepositoryLayout(abc.ABC):
         """
         if marker.lock is not None and not cls.locks:
             raise ValueError(f"a lock ({marker.lock.describe()}), which the {cls.name} layout cannot keep")
+        if marker.sealed and not cls.encrypts:
+            raise ValueError(f"sealed metadata in the {cls.name} layout, which cannot be encrypted")
         if marker.chunk_id is not None and not cls.chunk_ids:
             raise ValueError(f"chunk id {marker.chunk_id!r} in a {cls.name} repository")
         if cls.chunk_size is None:

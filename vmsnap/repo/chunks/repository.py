@@ -61,6 +61,7 @@ from vmsnap.repo.chunks.records import (
     is_tombstone,
     manifest_key,
     needs_full_key,
+    needs_full_reason,
     split_backup_key,
     tombstone_reason,
     vm_prefix,
@@ -68,6 +69,7 @@ from vmsnap.repo.chunks.records import (
 )
 from vmsnap.repo.chunks.restore import restore_backup
 from vmsnap.repo.chunks.retain import lock_store, locked_backups
+from vmsnap.repo.chunks.sealed import SealedStore
 from vmsnap.repo.chunks.writer import ChunksWriter
 from vmsnap.repo.layout import RepositoryLayout, RestoreFormat, VerifyReader, disk_filter
 from vmsnap.repo.manifest import MANIFEST, Damaged, Manifest, next_backup_id, utc_now_iso
@@ -124,14 +126,15 @@ class ChunksRepository(ChunkIdRules):
         lease_seconds: float = LEASE_SECONDS,
         workers: int = DEFAULT_WORKERS,
     ) -> None:
-        self._store, self.chunk_locks = lock_store(store, marker)  # a locked repository's puts lock
+        store, self.chunk_locks = lock_store(store, marker)  # a locked repository's puts lock
+        self._store: Store = SealedStore(store, lambda: self.key) if marker.sealed else store  # never both
         self.marker = marker
         self._key = key
         self._key_file = key_file
         self._key_problem = key_problem
         self.runner: Runner = runner if runner is not None else LocalRunner()
         self._state = RepositoryState(marker.id, state_root)
-        self.leases = Leases(store, ttl=lease_seconds)
+        self.leases = Leases(self._store, ttl=lease_seconds)
         # a store whose requests wait on a network (S3) says how many chunks to keep in flight
         self._workers = max(workers, store.capabilities.transfer_threads)
         self._held: dict[str, Lease] = {}
@@ -480,14 +483,7 @@ class ChunksRepository(ChunkIdRules):
         self._store.put(needs_full_key(vm), data)
 
     def full_required(self, vm: str) -> str | None:
-        try:
-            raw = self._store.get(needs_full_key(vm))
-        except NotFoundError:
-            return None
-        try:
-            return str(json.loads(raw).get("reason", "a dead run"))
-        except (ValueError, AttributeError):
-            return "the marker object is damaged"
+        return needs_full_reason(self._store, vm)
 
     def clear_full_required(self, vm: str) -> None:
         self._store.delete(needs_full_key(vm))
