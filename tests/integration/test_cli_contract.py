@@ -1,7 +1,7 @@
 """The CLI's promises in README.md ("Every command takes --json (exactly one JSON object on stdout) and
 --debug; exit status 0 on success, 2 on a usage error, 1 otherwise, with one line saying what failed and what
 to do"), checked for every command: through :func:`vmsnap.cli.main` in this process with file descriptors 1
-and 2 captured where a test goes through every command (one interpreter start-up each cost ~25 CPU seconds
+and 2 captured where a test goes through every command (one interpreter start-up each cost ~13 CPU seconds
 per test), and as a user runs it, a separate ``vmsnap`` process, for a command of each kind and everywhere
 else; real repositories, a real QEMU and the lab guest's real qemu-ga."""
 
