@@ -5,10 +5,11 @@ children it reaped, for set-up, call and tear-down apart; off unless asked for.
     .venv/bin/python -m tests.cputime /tmp/times.jsonl        # the top 40 by CPU and by wall time
 
 Each worker appends one JSON line per test and phase to the file (appends of one short line are atomic).
-CPU time of a child counts only once the child is reaped (``RUSAGE_CHILDREN``): a daemon started by a
-session fixture (SeaweedFS, the lab guest's QEMU) is counted in the set-up phase of the test whose set-up
-stops it, or not at all if it outlives the worker, so a machine loaded by others inflates wall times, not
-CPU times. That is why both are recorded: rank by CPU to find work, by wall to find waiting.
+"children" is the CPU of the worker's descendants: those reaped during the phase (``RUSAGE_CHILDREN``)
+plus what the live ones (a session's SeaweedFS, the lab guest's QEMU) used during it, read from
+``/proc/PID/stat`` (a grandchild reaped by a child that is still running is counted when that child is
+reaped). A machine loaded by others inflates wall times, much less CPU times: rank by CPU to find work, by
+wall to find waiting.
 tests/conftest.py loads this plugin; without ``VMSNAP_TEST_TIMES`` its hooks do nothing.
 """
 
@@ -25,10 +26,38 @@ from pathlib import Path
 
 import pytest
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _descendants_cpu() -> float:
+    """CPU seconds used so far by the live descendants of this process (``/proc/PID/stat``)."""
+    children: dict[int, list[int]] = defaultdict(list)
+    used: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        pid = int(entry.name)
+        children[int(fields[1])].append(pid)  # fields[0] is field 3 (state), fields[1] the parent
+        used[pid] = (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+    total, todo = 0.0, list(children[os.getpid()])
+    while todo:
+        pid = todo.pop()
+        total += used.get(pid, 0.0)
+        todo += children[pid]
+    return total
+
 
 def _cpu() -> tuple[float, float]:
+    """(this process's CPU, its children's): the reaped ones (``RUSAGE_CHILDREN``) and the live ones, so
+    that a daemon started before a test (the lab guest's QEMU) is counted for the CPU it used during it, and
+    one reaped during it for its whole life less what it had used before."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime + _descendants_cpu()
 
 
 def _record(item: pytest.Item, phase: str, wall: float, own: float, children: float) -> None:
