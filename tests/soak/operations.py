@@ -33,9 +33,12 @@ def _other(soak: Soak, repo: Repo) -> Repo:
 
 
 def _expected(outcome: Outcome, repo_involved: bool, restarted: bool, busy: bool = False) -> bool:
-    """Whether a command's failure is explained by what the soak did to it."""
+    """Whether a command's failure is explained by what the soak did to it (one that breaks the CLI's
+    contract never is)."""
     if outcome.ok:
         return True
+    if not outcome.killed and contract_broken(outcome):
+        return False
     if outcome.killed:
         return True
     if restarted and repo_involved:
@@ -43,12 +46,32 @@ def _expected(outcome: Outcome, repo_involved: bool, restarted: bool, busy: bool
     return busy and any(text in outcome.err for text in BUSY)
 
 
+def contract_broken(outcome: Outcome) -> str | None:
+    """How a failed command broke the CLI's contract (exit status 1, one ``vmsnap: error:`` line last, no
+    traceback, one JSON object on stdout), or None."""
+    if outcome.code != 1:
+        return f"exit status {outcome.code}"
+    if "Traceback" in outcome.err:
+        return "a traceback on stderr"
+    last = (outcome.err.strip().splitlines() or [""])[-1]
+    if not last.startswith("vmsnap: error:"):
+        return f"its last line is not an error line: {last!r}"
+    try:
+        json.loads(outcome.out)
+    except ValueError:
+        return f"stdout is not one JSON object: {outcome.out[:200]!r}"
+    return None
+
+
 def _describe(outcome: Outcome) -> str:
     if outcome.ok:
         return f"ok {outcome.seconds:.1f} s"
     if outcome.killed:
         return f"KILLED after {outcome.seconds:.1f} s"
-    return f"failed ({outcome.code}) after {outcome.seconds:.1f} s: {outcome.error_line}"
+    broken = contract_broken(outcome)
+    return f"failed ({outcome.code}) after {outcome.seconds:.1f} s: {outcome.error_line}" + (
+        f" [CLI contract broken: {broken}]" if broken else ""
+    )
 
 
 # ------------------------------------------------------------------------------------------------ backup
@@ -64,8 +87,8 @@ def backup(soak: Soak) -> None:
         if not other.pending_recover:
             break
         recover(soak, other, kill=attempt < 2)
-    strategy = rng.choices(("backup", "external", "internal"), (70, 15, 15))[0]
-    incremental = strategy == "backup" and rng.random() < 0.7
+    strategy = rng.choices(("backup", "external", "internal"), (76, 12, 12))[0]
+    incremental = strategy == "backup" and rng.random() < 0.8
     content = soak.disks.content()
     argv = ["backup", "--repo", repo.location, "--qmp", str(soak.vm.qmp_socket), "--strategy", strategy]
     argv += ["--bitmap", repo.bitmap, *repo.key_args(), "--json"]
@@ -87,11 +110,14 @@ def backup(soak: Soak) -> None:
     gc_outcome = soak.finish("gc", gc_command, None) if gc_command is not None else None
     restarted = soak.restarted()
     mode = f"{strategy}{' incremental' if incremental else ''}"
-    soak.say(f"#{soak.sequence} backup {repo.name} {mode}: {_describe(outcome)}")
+    soak.say(f"{outcome.number} backup {repo.name} {mode}: {_describe(outcome)}")
     if gc_outcome is not None:
-        soak.say(f"   gc {repo.name} beside it (--wait {gc_wait}): {_describe(gc_outcome)}")
+        soak.say(
+            f"   gc {repo.name} beside it (--wait {gc_wait}): "
+            f"{_describe(gc_outcome)}{_freed(soak, gc_outcome)}"
+        )
         if not _expected(gc_outcome, repo.name == "s3", restarted, busy=True):
-            soak.problem(f"gc beside a backup of {repo.name} failed: {gc_outcome.error_line}")
+            soak.problem(f"gc beside a backup of {repo.name} failed: {_describe(gc_outcome)}")
         elif not gc_outcome.ok and not gc_outcome.killed:
             soak.stats.notes["gc refused beside a backup"] += 1
     if outcome.ok:
@@ -107,7 +133,7 @@ def backup(soak: Soak) -> None:
         return
     repo.pending_recover = True
     if not _expected(outcome, repo.name == "s3", restarted, busy=beside):
-        soak.problem(f"backup into {repo.name} ({mode}) failed: {outcome.error_line}")
+        soak.problem(f"backup into {repo.name} ({mode}) failed: {_describe(outcome)}")
     elif not outcome.killed and beside:
         soak.stats.notes["backup refused beside a gc"] += 1
     adopted = soak.reconcile(repo, "a backup that did not finish", may_appear_one=content)
@@ -138,14 +164,14 @@ def recover(soak: Soak, repo: Repo | None = None, *, kill: bool = True) -> None:
     if outcome.ok:
         done = outcome.json().get("actions", [])
         actions = f" ({len(done)} action(s))" if done else " (clean)"
-    soak.say(f"#{soak.sequence} recover {repo.name}: {_describe(outcome)}{actions}")
+    soak.say(f"{outcome.number} recover {repo.name}: {_describe(outcome)}{actions}")
     if outcome.ok:
         repo.pending_recover = False
         soak.reconcile(repo, "recover")
         soak.check_vm(f"after recover of {repo.name}")
         return
     if not _expected(outcome, repo.name == "s3", restarted):
-        soak.problem(f"recover of {repo.name} failed: {outcome.error_line}")
+        soak.problem(f"recover of {repo.name} failed: {_describe(outcome)}")
     soak.reconcile(repo, "a recover that did not finish")
 
 
@@ -174,7 +200,7 @@ def prune(soak: Soak) -> None:
     base = ["prune", "--repo", repo.location, "--vm", VM_NAME, *policy, *repo.key_args(), "--json"]
     dry = soak.run_plain("prune", [*base, "--dry-run"])
     if not dry.ok:
-        soak.problem(f"prune --dry-run of {repo.name} failed: {dry.error_line}")
+        soak.problem(f"prune --dry-run of {repo.name} failed: {_describe(dry)}")
         return
     candidates = [str(b) for b in dry.json()["pruned"][0]["removed"]]
     if policy[0] == "--keep-last" and len(policy) == 2:
@@ -191,7 +217,7 @@ def prune(soak: Soak) -> None:
     outcome = soak.finish("prune", command, timer)
     restarted = soak.restarted()
     soak.say(
-        f"#{soak.sequence} prune {repo.name} {' '.join(policy)} ({len(candidates)} to go): "
+        f"{outcome.number} prune {repo.name} {' '.join(policy)} ({len(candidates)} to go): "
         f"{_describe(outcome)}"
     )
     if outcome.ok:
@@ -201,7 +227,7 @@ def prune(soak: Soak) -> None:
         soak.reconcile(repo, "prune", must_vanish=removed, may_vanish=candidates)
         return
     if not _expected(outcome, repo.name == "s3", restarted):
-        soak.problem(f"prune of {repo.name} failed: {outcome.error_line}")
+        soak.problem(f"prune of {repo.name} failed: {_describe(outcome)}")
     before = set(repo.model.backups)
     soak.reconcile(repo, "a prune that did not finish", may_vanish=candidates)
     if repo.name == "s3":
@@ -223,17 +249,25 @@ def gc(soak: Soak) -> None:
     timer = soak.plan_kill("gc", command)
     outcome = soak.finish("gc", command, timer)
     restarted = soak.restarted()
-    freed = ""
-    if outcome.ok:
-        data = outcome.json()
-        freed = f" (freed {data.get('chunks_freed')} chunk(s), {data.get('chunks_kept')} kept)"
+    freed = _freed(soak, outcome, dry_run="--dry-run" in argv)
     soak.say(
-        f"#{soak.sequence} gc {repo.name}{' --dry-run' if '--dry-run' in argv else ''}: "
+        f"{outcome.number} gc {repo.name}{' --dry-run' if '--dry-run' in argv else ''}: "
         f"{_describe(outcome)}{freed}"
     )
     if not _expected(outcome, repo.name == "s3", restarted):
-        soak.problem(f"gc of {repo.name} failed: {outcome.error_line}")
+        soak.problem(f"gc of {repo.name} failed: {_describe(outcome)}")
     soak.reconcile(repo, "gc")
+
+
+def _freed(soak: Soak, outcome: Outcome, *, dry_run: bool = False) -> str:
+    if not outcome.ok:
+        return ""
+    data = outcome.json()
+    if not dry_run:
+        soak.stats.notes["chunks freed by gc"] += int(data.get("chunks_freed") or 0)
+        soak.stats.notes["partial backups removed by gc"] += len(data.get("partial_backups") or [])
+    verb = "would free" if dry_run else "freed"
+    return f" ({verb} {data.get('chunks_freed')} chunk(s), {data.get('chunks_kept')} kept)"
 
 
 # ------------------------------------------------------------------------------------------------ copy
@@ -264,14 +298,14 @@ def copy(soak: Soak) -> None:
     if outcome.ok:
         copied = [str(b["backup_id"]) for b in outcome.json()["backups"] if b.get("copied")]
     soak.say(
-        f"#{soak.sequence} copy {source.name} -> {target.name}{' one backup' if one else ''}: "
+        f"{outcome.number} copy {source.name} -> {target.name}{' one backup' if one else ''}: "
         f"{_describe(outcome)}{f' ({len(copied)} copied)' if outcome.ok else ''}"
     )
     for backup_id in copied:
         if backup_id not in offered:
             soak.problem(f"copy {source.name} -> {target.name} copied {backup_id}, which the source lacks")
     if not _expected(outcome, True, restarted):
-        soak.problem(f"copy {source.name} -> {target.name} failed: {outcome.error_line}")
+        soak.problem(f"copy {source.name} -> {target.name} failed: {_describe(outcome)}")
     soak.reconcile(source, "copy (its source)")
     soak.reconcile(target, "copy", new=offered, must_appear=copied)
     if not outcome.ok and target.name == "s3":  # its last manifest put may still land
@@ -309,7 +343,7 @@ def verify(soak: Soak) -> None:
     timer = soak.plan_kill("verify", command)
     outcome = soak.finish("verify", command, timer)
     restarted = soak.restarted()
-    soak.say(f"#{soak.sequence} verify {repo.name} {' '.join(argv[5:-1]) or '(all)'}: {_describe(outcome)}")
+    soak.say(f"{outcome.number} verify {repo.name} {' '.join(argv[5:-1]) or '(all)'}: {_describe(outcome)}")
     if not outcome.ok and not outcome.killed:
         reported = _reported_problems(outcome)
         if reported or not _expected(outcome, repo.name == "s3", restarted):
@@ -357,7 +391,6 @@ def restore_and_compare(
     if final:
         outcome = soak.run_plain("restore", argv)
         restarted = False
-        soak.stats.operations["restore (final)"] += 1
     else:
         soak.plan_restart("restore")
         command = soak.start("restore", argv)
@@ -368,9 +401,9 @@ def restore_and_compare(
     exact, compared = True, 0
     try:
         if not outcome.ok:
-            soak.say(f"#{soak.sequence} restore {repo.name} {what}: {_describe(outcome)}")
+            soak.say(f"{outcome.number} restore {repo.name} {what}: {_describe(outcome)}")
             if not _expected(outcome, repo.name == "s3", restarted):
-                soak.problem(f"restore of {repo.name} {backup_id} failed: {outcome.error_line}")
+                soak.problem(f"restore of {repo.name} {backup_id} failed: {_describe(outcome)}")
             return False, 0
         restored = {str(d["name"]): Path(d["file"]) for d in outcome.json()["disks"]}
         wanted = [disk] if disk is not None else sorted(soak.disks.specs)
@@ -392,7 +425,7 @@ def restore_and_compare(
                 repo.model.unchecked.remove(backup_id)
         if not final or not exact:
             soak.say(
-                f"#{soak.sequence} restore {repo.name} {what}: {_describe(outcome)}, "
+                f"{outcome.number} restore {repo.name} {what}: {_describe(outcome)}, "
                 + ("exact" if exact else "DIFFERS")
             )
         return exact, compared

@@ -206,7 +206,7 @@ class Soak:
         """Maybe ``kill -9`` ``command`` after a random part of how long ``kind`` usually takes."""
         if self.rng.random() >= probability:
             return None
-        delay = self.rng.uniform(0.0, 1.2 * self.durations[kind])
+        delay = self.rng.uniform(0.2, 1.1) * self.durations[kind]
         timer = threading.Timer(delay, command.kill)
         timer.daemon = True
         timer.start()

@@ -258,6 +258,12 @@ class Outcome:
     err: str
     seconds: float
     killed: bool
+    label: str = ""
+    """The command's log files are ``logs/LABEL.out`` and ``.err``."""
+
+    @property
+    def number(self) -> str:
+        return "#" + self.label.split("-")[0].lstrip("0")
 
     @property
     def ok(self) -> bool:
@@ -317,6 +323,7 @@ class Command:
             self._err.read_text(errors="replace"),
             time.monotonic() - self.started,
             self.killed and code == -signal.SIGKILL,
+            self.label,
         )
 
 
@@ -346,7 +353,7 @@ def _ancestors() -> set[int]:
     while pid > 1 and pid not in found:
         found.add(pid)
         try:
-            pid = int((Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]))
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             break
     return found
