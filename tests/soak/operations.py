@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -363,8 +364,8 @@ def _reported_problems(outcome: Outcome) -> bool:
 
 
 def restore(soak: Soak) -> None:
-    """A restore (maybe killed) of a backup not yet restored since it was adopted, else of a random one,
-    compared with what the disks held when it was taken."""
+    """A restore (maybe killed) of a backup not yet restored since it was adopted, else of a random one, as
+    raw or qcow2 images, compared with what the disks held when it was taken."""
     rng = soak.rng
     candidates = [r for r in soak.repos.values() if r.model.backups]
     if not candidates:
@@ -374,18 +375,20 @@ def restore(soak: Soak) -> None:
     unchecked = repo.model.unchecked
     backup_id = unchecked[0] if unchecked else rng.choice(sorted(repo.model.backups))
     disk = rng.choice([None, None, None, *sorted(soak.disks.specs)])
-    restore_and_compare(soak, repo, backup_id, disk=disk)
+    fmt = rng.choice(("raw", "raw", "qcow2"))
+    restore_and_compare(soak, repo, backup_id, disk=disk, fmt=fmt)
 
 
 def restore_and_compare(
-    soak: Soak, repo: Repo, backup_id: str, *, disk: str | None = None, final: bool = False
+    soak: Soak, repo: Repo, backup_id: str, *, disk: str | None = None, fmt: str = "raw", final: bool = False
 ) -> tuple[bool, int]:
-    """Restore ``backup_id`` (``disk`` only, or all) as raw images and compare each with the model; returns
-    (every disk exact, bytes compared). The final restores are never killed or disturbed."""
+    """Restore ``backup_id`` (``disk`` only, or all) as ``fmt`` images and compare each with the model;
+    returns (every disk exact, bytes compared). The final restores are never killed or disturbed. A killed
+    restore may leave only complete images under their own names."""
     content = repo.model.backups[backup_id]
     out = soak.scratch / f"restore-{soak.sequence + 1}"
     argv = ["restore", "--repo", repo.location, "--vm", VM_NAME, "--backup", backup_id, "--to", str(out)]
-    argv += ["--format", "raw", *repo.key_args(), "--json"]
+    argv += ["--format", fmt, *repo.key_args(), "--json"]
     if disk is not None:
         argv += ["--disk", disk]
     if final:
@@ -397,26 +400,25 @@ def restore_and_compare(
         timer = soak.plan_kill("restore", command)
         outcome = soak.finish("restore", command, timer)
         restarted = soak.restarted()
-    what = f"{backup_id}{f' {disk}' if disk else ''}"
-    exact, compared = True, 0
+    what = f"{backup_id}{f' {disk}' if disk else ''} ({fmt})"
     try:
         if not outcome.ok:
             soak.say(f"{outcome.number} restore {repo.name} {what}: {_describe(outcome)}")
             if not _expected(outcome, repo.name == "s3", restarted):
                 soak.problem(f"restore of {repo.name} {backup_id} failed: {_describe(outcome)}")
+            _left_by_a_dead_restore(soak, repo, backup_id, content, out, fmt, killed=outcome.killed)
             return False, 0
         restored = {str(d["name"]): Path(d["file"]) for d in outcome.json()["disks"]}
         wanted = [disk] if disk is not None else sorted(soak.disks.specs)
         if sorted(restored) != sorted(wanted):
             soak.problem(f"restore of {repo.name} {backup_id} gave disks {sorted(restored)}, not {wanted}")
             return False, 0
+        exact, compared = True, 0
         for name in wanted:
-            digest = sha256_file(restored[name])
-            if digest == content.sha256[name]:
+            if _same(soak, repo, backup_id, name, content, restored[name], fmt):
                 compared += soak.disks.specs[name].size
             else:
                 exact = False
-                _mismatch(soak, repo, backup_id, name, content, restored[name])
         if exact:
             soak.stats.restores_compared += 0 if final else 1
             soak.stats.bytes_compared += 0 if final else compared
@@ -431,6 +433,39 @@ def restore_and_compare(
         return exact, compared
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def _same(soak: Soak, repo: Repo, backup_id: str, disk: str, content: Content, image: Path, fmt: str) -> bool:
+    """Whether a restored image holds what the disk held at the backup's instant (a mismatch is reported)."""
+    raw = image
+    if fmt == "qcow2":
+        raw = image.with_suffix(".converted.raw")
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw)], check=True)
+    if sha256_file(raw) == content.sha256[disk]:
+        return True
+    _mismatch(soak, repo, backup_id, disk, content, raw)
+    return False
+
+
+def _left_by_a_dead_restore(
+    soak: Soak, repo: Repo, backup_id: str, content: Content, out: Path, fmt: str, *, killed: bool
+) -> None:
+    """What a restore that did not finish left in its target: images under their own names must be complete
+    (they appear only then); temporary ones are counted."""
+    if not out.is_dir():
+        return
+    for path in sorted(out.iterdir()):
+        if path.name.startswith("."):
+            how = "killed" if killed else "failed"
+            soak.stats.notes[f"temporary files left by a {how} restore"] += 1
+            continue
+        disk = path.name.rsplit(".", 1)[0]
+        if disk in soak.disks.specs and path.suffix == f".{fmt}":
+            soak.stats.notes["complete images left by a restore that did not finish"] += 1
+            if not _same(soak, repo, backup_id, disk, content, path, fmt):
+                soak.problem(
+                    f"a restore of {repo.name} {backup_id} that did not finish left {path} incomplete"
+                )
 
 
 def _mismatch(soak: Soak, repo: Repo, backup_id: str, disk: str, content: Content, restored: Path) -> None:
