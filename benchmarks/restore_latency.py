@@ -4,11 +4,13 @@ for a 2 GiB and a 32 GiB disk that hold the same data (sparse: same files, more 
 
 Run as root on a host with QEMU, qemu-storage-daemon, FUSE and loop devices::
 
-    .venv/bin/python benchmarks/restore_latency.py [--data-mib 256] [--sizes 2,32] [--runs 3] [--json FILE]
+    .venv/bin/python benchmarks/restore_latency.py [--set DATA_MIB:SIZES:RUNS ...] [--layout chunks|qcow2]
 
-Per size it builds a plain ext4 disk image with ``--data-mib`` MiB of random files, backs it up with
-``vmsnap backup --image`` (into a fresh ``qcow2``-layout repository), then measures (medians of ``--runs``),
-every step a ``vmsnap`` process as a user runs it (``VMSNAP_RUN_DIR`` private to the run):
+Each ``--set`` (default ``256:2,32:3`` and ``1024:2:1``: 256 MiB of files on a 2 GiB and a 32 GiB disk, 3
+runs each; 1 GiB on a 2 GiB disk, one run) builds, per disk size in GiB, a plain ext4 disk image with that
+many MiB of random files, backs it up with ``vmsnap backup --image`` into a fresh repository of ``--layout``
+(``vmsnap init``), then measures (medians of its runs), every step a ``vmsnap`` process as a user runs it
+(``VMSNAP_RUN_DIR`` private to the run):
 
 - ``mount → first read``: ``vmsnap mount`` until one file's bytes are read back;
 - ``full restore → first read``: ``vmsnap restore`` (convert, read back, checksum), then the restored image
@@ -22,6 +24,9 @@ every step a ``vmsnap`` process as a user runs it (``VMSNAP_RUN_DIR`` private to
 
 The lab guest boots under TCG unless KVM is hardware-backed, so its boot time dominates both agent
 numbers; the difference between them is what the restore costs before the VM can start.
+
+It writes ``benchmarks/results/restore-latency.json`` and ``restore-latency.md`` whole (``--out DIR``
+elsewhere): the command line, the host, every set's medians and the table.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import argparse
 import hashlib
 import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -42,7 +48,7 @@ from typing import Any
 
 from vmsnap.lab.guest import LabGuest
 from vmsnap.lab.image import build_lab_image
-from vmsnap.lab.qemu import DriveSpec
+from vmsnap.lab.qemu import DriveSpec, choose_accel
 from vmsnap.restore.mount import mount, umount
 from vmsnap.restore.source import ImageSource
 
@@ -101,11 +107,12 @@ def timed(action: Callable[[], None]) -> float:
     return time.monotonic() - started
 
 
-def measure(size_gib: int, data_mib: int, runs: int, work: Path) -> dict[str, float]:
+def measure(size_gib: int, data_mib: int, runs: int, work: Path, layout: str) -> dict[str, float]:
     disk = work / "data.qcow2"
     build_disk(disk, size_gib, data_mib)
     repo = work / "repo"
     run_root = Path(tempfile.mkdtemp(prefix="bl-", dir="/tmp"))
+    vmsnap("init", "--repo", repo, "--layout", layout, run_dir=run_root)
     backup_id = vmsnap("backup", "--repo", repo, "--image", disk, "--name", "bench", run_dir=run_root)[
         "backup_id"
     ]
@@ -158,34 +165,78 @@ def measure(size_gib: int, data_mib: int, runs: int, work: Path) -> dict[str, fl
     return {key: statistics.median(values) for key, values in results.items()}
 
 
+COLUMNS = (
+    ("mount", "mount → first file read"),
+    ("restore_read", "full restore → first file read"),
+    ("instant", "instant → agent answers"),
+    ("restore_boot", "full restore → agent answers"),
+    ("stream", "stream (reference)"),
+)
+
+
+def parse_set(text: str) -> tuple[int, list[int], int]:
+    """``DATA_MIB:SIZES:RUNS`` (``256:2,32:3``) → (256, [2, 32], 3)."""
+    try:
+        data, sizes, runs = text.split(":")
+        return int(data), [int(size) for size in sizes.split(",")], int(runs)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not DATA_MIB:SIZES:RUNS, e.g. 256:2,32:3") from None
+
+
+def markdown(document: dict[str, Any]) -> str:
+    """The results as the Markdown table docs/restore.md quotes."""
+    lines = [
+        "# How long until a backup is useful again",
+        "",
+        f"`{document['command']}` on {document['host']} (load average {document['load']}), "
+        f"{document['when']}; a {document['layout']} repository; medians, in seconds.",
+        "",
+        "| data on the disk | disk | runs | " + " | ".join(title for _, title in COLUMNS) + " |",
+        "|---|---|---|" + "---|" * len(COLUMNS),
+    ]
+    for entry in document["seconds"]:
+        data = f"{entry['data_mib']} MiB" if entry["data_mib"] < 1024 else f"{entry['data_mib'] // 1024} GiB"
+        for size, row in entry["results"].items():
+            cells = " | ".join(f"{row[key]:.2f}" for key, _ in COLUMNS)
+            lines.append(f"| {data} | {size} GiB | {entry['runs']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-mib", type=int, default=256)
-    parser.add_argument("--sizes", default="2,32", help="disk sizes in GiB, comma-separated")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        type=parse_set,
+        action="append",
+        metavar="DATA_MIB:SIZES:RUNS",
+        help="MiB of files, disk sizes in GiB, runs (repeat; default 256:2,32:3 and 1024:2:1)",
+    )
+    parser.add_argument("--layout", choices=("chunks", "qcow2"), default="chunks")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the benchmark mounts loop devices")
-    table = {}
-    for size in (int(s) for s in args.sizes.split(",")):
-        with tempfile.TemporaryDirectory(prefix="restore-latency-", dir="/var/tmp") as work:
-            table[size] = measure(size, args.data_mib, args.runs, Path(work))
-    print(f"data: {args.data_mib} MiB of files; medians of {args.runs} runs; seconds\n")
-    print(
-        "| disk | mount → first read | full restore → first read | instant → agent | full restore → agent "
-        "| stream |"
-    )
-    print("|---|---|---|---|---|---|")
-    for size, row in table.items():
-        print(
-            f"| {size} GiB | {row['mount']:.2f} | {row['restore_read']:.2f} | {row['instant']:.2f} | "
-            f"{row['restore_boot']:.2f} | {row['stream']:.2f} |"
-        )
-    if args.json:
-        args.json.write_text(
-            json.dumps({"data_mib": args.data_mib, "runs": args.runs, "results": table}, indent=1)
-        )
+    sets = args.sets or [parse_set("256:2,32:3"), parse_set("1024:2:1")]
+    accel = choose_accel(booting_guest=True).upper()
+    document: dict[str, Any] = {
+        "command": " ".join(["benchmarks/restore_latency.py", *sys.argv[1:]]),
+        "host": f"{os.cpu_count()} cores, {platform.machine()}, the lab guest under {accel}",
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load": round(os.getloadavg()[0], 1),
+        "layout": args.layout,
+        "seconds": [],
+    }
+    for data_mib, sizes, runs in sets:
+        table = {}
+        for size in sizes:
+            with tempfile.TemporaryDirectory(prefix="restore-latency-", dir="/var/tmp") as work:
+                table[str(size)] = measure(size, data_mib, runs, Path(work), args.layout)
+        document["seconds"].append({"data_mib": data_mib, "runs": runs, "results": table})
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "restore-latency.json").write_text(json.dumps(document, indent=1) + "\n")
+    (args.out / "restore-latency.md").write_text(markdown(document))
+    print(markdown(document))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Nothing here does I/O; these are the nouns the rest of vmsnap passes around.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +35,18 @@ def validate_name(name: str, what: str = "name") -> str:
             hint="use letters, digits, '.', '_', '+' and '-' (at most 128, not starting with '.' or '-')",
         )
     return name
+
+
+def validate_seconds(seconds: float, what: str, *, zero: bool = True) -> float:
+    """Check that ``seconds`` is a finite duration (0 or more; above 0 unless ``zero``): ``inf`` would
+    overflow a socket's timeout, and ``nan`` compares false with every deadline.
+
+    :raise UsageError: when it is not
+    """
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero):
+        least = "0 or more" if zero else "above 0"
+        raise UsageError(f"{what} {seconds!r} is not a finite number of seconds, {least}")
+    return seconds
 
 
 ImageFormat = Literal["qcow2", "raw"]

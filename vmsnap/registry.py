@@ -7,6 +7,7 @@ dependency is missing breaks nobody else; a typo gets the list of names that exi
 from __future__ import annotations
 
 import difflib
+import typing
 from importlib.metadata import EntryPoint, entry_points
 
 from vmsnap.errors import PluginError
@@ -56,3 +57,11 @@ def load(group: str, name: str) -> object:
             f"{kind} {name!r} cannot be loaded: {err}",
             hint=f"install the package that provides {missing!r} (see the README's optional extras)",
         ) from err
+
+
+if not typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
+        from vmsnap import moved
+
+        return moved.resolve(__name__, name)

@@ -7,9 +7,12 @@ argv list; the only place that quotes is :class:`SshRunner`, because ssh hands i
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import shlex
 import shutil
 import threading
+import typing
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -19,7 +22,30 @@ import sh
 
 from vmsnap.errors import CommandError, CommandTimeoutError, UsageError
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TIMEOUT = 3600.0
+
+SECRET_VARIABLES = frozenset(
+    {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_SECURITY_TOKEN",
+        "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+        "VMSNAP_KEY_FILE",
+    }
+)
+"""Variables no command vmsnap starts inherits: AWS credentials (the store reads them in vmsnap's own
+process; a child that needs them gets them another way, see :mod:`vmsnap.image.nbdkit`) and where the
+repository key is."""
+
+
+def child_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a command vmsnap starts: ``env`` (default: this process's) without
+    :data:`SECRET_VARIABLES`."""
+    source = os.environ if env is None else env
+    return {key: value for key, value in source.items() if key not in SECRET_VARIABLES}
 
 
 @attrs.frozen
@@ -91,13 +117,31 @@ def decode_output(data: bytes | str | None) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def _logged(err: CommandError) -> CommandError:
+    """``err``, after logging the command's whole output (``--debug``)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "exit %d: %s\n--- stdout ---\n%s\n--- stderr ---\n%s",
+            err.returncode,
+            shlex.join(err.argv),
+            err.stdout.rstrip(),
+            err.stderr.rstrip(),
+        )
+    return err
+
+
 def _failed(args: tuple[str, ...], err: Any) -> CommandError:
     return CommandError(args, err.exit_code, decode_output(err.stdout), decode_output(err.stderr))
 
 
 @attrs.define
 class LocalRunner:
-    """Runs commands on this host (through the ``sh`` package, argv lists only)."""
+    """Runs commands on this host (through the ``sh`` package, argv lists only).
+
+    :param env: the commands' environment (default: this process's); either way without
+        :data:`SECRET_VARIABLES` (:func:`child_environment`)
+    :param cwd: their working directory
+    """
 
     env: Mapping[str, str] | None = None
     cwd: Path | None = None
@@ -134,10 +178,10 @@ class LocalRunner:
         }
         if input is not None:
             kwargs["_in"] = input
-        if self.env is not None:
-            kwargs["_env"] = dict(self.env)
+        kwargs["_env"] = child_environment(self.env)
         if self.cwd is not None:
             kwargs["_cwd"] = str(self.cwd)
+        log.debug("run: %s", shlex.join(args))
         # sh's own timeouts poll every 0.1 s; a timer that kills the process costs nothing per command
         expired = threading.Event()
         try:
@@ -155,17 +199,20 @@ class LocalRunner:
                     timer.cancel()
         except sh.SignalException as err:  # killed: by our timer, or else reported as a shell would
             if expired.is_set():
+                log.debug("killed after %g s: %s", timeout or 0, args[0])
                 raise CommandTimeoutError(args, float(timeout or 0)) from err
-            raise CommandError(
-                args, err.exit_code, decode_output(err.stdout), decode_output(err.stderr)
+            raise _logged(
+                CommandError(args, err.exit_code, decode_output(err.stdout), decode_output(err.stderr))
             ) from err
         except sh.ErrorReturnCode as err:
-            raise CommandError(
-                args, err.exit_code, decode_output(err.stdout), decode_output(err.stderr)
+            raise _logged(
+                CommandError(args, err.exit_code, decode_output(err.stdout), decode_output(err.stderr))
             ) from err
-        return CommandResult(
+        result = CommandResult(
             args, int(done.exit_code), decode_output(done.stdout), decode_output(done.stderr), "local"
         )
+        log.debug("exit %d: %s", result.exit_code, args[0])
+        return result
 
     def which(self, name: str) -> str | None:
         return shutil.which(name)
@@ -245,3 +292,11 @@ class SshRunner:
         result = self.run(["sh", "-c", 'command -v -- "$1"', "sh", name], ok_codes=(0, 1, 127))
         path = result.stdout.strip()
         return path if result.exit_code == 0 and path else None
+
+
+if not typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
+        from vmsnap import moved
+
+        return moved.resolve(__name__, name)

@@ -7,7 +7,9 @@ These show which commands would run and how outputs are read; the integration te
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import attrs
 import pytest
@@ -15,10 +17,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.fakes import RecordingRunner
-from vmsnap.errors import NotFoundError, SnapshotError, UnsupportedError, UsageError
+from vmsnap.errors import CommandTimeoutError, NotFoundError, SnapshotError, UnsupportedError, UsageError
 from vmsnap.model import Disk
 from vmsnap.mounts import parse_mountinfo
-from vmsnap.runner import Runner
+from vmsnap.runner import CommandResult, Runner
 from vmsnap.strategies.btrfs import name_of_set, snapshot_set_id
 from vmsnap.strategies.btrfs_tool import btrfs_location
 from vmsnap.strategies.lvm import LvmSnapshotStrategy, cow_size, snapshot_lv_name
@@ -288,6 +290,41 @@ def test_a_failed_lvcreate_removes_the_snapshots_already_made() -> None:
     assert commands(runner, "lvm")[-1] == ("lvm", "lvremove", "-y", "vg0/raw.vmsnap.n2")
 
 
+def test_a_timed_out_lvcreate_that_made_its_snapshot_is_removed_too() -> None:
+    """The second lvcreate did its work and then ran past its timeout: both snapshots are removed."""
+    runner = TimingOutRunner(responses=lvm_runner().responses, prefix=("lvm", "lvcreate"), nth=2)
+    strategy = LvmSnapshotStrategy(FakeMachine(runner, [RAW, THIN]), snapshot_size="4M")
+    with pytest.raises(
+        SnapshotError, match=r"lvcreate of a snapshot of vg0/thin failed: lvm ran past"
+    ) as info:
+        strategy.create([RAW, THIN], name="late")
+    assert "nothing was left behind" in str(info.value)
+    removed = [c for c in commands(runner, "lvm") if c[1] == "lvremove"]
+    assert sorted(removed) == [
+        ("lvm", "lvremove", "-y", "vg0/raw.vmsnap.late"),
+        ("lvm", "lvremove", "-y", "vg0/thin.vmsnap.late"),
+    ]
+    assert strategy.last_pause_ms is None
+
+
+@attrs.define
+class TimingOutRunner(RecordingRunner):
+    """Records like its parent; the ``nth`` command starting with ``prefix`` runs (is recorded) and then
+    raises CommandTimeoutError, as a command killed by its timeout after it had done its work."""
+
+    prefix: tuple[str, ...] = ()
+    nth: int = 1
+    seen: int = 0
+
+    def run(self, argv: Sequence[str], **kwargs: Any) -> CommandResult:
+        result = super().run(argv, **kwargs)
+        if tuple(argv[: len(self.prefix)]) == self.prefix:
+            self.seen += 1
+            if self.seen == self.nth:
+                raise CommandTimeoutError(tuple(argv), 600, host=self.host)
+        return result
+
+
 def test_export_of_a_thin_file_snapshot_activates_mounts_and_cleans_up() -> None:
     runner = lvm_runner()
     strategy = LvmSnapshotStrategy(FakeMachine(runner, [IMAGE]))
@@ -299,7 +336,7 @@ def test_export_of_a_thin_file_snapshot_activates_mounts_and_cleans_up() -> None
     assert commands(runner, "lvm", "mount", "umount", "mktemp", "rmdir") == [
         ("lvm", "lvchange", "-ay", "-K", "vg0/thin.vmsnap.b"),
         ("mktemp", "-d", "-p", "/tmp", "vmsnap-lvm.XXXXXX"),
-        ("mount", "-o", "ro", "/dev/vg0/thin.vmsnap.b", "/tmp/vmsnap-lvm.abc123"),
+        ("mount", "-o", "ro,nodev,nosuid,noexec", "/dev/vg0/thin.vmsnap.b", "/tmp/vmsnap-lvm.abc123"),
         ("umount", "/tmp/vmsnap-lvm.abc123"),
         ("rmdir", "/tmp/vmsnap-lvm.abc123"),
         ("lvm", "lvchange", "-an", "vg0/thin.vmsnap.b"),

@@ -1,5 +1,7 @@
 """Backing up a VM: the run (plan → snapshot → export → seal) and the recovery of a run that died."""
 
+import typing
+
 from vmsnap.backup.config import BackupConfig, BackupResult, RecoveryError, RecoveryReport
 from vmsnap.backup.recover import recover
 from vmsnap.backup.run import DOMAIN_XML, Backup
@@ -13,3 +15,11 @@ __all__ = [
     "RecoveryReport",
     "recover",
 ]
+
+
+if not typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
+        from vmsnap import moved
+
+        return moved.resolve(__name__, name)

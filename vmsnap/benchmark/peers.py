@@ -16,6 +16,7 @@ import secrets
 import shutil
 import statistics
 import time
+import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -494,3 +495,11 @@ def run_peers(
         "ratios": peer_ratios(ours, peers.figures),
         "targets": dict(TARGETS),
     }
+
+
+if not typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
+        from vmsnap import moved
+
+        return moved.resolve(__name__, name)

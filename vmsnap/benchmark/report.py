@@ -304,6 +304,43 @@ def write_outputs(result: BenchResult, out: Path, traits: Mapping[str, Mapping[s
     return paths
 
 
+RATIO_ORDER = (
+    "full_backup_vs_convert",
+    "restore_vs_convert",
+    "incremental_seconds",
+    "qcow2_full_backup_vs_convert",
+    "qcow2_restore_vs_convert",
+    "qcow2_incremental_seconds",
+    "cp_vs_convert",
+    "clone_new_bytes_fraction",
+    "full_backup_vs_virtnbdbackup",
+    "incremental_vs_virtnbdbackup",
+    "restore_vs_virtnbdrestore",
+    "full_backup_vs_backup_begin_push",
+    "domain_full_backup_vs_convert",
+    "virtnbdbackup_full_vs_convert",
+    "backup_begin_push_vs_convert",
+)
+"""The order ratios are listed in (others follow, by name): the Markdown is the same whatever order the
+JSON holds them in, so it can be written again from throughput.json alone."""
+
+
+def _ratio_rows(ratios: Mapping[str, Any], targets: Mapping[str, Any]) -> list[list[str]]:
+    def place(name: str) -> tuple[int, str]:
+        return (RATIO_ORDER.index(name) if name in RATIO_ORDER else len(RATIO_ORDER), name)
+
+    return [[k, f"{ratios[k]:g}", str(targets.get(k, ""))] for k in sorted(ratios, key=place)]
+
+
+def _peer_step(name: str) -> int:
+    """Where a peer figure goes: start-up, full backups, incrementals, restores."""
+    if name.endswith("(start-up only)"):
+        return 0
+    if "restore" in name:
+        return 3
+    return 2 if "incremental" in name else 1
+
+
 def throughput_markdown(document: Mapping[str, Any]) -> str:
     """The throughput figures and ratios as Markdown."""
     rows = [
@@ -316,9 +353,7 @@ def throughput_markdown(document: Mapping[str, Any]) -> str:
         ]
         for f in document["figures"]
     ]
-    ratios = document["ratios"]
-    targets = document.get("targets", {})
-    ratio_rows = [[k, f"{v:g}", str(targets.get(k, ""))] for k, v in ratios.items()]
+    ratio_rows = _ratio_rows(document["ratios"], document.get("targets", {}))
     return "\n".join(
         [
             "# vmsnap backup throughput, measured side by side",
@@ -400,10 +435,9 @@ def _peers_markdown(peers: Mapping[str, Any]) -> list[str]:
             ", ".join(f"{v:g}" for v in f["runs"]),
             "yes" if f.get("verified") else "",
         ]
-        for name, f in figures.items()
+        for name, f in sorted(figures.items(), key=lambda item: _peer_step(item[0]))
     ]
-    targets = peers.get("targets") or {}
-    ratio_rows = [[k, f"{v:g}", str(targets.get(k, ""))] for k, v in (peers.get("ratios") or {}).items()]
+    ratio_rows = _ratio_rows(peers.get("ratios") or {}, peers.get("targets") or {})
     return [
         "## vmsnap and its peers on the same libvirt domain",
         "",

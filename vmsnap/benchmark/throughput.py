@@ -22,6 +22,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -331,3 +332,11 @@ def run_throughput(
                 "clone_new_bytes_fraction": "< 0.05",
             },
         }
+
+
+if not typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
+        from vmsnap import moved
+
+        return moved.resolve(__name__, name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -63,7 +64,10 @@ class Command:
         if self.run is not None:
             parser.set_defaults(func=self.run)
         parser.add_argument(
-            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show vmsnap's log (commands run, their output) and tracebacks on errors",
         )
         self.arguments(parser)
         if self.json_option:
@@ -167,12 +171,61 @@ def opened_machine(spec: MachineSpec) -> Iterator[Machine]:
 # -- output -------------------------------------------------------------------------------------------------
 
 
+JSON_PAYLOAD = "_vmsnap_json_payload"
+"""Where :func:`emit` keeps a command's ``--json`` object until :func:`vmsnap.cli.main` prints it."""
+
+
 def emit(args: argparse.Namespace, payload: dict[str, Any], human: str) -> None:
-    """Print ``payload`` as one JSON object with --json, else the human text."""
+    """The command's outcome: the human text now, or with --json the object :func:`vmsnap.cli.main` prints
+    once the command ends (with an ``"error"`` member when it then fails), so stdout holds exactly one
+    JSON object, errors included."""
     if getattr(args, "json", False):
-        print(json.dumps(payload, sort_keys=True, default=str))
+        setattr(args, JSON_PAYLOAD, payload)
     else:
         print(human)
+
+
+def print_json(payload: dict[str, Any]) -> None:
+    """One JSON object on one line of stdout."""
+    print(json.dumps(payload, sort_keys=True, default=str), flush=True)
+
+
+def finite_seconds(text: str) -> float:
+    """An argparse type for a duration in seconds: a finite number, 0 or more (not ``inf``, not ``nan``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds, 0 or more")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type for a timeout in seconds: a finite number above 0."""
+    value = finite_seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not above 0 seconds")
+    return value
+
+
+def count(text: str) -> int:
+    """An argparse type for a count: an integer, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+def positive_count(text: str) -> int:
+    """An argparse type for a count of at least 1."""
+    value = count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 1 or more")
+    return value
 
 
 def render_table(headings: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

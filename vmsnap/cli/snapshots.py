@@ -17,6 +17,7 @@ from vmsnap.cli.common import (
     machine_spec,
     note,
     opened_machine,
+    positive_seconds,
     render_table,
 )
 from vmsnap.errors import UsageError, VmsnapError
@@ -126,7 +127,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         if agent is None:
             raise UsageError(f"{machine.name} has no guest agent channel", hint="pass --agent SOCKET")
         answer = agent.execute(args.command, arguments, timeout=args.timeout)
-    print(json.dumps({"return": answer}, sort_keys=True))
+    payload = {"return": answer}
+    emit(args, payload, json.dumps(payload, sort_keys=True, default=str))
     return 0
 
 
@@ -135,7 +137,7 @@ def _agent_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("command", metavar="COMMAND", help="a guest-* command, e.g. guest-ping")
     parser.add_argument("arguments", nargs="?", metavar="JSON-ARGS", help="its arguments as a JSON object")
     parser.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds to wait for the answer (default 30)"
+        "--timeout", type=positive_seconds, default=30.0, help="seconds to wait for the answer (default 30)"
     )
 
 
@@ -159,7 +161,6 @@ COMMANDS = (
         "vmsnap agent --qmp vm.qmp --agent vm.qga guest-fsfreeze-status",
         cmd_agent,
         _agent_arguments,
-        json_option=False,
     ),
 )
 """The snapshot and VM-channel commands, in the order ``vmsnap --help`` lists them."""

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import attrs
 
-from vmsnap.cli.common import Command, emit
+from vmsnap.cli.common import Command, emit, positive_count
 from vmsnap.guest.install import install_hooks
 
 # -- vmsnap bench -------------------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="smaller images, fewer sizes (about 1-2 minutes)"
     )
     parser.add_argument(
-        "--runs", type=int, default=3, help="runs per figure; the median is reported (default 3)"
+        "--runs", type=positive_count, default=3, help="runs per figure; the median is reported (default 3)"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where results go")
     parser.add_argument(

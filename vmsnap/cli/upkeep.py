@@ -7,12 +7,21 @@ from typing import Any
 
 import attrs
 
-from vmsnap.cli.common import Command, add_key_option, add_repo_option, emit, mib, render_table
+from vmsnap.cli.common import (
+    Command,
+    add_key_option,
+    add_repo_option,
+    count,
+    emit,
+    finite_seconds,
+    mib,
+    render_table,
+)
 from vmsnap.cli.progress import disk_progress
 from vmsnap.errors import ChainError, ChecksumMismatchError, RepositoryError, UsageError
 from vmsnap.repo.copy import copy_backups
 from vmsnap.repo.manifest import Damaged, Manifest
-from vmsnap.repo.repository import Repository
+from vmsnap.repo.repository import Repository, key_file_path
 from vmsnap.repo.retention import RetentionPolicy
 
 KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
@@ -22,22 +31,33 @@ KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 def cmd_init(args: argparse.Namespace) -> int:
     """Create a repository (chunks by default); with --encrypt, its key file too (0600) when missing."""
-    if args.encrypt and args.key_file is None:
-        raise UsageError("--encrypt needs --key-file FILE", hint="the key is written there (0600) if missing")
+    key_file = key_file_path(args.key_file)  # --key-file, else $VMSNAP_KEY_FILE
+    if args.encrypt and key_file is None:
+        raise UsageError(
+            "--encrypt needs --key-file FILE (or VMSNAP_KEY_FILE)",
+            hint="the key is written there (0600) if missing",
+        )
     repo = Repository.init(
         args.repo,
         layout=args.layout,
         encrypt=args.encrypt,
-        key_file=args.key_file,
+        key_file=key_file,
         compression=args.compression,
     )
     human = f"created a {repo.name} repository at {repo.location}" + (
-        f", encrypted with the key in {args.key_file}: keep a copy of it elsewhere — without it the backups "
+        f", encrypted with the key in {key_file}: keep a copy of it elsewhere — without it the backups "
         "cannot be read"
         if args.encrypt
         else ""
     )
-    emit(args, {"repo": str(repo.location), "layout": repo.name, "encrypted": bool(args.encrypt)}, human)
+    payload: dict[str, Any] = {
+        "repo": str(repo.location),
+        "layout": repo.name,
+        "encrypted": bool(args.encrypt),
+    }
+    if args.encrypt:
+        payload["key_file"] = str(key_file)
+    emit(args, payload, human)
     return 0
 
 
@@ -202,7 +222,7 @@ def _prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vm", metavar="NAME", help="only this VM (default: every VM)")
     for rule in KEEP_RULES:
         what = "backups" if rule == "last" else f"{rule} backups (the newest of each)"
-        parser.add_argument(f"--keep-{rule}", type=int, metavar="N", help=f"keep the newest N {what}")
+        parser.add_argument(f"--keep-{rule}", type=count, metavar="N", help=f"keep the newest N {what}")
     parser.add_argument("--dry-run", action="store_true", help="say what would go and why, remove nothing")
     add_key_option(parser)
 
@@ -224,7 +244,7 @@ def _gc_arguments(parser: argparse.ArgumentParser) -> None:
     add_repo_option(parser)
     parser.add_argument(
         "--wait",
-        type=float,
+        type=finite_seconds,
         default=0.0,
         metavar="SECONDS",
         help="wait this long for running backups and restores to end (default: refuse at once)",

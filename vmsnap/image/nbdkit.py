@@ -6,10 +6,24 @@ process can stop it by pid (:mod:`vmsnap.image.daemon`).
 Its private directory (``<parent>/nbdkit-XXXXXXXX/``, 0700) holds ``daemon.json``, ``nbd.sock``,
 ``nbdkit.pid`` and ``plugin.log`` (one line per failed read). It serves the default export:
 ``nbd+unix:///?socket=…/nbd.sock``.
+
+nbdkit's environment (:func:`nbdkit_environment`, set with ``env`` on its command line) is this process's
+with two changes:
+
+- ``PATH`` starts with the directory of the interpreter vmsnap runs on (a venv's base interpreter):
+  nbdkit's embedded Python finds its standard library and site directories from the first ``python3`` on
+  ``PATH``, and another Python of the same version first there (pyenv, conda) would give it that
+  installation's library and lose Debian's ``dist-packages`` (where ``python3-cryptography`` lives).
+- No secrets (:data:`vmsnap.runner.SECRET_VARIABLES`, stripped by the runner): AWS credentials that this
+  process has in its environment reach nbdkit's reader (a repository on S3) through ``aws-credentials``
+  (0600) in the private directory, named by ``AWS_SHARED_CREDENTIALS_FILE``, under the profile this process
+  uses (``AWS_PROFILE``, else ``default``); the file goes with the directory when nbdkit stops.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import sysconfig
 import time
 from collections.abc import Mapping, Sequence
@@ -19,6 +33,7 @@ from typing import Any
 import attrs
 
 from vmsnap.errors import TransferError, UsageError, VmsnapError
+from vmsnap.files import write_atomic
 from vmsnap.image.daemon import DaemonRecord, RecordedDaemon, read_pid
 from vmsnap.image.readers import reader_options
 
@@ -27,6 +42,37 @@ PRIVATE_PREFIX = "nbdkit-"
 PID_FILE = "nbdkit.pid"
 PLUGIN = Path(__file__).with_name("nbdkit_plugin.py")
 """The plugin script nbdkit's Python runs."""
+
+
+CREDENTIALS_FILE = "aws-credentials"
+
+
+def python_home_bin() -> Path:
+    """The directory of the interpreter vmsnap runs on (a venv's base interpreter, symlinks resolved)."""
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    return Path(os.path.realpath(base)).parent
+
+
+def nbdkit_environment(directory: Path, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables nbdkit gets besides (or instead of) the runner's environment (see the module
+    docstring); ``env`` is this process's by default. Writes ``directory/aws-credentials`` when ``env``
+    holds AWS credentials.
+    """
+    source = os.environ if env is None else env
+    first = str(python_home_bin())
+    rest = [part for part in source.get("PATH", os.defpath).split(os.pathsep) if part and part != first]
+    changes = {"PATH": os.pathsep.join([first, *rest])}
+    key_id, secret = source.get("AWS_ACCESS_KEY_ID"), source.get("AWS_SECRET_ACCESS_KEY")
+    if key_id and secret:
+        profile = source.get("AWS_PROFILE") or source.get("AWS_DEFAULT_PROFILE") or "default"
+        lines = [f"[{profile}]", f"aws_access_key_id = {key_id}", f"aws_secret_access_key = {secret}"]
+        token = source.get("AWS_SESSION_TOKEN") or source.get("AWS_SECURITY_TOKEN")
+        if token:
+            lines.append(f"aws_session_token = {token}")
+        path = directory / CREDENTIALS_FILE
+        write_atomic(path, ("\n".join(lines) + "\n").encode())
+        changes["AWS_SHARED_CREDENTIALS_FILE"] = str(path)
+    return changes
 
 
 def default_syspath() -> list[Path]:
@@ -89,10 +135,12 @@ class NbdkitServer(RecordedDaemon):
         """The plugin's log of failed reads."""
         return self.directory / "plugin.log"
 
-    def argv(self) -> list[str]:
-        """nbdkit's command line (inside :meth:`start`)."""
+    def argv(self, environment: Mapping[str, str] | None = None) -> list[str]:
+        """nbdkit's command line (inside :meth:`start`), after ``env`` and the ``environment`` it sets."""
         directory = self.directory
+        settings = [f"{key}={value}" for key, value in (environment or {}).items()]
         argv = [
+            *(["env", *settings] if settings else []),
             PROGRAM,
             "--unix",
             str(self.socket),
@@ -116,7 +164,7 @@ class NbdkitServer(RecordedDaemon):
         :raise TransferError: nbdkit (or the reader) refused to start
         """
         try:
-            self.runner.run(self.argv(), timeout=120)
+            self.runner.run(self.argv(nbdkit_environment(directory)), timeout=120)
         except VmsnapError as err:
             stderr = str(getattr(err, "stderr", "") or err.message)
             lines = [line.strip() for line in stderr.splitlines() if line.strip()]

@@ -17,6 +17,7 @@ Block nodes are read-only unless the caller asks otherwise.
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -282,3 +283,11 @@ def nbd_client_node(socket: Path, export: str, node: str) -> dict[str, Any]:
         "node-name": node,
         "file": {"driver": "nbd", "server": {"type": "unix", "path": str(socket)}, "export": export},
     }
+
+
+if not typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
+        from vmsnap import moved
+
+        return moved.resolve(__name__, name)

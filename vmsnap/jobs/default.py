@@ -20,6 +20,7 @@ import datetime as dt
 import functools
 import os
 import threading
+import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import cast
@@ -264,3 +265,11 @@ def run_job_file(
 
 def _infos(repo: RepositoryLayout, vm: str) -> list[BackupInfo]:
     return [BackupInfo(m.backup_id, backup_time(m.backup_id), m.parent) for m in repo.backups(vm)]
+
+
+if not typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
+        from vmsnap import moved
+
+        return moved.resolve(__name__, name)

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -25,7 +26,7 @@ from vmsnap import processes
 from vmsnap.errors import LibvirtError, UnsupportedError
 from vmsnap.lab.image.contents import AGENT_PORT
 from vmsnap.lab.qemu import kvm_usable, listening
-from vmsnap.runner import LocalRunner
+from vmsnap.runner import LocalRunner, child_environment
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 # QEMU runs as root on images in private 0700 temp dirs; there is no SELinux/AppArmor to label for
@@ -229,6 +230,7 @@ class Libvirtd:
             ["unshare", "--mount", "--propagation", "private", "--", "sleep", "infinity"],
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env=child_environment(),
         )
         holder = self._namespace.pid
         ours = os.readlink("/proc/self/ns/mnt")
@@ -258,7 +260,12 @@ class Libvirtd:
         assert self.workdir is not None
         with open(self.workdir / f"{name}.out", "wb") as out:
             process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=child_environment(),
             )
         self.started.append(process)
         return process
@@ -417,3 +424,11 @@ def stop_domain_qemu(name: str, run_dir: Path = Path("/run/libvirt/qemu")) -> bo
         return False
     processes.terminate(pid, timeout=10)
     return True
+
+
+if not typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
+        from vmsnap import moved
+
+        return moved.resolve(__name__, name)

@@ -23,6 +23,7 @@ import attrs
 from vmsnap import processes
 from vmsnap.errors import VmsnapError
 from vmsnap.lab.image.contents import AGENT_PORT
+from vmsnap.runner import child_environment
 from vmsnap.vm.qmp import QMPMonitor
 
 Accel = Literal["kvm", "tcg"]
@@ -165,6 +166,7 @@ class _Launched:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=child_environment(),
             )
         self.process = process
         deadline = time.monotonic() + timeout

@@ -11,6 +11,7 @@ libvirt XML.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,3 +69,11 @@ def resolve(
     chosen = [n for n in names if not disks or n in disks]
     sources = {name: repository.disk_source(manifest, name) for name in chosen}
     return ResolvedBackup(manifest.vm, manifest.backup_id, sources, repository.definition(manifest))
+
+
+if not typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
+        from vmsnap import moved
+
+        return moved.resolve(__name__, name)

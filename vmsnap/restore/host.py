@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import typing
 from collections.abc import Sequence
 from pathlib import Path, PurePath
 from typing import Any
@@ -119,3 +120,11 @@ def unmount(runner: Runner, target: Path, *, lazy: bool = False) -> None:
     """
     argv = ["umount", str(target)] if not lazy else ["umount", "--lazy", str(target)]
     runner.run(argv, timeout=300)
+
+
+if not typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
+        from vmsnap import moved
+
+        return moved.resolve(__name__, name)

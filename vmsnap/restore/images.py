@@ -10,7 +10,7 @@ from typing import Any
 
 import attrs
 
-from vmsnap.errors import NotFoundError, UsageError
+from vmsnap.errors import NotFoundError, RepositoryError, UsageError
 from vmsnap.model import validate_name
 from vmsnap.repo.layout import RepositoryLayout, RestoreFormat
 from vmsnap.repo.manifest import Manifest
@@ -83,7 +83,10 @@ def restore_images(
     """
     repo = Repository.open(repo_path, key_file=key_file)
     manifest = repo.get(vm, backup_id)
-    definition = _definition_to_redefine(repo, manifest, define, connect) if define is not None else None
+    definition = None
+    if define is not None:
+        chosen = disks or tuple(d.name for d in manifest.disks)
+        definition = _definition_to_redefine(repo, manifest, define, connect, chosen)
     manifest, restored = repo.restore(
         vm, manifest.backup_id, to, disks=disks, progress=progress, format=format, devices=devices
     )
@@ -97,13 +100,14 @@ def restore_images(
 
 
 def _definition_to_redefine(
-    repo: RepositoryLayout, manifest: Manifest, name: str, connect: str | None
+    repo: RepositoryLayout, manifest: Manifest, name: str, connect: str | None, disks: Sequence[str]
 ) -> str:
-    """The libvirt definition saved with ``manifest``'s backup, once ``name`` is known to be a valid name
-    that no domain has.
+    """The libvirt definition saved with ``manifest``'s backup, once it is known to be whole, to have an
+    image among ``disks`` for each of its disks, and ``name`` to be a valid name that no domain has.
 
     :raise NotFoundError: the backup was not taken of a libvirt domain
-    :raise UsageError: ``name`` is invalid or taken
+    :raise RepositoryError: the saved definition is damaged
+    :raise UsageError: ``name`` is invalid or taken, or a disk of the definition is not restored
     """
     validate_name(name, "domain name")
     saved = repo.definition(manifest)
@@ -112,7 +116,18 @@ def _definition_to_redefine(
             f"backup {manifest.backup_id} of {manifest.vm} has no saved libvirt definition",
             hint="--define needs a backup taken with --domain; restore without it and define the VM yourself",
         )
-    from vmsnap.vm.libvirt.machine import open_connection  # only a restore that defines needs libvirt
+    # only a restore that defines needs libvirt
+    from vmsnap.vm.libvirt.definition import definition_problem, restored_domain_xml
+    from vmsnap.vm.libvirt.machine import open_connection
+
+    # what defining it would find wrong after the images are written, found before a byte is
+    problem = definition_problem(saved)
+    if problem is not None:
+        raise RepositoryError(
+            f"the libvirt definition saved with backup {manifest.backup_id} of {manifest.vm} {problem}",
+            hint="restore without --define and define the VM yourself",
+        )
+    restored_domain_xml(saved, name=name, images={disk: Path(f"/{disk}") for disk in disks})
 
     conn = open_connection(connect)
     try:

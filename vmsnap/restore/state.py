@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,11 @@ def _stop_order(directory: Path) -> int:
         if directory.name.startswith(server.private_prefix):
             return index
     return len(_SERVERS)
+
+
+if not typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
+        from vmsnap import moved
+
+        return moved.resolve(__name__, name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import typing
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -275,3 +276,11 @@ def distinct_names(disks: Sequence[Disk]) -> None:
         if key in seen:
             raise VmsnapError(f"disk {disk.name} ({disk.file}) is listed twice", hint="name each disk once")
         seen.add(key)
+
+
+if not typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
+        from vmsnap import moved
+
+        return moved.resolve(__name__, name)

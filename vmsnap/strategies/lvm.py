@@ -39,6 +39,9 @@ from vmsnap.vm.machine import Machine
 SNAPSHOT_TAG = "vmsnap"
 #: the part of a snapshot LV's name between the origin's name and the snapshot's name
 NAME_MARKER = ".vmsnap."
+#: how the filesystem of a file disk's snapshot is mounted for its export (xfs adds ``nouuid``: the
+#: snapshot has its origin's UUID, which is mounted)
+EXPORT_MOUNT_OPTIONS = "ro,nodev,nosuid,noexec"
 
 MiB = 1 << 20
 DEFAULT_FRACTION = 0.2
@@ -344,7 +347,7 @@ class LvmSnapshotStrategy(VolumeSnapshotStrategy[_LvSnapshot, LvmLocation]):
                 self.lvm.activate(full, ignore_skip=True)
                 cleanup.callback(self._deactivate_quietly, full)
             if snap.details.get("kind") == "file":
-                options = "ro,nouuid" if snap.details.get("fstype") == "xfs" else "ro"
+                options = EXPORT_MOUNT_OPTIONS + (",nouuid" if snap.details.get("fstype") == "xfs" else "")
                 mount_dir = cleanup.enter_context(
                     mounted_read_only(
                         self.runner, volume.device, base=self.mount_base, prefix="vmsnap-lvm", options=options

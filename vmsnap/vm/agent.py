@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import attrs
 
 from vmsnap.errors import AgentCommandError, AgentError, AgentNotRespondingError, FreezeError
+from vmsnap.model import validate_seconds
 
 _log = logging.getLogger(__name__)
 
@@ -236,10 +237,12 @@ class GuestAgent:
     ) -> Any:
         """Run any guest-* command (``vmsnap agent`` uses this); prefer the typed methods.
 
+        :raise UsageError: ``timeout`` is not a finite number of seconds above 0
         :raise AgentNotRespondingError: nothing answered in time
         :raise AgentCommandError: the agent answered with an error
         """
-        return self.channel.execute(command, arguments, timeout=timeout or self.timeout)
+        seconds = validate_seconds(self.timeout if timeout is None else timeout, "agent timeout", zero=False)
+        return self.channel.execute(command, arguments, timeout=seconds)
 
     # -- liveness and identity ------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ import attrs
 
 from vmsnap import processes
 from vmsnap.errors import FreezeError, VmsnapError
-from vmsnap.runner import LocalRunner, Runner
+from vmsnap.runner import LocalRunner, Runner, child_environment
 from vmsnap.vm import thawguard
 from vmsnap.vm.remote import RemoteHost
 
@@ -276,7 +276,7 @@ class LocalGuardSite(_Commands):
             intermediate = os.posix_spawn(
                 sys.executable,
                 [*argv, *target.words()],
-                dict(os.environ),
+                child_environment(),  # no AWS secrets, no key file path
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                     (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
@@ -398,7 +398,13 @@ class SshGuardSite(_Commands):
             if log is not None:
                 err = stack.enter_context(open(log, "ab"))
             try:
-                process = subprocess.Popen(full, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+                process = subprocess.Popen(
+                    full,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    env=child_environment(),
+                )
             except OSError as error:
                 raise FreezeError(f"cannot start ssh for the thaw guard: {error}") from error
         assert process.stdout is not None

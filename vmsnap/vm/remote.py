@@ -38,7 +38,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from vmsnap.errors import CommandError, NotFoundError, UsageError
-from vmsnap.runner import SshRunner
+from vmsnap.runner import SshRunner, child_environment
 
 MAX_SOCKET_PATH = 100
 """sun_path holds 108 bytes; stay below that with room for ssh's temporary names."""
@@ -187,7 +187,11 @@ class RemoteHost:
             log = self._dir / "ssh.log"
             with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
                 self._process = subprocess.Popen(
-                    self.master_argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=out
+                    self.master_argv(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=out,
+                    env=child_environment(),
                 )
             self._wait_ready(log)
             self._check_remote(self._initial)
@@ -217,7 +221,11 @@ class RemoteHost:
                 )
             if self.control_path.exists() and all(p.exists() for p in self._forwards.values()):
                 check = subprocess.run(
-                    self._control("-O", "check"), capture_output=True, check=False, timeout=30
+                    self._control("-O", "check"),
+                    capture_output=True,
+                    check=False,
+                    timeout=30,
+                    env=child_environment(),
                 )
                 if check.returncode == 0:
                     return
@@ -252,7 +260,13 @@ class RemoteHost:
         if process is not None:
             if process.poll() is None and self._dir is not None and self.control_path.exists():
                 with contextlib.suppress(OSError, subprocess.SubprocessError):
-                    subprocess.run(self._control("-O", "exit"), capture_output=True, check=False, timeout=10)
+                    subprocess.run(
+                        self._control("-O", "exit"),
+                        capture_output=True,
+                        check=False,
+                        timeout=10,
+                        env=child_environment(),
+                    )
             if process.poll() is None:
                 process.terminate()
             try:
@@ -299,7 +313,7 @@ class RemoteHost:
         if check:
             self._check_remote([remote])
         argv = self._control("-O", "forward", "-L", f"{local}:{remote}")
-        result = subprocess.run(argv, capture_output=True, check=False, timeout=30)
+        result = subprocess.run(argv, capture_output=True, check=False, timeout=30, env=child_environment())
         if result.returncode != 0:
             raise CommandError(
                 argv, result.returncode, "", result.stderr.decode(errors="replace"), host=self.host
@@ -317,7 +331,7 @@ class RemoteHost:
             return
         argv = self._control("-O", "cancel", "-L", f"{local}:{remote}")
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            subprocess.run(argv, capture_output=True, check=False, timeout=30)
+            subprocess.run(argv, capture_output=True, check=False, timeout=30, env=child_environment())
         with contextlib.suppress(FileNotFoundError):
             local.unlink()
 

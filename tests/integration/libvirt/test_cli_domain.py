@@ -194,3 +194,20 @@ def test_restore_define_redefines_the_domain_through_the_cli(
     assert "exists already" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not again.exists()
+    # a damaged saved definition: one line, exit 1, found before any image is written
+    saved.write_text(saved.read_text()[: len(saved.read_text()) // 2])
+    fresh = libvirtd.new_domain_name()
+    argv = [str(ROOT / ".venv/bin/vmsnap"), "restore", "--repo", str(repo), "--vm", domain.name]
+    argv += ["--to", str(again), "--define", fresh, "--connect", domain.uri, "--json"]
+    damaged = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    assert damaged.returncode == 1, damaged.stderr
+    (line,) = damaged.stderr.strip().splitlines()
+    assert line.startswith(f"vmsnap: error: the libvirt definition saved with backup {full['backup_id']}")
+    assert "is not well-formed XML" in line
+    assert json.loads(damaged.stdout)["error"]["exit_status"] == 1
+    assert not again.exists()
+    check = libvirt.open(domain.uri)
+    try:
+        assert fresh not in {d.name() for d in check.listAllDomains()}
+    finally:
+        check.close()

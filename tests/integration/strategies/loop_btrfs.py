@@ -6,6 +6,7 @@ Teardown unmounts and detaches exactly the device the fixture attached, also whe
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import shutil
 import subprocess
@@ -48,15 +49,15 @@ def _detach(device: str, mount: Path) -> None:
     subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
 
 
-@pytest.fixture(scope="module")
-def loop_btrfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopBtrfs]:
-    """A 1 GiB sparse file → ``losetup --find --show`` → ``mkfs.btrfs`` → mounted in a temp directory."""
+@contextlib.contextmanager
+def made_loop_btrfs(base: Path, size: int) -> Iterator[LoopBtrfs]:
+    """A ``size``-byte sparse file in ``base`` → ``losetup --find --show`` → ``mkfs.btrfs`` → mounted in
+    ``base/mnt``; unmounted and detached afterwards."""
     if shutil.which("mkfs.btrfs") is None:
         pytest.fail("mkfs.btrfs is missing: install btrfs-progs (scripts/packages.d/storage.txt)")
-    base = tmp_path_factory.mktemp("loop-btrfs")
     image = base / "btrfs.img"
     with open(image, "wb") as f:
-        f.truncate(1 << 30)
+        f.truncate(size)
     device = subprocess.run(
         ["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True
     ).stdout.strip()
@@ -69,3 +70,10 @@ def loop_btrfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopBtrfs]:
     finally:
         _detach(device, mount)
         image.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def loop_btrfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopBtrfs]:
+    """A 1 GiB Btrfs on a loop device (:func:`made_loop_btrfs`)."""
+    with made_loop_btrfs(tmp_path_factory.mktemp("loop-btrfs"), 1 << 30) as fs:
+        yield fs

@@ -5,6 +5,8 @@ Every check compares bytes: the snapshot's image against a reference image given
 
 from __future__ import annotations
 
+import errno
+import itertools
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -17,8 +19,7 @@ import pytest
 from tests.conftest import make_image
 from tests.integration.cli_helpers import cli, qcow2_repo
 from tests.integration.strategies.contract import Lab, QemuImageLab, StrategyContract
-from tests.integration.strategies.faults import FaultyRunner
-from tests.integration.strategies.loop_btrfs import LoopBtrfs, loop_btrfs
+from tests.integration.strategies.loop_btrfs import LoopBtrfs, loop_btrfs, made_loop_btrfs
 from vmsnap.errors import QMPConnectionError, SnapshotError, UnsupportedError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
 from vmsnap.model import ExportSource
@@ -266,22 +267,58 @@ def test_rollback_swaps_the_subvolume_back_with_every_file_in_it(btrfs_vm: Btrfs
     assert Path(refs[0].location).exists()
 
 
-def test_a_failed_snapshot_leaves_nothing_behind_and_the_vm_running(
-    btrfs_vm: BtrfsVm, tmp_path: Path
-) -> None:
+def fill(directory: Path) -> None:
+    """Fill the filesystem of ``directory``: its data (one big file), then its metadata (small files)."""
+    subprocess.run(
+        ["dd", "if=/dev/urandom", f"of={directory / 'filler'}", "bs=1M", "status=none"],
+        capture_output=True,
+        check=False,  # it ends with "No space left on device"
+    )
+    small = directory / "small"
+    small.mkdir()
+    try:
+        for n in itertools.count():
+            (small / f"f{n}").write_bytes(b"x" * 1500)
+    except OSError as err:
+        assert err.errno == errno.ENOSPC, err
+
+
+def test_a_snapshot_on_a_full_filesystem_leaves_nothing_behind_and_the_vm_running(tmp_path: Path) -> None:
+    """A real full Btrfs (data and metadata): the snapshots are made, recording their users is not (ENOSPC);
+    both snapshots are deleted again, the VM runs on, and once space is freed the same snapshot works."""
+    with made_loop_btrfs(tmp_path, 256 << 20) as fs:
+        a, b = fs.subvolume(), fs.subvolume()
+        images = {"disk0": make_image(a / "disk0.qcow2", SIZE), "disk1": make_image(b / "disk1.qcow2", SIZE)}
+        drives = [DriveSpec(images["disk0"], "disk0"), DriveSpec(images["disk1"], "disk1", bus="scsi")]
+        process, machine = start_vm(tmp_path / "vm", drives, "fullvm")
+        try:
+            qmp = machine.qmp()
+            filler = fs.subvolume("filler")
+            fill(filler)
+            before = subvolumes_below(fs.mount)
+            strategy = BtrfsSnapshotStrategy(machine)
+            with pytest.raises(SnapshotError, match="No space left") as info:
+                strategy.create(machine.disks(), name="doomed")
+            assert "nothing was left behind" in str(info.value)
+            assert qmp.status() == "running"
+            assert subvolumes_below(fs.mount) == before
+            assert not list((fs.mount / SNAPSHOT_DIR_NAME).glob("*-doomed"))
+            subprocess.run(["btrfs", "-q", "subvolume", "delete", str(filler)], check=True)
+            subprocess.run(["btrfs", "filesystem", "sync", str(fs.mount)], check=True)
+            refs = strategy.create(machine.disks(), name="later")  # room again: it works
+            assert [r.disk.name for r in refs] == ["disk0", "disk1"]
+            for ref in refs:
+                strategy.delete(ref)
+        finally:
+            machine.close()
+            process.stop()
+            process.kill()
+
+
+def test_a_snapshot_directory_elsewhere_fails_and_leaves_nothing(btrfs_vm: BtrfsVm, tmp_path: Path) -> None:
     qmp = btrfs_vm.machine.qmp()
     before = subvolumes_below(btrfs_vm.fs.mount)
-    snapshot_root = btrfs_vm.fs.mount / SNAPSHOT_DIR_NAME
-    # the second snapshot fails; then, both made, recording their users fails
-    for runner in (FaultyRunner(("btrfs", "subvolume", "snapshot"), nth=2), FaultyRunner(("tee",))):
-        strategy = BtrfsSnapshotStrategy(btrfs_vm.machine, runner=runner)
-        with pytest.raises(SnapshotError, match="No space left") as info:
-            strategy.create(btrfs_vm.machine.disks(), name="doomed")
-        assert "nothing was left behind" in str(info.value)
-        assert qmp.status() == "running"
-        assert subvolumes_below(btrfs_vm.fs.mount) == before
-        assert not list(snapshot_root.glob("*-doomed"))
-    # a snapshot directory on another filesystem fails for real, with the same outcome
+    # a snapshot directory on another filesystem fails for real
     elsewhere = BtrfsSnapshotStrategy(btrfs_vm.machine, snapshot_dir=tmp_path / "not-btrfs")
     with pytest.raises(SnapshotError, match="btrfs snapshot of"):
         elsewhere.create(btrfs_vm.machine.disks(), name="cross")

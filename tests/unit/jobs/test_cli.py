@@ -3,6 +3,7 @@ tests/integration/test_jobs.py and tests/integration/libvirt/test_job_domains.py
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -50,9 +51,13 @@ def test_a_bad_job_file_is_one_line_and_exit_status_2(
     for argv in (["run", str(job)], ["run", str(job), "--dry-run", "--json"]):
         assert main(argv) == 2
         captured = capsys.readouterr()
-        assert captured.out == ""
         (line,) = captured.err.splitlines()
         assert line.startswith(f"vmsnap: error: job file {job}, line 2: gc must be true or false")
+        if "--json" in argv:  # the same error as the one JSON object on stdout
+            error = json.loads(captured.out)["error"]
+            assert error["exit_status"] == 2 and error["message"].startswith(f"job file {job}, line 2")
+        else:
+            assert captured.out == ""
     assert main(["schedule", "install", str(job), "--unit-dir", str(tmp_path)]) == 2  # not scheduled
     assert "line 2" in capsys.readouterr().err and list(tmp_path.glob("*.timer")) == []
 

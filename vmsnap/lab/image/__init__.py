@@ -8,6 +8,8 @@ archive) and :mod:`.builder` (the cache keyed by every input, and the build itse
 
 from __future__ import annotations
 
+import typing
+
 from vmsnap.lab.image.base import LabImage, LabImageError, Progress, default_cache_dir
 from vmsnap.lab.image.builder import BUILDER_VERSION, KEEP_BUILDS, LabImageBuilder, build_lab_image, main
 from vmsnap.lab.image.contents import (
@@ -49,3 +51,11 @@ __all__ = [
     "main",
     "write_cpio",
 ]
+
+
+if not typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
+        from vmsnap import moved
+
+        return moved.resolve(__name__, name)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from vmsnap.errors import LeaseError, RepositoryError
+from vmsnap.model import validate_seconds
 from vmsnap.processes import crash_point
 from vmsnap.repo.chunks.index import ChunkIndex
 from vmsnap.repo.chunks.known import bump_generation, list_chunks
@@ -156,6 +157,7 @@ def collect(repo: GcRepository, *, wait: float = 0.0, dry_run: bool = False) -> 
     :raise LeaseError: others are using the repository (after ``wait``), or another gc runs
     :raise RepositoryError: a manifest or index is damaged (nothing deleted)
     """
+    validate_seconds(wait, "gc wait")
     lease = _take_lock(repo.leases, wait)
     try:
         crash_point("gc-locked")

@@ -27,6 +27,19 @@ def saved_domain_xml(machine: LibvirtDomain) -> str:
     return machine.xml(inactive=True)
 
 
+def definition_problem(xml: str) -> str | None:
+    """What makes ``xml`` no domain definition ("is not well-formed XML (…)", "has no <name>"), or None."""
+    try:
+        root = ET.fromstring(xml)  # noqa: S314 - a libvirt definition vmsnap saved
+    except ET.ParseError as err:
+        return f"is not well-formed XML ({err})"
+    if root.tag != "domain":
+        return f"is a <{root.tag}>, not a <domain>"
+    if root.find("name") is None:
+        return "has no <name>"
+    return None
+
+
 def restored_domain_xml(xml: str, *, name: str, images: Mapping[str, Path]) -> str:
     """A copy of a saved domain definition that runs on restored images and cannot clash with the original.
 
@@ -34,13 +47,16 @@ def restored_domain_xml(xml: str, *, name: str, images: Mapping[str, Path]) -> s
     at its restored qcow2 image, and agent sockets get libvirt's default paths.
 
     :param images: disk target (``vda``) → restored image; every disk of the domain must have one
-    :raise UsageError: a disk of the saved domain has no restored image (it would share the original's)
+    :raise UsageError: a disk of the saved domain has no restored image (it would share the original's), or
+        ``xml`` is no domain definition (:func:`definition_problem`)
     """
     validate_name(name, "domain name")
+    problem = definition_problem(xml)
+    if problem is not None:
+        raise UsageError(f"the saved domain XML {problem}", hint="is it a libvirt domain definition?")
     root = ET.fromstring(xml)  # noqa: S314 - a libvirt definition vmsnap saved
     name_node = root.find("name")
-    if name_node is None:
-        raise UsageError("the saved domain XML has no <name>", hint="is it a libvirt domain definition?")
+    assert name_node is not None
     name_node.text = name
     for tag in ("uuid", "description"):
         for node in root.findall(tag):

@@ -1,0 +1,17 @@
+"""Deprecated: ``vmsnap.storage`` of an older vmsnap. Its names live in ``vmsnap.strategies.lvm_tool`` (and
+``vmsnap.mounts``, ``vmsnap.strategies.btrfs_tool``, ``vmsnap.strategies.storage``) now; each still imports
+from here, with a DeprecationWarning naming its new home (see :mod:`vmsnap.moved` and docs/api.md).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vmsnap import moved
+
+__all__ = sorted(moved.MOVED[__name__])
+
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> Any:
+        return moved.resolve(__name__, name)
