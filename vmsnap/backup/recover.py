@@ -14,7 +14,7 @@ from typing import Any
 
 from vmsnap import processes
 from vmsnap.backup.config import RecoveryError, RecoveryReport
-from vmsnap.errors import AgentError, FreezeError, VmsnapError
+from vmsnap.errors import AgentError, FreezeError, NotFoundError, VmsnapError
 from vmsnap.repo.journal import Journal
 from vmsnap.repo.layout import RepositoryLayout
 from vmsnap.repo.repository import Repository
@@ -51,7 +51,19 @@ def undo_run(repo: RepositoryLayout, machine: Machine, journal: Journal) -> list
     failures: list[str] = []
     if machine.runner.host == "local":
         actions += stop_orphans(_orphan_patterns(journal))
-    if journal.has("creating") and not journal.has("committed") and not journal.has("create-failed"):
+    backup_id = str(header["backup_id"])
+    sealed = unknown = False
+    if journal.has("sealing") and not journal.has("committed"):
+        # died between its manifest put and journalling it: the backup is complete (its snapshots are gone
+        # and the dirty bitmap moved on with it), so it is kept, not discarded
+        try:
+            sealed = _sealed(repo, vm, backup_id)
+        except VmsnapError as err:
+            unknown = True
+            failures.append(f"reading the manifest of backup {backup_id} failed: {err.message}")
+    if sealed:
+        actions.append(f"kept backup {backup_id}: it was sealed before the run died")
+    elif journal.has("creating") and not journal.has("committed") and not journal.has("create-failed"):
         strategy_name = str(header["strategy"])
         tracks_changes = False
         try:
@@ -73,12 +85,12 @@ def undo_run(repo: RepositoryLayout, machine: Machine, journal: Journal) -> list
         except VmsnapError as err:
             failures.append(f"deleting the snapshots failed: {err.message}")
         if tracks_changes:
-            repo.require_full(vm, f"backup {header['backup_id']} did not finish")
+            repo.require_full(vm, f"backup {backup_id} did not finish")
             actions.append("the next backup will be full (the dirty bitmap moved on without a backup)")
-    if not journal.has("committed"):
+    if not journal.has("committed") and not sealed and not unknown:
         try:
-            if repo.discard_backup(vm, str(header["backup_id"])):
-                actions.append(f"removed the unfinished backup {header['backup_id']}")
+            if repo.discard_backup(vm, backup_id):
+                actions.append(f"removed the unfinished backup {backup_id}")
         except VmsnapError as err:
             failures.append(f"removing the unfinished backup failed: {err.message}")
     if failures:
@@ -88,6 +100,18 @@ def undo_run(repo: RepositoryLayout, machine: Machine, journal: Journal) -> list
         )
     journal.remove()
     return actions
+
+
+def _sealed(repo: RepositoryLayout, vm: str, backup_id: str) -> bool:
+    """Whether ``backup_id`` has its manifest (a dead run's seal landed although its journal does not say so).
+
+    :raise RepositoryError: its manifest is there but damaged
+    """
+    try:
+        repo.get(vm, backup_id)
+    except NotFoundError:
+        return False
+    return True
 
 
 ORPHAN_PROGRAMS = frozenset({"qemu-nbd", "qemu-img", "nbdcopy", "nbdkit", "rsync", "cp"})
