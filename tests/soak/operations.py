@@ -25,6 +25,19 @@ GC_BESIDE_BACKUP = 0.2
 """How often a backup gets a gc of the same repository started beside it."""
 RECOVER_AT_ONCE = 0.5
 """How often a killed backup is followed by ``recover`` at once (else the next backup recovers it)."""
+BACKUP_STEPS = (
+    "after-start",
+    "after-create",
+    "mid-export",
+    "chunks-before-sync",
+    "after-export",
+    "after-delete",
+    "before-manifest",
+    "after-manifest",
+    "store-put-unnamed",
+)
+"""Named steps at which a backup may be made to kill itself (``store-put-unnamed``: local store only)."""
+GC_STEPS = ("gc-locked", "gc-mid-sweep")
 BUSY = ("are using the repository", "is collecting garbage", "holds locks/")
 """What a gc and a backup that meet say when they refuse each other."""
 
@@ -99,8 +112,9 @@ def backup(soak: Soak) -> None:
     gc_wait = rng.choice(("0", "30"))
     gc_delay = rng.uniform(0.0, soak.durations["backup"])
     soak.plan_restart("backup")
-    command = soak.start("backup", argv)
-    timer = soak.plan_kill("backup", command)
+    crash_at = soak.plan_crash(BACKUP_STEPS)
+    command = soak.start("backup", argv, crash_at)
+    timer = soak.plan_kill("backup", command) if crash_at is None else None
     gc_command = None
     if beside:
         time.sleep(gc_delay)
@@ -110,7 +124,7 @@ def backup(soak: Soak) -> None:
     outcome = soak.finish("backup", command, timer)
     gc_outcome = soak.finish("gc", gc_command, None) if gc_command is not None else None
     restarted = soak.restarted()
-    mode = f"{strategy}{' incremental' if incremental else ''}"
+    mode = f"{strategy}{' incremental' if incremental else ''}{f' (kill at {crash_at})' if crash_at else ''}"
     soak.say(f"{outcome.number} backup {repo.name} {mode}: {_describe(outcome)}")
     if gc_outcome is not None:
         soak.say(
@@ -246,13 +260,15 @@ def gc(soak: Soak) -> None:
     if rng.random() < 0.15:
         argv.append("--dry-run")
     soak.plan_restart("gc")
-    command = soak.start("gc", argv)
-    timer = soak.plan_kill("gc", command)
+    crash_at = soak.plan_crash(GC_STEPS)
+    command = soak.start("gc", argv, crash_at)
+    timer = soak.plan_kill("gc", command) if crash_at is None else None
     outcome = soak.finish("gc", command, timer)
     restarted = soak.restarted()
     freed = _freed(soak, outcome, dry_run="--dry-run" in argv)
     soak.say(
-        f"{outcome.number} gc {repo.name}{' --dry-run' if '--dry-run' in argv else ''}: "
+        f"{outcome.number} gc {repo.name}{' --dry-run' if '--dry-run' in argv else ''}"
+        f"{f' (kill at {crash_at})' if crash_at else ''}: "
         f"{_describe(outcome)}{freed}"
     )
     if not _expected(outcome, repo.name == "s3", restarted):

@@ -42,13 +42,18 @@ from tests.soak.world import (
     files_under,
     stray_processes,
 )
+from vmsnap.processes import CRASH_ENV
 from vmsnap.repo.repository import Repository
 
 DISKS = (DiskSpec("disk0", 64 * MiB, "virtio"), DiskSpec("disk1", 42 * MiB, "scsi"))
 """disk1 ends half-way through a chunk."""
 
 KILL_PROBABILITY = 0.25
-RESTART_PROBABILITY = 0.08
+"""How often a command is killed (``kill -9``) a random time into it."""
+CRASH_POINT_PROBABILITY = 0.1
+"""How often a backup or gc is killed at a named step instead (of those its command reaches)."""
+RESTART_PROBABILITY = 0.1
+"""How often the S3 server is restarted a random time into a command."""
 COMMAND_TIMEOUT = 600.0
 
 
@@ -151,7 +156,7 @@ class Soak:
         env["VMSNAP_STATE_DIR"] = str(self.state_dir)
         env["VMSNAP_RUN_DIR"] = str(self.workdir / "run")
         env.pop("VMSNAP_KEY_FILE", None)
-        env.pop("VMSNAP_TEST_CRASH_AT", None)
+        env.pop(CRASH_ENV, None)
         return env
 
     def say(self, line: str) -> None:
@@ -197,8 +202,21 @@ class Soak:
         """A command that is neither killed nor disturbed (set-up, the final checks)."""
         return Command(argv, self.env(), self.logs, self.label(kind)).wait(COMMAND_TIMEOUT)
 
-    def start(self, kind: str, argv: Sequence[str]) -> Command:
-        return Command(argv, self.env(), self.logs, self.label(kind))
+    def start(self, kind: str, argv: Sequence[str], crash_at: str | None = None) -> Command:
+        """Start ``vmsnap ARGV``; with ``crash_at`` it SIGKILLs itself at that named step."""
+        env = self.env()
+        if crash_at is not None:
+            env[CRASH_ENV] = crash_at
+        return Command(argv, env, self.logs, self.label(kind))
+
+    def plan_crash(self, points: Sequence[str]) -> str | None:
+        """Maybe one of the named steps (:func:`vmsnap.processes.crash_point`) at which the command is to
+        SIGKILL itself: the narrow windows a random delay rarely hits."""
+        if self.rng.random() >= CRASH_POINT_PROBABILITY:
+            return None
+        point = self.rng.choice(points)
+        self.stats.notes[f"kill at step {point}"] += 1
+        return point
 
     def plan_kill(
         self, kind: str, command: Command, probability: float = KILL_PROBABILITY

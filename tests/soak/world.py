@@ -322,7 +322,7 @@ class Command:
             self._out.read_text(errors="replace"),
             self._err.read_text(errors="replace"),
             time.monotonic() - self.started,
-            self.killed and code == -signal.SIGKILL,
+            code == -signal.SIGKILL,  # by the soak, or by itself at a crash point
             self.label,
         )
 
