@@ -91,11 +91,11 @@ def _describe(outcome: Outcome) -> str:
 # ------------------------------------------------------------------------------------------------ backup
 
 
-def backup(soak: Soak) -> None:
-    """A full or incremental backup with a random strategy into a random repository, sometimes with a gc
-    of that repository started beside it."""
+def backup(soak: Soak, repo: Repo | None = None) -> None:
+    """A full or incremental backup with a random strategy into ``repo`` (default: a random one), sometimes
+    with a gc of that repository started beside it."""
     rng = soak.rng
-    repo = rng.choice(list(soak.repos.values()))
+    repo = repo or rng.choice(list(soak.repos.values()))
     other = _other(soak, repo)
     for attempt in range(3):  # a dead run of the other repository's backup is undone first
         if not other.pending_recover:

@@ -350,7 +350,10 @@ class Soak:
     # ------------------------------------------------------------------------------------------ the loop
 
     def loop(self) -> None:
-        end = self.started + self.config.seconds
+        end = time.monotonic() + self.config.seconds
+        for repo in self.repos.values():  # something to restore, copy and prune from the start
+            self.write()
+            operations.backup(self, repo)
         while time.monotonic() < end and not self.problems:
             if self.rng.random() < 0.75:
                 self.write()
