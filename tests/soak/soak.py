@@ -126,6 +126,7 @@ class Soak:
         self.problems: list[str] = []
         self.sequence = 0
         self.started = time.monotonic()
+        self.load_at_start = os.getloadavg()[0]
         self.durations: dict[str, float] = collections.defaultdict(lambda: 4.0)
         self._restart: threading.Thread | None = None
         self._restart_error: BaseException | None = None
@@ -427,7 +428,8 @@ class Soak:
         final = sum(s.final_backups.values())
         lines = [
             f"soak summary (seed {self.config.seed}, {time.monotonic() - self.started:.0f} s, "
-            f"{self.config.seconds:g} s of random operations)",
+            f"{self.config.seconds:g} s of random operations; load average {self.load_at_start:.1f} at the "
+            f"start, {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} CPUs)",
             f"  operations done: {ops} ({per_kind})",
             f"  outcomes: {outcomes}",
             f"  kills survived: {sum(s.kills.values())} ({kills})",

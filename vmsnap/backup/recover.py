@@ -61,6 +61,11 @@ def undo_run(repo: RepositoryLayout, machine: Machine, journal: Journal) -> list
         except VmsnapError as err:
             unknown = True
             failures.append(f"reading the manifest of backup {backup_id} failed: {err.message}")
+    if journal.has("creating") and not journal.has("created") and not journal.has("create-failed"):
+        try:
+            actions += _resume_vcpus(machine, journal)
+        except VmsnapError as err:
+            failures.append(f"resuming the VM's vCPUs failed: {err.message}")
     if sealed:
         actions.append(f"kept backup {backup_id}: it was sealed before the run died")
     elif journal.has("creating") and not journal.has("committed") and not journal.has("create-failed"):
@@ -100,6 +105,22 @@ def undo_run(repo: RepositoryLayout, machine: Machine, journal: Journal) -> list
         )
     journal.remove()
     return actions
+
+
+def _resume_vcpus(machine: Machine, journal: Journal) -> list[str]:
+    """Resume the vCPUs of a VM whose backup died inside ``create``, where a strategy may have paused them
+    (so that every disk is taken at one instant): when they ran before the run and are paused now.
+
+    :raise QMPCommandError: QEMU refused
+    """
+    before = journal.data("freezing")
+    if not before or before[-1].get("vcpus_running") is not True or not machine.is_running:
+        return []
+    qmp = machine.qmp()
+    if qmp.status() != "paused":
+        return []
+    qmp.cont()
+    return ["resumed the VM's vCPUs (the dead run had paused them to take its snapshot)"]
 
 
 def _sealed(repo: RepositoryLayout, vm: str, backup_id: str) -> bool:

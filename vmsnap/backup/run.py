@@ -288,7 +288,9 @@ class Backup:
         window in ms)."""
         name = f"backup-{run.backup_id}"
         disks = run.resolved.disks
-        journal.record("freezing")
+        # whether the vCPUs run: a strategy may pause them inside create, and a run that dies there leaves
+        # them paused until recover resumes them (which it does only when they ran before)
+        journal.record("freezing", vcpus_running=_vcpus_running(self.machine))
         windows: list[float] = []
         with _quiesced(
             self.machine, self.config.quiesce, self.config.freeze_timeout, self._note, windows
@@ -372,6 +374,13 @@ class Backup:
             return "full"
         # one manifest kind per backup: a chain must not mix them per disk
         raise SnapshotError(f"strategy {run.strategy_name} returned full and incremental disks in one backup")
+
+
+def _vcpus_running(machine: Machine) -> bool | None:
+    """Whether the VM's vCPUs run (None: the machine is not running at all)."""
+    if not machine.is_running:
+        return None
+    return machine.qmp().status() == "running"
 
 
 def _one_line(err: BaseException) -> str:

@@ -23,6 +23,7 @@ import attrs
 
 from vmsnap.errors import UnsupportedError, UsageError, VmsnapError
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
+from vmsnap.processes import crash_point
 from vmsnap.vm.machine import Machine
 
 Instant = Literal["transaction", "pause"]
@@ -237,6 +238,7 @@ def paused(machine: Machine) -> Iterator[dict[str, float]]:
     if was_running:
         qmp.stop()
     try:
+        crash_point("while-paused")
         yield report
     finally:
         if was_running:
