@@ -309,18 +309,24 @@ class Command:
         return True
 
     def wait(self, timeout: float) -> Outcome:
-        """Wait for the process; one that outlives ``timeout`` is killed (and counted as killed)."""
+        """Wait for the process; one that outlives ``timeout`` is killed and reported as hung (exit status
+        1 and a ``soak:`` line: a failure no fault of the soak's explains)."""
         try:
             self.popen.wait(timeout)
+            hung = False
         except subprocess.TimeoutExpired:
-            self.kill()
+            os.kill(self.popen.pid, signal.SIGKILL)
             self.popen.wait()
-            self._err.write_text(self._err.read_text() + f"\nsoak: killed after {timeout:g} s (hung)\n")
+            hung = True
         code = self.popen.returncode
+        err = self._err.read_text(errors="replace")
+        if hung:
+            code = 1
+            err += f"\nsoak: hung: killed after {timeout:g} s\n"
         return Outcome(
             code,
             self._out.read_text(errors="replace"),
-            self._err.read_text(errors="replace"),
+            err,
             time.monotonic() - self.started,
             code == -signal.SIGKILL,  # by the soak, or by itself at a crash point
             self.label,
