@@ -40,14 +40,14 @@ from vmsnap.repo.chunks.keys import create_key_file, read_key_file
 from vmsnap.repo.chunks.pipeline import backup_disk
 from vmsnap.repo.chunks.readers import open_image
 from vmsnap.repo.chunks.restore import restore_disk
-from vmsnap.repo.stores.base import StoredObject
+from vmsnap.repo.stores.base import StoreBase, StoredObject
 from vmsnap.repo.stores.local import LocalStore
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
 
-class NullStore:
+class NullStore(StoreBase):
     """A Store that keeps nothing: the pipeline's cost without the storage's."""
 
     url = "null://"

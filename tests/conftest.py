@@ -1,6 +1,8 @@
 """Fixtures shared by every test: real QEMU processes, images, a local sshd.
 
 Every fixture stops only the processes it started (by pid) and leaves nothing running when a test fails.
+Session fixtures are per xdist worker (each worker process has its own sshd, lab guest …); see
+tests/README.md for writing a test that runs beside others.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -128,10 +131,49 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshRunner]:
 # -- the lab guest (real Linux + qemu-ga under QEMU; see vmsnap/lab/guest.py) -------------------------
 
 
+class _LabImageBuild:
+    """The lab image, built on a thread of its own from the end of the collection on when a collected test
+    needs it: on a machine without the cached build, the kernel download and the build overlap the tests
+    that run before the first lab guest boots. The builder's lock makes concurrent workers build it once."""
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.image: LabImage | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._build, name="lab-image-build", daemon=True)
+            self.thread.start()
+
+    def _build(self) -> None:
+        try:
+            self.image = build_lab_image()
+        except BaseException as err:  # handed to the test that needs the image
+            self.error = err
+
+    def result(self) -> LabImage:
+        if self.thread is None:
+            return build_lab_image()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.image is not None
+        return self.image
+
+
+_lab_image_build = _LabImageBuild()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if any("lab_image" in getattr(item, "fixturenames", ()) for item in items):
+        _lab_image_build.start()
+
+
 @pytest.fixture(scope="session")
 def lab_image() -> LabImage:
     """The lab guest's kernel and initramfs, built once and cached (``$VMSNAP_LAB_CACHE``)."""
-    return build_lab_image()
+    return _lab_image_build.result()
 
 
 @pytest.fixture(scope="session")
@@ -150,11 +192,16 @@ LabGuestFactory = Callable[..., LabGuest]
 @pytest.fixture
 def lab_guest_factory(lab_image: LabImage, tmp_path: Path) -> Iterator[LabGuestFactory]:
     """Boot lab guests of your own: ``factory(extra_drives=[DriveSpec(img, "pv0", format="raw",
-    serial="pv0")], data_disk_size=None)``; every guest booted is stopped when the test ends."""
+    serial="pv0")], data_disk_size=None, extra_args=[…])``; every guest booted is stopped when the test
+    ends."""
     guests: list[LabGuest] = []
 
     def boot(
-        *, extra_drives: Sequence[DriveSpec] = (), data_disk_size: str | None = "64M", name: str = "labvm"
+        *,
+        extra_drives: Sequence[DriveSpec] = (),
+        data_disk_size: str | None = "64M",
+        name: str = "labvm",
+        extra_args: Sequence[str] = (),
     ) -> LabGuest:
         guest = LabGuest(
             tmp_path / f"guest{len(guests)}",
@@ -162,6 +209,7 @@ def lab_guest_factory(lab_image: LabImage, tmp_path: Path) -> Iterator[LabGuestF
             data_disk_size=data_disk_size,
             name=name,
             image=lab_image,
+            extra_args=extra_args,
         )
         guests.append(guest)
         return guest.start()

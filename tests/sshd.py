@@ -1,5 +1,6 @@
 """What the test sshds share (the session's sshd in tests/conftest.py, the far host's in
-tests/integration/far_host.py): a free port on 127.0.0.1 and waiting until the started sshd accepts."""
+tests/integration/far_host.py): a free port on 127.0.0.1 (:func:`tests.parallel.free_port`, re-exported
+here) and waiting until the started sshd accepts."""
 
 from __future__ import annotations
 
@@ -11,12 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.parallel import free_port
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["free_port", "wait_for_sshd"]
 
 
 def wait_for_sshd(proc: subprocess.Popen[bytes], port: int, log: Path, what: str = "sshd") -> None:

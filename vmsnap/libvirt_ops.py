@@ -1,7 +1,7 @@
-"""Deprecated: ``vmsnap.libvirt_ops`` of an older vmsnap. Its names live in ``vmsnap.vm.libvirt.snapshots``
-(and ``vmsnap.strategies.libvirt_external``, ``vmsnap.vm.libvirt.backups``, ``vmsnap.vm.libvirt.definition``)
-now; each still imports from here, with a DeprecationWarning naming its new home (see :mod:`vmsnap.moved` and
-docs/api.md).
+"""Deprecated: ``vmsnap.libvirt_ops`` of an older vmsnap. Its definition helpers live in
+``vmsnap.vm.libvirt.definition`` now and still import from here, with a DeprecationWarning naming their new
+home; its libvirt-native snapshot and backup functions were removed in the third round, and importing one
+raises an error that says what to use instead (see :mod:`vmsnap.moved` and docs/api.md).
 """
 
 from __future__ import annotations

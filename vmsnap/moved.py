@@ -157,29 +157,9 @@ MOVED: dict[str, dict[str, str]] = {
         "open_connection": "vmsnap.vm.libvirt.domain",
     },
     "vmsnap.libvirt_ops": {
-        "LibvirtExternalSnapshotStrategy": "vmsnap.strategies.libvirt_external",
-        "MARK": "vmsnap.vm.libvirt.snapshots",
-        "STRATEGY_EXTERNAL": "vmsnap.vm.libvirt.snapshots",
-        "STRATEGY_INTERNAL": "vmsnap.vm.libvirt.snapshots",
-        "backup_pull": "vmsnap.vm.libvirt.backups",
-        "backup_push": "vmsnap.vm.libvirt.backups",
-        "checkpoints": "vmsnap.vm.libvirt.backups",
-        "commit_external_snapshot": "vmsnap.vm.libvirt.snapshots",
-        "create_external_snapshot": "vmsnap.vm.libvirt.snapshots",
-        "create_internal_snapshot": "vmsnap.vm.libvirt.snapshots",
         "define_restored_domain": "vmsnap.vm.libvirt.definition",
-        "delete_checkpoint": "vmsnap.vm.libvirt.backups",
-        "delete_snapshot": "vmsnap.vm.libvirt.snapshots",
-        "external_overlays": "vmsnap.vm.libvirt.snapshots",
-        "external_snapshot_source": "vmsnap.vm.libvirt.snapshots",
-        "internal_snapshot_source": "vmsnap.vm.libvirt.snapshots",
-        "link_incremental": "vmsnap.vm.libvirt.backups",
-        "recover": "vmsnap.vm.libvirt.backups",
         "restored_domain_xml": "vmsnap.vm.libvirt.definition",
-        "revert_snapshot": "vmsnap.vm.libvirt.snapshots",
-        "rollback_external_snapshot": "vmsnap.vm.libvirt.snapshots",
         "saved_domain_xml": "vmsnap.vm.libvirt.definition",
-        "snapshots": "vmsnap.vm.libvirt.snapshots",
     },
     "vmsnap.machine": {
         "Machine": "vmsnap.vm.machine",
@@ -194,7 +174,7 @@ MOVED: dict[str, dict[str, str]] = {
         "ChainMap": "vmsnap.image.qcow2",
         "Layer": "vmsnap.image.qcow2",
         "MAGIC": "vmsnap.image.qcow2",
-        "Placed": "vmsnap.image.qcow2",
+        "Placed": "vmsnap.image.geometry:Extent",
         "read_chain": "vmsnap.image.qcow2",
         "read_layer": "vmsnap.image.qcow2",
     },
@@ -315,7 +295,6 @@ MOVED: dict[str, dict[str, str]] = {
         "convert_argv": "vmsnap.image.qemu_img",
         "distinct_names": "vmsnap.strategies.base",
         "file_source": "vmsnap.strategies.base",
-        "image_opts_escape": "vmsnap.strategies.external",
         "internal_snapshots": "vmsnap.legacy:internal_snapshots",
         "lazy_refcounts": "vmsnap.image.qemu_img",
         "overlay_path": "vmsnap.strategies.external",
@@ -336,7 +315,60 @@ MOVED: dict[str, dict[str, str]] = {
 }
 """Old module → old name → its new home: ``module`` (same name) or ``module:name``."""
 
+ADVICE_LIBVIRT_NATIVE = (
+    "the passthrough strategies over --domain (internal, external, backup in vmsnap.strategies), which "
+    "vmsnap's backups use: the libvirt-native snapshot and backup code was removed in the third round"
+)
+
 REMOVED: dict[str, dict[str, str]] = {
+    "vmsnap.libvirt_ops": {
+        "LibvirtExternalSnapshotStrategy": ADVICE_LIBVIRT_NATIVE,
+        "MARK": ADVICE_LIBVIRT_NATIVE,
+        "STRATEGY_EXTERNAL": ADVICE_LIBVIRT_NATIVE,
+        "STRATEGY_INTERNAL": ADVICE_LIBVIRT_NATIVE,
+        "backup_pull": ADVICE_LIBVIRT_NATIVE,
+        "backup_push": ADVICE_LIBVIRT_NATIVE,
+        "checkpoints": ADVICE_LIBVIRT_NATIVE,
+        "commit_external_snapshot": ADVICE_LIBVIRT_NATIVE,
+        "create_external_snapshot": ADVICE_LIBVIRT_NATIVE,
+        "create_internal_snapshot": ADVICE_LIBVIRT_NATIVE,
+        "delete_checkpoint": ADVICE_LIBVIRT_NATIVE,
+        "delete_snapshot": ADVICE_LIBVIRT_NATIVE,
+        "external_overlays": ADVICE_LIBVIRT_NATIVE,
+        "external_snapshot_source": ADVICE_LIBVIRT_NATIVE,
+        "internal_snapshot_source": ADVICE_LIBVIRT_NATIVE,
+        "link_incremental": ADVICE_LIBVIRT_NATIVE,
+        "recover": ADVICE_LIBVIRT_NATIVE,
+        "revert_snapshot": ADVICE_LIBVIRT_NATIVE,
+        "rollback_external_snapshot": ADVICE_LIBVIRT_NATIVE,
+        "snapshots": ADVICE_LIBVIRT_NATIVE,
+    },
+    "vmsnap.strategies.libvirt_external": {
+        "LibvirtExternalSnapshotStrategy": ADVICE_LIBVIRT_NATIVE,
+    },
+    "vmsnap.vm.libvirt.backups": {
+        "backup_pull": ADVICE_LIBVIRT_NATIVE,
+        "backup_push": ADVICE_LIBVIRT_NATIVE,
+        "checkpoints": ADVICE_LIBVIRT_NATIVE,
+        "delete_checkpoint": ADVICE_LIBVIRT_NATIVE,
+        "link_incremental": ADVICE_LIBVIRT_NATIVE,
+        "recover": ADVICE_LIBVIRT_NATIVE,
+    },
+    "vmsnap.vm.libvirt.snapshots": {
+        "MARK": ADVICE_LIBVIRT_NATIVE,
+        "STRATEGY_EXTERNAL": ADVICE_LIBVIRT_NATIVE,
+        "STRATEGY_INTERNAL": ADVICE_LIBVIRT_NATIVE,
+        "commit_external_snapshot": ADVICE_LIBVIRT_NATIVE,
+        "create_external_snapshot": ADVICE_LIBVIRT_NATIVE,
+        "create_internal_snapshot": ADVICE_LIBVIRT_NATIVE,
+        "delete_snapshot": ADVICE_LIBVIRT_NATIVE,
+        "external_overlays": ADVICE_LIBVIRT_NATIVE,
+        "external_snapshot_source": ADVICE_LIBVIRT_NATIVE,
+        "internal_snapshot_source": ADVICE_LIBVIRT_NATIVE,
+        "revert_snapshot": ADVICE_LIBVIRT_NATIVE,
+        "rollback_external_snapshot": ADVICE_LIBVIRT_NATIVE,
+        "snapshots": ADVICE_LIBVIRT_NATIVE,
+    },
     "vmsnap.cli": {
         "ProgressBar": "a DiskProgress callback (vmsnap.repo.progress)",
         "VmSelector": "vmsnap.vm.select.MachineSpec",
@@ -359,6 +391,10 @@ REMOVED: dict[str, dict[str, str]] = {
     },
     "vmsnap.strategies.qemu_common": {
         "private_directory": "vmsnap.files.make_private_dir() here, or `mktemp -d` through your Runner",
+        "image_opts_escape": (
+            "the image's options as a JSON blockdev spec (QEMU's json: filename); vmsnap no longer builds "
+            "--image-opts strings"
+        ),
         "qemu_img_check": "`qemu-img check` through a Runner (vmsnap.runner.LocalRunner)",
         "qemu_nbd_export": "vmsnap.image.nbd.QemuNbdServer",
     },

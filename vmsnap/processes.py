@@ -26,6 +26,8 @@ from vmsnap.runner import Runner
 
 CRASH_ENV = "VMSNAP_TEST_CRASH_AT"
 """Test-only: a step name at which a vmsnap process SIGKILLs itself (see :func:`crash_point`)."""
+STEP_LOG_ENV = "VMSNAP_TEST_STEP_LOG"
+"""Test-only: a file to which :func:`crash_point` appends the name of each step it stops at."""
 
 
 def _stat(pid: int) -> list[str]:
@@ -208,17 +210,24 @@ def find(programs: frozenset[str], patterns: Sequence[str]) -> Iterator[tuple[in
 def crash_point(name: str) -> None:
     """TEST ONLY: kill this process with SIGKILL when ``$VMSNAP_TEST_CRASH_AT`` is ``name`` (SIGTERM when it
     is ``term:name``; SIGSTOP when it is ``stop:name``, so that a test can act while it is stopped there and
-    SIGCONT it).
+    SIGCONT it; ``stop:*`` stops at every step). Before a SIGSTOP the step's name is appended to the file
+    ``$VMSNAP_TEST_STEP_LOG`` names, when set (a line each), so that a test knows where it stopped.
 
-    The crash-recovery tests use it to stop a backup, a gc, a mount or an instant restore at an exact step;
-    nothing else sets it.
+    The crash-recovery tests use it to stop a backup, a gc, a mount or an instant restore at an exact step,
+    and the interleaving test to run processes step by step in a chosen order; nothing else sets it.
     """
     wanted = os.environ.get(CRASH_ENV)
+    if not wanted:
+        return
     if wanted == name:
         os.kill(os.getpid(), signal.SIGKILL)
     elif wanted == f"term:{name}":
         os.kill(os.getpid(), signal.SIGTERM)
-    elif wanted == f"stop:{name}":
+    elif wanted in (f"stop:{name}", "stop:*"):
+        log = os.environ.get(STEP_LOG_ENV)
+        if log:
+            with open(log, "a", encoding="utf-8") as steps:
+                steps.write(name + "\n")
         # thread-directed: a SIGSTOP sent to the process is taken by whichever thread the kernel wakes (the
         # main one), and on a busy machine the calling thread returned from kill() and ran on (a gc sent its
         # deletes) before that thread stopped the group; sent to this thread, it stops before it returns

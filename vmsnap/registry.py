@@ -1,12 +1,15 @@
-"""Strategies and transports by name: entry points in groups ``vmsnap.strategies`` / ``vmsnap.transports``.
+"""Plugins by name: entry points in groups ``vmsnap.strategies``, ``vmsnap.transports``, ``vmsnap.layouts``
+(repository layouts) and ``vmsnap.stores`` (stores, by URL scheme).
 
 Entry points are import strings loaded only when a name is asked for, so a plugin whose optional
-dependency is missing breaks nobody else; a typo gets the list of names that exist.
+dependency is missing breaks nobody else; a typo gets the list of names that exist. A group's entry points
+are read once per process (reading them scans every installed distribution); :func:`refresh` forgets them.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import typing
 from importlib.metadata import EntryPoint, entry_points
 
@@ -14,8 +17,16 @@ from vmsnap.errors import PluginError
 
 STRATEGY_GROUP = "vmsnap.strategies"
 TRANSPORT_GROUP = "vmsnap.transports"
+LAYOUT_GROUP = "vmsnap.layouts"
+STORE_GROUP = "vmsnap.stores"
 
 
+def refresh() -> None:
+    """Forget the entry points read so far (a plugin was installed or removed in this process)."""
+    _entry_points.cache_clear()
+
+
+@functools.cache
 def _entry_points(group: str) -> dict[str, EntryPoint]:
     found: dict[str, EntryPoint] = {}
     for ep in entry_points(group=group):

@@ -1,11 +1,12 @@
 """No secret reaches a process vmsnap starts: AWS credentials and the key file's path are read by vmsnap
 itself and stripped from every child's environment, read back here from ``/proc/<pid>/environ`` of real
-children: a command run by the runner, the ssh client and the thaw guard (nbdkit serving an S3 repository:
-tests/integration/restore/test_nbdkit_environment.py)."""
+children: a command run by the runner, the ssh client, the thaw guard and the QEMU of a booted copy (nbdkit
+serving an S3 repository: tests/integration/restore/test_nbdkit_environment.py)."""
 
 from __future__ import annotations
 
 import os
+import pwd
 import threading
 import time
 from pathlib import Path
@@ -13,8 +14,11 @@ from pathlib import Path
 import pytest
 
 from vmsnap.lab.guest import LabGuest
+from vmsnap.restore.boot_session import BootSession
 from vmsnap.runner import SECRET_VARIABLES, LocalRunner, SshRunner
+from vmsnap.verify_boot.qemu_boot import start_copy
 from vmsnap.vm.freeze import frozen
+from vmsnap.vm.machine_state import MachineState
 
 SECRETS = {
     "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
@@ -99,3 +103,26 @@ def test_the_thaw_guard_gets_no_secrets(lab_guest: LabGuest, monkeypatch: pytest
     assert guards, "the thaw guard was not seen running"
     for env in guards:
         assert not set(env) & set(SECRET_VARIABLES), sorted(env)
+
+
+def test_a_booted_copy_s_qemu_gets_no_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The QEMU ``verify --boot`` starts for a bare QEMU's copy (guestless here: no disk, nothing to boot)."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("VMSNAP_TEST_MARKER", "kept")
+    recorded = ("/nowhere/qemu-system-x86_64", "-machine", "q35,accel=tcg", "-m", "64", "-nodefaults")
+    recorded += ("-device", "VGA", "-runas", "nobody")  # a VM that dropped to a user boots as that user
+    session = BootSession(tmp_path / "session")
+    copy = start_copy(session, MachineState(kind="qemu", argv=recorded), {}, name="vmsnap-env", ports={})
+    try:
+        env = environ(copy.process.pid)
+        assert env.get("VMSNAP_TEST_MARKER") == "kept" and not set(env) & set(SECRET_VARIABLES), sorted(env)
+        assert Path(f"/proc/{copy.process.pid}/exe").resolve().name == "qemu-system-x86_64"
+        assert copy.screenshot(tmp_path / "screen.png") is None  # QEMU runs as nobody; it writes the screen
+        assert (tmp_path / "screen.png").read_bytes().startswith(b"\x89PNG")
+        nobody = pwd.getpwnam("nobody").pw_uid
+        status = Path(f"/proc/{copy.process.pid}/status").read_text()
+        assert f"Uid:\t{nobody}\t" in status
+    finally:
+        copy.stop()
+        session.cleanup()

@@ -52,6 +52,7 @@ def failing_argv(tmp_path: Path) -> dict[str, list[str]]:
         "prune": ["--repo", missing, "--keep-last", "1"],
         "gc": ["--repo", missing],
         "copy": ["--from", missing, "--to", str(tmp_path / "r2")],
+        "report": ["--repo", missing, "--out", str(tmp_path / "report")],
         "mount": ["--repo", missing, "--vm", "vm1", str(tmp_path)],
         "umount": [str(tmp_path)],
         "instant-restore": ["--repo", missing, "--vm", "vm1", "--to", str(tmp_path / "to")],

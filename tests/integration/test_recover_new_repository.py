@@ -21,11 +21,13 @@ from tests.integration.cli_helpers import (
     cli_started,
     restore_and_compare,
     vm_args,
+    wait_stopped,
     write,
 )
 from tests.integration.s3.fixtures import BUCKET
 from tests.integration.s3.seaweed import SeaweedServer
 from vmsnap.backup.config import CRASH_ENV, EARLY_CRASH_POINTS
+from vmsnap.repo.repository import Repository
 
 DISKS = ("disk0", "disk1")
 EARLY = ["0.2s", *EARLY_CRASH_POINTS]
@@ -119,3 +121,32 @@ def test_a_first_backup_into_a_new_s3_prefix_killed_early_is_recovered(
     expected = {d: capture(vm, d, tmp_path / f"now-{d}.qcow2") for d in DISKS}
     made = backup(capsys, vm, repo)  # type: ignore[arg-type]
     restore_and_compare(capsys, repo, made["backup_id"], tmp_path / "restored", expected)  # type: ignore[arg-type]
+
+
+def test_recover_leaves_the_marker_that_a_live_init_is_writing(
+    two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``vmsnap init`` stopped with its marker written into its temporary file, not yet under its name; a
+    ``recover --repo`` of the same directory then (it takes no lock for a repository not yet made) must not
+    take that file for a dead run's: the init goes on and makes the repository."""
+    repo = tmp_path / "new"
+    init = cli_started("init", "--repo", repo, env={CRASH_ENV: "stop:store-put-unnamed"})
+    try:
+        wait_stopped(init)
+        [temp] = list(repo.iterdir())
+        assert temp.name.startswith(".tmp-")
+        result = cli(capsys, "recover", *vm_args(two_disk_vm), "--repo", repo, "--json")
+        assert result.code == 0, result.err
+        assert result.json()["actions"] == []
+        assert temp.exists()
+        os.kill(init.pid, signal.SIGCONT)
+        _, err = init.communicate(timeout=60)
+        assert init.returncode == 0, err
+    finally:
+        if init.poll() is None:
+            os.killpg(init.pid, signal.SIGKILL)
+            init.wait(10)
+    assert Repository.missing(repo) is None
+    expected = {d: capture(two_disk_vm, d, tmp_path / f"now-{d}.qcow2") for d in DISKS}
+    made = backup(capsys, two_disk_vm, repo)
+    restore_and_compare(capsys, repo, made["backup_id"], tmp_path / "restored", expected)

@@ -42,7 +42,7 @@ def test_a_backup_killed_while_the_vcpus_are_paused_is_resumed(
     repo = tmp_path / "repo"  # a new directory: a chunks repository, read through pull fleecing
     original = block_state(vm)
     write(vm, "disk0", "write -P 0x11 0 2M")
-    dead = cli_process("backup", "--repo", repo, *vm_args(vm), env={CRASH_ENV: "while-paused"})
+    dead = cli_process("backup", "--repo", repo, *vm_args(vm), env={CRASH_ENV: "fleecing-paused"})
     assert dead.code == -signal.SIGKILL, dead.err
     assert _status(vm) == "paused"  # what the dead run left
 
@@ -50,8 +50,7 @@ def test_a_backup_killed_while_the_vcpus_are_paused_is_resumed(
         result = cli(capsys, "recover", *vm_args(vm), "--repo", repo, "--json")
         assert result.code == 0, result.err
         assert (
-            "resumed the VM's vCPUs (the dead run had paused them to take its snapshot)"
-            in (result.json()["actions"])
+            "resumed the VM's vCPUs (the dead run had paused them to snapshot)" in (result.json()["actions"])
         )
         assert _status(vm) == "running"
         assert block_state(vm) == original
@@ -72,7 +71,7 @@ def test_a_vm_paused_before_the_backup_stays_paused(
     qmp = vm.machine.qmp()
     qmp.stop()
     vm.machine.close()
-    dead = cli_process("backup", "--repo", repo, *vm_args(vm), env={CRASH_ENV: "while-paused"})
+    dead = cli_process("backup", "--repo", repo, *vm_args(vm), env={CRASH_ENV: "fleecing-paused"})
     assert dead.code == -signal.SIGKILL, dead.err
     result = cli(capsys, "recover", *vm_args(vm), "--repo", repo, "--json")
     assert result.code == 0, result.err

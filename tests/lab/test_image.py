@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from vmsnap.lab.image import LabImage, LabImageBuilder, LabImageError, extract_vmlinux, write_cpio
+from vmsnap.lab.image.builder import IN_USE
 
 
 def _cpio_listing(archive: Path) -> dict[str, str]:
@@ -102,3 +104,31 @@ def test_prune_keeps_the_newest_builds_and_the_debs(tmp_path: Path) -> None:
     removed = LabImageBuilder(cache_dir=tmp_path).prune(keep=2)
     assert removed == [tmp_path / "oldest"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["debs", "middle", "newest"]
+
+
+def test_prune_leaves_a_build_that_a_running_process_uses(tmp_path: Path) -> None:
+    for age, key in enumerate(["newest", "used", "oldest"]):
+        build = tmp_path / key
+        build.mkdir()
+        (build / "manifest.json").write_text("{}")
+        os.utime(build / "manifest.json", (1_000_000 - age, 1_000_000 - age))
+    hold = (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_SH); print('held', flush=True); sys.stdin.read()"
+    )
+    user = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path / "used" / IN_USE)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert user.stdout is not None and user.stdout.readline() == "held\n"
+        assert LabImageBuilder(cache_dir=tmp_path).prune(keep=1) == [tmp_path / "oldest"]
+        assert (tmp_path / "used" / "manifest.json").exists()
+    finally:
+        assert user.stdin is not None
+        user.stdin.close()
+        user.wait(10)
+    assert LabImageBuilder(cache_dir=tmp_path).prune(keep=1) == [tmp_path / "used"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["newest"]

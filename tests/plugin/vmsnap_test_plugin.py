@@ -123,5 +123,12 @@ class OfflineBitmapStrategy:
     def rollback(self, snap: SnapshotRef) -> None:
         raise UnsupportedError("offline-bitmap snapshots cannot be rolled back", hint="restore a backup")
 
+    def rollback_many(self, snaps: Sequence[SnapshotRef]) -> None:
+        for snap in snaps:
+            self.rollback(snap)
+
     def list(self) -> Sequence[SnapshotRef]:
         return []
+
+    def find(self, name: str) -> Sequence[SnapshotRef]:
+        return [ref for ref in self.list() if ref.name == name]

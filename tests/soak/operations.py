@@ -27,7 +27,7 @@ RECOVER_AT_ONCE = 0.5
 """How often a killed backup is followed by ``recover`` at once (else the next backup recovers it)."""
 BACKUP_STEPS = (
     "after-start",
-    "while-paused",
+    "fleecing-paused",
     "after-create",
     "mid-export",
     "chunks-before-sync",

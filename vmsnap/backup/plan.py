@@ -83,6 +83,21 @@ def choose_strategy(requested: str, machine: Machine) -> type[Strategy]:
     return cls
 
 
+def choose_disks(machine: Machine, config: BackupConfig) -> tuple[Disk, ...]:
+    """The disks to back up as the machine has them now (``config.disks``, else all), in device order.
+
+    :raise UsageError: an unknown disk, a disk name that cannot be a file name, or no disks
+    """
+    disks = machine.disks()
+    if config.disks:
+        disks = [find_disk(disks, name) for name in config.disks]
+    for disk in disks:
+        validate_name(disk.name, "disk name")
+    if not disks:
+        raise UsageError(f"{machine.name} has no disks to back up")
+    return tuple(disks)
+
+
 def resolve(machine: Machine, config: BackupConfig, layout: LayoutTraits) -> Resolved:
     """(strategy, transport, disks) after "auto" choices and checks, for a repository of ``layout``.
 
@@ -95,13 +110,7 @@ def resolve(machine: Machine, config: BackupConfig, layout: LayoutTraits) -> Res
         strategy or the layout cannot use, ``--incremental`` with a strategy that cannot take incrementals
     :raise PluginError: unknown strategy or transport
     """
-    disks = machine.disks()
-    if config.disks:
-        disks = [find_disk(disks, name) for name in config.disks]
-    for disk in disks:
-        validate_name(disk.name, "disk name")
-    if not disks:
-        raise UsageError(f"{machine.name} has no disks to back up")
+    disks = choose_disks(machine, config)
     cls = choose_strategy(config.strategy, machine)
     capabilities = cls.capabilities
     transport = config.transport
@@ -128,7 +137,7 @@ def resolve(machine: Machine, config: BackupConfig, layout: LayoutTraits) -> Res
             f"(strategy {cls.name} takes full backups only)",
             hint="`vmsnap strategies` shows what each strategy can do",
         )
-    return Resolved(cls, transport, tuple(disks), layout.reads_exports)
+    return Resolved(cls, transport, disks, layout.reads_exports)
 
 
 def find_parent(

@@ -1,9 +1,9 @@
 """Undoing what a backup run left when it failed or died: the run's journal says which steps it had taken;
 the strategy's snapshots are deleted (through the strategy, rebuilt from the journal), processes the run
 started stopped, its staging removed, and what the machine's manager (libvirt) keeps cleaned by the machine
-itself. ``vmsnap recover`` also thaws the guest, once: it stands down the thaw guard of a dead run (which
-would thaw it too) and then thaws with one checked thaw — whatever state the repository is in, a missing one
-included."""
+itself; a VM the run left paused (it died with the vCPUs stopped to snapshot) is resumed first. ``vmsnap
+recover`` also thaws the guest, once: it stands down the thaw guard of a dead run (which would thaw it too)
+and then thaws with one checked thaw — whatever state the repository is in, a missing one included."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from vmsnap.repo.layout import RepositoryLayout
 from vmsnap.repo.repository import Repository
 from vmsnap.strategies import strategy_class
 from vmsnap.strategies.base import BackupContext, Checkpoint
+from vmsnap.vm.agent import GuestAgent
 from vmsnap.vm.guards import stand_down_leftovers
 from vmsnap.vm.machine import Machine
 
@@ -49,6 +50,10 @@ def undo_run(repo: RepositoryLayout, machine: Machine, journal: Journal) -> list
     header = journal.header
     vm = str(header["vm"])
     failures: list[str] = []
+    try:
+        actions += resume_paused(machine, journal)
+    except VmsnapError as err:
+        failures.append(f"resuming the VM failed: {err.message}")
     if machine.runner.host == "local":
         actions += stop_orphans(_orphan_patterns(journal))
     backup_id = str(header["backup_id"])
@@ -61,11 +66,6 @@ def undo_run(repo: RepositoryLayout, machine: Machine, journal: Journal) -> list
         except VmsnapError as err:
             unknown = True
             failures.append(f"reading the manifest of backup {backup_id} failed: {err.message}")
-    if journal.has("creating") and not journal.has("created") and not journal.has("create-failed"):
-        try:
-            actions += _resume_vcpus(machine, journal)
-        except VmsnapError as err:
-            failures.append(f"resuming the VM's vCPUs failed: {err.message}")
     if sealed:
         actions.append(f"kept backup {backup_id}: it was sealed before the run died")
     elif journal.has("creating") and not journal.has("committed") and not journal.has("create-failed"):
@@ -76,10 +76,8 @@ def undo_run(repo: RepositoryLayout, machine: Machine, journal: Journal) -> list
             tracks_changes = cls.capabilities.tracks_changes
             strategy = cls.for_backup(machine, journal_context(header))
             refs = journal.snapshots()
-            if not journal.has("created"):  # died inside create: ask the strategy what exists
-                name = str(journal.data("creating")[-1]["name"])
-                # internal/external name snapshots as asked; backup names them after its target directory
-                refs = [r for r in strategy.list() if r.name in (name, Path(str(header["staging"])).name)]
+            if not journal.has("created"):  # died inside create: ask the strategy what it left
+                refs = list(strategy.find(str(journal.data("creating")[-1]["name"])))
             deleted = journal.deleted_disks()
             strategy.abandon([r for r in refs if r.disk.name not in deleted])  # give changes back
             for ref in refs:
@@ -107,20 +105,23 @@ def undo_run(repo: RepositoryLayout, machine: Machine, journal: Journal) -> list
     return actions
 
 
-def _resume_vcpus(machine: Machine, journal: Journal) -> list[str]:
-    """Resume the vCPUs of a VM whose backup died inside ``create``, where a strategy may have paused them
-    (so that every disk is taken at one instant): when they ran before the run and are paused now.
+def resume_paused(machine: Machine, journal: Journal | None) -> list[str]:
+    """``cont`` a VM the run in ``journal`` left paused: it died between "freezing" and "thawed" (where the
+    vCPUs are paused to snapshot: the machine's state capture, a strategy's own pause), the VM ran before
+    that run ("freezing" recorded its run state), and QMP says "paused" now. A guest whose vCPUs are stopped
+    runs no agent, so this comes before any thaw. Returns one line when it resumed.
 
-    :raise QMPCommandError: QEMU refused
+    :raise VmsnapError: QMP could not be asked or refused ``cont``
     """
-    before = journal.data("freezing")
-    if not before or before[-1].get("vcpus_running") is not True or not machine.is_running:
+    if journal is None or not journal.has("freezing") or journal.has("thawed"):
         return []
+    if journal.data("freezing")[-1].get("vm_status") != "running" or not machine.is_running:
+        return []  # paused (or saved, or migrating) before the run: not ours to resume
     qmp = machine.qmp()
     if qmp.status() != "paused":
         return []
     qmp.cont()
-    return ["resumed the VM's vCPUs (the dead run had paused them to take its snapshot)"]
+    return ["resumed the VM's vCPUs (the dead run had paused them to snapshot)"]
 
 
 def _sealed(repo: RepositoryLayout, vm: str, backup_id: str) -> bool:
@@ -186,8 +187,10 @@ def recover_leftovers(repo: RepositoryLayout, machine: Machine) -> RecoveryRepor
 
 def thaw_guest(machine: Machine) -> tuple[list[str], list[str]]:
     """Leave the guest thawed, with one checked thaw: stand down the thaw guard of a dead run first (it would
-    thaw too), then thaw if the agent says "frozen". A freeze held by a vmsnap run that still runs (its guard
-    and its process live) is left alone.
+    thaw too), then thaw if the agent says "frozen" — holding the guest's guard lock (the guard program's
+    ``thaw``), so that a run into another repository (not kept out by this repository's lock) cannot start
+    a guard and freeze between the look and the thaw. A freeze held by a vmsnap run that still runs (its
+    guard and its process live) is left alone.
 
     :return: (one line per action, one line per thing found that needed nothing)
     :raise RecoveryError: the guest stays frozen
@@ -197,25 +200,46 @@ def thaw_guest(machine: Machine) -> tuple[list[str], list[str]]:
     agent = machine.agent()
     if agent is None:
         return [], ["the machine has no guest agent channel: nothing can have frozen it"]
-    actions: list[str] = []
     plan = machine.guard_plan()  # (another host without python3 gives a plan for a guard here)
-    if plan is not None:
-        actions, holder = stand_down_leftovers(plan)
-        if holder is not None and holder.pid == 0:
-            return actions, ["a vmsnap run is starting a freeze of the guest right now: left alone"]
-        if holder is not None:
-            where = "" if holder.where == "local" else f" on {holder.where}"
-            return actions, [
-                f"a vmsnap run (pid {holder.parent_pid} on {holder.parent_host or 'another host'}) holds a "
-                f"freeze of the guest right now, watched by its thaw guard (pid {holder.pid}{where}): "
-                "left alone"
-            ]
-    if not agent.is_responding():
+    if plan is None:
+        return _thaw_here(machine, agent)
+    actions, holder = stand_down_leftovers(plan)
+    if holder is not None and holder.pid == 0:
+        return actions, ["a vmsnap run is starting a freeze of the guest right now: left alone"]
+    if holder is not None:
+        where = "" if holder.where == "local" else f" on {holder.where}"
+        return actions, [
+            f"a vmsnap run (pid {holder.parent_pid} on {holder.parent_host or 'another host'}) holds a "
+            f"freeze of the guest right now, watched by its thaw guard (pid {holder.pid}{where}): "
+            "left alone"
+        ]
+    answer = plan.site.thaw(plan.target)
+    if "busy" in answer:
+        return actions, ["a vmsnap run started a freeze of the guest just now: left alone"]
+    if "gone" in answer:
+        return actions, ["the guest agent's socket is gone (the VM stopped): nothing is frozen"]
+    if "unreachable" in answer:
         return actions, ["the guest agent does not answer: whether the guest is frozen cannot be told"]
+    if "status" in answer:
+        return actions, [f"the guest's filesystems are {answer['status']}"]
+    if "thawed" not in answer:
+        raise RecoveryError(
+            f"the guest of {machine.name} may be frozen and cannot be thawed: {answer.get('frozen', answer)}",
+            hint="check that qemu-ga runs in the guest, then run `vmsnap recover` again",
+        )
+    hook_error = answer.get("hook_error")
+    line = f"thawed the guest's filesystems ({answer['thawed']})"
+    return [*actions, line + (f"; a thaw hook failed: {hook_error}" if hook_error else "")], []
+
+
+def _thaw_here(machine: Machine, agent: GuestAgent) -> tuple[list[str], list[str]]:
+    """Thaw through vmsnap's own agent connection (a machine with no guard, so no guard lock either)."""
+    if not agent.is_responding():
+        return [], ["the guest agent does not answer: whether the guest is frozen cannot be told"]
     try:
         status = agent.fsfreeze_status()
         if status != "frozen":
-            return actions, [f"the guest's filesystems are {status}"]
+            return [], [f"the guest's filesystems are {status}"]
         thawed, hook_error = agent.thaw_and_check()
     except (AgentError, FreezeError) as err:
         raise RecoveryError(
@@ -223,7 +247,7 @@ def thaw_guest(machine: Machine) -> tuple[list[str], list[str]]:
             hint="check that qemu-ga runs in the guest, then run `vmsnap recover` again",
         ) from err
     line = f"thawed the guest's filesystems ({thawed})"
-    return [*actions, line + (f"; a thaw hook failed: {hook_error}" if hook_error else "")], []
+    return [line + (f"; a thaw hook failed: {hook_error}" if hook_error else "")], []
 
 
 def recover(
@@ -247,6 +271,7 @@ def recover(
         if absent is None:
             repo = Repository.open(repo_root, runner=machine.runner, key_file=key_file)
             with repo.lock(machine.name):
+                actions += resume_paused(machine, Journal.load(repo.journal_path(machine.name)))
                 thawed, seen = thaw_guest(machine)
                 actions += [*thawed, *recover_leftovers(repo, machine).actions, *machine.recover()]
                 return RecoveryReport(machine.name, tuple(actions), tuple(seen))

@@ -25,7 +25,7 @@ from vmsnap.backup.config import (
     RecoveryError,
     crash_point,
 )
-from vmsnap.backup.plan import Resolved, find_parent, resolve
+from vmsnap.backup.plan import Resolved, choose_disks, find_parent, resolve
 from vmsnap.backup.recover import ORPHAN_PROGRAMS as ORPHAN_PROGRAMS  # re-exported for callers of 0.1
 from vmsnap.backup.recover import recover as recover
 
@@ -46,11 +46,12 @@ from vmsnap.repo.manifest import Kind, Manifest
 from vmsnap.repo.progress import DiskProgress, TransferProgress, no_transfer
 from vmsnap.repo.reports import WrittenDisk
 from vmsnap.repo.repository import Repository
-from vmsnap.strategies.base import BackupContext, Checkpoint, Strategy
+from vmsnap.strategies.base import BackupContext, Checkpoint, Strategy, paused
 from vmsnap.transports import transport_class, transport_names
 from vmsnap.transports.base import Transport
 from vmsnap.vm.freeze import frozen
 from vmsnap.vm.machine import Machine
+from vmsnap.vm.machine_state import MachineState, MachineStateSource
 
 DOMAIN_XML = DEFINITION_FILE
 """Beside a backup of a machine that has a definition (a libvirt domain): that definition, for ``restore
@@ -161,18 +162,20 @@ class Backup:
         """
         started = time.monotonic()
         vm = validate_name(self.machine.name, "VM name")
-        layout = Repository.traits_at(self.config.repo)
-        resolved = resolve(self.machine, self.config, layout)  # bad options fail here, before any write
-        crash_point("before-repository")
-        repo = Repository.open(
+        found = Repository.locate(
             self.config.repo, create=True, key_file=self.config.key_file, runner=self.machine.runner
         )
+        resolved = resolve(
+            self.machine, self.config, found.traits()
+        )  # bad options fail here, before any write
+        crash_point("before-repository")
+        repo = found.open()  # the store found above; a new repository is made here
         with repo.lock(vm):
             report = recover_leftovers(repo, self.machine)
             for action in report.actions:
                 self._note(f"recovered a dead run: {action}")
-            if report.actions:  # the disks may have changed (an overlay committed back): look again
-                resolved = resolve(self.machine, self.config, repo.traits())
+            if report.actions:  # the disks may have changed (an overlay committed back): look at them again
+                resolved = attrs.evolve(resolved, disks=choose_disks(self.machine, self.config))
             return self._run_locked(repo, vm, resolved, started)
 
     def _start(self, repo: RepositoryLayout, vm: str, resolved: Resolved) -> tuple[_Run, Journal]:
@@ -242,7 +245,10 @@ class Backup:
                     f"({disk.file}, {disk.format})",
                     hint="`vmsnap strategies` shows what each one needs; choose another with --strategy",
                 )
-        refs, quiesced, freeze_ms = self._snapshot(strategy, journal, run)
+        state_source = self.machine.machine_state()  # found before anything is frozen
+        refs, quiesced, freeze_ms, state = self._snapshot(strategy, journal, run, state_source)
+        if state is not None and state.refused is not None:
+            self._note(f"the QEMU command line was not kept with the backup: {state.refused}")
         exported = self._export_all(strategy, refs, journal, run)
         for disk in run.resolved.disks:
             journal.record("deleting", disk=disk.name)
@@ -252,6 +258,8 @@ class Backup:
         kind = self._kind(run, exported)
         definition = self.machine.definition()
         journal.record("sealing")
+        for name, data in (state.objects() if state is not None else {}).items():
+            run.writer.attach(name, data)  # sealed with the backup by its manifest
         crash_point("before-manifest")
         manifest = run.writer.seal(
             kind=kind,
@@ -282,15 +290,16 @@ class Backup:
         )
 
     def _snapshot(
-        self, strategy: Strategy, journal: Journal, run: _Run
-    ) -> tuple[dict[str, SnapshotRef], bool, float | None]:
-        """Freeze (as configured), snapshot every disk at one instant, thaw: (refs by disk, quiesced, freeze
-        window in ms)."""
+        self, strategy: Strategy, journal: Journal, run: _Run, state_source: MachineStateSource | None
+    ) -> tuple[dict[str, SnapshotRef], bool, float | None, MachineState | None]:
+        """Freeze (as configured), snapshot every disk at one instant and capture the machine's state, thaw:
+        (refs by disk, quiesced, freeze window in ms, machine state). Firmware variables and TPM state are
+        read with the vCPUs paused around the snapshot, so they are of its instant."""
         name = f"backup-{run.backup_id}"
         disks = run.resolved.disks
-        # whether the vCPUs run: a strategy may pause them inside create, and a run that dies there leaves
-        # them paused until recover resumes them (which it does only when they ran before)
-        journal.record("freezing", vcpus_running=_vcpus_running(self.machine))
+        # the run state before: between "freezing" and "thawed" the vCPUs may be paused (the state capture
+        # below, a strategy's own pause); `recover` resumes a VM this run left paused, not one paused before
+        journal.record("freezing", vm_status=self.machine.qmp().status() if self.machine.is_running else None)
         windows: list[float] = []
         with _quiesced(
             self.machine, self.config.quiesce, self.config.freeze_timeout, self._note, windows
@@ -298,12 +307,16 @@ class Backup:
             journal.record("frozen", quiesced=quiesced)
             crash_point("after-freeze")
             journal.record("creating", name=name)
-            try:
-                refs = list(strategy.create(disks, name=name))
-            except VmsnapError:
-                journal.record("create-failed")
-                raise
-            journal.record("created", snapshots=[snapshot_to_json(r) for r in refs])
+            pause = state_source is not None and state_source.needs_pause
+            with paused(self.machine) if pause else contextlib.nullcontext():
+                try:
+                    refs = list(strategy.create(disks, name=name))
+                except VmsnapError:
+                    journal.record("create-failed")
+                    raise
+                journal.record("created", snapshots=[snapshot_to_json(r) for r in refs])
+                state = state_source.capture() if state_source is not None else None
+                crash_point("while-paused")  # paused, when the machine has state files to capture
             crash_point("after-create")
         journal.record("thawed")
         crash_point("after-thaw")
@@ -311,7 +324,7 @@ class Backup:
         for disk in disks:
             if disk.name not in by_disk:
                 raise SnapshotError(f"strategy {strategy.name} returned no snapshot for disk {disk.name}")
-        return by_disk, quiesced, windows[0] if windows else None
+        return by_disk, quiesced, windows[0] if windows else None, state
 
     def _export_all(
         self, strategy: Strategy, refs: Mapping[str, SnapshotRef], journal: Journal, run: _Run
@@ -374,13 +387,6 @@ class Backup:
             return "full"
         # one manifest kind per backup: a chain must not mix them per disk
         raise SnapshotError(f"strategy {run.strategy_name} returned full and incremental disks in one backup")
-
-
-def _vcpus_running(machine: Machine) -> bool | None:
-    """Whether the VM's vCPUs run (None: the machine is not running at all)."""
-    if not machine.is_running:
-        return None
-    return machine.qmp().status() == "running"
 
 
 def _one_line(err: BaseException) -> str:

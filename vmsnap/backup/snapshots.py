@@ -1,8 +1,9 @@
 """Snapshots outside a backup run (``vmsnap snapshot``): create, list, delete or roll back with one strategy.
 
 The strategy is found by name in the registry and asked, never named: which options it takes comes from its
-constructor, and a snapshot that carries the VM's state (``details["vm_state_size"]`` not zero) is rolled
-back once for every disk, because loading it reverts them all at one instant.
+constructor (the request carries them by name, unread), and a rollback of several disks is the strategy's
+(:meth:`~vmsnap.strategies.base.Strategy.rollback_many`: a snapshot that saved a running VM's state reverts
+every disk at one instant).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import inspect
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -35,9 +36,8 @@ class SnapshotRequest:
     :param strategy: a registered strategy name
     :param name: the snapshot's name (create: default ``snap-<UTC time>``; delete and rollback need it)
     :param disks: only these disks (default: all)
-    :param vm_state: strategy option: also save the VM's RAM
-    :param drop_bitmaps: strategy option: remove dirty bitmaps before a rollback
-    :param merge: strategy option: how a delete merges (auto, commit, stream)
+    :param options: the strategy's own options by keyword (e.g. ``{"vm_state": True}``), checked against
+        its constructor; None or False means "not given"
     :raise UsageError: an unknown action, an invalid name, or delete/rollback without a name
     """
 
@@ -45,9 +45,7 @@ class SnapshotRequest:
     strategy: str
     name: str | None = None
     disks: tuple[str, ...] = ()
-    vm_state: bool = False
-    drop_bitmaps: bool = False
-    merge: str | None = None
+    options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
 
     def __attrs_post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -64,10 +62,9 @@ class SnapshotRequest:
 
         :raise UsageError: an option the strategy does not take
         """
-        given = {"vm_state": self.vm_state, "drop_bitmaps": self.drop_bitmaps, "merge": self.merge}
         accepted = inspect.signature(cls).parameters
         options: dict[str, Any] = {}
-        for key, value in given.items():
+        for key, value in self.options.items():
             if value in (None, False):
                 continue
             if key not in accepted:
@@ -141,7 +138,7 @@ def run_snapshot_action(spec: MachineSpec, request: SnapshotRequest) -> Snapshot
             for ref in refs:
                 strategy.delete(ref)
         else:
-            roll_back(strategy, refs, running=machine.is_running)
+            roll_back(strategy, refs)
         return attrs.evolve(outcome, snapshots=tuple(refs))
 
 
@@ -166,21 +163,10 @@ def _create(
     )
 
 
-def holds_vm_state(ref: SnapshotRef) -> bool:
-    """True when ``ref`` saved the VM's RAM too (loading it reverts every disk of the VM at once)."""
-    return ref.details.get("vm_state_size", "0") not in ("", "0")
-
-
-def roll_back(strategy: Strategy, refs: Sequence[SnapshotRef], *, running: bool) -> None:
-    """Return the disks of ``refs`` to their snapshot: a running VM with a VM-state snapshot among them is
-    reverted by loading that one (every disk and the RAM at one instant); otherwise disk by disk.
+def roll_back(strategy: Strategy, refs: Sequence[SnapshotRef]) -> None:
+    """Return the disks of ``refs`` to their snapshot, as the strategy does it for several disks.
 
     :raise SnapshotError: the strategy could not roll back (see its docs)
     :raise UnsupportedError: the strategy cannot roll back a running VM's disk
     """
-    with_vm_state = [r for r in refs if holds_vm_state(r)]
-    if running and with_vm_state:
-        strategy.rollback(with_vm_state[0])
-        return
-    for ref in refs:
-        strategy.rollback(ref)
+    strategy.rollback_many(refs)

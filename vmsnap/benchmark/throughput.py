@@ -42,6 +42,7 @@ from vmsnap.benchmark.workload import (
 from vmsnap.errors import VmsnapError
 from vmsnap.files import fsync_file
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
+from vmsnap.repo.layout import layout_class
 from vmsnap.repo.repository import Repository
 from vmsnap.repo.state import STATE_ENV
 from vmsnap.runner import LocalRunner, Runner
@@ -148,7 +149,8 @@ class ThroughputBench:
 
     def _layout(self, machine: QemuMachine, source: Path, layout: str, data: int) -> None:
         """Full backups, incrementals and a restore into a repository of ``layout``."""
-        mode = "pull" if layout == "chunks" else "push"
+        traits = layout_class(layout)
+        mode = "pull" if traits.reads_exports else "push"
 
         def full(i: int) -> tuple[float, float]:
             repo = self.workdir / f"repo-full-{layout}{i}"
@@ -196,7 +198,7 @@ class ThroughputBench:
             target.rmdir()
             return measured
 
-        what = "one index" if layout == "chunks" else "full + 3 incrementals"
+        what = "full + 3 incrementals" if traits.chains else "one index"
         self._time(f"vmsnap restore {layout} ({what})", data, restore)
 
     def _copy_run(self, source: Path, name: str, argv: list[str]) -> Callable[[int], tuple[float, float]]:

@@ -22,13 +22,14 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from vmsnap import __version__
-from vmsnap.cli import jobs, repository, restore, snapshots, tools, upkeep
+from vmsnap.cli import jobs, report, repository, restore, snapshots, tools, upkeep
 from vmsnap.cli.common import JSON_PAYLOAD, Command, print_json
 from vmsnap.errors import VmsnapError
 
 COMMANDS: tuple[Command, ...] = (
     *repository.COMMANDS,
     *upkeep.COMMANDS,
+    *report.COMMANDS,
     *restore.COMMANDS,
     *jobs.COMMANDS,
     *snapshots.COMMANDS,

@@ -115,8 +115,9 @@ def add_disk_option(parser: argparse.ArgumentParser) -> None:
 HOST_EXAMPLE = "--host root@hv2 --qmp /run/qemu/vm1.qmp"
 
 
-def add_vm_arguments(parser: argparse.ArgumentParser) -> None:
-    """--qmp/--agent/--name | --domain/--connect | --image ..., and --host for a VM on another host."""
+def add_vm_arguments(parser: argparse.ArgumentParser, *, connect: bool = True) -> None:
+    """--qmp/--agent/--name | --domain/--connect | --image ..., and --host for a VM on another host
+    (``connect`` False: the command has a --connect of its own already)."""
     group = parser.add_argument_group(
         "VM (one of)",
         "on another host add --host; the paths are that host's, e.g. " + HOST_EXAMPLE,
@@ -127,7 +128,10 @@ def add_vm_arguments(parser: argparse.ArgumentParser) -> None:
         "--name", help="the VM's name in the repository (default: QEMU's -name, or the image stem)"
     )
     group.add_argument("--domain", metavar="NAME", help="a libvirt domain")
-    group.add_argument("--connect", metavar="URI", help="libvirt connection URI (default: qemu:///system)")
+    if connect:
+        group.add_argument(
+            "--connect", metavar="URI", help="libvirt connection URI (default: qemu:///system)"
+        )
     group.add_argument(
         "--image",
         type=Path,

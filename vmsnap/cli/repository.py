@@ -106,6 +106,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     human += [f"  {d.path}  {mib(d.virtual_size)}" for d in result.disks]
     if result.defined is not None:
         human.append(f"defined libvirt domain {result.defined} on the restored images (not started)")
+    if result.firmware_variables is not None:
+        human.append(f"  {result.firmware_variables}  the UEFI variables as of the backup (its pflash)")
     emit(args, result.to_json(), "\n".join(human))
     return 0
 
@@ -163,7 +165,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
             report = recover_host(machine, args.repo, key_file=args.key_file, run_root=run_root())
     else:
         report = recover_host(None, args.repo, key_file=args.key_file, run_root=run_root())
-    what = report.vm or "this host's mounts and instant restores"
+    what = report.vm or "this host's mounts, instant restores and boot verifications"
     lines = [*report.actions, *report.found]
     if not report.actions:
         lines.append(f"{what}: nothing to recover")

@@ -34,9 +34,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         name=args.snapshot_name,
         disks=tuple(args.disk),
-        vm_state=args.vm_state,
-        drop_bitmaps=args.drop_bitmaps,
-        merge=args.merge,
+        options={"vm_state": args.vm_state, "drop_bitmaps": args.drop_bitmaps, "merge": args.merge},
     )
     outcome = run_snapshot_action(machine_spec(args), request)
     for warning in outcome.warnings:

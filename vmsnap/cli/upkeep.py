@@ -3,26 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from typing import Any
 
 import attrs
 
+from vmsnap.backup.repair import repair
+from vmsnap.cli import boot
+from vmsnap.cli.boot import boot_cell
 from vmsnap.cli.common import (
     Command,
     add_key_option,
     add_repo_option,
+    add_vm_arguments,
     count,
     emit,
     finite_seconds,
+    machine_spec,
     mib,
+    note,
+    opened_machine,
     render_table,
 )
 from vmsnap.cli.progress import disk_progress
 from vmsnap.errors import ChainError, ChecksumMismatchError, RepositoryError, UsageError
 from vmsnap.repo.copy import copy_backups
+from vmsnap.repo.layout import RepositoryLayout, layout_names
 from vmsnap.repo.manifest import Damaged, Manifest
+from vmsnap.repo.marker import COMPRESSIONS, DEFAULT_LAYOUT
+from vmsnap.repo.reports import VerifyProblem, VerifyReport
 from vmsnap.repo.repository import Repository, key_file_path
 from vmsnap.repo.retention import RetentionPolicy
+from vmsnap.repo.verify_records import record_verification
+from vmsnap.verify_boot.result import BootResult, latest_boot
 
 KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -65,13 +78,16 @@ def _init_arguments(parser: argparse.ArgumentParser) -> None:
     add_repo_option(parser)
     parser.add_argument(
         "--layout",
-        choices=("chunks", "qcow2"),
-        default="chunks",
+        choices=layout_names(),
+        default=DEFAULT_LAYOUT,
         help="chunks: deduplicated, compressed, optionally encrypted (default); qcow2: plain qcow2 chains",
     )
     parser.add_argument("--encrypt", action="store_true", help="encrypt (chunks only): AES-256-GCM")
     parser.add_argument(
-        "--compression", choices=("zstd", "none"), default="zstd", help="chunk compression (default zstd)"
+        "--compression",
+        choices=COMPRESSIONS,
+        default=COMPRESSIONS[0],
+        help="chunk compression (default zstd)",
     )
     add_key_option(parser, what="with --encrypt: the key file, created 0600 when missing")
 
@@ -79,10 +95,24 @@ def _init_arguments(parser: argparse.ArgumentParser) -> None:
 # -- list ---------------------------------------------------------------------------------------------------
 
 
-def _listed(manifest: Manifest) -> dict[str, Any]:
+def _listed(manifest: Manifest, boot: BootResult | RepositoryError | None) -> dict[str, Any]:
     """A backup as ``list --json`` shows it: the manifest plus its cost (logical size, bytes newly stored,
-    chunks reused)."""
-    return {**manifest.to_json(), **manifest.summary()}
+    chunks reused) and its latest boot verification (``boot``: null when it was never booted;
+    ``{"verdict": "damaged", "reason": …}`` when its record cannot be read)."""
+    if isinstance(boot, RepositoryError):
+        shown: dict[str, Any] | None = {"verdict": "damaged", "reason": boot.message}
+    else:
+        shown = boot.summary() if boot else None
+    return {**manifest.to_json(), **manifest.summary(), "boot": shown}
+
+
+def _latest_boot(repo: RepositoryLayout, manifest: Manifest) -> BootResult | RepositoryError | None:
+    """A backup's latest boot verification, or the error that says its record is damaged (one damaged
+    record does not hide the other backups)."""
+    try:
+        return latest_boot(repo, manifest)
+    except RepositoryError as err:
+        return err
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -93,6 +123,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.vm is not None and not backups and not damaged:
         repo.get(args.vm)  # raises NotFoundError naming the VMs that exist
     rows = []
+    boots = {m.backup_id: _latest_boot(repo, m) for m in backups}
     for m in backups:
         cost = m.summary()
         logical = cost["logical_size"]
@@ -106,12 +137,13 @@ def cmd_list(args: argparse.Namespace) -> int:
                 mib(logical) if logical is not None else "-",
                 mib(m.size),
                 str(cost["reused_chunks"] if cost["reused_chunks"] is not None else "-"),
+                boot_cell(boots[m.backup_id]),
             ]
         )
-    headings = ["vm", "backup", "kind", "strategy", "created", "data", "stored", "reused chunks"]
+    headings = ["vm", "backup", "kind", "strategy", "created", "data", "stored", "reused chunks", "boot"]
     human = render_table(headings, rows) if rows else f"no backups in {repo.location}"
     payload = {
-        "backups": [_listed(m) for m in backups],
+        "backups": [_listed(m, boots[m.backup_id]) for m in backups],
         "damaged": [{"vm": d.vm, "backup_id": d.backup_id, "error": d.error.message} for d in damaged],
     }
     emit(args, payload, human)
@@ -133,32 +165,111 @@ def _list_arguments(parser: argparse.ArgumentParser) -> None:
 # -- verify -------------------------------------------------------------------------------------------------
 
 
+def _vm_given(args: argparse.Namespace) -> bool:
+    return bool(args.qmp or args.domain or args.image)
+
+
+def _check_repair_options(args: argparse.Namespace) -> None:
+    """:raise UsageError: --from or a VM without --repair, or --repair with --boot or its options"""
+    if (args.sources or _vm_given(args)) and not args.repair:
+        raise UsageError("--from and a VM are sources for --repair", hint="add --repair")
+    if args.repair:
+        given = [f"--{o}" for o in ("boot", *boot.BOOT_OPTIONS) if getattr(args, o) not in (None, [], False)]
+        if given:
+            raise UsageError(
+                f"--repair does not go with {', '.join(given)}", hint="verify --boot after the repair"
+            )
+    else:
+        boot.check_boot_options(args)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Re-read backups and check every checksum, chunk and chain link; exit 1 naming the first problem."""
+    """Re-read backups and check every checksum, chunk and chain link (chunks: move damaged chunks aside;
+    --repair: store them again from --from repositories and the VM); exit 1 while a backup is damaged.
+    With ``--boot``: boot one backup and judge it (:mod:`vmsnap.cli.boot`)."""
+    _check_repair_options(args)
+    if args.boot:
+        return boot.cmd_verify_boot(args)
+    backup_id = None
     repo = Repository.open(args.repo, key_file=args.key_file)
-    with disk_progress(not args.json) as progress:
-        report = repo.verify(args.vm, args.backup, reader=args.reader, fast=args.fast, progress=progress)
+    with contextlib.ExitStack() as stack:
+        progress = stack.enter_context(disk_progress(not args.json))
+        if args.repair:
+            machine = stack.enter_context(opened_machine(machine_spec(args))) if _vm_given(args) else None
+            result = repair(
+                repo,
+                vm=args.vm,
+                backup_id=args.backup,
+                machine=machine,
+                sources=args.sources,
+                key_file=args.key_file,
+                fast=args.fast,
+                progress=progress,
+                note=note,
+            )
+            report, backup_id = result.report, result.backup_id
+        else:
+            report = repo.verify(args.vm, args.backup, reader=args.reader, fast=args.fast, progress=progress)
+    # kept beside each backup for vmsnap report, under a reader lease: prune cannot remove one beneath it
+    with repo.reading(args.vm):
+        for line in record_verification(repo, report, fast=args.fast):
+            note(line)
     payload = {
         "ok": report.ok,
         "reader": report.reader,
         "checked": [{"vm": vm, "backup_id": backup_id} for vm, backup_id in report.checked],
         "problems": [attrs.asdict(p) for p in report.problems],
+        "chunks": [{**attrs.asdict(c), "still_damaged": list(c.still_damaged)} for c in report.chunks],
+        "still_damaged": list(report.still_damaged),
+        "repair_backup": backup_id,
     }
     human = [f"verified {len(report.checked)} backup(s) with the {report.reader} reader"]
     human += [f"  PROBLEM {p}" for p in report.problems]
+    human += [f"  {c}" for c in report.chunks]
+    if backup_id is not None:
+        human.append(f"  took backup {backup_id} to read the moved-aside chunks again from the VM")
     if report.ok:
         human.append("  all checksums, chunks and chain links are good")
+    elif not report.still_damaged:
+        human.append("  every damaged chunk was stored again: every backup restores")
     emit(args, payload, "\n".join(human))
-    if not report.ok:
-        first = report.problems[0]
+    if report.still_damaged:
+        first = next((p for p in report.problems if not _healed(p, report)), report.problems[0])
         error = (
             ChainError if "chain" in first.message or "backing" in first.message else ChecksumMismatchError
         )
         raise error(
-            f"verify found {len(report.problems)} problem(s); first: {first}",
-            hint="restore from a backup that verifies, and take a new full backup",
+            f"verify found {len(report.problems)} problem(s), {len(report.still_damaged)} backup disk(s) "
+            f"still damaged; first: {first}",
+            hint=_verify_hint(report, read_vm=backup_id is not None),
         )
     return 0
+
+
+def _verify_hint(report: VerifyReport, *, read_vm: bool) -> str:
+    """What to do about what verify left damaged (true for what it did)."""
+    waiting = [c for c in report.chunks if not c.healed]
+    if waiting and read_vm:
+        return (
+            "the VM's disks (and the copies given) no longer hold the data of the chunks still damaged: "
+            "restore from a backup that verifies"
+        )
+    unhealed = {c.chunk for c in waiting}
+    if waiting and all(
+        any(chunk in p.message for chunk in unhealed) for p in report.problems if not _healed(p, report)
+    ):
+        vms = " and ".join(sorted({b.split("/")[0] for c in waiting for b in c.backups})) or "the VM"
+        return (
+            f"verify set the damaged or missing chunks aside: the next backup of {vms} stores them again "
+            "if its disks still hold that data (`vmsnap verify --repair` with the VM, or --from an off-site "
+            "copy, tries at once); meanwhile restore from a backup that verifies"
+        )
+    return "restore from a backup that verifies, and take a new full backup"
+
+
+def _healed(problem: VerifyProblem, report: VerifyReport) -> bool:
+    """The problem is about a chunk that was stored again."""
+    return any(c.healed and c.chunk in problem.message for c in report.chunks)
 
 
 def _verify_arguments(parser: argparse.ArgumentParser) -> None:
@@ -174,6 +285,22 @@ def _verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fast", action="store_true", help="chunks layout: only check that every chunk exists (one listing)"
     )
+    boot.add_boot_arguments(parser)
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="chunks layout: store the chunks found damaged or missing again at once, from the --from "
+        "repositories and from the VM named below (a backup of it)",
+    )
+    parser.add_argument(
+        "--from",
+        dest="sources",
+        action="append",
+        default=[],
+        metavar="REPO",
+        help="with --repair: a chunks repository holding copies of the backups (an off-site copy; repeat)",
+    )
+    add_vm_arguments(parser, connect=False)  # (--boot's --connect names the domain's libvirt too)
 
 
 # -- prune and gc -------------------------------------------------------------------------------------------
@@ -211,8 +338,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         for r in results
     ]
     payload = {"dry_run": args.dry_run, "pruned": [attrs.asdict(r) for r in results]}
-    if not args.dry_run and repo.name == "chunks":
-        human.append("the chunks only these backups used are freed by `vmsnap gc`")
+    if not args.dry_run and repo.collects:
+        human.append("the data only these backups used is freed by `vmsnap gc`")
     emit(args, payload, "\n".join(human) or f"no backups in {repo.location}")
     return 0
 
@@ -310,10 +437,13 @@ COMMANDS = (
     ),
     Command(
         "verify",
-        "re-read backups and check every checksum, chunk and chain link",
+        "re-read backups and check every checksum, chunk and chain link; set damaged chunks aside",
         "vmsnap verify --repo /backups --vm web1",
         cmd_verify,
         _verify_arguments,
+        more_examples=(
+            "vmsnap verify --boot --repo /backups --vm web1 --check 'systemctl is-system-running' --port 443",
+        ),
     ),
     Command(
         "prune",

@@ -36,6 +36,10 @@ import attrs
 
 from vmsnap.errors import NotFoundError, RepositoryError, TransferError, UsageError
 from vmsnap.image import qemu_img
+from vmsnap.image.geometry import CHUNK_SIZE as CHUNK_SIZE
+from vmsnap.image.geometry import Extent as Extent
+from vmsnap.image.geometry import chunk_count as chunk_count
+from vmsnap.image.geometry import chunk_length
 from vmsnap.image.nbd import STATE_ZERO, QemuNbdServer, extents, libnbd, nbd_connection, nbd_sha256
 from vmsnap.image.qcow2 import ChainMap, read_chain
 from vmsnap.image.qemu_img import check_source
@@ -45,20 +49,10 @@ from vmsnap.runner import LocalRunner, Runner
 ALGORITHM = "sha256-4MiB-chunks"
 """The name the manifest gives this digest."""
 
-CHUNK_SIZE = 4 * 1024 * 1024
 DIGEST_SIZE = 32
 _ZEROS = bytes(CHUNK_SIZE)
 WORKERS = max(4, min(8, os.cpu_count() or 4))
 """Threads that read and hash chunks at once (more than the cores: reads from disk overlap the hashing)."""
-
-
-def chunk_count(size: int) -> int:
-    """How many chunks a disk of ``size`` bytes has (0 for an empty disk)."""
-    return (size + CHUNK_SIZE - 1) // CHUNK_SIZE
-
-
-def _chunk_length(index: int, size: int) -> int:
-    return min(CHUNK_SIZE, size - index * CHUNK_SIZE)
 
 
 @functools.lru_cache(maxsize=8)
@@ -110,7 +104,7 @@ class ChunkDigests:
         count = chunk_count(size)
         body = zero_digest() * max(count - 1, 0)
         if count:
-            body += zero_digest(_chunk_length(count - 1, size))
+            body += zero_digest(chunk_length(count - 1, size))
         return cls(size, body)
 
 
@@ -154,27 +148,6 @@ def write_chunks_file(path: Path, chunks: ChunkDigests) -> None:
 
 
 # ------------------------------------------------------------------------------------------ extent maps
-
-
-@attrs.frozen
-class Extent:
-    """A run of guest-visible content: zeros, bytes of a local file, or bytes read over NBD.
-
-    :param layer: index of the file that holds it (``-1``: NBD; unused for zeros)
-    :param host_offset: where in that file it starts
-    :param top: the image's own top layer holds it (allocated there: data or zeros)
-    """
-
-    start: int
-    length: int
-    zero: bool
-    layer: int = -1
-    host_offset: int = 0
-    top: bool = False
-
-    @property
-    def end(self) -> int:
-        return self.start + self.length
 
 
 @attrs.frozen
@@ -281,7 +254,7 @@ def overlay_map(path: Path) -> ImageMap | None:
             placed = chain.place(first * CHUNK_SIZE, min((last + 1) * CHUNK_SIZE, size))
             if placed is None:
                 return None
-            found += [Extent(p.start, p.length, p.zero, p.layer, p.host_offset, top=True) for p in placed]
+            found += [attrs.evolve(p, top=True) for p in placed]
     return ImageMap(size, tuple(found), tuple(layer.path for layer in layers), via_nbd=False)
 
 
@@ -442,7 +415,7 @@ def hash_chunks(
     if parent is not None:
         wanted = image_map.top_chunks()
         for index in wanted:  # a touched chunk that is zeros now must not keep the parent's digest
-            digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = zero_digest(_chunk_length(index, size))
+            digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = zero_digest(chunk_length(index, size))
     todo = [i for i in _nonzero_chunks(image_map.extents) if wanted is None or i in wanted]
     with _Hasher(image_map, nbd_uri) as hasher:
         for done, (index, digest) in enumerate(_parallel(hasher.digest, todo, workers), 1):

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from vmsnap.errors import RepositoryError, UsageError
-from vmsnap.image.digest import CHUNK_SIZE, DIGEST_SIZE, ChunkDigests
+from vmsnap.image.digest import DIGEST_SIZE, ChunkDigests
+from vmsnap.image.geometry import CHUNK_SIZE
 from vmsnap.image.qcow2 import cluster_states, read_header
 
 

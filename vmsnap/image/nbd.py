@@ -12,7 +12,6 @@ import contextlib
 import functools
 import hashlib
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from vmsnap.errors import NotFoundError, TransferError, UsageError, VmsnapError
 from vmsnap.image.qemu_img import LOCKED_HINT, escape_option, options_string, split_options
 from vmsnap.model import ExportSource, validate_name
 from vmsnap.runner import LocalRunner, Runner
+from vmsnap.sockets import free_tcp_port
 
 CHUNK = 4 * 1024 * 1024
 """Bytes per NBD read: large enough to amortise round trips, far below libnbd's 64 MiB limit."""
@@ -33,8 +33,11 @@ _ZEROS = bytes(CHUNK)
 _STATUS_SPAN = 1 << 30  # block-status requests stay below the 4 GiB some servers reject
 
 STATE_HOLE = 1
+"""``base:allocation``: the extent is not allocated (that alone does not say it reads as zeros)."""
 STATE_ZERO = 2
+"""``base:allocation``: the extent reads as zeros."""
 DIRTY = 1
+"""``qemu:dirty-bitmap:NAME``: the extent changed since the bitmap was created."""
 
 
 def bitmap_name(value: str) -> str:
@@ -207,7 +210,7 @@ class QemuNbdServer:
         if self.tcp:
             if not self._local:
                 raise UsageError("a TCP qemu-nbd is only started on this host")
-            self._port = _free_port()
+            self._port = free_tcp_port()
         try:
             self.runner.run(self.argv(), timeout=60)
             self._pid = self._read_pid()
@@ -245,12 +248,6 @@ class QemuNbdServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- the client -----------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import attrs
 
+from vmsnap.image.geometry import Extent
+
 MAGIC = b"QFI\xfb"
 _OFFSET_MASK = 0x00FFFFFFFFFFFE00
 _COMPRESSED = 1 << 62
@@ -42,17 +44,6 @@ class Layer:
     @property
     def cluster_size(self) -> int:
         return 1 << self.cluster_bits
-
-
-@attrs.frozen
-class Placed:
-    """Where a run of guest content comes from: zeros, or ``layer``'s file at ``host_offset``."""
-
-    start: int
-    length: int
-    zero: bool
-    layer: int = -1
-    host_offset: int = 0
 
 
 @attrs.frozen
@@ -296,11 +287,11 @@ class ChainMap:
                         found.append((start, min(layer.cluster_size, layer.size - start)))
         return iter(found)
 
-    def place(self, start: int, end: int) -> list[Placed] | None:
+    def place(self, start: int, end: int) -> list[Extent] | None:
         """Where each byte of ``[start, end)`` of the top's guest content lives, or None when a compressed
         cluster (or a short read) is in the way."""
         pending = [(start, end)]
-        placed: list[Placed] = []
+        placed: list[Extent] = []
         for index, layer in enumerate(self.layers):
             if not pending:
                 break
@@ -310,7 +301,7 @@ class ChainMap:
                 if result is None:
                     return None
             pending = unresolved
-        placed += [Placed(lo, hi - lo, True) for lo, hi in pending]  # below the bottom: zeros
+        placed += [Extent(lo, hi - lo, True) for lo, hi in pending]  # below the bottom: zeros
         placed.sort(key=lambda p: p.start)
         return _merge(placed)
 
@@ -320,17 +311,17 @@ class ChainMap:
         layer: Layer,
         lo: int,
         hi: int,
-        placed: list[Placed],
+        placed: list[Extent],
         unresolved: list[tuple[int, int]],
     ) -> bool | None:
         if lo >= layer.size:
-            placed.append(Placed(lo, hi - lo, True))  # past a shorter backing file: zeros
+            placed.append(Extent(lo, hi - lo, True))  # past a shorter backing file: zeros
             return True
         if hi > layer.size:
-            placed.append(Placed(layer.size, hi - layer.size, True))
+            placed.append(Extent(layer.size, hi - layer.size, True))
             hi = layer.size
         if layer.raw:
-            placed.append(Placed(lo, hi - lo, False, index, lo))
+            placed.append(Extent(lo, hi - lo, False, index, lo))
             return True
         bits, size = layer.cluster_bits, layer.cluster_size
         per_table = size // 8
@@ -347,18 +338,18 @@ class ChainMap:
                 if entry & _COMPRESSED:
                     return None
                 if layer.zero_flag and entry & _ZERO_FLAG:
-                    placed.append(Placed(c_lo, c_hi - c_lo, True))
+                    placed.append(Extent(c_lo, c_hi - c_lo, True))
                 elif entry & _OFFSET_MASK:
                     host = (entry & _OFFSET_MASK) + (c_lo - (cluster << bits))
-                    placed.append(Placed(c_lo, c_hi - c_lo, False, index, host))
+                    placed.append(Extent(c_lo, c_hi - c_lo, False, index, host))
                 else:
                     unresolved.append((c_lo, c_hi))
                 cluster += 1
         return True
 
 
-def _merge(placed: list[Placed]) -> list[Placed]:
-    merged: list[Placed] = []
+def _merge(placed: list[Extent]) -> list[Extent]:
+    merged: list[Extent] = []
     for piece in placed:
         if merged:
             last = merged[-1]

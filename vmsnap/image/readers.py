@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from vmsnap.errors import DamagedChunkError, NotFoundError, UsageError, VmsnapError
-from vmsnap.image.digest import CHUNK_SIZE, ChunkDigests, chunk_offset_text, read_chunks_file, zero_digest
+from vmsnap.image.digest import ChunkDigests, chunk_offset_text, read_chunks_file, zero_digest
+from vmsnap.image.geometry import CHUNK_SIZE
 
 
 @runtime_checkable

@@ -20,6 +20,7 @@ import datetime as dt
 import functools
 import os
 import threading
+import time
 import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,8 +29,10 @@ from typing import cast
 from vmsnap.backup import Backup, BackupConfig
 from vmsnap.backup.config import Quiesce
 from vmsnap.errors import NotFoundError, RepositoryError
+from vmsnap.jobs.boot_policy import BootPolicy
 from vmsnap.jobs.expand import expand_vms
 from vmsnap.jobs.jobfile import JobConfig, ListDomains, VmSpec, load_job
+from vmsnap.jobs.report import BootOutcome
 from vmsnap.jobs.run import (
     BackupInfo,
     JobReport,
@@ -42,8 +45,12 @@ from vmsnap.jobs.run import (
 from vmsnap.repo.reports import GcReport, PruneResult
 from vmsnap.repo.repository import Repository, RepositoryLayout
 from vmsnap.repo.retention import RetentionPolicy, backup_time
+from vmsnap.restore.commands import DEFAULT_RUN_ROOT
 from vmsnap.strategies import strategy_class
+from vmsnap.verify_boot.result import PREFIX, boot_names
+from vmsnap.verify_boot.run import BootConfig, verify_boot
 from vmsnap.vm.hosts import ConnectHost, HostPool, connect_with_openssh
+from vmsnap.vm.libvirt.domain import is_local_uri
 from vmsnap.vm.machine import Machine
 from vmsnap.vm.select import MachineSpec, open_machine
 
@@ -92,7 +99,7 @@ def takes_incrementals(spec: VmSpec) -> bool:
 
 
 class JobFunctions:
-    """:data:`BackupFn`, :class:`RetentionFn`, :data:`PredictFn` and :data:`GcFn` of one job.
+    """:data:`BackupFn`, :class:`RetentionFn`, :data:`PredictFn`, :data:`GcFn` and :class:`BootFn` of one job.
 
     Use as a context manager (remote connections are closed at its end)::
 
@@ -202,6 +209,55 @@ class JobFunctions:
         """
         return self.repository().gc(wait=GC_WAIT)
 
+    # -- boot verification ---------------------------------------------------------------------------
+
+    def boot(self, spec: VmSpec, policy: BootPolicy) -> BootOutcome:
+        """Boot-verify the VM's newest backup (``vmsnap verify --boot``), unless its last verification is
+        more recent than ``policy.every``, or the VM cannot be booted from here (backed up from images, on
+        another host, or under a libvirt URI of another host).
+
+        :raise VmsnapError: the verification could not run (the copy did not start, …)
+        """
+        if spec.kind == "image":
+            return BootOutcome("skipped", "backed up from images: no definition to boot it from")
+        if spec.host is not None:
+            return BootOutcome("skipped", f"it runs on {spec.host}: boot verifications run on its own host")
+        if not is_local_uri(spec.connect):
+            return BootOutcome(
+                "skipped",
+                f"its libvirt URI {spec.connect} is another host's: the copy would be defined there on this "
+                "host's overlays (boot verifications run on its own host)",
+            )
+        repo = self.repository()
+        latest = repo.latest(spec.name)
+        if latest is None:
+            return BootOutcome("skipped", "no backup to boot")
+        if policy.every is not None:
+            last = last_verified(repo, spec.name)
+            if last is not None and time.time() - last < policy.every:
+                when = dt.datetime.fromtimestamp(last, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+                return BootOutcome("skipped", f"last verified {when}, within verify_boot_every")
+        config = BootConfig(
+            repo=self.job.repository,
+            vm=spec.name,
+            backup_id=latest.backup_id,
+            key_file=self.job.key_file,
+            checks=policy.checks,
+            ports=policy.ports,
+            timeout=policy.timeout,
+            connect=spec.connect,
+            run_root=Path(os.environ.get("VMSNAP_RUN_DIR") or DEFAULT_RUN_ROOT),
+        )
+        result = verify_boot(config)
+        return BootOutcome(
+            result.verdict,
+            result.reason,
+            result.backup_id,
+            result.seconds_to_agent,
+            result.seconds,
+            finished=time.time(),
+        )
+
     # -- dry run -------------------------------------------------------------------------------------
 
     def predict(self, spec: VmSpec) -> Prediction:
@@ -257,6 +313,7 @@ def run_job_file(
             retention=functions.retention,
             predict=functions.predict,
             gc=functions.gc,
+            boot=functions.boot,
             entry_failures=failures,
             dry_run=dry_run,
             lock_dir=lock_dir,
@@ -265,6 +322,18 @@ def run_job_file(
 
 def _infos(repo: RepositoryLayout, vm: str) -> list[BackupInfo]:
     return [BackupInfo(m.backup_id, backup_time(m.backup_id), m.parent) for m in repo.backups(vm)]
+
+
+def last_verified(repo: RepositoryLayout, vm: str) -> float | None:
+    """Unix time of the newest boot verification of any backup of ``vm``, or None."""
+    stamps = [
+        names[-1][len(PREFIX) : -len(".json")]
+        for m in repo.backups(vm)
+        if (names := boot_names(repo.attachments(m)))
+    ]
+    if not stamps:
+        return None
+    return dt.datetime.strptime(max(stamps), "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=dt.UTC).timestamp()
 
 
 if not typing.TYPE_CHECKING:

@@ -11,6 +11,7 @@ Reference (every key; relative paths are taken from the job file's directory)::
     on_failure  = ["/usr/local/bin/notify", "--channel", "ops"]             # argv, run when a VM failed
     gc          = true                    # default false: after all VMs, free the chunks no backup names
     ssh_config  = "/etc/vmsnap/ssh_config"   # for host = …: this file instead of ~/.ssh/config (ssh -F)
+    verify_boot = "latest"                # boot each VM's new backup (keys: vmsnap.jobs.boot_policy)
 
     [retention]                           # optional; applied to each VM after its successful backup
     keep_last = 3                         # keys: keep_last keep_hourly keep_daily keep_weekly
@@ -54,9 +55,12 @@ from typing import Any, Literal
 import attrs
 
 from vmsnap.errors import UsageError
+from vmsnap.jobs.boot_policy import KEYS as BOOT_KEYS
+from vmsnap.jobs.boot_policy import BootPolicy, parse_boot_policy
 from vmsnap.jobs.toml_lines import KeyLines, TablePath
 from vmsnap.model import validate_name
 from vmsnap.repo.retention import POLICY_KEYS, RetentionPolicy
+from vmsnap.repo.stores import is_url, known_url, url_forms
 from vmsnap.vm.hosts import HostSpec
 
 DEFAULT_METRICS_DIR = Path("/var/lib/prometheus/node-exporter")
@@ -73,6 +77,7 @@ TOP_KEYS = (
     "ssh_config",
     "retention",
     "vm",
+    *BOOT_KEYS,
 )
 VM_KEYS = (
     "qmp",
@@ -212,6 +217,7 @@ class JobConfig:
         chunks no backup names any more; qcow2: nothing to do)
     :param ssh_config: the ssh_config file for VMs on other hosts (None: ``$VMSNAP_SSH_CONFIG``, else
         OpenSSH's own)
+    :param verify_boot: boot each VM's newest backup after its backup (None: no boot verification)
     :param lines: where each key is in the file (for messages while expanding)
     """
 
@@ -227,12 +233,8 @@ class JobConfig:
     retention: RetentionPolicy | None = None
     gc: bool = False
     ssh_config: Path | None = None
+    verify_boot: BootPolicy | None = None
     lines: KeyLines | None = attrs.field(default=None, eq=False, repr=False)
-
-    @property
-    def repository_path(self) -> Path | None:
-        """The repository directory, or None for a URL (``s3://``)."""
-        return None if "://" in self.repository else Path(self.repository)
 
     def where(self, line: int) -> str:
         """``job file /etc/vmsnap/nightly.toml, line 12`` for messages."""
@@ -251,6 +253,7 @@ class JobConfig:
             "retention": self.retention.to_json() if self.retention else None,
             "gc": self.gc,
             "ssh_config": str(self.ssh_config) if self.ssh_config else None,
+            "verify_boot": self.verify_boot.to_json() if self.verify_boot else None,
         }
 
 
@@ -327,10 +330,13 @@ class _Parser:
                 f"{_source(self.path)}, line 1: repository is missing",
                 hint='add repository = "/backups" (or "s3://bucket/prefix") at the top',
             )
-        if "://" in repository:
-            if not repository.startswith("s3://") or len(repository) <= len("s3://"):
+        if is_url(repository):
+            if not known_url(repository):
                 raise self.fail(
-                    top, "repository", f"unsupported repository URL {repository!r}", "use a path or s3://"
+                    top,
+                    "repository",
+                    f"unsupported repository URL {repository!r}",
+                    f"use a path or {url_forms()}",
                 )
         else:
             repository = str(self.local_path(top, "repository", repository))
@@ -379,6 +385,7 @@ class _Parser:
             gc=gc,
             ssh_config=self.local_path(top, "ssh_config", ssh_config) if ssh_config else None,
             vms=entries,
+            verify_boot=parse_boot_policy(data, lambda key, message: self.fail(top, key, message)),
             lines=self.lines,
         )
 

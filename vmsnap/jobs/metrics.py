@@ -11,6 +11,9 @@ the collector never reads half a file. Series (every one labelled ``job`` and, p
     vmsnap_backup_last_freeze_seconds             guest freeze window of the last successful backup (0: none)
     vmsnap_backup_last_incremental                1: the last successful backup was incremental
     vmsnap_backup_failures_total                  failed attempts (a counter, kept in the file across runs)
+    vmsnap_boot_verify_last_timestamp_seconds     when the VM's last boot verification ended (verify_boot)
+    vmsnap_boot_verify_last_status                1: its last boot verification passed, 0: it failed
+    vmsnap_boot_verify_last_seconds_to_agent      seconds from its start to the guest agent's answer
     vmsnap_job_last_run_timestamp_seconds         when the job last ended
     vmsnap_job_last_duration_seconds              how long it took
     vmsnap_job_last_status                        1: every VM succeeded
@@ -18,7 +21,8 @@ the collector never reads half a file. Series (every one labelled ``job`` and, p
     vmsnap_job_last_gc_freed_bytes                what the job's last gc freed (only with ``gc = true``)
 
 The previous file is read back first: a VM that failed this run keeps its last success time, bytes and
-freeze window, so an alert on ``time() - vmsnap_backup_last_success_timestamp_seconds`` sees a stale VM.
+freeze window, so an alert on ``time() - vmsnap_backup_last_success_timestamp_seconds`` sees a stale VM; a
+VM not boot-verified this run (``verify_boot_every``) keeps its last verification's series.
 Series of other jobs in the same file are kept as they were. A VM of this job that is not in this run is
 dropped (it left the job), unless the run could not list some VMs (an unreachable libvirt): then it is kept,
 so that it goes stale rather than vanishing.
@@ -68,6 +72,22 @@ VM_METRICS: tuple[tuple[str, str, str], ...] = (
         "1 if the VM's last successful backup was incremental, else 0.",
     ),
     ("vmsnap_backup_failures_total", "counter", "Failed backup attempts of the VM."),
+    (
+        "vmsnap_boot_verify_last_timestamp_seconds",
+        "gauge",
+        "Unix time the VM's last boot verification ended.",
+    ),
+    ("vmsnap_boot_verify_last_status", "gauge", "1 if the VM's last boot verification passed, else 0."),
+    (
+        "vmsnap_boot_verify_last_seconds_to_agent",
+        "gauge",
+        "Seconds from the start of the VM's last boot verification to its guest agent's answer.",
+    ),
+)
+_BOOT = (
+    "vmsnap_boot_verify_last_timestamp_seconds",
+    "vmsnap_boot_verify_last_status",
+    "vmsnap_boot_verify_last_seconds_to_agent",
 )
 JOB_METRICS: tuple[tuple[str, str, str], ...] = (
     ("vmsnap_job_last_run_timestamp_seconds", "gauge", "Unix time the backup job last ended."),
@@ -91,6 +111,9 @@ class VmSample:
     :param freeze_seconds: the guest's freeze window, None when not frozen
     :param incremental: the backup was incremental
     :param backed_up: the backup itself was committed (True also when only the retention after it failed)
+    :param boot_finished: Unix time its boot verification ended (None: none ran this time)
+    :param boot_passed: that verification passed
+    :param boot_seconds_to_agent: seconds to its guest agent's answer (None: it never answered)
     """
 
     vm: str
@@ -101,6 +124,9 @@ class VmSample:
     freeze_seconds: float | None = None
     incremental: bool = False
     backed_up: bool | None = None
+    boot_finished: float | None = None
+    boot_passed: bool | None = None
+    boot_seconds_to_agent: float | None = None
 
 
 Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -203,6 +229,13 @@ def merge(
             ):
                 if name in before:
                     values[name] = before[name]
+        if sample.boot_finished is not None:
+            values["vmsnap_boot_verify_last_timestamp_seconds"] = sample.boot_finished
+            values["vmsnap_boot_verify_last_status"] = 1.0 if sample.boot_passed else 0.0
+            if sample.boot_seconds_to_agent is not None:
+                values["vmsnap_boot_verify_last_seconds_to_agent"] = sample.boot_seconds_to_agent
+        else:
+            values.update({name: before[name] for name in _BOOT if name in before})
         for name, value in values.items():
             out[(name, _labels(job=job, vm=sample.vm))] = value
     failed = sum(1 for s in samples if not s.ok) + failed_entries

@@ -41,6 +41,27 @@ def prune_json(result: PruneResult) -> dict[str, Any]:
 
 
 @attrs.frozen
+class BootOutcome:
+    """A VM's boot verification in a job (``verify_boot``).
+
+    :param verdict: "passed" or "failed" (the backup booted and was judged), "skipped" (its last one is
+        recent enough, or the VM cannot be booted), "error" (the verification could not run)
+    :param detail: why it failed, was skipped or could not run
+    :param finished: Unix time it ended
+    """
+
+    verdict: Literal["passed", "failed", "skipped", "error"]
+    detail: str | None = None
+    backup_id: str | None = None
+    seconds_to_agent: float | None = None
+    seconds: float = 0.0
+    finished: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
 class VmOutcome:
     """One VM's part of the report.
 
@@ -66,6 +87,7 @@ class VmOutcome:
     notes: tuple[str, ...] = ()
     retention: PruneResult | None = None
     retention_error: str | None = None
+    boot: BootOutcome | None = None
     spec: VmSpec | None = attrs.field(default=None, eq=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -82,6 +104,7 @@ class VmOutcome:
             "notes": list(self.notes),
             "retention": None if self.retention is None else prune_json(self.retention),
             "retention_error": self.retention_error,
+            "boot": None if self.boot is None else self.boot.to_json(),
             "target": None if self.spec is None else self.spec.to_json(),
         }
 
@@ -218,6 +241,13 @@ def _describe(outcome: VmOutcome, dry_run: bool) -> str:
         text += f"; retention FAILED (job file line {outcome.line}): {outcome.retention_error}"
     for note in outcome.notes:
         text += f"; {note}"
+    if outcome.boot is not None:
+        boot = outcome.boot
+        text += f"; boot {boot.verdict.upper() if boot.verdict in ('failed', 'error') else boot.verdict}"
+        if boot.seconds_to_agent is not None:
+            text += f" (agent after {boot.seconds_to_agent:.1f} s)"
+        if boot.detail:
+            text += f": {boot.detail}"
     return text
 
 

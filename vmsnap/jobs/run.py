@@ -43,8 +43,10 @@ import attrs
 
 from vmsnap.errors import VmsnapError
 from vmsnap.jobs import metrics
+from vmsnap.jobs.boot_policy import BootPolicy
 from vmsnap.jobs.jobfile import EntryFailure, JobConfig, VmSpec
 from vmsnap.jobs.report import (
+    BootOutcome,
     HookResult,
     JobReport,
     Kind,
@@ -120,6 +122,12 @@ GcFn = Callable[[], GcReport]
 """Collect the repository's garbage (after every VM of the run); raise when it cannot."""
 
 
+class BootFn(Protocol):
+    """Boot-verify one VM's newest backup as the job's policy says (see :mod:`vmsnap.jobs.boot_policy`)."""
+
+    def __call__(self, spec: VmSpec, policy: BootPolicy) -> BootOutcome: ...
+
+
 class RetentionFn(Protocol):
     """Apply (or, with ``dry_run``, only plan) a retention policy to one VM's backups."""
 
@@ -166,6 +174,32 @@ def apply_retention(
 
 
 # -- one VM ---------------------------------------------------------------------------------------------
+
+
+def _backup_and_boot(
+    spec: VmSpec,
+    backup: BackupFn,
+    retention: RetentionFn | None,
+    policy: RetentionPolicy | None,
+    boot: BootFn | None,
+    boot_policy: BootPolicy | None,
+    clock: Callable[[], float],
+) -> VmOutcome:
+    """One VM's backup and retention, then (once it is backed up) its boot verification: a verification
+    that fails or cannot run fails the VM's line."""
+    outcome = _backup_one(spec, backup, retention, policy, clock)
+    if boot is None or boot_policy is None or not outcome.backed_up:
+        return outcome
+    try:
+        verified = boot(spec, boot_policy)
+    except Exception as err:
+        verified = BootOutcome("error", error_line(err), finished=clock())
+    if verified.verdict in ("failed", "error"):
+        what = "failed" if verified.verdict == "failed" else "could not run"
+        return attrs.evolve(
+            outcome, ok=False, boot=verified, error=f"boot verification {what}: {verified.detail}"
+        )
+    return attrs.evolve(outcome, boot=verified)
 
 
 def _backup_one(
@@ -314,6 +348,7 @@ def run_job(
     retention: RetentionFn | None = None,
     predict: PredictFn | None = None,
     gc: GcFn | None = None,
+    boot: BootFn | None = None,
     entry_failures: Sequence[EntryFailure] = (),
     dry_run: bool = False,
     lock_dir: Path | None = None,
@@ -328,6 +363,7 @@ def run_job(
     :param retention: applies the job's policy to one VM (None: no retention, even with a policy)
     :param predict: the dry run's guess of each VM's kind
     :param gc: collects the repository's garbage once after all VMs, when ``job.gc`` asks for it
+    :param boot: boot-verifies a VM after its backup, when ``job.verify_boot`` asks for it
     :param entry_failures: ``[[vm]]`` entries that could not be expanded (reported, and failing the run)
     :param lock_dir: where the job's lock lives (default :func:`default_lock_dir`)
     :raise VmsnapError: another run of this job holds its lock (nothing was done)
@@ -344,7 +380,10 @@ def run_job(
             if dry_run:
                 futures = [pool.submit(_predict_one, s, predict, retention, policy, clock) for s in specs]
             else:
-                futures = [pool.submit(_backup_one, s, backup, retention, policy, clock) for s in specs]
+                futures = [
+                    pool.submit(_backup_and_boot, s, backup, retention, policy, boot, job.verify_boot, clock)
+                    for s in specs
+                ]
             try:
                 outcomes = tuple(f.result() for f in futures)
             except BaseException:  # interrupted (SIGTERM, Ctrl-C): start no further VM; running ones end
@@ -391,6 +430,9 @@ def _write_metrics(report: JobReport, path: Path, failed_entries: int) -> JobRep
             freeze_seconds=None if o.freeze_ms is None else o.freeze_ms / 1000,
             incremental=o.kind == "incremental",
             backed_up=o.backed_up,
+            boot_finished=o.boot.finished if o.boot and o.boot.verdict in ("passed", "failed") else None,
+            boot_passed=o.boot.verdict == "passed" if o.boot else None,
+            boot_seconds_to_agent=o.boot.seconds_to_agent if o.boot else None,
         )
         for o in report.outcomes
     ]

@@ -19,6 +19,7 @@ from vmsnap.errors import AgentError, CommandError, UsageError, VmsnapError
 from vmsnap.image import qemu_img
 from vmsnap.lab.image import GUEST_DATA_PREFIX, LabImage, build_lab_image
 from vmsnap.lab.qemu import Accel, DriveSpec, QemuProcess, qemu_io
+from vmsnap.lab.rootfs import ROOT_APPEND, ROOT_SERIAL, make_root_disk
 from vmsnap.model import validate_name
 from vmsnap.runner import CommandResult, LocalRunner, Runner
 from vmsnap.vm.agent import GuestAgent
@@ -69,6 +70,11 @@ class LabGuest:
     :param image: a built lab image (default: :func:`build_lab_image`, cached)
     :param accel: force "kvm" or "tcg" (default: ``VMSNAP_ACCEL``, else TCG unless KVM is hardware)
     :param boot_timeout: seconds to wait for the agent's first answer
+    :param root_disk: boot with the root filesystem on this qcow2 image (serial ``root``, made by
+        :func:`vmsnap.lab.rootfs.make_root_disk` when missing) instead of running from the initramfs
+    :param display: give the guest a VGA device with the kernel's warnings and errors on it (its early VGA
+        console, kept: ``earlyprintk=vga,keep``), for screenshots
+    :param extra_args: more QEMU arguments (e.g. ``-drive if=pflash,…``)
     """
 
     def __init__(
@@ -83,6 +89,9 @@ class LabGuest:
         accel: Accel | None = None,
         boot_timeout: float = 120.0,
         host_runner: Runner | None = None,
+        root_disk: Path | None = None,
+        display: bool = False,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.workdir = Path(workdir)
         self.name = validate_name(name, "VM name")
@@ -92,6 +101,9 @@ class LabGuest:
         self.image = image
         self.accel = accel
         self.boot_timeout = boot_timeout
+        self.root_disk = Path(root_disk) if root_disk is not None else None
+        self.display = display
+        self.extra_args = list(extra_args)
         self.host_runner: Runner = host_runner if host_runner is not None else LocalRunner()
         self.data_image: Path | None = (
             self.workdir / f"{DATA_SERIAL}.qcow2" if data_disk_size is not None else None
@@ -113,6 +125,18 @@ class LabGuest:
         self.image = image
         self.workdir.mkdir(parents=True, exist_ok=True)
         drives: list[DriveSpec] = []
+        append = image.append
+        extra_args = ["-no-reboot", *self.extra_args]
+        if self.root_disk is not None:
+            if not self.root_disk.exists():
+                make_root_disk(image, self.root_disk, runner=self.host_runner)
+            drives.append(DriveSpec(self.root_disk, ROOT_SERIAL, serial=ROOT_SERIAL))
+            append = f"{append} {ROOT_APPEND}"
+        if self.display:
+            # PVH sets up no text console: the kernel's early VGA console, kept, shows its messages (and
+            # what the init writes to /dev/kmsg) on the screen; /dev/console stays the serial port
+            append = f"{append} earlyprintk=vga,keep"
+            extra_args += ["-device", "VGA"]
         if self.data_image is not None and self.data_disk_size is not None:
             if not self.data_image.exists():
                 self.host_runner.run(
@@ -130,10 +154,10 @@ class LabGuest:
             memory_mb=self.memory_mb,
             kernel=image.kernel,
             initrd=image.initrd,
-            append=image.append,
+            append=append,
             agent=True,
             accel=self.accel,
-            extra_args=["-no-reboot"],
+            extra_args=extra_args,
         )
         try:
             self.process.start()
@@ -171,11 +195,6 @@ class LabGuest:
         except OSError:
             return f"(no console log at {self.process.console})"
         return " | ".join(text.strip().splitlines()[-lines:])
-
-    @property
-    def console_log(self) -> Path | None:
-        """The guest's serial console output (a file)."""
-        return self.process.console if self.process is not None else None
 
     def stop(self) -> None:
         """Sync the guest's disks when it can, quit QEMU, kill it if it lingers (only the pid we started)."""

@@ -8,6 +8,7 @@ defines a q35 domain with no guest OS over qcow2 data disks.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import os
 import re
@@ -25,14 +26,18 @@ from xml.sax.saxutils import quoteattr
 from vmsnap import processes
 from vmsnap.errors import LibvirtError, UnsupportedError
 from vmsnap.lab.image.contents import AGENT_PORT
-from vmsnap.lab.qemu import kvm_usable, listening
+from vmsnap.lab.qemu import kvm_usable
 from vmsnap.runner import LocalRunner, child_environment
+from vmsnap.sockets import unix_listening as listening
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
-# QEMU runs as root on images in private 0700 temp dirs; there is no SELinux/AppArmor to label for
+# QEMU (and swtpm, for domains with an emulated TPM) run as root on images in private 0700 temp dirs; there
+# is no SELinux/AppArmor to label for
 QEMU_SETTINGS: Mapping[str, str] = {
     "user": '"root"',
     "group": '"root"',
+    "swtpm_user": '"root"',
+    "swtpm_group": '"root"',
     "dynamic_ownership": "0",
     "remember_owner": "0",
     "security_driver": '"none"',
@@ -48,22 +53,27 @@ PRIVATE_STATE = Path("/var/lib/libvirt/qemu")
 def ensure_qemu_conf(conf: Path = QEMU_CONF, settings: Mapping[str, str] = QEMU_SETTINGS) -> list[str]:
     """Append the ``settings`` that ``conf`` lacks; return the lines added.
 
+    Under an exclusive ``flock`` on ``conf`` itself: test workers starting their libvirtds at the same
+    moment add the lines once.
+
     :raise LibvirtError: ``conf`` sets one of them to another value (vmsnap never overrides a host's choice)
     """
-    text = conf.read_text() if conf.exists() else ""
-    missing = []
-    for key, value in settings.items():
-        match = re.search(rf"^\s*{re.escape(key)}\s*=\s*(\S+)", text, re.MULTILINE)
-        if match is None:
-            missing.append(f"{key} = {value}")
-        elif match.group(1) != value:
-            raise LibvirtError(
-                f"{conf} sets {key} = {match.group(1)}; a lab libvirtd needs {key} = {value}",
-                hint=f"change it in {conf}, or use a host libvirtd that already runs",
-            )
-    if missing:
-        with conf.open("a") as out:
-            out.write("\n# vmsnap lab libvirtd (vmsnap/lab/libvirtd.py)\n" + "\n".join(missing) + "\n")
+    with conf.open("a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        text = handle.read()
+        missing = []
+        for key, value in settings.items():
+            match = re.search(rf"^\s*{re.escape(key)}\s*=\s*(\S+)", text, re.MULTILINE)
+            if match is None:
+                missing.append(f"{key} = {value}")
+            elif match.group(1) != value:
+                raise LibvirtError(
+                    f"{conf} sets {key} = {match.group(1)}; a lab libvirtd needs {key} = {value}",
+                    hint=f"change it in {conf}, or use a host libvirtd that already runs",
+                )
+        if missing:
+            handle.write("\n# vmsnap lab libvirtd (vmsnap/lab/libvirtd.py)\n" + "\n".join(missing) + "\n")
     return missing
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from vmsnap import processes
 from vmsnap.errors import VmsnapError
 from vmsnap.lab.image.contents import AGENT_PORT
 from vmsnap.runner import child_environment
+from vmsnap.sockets import unix_listening as listening
 from vmsnap.vm.qmp import QMPMonitor
 
 Accel = Literal["kvm", "tcg"]
@@ -105,19 +105,6 @@ def _json(value: object) -> str:
 
 class QemuStartError(VmsnapError):
     """QEMU exited or did not open its QMP socket; the message carries the end of its log."""
-
-
-def listening(path: Path, *, timeout: float = 1.0) -> bool:
-    """True once a unix socket accepts connections (the file appears at bind(), before listen())."""
-    if not path.exists():
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(timeout)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 def _log_tail(log: Path, lines: int = 15) -> str:

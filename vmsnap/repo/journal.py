@@ -25,7 +25,7 @@ JOURNAL_FORMAT = 1
 
 STEPS = (
     "started",  # staging exists; the journal names it
-    "freezing",  # about to freeze the guest
+    "freezing",  # about to freeze the guest (data: vm_status, the VM's run state before)
     "frozen",
     "creating",  # about to create snapshots (data: name)
     "created",  # data: snapshots

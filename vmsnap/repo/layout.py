@@ -3,8 +3,11 @@
 backup being written).
 
 Two layouts implement it: ``qcow2`` (:mod:`vmsnap.repo.qcow2_repo`: a directory of qcow2 chains) and
-``chunks`` (:mod:`vmsnap.repo.chunks.repository`: deduplicated chunks over any store). Open one with
-:meth:`vmsnap.repo.repository.Repository.open`; nothing outside ``repo/`` names a layout class.
+``chunks`` (:mod:`vmsnap.repo.chunks.repository`: deduplicated chunks over any store), registered by name
+under the ``vmsnap.layouts`` entry point (:func:`layout_class`). Open one with
+:meth:`vmsnap.repo.repository.Repository.open`, which reads the marker's layout name and asks that class
+(:meth:`RepositoryLayout.open_layout`); what differs between layouts is class data (``needs_directory``,
+``encrypts``, ``chunk_size``, ``reads_exports`` …), so nothing outside a layout's own modules names it.
 
 A backup, as the orchestrator drives it::
 
@@ -23,13 +26,18 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol
 
-from vmsnap.errors import NotFoundError
+from vmsnap.errors import NotFoundError, PluginError, UsageError
+from vmsnap.image.digest import ChunkDigests
 from vmsnap.image.sources import BackupSource
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
+from vmsnap.registry import LAYOUT_GROUP, load, names
+from vmsnap.repo import attachments
 from vmsnap.repo.manifest import Damaged, Kind, Manifest
+from vmsnap.repo.marker import COMPRESSIONS, RepoMarker
 from vmsnap.repo.progress import DiskProgress, Transfer, no_progress
 from vmsnap.repo.prune import plan_policy, plan_retention
 from vmsnap.repo.reports import (
+    CopiedBackup,
     GcReport,
     LayoutTraits,
     PruneResult,
@@ -38,11 +46,15 @@ from vmsnap.repo.reports import (
     WrittenDisk,
 )
 from vmsnap.repo.retention import RetentionPolicy
+from vmsnap.repo.stores.base import Store
 from vmsnap.runner import Runner
 from vmsnap.transports.base import Transport
 
 DEFINITION_FILE = "domain.xml"
 """Kept with a backup of a machine that has a definition (a libvirt domain's XML), for restore --define."""
+
+ATTACHMENT_MAX = attachments.MAX_SIZE
+"""The largest object :meth:`RepositoryLayout.attach` keeps (one chunk blob in the ``chunks`` layout)."""
 
 RestoreFormat = Literal["qcow2", "raw"]
 VerifyReader = Literal["auto", "qemu", "libqcow"]
@@ -105,6 +117,16 @@ class BackupWriter(Protocol):
         """
         ...
 
+    def attach(self, name: str, data: bytes) -> None:
+        """Keep ``data`` as the backup's object ``name`` (what the machine needs to come back besides its
+        disks: firmware variables, TPM state, a QEMU command line), sealed with the backup: the manifest
+        names its sha256 (``objects``), it exists once the manifest does, cannot be replaced afterwards
+        (:meth:`RepositoryLayout.attach` refuses its name), and goes with a discarded run.
+
+        :raise UsageError: a bad name, or more than :data:`ATTACHMENT_MAX` bytes
+        """
+        ...
+
     def discard(self) -> None:
         """Remove everything of this unfinished backup (idempotent)."""
         ...
@@ -113,21 +135,93 @@ class BackupWriter(Protocol):
 class RepositoryLayout(abc.ABC):
     """A repository of either layout; see the module docstring.
 
-    :cvar name: "chunks" or "qcow2"
+    :cvar name: the name it is registered under (the marker's ``layout``)
     :cvar reads_exports: the layout reads a strategy's export itself: no transport may be chosen
     :cvar accepts_push: a strategy may write the backup's images itself (push)
     :cvar chains: incrementals depend on their parents (prune keeps the parents of kept backups)
+    :cvar needs_directory: it keeps plain files, so only a directory (not an object store) can hold it
+    :cvar encrypts: a repository of this layout can be encrypted
+    :cvar chunk_size: the size its content is cut into (the marker's ``chunk_size``, with a
+        ``compression``), or None when it cuts nothing (then the marker has neither)
+    :cvar collects: removing a backup can leave data other backups shared (chunks) that only :meth:`gc`
+        frees; False: a backup's data goes with it
     """
 
     name: ClassVar[str]
     reads_exports: ClassVar[bool]
     accepts_push: ClassVar[bool]
     chains: ClassVar[bool]
+    needs_directory: ClassVar[bool] = False
+    encrypts: ClassVar[bool] = False
+    chunk_size: ClassVar[int | None] = None
+    collects: ClassVar[bool] = False
 
     @classmethod
     def traits(cls) -> LayoutTraits:
         """The layout's traits, as the orchestrator plans with them."""
         return LayoutTraits(cls.name, cls.reads_exports, cls.accepts_push)
+
+    @classmethod
+    def new_marker(cls, *, compression: str = "zstd", key_id: str | None = None) -> RepoMarker:
+        """The marker of a new repository of this layout.
+
+        :param key_id: the key's fingerprint, for an encrypted repository
+        :raise UsageError: an unknown compression, or encryption in a layout that cannot be encrypted
+        """
+        if compression not in COMPRESSIONS:
+            raise UsageError(f"unknown compression {compression!r}", hint=f"use {' or '.join(COMPRESSIONS)}")
+        if key_id is not None and not cls.encrypts:
+            can = [n for n in layout_names() if layout_class(n).encrypts]
+            raise UsageError(
+                f"the {cls.name} layout cannot be encrypted",
+                hint=f"use --layout {' or '.join(can) or '(none installed)'} with --encrypt",
+            )
+        if cls.chunk_size is None:
+            return RepoMarker.new(cls.name)
+        return RepoMarker.new(cls.name, chunk_size=cls.chunk_size, compression=compression, key_id=key_id)
+
+    @classmethod
+    def accept_marker(cls, marker: RepoMarker) -> RepoMarker:
+        """``marker`` as this layout reads it: what it does not use dropped, what it needs checked.
+
+        :raise ValueError: the marker lacks what the layout needs (the caller says it is damaged)
+        """
+        if cls.chunk_size is None:
+            return RepoMarker(marker.format, marker.layout, marker.id)
+        if marker.chunk_size != cls.chunk_size or marker.compression is None:
+            raise ValueError(f"chunk size {marker.chunk_size!r} and compression {marker.compression!r}")
+        return (
+            marker
+            if cls.encrypts
+            else RepoMarker(
+                marker.format, marker.layout, marker.id, marker.compression, None, marker.chunk_size
+            )
+        )
+
+    @classmethod
+    @abc.abstractmethod
+    def open_layout(
+        cls,
+        store: Store,
+        marker: RepoMarker,
+        *,
+        directory: Path | None,
+        location: Path | str,
+        key_file: Path | None,
+        runner: Runner | None,
+        state_root: Path | None,
+        lease_seconds: float | None,
+    ) -> RepositoryLayout:
+        """The repository in ``store`` whose marker is ``marker`` (called by
+        :meth:`~vmsnap.repo.repository.Repository.open`; no I/O beyond what checking the key needs).
+
+        :param directory: the store's directory when it is one (None: an object store)
+        :param location: what the user named it by, for messages
+        :param key_file: the key file given (or from ``$VMSNAP_KEY_FILE``), for an encrypted repository
+        :param lease_seconds: lifetime of the leases it takes (None: its default)
+        :raise RepositoryError: the layout cannot be read from this store
+        :raise KeyFileError: an encrypted repository and a key file that is not its key
+        """
 
     @property
     @abc.abstractmethod
@@ -202,6 +296,32 @@ class RepositoryLayout(abc.ABC):
         :raise RepositoryError: it is damaged
         """
 
+    # -- objects kept beside a backup (its proof, its machine state) ---------------------------------
+
+    @abc.abstractmethod
+    def attach(self, manifest: Manifest, name: str, data: bytes) -> None:
+        """Store ``data`` as object ``name`` beside a complete backup, never rewriting its manifest (a boot
+        verification's result, its screenshot); encrypted and authenticated like the rest in an encrypted
+        repository. An object of that name is replaced, unless the manifest sealed it (machine state).
+
+        :raise UsageError: a bad name, a name the manifest sealed, or more than :data:`ATTACHMENT_MAX` bytes
+        :raise NotFoundError: the backup was removed (pruned) meanwhile
+        :raise RepositoryError: the repository cannot be written
+        """
+
+    @abc.abstractmethod
+    def attachment(self, manifest: Manifest, name: str) -> bytes:
+        """The object ``name`` kept beside a backup, checked (its digest, or its authentication tag in an
+        encrypted repository, and that it was stored for this backup under this name).
+
+        :raise NotFoundError: the backup has no such object
+        :raise RepositoryError: it is damaged or was moved from elsewhere
+        """
+
+    @abc.abstractmethod
+    def attachments(self, manifest: Manifest) -> list[str]:
+        """The names of the objects kept beside a backup, sorted."""
+
     @abc.abstractmethod
     def disk_source(self, manifest: Manifest, disk: str) -> BackupSource:
         """A backup's disk as something a server can read in place, for ``mount`` and instant restore: an
@@ -211,6 +331,16 @@ class RepositoryLayout(abc.ABC):
         :raise NotFoundError: the backup has no such disk
         :raise RepositoryError: what the disk needs (a parent, an index) is missing or damaged
         """
+
+    def chunk_digests(self, manifest: Manifest, disk: str) -> ChunkDigests | None:
+        """The sha256 of each 4 MiB chunk of a backup disk's content as the layout keeps them (checked
+        against the manifest), for whoever reads an image :meth:`disk_source` serves, which checks nothing
+        itself; None when the layout keeps no such digests (its reader sources check what they read).
+
+        :raise NotFoundError: the backup has no such disk
+        :raise RepositoryError: the digests are missing or damaged
+        """
+        return None
 
     # -- the VM's lock, its journal and its change tracking -----------------------------------------
 
@@ -305,10 +435,12 @@ class RepositoryLayout(abc.ABC):
         reader: VerifyReader = "auto",
         fast: bool = False,
         progress: DiskProgress = no_progress,
+        repair_from: Sequence[RepositoryLayout] = (),
     ) -> VerifyReport:
         """Re-read backups and check every checksum (and chain link); collect problems, never raise for them.
 
         :param fast: chunks: check only that every referenced chunk exists (one listing); qcow2: ignored
+        :param repair_from: chunks: other repositories to store damaged or missing chunks again from
         :raise NotFoundError: the named VM or backup does not exist
         :raise UsageError: ``backup_id`` without ``vm``, or an unavailable reader
         """
@@ -340,6 +472,19 @@ class RepositoryLayout(abc.ABC):
             return plan
 
     @abc.abstractmethod
+    def copy_in(
+        self, source: RepositoryLayout, manifest: Manifest, *, progress: DiskProgress = no_progress
+    ) -> CopiedBackup:
+        """Write the backup ``manifest`` of ``source`` (a repository of any layout, read only through this
+        interface) into this repository under its id, every byte checked; a copy is never the parent of a
+        later incremental here (its ``bitmap`` is null). Nothing of it is kept when it fails. The caller
+        (:func:`~vmsnap.repo.copy.copy_backups`) holds this repository's lock on the VM and a reader lease
+        on ``source``.
+
+        :raise ChecksumMismatchError: source content that does not check out
+        """
+
+    @abc.abstractmethod
     def gc(self, *, wait: float = 0.0, dry_run: bool = False) -> GcReport:
         """Delete stored data no backup needs (chunks: unreferenced chunks and dead runs' partial backups).
 
@@ -357,3 +502,28 @@ def disk_filter(manifest: Manifest, disks: Sequence[str]) -> Iterator[str]:
     for name in names:
         manifest.disk(name)
     yield from names
+
+
+def layout_names() -> list[str]:
+    """The registered layout names, sorted."""
+    return names(LAYOUT_GROUP)
+
+
+def layout_class(name: str) -> type[RepositoryLayout]:
+    """The layout class registered as ``name``.
+
+    :raise UsageError: unknown name (with close matches)
+    :raise PluginError: the module failed to import, or the class is no :class:`RepositoryLayout`
+    """
+    try:
+        cls = load(LAYOUT_GROUP, name)
+    except PluginError as err:
+        if not name or name not in layout_names():
+            raise UsageError(f"unknown repository layout {name!r}", hint=err.hint) from err
+        raise
+    if not isinstance(cls, type) or not issubclass(cls, RepositoryLayout):
+        raise PluginError(
+            f"layout {name!r} ({cls!r}) is no vmsnap.repo.layout.RepositoryLayout",
+            hint="its package must subclass vmsnap.repo.layout.RepositoryLayout",
+        )
+    return cls

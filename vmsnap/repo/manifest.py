@@ -14,6 +14,9 @@
   (data chunks it did not store: the store had them, or an incremental took them from its parent),
   zero_chunks (holes in the index) and unchanged_chunks (taken from the parent unread, holes included). In
   an encrypted repository the object also holds ``mac`` (see :mod:`vmsnap.repo.chunks.records`).
+- both formats, when the backup kept machine state: objects, the name and sha256 of each object sealed with
+  the backup (:mod:`vmsnap.vm.machine_state`'s ``machine.json``, ``nvram.fd``, ``tpm-state.tar``); such an
+  object is checked against it when read and cannot be replaced (:mod:`vmsnap.repo.attachments`).
 
 :meth:`Manifest.from_json` refuses another format or digest, names that could become paths (``/``, ``..``, a
 leading dot), files other than ``<name>.qcow2`` (``<name>.index``) and an incremental without a parent.
@@ -24,8 +27,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +37,7 @@ import attrs
 
 from vmsnap.errors import NotFoundError, RepositoryError, UsageError
 from vmsnap.image.digest import ALGORITHM
+from vmsnap.image.geometry import CHUNK_SIZE
 from vmsnap.model import validate_name
 
 QCOW2_FORMAT = 1
@@ -41,9 +46,12 @@ CHUNKS_FORMAT = 2
 """The manifest format of the ``chunks`` layout."""
 REPO_FORMAT = QCOW2_FORMAT
 """Kept for callers of vmsnap 0.1: the format of a ``qcow2`` layout's manifests."""
+FORMAT_LAYOUTS = {QCOW2_FORMAT: "qcow2", CHUNKS_FORMAT: "chunks"}
+"""The layout whose manifests have each format (what a manifest's ``layout`` says)."""
 INDEX_DIGEST = "sha256-index"
 """The ``digest`` of a format-2 manifest: each disk's sha256 is that of its index file."""
-INDEX_CHUNK_SIZE = 4 * 1024 * 1024
+INDEX_CHUNK_SIZE = CHUNK_SIZE
+"""The chunk size a format-2 manifest says (:data:`vmsnap.image.geometry.CHUNK_SIZE`)."""
 MANIFEST = "manifest.json"
 CHUNKS_SUFFIX = ".chunks"
 INDEX_SUFFIX = ".index"
@@ -182,16 +190,22 @@ class Manifest:
     format: int = QCOW2_FORMAT
     digest: str = ALGORITHM
     definition: str | None = None
+    objects: Mapping[str, str] = attrs.field(factory=dict)
+    """The objects sealed with the backup (its machine state): name → sha256 of the object's bytes."""
 
     @property
     def layout(self) -> str:
         """ "qcow2" (format 1) or "chunks" (format 2)."""
-        return "chunks" if self.format == CHUNKS_FORMAT else "qcow2"
+        return FORMAT_LAYOUTS[self.format]
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to ``manifest.json``."""
         data = attrs.asdict(self, recurse=False)
         data["disks"] = [d.to_json() for d in self.disks]
+        if self.objects:
+            data["objects"] = dict(sorted(self.objects.items()))
+        else:
+            del data["objects"]  # a backup without machine state keeps the keys it always had
         if self.format == QCOW2_FORMAT:
             del data["definition"]  # format 1 keeps its keys
         else:
@@ -216,6 +230,11 @@ class Manifest:
             if kind == "incremental" and not parent:
                 raise ValueError("an incremental backup without a parent")
             definition = data.get("definition") if version == CHUNKS_FORMAT else None
+            objects = data.get("objects") or {}
+            if not isinstance(objects, dict) or not all(
+                isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in objects.values()
+            ):
+                raise ValueError(f"objects {objects!r} is no map of names to sha256 digests")
             return cls(
                 vm=validate_name(str(data["vm"]), "VM name"),
                 backup_id=validate_name(str(data["backup_id"]), "backup id"),
@@ -230,6 +249,7 @@ class Manifest:
                 format=version,
                 digest=str(data["digest"]),
                 definition=str(definition) if definition is not None else None,
+                objects={validate_name(str(k), "object name"): str(v) for k, v in objects.items()},
             )
         except RepositoryError:
             raise
@@ -292,7 +312,7 @@ def _check_versions(data: Any, where: Path | str) -> int:
             hint="use the vmsnap version that wrote this repository",
         )
     if version == CHUNKS_FORMAT and (
-        data.get("layout") != "chunks" or data.get("chunk_size") != INDEX_CHUNK_SIZE
+        data.get("layout") != FORMAT_LAYOUTS[CHUNKS_FORMAT] or data.get("chunk_size") != INDEX_CHUNK_SIZE
     ):
         raise RepositoryError(
             f"{where} has layout {data.get('layout')!r} and chunk size {data.get('chunk_size')!r}",

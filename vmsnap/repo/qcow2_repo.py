@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -23,16 +24,26 @@ from typing import ClassVar
 
 from vmsnap.errors import (
     LeaseError,
+    NotFoundError,
     RepositoryError,
     SnapshotError,
     UnsupportedError,
     UsageError,
     VmsnapError,
 )
-from vmsnap.files import DIR_MODE, FILE_MODE, fsync_dir, fsync_file, make_private_dir, write_json_atomic
+from vmsnap.files import (
+    DIR_MODE,
+    FILE_MODE,
+    fsync_dir,
+    fsync_file,
+    make_private_dir,
+    write_atomic,
+    write_json_atomic,
+)
 from vmsnap.image.digest import ChunkDigests
 from vmsnap.image.sources import BackupSource, ImageSource
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
+from vmsnap.repo import attachments
 from vmsnap.repo.layout import (
     DEFINITION_FILE,
     RepositoryLayout,
@@ -49,9 +60,18 @@ from vmsnap.repo.manifest import (
     read_manifest,
     utc_now_iso,
 )
+from vmsnap.repo.marker import RepoMarker
 from vmsnap.repo.progress import DiskProgress, Transfer, no_progress
 from vmsnap.repo.qcow2_layout import DELETING_PREFIX, PARTIAL_PREFIX, Qcow2Layout
-from vmsnap.repo.reports import PUSH_TRANSPORT, GcReport, RestoredDisk, VerifyReport, WrittenDisk
+from vmsnap.repo.reports import (
+    PUSH_TRANSPORT,
+    CopiedBackup,
+    GcReport,
+    RestoredDisk,
+    VerifyReport,
+    WrittenDisk,
+)
+from vmsnap.repo.stores.base import Store
 from vmsnap.repo.verify import choose_reader, verify_backups
 from vmsnap.runner import LocalRunner, Runner
 from vmsnap.transports.base import Transport
@@ -62,6 +82,8 @@ READ_LOCK = ".read-lock"
 LOCK_PATIENCE = 5.0
 """Seconds :meth:`Qcow2Repository.lock` tries again while the VM's lock looks held (see there)."""
 JOURNAL = ".journal.json"
+ATTACHMENTS = "attachments"
+"""In a backup's directory: the objects kept beside it, one file each (see :func:`write_attachment`)."""
 
 
 class Qcow2Repository(RepositoryLayout):
@@ -77,10 +99,36 @@ class Qcow2Repository(RepositoryLayout):
     reads_exports: ClassVar[bool] = False
     accepts_push: ClassVar[bool] = True
     chains: ClassVar[bool] = True
+    needs_directory: ClassVar[bool] = True
+    encrypts: ClassVar[bool] = False
+    chunk_size: ClassVar[int | None] = None
+    collects: ClassVar[bool] = False
 
     def __init__(self, root: Path, *, runner: Runner | None = None) -> None:
         self._root = Path(root)
         self.runner: Runner = runner if runner is not None else LocalRunner()
+
+    @classmethod
+    def open_layout(
+        cls,
+        store: Store,
+        marker: RepoMarker,
+        *,
+        directory: Path | None,
+        location: Path | str,
+        key_file: Path | None,
+        runner: Runner | None,
+        state_root: Path | None,
+        lease_seconds: float | None,
+    ) -> Qcow2Repository:
+        """The repository in the directory ``directory`` (its files are used directly, not through
+        ``store``).
+
+        :raise RepositoryError: the store is no directory (an object store)
+        """
+        if directory is None:
+            raise RepositoryError(f"{location}: a qcow2-layout repository in an object store cannot be read")
+        return cls(directory, runner=runner)
 
     @property
     def root(self) -> Path:
@@ -159,6 +207,37 @@ class Qcow2Repository(RepositoryLayout):
             return None
         except (OSError, UnicodeDecodeError) as err:
             raise RepositoryError(f"cannot read {path}: {err}", hint="check its permissions") from err
+
+    def attach(self, manifest: Manifest, name: str, data: bytes) -> None:
+        attachments.check_unsealed(manifest, name)
+        write_attachment(
+            self.backup_dir(manifest.vm, manifest.backup_id), manifest.vm, manifest.backup_id, name, data
+        )
+
+    def attachment(self, manifest: Manifest, name: str) -> bytes:
+        directory = self.backup_dir(manifest.vm, manifest.backup_id) / ATTACHMENTS
+        path = directory / validate_name(name, "attachment name")
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError as err:
+            raise NotFoundError(
+                f"backup {manifest.vm}/{manifest.backup_id} keeps no {name}",
+                hint=f"it keeps: {', '.join(self.attachments(manifest)) or 'nothing'}",
+            ) from err
+        except OSError as err:
+            raise RepositoryError(f"cannot read {path}: {err}", hint="check its permissions") from err
+        digest, _, envelope = raw.partition(b"\n")
+        if hashlib.sha256(envelope).hexdigest().encode() != digest:
+            raise RepositoryError(
+                f"{path} is damaged: its content does not match its sha256", hint="remove it"
+            )
+        return attachments.unseal(envelope, manifest.vm, manifest.backup_id, name, where=str(path))
+
+    def attachments(self, manifest: Manifest) -> list[str]:
+        directory = self.backup_dir(manifest.vm, manifest.backup_id) / ATTACHMENTS
+        if not directory.is_dir():
+            return []
+        return sorted(p.name for p in directory.iterdir() if not p.name.startswith(".") and _valid(p.name))
 
     def disk_source(self, manifest: Manifest, disk: str) -> BackupSource:
         """The top of the disk's qcow2 chain in the backup's directory (QEMU follows its relative backing
@@ -326,12 +405,19 @@ class Qcow2Repository(RepositoryLayout):
         reader: VerifyReader = "auto",
         fast: bool = False,
         progress: DiskProgress = no_progress,
+        repair_from: Sequence[RepositoryLayout] = (),
     ) -> VerifyReport:
         """Re-read backups and check every checksum and chain link (see :mod:`vmsnap.repo.verify`).
 
         :param reader: "qemu" (qemu-img), "libqcow" (pyqcow, an independent qcow2 reader), or "auto"
             (libqcow when the optional ``qcow`` extra is installed)
+        :raise UsageError: ``repair_from`` given (only the chunks layout repairs)
         """
+        if repair_from:
+            raise UsageError(
+                "verify repairs only repositories of the chunks layout",
+                hint="verify this qcow2 repository without --repair; restore from a backup that verifies",
+            )
         chosen = choose_reader(reader)
         damaged: list[Damaged] = []
         with self.reading(vm):
@@ -368,6 +454,51 @@ class Qcow2Repository(RepositoryLayout):
         """Nothing to collect: a qcow2 backup's files go with the backup. Returns an empty report."""
         return GcReport(0, 0, 0, dry_run=dry_run)
 
+    # -- copy ----------------------------------------------------------------------------------------
+
+    def copy_in(
+        self, source: RepositoryLayout, manifest: Manifest, *, progress: DiskProgress = no_progress
+    ) -> CopiedBackup:
+        """A standalone full backup of ``manifest``: each disk restored from ``source`` (whatever its
+        layout: its restore checks every byte) into this repository's staging, then digested and sealed
+        like any backup here."""
+        vm, backup_id = manifest.vm, manifest.backup_id
+        self.discard_backup(vm, backup_id)  # what a copy that died left
+        staging = self.stage(vm, backup_id)
+        try:
+            records = []
+            for record in manifest.disks:
+                _, (restored,) = source.restore(
+                    vm, backup_id, staging, disks=[record.name], progress=progress
+                )
+                image = Path(restored.path)
+                digest = self.digest_staged(staging, record.name, record.virtual_size)
+                written = image.stat().st_blocks * 512
+                records.append(DiskRecord(record.name, image.name, record.virtual_size, written, digest))
+            definition = source.definition(manifest)
+            if definition is not None:
+                write_atomic(staging / DEFINITION_FILE, definition.encode("utf-8"))
+            for name in source.attachments(manifest):  # checked when read
+                write_attachment(staging, vm, backup_id, name, source.attachment(manifest, name))
+            copied = Manifest(
+                vm=vm,
+                backup_id=backup_id,
+                kind="full",
+                parent=None,
+                strategy=manifest.strategy,
+                transport=manifest.transport,
+                created=manifest.created,
+                quiesced=manifest.quiesced,
+                bitmap=None,
+                disks=tuple(records),
+                objects=dict(manifest.objects),
+            )
+            self.commit(staging, copied)
+        except BaseException:
+            self.discard(staging)
+            raise
+        return CopiedBackup(vm, backup_id, True, 0, sum(r.bytes_written for r in records))
+
 
 class Qcow2Writer:
     """One backup being written into a qcow2 repository: a staging directory of ``<disk>.qcow2`` images,
@@ -385,6 +516,7 @@ class Qcow2Writer:
         self.parent = parent
         self.location = str(repo.backup_dir(vm, backup_id))
         self._written: dict[str, tuple[Disk, WrittenDisk]] = {}
+        self._objects: dict[str, str] = {}
 
     def checkpoint_images(self, parent: Manifest, disks: Sequence[Disk]) -> dict[str, Path]:
         directory = self.repo.backup_dir(self.vm, parent.backup_id)
@@ -456,13 +588,37 @@ class Qcow2Writer:
             quiesced=quiesced,
             bitmap=bitmap,
             disks=tuple(records),
+            objects=dict(self._objects),
         )
         self.repo.commit(self.workdir, manifest)
         return manifest
 
+    def attach(self, name: str, data: bytes) -> None:
+        """Keep an object in the staging directory (renamed into place with the backup), its sha256 named by
+        the manifest."""
+        write_attachment(self.workdir, self.vm, self.backup_id, name, data)
+        self._objects[name] = attachments.digest(data)
+
     def discard(self) -> None:
         if self.workdir.exists():
             self.repo.discard(self.workdir)
+
+
+def write_attachment(backup_dir: Path, vm: str, backup_id: str, name: str, data: bytes) -> None:
+    """Write ``backup_dir/attachments/<name>``: the sha256 of the envelope (hex), a newline, the envelope
+    (:mod:`vmsnap.repo.attachments`); 0600, durable, replaced atomically. ``backup_dir`` is never made:
+    a backup pruned meanwhile stays gone.
+
+    :raise NotFoundError: ``backup_dir`` does not exist (the backup was removed)
+    """
+    envelope = attachments.seal(vm, backup_id, name, data)
+    directory = backup_dir / ATTACHMENTS
+    try:
+        directory.mkdir(mode=DIR_MODE, exist_ok=True)
+    except FileNotFoundError as err:
+        raise NotFoundError(f"backup {vm}/{backup_id} is gone: {backup_dir} no longer exists") from err
+    digest = hashlib.sha256(envelope).hexdigest().encode()
+    write_atomic(directory / name, digest + b"\n" + envelope)
 
 
 @contextlib.contextmanager

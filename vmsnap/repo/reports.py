@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+_CHUNK = re.compile(r"chunk ([0-9a-f]{64})")
 PUSH_TRANSPORT = "none"
 """The transport a backup records when the strategy wrote its images itself (push)."""
 
@@ -68,16 +70,65 @@ class VerifyProblem:
 
 
 @attrs.frozen
+class ChunkRepair:
+    """What ``verify`` did about one chunk that was damaged or missing (chunks layout).
+
+    :param chunk: the chunk id (hex)
+    :param problem: what was wrong ("missing from the store", or what its check said)
+    :param action: what verify did, in words ("moved aside", "stored again from …", …)
+    :param healed: the store holds a good copy again: every backup that names it restores again
+    :param backups: ``vm/backup/disk`` of every backup disk that names the chunk
+    """
+
+    chunk: str
+    problem: str
+    action: str
+    healed: bool
+    backups: tuple[str, ...]
+
+    @property
+    def still_damaged(self) -> tuple[str, ...]:
+        """The backup disks that cannot be restored until the chunk is stored again."""
+        return () if self.healed else self.backups
+
+    def __str__(self) -> str:
+        state = (
+            f"healed: {len(self.backups)} backup disk(s) restore again"
+            if self.healed
+            else f"still damaged: {', '.join(self.backups) or 'no complete backup uses it'}"
+        )
+        return f"chunk {self.chunk[:16]}… ({self.problem}): {self.action}; {state}"
+
+
+@attrs.frozen
 class VerifyReport:
-    """What ``verify`` checked (``(vm, backup id)`` pairs), with which reader, and what it found."""
+    """What ``verify`` checked (``(vm, backup id)`` pairs), with which reader, what it found, and (chunks
+    layout) what it did about each damaged or missing chunk."""
 
     reader: str
     checked: tuple[tuple[str, str], ...]
     problems: tuple[VerifyProblem, ...]
+    chunks: tuple[ChunkRepair, ...] = ()
 
     @property
     def ok(self) -> bool:
+        """Nothing was found wrong."""
         return not self.problems
+
+    @property
+    def still_damaged(self) -> tuple[str, ...]:
+        """``vm/backup/disk`` of the backup disks that still cannot be restored: those with a problem other
+        than a chunk, and those that name a chunk that was not healed."""
+        healed = {repair.chunk for repair in self.chunks if repair.healed}
+        damaged = set()
+        for problem in self.problems:
+            where = f"{problem.vm}/{problem.backup_id}" + (f"/{problem.disk}" if problem.disk else "")
+            chunk = _CHUNK.search(problem.message)
+            if chunk is None or chunk.group(1) not in healed:
+                damaged.add(where)
+        for repair in self.chunks:
+            damaged.update(repair.still_damaged)
+        return tuple(sorted(damaged))
 
 
 @attrs.frozen

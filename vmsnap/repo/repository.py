@@ -14,23 +14,26 @@ opened, a missing one when something must be decrypted or authenticated (``recov
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from vmsnap.errors import KeyFileError, NotFoundError, RepositoryError, UsageError, VmsnapError
-from vmsnap.files import make_private_dir, write_json_atomic
+import attrs
+
+from vmsnap.errors import NotFoundError, RepositoryError, UsageError, VmsnapError
+from vmsnap.files import make_private_dir
 from vmsnap.processes import crash_point
 from vmsnap.repo.chunks.keys import RepositoryKey, create_key_file, read_key_file
-from vmsnap.repo.chunks.leases import lease_seconds as default_lease_seconds
-from vmsnap.repo.chunks.repository import ChunksRepository
-from vmsnap.repo.layout import DEFINITION_FILE, BackupWriter, RepositoryLayout
+from vmsnap.repo.layout import DEFINITION_FILE, BackupWriter, RepositoryLayout, layout_class, layout_names
 from vmsnap.repo.manifest import Damaged, DiskRecord, Kind, Manifest, utc_now_iso
-from vmsnap.repo.marker import DEFAULT_LAYOUT, MARKER, RepoMarker, check_layout
+from vmsnap.repo.marker import DEFAULT_LAYOUT, MARKER, RepoMarker
 from vmsnap.repo.progress import DiskProgress
 from vmsnap.repo.qcow2_layout import DELETING_PREFIX
-from vmsnap.repo.qcow2_repo import Qcow2Repository
 from vmsnap.repo.reports import LayoutTraits, RestoredDisk
 from vmsnap.repo.stores import is_url, normalize_location, open_store
 from vmsnap.repo.stores.base import Store
@@ -46,6 +49,7 @@ __all__ = [
     "DiskProgress",
     "DiskRecord",
     "Kind",
+    "LocatedRepository",
     "Manifest",
     "Repository",
     "RepositoryLayout",
@@ -81,7 +85,8 @@ class Repository:
         lease_seconds: float | None = None,
     ) -> RepositoryLayout:
         """Open the repository at ``location``; with ``create``, make one there when it is a new or empty
-        directory (or an empty S3 prefix), of ``layout`` (default ``chunks``).
+        directory (or an empty S3 prefix), of ``layout`` (default ``chunks``). The same as
+        ``Repository.locate(…).open()``.
 
         :raise RepositoryError: no repository there (without ``create``), a non-empty directory that is not
             one, or one of another format
@@ -89,22 +94,47 @@ class Repository:
         :param lease_seconds: lifetime of the leases taken (default ``$VMSNAP_LEASE_SECONDS``, else 120)
         :raise StoreError: the store cannot be reached
         """
-        store, directory = _store(location, create=create)
-        marker = _read_marker(store, location)
-        if marker is None:
-            if not create:
-                raise RepositoryError(
-                    f"no vmsnap repository at {location} (no {MARKER})",
-                    hint="check --repo; `vmsnap init --repo …` or `vmsnap backup --repo DIR` (a new or empty "
-                    "directory) creates one",
-                )
-            marker = _create(store, directory, location, RepoMarker.new(layout or DEFAULT_LAYOUT))
-        elif layout is not None and check_layout(layout) != marker.layout:
-            raise RepositoryError(
-                f"repository {location} has layout {marker.layout}, not {layout}",
-                hint="choose another --repo for that layout, or leave --layout out",
-            )
-        return _instance(store, directory, marker, location, key_file, runner, state_root, lease_seconds)
+        return cls.locate(
+            location,
+            create=create,
+            layout=layout,
+            key_file=key_file,
+            runner=runner,
+            state_root=state_root,
+            lease_seconds=lease_seconds,
+        ).open()
+
+    @classmethod
+    def locate(
+        cls,
+        location: Path | str,
+        *,
+        create: bool = False,
+        layout: str | None = None,
+        key_file: Path | str | None = None,
+        runner: Runner | None = None,
+        state_root: Path | None = None,
+        lease_seconds: float | None = None,
+    ) -> LocatedRepository:
+        """The repository at ``location`` found without writing anything: its store opened and its marker
+        read (once; a new directory is neither made nor opened yet), so that a backup can plan with the
+        layout's traits before its first write and then open it (:meth:`LocatedRepository.open`). The
+        options are :meth:`open`'s.
+
+        :raise RepositoryError: no such directory (without ``create``), or a damaged marker
+        :raise UsageError: an unknown ``layout``
+        :raise StoreError: the store cannot be reached
+        """
+        if layout is not None:
+            layout_class(layout)  # an unknown name fails now
+        store: Store | None = None
+        directory: Path | None = None
+        marker: RepoMarker | None = None
+        if not create or is_url(location) or Path(location).exists():
+            store, directory = _store(location, create=False)
+            marker = _read_marker(store, location)
+        options = _Options(key_file, runner, state_root, lease_seconds)
+        return LocatedRepository(location, create, layout, options, store, directory, marker)
 
     @classmethod
     def init(
@@ -131,7 +161,8 @@ class Repository:
             raise UsageError(
                 "--encrypt needs a key file", hint="pass --key-file FILE (or VMSNAP_KEY_FILE); it is created"
             )
-        RepoMarker.new(layout, compression=compression, key_id="0" * 32 if encrypt else None)  # checks
+        cls_ = layout_class(layout)
+        cls_.new_marker(compression=compression, key_id="0" * 32 if encrypt else None)  # checks
         store, directory = _store(location, create=True)
         if _read_marker(store, location) is not None:
             raise RepositoryError(
@@ -143,7 +174,7 @@ class Repository:
             assert path is not None
             made_key = not path.exists()
             key = create_key_file(path) if made_key else read_key_file(path)
-        marker = RepoMarker.new(layout, compression=compression, key_id=key.key_id if key else None)
+        marker = cls_.new_marker(compression=compression, key_id=key.key_id if key else None)
         try:
             marker = _create(store, directory, location, marker, exclusive=True)
         except RepositoryError:
@@ -179,7 +210,12 @@ class Repository:
     @classmethod
     def clear_unmade(cls, location: Path | str) -> list[str]:
         """Remove what a backup that died while writing the marker of a new directory repository left (the
-        marker's temporary file), so that the directory is empty again; one line per file removed."""
+        marker's temporary file), so that the directory is empty again; one line per file removed.
+
+        A process writing a marker holds an flock on the directory (:func:`_creating`): while one does, its
+        temporary file is left alone. Where the filesystem has no flock on directories (NFS), only a
+        temporary file older than :data:`UNMADE_AGE` seconds is taken for a dead run's.
+        """
         location = normalize_location(location)
         if is_url(location):
             return []  # an object is stored whole or not at all
@@ -187,27 +223,104 @@ class Repository:
         if not directory.is_dir() or directory.is_symlink() or (directory / MARKER).exists():
             return []
         removed = []
-        for leftover in _creation_leftovers(directory) or []:
-            leftover.unlink(missing_ok=True)
-            removed.append(f"removed {leftover}: the half-written marker of a dead run's new repository")
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                return []  # a live process is writing the marker right now
+            except OSError:
+                locked = False
+            for leftover in _creation_leftovers(directory) or []:
+                if not locked and not _older_than(leftover, UNMADE_AGE):
+                    continue
+                leftover.unlink(missing_ok=True)
+                removed.append(f"removed {leftover}: the half-written marker of a dead run's new repository")
+        finally:
+            os.close(fd)  # (releases the lock)
         return removed
 
     @classmethod
     def traits_at(cls, location: Path | str, *, layout: str | None = None) -> LayoutTraits:
         """The traits of the repository at ``location``, or of the one ``open(create=True)`` would make
-        there — read before a backup writes anything.
-
-        :raise RepositoryError: the marker is damaged
+        there — read before a backup writes anything (:meth:`locate` does the same and keeps what it read).
         """
-        marker = None
-        if is_url(location) or Path(location).exists():
-            try:
-                store, _ = _store(location, create=False)
-                marker = _read_marker(store, location)
-            except (RepositoryError, NotFoundError):
-                marker = None
-        name = marker.layout if marker is not None else check_layout(layout or DEFAULT_LAYOUT)
-        return (ChunksRepository if name == "chunks" else Qcow2Repository).traits()
+        try:
+            return cls.locate(location, create=True, layout=layout).traits()
+        except (RepositoryError, NotFoundError):
+            return layout_class(layout or DEFAULT_LAYOUT).traits()
+
+
+@attrs.frozen
+class _Options:
+    key_file: Path | str | None
+    runner: Runner | None
+    state_root: Path | None
+    lease_seconds: float | None
+
+
+class LocatedRepository:
+    """A repository found by :meth:`Repository.locate`, not opened yet (nothing written).
+
+    :ivar marker: its marker, or None where there is none yet (``open`` makes it, with ``create``)
+    """
+
+    def __init__(
+        self,
+        location: Path | str,
+        create: bool,
+        layout: str | None,
+        options: _Options,
+        store: Store | None,
+        directory: Path | None,
+        marker: RepoMarker | None,
+    ) -> None:
+        self.location = location
+        self._create = create
+        self._layout = layout
+        self._options = options
+        self._store = store
+        self._directory = directory
+        self.marker = marker
+
+    def traits(self) -> LayoutTraits:
+        """The layout's traits: the marker's layout, or the one :meth:`open` would make."""
+        if self.marker is not None:
+            return _layout_of(self.marker, self.location).traits()
+        return layout_class(self._layout or DEFAULT_LAYOUT).traits()
+
+    def open(self) -> RepositoryLayout:
+        """Open the repository with the store found (made first where ``create`` found none: a new
+        directory, an empty one, an empty S3 prefix); once.
+
+        :raise RepositoryError: no repository there (without ``create``), a non-empty directory that is not
+            one, or one of another layout than asked for
+        :raise KeyFileError: an encrypted repository and a key file that is not its key
+        """
+        location, marker = self.location, self.marker
+        store, directory = self._store, self._directory
+        if marker is None:
+            if not self._create:
+                raise RepositoryError(
+                    f"no vmsnap repository at {location} (no {MARKER})",
+                    hint="check --repo; `vmsnap init --repo …` or `vmsnap backup --repo DIR` (a new or empty "
+                    "directory) creates one",
+                )
+            if store is None:
+                store, directory = _store(location, create=True)
+            new = layout_class(self._layout or DEFAULT_LAYOUT).new_marker()
+            marker = _create(store, directory, location, new)
+        elif self._layout is not None and layout_class(self._layout).name != marker.layout:
+            raise RepositoryError(
+                f"repository {location} has layout {marker.layout}, not {self._layout}",
+                hint="choose another --repo for that layout, or leave --layout out",
+            )
+        assert store is not None
+        o = self._options
+        return _instance(
+            store, directory, marker, location, o.key_file, o.runner, o.state_root, o.lease_seconds
+        )
 
 
 def _store(location: Path | str, *, create: bool) -> tuple[Store, Path | None]:
@@ -226,6 +339,36 @@ def _store(location: Path | str, *, create: bool) -> tuple[Store, Path | None]:
     if not directory.is_dir():
         raise RepositoryError(f"{directory} is not a directory", hint="choose a directory for --repo")
     return open_store(directory), directory
+
+
+UNMADE_AGE = 60.0
+"""Seconds after which a marker's temporary file is taken for a dead run's where the directory cannot be
+locked (a live creator writes and renames it within moments)."""
+
+
+@contextlib.contextmanager
+def _creating(directory: Path | None) -> Iterator[None]:
+    """Hold an exclusive flock on a new repository's directory while its marker is written, so that
+    :meth:`Repository.clear_unmade` (``vmsnap recover``, which takes no VM's lock for a repository not yet
+    made) leaves the marker's temporary file of a live creator alone. Released by the kernel when the
+    process dies. A filesystem that cannot lock a directory (NFS) is written without it."""
+    if directory is None:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except FileNotFoundError:
+        return False
 
 
 _CREATION_LEFTOVER = re.compile(r"\.tmp-[0-9a-f]{16}|\.vmsnap-repo\.json\.tmp-[0-9a-f]{8}")
@@ -248,10 +391,38 @@ def _read_marker(store: Store, location: Path | str) -> RepoMarker | None:
         raw = store.get(MARKER)
     except NotFoundError:
         return None
-    return RepoMarker.from_bytes(raw, where=f"{location}/{MARKER}")
+    marker = RepoMarker.from_bytes(raw, where=f"{location}/{MARKER}")
+    try:
+        return _layout_of(marker, location).accept_marker(marker)
+    except ValueError as err:
+        raise RepositoryError(
+            f"{location}/{MARKER} is damaged: {err}", hint="restore the marker from a copy of the repository"
+        ) from err
+
+
+def _layout_of(marker: RepoMarker, location: Path | str) -> type[RepositoryLayout]:
+    """The class of the marker's layout.
+
+    :raise RepositoryError: a layout this vmsnap does not know (a plugin that is not installed)
+    """
+    try:
+        return layout_class(marker.layout)
+    except UsageError as err:
+        raise RepositoryError(
+            f"repository {location} has layout {marker.layout!r}, which this vmsnap does not know",
+            hint=f"install the package that provides it (layouts here: {', '.join(layout_names())})",
+        ) from err
 
 
 def _create(
+    store: Store, directory: Path | None, location: Path | str, marker: RepoMarker, *, exclusive: bool = False
+) -> RepoMarker:
+    """:func:`_create_locked`, holding the directory's creation lock (:func:`_creating`)."""
+    with _creating(directory):
+        return _create_locked(store, directory, location, marker, exclusive=exclusive)
+
+
+def _create_locked(
     store: Store, directory: Path | None, location: Path | str, marker: RepoMarker, *, exclusive: bool = False
 ) -> RepoMarker:
     """Write ``marker`` into an empty store. When another process (another host) made a repository there
@@ -259,6 +430,7 @@ def _create(
     creators exactly one writes the marker (``put(if_absent)``).
 
     :raise RepositoryError: the store or directory holds other data, or (``exclusive``) a repository
+    :raise UsageError: a layout that keeps plain files, in an object store
     """
     if directory is None:
         empty = not any(True for _ in store.list(""))
@@ -274,22 +446,20 @@ def _create(
             )
         return _created_meanwhile(found, location, exclusive)
     crash_point("before-marker")
-    if marker.layout == "qcow2":
-        if directory is None:
-            raise UsageError(
-                "the qcow2 layout keeps plain files: it needs a directory, not an object store",
-                hint="use --layout chunks for s3:// repositories",
-            )
-        write_json_atomic(directory / MARKER, marker.to_json())
-        return marker
+    cls = _layout_of(marker, location)
+    if cls.needs_directory and directory is None:
+        anywhere = [n for n in layout_names() if not layout_class(n).needs_directory]
+        raise UsageError(
+            f"the {cls.name} layout keeps plain files: it needs a directory, not an object store",
+            hint=f"use --layout {' or '.join(anywhere) or '(none installed)'} for URLs",
+        )
     if not store.put(MARKER, json.dumps(marker.to_json(), indent=1).encode() + b"\n", if_absent=True):
         found = _read_marker(store, location)
         assert found is not None
         return _created_meanwhile(found, location, exclusive)
-    check_conditional_writes = getattr(store, "check_conditional_writes", None)
-    if check_conditional_writes is not None:
+    if store.capabilities.conditional_put == "server":
         try:  # (after the marker: its probe object must not make a racing creator think the store is used)
-            check_conditional_writes()  # an object store that ignores If-None-Match would break the leases
+            store.check_conditional_writes()  # a server that ignores If-None-Match would break the leases
         except VmsnapError:
             store.delete(MARKER)
             raise
@@ -315,28 +485,13 @@ def _instance(
     state_root: Path | None,
     lease_seconds: float | None,
 ) -> RepositoryLayout:
-    if marker.layout == "qcow2":
-        if directory is None:
-            raise RepositoryError(f"{location}: a qcow2-layout repository in an object store cannot be read")
-        return Qcow2Repository(directory, runner=runner)
-    key: RepositoryKey | None = None
-    problem: KeyFileError | None = None
-    path = key_file_path(key_file)
-    if marker.key_id is not None:
-        if path is None:
-            problem = KeyFileError(
-                f"repository {location} is encrypted and no key file was given",
-                hint="pass its key file with --key-file or VMSNAP_KEY_FILE",
-            )
-        else:
-            key = read_key_file(path, expected_key_id=marker.key_id)
-    return ChunksRepository(
+    return _layout_of(marker, location).open_layout(
         store,
         marker,
-        key=key,
-        key_file=path if key is not None else None,
-        key_problem=problem,
+        directory=directory,
+        location=location,
+        key_file=key_file_path(key_file),
         runner=runner,
         state_root=state_root,
-        lease_seconds=lease_seconds if lease_seconds is not None else default_lease_seconds(),
+        lease_seconds=lease_seconds,
     )

@@ -11,16 +11,21 @@ libvirt XML.
 
 from __future__ import annotations
 
+import json
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
 
-from vmsnap.errors import NotFoundError
+from vmsnap.errors import NotFoundError, RepositoryError
 from vmsnap.image.sources import BackupSource
 from vmsnap.model import validate_name
+from vmsnap.repo.attachments import check_sealed
+from vmsnap.repo.layout import RepositoryLayout
+from vmsnap.repo.manifest import Manifest
 from vmsnap.repo.repository import Repository
+from vmsnap.vm.machine_state import RECORD, MachineState
 
 
 @attrs.frozen
@@ -31,12 +36,49 @@ class ResolvedBackup:
     :param backup_id: the backup's id (the latest when none was asked for)
     :param sources: disk name → source, in the manifest's order
     :param domain_xml: the saved libvirt definition, or None (not a libvirt domain)
+    :param machine: the machine state kept with it (firmware variables, TPM state, QEMU command line), or
+        None (a backup of vmsnap before 0.3, or of disk images)
     """
 
     vm: str
     backup_id: str
     sources: dict[str, BackupSource]
     domain_xml: str | None = None
+    machine: MachineState | None = None
+
+
+def read_machine_state(repo: RepositoryLayout, manifest: Manifest) -> MachineState | None:
+    """The machine state kept beside a backup (:mod:`vmsnap.vm.machine_state`), its files read and checked
+    (against the sha256 the manifest sealed, when it seals them: every backup since vmsnap sealed machine
+    state); None when none was kept.
+
+    :raise RepositoryError: it is damaged, or is not what the backup sealed
+    """
+    names = repo.attachments(manifest)
+    sealed = set(manifest.objects)
+    if RECORD not in names:
+        if RECORD in sealed:
+            raise RepositoryError(
+                f"the machine state of {manifest.vm}/{manifest.backup_id} is missing: its manifest seals it",
+                hint="restore without --define, or from another backup",
+            )
+        return None
+    where = f"the machine state of {manifest.vm}/{manifest.backup_id}"
+
+    def read(name: str) -> bytes:
+        return check_sealed(manifest, name, repo.attachment(manifest, name), where=f"{where} ({name})")
+
+    try:
+        record = json.loads(read(RECORD))
+    except ValueError as err:
+        raise RepositoryError(f"{where} is damaged: {err}") from err
+    wanted = record.get("files", []) if isinstance(record, dict) else []
+    missing = [name for name in wanted if name not in names]
+    if missing:
+        raise RepositoryError(
+            f"{where} lacks {', '.join(missing)}", hint="restore without --define, or from another backup"
+        )
+    return MachineState.from_json(record, {name: read(name) for name in wanted})
 
 
 def resolve(
@@ -68,7 +110,9 @@ def resolve(
             )
     chosen = [n for n in names if not disks or n in disks]
     sources = {name: repository.disk_source(manifest, name) for name in chosen}
-    return ResolvedBackup(manifest.vm, manifest.backup_id, sources, repository.definition(manifest))
+    definition = repository.definition(manifest)
+    machine = read_machine_state(repository, manifest)
+    return ResolvedBackup(manifest.vm, manifest.backup_id, sources, definition, machine)
 
 
 if not typing.TYPE_CHECKING:

@@ -29,7 +29,7 @@ from vmsnap.backup.config import RecoveryReport
 from vmsnap.backup.recover import recover as recover_backup
 from vmsnap.errors import NotFoundError, UsageError
 from vmsnap.model import validate_name
-from vmsnap.restore import instant, mount
+from vmsnap.restore import boot_session, instant, mount
 from vmsnap.restore.backups import ResolvedBackup, resolve
 from vmsnap.restore.instant import InstantRestore, StreamProgress, StreamResult
 from vmsnap.restore.mount import MountResult
@@ -289,7 +289,9 @@ def instant_restore(
     images = {name: to / f"{name}.qcow2" for name in backup.sources}
     instant_libvirt.check_domain_name(config.define, images, uri=config.connect)  # before anything is made
     restore = instant.prepare(backup.sources, config.to, run_dir=run_dir, runner=runner)
-    instant_libvirt.start_domain(restore, backup.domain_xml, name=config.define, uri=config.connect)
+    instant_libvirt.start_domain(
+        restore, backup.domain_xml, name=config.define, uri=config.connect, state=backup.machine
+    )
     result = instant_libvirt.stream_domain(
         restore.to, name=config.define, uri=config.connect, speed=config.speed, progress=progress
     )
@@ -301,10 +303,12 @@ def instant_restore(
 
 def recover_restores(run_root: Path = DEFAULT_RUN_ROOT, *, runner: Runner | None = None) -> list[str]:
     """Clean what dead mounts and finished or abandoned instant restores left on this host: mounts whose
-    process died half-way or whose servers died (healthy mounts are kept), and the servers of instant
-    restores whose images no longer read from the backup. Returns one line per thing undone."""
+    process died half-way or whose servers died (healthy mounts are kept), the servers of instant
+    restores whose images no longer read from the backup, and every boot verification whose process died
+    (its copy, overlays, servers and sockets). Returns one line per thing undone."""
     done = mount.recover(run_dir=mounts_dir(run_root), runner=runner)
     done += instant.recover(run_dir=instant_dir(run_root), runner=runner)
+    done += boot_session.recover(run_root, runner=runner)
     return done
 
 

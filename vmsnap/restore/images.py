@@ -11,12 +11,15 @@ from typing import Any
 import attrs
 
 from vmsnap.errors import NotFoundError, RepositoryError, UsageError
+from vmsnap.files import write_atomic
 from vmsnap.model import validate_name
 from vmsnap.repo.layout import RepositoryLayout, RestoreFormat
 from vmsnap.repo.manifest import Manifest
 from vmsnap.repo.progress import DiskProgress, no_progress
 from vmsnap.repo.reports import RestoredDisk
 from vmsnap.repo.repository import Repository
+from vmsnap.restore.backups import read_machine_state
+from vmsnap.vm.machine_state import NVRAM
 
 
 @attrs.frozen
@@ -28,9 +31,11 @@ class RestoreResult:
     kind: str
     disks: tuple[RestoredDisk, ...]
     defined: str | None = None
+    firmware_variables: Path | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The ``--json`` object of ``vmsnap restore`` (``defined`` only when a domain was defined)."""
+        """The ``--json`` object of ``vmsnap restore`` (``defined`` only when a domain was defined,
+        ``firmware_variables`` only when the backup's UEFI variables were written beside the images)."""
         payload: dict[str, Any] = {
             "vm": self.vm,
             "backup_id": self.backup_id,
@@ -42,6 +47,8 @@ class RestoreResult:
         }
         if self.defined is not None:
             payload["defined"] = self.defined
+        if self.firmware_variables is not None:
+            payload["firmware_variables"] = str(self.firmware_variables)
         return payload
 
 
@@ -60,10 +67,14 @@ def restore_images(
     key_file: Path | None = None,
 ) -> RestoreResult:
     """Write standalone, verified ``to/<disk>.qcow2`` images of a backup; with ``define``, also define (not
-    start) a libvirt domain of that name on them.
+    start) a libvirt domain of that name on them, with the UEFI variables (``to/<define>_VARS.fd``) and TPM
+    state kept with the backup. Without ``define``, UEFI variables kept with the backup are written to
+    ``to/<vm>_VARS.fd`` (unless that file exists) for the VM's writable pflash.
 
     Everything that can be checked is checked before anything is written: the backup exists and, with
-    ``define``, it holds a saved domain definition and no libvirt domain has that name yet.
+    ``define``, it holds a saved domain definition that shares no host resource with the original
+    (:func:`~vmsnap.vm.libvirt.definition.host_resource`) and no libvirt domain has that name yet; the
+    machine state kept with it is read and checked.
 
     :param repo_path: the repository (a directory or an ``s3://`` URL)
     :param format: "qcow2" or "raw" (sparse) images in ``to``
@@ -76,6 +87,8 @@ def restore_images(
     :param progress: called with (disk, bytes done, bytes total)
     :raise NotFoundError: no such VM, backup or disk, or ``define`` and the backup has no saved definition
     :raise UsageError: ``define`` is not a valid name, a domain of that name exists, or a disk is left out
+    :raise UnsupportedError: ``define`` and the saved definition uses its host's resources
+    :raise RepositoryError: the machine state kept with the backup is damaged
     :raise ChainError: a parent of the backup is missing or a backing link points elsewhere
     :raise ChecksumMismatchError: a restored image differs from what was backed up
     :raise LibvirtError: libvirtd cannot be reached, or it refused the definition
@@ -87,16 +100,27 @@ def restore_images(
     if define is not None:
         chosen = disks or tuple(d.name for d in manifest.disks)
         definition = _definition_to_redefine(repo, manifest, define, connect, chosen)
+    state = read_machine_state(
+        repo, manifest
+    )  # UEFI variables and TPM state, checked before a byte is written
     manifest, restored = repo.restore(
         vm, manifest.backup_id, to, disks=disks, progress=progress, format=format, devices=devices
     )
     defined = None
+    variables = None
     if define is not None and definition is not None:
         from vmsnap.vm.libvirt.definition import define_restored_domain
 
         images = {d.name: d.path for d in restored}
-        defined = define_restored_domain(connect, definition, name=define, images=images)
-    return RestoreResult(manifest.vm, manifest.backup_id, manifest.kind, tuple(restored), defined)
+        defined = define_restored_domain(
+            connect, definition, name=define, images=images, state=state, nvram_dir=Path(to)
+        )
+    elif state is not None and NVRAM in state.files:
+        # a bare QEMU's (or an undefined domain's) firmware variables, for its -drive if=pflash,unit=1
+        variables = Path(to) / f"{manifest.vm}_VARS.fd"
+        if not variables.exists():
+            write_atomic(variables, state.files[NVRAM])
+    return RestoreResult(manifest.vm, manifest.backup_id, manifest.kind, tuple(restored), defined, variables)
 
 
 def _definition_to_redefine(

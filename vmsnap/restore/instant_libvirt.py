@@ -27,6 +27,7 @@ from vmsnap.restore.instant import (
     mark_streaming,
     read_restore,
 )
+from vmsnap.vm.machine_state import MachineState
 
 
 def _libvirt() -> Any:
@@ -39,7 +40,14 @@ def _libvirt() -> Any:
     return libvirt
 
 
-def start_domain(restore: InstantRestore, xml: str, *, name: str, uri: str | None = None) -> str:
+def start_domain(
+    restore: InstantRestore,
+    xml: str,
+    *,
+    name: str,
+    uri: str | None = None,
+    state: MachineState | None = None,
+) -> str:
     """Define domain ``name`` from a saved definition on the prepared images and start it. Repeating it is
     the resume: a domain ``name`` that already runs on exactly these images is left as it is (started if
     it is shut off).
@@ -47,6 +55,8 @@ def start_domain(restore: InstantRestore, xml: str, *, name: str, uri: str | Non
     The disks are matched by target (``vda``, ``sdb`` …): name the instant restore's disks after them.
 
     :param xml: the domain definition saved with the backup
+    :param state: the machine state kept with it: its UEFI variables (into ``TO/<name>_VARS.fd``) and TPM
+        state are put back
     :raise UsageError: another domain called ``name`` exists, or a disk of the definition has no image
     :raise LibvirtError: libvirt refused to define or start it (a definition made here is removed again)
     """
@@ -64,7 +74,9 @@ def start_domain(restore: InstantRestore, xml: str, *, name: str, uri: str | Non
             if not dom.isActive():
                 dom.create()
             return name
-        define_restored_domain(uri, xml, name=name, images=restore.images)  # refuses an existing name
+        define_restored_domain(  # refuses an existing name
+            uri, xml, name=name, images=restore.images, state=state, nvram_dir=restore.to
+        )
         dom = conn.lookupByName(name)
         try:
             dom.create()

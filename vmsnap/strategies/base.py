@@ -23,7 +23,6 @@ import attrs
 
 from vmsnap.errors import UnsupportedError, UsageError, VmsnapError
 from vmsnap.model import Disk, ExportSource, SnapshotRef, Traits, validate_name
-from vmsnap.processes import crash_point
 from vmsnap.vm.machine import Machine
 
 Instant = Literal["transaction", "pause"]
@@ -187,8 +186,18 @@ class Strategy(Protocol):
         """Return the disk to exactly the snapshot's content."""
         ...
 
+    def rollback_many(self, snaps: Sequence[SnapshotRef]) -> None:
+        """Return the disks of ``snaps`` (one snapshot name, several disks) to their snapshots; a strategy
+        whose snapshot reverts several disks at one instant (a running VM's saved state) does it once."""
+        ...
+
     def list(self) -> Sequence[SnapshotRef]:
         """The snapshots of this strategy that exist on the machine's disks now."""
+        ...
+
+    def find(self, name: str) -> Sequence[SnapshotRef]:
+        """The snapshots ``create(..., name=name)`` made — also what one that died before it returned left
+        behind, however the strategy names that (``recover`` deletes them)."""
         ...
 
 
@@ -221,6 +230,24 @@ class StrategyBase:
     def abandon(self, snaps: Sequence[SnapshotRef]) -> None:
         """Nothing to give back."""
 
+    def list(self) -> Sequence[SnapshotRef]:
+        """The snapshots of this strategy that exist now (every strategy defines it)."""
+        raise NotImplementedError
+
+    def rollback(self, snap: SnapshotRef) -> None:
+        """Return the disk to the snapshot (every strategy defines it)."""
+        raise NotImplementedError
+
+    def rollback_many(self, snaps: Sequence[SnapshotRef]) -> None:
+        """Roll each disk back on its own."""
+        for snap in snaps:
+            self.rollback(snap)
+
+    def find(self, name: str) -> Sequence[SnapshotRef]:
+        """The snapshots :meth:`list` finds under ``name`` (a strategy that names what a dead ``create``
+        left otherwise says so by overriding this)."""
+        return [ref for ref in self.list() if ref.name == name]
+
 
 @contextlib.contextmanager
 def paused(machine: Machine) -> Iterator[dict[str, float]]:
@@ -238,7 +265,6 @@ def paused(machine: Machine) -> Iterator[dict[str, float]]:
     if was_running:
         qmp.stop()
     try:
-        crash_point("while-paused")
         yield report
     finally:
         if was_running:

@@ -40,11 +40,6 @@ OVERLAY_MARK = ".vmsnap-"
 _OVERLAY_RE = re.compile(r"^(?P<base>.+)\.vmsnap-(?P<name>[A-Za-z0-9][A-Za-z0-9_.+-]*)\.qcow2$")
 
 
-def image_opts_escape(value: str) -> str:
-    """Escape a value for ``--image-opts`` / ``-blockdev`` dotted syntax (a comma is written twice)."""
-    return value.replace(",", ",,")
-
-
 def overlay_path(image: Path, snapshot: str) -> Path:
     """The overlay file of ``snapshot`` on ``image``: ``<image>.vmsnap-<snapshot>.qcow2``, next to it.
 

@@ -356,6 +356,16 @@ class InternalSnapshotStrategy(StrategyBase):
             return
         self._qemu_img_snapshot("apply", snap.name, disk, hint="check that no QEMU uses the image")
 
+    def rollback_many(self, snaps: Sequence[SnapshotRef]) -> None:
+        """Roll back a running VM by loading the first of ``snaps`` that holds the VM's state (it reverts
+        every disk and the RAM at one instant); otherwise each disk on its own (see :meth:`rollback`)."""
+        with_state = [snap for snap in snaps if holds_vm_state(snap)]
+        if self.machine.is_running and with_state:
+            self.rollback(with_state[0])
+            return
+        for snap in snaps:
+            self.rollback(snap)
+
     def _bitmap_names(self, disk: Disk) -> builtins.list[str]:
         if self.machine.is_running:
             return [str(b["name"]) for b in self.machine.qmp().dirty_bitmaps(disk.node_name)]
@@ -409,3 +419,8 @@ class InternalSnapshotStrategy(StrategyBase):
 def _cause(err: CommandError) -> str:
     lines = [line.strip() for line in (err.stderr or err.stdout).splitlines() if line.strip()]
     return lines[-1] if lines else f"exit code {err.returncode}"
+
+
+def holds_vm_state(ref: SnapshotRef) -> bool:
+    """True when ``ref`` saved the VM's RAM too (loading it reverts every disk of the VM at once)."""
+    return ref.details.get("vm_state_size", "0") not in ("", "0")

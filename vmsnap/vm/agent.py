@@ -267,23 +267,11 @@ class GuestAgent:
         """Names of the commands this agent has enabled."""
         return {c["name"] for c in self.info().get("supported_commands", []) if c.get("enabled")}
 
-    def get_osinfo(self) -> dict[str, Any]:
-        """``guest-get-osinfo``."""
-        return dict(self.execute("guest-get-osinfo"))
-
-    def get_host_name(self) -> str:
-        """``guest-get-host-name``."""
-        return str(self.execute("guest-get-host-name")["host-name"])
-
-    def get_time(self) -> int:
-        """``guest-get-time``: guest clock in nanoseconds since the epoch."""
-        return int(self.execute("guest-get-time"))
-
-    def get_fsinfo(self) -> list[dict[str, Any]]:
-        """``guest-get-fsinfo``: mounted filesystems with their disks."""
-        return list(self.execute("guest-get-fsinfo"))
-
     # -- freezing -------------------------------------------------------------------------------
+
+    def get_osinfo(self) -> dict[str, Any]:
+        """``guest-get-osinfo`` (a boot verification records it)."""
+        return dict(self.execute("guest-get-osinfo"))
 
     def fsfreeze_status(self) -> str:
         """``guest-fsfreeze-status``: "thawed" or "frozen"."""

@@ -100,6 +100,11 @@ def _freeze(
         raise FreezeError(f"cannot freeze: {err.message}", hint=err.hint) from err
     if guard is not None:
         guard.start()
+    # set only once the agent said "thawed": until then (whatever ends this function, KeyboardInterrupt from
+    # a SIGTERM included) the guest may be frozen or freezing, and the guard is handed the thaw, not told
+    # "done"
+    thaw_confirmed = False
+    thaw_tried = False
     try:
         started = time.monotonic()
         try:
@@ -108,17 +113,18 @@ def _freeze(
             else:
                 count = agent.fsfreeze_freeze(timeout=timeout)
         except AgentCommandError as err:
-            agent.thaw_quietly()
+            thaw_tried = True
+            thaw_confirmed = _thaw_checked(agent)
             raise FreezeError(f"freezing the guest failed: {err.desc}") from err
         except AgentNotRespondingError as err:
             # the freeze was sent and may still complete: whoever can reach the agent later must thaw
-            agent.close()
             if guard is not None:
-                guard.hand_over()
                 raise FreezeError(
                     f"freezing the guest failed: {err.message}",
                     hint=f"the thaw guard (pid {guard.pid}) thaws the guest as soon as its agent answers",
                 ) from err
+            agent.close()
+            thaw_tried = True
             agent.thaw_quietly()
             raise FreezeError(f"freezing the guest failed: {err.message}") from err
         frozen_at = time.monotonic()
@@ -137,13 +143,9 @@ def _freeze(
             yield holder.report
             body_failed = False
         finally:
-            try:
-                thawed, hook_error = agent.thaw_and_check(timeout=timeout)
-            except FreezeError:
-                agent.close()
-                if guard is not None:
-                    guard.hand_over()
-                raise
+            thaw_tried = True
+            thawed, hook_error = agent.thaw_and_check(timeout=timeout)
+            thaw_confirmed = True
             holder.finish(thawed, (time.monotonic() - frozen_at) * 1000.0, hook_error)
             if hook_error is not None:
                 _log.warning("the guest is thawed but a thaw hook failed: %s", hook_error)
@@ -154,8 +156,29 @@ def _freeze(
                     hint="run the backup again; check what else talks to the guest agent",
                 )
     finally:
-        if guard is not None:
-            guard.done()  # no-op after a hand-over
+        if thaw_confirmed:
+            if guard is not None:
+                guard.done()
+        else:
+            # a socket agent serves one client: let go of it (a command of ours may be half-answered)
+            agent.close()
+            if guard is not None:
+                guard.hand_over()
+            elif not thaw_tried:  # interrupted mid-freeze with no guard: one try
+                agent.thaw_quietly()
+                agent.close()
+
+
+def _thaw_checked(agent: GuestAgent) -> bool:
+    """After a refused freeze (the agent thaws what it had frozen): thaw if it still says "frozen"; True
+    when it then says "thawed"."""
+    try:
+        if agent.fsfreeze_status() == "frozen":
+            with contextlib.suppress(AgentCommandError):  # a failing thaw hook: the status tells
+                agent.fsfreeze_thaw()
+        return agent.fsfreeze_status() == "thawed"
+    except AgentError:
+        return False
 
 
 @contextlib.contextmanager

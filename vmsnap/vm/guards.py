@@ -37,6 +37,7 @@ from vmsnap import processes
 from vmsnap.errors import FreezeError, VmsnapError
 from vmsnap.runner import LocalRunner, Runner, child_environment
 from vmsnap.vm import thawguard
+from vmsnap.vm.agent import FREEZE_TIMEOUT
 from vmsnap.vm.remote import RemoteHost
 
 READY_TIMEOUT = 20.0
@@ -50,6 +51,9 @@ LEASE = 15.0
 
 MAX_FROZEN = 120.0
 """Seconds a guard lets a guest stay frozen beyond the freeze's own timeout, whatever the parent says."""
+
+CLOCK_SLACK = 60.0
+"""Seconds added to a guard's possible life when another host's clock measures it."""
 
 RUN_DIR_ENV = "VMSNAP_RUN_DIR"
 
@@ -75,15 +79,20 @@ class GuardTarget:
     :param kind: ``socket`` (a QEMU chardev socket) or ``libvirt`` (a domain)
     :param address: (socket path,) or (libvirt URI, domain UUID)
     :param description: for messages
+    :param qmp: a socket target's QMP socket (there): the guard resumes a VM left paused inside the freeze
+        window through it (a libvirt domain is resumed through the guard's connection)
     """
 
     kind: Literal["socket", "libvirt"]
     address: tuple[str, ...]
     description: str = attrs.field(eq=False, default="")
+    qmp: str | None = attrs.field(eq=False, default=None)
 
     @classmethod
-    def socket(cls, path: Path | str) -> GuardTarget:
-        return cls("socket", (str(path),), f"the guest agent on {path}")
+    def socket(cls, path: Path | str, *, qmp: Path | str | None = None) -> GuardTarget:
+        return cls(
+            "socket", (str(path),), f"the guest agent on {path}", str(qmp) if qmp is not None else None
+        )
 
     @classmethod
     def libvirt(cls, uri: str, uuid: str, name: str) -> GuardTarget:
@@ -100,6 +109,10 @@ class GuardRecord:
 
     :param where: the host it runs on, as runners name hosts (``local``, ``ssh:root@hv2``)
     :param pid: its pid there; 0 while it is still starting
+    :param since: when it started (``time.time()`` there)
+    :param deadline: seconds after ``since`` at which it thaws whatever its parent says (0: never); None in
+        the record of an older guard
+    :param give_up: seconds it then keeps trying to reach the agent (None: an older guard's record)
     """
 
     where: str
@@ -110,6 +123,8 @@ class GuardRecord:
     parent_boot: str
     parent_pid: int
     parent_start: int | None
+    deadline: float | None = None
+    give_up: float | None = None
 
     @classmethod
     def from_json(cls, where: str, data: dict[str, object]) -> GuardRecord:
@@ -118,6 +133,9 @@ class GuardRecord:
 
         def number(value: object) -> int | None:
             return value if isinstance(value, int) else None
+
+        def seconds(value: object) -> float | None:
+            return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
         since = data.get("since")
         return cls(
@@ -129,7 +147,20 @@ class GuardRecord:
             parent_boot=str(parent.get("boot", "")),
             parent_pid=number(parent.get("pid")) or 0,
             parent_start=number(parent.get("start")),
+            deadline=seconds(data.get("deadline")),
+            give_up=seconds(data.get("give_up")),
         )
+
+    def may_still_act(self, now: float) -> bool:
+        """True while the guard may still be watching or thawing a live run's freeze: until its deadline and
+        its give-up have passed since it started (with a minute for clocks that differ between hosts). A
+        guard with no deadline may act at any time; an older guard's record, without them, gets what vmsnap
+        gives its guards by default."""
+        if self.deadline == 0:
+            return True
+        deadline = self.deadline if self.deadline is not None else FREEZE_TIMEOUT + MAX_FROZEN
+        give_up = self.give_up if self.give_up is not None else thawguard.DEFAULT_GIVE_UP
+        return now - self.since < deadline + give_up + CLOCK_SLACK
 
     def parent_alive(self) -> bool | None:
         """Whether the vmsnap process that started the guard still runs; None when it ran on another host
@@ -168,6 +199,14 @@ class GuardSite(Protocol):
 
     def stand_down(self, target: GuardTarget, record: GuardRecord) -> bool:
         """Stop ``record``'s guard without a thaw (only while it is still that process); True if it was."""
+        ...
+
+    def thaw(self, target: GuardTarget) -> dict[str, object]:
+        """Thaw ``target``'s guest once, checked, holding its guard lock there (so no run can start a guard
+        and freeze in between); the program's answer (see ``thaw`` in :mod:`vmsnap.vm.thawguard`).
+
+        :raise VmsnapError: the program could not be run there
+        """
         ...
 
 
@@ -216,6 +255,18 @@ class _Commands:
         except ValueError as err:
             raise VmsnapError(f"the thaw guard program on {self.host} answered {out!r}") from err
         return GuardRecord.from_json(self.host, data) if isinstance(data, dict) and data else None
+
+    def thaw(self, target: GuardTarget) -> dict[str, object]:
+        program, directory = self._program()
+        argv = [*program, "thaw", "--dir", directory, *target.words()]
+        out = self._runner().run(argv, timeout=300).stdout
+        try:
+            data = json.loads(out or "{}")
+        except ValueError as err:
+            raise VmsnapError(f"the thaw guard program on {self.host} answered {out!r}") from err
+        if not isinstance(data, dict) or not data:
+            raise VmsnapError(f"the thaw guard program on {self.host} answered {out!r}")
+        return data
 
     def stand_down(self, target: GuardTarget, record: GuardRecord) -> bool:
         if record.pid <= 1 or record.start is None:
@@ -417,7 +468,8 @@ class SshGuardSite(_Commands):
 
 
 class ThawGuard:
-    """The parent's handle on the guard of one freeze (a context manager: on a normal exit it says "done").
+    """The parent's handle on the guard of one freeze (a context manager: on a normal exit it says "done",
+    on an exception it hands the thaw over).
 
     :param plan: what the guard watches and where it runs
     :param log: a file (on this host) the guard appends its decisions to
@@ -461,6 +513,7 @@ class ThawGuard:
                 "--give-up",
                 f"{self.give_up:g}",
             ),
+            *(("--qmp", self.plan.target.qmp) if self.plan.target.qmp else ()),
         ]
 
     def start(self) -> ThawGuard:
@@ -526,8 +579,11 @@ class ThawGuard:
             self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.done()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.done()
+        else:  # the body failed (or was interrupted) with the guest perhaps frozen: the guard thaws
+            self.hand_over()
 
 
 def stand_down_leftovers(plan: GuardPlan) -> tuple[list[str], GuardRecord | None]:
@@ -543,7 +599,7 @@ def stand_down_leftovers(plan: GuardPlan) -> tuple[list[str], GuardRecord | None
     alive = record.parent_alive()
     if alive:
         return [], record
-    if alive is None and time.time() - record.since < MAX_FROZEN + thawguard.DEFAULT_GIVE_UP:
+    if alive is None and record.may_still_act(time.time()):
         return [], record  # started from another host, and maybe still working: leave it be
     if plan.site.stand_down(plan.target, record):
         return [f"stopped the thaw guard (pid {record.pid}{where}) of a dead vmsnap run"], None

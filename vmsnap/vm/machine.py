@@ -21,6 +21,7 @@ from vmsnap.model import Disk, ExportSource, validate_name
 from vmsnap.runner import LocalRunner, Runner
 from vmsnap.vm.agent import GuestAgent
 from vmsnap.vm.guards import GuardPlan, GuardTarget, LocalGuardSite
+from vmsnap.vm.machine_state import MachineStateSource, qemu_state_source
 from vmsnap.vm.qmp import QMPMonitor
 
 
@@ -56,9 +57,15 @@ class Machine(Protocol):
         domain's XML), or None when the machine has none."""
         ...
 
+    def machine_state(self) -> MachineStateSource | None:
+        """Where the machine's state besides its disks is (a bare QEMU's command line and firmware
+        variables, a libvirt domain's UEFI variables and TPM state), to capture with each backup
+        (:mod:`vmsnap.vm.machine_state`); None when there is none vmsnap can read from here."""
+        ...
+
     def recover(self) -> list[str]:
-        """Undo what a dead vmsnap run left in the machine's manager (libvirt: a backup job, external
-        snapshots); one line per action. Machines without a manager have nothing to undo."""
+        """Undo what a dead vmsnap run left in the machine's manager; one line per action. Today's machines
+        have nothing to undo there (vmsnap keeps no state in libvirt)."""
         ...
 
     def guard_plan(self) -> GuardPlan | None:
@@ -162,14 +169,21 @@ class QemuMachine(OnThisHost):
     def definition(self) -> str | None:
         return None
 
+    def machine_state(self) -> MachineStateSource | None:
+        """The command line of the QEMU behind the QMP socket, its disks and writable pflash (this host
+        only: the process is found by the socket's peer)."""
+        if self.runner.host != "local":
+            return None
+        return qemu_state_source(self.qmp_socket, self.qmp())
+
     def recover(self) -> list[str]:
         return []
 
     def guard_plan(self) -> GuardPlan | None:
-        """A guard on this host, on the agent's socket."""
+        """A guard on this host, on the agent's socket (and the QMP socket, to resume a VM left paused)."""
         if self.agent_socket is None:
             return None
-        return GuardPlan(GuardTarget.socket(self.agent_socket), LocalGuardSite())
+        return GuardPlan(GuardTarget.socket(self.agent_socket, qmp=self.qmp_socket), LocalGuardSite())
 
     def close(self) -> None:
         if self._monitor is not None:
@@ -255,6 +269,9 @@ class OfflineMachine(OnThisHost):
         return disks
 
     def definition(self) -> str | None:
+        return None
+
+    def machine_state(self) -> MachineStateSource | None:
         return None
 
     def recover(self) -> list[str]:

@@ -138,6 +138,22 @@ class QMPMonitor:
                 f"QMP connection to {self.socket_path} lost during {command}: {err}"
             ) from err
 
+    def add_fd(self, fd: int) -> int:
+        """Pass the open descriptor ``fd`` to QEMU (``SCM_RIGHTS``, then ``add-fd``) in a new fd set; returns
+        the set's id: QEMU opens ``/dev/fdset/<id>`` as that descriptor, whatever user it runs as. Remove it
+        with ``remove-fd``.
+
+        :raise QMPCommandError: QEMU refused it
+        :raise QMPConnectionError: not connected, or the connection broke
+        """
+        if not self._connected:
+            raise QMPConnectionError(f"not connected to {self.socket_path}", hint="call connect() first")
+        try:
+            self._client.send_fd_scm(fd)
+        except (_LibQMPError, OSError) as err:
+            raise QMPConnectionError(f"cannot pass a descriptor to {self.socket_path}: {err}") from err
+        return int(self.execute("add-fd")["fdset-id"])
+
     def hmp(self, command_line: str) -> str:
         """Run a human-monitor command (e.g. ``qemu-io``) and return its text output."""
         out = self.execute("human-monitor-command", {"command-line": command_line})
@@ -587,6 +603,13 @@ def _backing_chain(image: Mapping[str, Any]) -> tuple[Path, ...]:
     return tuple(chain)
 
 
+def is_firmware_flash(block: Mapping[str, Any]) -> bool:
+    """True for a ``query-block`` entry of a firmware flash device (``-drive if=pflash``, or a
+    ``pflash0``/``pflash1`` machine property): the firmware and its variables, not a disk."""
+    qdev = str(block.get("qdev") or "")
+    return "/system.flash" in qdev or str(block.get("device") or "").startswith("pflash")
+
+
 def disks_from_query_block(
     blocks: Sequence[Mapping[str, Any]], nodes: Sequence[Mapping[str, Any]]
 ) -> list[Disk]:
@@ -594,8 +617,8 @@ def disks_from_query_block(
     disks: list[Disk] = []
     for block in blocks:
         inserted = block.get("inserted")
-        if not inserted:
-            continue
+        if not inserted or is_firmware_flash(block):
+            continue  # firmware flash is machine state (vmsnap.vm.machine_state), not a disk
         node_name = str(inserted.get("node-name", ""))
         qdev = block.get("qdev") or None
         name = _qdev_name(qdev) if qdev else (block.get("device") or node_name)

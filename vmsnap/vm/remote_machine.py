@@ -32,6 +32,7 @@ from vmsnap.runner import Runner
 from vmsnap.vm.agent import GuestAgent
 from vmsnap.vm.guards import GuardPlan, GuardTarget, SshGuardSite
 from vmsnap.vm.machine import Machine
+from vmsnap.vm.machine_state import MachineStateSource
 from vmsnap.vm.qmp import QMPMonitor
 from vmsnap.vm.remote import RemoteHost
 
@@ -107,6 +108,10 @@ class RemoteMachine:
     def definition(self) -> str | None:
         return self.machine.definition()
 
+    def machine_state(self) -> MachineStateSource | None:
+        """None: the machine's process and files are on the other host (not captured from there)."""
+        return None
+
     def recover(self) -> list[str]:
         return self.machine.recover()
 
@@ -134,7 +139,9 @@ class RemoteMachine:
                 self.host.destination,
             )
             return plan
-        return GuardPlan(GuardTarget.socket(remote), self._guards)
+        qmp = plan.target.qmp
+        remote_qmp = next((r for r in self._forwards if qmp and self.host.local(r) == Path(qmp)), None)
+        return GuardPlan(GuardTarget.socket(remote, qmp=remote_qmp), self._guards)
 
     def close(self) -> None:
         """Close the machine, cancel its forwards (and close the connection when it owns it)."""

@@ -7,24 +7,29 @@ vmsnap is usually not installed, so this file imports only the standard library 
 libvirt target); vmsnap copies it there (:mod:`vmsnap.vm.guards`). Its grammar stays within Python 3.8.
 
 ``guard``: watch one freeze. The guard takes the target's lock (``DIR/KEY.lock``, ``flock``; KEY is a hash
-of the target) and writes its record (``DIR/KEY.json``: its pid and start time, the parent's host, boot id,
-pid and start time), says ``ready PID`` on the ready descriptor (``busy PID`` when another guard holds the
-lock: a guest is watched by one guard at a time, so a guard never thaws a freeze it does not own), and reads
-lines on the control descriptor:
+of the target) and writes its record (``DIR/KEY.json``: its pid and start time, when it started, its
+``--deadline`` and ``--give-up``, the parent's host, boot id, pid and start time), says ``ready PID`` on the
+ready descriptor (``busy PID`` when another guard holds the lock: a guest is watched by one guard at a time,
+so a guard never thaws a freeze it does not own), and reads lines on the control descriptor:
 
 - ``beat``: the parent lives; ``done``: the parent thawed the guest, exit without touching the agent;
 - ``thaw`` (the parent hands the thaw over), end of file (the parent died: the kernel closed its end, or the
   SSH channel carrying it closed), the parent's pid gone (``--watch-parent``, same host), no ``beat`` for
   ``--lease`` seconds, or ``--deadline`` seconds since the guard started: thaw — connect to the agent,
   retrying for ``--give-up`` seconds, ``guest-fsfreeze-thaw`` when it says "frozen", and check that
-  ``guest-fsfreeze-status`` says "thawed".
+  ``guest-fsfreeze-status`` says "thawed". When the agent does not answer, the VM may have been left paused
+  inside the freeze window (vmsnap stops the vCPUs while it snapshots; an agent does not run then): the
+  guard resumes it — ``cont`` through ``--qmp SOCKET`` when its status is "paused", ``virDomainResume``
+  for a libvirt domain paused for no reason libvirt knows (a ``stop`` passed through) — and goes on.
 
 SIGINT, SIGHUP, SIGTERM and SIGPIPE are ignored (a terminal closing or a service stopping does not take the
 guard with vmsnap); SIGUSR1 makes it stand down without thawing (``vmsnap recover`` sends it to a guard whose
 parent is dead, then thaws itself, once). The lock and the record are removed when the guard ends.
 
 ``status`` prints the record of the live guard of a target (JSON; ``{}`` when there is none) and removes a
-dead guard's record; ``stop --pid PID --start TICKS`` stands that guard down (SIGKILL after 10 s).
+dead guard's record; ``stop --pid PID --start TICKS`` stands that guard down (SIGKILL after 10 s); ``thaw``
+thaws the guest once, checked, holding the target's lock (``vmsnap recover``: no run can freeze between its
+look and its thaw; a live guard's freeze is left alone).
 """
 
 from __future__ import annotations
@@ -48,12 +53,20 @@ from typing import Any
 DEFAULT_GIVE_UP = 300.0
 """Seconds a guard keeps trying to reach the agent once it has to thaw."""
 
-PROTOCOL = 1
+PROTOCOL = 2
 """Bumped when the arguments or the record change (vmsnap checks what a guard on another host runs)."""
 
 
 class AgentFailure(Exception):
     """The agent could not be reached or answered with an error."""
+
+
+class AgentRefused(AgentFailure):
+    """The agent answered with an error (``desc``: its words)."""
+
+    def __init__(self, command: str, error: Any) -> None:
+        self.desc = str(error.get("desc", error) if isinstance(error, dict) else error)
+        super().__init__(f"{command}: {self.desc}")
 
 
 class StandDown(BaseException):
@@ -67,8 +80,9 @@ class SocketAgent:
     """The guest agent on a unix socket (QEMU serves one client at a time): connect, ``guest-sync-delimited``,
     then one JSON command per line."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, qmp: str | None = None) -> None:
         self.path = path
+        self.qmp = qmp
         self.description = "agent socket " + path
 
     def gone(self) -> bool:
@@ -102,8 +116,45 @@ class SocketAgent:
         finally:
             sock.close()
         if "error" in message:
-            raise AgentFailure("{}: {}".format(command, message["error"].get("desc", message["error"])))
+            raise AgentRefused(command, message["error"])
         return message.get("return")
+
+    def resume_paused(self) -> str:
+        """``cont`` through the VM's QMP socket (``--qmp``) when it reports "paused"; returns "resumed" or the
+        state found ("" without a QMP socket). QEMU serves that socket to one client at a time: while the
+        vmsnap run still holds it, this fails and is tried again."""
+        if self.qmp is None:
+            return ""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(5.0)
+            sock.connect(self.qmp)
+            deadline = time.monotonic() + 5.0
+            greeting, buffer = _message(sock, b"", deadline)
+            if "QMP" not in greeting:
+                raise AgentFailure(f"{self.qmp} is no QMP socket")
+            buffer = _qmp(sock, buffer, "qmp_capabilities", deadline)[1]
+            answer, buffer = _qmp(sock, buffer, "query-status", deadline)
+            status = str(answer.get("status", "")) if isinstance(answer, dict) else ""
+            if status != "paused":  # only a plain `stop`: not a save, a migration, an I/O error
+                return status
+            _qmp(sock, buffer, "cont", deadline)
+            return "resumed"
+        except OSError as err:
+            raise AgentFailure(f"{self.qmp}: {err}") from err
+        finally:
+            sock.close()
+
+
+def _qmp(sock: socket.socket, buffer: bytes, command: str, deadline: float) -> tuple[Any, bytes]:
+    """Send one QMP command and read its answer (events before it are skipped)."""
+    sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
+    while True:
+        message, buffer = _message(sock, buffer, deadline)
+        if "error" in message:
+            raise AgentFailure("{}: {}".format(command, message["error"].get("desc", message["error"])))
+        if "return" in message:
+            return message["return"], buffer
 
 
 def _receive(sock: socket.socket, buffer: bytes, deadline: float) -> bytes:
@@ -170,6 +221,22 @@ class LibvirtAgent:
             self._domain = None
             return bool(err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN)
 
+    def resume_paused(self) -> str:
+        """Resume the domain when it is paused for no reason libvirt knows (a ``stop`` passed through to
+        QEMU, as vmsnap's pause); returns "resumed" or the state found (a user's ``virsh suspend``, a
+        migration or an I/O error are left alone)."""
+        libvirt, _ = self._libvirt()
+        domain = self._lookup()
+        try:
+            state, reason = domain.state()
+            if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_UNKNOWN:
+                domain.resume()
+                return "resumed"
+        except libvirt.libvirtError as err:
+            self._domain = None
+            raise AgentFailure(str(err)) from err
+        return "paused" if state == libvirt.VIR_DOMAIN_PAUSED else "running"
+
     def execute(self, command: str, timeout: float) -> Any:
         libvirt, libvirt_qemu = self._libvirt()
         domain = self._lookup()
@@ -182,14 +249,15 @@ class LibvirtAgent:
             raise AgentFailure(str(err)) from err
         message = json.loads(reply) if reply else {}
         if "error" in message:
-            raise AgentFailure("{}: {}".format(command, message["error"].get("desc", message["error"])))
+            raise AgentRefused(command, message["error"])
         return message.get("return")
 
 
-def agent_for(target: list[str]) -> SocketAgent | LibvirtAgent:
-    """The agent a target names: ``socket PATH`` or ``libvirt URI UUID``."""
+def agent_for(target: list[str], qmp: str | None = None) -> SocketAgent | LibvirtAgent:
+    """The agent a target names: ``socket PATH`` (with its VM's QMP socket, if known) or ``libvirt URI
+    UUID``."""
     if len(target) == 2 and target[0] == "socket":
-        return SocketAgent(target[1])
+        return SocketAgent(target[1], qmp)
     if len(target) == 3 and target[0] == "libvirt":
         return LibvirtAgent(target[1], target[2])
     raise SystemExit(f"thawguard: a target is `socket PATH` or `libvirt URI UUID`, not {target}")
@@ -360,6 +428,7 @@ def thaw_when_possible(agent: SocketAgent | LibvirtAgent, give_up: float, log: L
     deadline = time.monotonic() + give_up
     attempt = 0
     last = ""
+    resumed = False
     while time.monotonic() < deadline:
         attempt += 1
         if agent.gone():
@@ -383,9 +452,65 @@ def thaw_when_possible(agent: SocketAgent | LibvirtAgent, give_up: float, log: L
             if str(err) != last or attempt % 20 == 0:  # one line per new reason, not per try
                 log(f"attempt {attempt}: {err}")
             last = str(err)
+            if not resumed:
+                resumed = _resume(agent, log)
+        time.sleep(0.3)
         time.sleep(0.3)
     log(f"gave up after {give_up:g} s: the guest may still be frozen; run `vmsnap recover`")
     return 1
+
+
+def _resume(agent: SocketAgent | LibvirtAgent, log: Log) -> bool:
+    """The agent does not answer: the VM may be paused (vmsnap pauses the vCPUs inside the freeze window to
+    snapshot, and a guest whose vCPUs are stopped runs no agent). Resume it if so; True once its run state
+    was read (or cannot be: no QMP socket), False when it could not be reached (tried again)."""
+    try:
+        state = agent.resume_paused()
+    except AgentFailure as err:
+        log(f"the VM's run state cannot be asked yet: {err}")
+        return False
+    if state == "resumed":
+        log("resumed the VM's vCPUs (paused inside the freeze window)")
+    elif state not in ("", "running"):
+        log(f"the VM is {state}: left so (not a pause of vmsnap's)")
+    return True
+
+
+def thaw_once(agent: SocketAgent | LibvirtAgent, timeout: float) -> dict[str, Any]:
+    """One checked thaw, for ``thaw``: what it found or did, as the JSON object ``thaw`` prints."""
+    if agent.gone():
+        return {"gone": agent.description}
+    try:
+        status = agent.execute("guest-fsfreeze-status", timeout)
+    except AgentFailure as err:
+        return {"unreachable": str(err)}
+    if status != "frozen":
+        return {"status": status}
+    last = ""
+    for attempt in range(3):
+        if attempt:
+            time.sleep(0.5)
+        count, hook_error = 0, None
+        try:
+            try:
+                count = int(agent.execute("guest-fsfreeze-thaw", 60.0))
+            except AgentRefused as err:  # a thaw hook failed: the filesystems are thawed all the same
+                hook_error = err.desc
+            status = agent.execute("guest-fsfreeze-status", timeout)
+        except AgentFailure as err:
+            last = str(err)
+            continue
+        if status == "thawed":
+            return {"thawed": count, "hook_error": hook_error}
+        last = f"the guest still reports {status} after guest-fsfreeze-thaw"
+    return {"frozen": last}
+
+
+def _test_stop(name: str) -> None:
+    """TEST ONLY: stop this process here (SIGSTOP) when ``$VMSNAP_TEST_CRASH_AT`` is ``stop:NAME`` (as
+    :func:`vmsnap.processes.crash_point` does in vmsnap)."""
+    if os.environ.get("VMSNAP_TEST_CRASH_AT") == f"stop:{name}":
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def _stand_down(_signum: int, _frame: Any) -> None:
@@ -393,7 +518,7 @@ def _stand_down(_signum: int, _frame: Any) -> None:
 
 
 def guard(args: argparse.Namespace) -> int:
-    agent = agent_for(args.target)
+    agent = agent_for(args.target, args.qmp)
     key = target_key(args.target)
     directory = guard_dir(args.dir)
     if args.detach:
@@ -422,6 +547,9 @@ def guard(args: argparse.Namespace) -> int:
             "start": start_ticks(os.getpid()),
             "target": args.target,
             "since": time.time(),
+            # how long it may still act (vmsnap recover on another host must not take it for a dead run's)
+            "deadline": args.deadline,
+            "give_up": args.give_up,
             "parent": {
                 "host": args.parent_host,
                 "boot": args.parent_boot,
@@ -444,6 +572,32 @@ def guard(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         drop_lock(directory, key, lock)
+
+
+def thaw(args: argparse.Namespace) -> int:
+    """Thaw the target's guest holding its guard lock, so that no run can start a guard and freeze between
+    the look and the thaw (``vmsnap recover``); prints one JSON object: ``{"busy": PID}`` (a live guard
+    holds the lock: its run's freeze is left alone), ``{"status": S}`` (nothing to do), ``{"thawed": N,
+    "hook_error": …}``, ``{"frozen": WHY}`` (it stays frozen), ``{"unreachable": WHY}`` or ``{"gone": …}``."""
+    directory = guard_dir(args.dir)
+    key = target_key(args.target)
+    lock = None
+    for _ in range(20):  # `status` holds a free lock for microseconds
+        lock = take_lock(directory, key)
+        if lock is not None:
+            break
+        time.sleep(0.05)
+    if lock is None:
+        print(json.dumps({"busy": read_record(directory, key).get("pid", 0)}))
+        return 0
+    try:
+        record = {"protocol": PROTOCOL, "pid": os.getpid(), "start": start_ticks(os.getpid())}
+        write_record(directory, key, {**record, "target": args.target, "since": time.time(), "thaw": True})
+        _test_stop("thaw-guest")
+        print(json.dumps(thaw_once(agent_for(args.target), args.timeout)))
+    finally:
+        drop_lock(directory, key, lock)
+    return 0
 
 
 def status(args: argparse.Namespace) -> int:
@@ -496,6 +650,9 @@ def parser() -> argparse.ArgumentParser:
         "--deadline", type=float, default=0.0, help="thaw after this long in any case (0: never)"
     )
     run.add_argument("--give-up", type=float, default=DEFAULT_GIVE_UP)
+    run.add_argument(
+        "--qmp", help="a socket target's QMP socket: resume a VM paused inside the freeze window first"
+    )
     run.add_argument("--log", help="a file to note decisions in ('-': standard error)")
     run.add_argument("--detach", action="store_true", help="fork into a new session first")
     run.set_defaults(run=guard)
@@ -505,7 +662,10 @@ def parser() -> argparse.ArgumentParser:
     halt.add_argument("--pid", type=int, required=True)
     halt.add_argument("--start", type=int, required=True)
     halt.set_defaults(run=stop)
-    for sub in (run, look, halt):
+    melt = commands.add_parser("thaw", help="thaw the target's guest under its guard lock, once")
+    melt.add_argument("--timeout", type=float, default=10.0, help="seconds for each status question")
+    melt.set_defaults(run=thaw)
+    for sub in (run, look, halt, melt):
         sub.add_argument("--dir", required=True, help="where locks and records live (made 0700)")
         sub.add_argument("target", nargs="+", help="socket PATH | libvirt URI UUID")
     return top

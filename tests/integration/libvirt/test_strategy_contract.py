@@ -22,7 +22,6 @@ from tests.integration.strategies.contract import (
 )
 from vmsnap.strategies import strategy_class
 from vmsnap.strategies.base import Strategy
-from vmsnap.strategies.libvirt_external import LibvirtExternalSnapshotStrategy
 from vmsnap.vm.libvirt.machine import LibvirtMachine
 from vmsnap.vm.machine import Machine, find_disk
 
@@ -155,22 +154,6 @@ def test_the_lab_writes_what_it_is_told(libvirtd: Libvirtd, tmp_path: Path) -> N
         lab.close()
 
 
-@pytest.mark.slow
-class TestLibvirtNativeExternal(LibvirtContract):
-    """The external strategy through libvirt's snapshot API: libvirt knows every overlay at every moment.
-    It commits only in a running domain, so the contract runs online (rollback powers off)."""
-
-    strategy_name = "external"
-    modes = ("online",)
-
-    def make_strategy(self, machine: Machine) -> Strategy:
-        return LibvirtExternalSnapshotStrategy(machine)
-
-    def check_libvirt_view(self, lab: LibvirtLab) -> None:
-        """After a test: libvirt's view is QEMU's (snapshots left in place show up in domblklist)."""
-        assert lab.domblklist() == {d.name: str(d.file) for d in lab.machine.disks()}
-
-
 @pytest.mark.parametrize(
     ("strategy_name", "options"),
     [
@@ -178,7 +161,6 @@ class TestLibvirtNativeExternal(LibvirtContract):
         ("external", {}),
         ("backup", {"mode": "push"}),
         ("backup", {"mode": "pull"}),
-        ("libvirt-external", {}),
     ],
 )
 def test_each_strategy_snapshots_exports_and_deletes_on_a_running_domain(
@@ -188,21 +170,11 @@ def test_each_strategy_snapshots_exports_and_deletes_on_a_running_domain(
     try:
         if strategy_name == "backup":
             options = {**options, "target_dir": tmp_path / "targets"}
-        if strategy_name == "libvirt-external":
-            strategy: Strategy = LibvirtExternalSnapshotStrategy(lab.machine)
-        else:
-            strategy = strategy_class(strategy_name)(lab.machine, **options)
+        strategy: Strategy = strategy_class(strategy_name)(lab.machine, **options)
         contract = StrategyContract()
         contract.first_patterns(lab)
         at_create = {d: lab.capture(d, tmp_path / f"at-create-{d}.qcow2") for d in lab.disk_names}
         refs = strategy.create(lab.disks(), name="snap1")
-        if strategy_name == "libvirt-external":  # libvirt knows the overlays while they exist
-            during = lab.domblklist()
-            assert (
-                during
-                == {d.name: str(d.file) for d in lab.machine.disks()}
-                == {r.disk.name: r.location for r in refs}
-            )
         contract.second_patterns(lab)
         after = {d: lab.capture(d, tmp_path / f"after-{d}.qcow2") for d in lab.disk_names}
         for ref in refs:

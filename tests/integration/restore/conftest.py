@@ -23,6 +23,7 @@ from tests.integration.restore.images import (
     run,
     write_v2,
 )
+from tests.parallel import built_once
 from vmsnap.image.digest import image_chunks, write_chunks_file
 from vmsnap.restore.commands import instant_dir, mounts_dir
 from vmsnap.restore.mount import mounted, recover, umount
@@ -47,8 +48,12 @@ class BackedUpDisk:
 
 @pytest.fixture(scope="session")
 def backed_up_disk(tmp_path_factory: pytest.TempPathFactory) -> BackedUpDisk:
-    """Built once per session (about 10 s): the raw disk, its qcow2 chain, and v2 as raw + chunk digests."""
-    d = tmp_path_factory.mktemp("restore-disk")
+    """Built once per run (about 10 s) for every xdist worker: the raw disk, its qcow2 chain, and v2 as raw
+    + chunk digests. Shared read-only: a test that changes an image copies it first (:func:`copy_chain`)."""
+    return built_once(tmp_path_factory, "restore-disk", _build_backed_up_disk)
+
+
+def _build_backed_up_disk(d: Path) -> BackedUpDisk:
     raw = d / "disk-v1.raw"
     v1 = build_gpt(raw)
     table = read_table(raw)

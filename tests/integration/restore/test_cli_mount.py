@@ -177,7 +177,7 @@ def test_recover_cleans_a_killed_mount_and_keeps_a_healthy_one(
     again = cli(capsys, "recover")
     assert (again.code, again.out.strip()) == (
         0,
-        "this host's mounts and instant restores: nothing to recover",
+        "this host's mounts, instant restores and boot verifications: nothing to recover",
     )
     taken = cli(capsys, "mount", "--repo", repo, "--vm", "vm1", "--backup", second, healthy)
     assert taken.code == 2 and f"{healthy} has a vmsnap mount already" in taken.error_line

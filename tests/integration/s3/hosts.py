@@ -30,11 +30,14 @@ STOPPED_TIMEOUT = 120.0
 
 @attrs.frozen
 class Host:
-    """One pretend host: its name, working directory and environment (see the module docstring)."""
+    """One pretend host: its name, working directory and environment (see the module docstring), and the
+    UTS namespaces of the processes it started (what :meth:`die` kills: another test, worker or run may
+    have a host of the same name)."""
 
     name: str
     workdir: Path
     env: Mapping[str, str]
+    namespaces: set[int] = attrs.field(factory=set, eq=False)
 
     @classmethod
     def make(cls, name: str, root: Path, server: SeaweedServer, **extra: str) -> Host:
@@ -55,7 +58,7 @@ class Host:
 
     def start(self, *args: str | Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
         """``vmsnap ARGS`` on this host, running (stdout and stderr piped)."""
-        return subprocess.Popen(
+        process = subprocess.Popen(
             self.argv(*args),
             cwd=self.workdir,
             env={**self.env, **(env or {})},
@@ -63,21 +66,38 @@ class Host:
             stderr=subprocess.PIPE,
             text=True,
         )
+        self._remember_namespace(process)
+        return process
+
+    def _remember_namespace(self, process: subprocess.Popen[str]) -> None:
+        """Wait until ``unshare`` has made the process's UTS namespace and note it (a process that ends
+        first made nothing for :meth:`die` to find)."""
+        ours = os.stat("/proc/self/ns/uts").st_ino
+        deadline = time.monotonic() + 30
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                namespace = os.stat(f"/proc/{process.pid}/ns/uts").st_ino
+            except FileNotFoundError:
+                return
+            if namespace != ours:
+                self.namespaces.add(namespace)
+                return
+            time.sleep(0.001)
 
     def run(self, *args: str | Path, env: Mapping[str, str] | None = None, timeout: float = 300) -> CliResult:
         """``vmsnap ARGS`` on this host, to the end."""
         return finish(self.start(*args, env=env), timeout)
 
     def die(self) -> list[int]:
-        """The rest of this host dies with its killed vmsnap: every process still running in its UTS
-        namespace (a qemu-nbd that served a powered-off image, say) is killed by pid; returns those pids."""
-        ours = os.stat("/proc/self/ns/uts").st_ino
+        """The rest of this host dies with its killed vmsnap: every process still running in the UTS
+        namespaces of this host's processes (a qemu-nbd that served a powered-off image, say) is killed by
+        pid; returns those pids."""
         killed = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
-                if (entry / "ns" / "uts").stat().st_ino == ours:
+                if (entry / "ns" / "uts").stat().st_ino not in self.namespaces:
                     continue
                 name = subprocess.run(
                     ["nsenter", "-t", entry.name, "--uts", "hostname"], capture_output=True, text=True

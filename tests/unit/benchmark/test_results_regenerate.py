@@ -44,6 +44,8 @@ def test_the_results_are_the_files_the_scripts_write() -> None:
             "restore-latency.md",
             "s3-repository.json",  # benchmarks/s3_repository.py
             "s3-repository.md",
+            "boot-verify.json",  # benchmarks/boot_verify.py
+            "boot-verify.md",
         ]
     )
     assert (RESULTS / "strategy-costs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -74,4 +76,10 @@ def test_restore_latency() -> None:
 def test_s3_repository() -> None:
     assert (RESULTS / "s3-repository.md").read_text() == script("s3_repository").report(
         result("s3-repository.json")
+    )
+
+
+def test_boot_verify() -> None:
+    assert (RESULTS / "boot-verify.md").read_text() == script("boot_verify").markdown(
+        result("boot-verify.json")
     )

@@ -10,10 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import attrs
 import pytest
 
 from vmsnap.errors import ChecksumMismatchError, LeaseError, RepositoryError, UsageError
-from vmsnap.repo.chunks.blob import chunk_key
+from vmsnap.repo.chunks.blob import ChunkId, chunk_key
 from vmsnap.repo.chunks.keys import RepositoryKey
 from vmsnap.repo.chunks.known import (
     GENERATION_KEY,
@@ -24,8 +25,34 @@ from vmsnap.repo.chunks.known import (
     list_chunks,
     read_generation,
 )
-from vmsnap.repo.chunks.leases import GC_KEY, LEASE_SECONDS, LeaseRecord, Leases, lease_seconds, writer_key
-from vmsnap.repo.chunks.records import decode_manifest, encode_manifest
+from vmsnap.repo.chunks.leases import (
+    GC_SERIES,
+    LEASE_SECONDS,
+    READERS,
+    WRITERS,
+    LeaseRecord,
+    Leases,
+    lease_seconds,
+    writer_series,
+)
+from vmsnap.repo.chunks.quarantine import (
+    MISSING,
+    absent_quarantined,
+    clear,
+    decode_record,
+    quarantine,
+    quarantine_key,
+    quarantined_ids,
+    read_record,
+)
+from vmsnap.repo.chunks.records import (
+    decode_manifest,
+    encode_manifest,
+    encode_tombstone,
+    is_tombstone,
+    tombstone_reason,
+)
+from vmsnap.repo.layout import layout_class
 from vmsnap.repo.manifest import CHUNKS_FORMAT, INDEX_DIGEST, ChunkStats, DiskRecord, Manifest
 from vmsnap.repo.marker import RepoMarker
 from vmsnap.repo.stores.local import LocalStore
@@ -37,7 +64,7 @@ def store(tmp_path: Path) -> LocalStore:
 
 
 def test_markers_round_trip_and_old_or_odd_ones_are_judged(tmp_path: Path) -> None:
-    marker = RepoMarker.new("chunks", key_id="ab" * 16)
+    marker = layout_class("chunks").new_marker(key_id="ab" * 16)
     data = marker.to_json()
     assert data["encryption"] == {"cipher": "aes-256-gcm", "chunk_id": "hmac-sha256", "key_id": "ab" * 16}
     assert (data["format"], data["layout"], data["chunk_size"], data["compression"]) == (
@@ -51,62 +78,114 @@ def test_markers_round_trip_and_old_or_odd_ones_are_judged(tmp_path: Path) -> No
     for bad in ({**data, "chunk_size": 1 << 20}, {**data, "id": "../x"}, {**data, "compression": "lz4"}):
         with pytest.raises(RepositoryError, match="damaged"):
             RepoMarker.from_bytes(json.dumps(bad).encode(), where="m")
-    with pytest.raises(UsageError, match="cannot be encrypted"):
-        RepoMarker.new("qcow2", key_id="ab" * 16)
+    with pytest.raises(UsageError, match="cannot be encrypted") as caught:
+        layout_class("qcow2").new_marker(key_id="ab" * 16)
+    assert "use --layout chunks with --encrypt" in str(caught.value)
     with pytest.raises(UsageError, match="unknown repository layout"):
-        RepoMarker.new("zip")
+        layout_class("zip")
+    with pytest.raises(UsageError, match="unknown compression"):
+        layout_class("chunks").new_marker(compression="lz4")
+    plain = layout_class("qcow2").new_marker()
+    assert (plain.to_json()["chunk_size"], plain.to_json()["compression"]) == (None, None)
+    # what a layout does not use is dropped; what it needs must be there
+    odd = RepoMarker(2, "qcow2", "ab" * 16, "zstd", "cd" * 16, 4 << 20)
+    assert layout_class("qcow2").accept_marker(odd) == RepoMarker(2, "qcow2", "ab" * 16)
+    with pytest.raises(ValueError, match="chunk size"):
+        layout_class("chunks").accept_marker(RepoMarker(2, "chunks", "ab" * 16))
 
 
 def test_a_lease_is_exclusive_renewed_and_released(store: LocalStore) -> None:
     leases = Leases(store, ttl=0.4)
-    key = writer_key("vm1")
-    lease = leases.take(key, "writer", "a backup of vm1")
+    series = writer_series("vm1")
+    lease = leases.take(series, "writer", "a backup of vm1")
+    assert lease.key == "locks/writers/vm1/000000000001"
     with pytest.raises(LeaseError, match="a backup of vm1") as info:
-        leases.take(key, "writer", "another")
+        leases.take(series, "writer", "another")
     assert "\n" not in str(info.value)
     first = lease.record.expires
     time.sleep(0.5)  # past the first expiry: the heartbeat renewed it
-    assert leases.read(key) is not None and leases.read(key).expires > first  # type: ignore[union-attr]
-    assert [k for k, _ in leases.live("locks/vms/")] == [key]
+    assert leases.read(lease.key) is not None and leases.read(lease.key).expires > first  # type: ignore[union-attr]
+    assert [k for k, _ in leases.live(WRITERS)] == [series]
     lease.check()
     lease.release()
-    assert not store.exists(key)
+    assert leases.holder(series) is None and leases.live(WRITERS) == []
+    released = leases.read(lease.key)
+    assert released is not None and released.state == "released"  # one small object stays per series
+    again = leases.take(series, "writer", "the next backup")
+    assert again.key.endswith("000000000002") and [s.key for s in store.list(series + "/")] == [again.key]
+    again.release()
+
+
+def _dead_record(what: str) -> dict[str, object]:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale: dict[str, object] = json.loads(LeaseRecord.mine("writer", what, 60).to_bytes())
+    stale["pid"] = int(dead.stdout)
+    stale["pid_start"] = "1"
+    return stale
 
 
 def test_a_dead_processes_lease_is_taken_over_at_once_and_the_loser_notices(store: LocalStore) -> None:
     leases = Leases(store, ttl=60)
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    stale = json.loads(LeaseRecord.mine("writer", "a dead backup", 60).to_bytes())
-    stale["pid"] = int(dead.stdout)
-    stale["pid_start"] = "1"
-    store.put(writer_key("vm1"), json.dumps(stale).encode())
-    assert not leases.read(writer_key("vm1")).live()  # type: ignore[union-attr]
-    lease = leases.take(writer_key("vm1"), "writer", "a backup")  # taken over
+    series = writer_series("vm1")
+    store.put(f"{series}/000000000007", json.dumps(_dead_record("a dead backup")).encode())
+    assert not leases.head(series).live()  # type: ignore[union-attr]
+    lease = leases.take(series, "writer", "a backup")  # taken over: the next number, the dead entry removed
+    assert lease.key == f"{series}/000000000008" and [s.key for s in store.list(series + "/")] == [lease.key]
     # another process (here: a hand-made record) takes it over in turn: the holder notices
-    store.put(writer_key("vm1"), LeaseRecord.mine("writer", "someone else", 60).to_bytes())
+    store.put(f"{series}/000000000009", LeaseRecord.mine("writer", "someone else", 60).to_bytes())
     with pytest.raises(LeaseError, match="lost the lease"):
         lease.check()
     lease.release()
-    assert store.exists(writer_key("vm1"))  # not ours any more: left alone
+    assert leases.head(series).record.what == "someone else"  # type: ignore[union-attr]  # left alone
 
 
-def test_an_expired_lease_of_another_host_is_taken_over(store: LocalStore) -> None:
+def test_a_stale_holder_renewing_below_the_head_never_holds_again(store: LocalStore) -> None:
+    """A holder stopped past its lease may still rewrite its own entry (its renewal was under way): that
+    entry is below the head, so it holds nothing, even once the new holder has released."""
+    leases = Leases(store, ttl=60)
+    series = writer_series("vm1")
+    stale = leases.take(series, "writer", "a stopped backup")
+    stale._stop.set()  # (its heartbeat: this test plays its part)
+    store.put(f"{series}/000000000002", LeaseRecord.mine("writer", "the next backup", 60).to_bytes())
+    store.put(stale.key, stale.record.to_bytes())  # the stopped holder's renewal lands late
+    with pytest.raises(LeaseError, match="took the lease over"):
+        stale.check()
+    store.put(
+        f"{series}/000000000002", attrs.evolve(LeaseRecord.mine("w", "n", 60), state="released").to_bytes()
+    )
+    assert leases.holder(series) is None
+    with pytest.raises(LeaseError):
+        stale.check()
+
+
+def test_an_expired_gc_lock_of_another_host_is_fenced_and_a_live_one_respected(store: LocalStore) -> None:
     record = json.loads(LeaseRecord.mine("gc", "a gc elsewhere", 60).to_bytes())
     record.update(host="elsewhere", expires=time.time() - 1)
-    store.put(GC_KEY, json.dumps(record).encode())
+    store.put(f"{GC_SERIES}/000000000001", json.dumps(record).encode())
     leases = Leases(store)
     assert leases.gc_running() is None
-    leases.take(GC_KEY, "gc", "a gc").release()
+    fenced = leases.fence(GC_SERIES)
+    assert fenced is not None and fenced.what == "a gc elsewhere"
+    assert leases.head(GC_SERIES).record.state == "released"  # type: ignore[union-attr]
+    assert leases.fence(GC_SERIES) is None  # nothing left to fence
     record["expires"] = time.time() + 60  # a live one of another host is respected
-    store.put(GC_KEY, json.dumps(record).encode())
+    store.put(f"{GC_SERIES}/000000000009", json.dumps(record).encode())
+    assert leases.fence(GC_SERIES) is None
     with (
         pytest.raises(LeaseError, match="collecting garbage"),
-        leases.holding(writer_key("vm1"), "writer", "b"),
+        leases.holding(writer_series("vm1"), "writer", "b"),
     ):
         pass
-    assert not store.exists(writer_key("vm1"))  # the writer let go of its lease again
+    assert leases.holder(writer_series("vm1")) is None  # the writer let go of its lease again
+
+
+def test_a_reader_lease_has_a_key_of_its_own_and_goes_away(store: LocalStore) -> None:
+    leases = Leases(store, ttl=60)
+    with leases.holding(None, "reader", "a restore") as lease:
+        assert lease.key.startswith(READERS) and [k for k, _ in leases.live(READERS)] == [lease.key]
+    assert list(store.list(READERS)) == []
 
 
 def test_known_chunks_cache_follows_the_gc_generation(store: LocalStore, tmp_path: Path) -> None:
@@ -203,3 +282,34 @@ def test_manifests_are_authenticated_in_an_encrypted_repository() -> None:
         decode_manifest(raw, manifest.vm, manifest.backup_id, None, where="m")
     with pytest.raises(RepositoryError, match="says vm1"):
         decode_manifest(plain, "vm2", manifest.backup_id, None, where="m")
+
+
+def test_a_quarantined_chunk_is_recorded_and_moved_aside_only_while_it_holds_what_verify_read(
+    store: LocalStore,
+) -> None:
+    bad, good, gone = (bytes([n]) * 32 for n in (1, 2, 3))
+    store.put(chunk_key(bad), b"rotten blob")
+    assert quarantine(store, ChunkId(bad), "its content does not match its id", b"rotten blob")
+    assert not store.exists(chunk_key(bad))
+    record, blob = decode_record(store.get(quarantine_key(bad)))  # type: ignore[misc]
+    assert (record.chunk, record.problem, blob) == (
+        bad.hex(),
+        "its content does not match its id",
+        b"rotten blob",
+    )
+    store.put(chunk_key(good), b"stored again meanwhile")
+    assert not quarantine(store, ChunkId(good), "damaged", b"what verify read")  # not what verify read: stays
+    assert store.get(chunk_key(good)) == b"stored again meanwhile"
+    assert not quarantine(store, ChunkId(gone), MISSING, None)
+    assert read_record(store, gone) is not None and read_record(store, gone).missing  # type: ignore[union-attr]
+    assert quarantined_ids(store) == {bad, good, gone}
+    assert absent_quarantined(store) == {bad, gone}  # the one that is there again is no longer set aside
+    clear(store, [good])
+    assert quarantined_ids(store) == {bad, gone}
+
+
+def test_a_tombstone_is_no_manifest() -> None:
+    raw = encode_tombstone("gc fenced its unfinished run")
+    assert is_tombstone(raw) and tombstone_reason(raw) == "gc fenced its unfinished run"
+    assert not is_tombstone(encode_manifest(_manifest(), None))
+    assert not is_tombstone(b"\xff" * 10) and not is_tombstone(b'{"vmsnap": "something else"}')

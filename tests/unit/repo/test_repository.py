@@ -11,8 +11,11 @@ import pytest
 
 from tests.unit.repo.backups import W1, W2, add_backup
 from vmsnap.errors import RepositoryError, UsageError
+from vmsnap.repo import repository
+from vmsnap.repo.layout import layout_class, layout_names
 from vmsnap.repo.qcow2_repo import Qcow2Repository
 from vmsnap.repo.repository import Repository
+from vmsnap.repo.stores import Store
 
 
 def test_open_needs_a_repository_and_create_makes_one_private(tmp_path: Path) -> None:
@@ -57,6 +60,58 @@ def test_another_format_version_is_refused(tmp_path: Path) -> None:
     (root / "vmsnap-repo.json").write_text("{not json")
     with pytest.raises(RepositoryError, match="damaged"):
         Repository.open(root)
+
+
+def test_layouts_are_found_by_the_name_their_marker_gives(tmp_path: Path) -> None:
+    assert layout_names() == ["chunks", "qcow2"]
+    assert layout_class("qcow2") is Qcow2Repository
+    assert Repository.traits_at(tmp_path / "absent").name == "chunks"  # the default
+    assert Repository.traits_at(tmp_path / "absent", layout="qcow2").name == "qcow2"
+    root = tmp_path / "repo"
+    root.mkdir()
+    marker = {"format": 2, "layout": "tape", "id": "ab" * 16, "chunk_size": None, "compression": None}
+    (root / "vmsnap-repo.json").write_text(json.dumps(marker))
+    with pytest.raises(RepositoryError, match="has layout 'tape', which this vmsnap does not know") as info:
+        Repository.open(root)
+    assert "install the package that provides it" in str(info.value) and "\n" not in str(info.value)
+    (root / "vmsnap-repo.json").write_text(json.dumps({**marker, "layout": "chunks"}))
+    with pytest.raises(RepositoryError, match="damaged: chunk size None"):  # chunks needs its chunk size
+        Repository.open(root)
+
+
+def test_a_layout_is_asked_for_by_name_and_a_wrong_one_refused(tmp_path: Path) -> None:
+    Repository.open(tmp_path / "r", create=True, layout="qcow2")
+    with pytest.raises(RepositoryError, match="has layout qcow2, not chunks"):
+        Repository.open(tmp_path / "r", layout="chunks")
+    with pytest.raises(UsageError, match="unknown repository layout 'zip'"):
+        Repository.open(tmp_path / "r", layout="zip")
+    with pytest.raises(UsageError, match="cannot be encrypted"):
+        Repository.init(tmp_path / "q", layout="qcow2", encrypt=True, key_file=tmp_path / "key")
+    assert not (tmp_path / "key").exists() and not (tmp_path / "q").exists()
+
+
+def test_locate_writes_nothing_and_open_uses_the_store_it_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[str] = []
+    real = repository.open_store
+
+    def counting(location: str | Path, *, create: bool = False) -> Store:
+        opened.append(str(location))
+        return real(location, create=create)
+
+    monkeypatch.setattr(repository, "open_store", counting)
+    found = Repository.locate(tmp_path / "new", create=True, layout="qcow2")
+    assert found.marker is None and found.traits().name == "qcow2"
+    assert not (tmp_path / "new").exists() and opened == []  # nothing made, nothing opened yet
+    assert isinstance(found.open(), Qcow2Repository) and opened == [str(tmp_path / "new")]
+    opened.clear()
+    again = Repository.locate(tmp_path / "new", create=True)
+    assert again.marker is not None and again.traits().name == "qcow2"
+    again.open()
+    assert opened == [str(tmp_path / "new")]  # the store is opened and the marker read once
+    with pytest.raises(RepositoryError, match="no such directory"):
+        Repository.locate(tmp_path / "absent")
 
 
 @pytest.mark.parametrize("bad", ["../etc", "a/b", "..", ".hidden", "", "x" * 200])

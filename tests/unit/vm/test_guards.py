@@ -5,6 +5,7 @@ guest/test_thaw_guard.py, libvirt/test_guest_domain.py, test_remote_host.py)."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import socket
@@ -18,7 +19,15 @@ import pytest
 from vmsnap import processes
 from vmsnap.repo.repository import Repository
 from vmsnap.vm import thawguard
-from vmsnap.vm.guards import PROGRAM, GuardPlan, GuardRecord, GuardTarget, LocalGuardSite, ThawGuard
+from vmsnap.vm.guards import (
+    PROGRAM,
+    GuardPlan,
+    GuardRecord,
+    GuardTarget,
+    LocalGuardSite,
+    ThawGuard,
+    stand_down_leftovers,
+)
 
 HOLD = """
 import importlib.util, sys, time
@@ -154,3 +163,71 @@ def test_a_new_repository_that_a_dead_run_never_made_is_named(tmp_path: Path) ->
     assert Repository.missing(missing) is None  # someone's data: opening it says what it is
     assert Repository.clear_unmade(missing) == []
     assert (missing / "photo.jpg").exists()
+
+
+def _guard_log_after(tmp_path: Path, body_fails: bool) -> str:
+    """Run a real guard (on an agent socket that does not exist: a thaw finds nothing to do) as a context
+    manager whose body fails or not; its log once it has ended."""
+    log = tmp_path / f"guard-{body_fails}.log"
+    plan = GuardPlan(GuardTarget.socket(tmp_path / "no-vm.qga"), LocalGuardSite(tmp_path / "guards"))
+    with contextlib.suppress(RuntimeError), ThawGuard(plan, log=log) as guard:
+        if body_fails:
+            raise RuntimeError("the snapshot broke")
+    assert guard.pid is not None
+    deadline = time.monotonic() + 30
+    while processes.alive(guard.pid):
+        assert time.monotonic() < deadline, "the guard did not end"
+        time.sleep(0.05)
+    return log.read_text()
+
+
+def test_a_guard_left_by_an_exception_thaws_and_one_left_normally_does_not(tmp_path: Path) -> None:
+    assert "the parent thawed the guest itself" in _guard_log_after(tmp_path, body_fails=False)
+    failed = _guard_log_after(tmp_path, body_fails=True)
+    assert "the parent handed the thaw over" in failed  # not "done": the guest may still be frozen
+    assert "is gone: the VM stopped, nothing to thaw" in failed
+
+
+def _backdate(directory: Path, target: GuardTarget, seconds: float) -> None:
+    """Make the guard's record say it started ``seconds`` ago (as if it had been watching that long)."""
+    path = directory / f"{thawguard.target_key(target.words())}.json"
+    record = json.loads(path.read_text())
+    record["since"] = time.time() - seconds
+    path.write_text(json.dumps(record))
+
+
+def test_recover_leaves_a_guard_of_another_hosts_run_alone_while_its_deadline_and_give_up_last(
+    tmp_path: Path,
+) -> None:
+    """A real guard whose vmsnap runs on another host (so recover here cannot ask whether it lives), given a
+    long freeze timeout: deadline 1000 s, give-up 300 s. 500 s into its watch it may still be guarding a live
+    freeze, and recover must not stand it down; past 1300 s (and the clock slack) it must."""
+    directory = tmp_path / "guards"
+    target = GuardTarget.socket(tmp_path / "vm.qga")
+    control_read, control_write = os.pipe()
+    ready_read, ready_write = os.pipe()
+    argv = [sys.executable, "-I", str(PROGRAM), "guard", "--dir", str(directory)]
+    argv += ["--parent-host", "hv-other", "--parent-boot", "another-boot", "--parent-pid", "4242"]
+    argv += ["--deadline", "1000", "--give-up", "300", "--control-fd", str(control_read)]
+    argv += ["--ready-fd", str(ready_write), *target.words()]
+    guard = subprocess.Popen(argv, pass_fds=(control_read, ready_write))
+    os.close(control_read)
+    os.close(ready_write)
+    try:
+        with os.fdopen(ready_read) as ready:
+            assert ready.readline().split() == ["ready", str(guard.pid)]
+        plan = GuardPlan(target, LocalGuardSite(directory))
+        _backdate(directory, target, 500)
+        lines, holder = stand_down_leftovers(plan)
+        assert lines == [] and holder is not None and holder.pid == guard.pid
+        assert (holder.deadline, holder.give_up) == (1000, 300)
+        assert guard.poll() is None  # still guarding
+        _backdate(directory, target, 1000 + 300 + 61)
+        lines, holder = stand_down_leftovers(plan)
+        assert lines == [f"stopped the thaw guard (pid {guard.pid}) of a dead vmsnap run"]
+        assert guard.wait(30) == 0
+    finally:
+        os.close(control_write)
+        if guard.poll() is None:
+            guard.kill()
+            guard.wait(10)

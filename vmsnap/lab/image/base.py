@@ -32,6 +32,8 @@ class LabImage:
     :param append: the kernel command line
     :param key: hash of the build's inputs (the cache directory's name)
     :param kernel_package: Debian package and version the kernel came from
+    :param bzimage: the kernel as packaged (a bzImage with its EFI stub): what UEFI firmware boots (OVMF
+        as ``-kernel``)
     """
 
     kernel: Path
@@ -39,6 +41,7 @@ class LabImage:
     append: str
     key: str
     kernel_package: str
+    bzimage: Path | None = None
 
 
 def default_cache_dir() -> Path:

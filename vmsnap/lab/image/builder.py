@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,9 +20,10 @@ import attrs
 
 from vmsnap.errors import VmsnapError
 from vmsnap.lab.image import initramfs, kernel
-from vmsnap.lab.image.base import LabImage, Progress, default_cache_dir, run_step
+from vmsnap.lab.image.base import LabImage, LabImageError, Progress, default_cache_dir, run_step
 from vmsnap.lab.image.contents import (
     GUEST_MODULES,
+    GUEST_OPTIONAL_MODULES,
     GUEST_PROGRAMS,
     KERNEL_APPEND,
     LVM_COMMANDS,
@@ -30,10 +32,18 @@ from vmsnap.lab.image.contents import (
 from vmsnap.runner import LocalRunner, Runner
 
 #: bump when the layout of the initramfs or /init changes in a way the inputs below do not capture
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 
 KEEP_BUILDS = 3
-"""Builds kept in the cache (older ones are removed after a new build; each is about 90 MB)."""
+"""Builds kept in the cache (older ones are removed after a new build, unless a process uses them; each is
+about 90 MB)."""
+
+IN_USE = ".in-use"
+"""A file in each build that every process using the build holds a shared ``flock`` on until it exits, so
+that a prune (by a newer build, in another worktree or test run) never removes it under a running guest."""
+
+_in_use: dict[Path, int] = {}
+"""Build directory → the open file descriptor of its :data:`IN_USE` lock held by this process."""
 
 
 @attrs.define
@@ -70,6 +80,7 @@ class LabImageBuilder:
             "builder": BUILDER_VERSION,
             "kernel": f"{package}={version}",
             "modules": list(GUEST_MODULES),
+            "optional_modules": list(GUEST_OPTIONAL_MODULES),
             "programs": list(GUEST_PROGRAMS),
             "lvm_commands": list(LVM_COMMANDS),
             "append": KERNEL_APPEND,
@@ -100,18 +111,23 @@ class LabImageBuilder:
             append=KERNEL_APPEND,
             key=key,
             kernel_package=f"{package}={version}",
+            bzimage=target / "vmlinuz",
         )
-        if not force and (target / "manifest.json").exists():
+        if not force and _hold(target):
             return image
         with _locked(self.cache_dir / ".lock"):
-            if not force and (target / "manifest.json").exists():
+            if not force and _hold(target):
                 return image  # another process built it while we waited
             self._say(f"building the lab guest {key} from {package} {version}")
             with tempfile.TemporaryDirectory(prefix=".build-", dir=self.cache_dir) as tmp:
                 staged = self._stage(Path(tmp), image, package, version, files)
                 if target.exists():
+                    with contextlib.suppress(KeyError):
+                        os.close(_in_use.pop(target))
                     shutil.rmtree(target)
                 staged.rename(target)
+            if not _hold(target):
+                raise LabImageError(f"the lab guest built into {target} is not there")
             self._say(f"lab guest cached in {target}")
             self.prune(keep=KEEP_BUILDS)
         return image
@@ -128,6 +144,8 @@ class LabImageBuilder:
         (staged / "vmlinux").write_bytes(
             kernel.extract_vmlinux((unpacked / "boot" / f"vmlinuz-{kernel_release}").read_bytes())
         )
+        # the compressed kernel as packaged: an EFI application (UEFI firmware boots it, -kernel with OVMF)
+        shutil.copyfile(unpacked / "boot" / f"vmlinuz-{kernel_release}", staged / "vmlinuz")
         root = work / "root"
         self._say("assembling the initramfs")
         initramfs.assemble_root(root, files, unpacked, kernel_release, self.runner)
@@ -144,7 +162,8 @@ class LabImageBuilder:
         return staged
 
     def prune(self, *, keep: int) -> list[Path]:
-        """Remove all but the ``keep`` newest builds from the cache (downloaded .debs stay).
+        """Remove all but the ``keep`` newest builds from the cache (downloaded .debs stay), except those a
+        running process uses (see :data:`IN_USE`).
 
         :return: the build directories removed
         """
@@ -153,9 +172,25 @@ class LabImageBuilder:
             key=lambda d: (d / "manifest.json").stat().st_mtime,
             reverse=True,
         )
-        removed = builds[keep:]
-        for old in removed:
-            shutil.rmtree(old, ignore_errors=True)
+        removed = []
+        for old in builds[keep:]:
+            if old in _in_use:
+                continue
+            try:
+                fd = os.open(old / IN_USE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue  # in use
+            try:  # unusable first (no manifest), then gone
+                (old / "manifest.json").unlink()
+                shutil.rmtree(old, ignore_errors=True)
+            finally:
+                os.close(fd)
+            removed.append(old)
         return removed
 
 
@@ -178,6 +213,23 @@ def _file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _hold(build: Path) -> bool:
+    """Take (once per process) a shared lock on ``build``'s :data:`IN_USE` file and keep it until this
+    process exits; True when the build is complete (its manifest exists) and now held."""
+    if build in _in_use:
+        return (build / "manifest.json").exists()
+    try:
+        fd = os.open(build / IN_USE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return False  # no such build (yet)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    if not (build / "manifest.json").exists():  # not built yet, or a prune took it
+        os.close(fd)
+        return False
+    _in_use[build] = fd
+    return True
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ GUEST_PROGRAMS: tuple[str, ...] = (
     "debugfs",
     "tune2fs",
     "dumpe2fs",
+    "chattr",
     "fsfreeze",
     "blkid",
     "dd",
@@ -74,7 +75,19 @@ GUEST_MODULES: tuple[str, ...] = (
     "dm_snapshot",
     "dm_thin_pool",
     "loop",
+    "virtio_net",
 )
+
+#: kernel modules copied into the guest but loaded only when needed (efivarfs: booted by UEFI firmware)
+GUEST_OPTIONAL_MODULES: tuple[str, ...] = ("efivarfs",)
+
+ROOT_SERIAL_PARAMETER = "vmsnap.root"
+"""``vmsnap.root=SERIAL`` on the kernel command line: the root filesystem is the ext4 on the virtio disk
+with that serial (:func:`vmsnap.lab.rootfs.make_root_disk` makes one); the initramfs switches to it, or
+stops there (no guest agent) when that disk holds no root filesystem."""
+
+ROOT_MARKER = "etc/vmsnap-root-disk"
+"""Exists on a root disk made by :func:`vmsnap.lab.rootfs.make_root_disk`, never in the initramfs."""
 
 GUEST_DATA_PREFIX = "data"
 """A virtio disk whose serial starts with this is formatted (ext4, when blank) and mounted at /mnt/SERIAL."""
@@ -91,12 +104,17 @@ KERNEL_APPEND = "console=ttyS0 loglevel=4 panic=-1 rdinit=/init"
 # -- the generated files of the guest ---------------------------------------------------------------
 
 INIT_SCRIPT = r"""#!/bin/sh
-# /init of the vmsnap lab guest: devices, modules, data disks, then busybox init runs qemu-ga.
+# /init of the vmsnap lab guest: devices, modules, the root disk (vmsnap.root=SERIAL), data disks, network,
+# /etc/rc.local, then busybox init runs qemu-ga.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export LC_ALL=C
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
+[ -e /proc/self ] || mount -t proc proc /proc
+[ -d /sys/class ] || mount -t sysfs sysfs /sys
+[ -e /dev/null ] || mount -t devtmpfs devtmpfs /dev
+if [ -e /@ROOT_MARKER@ ]; then
+    # on the root disk, run-time state is not kept across boots (qemu-ga's frozen marker among it)
+    for dir in /run /var/run /tmp; do mount -t tmpfs -o mode=755 tmpfs $dir; done
+fi
 mkdir -p /dev/pts /dev/shm /run/lock/lvm /run/lvm /tmp /var/log /var/run /mnt /etc/lvm/backup /etc/lvm/archive
 chmod 1777 /tmp
 modprobe -a @MODULES@
@@ -107,6 +125,23 @@ while [ $i -lt 100 ]; do
     sleep 0.05
     i=$((i + 1))
 done
+root=$(sed -n 's/.*@ROOT_PARAMETER@=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$root" ] && [ ! -e /@ROOT_MARKER@ ]; then
+    i=0
+    while [ $i -lt 100 ] && [ ! -e "/dev/disk/by-id/virtio-$root" ]; do
+        sleep 0.05
+        /sbin/vmsnap-links
+        i=$((i + 1))
+    done
+    mkdir -p /newroot
+    if mount -t ext4 "/dev/disk/by-id/virtio-$root" /newroot && [ -e /newroot/@ROOT_MARKER@ ]; then
+        for fs in dev proc sys; do mount --move /$fs /newroot/$fs; done
+        exec switch_root /newroot /init
+    fi
+    echo "vmsnap-lab: no root filesystem on virtio-$root: the guest stops here" > /dev/console
+    echo "<2>vmsnap-lab: no root filesystem on virtio-$root: the guest stops here" > /dev/kmsg
+    while :; do sleep 3600; done
+fi
 for dev in /sys/block/vd*; do
     [ -e "$dev/serial" ] || continue
     name=${dev##*/}
@@ -121,6 +156,16 @@ for dev in /sys/block/vd*; do
             ;;
     esac
 done
+if [ -e /sys/class/net/eth0 ]; then
+    ip link set lo up
+    ip link set eth0 up
+    ip addr add 10.0.2.15/24 dev eth0
+    ip route add default via 10.0.2.2
+fi
+if [ -d /sys/firmware/efi ] && modprobe efivarfs; then
+    mount -t efivarfs efivarfs /sys/firmware/efi/efivars
+fi
+[ -x /etc/rc.local ] && /etc/rc.local
 echo "vmsnap-lab: ready"
 exec /sbin/init
 """
@@ -184,6 +229,8 @@ def _init_script() -> str:
         INIT_SCRIPT.replace("@MODULES@", " ".join(GUEST_MODULES))
         .replace("@AGENT_PORT@", AGENT_PORT)
         .replace("@DATA_PREFIX@", GUEST_DATA_PREFIX)
+        .replace("@ROOT_PARAMETER@", ROOT_SERIAL_PARAMETER.replace(".", r"\."))
+        .replace("@ROOT_MARKER@", ROOT_MARKER)
     )
 
 

@@ -16,7 +16,13 @@ from pathlib import Path
 
 from vmsnap.guest import hook
 from vmsnap.lab.image.base import LabImageError, run_step
-from vmsnap.lab.image.contents import GUEST_MODULES, GUEST_PROGRAMS, LVM_COMMANDS, generated_files
+from vmsnap.lab.image.contents import (
+    GUEST_MODULES,
+    GUEST_OPTIONAL_MODULES,
+    GUEST_PROGRAMS,
+    LVM_COMMANDS,
+    generated_files,
+)
 from vmsnap.runner import Runner
 
 _DIRECTORIES = (
@@ -145,7 +151,7 @@ def _copy_modules(root: Path, unpacked: Path, release: str, runner: Runner) -> N
     source = unpacked / "lib" / "modules" / release
     index = {_module_name(p): p for p in source.rglob("*.ko*")}
     wanted: list[str] = []
-    pending = [m.replace("-", "_") for m in GUEST_MODULES]
+    pending = [m.replace("-", "_") for m in (*GUEST_MODULES, *GUEST_OPTIONAL_MODULES)]
     while pending:
         name = pending.pop()
         if name in wanted:

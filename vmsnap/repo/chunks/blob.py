@@ -50,13 +50,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from vmsnap.errors import DamagedChunkError, UsageError
+from vmsnap.image.geometry import CHUNK_SIZE as CHUNK_SIZE
 from vmsnap.repo.chunks.keys import RepositoryKey
 
 ChunkId = NewType("ChunkId", bytes)
 """32 bytes naming a chunk's content (see the module docstring)."""
 
-CHUNK_SIZE = 4 * 1024 * 1024
-"""Bytes of guest-visible content per chunk (the last chunk of a disk may be shorter)."""
 ID_SIZE = 32
 MAGIC = b"VMCB"
 VERSION = 1
@@ -74,7 +73,10 @@ PROBE_SAMPLES = 4
 PROBE_SIZE = 8192
 _HEADER = struct.Struct(">4sBBH")
 _ZEROS = bytes(CHUNK_SIZE)
-_DAMAGED_HINT = "run `vmsnap verify` to find the backups that use it; restore another one or take a new one"
+_DAMAGED_HINT = (
+    "run `vmsnap verify`: it names the backups that use the chunk and moves it aside, so that the next "
+    "backup stores it again if the disk still holds that data; meanwhile restore another backup"
+)
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from vmsnap.errors import DamagedChunkError, UsageError
-from vmsnap.repo.chunks.blob import CHUNK_SIZE, chunk_key
+from vmsnap.image.geometry import CHUNK_SIZE
+from vmsnap.repo.chunks.blob import chunk_key
 from vmsnap.repo.chunks.index import ChunkIndex
 
 CACHED_CHUNKS = 8
@@ -128,7 +129,5 @@ def open_reader(*, repo: str, vm: str, backup: str, disk: str, key_file: str = "
         manifest = repository.get(vm, backup)
         index = repository.index(manifest, disk)
     finally:
-        close = getattr(repository.store, "close", None)
-        if close is not None:  # no connection pool crosses nbdkit's fork
-            close()
+        repository.store.close()  # no connection pool crosses nbdkit's fork
     return ChunkDiskReader(repo, key_file, index, f"{vm}/{backup}/{disk}")

@@ -2,10 +2,10 @@
 
 Per backup the manifest (and its MAC) and each index (against the manifest's sha256 and its own trailer) are
 checked; then the store is listed once and every referenced chunk that is missing is reported for each
-backup disk that uses it (and returned, so that the repository can make the next backups store it again).
-Without ``fast`` every referenced chunk is also fetched, decoded and checked
+backup disk that uses it. Without ``fast`` every referenced chunk is also fetched, decoded and checked
 against its id (on parallel workers, each chunk once however many backups share it); a damaged one is
-reported, like a missing one, for every backup disk that uses it.
+reported, like a missing one, for every backup disk that uses it. Both are returned, so that the repository
+can move them aside (:mod:`vmsnap.repo.chunks.heal`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from typing import Protocol
+
+import attrs
 
 from vmsnap.errors import DamagedChunkError, NotFoundError, RepositoryError
 from vmsnap.repo.chunks.blob import ChunkCodec, ChunkId, chunk_key
@@ -26,6 +28,17 @@ from vmsnap.repo.reports import VerifyProblem, VerifyReport
 from vmsnap.repo.stores.base import Store
 
 Users = dict[ChunkId, list[tuple[str, str, str, int]]]  # id → (vm, backup, disk, chunk number)
+
+
+@attrs.frozen
+class Findings:
+    """What :func:`verify_chunks` found: the report, the damaged chunks (id → what their check said), the
+    missing ones, and which backup disks use each chunk it checked."""
+
+    report: VerifyReport
+    damaged: dict[ChunkId, str]
+    missing: frozenset[ChunkId]
+    users: Users
 
 
 class CheckRepository(Protocol):
@@ -72,56 +85,53 @@ def verify_chunks(
     fast: bool,
     progress: DiskProgress,
     workers: int = DEFAULT_WORKERS,
-    missing: dict[str, set[ChunkId]] | None = None,
-) -> VerifyReport:
-    """Check ``targets`` (see the module docstring); ``damaged`` count as checked, each with a problem.
-
-    :param missing: filled with VM → the ids of chunks its backups name that are missing from the store
-    """
+) -> Findings:
+    """Check ``targets`` (see the module docstring); ``damaged`` count as checked, each with a problem."""
     problems = [VerifyProblem(d.vm, d.backup_id, "", d.error.message) for d in damaged]
     checked = [(m.vm, m.backup_id) for m in targets] + [(d.vm, d.backup_id) for d in damaged]
     users, lengths = _indexes(repo, targets, problems)
     present = list_chunk_ids(repo.store)
     gone = [chunk_id for chunk_id in sorted(users) if chunk_id not in present]
+    bad: dict[ChunkId, str] = {}
     if not fast:
-        gone += _check_contents(
-            repo, [c for c in sorted(users) if c in present], users, lengths, problems, progress, workers
-        )
+        found = _check_contents(repo, [c for c in sorted(users) if c in present], lengths, progress, workers)
+        for chunk_id, what in found.items():
+            if what == "missing":
+                gone.append(chunk_id)
+            else:
+                bad[chunk_id] = what
+                _report(users, chunk_id, f"is damaged: {what}", problems)
     for chunk_id in gone:
         _report(users, chunk_id, "is missing from the store", problems)
-        if missing is not None:
-            for vm, *_ in users[chunk_id]:
-                missing.setdefault(vm, set()).add(chunk_id)
     problems.sort(key=lambda p: (p.vm, p.backup_id, p.disk, p.message))
-    return VerifyReport("chunks-fast" if fast else "chunks", tuple(sorted(checked)), tuple(problems))
+    report = VerifyReport("chunks-fast" if fast else "chunks", tuple(sorted(checked)), tuple(problems))
+    return Findings(report, bad, frozenset(gone), users)
 
 
 def _check_contents(
     repo: CheckRepository,
     chunk_ids: Sequence[ChunkId],
-    users: Users,
     lengths: dict[ChunkId, int],
-    problems: list[VerifyProblem],
     progress: DiskProgress,
     workers: int,
-) -> list[ChunkId]:
-    """Fetch, decode and check each chunk once; report the damaged ones for all their users, and return those
-    that went missing meanwhile."""
+) -> dict[ChunkId, str]:
+    """Fetch, decode and check each chunk once: id → what is wrong with those that fail ("missing" for those
+    that went missing meanwhile)."""
     codec = repo.codec
     total = sum(lengths[c] for c in chunk_ids)
     lock = threading.Lock()
     state = {"done": 0}
-    bad: list[tuple[ChunkId, str]] = []
+    bad: dict[ChunkId, str] = {}
 
     def check(chunk_id: ChunkId) -> None:
         try:
             codec.decode(repo.store.get(chunk_key(chunk_id)), chunk_id, length=lengths[chunk_id])
         except NotFoundError:
             with lock:
-                bad.append((chunk_id, "is missing from the store"))
+                bad[chunk_id] = "missing"
         except DamagedChunkError as err:
             with lock:
-                bad.append((chunk_id, err.message.split(": ", 1)[-1]))
+                bad[chunk_id] = err.message.split(": ", 1)[-1]
         with lock:
             state["done"] += lengths[chunk_id]
 
@@ -131,7 +141,4 @@ def _check_contents(
         progress("chunks", done, total)
 
     BoundedPool(check, workers=workers, depth=2 * workers, tick=tick).run(chunk_ids)
-    for chunk_id, what in sorted(bad):
-        if "missing" not in what:
-            _report(users, chunk_id, f"is damaged: {what}", problems)
-    return [chunk_id for chunk_id, what in sorted(bad) if "missing" in what]
+    return dict(sorted(bad.items()))

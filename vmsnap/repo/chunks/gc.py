@@ -1,33 +1,59 @@
 """``gc`` of a ``chunks`` repository: delete the chunks no backup's index names, and the partial backups of
-runs that died — never a chunk a kept or running backup needs.
+runs that died — never a chunk a kept backup needs, nor one a backup that is still to be sealed will name.
 
-1. **Lock**: ``locks/gc`` is taken (``put(if_absent)``), then the writer and reader leases are listed; while
-   any is live, gc lets go of its lock and refuses (or, with ``wait``, tries again until the time is up).
-   Writers and readers check ``locks/gc`` after writing their own lease, so neither misses the other (see
-   :mod:`vmsnap.repo.chunks.leases`): no backup, prune, restore, verify or copy runs while gc holds it.
-2. **Mark**: every manifest is read and checked, and every index it names is read and checked; the ids they
+1. **Lock**: the gc lock (a lease series, :mod:`vmsnap.repo.chunks.leases`) is taken, then the writer and
+   reader leases are listed; while any is live, gc releases its lock and refuses (or, with ``wait``, tries
+   again until the time is up). Writers and readers check the gc lock after writing their own lease, so
+   neither misses the other.
+2. **Fence**: the gc generation is replaced (so every host's cache of known chunks is dropped), then every
+   backup directory without a manifest — a run that died, or one stopped for longer than its lease — gets a
+   tombstone at its manifest's key, written with ``put(if_absent)``: its writer seals with
+   ``put(if_absent)`` on the same key, so exactly one of them wins. A writer that loses fails ("a gc fenced
+   this backup"); a manifest that won is a complete backup, and the mark below reads it.
+3. **Mark**: every manifest is read and checked, and every index it names is read and checked; the ids they
    name are kept. A damaged manifest or index stops gc before anything is deleted (its chunks could be
    needed; run ``verify``, then delete or repair that backup).
-3. **Sweep**: the gc generation is replaced (so every host's cache of known chunks is dropped), the partial
-   backups (directories without a manifest: with no live writer, their runs are dead) are deleted, then every
-   chunk not marked. A gc killed at any point has deleted only what no backup needs; the next one finishes.
+4. **Sweep**: the fenced backups' objects are deleted (the tombstones stay), then every chunk not marked
+   that the store held when the mark was done, in groups; before each group gc checks that its lock is
+   still its own (a writer takes over a gc lock that is not live, and then gc stops). The quarantine
+   records (:mod:`vmsnap.repo.chunks.quarantine`) of chunks that are back, or that no backup names any
+   more, are removed. Last, the generation is replaced again, so that no cache made while gc deleted
+   survives it.
+
+Why a sealed backup never loses a chunk: its writer opens its backup directory (a ``writer.json`` object)
+before it reads the gc lock a second time and before it learns which chunks exist. A gc that listed the
+directories before that object appeared held its lock when the writer looked again: the writer refused (a
+live lock) or took the lock over and replaced the generation (a lock that was not live), so the writer
+lists the store afresh after whatever that gc deleted, and that gc deletes no further group. A gc that
+listed the directories after that object appeared either fenced the backup (the writer fails at its seal)
+or found its manifest, and kept what it names.
+
+On one host all of this holds whatever the clock says: a lease taken on this host is live as long as its
+process exists (see :mod:`vmsnap.repo.chunks.leases`), so a stopped gc keeps its lock and a stopped writer
+its lease. Across hosts leases expire, and one window is left that no lease can fence on a store without
+conditional deletes: a gc on another host stopped for longer than its lease after its last check of the
+lock and before the delete request of that group reaches the store (the writer that took the lock over may
+rely on a chunk of that group). gc checks before every group of :data:`SWEEP_GROUP` deletes.
+
+A gc killed at any point has deleted only what no backup needs; the next one finishes.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from vmsnap.errors import LeaseError, RepositoryError
+from vmsnap.errors import LeaseError, NotFoundError, RepositoryError
 from vmsnap.model import validate_seconds
 from vmsnap.processes import crash_point
 from vmsnap.repo.chunks.index import ChunkIndex
 from vmsnap.repo.chunks.known import bump_generation, list_chunks
-from vmsnap.repo.chunks.leases import GC_KEY, READERS, WRITERS, Lease, Leases
+from vmsnap.repo.chunks.leases import GC_SERIES, READERS, WRITERS, Lease, Leases
 from vmsnap.repo.chunks.parallel import BoundedPool
-from vmsnap.repo.chunks.records import split_backup_key
+from vmsnap.repo.chunks.quarantine import clear as clear_records
+from vmsnap.repo.chunks.quarantine import quarantined_ids
+from vmsnap.repo.chunks.records import encode_tombstone, is_tombstone, manifest_key, split_backup_key
 from vmsnap.repo.manifest import MANIFEST, Damaged, Manifest
 from vmsnap.repo.reports import GcReport
 from vmsnap.repo.stores.base import Store
@@ -39,6 +65,8 @@ MARK_WORKERS = 16
 """Indexes read in parallel while marking (each read is a round trip on S3)."""
 SWEEP_BATCH = 1000
 """Chunks per batch delete (S3's DeleteObjects takes at most 1000 keys)."""
+SWEEP_GROUP = SWEEP_BATCH * DELETE_WORKERS
+"""Chunks deleted between two checks of the gc lock."""
 
 
 class GcRepository(Protocol):
@@ -65,7 +93,7 @@ def _take_lock(leases: Leases, wait: float) -> Lease:
     """
     deadline = time.monotonic() + wait
     while True:
-        lease = leases.take(GC_KEY, "gc", "a gc")
+        lease = leases.take(GC_SERIES, "gc", "a gc")
         busy = leases.live(WRITERS) + leases.live(READERS)
         if not busy:
             return lease
@@ -78,9 +106,10 @@ def _take_lock(leases: Leases, wait: float) -> Lease:
         time.sleep(min(RETRY_SECONDS, max(0.0, deadline - time.monotonic())) or 0.1)
 
 
-def _mark(repo: GcRepository, workers: int = MARK_WORKERS) -> set[bytes]:
-    """Every chunk id an index of a complete backup names. Indexes are read on ``workers`` threads, and an
-    index whose sha256 was read already (a backup of a VM that had not changed) is not read again.
+def _mark(repo: GcRepository, workers: int = MARK_WORKERS) -> tuple[set[bytes], list[Manifest]]:
+    """Every chunk id an index of a complete backup names, and those backups. Indexes are read on ``workers``
+    threads, and an index whose sha256 was read already (a backup of a VM that had not changed) is not read
+    again.
 
     :raise RepositoryError: a manifest or index is damaged (nothing is deleted then)
     """
@@ -113,74 +142,121 @@ def _mark(repo: GcRepository, workers: int = MARK_WORKERS) -> set[bytes]:
             referenced.update(ids)
 
     BoundedPool(mark, workers=workers, depth=2 * workers).run(todo.values())
-    return referenced
+    return referenced, manifests
 
 
-def _partial_backups(store: Store) -> dict[str, list[str]]:
-    """``vm/backup-id`` → the keys of every backup directory without a manifest."""
-    dirs: dict[str, list[str]] = {}
+def _backup_dirs(store: Store) -> dict[tuple[str, str], list[str]]:
+    """(vm, backup id) → the keys of every backup directory."""
+    dirs: dict[tuple[str, str], list[str]] = {}
     for stored in store.list("vms/"):
         parts = split_backup_key(stored.key)
         if parts is not None:
-            dirs.setdefault(f"{parts[0]}/{parts[1]}", []).append(stored.key)
+            dirs.setdefault((parts[0], parts[1]), []).append(stored.key)
+    return dirs
+
+
+def _partial(dirs: dict[tuple[str, str], list[str]]) -> dict[tuple[str, str], list[str]]:
     return {name: keys for name, keys in dirs.items() if not any(k.endswith("/" + MANIFEST) for k in keys)}
 
 
-def _sweep(store: Store, keys: list[str]) -> None:
+def _fence(store: Store, dirs: dict[tuple[str, str], list[str]]) -> dict[tuple[str, str], list[str]]:
+    """Put a tombstone at the manifest key of every backup directory without a manifest (``if_absent``: a
+    writer that sealed first keeps its backup); the fenced directories and their keys."""
+    fenced = {}
+    for (vm, backup_id), keys in sorted(_partial(dirs).items()):
+        tombstone = encode_tombstone("gc fenced its unfinished run")
+        if store.put(manifest_key(vm, backup_id), tombstone, if_absent=True):
+            fenced[(vm, backup_id)] = keys
+    return fenced
+
+
+def _abandoned(
+    store: Store, dirs: dict[tuple[str, str], list[str]], complete: set[tuple[str, str]]
+) -> dict[tuple[str, str], list[str]]:
+    """Directories whose manifest key holds a tombstone but which still hold other objects (a gc died
+    between fencing them and deleting them): those other objects."""
+    found = {}
+    for (vm, backup_id), keys in dirs.items():
+        key = manifest_key(vm, backup_id)
+        others = [k for k in keys if k != key]
+        if (vm, backup_id) in complete or key not in keys or not others:
+            continue
+        try:
+            if is_tombstone(store.get(key)):
+                found[(vm, backup_id)] = others
+        except NotFoundError:
+            continue
+    return found
+
+
+def _delete(store: Store, keys: list[str]) -> None:
     """Delete ``keys``: in batches where the store can (S3's DeleteObjects), else on parallel workers."""
-    half = len(keys) // 2
-    delete_many: Callable[[Iterable[str]], None] | None = getattr(store, "delete_many", None)
-    if delete_many is not None:
+    if store.capabilities.batch_delete:
         batches = [keys[start : start + SWEEP_BATCH] for start in range(0, len(keys), SWEEP_BATCH)]
-
-        def delete_batch(item: tuple[int, list[str]]) -> None:
-            if item[0] * SWEEP_BATCH <= half < (item[0] + 1) * SWEEP_BATCH:
-                crash_point("gc-mid-sweep")
-            delete_many(item[1])
-
-        BoundedPool(delete_batch, workers=DELETE_WORKERS, depth=DELETE_WORKERS).run(enumerate(batches))
+        BoundedPool(store.delete_many, workers=DELETE_WORKERS, depth=DELETE_WORKERS).run(batches)
         return
+    BoundedPool(store.delete, workers=DELETE_WORKERS, depth=2 * DELETE_WORKERS).run(keys)
 
-    def delete(item: tuple[int, str]) -> None:
-        if item[0] == half:
+
+def _sweep(store: Store, keys: list[str], lease: Lease) -> None:
+    """Delete ``keys`` in groups, checking before each that the gc lock is still this process's (the step
+    ``gc-mid-sweep`` is before the group that holds the middle key, before its check)."""
+    half = len(keys) // 2
+    for start in range(0, len(keys), SWEEP_GROUP):
+        part = keys[start : start + SWEEP_GROUP]
+        if start <= half < start + len(part):
             crash_point("gc-mid-sweep")
-        store.delete(item[1])
-
-    BoundedPool(delete, workers=DELETE_WORKERS, depth=2 * DELETE_WORKERS).run(enumerate(keys))
+        lease.check()  # a writer took the lock over (this gc was stopped past its lease): stop here
+        _delete(store, part)
 
 
 def collect(repo: GcRepository, *, wait: float = 0.0, dry_run: bool = False) -> GcReport:
     """Run gc on ``repo`` (see the module docstring).
 
     :param wait: seconds to wait for running writers and readers
-    :param dry_run: say what would be freed, delete nothing
-    :raise LeaseError: others are using the repository (after ``wait``), or another gc runs
+    :param dry_run: say what would be freed, change nothing
+    :raise LeaseError: others are using the repository (after ``wait``), another gc runs, or this gc's lock
+        was taken over while it was stopped (it stops deleting then)
     :raise RepositoryError: a manifest or index is damaged (nothing deleted)
     """
     validate_seconds(wait, "gc wait")
     lease = _take_lock(repo.leases, wait)
     try:
         crash_point("gc-locked")
-        referenced = _mark(repo)
         store = repo.store
-        partial = _partial_backups(store)
+        dirs = _backup_dirs(store)
+        if dry_run:
+            unfinished = _partial(dirs)
+        else:
+            bump_generation(store)  # before the first delete: every host's cache of known chunks is now stale
+            unfinished = _fence(store, dirs)
+            crash_point("gc-fenced")
+        referenced, manifests = _mark(repo)
+        complete = {(m.vm, m.backup_id) for m in manifests}
+        unfinished.update(_abandoned(store, dirs, complete))
         chunks = list_chunks(store)
         garbage = [stored for stored, chunk_id in chunks if chunk_id not in referenced]
-        kept = len(chunks) - len(garbage)
         report = GcReport(
-            chunks_kept=kept,
+            chunks_kept=len(chunks) - len(garbage),
             chunks_freed=len(garbage),
             bytes_freed=sum(g.size for g in garbage),
-            partial_backups=tuple(sorted(partial)),
+            partial_backups=tuple(sorted(f"{vm}/{backup_id}" for vm, backup_id in unfinished)),
             dry_run=dry_run,
         )
         if dry_run:
             return report
-        bump_generation(store)  # before the first delete: every host's cache of known chunks is now stale
-        for keys in partial.values():
+        crash_point("gc-marked")
+        for (vm, backup_id), keys in sorted(unfinished.items()):
+            tombstone = manifest_key(vm, backup_id)
             for key in sorted(keys):
-                store.delete(key)
-        _sweep(store, [stored.key for stored in garbage])
+                if key != tombstone:
+                    store.delete(key)
+        _sweep(store, [stored.key for stored in garbage], lease)
+        crash_point("gc-swept")
+        present = {chunk_id for _, chunk_id in chunks}
+        # the records of chunks that are back (healed) or that no backup names any more
+        clear_records(store, [c for c in quarantined_ids(store) if c in present or c not in referenced])
+        bump_generation(store)  # no cache made while this gc deleted outlives it
         lease.check()
         return report
     finally:

@@ -36,7 +36,9 @@ from collections.abc import Iterator
 import attrs
 
 from vmsnap.errors import ChecksumMismatchError, RepositoryError
-from vmsnap.repo.chunks.blob import CHUNK_SIZE, ID_SIZE, ChunkId
+from vmsnap.image.geometry import CHUNK_SIZE
+from vmsnap.image.geometry import chunk_count as chunk_count
+from vmsnap.repo.chunks.blob import ID_SIZE, ChunkId
 from vmsnap.repo.chunks.keys import RepositoryKey
 
 MAGIC = b"VMSNAPIX"
@@ -51,11 +53,6 @@ _HEADER = struct.Struct(">8sHHIQQ")
 _DAMAGED_HINT = "the backup is damaged: run `vmsnap verify`, restore another backup or take a new one"
 MAX_VIRTUAL_SIZE = 1 << 60
 """A bound on the size a header may claim (1 EiB), so a damaged header cannot ask for a huge allocation."""
-
-
-def chunk_count(virtual_size: int) -> int:
-    """How many chunks a disk of ``virtual_size`` bytes has."""
-    return (virtual_size + CHUNK_SIZE - 1) // CHUNK_SIZE
 
 
 @attrs.frozen

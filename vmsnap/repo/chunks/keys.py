@@ -222,3 +222,22 @@ def _parse(raw: bytes, path: Path) -> bytes:
         return base64.b64decode(document["key"], validate=True)
     except (binascii.Error, ValueError):
         raise damaged from None
+
+
+def open_key(
+    key_id: str | None, key_file: Path | None, location: Path | str
+) -> tuple[RepositoryKey | None, KeyFileError | None]:
+    """The key of a repository whose marker names ``key_id`` (None: not encrypted), read from ``key_file``
+    and checked against it now; without a key file, the error to raise once something must be decrypted
+    or authenticated.
+
+    :raise KeyFileError: the key file is not this repository's key, or cannot be read
+    """
+    if key_id is None:
+        return None, None
+    if key_file is None:
+        return None, KeyFileError(
+            f"repository {location} is encrypted and no key file was given",
+            hint="pass its key file with --key-file or VMSNAP_KEY_FILE",
+        )
+    return read_key_file(key_file, expected_key_id=key_id), None

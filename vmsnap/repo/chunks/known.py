@@ -12,10 +12,10 @@ The cache (``known-chunks`` in the repository's local state directory, see :mod:
     b"vmsnap-known-chunks 1 <generation>.<epoch>\\n" + 32-byte chunk ids, appended as chunks are stored
 
 is used only while both tokens are the store's; otherwise it is rebuilt from one listing of ``chunks/``
-(:func:`list_chunks`: the 16 prefixes ``chunks/0`` … ``chunks/f`` listed in parallel, 1000 keys a request
-on S3). Ids are appended (``O_APPEND``) the moment a chunk is stored or found, so a backup killed half-way
-leaves them behind for the next run, which then stores none of those chunks again. A lost or damaged cache
-only costs a listing.
+(:func:`list_chunks`: on a store whose listing is sharded, the 16 prefixes ``chunks/0`` … ``chunks/f``
+listed in parallel, 1000 keys a request on S3). Ids are appended (``O_APPEND``) the moment a chunk is stored
+or found, so a backup killed half-way leaves them behind for the next run, which then stores none of those
+chunks again. A lost or damaged cache only costs a listing.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from pathlib import Path
 from vmsnap.errors import NotFoundError
 from vmsnap.files import FILE_MODE, write_atomic
 from vmsnap.repo.chunks.blob import ID_SIZE, ChunkId, parse_chunk_key
-from vmsnap.repo.stores.base import Store, StoredObject
-from vmsnap.repo.stores.local import LocalStore
+from vmsnap.repo.stores.base import Store, StoreCapabilities, StoredObject
 
 GENERATION_KEY = "gc-generation"
 EPOCH_KEY = "known-chunks-epoch"
@@ -76,13 +75,13 @@ def drop_known_caches(store: Store) -> None:
 
 
 def list_chunks(store: Store, *, workers: int = LIST_WORKERS) -> list[tuple[StoredObject, ChunkId]]:
-    """Every chunk blob in ``store`` with its id (other keys under ``chunks/`` are ignored). An object store's
-    listing is bound by round trips (1000 keys each on S3), so the prefixes ``chunks/0`` … ``chunks/f`` are
-    listed on ``workers`` threads; a local directory is walked once.
+    """Every chunk blob in ``store`` with its id (other keys under ``chunks/`` are ignored). Where the store's
+    listing is sharded (bound by round trips: 1000 keys each on S3), the prefixes ``chunks/0`` … ``chunks/f``
+    are listed on ``workers`` threads; otherwise (a local directory) it is walked once.
 
     :raise StoreError: a listing failed
     """
-    if isinstance(store, LocalStore):
+    if not store.capabilities.sharded_listing:
         return [(s, c) for s in store.list("chunks/") if (c := parse_chunk_key(s.key)) is not None]
 
     def one(digit: str) -> list[tuple[StoredObject, ChunkId]]:
@@ -180,10 +179,16 @@ class RecordingStore:
         self._lock = threading.Lock()
         self._unsynced: list[ChunkId] = []
         self.puts = 0
+        self.written: dict[ChunkId, int] = {}
+        """Every chunk this store wrote (a put that returned True), with its blob's size."""
 
     @property
     def url(self) -> str:
         return self._store.url
+
+    @property
+    def capabilities(self) -> StoreCapabilities:
+        return self._store.capabilities
 
     def get(self, key: str) -> bytes:
         return self._store.get(key)
@@ -193,6 +198,8 @@ class RecordingStore:
         chunk_id = parse_chunk_key(key)
         with self._lock:
             self.puts += 1
+            if chunk_id is not None and written:
+                self.written[chunk_id] = len(data)
             if chunk_id is not None and written and not durable:
                 self._unsynced.append(chunk_id)  # not in the store until sync(): not known yet
                 chunk_id = None
@@ -215,3 +222,12 @@ class RecordingStore:
 
     def delete(self, key: str) -> None:
         self._store.delete(key)
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        self._store.delete_many(keys)
+
+    def check_conditional_writes(self) -> None:
+        self._store.check_conditional_writes()
+
+    def close(self) -> None:
+        self._store.close()

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Set
 import attrs
 
 from vmsnap.errors import UsageError, VmsnapError
+from vmsnap.image.geometry import Extent, chunk_count
 from vmsnap.processes import crash_point
 from vmsnap.repo.chunks.blob import (
     CHUNK_SIZE,
@@ -35,9 +36,9 @@ from vmsnap.repo.chunks.blob import (
     is_zero,
     parse_chunk_key,
 )
-from vmsnap.repo.chunks.index import HOLE, ChunkIndex, chunk_count
+from vmsnap.repo.chunks.index import HOLE, ChunkIndex
 from vmsnap.repo.chunks.parallel import BoundedPool
-from vmsnap.repo.chunks.readers import Extent, SourceReader
+from vmsnap.repo.chunks.readers import SourceReader
 from vmsnap.repo.stores.base import Store
 
 DEFAULT_WORKERS = 4
@@ -147,13 +148,13 @@ def chunk_ranges(extents: Iterator[Extent], size: int) -> Iterator[tuple[int, li
         ranges: list[tuple[int, int]] = []
         pos = start
         while pos < end:
-            while current is not None and current.offset + current.length <= pos:
+            while current is not None and current.start + current.length <= pos:
                 current = next(extents, None)
-            if current is None or current.offset > pos:  # not described: read it
-                stop = end if current is None else min(end, current.offset)
+            if current is None or current.start > pos:  # not described: read it
+                stop = end if current is None else min(end, current.start)
                 data = True
             else:
-                stop = min(end, current.offset + current.length)
+                stop = min(end, current.start + current.length)
                 data = not current.zero
             if data:
                 if ranges and ranges[-1][0] + ranges[-1][1] == pos:

@@ -17,27 +17,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import attrs
-
 from vmsnap.errors import NotFoundError, TransferError, UsageError
-from vmsnap.image.nbd import QemuNbdServer, extents, nbd_connection, pread
+from vmsnap.image.geometry import Extent as Extent
+from vmsnap.image.nbd import DIRTY, STATE_ZERO, QemuNbdServer, extents, nbd_connection, pread
+from vmsnap.image.readers import BlockReader, ExtentReader
 from vmsnap.model import ExportSource
 from vmsnap.runner import LocalRunner, Runner
 
-STATE_ZERO = 2  # base:allocation: the extent reads as zeros (the hole bit alone does not say that)
-DIRTY = 1  # qemu:dirty-bitmap:NAME: the extent changed since the bitmap was created
 DEFAULT_CONNECTIONS = 4
 QEMU_NBD_CLIENTS = 8
 """Clients a :class:`~vmsnap.image.io.QemuNbdServer` accepts (``--shared=8``); more are never opened."""
-
-
-@attrs.frozen
-class Extent:
-    """A range of the disk: ``zero`` when it is known to read as zeros (a hole or a zeroed range)."""
-
-    offset: int
-    length: int
-    zero: bool
 
 
 @runtime_checkable
@@ -316,6 +305,53 @@ class FileReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class BlockSourceReader:
+    """A :class:`~vmsnap.image.readers.BlockReader` (what a layout's reader source builds, e.g. a backup disk
+    of another repository, each chunk checked as it is read) as a :class:`SourceReader` for the pipeline:
+    its zero runs where it knows them (an :class:`~vmsnap.image.readers.ExtentReader`), else all data.
+
+    :param reader: the block reader (thread-safe, as every block reader is)
+    :param parallel_reads: reads the pipeline may run at once
+    """
+
+    def __init__(self, reader: BlockReader, *, parallel_reads: int = DEFAULT_CONNECTIONS) -> None:
+        self._reader = reader
+        self._parallel = parallel_reads
+        self._counter = _Counter()
+
+    @property
+    def size(self) -> int:
+        return self._reader.size
+
+    @property
+    def parallel_reads(self) -> int:
+        return self._parallel
+
+    @property
+    def bytes_read(self) -> int:
+        return self._counter.total
+
+    def extents(self) -> Iterator[Extent]:
+        if not isinstance(self._reader, ExtentReader):
+            if self.size:
+                yield Extent(0, self.size, False)
+            return
+        for offset, length, zero in self._reader.extents(0, self.size):
+            if length:
+                yield Extent(offset, length, zero)
+
+    def read(self, offset: int, length: int) -> bytes:
+        try:
+            data = self._reader.pread(offset, length)
+        except OSError as err:
+            raise TransferError(f"reading {length} bytes at {offset} failed: {err}") from err
+        self._counter.add(len(data))
+        return data
+
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        buffer[:] = self.read(offset, len(buffer))
 
 
 @contextlib.contextmanager

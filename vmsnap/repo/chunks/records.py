@@ -7,13 +7,22 @@ Store keys (``<vm>``, ``<backup-id>`` and ``<disk>`` are validated names)::
     vms/<vm>/<backup-id>/<disk>.index       one disk's index (see vmsnap.repo.chunks.index)
     vms/<vm>/<backup-id>/domain.xml         the machine's definition, as a chunk blob (encrypted with the
                                             repository), when the machine has one
-    vms/<vm>/<backup-id>/manifest.json      written last, put(if_absent): the backup exists once it does
+    vms/<vm>/<backup-id>/writer.json        written first by the backup's writer (its lease token, host
+                                            and pid), removed once it sealed: gc fences the directory
+    vms/<vm>/<backup-id>/manifest.json      written last, put(if_absent): the backup exists once it does —
+                                            or a tombstone (see below) that gc put there first
+    vms/<vm>/<backup-id>/attached.<name>    an object kept beside the backup (vmsnap.repo.attachments):
+                                            its 32-byte id, then its envelope as a chunk blob; before the
+                                            manifest (machine state) or after it (proof), never rewriting it
     vms/<vm>/needs-full                     the next backup of the VM must be full (JSON: reason, since)
     locks/…                                 leases (see vmsnap.repo.chunks.leases)
     gc-generation                           replaced by every gc before it deletes (vmsnap.repo.chunks.known)
 
 A backup directory without ``manifest.json`` is a run that died (or is running: it holds the VM's writer
-lease); ``recover`` and ``gc`` remove those of dead runs.
+lease); ``recover`` and ``gc`` remove those of dead runs. gc first puts a **tombstone** at the manifest's key
+with ``put(if_absent)`` (a small JSON object ``{"vmsnap": "abandoned backup", "why": …, "at": …}``), so that
+a writer stopped past its lease can never seal the backup afterwards; the tombstone stays (the backup id is
+never used again) and is no backup: reading it raises :class:`~vmsnap.errors.NotFoundError`.
 
 The manifest is the format-2 JSON of :mod:`vmsnap.repo.manifest`. In an encrypted repository it also holds
 ``"mac"``: the hex HMAC-SHA256 (the key's metadata subkey) of the canonical JSON of every other field
@@ -32,11 +41,13 @@ from typing import Any
 from vmsnap.errors import ChecksumMismatchError, RepositoryError
 from vmsnap.model import validate_name
 from vmsnap.repo.chunks.keys import RepositoryKey
-from vmsnap.repo.manifest import INDEX_SUFFIX, MANIFEST, Manifest, parse_manifest
+from vmsnap.repo.manifest import INDEX_SUFFIX, MANIFEST, Manifest, parse_manifest, utc_now_iso
 
 VMS = "vms/"
 NEEDS_FULL = "needs-full"
 DEFINITION = "domain.xml"
+WRITER = "writer.json"
+TOMBSTONE = "abandoned backup"
 _DAMAGED_HINT = "run `vmsnap verify`; restore another backup"
 
 
@@ -62,8 +73,45 @@ def definition_key(vm: str, backup_id: str) -> str:
     return backup_prefix(vm, backup_id) + DEFINITION
 
 
+ATTACHED = "attached."
+
+
+def attachment_key(vm: str, backup_id: str, name: str) -> str:
+    return backup_prefix(vm, backup_id) + ATTACHED + validate_name(name, "attachment name")
+
+
 def needs_full_key(vm: str) -> str:
     return vm_prefix(vm) + NEEDS_FULL
+
+
+def writer_marker_key(vm: str, backup_id: str) -> str:
+    """``vms/<vm>/<backup-id>/writer.json``: the backup's writer is at work (see the module docstring)."""
+    return backup_prefix(vm, backup_id) + WRITER
+
+
+def encode_tombstone(why: str) -> bytes:
+    """The tombstone gc puts at the manifest key of a backup it fenced."""
+    data = {"vmsnap": TOMBSTONE, "why": why, "at": utc_now_iso()}
+    return (json.dumps(data, sort_keys=True) + "\n").encode()
+
+
+def is_tombstone(raw: bytes) -> bool:
+    """True when ``raw`` (what a manifest key holds) is a tombstone, not a manifest."""
+    if len(raw) > 4096 or TOMBSTONE.encode() not in raw:
+        return False
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("vmsnap") == TOMBSTONE
+
+
+def tombstone_reason(raw: bytes) -> str:
+    """Why a tombstone was put (see :func:`is_tombstone`)."""
+    try:
+        return str(json.loads(raw).get("why", "abandoned"))
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        return "abandoned"
 
 
 def split_backup_key(key: str) -> tuple[str, str, str] | None:

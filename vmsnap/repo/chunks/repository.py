@@ -14,51 +14,64 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
 import shutil
+import socket
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
+
+import attrs
 
 from vmsnap.errors import (
     ChecksumMismatchError,
     DamagedChunkError,
     KeyFileError,
+    LeaseError,
     NotFoundError,
     RepositoryError,
     StoreError,
     UsageError,
     VmsnapError,
 )
-from vmsnap.files import make_private_dir
+from vmsnap.image.geometry import CHUNK_SIZE
 from vmsnap.image.sources import BackupSource, ReaderSource
 from vmsnap.model import validate_name
-from vmsnap.repo.chunks.blob import ChunkCodec, ChunkId, chunk_key
+from vmsnap.processes import crash_point
+from vmsnap.repo import attachments
+from vmsnap.repo.chunks.blob import ID_SIZE, ChunkCodec, ChunkId, chunk_key
 from vmsnap.repo.chunks.check import verify_chunks
+from vmsnap.repo.chunks.copy import copy_into
 from vmsnap.repo.chunks.gc import collect
+from vmsnap.repo.chunks.heal import clear_healed, damaged_chunk_error, heal, users_of
 from vmsnap.repo.chunks.index import ChunkIndex, decode_index
-from vmsnap.repo.chunks.keys import RepositoryKey
-from vmsnap.repo.chunks.known import drop_known_caches, list_chunk_ids, read_generation
-from vmsnap.repo.chunks.leases import GC_KEY, LEASE_SECONDS, READERS, Lease, Leases, writer_key
+from vmsnap.repo.chunks.keys import RepositoryKey, open_key
+from vmsnap.repo.chunks.known import bump_generation, list_chunk_ids, read_generation
+from vmsnap.repo.chunks.leases import GC_SERIES, LEASE_SECONDS, Lease, LeaseRecord, Leases, writer_series
+from vmsnap.repo.chunks.leases import lease_seconds as default_lease_seconds
 from vmsnap.repo.chunks.pipeline import DEFAULT_WORKERS
 from vmsnap.repo.chunks.records import (
+    ATTACHED,
     VMS,
+    attachment_key,
     backup_prefix,
     decode_manifest,
     definition_key,
     index_key,
+    is_tombstone,
     manifest_key,
     needs_full_key,
     split_backup_key,
+    tombstone_reason,
     vm_prefix,
+    writer_marker_key,
 )
-from vmsnap.repo.chunks.restore import restore_disk
+from vmsnap.repo.chunks.restore import restore_backup
 from vmsnap.repo.chunks.writer import ChunksWriter
 from vmsnap.repo.layout import RepositoryLayout, RestoreFormat, VerifyReader, disk_filter
 from vmsnap.repo.manifest import MANIFEST, Damaged, Manifest, next_backup_id, utc_now_iso
 from vmsnap.repo.marker import RepoMarker
 from vmsnap.repo.progress import DiskProgress, no_progress
-from vmsnap.repo.reports import GcReport, RestoredDisk, VerifyReport
+from vmsnap.repo.reports import CopiedBackup, GcReport, RestoredDisk, VerifyReport
 from vmsnap.repo.state import RepositoryState
 from vmsnap.repo.stores import is_url
 from vmsnap.repo.stores.base import Store
@@ -67,7 +80,6 @@ from vmsnap.runner import LocalRunner, Runner
 BLOCK_READER = "vmsnap.repo.chunks.blockreader:open_reader"
 """What nbdkit's plugin builds to serve a disk of this layout (:mod:`vmsnap.repo.chunks.blockreader`)."""
 
-_CHUNK_HEX = re.compile(r"chunk ([0-9a-f]{64})")
 log = logging.getLogger(__name__)
 
 
@@ -90,6 +102,10 @@ class ChunksRepository(RepositoryLayout):
     reads_exports: ClassVar[bool] = True
     accepts_push: ClassVar[bool] = False
     chains: ClassVar[bool] = False
+    needs_directory: ClassVar[bool] = False
+    encrypts: ClassVar[bool] = True
+    chunk_size: ClassVar[int | None] = CHUNK_SIZE
+    collects: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -113,7 +129,37 @@ class ChunksRepository(RepositoryLayout):
         self._state = RepositoryState(marker.id, state_root)
         self.leases = Leases(store, ttl=lease_seconds)
         self._workers = workers
-        self._held: dict[str, tuple[Lease, str]] = {}
+        self._held: dict[str, Lease] = {}
+
+    @classmethod
+    def open_layout(
+        cls,
+        store: Store,
+        marker: RepoMarker,
+        *,
+        directory: Path | None,
+        location: Path | str,
+        key_file: Path | None,
+        runner: Runner | None,
+        state_root: Path | None,
+        lease_seconds: float | None,
+    ) -> ChunksRepository:
+        """The repository in ``store``; an encrypted one's key file is read and checked against the marker
+        now (a missing one is refused only when something must be decrypted or authenticated).
+
+        :raise KeyFileError: the key file is not this repository's key, or cannot be read
+        """
+        key, problem = open_key(marker.key_id, key_file, location)
+        return cls(
+            store,
+            marker,
+            key=key,
+            key_file=key_file if key is not None else None,
+            key_problem=problem,
+            runner=runner,
+            state_root=state_root,
+            lease_seconds=lease_seconds if lease_seconds is not None else default_lease_seconds(),
+        )
 
     # -- what the writer and the helpers use --------------------------------------------------------
 
@@ -178,11 +224,16 @@ class ChunksRepository(RepositoryLayout):
     def load(self, vm: str, backup_id: str) -> Manifest:
         """The manifest of one backup, checked (MAC when encrypted).
 
-        :raise NotFoundError: it has none
+        :raise NotFoundError: it has none (or a tombstone: gc fenced its unfinished run)
         :raise RepositoryError: it is damaged, foreign or not authenticated
         """
         key = manifest_key(vm, backup_id)
         raw = self._store.get(key)
+        if is_tombstone(raw):
+            raise NotFoundError(
+                f"backup {vm}/{backup_id} was never finished ({tombstone_reason(raw)})",
+                hint="restore another backup",
+            )
         return decode_manifest(raw, vm, backup_id, self.key, where=f"{self.location}/{key}")
 
     def backups(self, vm: str | None = None, *, damaged: list[Damaged] | None = None) -> list[Manifest]:
@@ -297,37 +348,65 @@ class ChunksRepository(RepositoryLayout):
         self._store.put(definition_key(vm, backup_id), self.codec.encode(data, chunk_id))
         return chunk_id.hex()
 
+    def put_attachment(self, vm: str, backup_id: str, name: str, data: bytes) -> None:
+        """Store an object beside a backup (complete or being written): its id, then its envelope
+        as a chunk blob."""
+        envelope = attachments.seal(vm, backup_id, name, data)
+        chunk_id = self.codec.chunk_id(envelope)
+        self._store.put(attachment_key(vm, backup_id, name), chunk_id + self.codec.encode(envelope, chunk_id))
+
+    def attach(self, manifest: Manifest, name: str, data: bytes) -> None:
+        attachments.check_unsealed(manifest, name)
+        self.put_attachment(manifest.vm, manifest.backup_id, name, data)
+        if not self._store.exists(manifest_key(manifest.vm, manifest.backup_id)):  # pruned meanwhile
+            self._store.delete(attachment_key(manifest.vm, manifest.backup_id, name))
+            raise NotFoundError(
+                f"backup {manifest.vm}/{manifest.backup_id} is gone: it was removed meanwhile"
+            )
+
+    def attachment(self, manifest: Manifest, name: str) -> bytes:
+        key = attachment_key(manifest.vm, manifest.backup_id, name)
+        where = f"{self.location}/{key}"
+        try:
+            raw = self._store.get(key)
+        except NotFoundError as err:
+            raise NotFoundError(
+                f"backup {manifest.vm}/{manifest.backup_id} keeps no {name}",
+                hint=f"it keeps: {', '.join(self.attachments(manifest)) or 'nothing'}",
+            ) from err
+        try:
+            envelope = self.codec.decode(raw[ID_SIZE:], raw[:ID_SIZE])
+        except DamagedChunkError as err:
+            raise RepositoryError(f"{where} is damaged: {err.message}", hint="remove it") from err
+        return attachments.unseal(envelope, manifest.vm, manifest.backup_id, name, where=where)
+
+    def attachments(self, manifest: Manifest) -> list[str]:
+        prefix = backup_prefix(manifest.vm, manifest.backup_id) + ATTACHED
+        return sorted(s.key[len(prefix) :] for s in self._store.list(prefix))
+
     def chunk_users(self, chunk_id: bytes) -> list[str]:
         """``vm/backup/disk`` of every backup disk whose index names ``chunk_id`` (damaged ones skipped)."""
-        users = []
-        for manifest in self.backups(damaged=[]):
-            for record in manifest.disks:
-                with contextlib.suppress(VmsnapError):
-                    if chunk_id in self.index(manifest, record.name).referenced():
-                        users.append(f"{manifest.vm}/{manifest.backup_id}/{record.name}")
-        return users
+        wanted = ChunkId(chunk_id)
+        found = users_of(self, [wanted])[wanted]
+        return list(dict.fromkeys(f"{vm}/{backup}/{disk}" for vm, backup, disk, _ in found))
 
     def name_users(self, err: DamagedChunkError) -> DamagedChunkError:
-        """``err`` with the backups and disks that use its chunk added to the message."""
-        found = _CHUNK_HEX.search(err.message)
-        if found is None:
-            return err
-        users = self.chunk_users(bytes.fromhex(found.group(1)))
-        return DamagedChunkError(
-            f"{err.message}; used by {', '.join(users) or 'no complete backup'}",
-            hint="restore a backup that does not use it, or take a new full backup (it stores it again)",
-        )
+        """``err`` with the backups and disks that use its chunk, and a true hint (see
+        :func:`~vmsnap.repo.chunks.heal.damaged_chunk_error`)."""
+        return damaged_chunk_error(self, err)
 
     # -- leases, journal, change tracking -------------------------------------------------------------
 
     @contextlib.contextmanager
     def lock(self, vm: str) -> Iterator[None]:
-        """Hold the VM's writer lease (``locks/vms/<vm>``, renewed while held) for the body.
+        """Hold the VM's writer lease (``locks/writers/<vm>``, renewed while held) for the body.
 
         :raise LeaseError: another run holds it, or gc is running
         """
-        with self.leases.holding(writer_key(vm), "writer", f"a backup, prune or recover of {vm}") as lease:
-            self._held[vm] = (lease, read_generation(self._store))
+        what = f"a backup, prune or recover of {vm}"
+        with self.leases.holding(writer_series(vm), "writer", what) as lease:
+            crash_point("writer-leased")
+            self._held[vm] = lease
             try:
                 yield
             finally:
@@ -336,7 +415,7 @@ class ChunksRepository(RepositoryLayout):
     @contextlib.contextmanager
     def reading(self, vm: str | None = None) -> Iterator[None]:
         """Hold a reader lease for the body: gc waits for (or refuses while) it is held."""
-        with self.leases.holding(self.leases.reader_key(), "reader", "a restore, verify or copy"):
+        with self.leases.holding(None, "reader", "a restore, verify or copy"):
             yield
 
     def journal_path(self, vm: str) -> Path:
@@ -351,16 +430,36 @@ class ChunksRepository(RepositoryLayout):
         for work in self._state.work_dirs(vm):
             shutil.rmtree(work, ignore_errors=True)
             actions.append(f"removed work directory {work}")
-        for key, record in [*self.leases.dead_of_this_host(READERS), *self.leases.dead_of_this_host(GC_KEY)]:
+        for key, record in self.leases.dead_readers_of_this_host():
             self._store.delete(key)
             actions.append(f"removed the dead lease {key} of {record.what} (pid {record.pid})")
+        head = self.leases.head(GC_SERIES)
+        mine = head is not None and head.record is not None and head.record.host == socket.gethostname()
+        if mine and (fenced := self._fence_gc()) is not None:
+            actions.append(f"released the dead gc lock of {fenced.what} (pid {fenced.pid})")
         return actions
+
+    def _fence_gc(self) -> LeaseRecord | None:
+        """Take over and release a gc lock whose holder is not live (dead, or stopped past its lease), and
+        replace the gc generation: that gc deletes nothing more (it checks its lock before every group of
+        deletes), and no host keeps a cache made while it deleted. The fenced holder, or None."""
+        fenced = self.leases.fence(GC_SERIES)
+        if fenced is not None:
+            bump_generation(self._store)
+        return fenced
 
     def discard_backup(self, vm: str, backup_id: str) -> bool:
         prefix = backup_prefix(vm, backup_id)
         keys = [stored.key for stored in self._store.list(prefix)]
         if prefix + MANIFEST in keys:
-            raise RepositoryError(f"backup {vm}/{backup_id} is complete; not discarding it")
+            try:
+                fenced = is_tombstone(self._store.get(prefix + MANIFEST))
+            except NotFoundError:
+                fenced = False  # deleted meanwhile (a prune): whatever is left goes
+            if fenced:
+                keys.remove(prefix + MANIFEST)  # the tombstone stays: the id is never used again
+            elif self._store.exists(prefix + MANIFEST):
+                raise RepositoryError(f"backup {vm}/{backup_id} is complete; not discarding it")
         for key in keys:
             self._store.delete(key)
         work = self._state.work_dir(vm, backup_id)
@@ -398,14 +497,90 @@ class ChunksRepository(RepositoryLayout):
         return next_backup_id(backup_id for _, backup_id in self._backup_dirs(vm))
 
     def begin_backup(self, vm: str, parent: Manifest | None, *, runner: Runner | None = None) -> ChunksWriter:
-        held = self._held.get(vm)
-        if held is None:
+        """Open a new backup of ``vm`` (under its writer lease): its directory's ``writer.json`` first, then
+        the gc lock is read again (a live gc: refused; one that is not live is taken over, see
+        :meth:`_fence_gc`), and only then the gc generation the writer's known chunks are checked against —
+        the order :mod:`vmsnap.repo.chunks.gc` relies on.
+
+        :raise LeaseError: gc started meanwhile
+        """
+        lease = self._held.get(vm)
+        if lease is None:
             raise UsageError(f"begin_backup of {vm} without its lease", hint="a bug: call it inside lock(vm)")
-        lease, generation = held
         _ = self.key  # an encrypted repository without its key fails here, before anything is written
-        return ChunksWriter(
-            self, vm, self.new_backup_id(vm), parent, lease, generation, runner or self.runner
-        )
+        for _attempt in range(5):
+            backup_id = self.new_backup_id(vm)
+            if self._store.put(writer_marker_key(vm, backup_id), self._marker(lease), if_absent=True):
+                break
+        else:
+            raise RepositoryError(f"could not open a new backup of {vm}", hint="try again")
+        generation = self._opened(vm, backup_id)
+        return ChunksWriter(self, vm, backup_id, parent, lease, generation, runner or self.runner)
+
+    def open_backup(self, vm: str, backup_id: str) -> str:
+        """Open the backup ``backup_id`` of ``vm`` for writing it under that id (``copy``), in the order
+        :meth:`begin_backup` keeps; the gc generation to check known chunks against. A dead run's
+        ``writer.json`` is replaced.
+
+        :raise RepositoryError: the id is taken: a backup, or the tombstone of a run a gc fenced
+        :raise LeaseError: gc started meanwhile
+        """
+        lease = self._held.get(vm)
+        if lease is None:
+            raise UsageError(f"open_backup of {vm} without its lease", hint="a bug: call it inside lock(vm)")
+        if self._store.exists(manifest_key(vm, backup_id)):
+            raise RepositoryError(
+                f"backup {vm}/{backup_id} cannot be written here: the id is taken (by the backup, or by a "
+                "run of it that a gc fenced because it was stopped longer than its lease)",
+                hint="the other backups copy; this one cannot under its id",
+            )
+        self._store.put(writer_marker_key(vm, backup_id), self._marker(lease))
+        return self._opened(vm, backup_id)
+
+    @staticmethod
+    def _marker(lease: Lease) -> bytes:
+        record = lease.record
+        return json.dumps(
+            {"token": record.token, "host": record.host, "pid": record.pid}, sort_keys=True
+        ).encode()
+
+    def _opened(self, vm: str, backup_id: str) -> str:
+        """After ``writer.json`` was written: read the gc lock again (a live gc refuses the backup; one that
+        is not live is taken over, see :meth:`_fence_gc`), then the gc generation."""
+        crash_point("writer-opened")
+        try:
+            self.leases.refuse_while_gc_runs()
+            self._fence_gc()
+            generation = read_generation(self._store)
+        except BaseException:
+            with contextlib.suppress(VmsnapError):
+                self.discard_backup(vm, backup_id)
+            raise
+        crash_point("writer-ready")
+        return generation
+
+    def sealed(self, vm: str, backup_id: str, written: bool) -> None:
+        """After the manifest's ``put(if_absent)`` of a backup being written: remove its ``writer.json``, or
+        (``written`` False) raise why it was not written.
+
+        :raise LeaseError: a gc fenced the backup (its run was stopped longer than its lease)
+        :raise RepositoryError: a manifest was there already
+        """
+        key = manifest_key(vm, backup_id)
+        if written:
+            with contextlib.suppress(StoreError):
+                self._store.delete(writer_marker_key(vm, backup_id))
+            return
+        try:
+            fenced = is_tombstone(self._store.get(key))
+        except NotFoundError:
+            fenced = False
+        if fenced:
+            raise LeaseError(
+                "a gc ran while this backup was stopped for longer than its lease, and fenced it",
+                hint="take the backup again",
+            )
+        raise RepositoryError(f"{key} exists already", hint="a bug: backup ids are never reused")
 
     # -- restore, verify, prune, gc ------------------------------------------------------------------
 
@@ -420,68 +595,28 @@ class ChunksRepository(RepositoryLayout):
         format: RestoreFormat = "qcow2",
         devices: Mapping[str, Path] | None = None,
     ) -> tuple[Manifest, list[RestoredDisk]]:
-        """Restore with every chunk checked (see :func:`~vmsnap.repo.chunks.restore.restore_disk`); a device
-        is written only once every chunk it needs is known to exist."""
-        devices = dict(devices or {})
+        """Restore with every chunk checked (see :func:`~vmsnap.repo.chunks.restore.restore_backup`); a
+        device is written only once every chunk it needs is known to exist."""
         with self.reading(vm):
             manifest = self.get(vm, backup_id)
             names = list(disk_filter(manifest, disks))
             indexes = {name: self.index(manifest, name) for name in names}  # all checked before any write
-            targets = {name: devices.get(name) or Path(to) / f"{name}.{format}" for name in names}
-            for name, target in targets.items():
-                if name not in devices and target.exists():
-                    raise VmsnapError(
-                        f"{target} exists already; restore never overwrites",
-                        hint="restore into an empty directory, or move that file away",
-                    )
-            if devices:
-                self._check_present([indexes[n] for n in names if n in devices])
-            if any(n not in devices for n in names):
-                make_private_dir(Path(to))
-            return manifest, [
-                self._restore_one(
-                    manifest, name, indexes[name], targets[name], name in devices, format, progress
+            try:
+                return manifest, restore_backup(
+                    manifest,
+                    indexes,
+                    self._store,
+                    self.codec,
+                    Path(to),
+                    devices=dict(devices or {}),
+                    format=format,
+                    workers=self._workers,
+                    progress=progress,
+                    runner=self.runner,
+                    location=self.location,
                 )
-                for name in names
-            ]
-
-    def _restore_one(
-        self,
-        manifest: Manifest,
-        name: str,
-        index: ChunkIndex,
-        target: Path,
-        device: bool,
-        format: RestoreFormat,
-        progress: DiskProgress,
-    ) -> RestoredDisk:
-        record = manifest.disk(name)
-        try:
-            restore_disk(
-                index,
-                self._store,
-                self.codec,
-                target,
-                format="raw" if device else format,
-                # raw files and devices take twice the writers (pwrite, no qemu-nbd): 1.6-1.9x here
-                workers=self._workers * (2 if device or format == "raw" else 1),
-                progress=lambda state: progress(name, state.done, state.total),
-                name=f"{manifest.vm}/{manifest.backup_id}/{name}",
-                runner=self.runner,
-            )
-        except DamagedChunkError as err:
-            raise self.name_users(err) from err
-        return RestoredDisk(name, target, record.virtual_size, record.sha256)
-
-    def _check_present(self, indexes: Sequence[ChunkIndex]) -> None:
-        """:raise DamagedChunkError: a chunk the indexes name is not in the store (who uses it named)."""
-        present = list_chunk_ids(self._store)
-        for index in indexes:
-            for _, chunk_id in index.data_chunks():
-                if chunk_id not in present:
-                    raise self.name_users(
-                        DamagedChunkError(f"chunk {chunk_id.hex()} is missing from the store {self.location}")
-                    )
+            except DamagedChunkError as err:
+                raise self.name_users(err) from err
 
     def verify(
         self,
@@ -491,9 +626,21 @@ class ChunksRepository(RepositoryLayout):
         reader: VerifyReader = "auto",
         fast: bool = False,
         progress: DiskProgress = no_progress,
+        repair_from: Sequence[RepositoryLayout] = (),
     ) -> VerifyReport:
         """Check every backup's manifest and indexes, and every chunk they name: fetched, decoded and
-        checked against its id (``fast``: only that it exists, from one listing). ``reader`` is ignored."""
+        checked against its id (``fast``: only that it exists, from one listing). ``reader`` is ignored.
+
+        A chunk found damaged is moved aside and a missing one recorded, so that the next backup stores it
+        again; with ``repair_from`` (other ``chunks`` repositories) each is looked for there and stored again
+        at once (see :mod:`vmsnap.repo.chunks.heal`). The report's ``chunks`` say what was done.
+        """
+        sources = [source for source in repair_from if isinstance(source, ChunksRepository)]
+        if len(sources) != len(repair_from):
+            raise UsageError(
+                "verify repairs only from repositories of the chunks layout",
+                hint="copy the backups into a chunks repository first (`vmsnap copy`)",
+            )
         damaged: list[Damaged] = []
         with self.reading(vm):
             if backup_id is not None:
@@ -504,24 +651,14 @@ class ChunksRepository(RepositoryLayout):
                 if vm is not None and vm not in self.vms():
                     self.get(vm)  # raises NotFoundError naming the VMs there are
                 targets = self.backups(vm, damaged=damaged)
-            missing: dict[str, set[ChunkId]] = {}
-            report = verify_chunks(self, targets, damaged, fast=fast, progress=progress, missing=missing)
-        if missing:
-            self._store_missing_again(missing)
-        return report
-
-    def _store_missing_again(self, missing: Mapping[str, set[ChunkId]]) -> None:
-        """Chunks went missing behind vmsnap's back: make every host forget them (its known-chunks cache) and
-        the next backup of each VM that names one full, so that it stores them again (if the guest still has
-        that data). Best effort: read-only credentials leave it to the report."""
-        try:
-            drop_known_caches(self._store)
-            for vm, ids in sorted(missing.items()):
-                first = min(ids).hex()
-                reason = f"verify found {len(ids)} chunk(s) of its backups missing (first {first})"
-                self.require_full(vm, reason)
-        except StoreError as err:
-            log.warning("verify could not mark the VMs whose chunks are missing: %s", err.message)
+            found = verify_chunks(self, targets, damaged, fast=fast, progress=progress)
+            try:
+                repairs = heal(self, found, sources=sources)
+                clear_healed(self._store, found)
+            except StoreError as err:  # read-only credentials: the report says what was found, nothing more
+                log.warning("verify could not move the damaged chunks aside: %s", err.message)
+                repairs = ()
+        return attrs.evolve(found.report, chunks=repairs)
 
     def delete_backup(self, vm: str, backup_id: str) -> None:
         """Delete the manifest first (the backup is gone at once), then its other objects; its chunks stay
@@ -531,6 +668,15 @@ class ChunksRepository(RepositoryLayout):
 
     def gc(self, *, wait: float = 0.0, dry_run: bool = False) -> GcReport:
         return collect(self, wait=wait, dry_run=dry_run)
+
+    def copy_in(
+        self, source: RepositoryLayout, manifest: Manifest, *, progress: DiskProgress = no_progress
+    ) -> CopiedBackup:
+        """Copy a backup of ``source`` in (see :mod:`vmsnap.repo.chunks.copy`): from another chunks
+        repository only the chunks this one lacks, checked; from any other layout its disks read through
+        the pipeline, each chunk checked."""
+        chunks_source = source if isinstance(source, ChunksRepository) else None
+        return copy_into(self, source, manifest, progress, chunks_source=chunks_source)
 
     def present_chunks(self) -> set[ChunkId]:
         """The ids of every chunk in the store (one listing)."""

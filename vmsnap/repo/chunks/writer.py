@@ -6,7 +6,10 @@ file (or a file whose persistent dirty bitmap is exported) through a qemu-nbd. A
 chunks the export's dirty bitmap marks when the export's changes are relative to the parent backup
 (``ExportSource.since``) and the parent's index of the disk is there; otherwise it reads everything and says
 why (the index is complete either way). Chunks the store holds are not stored again: the known ids are the
-parent's and this host's cache (:mod:`vmsnap.repo.chunks.known`), or one listing for a full backup.
+parent's and this host's cache (:mod:`vmsnap.repo.chunks.known`), or one listing for a full backup — less
+the chunks ``verify`` moved aside that the store lacks (:mod:`vmsnap.repo.chunks.quarantine`): those are
+stored again when the disk produces them, and an incremental reads again every chunk whose parent id is one
+of them. A backup that would name such a chunk moved aside while it ran fails at its seal.
 """
 
 from __future__ import annotations
@@ -14,20 +17,32 @@ from __future__ import annotations
 import hashlib
 import shutil
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
 import attrs
 
-from vmsnap.errors import LeaseError, RepositoryError, TransferError, UsageError, VmsnapError
+from vmsnap.errors import (
+    DamagedChunkError,
+    RepositoryError,
+    StoreError,
+    TransferError,
+    UsageError,
+    VmsnapError,
+)
 from vmsnap.files import make_private_dir
+from vmsnap.image.geometry import CHUNK_SIZE
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
-from vmsnap.repo.chunks.blob import CHUNK_SIZE, ChunkCodec, ChunkId
+from vmsnap.processes import crash_point
+from vmsnap.repo import attachments
+from vmsnap.repo.chunks.blob import ChunkCodec, ChunkId, chunk_key
 from vmsnap.repo.chunks.index import ChunkIndex, encode_index
 from vmsnap.repo.chunks.keys import RepositoryKey
-from vmsnap.repo.chunks.known import KnownChunks, RecordingStore, read_generation
+from vmsnap.repo.chunks.known import KnownChunks, RecordingStore, read_epoch
 from vmsnap.repo.chunks.leases import Lease
-from vmsnap.repo.chunks.pipeline import BackupProgress, backup_disk
+from vmsnap.repo.chunks.pipeline import BackupProgress, DiskBackup, backup_disk
+from vmsnap.repo.chunks.quarantine import absent_quarantined
 from vmsnap.repo.chunks.readers import NbdReader, open_source
 from vmsnap.repo.chunks.records import (
     backup_prefix,
@@ -50,6 +65,9 @@ from vmsnap.repo.state import RepositoryState
 from vmsnap.repo.stores.base import Store
 from vmsnap.runner import Runner
 from vmsnap.transports.base import Transport
+
+KEPT_CHECKS = 4096
+"""After a failed write, up to this many chunks the run stored are checked one by one (are they there?)."""
 
 
 class WriterRepository(Protocol):
@@ -77,7 +95,11 @@ class WriterRepository(Protocol):
 
     def put_definition(self, vm: str, backup_id: str, text: str) -> str: ...
 
+    def put_attachment(self, vm: str, backup_id: str, name: str, data: bytes) -> None: ...
+
     def discard_backup(self, vm: str, backup_id: str) -> bool: ...
+
+    def sealed(self, vm: str, backup_id: str, written: bool) -> None: ...
 
 
 @attrs.frozen
@@ -96,7 +118,8 @@ class ChunksWriter:
     :param backup_id: the new backup's id
     :param parent: the parent backup of an incremental, or None
     :param lease: the VM's writer lease (checked before the manifest is written)
-    :param generation: the gc generation seen when the lease was taken
+    :param generation: the gc generation read after the backup's directory was opened (what the known
+        chunks are checked against)
     :param runner: where the machine's files are (qemu-nbd runs there)
     """
 
@@ -126,6 +149,10 @@ class ChunksWriter:
         self._known: set[ChunkId] | None = None
         self._store = RecordingStore(repo.store, self._known_chunks)
         self._parent_indexes: dict[str, ChunkIndex | VmsnapError] = {}
+        self._set_aside: set[ChunkId] | None = None
+        self._epoch = ""
+        self._named: set[ChunkId] = set()
+        self._objects: dict[str, str] = {}
 
     def _parent_disk_index(self, disk: str) -> ChunkIndex:
         """The parent's index of ``disk``, read once per backup.
@@ -147,6 +174,13 @@ class ChunksWriter:
         """None: a chunks repository keeps no images a strategy could write on top of."""
         return {}
 
+    def _quarantined(self) -> set[ChunkId]:
+        """The chunks verify moved aside that the store lacks (read once, with the epoch they go with)."""
+        if self._set_aside is None:
+            self._epoch = read_epoch(self.repo.store)
+            self._set_aside = absent_quarantined(self.repo.store)
+        return self._set_aside
+
     def _known_ids(self) -> set[ChunkId]:
         if self._known is None:
             # an incremental knows its parent's chunks: it lists the store only through a valid cache
@@ -157,7 +191,7 @@ class ChunksWriter:
                         known |= self._parent_disk_index(record.name).referenced()
                     except VmsnapError:
                         continue  # that disk is read fully; its chunks are stored if absent
-            self._known = known
+            self._known = known - self._quarantined()
         return self._known
 
     def _parent_index(self, disk: Disk, source: ExportSource) -> tuple[ChunkIndex | None, str | None]:
@@ -208,25 +242,44 @@ class ChunksWriter:
                 changed, note = _dirty_chunks(reader)
                 if changed is None:
                     parent_index = None
+                else:  # the parent's chunks that verify moved aside are read again (and stored, if there)
+                    moved = self._quarantined()
+                    changed |= {n for n, chunk_id in parent_index.data_chunks() if chunk_id in moved}
 
             def report(state: BackupProgress) -> None:
                 progress(state.done, state.total)
                 if transfer is not None:
                     transfer(Transfer(state.read, state.stored, state.deduplicated, state.zero))
 
-            result = backup_disk(
-                reader,
-                self._store,
-                self.repo.codec,
-                parent=parent_index,
-                changed=changed,
-                known=self._known_ids(),
-                workers=self.repo.workers,
-                progress=report,
-            )
+            try:
+                result = backup_disk(
+                    reader,
+                    self._store,
+                    self.repo.codec,
+                    parent=parent_index,
+                    changed=changed,
+                    known=self._known_ids(),
+                    workers=self.repo.workers,
+                    progress=report,
+                )
+            except StoreError as err:
+                raise self.kept(err) from err
             kind = "nbd" if isinstance(reader, NbdReader) else "file"
+        if note is not None:
+            note = f"disk {name}: read in full, {note}"
+        written = self._put_index(disk, result, WrittenDisk(result.stats.new_bytes, kind, source.since, note))
+        crash_point("writer-indexed")
+        return written
+
+    def _put_index(self, disk: Disk, result: DiskBackup, written: WrittenDisk) -> WrittenDisk:
+        """Store the disk's index and remember its record for the manifest."""
+        name = disk.name
+        self._named |= result.index.referenced()
         data = encode_index(result.index, self.repo.key)
-        self.repo.store.put(index_key(self.vm, self.backup_id, name), data)
+        try:
+            self.repo.store.put(index_key(self.vm, self.backup_id, name), data)
+        except StoreError as err:
+            raise self.kept(err) from err
         stats = result.stats
         data_chunks = sum(1 for _ in result.index.data_chunks())
         chunk_stats = ChunkStats(
@@ -246,9 +299,6 @@ class ChunksWriter:
             hashlib.sha256(data).hexdigest(),
             chunk_stats,
         )
-        if note is not None:
-            note = f"disk {name}: read in full, {note}"
-        written = WrittenDisk(stats.new_bytes, kind, source.since, note)
         self._disks[name] = _Disk(disk, record, written)
         return written
 
@@ -263,19 +313,27 @@ class ChunksWriter:
         definition: str | None,
     ) -> Manifest:
         """Write the definition, then the manifest (``put(if_absent)``), after checking that the lease is
-        still this run's and no gc ran since it was taken.
+        still this run's. A gc that found this backup unfinished put a tombstone at the manifest's key
+        first (see :mod:`vmsnap.repo.chunks.gc`): then the put fails, and so does the backup.
 
-        :raise LeaseError: the lease was lost, or a gc ran meanwhile
+        :raise LeaseError: the lease was lost, or a gc fenced this backup
+        :raise DamagedChunkError: verify moved aside a chunk this backup names while it ran
         """
         self.lease.check()
-        if read_generation(self.repo.store) != self.generation:
-            raise LeaseError(
-                "a gc ran while this backup was running (its lease had expired)",
-                hint="take the backup again",
-            )
+        if self._set_aside is not None and read_epoch(self.repo.store) != self._epoch:
+            lost = sorted(self._named & absent_quarantined(self.repo.store))
+            if lost:
+                raise DamagedChunkError(
+                    f"verify moved aside chunk {lost[0].hex()} while this backup ran, and the backup names "
+                    f"it ({len(lost)} such chunk(s))",
+                    hint="take the backup again: it stores them again if the disk still holds that data",
+                )
         definition_id = None
         if definition is not None:
-            definition_id = self.repo.put_definition(self.vm, self.backup_id, definition)
+            try:
+                definition_id = self.repo.put_definition(self.vm, self.backup_id, definition)
+            except StoreError as err:
+                raise self.kept(err) from err
         manifest = Manifest(
             vm=self.vm,
             backup_id=self.backup_id,
@@ -290,13 +348,42 @@ class ChunksWriter:
             format=CHUNKS_FORMAT,
             digest=INDEX_DIGEST,
             definition=definition_id,
+            objects=dict(self._objects),
         )
         key = manifest_key(self.vm, self.backup_id)
-        if not self.repo.store.put(key, encode_manifest(manifest, self.repo.key), if_absent=True):
-            raise RepositoryError(f"{key} exists already", hint="a bug: backup ids are never reused")
+        crash_point("writer-sealing")
+        try:
+            sealed = self.repo.store.put(key, encode_manifest(manifest, self.repo.key), if_absent=True)
+        except StoreError as err:
+            raise self.kept(err) from err
+        self.repo.sealed(self.vm, self.backup_id, sealed)
         self._known_chunks.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
         return manifest
+
+    def kept(self, err: StoreError) -> StoreError:
+        """``err``, saying how much of what this run stored stays in the store (no index names it: it is
+        gc's) — counted exactly, one existence check per chunk, up to :data:`KEPT_CHECKS` chunks."""
+        written = dict(self._store.written)
+        if not written:
+            return err
+        if len(written) <= KEPT_CHECKS:
+            with ThreadPoolExecutor(8, thread_name_prefix="vmsnap-kept") as pool:
+                there = list(pool.map(lambda c: self.repo.store.exists(chunk_key(c)), written))
+            stayed = [size for size, present in zip(written.values(), there, strict=True) if present]
+            amount = f"{len(stayed)} chunk(s), {sum(stayed) / 2**20:.1f} MiB,"
+        else:
+            amount = f"up to {len(written)} chunk(s), {sum(written.values()) / 2**20:.1f} MiB,"
+        return StoreError(
+            f"{err.message}; {amount} that this run stored stay in the store",
+            hint=f"{err.hint}; `vmsnap gc` deletes the chunks no backup uses",
+        )
+
+    def attach(self, name: str, data: bytes) -> None:
+        """Keep an object with this backup (sealed by the manifest, which names its sha256; removed with a
+        discarded run)."""
+        self.repo.put_attachment(self.vm, self.backup_id, name, data)
+        self._objects[name] = attachments.digest(data)
 
     def discard(self) -> None:
         """Remove this unfinished backup's objects and work directory (its chunks stay: gc's job)."""

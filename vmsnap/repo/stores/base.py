@@ -19,13 +19,19 @@ Every store guarantees:
   deleted meanwhile may or may not appear), with its size, in no promised order;
 - failures of the store itself (unreachable, refused, full) raise :class:`~vmsnap.errors.StoreError`
   with one line that names the store's URL (never a secret) and what to do.
+
+What differs between stores is data, :class:`StoreCapabilities` (a store's :attr:`Store.capabilities`),
+asked for by the layout that uses the store — never found out from the store's class. A store class is
+registered by URL scheme under the ``vmsnap.stores`` entry point (see :mod:`vmsnap.repo.stores`) and opened
+with its :meth:`StoreClass.open_location`; :class:`StoreBase` gives a new store the defaults of what it
+need not do differently.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterable, Iterator
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import attrs
 
@@ -55,6 +61,35 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
+@attrs.frozen(kw_only=True)
+class StoreCapabilities:
+    """What a store does differently from another, as data (``vmsnap`` asks, never checks a class).
+
+    :param sharded_listing: a listing costs a round trip per page (S3: 1000 keys), so a large listing is
+        split into disjoint prefixes (``chunks/0`` … ``chunks/f``) listed in parallel; False: one walk is
+        cheaper (a local directory)
+    :param conditional_put: who makes ``put(if_absent=True)`` atomic: "store" (the store itself: link,
+        ``O_EXCL``), or "server" (a server that is trusted to honour ``If-None-Match: *``: it is probed with
+        :meth:`Store.check_conditional_writes` when a repository is created there)
+    :param batch_delete: :meth:`Store.delete_many` removes many keys in few requests (S3's DeleteObjects);
+        False: it deletes them one by one, and a caller may as well delete on parallel workers
+    :param versions: the store keeps earlier versions of objects (and delete markers), so it can be read
+        as it was at an earlier time (none of today's stores: False)
+    :param retention_locks: objects can carry a retention date before which nobody can delete or overwrite
+        them (S3 Object Lock; none of today's stores: False)
+    """
+
+    sharded_listing: bool = False
+    conditional_put: Literal["store", "server"] = "store"
+    batch_delete: bool = False
+    versions: bool = False
+    retention_locks: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        """The capabilities as a JSON object."""
+        return attrs.asdict(self)
+
+
 @attrs.frozen
 class StoredObject:
     """One object a :meth:`Store.list` found: its key and its size in bytes."""
@@ -70,6 +105,11 @@ class Store(Protocol):
     @property
     def url(self) -> str:
         """Where the store is, for messages: a path or ``s3://bucket/prefix`` (never a secret)."""
+        ...
+
+    @property
+    def capabilities(self) -> StoreCapabilities:
+        """What this store does differently (see :class:`StoreCapabilities`)."""
         ...
 
     def get(self, key: str) -> bytes:
@@ -107,3 +147,65 @@ class Store(Protocol):
     def delete(self, key: str) -> None:
         """Remove the object; a missing one is no error."""
         ...
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Remove these objects (missing ones are no error): in few requests where
+        :attr:`StoreCapabilities.batch_delete` says so, else one by one.
+
+        :raise StoreError: the store failed, or refused to delete one of them
+        """
+        ...
+
+    def check_conditional_writes(self) -> None:
+        """Make sure ``put(if_absent=True)`` is refused for an existing key (leases and manifests rely on
+        it); asked where :attr:`StoreCapabilities.conditional_put` is "server", when a repository is made.
+
+        :raise StoreError: the store ignores conditional writes, or failed
+        """
+        ...
+
+    def close(self) -> None:
+        """Release connections (the store must not be used afterwards); nothing for a local store."""
+        ...
+
+
+class StoreClass(Protocol):
+    """What the store registry asks of a store's class: open the store a location names.
+
+    :cvar scheme: the URL scheme it is registered under (its entry point's name, e.g. ``s3``)
+    """
+
+    scheme: ClassVar[str]
+
+    @classmethod
+    def open_location(cls, location: str, *, create: bool = False) -> Store:
+        """The store at ``location`` (a URL of its scheme; for the local store, a directory path).
+
+        :param create: make what is missing where that is the store's business (a local directory); an
+            object store's bucket must exist
+        :raise UsageError: a malformed location
+        :raise StoreError: the store cannot be reached
+        """
+        ...
+
+
+class StoreBase:
+    """Defaults a store class may inherit for what it need not do differently: the capabilities of a
+    plain store, deleting many keys one by one, nothing to probe, nothing to close."""
+
+    capabilities: ClassVar[StoreCapabilities] = StoreCapabilities()
+
+    def delete(self, key: str) -> None:
+        """Remove the object (every store defines it)."""
+        raise NotImplementedError
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Delete the keys one by one."""
+        for key in keys:
+            self.delete(key)
+
+    def check_conditional_writes(self) -> None:
+        """Nothing to probe: the store makes ``put(if_absent=True)`` atomic itself."""
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -28,12 +28,13 @@ import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import attrs
 
 from vmsnap.errors import NotFoundError, StoreError
 from vmsnap.processes import crash_point
-from vmsnap.repo.stores.base import StoredObject, check_key, check_prefix
+from vmsnap.repo.stores.base import StoreBase, StoreCapabilities, StoredObject, check_key, check_prefix
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -46,8 +47,8 @@ _ALIGN = 4096
 _TEMP_PREFIX = ".tmp-"
 
 _HINTS = {
-    errno.ENOSPC: "the filesystem is full: free space there or move the repository; nothing partial was kept",
-    errno.EDQUOT: "the disk quota is exhausted: raise it or free space; nothing partial was kept",
+    errno.ENOSPC: "the filesystem is full: free space there or move the repository",
+    errno.EDQUOT: "the disk quota is exhausted: raise it or free space",
     errno.EACCES: "permission denied: run vmsnap as the repository's owner or fix its permissions",
     errno.EPERM: "operation not permitted: run vmsnap as the repository's owner or fix its permissions",
     errno.EROFS: "the filesystem is read-only: remount it read-write or use another repository",
@@ -107,13 +108,19 @@ class _Batch:
 
 
 @attrs.define
-class LocalStore:
+class LocalStore(StoreBase):
     """Objects as files under ``root`` (see :class:`~vmsnap.repo.stores.base.Store` for the guarantees).
+
+    Registered as the store of directory paths (under ``directory``). Listing walks the directory once;
+    ``put(if_absent=True)`` is atomic by itself (link / ``O_EXCL``); deletes are one by one.
 
     :param root: the store's directory
     :param create: make ``root`` (0700, and missing parents) when it does not exist
     :raise StoreError: ``root`` is missing (without ``create``), not a directory, or cannot be made
     """
+
+    scheme: ClassVar[str] = "directory"
+    capabilities: ClassVar[StoreCapabilities] = StoreCapabilities()
 
     root: Path = attrs.field(converter=_absolute)
     create: bool = attrs.field(default=False, kw_only=True)
@@ -132,6 +139,15 @@ class LocalStore:
                 f"store {self.url}: no such directory",
                 hint="check the repository path (a new repository is created by `vmsnap init`)",
             )
+
+    @classmethod
+    def open_location(cls, location: str, *, create: bool = False) -> LocalStore:
+        """The store in the directory ``location``.
+
+        :param create: make the directory (0700) when it does not exist
+        :raise StoreError: the directory is missing (without ``create``), not a directory, or cannot be made
+        """
+        return cls(Path(location), create=create)
 
     @property
     def url(self) -> str:
@@ -313,8 +329,9 @@ class LocalStore:
         :return: True when written (``durable=False``: queued; should another writer store the key first,
             its object stays), False when ``if_absent`` found an object there (nothing written)
         :raise UsageError: ``key`` is malformed
-        :raise StoreError: the filesystem refused (full, quota, permissions, read-only); nothing partial
-            stays. With ``durable=False`` also when this put completed a batch that could not be made durable
+        :raise StoreError: the filesystem refused (full, quota, permissions, read-only); no part of this
+            object stays. With ``durable=False`` also when this put completed a batch that could not be made
+            durable
         """
         path = self._path(key)
         if if_absent and self.exists(key):

@@ -48,7 +48,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, ClassVar, Literal, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
@@ -69,7 +69,7 @@ from botocore.exceptions import (
 )
 
 from vmsnap.errors import NotFoundError, StoreError, UsageError
-from vmsnap.repo.stores.base import StoredObject, check_key, check_prefix
+from vmsnap.repo.stores.base import StoreBase, StoreCapabilities, StoredObject, check_key, check_prefix
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -163,8 +163,11 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return _check_bucket(bucket), _check_root(prefix)
 
 
-class S3Store:
+class S3Store(StoreBase):
     """The objects under one prefix of one S3 bucket (see the module docstring for how the guarantees hold).
+
+    Registered as the store of ``s3://`` URLs. Its capabilities: listings are sharded (1000 keys a
+    request), conditional puts are the server's (probed when a repository is created), deletes are batched.
 
     :param bucket: an existing bucket
     :param prefix: where the store's keys start inside the bucket ("" for the whole bucket)
@@ -172,6 +175,11 @@ class S3Store:
     :raise UsageError: a malformed bucket name or prefix
     :raise StoreError: the AWS profile does not exist, or the endpoint URL is malformed
     """
+
+    scheme: ClassVar[str] = "s3"
+    capabilities: ClassVar[StoreCapabilities] = StoreCapabilities(
+        sharded_listing=True, conditional_put="server", batch_delete=True
+    )
 
     def __init__(self, bucket: str, prefix: str = "", *, options: S3Options | None = None) -> None:
         self._bucket = _check_bucket(bucket)
@@ -205,6 +213,16 @@ class S3Store:
                 store.close()
                 raise
         return store
+
+    @classmethod
+    def open_location(cls, location: str, *, create: bool = False) -> S3Store:
+        """The store at ``s3://BUCKET/PREFIX``, checked (see :meth:`from_url`); ``create`` makes nothing
+        (the bucket must exist).
+
+        :raise UsageError: a malformed URL
+        :raise StoreError: the check failed
+        """
+        return cls.from_url(location)
 
     @property
     def url(self) -> str:

@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import socket
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from pathlib import Path
 from vmsnap.errors import QMPCommandError, SnapshotError, VmsnapError
 from vmsnap.model import ExportSource, SnapshotRef
 from vmsnap.runner import Runner
+from vmsnap.sockets import unix_listening
 from vmsnap.strategies.blockdev_backup.plan import device_node, nbd_source
 from vmsnap.vm.qmp import QMPMonitor
 
@@ -88,16 +88,6 @@ def _make_server_dir(directory: Path, runner: Runner | None = None) -> None:
                 hint="remove it (someone else may have made it), then retry",
             ) from None
         (directory / SOCKET).unlink(missing_ok=True)  # the socket of a server that is gone
-
-
-def _listening(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(2)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 def _remove_dir(directory: Path, runner: Runner | None) -> None:
@@ -188,7 +178,7 @@ def end_export(qmp: QMPMonitor, snap: SnapshotRef, target_dir: Path, runner: Run
         return stopped
     if not _ours(directory):
         return False
-    stopped = _listening(directory / SOCKET)
+    stopped = unix_listening(directory / SOCKET, timeout=2)
     if stopped:
         _stop_server(qmp, directory)
     shutil.rmtree(directory, ignore_errors=True)

@@ -481,6 +481,11 @@ class BlockdevBackupStrategy(StrategyBase):
                     refs.append(SnapshotRef(self.name, self.target_dir.name, disk, details=details))
         return refs
 
+    def find(self, name: str) -> Sequence[SnapshotRef]:
+        """The backups ``create(..., name=name)`` recorded, and those a run that died before recording them
+        left in QEMU (which :meth:`list` names after ``target_dir``, the run's own directory)."""
+        return [ref for ref in self.list() if ref.name in (name, self.target_dir.name)]
+
     def _leftover_details(self, qmp: QMPMonitor, nodes: set[str], disk: Disk) -> dict[str, str] | None:
         """What a run that died before recording its backup of ``disk`` left in QEMU, or None."""
         details = fleecing.leftover_details(qmp, nodes, disk)

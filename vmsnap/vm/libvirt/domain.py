@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import time
+import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -65,6 +66,14 @@ def libvirt_message(err: Exception) -> str:
     """libvirt's own one-line text of an error (without the trailing newline some messages carry)."""
     text = err.get_error_message() if hasattr(err, "get_error_message") else None
     return " ".join(str(text or err).split())
+
+
+def is_local_uri(uri: str | None) -> bool:
+    """True when a libvirt URI names this host's libvirtd (no host part: ``qemu:///system``,
+    ``qemu+unix:///system?socket=…``; None is the default, ``qemu:///system``)."""
+    if uri is None:
+        return True
+    return urllib.parse.urlsplit(uri).netloc == ""
 
 
 def open_connection(uri: str | None = None) -> Any:

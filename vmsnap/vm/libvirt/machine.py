@@ -2,13 +2,12 @@
 
 libvirt owns the QMP socket and the agent channel, so commands go through its ``qemuMonitorCommand`` and
 ``qemuAgentCommand`` passthrough (:mod:`vmsnap.vm.libvirt.domain`). Beyond the channels, a domain keeps its
-definition with each backup (so a restore can redefine it) and knows what a dead vmsnap run leaves in
-libvirt. Kept out of :mod:`vmsnap.vm.machine`: importing vmsnap never needs libvirt.
+definition with each backup (so a restore can redefine it). Kept out of :mod:`vmsnap.vm.machine`: importing
+vmsnap never needs libvirt.
 """
 
 from __future__ import annotations
 
-from vmsnap.vm.libvirt.backups import recover as recover_libvirt
 from vmsnap.vm.libvirt.definition import saved_domain_xml
 from vmsnap.vm.libvirt.domain import (
     DEFAULT_URI,
@@ -19,6 +18,7 @@ from vmsnap.vm.libvirt.domain import (
     open_connection,
 )
 from vmsnap.vm.machine import OnThisHost
+from vmsnap.vm.machine_state import MachineStateSource, libvirt_state_source
 
 __all__ = [
     "DEFAULT_URI",
@@ -45,6 +45,14 @@ class LibvirtMachine(OnThisHost, LibvirtDomain):
         """The domain's persistent XML, kept with each backup for ``restore --define``."""
         return saved_domain_xml(self)
 
+    def machine_state(self) -> MachineStateSource | None:
+        """The domain's UEFI variables (``<nvram>``) and emulated TPM state, when it has them (files on
+        this host only)."""
+        if self.runner.host != "local":
+            return None
+        return libvirt_state_source(self.xml_tree())
+
     def recover(self) -> list[str]:
-        """Abort a backup job and commit the external snapshots a dead vmsnap run left in libvirt."""
-        return recover_libvirt(self)
+        """Nothing: vmsnap keeps no state in libvirt (its strategies work through the passthrough and leave
+        the domain as libvirt defined it; what a dead run left in QEMU is the strategy's to undo)."""
+        return []

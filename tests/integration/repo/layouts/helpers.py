@@ -16,6 +16,8 @@ from typing import Any
 import attrs
 
 from vmsnap.repo.chunks.leases import LeaseRecord
+from vmsnap.repo.stores.base import Store
+from vmsnap.repo.stores.local import LocalStore
 
 SECRET = b"vmsnap-plaintext-marker:" + b"0123456789abcdef" * 4
 """A line the encryption test writes into the guest's disks, then looks for in every stored byte."""
@@ -36,18 +38,22 @@ def partial_backups(repo: Path, vm: str = "testvm") -> list[str]:
     return sorted(p.name for p in vm_dir.iterdir() if p.is_dir() and not (p / "manifest.json").exists())
 
 
+def held_leases(store: Store) -> list[str]:
+    """The keys of the lease objects in ``store`` that are held (a released one stays per lease series)."""
+    held = []
+    for stored in store.list("locks/"):
+        record = LeaseRecord.from_bytes(store.get(stored.key))
+        if record is None or record.state != "released":
+            held.append(stored.key)
+    return held
+
+
 def chunks_clean(repo: Path, state: Path, vm: str = "testvm") -> bool:
-    """Nothing of a run is left: no partial backup, no lease, no journal, no work directory."""
-    leases = list((repo / "locks").rglob("*")) if (repo / "locks").exists() else []
+    """Nothing of a run is left: no partial backup, no held lease, no journal, no work directory."""
     work = [p for p in state.rglob("work/*/*") if p.is_dir()]
     journals = list(state.rglob("journal.json"))
-    held = [p for p in leases if p.is_file()]
+    held = held_leases(LocalStore(repo))
     return not partial_backups(repo, vm) and not held and not work and not journals
-
-
-def lease_of(repo: Path, key: str) -> LeaseRecord | None:
-    path = repo / key
-    return LeaseRecord.from_bytes(path.read_bytes()) if path.is_file() else None
 
 
 def write_file(path: Path, data: bytes) -> Path:
@@ -67,8 +73,14 @@ class Worker:
     process: subprocess.Popen[str]
 
     @classmethod
-    def start(cls, command: str, args: dict[str, Any], env: dict[str, str] | None = None) -> Worker:
+    def start(
+        cls, command: str, args: dict[str, Any], env: dict[str, str] | None = None, *, host: str | None = None
+    ) -> Worker:
+        """``host``: run it as another host (a UTS namespace of its own with that host name), whose leases
+        this host judges by their expiry, not by its process."""
         argv = [sys.executable, "-m", "tests.integration.repo.layouts.worker", command, json.dumps(args)]
+        if host is not None:
+            argv = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', host, *argv]
         process = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
         )

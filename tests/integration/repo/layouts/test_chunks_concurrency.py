@@ -23,11 +23,18 @@ from tests.integration.cli_helpers import (
     vm_args,
     write,
 )
-from tests.integration.repo.layouts.helpers import Worker, chunks_clean, partial_backups, random_file
+from tests.integration.repo.layouts.helpers import (
+    Worker,
+    chunks_clean,
+    held_leases,
+    partial_backups,
+    random_file,
+)
 from vmsnap.errors import LeaseError
 from vmsnap.processes import CRASH_ENV
 from vmsnap.repo.repository import Repository
 from vmsnap.repo.retention import RetentionPolicy
+from vmsnap.repo.stores.local import LocalStore
 
 DISKS = ("disk0", "disk1")
 
@@ -101,7 +108,7 @@ def test_a_backup_refuses_while_gc_holds_its_lock(
         [VMSNAP, "backup", "--repo", str(repo), *vm_args(vm)], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 1 and "collecting garbage" in result.stderr, result.stderr
-    assert partial_backups(repo) == [] and not (repo / "locks" / "vms" / "testvm").exists()
+    assert partial_backups(repo) == [] and held_leases(LocalStore(repo)) == ["locks/collector/000000000001"]
     gc.resume()
     assert gc.finish()[0] == 0
     assert len(listed(capsys, repo)) == 1 and listed(capsys, repo)[0] == first["backup_id"]
@@ -151,7 +158,7 @@ def test_a_writer_stopped_past_its_lease_never_seals_over_a_gc(
     vm_args(vm)
     args = {"repo": str(repo), "qmp": str(vm.process.qmp_socket), "stop_at_progress": "second-disk"}
     args["lease"] = 1.5
-    writer = Worker.start("backup", args)
+    writer = Worker.start("backup", args, host="other-host")  # judged by its lease's expiry
     workers.append(writer)
     writer.wait_stopped()
     time.sleep(2.0)  # its lease expires while it is stopped
@@ -159,13 +166,36 @@ def test_a_writer_stopped_past_its_lease_never_seals_over_a_gc(
     assert report.partial_backups  # the stopped run's objects went, its chunks too
     writer.resume()
     code, _, err = writer.finish()
-    assert code == 1 and "a gc ran while this backup was running" in err, err
+    assert code == 1 and "a gc ran while this backup was stopped for longer than its lease" in err, err
     assert listed(capsys, repo) == [first["backup_id"]]
     assert partial_backups(repo) == [], (err, sorted(str(p) for p in (repo / "vms").rglob("*")))
     assert Repository.open(repo).verify().ok
     expected = {d: capture(vm, d, tmp_path / f"now-{d}.qcow2") for d in DISKS}
     again = backup(capsys, vm, repo)
     assert _restores_to(repo, again["backup_id"], expected, tmp_path / "r")
+
+
+def test_a_writer_stopped_on_this_host_keeps_its_lease_past_its_expiry(
+    two_disk_vm: RunningVm, tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: list[Worker]
+) -> None:
+    """On its own host a lease lives as long as its process: gc refuses, naming a stopped or hung process."""
+    vm = two_disk_vm
+    repo = tmp_path / "repo"
+    backup(capsys, vm, repo)
+    expected = _new_data(vm, tmp_path, "late")
+    vm_args(vm)
+    args = {"repo": str(repo), "qmp": str(vm.process.qmp_socket), "stop_at_progress": "second-disk"}
+    args["lease"] = 1.5
+    writer = Worker.start("backup", args)
+    workers.append(writer)
+    writer.wait_stopped()
+    time.sleep(2.0)  # past its lease's expiry, and still there (stopped)
+    with pytest.raises(LeaseError, match="stopped or hung"):
+        Repository.open(repo).gc()
+    writer.resume()
+    code, made, err = writer.finish()
+    assert code == 0, err
+    assert _restores_to(repo, made["backup_id"], expected, tmp_path / "r")
 
 
 def test_gc_killed_mid_sweep_loses_nothing_a_kept_backup_needs(
@@ -181,7 +211,9 @@ def test_gc_killed_mid_sweep_loses_nothing_a_kept_backup_needs(
     dead = Worker.start("gc", {"repo": str(repo)}, env={CRASH_ENV: "gc-mid-sweep"})
     code, _, _ = dead.finish()
     assert code == -9
-    assert (repo / "locks" / "gc").exists()  # the dead gc's lock: taken over on this host at once
+    assert held_leases(LocalStore(repo)) == [
+        "locks/collector/000000000001"
+    ]  # the dead gc's: taken over at once
     assert _restores_to(repo, ids[-1], expected, tmp_path / "r1")
     report = Repository.open(repo).gc()
     assert report.chunks_freed > 0  # what the dead one had not yet deleted

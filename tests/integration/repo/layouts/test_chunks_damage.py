@@ -12,10 +12,11 @@ import pytest
 
 from tests.conftest import make_image
 from tests.integration.cli_helpers import cli, same_content
-from tests.integration.repo.layouts.helpers import SECRET, random_file, store_keys, write_file
+from tests.integration.repo.layouts.helpers import SECRET, held_leases, random_file, store_keys, write_file
 from vmsnap.errors import ChecksumMismatchError, DamagedChunkError, KeyFileError
 from vmsnap.repo.chunks.keys import create_key_file
 from vmsnap.repo.repository import Repository
+from vmsnap.repo.stores.local import LocalStore
 
 VM = "disk0"
 
@@ -77,13 +78,14 @@ def test_a_damaged_chunk_is_named_with_the_backups_that_use_it(
         raw = bytearray(blob.read_bytes())
         raw[len(raw) // 2] ^= 0x01
         blob.write_bytes(bytes(raw))
-    fast = cli(capsys, "verify", "--repo", repo, "--json")  # the current CLI: a full verify
-    assert fast.code == 1
-    problems = fast.json()["problems"]
-    assert {(p["backup_id"], p["disk"]) for p in problems} == {(ids[0], VM), (ids[1], VM)}
-    assert all(hexid in p["message"] for p in problems)
     report = Repository.open(repo).verify(fast=True)
     assert len(report.problems) == (2 if damage == "deleted" else 0)  # --fast sees only what is missing
+    full = cli(capsys, "verify", "--repo", repo, "--json")
+    assert full.code == 1
+    problems = full.json()["problems"]
+    assert {(p["backup_id"], p["disk"]) for p in problems} == {(ids[0], VM), (ids[1], VM)}
+    assert all(hexid in p["message"] for p in problems)
+    assert len(Repository.open(repo).verify(fast=True).problems) == 2  # moved aside: missing now
     out = tmp_path / "out"
     result = cli(capsys, "restore", "--repo", repo, "--vm", VM, "--backup", ids[1], "--to", out)
     assert result.code == 1
@@ -121,7 +123,9 @@ def test_keys_missing_wrong_or_readable_by_others(
     monkeypatch.delenv("VMSNAP_KEY_FILE", raising=False)
     missing = cli(capsys, "backup", "--repo", repo, "--image", image, "--strategy", "internal")
     assert missing.code == 1 and "is encrypted and no key file was given" in missing.error_line
-    assert store_keys(repo) == ["vmsnap-repo.json"]  # refused before anything was written
+    # refused before anything was written (but for the lease it took and released)
+    assert [k for k in store_keys(repo) if not k.startswith("locks/")] == ["vmsnap-repo.json"]
+    assert held_leases(LocalStore(repo)) == []
     monkeypatch.setenv("VMSNAP_KEY_FILE", str(key))
     backup_id = _backup(capsys, repo, image)
     other = tmp_path / "other.key"

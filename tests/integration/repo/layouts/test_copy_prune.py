@@ -15,7 +15,10 @@ from tests.integration.cli_helpers import same_content
 from tests.integration.repo.chunks.mounts import loop_device
 from vmsnap.backup.run import Backup, BackupConfig
 from vmsnap.errors import UnsupportedError, UsageError
+from vmsnap.repo.chunks.copy import ChunksCopy
+from vmsnap.repo.chunks.repository import ChunksRepository
 from vmsnap.repo.copy import copy_backups
+from vmsnap.repo.progress import no_progress
 from vmsnap.repo.repository import Repository
 from vmsnap.repo.retention import RetentionPolicy
 from vmsnap.vm.machine import OfflineMachine
@@ -92,6 +95,25 @@ def test_copy_between_layouts_and_keys_sends_only_what_is_missing(image: Path, t
     _restores(tmp_path / "back", [*made, *more], tmp_path / "r-back")
     with pytest.raises(UsageError, match="--backup needs --vm"):
         copy_backups(images, back, backup_id=made[0][0])
+
+
+def test_a_disk_a_layout_serves_through_its_checking_reader_is_copied_whole(
+    image: Path, tmp_path: Path
+) -> None:
+    """The path a layout other than chunks takes into a chunks repository, driven with a chunks source: its
+    disk served by the reader nbdkit would run (every chunk checked), read in this process."""
+    made = _backups(tmp_path / "a", image, tmp_path, 1)
+    source = Repository.open(tmp_path / "a")
+    target = Repository.init(tmp_path / "b")
+    assert isinstance(target, ChunksRepository)
+    manifest = source.get(VM)
+    assert source.chunk_digests(manifest, "disk0") is None  # chunks keeps none: its reader checks
+    with source.reading(VM), target.lock(VM):
+        into = ChunksCopy(target, manifest)
+        into.add_from_source(source, manifest.disk("disk0"), no_progress)
+        into.seal(source.definition(manifest))
+    assert into.sent_chunks == 3  # chunks 0 and 1 (6 MiB of 0x11) and 2 (the 1 MiB pattern); the rest zeros
+    _restores(tmp_path / "b", made, tmp_path / "r-b")
 
 
 @pytest.mark.parametrize("layout", ["chunks", "qcow2"])

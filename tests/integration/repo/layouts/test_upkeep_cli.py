@@ -29,7 +29,7 @@ def test_init_list_verify_prune_gc_and_copy(
     repo, key = tmp_path / "repo", tmp_path / "key"
     made = cli(capsys, "init", "--repo", repo, "--encrypt", "--key-file", key, "--json")
     assert made.code == 0, made.err
-    assert made.json() == {"repo": str(repo), "layout": "chunks", "encrypted": True}
+    assert made.json() == {"repo": str(repo), "layout": "chunks", "encrypted": True, "key_file": str(key)}
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     keyed = ["--key-file", key]
     ids = []

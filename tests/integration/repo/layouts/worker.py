@@ -23,6 +23,7 @@ from typing import Any
 
 from vmsnap.backup.run import Backup, BackupConfig
 from vmsnap.errors import VmsnapError
+from vmsnap.repo.chunks.leases import LEASE_ENV
 from vmsnap.repo.repository import Repository
 from vmsnap.vm.machine import QemuMachine
 
@@ -56,14 +57,7 @@ def run(command: str, args: dict[str, Any]) -> dict[str, Any]:
             quiesce="off",
         )
         backup = Backup(machine, config, progress=_stopper(args.get("stop_at_progress")))
-        # the lease lifetime of this process's repository: reopen through the same API with it
-        original = Repository.open
-
-        def open_with_lease(*a: Any, **k: Any) -> Any:
-            k.setdefault("lease_seconds", lease)
-            return original(*a, **k)
-
-        Repository.open = open_with_lease  # type: ignore[method-assign]
+        os.environ[LEASE_ENV] = str(lease)  # the lease lifetime of the run's repository, as a user sets it
         try:
             result = backup.run()
         finally:

@@ -30,7 +30,7 @@ import pytest
 
 from tests.integration.repo.stores.store_worker import seeded_bytes
 from vmsnap.errors import NotFoundError, StoreError, UsageError
-from vmsnap.repo.stores import Store
+from vmsnap.repo.stores import Store, StoreCapabilities, open_store, scheme_of, store_class
 
 WORKER = Path(__file__).with_name("store_worker.py")
 MiB = 1024 * 1024
@@ -223,6 +223,43 @@ class StoreContract:
             store.get("a/b")
         store.delete("a/b")
         assert _listing(store) == {"a/c": 1}
+
+    def test_delete_many_removes_them_all_and_tolerates_missing_keys(self, store: Store) -> None:
+        keys = [f"chunks/00{n:02x}/00{n:02x}" + "ab" * 30 for n in range(40)]
+        for key in keys:
+            store.put(key, b"x")
+        store.put("vms/keep", b"kept")
+        store.delete_many([*keys[:30], "never/was"])
+        assert _listing(store) == {**{key: 1 for key in keys[30:]}, "vms/keep": 4}
+        store.delete_many(iter(keys[30:]))
+        store.delete_many([])
+        assert _listing(store) == {"vms/keep": 4}
+
+    # ------------------------------------------------------------------- registry and capabilities
+
+    def test_the_registry_opens_the_same_store_from_its_location(
+        self, store: Store, store_location: str
+    ) -> None:
+        again = open_store(store_location)
+        try:
+            assert type(again) is type(store)
+            assert again.url == store.url
+            assert store_class(scheme_of(store_location)) is type(store)
+            store.put("vms/seen", b"by both")
+            assert again.get("vms/seen") == b"by both"
+        finally:
+            again.close()
+
+    def test_capabilities_are_data_and_conditional_writes_hold(self, store: Store) -> None:
+        capabilities = store.capabilities
+        assert isinstance(capabilities, StoreCapabilities)
+        assert capabilities.conditional_put in ("store", "server")
+        assert (capabilities.versions, capabilities.retention_locks) == (
+            False,
+            False,
+        )  # no store has them yet
+        store.check_conditional_writes()  # a store that keeps the if_absent guarantee passes its own probe
+        assert _listing(store) == {}  # and the probe leaves nothing behind
 
     # ------------------------------------------------------------------------------------------- list
 

@@ -24,6 +24,7 @@ from tests.integration.s3.seaweed import (
     WRONG_SECRET_PROFILE,
     SeaweedServer,
 )
+from tests.parallel import free_port
 from vmsnap.errors import NotFoundError, StoreError, UsageError
 from vmsnap.repo.stores import open_store
 from vmsnap.repo.stores.s3 import S3Options, S3Store
@@ -32,10 +33,8 @@ FAST_FAIL = S3Options(connect_timeout=1.0, read_timeout=1.0, max_attempts=2)
 
 
 def closed_port() -> int:
-    """A port on 127.0.0.1 where nothing listens (bound and released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port on 127.0.0.1 where nothing listens, and that no other test (worker, run) is handed."""
+    return free_port()
 
 
 def one_line_without_secrets(err: BaseException, server: SeaweedServer) -> str:

@@ -109,7 +109,7 @@ def test_chunk_ranges_against_a_model(size: int, cuts: list[int], zero_flags: li
     extents = [Extent(a, b - a, zero_flags[i]) for i, (a, b) in enumerate(itertools.pairwise(bounds))]
     if gap and len(extents) > 1:
         del extents[len(extents) // 2]  # an undescribed range must be read
-    covered_zero = {(e.offset, e.length) for e in extents if e.zero}
+    covered_zero = {(e.start, e.length) for e in extents if e.zero}
 
     def reads_as_data(pos: int) -> bool:
         return not any(a <= pos < a + n for a, n in covered_zero)
@@ -121,7 +121,7 @@ def test_chunk_ranges_against_a_model(size: int, cuts: list[int], zero_flags: li
         for (a, n), (b, _) in itertools.pairwise(ranges):
             assert a + n < b  # sorted, merged, non-empty
         probes = {start, end - 1, *(p for a, n in ranges for p in (a - 1, a, a + n - 1, a + n))}
-        probes |= {p for e in extents for p in (e.offset - 1, e.offset)}
+        probes |= {p for e in extents for p in (e.start - 1, e.start)}
         for pos in (p for p in probes if start <= p < end):
             in_ranges = any(a <= pos < a + n for a, n in ranges)
             assert in_ranges == reads_as_data(pos), (index, pos, ranges)
