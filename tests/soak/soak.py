@@ -39,7 +39,7 @@ from tests.soak.world import (
     Outcome,
     S3Server,
     SoakVm,
-    files_under,
+    held_leases,
     stray_processes,
 )
 from vmsnap.processes import CRASH_ENV
@@ -60,10 +60,15 @@ COMMAND_TIMEOUT = 600.0
 @attrs.frozen
 class SoakConfig:
     seconds: float
+    """How long the random operations run (counted from the end of the set-up)."""
     seed: int
     workdir: Path
     keep: bool = False
     verbose: bool = True
+    budget: float | None = None
+    """When set, the whole run (set-up and final checks too) is to take about this long: the random
+    operations stop earlier, when what the final checks will take (estimated from how long recover, verify
+    and restores took so far) would run past it."""
 
 
 @attrs.define
@@ -99,6 +104,7 @@ class Stats:
     final_backups: dict[str, int] = attrs.Factory(dict)
     final_exact: int = 0
     final_bytes: int = 0
+    random_seconds: float = 0.0
     notes: collections.Counter[str] = attrs.Factory(collections.Counter)
 
 
@@ -351,17 +357,28 @@ class Soak:
     # ------------------------------------------------------------------------------------------ the loop
 
     def loop(self) -> None:
-        end = time.monotonic() + self.config.seconds
+        begun = time.monotonic()
+        end = begun + self.config.seconds
         for repo in self.repos.values():  # something to restore, copy and prune from the start
             self.write()
             operations.backup(self, repo)
-        while time.monotonic() < end and not self.problems:
+        while time.monotonic() < end and not self.problems and not self.out_of_budget():
             if self.rng.random() < 0.75:
                 self.write()
             kind = self.rng.choices(
                 ("backup", "restore", "prune", "gc", "copy", "verify", "recover"), (36, 16, 10, 12, 10, 10, 6)
             )[0]
             getattr(operations, kind)(self)
+        self.stats.random_seconds = time.monotonic() - begun
+
+    def out_of_budget(self) -> bool:
+        """Whether the final checks, as long as they are likely to take, would end past the budget."""
+        if self.config.budget is None:
+            return False
+        d = self.durations
+        restores = sum(len(r.model.backups) for r in self.repos.values())
+        final = 2 * (d["recover"] + d["verify"]) + restores * d["restore"] + 2.0
+        return time.monotonic() + final > self.started + self.config.budget
 
     def write(self) -> None:
         writes = self.disks.random_writes(self.writes_rng)
@@ -403,19 +420,18 @@ class Soak:
         for line in stray_processes(self.workdir, ours):
             self.problem(f"left running: {line}")
         repos = self.state_dir / "repos"
-        for path in files_under(repos):
-            if path.name == "journal.json":
-                self.problem(f"a journal is left: {path}")
         for work in repos.glob("*/work/*/*"):
             self.problem(f"a work directory is left: {work}")
         with self.library_env():
             for repo in self.repos.values():
                 opened = Repository.open(repo.location, key_file=repo.key_file)
+                if opened.journal_path(VM_NAME).exists():
+                    self.problem(f"{repo.name}: a journal is left: {opened.journal_path(VM_NAME)}")
                 store = getattr(opened, "store", None)
                 if store is None:
                     continue
-                for stored in store.list("locks/"):
-                    self.problem(f"{repo.name}: a lease is left: {stored.key}")
+                for line in held_leases(store):
+                    self.problem(f"{repo.name}: {line}")
 
     # ------------------------------------------------------------------------------------------ summary
 
@@ -428,7 +444,7 @@ class Soak:
         final = sum(s.final_backups.values())
         lines = [
             f"soak summary (seed {self.config.seed}, {time.monotonic() - self.started:.0f} s, "
-            f"{self.config.seconds:g} s of random operations; load average {self.load_at_start:.1f} at the "
+            f"{s.random_seconds:.0f} s of random operations; load average {self.load_at_start:.1f} at the "
             f"start, {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} CPUs)",
             f"  operations done: {ops} ({per_kind})",
             f"  outcomes: {outcomes}",

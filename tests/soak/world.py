@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from tests.integration.s3.seaweed import SeaweedServer
 from tests.soak.model import DiskSpec, Write
 from vmsnap.errors import VmsnapError
 from vmsnap.lab.qemu import DriveSpec, QemuProcess, qemu_io
+from vmsnap.repo.chunks.leases import READERS, read_head
+from vmsnap.repo.stores.base import Store
 from vmsnap.vm.qmp import QMPMonitor
 
 VMSNAP = str(Path(sys.executable).with_name("vmsnap"))
@@ -365,6 +367,15 @@ def _ancestors() -> set[int]:
     return found
 
 
-def files_under(path: Path) -> Iterator[Path]:
-    if path.exists():
-        yield from (p for p in sorted(path.rglob("*")) if p.is_file())
+def held_leases(store: Store) -> list[str]:
+    """The leases of a chunks repository's ``store`` still held: a reader lease (deleted when its reader
+    ends, by ``recover`` when it died) or a writer or gc series whose head is not released (each series
+    keeps its released head)."""
+    found = [f"a reader lease is left: {s.key}" for s in store.list(READERS)]
+    series = sorted({s.key.rsplit("/", 1)[0] for s in store.list("locks/") if not s.key.startswith(READERS)})
+    for name in series:
+        head = read_head(store, name)
+        if head is not None and head.held():
+            what = head.record.describe() if head.record is not None else "not a lease object"
+            found.append(f"a lease is left held: {head.key}: {what}")
+    return found
