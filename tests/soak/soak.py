@@ -21,6 +21,7 @@ import os
 import random
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -133,6 +134,7 @@ class Soak:
         self.sequence = 0
         self.started = time.monotonic()
         self.load_at_start = os.getloadavg()[0]
+        self.commit = _commit()
         self.durations: dict[str, float] = collections.defaultdict(lambda: 4.0)
         self._restart: threading.Thread | None = None
         self._restart_error: BaseException | None = None
@@ -445,7 +447,7 @@ class Soak:
         lines = [
             f"soak summary (seed {self.config.seed}, {time.monotonic() - self.started:.0f} s, "
             f"{s.random_seconds:.0f} s of random operations; load average {self.load_at_start:.1f} at the "
-            f"start, {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} CPUs)",
+            f"start, {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} CPUs; vmsnap {self.commit})",
             f"  operations done: {ops} ({per_kind})",
             f"  outcomes: {outcomes}",
             f"  kills survived: {sum(s.kills.values())} ({kills})",
@@ -467,6 +469,27 @@ class Soak:
         else:
             lines.append("  OK: every check held")
         return "\n".join(lines)
+
+
+def _commit() -> str:
+    """The commit of the checkout this soak runs from (``+`` when its files differ from it), or ``?``."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return f"commit {head}{'+' if dirty else ''}"
 
 
 def run(config: SoakConfig) -> tuple[bool, str]:
