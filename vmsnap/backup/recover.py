@@ -7,6 +7,7 @@ and then thaws with one checked thaw — whatever state the repository is in, a 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -79,12 +80,25 @@ def undo_run(repo: RepositoryLayout, machine: Machine, journal: Journal) -> list
             if not journal.has("created"):  # died inside create: ask the strategy what it left
                 refs = list(strategy.find(str(journal.data("creating")[-1]["name"])))
             deleted = journal.deleted_disks()
+            # a disk whose deletion began but is not journalled as done: the snapshot may be gone already
+            interrupted = {str(d["disk"]) for d in journal.data("deleting")} - deleted
             strategy.abandon([r for r in refs if r.disk.name not in deleted])  # give changes back
             for ref in refs:
                 if ref.disk.name in deleted:
                     continue
-                strategy.delete(ref)
-                actions.append(f"deleted {strategy_name} snapshot {ref.name} of disk {ref.disk.name}")
+                _journal_quietly(journal, "deleting", disk=ref.disk.name)
+                try:
+                    strategy.delete(ref)
+                    actions.append(f"deleted {strategy_name} snapshot {ref.name} of disk {ref.disk.name}")
+                except NotFoundError:
+                    if ref.disk.name not in interrupted:
+                        raise
+                    actions.append(
+                        f"{strategy_name} snapshot {ref.name} of disk {ref.disk.name} was deleted already "
+                        "(the run died deleting it)"
+                    )
+                # an undo that fails later (the repository unreachable) is tried again: not this part
+                _journal_quietly(journal, "deleted", disk=ref.disk.name)
         except VmsnapError as err:
             failures.append(f"deleting the snapshots failed: {err.message}")
         if tracks_changes:
@@ -122,6 +136,12 @@ def resume_paused(machine: Machine, journal: Journal | None) -> list[str]:
         return []
     qmp.cont()
     return ["resumed the VM's vCPUs (the dead run had paused them to snapshot)"]
+
+
+def _journal_quietly(journal: Journal, step: str, **data: Any) -> None:
+    """Record an undo step; a journal that cannot be written (its disk full) costs only a repeat later."""
+    with contextlib.suppress(OSError):
+        journal.record(step, **data)
 
 
 def _sealed(repo: RepositoryLayout, vm: str, backup_id: str) -> bool:
