@@ -43,9 +43,11 @@ bench: bootstrap
 bench-quick: bootstrap
 	$(BIN)/vmsnap bench --quick --throughput --out benchmarks/results
 
-# the peers (virtnbdbackup on a libvirt domain) are not part of `make test`: installed here, only if missing,
-# with a policy-rc.d that keeps every service from starting (vmsnap starts libvirtd by hand)
-PEER_PACKAGES := virtnbdbackup libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients python3-libvirt
+# the peers (virtnbdbackup on a libvirt domain; restic and borgbackup on the same disks) are not part of
+# `make test`: installed here, only if missing, with a policy-rc.d that keeps every service from starting
+# (vmsnap starts libvirtd by hand)
+PEER_PACKAGES := virtnbdbackup libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients python3-libvirt \
+	restic borgbackup
 
 bench-peers: bootstrap
 	@missing=""; \
@@ -65,6 +67,7 @@ bench-peers: bootstrap
 	  if [ -n "$$created" ]; then rm -f /usr/sbin/policy-rc.d; fi; \
 	  exit $$status; \
 	fi
+	$(BIN)/python benchmarks/dedup_peers.py --out benchmarks/results
 	$(BIN)/vmsnap bench --peers --out benchmarks/results
 
 # random operations with kill -9 and S3 restarts, then recover, verify and every backup restored and compared

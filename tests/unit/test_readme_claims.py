@@ -18,8 +18,11 @@ PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 def test_dependencies_and_extras() -> None:
     needs = [re.split(r"[<>=\[ ]", d)[0] for d in PROJECT["project"]["dependencies"]]
-    assert "it needs attrs, sh, qemu.qmp, rich, zstandard and cryptography" in README
-    assert needs == ["attrs", "sh", "qemu.qmp", "rich", "zstandard", "cryptography"]
+    assert "it needs attrs, sh, qemu.qmp, rich, zstandard, cryptography" in README
+    assert "serves) and blake3;" in README
+    assert needs == ["attrs", "sh", "qemu.qmp", "rich", "zstandard", "cryptography", "blake3"]
+    s3 = [re.split(r"[<>=\[ ]", d)[0] for d in PROJECT["project"]["optional-dependencies"]["s3"]]
+    assert s3 == ["boto3", "awscrt"] and "`s3` (boto3, and awscrt for CRC32C checksums)" in README
     extras = set(PROJECT["project"]["optional-dependencies"]) - {"test", "dev"}
     assert extras == {"s3", "libvirt", "qcow", "guest", "bench"}
     for extra in extras:

@@ -25,6 +25,7 @@ import attrs
 
 from vmsnap.backup import Backup, BackupConfig, BackupResult
 from vmsnap.benchmark.workload import (
+    DURABLE_COPY,
     MiB,
     ThroughputFigure,
     fsync_tree,
@@ -142,7 +143,7 @@ def peer_ratios(ours: Iterable[ThroughputFigure], peers: Mapping[str, Mapping[st
     :param ours: the ThroughputBench figures
     :param peers: name → figure, as :func:`figure` makes them (the peers' and vmsnap's on that domain)
     """
-    limit = next((f.seconds for f in ours if f.name == "qemu-img convert (limit)"), None)
+    limit = next((f.seconds for f in ours if f.name == DURABLE_COPY), None)
     full = _seconds(peers, "vmsnap full backup")
     incremental = _seconds(peers, "vmsnap incremental")
     restore = _seconds(peers, "vmsnap restore")

@@ -306,7 +306,14 @@ def write_outputs(result: BenchResult, out: Path, traits: Mapping[str, Mapping[s
 
 RATIO_ORDER = (
     "full_backup_vs_convert",
+    "filesystem_full_backup_vs_convert",
+    "encrypted_vs_unencrypted_full_backup",
+    "full_backup_cpu_s_per_gib",
+    "encrypted_full_backup_cpu_s_per_gib",
     "restore_vs_convert",
+    "restore_raw_vs_convert",
+    "restore_cpu_s_per_gib",
+    "restore_raw_cpu_s_per_gib",
     "incremental_seconds",
     "qcow2_full_backup_vs_convert",
     "qcow2_restore_vs_convert",
@@ -325,11 +332,19 @@ RATIO_ORDER = (
 JSON holds them in, so it can be written again from throughput.json alone."""
 
 
-def _ratio_rows(ratios: Mapping[str, Any], targets: Mapping[str, Any]) -> list[list[str]]:
+def _ratio_rows(
+    ratios: Mapping[str, Any], targets: Mapping[str, Any], *, status: bool = False
+) -> list[list[str]]:
+    """Rows of ratio, measured, target and (with ``status``) whether it was met, in :data:`RATIO_ORDER`."""
+
     def place(name: str) -> tuple[int, str]:
         return (RATIO_ORDER.index(name) if name in RATIO_ORDER else len(RATIO_ORDER), name)
 
-    return [[k, f"{ratios[k]:g}", str(targets.get(k, ""))] for k in sorted(ratios, key=place)]
+    rows = []
+    for k in sorted(ratios, key=place):
+        target = str(targets.get(k, ""))
+        rows.append([k, f"{ratios[k]:g}", target, *([target_status(ratios[k], target)] if status else [])])
+    return rows
 
 
 def _peer_step(name: str) -> int:
@@ -353,7 +368,8 @@ def throughput_markdown(document: Mapping[str, Any]) -> str:
         ]
         for f in document["figures"]
     ]
-    ratio_rows = _ratio_rows(document["ratios"], document.get("targets", {}))
+    ratio_rows = _ratio_rows(document["ratios"], document.get("targets", {}), status=True)
+    load = document.get("load_at_start")
     return "\n".join(
         [
             "# vmsnap backup throughput, measured side by side",
@@ -361,17 +377,41 @@ def throughput_markdown(document: Mapping[str, Any]) -> str:
             f"Image: {document['size_mib']} MiB qcow2 with {document['data_mib']} MiB of random data at "
             f"scattered offsets; median of {document['runs']} runs; MB/s counts the image's data. CPU: "
             "user+sys seconds of every process involved (vmsnap, qemu-img, qemu-nbd, the VM's QEMU, which "
-            "serves pull exports), per GiB of data where data moved: the figure the machine's load moves "
-            "least.",
+            "serves pull exports), per GiB of data where data moved. The anchor is `qemu-img convert` with "
+            "its output fsync'd — the durable copy, as vmsnap's backups and restores are durable — not the "
+            "hardware's limit. New repositories' chunk ids are BLAKE3 (see docs/performance.md)."
+            + (
+                f" Load average {load} at the start on this 2-core machine, shared with other work: the "
+                "figures of one run are side by side; under load, wall times and (less) CPU times grow."
+                if load is not None
+                else ""
+            ),
             "",
             _md_table(["operation", "median", "throughput", "CPU s (s/GiB)", "runs (s)"], rows),
             "",
-            _md_table(["ratio", "measured", "target"], ratio_rows),
+            _md_table(["ratio", "measured", "target", "status"], ratio_rows),
             "",
             *_chunks_markdown(document.get("chunks") or {}),
             *_peers_markdown(document.get("peers") or {}),
         ]
     )
+
+
+def target_status(measured: float, target: str) -> str:
+    """ "met", "missed by N%" (or "Nx" far off), or "" for a figure without a target (``>= 0.9``, ``<= 1.0``,
+    ``< 0.05``)."""
+    parts = target.split()
+    if len(parts) != 2:
+        return ""
+    op, bound = parts[0], float(parts[1])
+    if {">=": measured >= bound, "<=": measured <= bound, "<": measured < bound, ">": measured > bound}.get(
+        op, False
+    ):
+        return "met"
+    if measured <= 0:
+        return "missed"
+    factor = bound / measured if op.startswith(">") else measured / bound
+    return f"missed by {(factor - 1) * 100:.0f} %" if factor < 2 else f"missed by {factor:.1f}x"
 
 
 def _cpu_cell(figure: Mapping[str, Any]) -> str:
@@ -422,10 +462,18 @@ def _chunks_markdown(chunks: Mapping[str, Any]) -> list[str]:
 
 
 def _peers_markdown(peers: Mapping[str, Any]) -> list[str]:
-    """The peers section of throughput.md (nothing when no peer was measured)."""
+    """The peers section of throughput.md (nothing when no peer was measured). Peers measured in an earlier
+    run than the figures above carry that run's vmsnap commit (``measured_at``), and say so."""
     figures = peers.get("figures") or {}
     if not figures:
         return []
+    earlier = peers.get("measured_at")
+    when = (
+        f"Measured in an earlier run than the figures above (vmsnap at commit {earlier}), "
+        if earlier
+        else "Measured in the same run "
+    )
+    limit = "that run's `qemu-img convert` limit" if earlier else "the `qemu-img convert` limit above"
     versions = ", ".join(f"{k} {v}" for k, v in sorted((peers.get("versions") or {}).items()))
     rows = [
         [
@@ -441,15 +489,15 @@ def _peers_markdown(peers: Mapping[str, Any]) -> list[str]:
     return [
         "## vmsnap and its peers on the same libvirt domain",
         "",
-        f"Measured in the same run on one running libvirt domain ({versions}) over a fresh image of the "
+        f"{when}on one running libvirt domain ({versions}) over a fresh image of the "
         "same kind: vmsnap (as `vmsnap backup --domain NAME --connect URI` with its defaults — a new chunks "
         "repository, QEMU's backup job through libvirt's QMP passthrough — and `vmsnap restore`), "
         "virtnbdbackup and libvirt's backup-begin back up the same domain, the same image and the same "
         "data, each incremental round changes the same "
         "100 MiB before both tools' incrementals (they take turns at going first), and each restore "
         "restores the latest backup. The vmsnap-versus-peer ratios compare the figures of this table "
-        "only, not the bare-QEMU figures above; the `*_vs_convert` ones divide the `qemu-img convert` "
-        "limit above. Unlike the bare QEMU above, the domain's vCPU runs (it spins in the firmware). "
+        f"only, not the bare-QEMU figures above; the `*_vs_convert` ones divide {limit}. "
+        "Unlike the bare QEMU above, the domain's vCPU runs (it spins in the firmware). "
         "Ratios are speed ratios: above 1, the first-named is faster. Each figure ends with what it "
         "wrote fsync'd (as vmsnap's and qemu-img convert's do); restores are verified with "
         "`qemu-img compare` against the disk. vmsnap runs in-process, virtnbdbackup as a command: its "

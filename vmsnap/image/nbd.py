@@ -65,6 +65,13 @@ def libnbd() -> Any:
 # -- the server -----------------------------------------------------------------------------------------
 
 
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
+"""glibc's malloc settings for the qemu-nbd servers vmsnap starts (through ``env``, on any host): qemu-nbd
+allocates a buffer per request, which glibc maps and faults in afresh for every request of a few MiB once
+several are in flight (its dynamic mmap and trim thresholds); with these, freed buffers are reused. Measured
+restoring 1.5 GiB to a qcow2: qemu-nbd's CPU 0.36-0.56 s instead of 1.05-1.33 s, the restore 1.2-2x faster."""
+
+
 @attrs.define
 class QemuNbdServer:
     """A ``qemu-nbd`` this process started on a unix socket in a private 0700 directory; a context manager.
@@ -212,7 +219,7 @@ class QemuNbdServer:
                 raise UsageError("a TCP qemu-nbd is only started on this host")
             self._port = free_tcp_port()
         try:
-            self.runner.run(self.argv(), timeout=60)
+            self.runner.run(["env", f"GLIBC_TUNABLES={MALLOC_TUNABLES}", *self.argv()], timeout=60)
             self._pid = self._read_pid()
         except VmsnapError as err:
             self.stop()

@@ -7,7 +7,8 @@ Two layouts implement it: ``qcow2`` (:mod:`vmsnap.repo.qcow2_repo`: a directory 
 under the ``vmsnap.layouts`` entry point (:func:`layout_class`). Open one with
 :meth:`vmsnap.repo.repository.Repository.open`, which reads the marker's layout name and asks that class
 (:meth:`RepositoryLayout.open_layout`); what differs between layouts is class data (``needs_directory``,
-``encrypts``, ``chunk_size``, ``reads_exports`` …), so nothing outside a layout's own modules names it.
+``encrypts``, ``chunk_size``, ``chunk_ids``, ``reads_exports`` …) and its marker rules (``new_marker``,
+``accept_marker``), so nothing outside a layout's own modules names it.
 
 A backup, as the orchestrator drives it::
 
@@ -25,6 +26,8 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol
+
+import attrs
 
 from vmsnap.errors import NotFoundError, PluginError, UsageError
 from vmsnap.image.digest import ChunkDigests
@@ -143,6 +146,8 @@ class RepositoryLayout(abc.ABC):
     :cvar encrypts: a repository of this layout can be encrypted
     :cvar chunk_size: the size its content is cut into (the marker's ``chunk_size``, with a
         ``compression``), or None when it cuts nothing (then the marker has neither)
+    :cvar chunk_ids: the chunk id functions a new repository may be made with (``init --chunk-id``), its
+        default first; empty: the layout names nothing by a hash of its content
     :cvar collects: removing a backup can leave data other backups shared (chunks) that only :meth:`gc`
         frees; False: a backup's data goes with it
     """
@@ -154,6 +159,7 @@ class RepositoryLayout(abc.ABC):
     needs_directory: ClassVar[bool] = False
     encrypts: ClassVar[bool] = False
     chunk_size: ClassVar[int | None] = None
+    chunk_ids: ClassVar[tuple[str, ...]] = ()
     collects: ClassVar[bool] = False
 
     @classmethod
@@ -162,11 +168,16 @@ class RepositoryLayout(abc.ABC):
         return LayoutTraits(cls.name, cls.reads_exports, cls.accepts_push)
 
     @classmethod
-    def new_marker(cls, *, compression: str = "zstd", key_id: str | None = None) -> RepoMarker:
-        """The marker of a new repository of this layout.
+    def new_marker(
+        cls, *, compression: str = "zstd", key_id: str | None = None, chunk_id: str | None = None
+    ) -> RepoMarker:
+        """The marker of a new repository of this layout (a layout with ``chunk_ids`` names the chosen one
+        in it: its override).
 
         :param key_id: the key's fingerprint, for an encrypted repository
-        :raise UsageError: an unknown compression, or encryption in a layout that cannot be encrypted
+        :param chunk_id: one of :attr:`chunk_ids` (None: the layout's default)
+        :raise UsageError: an unknown compression or chunk id hash, or encryption in a layout that cannot
+            be encrypted
         """
         if compression not in COMPRESSIONS:
             raise UsageError(f"unknown compression {compression!r}", hint=f"use {' or '.join(COMPRESSIONS)}")
@@ -175,6 +186,16 @@ class RepositoryLayout(abc.ABC):
             raise UsageError(
                 f"the {cls.name} layout cannot be encrypted",
                 hint=f"use --layout {' or '.join(can) or '(none installed)'} with --encrypt",
+            )
+        if chunk_id is not None and chunk_id not in cls.chunk_ids:
+            if cls.chunk_ids:
+                raise UsageError(
+                    f"unknown chunk id hash {chunk_id!r}", hint=f"use {' or '.join(cls.chunk_ids)}"
+                )
+            can = [n for n in layout_names() if layout_class(n).chunk_ids]
+            raise UsageError(
+                f"the {cls.name} layout has no chunk ids",
+                hint=f"leave --chunk-id out, or use --layout {' or '.join(can) or '(none installed)'}",
             )
         if cls.chunk_size is None:
             return RepoMarker.new(cls.name)
@@ -186,17 +207,13 @@ class RepositoryLayout(abc.ABC):
 
         :raise ValueError: the marker lacks what the layout needs (the caller says it is damaged)
         """
+        if marker.chunk_id is not None and not cls.chunk_ids:
+            raise ValueError(f"chunk id {marker.chunk_id!r} in a {cls.name} repository")
         if cls.chunk_size is None:
             return RepoMarker(marker.format, marker.layout, marker.id)
         if marker.chunk_size != cls.chunk_size or marker.compression is None:
             raise ValueError(f"chunk size {marker.chunk_size!r} and compression {marker.compression!r}")
-        return (
-            marker
-            if cls.encrypts
-            else RepoMarker(
-                marker.format, marker.layout, marker.id, marker.compression, None, marker.chunk_size
-            )
-        )
+        return marker if cls.encrypts else attrs.evolve(marker, key_id=None, keyed_chunk_id=None)
 
     @classmethod
     @abc.abstractmethod

@@ -1,6 +1,6 @@
 """The repository marker ``vmsnap-repo.json``: which layout a repository has and how its chunks are stored.
 
-Format 2 (what vmsnap writes now)::
+Format 2::
 
     {"format": 2, "layout": "<a registered layout>", "id": "<32 hex: names its local state directory>",
      "chunk_size": 4194304 | null, "compression": "zstd" | "none" | null,
@@ -11,6 +11,17 @@ Format 2 (what vmsnap writes now)::
 rule (:meth:`~vmsnap.repo.layout.RepositoryLayout.accept_marker`); this module parses and writes the format.
 Format 1 (``{"format": 1}``, vmsnap 0.1) is a repository of layout :data:`FORMAT1_LAYOUT` and is read as one
 (its marker is never rewritten).
+
+Format 3 is format 2 naming the function that gives chunks their ids: a ``chunk_id`` beside ``layout`` and,
+when encrypted, the keyed function as the encryption's ``chunk_id`` (which names may stand there is the
+layout's rule; ``chunks`` writes ``"blake3"`` and ``"blake3-keyed"``)::
+
+    {"format": 3, …, "chunk_id": "blake3",
+     "encryption": null | {"cipher": "aes-256-gcm", "chunk_id": "blake3-keyed", "key_id": "<32 hex>"}}
+
+A marker that names no id function is written as format 2 (chunk ids sha256, HMAC-SHA256 when encrypted), so
+a vmsnap that reads only formats 1 and 2 still reads it, and refuses a format-3 one by its number (rather
+than finding every chunk damaged).
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ from vmsnap.image.geometry import CHUNK_SIZE
 
 MARKER = "vmsnap-repo.json"
 FORMAT = 2
+FORMAT_CHUNK_ID = 3
+"""The format of a marker that names its chunk id function (format 2 plus ``chunk_id``)."""
 FORMAT1_LAYOUT = "qcow2"
 """The layout of a repository whose marker is vmsnap 0.1's ``{"format": 1}``."""
 DEFAULT_LAYOUT = "chunks"
@@ -37,18 +50,23 @@ CHUNK_ID = "hmac-sha256"
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _LAYOUT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.+-]{0,63}$")
+_FUNCTION_NAME = _LAYOUT_NAME
+"""What a chunk id function's name in a format-3 marker may look like (the layout knows which it uses)."""
 
 
 @attrs.frozen
 class RepoMarker:
     """What ``vmsnap-repo.json`` says (see the module docstring).
 
-    :param format: 1 (vmsnap 0.1, layout qcow2) or 2
+    :param format: 1 (vmsnap 0.1, layout qcow2), 2, or 3 (names the chunk id function)
     :param layout: the layout's registered name
     :param id: a random id naming the repository's local state directory ("" in format 1)
     :param compression: "zstd" or "none" (a layout that cuts chunks), else None
     :param key_id: the fingerprint of the key of an encrypted repository, else None
     :param chunk_size: the chunk size of a layout that cuts chunks, else None
+    :param chunk_id: the chunk id function a format-3 marker names, else None (format 1 or 2)
+    :param keyed_chunk_id: the keyed chunk id function an encrypted format-3 marker names, else None
+        (format 2's ``hmac-sha256``, or no encryption)
     """
 
     format: int
@@ -57,6 +75,8 @@ class RepoMarker:
     compression: str | None = None
     key_id: str | None = None
     chunk_size: int | None = None
+    chunk_id: str | None = None
+    keyed_chunk_id: str | None = None
 
     @property
     def encrypted(self) -> bool:
@@ -82,19 +102,35 @@ class RepoMarker:
             raise UsageError(f"unknown compression {compression!r}", hint=f"use {' or '.join(COMPRESSIONS)}")
         return cls(FORMAT, layout, secrets.token_hex(16), compression, key_id, chunk_size)
 
+    def naming_chunk_ids(self, chunk_id: str, keyed_chunk_id: str) -> RepoMarker:
+        """This marker naming its chunk id functions (format 3): ``chunk_id``, and ``keyed_chunk_id`` when
+        it is encrypted.
+
+        :raise UsageError: a malformed name
+        """
+        for name in (chunk_id, keyed_chunk_id):
+            if not _FUNCTION_NAME.match(name):
+                raise UsageError(f"unknown chunk id function {name!r}")
+        keyed = keyed_chunk_id if self.key_id is not None else None
+        return attrs.evolve(self, format=FORMAT_CHUNK_ID, chunk_id=chunk_id, keyed_chunk_id=keyed)
+
     def to_json(self) -> dict[str, Any]:
-        """The marker's JSON object (format 2)."""
+        """The marker's JSON object (format 2, or 3 when it names its chunk id functions)."""
         encryption = None
         if self.key_id is not None:
-            encryption = {"cipher": CIPHER, "chunk_id": CHUNK_ID, "key_id": self.key_id}
-        return {
-            "format": FORMAT,
+            keyed = self.keyed_chunk_id if self.keyed_chunk_id is not None else CHUNK_ID
+            encryption = {"cipher": CIPHER, "chunk_id": keyed, "key_id": self.key_id}
+        data: dict[str, Any] = {
+            "format": FORMAT if self.chunk_id is None else FORMAT_CHUNK_ID,
             "layout": self.layout,
             "id": self.id,
             "chunk_size": self.chunk_size,
             "compression": self.compression,
             "encryption": encryption,
         }
+        if self.chunk_id is not None:
+            data["chunk_id"] = self.chunk_id
+        return data
 
     @classmethod
     def from_bytes(cls, raw: bytes, *, where: str) -> RepoMarker:
@@ -111,20 +147,22 @@ class RepoMarker:
             ) from err
         if version == 1:
             return cls(1, FORMAT1_LAYOUT)
-        if version != FORMAT:
+        if version not in (FORMAT, FORMAT_CHUNK_ID):
             raise RepositoryError(
-                f"repository {where} has format {version!r}; this vmsnap reads formats 1 and {FORMAT}",
+                f"repository {where} has format {version!r}; "
+                f"this vmsnap reads formats 1 to {FORMAT_CHUNK_ID}",
                 hint="use the vmsnap version that wrote it",
             )
         try:
-            return cls._parse_v2(data)
+            return cls._parse_v2(data, version)
         except (KeyError, TypeError, ValueError, UsageError) as err:
             raise RepositoryError(
                 f"{where} is damaged: {err}", hint="restore the marker from a copy of the repository"
             ) from err
 
     @classmethod
-    def _parse_v2(cls, data: dict[str, Any]) -> RepoMarker:
+    def _parse_v2(cls, data: dict[str, Any], version: int) -> RepoMarker:
+        """Formats 2 and 3 (see the module docstring)."""
         layout = str(data["layout"])
         if not _LAYOUT_NAME.match(layout):
             raise ValueError(f"layout {layout!r}")
@@ -137,12 +175,23 @@ class RepoMarker:
         compression = data.get("compression")
         if compression is not None and compression not in COMPRESSIONS:
             raise ValueError(f"compression {compression!r}")
+        chunk_id = None
+        if version == FORMAT_CHUNK_ID:
+            chunk_id = data["chunk_id"]
+            if not isinstance(chunk_id, str) or not _FUNCTION_NAME.match(chunk_id):
+                raise ValueError(f"chunk id {chunk_id!r}")
         encryption = data.get("encryption")
-        key_id = None
+        key_id = keyed = None
         if encryption is not None:
-            if encryption.get("cipher") != CIPHER or encryption.get("chunk_id") != CHUNK_ID:
+            keyed = encryption.get("chunk_id")
+            if chunk_id is None:
+                ok = keyed == CHUNK_ID
+                keyed = None  # format 2's, which it does not name
+            else:
+                ok = isinstance(keyed, str) and _FUNCTION_NAME.match(keyed) is not None
+            if encryption.get("cipher") != CIPHER or not ok:
                 raise ValueError(f"encryption {encryption!r}")
             key_id = str(encryption["key_id"])
             if not _HEX32.match(key_id):
                 raise ValueError(f"key id {key_id!r}")
-        return cls(FORMAT, layout, repo_id, compression, key_id, chunk_size)
+        return cls(version, layout, repo_id, compression, key_id, chunk_size, chunk_id, keyed)

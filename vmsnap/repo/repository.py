@@ -145,12 +145,14 @@ class Repository:
         encrypt: bool = False,
         key_file: Path | str | None = None,
         compression: str = "zstd",
+        chunk_id: str | None = None,
         runner: Runner | None = None,
         state_root: Path | None = None,
     ) -> RepositoryLayout:
         """``vmsnap init``: make a new repository at ``location`` (a new or empty directory, or an empty S3
         prefix). With ``encrypt``, the key file (``key_file`` or ``$VMSNAP_KEY_FILE``) is created (0600)
-        when it does not exist, else its key is used.
+        when it does not exist, else its key is used. ``chunk_id`` is the chunk id hash, one of the layout's
+        ``chunk_ids`` (None: its default; see :meth:`~vmsnap.repo.layout.RepositoryLayout.new_marker`).
 
         :raise RepositoryError: a repository (or other data) is there already
         :raise UsageError: ``encrypt`` without a key file, or encryption in the qcow2 layout
@@ -162,7 +164,9 @@ class Repository:
                 "--encrypt needs a key file", hint="pass --key-file FILE (or VMSNAP_KEY_FILE); it is created"
             )
         cls_ = layout_class(layout)
-        cls_.new_marker(compression=compression, key_id="0" * 32 if encrypt else None)  # checks
+        cls_.new_marker(
+            compression=compression, key_id="0" * 32 if encrypt else None, chunk_id=chunk_id
+        )  # checks
         store, directory = _store(location, create=True)
         if _read_marker(store, location) is not None:
             raise RepositoryError(
@@ -174,7 +178,9 @@ class Repository:
             assert path is not None
             made_key = not path.exists()
             key = create_key_file(path) if made_key else read_key_file(path)
-        marker = cls_.new_marker(compression=compression, key_id=key.key_id if key else None)
+        marker = cls_.new_marker(
+            compression=compression, key_id=key.key_id if key else None, chunk_id=chunk_id
+        )
         try:
             marker = _create(store, directory, location, marker, exclusive=True)
         except RepositoryError:

@@ -11,6 +11,7 @@ from types import ModuleType
 from typing import Any
 
 from vmsnap.benchmark import strategy_traits
+from vmsnap.benchmark.dedup_peers import dedup_peers_markdown
 from vmsnap.benchmark.report import markdown, throughput_markdown
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -46,6 +47,10 @@ def test_the_results_are_the_files_the_scripts_write() -> None:
             "s3-repository.md",
             "boot-verify.json",  # benchmarks/boot_verify.py
             "boot-verify.md",
+            "data-path-profile.json",  # benchmarks/profile_data_path.py
+            "data-path-profile.md",
+            "dedup-peers.json",  # benchmarks/dedup_peers.py (make bench-peers)
+            "dedup-peers.md",
         ]
     )
     assert (RESULTS / "strategy-costs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -83,3 +88,13 @@ def test_boot_verify() -> None:
     assert (RESULTS / "boot-verify.md").read_text() == script("boot_verify").markdown(
         result("boot-verify.json")
     )
+
+
+def test_data_path_profile() -> None:
+    assert (RESULTS / "data-path-profile.md").read_text() == script("profile_data_path").markdown(
+        result("data-path-profile.json")
+    )
+
+
+def test_dedup_peers() -> None:
+    assert (RESULTS / "dedup-peers.md").read_text() == dedup_peers_markdown(result("dedup-peers.json"))

@@ -15,6 +15,7 @@ import pytest
 
 from vmsnap.errors import ChecksumMismatchError, LeaseError, RepositoryError, UsageError
 from vmsnap.repo.chunks.blob import ChunkId, chunk_key
+from vmsnap.repo.chunks.ids import id_hash_of
 from vmsnap.repo.chunks.keys import RepositoryKey
 from vmsnap.repo.chunks.known import (
     GENERATION_KEY,
@@ -54,7 +55,8 @@ from vmsnap.repo.chunks.records import (
 )
 from vmsnap.repo.layout import layout_class
 from vmsnap.repo.manifest import CHUNKS_FORMAT, INDEX_DIGEST, ChunkStats, DiskRecord, Manifest
-from vmsnap.repo.marker import RepoMarker
+from vmsnap.repo.marker import MARKER, RepoMarker
+from vmsnap.repo.repository import Repository
 from vmsnap.repo.stores.local import LocalStore
 
 
@@ -63,21 +65,56 @@ def store(tmp_path: Path) -> LocalStore:
     return LocalStore(tmp_path / "store", create=True)
 
 
-def test_markers_round_trip_and_old_or_odd_ones_are_judged(tmp_path: Path) -> None:
-    marker = layout_class("chunks").new_marker(key_id="ab" * 16)
+def _opened(directory: Path, marker: dict[str, object]) -> RepoMarker:
+    """The marker as opening a repository reads it: parsed, then judged by its layout's rules."""
+    directory.mkdir()
+    (directory / MARKER).write_text(json.dumps(marker))
+    located = Repository.locate(directory)
+    assert located.marker is not None
+    return located.marker
+
+
+@pytest.mark.parametrize(
+    ("chunk_id", "version", "keyed"), [("sha256", 2, "hmac-sha256"), ("blake3", 3, "blake3-keyed")]
+)
+def test_markers_round_trip_and_old_or_odd_ones_are_judged(
+    tmp_path: Path, chunk_id: str, version: int, keyed: str
+) -> None:
+    marker = layout_class("chunks").new_marker(key_id="ab" * 16, chunk_id=chunk_id)
     data = marker.to_json()
-    assert data["encryption"] == {"cipher": "aes-256-gcm", "chunk_id": "hmac-sha256", "key_id": "ab" * 16}
+    assert data["encryption"] == {"cipher": "aes-256-gcm", "chunk_id": keyed, "key_id": "ab" * 16}
     assert (data["format"], data["layout"], data["chunk_size"], data["compression"]) == (
-        2,
+        version,
         "chunks",
         4 << 20,
         "zstd",
     )
+    assert data.get("chunk_id") == (None if chunk_id == "sha256" else chunk_id)  # format 2 stays format 2
     assert RepoMarker.from_bytes(json.dumps(data).encode(), where="m") == marker
+    assert _opened(tmp_path / "good", data) == marker
+    assert id_hash_of(marker) == chunk_id
     assert RepoMarker.from_bytes(b'{"format": 1}', where="m").layout == "qcow2"
-    for bad in ({**data, "chunk_size": 1 << 20}, {**data, "id": "../x"}, {**data, "compression": "lz4"}):
+    other = "hmac-sha256" if chunk_id == "blake3" else "blake3-keyed"  # the other hash's keyed id
+    for n, bad in enumerate(
+        (
+            {**data, "chunk_size": 1 << 20},
+            {**data, "id": "../x"},
+            {**data, "compression": "lz4"},
+            {**data, "format": 3, "chunk_id": "md5"},
+            {**data, "format": 3, "chunk_id": "../x"},
+            {**data, "encryption": {**data["encryption"], "chunk_id": other}},
+            {**data, "layout": "qcow2", "format": 3, "chunk_id": "blake3"},
+        )
+    ):
         with pytest.raises(RepositoryError, match="damaged"):
-            RepoMarker.from_bytes(json.dumps(bad).encode(), where="m")
+            _opened(tmp_path / f"bad{n}", bad)
+    with pytest.raises(RepositoryError, match="has format 4"):
+        RepoMarker.from_bytes(json.dumps({**data, "format": 4}).encode(), where="m")
+    with pytest.raises(UsageError, match="unknown chunk id hash"):
+        layout_class("chunks").new_marker(chunk_id="md5")
+    with pytest.raises(UsageError, match="the qcow2 layout has no chunk ids") as caught:
+        layout_class("qcow2").new_marker(chunk_id="blake3")
+    assert "use --layout chunks" in str(caught.value)
     with pytest.raises(UsageError, match="cannot be encrypted") as caught:
         layout_class("qcow2").new_marker(key_id="ab" * 16)
     assert "use --layout chunks with --encrypt" in str(caught.value)

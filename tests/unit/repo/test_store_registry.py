@@ -32,9 +32,9 @@ def test_the_two_stores_are_registered_by_scheme() -> None:
     assert store_class("directory").scheme == "directory"
     assert store_class("s3").scheme == "s3"
     assert store_class("s3").capabilities == StoreCapabilities(
-        sharded_listing=True, conditional_put="server", batch_delete=True
+        sharded_listing=True, conditional_put="server", batch_delete=True, transfer_threads=12
     )
-    assert store_class("directory").capabilities == StoreCapabilities()
+    assert store_class("directory").capabilities == StoreCapabilities(reads_into=True)
 
 
 def test_a_path_opens_the_directory_store(tmp_path: Path) -> None:

@@ -2,9 +2,9 @@
 :meth:`ChunksRepository.copy_in <vmsnap.repo.chunks.repository.ChunksRepository.copy_in>` does.
 
 - From a ``chunks`` repository (its own kind): only the chunks the target lacks are sent; each is checked
-  (decoded against its id) first. The blob is sent as it is when both repositories name chunks alike (both
-  unencrypted, or the same key); otherwise it is re-encoded with the target's key (new ids, a rewritten
-  index).
+  (decoded against its id) first. The blob is sent as it is when both repositories name chunks alike (the
+  same id hash, and both unencrypted or the same key); otherwise it is re-encoded with the target's key and
+  named by the target's id hash (new ids, a rewritten index).
 - From any other layout, through the :class:`~vmsnap.repo.layout.RepositoryLayout` interface: each disk is
   read from what the source serves it as (:meth:`~vmsnap.repo.layout.RepositoryLayout.disk_source`: an
   image read through qemu-nbd, or a block reader that checks what it reads) into the target's pipeline, and
@@ -135,7 +135,11 @@ class ChunksCopy:
     def add_from_chunks(self, source: CopyRepository, record: DiskRecord, progress: DiskProgress) -> None:
         """Send the chunks of one disk the target lacks (checked first), then its index."""
         index = source.index(self.manifest, record.name)
-        same_ids = source.marker.key_id == self.repo.marker.key_id
+        # the same key and the same id hash give the same ids; otherwise every chunk is renamed
+        same_ids = (source.marker.key_id, source.marker.chunk_id) == (
+            self.repo.marker.key_id,
+            self.repo.marker.chunk_id,
+        )
         present = self._present()
         mapping: dict[ChunkId, ChunkId] = {}
         lengths = {chunk_id: index.length(n) for n, chunk_id in index.data_chunks()}

@@ -7,14 +7,16 @@ Key file (UTF-8 JSON, mode 0600, never on a command line)::
 
 Derivation: every subkey is HKDF-SHA256 (RFC 5869) of the master key, no salt, 32 bytes, with ``info``:
 
-    ========================  ===========================  ===================================================
-    subkey                    info                         used for
-    ========================  ===========================  ===================================================
-    ``id_key``                ``vmsnap chunk-id v1``       chunk id = HMAC-SHA256(id_key, plaintext chunk)
-    ``encryption_key``        ``vmsnap aes-256-gcm v1``    AES-256-GCM of chunk blobs
-    ``mac_key``               ``vmsnap metadata-mac v1``   HMAC-SHA256 over indexes and manifests
-    ``key_id`` (16 bytes)     ``vmsnap key-id v1``         hex fingerprint stored in the repository marker
-    ========================  ===========================  ===================================================
+    =================  ==============================  ==================================================
+    subkey             info                            used for
+    =================  ==============================  ==================================================
+    ``id_key``         ``vmsnap chunk-id v1``          chunk id = HMAC-SHA256(id_key, plaintext chunk)
+    ``blake3_id_key``  ``vmsnap chunk-id blake3 v1``   chunk id = BLAKE3-keyed(blake3_id_key, plaintext
+                                                       chunk), in a repository whose chunk id is blake3
+    ``encryption_key`` ``vmsnap aes-256-gcm v1``       AES-256-GCM of chunk blobs
+    ``mac_key``        ``vmsnap metadata-mac v1``      HMAC-SHA256 over indexes and manifests
+    ``key_id`` (16 B)  ``vmsnap key-id v1``            hex fingerprint stored in the repository marker
+    =================  ==============================  ==================================================
 
 The key id tells a wrong key from the right one before anything is decrypted; being an HKDF output it reveals
 nothing about the other subkeys. Nothing here logs, prints or puts key material in a message or a repr.
@@ -59,12 +61,14 @@ class RepositoryKey:
     :param encryption_key: AES-256-GCM key for chunk blobs
     :param mac_key: HMAC-SHA256 key for indexes and manifests
     :param key_id: hex fingerprint, safe to store in the repository marker
+    :param blake3_id_key: BLAKE3 key for chunk ids (a repository whose chunk id hash is blake3)
     """
 
     id_key: bytes
     encryption_key: bytes
     mac_key: bytes
     key_id: str
+    blake3_id_key: bytes
 
     @classmethod
     def from_master(cls, master: bytes) -> RepositoryKey:
@@ -82,6 +86,7 @@ class RepositoryKey:
             encryption_key=_derive(master, b"vmsnap aes-256-gcm v1"),
             mac_key=_derive(master, b"vmsnap metadata-mac v1"),
             key_id=_derive(master, b"vmsnap key-id v1", KEY_ID_SIZE).hex(),
+            blake3_id_key=_derive(master, b"vmsnap chunk-id blake3 v1"),
         )
 
     def mac(self, data: bytes | memoryview) -> bytes:

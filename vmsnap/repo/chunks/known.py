@@ -31,7 +31,7 @@ from pathlib import Path
 from vmsnap.errors import NotFoundError
 from vmsnap.files import FILE_MODE, write_atomic
 from vmsnap.repo.chunks.blob import ID_SIZE, ChunkId, parse_chunk_key
-from vmsnap.repo.stores.base import Store, StoreCapabilities, StoredObject
+from vmsnap.repo.stores.base import Data, Store, StoreCapabilities, StoredObject
 
 GENERATION_KEY = "gc-generation"
 EPOCH_KEY = "known-chunks-epoch"
@@ -193,7 +193,10 @@ class RecordingStore:
     def get(self, key: str) -> bytes:
         return self._store.get(key)
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False, durable: bool = True) -> bool:
+    def get_into(self, key: str, buffer: memoryview) -> int:
+        return self._store.get_into(key, buffer)
+
+    def put(self, key: str, data: Data, *, if_absent: bool = False, durable: bool = True) -> bool:
         written = self._store.put(key, data, if_absent=if_absent, durable=durable)
         chunk_id = parse_chunk_key(key)
         with self._lock:

@@ -25,6 +25,11 @@ from vmsnap.model import ExportSource
 from vmsnap.runner import LocalRunner, Runner
 
 DEFAULT_CONNECTIONS = 4
+REQUEST_SIZE = 1024 * 1024
+"""Bytes per NBD read request: a chunk's read is split into requests of this size, all in flight at once on
+the worker's connection. Measured serving a 1.5 GiB backup, QEMU's export spent 0.66-0.71 CPU s on 1 MiB
+requests against 0.93-1.42 s on 4 MiB ones (its NBD server allocates a buffer per request, and glibc maps and
+faults in a fresh one for each 4 MiB request; see docs/performance.md)."""
 QEMU_NBD_CLIENTS = 8
 """Clients a :class:`~vmsnap.image.io.QemuNbdServer` accepts (``--shared=8``); more are never opened."""
 
@@ -100,10 +105,18 @@ class NbdReader:
     """
 
     def __init__(
-        self, uri: str, *, connections: int = DEFAULT_CONNECTIONS, dirty_bitmap_context: str | None = None
+        self,
+        uri: str,
+        *,
+        connections: int = DEFAULT_CONNECTIONS,
+        dirty_bitmap_context: str | None = None,
+        request_size: int = REQUEST_SIZE,
     ) -> None:
         if connections < 1:
             raise UsageError(f"{connections} NBD connections", hint="use at least 1")
+        if request_size < 4096 or request_size % 4096:
+            raise UsageError(f"NBD requests of {request_size} bytes", hint="use a multiple of 4096")
+        self.request_size = request_size
         if dirty_bitmap_context is not None and not dirty_bitmap_context.startswith("qemu:dirty-bitmap:"):
             raise UsageError(
                 f"{dirty_bitmap_context!r} is not a dirty bitmap context",
@@ -182,11 +195,16 @@ class NbdReader:
     def read_into(self, offset: int, buffer: memoryview) -> None:
         import nbd  # present: nbd_connection imported it
 
+        step = self.request_size
         with self._handle() as handle:
-            try:  # aio_pread into the caller's buffer, waited for on this thread's own connection
-                cookie = handle.aio_pread(nbd.Buffer.from_buffer(buffer), offset)
-                while not handle.aio_command_completed(cookie):
-                    handle.poll(-1)
+            try:  # aio_preads into the caller's buffer, all in flight, waited for on this connection
+                cookies = [
+                    handle.aio_pread(nbd.Buffer.from_buffer(buffer[pos : pos + step]), offset + pos)
+                    for pos in range(0, len(buffer), step)
+                ]
+                for cookie in cookies:
+                    while not handle.aio_command_completed(cookie):
+                        handle.poll(-1)
             except nbd.Error as err:
                 raise TransferError(
                     f"NBD read of {len(buffer)} bytes at offset {offset} failed: {err.string}"

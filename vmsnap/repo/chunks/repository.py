@@ -2,7 +2,7 @@
 index per disk over deduplicated, compressed (optionally encrypted) chunks. The keys and the manifest's
 authentication are in :mod:`vmsnap.repo.chunks.records`; leases in :mod:`vmsnap.repo.chunks.leases`; the
 writer in :mod:`vmsnap.repo.chunks.writer`; gc in :mod:`vmsnap.repo.chunks.gc`; verify in
-:mod:`vmsnap.repo.chunks.check`.
+:mod:`vmsnap.repo.chunks.check`; the chunk id hash and its marker rules in :mod:`vmsnap.repo.chunks.ids`.
 
 Every stored byte is checked before it is trusted: the manifest (its MAC, when encrypted) names each
 index's sha256, each index carries its own checksum or MAC, and each chunk is checked against its id.
@@ -43,6 +43,7 @@ from vmsnap.repo.chunks.check import verify_chunks
 from vmsnap.repo.chunks.copy import copy_into
 from vmsnap.repo.chunks.gc import collect
 from vmsnap.repo.chunks.heal import clear_healed, damaged_chunk_error, heal, users_of
+from vmsnap.repo.chunks.ids import ChunkIdRules, id_hash_of
 from vmsnap.repo.chunks.index import ChunkIndex, decode_index
 from vmsnap.repo.chunks.keys import RepositoryKey, open_key
 from vmsnap.repo.chunks.known import bump_generation, list_chunk_ids, read_generation
@@ -83,7 +84,7 @@ BLOCK_READER = "vmsnap.repo.chunks.blockreader:open_reader"
 log = logging.getLogger(__name__)
 
 
-class ChunksRepository(RepositoryLayout):
+class ChunksRepository(ChunkIdRules):
     """A ``chunks`` repository in ``store`` (see the module docstring); open it with
     :meth:`vmsnap.repo.repository.Repository.open`.
 
@@ -95,7 +96,8 @@ class ChunksRepository(RepositoryLayout):
     :param runner: runs qemu-img/qemu-nbd for restores
     :param state_root: the local state root (default ``$VMSNAP_STATE_DIR`` or /var/lib/vmsnap)
     :param lease_seconds: lifetime of the leases this process takes
-    :param workers: threads of the backup and restore pipelines
+    :param workers: threads of the backup and restore pipelines (at least the store's
+        :attr:`~vmsnap.repo.stores.base.StoreCapabilities.transfer_threads`)
     """
 
     name: ClassVar[str] = "chunks"
@@ -128,7 +130,8 @@ class ChunksRepository(RepositoryLayout):
         self.runner: Runner = runner if runner is not None else LocalRunner()
         self._state = RepositoryState(marker.id, state_root)
         self.leases = Leases(store, ttl=lease_seconds)
-        self._workers = workers
+        # a store whose requests wait on a network (S3) says how many chunks to keep in flight
+        self._workers = max(workers, store.capabilities.transfer_threads)
         self._held: dict[str, Lease] = {}
 
     @classmethod
@@ -199,8 +202,10 @@ class ChunksRepository(RepositoryLayout):
 
     @property
     def codec(self) -> ChunkCodec:
-        """The codec of this repository's chunks (its key, its compression)."""
-        return ChunkCodec(self.key, compress=self.marker.compression != "none")
+        """The codec of this repository's chunks (its key, its compression, its chunk id hash)."""
+        return ChunkCodec(
+            self.key, compress=self.marker.compression != "none", id_hash=id_hash_of(self.marker)
+        )
 
     # -- reading -------------------------------------------------------------------------------------
 

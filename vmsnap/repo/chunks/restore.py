@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 
 import attrs
 
+from vmsnap.buffers import address, aligned_buffer, is_aligned, is_zero_at
 from vmsnap.errors import DamagedChunkError, NotFoundError, TransferError, UsageError, VmsnapError
 from vmsnap.files import make_private_dir
 from vmsnap.image.geometry import CHUNK_SIZE
@@ -49,12 +50,15 @@ from vmsnap.runner import LocalRunner, Runner
 
 DEFAULT_WORKERS = 4
 DEFAULT_CONNECTIONS = 2
+MAX_RESTORE_WORKERS = 16
+"""Restore workers at most (each holds a blob and a chunk: 16 fit well within the 300 MiB memory budget)."""
 SPARSE_BLOCK = 64 * 1024
 """Granularity at which zero runs inside a chunk are skipped (raw files, qcow2)."""
 _BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a byte range of a block device
 _ZERO_SPAN = 1 << 30
 _ALIGN = 4096  # O_DIRECT: offsets, lengths and memory aligned to the largest logical block size
 _ZEROS = bytes(CHUNK_SIZE)
+_BLOB_BUFFER = CHUNK_SIZE + 2 * _ALIGN  # the largest blob (4 MiB + header, nonce, tag), rounded up to a page
 
 
 @attrs.frozen
@@ -91,16 +95,23 @@ class RestoreStats:
 
 
 class _Writer(Protocol):
-    def write(self, offset: int, data: bytes) -> int: ...
+    def write(self, offset: int, data: bytes | memoryview) -> int: ...
 
     def zero(self, offset: int, length: int) -> None: ...
 
 
-def data_runs(data: bytes, block: int = SPARSE_BLOCK) -> Iterator[tuple[int, int]]:
-    """(start, end) of the runs of ``data`` that are not all-zero ``block``-sized pieces."""
+def data_runs(data: bytes | memoryview, block: int = SPARSE_BLOCK) -> Iterator[tuple[int, int]]:
+    """(start, end) of the runs of ``data`` that are not all-zero ``block``-sized pieces (compared where
+    they lie: no copy of a block)."""
     start: int | None = None
+    base = address(data)
+    view = memoryview(data).cast("B")
     for pos in range(0, len(data), block):
-        zero = is_zero(data[pos : pos + block])
+        span = min(block, len(data) - pos)
+        if view[pos] or view[pos + span - 1]:  # most blocks of data end the question at their first byte
+            zero = False
+        else:
+            zero = is_zero_at(base, pos, span) if base is not None else is_zero(data[pos : pos + span])
         if zero and start is not None:
             yield start, pos
             start = None
@@ -146,19 +157,23 @@ class _FileWriter:
         self._local = threading.local()
 
     def _aligned(self, data: memoryview) -> memoryview:
+        """``data`` itself when it starts on a page, else its copy in this thread's page-aligned buffer."""
+        if is_aligned(data):
+            return data
         buffer: mmap.mmap | None = getattr(self._local, "buffer", None)
         if buffer is None:
-            buffer = self._local.buffer = mmap.mmap(-1, CHUNK_SIZE)  # page-aligned
+            buffer = self._local.buffer = aligned_buffer(CHUNK_SIZE)
         view = memoryview(buffer)[: len(data)]
         view[:] = data
         return view
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | memoryview) -> int:
         runs = [(0, len(data))] if self.device else data_runs(data)
         written = 0
+        whole = memoryview(data)
         try:
             for start, end in runs:
-                view = memoryview(data)[start:end]
+                view = whole[start:end]
                 pos, fd = offset + start, self.fd
                 if self.direct_fd is not None and not (pos % _ALIGN or len(view) % _ALIGN):
                     view, fd = self._aligned(view), self.direct_fd
@@ -193,14 +208,15 @@ class _NbdWriter:
         for handle in handles:
             self.handles.put(handle)
 
-    def write(self, offset: int, data: bytes) -> int:
+    def write(self, offset: int, data: bytes | memoryview) -> int:
         import nbd
 
         handle = self.handles.get()
         written = 0
+        whole = memoryview(data)
         try:
             for start, end in data_runs(data):
-                handle.pwrite(data[start:end], offset + start)
+                handle.pwrite(whole[start:end], offset + start)
                 written += end - start
         except nbd.Error as err:
             raise _nbd_error(self.target, err) from err
@@ -410,6 +426,25 @@ def _restore_device(
     return stats
 
 
+class _Fetcher:
+    """Gets blobs: into each worker's own page-aligned buffer where the store reads into one itself
+    (:attr:`~vmsnap.repo.stores.base.StoreCapabilities.reads_into`: no allocation and, from a local store,
+    no copy through the page cache), else as the store returns them."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.local = threading.local()
+        self.into = store.capabilities.reads_into
+
+    def __call__(self, key: str) -> bytes | memoryview:
+        if not self.into:
+            return self.store.get(key)
+        buffer = getattr(self.local, "buffer", None)
+        if buffer is None:
+            buffer = self.local.buffer = memoryview(aligned_buffer(_BLOB_BUFFER))
+        return buffer[: self.store.get_into(key, buffer)]
+
+
 _Task = tuple[int, int, int, ChunkId | None]  # (chunk number, offset, length, id; None: a range to zero)
 
 
@@ -457,7 +492,7 @@ def _run(
             return
         where = f"chunk {number} at offset {offset} of {name}"
         try:
-            blob = store.get(chunk_key(chunk_id))
+            blob = fetch(chunk_key(chunk_id))
         except NotFoundError as err:
             raise DamagedChunkError(
                 f"chunk {chunk_id.hex()} ({where}) is missing from the store {store.url}",
@@ -466,7 +501,7 @@ def _run(
                 "another backup",
             ) from err
         try:
-            data = codec.decode(blob, chunk_id, length=length)
+            data = codec.decode_view(blob, chunk_id, length=length)
         except DamagedChunkError as err:
             raise DamagedChunkError(f"{err.message} ({where})", hint=err.hint) from err
         written = writer.write(offset, data)
@@ -475,6 +510,8 @@ def _run(
             totals["fetched"] += len(blob)
             totals["written"] += written
             totals["data"] += 1
+
+    fetch = _Fetcher(store)
 
     def tick() -> None:
         if progress is not None:
@@ -542,7 +579,7 @@ def restore_backup(
             targets[name],
             format="raw" if device else format,
             # raw files and devices take twice the writers (pwrite, no qemu-nbd): 1.6-1.9x here
-            workers=workers * (2 if device or format == "raw" else 1),
+            workers=min(MAX_RESTORE_WORKERS, workers * (2 if device or format == "raw" else 1)),
             progress=_disk_progress(progress, name),
             name=f"{manifest.vm}/{manifest.backup_id}/{name}",
             runner=runner,

@@ -35,7 +35,10 @@ from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import attrs
 
-from vmsnap.errors import UsageError
+from vmsnap.errors import StoreError, UsageError
+
+Data = bytes | bytearray | memoryview
+"""What ``put`` takes: any contiguous bytes-like object (the chunk pipeline hands views of its buffers)."""
 
 _PART = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]*$")
 
@@ -77,6 +80,12 @@ class StoreCapabilities:
         as it was at an earlier time (none of today's stores: False)
     :param retention_locks: objects can carry a retention date before which nobody can delete or overwrite
         them (S3 Object Lock; none of today's stores: False)
+    :param reads_into: :meth:`Store.get_into` reads an object straight into the caller's buffer (a local
+        file: no allocation, and with O_DIRECT no copy through the page cache); False: it is ``get`` and a
+        copy, so a caller that can use the bytes ``get`` returns calls ``get``
+    :param transfer_threads: requests the chunk pipelines keep in flight through this store at least, each
+        waiting on a network and a server rather than on this host's CPUs (S3: 12); 0: no more than the
+        CPUs keep busy
     """
 
     sharded_listing: bool = False
@@ -84,6 +93,8 @@ class StoreCapabilities:
     batch_delete: bool = False
     versions: bool = False
     retention_locks: bool = False
+    reads_into: bool = False
+    transfer_threads: int = attrs.field(default=0, validator=attrs.validators.ge(0))
 
     def to_json(self) -> dict[str, object]:
         """The capabilities as a JSON object."""
@@ -120,8 +131,18 @@ class Store(Protocol):
         """
         ...
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False, durable: bool = True) -> bool:
+    def get_into(self, key: str, buffer: memoryview) -> int:
+        """Read the object into ``buffer`` (writable, contiguous) and return its size; see
+        :attr:`StoreCapabilities.reads_into` for what it saves.
+
+        :raise NotFoundError: no object has that key
+        :raise StoreError: the store failed, or the object is larger than ``buffer``
+        """
+        ...
+
+    def put(self, key: str, data: Data, *, if_absent: bool = False, durable: bool = True) -> bool:
         """Store ``data`` under ``key`` atomically; with ``if_absent``, only when no object has that key.
+        ``data`` may be a view of the caller's buffer: it is not kept after ``put`` returns.
 
         :param durable: False: durable (and visible) by the time :meth:`sync` returns, not necessarily now
         :return: True when written, False when ``if_absent`` found an object there (nothing written)
@@ -191,9 +212,27 @@ class StoreClass(Protocol):
 
 class StoreBase:
     """Defaults a store class may inherit for what it need not do differently: the capabilities of a
-    plain store, deleting many keys one by one, nothing to probe, nothing to close."""
+    plain store, reading into a buffer through ``get``, deleting many keys one by one, nothing to probe,
+    nothing to close."""
 
     capabilities: ClassVar[StoreCapabilities] = StoreCapabilities()
+
+    @property
+    def url(self) -> str:
+        """Where the store is (every store defines it)."""
+        raise NotImplementedError
+
+    def get(self, key: str) -> bytes:
+        """The object's bytes (every store defines it)."""
+        raise NotImplementedError
+
+    def get_into(self, key: str, buffer: memoryview) -> int:
+        """``get``, copied into ``buffer``."""
+        data = self.get(key)
+        if len(data) > len(buffer):
+            raise StoreError(f"store {self.url}: object {key} has {len(data)} bytes, more than expected")
+        buffer[: len(data)] = data
+        return len(data)
 
     def delete(self, key: str) -> None:
         """Remove the object (every store defines it)."""

@@ -32,9 +32,10 @@ from typing import ClassVar
 
 import attrs
 
+from vmsnap.buffers import is_aligned
 from vmsnap.errors import NotFoundError, StoreError
 from vmsnap.processes import crash_point
-from vmsnap.repo.stores.base import StoreBase, StoreCapabilities, StoredObject, check_key, check_prefix
+from vmsnap.repo.stores.base import Data, StoreBase, StoreCapabilities, StoredObject, check_key, check_prefix
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -112,7 +113,8 @@ class LocalStore(StoreBase):
     """Objects as files under ``root`` (see :class:`~vmsnap.repo.stores.base.Store` for the guarantees).
 
     Registered as the store of directory paths (under ``directory``). Listing walks the directory once;
-    ``put(if_absent=True)`` is atomic by itself (link / ``O_EXCL``); deletes are one by one.
+    ``put(if_absent=True)`` is atomic by itself (link / ``O_EXCL``); deletes are one by one; ``get_into``
+    reads into the caller's buffer (O_DIRECT where it can).
 
     :param root: the store's directory
     :param create: make ``root`` (0700, and missing parents) when it does not exist
@@ -120,7 +122,7 @@ class LocalStore(StoreBase):
     """
 
     scheme: ClassVar[str] = "directory"
-    capabilities: ClassVar[StoreCapabilities] = StoreCapabilities()
+    capabilities: ClassVar[StoreCapabilities] = StoreCapabilities(reads_into=True)
 
     root: Path = attrs.field(converter=_absolute)
     create: bool = attrs.field(default=False, kw_only=True)
@@ -171,20 +173,10 @@ class LocalStore(StoreBase):
         :raise StoreError: the file cannot be read
         """
         path = self._path(key)
+        fd = self._open_object(key, path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
-            raise NotFoundError(f"store {self.url} has no object {key}") from err
-        except OSError as err:
-            if err.errno == errno.ELOOP:
-                raise NotFoundError(f"store {self.url} has no object {key} (a symlink is there)") from err
-            raise self._error("cannot open", path, err) from err
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise NotFoundError(f"store {self.url} has no object {key} (not a regular file)")
             chunks: list[bytes] = []
-            remaining = info.st_size
+            remaining = os.fstat(fd).st_size
             while True:
                 piece = os.read(fd, max(remaining, 1 << 16))
                 if not piece:
@@ -196,6 +188,84 @@ class LocalStore(StoreBase):
             raise self._error("cannot read", path, err) from err
         finally:
             os.close(fd)
+
+    def get_into(self, key: str, buffer: memoryview) -> int:
+        """Read the object into ``buffer`` (writable, contiguous) and return its size: no allocation, and
+        with O_DIRECT (where the filesystem takes it, the object is 64 KiB or more and ``buffer`` starts on a
+        page with room for the object rounded up to a page) no copy through the page cache either.
+
+        :raise UsageError: ``key`` is malformed
+        :raise NotFoundError: no object has that key
+        :raise StoreError: the file cannot be read, or it is larger than ``buffer``
+        """
+        path = self._path(key)
+        fd = self._open_object(key, path)
+        try:
+            size = os.fstat(fd).st_size
+            if size > len(buffer):
+                raise StoreError(f"store {self.url}: object {key} has {size} bytes, more than expected")
+            padded = -(-size // _ALIGN) * _ALIGN
+            if self._direct and size >= DIRECT_MIN and padded <= len(buffer) and is_aligned(buffer):
+                done = self._read_direct(path, buffer[:padded], size)
+                if done is not None:
+                    return done
+            done = 0
+            while done < size:
+                got = os.preadv(fd, [buffer[done:size]], done)
+                if not got:
+                    break
+                done += got
+            return done
+        except OSError as err:
+            raise self._error("cannot read", path, err) from err
+        finally:
+            os.close(fd)
+
+    def _read_direct(self, path: Path, buffer: memoryview, size: int) -> int | None:
+        """Read ``size`` bytes of ``path`` with O_DIRECT into ``buffer`` (page-aligned, ``size`` rounded up
+        to a page); None when the filesystem refuses (not tried again)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            self._direct = False
+            return None
+        try:
+            done = 0
+            while done < size:
+                got = os.preadv(fd, [buffer[done:]], done)
+                if not got:
+                    break
+                done += got
+            return min(done, size)
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+            self._direct = False
+            return None
+        finally:
+            os.close(fd)
+
+    def _open_object(self, key: str, path: Path) -> int:
+        """A read-only descriptor of the regular file of ``key`` (a symlink or anything else is no object).
+
+        :raise NotFoundError: no object has that key
+        :raise StoreError: it cannot be opened
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
+            raise NotFoundError(f"store {self.url} has no object {key}") from err
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise NotFoundError(f"store {self.url} has no object {key} (a symlink is there)") from err
+            raise self._error("cannot open", path, err) from err
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise NotFoundError(f"store {self.url} has no object {key} (not a regular file)")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def exists(self, key: str) -> bool:
         """True when an object (a regular file) has that key.
@@ -290,7 +360,8 @@ class LocalStore(StoreBase):
 
     def _write_direct(self, temp: Path, view: memoryview) -> int:
         """Write the aligned head of ``view`` with O_DIRECT; return its length (0: not done, write it all
-        buffered — the filesystem refuses O_DIRECT, which is then not tried again)."""
+        buffered — the filesystem refuses O_DIRECT, which is then not tried again). A view that starts on a
+        page (the chunk pipeline's buffers) is written as it lies, any other from a copy."""
         head = len(view) - len(view) % _ALIGN
         if not self._direct or len(view) < DIRECT_MIN:
             return 0
@@ -300,8 +371,11 @@ class LocalStore(StoreBase):
             self._direct = False
             return 0
         try:
-            buffer = self._aligned(head)
-            buffer[:] = view[:head]
+            if is_aligned(view):
+                buffer = view[:head]
+            else:
+                buffer = self._aligned(head)
+                buffer[:] = view[:head]
             done = 0
             while done < head:
                 done += os.pwrite(fd, buffer[done:], done)
@@ -314,13 +388,13 @@ class LocalStore(StoreBase):
             os.close(fd)
         return head
 
-    def _write(self, temp: Path, fd: int, data: bytes) -> None:
+    def _write(self, temp: Path, fd: int, data: Data) -> None:
         view = memoryview(data).cast("B")
         pos = self._write_direct(temp, view)
         while pos < len(view):
             pos += os.pwrite(fd, view[pos:], pos)
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False, durable: bool = True) -> bool:
+    def put(self, key: str, data: Data, *, if_absent: bool = False, durable: bool = True) -> bool:
         """Store ``data`` under ``key`` atomically and durably; with ``if_absent`` only when it is new.
 
         With ``durable=False`` the complete file is queued and becomes durable and visible with its batch (at

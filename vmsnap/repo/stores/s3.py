@@ -69,7 +69,7 @@ from botocore.exceptions import (
 )
 
 from vmsnap.errors import NotFoundError, StoreError, UsageError
-from vmsnap.repo.stores.base import StoreBase, StoreCapabilities, StoredObject, check_key, check_prefix
+from vmsnap.repo.stores.base import Data, StoreBase, StoreCapabilities, StoredObject, check_key, check_prefix
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -152,6 +152,25 @@ class S3Options:
     conflict_attempts: int = attrs.field(default=6, validator=attrs.validators.ge(1))
 
 
+def _crc32c_available() -> bool:
+    """True when botocore can compute CRC32C (with awscrt, the s3 extra's)."""
+    import importlib.util
+
+    return importlib.util.find_spec("awscrt") is not None
+
+
+_CRC32C = _crc32c_available()
+_CHECKSUM: Literal["CRC32C", "CRC32"] = "CRC32C" if _CRC32C else "CRC32"
+"""Each put carries a checksum of its body that the server checks: CRC32C where awscrt computes it (18 GiB/s
+here, against 2 GiB/s for botocore's default CRC32 through zlib); without awscrt, botocore's defaults (CRC32,
+and a signed sha256 of the body on plain HTTP)."""
+
+
+def _put_checksum(params: dict[str, object], **_: object) -> None:
+    """botocore hook (when a PutObject's parameters are given): the put carries :data:`_CHECKSUM`."""
+    params.setdefault("ChecksumAlgorithm", _CHECKSUM)
+
+
 def parse_s3_url(url: str) -> tuple[str, str]:
     """The bucket and the prefix (without slashes at its ends; maybe "") of ``s3://BUCKET[/PREFIX]``.
 
@@ -167,7 +186,8 @@ class S3Store(StoreBase):
     """The objects under one prefix of one S3 bucket (see the module docstring for how the guarantees hold).
 
     Registered as the store of ``s3://`` URLs. Its capabilities: listings are sharded (1000 keys a
-    request), conditional puts are the server's (probed when a repository is created), deletes are batched.
+    request), conditional puts are the server's (probed when a repository is created), deletes are batched,
+    and the chunk pipelines keep 12 requests in flight (each waits on the network and the server).
 
     :param bucket: an existing bucket
     :param prefix: where the store's keys start inside the bucket ("" for the whole bucket)
@@ -178,7 +198,7 @@ class S3Store(StoreBase):
 
     scheme: ClassVar[str] = "s3"
     capabilities: ClassVar[StoreCapabilities] = StoreCapabilities(
-        sharded_listing=True, conditional_put="server", batch_delete=True
+        sharded_listing=True, conditional_put="server", batch_delete=True, transfer_threads=12
     )
 
     def __init__(self, bucket: str, prefix: str = "", *, options: S3Options | None = None) -> None:
@@ -194,6 +214,7 @@ class S3Store(StoreBase):
         events = self._client.meta.events
         events.register("before-parameter-build.s3", self._note_area)
         events.register("request-created.s3", self._count_request)
+        events.register("provide-client-params.s3.PutObject", _put_checksum)
 
     @classmethod
     def from_url(cls, url: str, *, options: S3Options | None = None, check: bool = True) -> S3Store:
@@ -302,7 +323,7 @@ class S3Store(StoreBase):
                 response["Body"].close()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False, durable: bool = True) -> bool:
+    def put(self, key: str, data: Data, *, if_absent: bool = False, durable: bool = True) -> bool:
         """Store ``data`` under ``key`` in one PutObject; with ``if_absent`` only when the key is free
         (``If-None-Match: *``). Every put is durable when it returns (``durable`` changes nothing).
 
@@ -311,6 +332,8 @@ class S3Store(StoreBase):
         :raise StoreError: the store failed, or a conditional put kept conflicting with other writes
         """
         name = self._root + check_key(key)
+        if not isinstance(data, bytes):
+            data = bytes(data)  # botocore's checksums and retries want bytes
         if not if_absent:
             try:
                 self._client.put_object(Bucket=self._bucket, Key=name, Body=data)
@@ -454,6 +477,9 @@ class S3Store(StoreBase):
             read_timeout=options.read_timeout,
             retries={"mode": options.retry_mode, "max_attempts": options.max_attempts},
             max_pool_connections=options.max_pool_connections,
+            # the body is checked by its CRC32C header (_put_checksum) instead of a sha256 in the signature,
+            # which botocore computes on plain-HTTP endpoints (0.7 CPU s per GiB here)
+            s3={"payload_signing_enabled": False} if _CRC32C else None,
         )
         try:
             session = boto3.session.Session(profile_name=options.profile, region_name=options.region)

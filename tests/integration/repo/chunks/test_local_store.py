@@ -4,6 +4,7 @@ tmpfs (StoreError, nothing half-visible) and a read-only one. Mounting needs roo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -164,3 +165,33 @@ def test_a_read_only_filesystem_is_a_store_error(tmp_path: Path) -> None:
         with pytest.raises(StoreError) as info:
             store.put("chunks/0000/00", b"x")
         assert "read-only" in info.value.hint
+
+
+@pytest.mark.parametrize("filesystem", ["ext4", "tmpfs"])
+def test_get_into_reads_what_put_wrote_with_o_direct_or_without(tmp_path: Path, filesystem: str) -> None:
+    """On ext4 a page-aligned buffer is filled with O_DIRECT, on tmpfs (no O_DIRECT) through the page
+    cache; either way exactly the object's bytes (written from views of page-aligned frames, as the chunk
+    pipeline hands them)."""
+    from vmsnap.buffers import aligned_buffer
+
+    with contextlib.ExitStack() as stack:
+        root = stack.enter_context(tmpfs(tmp_path / "mnt", "size=64m")) if filesystem == "tmpfs" else tmp_path
+        store = LocalStore(root / "repo", create=True)
+        frame = memoryview(aligned_buffer(4 * MiB + 4096))
+        for size in (10, 64 * 1024 - 1, 4 * MiB + 8, 4 * MiB + 36):
+            data = random.randbytes(size)
+            frame[:size] = data
+            assert store.put(f"chunks/k{size}", frame[:size], if_absent=True, durable=False)
+        store.sync()
+        aligned = memoryview(aligned_buffer(4 * MiB + 8192))
+        unaligned = memoryview(bytearray(4 * MiB + 8192))[1:]
+        for size in (10, 64 * 1024 - 1, 4 * MiB + 8, 4 * MiB + 36):
+            expected = store.get(f"chunks/k{size}")
+            assert len(expected) == size
+            for buffer in (aligned, unaligned):
+                assert store.get_into(f"chunks/k{size}", buffer) == size
+                assert bytes(buffer[:size]) == expected
+        with pytest.raises(StoreError, match="more than expected"):
+            store.get_into(f"chunks/k{4 * MiB + 36}", memoryview(bytearray(100)))
+        with pytest.raises(NotFoundError):
+            store.get_into("chunks/nothing", aligned)

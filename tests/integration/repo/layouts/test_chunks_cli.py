@@ -44,7 +44,8 @@ def test_backup_job_pull_full_then_incrementals_read_only_what_changed(
     expected = [{d: capture(vm, d, tmp_path / f"b1-{d}.qcow2") for d in DISKS}]
     first = backup(capsys, vm, repo)
     marker = json.loads((repo / "vmsnap-repo.json").read_text())
-    assert (marker["format"], marker["layout"], marker["encryption"]) == (2, "chunks", None)
+    assert (marker["format"], marker["layout"], marker["encryption"]) == (3, "chunks", None)
+    assert marker["chunk_id"] == "blake3"  # what a new repository's chunk ids are
     assert (first["kind"], first["strategy"], first["transport"]) == ("full", "backup", "nbd")  # pull mode
 
     write(vm, "disk0", "write -P 0x31 2M 64k", "write -z 16M 64k")

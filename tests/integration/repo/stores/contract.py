@@ -8,10 +8,11 @@ and provides four fixtures:
 - ``unreachable_store``: a store of that kind whose backend is gone, to prove keys are checked before any I/O.
 
 The guarantees tested are those of :mod:`vmsnap.repo.stores.base`: atomic and conditional puts (also raced by
-threads and by processes), exact gets, NotFoundError for a missing key, listing by prefix with sizes, key
-validation, large objects, parallel writers, a writer killed (SIGKILL) mid-put leaving the whole object or
-none, and puts made durable by ``sync()`` (``durable=False``): never partial, there after ``sync()``, never
-replacing an object, a writer killed before its ``sync()`` leaving whole objects or none.
+threads and by processes), exact gets, reads into a caller's buffer (``get_into``), NotFoundError for a
+missing key, listing by prefix with sizes, key validation, large objects, parallel writers, a writer killed
+(SIGKILL) mid-put leaving the whole object or none, and puts made durable by ``sync()`` (``durable=False``):
+never partial, there after ``sync()``, never replacing an object, a writer killed before its ``sync()``
+leaving whole objects or none.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.repo.stores.store_worker import seeded_bytes
+from vmsnap.buffers import aligned_buffer, is_aligned
 from vmsnap.errors import NotFoundError, StoreError, UsageError
 from vmsnap.repo.stores import Store, StoreCapabilities, open_store, scheme_of, store_class
 
@@ -145,6 +147,23 @@ class StoreContract:
         assert store.exists("vms/vm1/b1/disk0.index")
         assert _listing(store) == {"vms/vm1/b1/disk0.index": size}
 
+    @pytest.mark.parametrize("size", [0, 4096, 64 * 1024 + 1, 4 * MiB + 36])
+    def test_get_into_reads_the_object_into_a_buffer(self, store: Store, size: int) -> None:
+        data = seeded_bytes(size, size + 7)
+        store.put("chunks/00ff/00ffee", memoryview(bytearray(data)))  # a view, as the pipeline hands one
+        raw = memoryview(aligned_buffer(4 * MiB + 3 * 4096))
+        assert is_aligned(raw)
+        for start in (0, 5):  # a buffer on a page (O_DIRECT where the store can) and one that is not
+            buffer = raw[start:]
+            buffer[: size + 1] = b"\xaa" * (size + 1)
+            assert store.get_into("chunks/00ff/00ffee", buffer) == size
+            assert buffer[:size] == data
+        if size:
+            with pytest.raises(StoreError, match="more than"):
+                store.get_into("chunks/00ff/00ffee", memoryview(bytearray(size - 1)))
+        with pytest.raises(NotFoundError):
+            store.get_into("chunks/00ff/missing", raw)
+
     def test_keys_of_every_allowed_character(self, store: Store) -> None:
         keys = ["A-Z_a+z.0-9", "chunks/00ff/00ff" + "ab" * 31, "-lead/_x/+y/9.z", "a" * 200 + "/b"]
         for number, key in enumerate(keys):
@@ -258,6 +277,7 @@ class StoreContract:
             False,
             False,
         )  # no store has them yet
+        assert capabilities.transfer_threads >= 0 and isinstance(capabilities.reads_into, bool)
         store.check_conditional_writes()  # a store that keeps the if_absent guarantee passes its own probe
         assert _listing(store) == {}  # and the probe leaves nothing behind
 

@@ -11,6 +11,7 @@ import random
 import subprocess
 from pathlib import Path
 
+import blake3
 import pytest
 import zstandard
 from hypothesis import given, settings
@@ -33,7 +34,13 @@ KEY = RepositoryKey.from_master(bytes(range(32)))
 OTHER_KEY = RepositoryKey.from_master(bytes(range(1, 33)))
 PLAIN = ChunkCodec()
 SEALED = ChunkCodec(KEY)
-CODECS = pytest.mark.parametrize("codec", [PLAIN, SEALED], ids=["plain", "encrypted"])
+PLAIN_B3 = ChunkCodec(id_hash="blake3")
+SEALED_B3 = ChunkCodec(KEY, id_hash="blake3")
+CODECS = pytest.mark.parametrize(
+    "codec",
+    [PLAIN, SEALED, PLAIN_B3, SEALED_B3],
+    ids=["plain", "encrypted", "plain-blake3", "encrypted-blake3"],
+)
 
 
 def compressible(n: int, seed: int = 0) -> bytes:
@@ -55,6 +62,45 @@ def test_ids_are_sha256_or_hmac_with_the_id_key() -> None:
     assert PLAIN.chunk_id(data) == hashlib.sha256(data).digest()
     assert SEALED.chunk_id(data) == hmac.digest(KEY.id_key, data, "sha256")
     assert SEALED.chunk_id(data) != ChunkCodec(OTHER_KEY).chunk_id(data)
+
+
+def test_blake3_ids_are_blake3_or_keyed_blake3_with_their_own_subkey() -> None:
+    data = b"guest data" * 100
+    assert PLAIN_B3.chunk_id(data) == blake3.blake3(data).digest()
+    assert SEALED_B3.chunk_id(data) == blake3.blake3(data, key=KEY.blake3_id_key).digest()
+    assert KEY.blake3_id_key not in (KEY.id_key, KEY.encryption_key, KEY.mac_key)
+    assert SEALED_B3.chunk_id(data) != ChunkCodec(OTHER_KEY, id_hash="blake3").chunk_id(data)
+    assert len({PLAIN.chunk_id(data), SEALED.chunk_id(data), PLAIN_B3.chunk_id(data)}) == 3
+    with pytest.raises(UsageError, match="unknown chunk id hash"):
+        ChunkCodec(id_hash="md5")
+
+
+def test_a_blob_of_one_hash_does_not_decode_as_a_chunk_of_the_other() -> None:
+    data = os.urandom(5000)
+    chunk_id, blob = encode(PLAIN, data)
+    with pytest.raises(DamagedChunkError, match="does not match its id"):
+        PLAIN_B3.decode(blob, chunk_id)
+
+
+@CODECS
+@pytest.mark.parametrize("kind", ["random", "compressible", "short"])
+def test_encode_frame_and_decode_view_give_the_bytes_of_encode_and_decode(
+    codec: ChunkCodec, kind: str
+) -> None:
+    data = {"random": os.urandom(CHUNK_SIZE), "compressible": compressible(CHUNK_SIZE), "short": b"x" * 100}[
+        kind
+    ]
+    chunk_id = codec.chunk_id(data)
+    frame = memoryview(bytearray(HEADER_SIZE + CHUNK_SIZE))
+    frame[HEADER_SIZE : HEADER_SIZE + len(data)] = data
+    blob = bytes(codec.encode_frame(frame, len(data), chunk_id))
+    assert bytes(frame[HEADER_SIZE : HEADER_SIZE + len(data)]) == data  # the plaintext stays where it was
+    if not codec.encrypted:  # random nonces: encrypted blobs differ, and both decode
+        assert blob == codec.encode(data, chunk_id)
+    assert bytes(codec.decode_view(blob, chunk_id, length=len(data))) == data
+    assert codec.decode(blob, chunk_id) == data
+    with pytest.raises(UsageError):
+        codec.encode_frame(frame[: HEADER_SIZE + 10], 11, chunk_id)
 
 
 @CODECS

@@ -140,6 +140,11 @@ def test_data_runs() -> None:
     data[-1] = 1
     assert list(data_runs(bytes(data))) == [(3 * block, 5 * block), (CHUNK_SIZE - block, CHUNK_SIZE)]
     assert list(data_runs(bytes(100))) == [] and list(data_runs(b"\1" * 100)) == [(0, 100)]
+    data[block * 3 + 7] = 0  # a block whose first and last bytes are zero, one in the middle is not
+    data[block * 6 + 500] = 1
+    expected = [(4 * block, 5 * block), (6 * block, 7 * block), (CHUNK_SIZE - block, CHUNK_SIZE)]
+    for form in (bytes(data), memoryview(data), memoryview(bytes(data))[:]):  # views are compared in place
+        assert list(data_runs(form)) == expected
 
 
 # ---------------------------------------------------------------------------------------------- the pipeline
