@@ -16,7 +16,7 @@ from typing import Any
 from vmsnap import processes
 from vmsnap.backup.config import RecoveryError, RecoveryReport
 from vmsnap.errors import AgentError, FreezeError, NotFoundError, VmsnapError
-from vmsnap.repo.journal import Journal
+from vmsnap.repo.journal import JOURNAL_FORMAT, Journal
 from vmsnap.repo.layout import RepositoryLayout
 from vmsnap.repo.repository import Repository
 from vmsnap.strategies import strategy_class
@@ -139,7 +139,11 @@ def resume_paused(machine: Machine, journal: Journal | None) -> list[str]:
 
 
 def _journal_quietly(journal: Journal, step: str, **data: Any) -> None:
-    """Record an undo step; a journal that cannot be written (its disk full) costs only a repeat later."""
+    """Record an undo step; a journal that cannot be written (its disk full) costs only a repeat later, and
+    one of format 1 (one JSON document, written by an older vmsnap) is left as it is (a line appended would
+    damage it)."""
+    if journal.header.get("format") != JOURNAL_FORMAT:
+        return
     with contextlib.suppress(OSError):
         journal.record(step, **data)
 
