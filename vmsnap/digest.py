@@ -4,13 +4,11 @@ imports from here, with a DeprecationWarning naming its new home (see :mod:`vmsn
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from vmsnap import moved
 
 __all__ = sorted(moved.MOVED[__name__])
 
 if not TYPE_CHECKING:
-
-    def __getattr__(name: str) -> Any:
-        return moved.resolve(__name__, name)
+    __getattr__ = moved.old_names(__name__)  # names an older vmsnap had here: vmsnap.moved, docs/api.md

@@ -5,13 +5,11 @@ new home (see :mod:`vmsnap.moved` and docs/api.md).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from vmsnap import moved
 
 __all__ = sorted(moved.MOVED[__name__])
 
 if not TYPE_CHECKING:
-
-    def __getattr__(name: str) -> Any:
-        return moved.resolve(__name__, name)
+    __getattr__ = moved.old_names(__name__)  # names an older vmsnap had here: vmsnap.moved, docs/api.md

@@ -3,18 +3,20 @@ defined still imports from its old module, with a :class:`DeprecationWarning` th
 all but the few in :data:`REMOVED`, whose error says what to use instead.
 
 The old modules (``vmsnap.machine``, ``vmsnap.repository``, ``vmsnap.qmp``, …) are shims whose
-``__getattr__`` is :func:`resolve`; modules that still exist but lost names to others (``vmsnap.runner``,
-``vmsnap.backup``, ``vmsnap.cli``, …) have the same ``__getattr__``. :data:`MOVED` maps each old name to
-its new home (``module`` when the name is the same there, ``module:name`` when it is not; a few old
-signatures live on in :mod:`vmsnap.legacy`); :data:`REMOVED` names the few that have no equivalent and
-says what to use instead. New names are imported lazily by their module's name (``importlib``), so no
-shim adds an import edge. The public API and these tables are described in docs/api.md.
+``__getattr__`` is :func:`old_names` (which calls :func:`resolve`); modules that still exist but lost names
+to others (``vmsnap.runner``, ``vmsnap.backup``, ``vmsnap.cli``, …) have the same ``__getattr__``.
+:data:`MOVED` maps each old name to its new home (``module`` when the name is the same there,
+``module:name`` when it is not; a few old signatures live on in :mod:`vmsnap.legacy`); :data:`REMOVED`
+names the few that have no equivalent and says what to use instead. New names are imported lazily by
+their module's name (``importlib``), so no shim adds an import edge.
+The public API and these tables are described in docs/api.md.
 """
 
 from __future__ import annotations
 
 import importlib
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 MOVED: dict[str, dict[str, str]] = {
@@ -414,6 +416,16 @@ def new_home(module: str, name: str) -> str | None:
         return None
     new_module, _, new_name = target.partition(":")
     return f"{new_module}.{new_name or name}"
+
+
+def old_names(module: str) -> Callable[[str], Any]:
+    """The module ``__getattr__`` of ``module``, a module some of whose names moved or were removed
+    (``__getattr__ = old_names(__name__)``): each call is :func:`resolve` of that module."""
+
+    def __getattr__(name: str) -> Any:
+        return resolve(module, name)
+
+    return __getattr__
 
 
 def resolve(module: str, name: str) -> Any:

@@ -46,6 +46,7 @@ class OfflineBitmapStrategy:
     capabilities: ClassVar[Capabilities] = Capabilities(
         instant="pause", online=False, offline=True, incremental=True, tracks_changes=True
     )
+    last_pause_ms: float | None = None  # the VM is off: nothing to pause
 
     def __init__(self, machine: Machine, *, bitmap: str = "vmsnap", since: str | None = None) -> None:
         self.machine = machine

@@ -154,7 +154,7 @@ def _create(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         refs = tuple(strategy.create(disks, name=outcome.name))
-    paused = getattr(strategy, "last_pause_ms", None)
+    paused = strategy.last_pause_ms
     return attrs.evolve(
         outcome,
         snapshots=refs,

@@ -99,7 +99,7 @@ def _init_arguments(parser: argparse.ArgumentParser) -> None:
         "--chunk-id",
         choices=_chunk_ids(),
         help="chunk id hash (chunks only): blake3 (default; ~4x faster than sha256 here) or sha256 "
-        "(format 2: a repository that vmsnap before format 3 can read)",
+        "(unencrypted: format 2, which vmsnap before format 3 can read; encrypted: format 4 either way)",
     )
     add_key_option(parser, what="with --encrypt: the key file, created 0600 when missing")
 

@@ -207,6 +207,8 @@ class RepositoryLayout(abc.ABC):
 
         :raise ValueError: the marker lacks what the layout needs (the caller says it is damaged)
         """
+        if marker.sealed and not cls.encrypts:
+            raise ValueError(f"sealed metadata in the {cls.name} layout, which cannot be encrypted")
         if marker.chunk_id is not None and not cls.chunk_ids:
             raise ValueError(f"chunk id {marker.chunk_id!r} in a {cls.name} repository")
         if cls.chunk_size is None:

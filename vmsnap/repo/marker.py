@@ -22,6 +22,19 @@ layout's rule; ``chunks`` writes ``"blake3"`` and ``"blake3-keyed"``)::
 A marker that names no id function is written as format 2 (chunk ids sha256, HMAC-SHA256 when encrypted), so
 a vmsnap that reads only formats 1 and 2 still reads it, and refuses a format-3 one by its number (rather
 than finding every chunk damaged).
+
+Format 4 is an encrypted repository whose metadata is sealed too (what ``init --encrypt`` makes: see
+:mod:`vmsnap.repo.chunks.sealed`): format 3's fields when it names its chunk id function, else format 2's,
+and the encryption says how its metadata is sealed::
+
+    {"format": 4, …, "chunk_id": "blake3",
+     "encryption": {"cipher": "aes-256-gcm", "chunk_id": "blake3-keyed", "key_id": "<32 hex>",
+                    "metadata": "sealed-1"}}
+
+An encrypted repository whose metadata is plain (made before: format 2, or 3) keeps its format and opens as it
+did; a vmsnap that reads only formats 1 to 3 refuses a format-4 one by its number rather than finding no
+backups in it. The format is the highest of what the marker needs: 4 when sealed, else 3 when it names its
+chunk id function, else 2.
 """
 
 from __future__ import annotations
@@ -40,6 +53,11 @@ MARKER = "vmsnap-repo.json"
 FORMAT = 2
 FORMAT_CHUNK_ID = 3
 """The format of a marker that names its chunk id function (format 2 plus ``chunk_id``)."""
+FORMAT_SEALED = 4
+"""The format of an encrypted repository whose metadata is sealed (2 or 3 plus ``encryption.metadata``)."""
+SEALED = "sealed-1"
+"""``encryption.metadata`` of a format-4 marker: keys and objects sealed as :mod:`vmsnap.repo.chunks.sealed`
+says."""
 FORMAT1_LAYOUT = "qcow2"
 """The layout of a repository whose marker is vmsnap 0.1's ``{"format": 1}``."""
 DEFAULT_LAYOUT = "chunks"
@@ -58,7 +76,7 @@ _FUNCTION_NAME = _LAYOUT_NAME
 class RepoMarker:
     """What ``vmsnap-repo.json`` says (see the module docstring).
 
-    :param format: 1 (vmsnap 0.1, layout qcow2), 2, or 3 (names the chunk id function)
+    :param format: 1 (vmsnap 0.1, layout qcow2), 2, 3 (names the chunk id function) or 4 (sealed metadata)
     :param layout: the layout's registered name
     :param id: a random id naming the repository's local state directory ("" in format 1)
     :param compression: "zstd" or "none" (a layout that cuts chunks), else None
@@ -67,6 +85,7 @@ class RepoMarker:
     :param chunk_id: the chunk id function a format-3 marker names, else None (format 1 or 2)
     :param keyed_chunk_id: the keyed chunk id function an encrypted format-3 marker names, else None
         (format 2's ``hmac-sha256``, or no encryption)
+    :param sealed: the repository's metadata is sealed (format 4; encrypted only)
     """
 
     format: int
@@ -77,6 +96,7 @@ class RepoMarker:
     chunk_size: int | None = None
     chunk_id: str | None = None
     keyed_chunk_id: str | None = None
+    sealed: bool = False
 
     @property
     def encrypted(self) -> bool:
@@ -90,21 +110,27 @@ class RepoMarker:
         chunk_size: int | None = None,
         compression: str | None = None,
         key_id: str | None = None,
+        sealed: bool | None = None,
     ) -> RepoMarker:
         """The marker of a new repository, with a fresh id; a layout's rules are
         :meth:`~vmsnap.repo.layout.RepositoryLayout.new_marker`'s.
 
-        :raise UsageError: a malformed layout name or an unknown compression
+        :param sealed: seal the metadata (default: when encrypted; format 4)
+        :raise UsageError: a malformed layout name, an unknown compression, or sealed without a key
         """
         if not _LAYOUT_NAME.match(layout):
             raise UsageError(f"unknown repository layout {layout!r}")
         if compression is not None and compression not in COMPRESSIONS:
             raise UsageError(f"unknown compression {compression!r}", hint=f"use {' or '.join(COMPRESSIONS)}")
-        return cls(FORMAT, layout, secrets.token_hex(16), compression, key_id, chunk_size)
+        sealed = key_id is not None if sealed is None else sealed
+        if sealed and key_id is None:
+            raise UsageError("only an encrypted repository can seal its metadata", hint="a bug in the caller")
+        version = FORMAT_SEALED if sealed else FORMAT
+        return cls(version, layout, secrets.token_hex(16), compression, key_id, chunk_size, sealed=sealed)
 
     def naming_chunk_ids(self, chunk_id: str, keyed_chunk_id: str) -> RepoMarker:
-        """This marker naming its chunk id functions (format 3): ``chunk_id``, and ``keyed_chunk_id`` when
-        it is encrypted.
+        """This marker naming its chunk id functions (format 3, or 4 when sealed): ``chunk_id``, and
+        ``keyed_chunk_id`` when it is encrypted.
 
         :raise UsageError: a malformed name
         """
@@ -112,16 +138,20 @@ class RepoMarker:
             if not _FUNCTION_NAME.match(name):
                 raise UsageError(f"unknown chunk id function {name!r}")
         keyed = keyed_chunk_id if self.key_id is not None else None
-        return attrs.evolve(self, format=FORMAT_CHUNK_ID, chunk_id=chunk_id, keyed_chunk_id=keyed)
+        version = FORMAT_SEALED if self.sealed else FORMAT_CHUNK_ID
+        return attrs.evolve(self, format=version, chunk_id=chunk_id, keyed_chunk_id=keyed)
 
     def to_json(self) -> dict[str, Any]:
-        """The marker's JSON object (format 2, or 3 when it names its chunk id functions)."""
-        encryption = None
+        """The marker's JSON object (format 2, 3 when it names its chunk id functions, 4 when sealed)."""
+        encryption: dict[str, str] | None = None
         if self.key_id is not None:
             keyed = self.keyed_chunk_id if self.keyed_chunk_id is not None else CHUNK_ID
             encryption = {"cipher": CIPHER, "chunk_id": keyed, "key_id": self.key_id}
+            if self.sealed:
+                encryption["metadata"] = SEALED
+        version = FORMAT_SEALED if self.sealed else FORMAT if self.chunk_id is None else FORMAT_CHUNK_ID
         data: dict[str, Any] = {
-            "format": FORMAT if self.chunk_id is None else FORMAT_CHUNK_ID,
+            "format": version,
             "layout": self.layout,
             "id": self.id,
             "chunk_size": self.chunk_size,
@@ -147,10 +177,9 @@ class RepoMarker:
             ) from err
         if version == 1:
             return cls(1, FORMAT1_LAYOUT)
-        if version not in (FORMAT, FORMAT_CHUNK_ID):
+        if version not in (FORMAT, FORMAT_CHUNK_ID, FORMAT_SEALED):
             raise RepositoryError(
-                f"repository {where} has format {version!r}; "
-                f"this vmsnap reads formats 1 to {FORMAT_CHUNK_ID}",
+                f"repository {where} has format {version!r}; this vmsnap reads formats 1 to {FORMAT_SEALED}",
                 hint="use the vmsnap version that wrote it",
             )
         try:
@@ -162,7 +191,7 @@ class RepoMarker:
 
     @classmethod
     def _parse_v2(cls, data: dict[str, Any], version: int) -> RepoMarker:
-        """Formats 2 and 3 (see the module docstring)."""
+        """Formats 2, 3 and 4 (see the module docstring)."""
         layout = str(data["layout"])
         if not _LAYOUT_NAME.match(layout):
             raise ValueError(f"layout {layout!r}")
@@ -176,7 +205,7 @@ class RepoMarker:
         if compression is not None and compression not in COMPRESSIONS:
             raise ValueError(f"compression {compression!r}")
         chunk_id = None
-        if version == FORMAT_CHUNK_ID:
+        if version == FORMAT_CHUNK_ID or (version == FORMAT_SEALED and "chunk_id" in data):
             chunk_id = data["chunk_id"]
             if not isinstance(chunk_id, str) or not _FUNCTION_NAME.match(chunk_id):
                 raise ValueError(f"chunk id {chunk_id!r}")
@@ -194,4 +223,9 @@ class RepoMarker:
             key_id = str(encryption["key_id"])
             if not _HEX32.match(key_id):
                 raise ValueError(f"key id {key_id!r}")
-        return cls(version, layout, repo_id, compression, key_id, chunk_size, chunk_id, keyed)
+            if encryption.get("metadata") != (SEALED if version == FORMAT_SEALED else None):
+                raise ValueError(f"metadata {encryption.get('metadata')!r} in format {version}")
+        elif version == FORMAT_SEALED:
+            raise ValueError("format 4 without encryption")
+        sealed = version == FORMAT_SEALED
+        return cls(version, layout, repo_id, compression, key_id, chunk_size, chunk_id, keyed, sealed)

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import attrs
 
+from vmsnap.image.geometry import CHUNK_SIZE
 from vmsnap.jobs.metrics import Series, read_series
 from vmsnap.repo.layout import RepositoryLayout
 from vmsnap.repo.manifest import Manifest
 from vmsnap.repo.retention import backup_time
 from vmsnap.repo.verify_records import VerifyRecord, latest_verification
 from vmsnap.verify_boot.result import BootResult, latest_boot
-
-CHUNK_SIZE = 4 * 1024 * 1024
 
 
 @attrs.frozen

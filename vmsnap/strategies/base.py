@@ -150,6 +150,9 @@ class Strategy(Protocol):
     traits: ClassVar[Traits]
     capabilities: ClassVar[Capabilities]
     machine: Machine
+    last_pause_ms: float | None
+    """How long the last :meth:`create` kept the VM's vCPUs stopped (ms), None where it stopped none or
+    cannot tell (a backup's outcome reports it)."""
 
     def __init__(self, machine: Machine, **options: Any) -> None:
         """Bind the strategy to ``machine`` with its own ``options`` (``UsageError`` for unknown ones)."""
@@ -206,6 +209,7 @@ class StrategyBase:
     :meth:`remark` for what the backup's caller should read."""
 
     machine: Machine
+    last_pause_ms: float | None = None
     notes: Note | None = None
     """Where :meth:`remark` sends remarks (:attr:`BackupContext.note` of the backup it was made for)."""
 
@@ -307,8 +311,6 @@ def distinct_names(disks: Sequence[Disk]) -> None:
 
 
 if not typing.TYPE_CHECKING:
+    from vmsnap.moved import old_names
 
-    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
-        from vmsnap import moved
-
-        return moved.resolve(__name__, name)
+    __getattr__ = old_names(__name__)  # names an older vmsnap had here: vmsnap.moved, docs/api.md

@@ -5,13 +5,11 @@ path used (the third round removed it). Importing a name of it raises
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-from vmsnap import moved
+from typing import TYPE_CHECKING
 
 __all__: list[str] = []
 
 if not TYPE_CHECKING:
+    from vmsnap.moved import old_names
 
-    def __getattr__(name: str) -> Any:
-        return moved.resolve(__name__, name)
+    __getattr__ = old_names(__name__)  # names an older vmsnap had here: vmsnap.moved, docs/api.md

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.cli_helpers import cli_process
+from tests.integration.repo.layouts.helpers import stored_path
 from vmsnap.backup import Backup, BackupConfig
 from vmsnap.errors import NotFoundError, RepositoryError, UsageError
 from vmsnap.repo.chunks.keys import create_key_file
@@ -68,7 +69,8 @@ def test_objects_beside_a_backup_are_kept_checked_and_bound_to_it(tmp_path: Path
     assert repo.attachment(one, "boot-1.json") == b'{"verdict": "failed"}'
     assert _manifest_bytes(repo_path) == manifests  # the manifests were never rewritten
     if case == "chunks-encrypted":  # nothing of the plaintext is stored in the clear
-        stored = b"".join(p.read_bytes() for p in repo_path.rglob("attached.*"))
+        stored = b"".join(p.read_bytes() for p in repo_path.rglob("*") if p.is_file())
+        assert stored_path(repo_path, f"vms/vm1/{first}/attached.boot-1.png", key).exists()
         assert b"verdict" not in stored and payload[:512] not in stored
 
     with pytest.raises(NotFoundError, match=r"keeps no boot-2\.json"):
@@ -78,25 +80,32 @@ def test_objects_beside_a_backup_are_kept_checked_and_bound_to_it(tmp_path: Path
     with pytest.raises(UsageError, match="too large"):
         repo.attach(one, "big", bytes(ATTACHMENT_MAX + 1))
 
-    # moved to another backup: refused (its envelope names the backup it was kept for)
-    files = {p.name: p for p in repo_path.rglob("*") if p.is_file() and "boot-1.json" in p.name}
-    [(_, source)] = files.items()
-    target = Path(str(source).replace(first, second))
+    # moved to another backup: refused (its envelope names the backup it was kept for; sealed, its key)
+    if case == "qcow2":
+        source = repo_path / "vm1" / first / "attachments" / "boot-1.json"
+        target = repo_path / "vm1" / second / "attachments" / "boot-1.json"
+    else:
+        source = stored_path(repo_path, f"vms/vm1/{first}/attached.boot-1.json", key)
+        target = stored_path(repo_path, f"vms/vm1/{second}/attached.boot-1.json", key)
+    assert source.is_file()
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(source.read_bytes())
-    with pytest.raises(RepositoryError, match="another backup"):
+    moved = "moved from another key" if case == "chunks-encrypted" else "another backup"
+    with pytest.raises(RepositoryError, match=moved):
         repo.attachment(two, "boot-1.json")
 
     # damaged: refused
     raw = bytearray(source.read_bytes())
     raw[-3] ^= 0xFF
     source.write_bytes(bytes(raw))
-    with pytest.raises(RepositoryError, match="damaged"):
+    with pytest.raises(RepositoryError, match="fails its authentication" if key else "damaged"):
         repo.attachment(one, "boot-1.json")
 
     # pruned with its backup
+    png = stored_path(repo_path, f"vms/vm1/{first}/attached.boot-1.png", key) if case != "qcow2" else None
     repo.prune("vm1", 1)
     assert not list(repo_path.rglob(f"*{first}*boot-1.png*")) and not (repo_path / "vm1" / first).exists()
+    assert png is None or not png.exists()
 
 
 def test_an_encrypted_repository_refuses_an_object_read_with_another_key(tmp_path: Path) -> None:
@@ -104,7 +113,8 @@ def test_an_encrypted_repository_refuses_an_object_read_with_another_key(tmp_pat
     backup_id = _backup(tmp_path, repo_path, key)
     repo = Repository.open(repo_path, key_file=key)
     repo.attach(repo.get("vm1", backup_id), "proof", b"secret proof")
-    stored = next(repo_path.rglob("attached.proof"))
+    stored = stored_path(repo_path, f"vms/vm1/{backup_id}/attached.proof", key)
+    assert stored.is_file()
     # an object of the same name written by someone without the key (an unencrypted blob) is refused
     plain = Repository.init(tmp_path / "plain")
     plain_backup = _backup(tmp_path, tmp_path / "plain", None)
@@ -129,12 +139,17 @@ def test_an_object_for_a_backup_removed_meanwhile_is_refused_and_leaves_nothing(
     backup_id = _backup(tmp_path, repo_path, key)
     repo: RepositoryLayout = Repository.open(repo_path, key_file=key)
     manifest = repo.get("vm1", backup_id)
-    before = {p for p in repo_path.rglob("*") if "locks" not in p.parts}
+    before = _not_leases(repo_path)
     repo.delete_backup(manifest.vm, manifest.backup_id)
-    gone = {p for p in repo_path.rglob("*") if "locks" not in p.parts}
+    gone = _not_leases(repo_path)
     with pytest.raises(NotFoundError, match="is gone"):
         repo.attach(manifest, "boot-20261207T000000.000000Z.json", b"{}")
-    assert {p for p in repo_path.rglob("*") if "locks" not in p.parts} == gone != before
+    assert _not_leases(repo_path) == gone != before
+
+
+def _not_leases(repo: Path) -> set[Path]:
+    """Every path in ``repo`` but the leases (``locks/``; ``l/`` when sealed)."""
+    return {p for p in repo.rglob("*") if p.relative_to(repo).parts[0] not in ("locks", "l")}
 
 
 def test_list_shows_a_damaged_boot_record_on_its_own_backup(tmp_path: Path) -> None:

@@ -82,34 +82,63 @@ def test_markers_round_trip_and_old_or_odd_ones_are_judged(
 ) -> None:
     marker = layout_class("chunks").new_marker(key_id="ab" * 16, chunk_id=chunk_id)
     data = marker.to_json()
-    assert data["encryption"] == {"cipher": "aes-256-gcm", "chunk_id": keyed, "key_id": "ab" * 16}
+    # a new encrypted repository seals its metadata whatever its chunk id hash: format 4
+    assert data["encryption"] == {
+        "cipher": "aes-256-gcm",
+        "chunk_id": keyed,
+        "key_id": "ab" * 16,
+        "metadata": "sealed-1",
+    }
     assert (data["format"], data["layout"], data["chunk_size"], data["compression"]) == (
-        version,
+        4,
         "chunks",
         4 << 20,
         "zstd",
     )
-    assert data.get("chunk_id") == (None if chunk_id == "sha256" else chunk_id)  # format 2 stays format 2
-    assert RepoMarker.from_bytes(json.dumps(data).encode(), where="m") == marker
+    assert data.get("chunk_id") == (None if chunk_id == "sha256" else chunk_id)
+    assert marker.sealed and RepoMarker.from_bytes(json.dumps(data).encode(), where="m") == marker
     assert _opened(tmp_path / "good", data) == marker
     assert id_hash_of(marker) == chunk_id
-    assert RepoMarker.from_bytes(b'{"format": 1}', where="m").layout == "qcow2"
-    other = "hmac-sha256" if chunk_id == "blake3" else "blake3-keyed"  # the other hash's keyed id
+    # an encrypted repository made before sealed metadata (format 2: sha256, 3: blake3), opened as it is
+    old = {
+        **data,
+        "format": version,
+        "encryption": {k: v for k, v in data["encryption"].items() if k != "metadata"},
+    }
+    read = _opened(tmp_path / "old", old)
+    assert (read.format, read.sealed, read.key_id, id_hash_of(read)) == (version, False, "ab" * 16, chunk_id)
+    assert read.to_json() == old
+    # an unencrypted one has nothing to seal: format 2 or 3
+    unencrypted = layout_class("chunks").new_marker(chunk_id=chunk_id)
+    assert (unencrypted.to_json()["format"], unencrypted.sealed) == (version, False)
+    # format 4 says how its metadata is sealed, and formats 2 and 3 do not claim it
     for n, bad in enumerate(
         (
-            {**data, "chunk_size": 1 << 20},
-            {**data, "id": "../x"},
-            {**data, "compression": "lz4"},
-            {**data, "format": 3, "chunk_id": "md5"},
-            {**data, "format": 3, "chunk_id": "../x"},
-            {**data, "encryption": {**data["encryption"], "chunk_id": other}},
-            {**data, "layout": "qcow2", "format": 3, "chunk_id": "blake3"},
+            {**data, "encryption": old["encryption"]},
+            {**old, "encryption": data["encryption"]},
+            {**data, "encryption": None},
         )
     ):
         with pytest.raises(RepositoryError, match="damaged"):
-            _opened(tmp_path / f"bad{n}", bad)
-    with pytest.raises(RepositoryError, match="has format 4"):
-        RepoMarker.from_bytes(json.dumps({**data, "format": 4}).encode(), where="m")
+            _opened(tmp_path / f"unsealed{n}", bad)
+    assert RepoMarker.from_bytes(b'{"format": 1}', where="m").layout == "qcow2"
+    other = "hmac-sha256" if chunk_id == "blake3" else "blake3-keyed"  # the other hash's keyed id
+    for base, named in ((old, 3), (data, 4)):  # unsealed (naming its id hash: format 3) and sealed
+        for n, bad in enumerate(
+            (
+                {**base, "chunk_size": 1 << 20},
+                {**base, "id": "../x"},
+                {**base, "compression": "lz4"},
+                {**base, "format": named, "chunk_id": "md5"},
+                {**base, "format": named, "chunk_id": "../x"},
+                {**base, "encryption": {**base["encryption"], "chunk_id": other}},
+                {**base, "layout": "qcow2", "format": named, "chunk_id": "blake3"},
+            )
+        ):
+            with pytest.raises(RepositoryError, match="damaged"):
+                _opened(tmp_path / f"bad{named}-{n}", bad)
+    with pytest.raises(RepositoryError, match="has format 5"):
+        RepoMarker.from_bytes(json.dumps({**data, "format": 5}).encode(), where="m")
     with pytest.raises(UsageError, match="unknown chunk id hash"):
         layout_class("chunks").new_marker(chunk_id="md5")
     with pytest.raises(UsageError, match="the qcow2 layout has no chunk ids") as caught:

@@ -54,8 +54,6 @@ __all__ = [
 
 
 if not typing.TYPE_CHECKING:
+    from vmsnap.moved import old_names
 
-    def __getattr__(name: str) -> object:  # names an older vmsnap had here: vmsnap.moved, docs/api.md
-        from vmsnap import moved
-
-        return moved.resolve(__name__, name)
+    __getattr__ = old_names(__name__)  # names an older vmsnap had here: vmsnap.moved, docs/api.md

@@ -10,8 +10,10 @@ sha256     format 2 (names no id hash);           sha256; HMAC-SHA256 when encry
            encrypted: ``"hmac-sha256"``
 =========  =====================================  ============================================================
 
-New repositories use BLAKE3 unless ``init --chunk-id sha256`` says otherwise; a sha256 repository keeps
-format 2, so a vmsnap that reads only formats 1 and 2 still reads it.
+New repositories use BLAKE3 unless ``init --chunk-id sha256`` says otherwise; an unencrypted sha256
+repository keeps format 2, so a vmsnap that reads only formats 1 and 2 still reads it. A new encrypted
+repository of either hash is format 4 (its metadata sealed: :mod:`vmsnap.repo.marker`), naming its id hash
+as format 3 does when it is BLAKE3.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class ChunkIdRules(RepositoryLayout):
         cls, *, compression: str = "zstd", key_id: str | None = None, chunk_id: str | None = None
     ) -> RepoMarker:
         """The layout's marker (:meth:`RepositoryLayout.new_marker`) naming its id hash where it is not
-        sha256 (format 3)."""
+        sha256 (format 3; 4 when its metadata is sealed)."""
         marker = super().new_marker(compression=compression, key_id=key_id, chunk_id=chunk_id)
         named, keyed = _MARKED[chunk_id if chunk_id is not None else cls.chunk_ids[0]]
         if named is None or keyed is None:

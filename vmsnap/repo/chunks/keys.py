@@ -1,5 +1,6 @@
 """The key of an encrypted ``chunks`` repository: one random 256-bit master key in a private key file, and the
-subkeys derived from it (chunk ids, chunk encryption, index/manifest authentication, the key's fingerprint).
+subkeys derived from it (chunk ids, chunk encryption, index/manifest authentication, sealed metadata, the
+key's fingerprint).
 
 Key file (UTF-8 JSON, mode 0600, never on a command line)::
 
@@ -15,6 +16,8 @@ Derivation: every subkey is HKDF-SHA256 (RFC 5869) of the master key, no salt, 3
                                                        chunk), in a repository whose chunk id is blake3
     ``encryption_key`` ``vmsnap aes-256-gcm v1``       AES-256-GCM of chunk blobs
     ``mac_key``        ``vmsnap metadata-mac v1``      HMAC-SHA256 over indexes and manifests
+    ``name_key`` (64)  ``vmsnap metadata-names v1``    AES-SIV of the names in sealed store keys (64 bytes)
+    ``seal_key``       ``vmsnap metadata-seal v1``     AES-256-GCM of sealed metadata objects
     ``key_id`` (16 B)  ``vmsnap key-id v1``            hex fingerprint stored in the repository marker
     =================  ==============================  ==================================================
 
@@ -62,6 +65,8 @@ class RepositoryKey:
     :param mac_key: HMAC-SHA256 key for indexes and manifests
     :param key_id: hex fingerprint, safe to store in the repository marker
     :param blake3_id_key: BLAKE3 key for chunk ids (a repository whose chunk id hash is blake3)
+    :param name_key: AES-SIV key (64 bytes) for the names in sealed keys (:mod:`vmsnap.repo.chunks.sealed`)
+    :param seal_key: AES-256-GCM key for the content of sealed metadata
     """
 
     id_key: bytes
@@ -69,6 +74,8 @@ class RepositoryKey:
     mac_key: bytes
     key_id: str
     blake3_id_key: bytes
+    name_key: bytes
+    seal_key: bytes
 
     @classmethod
     def from_master(cls, master: bytes) -> RepositoryKey:
@@ -87,6 +94,8 @@ class RepositoryKey:
             mac_key=_derive(master, b"vmsnap metadata-mac v1"),
             key_id=_derive(master, b"vmsnap key-id v1", KEY_ID_SIZE).hex(),
             blake3_id_key=_derive(master, b"vmsnap chunk-id blake3 v1"),
+            name_key=_derive(master, b"vmsnap metadata-names v1", 64),
+            seal_key=_derive(master, b"vmsnap metadata-seal v1"),
         )
 
     def mac(self, data: bytes | memoryview) -> bytes:

@@ -47,7 +47,7 @@ from collections.abc import Iterator, Mapping
 
 import attrs
 
-from vmsnap.errors import LeaseError, NotFoundError, StoreError, UsageError
+from vmsnap.errors import ChecksumMismatchError, LeaseError, NotFoundError, StoreError, UsageError
 from vmsnap.model import validate_name
 from vmsnap.processes import crash_point
 from vmsnap.repo.stores.base import Store
@@ -212,6 +212,8 @@ def _read(store: Store, key: str) -> LeaseRecord | None:
         raw = store.get(key)
     except NotFoundError:
         return None
+    except ChecksumMismatchError:  # a sealed lease that fails its check: not a lease (as garbage is)
+        return None
     return LeaseRecord.from_bytes(raw)
 
 
@@ -239,6 +241,8 @@ def read_head(store: Store, series: str) -> Head | None:
             raw = store.get(key)
         except NotFoundError:
             continue  # removed by a clean-up after a newer entry was made: list again
+        except ChecksumMismatchError:  # a sealed lease that fails its check: not a lease
+            return Head(key, seq, None)
         return Head(key, seq, LeaseRecord.from_bytes(raw))
     raise StoreError(f"the lease {series} in {store.url} keeps changing", hint="try again")
 

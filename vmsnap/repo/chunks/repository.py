@@ -67,6 +67,7 @@ from vmsnap.repo.chunks.records import (
     writer_marker_key,
 )
 from vmsnap.repo.chunks.restore import restore_backup
+from vmsnap.repo.chunks.sealed import SealedStore
 from vmsnap.repo.chunks.writer import ChunksWriter
 from vmsnap.repo.layout import RepositoryLayout, RestoreFormat, VerifyReader, disk_filter
 from vmsnap.repo.manifest import MANIFEST, Damaged, Manifest, next_backup_id, utc_now_iso
@@ -122,14 +123,14 @@ class ChunksRepository(ChunkIdRules):
         lease_seconds: float = LEASE_SECONDS,
         workers: int = DEFAULT_WORKERS,
     ) -> None:
-        self._store = store
+        self._store: Store = SealedStore(store, lambda: self.key) if marker.sealed else store
         self.marker = marker
         self._key = key
         self._key_file = key_file
         self._key_problem = key_problem
         self.runner: Runner = runner if runner is not None else LocalRunner()
         self._state = RepositoryState(marker.id, state_root)
-        self.leases = Leases(store, ttl=lease_seconds)
+        self.leases = Leases(self._store, ttl=lease_seconds)
         # a store whose requests wait on a network (S3) says how many chunks to keep in flight
         self._workers = max(workers, store.capabilities.transfer_threads)
         self._held: dict[str, Lease] = {}
@@ -481,6 +482,8 @@ class ChunksRepository(ChunkIdRules):
             raw = self._store.get(needs_full_key(vm))
         except NotFoundError:
             return None
+        except ChecksumMismatchError:
+            return "the marker object is damaged"
         try:
             return str(json.loads(raw).get("reason", "a dead run"))
         except (ValueError, AttributeError):

@@ -16,6 +16,9 @@ from typing import Any
 import attrs
 
 from vmsnap.repo.chunks.leases import LeaseRecord
+from vmsnap.repo.chunks.repository import ChunksRepository
+from vmsnap.repo.chunks.sealed import SealedStore
+from vmsnap.repo.repository import Repository
 from vmsnap.repo.stores.base import Store
 from vmsnap.repo.stores.local import LocalStore
 
@@ -28,6 +31,15 @@ def store_keys(repo: Path) -> list[str]:
     return sorted(
         str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file() and not p.name.startswith(".")
     )
+
+
+def stored_path(repo: Path, key: str, key_file: Path | None = None) -> Path:
+    """The file of a chunks repository in a directory that holds what the layout calls ``key``
+    (``vms/<vm>/<backup>/manifest.json``, …): under its sealed key in an encrypted repository of format 4."""
+    layout = Repository.open(repo, key_file=key_file)
+    assert isinstance(layout, ChunksRepository)
+    store = layout.store
+    return repo / (store.seal_key(key) if isinstance(store, SealedStore) else key)
 
 
 def partial_backups(repo: Path, vm: str = "testvm") -> list[str]:
