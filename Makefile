@@ -80,5 +80,13 @@ bench-peers: bootstrap
 	$(BIN)/python benchmarks/dedup_peers.py --out benchmarks/results
 	$(BIN)/vmsnap bench --peers --out benchmarks/results
 
+# random operations with kill -9 and S3 restarts, then recover, verify and every backup restored and compared
+# (tests/soak/soak.py; not in CI, which runs a 60-second one): SOAK_SECONDS (default 1200), SOAK_SEED
+SOAK_SECONDS ?= 1200
+
+.PHONY: soak
+soak: bootstrap
+	SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/python -m tests.soak.soak
+
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
