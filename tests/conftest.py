@@ -25,6 +25,8 @@ from vmsnap.lab.qemu import DriveSpec, QemuProcess, StorageDaemon
 from vmsnap.runner import SshRunner
 from vmsnap.vm.machine import QemuMachine
 
+pytest_plugins = ["tests.cputime"]  # per-test CPU and wall times, only with VMSNAP_TEST_TIMES set
+
 
 def make_image(path: Path, size: str = "64M", fmt: str = "qcow2", backing: Path | None = None) -> Path:
     """Create a disk image with qemu-img."""

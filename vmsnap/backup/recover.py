@@ -7,6 +7,7 @@ and then thaws with one checked thaw — whatever state the repository is in, a 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,8 +15,8 @@ from typing import Any
 
 from vmsnap import processes
 from vmsnap.backup.config import RecoveryError, RecoveryReport
-from vmsnap.errors import AgentError, FreezeError, VmsnapError
-from vmsnap.repo.journal import Journal
+from vmsnap.errors import AgentError, FreezeError, NotFoundError, VmsnapError
+from vmsnap.repo.journal import JOURNAL_FORMAT, Journal
 from vmsnap.repo.layout import RepositoryLayout
 from vmsnap.repo.repository import Repository
 from vmsnap.strategies import strategy_class
@@ -56,7 +57,19 @@ def undo_run(repo: RepositoryLayout, machine: Machine, journal: Journal) -> list
         failures.append(f"resuming the VM failed: {err.message}")
     if machine.runner.host == "local":
         actions += stop_orphans(_orphan_patterns(journal))
-    if journal.has("creating") and not journal.has("committed") and not journal.has("create-failed"):
+    backup_id = str(header["backup_id"])
+    sealed = unknown = False
+    if journal.has("sealing") and not journal.has("committed"):
+        # died between its manifest put and journalling it: the backup is complete (its snapshots are gone
+        # and the dirty bitmap moved on with it), so it is kept, not discarded
+        try:
+            sealed = _sealed(repo, vm, backup_id)
+        except VmsnapError as err:
+            unknown = True
+            failures.append(f"reading the manifest of backup {backup_id} failed: {err.message}")
+    if sealed:
+        actions.append(f"kept backup {backup_id}: it was sealed before the run died")
+    elif journal.has("creating") and not journal.has("committed") and not journal.has("create-failed"):
         strategy_name = str(header["strategy"])
         tracks_changes = False
         try:
@@ -67,21 +80,34 @@ def undo_run(repo: RepositoryLayout, machine: Machine, journal: Journal) -> list
             if not journal.has("created"):  # died inside create: ask the strategy what it left
                 refs = list(strategy.find(str(journal.data("creating")[-1]["name"])))
             deleted = journal.deleted_disks()
+            # a disk whose deletion began but is not journalled as done: the snapshot may be gone already
+            interrupted = {str(d["disk"]) for d in journal.data("deleting")} - deleted
             strategy.abandon([r for r in refs if r.disk.name not in deleted])  # give changes back
             for ref in refs:
                 if ref.disk.name in deleted:
                     continue
-                strategy.delete(ref)
-                actions.append(f"deleted {strategy_name} snapshot {ref.name} of disk {ref.disk.name}")
+                _journal_quietly(journal, "deleting", disk=ref.disk.name)
+                try:
+                    strategy.delete(ref)
+                    actions.append(f"deleted {strategy_name} snapshot {ref.name} of disk {ref.disk.name}")
+                except NotFoundError:
+                    if ref.disk.name not in interrupted:
+                        raise
+                    actions.append(
+                        f"{strategy_name} snapshot {ref.name} of disk {ref.disk.name} was deleted already "
+                        "(the run died deleting it)"
+                    )
+                # an undo that fails later (the repository unreachable) is tried again: not this part
+                _journal_quietly(journal, "deleted", disk=ref.disk.name)
         except VmsnapError as err:
             failures.append(f"deleting the snapshots failed: {err.message}")
         if tracks_changes:
-            repo.require_full(vm, f"backup {header['backup_id']} did not finish")
+            repo.require_full(vm, f"backup {backup_id} did not finish")
             actions.append("the next backup will be full (the dirty bitmap moved on without a backup)")
-    if not journal.has("committed"):
+    if not journal.has("committed") and not sealed and not unknown:
         try:
-            if repo.discard_backup(vm, str(header["backup_id"])):
-                actions.append(f"removed the unfinished backup {header['backup_id']}")
+            if repo.discard_backup(vm, backup_id):
+                actions.append(f"removed the unfinished backup {backup_id}")
         except VmsnapError as err:
             failures.append(f"removing the unfinished backup failed: {err.message}")
     if failures:
@@ -110,6 +136,28 @@ def resume_paused(machine: Machine, journal: Journal | None) -> list[str]:
         return []
     qmp.cont()
     return ["resumed the VM's vCPUs (the dead run had paused them to snapshot)"]
+
+
+def _journal_quietly(journal: Journal, step: str, **data: Any) -> None:
+    """Record an undo step; a journal that cannot be written (its disk full) costs only a repeat later, and
+    one of format 1 (one JSON document, written by an older vmsnap) is left as it is (a line appended would
+    damage it)."""
+    if journal.header.get("format") != JOURNAL_FORMAT:
+        return
+    with contextlib.suppress(OSError):
+        journal.record(step, **data)
+
+
+def _sealed(repo: RepositoryLayout, vm: str, backup_id: str) -> bool:
+    """Whether ``backup_id`` has its manifest (a dead run's seal landed although its journal does not say so).
+
+    :raise RepositoryError: its manifest is there but damaged
+    """
+    try:
+        repo.get(vm, backup_id)
+    except NotFoundError:
+        return False
+    return True
 
 
 ORPHAN_PROGRAMS = frozenset({"qemu-nbd", "qemu-img", "nbdcopy", "nbdkit", "rsync", "cp"})

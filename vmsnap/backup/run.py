@@ -269,6 +269,7 @@ class Backup:
             bitmap=self.config.bitmap if run.resolved.strategy.capabilities.incremental else None,
             definition=definition,
         )
+        crash_point("after-manifest")
         journal.record("committed", path=run.writer.location)
         if run.resolved.strategy.capabilities.tracks_changes and kind == "full":
             repo.clear_full_required(run.vm)

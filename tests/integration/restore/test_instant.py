@@ -156,6 +156,17 @@ stream(Path(sys.argv[1]), Path(sys.argv[2]), speed=int(sys.argv[3]))
 """
 
 
+def _ext4_image(path: Path, size: str, files: dict[str, bytes], tmp_path: Path) -> None:
+    """A qcow2 image at ``path`` holding an ext4 filesystem with ``files`` (the lab guest mounts it as its
+    data disk, at ``/mnt/data``)."""
+    tree, raw = Path(tempfile.mkdtemp(dir=tmp_path)), tmp_path / "ext4.raw"
+    for name, content in files.items():
+        (tree / name).write_bytes(content)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), str(raw), size], check=True)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True)
+    raw.unlink()
+
+
 def sha256sums(guest: LabGuest, root: str) -> dict[str, str]:
     out = guest.sh(f"cd {root} && sha256sum big.bin notes.txt added.bin").stdout
     return {line.split()[1]: line.split()[0] for line in out.splitlines()}
@@ -165,14 +176,14 @@ def sha256sums(guest: LabGuest, root: str) -> dict[str, str]:
 def test_instant_restore_of_the_lab_guest(lab_image: LabImage, instant_run_dir: Path, tmp_path: Path) -> None:
     """Back the lab guest's data disk up (a full + an incremental, guest off), boot a new guest on images
     backed by that backup, read the files while the copy runs, kill vmsnap mid-copy, resume, and end with
-    standalone images identical to the backup."""
+    standalone images identical to the backup. The first version of the disk is an ext4 made on the host
+    (``mke2fs -d``, as the lab's root disk is): a guest boots for the second one only."""
     source_dir = tmp_path / "source"
-    with LabGuest(source_dir, image=lab_image, data_disk_size="32M", name="src") as guest:
-        guest.sh("dd if=/dev/urandom of=/mnt/data/big.bin bs=1M count=6 2>/dev/null && sync")
-        guest.write_file("/mnt/data/notes.txt", b"version 1\n")
-        guest.write_file("/mnt/data/added.bin", b"")
-        guest.run(["sync"])
+    source_dir.mkdir()
     data = source_dir / "data.qcow2"
+    _ext4_image(
+        data, "32M", {"big.bin": os.urandom(6 << 20), "notes.txt": b"version 1\n", "added.bin": b""}, tmp_path
+    )
     repo = tmp_path / "repo"
     repo.mkdir()
     base, inc = repo / "base.qcow2", repo / "inc.qcow2"

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from vmsnap.errors import QMPCommandError, SnapshotError, VmsnapError
 from vmsnap.image import qemu_img
 from vmsnap.model import Disk, SnapshotRef
+from vmsnap.processes import crash_point
 from vmsnap.runner import Runner
 from vmsnap.strategies.base import paused
 from vmsnap.strategies.blockdev_backup.bitmaps import NodeBitmaps, give_back, park_actions
@@ -209,6 +210,7 @@ def pull_by_filter(
                 _add_filter(qmp, machine.runner, plan, target_dir, undo)
             # the filters and the bitmap operations must take effect at one instant for all disks
             with paused(machine):
+                crash_point("fleecing-paused")  # a dead run leaves the vCPUs paused here
                 qmp.transaction(_bitmap_actions(plans, backup.bitmap))
                 for plan in plans:
                     home = NodeBitmaps(qmp, plan.disk.node_name)
