@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 
+from vmsnap.repo.stores.history import check_past, parse_time, with_as_of
 from vmsnap.vm.machine import Machine
 from vmsnap.vm.select import MachineSpec, open_machine
 
@@ -92,6 +93,27 @@ def add_repo_option(parser: argparse.ArgumentParser, *, required: bool = True, h
         metavar="REPO",
         help=help or "the backup repository: a directory or s3://BUCKET/PREFIX",
     )
+
+
+def add_as_of_option(parser: argparse.ArgumentParser, *, what: str = "the repository") -> None:
+    """``--as-of TIME``: read a repository as it was at TIME (ISO 8601 UTC), from its bucket's object
+    versions."""
+    parser.add_argument(
+        "--as-of",
+        metavar="TIME",
+        help=f"read {what} as it was at TIME (UTC, e.g. 2026-12-07T21:30:00Z), ignoring later deletes and "
+        "overwrites (an S3 bucket with versioning)",
+    )
+
+
+def as_of_location(repo: str | None, as_of: str | None) -> str | None:
+    """``repo`` read as of the ``--as-of`` time (``REPO?as-of=TIME``), or ``repo`` without one.
+
+    :raise UsageError: a malformed time, or one in the future
+    """
+    if as_of is None or repo is None:
+        return repo
+    return with_as_of(repo, check_past(parse_time(as_of)))
 
 
 def add_key_option(parser: argparse.ArgumentParser, *, flag: str = "--key-file", what: str = "") -> None:

@@ -9,10 +9,12 @@ from pathlib import Path
 from vmsnap.backup import Backup, BackupConfig
 from vmsnap.cli.common import (
     Command,
+    add_as_of_option,
     add_disk_option,
     add_key_option,
     add_repo_option,
     add_vm_arguments,
+    as_of_location,
     emit,
     machine_spec,
     mib,
@@ -90,7 +92,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     """Write standalone, verified ``--to/<disk>.qcow2`` images of a backup (and define a domain on them)."""
     with disk_progress(not args.json) as progress:
         result = restore_images(
-            args.repo,
+            as_of_location(args.repo, args.as_of) or args.repo,
             args.vm,
             args.backup,
             args.to,
@@ -135,6 +137,7 @@ def _restore_arguments(parser: argparse.ArgumentParser) -> None:
         help="write disk DISK onto block device DEV instead of a file (repeat)",
     )
     add_key_option(parser)
+    add_as_of_option(parser)
 
 
 def _devices(pairs: list[str]) -> dict[str, Path]:

@@ -13,7 +13,16 @@ import re
 import shlex
 from pathlib import Path
 
-from vmsnap.cli.common import Command, add_repo_option, emit, mib, render_table, sigterm_interrupts
+from vmsnap.cli.common import (
+    Command,
+    add_as_of_option,
+    add_repo_option,
+    as_of_location,
+    emit,
+    mib,
+    render_table,
+    sigterm_interrupts,
+)
 from vmsnap.cli.progress import disk_progress
 from vmsnap.errors import UsageError
 from vmsnap.restore.commands import (
@@ -42,11 +51,12 @@ def _backup_ref(args: argparse.Namespace) -> BackupRef | None:
 
     :raise UsageError: only one of them is given
     """
-    if args.repo is None and args.vm is None and args.backup is None and args.key_file is None:
+    named = (args.repo, args.vm, args.backup, args.key_file, args.as_of)
+    if all(value is None for value in named):
         return None
     if args.repo is None or args.vm is None:
         raise UsageError("a backup is named by --repo and --vm (and --backup ID for one but the latest)")
-    return BackupRef(args.repo, args.vm, args.backup, args.key_file)
+    return BackupRef(as_of_location(args.repo, args.as_of) or args.repo, args.vm, args.backup, args.key_file)
 
 
 def _add_backup_options(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +69,7 @@ def _add_backup_options(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="an encrypted repository's key file (default: $VMSNAP_KEY_FILE)",
     )
+    add_as_of_option(parser)
 
 
 # -- mount, umount ------------------------------------------------------------------------------------------

@@ -13,9 +13,11 @@ from vmsnap.cli import boot
 from vmsnap.cli.boot import boot_cell
 from vmsnap.cli.common import (
     Command,
+    add_as_of_option,
     add_key_option,
     add_repo_option,
     add_vm_arguments,
+    as_of_location,
     count,
     emit,
     finite_seconds,
@@ -29,9 +31,10 @@ from vmsnap.cli.progress import disk_progress
 from vmsnap.errors import ChainError, ChecksumMismatchError, RepositoryError, UsageError
 from vmsnap.repo.copy import copy_backups
 from vmsnap.repo.layout import RepositoryLayout, layout_class, layout_names
+from vmsnap.repo.locking import LockPolicy
 from vmsnap.repo.manifest import Damaged, Manifest
 from vmsnap.repo.marker import COMPRESSIONS, DEFAULT_LAYOUT
-from vmsnap.repo.reports import VerifyProblem, VerifyReport
+from vmsnap.repo.reports import GcReport, VerifyProblem, VerifyReport
 from vmsnap.repo.repository import Repository, key_file_path
 from vmsnap.repo.retention import RetentionPolicy
 from vmsnap.repo.verify_records import record_verification
@@ -50,6 +53,11 @@ def cmd_init(args: argparse.Namespace) -> int:
             "--encrypt needs --key-file FILE (or VMSNAP_KEY_FILE)",
             hint="the key is written there (0600) if missing",
         )
+    lock = None
+    if args.lock_days is not None:
+        lock = LockPolicy.of(args.lock_days, args.lock_mode or "compliance", args.lock_extend_days)
+    elif args.lock_mode is not None or args.lock_extend_days is not None:
+        raise UsageError("--lock-mode and --lock-extend-days need --lock-days N", hint="e.g. --lock-days 30")
     repo = Repository.init(
         args.repo,
         layout=args.layout,
@@ -57,6 +65,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         key_file=key_file,
         compression=args.compression,
         chunk_id=args.chunk_id,
+        lock=lock,
     )
     human = f"created a {repo.name} repository at {repo.location}" + (
         f", encrypted with the key in {key_file}: keep a copy of it elsewhere — without it the backups "
@@ -64,11 +73,18 @@ def cmd_init(args: argparse.Namespace) -> int:
         if args.encrypt
         else ""
     )
+    if lock is not None:
+        human += (
+            f"; locked ({lock.describe()}): what a backup writes cannot be deleted or overwritten for "
+            f"{lock.days:g} day(s), chunks for {lock.days + lock.extend_days:g}"
+        )
     payload: dict[str, Any] = {
         "repo": str(repo.location),
         "layout": repo.name,
         "encrypted": bool(args.encrypt),
     }
+    if lock is not None:
+        payload["lock"] = lock.to_json()
     if args.encrypt:
         payload["key_file"] = str(key_file)
     emit(args, payload, human)
@@ -102,6 +118,24 @@ def _init_arguments(parser: argparse.ArgumentParser) -> None:
         "(unencrypted: format 2, which vmsnap before format 3 can read; encrypted: format 4 either way)",
     )
     add_key_option(parser, what="with --encrypt: the key file, created 0600 when missing")
+    parser.add_argument(
+        "--lock-days",
+        metavar="N",
+        help="lock what every backup writes for N days (S3 Object Lock: nobody can delete or overwrite it, "
+        "not even with the host's credentials); the bucket needs Object Lock",
+    )
+    parser.add_argument(
+        "--lock-mode",
+        metavar="MODE",
+        help="compliance (default: nobody can lift a lock) or governance (an identity allowed to bypass "
+        "locks can)",
+    )
+    parser.add_argument(
+        "--lock-extend-days",
+        metavar="M",
+        help="chunks are locked M days longer, so a reused chunk's lock is extended at most every M days "
+        "(default: N, at most 7)",
+    )
 
 
 # -- list ---------------------------------------------------------------------------------------------------
@@ -129,7 +163,7 @@ def _latest_boot(repo: RepositoryLayout, manifest: Manifest) -> BootResult | Rep
 
 def cmd_list(args: argparse.Namespace) -> int:
     """List the backups in --repo (of one VM with --vm), oldest first; exit 1 if a manifest is damaged."""
-    repo = Repository.open(args.repo, key_file=args.key_file)
+    repo = Repository.open(as_of_location(args.repo, args.as_of) or args.repo, key_file=args.key_file)
     damaged: list[Damaged] = []
     backups = repo.backups(args.vm, damaged=damaged)
     if args.vm is not None and not backups and not damaged:
@@ -172,6 +206,7 @@ def _list_arguments(parser: argparse.ArgumentParser) -> None:
     add_repo_option(parser)
     parser.add_argument("--vm", metavar="NAME", help="only this VM")
     add_key_option(parser)
+    add_as_of_option(parser)
 
 
 # -- verify -------------------------------------------------------------------------------------------------
@@ -200,10 +235,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     --repair: store them again from --from repositories and the VM); exit 1 while a backup is damaged.
     With ``--boot``: boot one backup and judge it (:mod:`vmsnap.cli.boot`)."""
     _check_repair_options(args)
+    if args.as_of is not None and (args.boot or args.repair):
+        raise UsageError(
+            f"--as-of does not go with --{'boot' if args.boot else 'repair'}: a repository read as it was "
+            "is read-only",
+            hint="verify --as-of, then `vmsnap copy --as-of` it into a new bucket and boot or repair there",
+        )
     if args.boot:
         return boot.cmd_verify_boot(args)
     backup_id = None
-    repo = Repository.open(args.repo, key_file=args.key_file)
+    repo = Repository.open(as_of_location(args.repo, args.as_of) or args.repo, key_file=args.key_file)
     with contextlib.ExitStack() as stack:
         progress = stack.enter_context(disk_progress(not args.json))
         if args.repair:
@@ -223,9 +264,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         else:
             report = repo.verify(args.vm, args.backup, reader=args.reader, fast=args.fast, progress=progress)
     # kept beside each backup for vmsnap report, under a reader lease: prune cannot remove one beneath it
-    with repo.reading(args.vm):
-        for line in record_verification(repo, report, fast=args.fast):
-            note(line)
+    # (not of a repository read as it was: that view is read-only)
+    if args.as_of is None:
+        with repo.reading(args.vm):
+            for line in record_verification(repo, report, fast=args.fast):
+                note(line)
     payload = {
         "ok": report.ok,
         "reader": report.reader,
@@ -345,8 +388,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     human = [
         f"{r.vm}: {verb} {len(r.removed)}, kept {len(r.kept)}"
         + (f" (+{len(r.needed)} parent(s) they need)" if r.needed else "")
+        + (f", {len(r.locked)} still locked" if r.locked else "")
         + "".join(f"\n  keep {b}  ({r.reasons.get(b, '')})" for b in r.kept)
         + "".join(f"\n  {verb} {b}" for b in r.removed)
+        + "".join(f"\n  locked {b}: removable from {until}" for b, until in sorted(r.locked.items()))
         for r in results
     ]
     payload = {"dry_run": args.dry_run, "pruned": [attrs.asdict(r) for r in results]}
@@ -370,13 +415,30 @@ def cmd_gc(args: argparse.Namespace) -> int:
     """Delete chunks that no backup's index names (safe while backups run: it waits or refuses)."""
     repo = Repository.open(args.repo, key_file=args.key_file)
     report = repo.gc(wait=args.wait, dry_run=args.dry_run)
-    verb = "would free" if args.dry_run else "freed"
-    human = (
-        f"{verb} {report.chunks_freed} chunk(s), {mib(report.bytes_freed)}; {report.chunks_kept} in use"
-        + (f"; removed {len(report.partial_backups)} unfinished backup(s)" if report.partial_backups else "")
-    )
+    human = _gc_line(report, args.dry_run)
     emit(args, report.to_json(), human)
     return 0
+
+
+def _gc_line(report: GcReport, dry_run: bool) -> str:
+    """What gc did (or would do), in one line."""
+    parts = [
+        f"{'would free' if dry_run else 'freed'} {report.chunks_freed} chunk(s), {mib(report.bytes_freed)}; "
+        f"{report.chunks_kept} in use"
+    ]
+    if report.partial_backups:
+        parts.append(
+            f"{'would remove' if dry_run else 'removed'} {len(report.partial_backups)} unfinished backup(s)"
+        )
+    if report.versions_freed:
+        verb = "would delete" if dry_run else "deleted"
+        parts.append(f"{verb} {report.versions_freed} object version(s) for good")
+    if report.locked_versions:
+        parts.append(
+            f"{report.locked_versions} version(s) ({mib(report.locked_bytes)}) kept while locked, the first "
+            f"until {report.next_unlock}"
+        )
+    return "; ".join(parts)
 
 
 def _gc_arguments(parser: argparse.ArgumentParser) -> None:
@@ -399,7 +461,9 @@ def cmd_copy(args: argparse.Namespace) -> int:
     """Copy backups between repositories of either layout, sending only the chunks the target lacks."""
     if args.backup is not None and args.vm is None:
         raise UsageError("--backup needs --vm", hint="name the VM whose backup to copy")
-    source = Repository.open(args.from_repo, key_file=args.key_file)
+    source = Repository.open(
+        as_of_location(args.from_repo, args.as_of) or args.from_repo, key_file=args.key_file
+    )
     target = Repository.open(args.to_repo, create=True, key_file=args.to_key_file or args.key_file)
     with disk_progress(not args.json) as progress:
         report = copy_backups(source, target, vm=args.vm, backup_id=args.backup, progress=progress)
@@ -430,6 +494,7 @@ def _copy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backup", metavar="ID", help="only this backup (with --vm)")
     add_key_option(parser, what="key file of an encrypted source (and target, unless --to-key-file)")
     add_key_option(parser, flag="--to-key-file", what="key file of an encrypted target with another key")
+    add_as_of_option(parser, what="the source (--from)")
 
 
 COMMANDS = (
@@ -439,6 +504,7 @@ COMMANDS = (
         "vmsnap init --repo /backups --encrypt --key-file /etc/vmsnap/key",
         cmd_init,
         _init_arguments,
+        more_examples=("vmsnap init --repo s3://locked-bucket/vmsnap --lock-days 30 --lock-mode compliance",),
     ),
     Command(
         "list",
@@ -446,6 +512,7 @@ COMMANDS = (
         "vmsnap list --repo /backups --vm web1 --json",
         cmd_list,
         _list_arguments,
+        more_examples=("vmsnap list --repo s3://bucket/vmsnap --as-of 2026-12-07T21:30:00Z",),
     ),
     Command(
         "verify",
@@ -477,6 +544,9 @@ COMMANDS = (
         "vmsnap copy --from /backups --to s3://offsite/vmsnap --vm web1",
         cmd_copy,
         _copy_arguments,
+        more_examples=(
+            "vmsnap copy --from s3://attacked/vmsnap --as-of 2026-12-07T21:30:00Z --to s3://fresh/vmsnap",
+        ),
     ),
 )
 """The upkeep commands, in the order ``vmsnap --help`` lists them."""

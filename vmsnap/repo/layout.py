@@ -35,6 +35,7 @@ from vmsnap.image.sources import BackupSource
 from vmsnap.model import Disk, ExportSource, Progress, validate_name
 from vmsnap.registry import LAYOUT_GROUP, load, names
 from vmsnap.repo import attachments
+from vmsnap.repo.locking import LockPolicy
 from vmsnap.repo.manifest import Damaged, Kind, Manifest
 from vmsnap.repo.marker import COMPRESSIONS, RepoMarker
 from vmsnap.repo.progress import DiskProgress, Transfer, no_progress
@@ -150,6 +151,8 @@ class RepositoryLayout(abc.ABC):
         default first; empty: the layout names nothing by a hash of its content
     :cvar collects: removing a backup can leave data other backups shared (chunks) that only :meth:`gc`
         frees; False: a backup's data goes with it
+    :cvar locks: a repository of this layout can be locked (S3 Object Lock: what its backups write cannot be
+        deleted or overwritten for a while), on a store that can lock objects
     """
 
     name: ClassVar[str]
@@ -161,6 +164,7 @@ class RepositoryLayout(abc.ABC):
     chunk_size: ClassVar[int | None] = None
     chunk_ids: ClassVar[tuple[str, ...]] = ()
     collects: ClassVar[bool] = False
+    locks: ClassVar[bool] = False
 
     @classmethod
     def traits(cls) -> LayoutTraits:
@@ -169,16 +173,28 @@ class RepositoryLayout(abc.ABC):
 
     @classmethod
     def new_marker(
-        cls, *, compression: str = "zstd", key_id: str | None = None, chunk_id: str | None = None
+        cls,
+        *,
+        compression: str = "zstd",
+        key_id: str | None = None,
+        chunk_id: str | None = None,
+        lock: LockPolicy | None = None,
     ) -> RepoMarker:
         """The marker of a new repository of this layout (a layout with ``chunk_ids`` names the chosen one
         in it: its override).
 
         :param key_id: the key's fingerprint, for an encrypted repository
         :param chunk_id: one of :attr:`chunk_ids` (None: the layout's default)
-        :raise UsageError: an unknown compression or chunk id hash, or encryption in a layout that cannot
-            be encrypted
+        :param lock: the lock policy of a locked repository
+        :raise UsageError: an unknown compression or chunk id hash, encryption in a layout that cannot be
+            encrypted, or a lock in one that cannot be locked
         """
+        if lock is not None and not cls.locks:
+            can = [n for n in layout_names() if layout_class(n).locks]
+            raise UsageError(
+                f"the {cls.name} layout cannot be locked",
+                hint=f"use --layout {' or '.join(can) or '(none installed)'} with --lock-days",
+            )
         if compression not in COMPRESSIONS:
             raise UsageError(f"unknown compression {compression!r}", hint=f"use {' or '.join(COMPRESSIONS)}")
         if key_id is not None and not cls.encrypts:
@@ -199,7 +215,9 @@ class RepositoryLayout(abc.ABC):
             )
         if cls.chunk_size is None:
             return RepoMarker.new(cls.name)
-        return RepoMarker.new(cls.name, chunk_size=cls.chunk_size, compression=compression, key_id=key_id)
+        return RepoMarker.new(
+            cls.name, chunk_size=cls.chunk_size, compression=compression, key_id=key_id, lock=lock
+        )
 
     @classmethod
     def accept_marker(cls, marker: RepoMarker) -> RepoMarker:
@@ -207,6 +225,8 @@ class RepositoryLayout(abc.ABC):
 
         :raise ValueError: the marker lacks what the layout needs (the caller says it is damaged)
         """
+        if marker.lock is not None and not cls.locks:
+            raise ValueError(f"a lock ({marker.lock.describe()}), which the {cls.name} layout cannot keep")
         if marker.sealed and not cls.encrypts:
             raise ValueError(f"sealed metadata in the {cls.name} layout, which cannot be encrypted")
         if marker.chunk_id is not None and not cls.chunk_ids:
@@ -485,10 +505,20 @@ class RepositoryLayout(abc.ABC):
         """
         with self.lock(vm):
             plan = self.plan_prune(vm, policy)
+            held = self.held_back(vm, plan.removed)
+            if held:
+                plan = attrs.evolve(
+                    plan, removed=tuple(b for b in plan.removed if b not in held), locked=held
+                )
             if not dry_run:
                 for backup_id in reversed(plan.removed):
                     self.delete_backup(vm, backup_id)
             return plan
+
+    def held_back(self, vm: str, backup_ids: Sequence[str]) -> dict[str, str]:
+        """Which of these backups a lock still protects from ``prune`` (a locked repository), each with the
+        date it becomes removable (UTC ISO 8601); none by default."""
+        return {}
 
     @abc.abstractmethod
     def copy_in(

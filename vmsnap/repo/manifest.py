@@ -13,7 +13,9 @@
   (from the export), new_chunks and new_bytes (blobs this backup stored, their stored size), reused_chunks
   (data chunks it did not store: the store had them, or an incremental took them from its parent),
   zero_chunks (holes in the index) and unchanged_chunks (taken from the parent unread, holes included). In
-  an encrypted repository the object also holds ``mac`` (see :mod:`vmsnap.repo.chunks.records`).
+  an encrypted repository the object also holds ``mac`` (see :mod:`vmsnap.repo.chunks.records`); in a
+  locked one ``chunk_lock`` (UTC ISO 8601): every chunk the backup names is locked until at least then
+  (see :mod:`vmsnap.repo.chunks.retain`).
 - both formats, when the backup kept machine state: objects, the name and sha256 of each object sealed with
   the backup (:mod:`vmsnap.vm.machine_state`'s ``machine.json``, ``nvram.fd``, ``tpm-state.tar``); such an
   object is checked against it when read and cannot be replaced (:mod:`vmsnap.repo.attachments`).
@@ -190,6 +192,7 @@ class Manifest:
     format: int = QCOW2_FORMAT
     digest: str = ALGORITHM
     definition: str | None = None
+    chunk_lock: str | None = None
     objects: Mapping[str, str] = attrs.field(factory=dict)
     """The objects sealed with the backup (its machine state): name → sha256 of the object's bytes."""
 
@@ -202,6 +205,8 @@ class Manifest:
         """The JSON object written to ``manifest.json``."""
         data = attrs.asdict(self, recurse=False)
         data["disks"] = [d.to_json() for d in self.disks]
+        if self.chunk_lock is None:
+            del data["chunk_lock"]  # only a locked repository's manifests have it
         if self.objects:
             data["objects"] = dict(sorted(self.objects.items()))
         else:
@@ -230,6 +235,7 @@ class Manifest:
             if kind == "incremental" and not parent:
                 raise ValueError("an incremental backup without a parent")
             definition = data.get("definition") if version == CHUNKS_FORMAT else None
+            chunk_lock = data.get("chunk_lock") if version == CHUNKS_FORMAT else None
             objects = data.get("objects") or {}
             if not isinstance(objects, dict) or not all(
                 isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in objects.values()
@@ -249,6 +255,7 @@ class Manifest:
                 format=version,
                 digest=str(data["digest"]),
                 definition=str(definition) if definition is not None else None,
+                chunk_lock=str(chunk_lock) if chunk_lock is not None else None,
                 objects={validate_name(str(k), "object name"): str(v) for k, v in objects.items()},
             )
         except RepositoryError:

@@ -4,7 +4,8 @@ Format 2::
 
     {"format": 2, "layout": "<a registered layout>", "id": "<32 hex: names its local state directory>",
      "chunk_size": 4194304 | null, "compression": "zstd" | "none" | null,
-     "encryption": null | {"cipher": "aes-256-gcm", "chunk_id": "hmac-sha256", "key_id": "<32 hex>"}}
+     "encryption": null | {"cipher": "aes-256-gcm", "chunk_id": "hmac-sha256", "key_id": "<32 hex>"},
+     "lock": {"mode": "compliance" | "governance", "days": N, "extend_days": M}}   (a locked repository only)
 
 ``chunk_size`` and ``compression`` are null in a layout that cuts nothing into chunks (``qcow2``), and
 ``encryption`` in one that cannot be encrypted: what each layout needs of its marker is the layout's own
@@ -48,6 +49,7 @@ import attrs
 
 from vmsnap.errors import RepositoryError, UsageError
 from vmsnap.image.geometry import CHUNK_SIZE
+from vmsnap.repo.locking import LockPolicy
 
 MARKER = "vmsnap-repo.json"
 FORMAT = 2
@@ -86,6 +88,7 @@ class RepoMarker:
     :param keyed_chunk_id: the keyed chunk id function an encrypted format-3 marker names, else None
         (format 2's ``hmac-sha256``, or no encryption)
     :param sealed: the repository's metadata is sealed (format 4; encrypted only)
+    :param lock: how a locked repository locks what its backups write (S3 Object Lock), else None
     """
 
     format: int
@@ -97,6 +100,7 @@ class RepoMarker:
     chunk_id: str | None = None
     keyed_chunk_id: str | None = None
     sealed: bool = False
+    lock: LockPolicy | None = None
 
     @property
     def encrypted(self) -> bool:
@@ -111,22 +115,27 @@ class RepoMarker:
         compression: str | None = None,
         key_id: str | None = None,
         sealed: bool | None = None,
+        lock: LockPolicy | None = None,
     ) -> RepoMarker:
         """The marker of a new repository, with a fresh id; a layout's rules are
         :meth:`~vmsnap.repo.layout.RepositoryLayout.new_marker`'s.
 
-        :param sealed: seal the metadata (default: when encrypted; format 4)
+        :param sealed: seal the metadata (default: when encrypted and not locked; format 4)
         :raise UsageError: a malformed layout name, an unknown compression, or sealed without a key
         """
         if not _LAYOUT_NAME.match(layout):
             raise UsageError(f"unknown repository layout {layout!r}")
         if compression is not None and compression not in COMPRESSIONS:
             raise UsageError(f"unknown compression {compression!r}", hint=f"use {' or '.join(COMPRESSIONS)}")
-        sealed = key_id is not None if sealed is None else sealed
+        sealed = key_id is not None and lock is None if sealed is None else sealed
         if sealed and key_id is None:
             raise UsageError("only an encrypted repository can seal its metadata", hint="a bug in the caller")
+        if sealed and lock is not None:
+            raise UsageError("a locked repository's metadata is not sealed", hint="a bug in the caller")
         version = FORMAT_SEALED if sealed else FORMAT
-        return cls(version, layout, secrets.token_hex(16), compression, key_id, chunk_size, sealed=sealed)
+        return cls(
+            version, layout, secrets.token_hex(16), compression, key_id, chunk_size, sealed=sealed, lock=lock
+        )
 
     def naming_chunk_ids(self, chunk_id: str, keyed_chunk_id: str) -> RepoMarker:
         """This marker naming its chunk id functions (format 3, or 4 when sealed): ``chunk_id``, and
@@ -160,6 +169,8 @@ class RepoMarker:
         }
         if self.chunk_id is not None:
             data["chunk_id"] = self.chunk_id
+        if self.lock is not None:
+            data["lock"] = self.lock.to_json()
         return data
 
     @classmethod
@@ -228,4 +239,8 @@ class RepoMarker:
         elif version == FORMAT_SEALED:
             raise ValueError("format 4 without encryption")
         sealed = version == FORMAT_SEALED
-        return cls(version, layout, repo_id, compression, key_id, chunk_size, chunk_id, keyed, sealed)
+        lock = data.get("lock")
+        if sealed and lock is not None:
+            raise ValueError("a lock in format 4 (a locked repository's metadata is not sealed)")
+        policy = LockPolicy.from_json(lock) if lock is not None else None
+        return cls(version, layout, repo_id, compression, key_id, chunk_size, chunk_id, keyed, sealed, policy)

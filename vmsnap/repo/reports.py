@@ -134,24 +134,33 @@ class VerifyReport:
 @attrs.frozen
 class PruneResult:
     """What ``prune`` removed and kept (ids, oldest first); ``needed`` are kept only for a chain (qcow2);
-    ``reasons`` says for each kept backup which rule kept it ("daily #2", "parent of …")."""
+    ``reasons`` says for each kept backup which rule kept it ("daily #2", "parent of …"); ``locked`` holds
+    the backups the rules would remove that a lock still protects (a locked repository), each with the date
+    (UTC ISO 8601) it becomes removable."""
 
     vm: str
     removed: tuple[str, ...]
     kept: tuple[str, ...]
     needed: tuple[str, ...]
     reasons: dict[str, str] = attrs.field(factory=dict)
+    locked: dict[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen
 class GcReport:
-    """What ``gc`` did: chunks it kept and freed (count, stored bytes), partial backups it removed."""
+    """What ``gc`` did: chunks it kept and freed (count, stored bytes), partial backups it removed. In a
+    store that keeps versions: the versions (and delete markers) it deleted for good, of every object
+    (``bytes_freed`` is their size), and those a lock kept (count, size, when the first frees up)."""
 
     chunks_kept: int
     chunks_freed: int
     bytes_freed: int
     partial_backups: tuple[str, ...] = ()
     dry_run: bool = False
+    versions_freed: int = 0
+    locked_versions: int = 0
+    locked_bytes: int = 0
+    next_unlock: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = attrs.asdict(self)

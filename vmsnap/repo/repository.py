@@ -10,11 +10,19 @@
 
 Keys: the key file is ``key_file``, else ``$VMSNAP_KEY_FILE``; a wrong key is refused when the repository is
 opened, a missing one when something must be decrypted or authenticated (``recover`` needs none).
+
+Locks: ``init(…, lock=LockPolicy)`` makes a locked repository (S3 Object Lock) in a bucket that has Object
+Lock and versioning and no default retention rule (checked first, one line naming what is missing); its
+marker records the policy and is itself locked. ``open(…, as_of=TIME)`` — or a location
+``s3://BUCKET/PREFIX?as-of=TIME`` — reads the repository as it was at TIME from the bucket's object versions
+(:mod:`vmsnap.repo.stores.history`), read-only. Opening a repository whose marker was deleted or overwritten
+says so, and when, in one line (instead of "no repository here"), so the damage of an attack is seen at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
 import json
 import os
@@ -30,13 +38,17 @@ from vmsnap.files import make_private_dir
 from vmsnap.processes import crash_point
 from vmsnap.repo.chunks.keys import RepositoryKey, create_key_file, read_key_file
 from vmsnap.repo.layout import DEFINITION_FILE, BackupWriter, RepositoryLayout, layout_class, layout_names
+from vmsnap.repo.locking import LockPolicy
 from vmsnap.repo.manifest import Damaged, DiskRecord, Kind, Manifest, utc_now_iso
 from vmsnap.repo.marker import DEFAULT_LAYOUT, MARKER, RepoMarker
 from vmsnap.repo.progress import DiskProgress
 from vmsnap.repo.qcow2_layout import DELETING_PREFIX
 from vmsnap.repo.reports import LayoutTraits, RestoredDisk
 from vmsnap.repo.stores import is_url, normalize_location, open_store
-from vmsnap.repo.stores.base import Store
+from vmsnap.repo.stores.base import Retention, Store
+from vmsnap.repo.stores.history import AsOfStore, split_as_of, with_as_of
+from vmsnap.repo.stores.retaining import retention_after
+from vmsnap.repo.versioned import as_of_view, check_lockable, never_deleted, overwritten
 from vmsnap.runner import Runner
 
 # the names backup/, cli.py and jobs/ import from here
@@ -83,15 +95,19 @@ class Repository:
         runner: Runner | None = None,
         state_root: Path | None = None,
         lease_seconds: float | None = None,
+        as_of: dt.datetime | None = None,
     ) -> RepositoryLayout:
         """Open the repository at ``location``; with ``create``, make one there when it is a new or empty
         directory (or an empty S3 prefix), of ``layout`` (default ``chunks``). The same as
         ``Repository.locate(…).open()``.
 
+        :param as_of: read the repository as it was then, from the store's object versions (read-only; also
+            written into the location as ``LOCATION?as-of=TIME``)
         :raise RepositoryError: no repository there (without ``create``), a non-empty directory that is not
-            one, or one of another format
+            one, one of another format, or one whose marker was deleted or overwritten (when, is said)
         :raise KeyFileError: an encrypted repository and a key file that is not its key
         :param lease_seconds: lifetime of the leases taken (default ``$VMSNAP_LEASE_SECONDS``, else 120)
+        :raise UsageError: ``as_of`` in the future, on a store without versions, or with ``create``
         :raise StoreError: the store cannot be reached
         """
         return cls.locate(
@@ -102,6 +118,7 @@ class Repository:
             runner=runner,
             state_root=state_root,
             lease_seconds=lease_seconds,
+            as_of=as_of,
         ).open()
 
     @classmethod
@@ -115,26 +132,34 @@ class Repository:
         runner: Runner | None = None,
         state_root: Path | None = None,
         lease_seconds: float | None = None,
+        as_of: dt.datetime | None = None,
     ) -> LocatedRepository:
         """The repository at ``location`` found without writing anything: its store opened and its marker
         read (once; a new directory is neither made nor opened yet), so that a backup can plan with the
         layout's traits before its first write and then open it (:meth:`LocatedRepository.open`). The
         options are :meth:`open`'s.
 
-        :raise RepositoryError: no such directory (without ``create``), or a damaged marker
-        :raise UsageError: an unknown ``layout``
+        :raise RepositoryError: no such directory (without ``create``), or a damaged marker (overwritten:
+            when, is said)
+        :raise UsageError: an unknown ``layout``; ``as_of`` in the future, on a store without versions, or
+            with ``create``
         :raise StoreError: the store cannot be reached
         """
         if layout is not None:
             layout_class(layout)  # an unknown name fails now
+        if as_of is not None:
+            location = with_as_of(str(normalize_location(location)), as_of)
+        if create and split_as_of(str(location))[1] is not None:
+            raise UsageError("a repository read --as-of a time cannot be written", hint="leave --as-of out")
         store: Store | None = None
         directory: Path | None = None
+        view: AsOfStore | None = None
         marker: RepoMarker | None = None
         if not create or is_url(location) or Path(location).exists():
-            store, directory = _store(location, create=False)
+            store, directory, view = _store(location, create=False)
             marker = _read_marker(store, location)
         options = _Options(key_file, runner, state_root, lease_seconds)
-        return LocatedRepository(location, create, layout, options, store, directory, marker)
+        return LocatedRepository(location, create, layout, options, store, directory, marker, view)
 
     @classmethod
     def init(
@@ -148,15 +173,21 @@ class Repository:
         chunk_id: str | None = None,
         runner: Runner | None = None,
         state_root: Path | None = None,
+        lock: LockPolicy | None = None,
     ) -> RepositoryLayout:
         """``vmsnap init``: make a new repository at ``location`` (a new or empty directory, or an empty S3
         prefix). With ``encrypt``, the key file (``key_file`` or ``$VMSNAP_KEY_FILE``) is created (0600)
         when it does not exist, else its key is used. ``chunk_id`` is the chunk id hash, one of the layout's
-        ``chunk_ids`` (None: its default; see :meth:`~vmsnap.repo.layout.RepositoryLayout.new_marker`).
+        ``chunk_ids`` (None: its default; see :meth:`~vmsnap.repo.layout.RepositoryLayout.new_marker`). With
+        ``lock``, a locked repository (S3 Object Lock): the bucket must have Object Lock and versioning, and
+        no default retention rule.
 
-        :raise RepositoryError: a repository (or other data) is there already
-        :raise UsageError: ``encrypt`` without a key file, or encryption in the qcow2 layout
+        :raise RepositoryError: a repository (or other data) is there already; a bucket that cannot hold a
+            locked repository (what it lacks is named)
+        :raise UsageError: ``encrypt`` without a key file, encryption or a lock in the qcow2 layout, a lock
+            on a store that cannot lock (a directory)
         :raise KeyFileError: the key file cannot be created or read
+        :raise StoreError: the server refused the lock (its mode, say)
         """
         path = key_file_path(key_file)
         if encrypt and path is None:
@@ -164,23 +195,31 @@ class Repository:
                 "--encrypt needs a key file", hint="pass --key-file FILE (or VMSNAP_KEY_FILE); it is created"
             )
         cls_ = layout_class(layout)
-        cls_.new_marker(
-            compression=compression, key_id="0" * 32 if encrypt else None, chunk_id=chunk_id
-        )  # checks
-        store, directory = _store(location, create=True)
+        key_id = "0" * 32 if encrypt else None
+        cls_.new_marker(compression=compression, key_id=key_id, chunk_id=chunk_id, lock=lock)  # checks
+        if lock is not None and not is_url(normalize_location(location)):
+            raise UsageError(
+                f"{location} is a directory: a locked repository needs an object store that locks objects",
+                hint="use an S3 bucket with Object Lock: --repo s3://BUCKET/PREFIX",
+            )
+        store, directory, view = _store(location, create=True)
+        if view is not None:
+            raise UsageError("a repository read --as-of a time cannot be made", hint="leave --as-of out")
+        if lock is not None:
+            check_lockable(store)
         if _read_marker(store, location) is not None:
             raise RepositoryError(
                 f"{location} is a vmsnap repository already", hint="use it, or choose another --repo"
             )
+        never_deleted(store, location, None)
         key: RepositoryKey | None = None
         made_key = False
         if encrypt:
             assert path is not None
             made_key = not path.exists()
             key = create_key_file(path) if made_key else read_key_file(path)
-        marker = cls_.new_marker(
-            compression=compression, key_id=key.key_id if key else None, chunk_id=chunk_id
-        )
+        key_id = key.key_id if key else None
+        marker = cls_.new_marker(compression=compression, key_id=key_id, chunk_id=chunk_id, lock=lock)
         try:
             marker = _create(store, directory, location, marker, exclusive=True)
         except RepositoryError:
@@ -281,6 +320,7 @@ class LocatedRepository:
         store: Store | None,
         directory: Path | None,
         marker: RepoMarker | None,
+        view: AsOfStore | None = None,
     ) -> None:
         self.location = location
         self._create = create
@@ -288,6 +328,7 @@ class LocatedRepository:
         self._options = options
         self._store = store
         self._directory = directory
+        self._view = view
         self.marker = marker
 
     def traits(self) -> LayoutTraits:
@@ -307,6 +348,8 @@ class LocatedRepository:
         location, marker = self.location, self.marker
         store, directory = self._store, self._directory
         if marker is None:
+            if store is not None:
+                never_deleted(store, location, self._view)
             if not self._create:
                 raise RepositoryError(
                     f"no vmsnap repository at {location} (no {MARKER})",
@@ -314,7 +357,7 @@ class LocatedRepository:
                     "directory) creates one",
                 )
             if store is None:
-                store, directory = _store(location, create=True)
+                store, directory, _ = _store(location, create=True)
             new = layout_class(self._layout or DEFAULT_LAYOUT).new_marker()
             marker = _create(store, directory, location, new)
         elif self._layout is not None and layout_class(self._layout).name != marker.layout:
@@ -329,11 +372,23 @@ class LocatedRepository:
         )
 
 
-def _store(location: Path | str, *, create: bool) -> tuple[Store, Path | None]:
-    """The store at ``location`` and, for a directory, its path (made when ``create``)."""
+def _store(location: Path | str, *, create: bool) -> tuple[Store, Path | None, AsOfStore | None]:
+    """The store at ``location``, for a directory its path (made when ``create``), and for a URL with
+    ``?as-of=TIME`` the view of the store as it was then (read-only; then it is the store returned too)."""
     location = normalize_location(location)
     if is_url(location):
-        return open_store(str(location)), None
+        base, moment = split_as_of(str(location))
+        store = open_store(base)
+        if moment is not None:
+            view = as_of_view(store, moment)
+            return view, None, view
+        return store, None, None
+    path, moment = split_as_of(str(location))
+    if moment is not None:
+        raise UsageError(
+            f"{path} is a directory: it keeps no earlier versions",
+            hint="--as-of needs an S3 bucket with versioning; leave it out",
+        )
     directory = Path(location)
     if not directory.exists():
         if not create:
@@ -344,7 +399,7 @@ def _store(location: Path | str, *, create: bool) -> tuple[Store, Path | None]:
         make_private_dir(directory)
     if not directory.is_dir():
         raise RepositoryError(f"{directory} is not a directory", hint="choose a directory for --repo")
-    return open_store(directory), directory
+    return open_store(directory), directory, None
 
 
 UNMADE_AGE = 60.0
@@ -397,13 +452,20 @@ def _read_marker(store: Store, location: Path | str) -> RepoMarker | None:
         raw = store.get(MARKER)
     except NotFoundError:
         return None
-    marker = RepoMarker.from_bytes(raw, where=f"{location}/{MARKER}")
     try:
+        marker = RepoMarker.from_bytes(raw, where=f"{location}/{MARKER}")
         return _layout_of(marker, location).accept_marker(marker)
     except ValueError as err:
-        raise RepositoryError(
-            f"{location}/{MARKER} is damaged: {err}", hint="restore the marker from a copy of the repository"
+        raise overwritten(
+            store,
+            location,
+            RepositoryError(
+                f"{location}/{MARKER} is damaged: {err}",
+                hint="restore the marker from a copy of the repository",
+            ),
         ) from err
+    except RepositoryError as err:
+        raise overwritten(store, location, err) from err
 
 
 def _layout_of(marker: RepoMarker, location: Path | str) -> type[RepositoryLayout]:
@@ -459,7 +521,11 @@ def _create_locked(
             f"the {cls.name} layout keeps plain files: it needs a directory, not an object store",
             hint=f"use --layout {' or '.join(anywhere) or '(none installed)'} for URLs",
         )
-    if not store.put(MARKER, json.dumps(marker.to_json(), indent=1).encode() + b"\n", if_absent=True):
+    retention: Retention | None = None
+    if marker.lock is not None:  # the marker lives as long as the chunks (every backup extends it)
+        retention = retention_after(marker.lock.mode, marker.lock.chunk_seconds)
+    data = json.dumps(marker.to_json(), indent=1).encode() + b"\n"
+    if not store.put(MARKER, data, if_absent=True, retention=retention):
         found = _read_marker(store, location)
         assert found is not None
         return _created_meanwhile(found, location, exclusive)

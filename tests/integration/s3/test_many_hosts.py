@@ -207,10 +207,13 @@ def test_gc_racing_backups_of_several_hosts_loses_nothing(
     hosts = {vm: Host.make(f"host-{vm[-1]}", tmp_path, s3_env) for vm in images}
     gc_host = Host.make("host-gc", tmp_path, s3_env)
     for vm, image in images.items():
-        # a chunk of the first backup's own: garbage once that backup is pruned (after round two), so the
-        # last round's gc has something to free while the backups run
+        # a chunk of the first backup's own, garbage once that backup is pruned (before the rounds), so
+        # every round's gc has something to free while the backups run, whichever backups it refuses
         write_random(image, 64, 2)
         ok_json(hosts[vm].run("backup", "--repo", repo_url, *_image_args(image, vm), "--json"))
+        write_random(image, 64, 2)
+        ok_json(hosts[vm].run("backup", "--repo", repo_url, *_image_args(image, vm), "--json"))
+        assert gc_host.run("prune", "--repo", repo_url, "--vm", vm, "--keep-last", "1").code == 0
     made: list[tuple[str, str, Path]] = []
     freed = 0
     for mode in ("at-once", "held", "at-once"):

@@ -47,6 +47,8 @@ def test_the_results_are_the_files_the_scripts_write() -> None:
             "s3-repository.md",
             "boot-verify.json",  # benchmarks/boot_verify.py
             "boot-verify.md",
+            "immutable.json",  # benchmarks/immutable.py
+            "immutable.md",
             "data-path-profile.json",  # benchmarks/profile_data_path.py
             "data-path-profile.md",
             "dedup-peers.json",  # benchmarks/dedup_peers.py (make bench-peers)
@@ -88,6 +90,10 @@ def test_boot_verify() -> None:
     assert (RESULTS / "boot-verify.md").read_text() == script("boot_verify").markdown(
         result("boot-verify.json")
     )
+
+
+def test_immutable() -> None:
+    assert (RESULTS / "immutable.md").read_text() == script("immutable").report(result("immutable.json"))
 
 
 def test_data_path_profile() -> None:

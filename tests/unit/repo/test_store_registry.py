@@ -32,7 +32,12 @@ def test_the_two_stores_are_registered_by_scheme() -> None:
     assert store_class("directory").scheme == "directory"
     assert store_class("s3").scheme == "s3"
     assert store_class("s3").capabilities == StoreCapabilities(
-        sharded_listing=True, conditional_put="server", batch_delete=True, transfer_threads=12
+        sharded_listing=True,
+        conditional_put="server",
+        batch_delete=True,
+        versions=True,
+        retention_locks=True,
+        transfer_threads=12,
     )
     assert store_class("directory").capabilities == StoreCapabilities(reads_into=True)
 

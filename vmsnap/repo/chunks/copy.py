@@ -11,6 +11,9 @@
   an image's every chunk is checked against the source's chunk digests as it passes.
 
 The copy's manifest has no ``bitmap``: the VM's dirty bitmap belongs to the source repository's chain.
+Into a locked repository, what the copy writes is locked by the target's own policy, and the chunks it
+reuses from the target get their locks extended as a backup's are (:mod:`vmsnap.repo.chunks.retain`; a
+chunk extended for one backup of a copy run is not extended again for the next).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
+import time
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -30,10 +34,12 @@ from vmsnap.image.sources import BackupSource, ImageSource
 from vmsnap.repo.chunks.blob import ID_SIZE, ChunkCodec, ChunkId, chunk_key
 from vmsnap.repo.chunks.index import HOLE, ChunkIndex, encode_index
 from vmsnap.repo.chunks.keys import RepositoryKey
+from vmsnap.repo.chunks.known import KnownChunks, RecordingStore
 from vmsnap.repo.chunks.parallel import BoundedPool
 from vmsnap.repo.chunks.pipeline import backup_disk
 from vmsnap.repo.chunks.readers import BlockSourceReader, SourceReader, open_image
 from vmsnap.repo.chunks.records import encode_manifest, index_key, manifest_key
+from vmsnap.repo.chunks.retain import ChunkLocks
 from vmsnap.repo.layout import RepositoryLayout
 from vmsnap.repo.manifest import CHUNKS_FORMAT, INDEX_DIGEST, ChunkStats, DiskRecord, Manifest
 from vmsnap.repo.marker import RepoMarker
@@ -63,6 +69,9 @@ class CopyRepository(Protocol):
 
     @property
     def runner(self) -> Runner: ...
+
+    @property
+    def chunk_locks(self) -> ChunkLocks | None: ...
 
     def index(self, manifest: Manifest, disk: str) -> ChunkIndex: ...
 
@@ -126,6 +135,9 @@ class ChunksCopy:
     sent_chunks: int = 0
     sent_bytes: int = 0
     lock: threading.Lock = attrs.Factory(threading.Lock)
+    named: set[ChunkId] = attrs.Factory(set)
+    stored: set[ChunkId] = attrs.Factory(set)
+    started: float = attrs.Factory(time.time)
 
     def _present(self) -> set[ChunkId]:
         if self.present is None:
@@ -161,6 +173,7 @@ class ChunksCopy:
                 mapping[chunk_id] = new_id
                 present.add(new_id)
                 if stored:
+                    self.stored.add(new_id)
                     self.sent_chunks += 1
                     self.sent_bytes += stored
                 done[0] += lengths[chunk_id]
@@ -199,10 +212,11 @@ class ChunksCopy:
             if hashlib.sha256(data).digest() != expected.chunk(number):
                 problems.append(number)
 
+        recording = RecordingStore(self.repo.store, KnownChunks(self.repo.store, None))
         with self._reader(served) as reader:
             result = backup_disk(
                 reader,
-                self.repo.store,
+                recording,
                 self.repo.codec,
                 known=self._present(),
                 inspect=check if expected is not None else None,
@@ -224,6 +238,7 @@ class ChunksCopy:
             )
         self.sent_chunks += result.stats.new_chunks
         self.sent_bytes += result.stats.new_bytes
+        self.stored |= recording.written.keys()
         self._present().update(result.index.referenced())
         self._put_index(record, result.index, bytes_read=result.stats.bytes_read)
 
@@ -244,6 +259,7 @@ class ChunksCopy:
     def _put_index(self, record: DiskRecord, index: ChunkIndex, *, bytes_read: int) -> None:
         data = encode_index(index, self.repo.key)
         self.repo.store.put(index_key(self.manifest.vm, self.manifest.backup_id, record.name), data)
+        self.named |= index.referenced()
         data_chunks = sum(1 for _ in index.data_chunks())
         stats = ChunkStats(
             logical_size=index.data_bytes(),
@@ -262,6 +278,12 @@ class ChunksCopy:
     def seal(self, definition: str | None) -> None:
         """Write the copy's definition (if any) and, last, its manifest."""
         m = self.manifest
+        sealed = None
+        locks = self.repo.chunk_locks
+        if locks is not None:
+            sealed = locks.secure(
+                named=self.named, stored=self.stored, started=self.started, previous=None, previous_ids=None
+            )
         definition_id = None
         if definition is not None:
             definition_id = self.repo.put_definition(m.vm, m.backup_id, definition)
@@ -272,9 +294,13 @@ class ChunksCopy:
             format=CHUNKS_FORMAT,
             digest=INDEX_DIGEST,
             definition=definition_id,
+            chunk_lock=sealed.chunk_lock if sealed is not None else None,
         )
         written = self.repo.store.put(
-            manifest_key(m.vm, m.backup_id), encode_manifest(copied, self.repo.key), if_absent=True
+            manifest_key(m.vm, m.backup_id),
+            encode_manifest(copied, self.repo.key),
+            if_absent=True,
+            retention=sealed.manifest if sealed is not None else None,
         )
         self.repo.sealed(m.vm, m.backup_id, written)  # a gc may have fenced it (see vmsnap.repo.chunks.gc)
 

@@ -36,15 +36,24 @@ lock and before the delete request of that group reaches the store (the writer t
 rely on a chunk of that group). gc checks before every group of :data:`SWEEP_GROUP` deletes.
 
 A gc killed at any point has deleted only what no backup needs; the next one finishes.
+
+In a store that keeps object versions (an S3 bucket with versioning; a locked repository's always does) a
+delete frees nothing, so the sweep deletes versions instead — only those no lock holds, after checking
+that nobody tampered with the repository (:mod:`vmsnap.repo.chunks.versions_gc`). There every version is
+listed, and the tampering checked, right after the lock is taken — before the fence, whose tombstone would
+cover a manifest deleted behind vmsnap's back; then fence and mark as above, and the sweep deletes only
+versions of that listing (what is written later is never touched, the fence's tombstones included).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
 import threading
 import time
 from typing import Protocol
 
-from vmsnap.errors import LeaseError, NotFoundError, RepositoryError
+from vmsnap.errors import LeaseError, NotFoundError, RepositoryError, StoreError
 from vmsnap.model import validate_seconds
 from vmsnap.processes import crash_point
 from vmsnap.repo.chunks.index import ChunkIndex
@@ -54,9 +63,13 @@ from vmsnap.repo.chunks.parallel import BoundedPool
 from vmsnap.repo.chunks.quarantine import clear as clear_records
 from vmsnap.repo.chunks.quarantine import quarantined_ids
 from vmsnap.repo.chunks.records import encode_tombstone, is_tombstone, manifest_key, split_backup_key
+from vmsnap.repo.chunks.versions_gc import LockOracle, VersionHistory, check_untouched, group, sweep_versions
 from vmsnap.repo.manifest import MANIFEST, Damaged, Manifest
+from vmsnap.repo.marker import RepoMarker
 from vmsnap.repo.reports import GcReport
-from vmsnap.repo.stores.base import Store
+from vmsnap.repo.stores.base import BucketLocking, Store
+
+log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 2.0
 """How often a waiting gc looks again for running writers and readers."""
@@ -80,6 +93,9 @@ class GcRepository(Protocol):
 
     @property
     def location(self) -> str: ...
+
+    @property
+    def marker(self) -> RepoMarker: ...
 
     def backups(self, vm: str | None = None, *, damaged: list[Damaged] | None = None) -> list[Manifest]: ...
 
@@ -224,6 +240,8 @@ def collect(repo: GcRepository, *, wait: float = 0.0, dry_run: bool = False) -> 
     try:
         crash_point("gc-locked")
         store = repo.store
+        locking = _locking(repo)
+        history = _history(repo, locking) if locking.versioning else None
         dirs = _backup_dirs(store)
         if dry_run:
             unfinished = _partial(dirs)
@@ -234,6 +252,9 @@ def collect(repo: GcRepository, *, wait: float = 0.0, dry_run: bool = False) -> 
         referenced, manifests = _mark(repo)
         complete = {(m.vm, m.backup_id) for m in manifests}
         unfinished.update(_abandoned(store, dirs, complete))
+        if history is not None:
+            unfinished_names = {f"{vm}/{backup_id}" for vm, backup_id in unfinished}
+            return _collect_versions(repo, history, referenced, complete, unfinished_names, lease, dry_run)
         chunks = list_chunks(store)
         garbage = [stored for stored, chunk_id in chunks if chunk_id not in referenced]
         report = GcReport(
@@ -261,3 +282,78 @@ def collect(repo: GcRepository, *, wait: float = 0.0, dry_run: bool = False) -> 
         return report
     finally:
         lease.release()
+
+
+def _locking(repo: GcRepository) -> BucketLocking:
+    """Whether the store keeps versions (and locks them). Where it may not say (credentials without
+    s3:GetBucketVersioning) an unlocked repository is collected as in a store without versions (deletes
+    that free nothing if it keeps them); a locked one is not collected at all.
+
+    :raise StoreError: the store failed, or would not say for a locked repository
+    """
+    store = repo.store
+    if not store.capabilities.versions:
+        return BucketLocking()
+    try:
+        return store.locking()
+    except StoreError as err:
+        if repo.marker.lock is not None:
+            raise
+        log.warning("gc of %s: %s; collecting as in a bucket without versions", repo.location, err.message)
+        return BucketLocking()
+
+
+def _history(repo: GcRepository, locking: BucketLocking) -> tuple[VersionHistory, LockOracle]:
+    """Every version in the store, checked for tampering (see :mod:`vmsnap.repo.chunks.versions_gc`).
+
+    :raise RepositoryError: the repository was tampered with (nothing is written or deleted then)
+    """
+    history = group(repo.store.list_versions(""))
+    oracle = LockOracle(repo.store, locking, repo.marker.lock, dt.datetime.now(dt.UTC))
+    check_untouched(history, repo.marker.lock, locked=oracle.ask)
+    return history, oracle
+
+
+def _collect_versions(
+    repo: GcRepository,
+    listed: tuple[VersionHistory, LockOracle],
+    referenced: set[bytes],
+    complete: set[tuple[str, str]],
+    unfinished: set[str],
+    lease: Lease,
+    dry_run: bool,
+) -> GcReport:
+    """The sweep of a store that keeps versions (see the module docstring), after the fence and the mark:
+    the versions of the listing ``listed`` that no lock holds, in groups of :data:`SWEEP_GROUP` with the gc
+    lock checked before each."""
+    store = repo.store
+    history, oracle = listed
+    crash_point("gc-marked")
+    sweep = sweep_versions(
+        store,
+        history,
+        referenced,
+        complete,
+        unfinished,
+        oracle,
+        dry_run=dry_run,
+        check=lease.check,
+        group_size=SWEEP_GROUP,
+    )
+    if not dry_run:
+        crash_point("gc-swept")
+        # the records of chunks that are back (healed) or that no backup names any more
+        clear_records(store, [c for c in quarantined_ids(store) if c in sweep.present or c not in referenced])
+        bump_generation(store)  # no cache made while this gc deleted outlives it
+        lease.check()
+    return GcReport(
+        chunks_kept=sweep.chunks_kept,
+        chunks_freed=sweep.chunks_freed,
+        bytes_freed=sweep.bytes_freed,
+        partial_backups=sweep.partial_backups,
+        dry_run=dry_run,
+        versions_freed=sweep.versions_freed,
+        locked_versions=sweep.locked_versions,
+        locked_bytes=sweep.locked_bytes,
+        next_unlock=sweep.next_unlock,
+    )

@@ -109,7 +109,10 @@ def damaged_chunk_error(repo: HealRepository, err: DamagedChunkError) -> Damaged
 
 def clear_healed(store: Store, found: Findings) -> None:
     """Remove the quarantine records of chunks the store holds again (healed; what this verify checked had
-    no problem) — one listing of the records and, only when there are records, of the chunks."""
+    no problem) — one listing of the records and, only when there are records, of the chunks. Nothing in a
+    read-only view (a repository read ``--as-of`` a time)."""
+    if not store.capabilities.writable:
+        return
     records = quarantined_ids(store)
     if records:
         problems = set(found.damaged) | set(found.missing)
@@ -157,12 +160,13 @@ def _from_source(repo: HealRepository, source: ChunkSource, chunk_id: ChunkId, u
 def heal(
     repo: HealRepository, found: Findings, *, sources: Sequence[ChunkSource] = ()
 ) -> tuple[ChunkRepair, ...]:
-    """Move aside what ``found`` names, then try ``sources`` (see the module docstring).
+    """Move aside what ``found`` names, then try ``sources`` (see the module docstring); nothing in a
+    read-only view (a repository read ``--as-of`` a time: the report says what was found).
 
     :raise StoreError: the store refused (read-only credentials: then nothing is moved, the report says so)
     """
     problems: dict[ChunkId, str] = {c: MISSING for c in found.missing} | dict(found.damaged)
-    if not problems:
+    if not problems or not repo.store.capabilities.writable:
         return ()
     checked = {(vm, backup_id) for vm, backup_id in found.report.checked}
     every = {(m.vm, m.backup_id) for m in repo.backups(damaged=[])}

@@ -22,6 +22,7 @@ from typing import ClassVar
 
 from vmsnap.repo.chunks.blob import ID_HASHES
 from vmsnap.repo.layout import RepositoryLayout
+from vmsnap.repo.locking import LockPolicy
 from vmsnap.repo.marker import RepoMarker
 
 _MARKED: dict[str, tuple[str | None, str | None]] = {
@@ -54,11 +55,16 @@ class ChunkIdRules(RepositoryLayout):
 
     @classmethod
     def new_marker(
-        cls, *, compression: str = "zstd", key_id: str | None = None, chunk_id: str | None = None
+        cls,
+        *,
+        compression: str = "zstd",
+        key_id: str | None = None,
+        chunk_id: str | None = None,
+        lock: LockPolicy | None = None,
     ) -> RepoMarker:
         """The layout's marker (:meth:`RepositoryLayout.new_marker`) naming its id hash where it is not
         sha256 (format 3; 4 when its metadata is sealed)."""
-        marker = super().new_marker(compression=compression, key_id=key_id, chunk_id=chunk_id)
+        marker = super().new_marker(compression=compression, key_id=key_id, chunk_id=chunk_id, lock=lock)
         named, keyed = _MARKED[chunk_id if chunk_id is not None else cls.chunk_ids[0]]
         if named is None or keyed is None:
             return marker

@@ -24,14 +24,15 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from vmsnap.errors import NotFoundError
 from vmsnap.files import FILE_MODE, write_atomic
 from vmsnap.repo.chunks.blob import ID_SIZE, ChunkId, parse_chunk_key
-from vmsnap.repo.stores.base import Data, Store, StoreCapabilities, StoredObject
+from vmsnap.repo.stores.base import Data, Retention, Store, StoredObject
+from vmsnap.repo.stores.wrapper import StoreWrapper
 
 GENERATION_KEY = "gc-generation"
 EPOCH_KEY = "known-chunks-epoch"
@@ -168,13 +169,13 @@ class KnownChunks:
                 self._fd = -1
 
 
-class RecordingStore:
+class RecordingStore(StoreWrapper):
     """A store that tells :class:`KnownChunks` of every chunk it stored or found there (``put`` of a chunk
     key) — of one ``put(durable=False)`` only once :meth:`sync` made it durable; everything else passes
-    through."""
+    through; :attr:`written` holds the chunks its puts wrote (not found there)."""
 
     def __init__(self, store: Store, known: KnownChunks) -> None:
-        self._store = store
+        super().__init__(store)
         self._known = known
         self._lock = threading.Lock()
         self._unsynced: list[ChunkId] = []
@@ -182,22 +183,16 @@ class RecordingStore:
         self.written: dict[ChunkId, int] = {}
         """Every chunk this store wrote (a put that returned True), with its blob's size."""
 
-    @property
-    def url(self) -> str:
-        return self._store.url
-
-    @property
-    def capabilities(self) -> StoreCapabilities:
-        return self._store.capabilities
-
-    def get(self, key: str) -> bytes:
-        return self._store.get(key)
-
-    def get_into(self, key: str, buffer: memoryview) -> int:
-        return self._store.get_into(key, buffer)
-
-    def put(self, key: str, data: Data, *, if_absent: bool = False, durable: bool = True) -> bool:
-        written = self._store.put(key, data, if_absent=if_absent, durable=durable)
+    def put(
+        self,
+        key: str,
+        data: Data,
+        *,
+        if_absent: bool = False,
+        durable: bool = True,
+        retention: Retention | None = None,
+    ) -> bool:
+        written = super().put(key, data, if_absent=if_absent, durable=durable, retention=retention)
         chunk_id = parse_chunk_key(key)
         with self._lock:
             self.puts += 1
@@ -216,21 +211,3 @@ class RecordingStore:
         self._store.sync()
         for chunk_id in unsynced:
             self._known.add(chunk_id)
-
-    def exists(self, key: str) -> bool:
-        return self._store.exists(key)
-
-    def list(self, prefix: str = "") -> Iterator[StoredObject]:
-        return self._store.list(prefix)
-
-    def delete(self, key: str) -> None:
-        self._store.delete(key)
-
-    def delete_many(self, keys: Iterable[str]) -> None:
-        self._store.delete_many(keys)
-
-    def check_conditional_writes(self) -> None:
-        self._store.check_conditional_writes()
-
-    def close(self) -> None:
-        self._store.close()

@@ -38,10 +38,11 @@ import binascii
 import json
 from typing import Any
 
-from vmsnap.errors import ChecksumMismatchError, RepositoryError
+from vmsnap.errors import ChecksumMismatchError, NotFoundError, RepositoryError
 from vmsnap.model import validate_name
 from vmsnap.repo.chunks.keys import RepositoryKey
 from vmsnap.repo.manifest import INDEX_SUFFIX, MANIFEST, Manifest, parse_manifest, utc_now_iso
+from vmsnap.repo.stores.base import Store
 
 VMS = "vms/"
 NEEDS_FULL = "needs-full"
@@ -82,6 +83,16 @@ def attachment_key(vm: str, backup_id: str, name: str) -> str:
 
 def needs_full_key(vm: str) -> str:
     return vm_prefix(vm) + NEEDS_FULL
+
+
+def needs_full_reason(store: Store, vm: str) -> str | None:
+    """Why the next backup of ``vm`` must be full (the object at :func:`needs_full_key`), else None."""
+    try:
+        return str(json.loads(store.get(needs_full_key(vm))).get("reason", "a dead run"))
+    except NotFoundError:
+        return None
+    except (ChecksumMismatchError, ValueError, AttributeError):
+        return "the marker object is damaged"
 
 
 def writer_marker_key(vm: str, backup_id: str) -> str:

@@ -61,12 +61,14 @@ from vmsnap.repo.chunks.records import (
     is_tombstone,
     manifest_key,
     needs_full_key,
+    needs_full_reason,
     split_backup_key,
     tombstone_reason,
     vm_prefix,
     writer_marker_key,
 )
 from vmsnap.repo.chunks.restore import restore_backup
+from vmsnap.repo.chunks.retain import lock_store, locked_backups
 from vmsnap.repo.chunks.sealed import SealedStore
 from vmsnap.repo.chunks.writer import ChunksWriter
 from vmsnap.repo.layout import RepositoryLayout, RestoreFormat, VerifyReader, disk_filter
@@ -109,6 +111,7 @@ class ChunksRepository(ChunkIdRules):
     encrypts: ClassVar[bool] = True
     chunk_size: ClassVar[int | None] = CHUNK_SIZE
     collects: ClassVar[bool] = True
+    locks: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -123,7 +126,8 @@ class ChunksRepository(ChunkIdRules):
         lease_seconds: float = LEASE_SECONDS,
         workers: int = DEFAULT_WORKERS,
     ) -> None:
-        self._store: Store = SealedStore(store, lambda: self.key) if marker.sealed else store
+        store, self.chunk_locks = lock_store(store, marker)  # a locked repository's puts lock
+        self._store: Store = SealedStore(store, lambda: self.key) if marker.sealed else store  # never both
         self.marker = marker
         self._key = key
         self._key_file = key_file
@@ -421,7 +425,8 @@ class ChunksRepository(ChunkIdRules):
     @contextlib.contextmanager
     def reading(self, vm: str | None = None) -> Iterator[None]:
         """Hold a reader lease for the body: gc waits for (or refuses while) it is held."""
-        with self.leases.holding(None, "reader", "a restore, verify or copy"):
+        lease = self.leases.holding(None, "reader", "a restore, verify or copy")
+        with lease if self._store.capabilities.writable else contextlib.nullcontext():  # --as-of: none needed
             yield
 
     def journal_path(self, vm: str) -> Path:
@@ -478,16 +483,7 @@ class ChunksRepository(ChunkIdRules):
         self._store.put(needs_full_key(vm), data)
 
     def full_required(self, vm: str) -> str | None:
-        try:
-            raw = self._store.get(needs_full_key(vm))
-        except NotFoundError:
-            return None
-        except ChecksumMismatchError:
-            return "the marker object is damaged"
-        try:
-            return str(json.loads(raw).get("reason", "a dead run"))
-        except (ValueError, AttributeError):
-            return "the marker object is damaged"
+        return needs_full_reason(self._store, vm)
 
     def clear_full_required(self, vm: str) -> None:
         self._store.delete(needs_full_key(vm))
@@ -523,7 +519,8 @@ class ChunksRepository(ChunkIdRules):
         else:
             raise RepositoryError(f"could not open a new backup of {vm}", hint="try again")
         generation = self._opened(vm, backup_id)
-        return ChunksWriter(self, vm, backup_id, parent, lease, generation, runner or self.runner)
+        runner = runner or self.runner
+        return ChunksWriter(self, vm, backup_id, parent, lease, generation, runner, locks=self.chunk_locks)
 
     def open_backup(self, vm: str, backup_id: str) -> str:
         """Open the backup ``backup_id`` of ``vm`` for writing it under that id (``copy``), in the order
@@ -673,6 +670,9 @@ class ChunksRepository(ChunkIdRules):
         until gc finds no index naming them."""
         self._store.delete(manifest_key(vm, backup_id))
         self.discard_backup(vm, backup_id)
+
+    def held_back(self, vm: str, backup_ids: Sequence[str]) -> dict[str, str]:  # (retain.locked_backups)
+        return locked_backups(self._store, vm, backup_ids) if self.marker.lock is not None else {}
 
     def gc(self, *, wait: float = 0.0, dry_run: bool = False) -> GcReport:
         return collect(self, wait=wait, dry_run=dry_run)

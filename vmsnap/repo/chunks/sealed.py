@@ -51,13 +51,14 @@ import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
+import attrs
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 
 from vmsnap.errors import ChecksumMismatchError, StoreError, UsageError
 from vmsnap.repo.chunks.keys import RepositoryKey
 from vmsnap.repo.marker import MARKER
-from vmsnap.repo.stores.base import Data, Store, StoreCapabilities, StoredObject
+from vmsnap.repo.stores.base import Data, Retention, Store, StoreBase, StoreCapabilities, StoredObject
 
 PLAIN_PREFIXES = ("chunks/",)
 """Keys under these prefixes pass through unchanged (see the module docstring)."""
@@ -92,9 +93,10 @@ def is_plain(key: str) -> bool:
     return key in PLAIN_KEYS or key.startswith(PLAIN_PREFIXES)
 
 
-class SealedStore:
+class SealedStore(StoreBase):
     """A :class:`~vmsnap.repo.stores.base.Store` that seals keys and objects into ``store`` (see the module
-    docstring); what it lists and returns is plain.
+    docstring); what it lists and returns is plain. It keeps no versions and no locks of its own: a sealed
+    repository is never a locked one, and ``--as-of`` does not read it (the versions' keys are sealed).
 
     :param store: the repository's store
     :param key: returns the repository key when first needed (raising
@@ -117,8 +119,8 @@ class SealedStore:
         return self._store.url
 
     @property
-    def capabilities(self) -> StoreCapabilities:
-        return self._store.capabilities
+    def capabilities(self) -> StoreCapabilities:  # type: ignore[override]
+        return attrs.evolve(self._store.capabilities, versions=False, retention_locks=False)
 
     @property
     def inner(self) -> Store:
@@ -139,7 +141,17 @@ class SealedStore:
         buffer[: len(data)] = data
         return len(data)
 
-    def put(self, key: str, data: Data, *, if_absent: bool = False, durable: bool = True) -> bool:
+    def put(
+        self,
+        key: str,
+        data: Data,
+        *,
+        if_absent: bool = False,
+        durable: bool = True,
+        retention: Retention | None = None,
+    ) -> bool:
+        if retention is not None:
+            raise UsageError("a sealed repository locks nothing", hint="a bug in the caller")
         if is_plain(key):
             return self._store.put(key, data, if_absent=if_absent, durable=durable)
         sealed = self.seal_object(key, data)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,6 +51,7 @@ from vmsnap.repo.chunks.records import (
     index_key,
     manifest_key,
 )
+from vmsnap.repo.chunks.retain import ChunkLocks, previous_backup
 from vmsnap.repo.manifest import (
     CHUNKS_FORMAT,
     INDEX_DIGEST,
@@ -101,6 +103,8 @@ class WriterRepository(Protocol):
 
     def sealed(self, vm: str, backup_id: str, written: bool) -> None: ...
 
+    def latest(self, vm: str) -> Manifest | None: ...
+
 
 @attrs.frozen
 class _Disk:
@@ -121,6 +125,9 @@ class ChunksWriter:
     :param generation: the gc generation read after the backup's directory was opened (what the known
         chunks are checked against)
     :param runner: where the machine's files are (qemu-nbd runs there)
+    :param locks: keeps the chunks locked in a locked repository (None: not locked); then the VM's backup
+        before this one (the parent, or the latest for a full backup) is read now: its ``chunk_lock`` says
+        how long the chunks it names are locked
     """
 
     accepts_push = False
@@ -134,6 +141,8 @@ class ChunksWriter:
         lease: Lease,
         generation: str,
         runner: Runner,
+        *,
+        locks: ChunkLocks | None = None,
     ) -> None:
         self.repo = repo
         self.vm = validate_name(vm, "VM name")
@@ -153,6 +162,9 @@ class ChunksWriter:
         self._epoch = ""
         self._named: set[ChunkId] = set()
         self._objects: dict[str, str] = {}
+        self.locks = locks
+        self.previous = previous_backup(repo, self.vm, parent) if locks is not None else None
+        self.started = time.time()
 
     def _parent_disk_index(self, disk: str) -> ChunkIndex:
         """The parent's index of ``disk``, read once per backup.
@@ -328,6 +340,15 @@ class ChunksWriter:
                     f"it ({len(lost)} such chunk(s))",
                     hint="take the backup again: it stores them again if the disk still holds that data",
                 )
+        sealed = None
+        if self.locks is not None:
+            sealed = self.locks.secure(
+                named=self._named,
+                stored=set(self._store.written),
+                started=self.started,
+                previous=self.previous,
+                previous_ids=self._previous_ids(),
+            )
         definition_id = None
         if definition is not None:
             try:
@@ -348,18 +369,39 @@ class ChunksWriter:
             format=CHUNKS_FORMAT,
             digest=INDEX_DIGEST,
             definition=definition_id,
+            chunk_lock=sealed.chunk_lock if sealed is not None else None,
             objects=dict(self._objects),
         )
         key = manifest_key(self.vm, self.backup_id)
         crash_point("writer-sealing")
+        retention = sealed.manifest if sealed is not None else None  # no later than its chunks' locks
         try:
-            sealed = self.repo.store.put(key, encode_manifest(manifest, self.repo.key), if_absent=True)
+            written = self.repo.store.put(
+                key, encode_manifest(manifest, self.repo.key), if_absent=True, retention=retention
+            )
         except StoreError as err:
             raise self.kept(err) from err
-        self.repo.sealed(self.vm, self.backup_id, sealed)
+        self.repo.sealed(self.vm, self.backup_id, written)
         self._known_chunks.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
         return manifest
+
+    def _previous_ids(self) -> set[ChunkId] | None:
+        """Every chunk the previous backup names (those of disks whose index cannot be read left out: they
+        are extended), or None without a previous backup."""
+        previous = self.previous
+        if previous is None:
+            return None
+        ids: set[ChunkId] = set()
+        for record in previous.disks:
+            try:
+                if previous is self.parent:
+                    ids |= self._parent_disk_index(record.name).referenced()
+                else:
+                    ids |= self.repo.index(previous, record.name).referenced()
+            except VmsnapError:
+                continue
+        return ids
 
     def kept(self, err: StoreError) -> StoreError:
         """``err``, saying how much of what this run stored stays in the store (no index names it: it is

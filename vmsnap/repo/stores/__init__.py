@@ -15,6 +15,11 @@ from typing import cast
 from vmsnap.errors import PluginError, UsageError
 from vmsnap.registry import STORE_GROUP, load, names
 from vmsnap.repo.stores.base import (
+    LOCK_MODES,
+    BucketLocking,
+    LockMode,
+    ObjectVersion,
+    Retention,
     Store,
     StoreBase,
     StoreCapabilities,
@@ -25,7 +30,12 @@ from vmsnap.repo.stores.base import (
 )
 
 __all__ = [
+    "LOCK_MODES",
     "PATH_SCHEME",
+    "BucketLocking",
+    "LockMode",
+    "ObjectVersion",
+    "Retention",
     "Store",
     "StoreBase",
     "StoreCapabilities",

@@ -35,7 +35,15 @@ import attrs
 from vmsnap.buffers import is_aligned
 from vmsnap.errors import NotFoundError, StoreError
 from vmsnap.processes import crash_point
-from vmsnap.repo.stores.base import Data, StoreBase, StoreCapabilities, StoredObject, check_key, check_prefix
+from vmsnap.repo.stores.base import (
+    Data,
+    Retention,
+    StoreBase,
+    StoreCapabilities,
+    StoredObject,
+    check_key,
+    check_prefix,
+)
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -394,7 +402,15 @@ class LocalStore(StoreBase):
         while pos < len(view):
             pos += os.pwrite(fd, view[pos:], pos)
 
-    def put(self, key: str, data: Data, *, if_absent: bool = False, durable: bool = True) -> bool:
+    def put(
+        self,
+        key: str,
+        data: Data,
+        *,
+        if_absent: bool = False,
+        durable: bool = True,
+        retention: Retention | None = None,
+    ) -> bool:
         """Store ``data`` under ``key`` atomically and durably; with ``if_absent`` only when it is new.
 
         With ``durable=False`` the complete file is queued and becomes durable and visible with its batch (at
@@ -406,7 +422,10 @@ class LocalStore(StoreBase):
         :raise StoreError: the filesystem refused (full, quota, permissions, read-only); no part of this
             object stays. With ``durable=False`` also when this put completed a batch that could not be made
             durable
+        :raise UnsupportedError: a ``retention``: a directory cannot lock files
         """
+        if retention is not None:
+            raise self._no_locks()
         path = self._path(key)
         if if_absent and self.exists(key):
             return False

@@ -69,7 +69,16 @@ from botocore.exceptions import (
 )
 
 from vmsnap.errors import NotFoundError, StoreError, UsageError
-from vmsnap.repo.stores.base import Data, StoreBase, StoreCapabilities, StoredObject, check_key, check_prefix
+from vmsnap.repo.stores.base import (
+    Data,
+    Retention,
+    StoreBase,
+    StoreCapabilities,
+    StoredObject,
+    check_key,
+    check_prefix,
+)
+from vmsnap.repo.stores.s3_versions import S3Versions, lock_arguments
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -182,12 +191,13 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return _check_bucket(bucket), _check_root(prefix)
 
 
-class S3Store(StoreBase):
+class S3Store(S3Versions, StoreBase):
     """The objects under one prefix of one S3 bucket (see the module docstring for how the guarantees hold).
 
     Registered as the store of ``s3://`` URLs. Its capabilities: listings are sharded (1000 keys a
     request), conditional puts are the server's (probed when a repository is created), deletes are batched,
-    and the chunk pipelines keep 12 requests in flight (each waits on the network and the server).
+    and the chunk pipelines keep 12 requests in flight (each waits on the network and the server); a bucket
+    with versioning keeps versions, one with Object Lock locks them (:mod:`vmsnap.repo.stores.s3_versions`).
 
     :param bucket: an existing bucket
     :param prefix: where the store's keys start inside the bucket ("" for the whole bucket)
@@ -198,7 +208,12 @@ class S3Store(StoreBase):
 
     scheme: ClassVar[str] = "s3"
     capabilities: ClassVar[StoreCapabilities] = StoreCapabilities(
-        sharded_listing=True, conditional_put="server", batch_delete=True, transfer_threads=12
+        sharded_listing=True,
+        conditional_put="server",
+        batch_delete=True,
+        versions=True,
+        retention_locks=True,
+        transfer_threads=12,
     )
 
     def __init__(self, bucket: str, prefix: str = "", *, options: S3Options | None = None) -> None:
@@ -323,26 +338,41 @@ class S3Store(StoreBase):
                 response["Body"].close()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def put(self, key: str, data: Data, *, if_absent: bool = False, durable: bool = True) -> bool:
+    def put(
+        self,
+        key: str,
+        data: Data,
+        *,
+        if_absent: bool = False,
+        durable: bool = True,
+        retention: Retention | None = None,
+    ) -> bool:
         """Store ``data`` under ``key`` in one PutObject; with ``if_absent`` only when the key is free
-        (``If-None-Match: *``). Every put is durable when it returns (``durable`` changes nothing).
+        (``If-None-Match: *``); with ``retention`` the new version is locked (Object Lock headers). Every put
+        is durable when it returns (``durable`` changes nothing).
 
         :return: True when written, False when ``if_absent`` found an object there (nothing written)
         :raise UsageError: an invalid key
-        :raise StoreError: the store failed, or a conditional put kept conflicting with other writes
+        :raise StoreError: the store failed, refused the retention, or a conditional put kept conflicting
+            with other writes
         """
         name = self._root + check_key(key)
+        lock = lock_arguments(retention)
         if not isinstance(data, bytes):
             data = bytes(data)  # botocore's checksums and retries want bytes
         if not if_absent:
             try:
-                self._client.put_object(Bucket=self._bucket, Key=name, Body=data)
-            except (ClientError, BotoCoreError) as err:
+                self._client.put_object(Bucket=self._bucket, Key=name, Body=data, **lock)
+            except ClientError as err:
+                if lock and _status(err) == 400:
+                    raise self._lock_refused(f"put of {key!r}", err, retention) from err
+                raise self._store_error(f"put of {key!r}", err) from err
+            except BotoCoreError as err:
                 raise self._store_error(f"put of {key!r}", err) from err
             return True
         for attempt in range(1, self._options.conflict_attempts + 1):
             try:
-                self._client.put_object(Bucket=self._bucket, Key=name, Body=data, IfNoneMatch="*")
+                self._client.put_object(Bucket=self._bucket, Key=name, Body=data, IfNoneMatch="*", **lock)
             except ClientError as err:
                 code, status = _code(err), _status(err)
                 if code == "PreconditionFailed" or status == 412:
@@ -353,6 +383,8 @@ class S3Store(StoreBase):
                     log.debug("put of %s to %s: conflict (%s); again", key, self._url, code)
                     _pause(attempt)
                     continue
+                if lock and status == 400:
+                    raise self._lock_refused(f"put of {key!r}", err, retention) from err
                 raise self._store_error(f"put of {key!r}", err) from err
             except BotoCoreError as err:
                 raise self._store_error(f"put of {key!r}", err) from err

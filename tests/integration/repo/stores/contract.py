@@ -31,8 +31,9 @@ import pytest
 
 from tests.integration.repo.stores.store_worker import seeded_bytes
 from vmsnap.buffers import aligned_buffer, is_aligned
-from vmsnap.errors import NotFoundError, StoreError, UsageError
+from vmsnap.errors import NotFoundError, StoreError, UnsupportedError, UsageError
 from vmsnap.repo.stores import Store, StoreCapabilities, open_store, scheme_of, store_class
+from vmsnap.repo.stores.retaining import retention_after
 
 WORKER = Path(__file__).with_name("store_worker.py")
 MiB = 1024 * 1024
@@ -273,13 +274,27 @@ class StoreContract:
         capabilities = store.capabilities
         assert isinstance(capabilities, StoreCapabilities)
         assert capabilities.conditional_put in ("store", "server")
-        assert (capabilities.versions, capabilities.retention_locks) == (
-            False,
-            False,
-        )  # no store has them yet
+        assert capabilities.writable
         assert capabilities.transfer_threads >= 0 and isinstance(capabilities.reads_into, bool)
         store.check_conditional_writes()  # a store that keeps the if_absent guarantee passes its own probe
         assert _listing(store) == {}  # and the probe leaves nothing behind
+
+    def test_versions_and_locks_are_asked_for_never_assumed(self, store: Store) -> None:
+        # what the kind of store can do (capabilities) bounds what this one is configured for (locking)
+        capabilities, locking = store.capabilities, store.locking()
+        assert not locking.versioning or capabilities.versions
+        assert not locking.object_lock or capabilities.retention_locks
+        lock = retention_after("compliance", 60)
+        if not capabilities.versions:
+            with pytest.raises(UnsupportedError, match="keeps no earlier versions"):
+                list(store.list_versions(""))
+        if not capabilities.retention_locks:
+            with pytest.raises(UnsupportedError, match="cannot lock objects"):
+                store.put("locked", b"x", retention=lock)
+        elif not locking.object_lock:
+            with pytest.raises(StoreError, match="Object Lock"):
+                store.put("locked", b"x", retention=lock)
+        assert not store.exists("locked")
 
     # ------------------------------------------------------------------------------------------- list
 
