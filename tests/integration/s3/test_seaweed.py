@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import attrs
@@ -81,6 +82,10 @@ def test_replicated_set_up_serves_reads_without_one_volume_server(
         data = os.urandom(6 * 1024 * 1024)
         store.put("obj", data)
         first, second = tmp_path / "seaweed" / "data", tmp_path / "seaweed" / "data2"
+        # both servers hold the same volumes (the master grows a volume on both: one may lag a moment)
+        deadline = time.monotonic() + 15
+        while _volume_files(first) != _volume_files(second) and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert _volume_files(first) and _volume_files(first) == _volume_files(second)
 
         server.kill_second_volume_server()
