@@ -8,6 +8,7 @@ only the parent holds fails the incremental too.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Literal
 
@@ -18,6 +19,8 @@ from vmsnap.repo.manifest import Damaged, DiskRecord, Manifest
 from vmsnap.repo.progress import DiskProgress, scaled
 from vmsnap.repo.qcow2_layout import Qcow2Layout, difference_text
 from vmsnap.repo.reports import VerifyProblem, VerifyReport
+
+log = logging.getLogger(__name__)
 
 Reader = Literal["auto", "qemu", "libqcow"]
 ChosenReader = Literal["qemu", "libqcow"]
@@ -118,6 +121,8 @@ def _verify_disk(
     try:
         if parent is not None and parent.size != record.virtual_size:
             parent = None
+        read = "its own clusters on its verified parent" if parent is not None else "in full"
+        log.debug("verify %s/%s disk %s: read %s", manifest.vm, manifest.backup_id, record.name, read)
         if reader == "libqcow":
             content = libqcow.libqcow_chunks(image, parent=parent)
         else:

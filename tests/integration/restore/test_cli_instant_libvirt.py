@@ -20,6 +20,7 @@ from tests.integration.libvirt.conftest import (  # noqa: F401 - fixtures
     LibvirtTestDomain,
     assert_identical,
     domain,
+    libvirt,  # the conftest fails naming python3-libvirt when it is missing
     libvirtd,
 )
 from tests.integration.restore.conftest import daemon_pids
@@ -27,8 +28,6 @@ from tests.integration.restore.test_cli_instant import servers_left
 from tests.integration.restore.test_instant import alive, qemu_img_info
 from vmsnap.restore.commands import instant_dir
 from vmsnap.restore.instant import STATE
-
-libvirt = pytest.importorskip("libvirt")
 
 
 @pytest.mark.libvirt

@@ -13,15 +13,18 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_image
-from tests.integration.libvirt.conftest import Libvirtd, domain_xml, libvirtd  # noqa: F401 - the fixture
+from tests.integration.libvirt.conftest import (  # noqa: F401 - the fixture
+    Libvirtd,
+    domain_xml,
+    libvirt,  # fails naming python3-libvirt when it is missing
+    libvirtd,
+)
 from tests.integration.restore.conftest import daemon_pids
 from tests.integration.restore.test_instant import alive, identical, instant_run_dir, qemu_img_info  # noqa: F401
 from vmsnap.errors import UsageError
 from vmsnap.restore.instant import STATE, InstantDisk, InstantRestore, prepare
 from vmsnap.restore.instant_libvirt import start_domain, stream_domain
 from vmsnap.restore.source import ImageSource
-
-libvirt = pytest.importorskip("libvirt")
 
 PULL_IN_A_CHILD = """
 import sys
